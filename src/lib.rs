@@ -1,0 +1,24 @@
+//! # switchboard
+//!
+//! A synchronous, std-only, thread-per-connection TCP server framework, and on it the
+//! servers of a distributed-systems course, wire compatible with the course's Python and
+//! Erlang programs. Blocking `std::net` sockets, one OS thread per connection, bounded
+//! `crossbeam-channel` queues between stages; no async runtime.
+//!
+//! ## Module map
+//! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
+//! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
+//! - [`log`]: one-line-per-event logging to stderr.
+//! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
+//!
+//! Layers read top to bottom: bytes → frames → typed requests and replies (a `protocol`
+//! module per service, pure functions) → state (a small cloneable handle) → the server
+//! that wires them. Binaries in `src/bin/` only parse arguments and call into the library.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod framing;
+pub mod log;
+pub mod server;
+pub mod term;

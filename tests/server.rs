@@ -1,0 +1,198 @@
+//! The thread-per-connection server: concurrency, limits, failures and shutdown, over real
+//! sockets on port 0.
+
+mod common;
+
+use common::{connect, eventually, rss_kib, LineClient};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+use switchboard::framing::{FrameReader, FrameWriter, Framing};
+use switchboard::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
+
+/// Echoes lines; `panic` panics and `fail` returns an error, to test that a handler's
+/// failure ends its own connection only.
+fn echo(conn: Connection) -> Result<(), HandlerError> {
+    let mut reader = FrameReader::new(&*conn.stream, Framing::Line);
+    let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
+    while let Some(line) = reader.read_frame()? {
+        match line {
+            b"panic" => panic!("asked to panic"),
+            b"fail" => return Err("asked to fail".into()),
+            _ => writer.write_frame(line)?,
+        }
+    }
+    Ok(())
+}
+
+fn start(config: ServerConfig) -> RunningServer {
+    Server::bind("127.0.0.1:0", config, echo)
+        .unwrap()
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn holds_a_thousand_connections_and_joins_every_thread_on_shutdown() {
+    let server = start(ServerConfig::named("thousand"));
+    let addr = server.local_addr();
+    let mut clients: Vec<LineClient> = (0..1000).map(|_| LineClient::connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.ask(&format!("hello {i}\n")), format!("hello {i}"));
+    }
+    assert_eq!(server.handle().stats().live, 1000);
+
+    let report = server.stop();
+    assert_eq!(report.joined, 1000, "{report:?}");
+    assert_eq!(report.abandoned, 0);
+    assert_eq!(report.stats.live, 0);
+    assert_eq!(report.stats.accepted, 1000);
+    for c in &mut clients {
+        c.expect_closed();
+    }
+    // The port is free again.
+    TcpListener::bind(addr).expect("rebind the port after shutdown");
+}
+
+#[test]
+fn connections_past_the_cap_get_one_error_line_and_are_counted() {
+    let mut config = ServerConfig::named("capped");
+    config.max_connections = 2;
+    let server = start(config);
+    let addr = server.local_addr();
+    let mut a = LineClient::connect(addr);
+    let mut b = LineClient::connect(addr);
+    assert_eq!(a.ask("a\n"), "a");
+    assert_eq!(b.ask("b\n"), "b");
+
+    let mut refused = LineClient::connect(addr);
+    assert_eq!(refused.line().unwrap(), b"{error,too_many_connections}");
+    refused.expect_closed();
+    assert_eq!(server.handle().stats().refused, 1);
+
+    // A slot freed is a slot reusable.
+    drop(a);
+    eventually("a slot to free up", || server.handle().stats().live == 1);
+    let mut c = LineClient::connect(addr);
+    assert_eq!(c.ask("c\n"), "c");
+    assert_eq!(b.ask("still here\n"), "still here");
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_timeout() {
+    let mut config = ServerConfig::named("idle");
+    config.idle_timeout = Some(Duration::from_millis(200));
+    let server = start(config);
+    let mut busy = LineClient::connect(server.local_addr());
+    let mut idle = LineClient::connect(server.local_addr());
+    let began = Instant::now();
+    // Talking keeps a connection alive past the timeout.
+    for _ in 0..6 {
+        assert_eq!(busy.ask("ping\n"), "ping");
+        std::thread::sleep(Duration::from_millis(80));
+    }
+    idle.expect_closed();
+    assert!(began.elapsed() >= Duration::from_millis(200));
+    assert_eq!(busy.ask("ping\n"), "ping");
+}
+
+#[test]
+fn a_failing_or_panicking_handler_ends_its_own_connection_only() {
+    let server = start(ServerConfig::named("faulty"));
+    let addr = server.local_addr();
+    let mut bystander = LineClient::connect(addr);
+    assert_eq!(bystander.ask("before\n"), "before");
+
+    let mut panicker = LineClient::connect(addr);
+    panicker.send(b"panic\n");
+    panicker.expect_closed();
+    let mut failer = LineClient::connect(addr);
+    failer.send(b"fail\n");
+    failer.expect_closed();
+
+    assert_eq!(bystander.ask("after\n"), "after");
+    assert_eq!(LineClient::connect(addr).ask("new\n"), "new");
+    eventually("the failed connections' bookkeeping to go", || {
+        server.handle().stats().live == 2
+    });
+}
+
+#[test]
+fn shutdown_is_not_held_up_by_clients_that_never_read_or_stall_mid_frame() {
+    let server = start(ServerConfig::named("stuck"));
+    let addr = server.local_addr();
+    // One client floods without reading: its server thread ends up blocked in write.
+    let mut flooder = connect(addr);
+    let line = vec![b'x'; 64 << 10];
+    let flood = std::thread::spawn(move || {
+        flooder.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut req = line.clone();
+        req.push(b'\n');
+        while flooder.write_all(&req).is_ok() {}
+    });
+    // Another sends half a line and waits: its server thread is blocked in read.
+    let mut half = connect(addr);
+    half.write_all(b"no newline yet").unwrap();
+    eventually("both connections to be live", || server.handle().stats().live == 2);
+    std::thread::sleep(Duration::from_millis(200));
+
+    let began = Instant::now();
+    let report = server.stop();
+    assert!(began.elapsed() < Duration::from_secs(3), "{:?}", began.elapsed());
+    assert_eq!((report.joined, report.abandoned), (2, 0));
+    flood.join().unwrap();
+    let mut rest = Vec::new();
+    let _ = half.read_to_end(&mut rest);
+}
+
+#[test]
+fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
+    let server = start(ServerConfig::named("churn"));
+    let addr = server.local_addr();
+    // Each cycle waits for its echo, so connections arrive no faster than they are accepted
+    // (a client that only connects and closes fills the accept backlog, and the kernel then
+    // drops SYNs for a second at a time).
+    let cycle = move |n: usize| {
+        for _ in 0..n {
+            let mut c = LineClient::connect(addr);
+            assert_eq!(c.ask("x\n"), "x");
+        }
+    };
+    // Warm up allocator arenas and the table's capacity before measuring.
+    cycle(5_000);
+    eventually("warm-up connections to end", || server.handle().stats().live == 0);
+    let before = rss_kib();
+    let workers: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || cycle(47_500)))
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    eventually("every connection to end", || server.handle().stats().live == 0);
+    let after = rss_kib();
+    let stats = server.handle().stats();
+    assert_eq!(stats.accepted, 100_000);
+    assert_eq!(stats.live, 0, "the live-connection table is empty");
+    assert!(
+        after < before + 8 * 1024,
+        "memory grew from {before} KiB to {after} KiB over 95,000 connections"
+    );
+    let report = server.stop();
+    assert_eq!(report.abandoned, 0);
+}
+
+#[test]
+fn shutdown_through_a_clone_of_the_handle_stops_run() {
+    let server = Server::bind("127.0.0.1:0", ServerConfig::named("handle"), echo).unwrap();
+    let handle = server.handle();
+    let addr = server.local_addr();
+    let runner = std::thread::spawn(move || server.run());
+    let mut c = LineClient::connect(addr);
+    assert_eq!(c.ask("x\n"), "x");
+    handle.shutdown();
+    handle.shutdown();
+    let report = runner.join().unwrap();
+    assert_eq!(report.joined, 1);
+    c.expect_closed();
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
+}
