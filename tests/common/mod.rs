@@ -93,3 +93,131 @@ pub fn rss_kib() -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS in /proc/self/status")
 }
+
+/// A server (or any program that logs `listening on ADDR` to stderr) run as a child
+/// process; killed when dropped, so no test leaves a process behind.
+pub struct ChildServer {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Everything the child wrote to stderr so far (drained by a thread, so it never blocks).
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ChildServer {
+    /// Starts `program args...` and waits for its `listening on ADDR` line.
+    pub fn start(program: &str, args: &[&str]) -> ChildServer {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        ChildServer::start_command(cmd)
+    }
+
+    /// Starts `python3 interop/SCRIPT args...` (cwd: the repository root).
+    pub fn start_python(script: &str, args: &[&str]) -> ChildServer {
+        ChildServer::start_command(python(script, args))
+    }
+
+    pub fn start_command(mut cmd: std::process::Command) -> ChildServer {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[child] {line}");
+                if let Some(at) = line.find("listening on ") {
+                    let addr = line[at + 13..].split_whitespace().next().unwrap_or("");
+                    if let (Some(tx), Ok(addr)) = (tx.as_ref(), addr.parse::<SocketAddr>()) {
+                        let _ = tx.send(addr);
+                    }
+                    tx = None;
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        match rx.recv_timeout(IO_TIMEOUT) {
+            Ok(addr) => ChildServer { child, addr, log },
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} did not report `listening on ADDR` within {IO_TIMEOUT:?}");
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        self.wait_exit()
+    }
+
+    /// Kills the process with SIGKILL (`kill -9`), as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (up to `IO_TIMEOUT`) for the process to exit; true for exit status 0.
+    pub fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "child did not exit in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `python3 interop/SCRIPT args...` with the repository root as working directory.
+pub fn python(script: &str, args: &[&str]) -> std::process::Command {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(format!("{root}/interop/{script}")).args(args).current_dir(root);
+    cmd
+}
+
+/// Runs `python3 interop/SCRIPT args...` to completion and fails the test, showing its
+/// output, unless it exits 0. Python missing is a failure, never a skip.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    run_checked(python(script, args))
+}
+
+/// Runs a command to completion (stdin closed) and fails the test unless it exits 0.
+pub fn run_checked(mut cmd: std::process::Command) -> String {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e} (python3 is required for interop tests)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    stdout
+}
