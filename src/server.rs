@@ -21,7 +21,7 @@
 //! ```
 
 use crate::{log_debug, log_info};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::error::Error;
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -67,6 +67,53 @@ pub struct Connection {
     pub id: u64,
     /// The server this connection belongs to (for statistics, or to stop it).
     pub server: ServerHandle,
+}
+
+/// How long a connection that has not settled holds back younger ones (see
+/// [`Connection::wait_for_earlier`]). Long enough to cover a runnable thread's scheduling
+/// delay on a loaded machine; short, because a client that connects and stays silent
+/// never settles and costs each newcomer up to this once.
+pub const SETTLE_WINDOW: Duration = Duration::from_millis(50);
+
+impl Connection {
+    /// Declares that this connection has acted on everything its first read delivered.
+    ///
+    /// Together with [`Connection::wait_for_earlier`] this gives arrival order across
+    /// connections: a client that sends a request and closes (the course's one-shot Erlang
+    /// clients) has its request applied before a request on any connection accepted after
+    /// it, although the two run on different threads. Idempotent; ending the connection
+    /// settles it too.
+    pub fn settle(&self) {
+        self.server.shared.unfresh(self.id);
+    }
+
+    /// Waits until every connection accepted before this one has settled, or has been
+    /// connected for [`SETTLE_WINDOW`] without sending anything (a silent client cannot
+    /// hold anyone back for longer). Returns at once in the common case.
+    pub fn wait_for_earlier(&self) {
+        let shared = &self.server.shared;
+        let mut fresh = shared.fresh();
+        loop {
+            let now = Instant::now();
+            // Ids and accept times grow together, so the expired entries are the first ones;
+            // dropping them here keeps the map as small as the set of recent newcomers.
+            while let Some((_, &since)) = fresh.first_key_value() {
+                if since + SETTLE_WINDOW > now {
+                    break;
+                }
+                fresh.pop_first();
+            }
+            let Some((_, &since)) = fresh.range(..self.id).next_back() else {
+                return;
+            };
+            let until = since + SETTLE_WINDOW;
+            fresh = shared
+                .settled
+                .wait_timeout(fresh, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// How a [`Server`] behaves.
@@ -142,9 +189,23 @@ struct Shared {
     /// its connection; `drained` is signalled when the table becomes empty.
     table: Mutex<HashMap<u64, Tracked>>,
     drained: Condvar,
+    /// Connections that have not yet settled (see [`Connection::settle`]), with the time
+    /// they were accepted; `settled` is signalled whenever one leaves.
+    fresh: Mutex<BTreeMap<u64, Instant>>,
+    settled: Condvar,
 }
 
 impl Shared {
+    fn fresh(&self) -> MutexGuard<'_, BTreeMap<u64, Instant>> {
+        self.fresh.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unfresh(&self, id: u64) {
+        if self.fresh().remove(&id).is_some() {
+            self.settled.notify_all();
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
         // Nothing panics while holding this lock; recover rather than cascade if it did.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -211,6 +272,7 @@ struct Departure {
 
 impl Drop for Departure {
     fn drop(&mut self) {
+        self.shared.unfresh(self.id);
         let mut table = self.shared.table();
         table.remove(&self.id);
         if table.is_empty() {
@@ -263,6 +325,8 @@ impl Server {
             refused: AtomicU64::new(0),
             table: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
+            fresh: Mutex::new(BTreeMap::new()),
+            settled: Condvar::new(),
         });
         Ok(Server {
             listener,
@@ -369,7 +433,8 @@ impl Server {
         let stream = Arc::new(stream);
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
         // Registered before the thread starts, so a thread that ends at once still finds
-        // (and removes) its entry.
+        // (and removes) its entries.
+        shared.fresh().insert(id, Instant::now());
         shared.table().insert(
             id,
             Tracked {

@@ -1,0 +1,93 @@
+//! A closed-loop load generator for the store protocol and memcached's text protocol.
+
+use argh::FromArgs;
+use std::net::ToSocketAddrs;
+use std::process::ExitCode;
+use std::time::Duration;
+use switchboard::framing::Framing;
+use switchboard::store::bench::{self, BenchConfig, Proto, Ratio};
+
+/// Drive a store (or memcached) server with CONNS closed-loop connections and report
+/// ops/s, latency percentiles and, with --server-pid, the server's CPU time per operation.
+#[derive(FromArgs)]
+struct Args {
+    /// server address (default 127.0.0.1:65002)
+    #[argh(option, default = "\"127.0.0.1:65002\".into()")]
+    addr: String,
+    /// concurrent connections (default 16)
+    #[argh(option, default = "16")]
+    conns: usize,
+    /// requests per batch written at once (default 1)
+    #[argh(option, default = "1")]
+    pipeline: usize,
+    /// measured seconds (default 5)
+    #[argh(option, default = "5.0")]
+    duration: f64,
+    /// unmeasured seconds first (default 1)
+    #[argh(option, default = "1.0")]
+    warmup: f64,
+    /// distinct keys, preloaded (default 1000)
+    #[argh(option, default = "1000")]
+    keys: usize,
+    /// bytes per value (default 32)
+    #[argh(option, default = "32")]
+    value_size: usize,
+    /// GET:SET weights (default 1:0, GET only)
+    #[argh(option, default = "Ratio { get: 1, set: 0 }")]
+    ratio: Ratio,
+    /// protocol: store (default) or memcache
+    #[argh(option, default = "Proto::Store")]
+    proto: Proto,
+    /// framing for the store protocol (default line)
+    #[argh(option, default = "Framing::Line")]
+    framing: Framing,
+    /// the server's process id, to report its CPU time per operation
+    #[argh(option)]
+    server_pid: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let a: Args = argh::from_env();
+    let Some(addr) = a.addr.to_socket_addrs().ok().and_then(|mut it| it.next()) else {
+        eprintln!("store-bench: cannot resolve {}", a.addr);
+        return ExitCode::FAILURE;
+    };
+    if a.conns == 0 || a.pipeline == 0 || a.keys == 0 || !(a.duration > 0.0) {
+        eprintln!("store-bench: --conns, --pipeline, --keys and --duration must be positive");
+        return ExitCode::FAILURE;
+    }
+    let cfg = BenchConfig {
+        addr,
+        conns: a.conns,
+        pipeline: a.pipeline,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup.max(0.0)),
+        keys: a.keys,
+        value_size: a.value_size,
+        ratio: a.ratio,
+        proto: a.proto,
+        framing: a.framing,
+        server_pid: a.server_pid,
+    };
+    let run = bench::preload(&cfg).and_then(|()| {
+        bench::run(&cfg, |t, rate| eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64()))
+    });
+    match run {
+        Ok(r) => {
+            let [p50, p99, p999] = r.latency_us;
+            println!("{r}");
+            println!(
+                "RESULT proto={:?} conns={} pipeline={} ratio={}:{} ops_per_sec={:.0} p50_us={p50} \
+                 p99_us={p99} p999_us={p999} server_cpu_us_per_op={} bench_cpu_us_per_op={}",
+                a.proto, a.conns, a.pipeline, a.ratio.get, a.ratio.set, r.ops_per_sec,
+                r.server_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
+                r.bench_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("store-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

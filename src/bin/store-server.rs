@@ -1,0 +1,81 @@
+//! The classic store server: `store,KEY,VALUE` / `lookup,KEY`, wire compatible with the
+//! course's Python and Erlang store servers.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use switchboard::framing::Framing;
+use switchboard::server::{on_termination, Server, ServerConfig};
+use switchboard::store::{self, aof::Fsync, StoreOptions, StoreService};
+use switchboard::{framing, log_info};
+
+/// Serve the classic key-value store protocol (store,K,V / lookup,K, plus delete and stats).
+#[derive(FromArgs)]
+struct Args {
+    /// address to listen on (default 127.0.0.1:65002, the course's port; port 0 picks one)
+    #[argh(option, default = "store::DEFAULT_ADDR.into()")]
+    listen: String,
+    /// framing: line (default), ascii10, u16 or u32
+    #[argh(option, default = "Framing::Line")]
+    framing: Framing,
+    /// refuse connections beyond this many live ones (default 10000)
+    #[argh(option, default = "10_000")]
+    max_connections: usize,
+    /// close a connection idle for this many seconds (default: never)
+    #[argh(option)]
+    idle_timeout: Option<u64>,
+    /// append every write to this file and replay it at start
+    #[argh(option)]
+    aof: Option<PathBuf>,
+    /// when to fsync the append-only file: always, everysec (default) or no
+    #[argh(option, default = "Fsync::EverySec")]
+    fsync: Fsync,
+    /// log every connection
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    switchboard::log::set_verbose(args.verbose);
+    let options = StoreOptions {
+        framing: args.framing,
+        limits: framing::Limits::default(),
+        aof: args.aof,
+        fsync: args.fsync,
+    };
+    let (service, replay) = match StoreService::open(&options) {
+        Ok(opened) => opened,
+        Err(e) => return fail(&format!("cannot open the append-only file: {e}")),
+    };
+    if let (Some(path), Some(replay)) = (&options.aof, replay) {
+        log_info!("store: {}: {replay}", path.display());
+    }
+    if let Some(warning) = store::open_file_warning(args.max_connections) {
+        log_info!("store: warning: {warning}");
+    }
+    let mut config = ServerConfig::named("store");
+    config.max_connections = args.max_connections;
+    config.idle_timeout = args.idle_timeout.map(Duration::from_secs);
+    config.refusal = store::refusal(args.framing);
+    let svc = service.clone();
+    let server = match Server::bind(&args.listen, config, move |conn| svc.serve(conn)) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
+    };
+    let handle = server.handle();
+    if let Err(e) = on_termination(move || handle.shutdown()) {
+        return fail(&format!("cannot install the Ctrl-C handler: {e}"));
+    }
+    server.run();
+    match service.close() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("final append-only file sync failed: {e}")),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    log_info!("store-server: {message}");
+    ExitCode::FAILURE
+}

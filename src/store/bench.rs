@@ -1,0 +1,485 @@
+//! The closed-loop load generator behind `store-bench`.
+//!
+//! Each of `conns` connections sends a batch of `pipeline` requests in one write, waits for
+//! every reply, validates each, and sends the next batch. GETs and SETs are drawn by the
+//! `--ratio` weights over `keys` preloaded keys; every SET writes the key's own fixed value,
+//! so every GET has exactly one right answer.
+//!
+//! Counting `store`s, which have no reply: a batch whose last request is a `store` is
+//! closed by one extra `lookup` of that key (a barrier: its reply proves every store
+//! before it was applied). The barrier is not counted as an operation and its cost is
+//! charged to the store protocol, so SET figures are conservative against memcached,
+//! whose `set` has a reply of its own.
+//!
+//! Latency is per batch round trip (at depth 1, per request).
+
+use crate::framing::{encode_frame, FrameReader, Framing};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// Which protocol to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// The classic store protocol (`store,` / `lookup,`).
+    Store,
+    /// memcached's text protocol (`get` / `set`), to measure memcached with the same tool.
+    Memcache,
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "store" => Ok(Proto::Store),
+            "memcache" => Ok(Proto::Memcache),
+            _ => Err(format!("unknown protocol {s:?} (expected store or memcache)")),
+        }
+    }
+}
+
+/// A `GET:SET` weight pair, e.g. `1:0` (GET only), `0:1` (SET only), `9:1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ratio {
+    /// Weight of GETs.
+    pub get: u32,
+    /// Weight of SETs.
+    pub set: u32,
+}
+
+impl FromStr for Ratio {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("bad ratio {s:?} (expected GET:SET weights such as 9:1)");
+        let (g, st) = s.split_once(':').ok_or_else(bad)?;
+        let r = Ratio {
+            get: g.parse().map_err(|_| bad())?,
+            set: st.parse().map_err(|_| bad())?,
+        };
+        if r.get + r.set == 0 {
+            return Err(bad());
+        }
+        Ok(r)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The server.
+    pub addr: SocketAddr,
+    /// Concurrent connections.
+    pub conns: usize,
+    /// Requests per batch.
+    pub pipeline: usize,
+    /// Measured time.
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    pub warmup: Duration,
+    /// Distinct keys.
+    pub keys: usize,
+    /// Bytes per value.
+    pub value_size: usize,
+    /// GET:SET mix.
+    pub ratio: Ratio,
+    /// Protocol.
+    pub proto: Proto,
+    /// Framing (store protocol only; memcached's is always lines).
+    pub framing: Framing,
+    /// The server's process id, to report its CPU time per operation.
+    pub server_pid: Option<u32>,
+}
+
+/// Figures from one run.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchResult {
+    /// Operations completed in the measured window.
+    pub ops: u64,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Batch round-trip latency percentiles, microseconds: p50, p99, p99.9.
+    pub latency_us: [f64; 3],
+    /// Server CPU (user + system) per operation, microseconds.
+    pub server_cpu_us_per_op: Option<f64>,
+    /// This generator's own CPU per operation, microseconds.
+    pub bench_cpu_us_per_op: Option<f64>,
+}
+
+impl fmt::Display for BenchResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [p50, p99, p999] = self.latency_us;
+        write!(
+            f,
+            "{:.0} ops/s  p50 {p50:.0}us  p99 {p99:.0}us  p99.9 {p999:.0}us",
+            self.ops_per_sec
+        )?;
+        if let Some(c) = self.server_cpu_us_per_op {
+            write!(f, "  server cpu {c:.2}us/op")?;
+        }
+        if let Some(c) = self.bench_cpu_us_per_op {
+            write!(f, "  bench cpu {c:.2}us/op")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a run failed.
+#[derive(Debug)]
+pub enum BenchError {
+    /// A connection failed.
+    Io(io::Error),
+    /// A reply was wrong: the server is broken or the keys were changed under us.
+    Mismatch(String),
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BenchError::Io(e) => write!(f, "{e}"),
+            BenchError::Mismatch(m) => write!(f, "wrong reply: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<io::Error> for BenchError {
+    fn from(e: io::Error) -> Self {
+        BenchError::Io(e)
+    }
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key:{i:08}").into_bytes()
+}
+
+/// The fixed value of key `i`: its number, then filler, `size` bytes in all.
+fn value(i: usize, size: usize) -> Vec<u8> {
+    let mut v = format!("{i}-").into_bytes();
+    v.resize(size.max(v.len()), b'v');
+    v.truncate(size);
+    v
+}
+
+/// One connection's codec: writes requests, reads and checks replies.
+struct Conn {
+    proto: Proto,
+    framing: Framing,
+    writer: TcpStream,
+    reader: FrameReader<TcpStream>,
+    out: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Replies due for the batch: `Some(key index)` for a GET, `None` for a SET's STORED.
+    due: Vec<Option<usize>>,
+    value_size: usize,
+}
+
+impl Conn {
+    fn open(cfg: &BenchConfig) -> io::Result<Conn> {
+        let s = TcpStream::connect(cfg.addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let framing = match cfg.proto {
+            Proto::Store => cfg.framing,
+            Proto::Memcache => Framing::Line,
+        };
+        Ok(Conn {
+            proto: cfg.proto,
+            framing,
+            writer: s.try_clone()?,
+            reader: FrameReader::new(s, framing),
+            out: Vec::new(),
+            scratch: Vec::new(),
+            due: Vec::new(),
+            value_size: cfg.value_size,
+        })
+    }
+
+    fn get(&mut self, i: usize) {
+        match self.proto {
+            Proto::Store => {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(b"lookup,");
+                self.scratch.extend_from_slice(&key(i));
+                encode_frame(self.framing, &self.scratch, &mut self.out).expect("small frame");
+            }
+            Proto::Memcache => {
+                self.out.extend_from_slice(b"get ");
+                self.out.extend_from_slice(&key(i));
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        self.due.push(Some(i));
+    }
+
+    fn set(&mut self, i: usize) {
+        let v = value(i, self.value_size);
+        match self.proto {
+            Proto::Store => {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(b"store,");
+                self.scratch.extend_from_slice(&key(i));
+                self.scratch.push(b',');
+                self.scratch.extend_from_slice(&v);
+                encode_frame(self.framing, &self.scratch, &mut self.out).expect("small frame");
+            }
+            Proto::Memcache => {
+                self.out.extend_from_slice(b"set ");
+                self.out.extend_from_slice(&key(i));
+                self.out
+                    .extend_from_slice(format!(" 0 0 {}\r\n", v.len()).as_bytes());
+                self.out.extend_from_slice(&v);
+                self.out.extend_from_slice(b"\r\n");
+                self.due.push(None);
+            }
+        }
+    }
+
+    /// Sends the batch and checks every reply.
+    fn round_trip(&mut self) -> Result<(), BenchError> {
+        self.writer.write_all(&self.out)?;
+        self.out.clear();
+        let due = std::mem::take(&mut self.due);
+        for d in &due {
+            self.check(*d)?;
+        }
+        self.due = due;
+        self.due.clear();
+        Ok(())
+    }
+
+    fn frame(&mut self) -> Result<Vec<u8>, BenchError> {
+        match self.reader.read_frame() {
+            Ok(Some(f)) => Ok(f.to_vec()),
+            Ok(None) => Err(BenchError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Err(BenchError::Io(io::Error::other(e.to_string()))),
+        }
+    }
+
+    fn check(&mut self, due: Option<usize>) -> Result<(), BenchError> {
+        let mismatch = |what: &[u8], want: &str| {
+            BenchError::Mismatch(format!(
+                "{:?}, expected {want}",
+                String::from_utf8_lossy(what)
+            ))
+        };
+        match (self.proto, due) {
+            (Proto::Store, Some(i)) => {
+                let got = self.frame()?;
+                let want = value(i, self.value_size);
+                let ok = got.strip_prefix(b"{just,").and_then(|r| r.strip_suffix(b"}"))
+                    == Some(&want[..]);
+                if !ok {
+                    return Err(mismatch(&got, &format!("{{just,{}}}", String::from_utf8_lossy(&want))));
+                }
+            }
+            (Proto::Store, None) => unreachable!("store has no reply"),
+            (Proto::Memcache, None) => {
+                let got = self.frame()?;
+                if got != b"STORED" {
+                    return Err(mismatch(&got, "STORED"));
+                }
+            }
+            (Proto::Memcache, Some(i)) => {
+                let header = self.frame()?;
+                let want = value(i, self.value_size);
+                let expect = format!("VALUE {} 0 {}", String::from_utf8_lossy(&key(i)), want.len());
+                if header != expect.as_bytes() {
+                    return Err(mismatch(&header, &expect));
+                }
+                let data = self.frame()?;
+                if data != want {
+                    return Err(mismatch(&data, &String::from_utf8_lossy(&want)));
+                }
+                let end = self.frame()?;
+                if end != b"END" {
+                    return Err(mismatch(&end, "END"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a batch whose last request is a store with a barrier lookup (see module doc).
+    fn close_batch(&mut self, last: Option<(usize, bool)>) {
+        if let (Proto::Store, Some((i, true))) = (self.proto, last) {
+            self.get(i);
+        }
+    }
+}
+
+/// xorshift64*: fast, and good enough to spread keys.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+/// Sets every key to its value, in pipelined chunks.
+///
+/// # Errors
+/// When the server cannot be reached or answers wrongly.
+pub fn preload(cfg: &BenchConfig) -> Result<(), BenchError> {
+    let mut c = Conn::open(cfg)?;
+    for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
+        for &i in chunk {
+            c.set(i);
+        }
+        c.close_batch(chunk.last().map(|&i| (i, true)));
+        c.round_trip()?;
+    }
+    Ok(())
+}
+
+/// Process CPU time (user + system) in seconds, from `/proc/PID/stat`.
+pub fn process_cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name, which may itself hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_sec())
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Runs the benchmark; `progress` is called about once a second with (elapsed, ops/s
+/// in the last second).
+///
+/// # Errors
+/// The first connection failure or wrong reply (the run stops there).
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Duration, f64)) -> Result<BenchResult, BenchError> {
+    let ops = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Arc::new(Barrier::new(cfg.conns + 1));
+    let mut conns = Vec::with_capacity(cfg.conns);
+    for _ in 0..cfg.conns {
+        conns.push(Conn::open(cfg)?);
+    }
+    let workers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut c)| {
+            let (ops, measuring, stop, start) =
+                (ops.clone(), measuring.clone(), stop.clone(), start.clone());
+            let cfg = cfg.clone();
+            std::thread::Builder::new()
+                .name(format!("bench-{n}"))
+                .stack_size(256 << 10)
+                .spawn(move || -> Result<Vec<u32>, BenchError> {
+                    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (n as u64 + 1) * 0x1234_5678_9ABC_DEF1);
+                    let mut latencies = Vec::new();
+                    let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
+                    start.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut last = None;
+                        for _ in 0..cfg.pipeline {
+                            let i = rng.below(cfg.keys as u64) as usize;
+                            let is_set = rng.below(weight) >= u64::from(cfg.ratio.get);
+                            if is_set {
+                                c.set(i);
+                            } else {
+                                c.get(i);
+                            }
+                            last = Some((i, is_set));
+                        }
+                        c.close_batch(last);
+                        let began = Instant::now();
+                        c.round_trip()?;
+                        if measuring.load(Ordering::Relaxed) {
+                            latencies.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            ops.fetch_add(cfg.pipeline as u64, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(latencies)
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    start.wait();
+    std::thread::sleep(cfg.warmup);
+    let cpu_before = (process_cpu_secs(cfg.server_pid), process_cpu_secs(None));
+    measuring.store(true, Ordering::Relaxed);
+    let began = Instant::now();
+    let mut last = (began, 0u64);
+    while began.elapsed() < cfg.duration {
+        std::thread::sleep(Duration::from_secs(1).min(cfg.duration.saturating_sub(began.elapsed())));
+        let now = (Instant::now(), ops.load(Ordering::Relaxed));
+        let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+        progress(began.elapsed(), rate);
+        last = now;
+        if workers.iter().any(|w| w.is_finished()) {
+            break;
+        }
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = began.elapsed().as_secs_f64();
+    let total = ops.load(Ordering::Relaxed);
+    let cpu_after = (process_cpu_secs(cfg.server_pid), process_cpu_secs(None));
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.join().expect("bench worker panicked")?);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let at = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[at])
+    };
+    let per_op = |before: Option<f64>, after: Option<f64>| match (before, after) {
+        (Some(b), Some(a)) if total > 0 => Some((a - b) * 1e6 / total as f64),
+        _ => None,
+    };
+    Ok(BenchResult {
+        ops: total,
+        ops_per_sec: total as f64 / elapsed,
+        latency_us: [pct(0.50), pct(0.99), pct(0.999)],
+        server_cpu_us_per_op: per_op(cpu_before.0, cpu_after.0),
+        bench_cpu_us_per_op: per_op(cpu_before.1, cpu_after.1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_have_the_asked_size_and_differ_by_key() {
+        assert_eq!(value(7, 32).len(), 32);
+        assert_eq!(value(123_456, 4).len(), 4);
+        assert_ne!(value(1, 32), value(2, 32));
+        assert_eq!(key(5), b"key:00000005");
+    }
+
+    #[test]
+    fn ratios_parse() {
+        assert_eq!("9:1".parse::<Ratio>().unwrap(), Ratio { get: 9, set: 1 });
+        assert!("0:0".parse::<Ratio>().is_err());
+        assert!("9".parse::<Ratio>().is_err());
+        assert_eq!("memcache".parse::<Proto>().unwrap(), Proto::Memcache);
+    }
+}

@@ -1,0 +1,332 @@
+//! The classic key-value store server (`store-server`): `store,K,V` / `lookup,K`, plus
+//! `delete` and `stats`, over any framing, with an optional append-only file.
+//!
+//! - [`protocol`]: requests and replies, pure.
+//! - [`state`]: the sharded map.
+//! - [`aof`]: the append-only file and its replay.
+//! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
+//! - [`bench`]: the closed-loop load generator behind `store-bench`.
+//!
+//! A connection reads whatever the socket has, answers every complete request in it into
+//! one output buffer, and writes that buffer with one call: a pipelined batch costs one
+//! read and one write however many requests it holds.
+
+pub mod aof;
+pub mod bench;
+pub mod client;
+pub mod protocol;
+pub mod state;
+
+use crate::framing::{begin_frame, end_frame, FrameError, FrameReader, Framing, Limits};
+use crate::server::{Connection, HandlerError, ServerHandle};
+use crate::{log_debug, log_info};
+use aof::{Aof, Fsync, Replay};
+use protocol::{Request, Stats, Verb};
+use state::Store;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The default port of the course's Python store server.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:65002";
+
+/// Replies are sent when the batch is done, or sooner once this many bytes are waiting, so
+/// a batch of lookups of large values cannot balloon one connection's memory.
+const FLUSH_AT: usize = 64 << 10;
+
+/// How a store is set up.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// The framing of requests and replies.
+    pub framing: Framing,
+    /// Frame size limits.
+    pub limits: Limits,
+    /// The append-only file, if writes are to be persisted.
+    pub aof: Option<PathBuf>,
+    /// When the append-only file is synced.
+    pub fsync: Fsync,
+}
+
+/// The store service: state, persistence and counters, shared by every connection.
+pub struct StoreService {
+    store: Store,
+    aof: Option<Arc<Aof>>,
+    framing: Framing,
+    limits: Limits,
+    started: Instant,
+    commands: [AtomicU64; 5],
+}
+
+impl StoreService {
+    /// Creates the service, replaying the append-only file if there is one.
+    ///
+    /// # Errors
+    /// When the append-only file cannot be opened, read or created.
+    pub fn open(options: &StoreOptions) -> io::Result<(Arc<StoreService>, Option<Replay>)> {
+        let store = Store::new();
+        let (aof, replay) = match &options.aof {
+            Some(path) => {
+                let (aof, replay) = Aof::open(path, options.fsync, &store)?;
+                (Some(aof), Some(replay))
+            }
+            None => (None, None),
+        };
+        let service = StoreService {
+            store,
+            aof,
+            framing: options.framing,
+            limits: options.limits,
+            started: Instant::now(),
+            commands: Default::default(),
+        };
+        Ok((Arc::new(service), replay))
+    }
+
+    /// The state, for inspection.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Flushes and syncs the append-only file; call after the server has stopped.
+    ///
+    /// # Errors
+    /// When the final write or fsync fails.
+    pub fn close(&self) -> io::Result<()> {
+        self.aof.as_ref().map_or(Ok(()), |aof| aof.close())
+    }
+
+    /// Current counters.
+    pub fn stats(&self, server: &ServerHandle) -> Stats {
+        let (keys, bytes) = self.store.size();
+        let s = server.stats();
+        Stats {
+            uptime_secs: self.started.elapsed().as_secs(),
+            live_connections: s.live as u64,
+            total_connections: s.accepted,
+            refused_connections: s.refused,
+            keys,
+            bytes,
+            commands: self.commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Serves one connection until it closes.
+    ///
+    /// # Errors
+    /// A size header that is not a length (the stream lost sync), a failed socket, or a
+    /// failed append-only file write: each ends this connection only.
+    pub fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
+        let mut stream = &*conn.stream;
+        let mut reader = FrameReader::with_limits(stream, self.framing, self.limits);
+        let mut batch = Batch::default();
+        let mut first = true;
+        loop {
+            match reader.fill() {
+                Ok(true) => {}
+                Ok(false) => {
+                    conn.settle();
+                    if let Err(e) = reader.finish() {
+                        log_info!(
+                            "store: connection {} from {}: {e}; that request was not applied",
+                            conn.id,
+                            conn.peer
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_timeout() => {
+                    log_debug!("store: connection {} idle; closing", conn.id);
+                    return Ok(());
+                }
+                Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            if first {
+                // Requests sent before this connection was made are applied first.
+                conn.wait_for_earlier();
+            }
+            let fatal = loop {
+                match reader.next_buffered() {
+                    Ok(Some(frame)) => self.execute(frame, &mut batch, &conn)?,
+                    Ok(None) => break None,
+                    Err(e) if e.is_recoverable() => {
+                        batch.reply_error(self.framing, e.reason());
+                    }
+                    Err(e) => break Some(e),
+                }
+                if batch.out.len() >= FLUSH_AT && !self.send(&mut stream, &mut batch)? {
+                    return Ok(());
+                }
+            };
+            if let (Some(aof), Some(seq)) = (&self.aof, batch.unsynced.take()) {
+                aof.commit(seq)?;
+            }
+            if !self.send(&mut stream, &mut batch)? {
+                return Ok(());
+            }
+            self.count(&mut batch);
+            if first {
+                conn.settle();
+                first = false;
+            }
+            if let Some(e) = fatal {
+                return Err(e.into());
+            }
+        }
+    }
+
+    /// Writes the batch's replies; `Ok(false)` when the peer has gone away.
+    fn send(&self, stream: &mut &std::net::TcpStream, batch: &mut Batch) -> io::Result<bool> {
+        let result = stream.write_all(&batch.out);
+        batch.out.clear();
+        if batch.out.capacity() > 4 * FLUSH_AT {
+            batch.out = Vec::new();
+        }
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if is_disconnect(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn count(&self, batch: &mut Batch) {
+        for (total, n) in self.commands.iter().zip(&mut batch.counts) {
+            if *n > 0 {
+                total.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Applies one request and appends its reply (if any) to the batch.
+    fn execute(&self, frame: &[u8], batch: &mut Batch, conn: &Connection) -> io::Result<()> {
+        let request = match protocol::parse(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                batch.reply_error(self.framing, e.reason());
+                return Ok(());
+            }
+        };
+        batch.counts[request.verb() as usize] += 1;
+        let framing = self.framing;
+        match request {
+            Request::Store { key, value } => match &self.aof {
+                None => self.store.set(key, value),
+                Some(aof) => {
+                    let seq = self
+                        .store
+                        .set_logged(key, value, || aof.log_store(key, value));
+                    self.logged(aof, seq, batch)?;
+                }
+            },
+            Request::Lookup { key } => {
+                let mark = begin_frame(framing, &mut batch.out);
+                self.store.with_value(key, |v| match v {
+                    Some(v) => protocol::format_just(v, &mut batch.out),
+                    None => protocol::format_nothing(&mut batch.out),
+                });
+                if let Err(e) = end_frame(framing, &mut batch.out, mark) {
+                    // A value stored through a size-prefixed framing may hold '\n'.
+                    batch.reply_error(framing, e.reason());
+                }
+            }
+            Request::Delete { key } => {
+                let mut seq = None;
+                let deleted = self.store.delete_logged(key, || {
+                    seq = self.aof.as_ref().map(|aof| aof.log_delete(key));
+                });
+                if let (Some(aof), Some(seq)) = (&self.aof, seq) {
+                    self.logged(aof, seq, batch)?;
+                }
+                let mark = begin_frame(framing, &mut batch.out);
+                if deleted {
+                    protocol::format_ok(&mut batch.out);
+                } else {
+                    protocol::format_nothing(&mut batch.out);
+                }
+                end_frame(framing, &mut batch.out, mark).expect("short reply fits any frame");
+            }
+            Request::Stats => {
+                let stats = self.stats(&conn.server);
+                let mark = begin_frame(framing, &mut batch.out);
+                protocol::format_stats(&stats, &mut batch.out);
+                end_frame(framing, &mut batch.out, mark).expect("stats fit any frame");
+            }
+        }
+        Ok(())
+    }
+
+    /// A write was logged as record `seq`: with `--fsync always` it is synced before the
+    /// next command; otherwise it is handed to the OS at the end of the batch.
+    fn logged(&self, aof: &Aof, seq: u64, batch: &mut Batch) -> io::Result<()> {
+        if aof.policy() == Fsync::Always {
+            aof.commit(seq)
+        } else {
+            batch.unsynced = Some(seq);
+            Ok(())
+        }
+    }
+}
+
+/// One connection's work in progress for the current batch of requests.
+#[derive(Default)]
+struct Batch {
+    /// Framed replies, written with one call at the end of the batch.
+    out: Vec<u8>,
+    /// Requests by verb, added to the service's counters once per batch.
+    counts: [u64; 5],
+    /// The last append-only record this batch wrote, not yet committed.
+    unsynced: Option<u64>,
+}
+
+impl Batch {
+    fn reply_error(&mut self, framing: Framing, reason: &str) {
+        self.counts[Verb::Error as usize] += 1;
+        let mark = begin_frame(framing, &mut self.out);
+        protocol::format_error(reason, &mut self.out);
+        end_frame(framing, &mut self.out, mark).expect("error replies fit any frame");
+    }
+}
+
+/// The peer went away: not worth a log line.
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Reads the soft open-file limit from `/proc/self/limits`.
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A warning when the open-file limit cannot hold `max_connections` sockets plus a margin
+/// for the listener, the log and the standard streams.
+pub fn open_file_warning(max_connections: usize) -> Option<String> {
+    let limit = open_file_limit()?;
+    let needed = max_connections as u64 + 64;
+    (limit < needed).then(|| {
+        format!(
+            "the open-file limit is {limit} but --max-connections {max_connections} needs about \
+             {needed}; connections past the limit will fail to be accepted. Raise it with \
+             `ulimit -n {needed}` (or lower --max-connections)"
+        )
+    })
+}
+
+/// The `{error,too_many_connections}` reply a refused connection gets, in `framing`.
+pub fn refusal(framing: Framing) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mark = begin_frame(framing, &mut out);
+    protocol::format_error("too_many_connections", &mut out);
+    end_frame(framing, &mut out, mark).expect("fits any frame");
+    out
+}

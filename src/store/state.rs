@@ -1,0 +1,186 @@
+//! The key-value state: a map of bytes to bytes, split into independently locked shards.
+//!
+//! Why shards of `RwLock<HashMap>`: every connection thread touches the map, and one lock
+//! would serialise them all; with 64 shards two threads meet on a lock only when their keys
+//! hash to the same shard, and lookups (the common case) share a read lock even then. Each
+//! lock is held for a hash-map operation and a copy, never across socket I/O: a lookup
+//! copies the value into the connection's output buffer under the read lock.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Number of shards; a power of two well above the number of cores this runs on.
+const SHARDS: usize = 64;
+
+/// One shard, padded to its own cache lines so that locking one does not slow its
+/// neighbours (false sharing).
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    inner: RwLock<ShardMap>,
+}
+
+#[derive(Default)]
+struct ShardMap {
+    map: HashMap<Box<[u8]>, Box<[u8]>>,
+    /// Bytes of keys and values in this shard, for `stats`.
+    bytes: u64,
+}
+
+/// The store's shared state; cheap to share behind an `Arc`.
+pub struct Store {
+    shards: Box<[Shard]>,
+    /// Picks the shard. Keys come from clients, so the hash is keyed (SipHash with a random
+    /// key), which keeps anyone from aiming every key at one shard.
+    hasher: RandomState,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::new()
+    }
+}
+
+impl Store {
+    /// An empty store.
+    pub fn new() -> Self {
+        Store {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Shard {
+        let h = self.hasher.hash_one(key);
+        // The top bits: the map inside the shard uses the low ones of its own hash.
+        &self.shards[(h >> 58) as usize % SHARDS]
+    }
+
+    fn read(&self, key: &[u8]) -> RwLockReadGuard<'_, ShardMap> {
+        // A panic while holding a shard lock cannot leave a half-updated map (every update
+        // is one HashMap call), so a poisoned lock is still consistent.
+        self.shard(key)
+            .inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, key: &[u8]) -> RwLockWriteGuard<'_, ShardMap> {
+        self.shard(key)
+            .inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Calls `f` with the value of `key` (or `None`) under the shard's read lock; `f` should
+    /// only copy what it needs.
+    pub fn with_value<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let shard = self.read(key);
+        f(shard.map.get(key).map(|v| &v[..]))
+    }
+
+    /// The value of `key`, copied.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.with_value(key, |v| v.map(<[u8]>::to_vec))
+    }
+
+    /// Sets `key` to `value`. `log` runs under the shard's write lock, after the update:
+    /// writes to one key reach the log in the order they reach the map.
+    pub fn set_logged<R>(&self, key: &[u8], value: &[u8], log: impl FnOnce() -> R) -> R {
+        let mut shard = self.write(key);
+        let shard = &mut *shard;
+        match shard.map.entry(Box::from(key)) {
+            Entry::Occupied(mut e) => {
+                let old = e.get_mut();
+                shard.bytes = shard.bytes - old.len() as u64 + value.len() as u64;
+                if old.len() == value.len() {
+                    old.copy_from_slice(value);
+                } else {
+                    *old = Box::from(value);
+                }
+            }
+            Entry::Vacant(e) => {
+                shard.bytes += (key.len() + value.len()) as u64;
+                e.insert(Box::from(value));
+            }
+        }
+        log()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn set(&self, key: &[u8], value: &[u8]) {
+        self.set_logged(key, value, || ())
+    }
+
+    /// Removes `key`; true if it was present. `log` runs under the write lock, and only
+    /// when something was removed.
+    pub fn delete_logged(&self, key: &[u8], log: impl FnOnce()) -> bool {
+        let mut shard = self.write(key);
+        match shard.map.remove_entry(key) {
+            Some((k, v)) => {
+                shard.bytes -= (k.len() + v.len()) as u64;
+                log();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes `key`; true if it was present.
+    pub fn delete(&self, key: &[u8]) -> bool {
+        self.delete_logged(key, || ())
+    }
+
+    /// Number of keys and bytes of keys and values, summed shard by shard (each shard is
+    /// exact; the total is not one atomic snapshot while writes go on).
+    pub fn size(&self) -> (u64, u64) {
+        self.shards.iter().fold((0, 0), |(keys, bytes), s| {
+            let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
+            (keys + s.map.len() as u64, bytes + s.bytes)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_overwrite_delete_and_sizes() {
+        let s = Store::new();
+        assert_eq!(s.get(b"k"), None);
+        s.set(b"k", b"one");
+        assert_eq!(s.get(b"k").as_deref(), Some(&b"one"[..]));
+        s.set(b"k", b"two");
+        s.set(b"k", b"three");
+        assert_eq!(s.get(b"k").as_deref(), Some(&b"three"[..]));
+        s.set(b"other", b"");
+        assert_eq!(s.size(), (2, 1 + 5 + 5));
+        assert!(s.delete(b"k"));
+        assert!(!s.delete(b"k"));
+        assert_eq!(s.size(), (1, 5));
+    }
+
+    #[test]
+    fn concurrent_writers_on_distinct_keys_lose_nothing() {
+        let s = std::sync::Arc::new(Store::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        s.set(format!("{t}-{i}").as_bytes(), &[t as u8; 8]);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let key_bytes: usize = (0..4)
+            .flat_map(|t| (0..2000).map(move |i| format!("{t}-{i}").len()))
+            .sum();
+        assert_eq!(s.size(), (8000, 8000 * 8 + key_bytes as u64));
+    }
+}
