@@ -8,6 +8,7 @@
 //! ## Module map
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
+//! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //!
@@ -21,4 +22,5 @@
 pub mod framing;
 pub mod log;
 pub mod server;
+pub mod store;
 pub mod term;
