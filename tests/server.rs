@@ -125,7 +125,9 @@ fn shutdown_is_not_held_up_by_clients_that_never_read_or_stall_mid_frame() {
     let mut flooder = connect(addr);
     let line = vec![b'x'; 64 << 10];
     let flood = std::thread::spawn(move || {
-        flooder.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        flooder
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let mut req = line.clone();
         req.push(b'\n');
         while flooder.write_all(&req).is_ok() {}
@@ -133,12 +135,18 @@ fn shutdown_is_not_held_up_by_clients_that_never_read_or_stall_mid_frame() {
     // Another sends half a line and waits: its server thread is blocked in read.
     let mut half = connect(addr);
     half.write_all(b"no newline yet").unwrap();
-    eventually("both connections to be live", || server.handle().stats().live == 2);
+    eventually("both connections to be live", || {
+        server.handle().stats().live == 2
+    });
     std::thread::sleep(Duration::from_millis(200));
 
     let began = Instant::now();
     let report = server.stop();
-    assert!(began.elapsed() < Duration::from_secs(3), "{:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
     assert_eq!((report.joined, report.abandoned), (2, 0));
     flood.join().unwrap();
     let mut rest = Vec::new();
@@ -160,7 +168,9 @@ fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
     };
     // Warm up allocator arenas and the table's capacity before measuring.
     cycle(5_000);
-    eventually("warm-up connections to end", || server.handle().stats().live == 0);
+    eventually("warm-up connections to end", || {
+        server.handle().stats().live == 0
+    });
     let before = rss_kib();
     let workers: Vec<_> = (0..2)
         .map(|_| std::thread::spawn(move || cycle(47_500)))
@@ -168,7 +178,9 @@ fn a_hundred_thousand_connect_close_cycles_leave_nothing_behind() {
     for w in workers {
         w.join().unwrap();
     }
-    eventually("every connection to end", || server.handle().stats().live == 0);
+    eventually("every connection to end", || {
+        server.handle().stats().live == 0
+    });
     let after = rss_kib();
     let stats = server.handle().stats();
     assert_eq!(stats.accepted, 100_000);

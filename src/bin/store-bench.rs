@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         eprintln!("store-bench: cannot resolve {}", a.addr);
         return ExitCode::FAILURE;
     };
-    if a.conns == 0 || a.pipeline == 0 || a.keys == 0 || !(a.duration > 0.0) {
+    if a.conns == 0 || a.pipeline == 0 || a.keys == 0 || a.duration.is_nan() || a.duration <= 0.0 {
         eprintln!("store-bench: --conns, --pipeline, --keys and --duration must be positive");
         return ExitCode::FAILURE;
     }
@@ -70,7 +70,9 @@ fn main() -> ExitCode {
         server_pid: a.server_pid,
     };
     let run = bench::preload(&cfg).and_then(|()| {
-        bench::run(&cfg, |t, rate| eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64()))
+        bench::run(&cfg, |t, rate| {
+            eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64())
+        })
     });
     match run {
         Ok(r) => {

@@ -544,7 +544,10 @@ mod tests {
         assert_eq!(r.read_frame().unwrap().unwrap().len(), 1 << 20);
         assert_eq!(r.read_frame().unwrap().unwrap(), b"x");
         assert_eq!(r.read_frame().unwrap(), None);
-        assert!(r.capacity() <= INITIAL_BUF, "an idle reader keeps no big buffer");
+        assert!(
+            r.capacity() <= INITIAL_BUF,
+            "an idle reader keeps no big buffer"
+        );
     }
 
     #[test]

@@ -350,7 +350,11 @@ fn crc32(bytes: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             t[i] = c;
@@ -368,10 +372,8 @@ mod tests {
     use super::*;
 
     fn temp_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "switchboard-aof-{}-{name}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-aof-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         dir
     }
@@ -427,7 +429,10 @@ mod tests {
             let store = Store::new();
             let (aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
             assert_eq!(replay.records, 1, "cut at {cut}");
-            assert_eq!(replay.torn, Some((first_end as u64, (cut - first_end) as u64)));
+            assert_eq!(
+                replay.torn,
+                Some((first_end as u64, (cut - first_end) as u64))
+            );
             assert_eq!(store.get(b"k1").unwrap(), b"v1");
             assert_eq!(store.get(b"k2"), None);
             // New records land after the last good one.

@@ -37,7 +37,9 @@ impl FromStr for Proto {
         match s {
             "store" => Ok(Proto::Store),
             "memcache" => Ok(Proto::Memcache),
-            _ => Err(format!("unknown protocol {s:?} (expected store or memcache)")),
+            _ => Err(format!(
+                "unknown protocol {s:?} (expected store or memcache)"
+            )),
         }
     }
 }
@@ -271,10 +273,15 @@ impl Conn {
             (Proto::Store, Some(i)) => {
                 let got = self.frame()?;
                 let want = value(i, self.value_size);
-                let ok = got.strip_prefix(b"{just,").and_then(|r| r.strip_suffix(b"}"))
+                let ok = got
+                    .strip_prefix(b"{just,")
+                    .and_then(|r| r.strip_suffix(b"}"))
                     == Some(&want[..]);
                 if !ok {
-                    return Err(mismatch(&got, &format!("{{just,{}}}", String::from_utf8_lossy(&want))));
+                    return Err(mismatch(
+                        &got,
+                        &format!("{{just,{}}}", String::from_utf8_lossy(&want)),
+                    ));
                 }
             }
             (Proto::Store, None) => unreachable!("store has no reply"),
@@ -287,7 +294,11 @@ impl Conn {
             (Proto::Memcache, Some(i)) => {
                 let header = self.frame()?;
                 let want = value(i, self.value_size);
-                let expect = format!("VALUE {} 0 {}", String::from_utf8_lossy(&key(i)), want.len());
+                let expect = format!(
+                    "VALUE {} 0 {}",
+                    String::from_utf8_lossy(&key(i)),
+                    want.len()
+                );
                 if header != expect.as_bytes() {
                     return Err(mismatch(&header, &expect));
                 }
@@ -369,7 +380,10 @@ fn clock_ticks_per_sec() -> f64 {
 ///
 /// # Errors
 /// The first connection failure or wrong reply (the run stops there).
-pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Duration, f64)) -> Result<BenchResult, BenchError> {
+pub fn run(
+    cfg: &BenchConfig,
+    mut progress: impl FnMut(Duration, f64),
+) -> Result<BenchResult, BenchError> {
     let ops = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -389,7 +403,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Duration, f64)) -> Result
                 .name(format!("bench-{n}"))
                 .stack_size(256 << 10)
                 .spawn(move || -> Result<Vec<u32>, BenchError> {
-                    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (n as u64 + 1) * 0x1234_5678_9ABC_DEF1);
+                    let mut rng =
+                        Rng(0x9E37_79B9_7F4A_7C15 ^ ((n as u64 + 1) * 0x1234_5678_9ABC_DEF1));
                     let mut latencies = Vec::new();
                     let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
                     start.wait();
@@ -409,7 +424,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Duration, f64)) -> Result
                         let began = Instant::now();
                         c.round_trip()?;
                         if measuring.load(Ordering::Relaxed) {
-                            latencies.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            latencies
+                                .push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
                             ops.fetch_add(cfg.pipeline as u64, Ordering::Relaxed);
                         }
                     }
@@ -424,7 +440,9 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Duration, f64)) -> Result
     let began = Instant::now();
     let mut last = (began, 0u64);
     while began.elapsed() < cfg.duration {
-        std::thread::sleep(Duration::from_secs(1).min(cfg.duration.saturating_sub(began.elapsed())));
+        std::thread::sleep(
+            Duration::from_secs(1).min(cfg.duration.saturating_sub(began.elapsed())),
+        );
         let now = (Instant::now(), ops.load(Ordering::Relaxed));
         let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
         progress(began.elapsed(), rate);

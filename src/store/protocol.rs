@@ -55,7 +55,13 @@ pub enum Verb {
 
 impl Verb {
     /// Every verb, in counter order.
-    pub const ALL: [Verb; 5] = [Verb::Store, Verb::Lookup, Verb::Delete, Verb::Stats, Verb::Error];
+    pub const ALL: [Verb; 5] = [
+        Verb::Store,
+        Verb::Lookup,
+        Verb::Delete,
+        Verb::Stats,
+        Verb::Error,
+    ];
 
     /// The verb's word in requests and in `stats`.
     pub fn name(self) -> &'static str {
@@ -283,7 +289,10 @@ mod tests {
     fn classic_requests() {
         assert_eq!(
             parse(b"store,k,v"),
-            Ok(Request::Store { key: b"k", value: b"v" })
+            Ok(Request::Store {
+                key: b"k",
+                value: b"v"
+            })
         );
         assert_eq!(
             parse(b"store,ping,{remote_chan,{127,0,0,1},40123}"),
@@ -299,7 +308,13 @@ mod tests {
                 value: b"a, b,,c\t\xff"
             })
         );
-        assert_eq!(parse(b"store,k,"), Ok(Request::Store { key: b"k", value: b"" }));
+        assert_eq!(
+            parse(b"store,k,"),
+            Ok(Request::Store {
+                key: b"k",
+                value: b""
+            })
+        );
         assert_eq!(parse(b"lookup,k"), Ok(Request::Lookup { key: b"k" }));
         assert_eq!(parse(b"lookup,a,b"), Ok(Request::Lookup { key: b"a,b" }));
         assert_eq!(parse(b"delete,k"), Ok(Request::Delete { key: b"k" }));
@@ -325,7 +340,10 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for req in [
-            Request::Store { key: b"k", value: b"v,w" },
+            Request::Store {
+                key: b"k",
+                value: b"v,w",
+            },
             Request::Lookup { key: b"k" },
             Request::Delete { key: b"k" },
             Request::Stats,

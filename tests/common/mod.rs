@@ -50,11 +50,19 @@ impl LineClient {
     /// Reads one line, without its `\n`; `None` at end of stream.
     pub fn line(&mut self) -> Option<Vec<u8>> {
         let mut buf = Vec::new();
-        let n = self.reader.read_until(b'\n', &mut buf).expect("read a reply line");
+        let n = self
+            .reader
+            .read_until(b'\n', &mut buf)
+            .expect("read a reply line");
         if n == 0 {
             return None;
         }
-        assert_eq!(buf.pop(), Some(b'\n'), "reply line cut off: {:?}", String::from_utf8_lossy(&buf));
+        assert_eq!(
+            buf.pop(),
+            Some(b'\n'),
+            "reply line cut off: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         Some(buf)
     }
 
@@ -158,7 +166,9 @@ impl ChildServer {
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
     pub fn terminate(&mut self) -> bool {
         let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
         self.wait_exit()
     }
 
@@ -196,7 +206,9 @@ impl Drop for ChildServer {
 pub fn python(script: &str, args: &[&str]) -> std::process::Command {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut cmd = std::process::Command::new("python3");
-    cmd.arg(format!("{root}/interop/{script}")).args(args).current_dir(root);
+    cmd.arg(format!("{root}/interop/{script}"))
+        .args(args)
+        .current_dir(root);
     cmd
 }
 
