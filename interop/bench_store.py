@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Runs the store benchmark table: store-server vs memcached vs interop/store_server.py.
+
+Every figure comes from the project's own load generator (`store-bench`); this script only
+starts the servers, alternates them run by run (so slow drift on a noisy machine hits all of
+them alike), repeats each scenario, and prints medians as a Markdown table.
+
+    cargo build --release
+    python3 interop/bench_store.py --reps 3 --duration 3
+
+Scenarios (32-byte values, 1,000 keys, GET-only unless said):
+  a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCENARIOS = {
+    "a": ("1 conn", ["--conns", "1"]),
+    "b": ("16 conns", ["--conns", "16"]),
+    "c": ("64 conns", ["--conns", "64"]),
+    "d": ("16 conns, pipeline 32", ["--conns", "16", "--pipeline", "32"]),
+    "e": ("16 conns, SET only", ["--conns", "16", "--ratio", "0:1"]),
+    "f": ("256 conns", ["--conns", "256"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], port: int, proto: str) -> None:
+        self.name, self.port, self.proto = name, port, proto
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_listening(port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_bench(bench: str, server: Server, extra: list[str], duration: float) -> dict[str, float]:
+    argv = [bench, "--addr", f"127.0.0.1:{server.port}", "--proto", server.proto,
+            "--duration", str(duration), "--warmup", "1", "--keys", "1000",
+            "--value-size", "32", "--server-pid", str(server.proc.pid)] + extra
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr}")
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    fields = dict(re.findall(r"(\w+)=(\S+)", line))
+    return {k: float(v) for k, v in fields.items() if re.fullmatch(r"[\d.]+", v)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"))
+    ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"))
+    ap.add_argument("--memcached", default=shutil.which("memcached"))
+    ap.add_argument("--no-python", action="store_true", help="leave out interop/store_server.py")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--scenarios", default="abcdef")
+    args = ap.parse_args()
+
+    servers: list[Server] = []
+    try:
+        port = free_port()
+        servers.append(Server("store-server", [args.server, "--listen", f"127.0.0.1:{port}"], port, "store"))
+        if args.memcached:
+            port = free_port()
+            servers.append(Server("memcached", [args.memcached, "-l", "127.0.0.1", "-p", str(port),
+                                                "-t", "2", "-U", "0", "-c", "4096", "-u", "root"],
+                                  port, "memcache"))
+        else:
+            print("memcached not found (apt-get install memcached); measuring without it", file=sys.stderr)
+        if not args.no_python:
+            port = free_port()
+            servers.append(Server("store_server.py", [sys.executable, os.path.join(ROOT, "interop/store_server.py"),
+                                                      "--port", str(port)], port, "store"))
+        results: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for sc in args.scenarios:
+            label, extra = SCENARIOS[sc]
+            for rep in range(args.reps):
+                order = servers if rep % 2 == 0 else list(reversed(servers))
+                for s in order:
+                    r = run_bench(args.bench, s, extra, args.duration)
+                    results.setdefault((sc, s.name), []).append(r)
+                    print(f"# {sc} {label:24} {s.name:16} rep {rep + 1}: {r['ops_per_sec']:.0f} ops/s "
+                          f"cpu {r.get('server_cpu_us_per_op', float('nan')):.2f}us/op", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop()
+
+    def med(sc: str, name: str, key: str) -> Optional[float]:
+        vals = [r[key] for r in results.get((sc, name), []) if key in r]
+        return statistics.median(vals) if vals else None
+
+    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for sc in args.scenarios:
+        base_ops, base_cpu = med(sc, "memcached", "ops_per_sec"), med(sc, "memcached", "server_cpu_us_per_op")
+        for s in servers:
+            ops, cpu = med(sc, s.name, "ops_per_sec"), med(sc, s.name, "server_cpu_us_per_op")
+            p50, p99 = med(sc, s.name, "p50_us"), med(sc, s.name, "p99_us")
+            r_ops = f"{ops / base_ops:.2f}×" if ops and base_ops else "–"
+            r_cpu = f"{cpu / base_cpu:.2f}×" if cpu and base_cpu else "–"
+            print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {ops:,.0f} | {p50:.0f} | {p99:.0f} | "
+                  f"{cpu:.2f} | {r_ops} | {r_cpu} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
