@@ -44,6 +44,10 @@ struct Args {
     /// the server's process id, to report its CPU time per operation
     #[argh(option)]
     server_pid: Option<u32>,
+    /// instead of a load: hold this many idle connections and report the server's memory
+    /// (with --server-pid) and a new client's response time
+    #[argh(option)]
+    idle: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,9 @@ fn main() -> ExitCode {
         framing: a.framing,
         server_pid: a.server_pid,
     };
+    if let Some(n) = a.idle {
+        return idle(&cfg, n);
+    }
     let run = bench::preload(&cfg).and_then(|()| {
         bench::run(&cfg, |t, rate| {
             eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64())
@@ -84,6 +91,29 @@ fn main() -> ExitCode {
                 a.proto, a.conns, a.pipeline, a.ratio.get, a.ratio.set, r.ops_per_sec,
                 r.server_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
                 r.bench_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("store-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn idle(cfg: &BenchConfig, n: usize) -> ExitCode {
+    match bench::preload(cfg).and_then(|()| bench::hold_idle(cfg, n)) {
+        Ok(r) => {
+            let kib =
+                |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+            println!(
+                "{} idle connections: server RSS {} before, {} held; new client connect+lookup \
+                 median {:.0}us, worst {:.0}us",
+                r.held,
+                kib(r.rss_before_kib),
+                kib(r.rss_held_kib),
+                r.new_client_us[0],
+                r.new_client_us[1]
             );
             ExitCode::SUCCESS
         }

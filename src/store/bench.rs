@@ -481,6 +481,84 @@ pub fn run(
     })
 }
 
+/// What [`hold_idle`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleReport {
+    /// Connections held open.
+    pub held: usize,
+    /// The server's resident memory before opening them, KiB.
+    pub rss_before_kib: Option<u64>,
+    /// The server's resident memory while holding them, KiB.
+    pub rss_held_kib: Option<u64>,
+    /// Connect-and-lookup time of new clients while they are held: median and worst, µs.
+    pub new_client_us: [f64; 2],
+}
+
+/// Resident set size of process `pid`, KiB, from `/proc/PID/status`.
+pub fn process_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One lookup on a fresh connection; returns the connection (to hold) and the time taken.
+fn one_lookup(cfg: &BenchConfig, i: usize) -> Result<(TcpStream, Duration), BenchError> {
+    let began = Instant::now();
+    let s = TcpStream::connect(cfg.addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = Vec::new();
+    let mut payload = b"lookup,".to_vec();
+    payload.extend_from_slice(&key(i % cfg.keys));
+    encode_frame(cfg.framing, &payload, &mut req).expect("small frame");
+    (&s).write_all(&req)?;
+    let mut reader = FrameReader::new(&s, cfg.framing);
+    match reader.read_frame() {
+        Ok(Some(reply)) if reply.starts_with(b"{just,") => {}
+        Ok(other) => {
+            return Err(BenchError::Mismatch(format!(
+                "{:?}, expected {{just,...}}",
+                other.map(String::from_utf8_lossy)
+            )))
+        }
+        Err(e) => return Err(BenchError::Io(io::Error::other(e.to_string()))),
+    }
+    drop(reader);
+    Ok((s, began.elapsed()))
+}
+
+/// Opens `n` connections, each doing one lookup and then idling, and measures the server's
+/// memory and how fast a new client is answered while they are held.
+///
+/// # Errors
+/// When a connection fails or a reply is wrong.
+pub fn hold_idle(cfg: &BenchConfig, n: usize) -> Result<IdleReport, BenchError> {
+    let pid = cfg.server_pid;
+    let rss_before_kib = pid.and_then(process_rss_kib);
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        held.push(one_lookup(cfg, i)?.0);
+    }
+    // Let the newest connections' threads reach their idle read.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_held_kib = pid.and_then(process_rss_kib);
+    let mut times: Vec<f64> = (0..50)
+        .map(|i| one_lookup(cfg, i).map(|(_, t)| t.as_secs_f64() * 1e6))
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    drop(held);
+    Ok(IdleReport {
+        held: n,
+        rss_before_kib,
+        rss_held_kib,
+        new_client_us: [times[times.len() / 2], times[times.len() - 1]],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
