@@ -1,10 +1,17 @@
 //! The key-value state: a map of bytes to bytes, split into independently locked shards.
 //!
-//! Why shards of `RwLock<HashMap>`: every connection thread touches the map, and one lock
-//! would serialise them all; with 64 shards two threads meet on a lock only when their keys
-//! hash to the same shard, and lookups (the common case) share a read lock even then. Each
-//! lock is held for a hash-map operation and a copy, never across socket I/O: a lookup
+//! Why 64 shards of `RwLock<HashMap>`: every connection thread touches the map, and one
+//! lock would serialise them all; with 64 shards two threads meet on a lock only when their
+//! keys hash to the same shard, and lookups (the common case) share a read lock even then.
+//! Each lock is held for a hash-map operation and a copy, never across socket I/O: a lookup
 //! copies the value into the connection's output buffer under the read lock.
+//!
+//! Measured (`store-bench --conns 16 --pipeline 32`, GET-only and 1:1, 3 runs each, the
+//! lock-heaviest load we have): one `Mutex` shard, one `RwLock` shard and 64 `RwLock`
+//! shards all landed between 1.5 and 2.9 M ops/s and 0.31–0.56 µs of server CPU per
+//! operation, within the noise of this shared 2-core machine. With two cores there is
+//! little to contend; the shards are for machines with more, and cost nothing measurable
+//! here.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::hash::{BuildHasher, RandomState};
