@@ -410,3 +410,42 @@ fn help_and_bad_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("packet9"));
     let _ = python("store_client.py", &["--help"]).output().unwrap();
 }
+
+#[test]
+fn running_out_of_file_descriptors_is_survived() {
+    // 40 descriptors: the server starts with a handful open, so the rest run out first.
+    let server = ChildServer::start(
+        "prlimit",
+        &[
+            "--nofile=40",
+            SERVER,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-connections",
+            "1000",
+        ],
+    );
+    assert!(
+        server.log_text().contains("open-file limit is 40"),
+        "{}",
+        server.log_text()
+    );
+    let mut held: Vec<LineClient> = Vec::new();
+    for i in 0..60 {
+        let mut c = LineClient::connect(server.addr);
+        c.send(format!("store,k{i},v\n").as_bytes());
+        held.push(c);
+    }
+    common::eventually("accept to fail with EMFILE and be logged", || {
+        server.log_text().contains("accept failed")
+    });
+    // Freeing descriptors lets the backlog drain: the connections that waited in it are
+    // served once the server can accept them again.
+    let mut waited = held.split_off(55);
+    drop(held);
+    for c in &mut waited {
+        assert_eq!(c.ask("lookup,k0\n"), "{just,v}");
+    }
+    let mut fresh = LineClient::connect(server.addr);
+    assert_eq!(fresh.ask("lookup,k59\n"), "{just,v}");
+}
