@@ -6,7 +6,15 @@ use std::process::Command;
 #[test]
 fn interop_python_unit_tests_pass() {
     let out = Command::new("python3")
-        .args(["-m", "unittest", "discover", "-s", "interop", "-p", "test_*.py"])
+        .args([
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            "interop",
+            "-p",
+            "test_*.py",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("python3 is required for the interop tests (README: Requirements)");
