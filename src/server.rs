@@ -132,6 +132,9 @@ pub struct ServerConfig {
     pub refusal: Vec<u8>,
     /// How long shutdown waits for connection threads to finish.
     pub shutdown_deadline: Duration,
+    /// Log the server's start and stop only in verbose mode: for servers a program starts
+    /// by the hundred (a remote channel's listener), where they are routine events.
+    pub quiet: bool,
 }
 
 impl ServerConfig {
@@ -145,6 +148,7 @@ impl ServerConfig {
             stack_size: 128 << 10,
             refusal: b"{error,too_many_connections}\n".to_vec(),
             shutdown_deadline: Duration::from_secs(5),
+            quiet: false,
         }
     }
 }
@@ -374,7 +378,7 @@ impl Server {
         // Closing the listener first frees the port and refuses newcomers during the drain.
         drop(listener);
         let report = drain(&handle, &config);
-        log_info!(
+        let stopped = format!(
             "{}: stopped ({} connections served, {} refused, {} threads joined, {} abandoned)",
             config.name,
             report.stats.accepted,
@@ -382,12 +386,21 @@ impl Server {
             report.joined,
             report.abandoned
         );
+        if config.quiet {
+            log_debug!("{stopped}");
+        } else {
+            log_info!("{stopped}");
+        }
         report
     }
 
     fn accept_until_stopped(&self) {
         let name = &self.config.name;
-        log_info!("{name}: listening on {}", self.handle.local);
+        if self.config.quiet {
+            log_debug!("{name}: listening on {}", self.handle.local);
+        } else {
+            log_info!("{name}: listening on {}", self.handle.local);
+        }
         let mut backoff = Duration::ZERO;
         loop {
             let accepted = self.listener.accept();

@@ -342,7 +342,7 @@ fn decode_record(data: &[u8]) -> Option<(Record<'_>, usize)> {
 }
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib), table-driven.
-fn crc32(bytes: &[u8]) -> u32 {
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut t = [0u32; 256];
         let mut i = 0;

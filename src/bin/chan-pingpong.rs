@@ -1,0 +1,87 @@
+//! Ping-pong over remote channels found through the store server (the name registry).
+
+use argh::FromArgs;
+use std::process::ExitCode;
+use switchboard::chan::{pingpong, Host, Node, NodeConfig};
+use switchboard::{log_info, server, store};
+
+/// Ping-pong between two processes over remote channels, found through the store server.
+#[derive(FromArgs)]
+struct Args {
+    /// the store server that keeps the names (default 127.0.0.1:65002)
+    #[argh(option, default = "store::DEFAULT_ADDR.into()")]
+    registry: String,
+    /// this node's address, written into its channels (default 127.0.0.1)
+    #[argh(option, default = "Host::Ip([127, 0, 0, 1].into())")]
+    advertise: Host,
+    #[argh(subcommand)]
+    role: Role,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Role {
+    Pong(Pong),
+    Ping(Ping),
+}
+
+/// Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N}.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "pong")]
+struct Pong {
+    /// the name to register
+    #[argh(positional)]
+    name: String,
+}
+
+/// Look NAME up, send COUNT pings, check the pongs, print round-trip percentiles.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "ping")]
+struct Ping {
+    /// the name to look up
+    #[argh(positional)]
+    name: String,
+    /// how many pings
+    #[argh(positional)]
+    count: usize,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    let Some(ip) = args.advertise.literal_ip() else {
+        log_info!(
+            "chan-pingpong: --advertise {}: not an IP address",
+            args.advertise
+        );
+        return ExitCode::FAILURE;
+    };
+    let node = Node::new(NodeConfig::advertising(ip));
+    let (stop, stopped) = crossbeam_channel::bounded(1);
+    let ok = match args.role {
+        Role::Pong(pong) => server::on_termination(move || {
+            let _ = stop.try_send(());
+        })
+        .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))
+        .and_then(|()| {
+            pingpong::run_pong(&node, &args.registry, &pong.name, &stopped)
+                .map_err(|e| format!("pong {}: {e}", pong.name))
+        })
+        .map(|report| log_info!("chan-pingpong: stopped; {report:?}")),
+        Role::Ping(ping) => pingpong::run_ping(&node, &args.registry, &ping.name, ping.count)
+            .map_err(|e| format!("ping {}: {e}", ping.name))
+            .and_then(|report| {
+                println!("ping {}: {report}", ping.name);
+                (report.failed == 0)
+                    .then_some(())
+                    .ok_or_else(|| "pings failed".into())
+            }),
+    };
+    node.shutdown();
+    match ok {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            log_info!("chan-pingpong: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

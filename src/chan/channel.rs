@@ -1,0 +1,306 @@
+//! [`Chan`]: one handle for a channel in this process (a bounded in-memory queue) or on
+//! another node (a host and port), read and written the same way.
+
+use super::protocol::{self, ReadReply};
+use super::value::remote_chan_term;
+use super::{ChanError, Host, Node, Value};
+use crate::framing::{FrameReader, Framing};
+use crate::term::Term;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Most of a listener's answer to a write that is kept for the error (there should be none).
+const MAX_WRITE_ANSWER: u64 = 4096;
+
+/// Channel ids, unique in the process, so two nodes in one process never share a key.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A channel. Cloning gives another handle to the same channel; equal handles name the
+/// same channel (a local one by identity, a remote one by host and port).
+#[derive(Clone)]
+pub struct Chan(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    Local(Arc<LocalChan>),
+    Remote(Arc<RemoteChan>),
+}
+
+/// A channel of this process: its queue, and the node that exports it when it leaves.
+pub(crate) struct LocalChan {
+    pub(crate) id: u64,
+    owner: Weak<Node>,
+    pub(crate) tx: Sender<Value>,
+    pub(crate) rx: Receiver<Value>,
+    /// Set once the owner has opened a port listener for it (see `Drop`).
+    pub(crate) exported: AtomicBool,
+}
+
+/// A channel on another node (or on this one, under an address not recognized as ours).
+struct RemoteChan {
+    host: Host,
+    port: u16,
+    /// The node that imported it: its settings, and the import of what `recv` reads.
+    node: Weak<Node>,
+}
+
+impl Drop for LocalChan {
+    /// The last handle is gone, so no message written to the port can ever be read: the
+    /// port listener is stopped and the port released.
+    fn drop(&mut self) {
+        if self.exported.load(Ordering::Acquire) {
+            if let Some(node) = self.owner.upgrade() {
+                node.retire(self.id);
+            }
+        }
+    }
+}
+
+impl Chan {
+    pub(crate) fn local(owner: Weak<Node>, capacity: usize) -> Chan {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        Chan(Kind::Local(Arc::new(LocalChan {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            owner,
+            tx,
+            rx,
+            exported: AtomicBool::new(false),
+        })))
+    }
+
+    pub(crate) fn remote(node: Weak<Node>, host: Host, port: u16) -> Chan {
+        Chan(Kind::Remote(Arc::new(RemoteChan { host, port, node })))
+    }
+
+    pub(crate) fn from_local(local: Arc<LocalChan>) -> Chan {
+        Chan(Kind::Local(local))
+    }
+
+    pub(crate) fn as_local(&self) -> Option<&Arc<LocalChan>> {
+        match &self.0 {
+            Kind::Local(local) => Some(local),
+            Kind::Remote(_) => None,
+        }
+    }
+
+    /// The channel as it crosses the network, `{remote_chan,Host,Port}`. A local channel
+    /// gets its port listener from the node that made it, now if it has none yet.
+    ///
+    /// # Errors
+    /// When the listener cannot be opened ([`ChanError::Listen`]) or the channel's node
+    /// has shut down ([`ChanError::NodeDown`]).
+    pub fn to_term(&self) -> Result<Term, ChanError> {
+        match &self.0 {
+            Kind::Remote(remote) => Ok(remote_chan_term(&remote.host, remote.port)),
+            Kind::Local(local) => {
+                let owner = local.owner.upgrade().ok_or(ChanError::NodeDown)?;
+                let port = owner.open_port(local)?;
+                Ok(remote_chan_term(&Host::Ip(owner.config().advertise), port))
+            }
+        }
+    }
+
+    /// Whether the channel's queue is in this process.
+    pub fn is_local(&self) -> bool {
+        self.as_local().is_some()
+    }
+
+    /// Host and port of a remote channel.
+    pub fn remote_addr(&self) -> Option<(&Host, u16)> {
+        match &self.0 {
+            Kind::Remote(remote) => Some((&remote.host, remote.port)),
+            Kind::Local(_) => None,
+        }
+    }
+
+    /// The queue of a local channel, to wait on it together with other channels
+    /// (`crossbeam_channel::select!`).
+    pub fn receiver(&self) -> Option<&Receiver<Value>> {
+        self.as_local().map(|local| &local.rx)
+    }
+
+    /// Writes one message.
+    ///
+    /// Locally the message is queued as is, channels and all; this blocks while the queue
+    /// is full. Remotely the message is exported (each local channel in it gets a port),
+    /// and one line `{remote_msg,Msg}` is sent on a connection of its own, as the course's
+    /// writers do: connect, send, close. The close is a half-close, and `send` returns
+    /// once the listener has closed its end too, that is once the message is in the
+    /// remote queue (waiting, like a local send, while that queue is full).
+    ///
+    /// # Errors
+    /// A remote channel that cannot be reached ([`ChanError::Unreachable`]); a failed or
+    /// timed-out write or wait ([`ChanError::Io`]: the message may or may not have
+    /// arrived); a listener that answered, which it does only to refuse
+    /// ([`ChanError::BadReply`]); a local channel in the message that cannot get a port
+    /// ([`ChanError::Listen`]); a node that has shut down ([`ChanError::NodeDown`]).
+    pub fn send(&self, msg: impl Into<Value>) -> Result<(), ChanError> {
+        match &self.0 {
+            Kind::Local(local) => local.tx.send(msg.into()).map_err(|_| ChanError::NodeDown),
+            Kind::Remote(remote) => remote.send(msg.into()),
+        }
+    }
+
+    /// Reads the next message, waiting as long as it takes.
+    ///
+    /// A remote channel is read with a `remote_read` request to its port listener.
+    ///
+    /// # Errors
+    /// For a remote channel, as [`Chan::send`], plus [`ChanError::BadReply`].
+    pub fn recv(&self) -> Result<Value, ChanError> {
+        match &self.0 {
+            Kind::Local(local) => local.rx.recv().map_err(|_| ChanError::NodeDown),
+            Kind::Remote(remote) => remote.recv(None),
+        }
+    }
+
+    /// Reads the next message, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`ChanError::Timeout`] when no message came in time; otherwise as [`Chan::recv`].
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Value, ChanError> {
+        match &self.0 {
+            Kind::Local(local) => local.rx.recv_timeout(timeout).map_err(|e| match e {
+                RecvTimeoutError::Timeout => ChanError::Timeout,
+                RecvTimeoutError::Disconnected => ChanError::NodeDown,
+            }),
+            Kind::Remote(remote) => remote.recv(Some(timeout)),
+        }
+    }
+}
+
+impl RemoteChan {
+    fn addr(&self) -> String {
+        match &self.host {
+            Host::Ip(ip) => SocketAddr::new(*ip, self.port).to_string(),
+            Host::Name(name) => format!("{name}:{}", self.port),
+        }
+    }
+
+    /// A connection to the port listener, with `TCP_NODELAY` and the node's timeouts.
+    fn connect(&self, node: &Node) -> Result<TcpStream, ChanError> {
+        let config = node.config();
+        let unreachable = |source| ChanError::Unreachable {
+            addr: self.addr(),
+            source,
+        };
+        let mut addrs: Vec<SocketAddr> = match self.host.literal_ip() {
+            Some(ip) => vec![SocketAddr::new(ip, self.port)],
+            None => (self.host.to_string(), self.port)
+                .to_socket_addrs()
+                .map_err(unreachable)?
+                .collect(),
+        };
+        // IPv4 first, as Erlang's gen_tcp (inet) would connect.
+        addrs.sort_by_key(SocketAddr::is_ipv6);
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, config.connect_timeout) {
+                Ok(stream) => {
+                    let setup = stream
+                        .set_nodelay(true)
+                        .and_then(|()| stream.set_write_timeout(Some(config.io_timeout)))
+                        .and_then(|()| stream.set_read_timeout(Some(config.io_timeout)));
+                    return match setup {
+                        Ok(()) => Ok(stream),
+                        Err(source) => Err(self.io_error(source)),
+                    };
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(unreachable(last))
+    }
+
+    fn io_error(&self, source: std::io::Error) -> ChanError {
+        ChanError::Io {
+            addr: self.addr(),
+            source,
+        }
+    }
+
+    fn node(&self) -> Result<Arc<Node>, ChanError> {
+        self.node.upgrade().ok_or(ChanError::NodeDown)
+    }
+
+    fn send(&self, msg: Value) -> Result<(), ChanError> {
+        let node = self.node()?;
+        let term = node.export(&msg)?;
+        let mut line = Vec::new();
+        protocol::write_msg(&term, &mut line);
+        let mut stream = self.connect(&node)?;
+        stream.write_all(&line).map_err(|e| self.io_error(e))?;
+        // The course's writer closes here. Half-closing and waiting for the listener to
+        // close in turn costs one wake-up and buys two things: the message is in the queue
+        // when `send` returns, so one sender's messages arrive in order however the
+        // listener's threads are scheduled; and a listener's `{error,...}` reaches us.
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| self.io_error(e))?;
+        let mut answer = Vec::new();
+        match (&stream).take(MAX_WRITE_ANSWER).read_to_end(&mut answer) {
+            Ok(_) if answer.is_empty() => Ok(()),
+            Ok(_) => Err(self.bad_reply(answer.trim_ascii_end())),
+            Err(e) => Err(self.io_error(e)),
+        }
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Result<Value, ChanError> {
+        let node = self.node()?;
+        let config = node.config();
+        let stream = self.connect(&node)?;
+        // The listener answers `timeout` itself; the socket only guards against a dead one.
+        let patience = timeout.map(|t| t.saturating_add(config.io_timeout));
+        stream
+            .set_read_timeout(patience)
+            .map_err(|e| self.io_error(e))?;
+        let mut request = Vec::new();
+        protocol::write_read(timeout, &mut request);
+        (&stream)
+            .write_all(&request)
+            .map_err(|e| self.io_error(e))?;
+        let mut reader = FrameReader::with_limits(&stream, Framing::Line, config.line_limits);
+        let line = match reader.read_frame() {
+            Ok(Some(line)) => line,
+            Ok(None) => return Err(self.bad_reply(b"connection closed")),
+            Err(crate::framing::FrameError::Io(e)) => return Err(self.io_error(e)),
+            Err(e) => return Err(self.bad_reply(e.to_string().as_bytes())),
+        };
+        match protocol::parse_read_reply(line, &config.term_limits) {
+            Some(ReadReply::Msg(term)) => Ok(node.import(term)),
+            Some(ReadReply::Timeout) => Err(ChanError::Timeout),
+            None => Err(self.bad_reply(line)),
+        }
+    }
+
+    fn bad_reply(&self, reply: &[u8]) -> ChanError {
+        ChanError::BadReply {
+            addr: self.addr(),
+            reply: String::from_utf8_lossy(reply).into_owned(),
+        }
+    }
+}
+
+impl PartialEq for Chan {
+    fn eq(&self, other: &Chan) -> bool {
+        match (&self.0, &other.0) {
+            (Kind::Local(a), Kind::Local(b)) => a.id == b.id,
+            (Kind::Remote(a), Kind::Remote(b)) => a.host == b.host && a.port == b.port,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Chan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::Local(local) => write!(f, "Chan(local #{})", local.id),
+            Kind::Remote(remote) => write!(f, "Chan(remote {})", remote.addr()),
+        }
+    }
+}

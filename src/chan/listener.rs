@@ -1,0 +1,301 @@
+//! A local channel's port listener: serves the lines of [`protocol`](super::protocol) on
+//! every connection, writing `{remote_msg,Msg}` into the channel in arrival order and
+//! answering remote reads.
+
+use super::protocol::{self, Request, RequestError};
+use super::{LocalChan, Node, NodeConfig, Value};
+use crate::framing::{self, FrameError, FrameReader, Framing};
+use crate::server::{Connection, HandlerError};
+use crate::{log_debug, log_info};
+use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+/// How often a listener thread blocked on its channel looks up to see whether the server
+/// is stopping or a remote reader has gone.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Serves one exported channel. Holds the channel and the node weakly: a listener never
+/// keeps either alive.
+pub(crate) struct Listener {
+    name: String,
+    chan: Weak<LocalChan>,
+    node: Weak<Node>,
+    intake: Intake,
+    line_limits: framing::Limits,
+    term_limits: crate::term::Limits,
+    io_timeout: Duration,
+}
+
+impl Listener {
+    pub(crate) fn new(
+        name: &str,
+        chan: Weak<LocalChan>,
+        node: Weak<Node>,
+        config: &NodeConfig,
+    ) -> Listener {
+        Listener {
+            name: name.to_owned(),
+            chan,
+            node,
+            intake: Intake::default(),
+            line_limits: config.line_limits,
+            term_limits: config.term_limits,
+            io_timeout: config.io_timeout,
+        }
+    }
+
+    /// Serves one connection until it closes: any number of lines, in order.
+    pub(crate) fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
+        let mut stream = &*conn.stream;
+        // A reader that stops reading cannot hold this thread for longer than this.
+        stream.set_write_timeout(Some(self.io_timeout))?;
+        let mut reader = FrameReader::with_limits(stream, Framing::Line, self.line_limits);
+        let mut out = Vec::new();
+        let mut first = true;
+        loop {
+            match reader.fill() {
+                Ok(true) => {}
+                Ok(false) => {
+                    conn.settle();
+                    if let Err(e) = reader.finish() {
+                        log_info!(
+                            "{}: connection {} from {}: {e}; that line was not applied",
+                            self.name,
+                            conn.id,
+                            conn.peer
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            if first {
+                // One-shot writers (the course's) use a connection per message: what an
+                // earlier connection carries goes into the channel first.
+                conn.wait_for_earlier();
+            }
+            let mut turn = None;
+            let fatal = loop {
+                let request = match reader.next_buffered() {
+                    Ok(Some(line)) => protocol::parse_request(line, &self.term_limits),
+                    Ok(None) => break None,
+                    Err(e) if e.is_recoverable() => Err(RequestError::TooLong),
+                    Err(e) => break Some(e),
+                };
+                match request {
+                    Ok(Request::Msg(msg)) => {
+                        if turn.is_none() {
+                            turn = self.intake.enter(&conn);
+                        }
+                        if turn.is_none() || !self.push(msg, &conn) {
+                            return Ok(()); // stopping
+                        }
+                    }
+                    Ok(Request::Read { timeout }) => {
+                        // Writers must get their turn while this reader waits.
+                        turn = None;
+                        conn.settle();
+                        if !send(&mut stream, &mut out)? {
+                            return Ok(());
+                        }
+                        if !self.answer_read(timeout, &conn, &mut out) {
+                            return Ok(());
+                        }
+                        if !send(&mut stream, &mut out)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        log_info!(
+                            "{}: connection {} from {}: {e}",
+                            self.name,
+                            conn.id,
+                            conn.peer
+                        );
+                        protocol::write_error(e.reason(), &mut out);
+                    }
+                }
+            };
+            drop(turn);
+            if first {
+                conn.settle();
+                first = false;
+            }
+            if !send(&mut stream, &mut out)? {
+                return Ok(());
+            }
+            if let Some(e) = fatal {
+                return Err(e.into());
+            }
+        }
+    }
+
+    /// Writes a message into the channel, waiting while the queue is full; `false` when
+    /// the server is stopping.
+    fn push(&self, msg: crate::term::Term, conn: &Connection) -> bool {
+        let (Some(node), Some(chan)) = (self.node.upgrade(), self.chan.upgrade()) else {
+            log_debug!("{}: channel gone; message dropped", self.name);
+            return true;
+        };
+        let mut value = node.import(msg);
+        drop(node);
+        loop {
+            match chan.tx.send_timeout(value, POLL) {
+                Ok(()) => return true,
+                Err(SendTimeoutError::Timeout(back)) if !conn.server.is_stopping() => {
+                    value = back;
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Appends the answer to a read: the next message, or `timeout`. `false` when there
+    /// is no one to answer (the reader left, the server is stopping, the channel is gone).
+    fn answer_read(&self, timeout: Option<Duration>, conn: &Connection, out: &mut Vec<u8>) -> bool {
+        let Some(chan) = self.chan.upgrade() else {
+            return false;
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let value: Value = loop {
+            let wait = deadline.map_or(POLL, |d| {
+                d.saturating_duration_since(Instant::now()).min(POLL)
+            });
+            match chan.rx.recv_timeout(wait) {
+                Ok(value) => break value,
+                Err(RecvTimeoutError::Disconnected) => return false,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                protocol::write_timeout(out);
+                return true;
+            }
+            // Taking a message for a reader that has gone would lose it.
+            if conn.server.is_stopping() || peer_closed(conn) {
+                return false;
+            }
+        };
+        let Some(node) = self.node.upgrade() else {
+            return false;
+        };
+        match node.export(&value) {
+            Ok(term) => protocol::write_msg(&term, out),
+            Err(e) => {
+                log_info!(
+                    "{}: cannot send a message to a remote reader: {e}",
+                    self.name
+                );
+                protocol::write_error("export_failed", out);
+            }
+        }
+        true
+    }
+}
+
+/// Writes and clears `out`; `Ok(false)` when the peer has gone away.
+fn send(stream: &mut &std::net::TcpStream, out: &mut Vec<u8>) -> io::Result<bool> {
+    if out.is_empty() {
+        return Ok(true);
+    }
+    let result = stream.write_all(out);
+    out.clear();
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_disconnect(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the peer has closed its end (or the socket failed), without blocking.
+fn peer_closed(conn: &Connection) -> bool {
+    let stream = &conn.stream;
+    if stream.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let closed = match stream.peek(&mut [0u8; 1]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    };
+    stream.set_nonblocking(false).is_err() || closed
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Hands the channel to one connection at a time, in accept order.
+///
+/// The framework's [`Connection::wait_for_earlier`] orders connections that settle
+/// promptly. A writer blocked on a full queue has not settled, and after the settle window
+/// a younger connection would overtake it. So a connection with messages enters the intake
+/// (by its id, which grows in accept order) *before* it settles, and pushes only when it
+/// is the oldest one waiting: order holds even under backpressure.
+#[derive(Default)]
+struct Intake {
+    state: Mutex<IntakeState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct IntakeState {
+    waiting: BTreeSet<u64>,
+    holder: Option<u64>,
+}
+
+/// The right to push into the channel; released on drop.
+struct Turn<'a> {
+    intake: &'a Intake,
+    id: u64,
+}
+
+impl Intake {
+    fn state(&self) -> MutexGuard<'_, IntakeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for `conn`'s turn; `None` when the server is stopping.
+    fn enter(&self, conn: &Connection) -> Option<Turn<'_>> {
+        let mut state = self.state();
+        state.waiting.insert(conn.id);
+        conn.settle();
+        loop {
+            if state.holder.is_none() && state.waiting.first() == Some(&conn.id) {
+                state.holder = Some(conn.id);
+                return Some(Turn {
+                    intake: self,
+                    id: conn.id,
+                });
+            }
+            if conn.server.is_stopping() {
+                state.waiting.remove(&conn.id);
+                self.changed.notify_all();
+                return None;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, POLL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut state = self.intake.state();
+        state.waiting.remove(&self.id);
+        state.holder = None;
+        self.intake.changed.notify_all();
+    }
+}

@@ -1,0 +1,191 @@
+//! The `chan-pingpong` demo: `pong` answers every `{ping,N,ReplyChan}` with `{pong,N}` on
+//! ReplyChan; `ping` sends pings, each with a reply channel of its own, and times the
+//! round trips.
+
+use super::{Chan, ChanError, Node, Value};
+use crate::log_info;
+use crossbeam_channel::{select, Receiver};
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+/// What `pong` did before it was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PongReport {
+    /// Pings answered.
+    pub answered: u64,
+    /// Messages that were not `{ping,N,ReplyChan}`.
+    pub ignored: u64,
+    /// Pongs that could not be delivered.
+    pub failed: u64,
+}
+
+/// `chan-pingpong pong NAME`: registers a new channel of `node` as `name` in the store
+/// server at `registry`, logs `listening on HOST:PORT` (its port), and answers pings until
+/// `stop` receives.
+///
+/// # Errors
+/// When the name cannot be registered.
+pub fn run_pong(
+    node: &Node,
+    registry: impl ToSocketAddrs,
+    name: &str,
+    stop: &Receiver<()>,
+) -> Result<PongReport, ChanError> {
+    let chan = node.chan();
+    super::register(registry, name, &chan)?;
+    let port = node.port_of(&chan).unwrap_or(0);
+    let ip = node.config().advertise;
+    log_info!("pong: {name} registered; listening on {ip}:{port}");
+    Ok(pong(&chan, stop))
+}
+
+/// `chan-pingpong ping NAME COUNT`: looks `name` up in the store server at `registry` and
+/// sends it `count` pings (see [`ping`]), waiting up to 10 s for each pong.
+///
+/// # Errors
+/// When the name cannot be looked up.
+pub fn run_ping(
+    node: &Node,
+    registry: impl ToSocketAddrs,
+    name: &str,
+    count: usize,
+) -> Result<PingReport, ChanError> {
+    let target = super::lookup(node, registry, name)?;
+    Ok(ping(node, &target, count, Duration::from_secs(10)))
+}
+
+/// Answers pings read from the local channel `chan` until `stop` receives (or its sender
+/// is dropped). A remote `chan` is not served.
+pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
+    let mut report = PongReport::default();
+    let Some(rx) = chan.receiver() else {
+        return report;
+    };
+    loop {
+        let msg = select! {
+            recv(stop) -> _ => return report,
+            recv(rx) -> msg => match msg {
+                Ok(msg) => msg,
+                Err(_) => return report,
+            },
+        };
+        let ping = match msg.tagged() {
+            Some(("ping", [n, Value::Chan(reply)])) if n.as_int().is_some() => {
+                Some((n.clone(), reply))
+            }
+            _ => None,
+        };
+        let Some((n, reply)) = ping else {
+            log_info!("pong: ignoring {msg:?}");
+            report.ignored += 1;
+            continue;
+        };
+        match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
+            Ok(()) => report.answered += 1,
+            Err(e) => {
+                log_info!("pong: cannot answer: {e}");
+                report.failed += 1;
+            }
+        }
+    }
+}
+
+/// What `ping` measured.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PingReport {
+    /// Pings answered with the right `{pong,N}`.
+    pub passed: usize,
+    /// Pings not sent, not answered in time, or answered wrongly.
+    pub failed: usize,
+    /// Round trips of the passed pings, sorted, each from before the ping was written
+    /// (its reply channel's port listener opened) to its pong read.
+    pub round_trips: Vec<Duration>,
+}
+
+impl PingReport {
+    /// The round trip that `p` percent of pings beat or matched (nearest rank).
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let n = self.round_trips.len();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
+        Some(self.round_trips[rank - 1])
+    }
+}
+
+impl fmt::Display for PingReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} passed, {} failed", self.passed, self.failed)?;
+        let micros = |p| self.percentile(p).map_or(0, |d| d.as_micros());
+        if !self.round_trips.is_empty() {
+            write!(
+                f,
+                "; round trip p50 {} us, p90 {} us, p99 {} us, max {} us",
+                micros(50.0),
+                micros(90.0),
+                micros(99.0),
+                micros(100.0)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends `count` pings to `target`, one at a time, each `{ping,N,ReplyChan}` with a new
+/// reply channel of `node`, and waits up to `timeout` for each `{pong,N}`.
+pub fn ping(node: &Node, target: &Chan, count: usize, timeout: Duration) -> PingReport {
+    let mut report = PingReport::default();
+    for n in 0..count as i64 {
+        let reply = node.chan();
+        let started = Instant::now();
+        let msg = Value::tuple(vec![
+            Value::atom("ping"),
+            Value::int(n),
+            Value::from(&reply),
+        ]);
+        let answer = target.send(msg).and_then(|()| reply.recv_timeout(timeout));
+        let elapsed = started.elapsed();
+        match answer {
+            Ok(pong) if pong == Value::tuple(vec![Value::atom("pong"), Value::int(n)]) => {
+                report.passed += 1;
+                report.round_trips.push(elapsed);
+            }
+            Ok(other) => {
+                log_info!("ping {n}: unexpected answer {other:?}");
+                report.failed += 1;
+            }
+            Err(e) => {
+                log_info!("ping {n}: {e}");
+                report.failed += 1;
+            }
+        }
+    }
+    report.round_trips.sort_unstable();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let report = PingReport {
+            passed: 10,
+            failed: 0,
+            round_trips: (1..=10).map(Duration::from_micros).collect(),
+        };
+        assert_eq!(report.percentile(50.0), Some(Duration::from_micros(5)));
+        assert_eq!(report.percentile(90.0), Some(Duration::from_micros(9)));
+        assert_eq!(report.percentile(99.0), Some(Duration::from_micros(10)));
+        assert_eq!(report.percentile(0.0), Some(Duration::from_micros(1)));
+        assert_eq!(PingReport::default().percentile(50.0), None);
+        assert_eq!(
+            report.to_string(),
+            "10 passed, 0 failed; round trip p50 5 us, p90 9 us, p99 10 us, max 10 us"
+        );
+        assert_eq!(PingReport::default().to_string(), "0 passed, 0 failed");
+    }
+}

@@ -1,0 +1,529 @@
+//! Remote channels end to end: local use without ports, channels that go out and come
+//! home, channels inside messages, the listener's exact bytes, failures as values, the
+//! registry through a real store server, and ping-pong between processes and languages.
+
+mod common;
+
+use common::{connect, eventually, run_checked, run_python, ChildServer, LineClient, IO_TIMEOUT};
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchboard::chan::{self, Chan, ChanError, Host, Node, NodeConfig, Value};
+use switchboard::framing::Framing;
+use switchboard::store::client::StoreClient;
+use switchboard::term;
+
+const STORE: &str = env!("CARGO_BIN_EXE_store-server");
+const PINGPONG: &str = env!("CARGO_BIN_EXE_chan-pingpong");
+
+fn node() -> Arc<Node> {
+    Node::new(NodeConfig::default())
+}
+
+fn atom(name: &str) -> Value {
+    Value::atom(name)
+}
+
+fn int(n: i64) -> Value {
+    Value::int(n)
+}
+
+fn localhost() -> Host {
+    Host::Ip(Ipv4Addr::LOCALHOST.into())
+}
+
+fn recv(chan: &Chan) -> Value {
+    chan.recv_timeout(IO_TIMEOUT).expect("a message")
+}
+
+/// `{remote_chan,{127,0,0,1},PORT}`
+fn remote_chan_text(port: u16) -> String {
+    format!("{{remote_chan,{{127,0,0,1}},{port}}}")
+}
+
+fn start_store() -> ChildServer {
+    ChildServer::start(STORE, &["--listen", "127.0.0.1:0"])
+}
+
+/// Waits until `name` is registered: a process may log its port before its entry lands.
+fn wait_registered(store: SocketAddr, name: &str) {
+    eventually(&format!("{name} registered"), || {
+        StoreClient::connect(store, Framing::Line)
+            .map(|mut c| c.lookup(name.as_bytes()).ok().flatten().is_some())
+            .unwrap_or(false)
+    });
+}
+
+#[test]
+fn local_use_opens_no_port() {
+    let node = node();
+    let requests = node.chan();
+    let reply = node.chan();
+    let msg = Value::tuple(vec![atom("req"), int(1), Value::from(&reply)]);
+    requests.send(msg.clone()).unwrap();
+    let got = recv(&requests);
+    assert_eq!(got, msg);
+    let Some(("req", [_, Value::Chan(back)])) = got.tagged() else {
+        panic!("{got:?}");
+    };
+    assert!(back.is_local());
+    back.send(Value::list(vec![Value::from(&requests)]))
+        .unwrap();
+    assert_eq!(recv(&reply), Value::list(vec![Value::from(&requests)]));
+    assert!(matches!(
+        reply.recv_timeout(Duration::from_millis(1)),
+        Err(ChanError::Timeout)
+    ));
+    assert_eq!(node.exported(), 0);
+    assert_eq!(node.port_of(&requests), None);
+    assert_eq!(node.port_of(&reply), None);
+}
+
+#[test]
+fn a_channel_goes_out_and_comes_home() {
+    let home = node();
+    let chan = home.chan();
+    let term = home.export(&Value::from(&chan)).unwrap();
+    let port = home.port_of(&chan).expect("exported once it left");
+    assert_eq!(term.to_string(), remote_chan_text(port));
+    assert_eq!(home.exported(), 1);
+    assert_eq!(
+        home.export(&Value::from(&chan)).unwrap(),
+        term,
+        "one port per channel"
+    );
+
+    for spelling in [
+        remote_chan_text(port),
+        format!("{{remote_chan,localhost,{port}}}"),
+    ] {
+        let back = home.import(term::parse(&spelling).unwrap());
+        let back = back.as_chan().expect("a channel");
+        assert!(back.is_local(), "{spelling}");
+        assert_eq!(back, &chan);
+        back.send(atom("through_memory")).unwrap();
+        assert_eq!(recv(&chan), atom("through_memory"));
+    }
+    assert_eq!(home.exported(), 1);
+
+    let away = node();
+    let there = away.import(term.clone());
+    let there = there.as_chan().unwrap();
+    assert!(!there.is_local());
+    assert_eq!(there.remote_addr(), Some((&localhost(), port)));
+    there.send(atom("over_the_wire")).unwrap();
+    assert_eq!(recv(&chan), atom("over_the_wire"));
+    assert_eq!(away.exported(), 0);
+
+    // Another address, or a port that is not ours, stays remote.
+    for other in [
+        format!("{{remote_chan,{{127,0,0,2}},{port}}}"),
+        format!("{{remote_chan,'example.org',{port}}}"),
+        remote_chan_text(if port == 1 { 2 } else { port - 1 }),
+    ] {
+        let value = home.import(term::parse(&other).unwrap());
+        assert!(!value.as_chan().unwrap().is_local(), "{other}");
+    }
+}
+
+#[test]
+fn channels_inside_a_tuple_inside_a_list_travel_and_come_home() {
+    let a = node();
+    let b = node();
+    let x = a.chan();
+    let y = a.chan();
+    let inbox = b.chan();
+    let inbox_at_a = a.import(b.export(&Value::from(&inbox)).unwrap());
+    let inbox_at_a = inbox_at_a.as_chan().unwrap();
+
+    let msg = Value::list(vec![
+        Value::tuple(vec![atom("reply"), Value::from(&x)]),
+        int(7),
+        Value::tuple(vec![Value::from(&y), Value::list(vec![Value::from(&x)])]),
+    ]);
+    let (px, py) = {
+        let text = a.export(&msg).unwrap().to_string();
+        let (px, py) = (a.port_of(&x).unwrap(), a.port_of(&y).unwrap());
+        let (rx, ry) = (remote_chan_text(px), remote_chan_text(py));
+        assert_eq!(text, format!("[{{reply,{rx}}},7,{{{ry},[{rx}]}}]"));
+        (px, py)
+    };
+    inbox_at_a.send(msg.clone()).unwrap();
+
+    let arrived = recv(&inbox);
+    let items = arrived.as_list().unwrap();
+    let x_at_b = items[0].as_tuple().unwrap()[1].as_chan().unwrap();
+    let y_at_b = items[2].as_tuple().unwrap()[0].as_chan().unwrap();
+    assert_eq!(x_at_b.remote_addr(), Some((&localhost(), px)));
+    assert_eq!(y_at_b.remote_addr(), Some((&localhost(), py)));
+    assert_eq!(
+        items[2].as_tuple().unwrap()[1].as_list().unwrap()[0].as_chan(),
+        Some(x_at_b)
+    );
+
+    // Sent back to a, every channel in it is a's own again.
+    x_at_b.send(arrived.clone()).unwrap();
+    let home = recv(&x);
+    assert_eq!(home, msg);
+    let x_home = home.as_list().unwrap()[0].as_tuple().unwrap()[1]
+        .as_chan()
+        .unwrap();
+    assert!(x_home.is_local());
+    assert_eq!(a.exported(), 2);
+    assert_eq!(b.exported(), 1);
+}
+
+#[test]
+fn request_and_reply_with_a_reply_channel() {
+    let server = node();
+    let client = node();
+    let service = server.chan();
+    let service_at_client = client.import(server.export(&Value::from(&service)).unwrap());
+    let service_at_client = service_at_client.as_chan().unwrap().clone();
+    let worker = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let req = recv(&service);
+            let Some(("double", [Value::Int(n), Value::Chan(reply)])) = req.tagged() else {
+                panic!("{req:?}");
+            };
+            assert!(!reply.is_local());
+            reply
+                .send(Value::tuple(vec![atom("result"), int(n * 2)]))
+                .unwrap();
+        }
+    });
+    for n in [1, 21, -4] {
+        let reply = client.chan();
+        let req = Value::tuple(vec![atom("double"), int(n), Value::from(&reply)]);
+        service_at_client.send(req).unwrap();
+        assert_eq!(recv(&reply), Value::tuple(vec![atom("result"), int(n * 2)]));
+    }
+    worker.join().unwrap();
+}
+
+#[test]
+fn a_remote_write_is_one_course_line_then_close() {
+    let node = node();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = node.remote(localhost(), port);
+    let reply = node.chan();
+    let msg = Value::tuple(vec![
+        atom("hello"),
+        Value::list(vec![int(1), int(-2)]),
+        Value::str("x y"),
+        Value::from(&reply),
+    ]);
+    let writer = std::thread::spawn(move || target.send(msg));
+    let (mut stream, _) = listener.accept().unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).unwrap();
+    drop(stream); // a course listener closes once the writer has
+    writer.join().unwrap().unwrap();
+    let rport = node.port_of(&reply).unwrap();
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        format!(
+            "{{remote_msg,{{hello,[1,-2],\"x y\",{}}}}}\n",
+            remote_chan_text(rport)
+        )
+    );
+}
+
+#[test]
+fn the_listener_speaks_exact_bytes_and_survives_bad_lines() {
+    let node = node();
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    let mut c = LineClient::connect(addr);
+    assert_eq!(c.ask("{remote_msg,\n"), "{error,bad_term}");
+    assert_eq!(c.ask("hello\n"), "{error,unknown_request}");
+    assert_eq!(c.ask("{remote_msg,a,b}\n"), "{error,unknown_request}");
+    assert_eq!(c.ask("{remote_msg,<0.42.0>}\n"), "{error,unsupported}");
+    let deep = format!("{{remote_msg,{}{}}}\n", "[".repeat(80), "]".repeat(80));
+    assert_eq!(c.ask(&deep), "{error,too_deep}");
+    let long = format!("{{remote_msg,\"{}\"}}\n", "x".repeat(1 << 20));
+    assert_eq!(c.ask(&long), "{error,too_long}");
+    c.send(b"{remote_msg,{ok,\"still serving\"}}\r\n");
+    assert_eq!(
+        c.ask("remote_read\n"),
+        "{remote_msg,{ok,\"still serving\"}}"
+    );
+    assert_eq!(c.ask("{remote_read,0}\n"), "timeout");
+    c.send(b"{remote_msg,1}\n{remote_msg,2}\n{remote_read,5000}\n");
+    assert_eq!(c.line().unwrap(), b"{remote_msg,1}");
+    assert_eq!(recv(&chan), int(2));
+
+    // A one-shot writer, as the course's: connect, send, close.
+    let mut w = connect(addr);
+    std::io::Write::write_all(&mut w, b"{remote_msg,[104,105]}\n").unwrap();
+    drop(w);
+    assert_eq!(recv(&chan), Value::list(vec![int(104), int(105)]));
+    // A line cut off by a close is not applied.
+    let mut w = connect(addr);
+    std::io::Write::write_all(&mut w, b"{remote_msg,cut").unwrap();
+    drop(w);
+    c.send(b"{remote_msg,after}\n");
+    assert_eq!(recv(&chan), atom("after"));
+}
+
+#[test]
+fn remote_reads_bring_messages_and_channels_home() {
+    let a = node();
+    let b = node();
+    let queue = a.chan();
+    let at_b = b.import(queue.to_term().unwrap());
+    let at_b = at_b.as_chan().unwrap();
+    assert!(matches!(
+        at_b.recv_timeout(Duration::from_millis(30)),
+        Err(ChanError::Timeout)
+    ));
+    let mine = b.chan();
+    let theirs = a.chan();
+    at_b.send(Value::tuple(vec![Value::from(&mine), Value::from(&theirs)]))
+        .unwrap();
+    let read = at_b.recv_timeout(IO_TIMEOUT).unwrap();
+    let [m, t] = read.as_tuple().unwrap() else {
+        panic!("{read:?}");
+    };
+    assert!(m.as_chan().unwrap().is_local(), "b's own channel came home");
+    assert_eq!(m.as_chan(), Some(&mine));
+    assert_eq!(
+        t.as_chan().unwrap().remote_addr().unwrap().1,
+        a.port_of(&theirs).unwrap()
+    );
+
+    // A read that waits for its message.
+    let reader = {
+        let at_b = at_b.clone();
+        std::thread::spawn(move || at_b.recv())
+    };
+    queue.send(atom("later")).unwrap();
+    assert_eq!(reader.join().unwrap().unwrap(), atom("later"));
+}
+
+#[test]
+fn failures_are_values() {
+    let node = node();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let chan = node.remote(localhost(), dead);
+    let err = chan.send(atom("anyone")).unwrap_err();
+    assert!(matches!(err, ChanError::Unreachable { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{dead}")),
+        "{err}"
+    );
+    assert!(std::error::Error::source(&err).is_some());
+    assert!(matches!(
+        chan.recv_timeout(Duration::from_millis(10)),
+        Err(ChanError::Unreachable { .. })
+    ));
+    let named = node.remote(Host::Name("no-such-host.invalid".into()), 4000);
+    assert!(matches!(
+        named.send(int(1)),
+        Err(ChanError::Unreachable { .. })
+    ));
+
+    // Not a channel listener: the answer to a read is reported as it came.
+    let store = start_store();
+    let not_chan = node.remote(localhost(), store.addr.port());
+    match not_chan.recv_timeout(Duration::from_millis(10)) {
+        Err(ChanError::BadReply { reply, .. }) => assert_eq!(reply, "{error,unknown_verb}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A shut-down node's ports are closed, and it exports nothing more.
+    let local = node.chan();
+    local.to_term().unwrap();
+    let other = self::node();
+    let at_other = other.remote(localhost(), node.port_of(&local).unwrap());
+    at_other.send(int(1)).unwrap();
+    node.shutdown();
+    // Refused, as a rule; but other tests open and close listeners by the hundred, and
+    // one of them may have been given the freed port and reset this connection.
+    let after = at_other.send(int(2));
+    assert!(
+        matches!(
+            after,
+            Err(ChanError::Unreachable { .. } | ChanError::Io { .. })
+        ),
+        "{after:?}"
+    );
+    assert_eq!(node.port_of(&local), None);
+    assert!(matches!(node.chan().to_term(), Err(ChanError::NodeDown)));
+    assert_eq!(node.exported(), 0);
+}
+
+#[test]
+fn dropping_the_last_handle_closes_the_port() {
+    let node = node();
+    let chan = node.chan();
+    let copy = chan.clone();
+    chan.to_term().unwrap();
+    let port = node.port_of(&chan).unwrap();
+    drop(chan);
+    assert_eq!(node.port_of(&copy), Some(port), "a handle is left");
+    drop(copy);
+    assert_eq!(node.exported(), 0);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    eventually("the port to close", || {
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_err()
+    });
+}
+
+#[test]
+fn ten_thousand_messages_in_order_over_one_remote_channel() {
+    const N: i64 = 10_000;
+    let home = node();
+    let away = node();
+    let chan = home.chan();
+    let remote = away.import(chan.to_term().unwrap());
+    let remote = remote.as_chan().unwrap().clone();
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            remote.send(int(i))?;
+        }
+        Ok::<(), ChanError>(())
+    });
+    for i in 0..N {
+        assert_eq!(recv(&chan), int(i));
+    }
+    writer.join().unwrap().unwrap();
+    eprintln!("{N} remote writes in order in {:?}", started.elapsed());
+}
+
+#[test]
+fn registry_round_trip_through_a_real_store_server() {
+    let store = start_store();
+    let a = node();
+    let b = node();
+    let chan = a.chan();
+    chan::register(store.addr, "echo", &chan).unwrap();
+    let port = a.port_of(&chan).expect("registered, so exported");
+    let mut raw = LineClient::connect(store.addr);
+    assert_eq!(
+        raw.ask("lookup,echo\n"),
+        format!("{{just,{}}}", remote_chan_text(port))
+    );
+
+    let found = chan::lookup(&b, store.addr, "echo").unwrap();
+    assert_eq!(found.remote_addr(), Some((&localhost(), port)));
+    found.send(atom("via_registry")).unwrap();
+    assert_eq!(recv(&chan), atom("via_registry"));
+    let at_home = chan::lookup(&a, store.addr, "echo").unwrap();
+    assert!(at_home.is_local());
+    assert_eq!(at_home, chan);
+
+    // A remote channel registers as it is; a course client's entry is understood.
+    chan::register(store.addr, "again", &found).unwrap();
+    assert_eq!(raw.ask("lookup,again\n"), raw.ask("lookup,echo\n"));
+    raw.send(format!("store,course,{{remote_chan,localhost,{port}}}\n").as_bytes());
+    raw.ask("lookup,course\n"); // applied before another connection asks
+    assert_eq!(chan::lookup(&a, store.addr, "course").unwrap(), chan);
+
+    assert_eq!(
+        raw.ask("store,plain,{just,data}\nlookup,plain\n"),
+        "{just,{just,data}}"
+    );
+    assert!(matches!(
+        chan::lookup(&b, store.addr, "plain"),
+        Err(ChanError::NotAChan { value, .. }) if value == "{just,data}"
+    ));
+    assert!(matches!(
+        chan::lookup(&b, store.addr, "missing"),
+        Err(ChanError::NotRegistered(name)) if name == "missing"
+    ));
+    for bad in ["", "a,b", "a\nb"] {
+        assert!(matches!(
+            chan::register(store.addr, bad, &chan),
+            Err(ChanError::BadName(_))
+        ));
+    }
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert!(matches!(
+        chan::lookup(&b, dead, "echo"),
+        Err(ChanError::Registry(_))
+    ));
+    assert!(matches!(
+        chan::register(dead, "x", &chan),
+        Err(ChanError::Registry(_))
+    ));
+}
+
+#[test]
+fn two_pingpong_processes_through_the_registry() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let help = run_checked({
+        let mut cmd = std::process::Command::new(PINGPONG);
+        cmd.arg("--help");
+        cmd
+    });
+    assert!(
+        help.contains("pong") && help.contains("--registry"),
+        "{help}"
+    );
+
+    let mut pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "rusty"]);
+    wait_registered(store.addr, "rusty");
+    let out = run_checked({
+        let mut cmd = std::process::Command::new(PINGPONG);
+        cmd.args(["--registry", &registry, "ping", "rusty", "200"]);
+        cmd
+    });
+    assert!(
+        out.contains("200 passed, 0 failed; round trip p50 "),
+        "{out}"
+    );
+    assert!(pong.terminate(), "pong exits cleanly on SIGTERM");
+    assert!(
+        pong.log_text().contains("answered: 200"),
+        "{}",
+        pong.log_text()
+    );
+
+    let miss = std::process::Command::new(PINGPONG)
+        .args(["--registry", &registry, "ping", "nobody", "1"])
+        .output()
+        .unwrap();
+    assert!(!miss.status.success());
+    assert!(String::from_utf8_lossy(&miss.stderr).contains("no channel registered"));
+}
+
+#[test]
+fn python_pings_a_rust_pong() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let _pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "rust-pong"]);
+    wait_registered(store.addr, "rust-pong");
+    let out = run_python(
+        "chan.py",
+        &["--registry", &registry, "ping", "rust-pong", "100"],
+    );
+    assert!(out.contains("100 passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn rust_pings_a_python_pong() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let pong = ChildServer::start_python("chan.py", &["--registry", &registry, "pong", "py-pong"]);
+    let out = run_checked({
+        let mut cmd = std::process::Command::new(PINGPONG);
+        cmd.args(["--registry", &registry, "ping", "py-pong", "100"]);
+        cmd
+    });
+    assert!(out.contains("100 passed, 0 failed"), "{out}");
+    drop(pong);
+}
