@@ -11,6 +11,7 @@
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
+//! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
 //! - [`chan`]: channels that cross the network and come home (the course's RemoteChan), registry.
 //!
 //! Layers read top to bottom: bytes → frames → typed requests and replies (a `protocol`
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod chan;
+pub mod chat;
 pub mod framing;
 pub mod log;
 pub mod server;

@@ -1,0 +1,64 @@
+//! The chat server ("Chatty"): clients join, talk and leave; with `--join`, it becomes one
+//! of a federation of servers that relay every client event to each other.
+
+use argh::FromArgs;
+use std::process::ExitCode;
+use std::time::Duration;
+use switchboard::chat::{self, ChatConfig, ChatServer};
+use switchboard::log_info;
+use switchboard::server::on_termination;
+
+/// Serve the chat protocol ({client_join_req,Name}, {send,Name,Text}, ...), alone or
+/// federated with other chat servers.
+#[derive(FromArgs)]
+struct Args {
+    /// address to listen on (default 127.0.0.1:65003; port 0 picks one)
+    #[argh(option, default = "chat::DEFAULT_ADDR.into()")]
+    listen: String,
+    /// join the federation of the chat server at this address
+    #[argh(option)]
+    join: Option<String>,
+    /// refuse connections beyond this many live ones (default 10000)
+    #[argh(option, default = "10_000")]
+    max_connections: usize,
+    /// close a client connection idle for this many seconds (default: never)
+    #[argh(option)]
+    idle_timeout: Option<u64>,
+    /// lines a client may fall behind before it is disconnected (default 4096)
+    #[argh(option, default = "4096")]
+    outbox: usize,
+    /// log every connection, join and leave
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    switchboard::log::set_verbose(args.verbose);
+    let mut config = ChatConfig {
+        outbox: args.outbox,
+        ..ChatConfig::default()
+    };
+    config.server.max_connections = args.max_connections;
+    config.server.idle_timeout = args.idle_timeout.map(Duration::from_secs);
+    let server = match ChatServer::bind(&args.listen, config) {
+        Ok(server) => server,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
+    };
+    if let Some(peer) = &args.join {
+        if let Err(e) = server.join(peer) {
+            return fail(&format!("cannot join {peer}: {e}"));
+        }
+    }
+    let handle = server.handle();
+    if let Err(e) = on_termination(move || handle.shutdown()) {
+        return fail(&format!("cannot install the Ctrl-C handler: {e}"));
+    }
+    server.run();
+    ExitCode::SUCCESS
+}
+
+fn fail(message: &str) -> ExitCode {
+    log_info!("chat-server: {message}");
+    ExitCode::FAILURE
+}

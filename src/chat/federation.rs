@@ -1,0 +1,545 @@
+//! The federation: which servers are members, the links between them, and what happens
+//! when one goes. Failure model: servers crash (or leave) and links between live servers
+//! are reliable, as TCP is; the rules are exact under it.
+//!
+//! 1. **One-way links.** Every member dials every other member once and only writes on the
+//!    link it dialled (after reading the one welcome line); it only reads the links others
+//!    dialled to it. Two servers are joined by two links, one each way, so nobody has to
+//!    decide who dials, and each server's own events go out on one ordered link per peer.
+//! 2. **The member list** is this server and every server its outgoing link is up to.
+//!    Whenever it grows it goes to every peer (`{update_servers,..}`), and a server that
+//!    hears of one it does not know dials it. Lists are merged by union, minus the servers
+//!    known to be gone, so concurrent joins through different members converge: every new
+//!    server is heard of by everyone, in whatever order, and everyone dials it.
+//! 3. **A server is gone** when its incoming link ends (EOF, error or `{server_leave,..}`).
+//!    Its clients, the names it announced on that link, are announced leaving to local
+//!    clients, and its id is remembered as gone, so a stale list cannot bring it back. A
+//!    restarted server has a new incarnation: it is a new member.
+//! 4. **An outgoing link that fails** (write error, EOF, a full queue, a failed dial) with
+//!    an incoming link from the same server: that incoming link is half-closed, so the
+//!    peer sees us go, drops us and closes its link, and rule 3 then removes it here once
+//!    everything it sent has been read. Without an incoming link the peer is removed at once.
+//!
+//! A crash is never reported second-hand: every member has its own links to the crashed
+//! server and sees them end, so no server can be expelled on another's word.
+
+use super::hub::{self, Line, LineTx};
+use super::protocol::{self, Hello, PeerMessage, ProtocolError, ServerId, Welcome};
+use super::{encode, line_limits, Chat};
+use crate::framing::{FrameError, FrameReader, Framing};
+use crate::server::HandlerError;
+use crate::term::Term;
+use crate::{log_debug, log_info};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Servers one server links to, at most: each costs three threads and two sockets.
+const MAX_PEERS: usize = 256;
+/// Gone servers remembered, at most (a stale list naming an older one costs one failed dial).
+const MAX_GONE: usize = 4096;
+/// How long connecting to a server may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a server may take to answer `{server_hello,..}`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A link write blocked this long means the peer has stopped reading: the link fails.
+const LINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a link could not be opened.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The address resolved to nothing.
+    Resolve(String),
+    /// The address is this server's own.
+    Myself,
+    /// Connecting, writing or reading failed (refused, timed out, reset).
+    Io(io::Error),
+    /// The answer was not a line.
+    Frame(FrameError),
+    /// The answer was a line, but not a welcome.
+    Protocol(ProtocolError),
+    /// The server closed the connection without answering.
+    Closed,
+    /// The server answered `{error,Reason}`, or this server could not take the link.
+    Refused(String),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Resolve(addr) => write!(f, "{addr} resolves to no address"),
+            LinkError::Myself => f.write_str("that is this server's own address"),
+            LinkError::Io(e) => write!(f, "{e}"),
+            LinkError::Frame(e) => write!(f, "bad answer: {e}"),
+            LinkError::Protocol(e) => write!(f, "bad answer: {e}"),
+            LinkError::Closed => f.write_str("closed without answering"),
+            LinkError::Refused(reason) => write!(f, "refused: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LinkError::Io(e) => Some(e),
+            LinkError::Frame(e) => Some(e),
+            LinkError::Protocol(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        LinkError::Io(e)
+    }
+}
+
+/// The member list and the links, kept in the chat state under its lock.
+pub struct Federation {
+    me: ServerId,
+    peers: BTreeMap<ServerId, Peer>,
+    gone: VecDeque<ServerId>,
+    leaving: bool,
+}
+
+struct Peer {
+    out: Out,
+    /// The link this peer dialled to us, which we read.
+    incoming: Option<Arc<TcpStream>>,
+    /// The clients on that server, as announced on its link.
+    roster: BTreeSet<String>,
+}
+
+/// The state of our link to a peer.
+enum Out {
+    Dialing,
+    Up {
+        tx: LineTx,
+        stream: Arc<TcpStream>,
+    },
+    /// Failed while an incoming link lives on; the peer goes when that ends (rule 4).
+    Failed,
+}
+
+impl Federation {
+    pub fn new(me: ServerId) -> Federation {
+        Federation {
+            me,
+            peers: BTreeMap::new(),
+            gone: VecDeque::new(),
+            leaving: false,
+        }
+    }
+
+    /// This server and every server our link is up to, sorted.
+    pub fn members(&self) -> Vec<ServerId> {
+        let mut members: Vec<ServerId> = std::iter::once(&self.me)
+            .chain(
+                self.peers
+                    .iter()
+                    .filter(|(_, p)| matches!(p.out, Out::Up { .. }))
+                    .map(|(id, _)| id),
+            )
+            .cloned()
+            .collect();
+        members.sort();
+        members
+    }
+
+    /// A server at our own address is this one, or a predecessor that is gone.
+    fn is_gone(&self, id: &ServerId) -> bool {
+        id.addr == self.me.addr || self.gone.contains(id)
+    }
+
+    /// Takes in a member list; returns the servers to dial (now being dialled).
+    pub fn learn(&mut self, ids: &[ServerId]) -> Vec<ServerId> {
+        let mut new = Vec::new();
+        if self.leaving {
+            return new;
+        }
+        for id in ids {
+            if self.peers.contains_key(id) || self.is_gone(id) {
+                continue;
+            }
+            if self.peers.len() >= MAX_PEERS {
+                log_info!("chat: more than {MAX_PEERS} servers; not linking to {id}");
+                break;
+            }
+            self.peers.insert(id.clone(), Peer::new(None));
+            new.push(id.clone());
+        }
+        new
+    }
+
+    /// Registers the server reached by a join, whose link is about to go up.
+    ///
+    /// # Errors
+    /// The reason when it cannot be a member.
+    pub fn expect(&mut self, id: &ServerId) -> Result<(), &'static str> {
+        if self.leaving {
+            return Err("shutting_down");
+        }
+        if id.addr == self.me.addr {
+            return Err("same_address");
+        }
+        if self.gone.contains(id) {
+            return Err("server_gone");
+        }
+        if self.peers.contains_key(id) {
+            return Err("already_linked");
+        }
+        self.peers.insert(id.clone(), Peer::new(None));
+        Ok(())
+    }
+
+    /// Registers a link dialled to us; `Ok(true)` when its server is new and must be dialled.
+    ///
+    /// # Errors
+    /// The reason the link is refused, for `{error,Reason}`.
+    pub fn hello(&mut self, id: &ServerId, stream: Arc<TcpStream>) -> Result<bool, &'static str> {
+        if self.leaving {
+            return Err("shutting_down");
+        }
+        if id.addr == self.me.addr {
+            return Err("same_address");
+        }
+        if self.gone.contains(id) {
+            return Err("server_gone");
+        }
+        if let Some(peer) = self.peers.get_mut(id) {
+            if peer.incoming.is_some() {
+                return Err("duplicate_link");
+            }
+            peer.incoming = Some(stream);
+            return Ok(false);
+        }
+        if self.peers.len() >= MAX_PEERS {
+            return Err("too_many_servers");
+        }
+        self.peers.insert(id.clone(), Peer::new(Some(stream)));
+        Ok(true)
+    }
+
+    /// Whether `id` is a member whose link to us we are reading.
+    pub fn has_incoming(&self, id: &ServerId) -> bool {
+        self.peers.get(id).is_some_and(|p| p.incoming.is_some())
+    }
+
+    /// Makes our dialled link to `id` live; `false` when it is no longer wanted.
+    pub fn link_up(&mut self, id: &ServerId, tx: LineTx, stream: Arc<TcpStream>) -> bool {
+        if self.leaving {
+            return false;
+        }
+        match self.peers.get_mut(id) {
+            Some(peer) if matches!(peer.out, Out::Dialing) => {
+                peer.out = Out::Up { tx, stream };
+                self.report();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues `line` on every live link; a link whose queue is full or whose writer is gone
+    /// is pushed to `failed`.
+    pub fn relay(&mut self, line: &Line, failed: &mut Vec<(ServerId, Arc<TcpStream>)>) {
+        for (id, peer) in &self.peers {
+            if let Out::Up { tx, stream } = &peer.out {
+                if !tx.offer(Line::clone(line)) {
+                    log_info!("chat: the link to {id} is full or closed; dropping it");
+                    failed.push((id.clone(), Arc::clone(stream)));
+                }
+            }
+        }
+    }
+
+    /// Our link to `id` (the one on `stream`, or the dial when `None`) failed: rule 4.
+    /// Returns the clients that left with the server, if it is removed now.
+    pub fn link_failed(&mut self, id: &ServerId, stream: Option<&Arc<TcpStream>>) -> Vec<String> {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return Vec::new();
+        };
+        let current = match (&peer.out, stream) {
+            (Out::Up { stream: up, .. }, Some(failed)) => Arc::ptr_eq(up, failed),
+            (Out::Dialing, None) => true,
+            _ => false,
+        };
+        if !current {
+            return Vec::new();
+        }
+        let was_up = matches!(peer.out, Out::Up { .. });
+        if let Out::Up { stream, .. } = std::mem::replace(&mut peer.out, Out::Failed) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        if let Some(incoming) = &peer.incoming {
+            log_info!("chat: the link to {id} failed; closing its link to us");
+            let _ = incoming.shutdown(Shutdown::Write);
+            if was_up {
+                self.report();
+            }
+            return Vec::new();
+        }
+        self.remove(id, None)
+    }
+
+    /// Removes `id` (only if its incoming link is `incoming`, when given): closes both
+    /// links and returns its clients, who left with it.
+    pub fn remove(&mut self, id: &ServerId, incoming: Option<&Arc<TcpStream>>) -> Vec<String> {
+        let matches = match (self.peers.get(id), incoming) {
+            (None, _) => false,
+            (Some(peer), Some(ended)) => peer
+                .incoming
+                .as_ref()
+                .is_some_and(|mine| Arc::ptr_eq(mine, ended)),
+            (Some(_), None) => true,
+        };
+        let Some(peer) = self.peers.remove(id).filter(|_| matches) else {
+            return Vec::new();
+        };
+        if let Out::Up { stream, .. } = &peer.out {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        if let Some(incoming) = &peer.incoming {
+            let _ = incoming.shutdown(Shutdown::Both);
+        }
+        if self.gone.len() >= MAX_GONE {
+            self.gone.pop_front();
+        }
+        self.gone.push_back(id.clone());
+        log_info!(
+            "chat: server {id} is gone; {} of its clients leave",
+            peer.roster.len()
+        );
+        self.report();
+        peer.roster.into_iter().collect()
+    }
+
+    /// Records that client `name` of server `id` is there (`present`) or left.
+    pub fn roster(&mut self, id: &ServerId, name: &str, present: bool) {
+        if let Some(peer) = self.peers.get_mut(id) {
+            if present {
+                peer.roster.insert(name.to_owned());
+            } else {
+                peer.roster.remove(name);
+            }
+        }
+    }
+
+    /// The clients of every peer.
+    pub fn rosters(&self) -> impl Iterator<Item = &str> {
+        self.peers
+            .values()
+            .flat_map(|p| p.roster.iter().map(String::as_str))
+    }
+
+    /// Leaves: `{server_leave,Id}` goes last on every live link, whose writer then closes
+    /// it; links to us are shut down. Nothing is linked or accepted after this.
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        let bye = encode(|out| protocol::format_peer(&PeerMessage::Leave(self.me.clone()), out));
+        for (_, peer) in std::mem::take(&mut self.peers) {
+            if let Out::Up { tx, stream } = &peer.out {
+                tx.offer(Line::clone(&bye));
+                // Ends the watcher now, not when (or if) the peer closes its end.
+                let _ = stream.shutdown(Shutdown::Read);
+            }
+            // Dropping `tx` lets the writer send what is queued, the leave last, and close.
+            if let Some(incoming) = &peer.incoming {
+                let _ = incoming.shutdown(Shutdown::Both);
+            }
+        }
+        log_info!("chat: left the federation");
+    }
+
+    /// Logs the member list, as the seed's `[SERVER UPDATE]`.
+    fn report(&self) {
+        let addrs = self
+            .members()
+            .iter()
+            .map(|id| Term::str(&id.addr))
+            .collect();
+        log_info!("chat: [SERVER UPDATE] {}", Term::list(addrs));
+    }
+}
+
+impl Peer {
+    fn new(incoming: Option<Arc<TcpStream>>) -> Peer {
+        Peer {
+            out: Out::Dialing,
+            incoming,
+            roster: BTreeSet::new(),
+        }
+    }
+}
+
+/// Connects to `addr`, says hello and reads the answer; on a welcome, returns the link
+/// (now without a read timeout) and who answered.
+fn dial(addr: &str, hello: &Hello) -> Result<(TcpStream, ServerId), LinkError> {
+    let target = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| LinkError::Resolve(addr.to_owned()))?;
+    if target.to_string() == hello.from.addr {
+        return Err(LinkError::Myself);
+    }
+    let stream = TcpStream::connect_timeout(&target, DIAL_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(LINK_WRITE_TIMEOUT))?;
+    let mut line = Vec::new();
+    protocol::format_hello(hello, &mut line);
+    (&stream).write_all(&line)?;
+    // The acceptor writes nothing after its answer, so this reader buffers nothing more.
+    let mut reader = FrameReader::with_limits(&stream, Framing::Line, line_limits());
+    let answer = match reader.read_frame() {
+        Ok(Some(line)) => protocol::parse_welcome(line).map_err(LinkError::Protocol)?,
+        Ok(None) => return Err(LinkError::Closed),
+        Err(FrameError::Io(e)) => return Err(LinkError::Io(e)),
+        Err(e) => return Err(LinkError::Frame(e)),
+    };
+    match answer {
+        Welcome::Accepted(id) => {
+            stream.set_read_timeout(None)?;
+            Ok((stream, id))
+        }
+        Welcome::Refused(reason) => Err(LinkError::Refused(reason)),
+    }
+}
+
+/// Joins the federation `peer` belongs to: links to it; the rest follows from its list.
+pub(super) fn join(chat: &Chat, peer: &str) -> Result<ServerId, LinkError> {
+    let hello = Hello {
+        from: chat.me().clone(),
+        to: None,
+    };
+    let (stream, id) = dial(peer, &hello)?;
+    if let Err(reason) = chat.state().fed.expect(&id) {
+        return Err(LinkError::Refused(reason.to_owned()));
+    }
+    log_info!("chat: joining the federation through {id}");
+    let (link, who) = (chat.clone(), id.clone());
+    let name = format!("chat-link-{}", id.addr);
+    chat.spawn_tracked(name, move || serve_outgoing(link, who, stream));
+    Ok(id)
+}
+
+/// Dials `id` and serves the link until it ends.
+pub(super) fn run_outgoing(chat: Chat, id: ServerId) {
+    let hello = Hello {
+        from: chat.me().clone(),
+        to: Some(id.clone()),
+    };
+    match dial(&id.addr, &hello) {
+        Ok((stream, answered)) if answered == id => serve_outgoing(chat, id, stream),
+        Ok((stream, answered)) => {
+            log_info!("chat: {answered} answered for {id}; taking {id} as gone");
+            let _ = stream.shutdown(Shutdown::Both);
+            chat.link_failed(&id, None);
+        }
+        Err(e) => {
+            log_info!("chat: cannot link to {id}: {e}");
+            chat.link_failed(&id, None);
+        }
+    }
+}
+
+/// Writes our lines to `id` until the link is dropped, and watches it for EOF meanwhile.
+fn serve_outgoing(chat: Chat, id: ServerId, stream: TcpStream) {
+    let stream = Arc::new(stream);
+    let Some((rx, snapshot)) = chat.link_up(&id, &stream) else {
+        let _ = stream.shutdown(Shutdown::Both);
+        return;
+    };
+    let (watcher, who, watched) = (chat.clone(), id.clone(), Arc::clone(&stream));
+    chat.spawn_tracked(format!("chat-watch-{}", id.addr), move || {
+        watch(&watched);
+        watcher.link_failed(&who, Some(&watched));
+    });
+    let sent = (&*stream)
+        .write_all(&snapshot)
+        .and_then(|()| hub::drain(&rx, &stream));
+    match sent {
+        // The queue was closed: the peer was removed, or this server is leaving.
+        Ok(()) => {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        Err(e) => {
+            log_info!("chat: writing to {id} failed: {e}");
+            chat.link_failed(&id, Some(&stream));
+        }
+    }
+}
+
+/// Returns when the peer closes (or breaks) a link it is not meant to write on: a crashed
+/// peer is seen at once, not at our next write.
+fn watch(stream: &TcpStream) {
+    let mut buf = [0u8; 256];
+    loop {
+        match (&*stream).read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Serves a link another server dialled to us, from its hello until it ends.
+///
+/// # Errors
+/// When the answer to the hello cannot be written.
+pub(super) fn serve_incoming(
+    chat: &Chat,
+    hello: Hello,
+    stream: &Arc<TcpStream>,
+    mut reader: FrameReader<&TcpStream>,
+) -> Result<(), HandlerError> {
+    let id = hello.from;
+    let accepted = match &hello.to {
+        Some(to) if to != chat.me() => Err("wrong_server"),
+        _ => chat.hello(&id, stream),
+    };
+    let mut answer = Vec::new();
+    if let Err(reason) = accepted {
+        log_info!("chat: refused a link from {id}: {reason}");
+        protocol::format_error(reason, &mut answer);
+        (&**stream).write_all(&answer)?;
+        return Ok(());
+    }
+    protocol::format_welcome(chat.me(), &mut answer);
+    // A link is quiet while nobody talks: the idle timeout is for clients.
+    let opened = stream
+        .set_read_timeout(None)
+        .and_then(|()| (&**stream).write_all(&answer));
+    let ending = match opened {
+        Err(e) => e.to_string(),
+        Ok(()) => loop {
+            match reader.read_frame() {
+                Ok(Some(line)) => match protocol::parse_peer(line) {
+                    Ok(PeerMessage::Leave(who)) if who == id => break "it left".to_owned(),
+                    Ok(message) => {
+                        if !chat.peer_message(&id, message) {
+                            break "it was dropped".to_owned();
+                        }
+                    }
+                    Err(e) => log_info!("chat: {id} sent a bad line ({e}); ignored"),
+                },
+                Ok(None) => break "it closed".to_owned(),
+                Err(e) if e.is_recoverable() => {
+                    log_info!("chat: {id} sent an overlong line; ignored");
+                }
+                Err(e) => break e.to_string(),
+            }
+        },
+    };
+    log_debug!("chat: the link from {id} ended: {ending}");
+    chat.peer_gone(&id, stream);
+    Ok(())
+}

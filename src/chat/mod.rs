@@ -1,0 +1,568 @@
+//! The chat service ("Chatty", `chat-server`): clients join under a name and every message
+//! reaches every client; several servers can federate, each relaying its own clients'
+//! events to all the others. Every line is one Erlang term (see [`protocol`]).
+//!
+//! - [`protocol`]: requests, events and server-to-server messages, parsed and formatted; pure.
+//! - `hub`: the clients of this server and their bounded outboxes.
+//! - `federation`: the member list and the links between servers.
+//! - `session`: one client connection.
+//! - [`client`]: a blocking client (used by `chat-client`, `chat-bench`).
+//! - [`bench`](mod@bench): the fan-out benchmark behind `chat-bench`.
+//!
+//! # Message flow
+//!
+//! ```text
+//!  client ──line──▶ session ──┐                      ┌──▶ outbox ─▶ writer thread ─▶ client
+//!                             ├─▶ State (one lock) ──┼──▶ outbox ─▶ writer thread ─▶ client
+//!  peer ──link──▶ link reader ┘   hub + federation   └──▶ link queue ─▶ link writer ─▶ peer
+//! ```
+//!
+//! Every event this server handles passes through one lock, where it is queued, already
+//! encoded, to every local outbox and, when a local client caused it, to every outgoing
+//! link; no socket is written under the lock. Hence the ordering rules:
+//!
+//! - **Per-sender order.** A client's events enter the state in the order its session
+//!   reads them, and every queue, link and writer after that is FIFO.
+//! - **Exactly once.** An event is relayed only by the server its client is on, over the one
+//!   link that server has to each other member; an event that arrived over a link is given
+//!   to local clients only, never relayed again.
+//! - **Slow clients.** A client whose outbox is full has fallen a whole outbox behind: it is
+//!   disconnected and announced as leaving; nobody waits for it.
+//!
+//! Federation rules (membership, links, failures) are in `federation`'s documentation and
+//! in `interop/PROTOCOLS.md`.
+
+pub mod bench;
+pub mod client;
+mod federation;
+mod hub;
+pub mod protocol;
+mod session;
+
+pub use federation::LinkError;
+
+use crate::framing::{FrameReader, Framing, Limits};
+use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
+use crate::{log_debug, log_info};
+use crossbeam_channel::Receiver;
+use federation::Federation;
+use hub::{Hub, Line, Outbox};
+use protocol::{Event, Opening, PeerMessage, Refusal, ServerId};
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The chat server's default address: the course's chat port.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:65003";
+
+/// How a chat server behaves.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// The connection server underneath (name, connection cap, idle timeout).
+    pub server: ServerConfig,
+    /// Lines a client may fall behind before it is disconnected.
+    pub outbox: usize,
+    /// Lines a link to another server may fall behind before that server is dropped.
+    pub link_outbox: usize,
+}
+
+impl Default for ChatConfig {
+    /// 4,096 lines per client, on top of the socket's own buffers; 65,536 per link. Queues
+    /// are allocated as they fill, and a line queued for many clients is stored once.
+    fn default() -> Self {
+        ChatConfig {
+            server: ServerConfig::named("chat"),
+            outbox: 4096,
+            link_outbox: 1 << 16,
+        }
+    }
+}
+
+/// A bound chat server, ready to [`join`](ChatServer::join) a federation and to run.
+pub struct ChatServer {
+    server: Server,
+    chat: Chat,
+}
+
+impl ChatServer {
+    /// Binds `addr`. The server is known to other servers by this address (with an
+    /// unspecified IP such as `0.0.0.0`, by loopback and the port), and by a number new at
+    /// each start.
+    ///
+    /// # Errors
+    /// When the address cannot be resolved or bound.
+    pub fn bind(addr: impl ToSocketAddrs, config: ChatConfig) -> io::Result<ChatServer> {
+        let listener = TcpListener::bind(addr)?;
+        let local = listener.local_addr()?;
+        let me = ServerId {
+            addr: advertised(local).to_string(),
+            incarnation: incarnation(),
+        };
+        let chat = Chat::new(me, &config);
+        let handler = chat.clone();
+        let server = Server::from_listener(listener, config.server, move |c| handler.serve(c))?;
+        Ok(ChatServer { server, chat })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Who this server is to the others.
+    pub fn id(&self) -> &ServerId {
+        &self.chat.0.me
+    }
+
+    /// Joins the federation that the server at `peer` belongs to; the rest of the members
+    /// are found and linked in the background. Call before [`run`](ChatServer::run): the
+    /// members dial back, and wait in the listen backlog until the server runs.
+    ///
+    /// # Errors
+    /// When `peer` cannot be reached or refuses the link.
+    pub fn join(&self, peer: &str) -> Result<ServerId, LinkError> {
+        federation::join(&self.chat, peer)
+    }
+
+    /// A handle to stop the server or read its member list.
+    pub fn handle(&self) -> ChatHandle {
+        ChatHandle {
+            server: self.server.handle(),
+            chat: self.chat.clone(),
+        }
+    }
+
+    /// Serves until [`ChatHandle::shutdown`], then leaves the federation (if that was not
+    /// done already) and joins every link thread.
+    pub fn run(self) -> ServeReport {
+        let report = self.server.run();
+        self.chat.leave_federation();
+        self.chat.close();
+        report
+    }
+
+    /// Runs the server on a thread of its own.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn spawn(self) -> io::Result<RunningChat> {
+        let handle = self.handle();
+        let thread = thread::Builder::new()
+            .name("chat-main".into())
+            .spawn(move || self.run())?;
+        Ok(RunningChat {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A cloneable handle to a chat server.
+#[derive(Clone)]
+pub struct ChatHandle {
+    server: ServerHandle,
+    chat: Chat,
+}
+
+impl ChatHandle {
+    /// Leaves the federation gracefully (`{server_leave,Id}` on every link), then stops the
+    /// server. Returns at once; idempotent.
+    pub fn shutdown(&self) {
+        self.chat.leave_federation();
+        self.server.shutdown();
+    }
+
+    /// The member list: this server and every server it has a link to, sorted.
+    pub fn members(&self) -> Vec<ServerId> {
+        self.chat.state().fed.members()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+}
+
+/// A chat server running on its own thread; stopped when dropped.
+pub struct RunningChat {
+    handle: ChatHandle,
+    thread: Option<JoinHandle<ServeReport>>,
+}
+
+impl RunningChat {
+    /// The handle of the running server.
+    pub fn handle(&self) -> &ChatHandle {
+        &self.handle
+    }
+
+    /// Shuts the server down and waits for it.
+    pub fn stop(mut self) -> Option<ServeReport> {
+        self.handle.shutdown();
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+impl Drop for RunningChat {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.handle.shutdown();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What other servers dial: the bound address, with loopback for an unspecified IP.
+fn advertised(local: SocketAddr) -> SocketAddr {
+    let ip = match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, local.port())
+}
+
+/// Nanoseconds since 1970: different at every start of a server at one address.
+fn incarnation() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    u64::try_from(nanos).unwrap_or(u64::MAX) & (i64::MAX as u64)
+}
+
+/// Encodes one line with a `protocol::format_*` function.
+fn encode(format: impl FnOnce(&mut Vec<u8>)) -> Line {
+    let mut out = Vec::new();
+    format(&mut out);
+    Line::from(out)
+}
+
+/// The line limit every chat connection reads with.
+fn line_limits() -> Limits {
+    Limits {
+        max_line: protocol::MAX_LINE,
+        ..Limits::default()
+    }
+}
+
+/// The shared service: a cloneable handle to one server's state.
+#[derive(Clone)]
+struct Chat(Arc<Shared>);
+
+struct Shared {
+    me: ServerId,
+    outbox: usize,
+    link_outbox: usize,
+    state: Mutex<State>,
+    /// Link threads (dialers, writers, watchers), joined at close; finished ones are reaped
+    /// whenever a new one starts, so the list stays as long as the live links.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Everything that orders events: the local clients and the federation, under one lock.
+struct State {
+    hub: Hub,
+    fed: Federation,
+}
+
+/// One step of handling an event. Delivering an event can disconnect a client that fell
+/// behind (whose leave is another event) or break a link (whose server's clients then
+/// leave), so steps queue further steps instead of recursing.
+enum Work {
+    /// An event: to every local client, and to every peer when `relay` (a local client's).
+    Event { event: Event, relay: bool },
+    /// Send the member list to every peer.
+    Gossip,
+    /// An outgoing link (or the dial that would have made it) failed.
+    LinkFailed(ServerId, Option<Arc<TcpStream>>),
+    /// The incoming link from a peer ended: that server is gone.
+    PeerGone(ServerId, Arc<TcpStream>),
+}
+
+impl State {
+    fn run(&mut self, first: Work) {
+        let mut queue = VecDeque::from([first]);
+        while let Some(work) = queue.pop_front() {
+            match work {
+                Work::Event { event, relay } => {
+                    let line = encode(|out| protocol::format_event(&event, out));
+                    let mut dropped = Vec::new();
+                    self.hub.deliver(&line, &mut dropped);
+                    for name in dropped {
+                        log_info!("chat: {name} fell an outbox behind; disconnected");
+                        queue.push_back(Work::Event {
+                            event: Event::Leave(name),
+                            relay: true,
+                        });
+                    }
+                    if relay {
+                        self.relay(&line, &mut queue);
+                    }
+                }
+                Work::Gossip => {
+                    let members = PeerMessage::UpdateServers(self.fed.members());
+                    let line = encode(|out| protocol::format_peer(&members, out));
+                    self.relay(&line, &mut queue);
+                }
+                Work::LinkFailed(id, stream) => {
+                    let gone = self.fed.link_failed(&id, stream.as_ref());
+                    queue.extend(gone.into_iter().map(Work::remote_leave));
+                }
+                Work::PeerGone(id, stream) => {
+                    let gone = self.fed.remove(&id, Some(&stream));
+                    queue.extend(gone.into_iter().map(Work::remote_leave));
+                }
+            }
+        }
+    }
+
+    fn relay(&mut self, line: &Line, queue: &mut VecDeque<Work>) {
+        let mut failed = Vec::new();
+        self.fed.relay(line, &mut failed);
+        queue.extend(
+            failed
+                .into_iter()
+                .map(|(id, stream)| Work::LinkFailed(id, Some(stream))),
+        );
+    }
+}
+
+impl Work {
+    fn local(event: Event) -> Work {
+        Work::Event { event, relay: true }
+    }
+
+    /// The leave of a client of a server that is gone, for local clients only.
+    fn remote_leave(name: String) -> Work {
+        Work::Event {
+            event: Event::Leave(name),
+            relay: false,
+        }
+    }
+}
+
+impl Chat {
+    fn new(me: ServerId, config: &ChatConfig) -> Chat {
+        Chat(Arc::new(Shared {
+            state: Mutex::new(State {
+                hub: Hub::default(),
+                fed: Federation::new(me.clone()),
+            }),
+            me,
+            outbox: config.outbox.max(1),
+            link_outbox: config.link_outbox.max(1),
+            threads: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn me(&self) -> &ServerId {
+        &self.0.me
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Nothing under this lock panics on peer input; recover rather than cascade if it did.
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Serves one connection: its first line says whether it is a client or a server.
+    fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
+        let stream = Arc::clone(&conn.stream);
+        let mut reader = FrameReader::with_limits(&*stream, Framing::Line, line_limits());
+        let first = match reader.read_frame() {
+            Ok(None) => return Ok(()),
+            Ok(Some(line)) => protocol::parse_opening(line).map_err(Refusal::from),
+            Err(e) if e.is_recoverable() => Err(Refusal::LineTooLong),
+            Err(e) if e.is_timeout() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match first {
+            Ok(Opening::Server(id)) => federation::serve_incoming(self, id, &stream, reader),
+            Ok(Opening::Client(request)) => session::serve(self, &conn, reader, Ok(request)),
+            Err(refusal) => session::serve(self, &conn, reader, Err(refusal)),
+        }
+    }
+
+    /// Starts a thread whose handle is kept until [`Chat::close`].
+    fn spawn_tracked(&self, name: String, body: impl FnOnce() + Send + 'static) {
+        let mut threads = self
+            .0
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (done, live): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
+        *threads = live;
+        for thread in done {
+            let _ = thread.join();
+        }
+        match thread::Builder::new()
+            .name(name)
+            .stack_size(128 << 10)
+            .spawn(body)
+        {
+            Ok(thread) => threads.push(thread),
+            Err(e) => log_info!("chat: cannot start a link thread: {e}"),
+        }
+    }
+
+    /// Joins every link thread (after [`Chat::leave_federation`] closed the links).
+    fn close(&self) {
+        loop {
+            let threads = std::mem::take(
+                &mut *self
+                    .0
+                    .threads
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if threads.is_empty() {
+                return;
+            }
+            for thread in threads {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    // ---- clients ----
+
+    /// Joins `name`; `false` when the name is in use on this server.
+    fn join(&self, name: &str, outbox: Outbox) -> bool {
+        let mut state = self.state();
+        if !state.hub.join(name, outbox) {
+            return false;
+        }
+        log_debug!("chat: {name} joined");
+        state.run(Work::local(Event::Join(name.to_owned())));
+        true
+    }
+
+    /// Says `text` as `name`; `false` when connection `conn` is no longer joined as `name`
+    /// (it was disconnected for falling behind).
+    fn send(&self, name: &str, conn: u64, text: String) -> bool {
+        let mut state = self.state();
+        if !state.hub.is_joined(name, conn) {
+            return false;
+        }
+        state.run(Work::local(Event::Message {
+            name: name.to_owned(),
+            text,
+        }));
+        true
+    }
+
+    /// Removes `name` and tells everyone else; `false` when it was no longer joined.
+    fn leave(&self, name: &str, conn: u64) -> bool {
+        let mut state = self.state();
+        if state.hub.leave(name, conn).is_none() {
+            return false;
+        }
+        log_debug!("chat: {name} left");
+        state.run(Work::local(Event::Leave(name.to_owned())));
+        true
+    }
+
+    fn members(&self) -> Vec<ServerId> {
+        self.state().fed.members()
+    }
+
+    /// Every client this server knows of, here and on its peers, sorted (a name joined on
+    /// two servers is listed twice). A name is listed once its join has been handled
+    /// here, and so was given to every local client: a barrier for tests.
+    fn who(&self) -> Vec<String> {
+        let state = self.state();
+        let mut names: Vec<String> = state.hub.names().map(str::to_owned).collect();
+        names.extend(state.fed.rosters().map(str::to_owned));
+        names.sort();
+        names
+    }
+
+    // ---- servers ----
+
+    /// Registers a link `id` dialled to us, and dials back if `id` is new.
+    ///
+    /// # Errors
+    /// The reason the link is refused.
+    fn hello(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Result<(), &'static str> {
+        if self.state().fed.hello(id, Arc::clone(stream))? {
+            self.dial(id.clone());
+        }
+        Ok(())
+    }
+
+    /// Starts a link to `id` on a thread of its own.
+    fn dial(&self, id: ServerId) {
+        let chat = self.clone();
+        let name = format!("chat-link-{}", id.addr);
+        self.spawn_tracked(name, move || federation::run_outgoing(chat, id));
+    }
+
+    /// Makes the dialled link to `id` live; returns its queue and the lines to send before
+    /// anything queued (the clients already here), or `None` if the link is no longer
+    /// wanted. Registering and snapshotting under one lock is what lets the peer know of
+    /// every client exactly once: joined before (in the snapshot) or after (an event).
+    fn link_up(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Option<(Receiver<Line>, Vec<u8>)> {
+        let (tx, rx) = hub::queue(self.0.link_outbox);
+        let mut state = self.state();
+        if !state.fed.link_up(id, tx, Arc::clone(stream)) {
+            return None;
+        }
+        let mut snapshot = Vec::new();
+        for name in state.hub.names() {
+            protocol::format_peer(&PeerMessage::Present(name.to_owned()), &mut snapshot);
+        }
+        // The member list grew: everyone hears the new list, the new link included.
+        state.run(Work::Gossip);
+        Some((rx, snapshot))
+    }
+
+    fn link_failed(&self, id: &ServerId, stream: Option<&Arc<TcpStream>>) {
+        self.state()
+            .run(Work::LinkFailed(id.clone(), stream.map(Arc::clone)));
+    }
+
+    fn peer_gone(&self, id: &ServerId, stream: &Arc<TcpStream>) {
+        self.state()
+            .run(Work::PeerGone(id.clone(), Arc::clone(stream)));
+    }
+
+    /// Handles one line from the link of `from`; `false` once `from` is no longer a member.
+    fn peer_message(&self, from: &ServerId, message: PeerMessage) -> bool {
+        let mut state = self.state();
+        if !state.fed.has_incoming(from) {
+            return false;
+        }
+        match message {
+            PeerMessage::UpdateServers(ids) => {
+                let new = state.fed.learn(&ids);
+                drop(state);
+                for id in new {
+                    self.dial(id);
+                }
+            }
+            PeerMessage::Present(name) => state.fed.roster(from, &name, true),
+            PeerMessage::Event(event) => {
+                match &event {
+                    Event::Join(name) => state.fed.roster(from, name, true),
+                    Event::Leave(name) => state.fed.roster(from, name, false),
+                    Event::Message { .. } => {}
+                }
+                state.run(Work::Event {
+                    event,
+                    relay: false,
+                });
+            }
+            PeerMessage::Leave(id) => {
+                log_info!("chat: {from} sent a leave for {id}; ignored");
+            }
+        }
+        true
+    }
+
+    /// Sends `{server_leave,Id}` on every link and closes them all.
+    fn leave_federation(&self) {
+        self.state().fed.leave();
+    }
+}

@@ -1,0 +1,198 @@
+//! One client connection: requests are read here, on the connection's thread; replies and
+//! events reach the client through its outbox, drained by a writer thread of its own, so
+//! both come out in the order they were queued.
+
+use super::hub::{self, Line, LineTx, Outbox};
+use super::protocol::{self, ClientRequest, Refusal};
+use super::{encode, Chat};
+use crate::framing::{FrameError, FrameReader};
+use crate::server::{Connection, HandlerError};
+use crate::{log_debug, log_info};
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+/// A write to a client blocked this long means it has stopped reading: it is disconnected.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A writer thread only moves bytes from its queue to its socket.
+const WRITER_STACK: usize = 64 << 10;
+
+/// Serves a client whose first request (or refusal) has been read already.
+///
+/// # Errors
+/// When the writer thread cannot start, or the connection fails other than by closing.
+pub(super) fn serve(
+    chat: &Chat,
+    conn: &Connection,
+    mut reader: FrameReader<&TcpStream>,
+    first: Result<ClientRequest, Refusal>,
+) -> Result<(), HandlerError> {
+    let stream = &conn.stream;
+    stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
+    let (tx, rx) = hub::queue(chat.0.outbox);
+    let out = Arc::clone(stream);
+    let id = conn.id;
+    let writer = thread::Builder::new()
+        .name(format!("chat-out-{id}"))
+        .stack_size(WRITER_STACK)
+        .spawn(move || {
+            if let Err(e) = hub::drain(&rx, &out) {
+                log_debug!("chat: connection {id}: write failed: {e}");
+                // The reader sees the end too, and the session cleans up.
+                let _ = out.shutdown(Shutdown::Both);
+            }
+        })?;
+    let mut session = Session {
+        chat,
+        conn: conn.id,
+        stream,
+        tx,
+        name: None,
+    };
+    let outcome = session.run(&mut reader, first);
+    if let Some(name) = session.name.take() {
+        // Gone without a leave request: the others are told all the same.
+        chat.leave(&name, conn.id);
+    }
+    if outcome.is_err() {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    // Dropping the last sender lets the writer send what is queued (an `exit`) and end.
+    drop(session);
+    let _ = writer.join();
+    match outcome {
+        Err(e) if e.is_timeout() => {
+            log_debug!("chat: connection {id} idle; closed");
+            Ok(())
+        }
+        Err(FrameError::Io(e)) if is_disconnect(&e) => Ok(()),
+        other => other.map_err(Into::into),
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+struct Session<'a> {
+    chat: &'a Chat,
+    conn: u64,
+    stream: &'a Arc<TcpStream>,
+    tx: LineTx,
+    /// The name this connection joined as.
+    name: Option<String>,
+}
+
+/// Whether the connection goes on after a request.
+enum Flow {
+    Go,
+    Stop,
+}
+
+impl Session<'_> {
+    fn run(
+        &mut self,
+        reader: &mut FrameReader<&TcpStream>,
+        first: Result<ClientRequest, Refusal>,
+    ) -> Result<(), FrameError> {
+        let mut next = Some(first);
+        loop {
+            let request = match next.take() {
+                Some(request) => request,
+                None => match reader.read_frame() {
+                    Ok(Some(line)) => protocol::parse_client(line).map_err(Refusal::from),
+                    Ok(None) => return Ok(()),
+                    Err(e) if e.is_recoverable() => Err(Refusal::LineTooLong),
+                    Err(e) => return Err(e),
+                },
+            };
+            if let Flow::Stop = self.handle(request) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Result<ClientRequest, Refusal>) -> Flow {
+        let refusal = match request {
+            Err(refusal) => refusal,
+            Ok(ClientRequest::Join(name)) => {
+                if self.name.is_some() {
+                    Refusal::AlreadyJoined
+                } else if self.chat.join(&name, self.outbox()) {
+                    self.name = Some(name);
+                    return Flow::Go;
+                } else {
+                    Refusal::NameTaken
+                }
+            }
+            Ok(ClientRequest::Send { name, text }) => match self.check(&name) {
+                Err(refusal) => refusal,
+                Ok(()) if self.chat.send(&name, self.conn, text) => return Flow::Go,
+                // Disconnected for falling behind; its socket is shut down already.
+                Ok(()) => {
+                    self.name = None;
+                    return Flow::Stop;
+                }
+            },
+            Ok(ClientRequest::Leave(name)) => match self.check(&name) {
+                Err(refusal) => refusal,
+                Ok(()) => {
+                    self.name = None;
+                    if self.chat.leave(&name, self.conn) {
+                        // Removed first, so this is the last line queued for the client.
+                        self.tx.offer(encode(protocol::format_exit));
+                    }
+                    return Flow::Stop;
+                }
+            },
+            Ok(ClientRequest::Servers) => {
+                let members = self.chat.members();
+                return self.reply(encode(|out| protocol::format_servers(&members, out)));
+            }
+            Ok(ClientRequest::Who) => {
+                let names = self.chat.who();
+                return self.reply(encode(|out| protocol::format_clients(&names, out)));
+            }
+        };
+        self.reply(encode(|out| protocol::format_error(refusal.reason(), out)))
+    }
+
+    /// A send or leave must come from a joined connection, under its own name.
+    fn check(&self, name: &str) -> Result<(), Refusal> {
+        match &self.name {
+            None => Err(Refusal::NotJoined),
+            Some(mine) if mine != name => Err(Refusal::NotYourName),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn outbox(&self) -> Outbox {
+        Outbox {
+            conn: self.conn,
+            tx: self.tx.clone(),
+            stream: Arc::clone(self.stream),
+        }
+    }
+
+    /// Queues a reply behind whatever events are queued. A client that lets a whole
+    /// outbox of replies and events pile up is too far behind, as for events: it is
+    /// disconnected (and the session's end announces its leave).
+    fn reply(&self, line: Line) -> Flow {
+        if self.tx.offer(line) {
+            return Flow::Go;
+        }
+        log_info!(
+            "chat: connection {} fell an outbox behind; disconnected",
+            self.conn
+        );
+        let _ = self.stream.shutdown(Shutdown::Both);
+        Flow::Stop
+    }
+}

@@ -1,0 +1,564 @@
+//! The chat server and its federation, as child processes on port 0, spoken to in exact
+//! term lines: one server, three federated servers, a crash, a graceful leave and a
+//! restart, concurrent joins, slow and hostile clients, and the Python client in the mix.
+
+mod common;
+
+use common::{eventually, python, ChildServer, LineClient};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_chat-server");
+
+/// A chat server on a free port, with `args` after `--listen 127.0.0.1:0`.
+fn start(args: &[&str]) -> ChildServer {
+    let mut all = vec!["--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    ChildServer::start(SERVER, &all)
+}
+
+/// A server that joins the federation of `boot`.
+fn start_joining(boot: &ChildServer) -> ChildServer {
+    start(&["--join", &boot.addr.to_string()])
+}
+
+/// The `{servers,[...]}` line a server answers when its member list is exactly `servers`.
+fn member_line(servers: &[SocketAddr]) -> String {
+    let mut addrs: Vec<String> = servers.iter().map(|a| format!("\"{a}\"")).collect();
+    addrs.sort();
+    format!("{{servers,[{}]}}", addrs.join(","))
+}
+
+/// Waits until every one of `servers` lists exactly `servers` as members: from then on
+/// every server has a live link to every other.
+fn converge(servers: &[&ChildServer]) {
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+    let expected = member_line(&addrs);
+    for server in servers {
+        let mut last = String::new();
+        eventually(
+            &format!("{} to list {expected} (last: {last})", server.addr),
+            || {
+                last = LineClient::connect(server.addr).ask("servers\n");
+                last == expected
+            },
+        );
+    }
+}
+
+/// Three servers: B and C join through A.
+fn federation() -> [ChildServer; 3] {
+    let a = start(&[]);
+    let b = start_joining(&a);
+    let c = start_joining(&a);
+    converge(&[&a, &b, &c]);
+    [a, b, c]
+}
+
+/// Waits until each of `servers` has handled the joins of `names`: a client joining any of
+/// them from now on does not see those joins.
+fn settle(servers: &[&ChildServer], names: &[&str]) {
+    for server in servers {
+        let mut who = String::new();
+        eventually(
+            &format!("{} to know {names:?} ({who})", server.addr),
+            || {
+                who = LineClient::connect(server.addr).ask("who\n");
+                names.iter().all(|n| who.contains(&format!("\"{n}\"")))
+            },
+        );
+    }
+}
+
+/// Joins as `name` and reads the server's `{join,Name}` to this client.
+fn join(addr: SocketAddr, name: &str) -> LineClient {
+    let mut client = LineClient::connect(addr);
+    assert_eq!(
+        client.ask(&format!("{{client_join_req,\"{name}\"}}\n")),
+        format!("{{join,\"{name}\"}}")
+    );
+    client
+}
+
+fn next(client: &mut LineClient) -> String {
+    String::from_utf8(client.line().expect("a line")).unwrap()
+}
+
+/// Asserts the next lines of each client are exactly `lines`.
+fn expect(clients: &mut [&mut LineClient], lines: &[&str]) {
+    for client in clients.iter_mut() {
+        for line in lines {
+            assert_eq!(next(client), *line);
+        }
+    }
+}
+
+fn say(client: &mut LineClient, name: &str, text: &str) {
+    client.send(format!("{{send,\"{name}\",\"{text}\"}}\n").as_bytes());
+}
+
+#[test]
+fn three_clients_on_one_server_see_joins_messages_and_leaves() {
+    let server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut bob = join(server.addr, "bob");
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+    let mut carol = join(server.addr, "carol");
+    expect(&mut [&mut alice, &mut bob], &[r#"{join,"carol"}"#]);
+
+    say(&mut alice, "alice", "hello");
+    expect(
+        &mut [&mut alice, &mut bob, &mut carol],
+        &[r#"{message,"alice","hello"}"#],
+    );
+    // Names and texts as code lists or atoms, as Erlang clients write them.
+    bob.send(b"{send,[98,111,98],[104,105,33,10]}\n");
+    carol.send(b"{send,carol,howdy}\n");
+    for client in [&mut alice, &mut bob, &mut carol] {
+        let mut got = [next(client), next(client)];
+        got.sort();
+        assert_eq!(
+            got,
+            [r#"{message,"bob","hi!\n"}"#, r#"{message,"carol","howdy"}"#]
+        );
+    }
+
+    // Per-sender order, whoever reads.
+    for i in 0..200 {
+        say(&mut carol, "carol", &i.to_string());
+    }
+    for client in [&mut alice, &mut bob, &mut carol] {
+        for i in 0..200 {
+            assert_eq!(next(client), format!(r#"{{message,"carol","{i}"}}"#));
+        }
+    }
+
+    // A leave: the others are told, the leaver gets `exit` and the close.
+    bob.send(b"{client_leave_req,\"bob\"}\n");
+    assert_eq!(next(&mut bob), "exit");
+    bob.expect_closed();
+    expect(&mut [&mut alice, &mut carol], &[r#"{leave,"bob"}"#]);
+
+    // A dropped connection is a leave too.
+    drop(carol);
+    expect(&mut [&mut alice], &[r#"{leave,"carol"}"#]);
+    // The name is free again.
+    let _carol = join(server.addr, "carol");
+    expect(&mut [&mut alice], &[r#"{join,"carol"}"#]);
+}
+
+#[test]
+fn refused_requests_get_errors_and_the_connection_stays_open() {
+    let server = start(&[]);
+    let mut x = LineClient::connect(server.addr);
+    assert_eq!(x.ask("{send,\"x\",\"hi\"}\n"), "{error,not_joined}");
+    assert_eq!(x.ask("{client_leave_req,\"x\"}\n"), "{error,not_joined}");
+    assert_eq!(x.ask("hello world\n"), "{error,bad_term}");
+    assert_eq!(x.ask("{send,x,\"unterminated}\n"), "{error,bad_term}");
+    assert_eq!(x.ask("disconnect\n"), "{error,unknown_request}");
+    assert_eq!(x.ask("{frobnicate,1}\n"), "{error,unknown_request}");
+    assert_eq!(x.ask("{client_join_req,\"\"}\n"), "{error,bad_name}");
+    assert_eq!(x.ask("{client_join_req,42}\n"), "{error,bad_name}");
+    assert_eq!(x.ask("<0.80.0>\n"), "{error,unsupported}");
+    x.send(b"{send,x,\"\xff\"}\n");
+    assert_eq!(next(&mut x), "{error,invalid_utf8}");
+    // The seed's form, with a From the server ignores.
+    assert_eq!(
+        x.ask("{client_join_req,\"John\",{myserver,'server@127.0.0.1'}}\n"),
+        r#"{join,"John"}"#
+    );
+    assert_eq!(
+        x.ask("{client_join_req,\"Jim\"}\n"),
+        "{error,already_joined}"
+    );
+    assert_eq!(x.ask("{send,\"Jim\",\"spoof\"}\n"), "{error,not_your_name}");
+    assert_eq!(
+        x.ask("{client_leave_req,\"Jim\"}\n"),
+        "{error,not_your_name}"
+    );
+    let text = "y".repeat(4097);
+    assert_eq!(
+        x.ask(&format!("{{send,\"John\",\"{text}\"}}\n")),
+        "{error,text_too_long}"
+    );
+
+    let mut y = LineClient::connect(server.addr);
+    assert_eq!(x.ask("servers\n"), member_line(&[server.addr]));
+    assert_eq!(y.ask("{client_join_req,\"John\"}\n"), "{error,name_taken}");
+    assert_eq!(
+        x.ask("{send,\"John\",\"still here\"}\n"),
+        r#"{message,"John","still here"}"#
+    );
+}
+
+#[test]
+fn deep_and_overlong_lines_are_refused_and_everyone_else_goes_on() {
+    let server = start(&[]);
+    let mut hostile = join(server.addr, "hostile");
+    let mut bystander = join(server.addr, "bystander");
+    expect(&mut [&mut hostile], &[r#"{join,"bystander"}"#]);
+
+    // A million brackets: over the 64 KiB line limit, skipped without being buffered.
+    let mut deep = "[".repeat(1_000_000);
+    deep.push('\n');
+    assert_eq!(hostile.ask(&deep), "{error,line_too_long}");
+    // Nesting within the line limit stops at the depth limit.
+    let mut nested = "{".repeat(60_000);
+    nested.push('\n');
+    assert_eq!(hostile.ask(&nested), "{error,too_deep}");
+    let mut long = vec![b'a'; 2 << 20];
+    long.push(b'\n');
+    hostile.send(&long);
+    assert_eq!(next(&mut hostile), "{error,line_too_long}");
+
+    say(&mut bystander, "bystander", "unharmed");
+    expect(
+        &mut [&mut hostile, &mut bystander],
+        &[r#"{message,"bystander","unharmed"}"#],
+    );
+    say(&mut hostile, "hostile", "sorry");
+    expect(
+        &mut [&mut hostile, &mut bystander],
+        &[r#"{message,"hostile","sorry"}"#],
+    );
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_without_delaying_the_others() {
+    let server = start(&["--outbox", "64"]);
+    let _stalled = join(server.addr, "stalled");
+    let mut observer = join(server.addr, "observer");
+    let mut sender = join(server.addr, "sender");
+    expect(&mut [&mut observer], &[r#"{join,"sender"}"#]);
+
+    // The observer reads everything and reports when the stalled client is dropped.
+    let (dropped_tx, dropped_rx) = mpsc::channel();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&progress);
+    let watcher = thread::spawn(move || {
+        let mut seq = 0;
+        loop {
+            let line = next(&mut observer);
+            if line == r#"{leave,"stalled"}"# {
+                let _ = dropped_tx.send(seq);
+            } else if line.starts_with(r#"{message,"sender","#) {
+                let body = &line[r#"{message,"sender",""#.len()..line.len() - 2];
+                let (n, _) = body.split_once(' ').unwrap();
+                assert_eq!(n.parse::<usize>().unwrap(), seq, "order kept");
+                seq += 1;
+                seen.store(seq, Ordering::Release);
+                if body.ends_with("last") {
+                    return seq;
+                }
+            } else {
+                panic!("unexpected {line}");
+            }
+        }
+    });
+    // Sends 4 KiB messages in bursts well within an outbox (and reads its own back)
+    // until the stalled client's socket buffers and outbox are full and it is dropped.
+    let filler = "x".repeat(4000);
+    let mut sent = 0;
+    let dropped_at = loop {
+        // Paced by the observer: it must never fall an outbox behind itself.
+        eventually("the observer to keep up", || {
+            sent - progress.load(Ordering::Acquire) < 32
+        });
+        for _ in 0..16 {
+            say(&mut sender, "sender", &format!("{sent} {filler}"));
+            sent += 1;
+        }
+        for _ in 0..16 {
+            next(&mut sender);
+        }
+        if let Ok(at) = dropped_rx.try_recv() {
+            break at;
+        }
+        assert!(sent < 20_000, "the stalled client was never dropped");
+    };
+    say(&mut sender, "sender", &format!("{sent} last"));
+    assert_eq!(
+        watcher.join().unwrap(),
+        sent + 1,
+        "the observer missed nothing"
+    );
+    assert!(
+        dropped_at > 64,
+        "dropped only after a full outbox ({dropped_at})"
+    );
+}
+
+#[test]
+fn three_servers_deliver_every_event_once_in_each_senders_order() {
+    let [a, b, c] = federation();
+    let all = [&a, &b, &c];
+    let mut alice = join(a.addr, "alice");
+    settle(&all, &["alice"]);
+    let mut bob = join(b.addr, "bob");
+    settle(&all, &["bob"]);
+    let carol = join(c.addr, "carol");
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+    expect(&mut [&mut alice, &mut bob], &[r#"{join,"carol"}"#]);
+
+    const N: usize = 200;
+    let names = ["alice", "bob", "carol"];
+    let chatters: Vec<_> = [alice, bob, carol]
+        .into_iter()
+        .zip(names)
+        .map(|(mut client, name)| {
+            thread::spawn(move || {
+                for i in 0..N {
+                    say(&mut client, name, &i.to_string());
+                }
+                let mut seen = [0usize; 3];
+                while seen.iter().sum::<usize>() < 3 * N {
+                    let line = next(&mut client);
+                    let (who, i) = names
+                        .iter()
+                        .enumerate()
+                        .find_map(|(k, n)| {
+                            line.strip_prefix(&format!("{{message,\"{n}\",\""))
+                                .map(|rest| (k, rest.trim_end_matches("\"}").parse().unwrap()))
+                        })
+                        .unwrap_or_else(|| panic!("{name} got {line}"));
+                    assert_eq!(seen[who], i, "{name}: {} out of order", names[who]);
+                    seen[who] += 1;
+                }
+                client
+            })
+        })
+        .collect();
+    let mut clients: Vec<LineClient> = chatters.into_iter().map(|t| t.join().unwrap()).collect();
+    // Nothing more is pending: the next line anyone sees is the next event.
+    let mut carol = clients.pop().unwrap();
+    let mut bob = clients.pop().unwrap();
+    let mut alice = clients.pop().unwrap();
+    assert_eq!(alice.ask("{client_leave_req,alice}\n"), "exit");
+    expect(&mut [&mut bob, &mut carol], &[r#"{leave,"alice"}"#]);
+    drop(bob);
+    expect(&mut [&mut carol], &[r#"{leave,"bob"}"#]);
+}
+
+#[test]
+fn a_killed_server_is_dropped_and_its_clients_announced_as_leaving() {
+    let [a, mut b, c] = federation();
+    let all = [&a, &b, &c];
+    let mut alice = join(a.addr, "alice");
+    settle(&all, &["alice"]);
+    let mut bob = join(b.addr, "bob");
+    settle(&all, &["bob"]);
+    let mut bert = join(b.addr, "bert");
+    settle(&all, &["bert"]);
+    let mut carol = join(c.addr, "carol");
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#, r#"{join,"bert"}"#]);
+    expect(&mut [&mut bob], &[r#"{join,"bert"}"#]);
+    expect(
+        &mut [&mut alice, &mut bob, &mut bert],
+        &[r#"{join,"carol"}"#],
+    );
+    say(&mut bob, "bob", "before");
+    expect(
+        &mut [&mut alice, &mut bob, &mut bert, &mut carol],
+        &[r#"{message,"bob","before"}"#],
+    );
+
+    b.kill9();
+    for client in [&mut alice, &mut carol] {
+        let mut got = [next(client), next(client)];
+        got.sort();
+        assert_eq!(got, [r#"{leave,"bert"}"#, r#"{leave,"bob"}"#]);
+    }
+    converge(&[&a, &c]);
+    say(&mut alice, "alice", "after");
+    expect(
+        &mut [&mut alice, &mut carol],
+        &[r#"{message,"alice","after"}"#],
+    );
+    say(&mut carol, "carol", "still here");
+    expect(
+        &mut [&mut alice, &mut carol],
+        &[r#"{message,"carol","still here"}"#],
+    );
+    assert!(a.log_text().contains("[SERVER UPDATE]"));
+}
+
+#[test]
+fn a_server_that_leaves_is_dropped_and_a_restart_at_its_address_joins_again() {
+    let [a, b, mut c] = federation();
+    let mut alice = join(a.addr, "alice");
+    settle(&[&a, &b, &c], &["alice"]);
+    let mut carol = join(c.addr, "carol");
+    expect(&mut [&mut alice], &[r#"{join,"carol"}"#]);
+
+    assert!(c.terminate(), "Ctrl-C/SIGTERM exits cleanly");
+    expect(&mut [&mut alice], &[r#"{leave,"carol"}"#]);
+    carol.expect_closed();
+    converge(&[&a, &b]);
+
+    let (c_addr, b_addr) = (c.addr.to_string(), b.addr.to_string());
+    let again = ChildServer::start(SERVER, &["--listen", &c_addr, "--join", &b_addr]);
+    converge(&[&a, &b, &again]);
+    let mut carol = join(again.addr, "carol");
+    expect(&mut [&mut alice], &[r#"{join,"carol"}"#]);
+    say(&mut carol, "carol", "back");
+    expect(&mut [&mut alice], &[r#"{message,"carol","back"}"#]);
+}
+
+#[test]
+fn an_idle_client_is_dropped_but_an_idle_link_between_servers_is_not() {
+    let a = start(&[]);
+    let b = start(&["--idle-timeout", "1", "--join", &a.addr.to_string()]);
+    converge(&[&a, &b]);
+    let mut alice = join(a.addr, "alice");
+    settle(&[&a, &b], &["alice"]);
+    // Nothing goes from A to B while the idle client waits out its second.
+    let _idle = join(b.addr, "idle");
+    expect(
+        &mut [&mut alice],
+        &[r#"{join,"idle"}"#, r#"{leave,"idle"}"#],
+    );
+    converge(&[&a, &b]);
+    let mut late = join(b.addr, "late");
+    expect(&mut [&mut alice], &[r#"{join,"late"}"#]);
+    say(&mut alice, "alice", "still linked");
+    expect(
+        &mut [&mut alice, &mut late],
+        &[r#"{message,"alice","still linked"}"#],
+    );
+}
+
+#[test]
+fn servers_joining_through_different_members_at_once_converge() {
+    let a = start(&[]);
+    let b = start_joining(&a);
+    converge(&[&a, &b]);
+    let (c, d) = thread::scope(|s| {
+        let c = s.spawn(|| start_joining(&a));
+        let d = s.spawn(|| start_joining(&b));
+        (c.join().unwrap(), d.join().unwrap())
+    });
+    converge(&[&a, &b, &c, &d]);
+
+    let mut dave = join(d.addr, "dave");
+    settle(&[&a, &b, &c, &d], &["dave"]);
+    let mut carol = join(c.addr, "carol");
+    expect(&mut [&mut dave], &[r#"{join,"carol"}"#]);
+    say(&mut carol, "carol", "hi dave");
+    expect(&mut [&mut dave], &[r#"{message,"carol","hi dave"}"#]);
+}
+
+#[test]
+fn joining_through_an_address_where_nobody_listens_fails() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0", "--join", &free.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot join"), "{stderr}");
+}
+
+#[test]
+fn the_python_client_chats_with_rust_clients_across_servers() {
+    let [a, b, c] = federation();
+    let mut alice = join(a.addr, "alice");
+    settle(&[&a, &b, &c], &["alice"]);
+    let bob = join(b.addr, "bob");
+    settle(&[&a, &b, &c], &["bob"]);
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+
+    let port = c.addr.port().to_string();
+    let args = [
+        "--port",
+        &port,
+        "--name",
+        "py",
+        "--codes",
+        "--send-count",
+        "5",
+        "--expect",
+        "py=5",
+        "--expect",
+        "alice=5",
+        "--expect",
+        "bob=5",
+    ];
+    let py = python("chat_client.py", &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 is required for the interop tests");
+    // Alice and Bob talk once the Python client is in, and hear it out.
+    let talkers: Vec<_> = [(alice, "alice"), (bob, "bob")]
+        .into_iter()
+        .map(|(mut client, name)| {
+            thread::spawn(move || {
+                // Only py's own events are ordered with respect to each other; the other
+                // talker's messages may come first.
+                while next(&mut client) != r#"{join,"py"}"# {}
+                for i in 1..=5 {
+                    say(&mut client, name, &format!("{name} {i}"));
+                }
+                let mut from_py = 0;
+                loop {
+                    let line = next(&mut client);
+                    if line == r#"{leave,"py"}"# {
+                        return from_py;
+                    }
+                    if let Some(rest) = line.strip_prefix(r#"{message,"py","py "#) {
+                        from_py += 1;
+                        assert_eq!(rest, format!("{from_py}\"}}"), "{name}: py's order");
+                    }
+                }
+            })
+        })
+        .collect();
+    let out = py.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "chat_client.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    for talker in talkers {
+        assert_eq!(talker.join().unwrap(), 5);
+    }
+}
+
+#[test]
+fn the_chat_client_binary_prints_the_seeds_format() {
+    let server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args(["--addr", &server.addr.to_string(), "--name", "cli"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect(&mut [&mut alice], &[r#"{join,"cli"}"#]);
+    say(&mut alice, "alice", "hi cli");
+    // Only type once alice's message is in, so the output's order is fixed.
+    expect(&mut [&mut alice], &[r#"{message,"alice","hi cli"}"#]);
+    let mut stdin = cli.stdin.take().unwrap();
+    stdin.write_all(b"hello alice\nexit\n").unwrap();
+    drop(stdin);
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[JOIN] cli joined the chat\n[alice] hi cli\n[cli] hello alice\n[EXIT] left the chat\n"
+    );
+    expect(
+        &mut [&mut alice],
+        &[r#"{message,"cli","hello alice"}"#, r#"{leave,"cli"}"#],
+    );
+}
