@@ -39,14 +39,17 @@ fn converge(servers: &[&ChildServer]) {
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let expected = member_line(&addrs);
     for server in servers {
+        // The message is formatted before the first poll, so what the server last said is
+        // logged as it changes (shown on failure) rather than put in the message.
         let mut last = String::new();
-        eventually(
-            &format!("{} to list {expected} (last: {last})", server.addr),
-            || {
-                last = LineClient::connect(server.addr).ask("servers\n");
-                last == expected
-            },
-        );
+        eventually(&format!("{} to list {expected}", server.addr), || {
+            let now = LineClient::connect(server.addr).ask("servers\n");
+            if now != last {
+                eprintln!("{} lists {now}", server.addr);
+                last = now;
+            }
+            last == expected
+        });
     }
 }
 
@@ -63,14 +66,15 @@ fn federation() -> [ChildServer; 3] {
 /// them from now on does not see those joins.
 fn settle(servers: &[&ChildServer], names: &[&str]) {
     for server in servers {
-        let mut who = String::new();
-        eventually(
-            &format!("{} to know {names:?} ({who})", server.addr),
-            || {
-                who = LineClient::connect(server.addr).ask("who\n");
-                names.iter().all(|n| who.contains(&format!("\"{n}\"")))
-            },
-        );
+        let mut last = String::new();
+        eventually(&format!("{} to know {names:?}", server.addr), || {
+            let who = LineClient::connect(server.addr).ask("who\n");
+            if who != last {
+                eprintln!("{} knows {who}", server.addr);
+                last = who;
+            }
+            names.iter().all(|n| last.contains(&format!("\"{n}\"")))
+        });
     }
 }
 
@@ -551,6 +555,9 @@ fn the_chat_client_binary_prints_the_seeds_format() {
     let mut stdin = cli.stdin.take().unwrap();
     stdin.write_all(b"hello alice\nexit\n").unwrap();
     drop(stdin);
+    // The console reads without a timeout: a server that never answers the leave must
+    // fail this test, not hang it. (Its four lines fit in the pipe while we wait.)
+    eventually("chat-client to exit", || cli.try_wait().unwrap().is_some());
     let out = cli.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(

@@ -160,7 +160,9 @@ impl Listener {
         let Some(chan) = self.chan.upgrade() else {
             return false;
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // `{remote_read,Ms}` takes any Ms up to i64::MAX: a deadline past what an Instant can
+        // hold is no deadline, not a panic.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let value: Value = loop {
             let wait = deadline.map_or(POLL, |d| {
                 d.saturating_duration_since(Instant::now()).min(POLL)

@@ -172,6 +172,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, ClientError> {
     let started = epoch.elapsed();
     let mut slowest = 0;
     for seq in 0..config.messages {
+        let waiting = Instant::now();
         while seq >= slowest + config.window.max(1) {
             slowest = progress
                 .iter()
@@ -179,6 +180,13 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, ClientError> {
                 .min()
                 .unwrap_or(0);
             if seq >= slowest + config.window.max(1) {
+                // A receiver whose connection failed stops advancing for good: fail the
+                // run rather than wait for it forever.
+                if waiting.elapsed() > READ_TIMEOUT {
+                    return Err(ClientError::Unexpected(format!(
+                        "no receiver progress past message {slowest} in {READ_TIMEOUT:?}"
+                    )));
+                }
                 thread::sleep(Duration::from_micros(20));
             }
         }

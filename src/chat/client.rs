@@ -9,6 +9,10 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::Duration;
 
+/// How long connecting may take when no timeout is given: an unroutable address fails
+/// instead of hanging the console (or the benchmark) for the kernel's minutes of SYN retries.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What can go wrong for a client.
 #[derive(Debug)]
 pub enum ClientError {
@@ -81,17 +85,17 @@ pub struct ChatClient {
 
 impl ChatClient {
     /// Connects to `addr` and joins as `name`, returning once the server has announced the
-    /// join. `timeout` bounds every later read.
+    /// join. `timeout` bounds connecting (10 s when `None`) and every later read.
     ///
     /// # Errors
-    /// When the server cannot be reached, refuses the name (`{error,name_taken}`, ...), or
-    /// closes the connection.
+    /// When the server cannot be reached in time, refuses the name (`{error,name_taken}`,
+    /// ...), or closes the connection.
     pub fn join(
         addr: impl ToSocketAddrs,
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<ChatClient, ClientError> {
-        let stream = TcpStream::connect(addr)?;
+        let stream = super::connect(addr, timeout.unwrap_or(CONNECT_TIMEOUT))?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(timeout)?;
         let mut client = ChatClient {

@@ -33,12 +33,17 @@ use crate::{log_debug, log_info};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Servers one server links to, at most: each costs three threads and two sockets.
 const MAX_PEERS: usize = 256;
+/// Client names one peer's roster holds, at most. A real server announces one per client
+/// connection (10,000 by default); the cap stops a connection that merely says
+/// `{server_hello,..}` from growing this server's memory without bound, one
+/// `{present,Name}` line at a time.
+const MAX_ROSTER: usize = 1 << 16;
 /// Gone servers remembered, at most (a stale list naming an older one costs one failed dial).
 const MAX_GONE: usize = 4096;
 /// How long connecting to a server may take.
@@ -112,6 +117,8 @@ struct Peer {
     incoming: Option<Arc<TcpStream>>,
     /// The clients on that server, as announced on its link.
     roster: BTreeSet<String>,
+    /// Whether a name was refused for the roster being full (logged once per peer).
+    roster_full: bool,
 }
 
 /// The state of our link to a peer.
@@ -320,12 +327,18 @@ impl Federation {
 
     /// Records that client `name` of server `id` is there (`present`) or left.
     pub fn roster(&mut self, id: &ServerId, name: &str, present: bool) {
-        if let Some(peer) = self.peers.get_mut(id) {
-            if present {
-                peer.roster.insert(name.to_owned());
-            } else {
-                peer.roster.remove(name);
-            }
+        let Some(peer) = self.peers.get_mut(id) else {
+            return;
+        };
+        if !present {
+            peer.roster.remove(name);
+        } else if peer.roster.len() < MAX_ROSTER {
+            peer.roster.insert(name.to_owned());
+        } else if !peer.roster.contains(name) && !peer.roster_full {
+            // Such a name's events still reach local clients; only its leave when the
+            // server goes is not announced, and `who` does not list it.
+            peer.roster_full = true;
+            log_info!("chat: {id} announced more than {MAX_ROSTER} clients; not recording more");
         }
     }
 
@@ -375,6 +388,7 @@ impl Peer {
             out: Out::Dialing,
             incoming,
             roster: BTreeSet::new(),
+            roster_full: false,
         }
     }
 }
@@ -382,14 +396,14 @@ impl Peer {
 /// Connects to `addr`, says hello and reads the answer; on a welcome, returns the link
 /// (now without a read timeout) and who answered.
 fn dial(addr: &str, hello: &Hello) -> Result<(TcpStream, ServerId), LinkError> {
-    let target = addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| LinkError::Resolve(addr.to_owned()))?;
-    if target.to_string() == hello.from.addr {
+    let targets: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    if targets.is_empty() {
+        return Err(LinkError::Resolve(addr.to_owned()));
+    }
+    if targets.iter().any(|t| t.to_string() == hello.from.addr) {
         return Err(LinkError::Myself);
     }
-    let stream = TcpStream::connect_timeout(&target, DIAL_TIMEOUT)?;
+    let stream = super::connect(targets.as_slice(), DIAL_TIMEOUT)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(LINK_WRITE_TIMEOUT))?;
@@ -426,7 +440,11 @@ pub(super) fn join(chat: &Chat, peer: &str) -> Result<ServerId, LinkError> {
     log_info!("chat: joining the federation through {id}");
     let (link, who) = (chat.clone(), id.clone());
     let name = format!("chat-link-{}", id.addr);
-    chat.spawn_tracked(name, move || serve_outgoing(link, who, stream));
+    if let Err(e) = chat.spawn_tracked(name, move || serve_outgoing(link, who, stream)) {
+        // Undo `expect`, so the peer is not left `Dialing` for good.
+        chat.link_failed(&id, None);
+        return Err(LinkError::Io(e));
+    }
     Ok(id)
 }
 
@@ -458,7 +476,9 @@ fn serve_outgoing(chat: Chat, id: ServerId, stream: TcpStream) {
         return;
     };
     let (watcher, who, watched) = (chat.clone(), id.clone(), Arc::clone(&stream));
-    chat.spawn_tracked(format!("chat-watch-{}", id.addr), move || {
+    // Without a watcher (no thread to be had) the link still works; a crashed peer is then
+    // seen by its own link to us ending (rule 3), or by our next write failing.
+    let _ = chat.spawn_tracked(format!("chat-watch-{}", id.addr), move || {
         watch(&watched);
         watcher.link_failed(&who, Some(&watched));
     });
@@ -542,4 +562,33 @@ pub(super) fn serve_incoming(
     log_debug!("chat: the link from {id} ended: {ending}");
     chat.peer_gone(&id, stream);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(addr: &str) -> ServerId {
+        ServerId {
+            addr: addr.to_owned(),
+            incarnation: 1,
+        }
+    }
+
+    #[test]
+    fn a_peer_cannot_grow_its_roster_without_bound() {
+        let mut fed = Federation::new(id("127.0.0.1:1"));
+        let peer = id("127.0.0.1:2");
+        let new = fed.learn(std::slice::from_ref(&peer));
+        assert_eq!(new, std::slice::from_ref(&peer));
+        for n in 0..MAX_ROSTER + 10 {
+            fed.roster(&peer, &format!("c{n}"), true);
+        }
+        assert_eq!(fed.rosters().count(), MAX_ROSTER);
+        // Leaves still make room, and the names it holds leave with the server.
+        fed.roster(&peer, "c0", false);
+        fed.roster(&peer, "late", true);
+        assert!(fed.rosters().any(|n| n == "late"));
+        assert_eq!(fed.remove(&peer, None).len(), MAX_ROSTER);
+    }
 }

@@ -53,7 +53,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The chat server's default address: the course's chat port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:65003";
@@ -233,6 +233,20 @@ fn incarnation() -> u64 {
     u64::try_from(nanos).unwrap_or(u64::MAX) & (i64::MAX as u64)
 }
 
+/// Connects to the first of `addr`'s addresses that answers within `timeout` each, in the
+/// resolver's order: `localhost` often resolves to ::1 first, while servers listen on
+/// 127.0.0.1 by default.
+fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for addr in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Encodes one line with a `protocol::format_*` function.
 fn encode(format: impl FnOnce(&mut Vec<u8>)) -> Line {
     let mut out = Vec::new();
@@ -386,7 +400,10 @@ impl Chat {
     }
 
     /// Starts a thread whose handle is kept until [`Chat::close`].
-    fn spawn_tracked(&self, name: String, body: impl FnOnce() + Send + 'static) {
+    ///
+    /// # Errors
+    /// When the thread cannot be started (logged here).
+    fn spawn_tracked(&self, name: String, body: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let mut threads = self
             .0
             .threads
@@ -402,8 +419,14 @@ impl Chat {
             .stack_size(128 << 10)
             .spawn(body)
         {
-            Ok(thread) => threads.push(thread),
-            Err(e) => log_info!("chat: cannot start a link thread: {e}"),
+            Ok(thread) => {
+                threads.push(thread);
+                Ok(())
+            }
+            Err(e) => {
+                log_info!("chat: cannot start a link thread: {e}");
+                Err(e)
+            }
         }
     }
 
@@ -494,9 +517,16 @@ impl Chat {
 
     /// Starts a link to `id` on a thread of its own.
     fn dial(&self, id: ServerId) {
-        let chat = self.clone();
+        let (chat, to) = (self.clone(), id.clone());
         let name = format!("chat-link-{}", id.addr);
-        self.spawn_tracked(name, move || federation::run_outgoing(chat, id));
+        if self
+            .spawn_tracked(name, move || federation::run_outgoing(chat, to))
+            .is_err()
+        {
+            // As a failed dial: otherwise `id` would wait in `Dialing` forever, never a
+            // member and never removed.
+            self.link_failed(&id, None);
+        }
     }
 
     /// Makes the dialled link to `id` live; returns its queue and the lines to send before

@@ -55,6 +55,9 @@ impl From<io::Error> for ClientError {
     }
 }
 
+/// Connect and read timeout: a server that does not answer fails the call, not hangs it.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One connection to a store server.
 pub struct StoreClient {
     reader: FrameReader<TcpStream>,
@@ -64,14 +67,26 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
-    /// Connects, with `TCP_NODELAY` and a 10 s read timeout.
+    /// Connects (trying each address the name resolves to, 10 s each), with `TCP_NODELAY`
+    /// and a 10 s read timeout.
     ///
     /// # Errors
-    /// When the address cannot be reached.
+    /// When the name does not resolve or no address can be reached.
     pub fn connect(addr: impl ToSocketAddrs, framing: Framing) -> io::Result<StoreClient> {
-        let stream = TcpStream::connect(addr)?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
+        let mut connected = None;
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, TIMEOUT) {
+                Ok(s) => {
+                    connected = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let stream = connected.ok_or(last)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
         Ok(StoreClient {
             writer: stream.try_clone()?,
             reader: FrameReader::new(stream, framing),
