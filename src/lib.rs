@@ -11,6 +11,8 @@
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
+//! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
+//! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
 //! - [`chan`]: channels that cross the network and come home (the course's RemoteChan), registry.
 //!
@@ -23,8 +25,10 @@
 
 pub mod chan;
 pub mod chat;
+pub mod echo;
 pub mod framing;
 pub mod log;
+pub mod pipeline;
 pub mod server;
 pub mod store;
 pub mod term;

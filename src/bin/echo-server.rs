@@ -1,0 +1,76 @@
+//! `echo-server`: the echo server of seed 004, threaded or pipelined.
+
+use argh::FromArgs;
+use std::process::ExitCode;
+use std::time::Duration;
+use switchboard::echo::{EchoConfig, EchoServer, Mode, Transform, DEFAULT_ADDR};
+use switchboard::framing::Framing;
+use switchboard::server::{on_termination, ServerConfig};
+
+/// Echo server of seed 004: every message comes back, optionally upper-cased.
+#[derive(FromArgs)]
+struct Args {
+    /// address to listen on (default 127.0.0.1:12345; port 0 picks a free port)
+    #[argh(option, default = "DEFAULT_ADDR.to_owned()")]
+    listen: String,
+    /// line, ascii10 (default: the seed's message.py), u16 or u32
+    #[argh(option, default = "Framing::Ascii10")]
+    framing: Framing,
+    /// threaded (default: each connection's thread replies) or pipeline (readers → transform
+    /// workers → sender)
+    #[argh(option, default = "Mode::Threaded")]
+    mode: Mode,
+    /// none (default) or upper (Unicode upper case of UTF-8 messages)
+    #[argh(option, default = "Transform::None")]
+    transform: Transform,
+    /// transform threads in pipeline mode (default 2)
+    #[argh(option, default = "2", from_str_fn(at_least_one))]
+    workers: usize,
+    /// live connections beyond which new ones are refused (default 10000)
+    #[argh(option, default = "10_000", from_str_fn(at_least_one))]
+    max_connections: usize,
+    /// close a connection that sends nothing for this many seconds (default: never)
+    #[argh(option, from_str_fn(at_least_one))]
+    idle_timeout: Option<usize>,
+    /// log every connection and disconnection
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of at least 1, got {text:?}"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    switchboard::log::set_verbose(args.verbose);
+    let mut server = ServerConfig::named("echo");
+    server.max_connections = args.max_connections;
+    server.idle_timeout = args.idle_timeout.map(|s| Duration::from_secs(s as u64));
+    let echo = EchoConfig {
+        framing: args.framing,
+        mode: args.mode,
+        transform: args.transform,
+        workers: args.workers,
+        ..EchoConfig::default()
+    };
+    let server = match EchoServer::bind(&args.listen, server, echo) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("echo-server: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = server.handle();
+    if let Err(e) = on_termination(move || handle.shutdown()) {
+        eprintln!("echo-server: cannot install the Ctrl-C/SIGTERM handler: {e}");
+        return ExitCode::FAILURE;
+    }
+    server.run();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,445 @@
+//! The echo service of seed 004: every frame comes back, optionally upper-cased, either
+//! straight from the connection's own thread (`threaded`) or through the reader →
+//! transform → sender [`pipeline`](crate::pipeline) (`pipeline`). Also the client loop of
+//! `echo-client` ([`client`]) and the closed-loop benchmark of `echo-bench` ([`bench`]).
+
+pub mod bench;
+pub mod client;
+
+pub use bench::{bench, BenchConfig, BenchReport};
+pub use client::run_client;
+
+use crate::framing::{encode_frame, FrameError, FrameReader, FrameWriter, Framing, Limits};
+use crate::log_debug;
+use crate::log_info;
+use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
+use std::borrow::Cow;
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::str::FromStr;
+
+/// The seed's port.
+pub const DEFAULT_PORT: u16 = 12345;
+/// The seed's address, `127.0.0.1:12345`.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:12345";
+
+/// Where a reply is computed (`--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// On the connection's own thread: read frames, transform, write replies (seed Part 3).
+    #[default]
+    Threaded,
+    /// Reader threads → transform workers → sender → per-connection writers (seed Part 4).
+    Pipeline,
+}
+
+/// What happens to a payload on its way back (`--transform`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transform {
+    /// Echoed unchanged.
+    #[default]
+    None,
+    /// The seed's case converter: see [`upper`].
+    Upper,
+}
+
+/// A command-line word that names no mode or transform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownWord {
+    /// What was being parsed (`mode`, `transform`).
+    pub what: &'static str,
+    /// The word given.
+    pub word: String,
+    /// The words accepted.
+    pub expected: &'static str,
+}
+
+impl fmt::Display for UnknownWord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown {} {:?} (expected {})",
+            self.what, self.word, self.expected
+        )
+    }
+}
+
+impl std::error::Error for UnknownWord {}
+
+impl FromStr for Mode {
+    type Err = UnknownWord;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "threaded" => Ok(Mode::Threaded),
+            "pipeline" => Ok(Mode::Pipeline),
+            _ => Err(UnknownWord {
+                what: "mode",
+                word: s.to_owned(),
+                expected: "threaded or pipeline",
+            }),
+        }
+    }
+}
+
+impl FromStr for Transform {
+    type Err = UnknownWord;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Transform::None),
+            "upper" => Ok(Transform::Upper),
+            _ => Err(UnknownWord {
+                what: "transform",
+                word: s.to_owned(),
+                expected: "none or upper",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Threaded => "threaded",
+            Mode::Pipeline => "pipeline",
+        })
+    }
+}
+
+impl fmt::Display for Transform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transform::None => "none",
+            Transform::Upper => "upper",
+        })
+    }
+}
+
+/// The Unicode upper case of a UTF-8 payload (`straße` → `STRASSE`, as Python's
+/// `str.upper`); a payload that is not valid UTF-8 comes back unchanged.
+pub fn upper(payload: &[u8]) -> Cow<'_, [u8]> {
+    match std::str::from_utf8(payload) {
+        Ok(text) => Cow::Owned(text.to_uppercase().into_bytes()),
+        Err(_) => Cow::Borrowed(payload),
+    }
+}
+
+impl Transform {
+    /// The reply to `payload`.
+    pub fn apply(self, payload: &[u8]) -> Cow<'_, [u8]> {
+        match self {
+            Transform::None => Cow::Borrowed(payload),
+            Transform::Upper => upper(payload),
+        }
+    }
+
+    /// The reply to an owned `payload`, reusing it when it comes back unchanged.
+    pub fn apply_owned(self, payload: Vec<u8>) -> Vec<u8> {
+        match self {
+            Transform::None => payload,
+            Transform::Upper => match String::from_utf8(payload) {
+                Ok(text) => text.to_uppercase().into_bytes(),
+                Err(not_utf8) => not_utf8.into_bytes(),
+            },
+        }
+    }
+}
+
+/// How the echo service behaves.
+#[derive(Debug, Clone)]
+pub struct EchoConfig {
+    /// The wire framing (`ascii10` is the seed's `message.py`).
+    pub framing: Framing,
+    /// Threaded or pipeline.
+    pub mode: Mode,
+    /// What replies are made of.
+    pub transform: Transform,
+    /// Transform workers in pipeline mode.
+    pub workers: usize,
+    /// Frame limits; a frame over the limit closes its connection (echo has no error reply).
+    pub limits: Limits,
+}
+
+impl Default for EchoConfig {
+    /// The seed's server: `ascii10`, threaded, no transform, 2 workers if pipelined.
+    fn default() -> Self {
+        EchoConfig {
+            framing: Framing::Ascii10,
+            mode: Mode::Threaded,
+            transform: Transform::None,
+            workers: 2,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What an echo server reports when it has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EchoReport {
+    /// The server's own report.
+    pub server: ServeReport,
+    /// Pipeline stage threads joined (pipeline mode only).
+    pub pipeline_joined: Option<usize>,
+}
+
+/// A bound echo server, and in pipeline mode its pipeline.
+pub struct EchoServer {
+    name: String,
+    /// `pipeline mode (2 workers), ascii10 framing, transform upper`, for the log.
+    summary: String,
+    server: Server,
+    pipeline: Option<Pipeline>,
+}
+
+impl EchoServer {
+    /// Binds `addr` and, in pipeline mode, starts the pipeline's stages.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or a pipeline thread cannot be started.
+    pub fn bind(
+        addr: impl ToSocketAddrs,
+        server: ServerConfig,
+        echo: EchoConfig,
+    ) -> io::Result<EchoServer> {
+        EchoServer::from_listener(TcpListener::bind(addr)?, server, echo)
+    }
+
+    /// Serves an already-bound listener.
+    ///
+    /// # Errors
+    /// As [`EchoServer::bind`], apart from binding.
+    pub fn from_listener(
+        listener: TcpListener,
+        mut server: ServerConfig,
+        echo: EchoConfig,
+    ) -> io::Result<EchoServer> {
+        // A refused client should get its error in the framing it speaks.
+        let mut refusal = Vec::new();
+        if encode_frame(echo.framing, b"{error,too_many_connections}", &mut refusal).is_ok() {
+            server.refusal = refusal;
+        }
+        let EchoConfig {
+            framing,
+            transform,
+            limits,
+            ..
+        } = echo;
+        let summary = match echo.mode {
+            Mode::Threaded => format!("threaded mode, {framing} framing, transform {transform}"),
+            Mode::Pipeline => format!(
+                "pipeline mode ({} workers), {framing} framing, transform {transform}",
+                echo.workers.max(1)
+            ),
+        };
+        match echo.mode {
+            Mode::Threaded => {
+                let handler =
+                    move |conn: Connection| serve_threaded(&conn, framing, limits, transform);
+                Ok(EchoServer {
+                    name: server.name.clone(),
+                    summary,
+                    server: Server::from_listener(listener, server, handler)?,
+                    pipeline: None,
+                })
+            }
+            Mode::Pipeline => {
+                let mut config = PipelineConfig::new(&server.name, framing);
+                config.workers = echo.workers;
+                config.limits = limits;
+                let pipeline = Pipeline::start(config, move |p| transform.apply_owned(p))?;
+                let inlet = pipeline.inlet();
+                let handler = move |conn: Connection| inlet.serve(&conn);
+                Ok(EchoServer {
+                    name: server.name.clone(),
+                    summary,
+                    server: Server::from_listener(listener, server, handler)?,
+                    pipeline: Some(pipeline),
+                })
+            }
+        }
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// A handle to stop the server (from a signal handler, say).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until [`ServerHandle::shutdown`], then shuts the pipeline down behind the
+    /// server: the server's connection threads hold the pipeline's inlet, so the stages can
+    /// only end, in order, once those threads are joined.
+    pub fn run(self) -> EchoReport {
+        let name = self.name;
+        log_info!("{name}: {}", self.summary);
+        let server = self.server.run();
+        let pipeline_joined = self.pipeline.and_then(|pipeline| {
+            if server.abandoned > 0 {
+                // Their threads still hold the inlet; joining the stages would wait for them.
+                log_info!(
+                    "{name}: pipeline left running behind {} unfinished connections",
+                    server.abandoned
+                );
+                return None;
+            }
+            let joined = pipeline.shutdown();
+            log_info!("{name}: pipeline stopped ({joined} stage threads joined)");
+            Some(joined)
+        });
+        EchoReport {
+            server,
+            pipeline_joined,
+        }
+    }
+}
+
+/// The threaded echo: answers every frame a read delivered, then sends the answers in one
+/// write and blocks for more (so a pipelining client costs one `write` per batch).
+///
+/// # Errors
+/// A framing error (a bad header, a frame over the limit, a close mid-frame) or a failed
+/// read or write; a read timeout (an idle connection) is a normal end.
+pub fn serve_threaded(
+    conn: &Connection,
+    framing: Framing,
+    limits: Limits,
+    transform: Transform,
+) -> Result<(), HandlerError> {
+    let mut reader = FrameReader::with_limits(&*conn.stream, framing, limits);
+    let mut writer = FrameWriter::new(&*conn.stream, framing);
+    loop {
+        while let Some(frame) = reader.next_buffered()? {
+            writer.queue(&transform.apply(frame))?;
+        }
+        writer.flush()?;
+        match reader.fill() {
+            Ok(true) => {}
+            Ok(false) => return Ok(reader.finish()?),
+            Err(e) if e.is_timeout() => {
+                log_debug!("echo: connection {} idle; closing", conn.id);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Renders a payload for an error message: text as text, the rest escaped, long ones cut.
+pub(crate) fn describe(payload: &[u8]) -> String {
+    const SHOWN: usize = 40;
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(SHOWN)]);
+    if payload.len() > SHOWN {
+        format!("{text:?}... ({} bytes)", payload.len())
+    } else {
+        format!("{text:?}")
+    }
+}
+
+/// Everything that can end an echo client or a benchmark.
+#[derive(Debug)]
+pub enum EchoError {
+    /// The server could not be reached.
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Reading input, writing output, or the socket failed.
+    Io(io::Error),
+    /// A reply could not be read, or a message could not be framed.
+    Frame(FrameError),
+    /// The server closed the connection instead of replying.
+    Closed,
+    /// A reply was not the echo of its request.
+    Mismatch {
+        /// The connection (0-based) it arrived on.
+        conn: usize,
+        /// What was sent.
+        sent: Vec<u8>,
+        /// What came back.
+        got: Vec<u8>,
+    },
+}
+
+impl fmt::Display for EchoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EchoError::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
+            EchoError::Io(e) => write!(f, "i/o error: {e}"),
+            EchoError::Frame(e) => write!(f, "{e}"),
+            EchoError::Closed => {
+                f.write_str("the server closed the connection instead of replying")
+            }
+            EchoError::Mismatch { conn, sent, got } => write!(
+                f,
+                "connection {conn}: sent {}, got back {}",
+                describe(sent),
+                describe(got)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for EchoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            EchoError::Connect { source, .. } => Some(source),
+            EchoError::Io(e) => Some(e),
+            EchoError::Frame(e) => Some(e),
+            EchoError::Closed | EchoError::Mismatch { .. } => None,
+        }
+    }
+}
+
+impl From<io::Error> for EchoError {
+    fn from(e: io::Error) -> Self {
+        EchoError::Io(e)
+    }
+}
+
+impl From<FrameError> for EchoError {
+    fn from(e: FrameError) -> Self {
+        EchoError::Frame(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_parse_and_print() {
+        for m in [Mode::Threaded, Mode::Pipeline] {
+            assert_eq!(m.to_string().parse::<Mode>().unwrap(), m);
+        }
+        for t in [Transform::None, Transform::Upper] {
+            assert_eq!(t.to_string().parse::<Transform>().unwrap(), t);
+        }
+        let e = "queue".parse::<Mode>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown mode \"queue\" (expected threaded or pipeline)"
+        );
+        assert!("UPPER".parse::<Transform>().is_err());
+    }
+
+    #[test]
+    fn upper_is_unicode_aware_and_leaves_binary_alone() {
+        assert_eq!(&*upper(b"hello, World 1"), b"HELLO, WORLD 1");
+        assert_eq!(&*upper("straße ǆ é".as_bytes()), "STRASSE Ǆ É".as_bytes());
+        assert_eq!(&*upper(b"\xff\xfe not utf-8"), b"\xff\xfe not utf-8");
+        assert_eq!(&*upper(b""), b"");
+        for t in [Transform::None, Transform::Upper] {
+            for p in [&b"abc\n\x00"[..], b"\xc3", "ß".as_bytes()] {
+                assert_eq!(t.apply(p).into_owned(), t.apply_owned(p.to_vec()));
+            }
+        }
+    }
+}
