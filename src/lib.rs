@@ -15,6 +15,7 @@
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
 //! - [`chan`]: channels that cross the network and come home (the course's RemoteChan), registry.
+//! - [`peer`]: serverless chat: peers agree on the room through a leader, route messages by BFS.
 //!
 //! Layers read top to bottom: bytes → frames → typed requests and replies (a `protocol`
 //! module per service, pure functions) → state (a small cloneable handle) → the server
@@ -28,6 +29,7 @@ pub mod chat;
 pub mod echo;
 pub mod framing;
 pub mod log;
+pub mod peer;
 pub mod pipeline;
 pub mod server;
 pub mod store;

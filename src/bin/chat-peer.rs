@@ -1,0 +1,59 @@
+//! Serverless chat: a peer that is server, client and router at once. Without `--via` it
+//! starts a room; with `--via` it joins the room of that peer. Lines typed are sent to
+//! every member; `exit` or end of input leaves.
+
+use argh::FromArgs;
+use std::io;
+use std::process::ExitCode;
+use switchboard::log_info;
+use switchboard::peer::{Peer, PeerConfig};
+use switchboard::server::on_termination;
+
+/// Chat without a server: every line typed goes to every member of the room; messages,
+/// joins, leaves and the member list are printed as they happen.
+#[derive(FromArgs)]
+struct Args {
+    /// address to listen on for other peers (port 0 picks one)
+    #[argh(option)]
+    listen: String,
+    /// the name to chat under (letters, digits, '_', '-', '.')
+    #[argh(option)]
+    name: String,
+    /// join the room of the peer at this address (default: start a new room)
+    #[argh(option)]
+    via: Option<String>,
+    /// never link directly to the peer at this address; route through others (repeatable)
+    #[argh(option)]
+    no_direct: Vec<String>,
+    /// log every link that opens or closes
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    switchboard::log::set_verbose(args.verbose);
+    let config = PeerConfig {
+        listen: args.listen,
+        name: args.name,
+        via: args.via,
+        no_direct: args.no_direct,
+    };
+    let peer = match Peer::start(&config, Box::new(io::stdout())) {
+        Ok(peer) => peer,
+        Err(e) => return fail(&e),
+    };
+    let handle = peer.handle();
+    if let Err(e) = on_termination(move || handle.leave()) {
+        return fail(&e);
+    }
+    match peer.run(io::stdin()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    log_info!("chat-peer: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,880 @@
+//! Serverless chat (`chat-peer`): every peer is a server, a client and a router at once.
+//! Peers agree on who is in the room through a leader, and route each other's messages
+//! over the links they have, by breadth-first search.
+//!
+//! - [`protocol`]: the peer-to-peer messages, term lines, parsed and formatted; pure.
+//! - [`routing`]: link-state adverts and next hops by breadth-first search; pure.
+//! - [`node`]: one peer's state (members, links, chat streams) as a state machine; pure.
+//! - this module: the wiring: a framework [`Server`] for incoming links, dialled links, a
+//!   writer thread with a bounded outbox per link, heartbeats, and the console.
+//!
+//! # Identity and the leader
+//!
+//! A member is `(name, listen address, incarnation)`; the incarnation (microseconds since
+//! the epoch at start) tells a restarted peer from its predecessor. Members are ordered by
+//! name, then address, then incarnation; names are unique in a room. The **leader** is the
+//! smallest member of the list that the peer looking does not consider down (itself
+//! included). Nobody is elected: every peer computes it from the list it holds.
+//!
+//! # Membership
+//!
+//! - A list carries a version. A peer takes a list only if it **supersedes** the one it
+//!   holds: a higher version, or the same version and a member sequence that compares
+//!   smaller (see [`protocol::MemberList::supersedes`]); then it floods the list on all its
+//!   links except the one it came on. A flood therefore ends, and every connected peer ends
+//!   with the same list. A new link starts with the list and every advert its ends hold.
+//! - Only the leader changes the list: it bumps the version and issues the whole sorted
+//!   list, one change at a time (every input to a peer is handled under its one lock), so
+//!   joins are serialised.
+//! - **Join**: the joiner links to the `--via` peer, which sends it the list and the link
+//!   adverts it holds (should `--via` be a joiner too, the list follows once it has one);
+//!   the joiner then links to every member it may reach directly, asks a member (never
+//!   another joiner) `who_leads` and sends `join_req` to that leader, routed (so a
+//!   joiner forbidden to link to the leader joins through a member all the same). A
+//!   non-leader answers `join_req` with `{leader,L}`; the leader admits, or refuses a taken
+//!   or malformed name with `{join_refused,Reason}`. The joiner repeats both every 500 ms
+//!   until a list holding it arrives, so a leader that dies mid-join costs a retry, not the
+//!   join; it gives up after 15 s. A name held by a member at the *same* address is a
+//!   restart of that member (the old run cannot hold the port any more): the leader
+//!   replaces the old run.
+//! - **Failure**: a peer links to every member it may (the smaller of each pair dials), so
+//!   a crash shows at once as broken links; a link silent for 3 s is closed too. Each peer
+//!   floods its own links whenever they change, and that advert is its report: the leader
+//!   sees a member that nobody links to any more as unreachable. A member unreachable in
+//!   the leader's graph for 1 s is dropped (`[LEAVE] Name` everywhere). When the leader
+//!   itself is the one unreachable, the next smallest member finds itself the leader after
+//!   that second and issues the list without it; joins go on through it. Should its list
+//!   tie with one the dead leader issued just before dying, the dead leader's wins (it
+//!   holds a smaller member) and the new leader issues its change again on top of it.
+//! - **Leave** (end of input, `exit`, Ctrl-C): the leaver waits until every line it sent
+//!   is acknowledged (at most 1 s), then sends `leave` to the leader, which issues a list
+//!   without it; a leaving leader issues that list itself, so the next smallest leads. The
+//!   leaver exits once it holds such a list, or after 3 s in all.
+//! - A member that receives a newer list without itself was dropped (it was cut off for
+//!   over a second) and exits with an error. Failures are crash-stop: a network split
+//!   leaves two rooms that do not merge again.
+//!
+//! # Links and routing
+//!
+//! Every connection between peers is a link: `{hello,Member}` each way, then flooded lists
+//! and adverts, routed messages and heartbeats. `--no-direct ADDR` makes a peer refuse
+//! (`{refused,no_direct}`) and never dial a link to ADDR, so their traffic is routed. When
+//! two links between the same pair open at once, both ends keep the one dialled by the
+//! smaller member (of two dialled by the same end, the newer); the other is half-closed
+//! and read to its end, so nothing sent on it is lost. Routing rules are in [`routing`];
+//! each peer's own links count first hand, so a broken link reroutes at once.
+//!
+//! # Delivery
+//!
+//! A typed line is sent to each other member as `{msg,Seq,Text}`, routed, where `Seq`
+//! numbers the stream from this sender to that member (1, 2, 3, ...). The receiver prints
+//! line `Seq` only after line `Seq-1` (holding lines that arrive early), drops repeats, and
+//! answers `{ack,N}` for everything printed up to N; it ignores (and so does not
+//! acknowledge) a line from a sender that is not on its list yet. The sender resends what
+//! is not acknowledged every second, along whatever route exists then, so a line lost
+//! with a dead router, or ignored by a member whose list lagged, arrives anyway: exactly
+//! once per member, in the sender's order. A sender with 1,024 lines unacknowledged by
+//! some member waits (for the ack, or for that member to be dropped). Both ends keep a
+//! departed member's streams for 60 s, so a member dropped and put back by rival lists
+//! carries on where it was.
+//!
+//! # Threads and timing
+//!
+//! One lock guards the [`node::Node`]; a link reader, the tick, the console and a dial
+//! each take it to hand in one input, and carry out the resulting effects under it
+//! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
+//! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
+//! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The tick runs
+//! every 100 ms: dials missing links, retries a join, resends, drops members down for
+//! 1 s. Links read with a 3 s timeout and write with a 3 s timeout.
+//!
+//! # Output
+//!
+//! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes,
+//! and `[MEMBERS vN] a,b,c` after every change of the list held (first at admission).
+
+pub mod node;
+pub mod protocol;
+pub mod routing;
+
+use crate::framing::{FrameReader, FrameWriter, Framing};
+use crate::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
+use crate::{log_debug, log_info};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use node::{Effect, Node, Outcome, SayError};
+use protocol::{valid_name, Member, PeerMessage, MAX_NAME};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often the periodic work runs (dialling, join retries, resends, failure checks).
+pub const TICK: Duration = Duration::from_millis(100);
+/// A link with nothing to send sends a heartbeat after this long.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// A link that receives nothing for this long is closed (12 heartbeats missed).
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lines queued on one link beyond which the link is closed as stuck.
+pub const OUTBOX: usize = 4096;
+/// How long a leaving peer waits for its last lines to be acknowledged and then for the
+/// list without it (see [`node::LEAVE_FLUSH`]).
+pub const LEAVE_WAIT: Duration = Duration::from_secs(3);
+/// Longest line a peer may type, in bytes.
+pub const MAX_TEXT: usize = 16 << 10;
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a peer is told on the command line.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// Where to listen for links (port 0 picks one).
+    pub listen: String,
+    /// The name to chat under.
+    pub name: String,
+    /// A member of the room to join; `None` starts a new room.
+    pub via: Option<String>,
+    /// Addresses of peers this one must never link to directly.
+    pub no_direct: Vec<String>,
+}
+
+/// Why a peer could not start, join or stay.
+#[derive(Debug)]
+pub enum PeerError {
+    /// The name is not 1 to 32 letters, digits, `_`, `-` or `.`.
+    BadName(String),
+    /// `--via` names a peer that `--no-direct` forbids linking to.
+    ViaForbidden(String),
+    /// An address that does not resolve.
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The listening address cannot be bound.
+    Listen {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A thread cannot be started.
+    Io(io::Error),
+    /// The leader refused to admit this peer.
+    JoinRefused {
+        /// The name asked for.
+        name: String,
+        /// The leader's reason (`name_taken`, `bad_name`).
+        reason: String,
+    },
+    /// No leader admitted this peer in time.
+    JoinTimeout,
+    /// The leader dropped this peer from the room (it was unreachable).
+    Dropped,
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::BadName(name) => write!(
+                f,
+                "bad name {name:?}: use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
+            ),
+            PeerError::ViaForbidden(addr) => {
+                write!(
+                    f,
+                    "cannot join via {addr}: --no-direct forbids linking to it"
+                )
+            }
+            PeerError::Resolve { addr, source } => write!(f, "cannot resolve {addr}: {source}"),
+            PeerError::Listen { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            PeerError::Io(e) => write!(f, "{e}"),
+            PeerError::JoinRefused { name, reason } if reason == "name_taken" => {
+                write!(f, "join refused: the name {name} is taken in this room")
+            }
+            PeerError::JoinRefused { name, reason } => {
+                write!(f, "join refused for {name}: {reason}")
+            }
+            PeerError::JoinTimeout => f.write_str("no leader admitted this peer in time"),
+            PeerError::Dropped => {
+                f.write_str("dropped from the room (the leader found this peer unreachable)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PeerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PeerError::Resolve { source, .. } | PeerError::Listen { source, .. } => Some(source),
+            PeerError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for PeerError {
+    fn from(e: io::Error) -> Self {
+        PeerError::Io(e)
+    }
+}
+
+/// What the threads of a peer tell its main loop.
+#[derive(Debug)]
+enum Event {
+    Joined,
+    Finished(Outcome),
+    /// End of input, `exit`, or a signal: leave.
+    Quit,
+}
+
+/// A live link: its outbox, and which end dialled it.
+struct Link {
+    id: u64,
+    dialed_by_me: bool,
+    outbox: Sender<String>,
+}
+
+/// What became of a link whose hello exchange is done.
+enum Attached {
+    /// It is the link to that peer now; its writer sends what the receiver yields.
+    Registered(Receiver<String>),
+    /// An existing link to that peer is kept; this one is read to its end.
+    Duplicate,
+    /// The peer is shutting down.
+    Closing,
+}
+
+/// Everything behind the peer's one lock.
+struct State {
+    node: Node,
+    links: HashMap<Member, Link>,
+    output: Box<dyn Write + Send>,
+    dialing: HashSet<SocketAddr>,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled after every change of state, for a sender waiting on a full window.
+    changed: Condvar,
+    events: Sender<Event>,
+    next_id: AtomicU64,
+    /// Every link socket (registered, losing a duplicate contest, or mid-handshake), so
+    /// shutdown can close them all.
+    sockets: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Runs `f` on the node under the lock and carries out its effects there too, so
+    /// lines are queued and printed in the order the node decided them.
+    fn with_node<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Node, Instant, &mut Vec<Effect>) -> T,
+    ) -> T {
+        let mut st = self.state();
+        let mut effects = Vec::new();
+        let result = f(&mut st.node, Instant::now(), &mut effects);
+        self.apply(&mut st, effects);
+        drop(st);
+        self.changed.notify_all();
+        result
+    }
+
+    fn apply(self: &Arc<Self>, st: &mut State, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send(to, msg) => {
+                    let Some(link) = st.links.get(&to) else {
+                        continue;
+                    };
+                    if let Err(TrySendError::Full(_)) = link.outbox.try_send(msg.format()) {
+                        log_info!("peer: link to {to} is {OUTBOX} lines behind; closing it");
+                        if let Some(s) = lock(&self.sockets).get(&link.id) {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                    }
+                }
+                Effect::Print(line) => {
+                    let _ = writeln!(st.output, "{line}").and_then(|()| st.output.flush());
+                }
+                Effect::Dial(addr) => {
+                    if !st.closing && st.dialing.insert(addr) {
+                        let shared = Arc::clone(self);
+                        if !self.spawn("peer-dial", move || dial(shared, addr)) {
+                            st.dialing.remove(&addr);
+                        }
+                    }
+                }
+                Effect::Joined => {
+                    let _ = self.events.try_send(Event::Joined);
+                }
+                Effect::Finish(outcome) => {
+                    let _ = self.events.try_send(Event::Finished(outcome));
+                }
+            }
+        }
+    }
+
+    /// Starts a thread that shutdown joins; false when none could be started.
+    fn spawn(&self, name: &str, f: impl FnOnce() + Send + 'static) -> bool {
+        match thread::Builder::new().name(name.into()).spawn(f) {
+            Ok(t) => {
+                let mut threads = lock(&self.threads);
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+                true
+            }
+            Err(e) => {
+                log_info!("peer: cannot start a thread: {e}");
+                false
+            }
+        }
+    }
+
+    /// Registers a link to `peer` whose hello exchange is done.
+    fn attach(self: &Arc<Self>, peer: &Member, id: u64, dialed_by_me: bool) -> Attached {
+        let mut st = self.state();
+        if st.closing {
+            return Attached::Closing;
+        }
+        let fresh = match st.links.get(peer) {
+            None => true,
+            Some(old) => {
+                // Both ends apply the same rule to the same two links and keep the same one.
+                let new_wins = if old.dialed_by_me == dialed_by_me {
+                    true
+                } else {
+                    let me_smaller = st.node.me() < peer;
+                    dialed_by_me == me_smaller
+                };
+                if !new_wins {
+                    return Attached::Duplicate;
+                }
+                false
+            }
+        };
+        let (tx, rx) = bounded(OUTBOX);
+        // Replacing a link drops its outbox: its writer sends what is queued and half-closes.
+        st.links.insert(
+            peer.clone(),
+            Link {
+                id,
+                dialed_by_me,
+                outbox: tx,
+            },
+        );
+        if fresh {
+            log_debug!("peer: link to {peer} up");
+            let mut effects = Vec::new();
+            st.node.link_up(peer.clone(), &mut effects);
+            self.apply(&mut st, effects);
+        }
+        Attached::Registered(rx)
+    }
+
+    /// Forgets link `id` to `peer`, if it is still the registered one.
+    fn detach(self: &Arc<Self>, peer: &Member, id: u64) {
+        let mut st = self.state();
+        if st.links.get(peer).is_some_and(|l| l.id == id) {
+            st.links.remove(peer);
+            log_debug!("peer: link to {peer} down");
+            let mut effects = Vec::new();
+            st.node.link_down(peer, &mut effects);
+            self.apply(&mut st, effects);
+        }
+    }
+
+    /// Sends a typed line, waiting while a window is full; false once not a member.
+    fn say(self: &Arc<Self>, text: &str) -> bool {
+        let mut st = self.state();
+        loop {
+            if st.closing {
+                return false;
+            }
+            let mut effects = Vec::new();
+            match st.node.say(text, Instant::now(), &mut effects) {
+                Ok(()) => {
+                    self.apply(&mut st, effects);
+                    return true;
+                }
+                Err(SayError::NotMember) => return false,
+                Err(SayError::Busy) => {
+                    st = self
+                        .changed
+                        .wait_timeout(st, TICK)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one link after its hello exchange, on the calling thread, until it closes.
+/// `dialing` (a dialled link's entry in the dialling set) is released once the link is
+/// registered, so the periodic dial never opens a second link in between.
+fn run_link<R: Read>(
+    shared: &Arc<Shared>,
+    peer: Member,
+    stream: &Arc<TcpStream>,
+    id: u64,
+    mut reader: FrameReader<R>,
+    dialing: Option<Dialing>,
+) {
+    let attached = shared.attach(&peer, id, dialing.is_some());
+    drop(dialing);
+    match attached {
+        Attached::Registered(outbox) => {
+            let stream = Arc::clone(stream);
+            match thread::Builder::new()
+                .name("peer-writer".into())
+                .spawn(move || write_link(&stream, outbox))
+            {
+                Ok(t) => {
+                    let mut writers = lock(&shared.writers);
+                    writers.retain(|w| !w.is_finished());
+                    writers.push(t);
+                }
+                Err(e) => {
+                    log_info!("peer: cannot start a link writer: {e}");
+                    let _ = stream_shutdown(shared, id);
+                }
+            }
+        }
+        // The other end keeps the other link too and half-closes this one: read on to
+        // its end, so nothing it sent here is lost.
+        Attached::Duplicate => {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        Attached::Closing => {
+            let _ = stream.shutdown(Shutdown::Both);
+            lock(&shared.sockets).remove(&id);
+            return;
+        }
+    }
+    loop {
+        let msg = match reader.read_frame() {
+            Ok(Some(line)) => PeerMessage::parse(line),
+            Ok(None) => break,
+            Err(e) if e.is_recoverable() => {
+                log_info!("peer: from {peer}: {e}");
+                continue;
+            }
+            Err(e) => {
+                log_debug!("peer: link to {peer}: {e}");
+                break;
+            }
+        };
+        match msg {
+            Ok(PeerMessage::Heartbeat) => {}
+            Ok(msg) => shared.with_node(|node, now, out| node.receive(&peer, msg, now, out)),
+            Err(e) => log_info!("peer: from {peer}: {e}"),
+        }
+    }
+    shared.detach(&peer, id);
+    let _ = stream.shutdown(Shutdown::Both);
+    lock(&shared.sockets).remove(&id);
+}
+
+fn stream_shutdown(shared: &Shared, id: u64) -> io::Result<()> {
+    match lock(&shared.sockets).get(&id) {
+        Some(s) => s.shutdown(Shutdown::Both),
+        None => Ok(()),
+    }
+}
+
+/// Writes a link's queued lines, batching what is queued together, and a heartbeat when
+/// it has been idle for [`HEARTBEAT`]. When the outbox is dropped it sends what is left
+/// and half-closes, so the other end reads everything and then the end of the stream.
+fn write_link(stream: &TcpStream, outbox: Receiver<String>) {
+    let mut writer = FrameWriter::new(stream, Framing::Line);
+    let heartbeat = PeerMessage::Heartbeat.format();
+    loop {
+        let first = match outbox.recv_timeout(HEARTBEAT) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => heartbeat.clone(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut queued = writer.queue(first.as_bytes());
+        while writer.queued_len() < 64 << 10 {
+            let Ok(line) = outbox.try_recv() else { break };
+            queued = queued.and(writer.queue(line.as_bytes()));
+        }
+        if let Err(e) = queued.and_then(|()| writer.flush()) {
+            log_debug!("peer: link write failed: {e}");
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// An address being dialled; taken off the dialling set however the dial ends.
+struct Dialing(Arc<Shared>, SocketAddr);
+
+impl Drop for Dialing {
+    fn drop(&mut self) {
+        self.0.state().dialing.remove(&self.1);
+    }
+}
+
+/// Opens a link to `addr`: hello, and on the answering hello serves it on this thread.
+fn dial(shared: Arc<Shared>, addr: SocketAddr) {
+    let guard = Dialing(Arc::clone(&shared), addr);
+    let stream = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            log_debug!("peer: cannot dial {addr}: {e}");
+            return;
+        }
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    // Registered before the closing check, so shutdown either sees the socket or is
+    // seen here: a handshake never outlives the peer by more than its timeout.
+    lock(&shared.sockets).insert(id, Arc::clone(&stream));
+    if shared.state().closing {
+        lock(&shared.sockets).remove(&id);
+        return;
+    }
+    let reply = handshake(&shared, &stream);
+    let me = shared.state().node.me().clone();
+    let done = |why: &str| {
+        if !why.is_empty() {
+            log_info!("peer: link to {addr}: {why}");
+        }
+        let _ = stream.shutdown(Shutdown::Both);
+        lock(&shared.sockets).remove(&id);
+    };
+    match reply {
+        Ok((PeerMessage::Hello(peer), reader)) if peer != me => {
+            run_link(&shared, peer, &stream, id, reader, Some(guard));
+        }
+        Ok((PeerMessage::Hello(_), _)) => done("that is this peer"),
+        Ok((PeerMessage::Refused(reason), _)) => {
+            shared.state().node.direct_refused(addr);
+            done(&format!("refused ({reason}); traffic to it is routed"));
+        }
+        Ok((other, _)) => done(&format!("unexpected answer {}", other.format())),
+        Err(e) => {
+            log_debug!("peer: link to {addr}: {e}");
+            done("");
+        }
+    }
+}
+
+/// Sends our hello on a dialled stream and reads the answer.
+fn handshake<'a>(
+    shared: &Shared,
+    stream: &'a TcpStream,
+) -> Result<(PeerMessage, FrameReader<&'a TcpStream>), HandlerError> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
+    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
+    let hello = PeerMessage::Hello(shared.state().node.me().clone());
+    FrameWriter::new(stream, Framing::Line).write_frame(hello.format().as_bytes())?;
+    let mut reader = FrameReader::new(stream, Framing::Line);
+    let msg = match reader.read_frame()? {
+        Some(line) => PeerMessage::parse(line)?,
+        None => return Err("closed before answering hello".into()),
+    };
+    Ok((msg, reader))
+}
+
+/// The server side of a link: read the dialler's hello, answer, serve.
+fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
+    let stream = &conn.stream;
+    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
+    let mut reader = FrameReader::new(&**stream, Framing::Line);
+    let mut writer = FrameWriter::new(&**stream, Framing::Line);
+    let first = match reader.read_frame()? {
+        Some(line) => PeerMessage::parse(line),
+        None => return Ok(()),
+    };
+    let peer = match first {
+        Ok(PeerMessage::Hello(peer)) => peer,
+        _ => {
+            writer.write_frame(b"{refused,expected_hello}")?;
+            return Ok(());
+        }
+    };
+    let (allowed, me) = {
+        let st = shared.state();
+        (
+            !st.closing && st.node.allows_direct(peer.addr),
+            st.node.me().clone(),
+        )
+    };
+    if !allowed {
+        log_info!("peer: refusing a direct link from {peer} (--no-direct)");
+        writer.write_frame(PeerMessage::Refused("no_direct".into()).format().as_bytes())?;
+        return Ok(());
+    }
+    writer.write_frame(PeerMessage::Hello(me).format().as_bytes())?;
+    // Links need no arrival order across connections; let younger ones through at once.
+    conn.settle();
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.sockets).insert(id, Arc::clone(stream));
+    run_link(shared, peer, stream, id, reader, None);
+    Ok(())
+}
+
+/// A running peer.
+pub struct Peer {
+    shared: Arc<Shared>,
+    events: Receiver<Event>,
+    server: Option<RunningServer>,
+    ticker: Option<(Sender<()>, JoinHandle<()>)>,
+    local: SocketAddr,
+}
+
+/// Asks a running peer to leave the room (Ctrl-C); cloneable, usable from any thread.
+#[derive(Clone)]
+pub struct PeerHandle {
+    events: Sender<Event>,
+}
+
+impl PeerHandle {
+    /// Leaves the room and shuts the peer down; returns at once.
+    pub fn leave(&self) {
+        let _ = self.events.try_send(Event::Quit);
+    }
+}
+
+impl Peer {
+    /// Binds, starts serving links, and starts a room or begins joining one; chat lines
+    /// and membership changes are written to `output`.
+    ///
+    /// # Errors
+    /// A bad name, a `--via` that `--no-direct` forbids, an address that does not resolve
+    /// or cannot be bound, or a thread that cannot be started.
+    pub fn start(config: &PeerConfig, output: Box<dyn Write + Send>) -> Result<Peer, PeerError> {
+        if !valid_name(&config.name) {
+            return Err(PeerError::BadName(config.name.clone()));
+        }
+        let resolve = |addr: &String| {
+            addr.to_socket_addrs()
+                .map(|a| a.collect::<Vec<_>>())
+                .map_err(|source| PeerError::Resolve {
+                    addr: addr.clone(),
+                    source,
+                })
+        };
+        let via = match &config.via {
+            Some(v) => resolve(v)?.first().copied(),
+            None => None,
+        };
+        let mut no_direct = Vec::new();
+        for addr in &config.no_direct {
+            no_direct.extend(resolve(addr)?);
+        }
+        if let (Some(addr), Some(v)) = (via, &config.via) {
+            if no_direct.contains(&addr) {
+                return Err(PeerError::ViaForbidden(v.clone()));
+            }
+        }
+        let listen = |source| PeerError::Listen {
+            addr: config.listen.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&config.listen).map_err(listen)?;
+        let local = listener.local_addr().map_err(listen)?;
+        let inc = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let me = Member {
+            name: config.name.clone(),
+            addr: local,
+            inc,
+        };
+        let mut effects = Vec::new();
+        let node = Node::new(me, via, no_direct, Instant::now(), &mut effects);
+        let (events_tx, events) = bounded(64);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                node,
+                links: HashMap::new(),
+                output,
+                dialing: HashSet::new(),
+                closing: false,
+            }),
+            changed: Condvar::new(),
+            events: events_tx,
+            next_id: AtomicU64::new(0),
+            sockets: Mutex::new(HashMap::new()),
+            writers: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        {
+            let mut st = shared.state();
+            shared.apply(&mut st, effects);
+        }
+        let mut server_config = ServerConfig::named("peer");
+        server_config.idle_timeout = Some(LINK_TIMEOUT);
+        let for_links = Arc::clone(&shared);
+        let server = Server::from_listener(listener, server_config, move |conn| {
+            accept_link(&for_links, conn)
+        })?
+        .spawn()?;
+        let (stop, stopped) = bounded::<()>(0);
+        let for_ticks = Arc::clone(&shared);
+        let ticker = thread::Builder::new()
+            .name("peer-tick".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                    for_ticks.with_node(|node, now, out| node.tick(now, out));
+                }
+            })?;
+        Ok(Peer {
+            shared,
+            events,
+            server: Some(server),
+            ticker: Some((stop, ticker)),
+            local,
+        })
+    }
+
+    /// The address this peer listens on (and is known by).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A handle to make the peer leave.
+    pub fn handle(&self) -> PeerHandle {
+        PeerHandle {
+            events: self.shared.events.clone(),
+        }
+    }
+
+    /// Waits for admission, then sends every line read from `input` to the room until
+    /// the input ends (or a line is `exit`), or the peer is told to leave; then leaves and
+    /// shuts down. The thread reading `input` is not joined: a blocking read of stdin
+    /// cannot be interrupted, and it ends with the process.
+    ///
+    /// # Errors
+    /// When the join is refused or times out, or the peer is dropped from the room.
+    pub fn run(self, input: impl Read + Send + 'static) -> Result<(), PeerError> {
+        // Admission comes first: no line is read before this peer is a member.
+        match self.events.recv() {
+            Ok(Event::Joined) => {}
+            Ok(Event::Finished(outcome)) => return self.finish(outcome),
+            Ok(Event::Quit) | Err(_) => return self.finish(Outcome::Left),
+        }
+        let shared = Arc::clone(&self.shared);
+        thread::Builder::new()
+            .name("peer-console".into())
+            .spawn(move || console(&shared, input))?;
+        loop {
+            match self.events.recv() {
+                Ok(Event::Joined) => {}
+                Ok(Event::Finished(outcome)) => return self.finish(outcome),
+                Ok(Event::Quit) | Err(_) => break,
+            }
+        }
+        self.shared.with_node(|node, now, out| node.leave(now, out));
+        let deadline = Instant::now() + LEAVE_WAIT;
+        while let Ok(event) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if let Event::Finished(outcome) = event {
+                return self.finish(outcome);
+            }
+        }
+        self.finish(Outcome::Left)
+    }
+
+    fn finish(mut self, outcome: Outcome) -> Result<(), PeerError> {
+        self.stop();
+        match outcome {
+            Outcome::Left => Ok(()),
+            Outcome::Dropped => Err(PeerError::Dropped),
+            Outcome::JoinTimeout => Err(PeerError::JoinTimeout),
+            Outcome::Refused(reason) => Err(PeerError::JoinRefused {
+                name: self.shared.state().node.me().name.clone(),
+                reason,
+            }),
+        }
+    }
+
+    /// Stops ticking, lets every link send what is queued, closes every socket and joins
+    /// every thread (the console reader excepted).
+    fn stop(&mut self) {
+        let Some((stop, ticker)) = self.ticker.take() else {
+            return;
+        };
+        drop(stop);
+        let _ = ticker.join();
+        let links = {
+            let mut st = self.shared.state();
+            st.closing = true;
+            std::mem::take(&mut st.links)
+        };
+        // Dropping the outboxes makes each writer flush and half-close (a leaving leader's
+        // last list goes out this way); writes time out after LINK_TIMEOUT at worst.
+        drop(links);
+        for writer in std::mem::take(&mut *lock(&self.shared.writers)) {
+            let _ = writer.join();
+        }
+        for socket in lock(&self.shared.sockets).values() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        for thread in std::mem::take(&mut *lock(&self.shared.threads)) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends each line of `input` to the room; asks the peer to leave at its end.
+fn console(shared: &Arc<Shared>, input: impl Read) {
+    let mut input = BufReader::new(input);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match input.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text == "exit" {
+            break;
+        }
+        if text.is_empty() {
+            continue;
+        }
+        if text.len() > MAX_TEXT {
+            log_info!(
+                "peer: line of {} bytes not sent (max {MAX_TEXT})",
+                text.len()
+            );
+            continue;
+        }
+        if !shared.say(text) {
+            return;
+        }
+    }
+    let _ = shared.events.try_send(Event::Quit);
+}

@@ -1,0 +1,1206 @@
+//! One peer's state: the member list and its version, the links, the adverts of everyone
+//! else's links, and the chat streams to and from every member. A state machine without
+//! sockets or clocks of its own: every input (a link up or down, a received message, a
+//! tick, a typed line) takes the time and appends [`Effect`]s for the wiring to carry out.
+
+use super::protocol::{valid_name, Body, Member, MemberList, PeerMessage};
+use super::routing::Topology;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// How long a member may be unreachable before the leader drops it.
+pub const DOWN_GRACE: Duration = Duration::from_secs(1);
+/// How often a joiner repeats `who_leads` and `join_req` until it is admitted.
+pub const JOIN_RETRY: Duration = Duration::from_millis(500);
+/// How long a joiner tries before it gives up.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a chat message waits for its acknowledgement before it is sent again.
+pub const RETRANSMIT: Duration = Duration::from_secs(1);
+/// Unacknowledged messages per destination; the sender waits when one is full.
+pub const WINDOW: usize = 1024;
+/// Forwards a routed message may take; more than any shortest path in a sane room.
+pub const MAX_HOPS: u64 = 32;
+/// How long a leaving member waits for its last lines to be acknowledged before it asks
+/// the leader to drop it.
+pub const LEAVE_FLUSH: Duration = Duration::from_secs(1);
+/// How long the chat streams of a member that left the list are kept, in case a rival
+/// list puts it back (see [`MemberList::supersedes`]): both ends then carry on where
+/// they were, instead of one of them starting over.
+pub const STREAM_KEEP: Duration = Duration::from_secs(60);
+
+/// Something the wiring must do.
+// Effects live for one call in a short Vec; boxing every message would cost an allocation
+// per line sent for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Queue `msg` on the link to this neighbour.
+    Send(Member, PeerMessage),
+    /// Print a line for the user.
+    Print(String),
+    /// Open a link to this address (ignored when a dial to it is already under way).
+    Dial(SocketAddr),
+    /// This peer has just been admitted to the room.
+    Joined,
+    /// This peer is done; the wiring shuts it down.
+    Finish(Outcome),
+}
+
+/// How a peer's time in the room ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It left, and the leader confirmed it (or it was alone).
+    Left,
+    /// The leader dropped it from the list while it was alive.
+    Dropped,
+    /// The leader refused to admit it (`name_taken`, `bad_name`).
+    Refused(String),
+    /// No leader admitted it within [`JOIN_TIMEOUT`].
+    JoinTimeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    Joining {
+        deadline: Instant,
+        next_try: Instant,
+        leader: Option<Member>,
+    },
+    Joined,
+    /// Waiting for the last lines to be acknowledged (`asked` false), then for the list
+    /// without this peer.
+    Leaving {
+        since: Instant,
+        asked: bool,
+    },
+    Done,
+}
+
+/// A chat line waiting for its acknowledgement.
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    text: String,
+    sent: Instant,
+}
+
+/// The stream of chat lines from this peer to one member.
+#[derive(Debug)]
+struct Outgoing {
+    next_seq: u64,
+    unacked: VecDeque<Pending>,
+}
+
+/// The stream of chat lines from one member to this peer.
+#[derive(Debug)]
+struct Incoming {
+    /// The next sequence number to print.
+    expected: u64,
+    /// Lines that arrived ahead of a gap, printed once it is filled.
+    early: BTreeMap<u64, String>,
+}
+
+/// A typed line could not be sent yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SayError {
+    /// Not (or no longer) a member of the room.
+    NotMember,
+    /// [`WINDOW`] lines to some member are unacknowledged; try again after an ack.
+    Busy,
+}
+
+/// One peer's view of the room.
+#[derive(Debug)]
+pub struct Node {
+    me: Member,
+    via: Option<SocketAddr>,
+    no_direct: Vec<SocketAddr>,
+    status: Status,
+    list: MemberList,
+    links: BTreeSet<Member>,
+    own_seq: u64,
+    topology: Topology<Member>,
+    /// Addresses that refused a direct link (they were started with `--no-direct` us).
+    refused: BTreeSet<SocketAddr>,
+    /// Next hop per destination; `None` when links or adverts changed since computed.
+    routes: Option<BTreeMap<Member, Member>>,
+    /// Members of the list found unreachable, and since when.
+    unreachable_since: BTreeMap<Member, Instant>,
+    outgoing: BTreeMap<Member, Outgoing>,
+    incoming: BTreeMap<Member, Incoming>,
+    /// Members that left the list, and when: their streams are forgotten after
+    /// [`STREAM_KEEP`].
+    departed: BTreeMap<Member, Instant>,
+}
+
+impl Node {
+    /// A peer that starts a new room (`via` is `None`) or joins the room of the peer at
+    /// `via`. It never links directly to an address in `no_direct`.
+    pub fn new(
+        me: Member,
+        via: Option<SocketAddr>,
+        no_direct: Vec<SocketAddr>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) -> Node {
+        let mut node = Node {
+            me,
+            via,
+            no_direct,
+            status: Status::Joining {
+                deadline: now + JOIN_TIMEOUT,
+                next_try: now,
+                leader: None,
+            },
+            list: MemberList::default(),
+            links: BTreeSet::new(),
+            own_seq: 0,
+            topology: Topology::new(),
+            refused: BTreeSet::new(),
+            routes: None,
+            unreachable_since: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            departed: BTreeMap::new(),
+        };
+        if via.is_none() {
+            let founding = MemberList::new(1, vec![node.me.clone()]);
+            node.adopt(founding, None, now, out);
+        }
+        node
+    }
+
+    /// This peer.
+    pub fn me(&self) -> &Member {
+        &self.me
+    }
+
+    /// The member list held now.
+    pub fn members(&self) -> &MemberList {
+        &self.list
+    }
+
+    /// Whether this peer may hold a direct link to the peer listening at `addr`.
+    pub fn allows_direct(&self, addr: SocketAddr) -> bool {
+        addr != self.me.addr && !self.no_direct.contains(&addr)
+    }
+
+    /// The leader as this peer sees it: the smallest member of its list that it does not
+    /// consider down (itself included, never down to itself).
+    pub fn leader(&mut self, now: Instant) -> Option<Member> {
+        self.refresh_routes(now);
+        self.list
+            .members
+            .iter()
+            .find(|m| **m == self.me || !self.is_down(m, now))
+            .cloned()
+    }
+
+    /// A link to `peer` has opened: tell everyone (a new advert), and bring `peer` up to
+    /// date with the member list and every advert held.
+    pub fn link_up(&mut self, peer: Member, out: &mut Vec<Effect>) {
+        if !self.links.insert(peer.clone()) {
+            return;
+        }
+        self.routes = None;
+        self.advertise(out);
+        if self.list.version > 0 {
+            out.push(Effect::Send(
+                peer.clone(),
+                PeerMessage::Members(self.list.clone()),
+            ));
+        }
+        for (owner, advert) in self.topology.adverts() {
+            if *owner != peer {
+                let msg = PeerMessage::Links {
+                    owner: owner.clone(),
+                    seq: advert.seq,
+                    links: advert.links.iter().cloned().collect(),
+                };
+                out.push(Effect::Send(peer.clone(), msg));
+            }
+        }
+    }
+
+    /// The link to `peer` has closed.
+    pub fn link_down(&mut self, peer: &Member, out: &mut Vec<Effect>) {
+        if self.links.remove(peer) {
+            self.routes = None;
+            self.advertise(out);
+        }
+    }
+
+    /// The peer at `addr` refused a direct link: do not dial it again.
+    pub fn direct_refused(&mut self, addr: SocketAddr) {
+        self.refused.insert(addr);
+    }
+
+    /// Handles a message that arrived on the link to `link`.
+    pub fn receive(
+        &mut self,
+        link: &Member,
+        msg: PeerMessage,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        match msg {
+            PeerMessage::Hello(_) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
+            PeerMessage::Members(list) => self.adopt(list, Some(link), now, out),
+            PeerMessage::Links { owner, seq, links } => {
+                if owner == self.me {
+                    return;
+                }
+                let set: BTreeSet<Member> = links.into_iter().collect();
+                if self.topology.advertise(owner.clone(), seq, set.clone()) {
+                    self.routes = None;
+                    let msg = PeerMessage::Links {
+                        owner,
+                        seq,
+                        links: set.into_iter().collect(),
+                    };
+                    self.flood(msg, Some(link), out);
+                }
+            }
+            PeerMessage::Route {
+                from,
+                to,
+                hops,
+                body,
+            } => {
+                if to == self.me {
+                    self.handle(from, body, now, out);
+                } else if hops > 0 {
+                    if let Some(next) = self.next_hop(&to, now) {
+                        let msg = PeerMessage::Route {
+                            from,
+                            to,
+                            hops: hops - 1,
+                            body,
+                        };
+                        out.push(Effect::Send(next, msg));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The periodic work: dial missing links, retry a join, resend unacknowledged lines,
+    /// and (as the leader) drop members that have been unreachable for [`DOWN_GRACE`].
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        if let Status::Joining {
+            deadline,
+            next_try,
+            leader,
+        } = &mut self.status
+        {
+            if now >= *deadline {
+                self.status = Status::Done;
+                out.push(Effect::Finish(Outcome::JoinTimeout));
+                return;
+            }
+            // Until it holds the room's list, a joiner keeps a link to its via peer: a
+            // link from another joiner does not count, it may know no more than we do.
+            let via = self
+                .via
+                .filter(|v| self.list.version == 0 && !self.links.iter().any(|l| l.addr == *v));
+            out.extend(via.map(Effect::Dial));
+            // Ask a member, not another joiner (which would not answer).
+            let asked = self.links.iter().find(|l| self.list.contains(l)).cloned();
+            if let Some(asked) = asked.filter(|_| now >= *next_try) {
+                *next_try = now + JOIN_RETRY;
+                let leader = leader.clone();
+                self.route(asked, Body::WhoLeads, now, out);
+                if let Some(leader) = leader {
+                    self.route(leader, Body::JoinReq, now, out);
+                }
+            }
+        }
+        if matches!(self.status, Status::Done) {
+            return;
+        }
+        self.dial_missing(out);
+        self.retransmit(now, out);
+        self.drop_down_members(now, out);
+        self.ask_to_leave(now, out);
+        let expired: Vec<Member> = self
+            .departed
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= STREAM_KEEP)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in expired {
+            self.departed.remove(&m);
+            self.outgoing.remove(&m);
+            self.incoming.remove(&m);
+        }
+    }
+
+    /// Sends a typed line to every other member.
+    ///
+    /// # Errors
+    /// [`SayError::NotMember`] before admission or after leaving; [`SayError::Busy`] when
+    /// the window to some member is full (nothing is sent then).
+    pub fn say(&mut self, text: &str, now: Instant, out: &mut Vec<Effect>) -> Result<(), SayError> {
+        if self.status != Status::Joined {
+            return Err(SayError::NotMember);
+        }
+        let dests: Vec<Member> = self.others().cloned().collect();
+        let full = |d: &Member| {
+            self.outgoing
+                .get(d)
+                .is_some_and(|o| o.unacked.len() >= WINDOW)
+        };
+        if dests.iter().any(full) {
+            return Err(SayError::Busy);
+        }
+        for dest in dests {
+            let stream = self.outgoing.entry(dest.clone()).or_insert(Outgoing {
+                next_seq: 1,
+                unacked: VecDeque::new(),
+            });
+            let seq = stream.next_seq;
+            stream.next_seq += 1;
+            stream.unacked.push_back(Pending {
+                seq,
+                text: text.to_owned(),
+                sent: now,
+            });
+            let text = text.to_owned();
+            self.route(dest, Body::Msg { seq, text }, now, out);
+        }
+        Ok(())
+    }
+
+    /// Leaves the room. Once every line sent is acknowledged (or after [`LEAVE_FLUSH`]),
+    /// the leader issues a list without itself, and any other member asks the leader to.
+    /// [`Outcome::Left`] follows once a list without this peer is held.
+    pub fn leave(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        match self.status {
+            Status::Joined => {
+                self.status = Status::Leaving {
+                    since: now,
+                    asked: false,
+                };
+                self.ask_to_leave(now, out);
+            }
+            Status::Joining { .. } => {
+                self.status = Status::Done;
+                out.push(Effect::Finish(Outcome::Left));
+            }
+            Status::Leaving { .. } | Status::Done => {}
+        }
+    }
+
+    fn ask_to_leave(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Status::Leaving { since, asked } = &mut self.status else {
+            return;
+        };
+        let list = &self.list;
+        let flushed = self
+            .outgoing
+            .iter()
+            .all(|(dest, o)| o.unacked.is_empty() || !list.contains(dest));
+        if *asked || (!flushed && now.duration_since(*since) < LEAVE_FLUSH) {
+            return;
+        }
+        *asked = true;
+        match self.leader(now) {
+            Some(leader) if leader == self.me => {
+                let rest = self.others().cloned().collect();
+                self.issue(rest, now, out);
+            }
+            Some(leader) => self.route(leader, Body::Leave, now, out),
+            None => {}
+        }
+    }
+
+    fn handle(&mut self, from: Member, body: Body, now: Instant, out: &mut Vec<Effect>) {
+        match body {
+            Body::WhoLeads => {
+                if self.status == Status::Joined {
+                    if let Some(leader) = self.leader(now) {
+                        self.route(from, Body::Leader(leader), now, out);
+                    }
+                }
+            }
+            Body::Leader(new) => {
+                if let Status::Joining { leader, .. } = &mut self.status {
+                    if leader.as_ref() != Some(&new) {
+                        *leader = Some(new.clone());
+                        self.route(new, Body::JoinReq, now, out);
+                    }
+                }
+            }
+            Body::JoinReq => self.admit(from, now, out),
+            Body::JoinRefused(reason) => {
+                if matches!(self.status, Status::Joining { .. }) {
+                    self.status = Status::Done;
+                    out.push(Effect::Finish(Outcome::Refused(reason)));
+                }
+            }
+            Body::Msg { seq, text } => self.deliver(from, seq, text, now, out),
+            Body::Ack { seq } => {
+                if let Some(stream) = self.outgoing.get_mut(&from) {
+                    while stream.unacked.front().is_some_and(|p| p.seq <= seq) {
+                        stream.unacked.pop_front();
+                    }
+                }
+                self.ask_to_leave(now, out);
+            }
+            Body::Leave => {
+                if self.status == Status::Joined
+                    && self.list.contains(&from)
+                    && self.leader(now).as_ref() == Some(&self.me)
+                {
+                    let rest = self.list.members.iter().filter(|m| **m != from);
+                    let rest = rest.cloned().collect();
+                    self.issue(rest, now, out);
+                }
+            }
+        }
+    }
+
+    /// The leader's side of a join. Joins are serialised by the lock the wiring holds
+    /// around every call, so each admission sees the list the previous one issued.
+    fn admit(&mut self, joiner: Member, now: Instant, out: &mut Vec<Effect>) {
+        if self.status != Status::Joined {
+            return;
+        }
+        self.drop_down_members(now, out);
+        let Some(leader) = self.leader(now) else {
+            return;
+        };
+        if leader != self.me {
+            self.route(joiner, Body::Leader(leader), now, out);
+            return;
+        }
+        if self.list.contains(&joiner) {
+            return;
+        }
+        if !valid_name(&joiner.name) {
+            self.route(joiner, Body::JoinRefused("bad_name".into()), now, out);
+            return;
+        }
+        let holder = self.list.members.iter().find(|m| m.name == joiner.name);
+        // The same name at the same address is a restart of that member: the old run
+        // cannot be alive, the new one holds its port. Anywhere else the name is taken.
+        if holder.is_some_and(|m| m.addr != joiner.addr) {
+            self.route(joiner, Body::JoinRefused("name_taken".into()), now, out);
+            return;
+        }
+        let mut next: Vec<Member> = self.list.members.clone();
+        next.retain(|m| m.name != joiner.name);
+        next.push(joiner);
+        self.issue(next, now, out);
+    }
+
+    /// Prints, exactly once and in order, the lines of `from`'s stream to this peer, and
+    /// acknowledges what has been printed.
+    fn deliver(
+        &mut self,
+        from: Member,
+        seq: u64,
+        text: String,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        // Not a member yet, or the sender not yet on our list: no ack, so the sender
+        // resends it once the lists agree.
+        if !matches!(self.status, Status::Joined | Status::Leaving { .. })
+            || !self.list.contains(&from)
+        {
+            return;
+        }
+        let stream = self.incoming.entry(from.clone()).or_insert(Incoming {
+            expected: 1,
+            early: BTreeMap::new(),
+        });
+        if seq == stream.expected {
+            out.push(Effect::Print(chat_line(&from.name, &text)));
+            stream.expected += 1;
+            while let Some(text) = stream.early.remove(&stream.expected) {
+                out.push(Effect::Print(chat_line(&from.name, &text)));
+                stream.expected += 1;
+            }
+        } else if seq > stream.expected && seq < stream.expected + WINDOW as u64 {
+            stream.early.insert(seq, text);
+        }
+        let seq = stream.expected - 1;
+        self.route(from, Body::Ack { seq }, now, out);
+    }
+
+    /// Takes `list` if it supersedes the one held, passes it on, and reports the change.
+    fn adopt(
+        &mut self,
+        list: MemberList,
+        link: Option<&Member>,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        // Only a leader leaving a room of one issues an empty list; nobody takes one.
+        if (list.members.is_empty() && link.is_some()) || !list.supersedes(&self.list) {
+            return;
+        }
+        let old = std::mem::replace(&mut self.list, list);
+        self.flood(PeerMessage::Members(self.list.clone()), link, out);
+        self.routes = None;
+        let added: Vec<&Member> = self
+            .list
+            .members
+            .iter()
+            .filter(|m| !old.contains(m))
+            .collect();
+        let removed: Vec<&Member> = old
+            .members
+            .iter()
+            .filter(|m| !self.list.contains(m))
+            .collect();
+        for gone in &removed {
+            self.topology.remove(gone);
+            self.unreachable_since.remove(*gone);
+            self.departed.insert((*gone).clone(), now);
+        }
+        for new in &added {
+            self.departed.remove(*new);
+            // A new member (or a new run at an old address) gets a fresh chance to link.
+            self.refused.remove(&new.addr);
+        }
+        let in_list = self.list.contains(&self.me);
+        match (&self.status, in_list) {
+            (Status::Joining { .. }, true) => {
+                self.status = Status::Joined;
+                out.push(Effect::Joined);
+                out.push(Effect::Print(self.list.summary()));
+            }
+            (Status::Joined | Status::Leaving { .. }, true) => {
+                for m in added.iter().filter(|m| ***m != self.me) {
+                    out.push(Effect::Print(format!("[JOIN] {}", m.name)));
+                }
+                for m in &removed {
+                    out.push(Effect::Print(format!("[LEAVE] {}", m.name)));
+                }
+                out.push(Effect::Print(self.list.summary()));
+            }
+            (Status::Joined, false) => {
+                self.status = Status::Done;
+                out.push(Effect::Finish(Outcome::Dropped));
+            }
+            (Status::Leaving { .. }, false) => {
+                self.status = Status::Done;
+                out.push(Effect::Finish(Outcome::Left));
+            }
+            (Status::Joining { .. } | Status::Done, false) | (Status::Done, true) => {}
+        }
+    }
+
+    /// As the leader: the next version of the list, with `members`.
+    fn issue(&mut self, members: Vec<Member>, now: Instant, out: &mut Vec<Effect>) {
+        let list = MemberList::new(self.list.version + 1, members);
+        self.adopt(list, None, now, out);
+    }
+
+    /// As the leader: drops every member unreachable for [`DOWN_GRACE`].
+    fn drop_down_members(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        if self.status != Status::Joined || self.leader(now).as_ref() != Some(&self.me) {
+            return;
+        }
+        let (down, alive): (Vec<Member>, Vec<Member>) = self
+            .list
+            .members
+            .iter()
+            .cloned()
+            .partition(|m| *m != self.me && self.is_down(m, now));
+        if !down.is_empty() {
+            self.issue(alive, now, out);
+        }
+    }
+
+    /// Links are dialled by the smaller member of each pair (so two members do not dial
+    /// each other at once), and by a joiner to every member it knows of.
+    fn dial_missing(&self, out: &mut Vec<Effect>) {
+        let joining = matches!(self.status, Status::Joining { .. });
+        for m in &self.list.members {
+            if *m != self.me
+                && (joining || self.me < *m)
+                && !self.links.contains(m)
+                && self.allows_direct(m.addr)
+                && !self.refused.contains(&m.addr)
+            {
+                out.push(Effect::Dial(m.addr));
+            }
+        }
+    }
+
+    fn retransmit(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let mut resend = Vec::new();
+        for (dest, stream) in &mut self.outgoing {
+            if !self.list.contains(dest) {
+                continue;
+            }
+            for p in stream.unacked.iter_mut() {
+                if now.duration_since(p.sent) >= RETRANSMIT {
+                    p.sent = now;
+                    resend.push((dest.clone(), p.seq, p.text.clone()));
+                }
+            }
+        }
+        for (dest, seq, text) in resend {
+            self.route(dest, Body::Msg { seq, text }, now, out);
+        }
+    }
+
+    /// Sends `body` from this peer to `to` along the first hop of a shortest path; drops
+    /// it when there is none (every sender retries what matters).
+    fn route(&mut self, to: Member, body: Body, now: Instant, out: &mut Vec<Effect>) {
+        if let Some(next) = self.next_hop(&to, now) {
+            let msg = PeerMessage::Route {
+                from: self.me.clone(),
+                to,
+                hops: MAX_HOPS,
+                body,
+            };
+            out.push(Effect::Send(next, msg));
+        }
+    }
+
+    fn next_hop(&mut self, to: &Member, now: Instant) -> Option<Member> {
+        if self.links.contains(to) {
+            return Some(to.clone());
+        }
+        self.refresh_routes(now);
+        self.routes.as_ref().and_then(|r| r.get(to)).cloned()
+    }
+
+    /// Recomputes the routes if links or adverts changed, and with them which members are
+    /// unreachable (and since when).
+    fn refresh_routes(&mut self, now: Instant) {
+        if self.routes.is_some() {
+            return;
+        }
+        let routes = self.topology.next_hops(&self.me, &self.links);
+        for m in &self.list.members {
+            if *m == self.me || routes.contains_key(m) {
+                self.unreachable_since.remove(m);
+            } else {
+                self.unreachable_since.entry(m.clone()).or_insert(now);
+            }
+        }
+        self.routes = Some(routes);
+    }
+
+    fn is_down(&self, m: &Member, now: Instant) -> bool {
+        self.unreachable_since
+            .get(m)
+            .is_some_and(|since| now.duration_since(*since) >= DOWN_GRACE)
+    }
+
+    /// Floods this peer's own links, under a new sequence number.
+    fn advertise(&mut self, out: &mut Vec<Effect>) {
+        self.own_seq += 1;
+        let msg = PeerMessage::Links {
+            owner: self.me.clone(),
+            seq: self.own_seq,
+            links: self.links.iter().cloned().collect(),
+        };
+        self.flood(msg, None, out);
+    }
+
+    /// Sends `msg` on every link but the one it came from.
+    fn flood(&self, msg: PeerMessage, except: Option<&Member>, out: &mut Vec<Effect>) {
+        for link in self.links.iter().filter(|l| Some(*l) != except) {
+            out.push(Effect::Send(link.clone(), msg.clone()));
+        }
+    }
+
+    fn others(&self) -> impl Iterator<Item = &Member> {
+        self.list.members.iter().filter(|m| **m != self.me)
+    }
+}
+
+/// `[Name] text`, with control characters (a newline a peer smuggled into a string)
+/// shown as spaces so one message is one line of output.
+fn chat_line(name: &str, text: &str) -> String {
+    let text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("[{name}] {text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A room of nodes on a simulated network: links are pairs of names, messages wait on
+    /// a FIFO wire, time moves only when told to.
+    struct Sim {
+        now: Instant,
+        nodes: BTreeMap<String, Node>,
+        members: BTreeMap<String, Member>,
+        links: BTreeSet<(String, String)>,
+        dead: BTreeSet<String>,
+        wire: VecDeque<(String, String, PeerMessage)>,
+        printed: BTreeMap<String, Vec<String>>,
+        finished: BTreeMap<String, Outcome>,
+        /// Lose every n-th chat message put on the wire.
+        lose_every: Option<usize>,
+        msgs_seen: usize,
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            Sim {
+                now: Instant::now(),
+                nodes: BTreeMap::new(),
+                members: BTreeMap::new(),
+                links: BTreeSet::new(),
+                dead: BTreeSet::new(),
+                wire: VecDeque::new(),
+                printed: BTreeMap::new(),
+                finished: BTreeMap::new(),
+                lose_every: None,
+                msgs_seen: 0,
+            }
+        }
+
+        fn addr(&self, name: &str) -> SocketAddr {
+            self.members[name].addr
+        }
+
+        fn add(&mut self, name: &str, via: Option<&str>, no_direct: &[&str]) {
+            let port = 4000 + self.members.len() as u16;
+            let me = Member {
+                name: name.into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                inc: 1,
+            };
+            self.spawn(name, me, via, no_direct);
+        }
+
+        /// Starts node `key` as `me` (whose name may differ from the key).
+        fn spawn(&mut self, key: &str, me: Member, via: Option<&str>, no_direct: &[&str]) {
+            self.members.insert(key.into(), me.clone());
+            self.dead.remove(key);
+            let via = via.map(|v| self.addr(v));
+            let no_direct = no_direct.iter().map(|n| self.addr(n)).collect();
+            let mut out = Vec::new();
+            let node = Node::new(me, via, no_direct, self.now, &mut out);
+            self.nodes.insert(key.into(), node);
+            self.apply(key, out);
+        }
+
+        fn apply(&mut self, who: &str, effects: Vec<Effect>) {
+            for effect in effects {
+                match effect {
+                    Effect::Send(to, msg) => {
+                        if let PeerMessage::Route {
+                            body: Body::Msg { .. },
+                            ..
+                        } = msg
+                        {
+                            self.msgs_seen += 1;
+                            if self.lose_every.is_some_and(|n| self.msgs_seen % n == 0) {
+                                continue;
+                            }
+                        }
+                        let to = self.members.iter().find(|(_, m)| **m == to);
+                        if let Some((key, _)) = to {
+                            if self.links.contains(&(who.into(), key.clone())) {
+                                self.wire.push_back((who.into(), key.clone(), msg));
+                            }
+                        }
+                    }
+                    Effect::Print(line) => self.printed.entry(who.into()).or_default().push(line),
+                    Effect::Dial(addr) => self.dial(who, addr),
+                    Effect::Joined => {}
+                    Effect::Finish(outcome) => {
+                        self.finished.insert(who.into(), outcome);
+                    }
+                }
+            }
+        }
+
+        fn dial(&mut self, who: &str, addr: SocketAddr) {
+            let Some((key, target)) = self
+                .members
+                .iter()
+                .find(|(k, m)| m.addr == addr && !self.dead.contains(*k))
+                .map(|(k, m)| (k.clone(), m.clone()))
+            else {
+                return;
+            };
+            let pair = (who.to_owned(), key.clone());
+            if self.links.contains(&pair) {
+                return;
+            }
+            let me = self.members[who].clone();
+            if !self.nodes[&key].allows_direct(me.addr) {
+                self.nodes.get_mut(who).unwrap().direct_refused(addr);
+                return;
+            }
+            self.links.insert(pair);
+            self.links.insert((key.clone(), who.to_owned()));
+            let mut out = Vec::new();
+            self.nodes.get_mut(who).unwrap().link_up(target, &mut out);
+            self.apply(who, out);
+            let mut out = Vec::new();
+            self.nodes.get_mut(&key).unwrap().link_up(me, &mut out);
+            self.apply(&key, out);
+        }
+
+        /// Delivers everything on the wire, and whatever that sends in turn.
+        fn run(&mut self) {
+            let mut steps = 0;
+            while let Some((from, to, msg)) = self.wire.pop_front() {
+                steps += 1;
+                assert!(steps < 1_000_000, "messages never stop");
+                if self.dead.contains(&to) || !self.links.contains(&(from.clone(), to.clone())) {
+                    continue;
+                }
+                let from = self.members[&from].clone();
+                let mut out = Vec::new();
+                let node = self.nodes.get_mut(&to).unwrap();
+                node.receive(&from, msg, self.now, &mut out);
+                self.apply(&to, out);
+            }
+        }
+
+        fn tick(&mut self) {
+            self.now += Duration::from_millis(100);
+            let names: Vec<String> = self.nodes.keys().cloned().collect();
+            for name in &names {
+                if self.dead.contains(name) {
+                    continue;
+                }
+                let mut out = Vec::new();
+                self.nodes.get_mut(name).unwrap().tick(self.now, &mut out);
+                self.apply(name, out);
+                self.run();
+            }
+        }
+
+        fn settle(&mut self, secs: u64) {
+            self.run();
+            for _ in 0..secs * 10 {
+                self.tick();
+            }
+        }
+
+        fn kill(&mut self, name: &str) {
+            self.dead.insert(name.into());
+            let gone = self.members[name].clone();
+            let neighbours: Vec<String> = self
+                .links
+                .iter()
+                .filter(|(a, _)| a == name)
+                .map(|(_, b)| b.clone())
+                .collect();
+            self.links.retain(|(a, b)| a != name && b != name);
+            for n in neighbours {
+                let mut out = Vec::new();
+                self.nodes.get_mut(&n).unwrap().link_down(&gone, &mut out);
+                self.apply(&n, out);
+            }
+            self.run();
+        }
+
+        fn say(&mut self, who: &str, text: &str) {
+            let mut out = Vec::new();
+            let node = self.nodes.get_mut(who).unwrap();
+            node.say(text, self.now, &mut out).unwrap();
+            self.apply(who, out);
+        }
+
+        fn leave(&mut self, who: &str) {
+            let mut out = Vec::new();
+            self.nodes.get_mut(who).unwrap().leave(self.now, &mut out);
+            self.apply(who, out);
+            self.run();
+        }
+
+        fn list(&self, who: &str) -> String {
+            self.nodes[who].members().summary()
+        }
+
+        /// Asserts every live node holds the list of exactly `names`, and returns it.
+        fn agreed(&self, names: &str) -> String {
+            let lists: BTreeSet<String> = self
+                .nodes
+                .keys()
+                .filter(|n| !self.dead.contains(*n) && !self.finished.contains_key(*n))
+                .map(|n| self.list(n))
+                .collect();
+            assert_eq!(lists.len(), 1, "lists differ: {lists:?}");
+            let list = lists.into_iter().next().unwrap();
+            assert!(list.ends_with(&format!("] {names}")), "{list}");
+            list
+        }
+
+        fn heard(&self, who: &str, from: &str) -> Vec<String> {
+            let prefix = format!("[{from}] ");
+            self.printed[who]
+                .iter()
+                .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+                .collect()
+        }
+
+        fn linked(&self, a: &str, b: &str) -> bool {
+            self.links.contains(&(a.into(), b.into()))
+        }
+    }
+
+    /// a founds the room, b and c join through a.
+    fn room_of_three() -> Sim {
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        sim.add("b", Some("a"), &[]);
+        sim.add("c", Some("a"), &[]);
+        sim.settle(1);
+        sim.agreed("a,b,c");
+        sim
+    }
+
+    #[test]
+    fn a_founder_is_alone_at_version_one() {
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        assert_eq!(sim.printed["a"], ["[MEMBERS v1] a"]);
+        sim.settle(1);
+        assert_eq!(sim.printed["a"].len(), 1);
+    }
+
+    #[test]
+    fn concurrent_joins_through_different_members_end_with_one_list() {
+        let mut sim = room_of_three();
+        for (name, via) in [("d", "a"), ("e", "b"), ("f", "c"), ("g", "b"), ("h", "c")] {
+            sim.add(name, Some(via), &[]);
+        }
+        sim.settle(2);
+        assert_eq!(
+            sim.agreed("a,b,c,d,e,f,g,h"),
+            "[MEMBERS v8] a,b,c,d,e,f,g,h"
+        );
+        // Everyone linked to everyone, one link per pair.
+        assert_eq!(sim.links.len(), 8 * 7);
+        // Old members announce each newcomer once; a newcomer prints only the list.
+        let joins = |who: &str| {
+            sim.printed[who]
+                .iter()
+                .filter(|l| l.starts_with("[JOIN]"))
+                .count()
+        };
+        assert_eq!(joins("a"), 7);
+        assert_eq!(joins("h"), 0);
+        assert_eq!(sim.printed["h"][0], sim.list("h"));
+    }
+
+    #[test]
+    fn lines_arrive_once_and_in_order_despite_losses() {
+        let mut sim = room_of_three();
+        sim.lose_every = Some(3);
+        for i in 0..30 {
+            for who in ["a", "b", "c"] {
+                sim.say(who, &format!("{who}{i}"));
+            }
+            sim.run();
+        }
+        sim.settle(5);
+        for who in ["a", "b", "c"] {
+            for from in ["a", "b", "c"] {
+                let want: Vec<String> = if who == from {
+                    vec![]
+                } else {
+                    (0..30).map(|i| format!("{from}{i}")).collect()
+                };
+                assert_eq!(sim.heard(who, from), want, "{who} hearing {from}");
+            }
+        }
+        // Everything was acknowledged in the end: nothing is resent any more.
+        let sent = sim.msgs_seen;
+        sim.settle(2);
+        assert_eq!(sim.msgs_seen, sent);
+    }
+
+    #[test]
+    fn joiners_joining_through_each_other_still_reach_the_room() {
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        sim.add("b", Some("a"), &[]);
+        sim.add("c", Some("b"), &[]);
+        // c's first tick comes first and links it to b before b has dialled a.
+        sim.now += Duration::from_millis(100);
+        let mut out = Vec::new();
+        sim.nodes.get_mut("c").unwrap().tick(sim.now, &mut out);
+        sim.apply("c", out);
+        sim.run();
+        assert!(sim.linked("b", "c") && !sim.linked("b", "a"));
+        sim.settle(2);
+        sim.agreed("a,b,c");
+    }
+
+    #[test]
+    fn a_forbidden_link_is_routed_around() {
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        sim.add("b", Some("a"), &[]);
+        sim.settle(1);
+        sim.add("c", Some("a"), &["b"]);
+        sim.settle(1);
+        sim.agreed("a,b,c");
+        assert!(!sim.linked("b", "c") && sim.linked("a", "c") && sim.linked("a", "b"));
+        sim.say("b", "via a");
+        sim.say("c", "back via a");
+        sim.run();
+        assert_eq!(sim.heard("c", "b"), ["via a"]);
+        assert_eq!(sim.heard("b", "c"), ["back via a"]);
+    }
+
+    #[test]
+    fn a_joiner_forbidden_to_reach_the_leader_joins_through_a_member() {
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        sim.add("m", Some("a"), &[]);
+        sim.settle(1);
+        sim.add("x", Some("m"), &["a"]);
+        sim.settle(1);
+        sim.agreed("a,m,x");
+        assert!(!sim.linked("x", "a"));
+    }
+
+    #[test]
+    fn a_dead_leader_is_replaced_by_the_next_smallest_who_admits_joins() {
+        let mut sim = room_of_three();
+        sim.add("d", Some("b"), &[]);
+        sim.settle(1);
+        sim.kill("a");
+        // Within the grace period nobody acts.
+        sim.tick();
+        sim.agreed("a,b,c,d");
+        sim.settle(2);
+        assert_eq!(sim.agreed("b,c,d"), "[MEMBERS v5] b,c,d");
+        assert!(sim.printed["c"].contains(&"[LEAVE] a".to_owned()));
+        sim.add("e", Some("d"), &[]);
+        sim.settle(1);
+        sim.agreed("b,c,d,e");
+        sim.say("e", "hi");
+        sim.run();
+        assert_eq!(sim.heard("b", "e"), ["hi"]);
+    }
+
+    #[test]
+    fn a_dead_router_is_routed_around_and_its_lost_lines_resent() {
+        // x and y may not link to each other nor to a; m and n both connect them.
+        let mut sim = Sim::new();
+        sim.add("a", None, &[]);
+        sim.add("m", Some("a"), &[]);
+        sim.add("n", Some("a"), &[]);
+        sim.settle(1);
+        sim.add("x", Some("m"), &["a"]);
+        sim.settle(1);
+        sim.add("y", Some("n"), &["a", "x"]);
+        sim.settle(1);
+        sim.agreed("a,m,n,x,y");
+        sim.say("x", "one");
+        sim.run();
+        assert_eq!(sim.heard("y", "x"), ["one"]);
+        // "two" goes to m (the smallest first hop) and dies there with it.
+        sim.say("x", "two");
+        sim.kill("m");
+        assert_eq!(sim.heard("y", "x"), ["one"]);
+        sim.say("x", "three");
+        sim.run();
+        assert_eq!(sim.heard("y", "x"), ["one"], "three waits for two");
+        sim.settle(2);
+        assert_eq!(sim.heard("y", "x"), ["one", "two", "three"]);
+        sim.agreed("a,n,x,y");
+    }
+
+    #[test]
+    fn a_taken_name_is_refused() {
+        let mut sim = room_of_three();
+        let twin = Member {
+            name: "b".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            inc: 1,
+        };
+        sim.spawn("twin", twin, Some("c"), &[]);
+        sim.settle(1);
+        assert_eq!(
+            sim.finished.get("twin"),
+            Some(&Outcome::Refused("name_taken".into()))
+        );
+        sim.agreed("a,b,c");
+        assert!(!sim.printed.contains_key("twin"));
+    }
+
+    #[test]
+    fn a_restart_at_the_same_address_replaces_the_old_run() {
+        let mut sim = room_of_three();
+        sim.kill("c");
+        let mut again = sim.members["c"].clone();
+        again.inc = 2;
+        sim.spawn("c", again.clone(), Some("b"), &[]);
+        // Well within the grace period: the leader replaces c instead of dropping it.
+        for _ in 0..3 {
+            sim.tick();
+        }
+        assert_eq!(sim.agreed("a,b,c"), "[MEMBERS v4] a,b,c");
+        assert!(sim.nodes["a"].members().contains(&again));
+        assert!(sim.printed["a"].ends_with(&[
+            "[JOIN] c".into(),
+            "[LEAVE] c".into(),
+            "[MEMBERS v4] a,b,c".into()
+        ]));
+    }
+
+    #[test]
+    fn leaving_members_and_a_leaving_leader() {
+        let mut sim = room_of_three();
+        // b's last line is acknowledged by everyone before b asks to be dropped.
+        sim.say("b", "bye");
+        sim.leave("b");
+        assert_eq!(sim.heard("c", "b"), ["bye"]);
+        assert_eq!(sim.finished.get("b"), Some(&Outcome::Left));
+        sim.kill("b");
+        sim.agreed("a,c");
+        sim.leave("a");
+        assert_eq!(sim.finished.get("a"), Some(&Outcome::Left));
+        sim.kill("a");
+        assert_eq!(sim.list("c"), "[MEMBERS v5] c");
+        assert!(sim.printed["c"].ends_with(&["[LEAVE] a".into(), "[MEMBERS v5] c".into()]));
+        sim.settle(2);
+        assert!(!sim.finished.contains_key("c"));
+    }
+
+    #[test]
+    fn a_member_dropped_while_alive_finds_out() {
+        let mut sim = room_of_three();
+        let mut out = Vec::new();
+        let list = MemberList::new(9, vec![sim.members["a"].clone(), sim.members["b"].clone()]);
+        let a = sim.members["a"].clone();
+        sim.nodes
+            .get_mut("c")
+            .unwrap()
+            .receive(&a, PeerMessage::Members(list), sim.now, &mut out);
+        assert!(out.contains(&Effect::Finish(Outcome::Dropped)));
+    }
+
+    #[test]
+    fn rival_lists_of_one_version_settle_on_the_smaller() {
+        let mut sim = room_of_three();
+        let [a, b, c] = ["a", "b", "c"].map(|n| sim.members[n].clone());
+        let mut out = Vec::new();
+        // As if b had wrongly taken over while a admitted someone: both issue v4.
+        let from_b = MemberList::new(4, vec![b.clone(), c.clone()]);
+        let from_a = MemberList::new(4, vec![a.clone(), b.clone(), c.clone()]);
+        let node = sim.nodes.get_mut("c").unwrap();
+        node.receive(&b, PeerMessage::Members(from_b.clone()), sim.now, &mut out);
+        assert_eq!(node.members(), &from_b);
+        node.receive(&a, PeerMessage::Members(from_a.clone()), sim.now, &mut out);
+        assert_eq!(node.members(), &from_a);
+        node.receive(&b, PeerMessage::Members(from_b), sim.now, &mut out);
+        assert_eq!(node.members(), &from_a);
+    }
+}

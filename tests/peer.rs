@@ -1,0 +1,314 @@
+//! Serverless chat peers (`chat-peer`) as child processes on port 0, driven through their
+//! stdin and read on their stdout: concurrent joins, exactly-once in-order delivery,
+//! routing around forbidden links, a dead leader, a dead router, refusals and leaving.
+
+mod common;
+
+use common::{eventually, IO_TIMEOUT};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Instant;
+
+const PEER: &str = env!("CARGO_BIN_EXE_chat-peer");
+
+/// One `chat-peer` process: stdin to type into, stdout lines collected by a thread, stderr
+/// echoed and kept. Killed when dropped.
+struct PeerProc {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<String>>,
+}
+
+impl PeerProc {
+    /// Starts peer `name` on a free port, joining through `via` when given.
+    fn start(name: &str, via: Option<&PeerProc>, no_direct: &[&PeerProc]) -> PeerProc {
+        let mut cmd = Command::new(PEER);
+        cmd.args(["--listen", "127.0.0.1:0", "--name", name, "-v"]);
+        if let Some(via) = via {
+            cmd.args(["--via", &via.addr.to_string()]);
+        }
+        for p in no_direct {
+            cmd.args(["--no-direct", &p.addr.to_string()]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {PEER}: {e}"));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&out);
+        let stdout = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Tests run in parallel with the same peer names: tag lines with the test too.
+        let test = thread::current().name().unwrap_or("").to_owned();
+        let tag = format!(
+            "{}/{name}",
+            test.split('_').take(2).collect::<Vec<_>>().join("_")
+        );
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{tag}] {line}");
+                if let Some(at) = line.find("listening on ") {
+                    let _ = tx.send(line[at + 13..].trim().parse::<SocketAddr>());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let Ok(Ok(addr)) = rx.recv_timeout(IO_TIMEOUT) else {
+            let _ = child.kill();
+            panic!("{name} did not report `listening on ADDR`");
+        };
+        PeerProc {
+            name: name.to_owned(),
+            stdin: child.stdin.take(),
+            child,
+            addr,
+            out,
+            log,
+        }
+    }
+
+    fn say(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(format!("{text}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// The last `[MEMBERS vN] ...` line printed.
+    fn members(&self) -> Option<String> {
+        let out = self.out.lock().unwrap();
+        out.iter()
+            .rev()
+            .find(|l| l.starts_with("[MEMBERS "))
+            .cloned()
+    }
+
+    /// Waits until the last member list printed names exactly `names`; returns the line.
+    fn wait_members(&self, names: &[&str]) -> String {
+        let want = names.join(",");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let last = self.members();
+            let list = last.as_deref().and_then(|l| l.split_once("] "));
+            if list.is_some_and(|(_, list)| list == want) {
+                return last.unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {} to list {want}; it printed {:#?}",
+                self.name,
+                self.lines()
+            );
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The texts of the `[from] text` lines printed so far, in order.
+    fn heard(&self, from: &str) -> Vec<String> {
+        let prefix = format!("[{from}] ");
+        let out = self.out.lock().unwrap();
+        out.iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    }
+
+    fn wait_heard(&self, from: &str, texts: &[String]) {
+        eventually(
+            &format!("{} to hear {texts:?} from {from}", self.name),
+            || self.heard(from).len() >= texts.len(),
+        );
+        assert_eq!(self.heard(from), texts, "{} hearing {from}", self.name);
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit on its own.
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until every peer lists exactly `names`, and all under the same version.
+fn converge(peers: &[&PeerProc], names: &[&str]) -> String {
+    let lines: Vec<String> = peers.iter().map(|p| p.wait_members(names)).collect();
+    for line in &lines {
+        assert_eq!(line, &lines[0], "member lists differ: {lines:?}");
+    }
+    lines[0].clone()
+}
+
+fn texts(from: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{from} says {i}")).collect()
+}
+
+#[test]
+fn five_concurrent_joins_agree_and_every_message_arrives_once_in_order() {
+    let a = PeerProc::start("a", None, &[]);
+    let b = PeerProc::start("b", Some(&a), &[]);
+    let c = PeerProc::start("c", Some(&b), &[]);
+    converge(&[&a, &b, &c], &["a", "b", "c"]);
+    // Five joiners at once, through three different members.
+    let joiners: Vec<PeerProc> = [("d", &a), ("e", &b), ("f", &c), ("g", &b), ("h", &c)]
+        .into_iter()
+        .map(|(name, via)| PeerProc::start(name, Some(via), &[]))
+        .collect();
+    let mut peers = vec![a, b, c];
+    peers.extend(joiners);
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let refs: Vec<&PeerProc> = peers.iter().collect();
+    let line = converge(&refs, &names);
+    // Three to start, one version per admission.
+    assert_eq!(line, "[MEMBERS v8] a,b,c,d,e,f,g,h");
+
+    const N: usize = 20;
+    for p in &mut peers {
+        let name = p.name.clone();
+        for text in texts(&name, N) {
+            p.say(&text);
+        }
+    }
+    for p in &peers {
+        for from in names.iter().filter(|n| **n != p.name) {
+            p.wait_heard(from, &texts(from, N));
+        }
+        assert!(p.heard(&p.name).is_empty(), "{} heard itself", p.name);
+    }
+    // Lines still in flight (resends) would show up as repeats by now.
+    let d = &peers[3];
+    d.wait_heard("h", &texts("h", N));
+}
+
+#[test]
+fn a_message_is_routed_around_a_forbidden_direct_link() {
+    let a = PeerProc::start("a", None, &[]);
+    let mut b = PeerProc::start("b", Some(&a), &[]);
+    let mut c = PeerProc::start("c", Some(&a), &[&b]);
+    converge(&[&a, &b, &c], &["a", "b", "c"]);
+    eventually("c to refuse b's direct link", || {
+        c.log_text().contains("refusing a direct link from b@")
+    });
+    assert!(!b.log_text().contains("link to c@"), "{}", b.log_text());
+    b.say("over to c");
+    c.say("over to b");
+    c.wait_heard("b", &["over to c".to_owned()]);
+    b.wait_heard("c", &["over to b".to_owned()]);
+    assert_eq!(a.heard("b"), ["over to c"]);
+}
+
+#[test]
+fn killing_the_leader_elects_the_next_and_a_sixth_peer_joins() {
+    let mut a = PeerProc::start("a", None, &[]);
+    let b = PeerProc::start("b", Some(&a), &[]);
+    let c = PeerProc::start("c", Some(&a), &[]);
+    let d = PeerProc::start("d", Some(&b), &[]);
+    let e = PeerProc::start("e", Some(&c), &[]);
+    converge(&[&a, &b, &c, &d, &e], &["a", "b", "c", "d", "e"]);
+    a.kill9();
+    let survivors = [&b, &c, &d, &e];
+    converge(&survivors, &["b", "c", "d", "e"]);
+    for p in survivors {
+        assert!(p.lines().contains(&"[LEAVE] a".to_owned()));
+    }
+    // d is not the leader: it points the newcomer at b.
+    let mut f = PeerProc::start("f", Some(&d), &[]);
+    converge(&[&b, &c, &d, &e, &f], &["b", "c", "d", "e", "f"]);
+    f.say("hello after the election");
+    for p in survivors {
+        p.wait_heard("f", &["hello after the election".to_owned()]);
+    }
+}
+
+#[test]
+fn killing_a_router_reroutes() {
+    // x and y may not link to each other or to the leader a: their traffic goes through
+    // m or n, and m (the smaller first hop) carries it until it dies.
+    let a = PeerProc::start("a", None, &[]);
+    let mut m = PeerProc::start("m", Some(&a), &[]);
+    let n = PeerProc::start("n", Some(&a), &[]);
+    converge(&[&a, &m, &n], &["a", "m", "n"]);
+    let mut x = PeerProc::start("x", Some(&m), &[&a]);
+    converge(&[&a, &m, &n, &x], &["a", "m", "n", "x"]);
+    let mut y = PeerProc::start("y", Some(&n), &[&a, &x]);
+    converge(&[&a, &m, &n, &x, &y], &["a", "m", "n", "x", "y"]);
+    x.say("before");
+    y.wait_heard("x", &["before".to_owned()]);
+    m.kill9();
+    x.say("after");
+    y.say("back");
+    y.wait_heard("x", &["before".to_owned(), "after".to_owned()]);
+    x.wait_heard("y", &["back".to_owned()]);
+    converge(&[&a, &n, &x, &y], &["a", "n", "x", "y"]);
+    x.say("still here");
+    y.wait_heard("x", &["before".into(), "after".into(), "still here".into()]);
+}
+
+#[test]
+fn a_taken_name_is_refused_and_leaving_hands_over_the_lead() {
+    let mut a = PeerProc::start("a", None, &[]);
+    let mut b = PeerProc::start("b", Some(&a), &[]);
+    let c = PeerProc::start("c", Some(&b), &[]);
+    converge(&[&a, &b, &c], &["a", "b", "c"]);
+
+    let mut twin = PeerProc::start("b", Some(&c), &[]);
+    assert!(!twin.wait_exit().success());
+    assert!(
+        twin.log_text().contains("the name b is taken"),
+        "{}",
+        twin.log_text()
+    );
+
+    // The leader leaves: the next smallest leads, and admits.
+    a.say("exit");
+    assert!(a.wait_exit().success());
+    converge(&[&b, &c], &["b", "c"]);
+    let d = PeerProc::start("d", Some(&c), &[]);
+    converge(&[&b, &c, &d], &["b", "c", "d"]);
+    // A member that is not the leader leaves at the end of its input.
+    drop(b.stdin.take());
+    assert!(b.wait_exit().success());
+    converge(&[&c, &d], &["c", "d"]);
+    assert!(c.lines().contains(&"[LEAVE] b".to_owned()));
+}
