@@ -15,6 +15,7 @@
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
 //! - [`chan`]: channels that cross the network and come home (the course's RemoteChan), registry.
+//! - [`messenger`]: accounts, offline delivery, three replicas surviving two crashes; client, bench.
 //! - [`peer`]: serverless chat: peers agree on the room through a leader, route messages by BFS.
 //!
 //! Layers read top to bottom: bytes → frames → typed requests and replies (a `protocol`
@@ -29,6 +30,7 @@ pub mod chat;
 pub mod echo;
 pub mod framing;
 pub mod log;
+pub mod messenger;
 pub mod peer;
 pub mod pipeline;
 pub mod server;

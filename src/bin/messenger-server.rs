@@ -1,0 +1,80 @@
+//! A messenger server: one of the cluster named by `--peers`, primary or backup by the rules
+//! in `switchboard::messenger`.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use switchboard::log_info;
+use switchboard::messenger::{self, Node, Options};
+use switchboard::server::{on_termination, Server, ServerConfig};
+
+/// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.
+#[derive(FromArgs)]
+struct Args {
+    /// this server's id: its index in --peers
+    #[argh(option)]
+    id: usize,
+    /// every server's HOST:PORT by id, comma-separated (clients and peers share the port)
+    #[argh(option)]
+    peers: String,
+    /// directory for the snapshot and the change log (created if missing)
+    #[argh(option)]
+    data_dir: PathBuf,
+    /// write the log without fsync: survives a killed process, not a power cut
+    #[argh(switch)]
+    no_fsync: bool,
+    /// snapshot the state and empty the log after this many records (default 50000)
+    #[argh(option, default = "messenger::log::COMPACT_AFTER")]
+    compact_after: u64,
+    /// log every connection
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    switchboard::log::set_verbose(args.verbose);
+    let peers = match messenger::parse_addrs(&args.peers) {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("--peers: {e}")),
+    };
+    let options = Options {
+        fsync: !args.no_fsync,
+        compact_after: args.compact_after,
+        ..Options::new(args.id, peers, args.data_dir)
+    };
+    let (node, report) = match Node::open(&options) {
+        Ok(opened) => opened,
+        Err(e) => return fail(&format!("cannot open the data directory: {e}")),
+    };
+    log_info!(
+        "messenger-{}: {}: {report}",
+        args.id,
+        options.data_dir.display()
+    );
+    let addr = options.peers[args.id];
+    let config = ServerConfig::named(&format!("messenger-{}", args.id));
+    let n = node.clone();
+    let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot listen on {addr}: {e}")),
+    };
+    if let Err(e) = node.start() {
+        return fail(&format!("cannot start: {e}"));
+    }
+    let (handle, n) = (server.handle(), node.clone());
+    if let Err(e) = on_termination(move || {
+        n.begin_stop();
+        handle.shutdown();
+    }) {
+        return fail(&format!("cannot install the Ctrl-C handler: {e}"));
+    }
+    server.run();
+    node.stop();
+    ExitCode::SUCCESS
+}
+
+fn fail(message: &str) -> ExitCode {
+    log_info!("messenger-server: {message}");
+    ExitCode::FAILURE
+}

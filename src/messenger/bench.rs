@@ -1,0 +1,299 @@
+//! The measurements behind `messenger-bench`: sends per second acknowledged by a cluster of
+//! `messenger-server` processes against a single server (the cost of replication), and
+//! failover time (from `kill -9` of the primary to the first send acknowledged by the new
+//! one). Servers run as child processes, so a kill is a real crash.
+
+use super::client::{Client, ClientError};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// `n` loopback addresses whose ports were free a moment ago (bound together, then
+/// released), for servers that must know each other's addresses before they start. The
+/// ports are drawn at random below Linux's ephemeral range (32768 and up), so the local
+/// ends of outgoing connections, which come from that range, cannot take them meanwhile.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_addrs(n: usize) -> io::Result<Vec<SocketAddr>> {
+    let mut listeners = Vec::with_capacity(n);
+    for _ in 0..200 {
+        if listeners.len() == n {
+            break;
+        }
+        let port = 20_000 + (super::client::random_id() % 12_000) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(TcpListener::bind("127.0.0.1:0")?);
+    }
+    listeners.iter().map(TcpListener::local_addr).collect()
+}
+
+/// A cluster of `messenger-server` child processes, killed (and their data removed) when
+/// dropped.
+pub struct Cluster {
+    /// Server addresses, by id.
+    pub addrs: Vec<SocketAddr>,
+    children: Vec<Option<Child>>,
+    server_bin: PathBuf,
+    root: PathBuf,
+    fsync: bool,
+}
+
+impl Cluster {
+    /// Starts `n` servers with data directories under `root`.
+    ///
+    /// # Errors
+    /// When ports cannot be found or a server cannot be started.
+    pub fn start(server_bin: &Path, n: usize, root: &Path, fsync: bool) -> io::Result<Cluster> {
+        let mut cluster = Cluster {
+            addrs: free_addrs(n)?,
+            children: (0..n).map(|_| None).collect(),
+            server_bin: server_bin.to_owned(),
+            root: root.to_owned(),
+            fsync,
+        };
+        for id in 0..n {
+            cluster.spawn(id)?;
+        }
+        Ok(cluster)
+    }
+
+    /// (Re)starts server `id` from its data directory.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn spawn(&mut self, id: usize) -> io::Result<()> {
+        let peers: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
+        let mut cmd = Command::new(&self.server_bin);
+        cmd.args(["--id", &id.to_string(), "--peers", &peers.join(",")])
+            .arg("--data-dir")
+            .arg(self.root.join(format!("server{id}")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if !self.fsync {
+            cmd.arg("--no-fsync");
+        }
+        self.children[id] = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    /// Stops server `id` with SIGSTOP: a hung process, whose kernel still accepts
+    /// connections and keeps its sockets open.
+    pub fn freeze(&mut self, id: usize) {
+        if let Some(c) = &self.children[id] {
+            let _ = Command::new("kill")
+                .args(["-STOP", &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Kills server `id` with SIGKILL, as a crash would.
+    pub fn kill(&mut self, id: usize) {
+        if let Some(mut c) = self.children[id].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the cluster acknowledges a request (a registration).
+    ///
+    /// # Errors
+    /// When it does not within `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), ClientError> {
+        let mut c = Client::new(self.addrs.clone());
+        c.timeout = timeout;
+        c.register(&format!("probe{}", super::client::random_id() % 1_000_000))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in 0..self.children.len() {
+            self.kill(id);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Closed-loop load: `clients` threads, each logged in as its own user, each sending to
+/// the next user and waiting for the acknowledgement before the next send. Returns the
+/// sends acknowledged and the time taken.
+///
+/// # Errors
+/// The first client error (a registration or login refused, or the cluster unavailable).
+pub fn load(
+    servers: &[SocketAddr],
+    clients: usize,
+    duration: Duration,
+    tag: &str,
+) -> Result<(u64, Duration), ClientError> {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (servers, barrier) = (servers.to_vec(), Arc::clone(&barrier));
+            let (me, to) = (format!("{tag}u{i}"), format!("{tag}u{}", (i + 1) % clients));
+            thread::spawn(move || -> Result<u64, ClientError> {
+                let mut c = Client::new(servers);
+                let ready = c.register(&me).and_then(|()| c.login(&me).map(drop));
+                barrier.wait();
+                ready?;
+                let deadline = Instant::now() + duration;
+                let mut sent = 0u64;
+                while Instant::now() < deadline {
+                    c.send(&to, &format!("message {sent} from {me}"))?;
+                    sent += 1;
+                    c.deliveries().try_iter().for_each(drop);
+                }
+                Ok(sent)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let started = Instant::now();
+    let mut total = 0;
+    let mut first_error = None;
+    for t in threads {
+        match t.join().unwrap_or(Err(ClientError::Unavailable)) {
+            Ok(n) => total += n,
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok((total, started.elapsed())),
+    }
+}
+
+/// How the primary fails in [`failover`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL: the process dies and its kernel closes its sockets.
+    Kill,
+    /// SIGSTOP: the process hangs; only silence gives it away.
+    Freeze,
+}
+
+/// Sends through the cluster, makes the primary fail between two sends, and returns the
+/// time from the fault to the first send acknowledged by another server.
+///
+/// # Errors
+/// A description of what failed.
+pub fn failover(cluster: &mut Cluster, tag: &str, fault: Fault) -> Result<Duration, String> {
+    let mut c = Client::new(cluster.addrs.clone());
+    let me = format!("{tag}f");
+    c.register(&me).map_err(|e| e.to_string())?;
+    c.login(&me).map_err(|e| e.to_string())?;
+    // A second of sends first: a cluster in its first half second after start still
+    // waits for peers it has not heard from (see the rules), which is not failover.
+    let warm = Instant::now() + Duration::from_secs(1);
+    for i in 0.. {
+        c.send(&me, &format!("warm-up {i}"))
+            .map_err(|e| e.to_string())?;
+        if Instant::now() >= warm {
+            break;
+        }
+    }
+    let primary = c.server().ok_or("no server answered")?;
+    let killed = Instant::now();
+    match fault {
+        Fault::Kill => cluster.kill(primary),
+        Fault::Freeze => cluster.freeze(primary),
+    }
+    for i in 0.. {
+        c.send(&me, &format!("after {i}"))
+            .map_err(|e| e.to_string())?;
+        if c.server() != Some(primary) {
+            return Ok(killed.elapsed());
+        }
+    }
+    unreachable!("the loop only ends by returning")
+}
+
+/// What `messenger-bench` runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `messenger-server` binary.
+    pub server_bin: PathBuf,
+    /// Client threads.
+    pub clients: usize,
+    /// Seconds per load run.
+    pub secs: f64,
+    /// Runs per figure (the median is reported).
+    pub runs: usize,
+    /// Servers fsync their logs.
+    pub fsync: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the throughput comparison and the failover measurement, printing each figure.
+///
+/// # Errors
+/// When a cluster cannot be started or a measurement fails.
+pub fn run(o: &BenchOptions) -> Result<(), String> {
+    let root = std::env::temp_dir().join(format!("switchboard-msgbench-{}", std::process::id()));
+    let duration = Duration::from_secs_f64(o.secs);
+    let fsync = if o.fsync { "fsync" } else { "no fsync" };
+    let mut per_sec = Vec::new();
+    for n in [1, 3] {
+        let mut rates = Vec::new();
+        for run in 0..o.runs {
+            let dir = root.join(format!("load-{n}-{run}"));
+            let cluster =
+                Cluster::start(&o.server_bin, n, &dir, o.fsync).map_err(|e| e.to_string())?;
+            cluster
+                .wait_ready(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let (sent, took) = load(&cluster.addrs, o.clients, duration, &format!("r{run}"))
+                .map_err(|e| e.to_string())?;
+            rates.push(sent as f64 / took.as_secs_f64());
+        }
+        let m = median(rates.clone());
+        println!(
+            "{n} server(s), {} clients, {fsync}: {m:.0} acknowledged sends/s (median of {:?})",
+            o.clients,
+            rates.iter().map(|r| r.round()).collect::<Vec<_>>()
+        );
+        per_sec.push(m);
+    }
+    println!(
+        "replication cost: a 3-server cluster acknowledges {:.0}% of a single server's sends/s",
+        100.0 * per_sec[1] / per_sec[0]
+    );
+    for (fault, what) in [
+        (Fault::Kill, "kill -9 of the primary"),
+        (Fault::Freeze, "SIGSTOP of the primary (hung)"),
+    ] {
+        let mut times = Vec::new();
+        for run in 0..o.runs {
+            let dir = root.join(format!("failover-{run}"));
+            let mut cluster =
+                Cluster::start(&o.server_bin, 3, &dir, o.fsync).map_err(|e| e.to_string())?;
+            cluster
+                .wait_ready(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let took = failover(&mut cluster, &format!("f{run}"), fault)?;
+            times.push(took.as_secs_f64() * 1000.0);
+        }
+        println!(
+            "failover, {what} to the first send acknowledged by another server: {:.0} ms \
+             (median of {:?})",
+            median(times.clone()),
+            times.iter().map(|t| t.round()).collect::<Vec<_>>()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The replicated messenger (`messenger-server`, `messenger-client`): accounts, messages kept
+//! for users who are away, and a cluster of servers (usually three; any number works)
+//! in which what a client was told is accepted survives the loss of all servers but one.
+//!
+//! - [`protocol`]: the client wire format and the name, text and pattern rules, pure.
+//! - [`state`]: the replicated state machine: requests to decisions, changes to state.
+//! - [`log`]: the data directory: snapshot and change log with CRCs, torn-tail handling.
+//! - [`peer`]: server-to-server messages, pure.
+//! - [`replication`]: one server: roles, peer links, catch-up, commit.
+//! - [`server`]: client connections on the primary; redirects elsewhere.
+//! - [`client`]: the failover client behind `messenger-client`, the bench and the tests.
+//! - [`bench`]: throughput and failover measurements behind `messenger-bench`.
+//!
+//! # The rules
+//!
+//! **Servers and ports.** `--peers A0,A1,A2` lists every server's address by id; server `i`
+//! listens on `Ai` for clients *and* peers: a connection whose first frame is a peer HELLO
+//! is a peer link (see [`peer`]), anything else a client. Each server dials every other
+//! one and writes only on the link it dialed, so every message between two servers goes
+//! one way on one TCP connection, in order.
+//!
+//! **Failure detection.** Every link carries a heartbeat at least every 100 ms
+//! ([`replication::HEARTBEAT_EVERY`]). A server considers a peer *down* when its inbound link
+//! closes (a killed process's sockets are closed by its kernel at once) or after 500 ms
+//! without a frame from it ([`replication::DOWN_AFTER`]); *up* while frames keep coming. A
+//! peer not heard from since start counts as possibly up for the first 500 ms, unless
+//! dialing it was refused or its link closed. This is the timing assumption the cluster rests on: a live
+//! server's heartbeats arrive within 500 ms. It holds for crashed and killed processes on a
+//! working network; a network partition, where both sides live but cannot talk, breaks it
+//! (tolerating partitions needs a majority quorum, which cannot survive two of three
+//! failures).
+//!
+//! **Stalls.** A process that was itself stopped or starved (its 20 ms ticker more than
+//! 300 ms late, [`replication::STALL`]) cannot trust that view: the others may have seen it
+//! silent for 500 ms and moved on. It commits nothing until the ticker has run; the ticker
+//! then makes a primary step down, forgets what it knew of every peer and closes their
+//! links (what waits unread in them was sent during the stall: stale too), and, as at
+//! start, takes over only once it has heard from every peer on the links they dial again,
+//! or 500 ms have passed. 300 ms of stall plus at most 100 ms since its last heartbeat
+//! stays under the others' 500 ms, so a primary that did not notice a stall was not
+//! replaced during it.
+//!
+//! **Epochs.** Each term of a primary has an epoch number, unique to its server (server `i`
+//! of `n` only uses epochs `e` with `e mod n = i`), larger than any it has heard of, and
+//! recorded with every change it writes. A server accepts changes from a primary only if
+//! that primary's epoch is at least the highest it has accepted; an older one is answered
+//! with REJECT, and a primary that hears of a higher epoch steps down.
+//!
+//! **Who is primary.** Server `i` acts as primary only while every lower-numbered server
+//! is down in its view; it steps down the moment it hears from one (or of a higher epoch),
+//! closing its client connections, so clients fail over to the lower server. A server that
+//! is not primary becomes *candidate* when all of these hold:
+//!
+//! 1. every lower-numbered server is down;
+//! 2. no live peer says it is primary;
+//! 3. some live server (itself included) holds every committed change, as its primary last
+//!    told it (see *in sync* below) — or every server of the cluster is up;
+//! 4. it has heard from every peer, or 500 ms have passed since it started (or stalled).
+//!
+//! A candidate asks every live peer (FETCH) for what it holds beyond the candidate's last
+//! record: the records that follow it, or the peer's whole state as a snapshot if the peer
+//! is ahead (epoch first, then sequence number) but does not have that record, or nothing.
+//! It takes what comes, asks again about its new last record, and once every live peer has
+//! answered "nothing newer" about its current last record (a heartbeat's position may be
+//! 100 ms old; an answer is not) it becomes primary: it picks its epoch, appends an epoch
+//! record, and makes every live peer a *member*. It now holds the greatest live log.
+//!
+//! **Commit.** The primary assigns each change the next sequence number, applies it,
+//! buffers it for its log and streams it (REPLICATE) to every peer it can reach. A backup
+//! takes records only if they follow its last record (same sequence number and epoch; else
+//! it answers NEED with its position, and the primary resends from there, or sends a
+//! snapshot when the two logs disagree), writes them to its log (fsynced by default), and
+//! acknowledges. A change is *committed* when it is durable on the primary and acknowledged
+//! by every member. Nothing a client is told — a reply, a delivered message, a login's
+//! hand-over, a search result — leaves the primary before every change made so far is
+//! committed. A member is dropped (no longer waited for) when its link closes, when it goes
+//! silent for 500 ms, or when it has not acknowledged a record 1 s after it was appended
+//! ([`replication::ACK_TIMEOUT`]). A live peer that is not a member is caught up by the same
+//! stream and becomes a member again once it has acknowledged everything committed.
+//!
+//! **In sync.** The primary tells each peer in its heartbeats whether it is a member that
+//! holds every committed change (it has acknowledged the epoch record) or is excluded. A
+//! server that restarts is not in sync until a primary says so; a primary is in sync. Rule
+//! 3 uses this: a server that was away while changes were committed without it can never
+//! take over alone and lose them. Because of it, a brand-new cluster's first primary needs
+//! every server up once; afterwards any single in-sync survivor carries on.
+//!
+//! **Why an acknowledged change survives.** It is on the primary and on every member. A
+//! server that is not a member either is down or has been told it is excluded (and is not
+//! in sync). After the primary fails, a candidate needs a live in-sync server, which holds
+//! the change, and ends with the greatest log among the live servers, which contains it
+//! (logs of one epoch are prefixes of its primary's, and a later epoch's primary started
+//! from the greatest log of its time). So the change is lost only if every server that
+//! held it is lost: with three servers, only if all three are.
+//!
+//! **Restart and hand-back.** A restarted server loads its snapshot and log, then follows
+//! the rules: if a primary is up it becomes its backup and is caught up by sequence
+//! number; if the restarted server is lower-numbered than the primary, the primary steps
+//! down as soon as it hears from it, the restarted server (now the lowest live server, no
+//! primary live, the old primary in sync) fetches what it lacks and takes over in a new
+//! epoch. Clients see their connections close and fail over to it.
+//!
+//! **Sessions** (who is logged in on which connection) belong to the primary's connections
+//! and are not replicated; after a failover clients log in again by themselves.
+//! **Exactly once:** a message is kept until its recipient confirms it (the client does so
+//! as it receives messages), is numbered by its change's sequence number, and reaches the
+//! recipient in number order, so a client that drops numbers it has already seen receives
+//! each message once across failovers; a send resent with the same id is acknowledged
+//! without being stored again (each sender's last 1,024 ids are part of the state).
+
+pub mod bench;
+pub mod client;
+pub mod log;
+pub mod peer;
+pub mod protocol;
+pub mod replication;
+pub mod server;
+pub mod state;
+
+pub use client::{Client, ClientError};
+pub use replication::{Node, Options};
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+/// Parses a comma-separated list of `HOST:PORT` addresses (each resolved to its first
+/// address).
+///
+/// # Errors
+/// A message naming the entry that does not resolve, or saying the list is empty.
+pub fn parse_addrs(list: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Result<Vec<SocketAddr>, String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("{s:?} is not a HOST:PORT address"))
+        })
+        .collect();
+    match addrs {
+        Ok(a) if a.is_empty() => Err("no addresses given".into()),
+        other => other,
+    }
+}

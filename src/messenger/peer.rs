@@ -1,0 +1,368 @@
+//! Server-to-server messages, pure. Peer links share the client port: a connection whose
+//! first frame is a HELLO is a peer link, anything else is a client. Each server dials
+//! every other one and only writes on the link it dialed (the acceptor's one frame is the
+//! WELCOME), so every message from server A to server B travels on A's link to B, in order.
+//! Frames are `u32` frames, as for clients; a peer frame may be as large as 1 GiB (a
+//! snapshot), which a link only accepts after the HELLO/WELCOME handshake.
+//!
+//! ```text
+//! 'h' from:u16 cluster         HELLO: the dialer's id and the whole --peers list, comma-joined
+//!                               (a server refuses a link from a differently configured cluster)
+//! 'w'                          WELCOME: the acceptor's only frame
+//! 'b' role:u8 epoch:u64 seq:u64 lepoch:u64 insync:u8 you:u8
+//!                               HEARTBEAT, every 100 ms and at once on any change: the sender's
+//!                               role (0 backup, 1 candidate, 2 primary), highest epoch accepted,
+//!                               last record (seq, lepoch), whether it holds every committed
+//!                               change, and, from a primary, the receiver's standing
+//!                               (0 n/a, 1 excluded, 2 member, 3 member holding everything)
+//! 'r' epoch:u64 pseq:u64 pepoch:u64 count:u32 record*
+//!                               REPLICATE: records following (pseq, pepoch), from the primary of
+//!                               `epoch`; records are encoded as in the change log, CRC included
+//! 'R' (as 'r')                  the answer to a FETCH: what follows the asker's last record
+//!                               (no records: nothing newer here)
+//! 's' epoch:u64 snapshot        SNAPSHOT: replace everything with this snapshot file
+//! 'S' epoch:u64 snapshot        the answer to a FETCH from a peer that is ahead
+//!                               but does not hold the asker's last record
+//! 'a' epoch:u64 seq:u64         ACK: everything up to seq is durable here
+//! 'n' seq:u64 epoch:u64         NEED: that replication did not follow my last record, this one
+//! 'x' epoch:u64                 REJECT: I have accepted a higher epoch than yours
+//! 'f' seq:u64 epoch:u64         FETCH: a candidate asks what the receiver holds
+//!                               beyond its last record
+//! ```
+
+use super::log::{decode_record, encode_record, Pos, Record};
+use super::state::{Corrupt, Cursor};
+
+/// The first byte of a HELLO frame (no client operation uses it).
+pub const HELLO: u8 = b'h';
+
+/// A server's role, as heartbeats report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Follows the primary (or waits for one).
+    Backup = 0,
+    /// Catching up from the most up-to-date peer before taking over.
+    Candidate = 1,
+    /// Applies client requests.
+    Primary = 2,
+}
+
+/// What a primary says about the receiver of its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The sender is not a primary.
+    NotPrimary = 0,
+    /// Commits do not wait for you: you may miss changes.
+    Excluded = 1,
+    /// Commits wait for you, but you may not hold every committed change yet.
+    Member = 2,
+    /// Commits wait for you and you hold every committed change.
+    InSync = 3,
+}
+
+/// A heartbeat's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The sender's role.
+    pub role: Role,
+    /// The highest epoch the sender has accepted (or started).
+    pub epoch: u64,
+    /// The sender's last record.
+    pub last: Pos,
+    /// Whether the sender holds every committed change.
+    pub in_sync: bool,
+    /// The receiver's standing with the sender.
+    pub you: Standing,
+}
+
+/// One peer-link message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// The dialer introduces itself.
+    Hello {
+        /// Its id.
+        from: usize,
+        /// Its `--peers` list.
+        cluster: String,
+    },
+    /// The acceptor agrees.
+    Welcome,
+    /// Liveness and position.
+    Heartbeat(Status),
+    /// Records that follow `prev`.
+    Replicate {
+        /// The sender's epoch.
+        epoch: u64,
+        /// The record the first one follows.
+        prev: Pos,
+        /// In order.
+        records: Vec<Record>,
+        /// An answer to a FETCH rather than replication from a primary.
+        fetched: bool,
+    },
+    /// A whole snapshot file.
+    Snapshot {
+        /// The sender's epoch.
+        epoch: u64,
+        /// The snapshot file's bytes.
+        bytes: Vec<u8>,
+        /// An answer to a FETCH.
+        fetched: bool,
+    },
+    /// Durable up to `seq`.
+    Ack {
+        /// The epoch whose replication this acknowledges.
+        epoch: u64,
+        /// Last durable record.
+        seq: u64,
+    },
+    /// Send what follows `last`.
+    Need {
+        /// The sender's last record.
+        last: Pos,
+    },
+    /// A higher epoch has been accepted.
+    Reject {
+        /// That epoch.
+        epoch: u64,
+    },
+    /// A candidate asks what follows `last`.
+    Fetch {
+        /// Its last record.
+        last: Pos,
+    },
+}
+
+fn put_pos(out: &mut Vec<u8>, pos: Pos) {
+    out.extend_from_slice(&pos.seq.to_be_bytes());
+    out.extend_from_slice(&pos.epoch.to_be_bytes());
+}
+
+fn get_pos(c: &mut Cursor<'_>) -> Result<Pos, Corrupt> {
+    let seq = c.u64()?;
+    Ok(Pos {
+        seq,
+        epoch: c.u64()?,
+    })
+}
+
+impl PeerMsg {
+    /// The message's frame payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            PeerMsg::Hello { from, cluster } => {
+                out.push(HELLO);
+                out.extend_from_slice(&(*from as u16).to_be_bytes());
+                out.extend_from_slice(cluster.as_bytes());
+            }
+            PeerMsg::Welcome => out.push(b'w'),
+            PeerMsg::Heartbeat(s) => {
+                out.push(b'b');
+                out.push(s.role as u8);
+                out.extend_from_slice(&s.epoch.to_be_bytes());
+                put_pos(&mut out, s.last);
+                out.push(u8::from(s.in_sync));
+                out.push(s.you as u8);
+            }
+            PeerMsg::Replicate {
+                epoch,
+                prev,
+                records,
+                fetched,
+            } => {
+                out.push(if *fetched { b'R' } else { b'r' });
+                out.extend_from_slice(&epoch.to_be_bytes());
+                put_pos(&mut out, *prev);
+                out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+                for r in records {
+                    encode_record(r.pos, &r.change, &mut out);
+                }
+            }
+            PeerMsg::Snapshot {
+                epoch,
+                bytes,
+                fetched,
+            } => {
+                out.push(if *fetched { b'S' } else { b's' });
+                out.extend_from_slice(&epoch.to_be_bytes());
+                out.extend_from_slice(bytes);
+            }
+            PeerMsg::Ack { epoch, seq } => {
+                out.push(b'a');
+                out.extend_from_slice(&epoch.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            PeerMsg::Need { last } => {
+                out.push(b'n');
+                put_pos(&mut out, *last);
+            }
+            PeerMsg::Reject { epoch } => {
+                out.push(b'x');
+                out.extend_from_slice(&epoch.to_be_bytes());
+            }
+            PeerMsg::Fetch { last } => {
+                out.push(b'f');
+                put_pos(&mut out, *last);
+            }
+        }
+        out
+    }
+
+    /// Decodes a frame payload.
+    ///
+    /// # Errors
+    /// [`Corrupt`] when it is not a peer message.
+    pub fn decode(payload: &[u8]) -> Result<PeerMsg, Corrupt> {
+        let mut c = Cursor::new(payload);
+        let msg = match c.u8()? {
+            HELLO => {
+                let from = c.u16()? as usize;
+                let cluster = String::from_utf8(c.rest().to_vec())
+                    .map_err(|_| Corrupt("cluster is not UTF-8"))?;
+                PeerMsg::Hello { from, cluster }
+            }
+            b'w' => PeerMsg::Welcome,
+            b'b' => {
+                let role = match c.u8()? {
+                    0 => Role::Backup,
+                    1 => Role::Candidate,
+                    2 => Role::Primary,
+                    _ => return Err(Corrupt("unknown role")),
+                };
+                let epoch = c.u64()?;
+                let last = get_pos(&mut c)?;
+                let in_sync = c.u8()? != 0;
+                let you = match c.u8()? {
+                    0 => Standing::NotPrimary,
+                    1 => Standing::Excluded,
+                    2 => Standing::Member,
+                    3 => Standing::InSync,
+                    _ => return Err(Corrupt("unknown standing")),
+                };
+                PeerMsg::Heartbeat(Status {
+                    role,
+                    epoch,
+                    last,
+                    in_sync,
+                    you,
+                })
+            }
+            t @ (b'r' | b'R') => {
+                let epoch = c.u64()?;
+                let prev = get_pos(&mut c)?;
+                let count = c.u32()? as usize;
+                let mut rest = c.rest();
+                let mut records = Vec::with_capacity(count.min(1 << 16));
+                for _ in 0..count {
+                    let (record, len) = decode_record(rest).ok_or(Corrupt("bad record"))?;
+                    records.push(record);
+                    rest = &rest[len..];
+                }
+                if !rest.is_empty() {
+                    return Err(Corrupt("trailing bytes"));
+                }
+                return Ok(PeerMsg::Replicate {
+                    epoch,
+                    prev,
+                    records,
+                    fetched: t == b'R',
+                });
+            }
+            t @ (b's' | b'S') => {
+                let epoch = c.u64()?;
+                return Ok(PeerMsg::Snapshot {
+                    epoch,
+                    bytes: c.rest().to_vec(),
+                    fetched: t == b'S',
+                });
+            }
+            b'a' => PeerMsg::Ack {
+                epoch: c.u64()?,
+                seq: c.u64()?,
+            },
+            b'n' => PeerMsg::Need {
+                last: get_pos(&mut c)?,
+            },
+            b'x' => PeerMsg::Reject { epoch: c.u64()? },
+            b'f' => PeerMsg::Fetch {
+                last: get_pos(&mut c)?,
+            },
+            _ => return Err(Corrupt("unknown peer message")),
+        };
+        c.end()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_round_trips_and_junk_is_refused() {
+        let pos = Pos { epoch: 4, seq: 17 };
+        let msgs = [
+            PeerMsg::Hello {
+                from: 2,
+                cluster: "127.0.0.1:1,127.0.0.1:2".into(),
+            },
+            PeerMsg::Welcome,
+            PeerMsg::Heartbeat(Status {
+                role: Role::Primary,
+                epoch: 7,
+                last: pos,
+                in_sync: true,
+                you: Standing::InSync,
+            }),
+            PeerMsg::Replicate {
+                epoch: 7,
+                prev: pos,
+                records: vec![
+                    Record {
+                        pos: Pos { epoch: 7, seq: 18 },
+                        change: b"E".to_vec(),
+                    },
+                    Record {
+                        pos: Pos { epoch: 7, seq: 19 },
+                        change: b"D\x01a".to_vec(),
+                    },
+                ],
+                fetched: false,
+            },
+            PeerMsg::Replicate {
+                epoch: 1,
+                prev: Pos::default(),
+                records: vec![],
+                fetched: true,
+            },
+            PeerMsg::Snapshot {
+                epoch: 3,
+                bytes: b"SWBMSNP1\n...".to_vec(),
+                fetched: true,
+            },
+            PeerMsg::Ack { epoch: 7, seq: 19 },
+            PeerMsg::Need { last: pos },
+            PeerMsg::Reject { epoch: 9 },
+            PeerMsg::Fetch { last: pos },
+        ];
+        for m in msgs {
+            assert_eq!(PeerMsg::decode(&m.encode()).unwrap(), m);
+        }
+        assert_eq!(PeerMsg::Welcome.encode(), b"w");
+        assert_eq!(
+            PeerMsg::Ack { epoch: 1, seq: 2 }.encode(),
+            b"a\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\x02"
+        );
+        for junk in [
+            &b""[..],
+            b"z",
+            b"w!",
+            b"b\x09",
+            b"a\0\0",
+            b"r\0\0\0\0\0\0\0\x01",
+        ] {
+            assert!(PeerMsg::decode(junk).is_err(), "{junk:?}");
+        }
+    }
+}

@@ -1,0 +1,782 @@
+//! The replicated state machine, pure: accounts, their pending messages and the recent send
+//! ids of each sender. The primary turns a request into a [`Decision`] (a reply, maybe a
+//! [`Change`], maybe a session effect); every server applies the same changes in the same
+//! order with [`State::apply`], which is deterministic and total, so replicas that apply
+//! the same log hold the same state. Sessions (who is logged in where) are not here: they
+//! belong to the primary's connections.
+//!
+//! Byte formats, used by the change log, snapshots and peer links:
+//!
+//! ```text
+//! change  := 'R' name:str8 nonce:u64          register (nonce 0: none given)
+//!          | 'D' name:str8                    delete the account and its pending messages
+//!          | 'M' from:str8 to:str8 id:u64 text:str16    send; the message's number is the
+//!                                             record's sequence number
+//!          | 'C' user:str8 upto:u64           confirm: drop user's messages numbered <= upto
+//!          | 'E'                              a new primary's first record; changes nothing
+//! state   := count:u32 account*               accounts in name order
+//! account := name:str8 nonce:u64 nids:u16 id:u64*  nmsgs:u32 message*
+//! message := number:u64 from:str8 text:str16
+//! str8    := len:u8 bytes     str16 := len:u16 bytes     integers big-endian
+//! ```
+
+use super::protocol::{self, Delivery, Reply, Request, Violation, MAX_LIST};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::fmt;
+
+/// Send ids remembered per sender. A client resends only its unacknowledged requests, one
+/// or a few, so a window this size recognises every resend.
+pub const RECENT_IDS: usize = 1024;
+
+/// A message waiting for its recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Its number: the sequence number of the change that sent it.
+    pub id: u64,
+    /// The sender.
+    pub from: String,
+    /// The text.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Account {
+    /// The register request's nonce (0: none), so its resend is answered ok.
+    nonce: u64,
+    /// Messages not yet confirmed, in send order.
+    mailbox: VecDeque<Message>,
+    /// The last [`RECENT_IDS`] send ids of this sender, oldest first, and the same as a set.
+    recent: VecDeque<u64>,
+    recent_set: HashSet<u64>,
+}
+
+/// One state change, as logged and replicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Create an account.
+    Register {
+        /// Username.
+        name: String,
+        /// The request's nonce, 0 if none.
+        nonce: u64,
+    },
+    /// Remove an account and its pending messages.
+    Delete {
+        /// Username.
+        name: String,
+    },
+    /// Queue a message for `to` and remember `id` as sent by `from`.
+    Send {
+        /// Sender.
+        from: String,
+        /// Recipient.
+        to: String,
+        /// The client's id for this send.
+        id: u64,
+        /// The text.
+        text: String,
+    },
+    /// Drop `user`'s messages numbered up to `upto`: they have arrived.
+    Confirm {
+        /// Recipient.
+        user: String,
+        /// Highest message number received.
+        upto: u64,
+    },
+    /// Marks the start of a primary's term.
+    Epoch,
+}
+
+/// What a connection's session should do after a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    /// Nothing.
+    Keep,
+    /// The connection is now logged in as this user.
+    LogIn(String),
+    /// The connection is logged out.
+    LogOut,
+    /// Log out if logged in, then close the connection.
+    Quit,
+}
+
+/// The primary's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The change to log, replicate and apply, if the request changes state.
+    pub change: Option<Change>,
+    /// The reply (none for `confirm`). For `LoggedIn`, the server follows it with the
+    /// user's pending messages.
+    pub reply: Option<Reply>,
+    /// The session effect.
+    pub session: Session,
+}
+
+impl Decision {
+    fn reply(reply: Reply) -> Decision {
+        Decision {
+            change: None,
+            reply: Some(reply),
+            session: Session::Keep,
+        }
+    }
+
+    fn refuse(v: Violation) -> Decision {
+        Decision::reply(Reply::Refused(v))
+    }
+}
+
+/// A state or change encoding that does not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Corrupt(pub &'static str);
+
+impl fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "corrupt encoding: {}", self.0)
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
+/// Accounts and their pending messages.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    accounts: BTreeMap<String, Account>,
+}
+
+impl State {
+    /// An empty state.
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// Whether the account exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.accounts.contains_key(name)
+    }
+
+    /// Number of accounts.
+    pub fn accounts(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// The user's pending messages, oldest first.
+    pub fn mailbox(&self, name: &str) -> impl Iterator<Item = &Message> {
+        self.accounts
+            .get(name)
+            .into_iter()
+            .flat_map(|a| a.mailbox.iter())
+    }
+
+    /// Usernames matching `pattern`, in order, at most [`MAX_LIST`].
+    pub fn search(&self, pattern: &str) -> Vec<String> {
+        self.accounts
+            .keys()
+            .filter(|n| protocol::matches(pattern, n))
+            .take(MAX_LIST)
+            .cloned()
+            .collect()
+    }
+
+    /// Decides a request from a connection logged in as `me`; `online` says whether a user
+    /// is logged in on some connection. Checks run in this order, first failure answered:
+    ///
+    /// - register: logged in → `AlreadyLoggedIn`; name exists → `NameTaken` (unless the
+    ///   nonce is the one the account was registered with: a resend, answered ok).
+    /// - login: logged in → `AlreadyLoggedIn`; no account → `NoSuchUser`; logged in
+    ///   elsewhere → `InUse`.
+    /// - send: logged out → `NotLoggedIn`; FROM not me → `WrongUser`; no such recipient →
+    ///   `NoSuchUser`; id seen recently from me → ok, nothing changes (a resend); recipient
+    ///   has [`MAX_LIST`] waiting → `MailboxFull`.
+    /// - logout, delete: logged out → `NotLoggedIn`; NAME not me → `WrongUser`.
+    /// - confirm: ignored unless logged in; never answered.
+    /// - search, quit: always allowed.
+    pub fn decide(
+        &self,
+        me: Option<&str>,
+        online: impl Fn(&str) -> bool,
+        req: &Request,
+    ) -> Decision {
+        match req {
+            Request::Register { name, nonce } => {
+                if me.is_some() {
+                    return Decision::refuse(Violation::AlreadyLoggedIn);
+                }
+                if let Some(account) = self.accounts.get(name) {
+                    let resend = matches!(nonce, Some(n) if *n != 0 && *n == account.nonce);
+                    return if resend {
+                        Decision::reply(Reply::Ok)
+                    } else {
+                        Decision::refuse(Violation::NameTaken)
+                    };
+                }
+                Decision {
+                    change: Some(Change::Register {
+                        name: name.clone(),
+                        nonce: nonce.unwrap_or(0),
+                    }),
+                    reply: Some(Reply::Ok),
+                    session: Session::Keep,
+                }
+            }
+            Request::Login { name } => {
+                if me.is_some() {
+                    return Decision::refuse(Violation::AlreadyLoggedIn);
+                }
+                let Some(account) = self.accounts.get(name) else {
+                    return Decision::refuse(Violation::NoSuchUser);
+                };
+                if online(name) {
+                    return Decision::refuse(Violation::InUse);
+                }
+                Decision {
+                    change: None,
+                    reply: Some(Reply::LoggedIn {
+                        count: account.mailbox.len() as u16,
+                    }),
+                    session: Session::LogIn(name.clone()),
+                }
+            }
+            Request::Search { pattern } => Decision::reply(Reply::Found(self.search(pattern))),
+            Request::Send { from, to, id, text } => {
+                let Some(me) = me else {
+                    return Decision::refuse(Violation::NotLoggedIn);
+                };
+                if from != me {
+                    return Decision::refuse(Violation::WrongUser);
+                }
+                let Some(recipient) = self.accounts.get(to) else {
+                    return Decision::refuse(Violation::NoSuchUser);
+                };
+                if self
+                    .accounts
+                    .get(me)
+                    .is_some_and(|a| a.recent_set.contains(id))
+                {
+                    return Decision::reply(Reply::Ok);
+                }
+                if recipient.mailbox.len() >= MAX_LIST {
+                    return Decision::refuse(Violation::MailboxFull);
+                }
+                Decision {
+                    change: Some(Change::Send {
+                        from: from.clone(),
+                        to: to.clone(),
+                        id: *id,
+                        text: text.clone(),
+                    }),
+                    reply: Some(Reply::Ok),
+                    session: Session::Keep,
+                }
+            }
+            Request::Logout { name } | Request::Delete { name } => {
+                let Some(me) = me else {
+                    return Decision::refuse(Violation::NotLoggedIn);
+                };
+                if name != me {
+                    return Decision::refuse(Violation::WrongUser);
+                }
+                let change = matches!(req, Request::Delete { .. })
+                    .then(|| Change::Delete { name: name.clone() });
+                Decision {
+                    change,
+                    reply: Some(Reply::Ok),
+                    session: Session::LogOut,
+                }
+            }
+            Request::Quit => Decision {
+                change: None,
+                reply: Some(Reply::Ok),
+                session: Session::Quit,
+            },
+            Request::Confirm { upto } => {
+                let pending = me
+                    .and_then(|me| self.accounts.get(me))
+                    .and_then(|a| a.mailbox.front())
+                    .is_some_and(|m| m.id <= *upto);
+                Decision {
+                    change: pending.then(|| Change::Confirm {
+                        user: me.unwrap_or_default().to_owned(),
+                        upto: *upto,
+                    }),
+                    reply: None,
+                    session: Session::Keep,
+                }
+            }
+        }
+    }
+
+    /// Applies change number `seq`; returns the message to deliver at once, if it is a
+    /// send (the caller knows whether the recipient is online). Total: a change that no
+    /// longer fits the state (a send to a deleted account) changes what it still can.
+    pub fn apply(&mut self, seq: u64, change: &Change) -> Option<(String, Delivery)> {
+        match change {
+            Change::Register { name, nonce } => {
+                self.accounts
+                    .entry(name.clone())
+                    .or_insert_with(|| Account {
+                        nonce: *nonce,
+                        ..Account::default()
+                    });
+                None
+            }
+            Change::Delete { name } => {
+                self.accounts.remove(name);
+                None
+            }
+            Change::Send { from, to, id, text } => {
+                if let Some(sender) = self.accounts.get_mut(from) {
+                    if sender.recent_set.insert(*id) {
+                        sender.recent.push_back(*id);
+                        if sender.recent.len() > RECENT_IDS {
+                            let old = sender.recent.pop_front().unwrap_or_default();
+                            sender.recent_set.remove(&old);
+                        }
+                    }
+                }
+                let recipient = self.accounts.get_mut(to)?;
+                recipient.mailbox.push_back(Message {
+                    id: seq,
+                    from: from.clone(),
+                    text: text.clone(),
+                });
+                let delivery = Delivery {
+                    id: seq,
+                    from: from.clone(),
+                    text: text.clone(),
+                };
+                Some((to.clone(), delivery))
+            }
+            Change::Confirm { user, upto } => {
+                if let Some(account) = self.accounts.get_mut(user) {
+                    while account.mailbox.front().is_some_and(|m| m.id <= *upto) {
+                        account.mailbox.pop_front();
+                    }
+                }
+                None
+            }
+            Change::Epoch => None,
+        }
+    }
+
+    /// Appends the state's encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.accounts.len() as u32).to_be_bytes());
+        for (name, a) in &self.accounts {
+            put_str8(out, name);
+            out.extend_from_slice(&a.nonce.to_be_bytes());
+            out.extend_from_slice(&(a.recent.len() as u16).to_be_bytes());
+            for id in &a.recent {
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            out.extend_from_slice(&(a.mailbox.len() as u32).to_be_bytes());
+            for m in &a.mailbox {
+                out.extend_from_slice(&m.id.to_be_bytes());
+                put_str8(out, &m.from);
+                put_str16(out, &m.text);
+            }
+        }
+    }
+
+    /// Decodes a state encoding; all of `bytes` must be used.
+    ///
+    /// # Errors
+    /// [`Corrupt`] when the bytes are not a state encoding.
+    pub fn decode(bytes: &[u8]) -> Result<State, Corrupt> {
+        let mut c = Cursor::new(bytes);
+        let mut state = State::new();
+        for _ in 0..c.u32()? {
+            let name = c.str8()?;
+            let mut account = Account {
+                nonce: c.u64()?,
+                ..Account::default()
+            };
+            for _ in 0..c.u16()? {
+                let id = c.u64()?;
+                if account.recent_set.insert(id) {
+                    account.recent.push_back(id);
+                }
+            }
+            for _ in 0..c.u32()? {
+                let id = c.u64()?;
+                let (from, text) = (c.str8()?, c.str16()?);
+                account.mailbox.push_back(Message { id, from, text });
+            }
+            state.accounts.insert(name, account);
+        }
+        c.end()?;
+        Ok(state)
+    }
+}
+
+impl Change {
+    /// Appends the change's encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Change::Register { name, nonce } => {
+                out.push(b'R');
+                put_str8(out, name);
+                out.extend_from_slice(&nonce.to_be_bytes());
+            }
+            Change::Delete { name } => {
+                out.push(b'D');
+                put_str8(out, name);
+            }
+            Change::Send { from, to, id, text } => {
+                out.push(b'M');
+                put_str8(out, from);
+                put_str8(out, to);
+                out.extend_from_slice(&id.to_be_bytes());
+                put_str16(out, text);
+            }
+            Change::Confirm { user, upto } => {
+                out.push(b'C');
+                put_str8(out, user);
+                out.extend_from_slice(&upto.to_be_bytes());
+            }
+            Change::Epoch => out.push(b'E'),
+        }
+    }
+
+    /// The change's encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes a change; all of `bytes` must be used.
+    ///
+    /// # Errors
+    /// [`Corrupt`] when the bytes are not a change encoding.
+    pub fn decode(bytes: &[u8]) -> Result<Change, Corrupt> {
+        let mut c = Cursor::new(bytes);
+        let change = match c.u8()? {
+            b'R' => Change::Register {
+                name: c.str8()?,
+                nonce: c.u64()?,
+            },
+            b'D' => Change::Delete { name: c.str8()? },
+            b'M' => Change::Send {
+                from: c.str8()?,
+                to: c.str8()?,
+                id: c.u64()?,
+                text: c.str16()?,
+            },
+            b'C' => Change::Confirm {
+                user: c.str8()?,
+                upto: c.u64()?,
+            },
+            b'E' => Change::Epoch,
+            _ => return Err(Corrupt("unknown change type")),
+        };
+        c.end()?;
+        Ok(change)
+    }
+}
+
+fn put_str8(out: &mut Vec<u8>, s: &str) {
+    // Names are at most 50 bytes (checked at the protocol boundary).
+    out.push(s.len().min(255) as u8);
+    out.extend_from_slice(&s.as_bytes()[..s.len().min(255)]);
+}
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    let n = s.len().min(u16::MAX as usize);
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..n]);
+}
+
+/// Reads big-endian integers and length-prefixed strings off a byte slice.
+pub(crate) struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Cursor { bytes, at: 0 }
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Corrupt> {
+        let end = self.at.checked_add(n).ok_or(Corrupt("length overflow"))?;
+        let s = self.bytes.get(self.at..end).ok_or(Corrupt("truncated"))?;
+        self.at = end;
+        Ok(s)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, Corrupt> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub(crate) fn u16(&mut self) -> Result<u16, Corrupt> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, Corrupt> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, Corrupt> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn string(&mut self, n: usize) -> Result<String, Corrupt> {
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| Corrupt("string is not UTF-8"))
+    }
+
+    pub(crate) fn str8(&mut self) -> Result<String, Corrupt> {
+        let n = self.u8()? as usize;
+        self.string(n)
+    }
+
+    pub(crate) fn str16(&mut self) -> Result<String, Corrupt> {
+        let n = self.u16()? as usize;
+        self.string(n)
+    }
+
+    /// The bytes not read yet.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let r = &self.bytes[self.at..];
+        self.at = self.bytes.len();
+        r
+    }
+
+    pub(crate) fn end(&self) -> Result<(), Corrupt> {
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(Corrupt("trailing bytes"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(s: &mut State, seq: u64, name: &str) {
+        s.apply(
+            seq,
+            &Change::Register {
+                name: name.into(),
+                nonce: seq,
+            },
+        );
+    }
+
+    fn send(from: &str, to: &str, id: u64) -> Request {
+        Request::Send {
+            from: from.into(),
+            to: to.into(),
+            id,
+            text: format!("m{id}"),
+        }
+    }
+
+    #[test]
+    fn login_rules_in_order() {
+        let mut s = State::new();
+        register(&mut s, 1, "ann");
+        let login = Request::Login { name: "ann".into() };
+        let refused = |d: Decision| d.reply.unwrap();
+        assert_eq!(
+            refused(s.decide(Some("bob"), |_| false, &login)),
+            Reply::Refused(Violation::AlreadyLoggedIn)
+        );
+        assert_eq!(
+            refused(s.decide(None, |_| false, &Request::Login { name: "zed".into() })),
+            Reply::Refused(Violation::NoSuchUser)
+        );
+        assert_eq!(
+            refused(s.decide(None, |n| n == "ann", &login)),
+            Reply::Refused(Violation::InUse)
+        );
+        let d = s.decide(None, |_| false, &login);
+        assert_eq!(d.session, Session::LogIn("ann".into()));
+        assert_eq!(d.reply, Some(Reply::LoggedIn { count: 0 }));
+        assert_eq!(d.change, None);
+    }
+
+    #[test]
+    fn register_is_refused_when_taken_unless_it_is_the_same_request_again() {
+        let mut s = State::new();
+        let r = Request::Register {
+            name: "ann".into(),
+            nonce: Some(77),
+        };
+        let d = s.decide(None, |_| false, &r);
+        s.apply(1, d.change.as_ref().unwrap());
+        let again = s.decide(None, |_| false, &r);
+        assert_eq!((again.change, again.reply), (None, Some(Reply::Ok)));
+        let other = Request::Register {
+            name: "ann".into(),
+            nonce: Some(78),
+        };
+        assert_eq!(
+            s.decide(None, |_| false, &other).reply,
+            Some(Reply::Refused(Violation::NameTaken))
+        );
+        let bare = Request::Register {
+            name: "ann".into(),
+            nonce: None,
+        };
+        assert_eq!(
+            s.decide(None, |_| false, &bare).reply,
+            Some(Reply::Refused(Violation::NameTaken))
+        );
+    }
+
+    #[test]
+    fn send_rules_dedup_and_offline_order() {
+        let mut s = State::new();
+        register(&mut s, 1, "ann");
+        register(&mut s, 2, "bob");
+        let off = |_: &str| false;
+        let refused = |d: Decision| d.reply.unwrap();
+        assert_eq!(
+            refused(s.decide(None, off, &send("ann", "bob", 1))),
+            Reply::Refused(Violation::NotLoggedIn)
+        );
+        assert_eq!(
+            refused(s.decide(Some("bob"), off, &send("ann", "bob", 1))),
+            Reply::Refused(Violation::WrongUser)
+        );
+        assert_eq!(
+            refused(s.decide(Some("ann"), off, &send("ann", "cat", 1))),
+            Reply::Refused(Violation::NoSuchUser)
+        );
+        for (seq, id) in [(3, 10), (4, 11), (5, 12)] {
+            let d = s.decide(Some("ann"), off, &send("ann", "bob", id));
+            let delivered = s.apply(seq, d.change.as_ref().unwrap()).unwrap();
+            assert_eq!(delivered.0, "bob");
+            assert_eq!(delivered.1.id, seq);
+        }
+        // A resend is acknowledged and changes nothing.
+        let d = s.decide(Some("ann"), off, &send("ann", "bob", 11));
+        assert_eq!((d.change, d.reply), (None, Some(Reply::Ok)));
+        let ids: Vec<u64> = s.mailbox("bob").map(|m| m.id).collect();
+        assert_eq!(ids, [3, 4, 5]);
+        let texts: Vec<&str> = s.mailbox("bob").map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["m10", "m11", "m12"]);
+        // Confirm drops up to the id given; confirming nothing new changes nothing.
+        let d = s.decide(Some("bob"), off, &Request::Confirm { upto: 4 });
+        assert_eq!(d.reply, None);
+        s.apply(6, d.change.as_ref().unwrap());
+        assert_eq!(s.mailbox("bob").count(), 1);
+        assert_eq!(
+            s.decide(Some("bob"), off, &Request::Confirm { upto: 4 })
+                .change,
+            None
+        );
+        assert_eq!(
+            s.decide(None, off, &Request::Confirm { upto: 9 }).change,
+            None
+        );
+    }
+
+    #[test]
+    fn the_recent_window_forgets_the_oldest_ids() {
+        let mut s = State::new();
+        register(&mut s, 1, "ann");
+        for id in 0..RECENT_IDS as u64 + 5 {
+            let c = Change::Send {
+                from: "ann".into(),
+                to: "ann".into(),
+                id,
+                text: "x".into(),
+            };
+            s.apply(10 + id, &c);
+        }
+        let a = &s.accounts["ann"];
+        assert_eq!(a.recent.len(), RECENT_IDS);
+        assert!(!a.recent_set.contains(&4) && a.recent_set.contains(&5));
+    }
+
+    #[test]
+    fn logout_delete_and_search() {
+        let mut s = State::new();
+        for (i, n) in ["alice", "alfred", "bob", "carla"].iter().enumerate() {
+            register(&mut s, i as u64 + 1, n);
+        }
+        assert_eq!(s.search("al*"), ["alfred", "alice"]);
+        assert_eq!(s.search("*a"), ["carla"]);
+        assert_eq!(s.search("*l*"), ["alfred", "alice", "carla"]);
+        assert!(s.search("z*").is_empty());
+        let del = Request::Delete { name: "bob".into() };
+        assert_eq!(
+            s.decide(None, |_| false, &del).reply,
+            Some(Reply::Refused(Violation::NotLoggedIn))
+        );
+        assert_eq!(
+            s.decide(Some("alice"), |_| false, &del).reply,
+            Some(Reply::Refused(Violation::WrongUser))
+        );
+        let d = s.decide(Some("bob"), |_| false, &del);
+        assert_eq!(d.session, Session::LogOut);
+        s.apply(9, d.change.as_ref().unwrap());
+        assert!(!s.exists("bob"));
+        let out = s.decide(
+            Some("alice"),
+            |_| false,
+            &Request::Logout {
+                name: "alice".into(),
+            },
+        );
+        assert_eq!((out.change, out.session), (None, Session::LogOut));
+    }
+
+    #[test]
+    fn state_and_changes_round_trip_and_replicas_agree() {
+        let changes = [
+            Change::Register {
+                name: "ann".into(),
+                nonce: 5,
+            },
+            Change::Register {
+                name: "bob".into(),
+                nonce: 0,
+            },
+            Change::Send {
+                from: "ann".into(),
+                to: "bob".into(),
+                id: 99,
+                text: "hi | there ~".into(),
+            },
+            Change::Epoch,
+            Change::Send {
+                from: "bob".into(),
+                to: "ann".into(),
+                id: 1,
+                text: "back".into(),
+            },
+            Change::Confirm {
+                user: "bob".into(),
+                upto: 3,
+            },
+            Change::Delete { name: "zed".into() },
+        ];
+        let (mut a, mut b) = (State::new(), State::new());
+        for (i, c) in changes.iter().enumerate() {
+            let bytes = c.to_bytes();
+            assert_eq!(&Change::decode(&bytes).unwrap(), c);
+            a.apply(i as u64 + 1, c);
+            b.apply(i as u64 + 1, &Change::decode(&bytes).unwrap());
+        }
+        assert_eq!(a, b);
+        let mut enc = Vec::new();
+        a.encode(&mut enc);
+        assert_eq!(State::decode(&enc).unwrap(), a);
+        assert!(State::decode(&enc[..enc.len() - 1]).is_err());
+        enc.push(0);
+        assert!(State::decode(&enc).is_err());
+        assert!(Change::decode(b"Q").is_err());
+        assert!(Change::decode(b"D\x05ab").is_err());
+    }
+}

@@ -1,0 +1,668 @@
+//! The replicated messenger, end to end: every rule's status code in exact bytes, offline
+//! delivery order, wildcard search, persistence across `kill -9`, failover under load with
+//! exactly-once delivery, a killed server catching up and leading again, the Python client
+//! and the interactive client against the Rust servers.
+
+mod common;
+
+use common::{connect, eventually, run_python, ChildServer, IO_TIMEOUT};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use switchboard::framing::{encode_frame, FrameReader, Framing};
+use switchboard::messenger::bench::free_addrs;
+use switchboard::messenger::protocol::Delivery;
+use switchboard::messenger::{Client, ClientError};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
+const CLIENT: &str = env!("CARGO_BIN_EXE_messenger-client");
+
+/// Servers started as child processes on fixed free ports, with data directories that are
+/// removed (and processes that are killed) when the test ends.
+struct Cluster {
+    addrs: Vec<SocketAddr>,
+    servers: Vec<Option<ChildServer>>,
+    root: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    fn start(n: usize, name: &str) -> Cluster {
+        Cluster::start_with(n, name, &[])
+    }
+
+    fn start_with(n: usize, name: &str, extra: &[&str]) -> Cluster {
+        let root = std::env::temp_dir().join(format!(
+            "switchboard-messenger-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut c = Cluster {
+            addrs: free_addrs(n).unwrap(),
+            servers: (0..n).map(|_| None).collect(),
+            root,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 0..n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    fn peers(&self) -> String {
+        let peers: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
+        peers.join(",")
+    }
+
+    fn spawn(&mut self, id: usize) {
+        let dir = self.root.join(format!("server{id}"));
+        let (id_arg, peers) = (id.to_string(), self.peers());
+        let mut args = vec!["--id", &id_arg, "--peers", &peers];
+        args.extend(["--data-dir", dir.to_str().unwrap()]);
+        args.extend(self.extra.iter().map(String::as_str));
+        let server = ChildServer::start(SERVER, &args);
+        assert_eq!(server.addr, self.addrs[id]);
+        self.servers[id] = Some(server);
+    }
+
+    fn kill9(&mut self, id: usize) {
+        self.servers[id].take().expect("running").kill9();
+    }
+
+    fn log(&self, id: usize) -> String {
+        self.servers[id]
+            .as_ref()
+            .map_or(String::new(), ChildServer::log_text)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.addrs.clone())
+    }
+
+    /// A raw connection to the primary (found by asking each server).
+    fn raw(&self) -> Raw {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            for &addr in &self.addrs {
+                let mut r = Raw::connect(addr);
+                if r.ask(b"\x03probe")[0] == 0x22 {
+                    return r;
+                }
+            }
+            assert!(Instant::now() < deadline, "no primary");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.servers.iter_mut().for_each(|s| drop(s.take()));
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Exact bytes over one connection: each payload in one u32 frame.
+struct Raw {
+    stream: TcpStream,
+    reader: FrameReader<TcpStream>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let stream = connect(addr);
+        Raw {
+            reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
+            stream,
+        }
+    }
+
+    fn send(&mut self, payload: &[u8]) {
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, payload, &mut frame).unwrap();
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    fn recv(&mut self) -> Vec<u8> {
+        let frame = self.reader.read_frame().expect("a frame");
+        frame.expect("not closed").to_vec()
+    }
+
+    fn ask(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.send(payload);
+        self.recv()
+    }
+
+    fn closed(&mut self) -> bool {
+        matches!(self.reader.read_frame(), Ok(None) | Err(_))
+    }
+}
+
+const OK: &[u8] = b"\x20";
+
+#[test]
+fn every_rule_is_answered_with_its_own_code_and_changes_nothing() {
+    let cluster = Cluster::start(1, "rules");
+    let mut a = cluster.raw();
+    // Malformed requests: 50 bad request, 51 bad name, 52 bad text, 53 bad pattern.
+    assert_eq!(a.ask(b""), b"\x50");
+    assert_eq!(a.ask(b"\x09"), b"\x50");
+    assert_eq!(a.ask(b"\x01"), b"\x51");
+    assert_eq!(a.ask(&[&b"\x01"[..], &[b'a'; 51]].concat()), b"\x51");
+    assert_eq!(a.ask(b"\x01bad name"), b"\x51");
+    assert_eq!(a.ask(b"\x03a?"), b"\x53");
+    assert_eq!(a.ask(b"\x04a|b|notanumber|hi"), b"\x50");
+    // Register: ok, then 54 name taken; a resend with the same nonce is ok.
+    assert_eq!(a.ask(b"\x01alice"), OK);
+    assert_eq!(a.ask(&[&b"\x01"[..], &[b'b'; 50]].concat()), OK);
+    assert_eq!(a.ask(b"\x01alice"), b"\x54");
+    assert_eq!(a.ask(b"\x01bob|77"), OK);
+    assert_eq!(a.ask(b"\x01bob|77"), OK);
+    assert_eq!(a.ask(b"\x01bob|78"), b"\x54");
+    // Logged out: 56 for send, logout, delete; 55 for an unknown login.
+    assert_eq!(a.ask(b"\x04alice|bob|1|hi"), b"\x56");
+    assert_eq!(a.ask(b"\x05alice"), b"\x56");
+    assert_eq!(a.ask(b"\x06alice"), b"\x56");
+    assert_eq!(a.ask(b"\x02carol"), b"\x55");
+    // Login: 21 with the count; then 57 already logged in for register and login.
+    assert_eq!(a.ask(b"\x02alice"), b"\x21\x00\x00");
+    assert_eq!(a.ask(b"\x01carol"), b"\x57");
+    assert_eq!(a.ask(b"\x02bob"), b"\x57");
+    // 58: the account is logged in on another connection.
+    let mut b = cluster.raw();
+    assert_eq!(b.ask(b"\x02alice"), b"\x58");
+    // Send: 59 wrong sender, 55 no such recipient, 52 bad text (too long, not printable).
+    assert_eq!(a.ask(b"\x04bob|alice|1|hi"), b"\x59");
+    assert_eq!(a.ask(b"\x04alice|carol|1|hi"), b"\x55");
+    assert_eq!(a.ask(b"\x04alice|bob|1|"), b"\x52");
+    assert_eq!(
+        a.ask(&[&b"\x04alice|bob|1|"[..], &[b'x'; 263]].concat()),
+        b"\x52"
+    );
+    assert_eq!(a.ask(b"\x04alice|bob|1|tab\there"), b"\x52");
+    assert_eq!(
+        a.ask(&[&b"\x04alice|bob|1|"[..], &[b'~'; 262]].concat()),
+        OK
+    );
+    // Logout and delete name the logged-in user: 59 otherwise.
+    assert_eq!(a.ask(b"\x05bob"), b"\x59");
+    assert_eq!(a.ask(b"\x06bob"), b"\x59");
+    // Nothing changed: bob has exactly the one message, and alice still exists.
+    assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x01");
+    let handover = b.recv();
+    let tilde = [b'~'; 262];
+    assert!(
+        handover.starts_with(b"\x30") && handover.ends_with(&[&b"|alice|"[..], &tilde].concat())
+    );
+    let sorted = [&b"\x22\x00\x03alice|"[..], &[b'b'; 50], b"|bob"].concat();
+    assert_eq!(b.ask(b"\x03*"), sorted);
+    // Logout, then delete (the account and its pending messages), then quit.
+    assert_eq!(a.ask(b"\x05alice"), OK);
+    assert_eq!(a.ask(b"\x05alice"), b"\x56");
+    assert_eq!(b.ask(b"\x06bob"), OK);
+    assert_eq!(b.ask(b"\x02bob"), b"\x55");
+    assert_eq!(b.ask(b"\x03bob"), b"\x22\x00\x00");
+    assert_eq!(a.ask(b"\x02alice"), b"\x21\x00\x00");
+    assert_eq!(a.ask(b"\x07"), OK);
+    assert!(a.closed(), "quit closes the connection");
+    // Quit logged alice out: she can log in again elsewhere.
+    assert_eq!(b.ask(b"\x02alice"), b"\x21\x00\x00");
+    // A frame longer than any request is a bad request, and the connection goes on.
+    assert_eq!(b.ask(&vec![0x04; 5000]), b"\x50");
+    assert_eq!(b.ask(b"\x03alice"), b"\x22\x00\x01alice");
+}
+
+#[test]
+fn offline_messages_are_handed_over_in_send_order_with_the_count_first() {
+    let cluster = Cluster::start(1, "offline");
+    let mut a = cluster.raw();
+    assert_eq!(a.ask(b"\x01ann"), OK);
+    assert_eq!(a.ask(b"\x01bob"), OK);
+    assert_eq!(a.ask(b"\x02ann"), b"\x21\x00\x00");
+    for (id, text) in [(1, "first"), (2, "second | with bars |"), (3, "third")] {
+        assert_eq!(a.ask(format!("\x04ann|bob|{id}|{text}").as_bytes()), OK);
+    }
+    // A resend of id 2 is acknowledged and not kept twice.
+    assert_eq!(a.ask(b"\x04ann|bob|2|second | with bars |"), OK);
+    let mut b = cluster.raw();
+    assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x03");
+    let texts: Vec<Vec<u8>> = (0..3).map(|_| b.recv()).collect();
+    let mut ids = Vec::new();
+    for (frame, want) in texts.iter().zip(["first", "second | with bars |", "third"]) {
+        let body = std::str::from_utf8(&frame[1..]).unwrap();
+        let (id, rest) = body.split_once('|').unwrap();
+        assert_eq!(frame[0], 0x30);
+        assert_eq!(rest, format!("ann|{want}"));
+        ids.push(id.parse::<u64>().unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // Logged in: the next message arrives at once.
+    assert_eq!(a.ask(b"\x04ann|bob|4|live"), OK);
+    let live = b.recv();
+    assert!(live.starts_with(b"\x30") && live.ends_with(b"|ann|live"));
+    // Unconfirmed messages are handed over again at the next login; confirmed ones are not.
+    assert_eq!(b.ask(b"\x05bob"), OK);
+    assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x04");
+    (0..4).for_each(|_| drop(b.recv()));
+    b.send(format!("\x08{}", ids[2]).as_bytes());
+    assert_eq!(b.ask(b"\x05bob"), OK);
+    assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x01");
+    assert!(b.recv().ends_with(b"|ann|live"));
+}
+
+#[test]
+fn search_matches_wildcards_against_every_account() {
+    let cluster = Cluster::start(1, "search");
+    let mut c = cluster.client();
+    for name in ["alice", "alfred", "albert", "bob", "carla", "Al"] {
+        c.register(name).unwrap();
+    }
+    let found = |c: &mut Client, p: &str| c.search(p).unwrap().join(" ");
+    assert_eq!(found(&mut c, "al*"), "albert alfred alice");
+    assert_eq!(found(&mut c, "*l*"), "Al albert alfred alice carla");
+    assert_eq!(found(&mut c, "a*e*"), "albert alfred alice");
+    assert_eq!(found(&mut c, "*"), "Al albert alfred alice bob carla");
+    assert_eq!(found(&mut c, "bob"), "bob");
+    assert_eq!(found(&mut c, "*b"), "bob");
+    assert_eq!(found(&mut c, "b"), "");
+    assert_eq!(
+        c.search("a-b"),
+        Err(ClientError::Refused(
+            switchboard::messenger::protocol::Violation::BadPattern
+        ))
+    );
+}
+
+#[test]
+fn a_server_restarts_from_its_data_dir_after_kill_9() {
+    let mut cluster = Cluster::start(1, "restart");
+    let mut c = cluster.client();
+    c.register("ann").unwrap();
+    c.register("bob").unwrap();
+    c.login("ann").unwrap();
+    for i in 0..20 {
+        c.send("bob", &format!("kept {i}")).unwrap();
+    }
+    drop(c);
+    cluster.kill9(0);
+    cluster.spawn(0);
+    assert!(
+        cluster.log(0).contains("records replayed"),
+        "{}",
+        cluster.log(0)
+    );
+    let mut b = cluster.client();
+    assert_eq!(b.login("bob").unwrap(), 20);
+    let got: Vec<String> = b.deliveries().try_iter().map(|d| d.text).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("kept {i}")).collect();
+    assert_eq!(got, want);
+}
+
+/// Everything `name` receives: live, across its own failovers, until `stop`; then a final
+/// barrier request, after which every acknowledged message for it has arrived.
+fn receive(
+    cluster: &Cluster,
+    name: &str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<Delivery>> {
+    let mut c = cluster.client();
+    c.login(name).unwrap();
+    thread::spawn(move || {
+        let mut got: Vec<Delivery> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let _ = c.keep_up();
+            got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
+        }
+        c.search("barrier").unwrap();
+        got.extend(c.deliveries().try_iter());
+        got
+    })
+}
+
+#[test]
+fn acknowledged_sends_survive_killing_the_primary_and_then_the_next_one() {
+    let mut cluster = Cluster::start(3, "failover");
+    const SENDERS: usize = 4;
+    let mut setup = cluster.client();
+    for i in 0..SENDERS {
+        setup.register(&format!("s{i}")).unwrap();
+        setup.register(&format!("r{i}")).unwrap();
+    }
+    assert_eq!(setup.server(), Some(0));
+    // r0 and r1 are logged in throughout; r2 and r3 collect at the end.
+    let stop_receivers = Arc::new(AtomicBool::new(false));
+    let receivers: Vec<_> = (0..2)
+        .map(|i| receive(&cluster, &format!("r{i}"), Arc::clone(&stop_receivers)))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|i| {
+            let (mut c, stop, acked) = (cluster.client(), Arc::clone(&stop), Arc::clone(&acked));
+            c.login(&format!("s{i}")).unwrap();
+            thread::spawn(move || {
+                let mut unacked = Vec::new();
+                for k in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let text = format!("s{i} message {k}");
+                    match c.send(&format!("r{i}"), &text) {
+                        Ok(()) => acked.lock().unwrap().push(text),
+                        Err(e) => unacked.push((text, e)),
+                    }
+                }
+                unacked
+            })
+        })
+        .collect();
+    let acks = || acked.lock().unwrap().len();
+    let wait_for_more = |n: usize| {
+        let target = acks() + n;
+        eventually(&format!("{target} acknowledged sends"), || acks() >= target);
+    };
+    wait_for_more(100);
+    cluster.kill9(0);
+    wait_for_more(100);
+    eventually("server 1 to lead", || {
+        cluster.log(1).contains("primary for epoch")
+    });
+    cluster.kill9(1);
+    wait_for_more(100);
+    assert!(
+        cluster.log(2).contains("primary for epoch"),
+        "{}",
+        cluster.log(2)
+    );
+    // A killed server restarts from its data dir, catches up, and leads again.
+    cluster.spawn(0);
+    wait_for_more(50);
+    eventually("server 0 to lead again", || {
+        cluster.log(0).contains("caught up to") && cluster.log(0).contains("primary for epoch")
+    });
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        let unacked = s.join().unwrap();
+        assert!(unacked.len() <= SENDERS, "sends failed: {unacked:?}");
+    }
+    let mut probe = cluster.client();
+    probe.search("*").unwrap();
+    assert_eq!(probe.server(), Some(0), "{}", cluster.log(0));
+    stop_receivers.store(true, Ordering::SeqCst);
+    let mut delivered: Vec<Delivery> = receivers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
+    for i in 2..SENDERS {
+        let mut c = cluster.client();
+        c.login(&format!("r{i}")).unwrap();
+        delivered.extend(c.deliveries().try_iter());
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for d in &delivered {
+        *count.entry(d.text.as_str()).or_default() += 1;
+    }
+    let acked = acked.lock().unwrap();
+    for text in acked.iter() {
+        assert_eq!(
+            count.get(text.as_str()),
+            Some(&1),
+            "{text} delivered {:?} times",
+            count.get(text.as_str())
+        );
+    }
+    assert!(
+        count.values().all(|&n| n == 1),
+        "a message was delivered twice"
+    );
+    assert!(acked.len() >= 350, "{}", acked.len());
+}
+
+#[test]
+fn a_server_that_was_away_catches_up_by_records_or_snapshot_and_can_carry_on_alone() {
+    let mut cluster = Cluster::start_with(3, "catchup", &["--compact-after", "20"]);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    ann.login("ann").unwrap();
+    let mut sent = Vec::new();
+    let mut send = |ann: &mut Client, n: usize| {
+        for _ in 0..n {
+            let text = format!("message {}", sent.len());
+            ann.send("bob", &text).unwrap();
+            sent.push(text);
+        }
+    };
+    send(&mut ann, 10);
+    cluster.kill9(2);
+    send(&mut ann, 30);
+    // The primary restarts: server 1 leads meanwhile, then steps down for server 0, which
+    // first fetches what it missed from it.
+    cluster.kill9(0);
+    send(&mut ann, 5);
+    assert_eq!(ann.server(), Some(1));
+    cluster.spawn(0);
+    eventually("server 0 to lead again", || {
+        cluster.log(0).contains("caught up to") && cluster.log(0).contains("primary for epoch")
+    });
+    send(&mut ann, 10);
+    assert_eq!(ann.server(), Some(0));
+    // Server 2 was away longer than server 0's log goes back (it compacts every 20
+    // records): it is sent a snapshot, then records, and is told when it holds everything.
+    cluster.spawn(2);
+    eventually("server 2 to hold every committed change", || {
+        cluster.log(2).contains("holds every committed change")
+    });
+    assert!(
+        cluster.log(0).contains("sending server 2 a snapshot"),
+        "{}",
+        cluster.log(0)
+    );
+    assert!(
+        cluster.log(2).contains("installed a snapshot"),
+        "{}",
+        cluster.log(2)
+    );
+    send(&mut ann, 5);
+    // Servers 0 and 1 fail: server 2 has every acknowledged message and carries on alone.
+    cluster.kill9(0);
+    cluster.kill9(1);
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap() as usize, sent.len());
+    assert_eq!(bob.server(), Some(2));
+    let got: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
+    assert_eq!(got, sent);
+}
+
+#[test]
+fn a_frozen_primary_steps_down_when_it_wakes_and_acknowledges_nothing_meanwhile() {
+    let cluster = Cluster::start(3, "frozen");
+    let mut setup = cluster.client();
+    for name in ["ann", "bob", "cat"] {
+        setup.register(name).unwrap();
+    }
+    let mut ann = Raw::connect(cluster.addrs[0]);
+    assert_eq!(ann.ask(b"\x02ann"), b"\x21\x00\x00");
+    let mut cat = cluster.client();
+    cat.login("cat").unwrap();
+    cat.send("bob", "before").unwrap();
+    assert_eq!(cat.server(), Some(0));
+    let signal = |sig: &str| {
+        let pid = cluster.servers[0].as_ref().unwrap().child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // Queued in the frozen server's socket; it will read it when it wakes.
+    ann.send(b"\x04ann|bob|1|while frozen");
+    // The others notice the silence and take over; cat's client times out and fails over.
+    cat.send("bob", "during").unwrap();
+    assert_eq!(cat.server(), Some(1));
+    signal("-CONT");
+    // Woken, server 0 finds its ticker late: it steps down instead of trusting its stale
+    // view, so the request it finds waiting is never acknowledged.
+    let reply = ann.reader.read_frame().map(|f| f.map(<[u8]>::to_vec));
+    assert!(
+        !matches!(&reply, Ok(Some(r)) if r.as_slice() == OK),
+        "a stale primary acknowledged a send: {reply:?}"
+    );
+    eventually("server 0 to lead again", || {
+        let log = cluster.log(0);
+        log.contains("stalled") && log.matches("primary for epoch").count() >= 2
+    });
+    cat.send("bob", "after").unwrap();
+    let logs = || {
+        (0..3)
+            .map(|i| cluster.log(i))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(cat.server(), Some(0), "{}", logs());
+    let mut bob = cluster.client();
+    bob.login("bob").unwrap();
+    let texts: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
+    assert_eq!(texts, ["before", "during", "after"], "{}", logs());
+}
+
+#[test]
+fn a_resent_send_is_acknowledged_and_delivered_once() {
+    let cluster = Cluster::start(3, "resend");
+    let mut c = cluster.client();
+    c.register("ann").unwrap();
+    c.register("bob").unwrap();
+    c.login("ann").unwrap();
+    c.send_with_id("bob", "once", 42).unwrap();
+    c.send_with_id("bob", "once", 42).unwrap();
+    c.send_with_id("bob", "twice", 43).unwrap();
+    let mut b = cluster.client();
+    assert_eq!(b.login("bob").unwrap(), 2);
+    let texts: Vec<String> = b.deliveries().try_iter().map(|d| d.text).collect();
+    assert_eq!(texts, ["once", "twice"]);
+}
+
+#[test]
+fn the_python_client_works_against_the_rust_cluster_and_fails_over() {
+    let mut cluster = Cluster::start(3, "python");
+    let servers = cluster.peers();
+    let py = |args: &[&str]| {
+        let mut all = vec!["--servers", servers.as_str()];
+        all.extend_from_slice(args);
+        run_python("messenger_client.py", &all)
+    };
+    py(&["register", "ann"]);
+    py(&["register", "bob"]);
+    py(&["send", "ann", "bob", "hello | world"]);
+    py(&["send", "ann", "bob", "second"]);
+    cluster.kill9(0);
+    py(&["send", "ann", "bob", "after the primary died"]);
+    let inbox = py(&["inbox", "bob"]);
+    assert_eq!(
+        inbox,
+        "ann: hello | world\nann: second\nann: after the primary died\n"
+    );
+    assert_eq!(py(&["inbox", "bob"]), "");
+    // The Rust client sees what the Python client registered.
+    let mut c = cluster.client();
+    assert_eq!(c.search("*").unwrap(), ["ann", "bob"]);
+    let out = common::python(
+        "messenger_client.py",
+        &["--servers", &servers, "send", "ann", "nobody", "x"],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("55"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn the_interactive_client_prints_incoming_messages_and_answers_commands() {
+    let cluster = Cluster::start(1, "interactive");
+    let mut other = cluster.client();
+    other.register("bob").unwrap();
+    other.login("bob").unwrap();
+    let mut child = std::process::Command::new(CLIENT)
+        .args(["--servers", &cluster.peers()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout: Arc<Mutex<String>> = Arc::default();
+    let reader = {
+        let (mut out, seen) = (child.stdout.take().unwrap(), Arc::clone(&stdout));
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut out, &mut buf) {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    stdin
+        .write_all(b"register ann\nlogin ann\nsearch *\nsend bob hi bob\nsend nobody x\n")
+        .unwrap();
+    let got = other.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!((got.from.as_str(), got.text.as_str()), ("ann", "hi bob"));
+    other.send("ann", "hi ann").unwrap();
+    eventually("the message to be printed", || {
+        stdout.lock().unwrap().contains("bob: hi ann")
+    });
+    stdin.write_all(b"logout\nquit\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+    let text = stdout.lock().unwrap().clone();
+    for want in [
+        "registered ann",
+        "logged in as ann; 0 waiting message(s)",
+        "ann bob",
+        "sent",
+        "error: refused: no such user (55)",
+        "bob: hi ann",
+        "logged out",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from {text}");
+    }
+}
+
+#[test]
+fn help_and_bad_arguments() {
+    for bin in [SERVER, CLIENT, env!("CARGO_BIN_EXE_messenger-bench")] {
+        let out = std::process::Command::new(bin)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{bin}");
+        assert!(!out.stdout.is_empty());
+    }
+    let out = std::process::Command::new(SERVER)
+        .args([
+            "--id",
+            "3",
+            "--peers",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--id 3"));
+    let out = std::process::Command::new(SERVER)
+        .args(["--id", "0", "--peers", "nonsense", "--data-dir", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonsense"));
+}
