@@ -32,12 +32,13 @@
 //!   another joiner) `who_leads` and sends `join_req` to that leader, routed (so a
 //!   joiner forbidden to link to the leader joins through a member all the same). A
 //!   non-leader answers `join_req` with `{leader,L}`; the leader admits, or refuses a taken
-//!   or malformed name with `{join_refused,Reason}`. The joiner repeats both every 500 ms
-//!   until a list holding it arrives, so a leader that dies mid-join costs a retry, not the
-//!   join; it gives up after 15 s. A name held by a member at the *same* address is a
-//!   restart of that member (the old run cannot hold the port any more): the leader
-//!   replaces the old run.
-//! - **Failure**: a peer links to every member it may (the smaller of each pair dials), so
+//!   or malformed name, or a room already of 256 members, with `{join_refused,Reason}`.
+//!   The joiner repeats both every 500 ms until a list holding it arrives, so a leader
+//!   that dies mid-join costs a retry, not the join; it gives up after 15 s. A name held
+//!   by a member at the *same* address is a restart of that member (the old run cannot
+//!   hold the port any more): the leader replaces the old run.
+//! - **Failure**: a peer links to every member it may (the smaller of each pair dials; the
+//!   larger too while it has no route to the smaller, which may not know of it yet), so
 //!   a crash shows at once as broken links; a link silent for 3 s is closed too. Each peer
 //!   floods its own links whenever they change, and that advert is its report: the leader
 //!   sees a member that nobody links to any more as unreachable. A member unreachable in
@@ -71,9 +72,10 @@
 //! line `Seq` only after line `Seq-1` (holding lines that arrive early), drops repeats, and
 //! answers `{ack,N}` for everything printed up to N; it ignores (and so does not
 //! acknowledge) a line from a sender that is not on its list yet. The sender resends what
-//! is not acknowledged every second, along whatever route exists then, so a line lost
-//! with a dead router, or ignored by a member whose list lagged, arrives anyway: exactly
-//! once per member, in the sender's order. A sender with 1,024 lines unacknowledged by
+//! is not acknowledged every second (at most 256 lines a tick, so that a backlog does not
+//! swamp one link), along whatever route exists then, so a line lost with a dead router,
+//! or ignored by a member whose list lagged, arrives anyway: exactly once per member, in
+//! the sender's order. A sender with 1,024 lines unacknowledged by
 //! some member waits (for the ack, or for that member to be dropped). Both ends keep a
 //! departed member's streams for 60 s, so a member dropped and put back by rival lists
 //! carries on where it was.
@@ -88,6 +90,13 @@
 //! every 100 ms: dials missing links, retries a join, resends, drops members down for
 //! 1 s. Links read with a 3 s timeout and write with a 3 s timeout.
 //!
+//! # Bounds
+//!
+//! Nothing a peer sends grows another without limit: link lines are at most 256 KiB
+//! (longer ones are skipped), lists at most 256 members, chat lines at most 16 KiB, lines
+//! held for a gap at most 16 MiB in all (more are dropped unacknowledged and come again),
+//! and adverts of peers not on the list at most 256, each kept 15 s.
+//!
 //! # Output
 //!
 //! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes,
@@ -97,12 +106,12 @@ pub mod node;
 pub mod protocol;
 pub mod routing;
 
-use crate::framing::{FrameReader, FrameWriter, Framing};
+use crate::framing::{FrameReader, FrameWriter, Framing, Limits};
 use crate::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use node::{Effect, Node, Outcome, SayError};
-use protocol::{valid_name, Member, PeerMessage, MAX_NAME};
+use protocol::{valid_name, Member, PeerMessage, MAX_LINE, MAX_NAME};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -124,7 +133,7 @@ pub const OUTBOX: usize = 4096;
 /// list without it (see [`node::LEAVE_FLUSH`]).
 pub const LEAVE_WAIT: Duration = Duration::from_secs(3);
 /// Longest line a peer may type, in bytes.
-pub const MAX_TEXT: usize = 16 << 10;
+pub use protocol::MAX_TEXT;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a peer is told on the command line.
@@ -240,11 +249,11 @@ struct Link {
 
 /// What became of a link whose hello exchange is done.
 enum Attached {
-    /// It is the link to that peer now; its writer sends what the receiver yields.
-    Registered(Receiver<String>),
+    /// It is the link to that peer now, and its writer runs.
+    Registered,
     /// An existing link to that peer is kept; this one is read to its end.
     Duplicate,
-    /// The peer is shutting down.
+    /// The peer is shutting down (or no writer could be started).
     Closing,
 }
 
@@ -345,8 +354,14 @@ impl Shared {
         }
     }
 
-    /// Registers a link to `peer` whose hello exchange is done.
-    fn attach(self: &Arc<Self>, peer: &Member, id: u64, dialed_by_me: bool) -> Attached {
+    /// Registers a link to `peer` whose hello exchange is done, and starts its writer.
+    fn attach(
+        self: &Arc<Self>,
+        peer: &Member,
+        stream: &Arc<TcpStream>,
+        id: u64,
+        dialed_by_me: bool,
+    ) -> Attached {
         let mut st = self.state();
         if st.closing {
             return Attached::Closing;
@@ -368,6 +383,23 @@ impl Shared {
             }
         };
         let (tx, rx) = bounded(OUTBOX);
+        // Started under the lock that `closing` is set under, so `Peer::stop` either finds
+        // this writer in `writers` or this link sees `closing`: no writer goes unjoined.
+        let writer = Arc::clone(stream);
+        match thread::Builder::new()
+            .name("peer-writer".into())
+            .spawn(move || write_link(&writer, rx))
+        {
+            Ok(t) => {
+                let mut writers = lock(&self.writers);
+                writers.retain(|w| !w.is_finished());
+                writers.push(t);
+            }
+            Err(e) => {
+                log_info!("peer: cannot start a link writer: {e}");
+                return Attached::Closing;
+            }
+        }
         // Replacing a link drops its outbox: its writer sends what is queued and half-closes.
         st.links.insert(
             peer.clone(),
@@ -383,7 +415,7 @@ impl Shared {
             st.node.link_up(peer.clone(), &mut effects);
             self.apply(&mut st, effects);
         }
-        Attached::Registered(rx)
+        Attached::Registered
     }
 
     /// Forgets link `id` to `peer`, if it is still the registered one.
@@ -435,26 +467,10 @@ fn run_link<R: Read>(
     mut reader: FrameReader<R>,
     dialing: Option<Dialing>,
 ) {
-    let attached = shared.attach(&peer, id, dialing.is_some());
+    let attached = shared.attach(&peer, stream, id, dialing.is_some());
     drop(dialing);
     match attached {
-        Attached::Registered(outbox) => {
-            let stream = Arc::clone(stream);
-            match thread::Builder::new()
-                .name("peer-writer".into())
-                .spawn(move || write_link(&stream, outbox))
-            {
-                Ok(t) => {
-                    let mut writers = lock(&shared.writers);
-                    writers.retain(|w| !w.is_finished());
-                    writers.push(t);
-                }
-                Err(e) => {
-                    log_info!("peer: cannot start a link writer: {e}");
-                    let _ = stream_shutdown(shared, id);
-                }
-            }
-        }
+        Attached::Registered => {}
         // The other end keeps the other link too and half-closes this one: read on to
         // its end, so nothing it sent here is lost.
         Attached::Duplicate => {
@@ -466,17 +482,17 @@ fn run_link<R: Read>(
             return;
         }
     }
-    loop {
+    let clean_end = loop {
         let msg = match reader.read_frame() {
             Ok(Some(line)) => PeerMessage::parse(line),
-            Ok(None) => break,
+            Ok(None) => break true,
             Err(e) if e.is_recoverable() => {
                 log_info!("peer: from {peer}: {e}");
                 continue;
             }
             Err(e) => {
                 log_debug!("peer: link to {peer}: {e}");
-                break;
+                break false;
             }
         };
         match msg {
@@ -484,17 +500,16 @@ fn run_link<R: Read>(
             Ok(msg) => shared.with_node(|node, now, out| node.receive(&peer, msg, now, out)),
             Err(e) => log_info!("peer: from {peer}: {e}"),
         }
-    }
+    };
     shared.detach(&peer, id);
-    let _ = stream.shutdown(Shutdown::Both);
-    lock(&shared.sockets).remove(&id);
-}
-
-fn stream_shutdown(shared: &Shared, id: u64) -> io::Result<()> {
-    match lock(&shared.sockets).get(&id) {
-        Some(s) => s.shutdown(Shutdown::Both),
-        None => Ok(()),
+    // At a clean end (the other end half-closed: it replaced this link, or it is
+    // leaving) our writer may still be sending what was queued here, which the other end
+    // reads to the end: let it finish and half-close, bounded by its write timeout. A
+    // broken link is shut at once, which also stops its writer.
+    if !clean_end {
+        let _ = stream.shutdown(Shutdown::Both);
     }
+    lock(&shared.sockets).remove(&id);
 }
 
 /// Writes a link's queued lines, batching what is queued together, and a heartbeat when
@@ -576,6 +591,16 @@ fn dial(shared: Arc<Shared>, addr: SocketAddr) {
     }
 }
 
+/// A reader of link lines, none longer than [`MAX_LINE`]: a peer cannot make this one
+/// buffer more than that (a longer line is skipped, and the link goes on).
+fn link_reader<R: Read>(stream: R) -> FrameReader<R> {
+    let limits = Limits {
+        max_line: MAX_LINE,
+        ..Limits::default()
+    };
+    FrameReader::with_limits(stream, Framing::Line, limits)
+}
+
 /// Sends our hello on a dialled stream and reads the answer.
 fn handshake<'a>(
     shared: &Shared,
@@ -586,7 +611,7 @@ fn handshake<'a>(
     stream.set_write_timeout(Some(LINK_TIMEOUT))?;
     let hello = PeerMessage::Hello(shared.state().node.me().clone());
     FrameWriter::new(stream, Framing::Line).write_frame(hello.format().as_bytes())?;
-    let mut reader = FrameReader::new(stream, Framing::Line);
+    let mut reader = link_reader(stream);
     let msg = match reader.read_frame()? {
         Some(line) => PeerMessage::parse(line)?,
         None => return Err("closed before answering hello".into()),
@@ -598,7 +623,7 @@ fn handshake<'a>(
 fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
     let stream = &conn.stream;
     stream.set_write_timeout(Some(LINK_TIMEOUT))?;
-    let mut reader = FrameReader::new(&**stream, Framing::Line);
+    let mut reader = link_reader(&**stream);
     let mut writer = FrameWriter::new(&**stream, Framing::Line);
     let first = match reader.read_frame()? {
         Some(line) => PeerMessage::parse(line),
@@ -674,7 +699,16 @@ impl Peer {
                 })
         };
         let via = match &config.via {
-            Some(v) => resolve(v)?.first().copied(),
+            // Resolving to no address at all must not quietly start a room of our own.
+            Some(v) => Some(
+                resolve(v)?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| PeerError::Resolve {
+                        addr: v.clone(),
+                        source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+                    })?,
+            ),
             None => None,
         };
         let mut no_direct = Vec::new();
@@ -826,7 +860,10 @@ impl Peer {
         // Dropping the outboxes makes each writer flush and half-close (a leaving leader's
         // last list goes out this way); writes time out after LINK_TIMEOUT at worst.
         drop(links);
-        for writer in std::mem::take(&mut *lock(&self.shared.writers)) {
+        // Taken out first: a guard in a `for` head lives through the loop, and no lock
+        // should be held while joining threads that take locks of their own.
+        let writers = std::mem::take(&mut *lock(&self.shared.writers));
+        for writer in writers {
             let _ = writer.join();
         }
         for socket in lock(&self.shared.sockets).values() {
@@ -835,7 +872,8 @@ impl Peer {
         if let Some(server) = self.server.take() {
             server.stop();
         }
-        for thread in std::mem::take(&mut *lock(&self.shared.threads)) {
+        let threads = std::mem::take(&mut *lock(&self.shared.threads));
+        for thread in threads {
             let _ = thread.join();
         }
     }

@@ -3,7 +3,7 @@
 //! sockets or clocks of its own: every input (a link up or down, a received message, a
 //! tick, a typed line) takes the time and appends [`Effect`]s for the wiring to carry out.
 
-use super::protocol::{valid_name, Body, Member, MemberList, PeerMessage};
+use super::protocol::{valid_name, Body, Member, MemberList, PeerMessage, MAX_MEMBERS};
 use super::routing::Topology;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -28,6 +28,21 @@ pub const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 /// list puts it back (see [`MemberList::supersedes`]): both ends then carry on where
 /// they were, instead of one of them starting over.
 pub const STREAM_KEEP: Duration = Duration::from_secs(60);
+/// How long the link advert of a peer that is not on the list (a joiner, or a member that
+/// left) is kept after it arrived. A joiner needs it kept while it joins (replies to it
+/// are routed), and gives up after [`JOIN_TIMEOUT`]; past that it is a stale flood.
+pub const STRANGER_KEEP: Duration = JOIN_TIMEOUT;
+/// Adverts of peers not on the list held at once; more are ignored until some expire,
+/// so adverts for made-up owners cannot grow a peer's memory.
+pub const MAX_STRANGERS: usize = MAX_MEMBERS;
+/// Bytes of chat lines held, over all senders, for a gap to fill. Lines past it are
+/// dropped unacknowledged (their senders resend them), so the bound costs no line: it
+/// only stops a peer that forges `From` for every member from holding a window each.
+pub const EARLY_BYTES: usize = 16 << 20;
+/// Most lines resent per tick, over all destinations. After an outage, full windows to
+/// several members behind one router would otherwise land on that link at once, overflow
+/// its outbox, get it closed, and be resent again: a storm instead of a recovery.
+pub const RESEND_BURST: usize = 256;
 
 /// Something the wiring must do.
 // Effects live for one call in a short Vec; boxing every message would cost an allocation
@@ -132,6 +147,11 @@ pub struct Node {
     /// Members that left the list, and when: their streams are forgotten after
     /// [`STREAM_KEEP`].
     departed: BTreeMap<Member, Instant>,
+    /// Owners of adverts held that are not on the list, and when their advert arrived
+    /// (or they left): forgotten after [`STRANGER_KEEP`], at most [`MAX_STRANGERS`].
+    strangers: BTreeMap<Member, Instant>,
+    /// Bytes held in every `Incoming::early`, bounded by [`EARLY_BYTES`].
+    early_bytes: usize,
 }
 
 impl Node {
@@ -163,6 +183,8 @@ impl Node {
             outgoing: BTreeMap::new(),
             incoming: BTreeMap::new(),
             departed: BTreeMap::new(),
+            strangers: BTreeMap::new(),
+            early_bytes: 0,
         };
         if via.is_none() {
             let founding = MemberList::new(1, vec![node.me.clone()]);
@@ -251,8 +273,18 @@ impl Node {
                 if owner == self.me {
                     return;
                 }
+                let stranger = !self.list.contains(&owner);
+                if stranger
+                    && !self.strangers.contains_key(&owner)
+                    && self.strangers.len() >= MAX_STRANGERS
+                {
+                    return;
+                }
                 let set: BTreeSet<Member> = links.into_iter().collect();
                 if self.topology.advertise(owner.clone(), seq, set.clone()) {
+                    if stranger {
+                        self.strangers.insert(owner.clone(), now);
+                    }
                     self.routes = None;
                     let msg = PeerMessage::Links {
                         owner,
@@ -275,7 +307,9 @@ impl Node {
                         let msg = PeerMessage::Route {
                             from,
                             to,
-                            hops: hops - 1,
+                            // No honest sender starts above MAX_HOPS; clamping keeps a
+                            // forged count from circling a transient loop for ever.
+                            hops: hops.min(MAX_HOPS) - 1,
                             body,
                         };
                         out.push(Effect::Send(next, msg));
@@ -319,7 +353,7 @@ impl Node {
         if matches!(self.status, Status::Done) {
             return;
         }
-        self.dial_missing(out);
+        self.dial_missing(now, out);
         self.retransmit(now, out);
         self.drop_down_members(now, out);
         self.ask_to_leave(now, out);
@@ -332,7 +366,20 @@ impl Node {
         for m in expired {
             self.departed.remove(&m);
             self.outgoing.remove(&m);
-            self.incoming.remove(&m);
+            if let Some(stream) = self.incoming.remove(&m) {
+                self.early_bytes -= stream.early.values().map(String::len).sum::<usize>();
+            }
+        }
+        let stale: Vec<Member> = self
+            .strangers
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= STRANGER_KEEP)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in stale {
+            self.strangers.remove(&m);
+            self.topology.remove(&m);
+            self.routes = None;
         }
     }
 
@@ -491,6 +538,11 @@ impl Node {
         }
         let mut next: Vec<Member> = self.list.members.clone();
         next.retain(|m| m.name != joiner.name);
+        // Every peer refuses a longer list as malformed: issuing one would split the room.
+        if next.len() >= MAX_MEMBERS {
+            self.route(joiner, Body::JoinRefused("room_full".into()), now, out);
+            return;
+        }
         next.push(joiner);
         self.issue(next, now, out);
     }
@@ -520,10 +572,16 @@ impl Node {
             out.push(Effect::Print(chat_line(&from.name, &text)));
             stream.expected += 1;
             while let Some(text) = stream.early.remove(&stream.expected) {
+                self.early_bytes -= text.len();
                 out.push(Effect::Print(chat_line(&from.name, &text)));
                 stream.expected += 1;
             }
-        } else if seq > stream.expected && seq < stream.expected + WINDOW as u64 {
+        } else if seq > stream.expected
+            && seq < stream.expected + WINDOW as u64
+            && !stream.early.contains_key(&seq)
+            && self.early_bytes + text.len() <= EARLY_BYTES
+        {
+            self.early_bytes += text.len();
             stream.early.insert(seq, text);
         }
         let seq = stream.expected - 1;
@@ -557,11 +615,19 @@ impl Node {
             .filter(|m| !self.list.contains(m))
             .collect();
         for gone in &removed {
-            self.topology.remove(gone);
+            // Its advert expires as a stranger's rather than going now: a late flood of it
+            // would otherwise be taken again and kept for good, and should a rival list put
+            // it back, routes through it keep working. Unless the strangers are full.
+            if self.strangers.len() < MAX_STRANGERS {
+                self.strangers.insert((*gone).clone(), now);
+            } else {
+                self.topology.remove(gone);
+            }
             self.unreachable_since.remove(*gone);
             self.departed.insert((*gone).clone(), now);
         }
         for new in &added {
+            self.strangers.remove(*new);
             self.departed.remove(*new);
             // A new member (or a new run at an old address) gets a fresh chance to link.
             self.refused.remove(&new.addr);
@@ -572,6 +638,9 @@ impl Node {
                 self.status = Status::Joined;
                 out.push(Effect::Joined);
                 out.push(Effect::Print(self.list.summary()));
+                // Our adverts so far were a stranger's, which a peer may have refused (too
+                // many strangers) or let expire; a member's is always taken.
+                self.advertise(out);
             }
             (Status::Joined | Status::Leaving { .. }, true) => {
                 for m in added.iter().filter(|m| ***m != self.me) {
@@ -617,12 +686,18 @@ impl Node {
     }
 
     /// Links are dialled by the smaller member of each pair (so two members do not dial
-    /// each other at once), and by a joiner to every member it knows of.
-    fn dial_missing(&self, out: &mut Vec<Effect>) {
+    /// each other at once), by a joiner to every member it knows of, and by the larger
+    /// member too when it has no route at all to the smaller one: that one may not know
+    /// of it (a list that reached only the peer it admitted, from a leader that died), and
+    /// without a link neither would ever learn the other's list.
+    fn dial_missing(&mut self, now: Instant, out: &mut Vec<Effect>) {
         let joining = matches!(self.status, Status::Joining { .. });
+        self.refresh_routes(now);
+        let routes = self.routes.as_ref();
         for m in &self.list.members {
+            let cut_off = routes.is_some_and(|r| !r.contains_key(m));
             if *m != self.me
-                && (joining || self.me < *m)
+                && (joining || self.me < *m || cut_off)
                 && !self.links.contains(m)
                 && self.allows_direct(m.addr)
                 && !self.refused.contains(&m.addr)
@@ -632,13 +707,23 @@ impl Node {
         }
     }
 
+    /// Resends lines unacknowledged for [`RETRANSMIT`], oldest first, at most
+    /// [`RESEND_BURST`] a tick; a line with no route now stays due and goes once one
+    /// appears.
     fn retransmit(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        self.refresh_routes(now);
+        let routes = self.routes.as_ref();
         let mut resend = Vec::new();
         for (dest, stream) in &mut self.outgoing {
-            if !self.list.contains(dest) {
+            let reachable =
+                self.links.contains(dest) || routes.is_some_and(|r| r.contains_key(dest));
+            if !self.list.contains(dest) || !reachable {
                 continue;
             }
             for p in stream.unacked.iter_mut() {
+                if resend.len() >= RESEND_BURST {
+                    break;
+                }
                 if now.duration_since(p.sent) >= RETRANSMIT {
                     p.sent = now;
                     resend.push((dest.clone(), p.seq, p.text.clone()));
@@ -801,7 +886,10 @@ mod tests {
                         } = msg
                         {
                             self.msgs_seen += 1;
-                            if self.lose_every.is_some_and(|n| self.msgs_seen % n == 0) {
+                            if self
+                                .lose_every
+                                .is_some_and(|n| self.msgs_seen.is_multiple_of(n))
+                            {
                                 continue;
                             }
                         }
@@ -1185,6 +1273,238 @@ mod tests {
             .unwrap()
             .receive(&a, PeerMessage::Members(list), sim.now, &mut out);
         assert!(out.contains(&Effect::Finish(Outcome::Dropped)));
+    }
+
+    #[test]
+    fn a_leader_dying_as_it_admits_leaves_no_split_room() {
+        let mut sim = room_of_three();
+        sim.add("d", Some("a"), &[]);
+        let tick_d = |sim: &mut Sim| {
+            sim.now += Duration::from_millis(100);
+            let mut out = Vec::new();
+            sim.nodes.get_mut("d").unwrap().tick(sim.now, &mut out);
+            sim.apply("d", out);
+            sim.run();
+        };
+        tick_d(&mut sim);
+        // While b and c are out of reach, d fails to dial them and a admits d: a's new
+        // list reaches d alone, and a dies.
+        sim.dead.extend(["b".to_owned(), "c".to_owned()]);
+        tick_d(&mut sim);
+        assert_eq!(sim.list("d"), "[MEMBERS v4] a,b,c,d");
+        sim.dead.clear();
+        sim.kill("a");
+        assert_eq!(sim.list("b"), "[MEMBERS v3] a,b,c");
+        // b and c never heard of d, and d is larger than both: d dials them all the same.
+        sim.settle(3);
+        sim.agreed("b,c,d");
+    }
+
+    /// A node that holds `list` (itself included), with links to none of them.
+    fn member_of(me: &Member, list: &[Member]) -> Node {
+        let mut out = Vec::new();
+        let via = list.iter().find(|m| *m != me).unwrap();
+        let now = Instant::now();
+        let mut node = Node::new(me.clone(), Some(via.addr), vec![], now, &mut out);
+        let list = MemberList::new(2, list.to_vec());
+        node.receive(via, PeerMessage::Members(list), now, &mut out);
+        assert_eq!(node.status, Status::Joined);
+        node
+    }
+
+    fn member(name: &str, port: u16) -> Member {
+        Member {
+            name: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            inc: 1,
+        }
+    }
+
+    #[test]
+    fn adverts_of_strangers_are_bounded_and_expire() {
+        let (me, other) = (member("a", 1), member("b", 2));
+        let mut node = member_of(&me, &[me.clone(), other.clone()]);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for i in 0..MAX_STRANGERS + 50 {
+            let owner = member(&format!("fake{i}"), 10_000 + i as u16);
+            let msg = PeerMessage::Links {
+                owner,
+                seq: 1,
+                links: vec![other.clone()],
+            };
+            node.receive(&other, msg, now, &mut out);
+        }
+        let held = || node.topology.adverts().count();
+        assert_eq!(held(), MAX_STRANGERS);
+        // A member's advert is always taken.
+        let msg = PeerMessage::Links {
+            owner: other.clone(),
+            seq: 1,
+            links: vec![me.clone()],
+        };
+        node.receive(&other, msg, now, &mut out);
+        assert_eq!(node.topology.adverts().count(), MAX_STRANGERS + 1);
+        node.tick(now + STRANGER_KEEP, &mut out);
+        assert_eq!(node.topology.adverts().count(), 1);
+        assert!(node.strangers.is_empty());
+    }
+
+    #[test]
+    fn lines_held_for_a_gap_are_bounded_in_bytes_and_none_is_lost() {
+        let me = member("a", 1);
+        let senders = [member("b", 2), member("c", 3)];
+        let mut list = senders.to_vec();
+        list.push(me.clone());
+        let mut node = member_of(&me, &list);
+        let now = Instant::now();
+        let text = |seq: u64| format!("{seq:>width$}", width = crate::peer::MAX_TEXT);
+        let mut out = Vec::new();
+        // Two senders (one may forge the other) each send a full window past a gap.
+        for from in &senders {
+            for seq in 2..=WINDOW as u64 {
+                node.handle(
+                    from.clone(),
+                    Body::Msg {
+                        seq,
+                        text: text(seq),
+                    },
+                    now,
+                    &mut out,
+                );
+            }
+        }
+        let held: usize = node
+            .incoming
+            .values()
+            .flat_map(|s| s.early.values())
+            .map(String::len)
+            .sum();
+        assert_eq!(held, node.early_bytes);
+        assert!(held <= EARLY_BYTES, "{held} bytes held");
+        // Filling the gap prints what was held; the rest comes when its sender resends.
+        for from in &senders {
+            out.clear();
+            node.handle(
+                from.clone(),
+                Body::Msg {
+                    seq: 1,
+                    text: text(1),
+                },
+                now,
+                &mut out,
+            );
+            let printed = out.iter().filter(|e| matches!(e, Effect::Print(_))).count();
+            for seq in printed as u64 + 1..=WINDOW as u64 {
+                node.handle(
+                    from.clone(),
+                    Body::Msg {
+                        seq,
+                        text: text(seq),
+                    },
+                    now,
+                    &mut out,
+                );
+            }
+            assert_eq!(node.incoming[from].expected, WINDOW as u64 + 1);
+        }
+        assert_eq!(node.early_bytes, 0);
+    }
+
+    #[test]
+    fn resends_after_an_outage_come_in_bounded_bursts() {
+        let me = member("a", 1);
+        let others = [member("b", 2), member("c", 3), member("d", 4)];
+        let mut list = others.to_vec();
+        list.push(me.clone());
+        let mut node = member_of(&me, &list);
+        let mut now = Instant::now();
+        let mut out = Vec::new();
+        for m in &others {
+            node.link_up(m.clone(), &mut out);
+        }
+        for i in 0..WINDOW {
+            node.say(&format!("line {i}"), now, &mut out).unwrap();
+        }
+        let msgs = |out: &[Effect]| {
+            out.iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Effect::Send(
+                            _,
+                            PeerMessage::Route {
+                                body: Body::Msg { .. },
+                                ..
+                            }
+                        )
+                    )
+                })
+                .count()
+        };
+        let mut resent = 0;
+        now += RETRANSMIT;
+        while resent < others.len() * WINDOW {
+            out.clear();
+            node.tick(now, &mut out);
+            assert!(
+                (1..=RESEND_BURST).contains(&msgs(&out)),
+                "{} at once",
+                msgs(&out)
+            );
+            resent += msgs(&out);
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(resent, others.len() * WINDOW);
+    }
+
+    #[test]
+    fn a_leader_refuses_a_joiner_past_the_largest_room() {
+        let me = member("a", 1);
+        let mut list: Vec<Member> = (1..MAX_MEMBERS)
+            .map(|i| member(&format!("m{i:03}"), 1 + i as u16))
+            .collect();
+        list.push(me.clone());
+        let mut node = member_of(&me, &list);
+        let now = Instant::now();
+        let joiner = member("z", 9999);
+        let mut out = Vec::new();
+        node.link_up(joiner.clone(), &mut out);
+        out.clear();
+        node.handle(joiner.clone(), Body::JoinReq, now, &mut out);
+        assert_eq!(node.members().members.len(), MAX_MEMBERS);
+        let refused = |e: &Effect| match e {
+            Effect::Send(to, PeerMessage::Route { body, .. }) => {
+                *to == joiner && *body == Body::JoinRefused("room_full".into())
+            }
+            _ => false,
+        };
+        assert!(out.iter().any(refused), "{out:?}");
+        // A restart of a member replaces it even in a full room.
+        let mut again = list[0].clone();
+        again.inc = 2;
+        node.handle(again.clone(), Body::JoinReq, now, &mut out);
+        assert!(node.members().contains(&again));
+    }
+
+    #[test]
+    fn a_forged_hop_count_is_clamped() {
+        let (me, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+        let mut node = member_of(&me, &[me.clone(), b.clone(), c.clone()]);
+        let mut out = Vec::new();
+        node.link_up(c.clone(), &mut out);
+        out.clear();
+        let msg = PeerMessage::Route {
+            from: b.clone(),
+            to: c.clone(),
+            hops: i64::MAX as u64,
+            body: Body::WhoLeads,
+        };
+        node.receive(&b, msg, Instant::now(), &mut out);
+        let [Effect::Send(to, PeerMessage::Route { hops, .. })] = &out[..] else {
+            panic!("not forwarded: {out:?}");
+        };
+        assert_eq!((to, *hops), (&c, MAX_HOPS - 1));
     }
 
     #[test]

@@ -24,6 +24,16 @@ use std::net::SocketAddr;
 
 /// Longest member name, in bytes.
 pub const MAX_NAME: usize = 32;
+/// Most members a list may hold. A longer `members` line is refused, and a leader refuses
+/// joins beyond it (`room_full`): every member dials every other, so a list a peer could
+/// grow at will would be a thread and memory bomb for the whole room.
+pub const MAX_MEMBERS: usize = 256;
+/// Longest chat line, in bytes; a `msg` with a longer text is refused.
+pub const MAX_TEXT: usize = 16 << 10;
+/// Longest line a link carries, in bytes: a full list (some 130 bytes a member), or a
+/// `msg` of [`MAX_TEXT`] bytes written as escapes (4 bytes a character) or as an Erlang
+/// code list, with room to spare. Longer lines are skipped unread.
+pub const MAX_LINE: usize = 256 << 10;
 
 /// A member of a room: its name, where it listens, and which run of the program it is.
 ///
@@ -234,7 +244,10 @@ impl PeerMessage {
                 let list = MemberList::new(version, members.clone());
                 // A list with a name twice cannot come from a leader; refuse it whole.
                 let names_unique = list.members.windows(2).all(|w| w[0].name != w[1].name);
-                if list.members.len() != members.len() || !names_unique {
+                if list.members.len() != members.len()
+                    || !names_unique
+                    || members.len() > MAX_MEMBERS
+                {
                     return Err(ProtocolError::Field("member list"));
                 }
                 PeerMessage::Members(list)
@@ -308,7 +321,11 @@ fn parse_body(t: &Term) -> Result<Body, ProtocolError> {
         ("join_refused", [reason]) => Body::JoinRefused(reason_text(reason)?),
         ("msg", [seq, text]) => Body::Msg {
             seq: count(seq).ok_or(ProtocolError::Field("seq"))?,
-            text: text.as_text().ok_or(ProtocolError::Field("text"))?,
+            // Bounded here so a receiver's reorder buffer holds lines of a known size.
+            text: text
+                .as_text()
+                .filter(|t| t.len() <= MAX_TEXT)
+                .ok_or(ProtocolError::Field("text"))?,
         },
         ("ack", [seq]) => Body::Ack {
             seq: count(seq).ok_or(ProtocolError::Field("seq"))?,
@@ -476,6 +493,41 @@ mod tests {
         );
         assert_eq!(
             err(&format!("{{route,{a},{a},1,{{msg,1,{{x}}}}}}")),
+            ProtocolError::Field("text")
+        );
+    }
+
+    #[test]
+    fn oversized_lists_and_texts_are_refused_and_the_largest_legal_lines_fit() {
+        let err = |line: &str| PeerMessage::parse(line.as_bytes()).unwrap_err();
+        // The longest member term: a 32-byte name, the longest IPv6 address, a 19-digit inc.
+        let wide = |i: usize| Member {
+            name: format!("{i:0>32}"),
+            addr: format!("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:{i:x}]:65535")
+                .parse()
+                .unwrap(),
+            inc: i64::MAX as u64,
+        };
+        let full = MemberList::new(1, (0..MAX_MEMBERS).map(wide).collect());
+        let line = round_trip(PeerMessage::Members(full.clone()));
+        assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+        let mut over = full;
+        over.members.push(wide(MAX_MEMBERS));
+        assert_eq!(
+            err(&PeerMessage::Members(over).format()),
+            ProtocolError::Field("member list")
+        );
+        let msg = |text: String| PeerMessage::Route {
+            from: wide(1),
+            to: wide(2),
+            hops: 32,
+            body: Body::Msg { seq: 1, text },
+        };
+        // Control characters print as four bytes each: the worst case still fits.
+        let line = round_trip(msg("\u{1}".repeat(MAX_TEXT)));
+        assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+        assert_eq!(
+            err(&msg("x".repeat(MAX_TEXT + 1)).format()),
             ProtocolError::Field("text")
         );
     }
