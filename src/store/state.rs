@@ -13,7 +13,7 @@
 //! little to contend; the shards are for machines with more, and cost nothing measurable
 //! here.
 
-use std::collections::hash_map::{Entry, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -97,9 +97,11 @@ impl Store {
     pub fn set_logged<R>(&self, key: &[u8], value: &[u8], log: impl FnOnce() -> R) -> R {
         let mut shard = self.write(key);
         let shard = &mut *shard;
-        match shard.map.entry(Box::from(key)) {
-            Entry::Occupied(mut e) => {
-                let old = e.get_mut();
+        // Overwriting looks the key up by reference: no key allocation, and none for the
+        // value either when its length is unchanged (the common case for counters and
+        // fixed-size records).
+        match shard.map.get_mut(key) {
+            Some(old) => {
                 shard.bytes = shard.bytes - old.len() as u64 + value.len() as u64;
                 if old.len() == value.len() {
                     old.copy_from_slice(value);
@@ -107,9 +109,9 @@ impl Store {
                     *old = Box::from(value);
                 }
             }
-            Entry::Vacant(e) => {
+            None => {
                 shard.bytes += (key.len() + value.len()) as u64;
-                e.insert(Box::from(value));
+                shard.map.insert(Box::from(key), Box::from(value));
             }
         }
         log()
