@@ -540,6 +540,18 @@ fn drain(handle: &ServerHandle, config: &ServerConfig) -> ServeReport {
     }
 }
 
+/// True for the errors a socket gives when its peer has gone away (reset, aborted, broken
+/// pipe, closed early): the end of a connection, not worth a log line.
+pub fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 /// Errors that concern one incoming connection, not the listener.
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(

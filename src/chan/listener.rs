@@ -5,7 +5,7 @@
 use super::protocol::{self, Request, RequestError};
 use super::{LocalChan, Node, NodeConfig, Value};
 use crate::framing::{self, FrameError, FrameReader, Framing};
-use crate::server::{Connection, HandlerError};
+use crate::server::{is_disconnect, Connection, HandlerError};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use std::collections::BTreeSet;
@@ -226,15 +226,6 @@ fn peer_closed(conn: &Connection) -> bool {
     stream.set_nonblocking(false).is_err() || closed
 }
 
-fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-    )
-}
 
 /// Hands the channel to one connection at a time, in accept order.
 ///

@@ -6,9 +6,8 @@ use super::hub::{self, Line, LineTx, Outbox};
 use super::protocol::{self, ClientRequest, Refusal};
 use super::{encode, Chat};
 use crate::framing::{FrameError, FrameReader};
-use crate::server::{Connection, HandlerError};
+use crate::server::{is_disconnect, Connection, HandlerError};
 use crate::{log_debug, log_info};
-use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -72,14 +71,6 @@ pub(super) fn serve(
     }
 }
 
-fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    )
-}
 
 struct Session<'a> {
     chat: &'a Chat,

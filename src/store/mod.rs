@@ -18,7 +18,7 @@ pub mod protocol;
 pub mod state;
 
 use crate::framing::{begin_frame, end_frame, FrameError, FrameReader, Framing, Limits};
-use crate::server::{Connection, HandlerError, ServerHandle};
+use crate::server::{is_disconnect, Connection, HandlerError, ServerHandle};
 use crate::{log_debug, log_info};
 use aof::{Aof, Fsync, Replay};
 use protocol::{Request, Stats, Verb};
@@ -289,15 +289,6 @@ impl Batch {
     }
 }
 
-/// The peer went away: not worth a log line.
-fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-    )
-}
 
 /// Reads the soft open-file limit from `/proc/self/limits`.
 pub fn open_file_limit() -> Option<u64> {
