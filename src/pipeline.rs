@@ -1,89 +1,132 @@
 //! The queue-based server of seed 004, Part 4, as a reusable set of stages: per-connection
-//! readers feed `(connection id, frame)` through transform workers to one sender, which
-//! hands each reply to the outbox of the connection it came from.
+//! readers feed `(connection id, frame)` through transform workers to the sender stage,
+//! which writes each reply to the connection it came from.
 //!
 //! ```text
-//!  reader 1 ─┐           ┌─▶ [queue] worker 0 ─┐                     ┌─▶ [outbox] writer 1 ─▶ socket 1
-//!  reader 2 ─┼─ id % N ──┤                     ├─▶ [queue] sender ─id─┼─▶ [outbox] writer 2 ─▶ socket 2
-//!  reader 3 ─┘           └─▶ [queue] worker 1 ─┘                     └─▶ [outbox] writer 3 ─▶ socket 3
-//!  one thread per         N transform threads       one thread          one writer thread per
-//!  connection             (`send` waits while a queue is full)          connection; `try_send`
-//!                                                                       into a full outbox drops
-//!                                                                       that connection
+//!  reader 1 ─┐          ┌─▶ [queue] worker 0 ─┐          ┌─▶ [queue] sender 0 ─┐     ┌─▶ socket 1
+//!  reader 2 ─┼─ id % N ─┤                     ├─ id % S ─┤                     ├─────┼─▶ socket 2
+//!  reader 3 ─┘          └─▶ [queue] worker 1 ─┘          └─▶ [queue] sender 1 ─┘     └─▶ socket 3
+//!  one thread per        N transform threads              S sender threads; each socket's kernel
+//!  connection            (`send` waits while a queue      send buffer is its bounded outbox, and
+//!                        is full)                         a write that times out drops that
+//!                                                         connection
 //! ```
 //!
-//! - **Order.** Each connection is routed to one worker (`id % N`), so its frames pass
-//!   through one FIFO worker queue and one FIFO sender queue: replies keep request order by
-//!   construction, with no sequence numbers and no reorder buffer (which a single slow frame
-//!   could make grow without bound). The price: one connection uses one worker, and a slow
-//!   frame delays the connections that share its worker. For a cheap, uniform transform
-//!   such as echo's that is the better trade.
-//! - **Slow clients.** The sender never blocks on a socket: it `try_send`s each reply into
-//!   the connection's bounded outbox, drained by that connection's own writer thread. When
-//!   the outbox is full, the client has stopped reading; that connection alone is dropped
-//!   (its socket shut down, the reason logged), and everyone else keeps their throughput.
+//! - **Order.** Each connection is routed to one worker (`id % N`) and one sender
+//!   (`id % S`), so its frames pass through one FIFO worker queue and one FIFO sender
+//!   queue: replies keep request order by construction, with no sequence numbers and no
+//!   reorder buffer (which a single slow frame could make grow without bound). The price:
+//!   one connection uses one worker, and a slow frame delays the connections that share its
+//!   worker. For a cheap, uniform transform such as echo's that is the better trade. With
+//!   `N == S` (the default, 2 and 2) each worker feeds one sender: the stages form lanes.
+//! - **Slow clients.** A connection's outbox is its socket's kernel send buffer: bounded,
+//!   and already there. Its sender writes each reply itself, on a socket whose write timeout
+//!   (`SO_SNDTIMEO`, [`PipelineConfig::write_timeout`], 10 ms by default) is short. A write
+//!   only waits when that buffer is full, that is when the client has stopped reading (or
+//!   reads more slowly than it sends); if the replies are not taken within the timeout,
+//!   that connection alone is dropped (its socket shut down, the reason logged). The limit
+//!   holds for the whole write, not only for each system call, so a client that reads a
+//!   trickle cannot hold its sender either. A client that stops reading thus delays the
+//!   connections of its lane (its sender's, and once that sender's queue is full, its
+//!   worker's) by one timeout (at most about two), once. The bytes of a reply cut off by the
+//!   timeout do not matter: the connection goes with them. The readers are unaffected:
+//!   `SO_RCVTIMEO` is separate.
+//! - **Batching.** After each wake-up a sender takes what is already queued (up to
+//!   `SEND_BATCH` events) before writing, and writes the replies to one connection in one
+//!   `write`: a pipelining client's burst costs one system call, not one per reply. With one
+//!   message in flight per connection (the closed-loop benchmark) there is nothing to
+//!   coalesce: a busy sender's batches (13 events on average at 16 connections) hold one
+//!   reply each for different sockets, and it makes one `sendto` per message, as measured.
+//!   Workers need no such loop: `recv` returns at once while their queue holds events.
 //! - **Bookkeeping.** A connection's route is registered in-band (an `Open` event ahead of
 //!   its first frame) and removed in-band (a `Close` event behind its last frame), so the
-//!   sender hands over every reply before it forgets the route, without a lock.
+//!   sender writes every reply before it forgets the route, without a lock. Dropping a
+//!   [`Feed`] waits until the sender has handled its close, so when a connection's thread
+//!   ends, its route and the sender's handle on its socket are gone.
 //! - **Shutdown.** Every stage is `for event in rx { tx.send(f(event)) }`: when the last
 //!   [`Inlet`] and the [`Pipeline`] are dropped, the workers' queues disconnect, the workers
-//!   end, then the sender, then the writers. [`Pipeline::shutdown`] joins them in that order.
+//!   end, then the senders. [`Pipeline::shutdown`] joins the workers, then the senders.
+//! - **Why no writer threads.** An earlier version gave each connection a writer thread fed
+//!   through a bounded outbox channel, so the sender never touched a socket. Every message
+//!   then crossed four threads (reader, worker, sender, writer) where the threaded server
+//!   uses one: 4.7–5.5 context switches per message machine-wide (the client's included)
+//!   against 2.1–2.3, and 17 µs of server CPU against 7.7. Writing from the sender, with the
+//!   kernel buffer as the bound, brings that to 2.6–3.1 switches and 12.5 µs, and saves a
+//!   thread per connection. The two hops that remain (reader → worker → sender) are the
+//!   stages themselves. Because a worker and a sender serve many connections, their
+//!   wake-ups cross CPUs (0.16–0.48 rescheduling interrupts per message, against 0.01 for the
+//!   threaded server, whose thread and client wake each other on one CPU), and part of the
+//!   saving reappears as client CPU (8.7 → 10.2 µs per message). Two lanes measured ahead
+//!   of one worker and one sender (86.9k against 78.9k messages/s at 16 connections).
+//!   Figures and commands: the README section "Echo and the pipeline".
 
-use crate::framing::{FrameReader, FrameWriter, Framing, Limits};
+use crate::framing::{encode_frame, FrameReader, Framing, Limits};
 use crate::server::{Connection, HandlerError};
 use crate::{log_debug, log_info};
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
+use std::mem;
 use std::net::{Shutdown, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// A writer batches the replies already waiting in its outbox into one `write`, up to this
-/// many bytes, so one system call carries a burst without an unbounded buffer.
+/// Events the sender takes from its queue after a wake-up before it writes: enough to
+/// coalesce a burst, few enough that the first reply of a batch is not held back long.
+const SEND_BATCH: usize = 256;
+/// Bytes of replies the sender gathers for one connection before writing them, so one
+/// write carries a burst without an unbounded buffer.
 const WRITE_BATCH: usize = 64 << 10;
-/// Stack size of a connection's writer thread: it only encodes frames and writes.
-const WRITER_STACK: usize = 64 << 10;
+/// Bytes of buffer a connection's route keeps between batches.
+const UNSENT_KEPT: usize = 4 << 10;
+/// [`PipelineConfig::write_timeout`] unless set: a few scheduling delays on a loaded
+/// machine, short enough that a stalled client costs the others little.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(10);
+/// The shortest write timeout: a zero timeout would mean none at all to the kernel.
+const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// How a [`Pipeline`] is built.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Names the threads (`NAME-transform-I`, `NAME-sender`, `NAME-out-ID`) and log lines.
+    /// Names the threads (`NAME-transform-I`, `NAME-sender-I`) and log lines.
     pub name: String,
-    /// The framing readers decode and writers encode.
+    /// The framing readers decode and senders encode.
     pub framing: Framing,
     /// Frame limits for the readers; a frame over the limit ends its connection.
     pub limits: Limits,
     /// Transform worker threads (at least one).
     pub workers: usize,
-    /// Events each worker's queue, and the sender's queue, hold before their producers wait.
+    /// Sender threads (at least one); each writes the replies of the connections whose
+    /// id is its number modulo `senders`.
+    pub senders: usize,
+    /// Events each worker's queue, and each sender's queue, hold before their producers
+    /// wait.
     pub queue: usize,
-    /// Replies one connection may have waiting to be written; one more and the connection
-    /// is dropped as not reading. Counted in frames, so it bounds memory at `outbox` times
-    /// the largest reply.
-    pub outbox: usize,
-    /// How long a writer may be stuck in one `write` before the connection is dropped.
-    pub write_timeout: Option<Duration>,
+    /// How long a sender waits for one connection to take a batch of replies (room in its
+    /// socket send buffer) before it drops the connection as not reading (at least 1 ms).
+    /// While it waits, the replies of the connections that share the sender (and, once its
+    /// queue is full, the worker feeding it) wait too: keep it short.
+    pub write_timeout: Duration,
 }
 
 impl PipelineConfig {
-    /// Defaults: 2 workers, queues of 128 events, outboxes of 128 replies, 30 s write
-    /// timeout, default frame limits. The bounds count frames, so what one connection can
-    /// hold in flight is about `2 × queue + outbox` frames; enough for a pipelining client,
-    /// and it keeps a flooder's cost bounded.
+    /// Defaults: 2 workers, 2 senders, queues of 128 events, a 10 ms write timeout, default
+    /// frame limits. What one connection can hold in flight is about `2 × queue` frames plus its
+    /// socket buffers: enough for a pipelining client, and it keeps a flooder's cost
+    /// bounded.
     pub fn new(name: &str, framing: Framing) -> Self {
         PipelineConfig {
             name: name.to_owned(),
             framing,
             limits: Limits::default(),
             workers: 2,
+            senders: 2,
             queue: 128,
-            outbox: 128,
-            write_timeout: Some(Duration::from_secs(30)),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -91,17 +134,25 @@ impl PipelineConfig {
 /// What flows from the readers through the workers to the sender.
 enum Event {
     /// A new connection: where its replies go. Travels ahead of its first frame.
-    Open {
-        id: u64,
-        stream: Arc<TcpStream>,
-        outbox: Sender<Vec<u8>>,
-    },
+    Open { id: u64, stream: Arc<TcpStream> },
     /// A request on the way in, or its reply on the way out.
     Frame { id: u64, payload: Vec<u8> },
     /// The transform panicked on this connection's frame: drop the connection.
     Failed { id: u64 },
-    /// The connection's reader has ended. Travels behind its last frame.
-    Close { id: u64 },
+    /// The connection's reader has ended. Travels behind its last frame; the sender drops
+    /// `done` once the route is gone, which is what the [`Feed`] waits for.
+    Close { id: u64, done: Sender<()> },
+}
+
+impl Event {
+    fn id(&self) -> u64 {
+        match *self {
+            Event::Open { id, .. }
+            | Event::Frame { id, .. }
+            | Event::Failed { id }
+            | Event::Close { id, .. } => id,
+        }
+    }
 }
 
 /// Counters the sender keeps, readable from any thread.
@@ -116,7 +167,8 @@ struct Counters {
 pub struct PipelineStats {
     /// Connections the sender currently routes replies to.
     pub routes: usize,
-    /// Connections dropped because they stopped reading (outbox full) or a transform failed.
+    /// Connections dropped because they stopped reading (a write timed out), a transform
+    /// failed, or a reply could not be framed.
     pub dropped: u64,
 }
 
@@ -125,7 +177,7 @@ pub struct PipelineStats {
 pub enum PipelineError {
     /// The pipeline has shut down.
     Stopped,
-    /// The connection's writer thread or socket options could not be set up.
+    /// The connection's write timeout could not be set.
     Io(io::Error),
 }
 
@@ -133,7 +185,7 @@ impl fmt::Display for PipelineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PipelineError::Stopped => f.write_str("the pipeline has shut down"),
-            PipelineError::Io(e) => write!(f, "cannot set up the connection's writer: {e}"),
+            PipelineError::Io(e) => write!(f, "cannot set the connection's write timeout: {e}"),
         }
     }
 }
@@ -173,28 +225,37 @@ impl Pipeline {
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
         let transform = Arc::new(transform);
-        let (to_sender, sender_rx) = bounded(config.queue);
+        let (mut to_senders, mut sender_queues) = (Vec::new(), Vec::new());
+        for _ in 0..config.senders.max(1) {
+            let (tx, rx) = bounded(config.queue);
+            to_senders.push(tx);
+            sender_queues.push(rx);
+        }
+        let to_senders: Arc<[Sender<Event>]> = to_senders.into();
         let mut threads = Vec::new();
         let mut workers = Vec::new();
         for i in 0..config.workers.max(1) {
             let (tx, rx) = bounded(config.queue);
-            let out = to_sender.clone();
+            let out = Arc::clone(&to_senders);
             let f = Arc::clone(&transform);
             threads.push(
                 thread::Builder::new()
                     .name(format!("{}-transform-{i}", config.name))
-                    .spawn(move || transform_stage(rx, out, &*f))?,
+                    .spawn(move || transform_stage(rx, &out, &*f))?,
             );
             workers.push(tx);
         }
-        // Only the workers hold the sender's queue now, so it disconnects when they end.
-        drop(to_sender);
-        let (name, sender_counters) = (config.name.clone(), Arc::clone(&counters));
-        threads.push(
-            thread::Builder::new()
-                .name(format!("{}-sender", config.name))
-                .spawn(move || send_stage(sender_rx, &sender_counters, &name))?,
-        );
+        // Only the workers hold the senders' queues now, so they disconnect when the
+        // workers end.
+        drop(to_senders);
+        for (i, rx) in sender_queues.into_iter().enumerate() {
+            let (sender_config, sender_counters) = (Arc::clone(&config), Arc::clone(&counters));
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("{}-sender-{i}", config.name))
+                    .spawn(move || send_stage(rx, &sender_config, &sender_counters))?,
+            );
+        }
         Ok(Pipeline {
             inlet: Inlet {
                 workers: workers.into(),
@@ -239,37 +300,22 @@ pub struct Inlet {
 }
 
 impl Inlet {
-    /// Registers connection `id`: starts its writer thread and routes its replies there.
+    /// Registers connection `id`: sets its write timeout and routes its replies to it.
     /// Dropping the returned [`Feed`] removes the route.
     ///
     /// # Errors
     /// [`PipelineError::Stopped`] when the pipeline has shut down; [`PipelineError::Io`]
-    /// when the write timeout cannot be set or the writer thread cannot be started.
+    /// when the write timeout cannot be set.
     pub fn open(&self, id: u64, stream: Arc<TcpStream>) -> Result<Feed, PipelineError> {
-        let config = &self.config;
+        let timeout = self.config.write_timeout.max(MIN_WRITE_TIMEOUT);
         stream
-            .set_write_timeout(config.write_timeout)
-            .map_err(PipelineError::Io)?;
-        let (outbox, replies) = bounded(config.outbox.max(1));
-        let (framing, name) = (config.framing, config.name.clone());
-        let writer_stream = Arc::clone(&stream);
-        let writer = thread::Builder::new()
-            .name(format!("{}-out-{id}", config.name))
-            .stack_size(WRITER_STACK)
-            .spawn(move || write_stage(replies, &writer_stream, framing, &name, id))
+            .set_write_timeout(Some(timeout))
             .map_err(PipelineError::Io)?;
         let input = self.workers[(id % self.workers.len() as u64) as usize].clone();
-        let feed = Feed {
-            id,
-            input,
-            writer: Some(writer),
-        };
-        if feed.input.send(Event::Open { id, stream, outbox }).is_err() {
-            // The event, and with it the outbox, is gone: the writer ends, and dropping the
-            // feed joins it.
+        if input.send(Event::Open { id, stream }).is_err() {
             return Err(PipelineError::Stopped);
         }
-        Ok(feed)
+        Ok(Feed { id, input })
     }
 
     /// The reader stage for one connection, run on the connection's own thread: opens its
@@ -298,13 +344,12 @@ impl Inlet {
 }
 
 /// One connection's registration in the pipeline; see [`Inlet::open`]. Dropping it sends
-/// the close marker behind the connection's last frame and joins its writer, which ends
-/// once every reply queued before the close has been written.
+/// the close marker behind the connection's last frame and waits until the sender has
+/// written every reply queued before it and forgotten the route.
 #[derive(Debug)]
 pub struct Feed {
     id: u64,
     input: Sender<Event>,
-    writer: Option<JoinHandle<()>>,
 }
 
 impl Feed {
@@ -322,10 +367,11 @@ impl Feed {
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        // If the pipeline is gone, so is the route and its outbox, and the writer ends too.
-        let _ = self.input.send(Event::Close { id: self.id });
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        // Nothing is ever sent on `done`: the sender drops it, which ends the wait. If the
+        // pipeline is gone, so is the route, and there is nothing to wait for.
+        let (done, closed) = bounded::<()>(0);
+        if self.input.send(Event::Close { id: self.id, done }).is_ok() {
+            let _ = closed.recv();
         }
     }
 }
@@ -333,10 +379,11 @@ impl Drop for Feed {
 /// A worker: transforms frames, passes the other events on in order.
 fn transform_stage(
     rx: Receiver<Event>,
-    tx: Sender<Event>,
+    senders: &[Sender<Event>],
     transform: &(dyn Fn(Vec<u8>) -> Vec<u8> + Sync),
 ) {
     for event in rx {
+        let tx = &senders[(event.id() % senders.len() as u64) as usize];
         let event = match event {
             Event::Frame { id, payload } => {
                 // The panic hook has printed the panic; the sender logs the drop.
@@ -353,113 +400,169 @@ fn transform_stage(
     }
 }
 
-/// Where the sender puts one connection's replies.
+/// Where the sender writes one connection's replies.
 struct Route {
-    // Declared first so it is dropped before the outbox: once the writer sees its outbox
-    // close and ends, the sender no longer holds the socket either.
     stream: Arc<TcpStream>,
-    outbox: Sender<Vec<u8>>,
+    /// Encoded replies not yet written: the connection's share of the current batch.
+    unsent: Vec<u8>,
 }
 
 /// The sender's route table; only the sender thread touches it.
 struct Routes<'a> {
     map: HashMap<u64, Route>,
+    /// Connections with replies in `unsent`, in the order they got their first one. May
+    /// name a connection twice or one that is gone: flushing those is a no-op.
+    pending: Vec<u64>,
+    config: &'a PipelineConfig,
     counters: &'a Counters,
-    name: &'a str,
 }
 
 impl Routes<'_> {
-    fn open(&mut self, id: u64, route: Route) {
-        self.map.insert(id, route);
-        self.counters.routes.store(self.map.len(), Ordering::SeqCst);
-    }
-
-    /// Hands a reply to its connection's writer, or drops a connection that is not reading.
-    fn deliver(&mut self, id: u64, payload: Vec<u8>) {
-        // No route: the connection was dropped and this reply has nowhere to go.
-        let Some(route) = self.map.get(&id) else {
-            return;
-        };
-        match route.outbox.try_send(payload) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                let bound = route.outbox.capacity().unwrap_or(0);
-                let why = format!("{bound} replies unsent, the client is not reading");
-                self.drop_connection(id, &why);
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Open { id, stream } => {
+                let unsent = Vec::new();
+                if self.map.insert(id, Route { stream, unsent }).is_none() {
+                    self.counters.routes.fetch_add(1, Ordering::SeqCst);
+                }
             }
-            // Its writer failed, and has shut the socket down already.
-            Err(TrySendError::Disconnected(_)) => {
+            Event::Frame { id, payload } => self.queue(id, &payload),
+            Event::Failed { id } => self.drop_connection(id, "the transform panicked"),
+            Event::Close { id, done } => {
+                self.flush(id);
                 self.forget(id);
+                drop(done);
             }
         }
     }
 
-    /// Removes a route, letting its writer finish what is queued and end.
+    /// Adds a reply to its connection's share of the batch; writes the share once it is
+    /// large.
+    fn queue(&mut self, id: u64, payload: &[u8]) {
+        // No route: the connection was dropped and this reply has nowhere to go.
+        let Some(route) = self.map.get_mut(&id) else {
+            return;
+        };
+        if route.unsent.is_empty() {
+            self.pending.push(id);
+        }
+        if let Err(e) = encode_frame(self.config.framing, payload, &mut route.unsent) {
+            self.drop_connection(id, &format!("a reply cannot be framed: {e}"));
+        } else if route.unsent.len() >= WRITE_BATCH {
+            self.flush(id);
+        }
+    }
+
+    /// Writes every connection's share of the batch.
+    fn flush_all(&mut self) {
+        let mut pending = mem::take(&mut self.pending);
+        for &id in &pending {
+            self.flush(id);
+        }
+        pending.clear();
+        // Keeps the allocation for the next batch.
+        self.pending = pending;
+    }
+
+    /// Writes one connection's unsent replies; drops the connection if it is not reading.
+    fn flush(&mut self, id: u64) {
+        let Some(route) = self.map.get_mut(&id) else {
+            return;
+        };
+        if route.unsent.is_empty() {
+            return;
+        }
+        let limit = self.config.write_timeout.max(MIN_WRITE_TIMEOUT);
+        let written = write_within(&route.stream, &route.unsent, limit);
+        let unsent = route.unsent.len();
+        route.unsent.clear();
+        // A burst's buffer is not kept for the life of a connection that goes quiet.
+        route.unsent.shrink_to(UNSENT_KEPT);
+        match written {
+            Ok(()) => {}
+            Err(e) if is_timeout(&e) => {
+                let why = format!(
+                    "{unsent} bytes of replies not taken in {limit:?}, the client is not reading"
+                );
+                self.drop_connection(id, &why);
+            }
+            Err(e) => {
+                // The peer is gone (reset, or its end shut down): nothing to count.
+                log_debug!("{}: connection {id}: write failed: {e}", self.config.name);
+                if let Some(route) = self.forget(id) {
+                    // Wakes its reader, which ends the connection.
+                    let _ = route.stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    /// Removes a route; the sender's handle on the socket goes with it.
     fn forget(&mut self, id: u64) -> Option<Route> {
         let route = self.map.remove(&id);
-        self.counters.routes.store(self.map.len(), Ordering::SeqCst);
+        if route.is_some() {
+            self.counters.routes.fetch_sub(1, Ordering::SeqCst);
+        }
         route
     }
 
     /// Removes a route and cuts its connection off.
     fn drop_connection(&mut self, id: u64, why: &str) {
         if let Some(route) = self.forget(id) {
-            log_info!("{}: dropping connection {id}: {why}", self.name);
+            log_info!("{}: dropping connection {id}: {why}", self.config.name);
             self.counters.dropped.fetch_add(1, Ordering::SeqCst);
-            // Wakes the connection's reader, and its writer if it is stuck in `write`.
+            // Wakes the connection's reader, which ends the connection and its feed.
             let _ = route.stream.shutdown(Shutdown::Both);
         }
     }
 }
 
-/// The sender: routes each reply to its connection's outbox without ever blocking.
-fn send_stage(rx: Receiver<Event>, counters: &Counters, name: &str) {
-    let mut routes = Routes {
-        map: HashMap::new(),
-        counters,
-        name,
-    };
-    for event in rx {
-        match event {
-            Event::Open { id, stream, outbox } => routes.open(id, Route { stream, outbox }),
-            Event::Frame { id, payload } => routes.deliver(id, payload),
-            Event::Failed { id } => routes.drop_connection(id, "the transform panicked"),
-            Event::Close { id } => {
-                routes.forget(id);
-            }
+/// Writes all of `buf`, or fails with a timeout once `limit` has passed. The socket's own
+/// write timeout (`limit` too) bounds each `write` call but not their sum, and a client
+/// that reads a trickle lets every call make a little progress: without the overall
+/// deadline it could hold its sender for as long as it likes. With it, a write waits at
+/// most about twice `limit`.
+fn write_within(stream: &TcpStream, mut buf: &[u8], limit: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !buf.is_empty() {
+        match (&*stream).write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if !buf.is_empty() && Instant::now() >= deadline {
+            return Err(io::ErrorKind::TimedOut.into());
         }
     }
+    Ok(())
 }
 
-/// A connection's writer: sends its replies, batching those already waiting.
-fn write_stage(
-    replies: Receiver<Vec<u8>>,
-    stream: &TcpStream,
-    framing: Framing,
-    name: &str,
-    id: u64,
-) {
-    let mut writer = FrameWriter::new(stream, framing);
-    while let Ok(first) = replies.recv() {
-        let mut next = Some(first);
-        while let Some(reply) = next {
-            if let Err(e) = writer.queue(&reply) {
-                log_info!("{name}: connection {id}: reply cannot be framed: {e}; closing");
-                let _ = stream.shutdown(Shutdown::Both);
-                return;
-            }
-            next = if writer.queued_len() < WRITE_BATCH {
-                replies.try_recv().ok()
-            } else {
-                None
-            };
+/// Whether a write failed because the peer did not take the bytes in time (`SO_SNDTIMEO`
+/// reports `EAGAIN`).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// The sender: writes each reply to its connection, a batch at a time, never waiting on a
+/// socket for longer than the write timeout.
+fn send_stage(rx: Receiver<Event>, config: &PipelineConfig, counters: &Counters) {
+    let mut routes = Routes {
+        map: HashMap::new(),
+        pending: Vec::new(),
+        config,
+        counters,
+    };
+    while let Ok(first) = rx.recv() {
+        routes.handle(first);
+        // What is already queued goes out with it, one write per connection.
+        for event in rx.try_iter().take(SEND_BATCH - 1) {
+            routes.handle(event);
         }
-        if let Err(e) = writer.flush() {
-            log_debug!("{name}: connection {id}: write failed: {e}");
-            // Ends the reader too, which removes the route.
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
-        }
+        routes.flush_all();
     }
 }
 
@@ -469,7 +572,7 @@ mod tests {
     use crate::server::{RunningServer, Server, ServerConfig};
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener};
-    use std::time::Instant;
+    use std::sync::atomic::AtomicBool;
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -499,9 +602,10 @@ mod tests {
         .unwrap()
     }
 
-    fn config(workers: usize) -> PipelineConfig {
+    fn config(workers: usize, senders: usize) -> PipelineConfig {
         let mut config = PipelineConfig::new("pipe", Framing::Line);
         config.workers = workers;
+        config.senders = senders;
         config
     }
 
@@ -516,7 +620,7 @@ mod tests {
     #[test]
     fn replies_keep_request_order_with_several_workers() {
         // Uneven work per frame, so the workers finish out of step with each other.
-        let pipeline = Pipeline::start(config(4), |mut p: Vec<u8>| {
+        let pipeline = Pipeline::start(config(4, 3), |mut p: Vec<u8>| {
             for _ in 0..p.len() % 7 * 50 {
                 thread::yield_now();
             }
@@ -544,14 +648,13 @@ mod tests {
             c.join().unwrap();
         }
         server.stop();
-        assert_eq!(pipeline.shutdown(), 5);
+        assert_eq!(pipeline.shutdown(), 7);
     }
 
     #[test]
     fn a_client_that_never_reads_is_dropped_alone() {
-        let mut config = config(2);
+        let mut config = config(2, 2);
         config.framing = Framing::U32;
-        config.outbox = 4;
         let pipeline = Pipeline::start(config, |p| p).unwrap();
         let server = serve(&pipeline);
         let addr = server.local_addr();
@@ -586,29 +689,28 @@ mod tests {
         server.stop();
         assert_eq!(pipeline.stats().routes, 0);
         assert_eq!(pipeline.stats().dropped, 1);
-        assert_eq!(pipeline.shutdown(), 3);
+        assert_eq!(pipeline.shutdown(), 4);
     }
 
-    /// The most a TCP connection's kernel buffers can hold, both ends together.
-    fn kernel_buffers_max() -> usize {
-        let max = |path| {
-            std::fs::read_to_string(path)
-                .ok()
-                .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
-                .unwrap_or(8 << 20)
-        };
-        max("/proc/sys/net/ipv4/tcp_rmem") + max("/proc/sys/net/ipv4/tcp_wmem")
+    /// What a fresh TCP connection's receive buffer holds (`tcp_rmem`'s default), a floor
+    /// for what its socket buffers hold before the sender's write has to wait.
+    fn receive_buffer_default() -> usize {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(128 << 10)
     }
 
     #[test]
-    fn a_client_that_pauses_reading_blocks_only_its_own_writer() {
-        const FRAME: usize = 16 << 10;
-        // More than the kernel can buffer, so its writer is stuck in `write`; less than the
-        // outbox holds, so it is not dropped.
-        let burst = kernel_buffers_max() / FRAME + 64;
-        let mut config = config(2);
+    fn a_client_that_pauses_reading_loses_nothing_its_socket_buffers_hold() {
+        const FRAME: usize = 1 << 10;
+        // A quarter of the receive buffer: the advertised window is about half of it.
+        let burst = receive_buffer_default() / 4 / (FRAME + 4);
+        let mut config = config(2, 2);
         config.framing = Framing::U32;
-        config.outbox = burst + 1;
+        // Shorter than the round trips below take: the pause outlasts the write timeout,
+        // and only a full send buffer, not a pause, gets a connection dropped.
+        config.write_timeout = Duration::from_millis(1);
         let pipeline = Pipeline::start(config, |p| p).unwrap();
         let server = serve(&pipeline);
         let mut paused = client(server.local_addr());
@@ -632,12 +734,69 @@ mod tests {
         }
         assert_eq!(pipeline.stats().dropped, 0);
         server.stop();
-        assert_eq!(pipeline.shutdown(), 3);
+        assert_eq!(pipeline.shutdown(), 4);
+    }
+
+    #[test]
+    fn a_client_that_reads_a_trickle_holds_a_write_for_about_the_timeout_only() {
+        let (stream, peer) = socket_pair();
+        let reading = Arc::new(AtomicBool::new(true));
+        let trickle = {
+            let reading = Arc::clone(&reading);
+            thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while reading.load(Ordering::SeqCst) && (&peer).read(&mut buf).is_ok() {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let limit = Duration::from_millis(20);
+        stream.set_write_timeout(Some(limit)).unwrap();
+        // Far more than the socket buffers hold, and than 1 KiB per 2 ms drains in seconds.
+        let replies = vec![b'r'; 16 << 20];
+        let began = Instant::now();
+        let written = write_within(&stream, &replies, limit);
+        let took = began.elapsed();
+        reading.store(false, Ordering::SeqCst);
+        let _ = stream.shutdown(Shutdown::Both);
+        trickle.join().unwrap();
+        assert!(is_timeout(&written.unwrap_err()));
+        // Two timeouts, with room for a loaded machine; a plain `write_all` would take
+        // minutes.
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_reply_that_cannot_be_framed_drops_only_its_connection() {
+        // A line reply cannot hold a newline.
+        let pipeline = Pipeline::start(config(1, 1), |p: Vec<u8>| {
+            if p == b"split" {
+                b"sp\nlit".to_vec()
+            } else {
+                p
+            }
+        })
+        .unwrap();
+        let server = serve(&pipeline);
+        let mut victim = client(server.local_addr());
+        let mut bystander = client(server.local_addr());
+        victim.write_all(b"split\n").unwrap();
+        let mut rest = Vec::new();
+        let closed = victim.read_to_end(&mut rest);
+        assert!(closed.is_ok() || closed.unwrap_err().kind() == io::ErrorKind::ConnectionReset);
+        assert!(rest.is_empty());
+        bystander.write_all(b"fine\n").unwrap();
+        let mut got = [0u8; 5];
+        bystander.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"fine\n");
+        assert_eq!(pipeline.stats().dropped, 1);
+        server.stop();
+        assert_eq!(pipeline.shutdown(), 2);
     }
 
     #[test]
     fn a_closed_connection_leaves_no_route_and_no_thread() {
-        let pipeline = Pipeline::start(config(3), |p| p).unwrap();
+        let pipeline = Pipeline::start(config(3, 1), |p| p).unwrap();
         let inlet = pipeline.inlet();
         let (stream, peer) = socket_pair();
         let feed = inlet.open(7, Arc::clone(&stream)).unwrap();
@@ -648,8 +807,8 @@ mod tests {
         (&peer).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"a\nb\nc\n");
         assert_eq!(pipeline.stats().routes, 1);
-        // Dropping the feed removes the route and joins the writer: nothing else holds the
-        // socket any more.
+        // Dropping the feed waits for the sender to handle the close: the route is gone, and
+        // nothing else holds the socket any more.
         drop(feed);
         assert_eq!(pipeline.stats().routes, 0);
         assert_eq!(Arc::strong_count(&stream), 1);
@@ -659,7 +818,7 @@ mod tests {
 
     #[test]
     fn replies_queued_before_the_close_are_still_written() {
-        let pipeline = Pipeline::start(config(1), |p| p).unwrap();
+        let pipeline = Pipeline::start(config(1, 1), |p| p).unwrap();
         let (stream, peer) = socket_pair();
         let feed = pipeline.inlet().open(1, stream).unwrap();
         for i in 0..100 {
@@ -675,7 +834,7 @@ mod tests {
 
     #[test]
     fn shutdown_waits_for_the_last_inlet_then_joins_every_stage_in_order() {
-        let pipeline = Pipeline::start(config(3), |p| p).unwrap();
+        let pipeline = Pipeline::start(config(3, 2), |p| p).unwrap();
         let inlet = pipeline.inlet();
         let shutdown = thread::spawn(move || pipeline.shutdown());
         // Still usable: the stages run until the last inlet is gone.
@@ -688,12 +847,12 @@ mod tests {
         assert!(!shutdown.is_finished());
         drop(feed);
         drop(inlet);
-        assert_eq!(shutdown.join().unwrap(), 4);
+        assert_eq!(shutdown.join().unwrap(), 5);
     }
 
     #[test]
     fn a_panicking_transform_drops_only_its_connection() {
-        let pipeline = Pipeline::start(config(1), |p: Vec<u8>| {
+        let pipeline = Pipeline::start(config(1, 1), |p: Vec<u8>| {
             assert!(p != b"boom", "the transform refuses boom");
             p
         })

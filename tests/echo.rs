@@ -243,7 +243,8 @@ fn a_client_that_never_reads_is_dropped_and_others_keep_their_round_trips() {
 
 #[test]
 fn sigterm_stops_the_server_then_joins_every_pipeline_stage() {
-    let mut server = start_echo(Framing::Line, "pipeline", "upper", &["--workers", "3"]);
+    let extra = ["--workers", "3", "--senders", "2"];
+    let mut server = start_echo(Framing::Line, "pipeline", "upper", &extra);
     let mut client = common::LineClient::connect(server.addr);
     assert_eq!(client.ask("one\n"), "ONE");
     assert!(server.terminate(), "echo-server should exit 0 on SIGTERM");
@@ -251,7 +252,7 @@ fn sigterm_stops_the_server_then_joins_every_pipeline_stage() {
     let log = server.log_text();
     assert!(log.contains("1 threads joined, 0 abandoned"), "{log}");
     assert!(
-        log.contains("pipeline stopped (4 stage threads joined)"),
+        log.contains("pipeline stopped (5 stage threads joined)"),
         "{log}"
     );
 }

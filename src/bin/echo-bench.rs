@@ -34,6 +34,9 @@ struct Args {
     /// set TCP_NODELAY on the client sockets (the course's clients do not)
     #[argh(switch)]
     nodelay: bool,
+    /// the server's process id: also report its and this program's CPU time per message
+    #[argh(option)]
+    server_pid: Option<u32>,
 }
 
 fn seconds(text: &str) -> Result<f64, String> {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         warmup: Duration::from_secs_f64(args.warmup),
         two_writes: args.two_writes,
         nodelay: args.nodelay,
+        server_pid: args.server_pid,
         ..BenchConfig::default()
     };
     println!("echo-bench: {config}");

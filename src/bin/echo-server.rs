@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::echo::{EchoConfig, EchoServer, Mode, Transform, DEFAULT_ADDR};
 use switchboard::framing::Framing;
+use switchboard::pipeline::DEFAULT_WRITE_TIMEOUT;
 use switchboard::server::{on_termination, ServerConfig};
 
 /// Echo server of seed 004: every message comes back, optionally upper-cased.
@@ -26,6 +27,13 @@ struct Args {
     /// transform threads in pipeline mode (default 2)
     #[argh(option, default = "2", from_str_fn(at_least_one))]
     workers: usize,
+    /// sender threads in pipeline mode (default 2)
+    #[argh(option, default = "2", from_str_fn(at_least_one))]
+    senders: usize,
+    /// milliseconds (at least 1) a pipeline sender waits for a client to take its replies
+    /// before dropping it as not reading (default 10)
+    #[argh(option, default = "DEFAULT_WRITE_TIMEOUT.as_millis() as u64")]
+    write_timeout_ms: u64,
     /// live connections beyond which new ones are refused (default 10000)
     #[argh(option, default = "10_000", from_str_fn(at_least_one))]
     max_connections: usize,
@@ -57,6 +65,8 @@ fn main() -> ExitCode {
         mode: args.mode,
         transform: args.transform,
         workers: args.workers,
+        senders: args.senders,
+        write_timeout: Duration::from_millis(args.write_timeout_ms),
         ..EchoConfig::default()
     };
     let server = match EchoServer::bind(&args.listen, server, echo) {

@@ -4,9 +4,10 @@
 use super::client::connect;
 use super::EchoError;
 use crate::framing::{encode_frame, FrameReader, Framing};
+use crate::store::bench::process_cpu_secs;
 use std::fmt;
 use std::io::Write;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,8 @@ pub struct BenchConfig {
     pub nodelay: bool,
     /// Limit on every socket operation; a server that stops answering fails the run.
     pub timeout: Duration,
+    /// The server's process id, to report its CPU time per message (Linux `/proc`).
+    pub server_pid: Option<u32>,
 }
 
 impl Default for BenchConfig {
@@ -47,6 +50,7 @@ impl Default for BenchConfig {
             two_writes: false,
             nodelay: false,
             timeout: Duration::from_secs(10),
+            server_pid: None,
         }
     }
 }
@@ -87,6 +91,12 @@ pub struct BenchReport {
     pub p99: Duration,
     /// 99.9th percentile.
     pub p999: Duration,
+    /// The server's CPU time (user + system) per message in the measured window, when its
+    /// process id was given and its `/proc` entry could be read.
+    pub server_cpu: Option<Duration>,
+    /// This benchmark's own CPU time per message, likewise: the client's share of the cost,
+    /// which bounds what any server can reach on the same cores.
+    pub client_cpu: Option<Duration>,
 }
 
 impl BenchReport {
@@ -107,6 +117,8 @@ impl BenchReport {
             p50: at(0.50),
             p99: at(0.99),
             p999: at(0.999),
+            server_cpu: None,
+            client_cpu: None,
         }
     }
 }
@@ -123,7 +135,14 @@ impl fmt::Display for BenchReport {
             us(self.p50),
             us(self.p99),
             us(self.p999)
-        )
+        )?;
+        if let Some(cpu) = self.server_cpu {
+            write!(f, "  server CPU {:.2} µs/message", us(cpu))?;
+        }
+        if let Some(cpu) = self.client_cpu {
+            write!(f, "  client CPU {:.2} µs/message", us(cpu))?;
+        }
+        Ok(())
     }
 }
 
@@ -142,25 +161,35 @@ pub fn bench(config: &BenchConfig) -> Result<BenchReport, EchoError> {
         })
         .collect::<Result<Vec<_>, EchoError>>()?;
     let start = Arc::new(Barrier::new(conns + 1));
+    let measure_from = Arc::new(OnceLock::new());
     let workers: Vec<_> = streams
         .into_iter()
         .enumerate()
         .map(|(i, stream)| {
             let (config, start) = (config.clone(), Arc::clone(&start));
+            let measure_from = Arc::clone(&measure_from);
             thread::spawn(move || {
                 start.wait();
-                let measure_from = Instant::now() + config.warmup;
-                drive(
-                    &config,
-                    i,
-                    &stream,
-                    measure_from,
-                    measure_from + config.duration,
-                )
+                let from = *measure_from.get_or_init(|| Instant::now() + config.warmup);
+                drive(&config, i, &stream, from, from + config.duration)
             })
         })
         .collect();
     start.wait();
+    let from = *measure_from.get_or_init(|| Instant::now() + config.warmup);
+    // CPU time over the same window the connections count their round trips in.
+    let cpu = || {
+        (
+            config
+                .server_pid
+                .and_then(|pid| process_cpu_secs(Some(pid))),
+            process_cpu_secs(None),
+        )
+    };
+    thread::sleep(from.saturating_duration_since(Instant::now()));
+    let before = cpu();
+    thread::sleep((from + config.duration).saturating_duration_since(Instant::now()));
+    let after = cpu();
     let mut samples = Vec::new();
     let mut failure = None;
     for w in workers {
@@ -172,7 +201,18 @@ pub fn bench(config: &BenchConfig) -> Result<BenchReport, EchoError> {
     }
     match failure {
         Some(e) => Err(e),
-        None => Ok(BenchReport::from_samples(samples, config.duration)),
+        None => {
+            let mut report = BenchReport::from_samples(samples, config.duration);
+            let per_message = |before: Option<f64>, after: Option<f64>| {
+                let secs = after? - before?;
+                Some(Duration::from_secs_f64(
+                    secs.max(0.0) / report.messages.max(1) as f64,
+                ))
+            };
+            report.server_cpu = per_message(before.0, after.0);
+            report.client_cpu = per_message(before.1, after.1);
+            Ok(report)
+        }
     }
 }
 

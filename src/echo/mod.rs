@@ -1,7 +1,8 @@
 //! The echo service of seed 004: every frame comes back, optionally upper-cased, either
 //! straight from the connection's own thread (`threaded`) or through the reader →
 //! transform → sender [`pipeline`](crate::pipeline) (`pipeline`). Also the client loop of
-//! `echo-client` ([`client`]) and the closed-loop benchmark of `echo-bench` ([`bench`]).
+//! `echo-client` ([`client`]) and the closed-loop benchmark of `echo-bench`
+//! ([`bench`](mod@bench)).
 
 pub mod bench;
 pub mod client;
@@ -12,13 +13,14 @@ pub use client::run_client;
 use crate::framing::{encode_frame, FrameError, FrameReader, FrameWriter, Framing, Limits};
 use crate::log_debug;
 use crate::log_info;
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::{Pipeline, PipelineConfig, DEFAULT_WRITE_TIMEOUT};
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::str::FromStr;
+use std::time::Duration;
 
 /// The seed's port.
 pub const DEFAULT_PORT: u16 = 12345;
@@ -31,7 +33,7 @@ pub enum Mode {
     /// On the connection's own thread: read frames, transform, write replies (seed Part 3).
     #[default]
     Threaded,
-    /// Reader threads → transform workers → sender → per-connection writers (seed Part 4).
+    /// Reader threads → transform workers → senders that write every reply (seed Part 4).
     Pipeline,
 }
 
@@ -159,19 +161,27 @@ pub struct EchoConfig {
     pub transform: Transform,
     /// Transform workers in pipeline mode.
     pub workers: usize,
+    /// Sender threads in pipeline mode.
+    pub senders: usize,
     /// Frame limits; a frame over the limit closes its connection (echo has no error reply).
     pub limits: Limits,
+    /// In pipeline mode, how long a sender waits for a client to take its replies before
+    /// dropping it as not reading (see [`PipelineConfig::write_timeout`]).
+    pub write_timeout: Duration,
 }
 
 impl Default for EchoConfig {
-    /// The seed's server: `ascii10`, threaded, no transform, 2 workers if pipelined.
+    /// The seed's server: `ascii10`, threaded, no transform; if pipelined, 2 workers, 2
+    /// senders and the pipeline's default write timeout.
     fn default() -> Self {
         EchoConfig {
             framing: Framing::Ascii10,
             mode: Mode::Threaded,
             transform: Transform::None,
             workers: 2,
+            senders: 2,
             limits: Limits::default(),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -188,7 +198,7 @@ pub struct EchoReport {
 /// A bound echo server, and in pipeline mode its pipeline.
 pub struct EchoServer {
     name: String,
-    /// `pipeline mode (2 workers), ascii10 framing, transform upper`, for the log.
+    /// `pipeline mode (2 workers, 2 senders), ascii10 framing, transform upper`, for the log.
     summary: String,
     server: Server,
     pipeline: Option<Pipeline>,
@@ -230,8 +240,9 @@ impl EchoServer {
         let summary = match echo.mode {
             Mode::Threaded => format!("threaded mode, {framing} framing, transform {transform}"),
             Mode::Pipeline => format!(
-                "pipeline mode ({} workers), {framing} framing, transform {transform}",
-                echo.workers.max(1)
+                "pipeline mode ({} workers, {} senders), {framing} framing, transform {transform}",
+                echo.workers.max(1),
+                echo.senders.max(1)
             ),
         };
         match echo.mode {
@@ -248,7 +259,9 @@ impl EchoServer {
             Mode::Pipeline => {
                 let mut config = PipelineConfig::new(&server.name, framing);
                 config.workers = echo.workers;
+                config.senders = echo.senders;
                 config.limits = limits;
+                config.write_timeout = echo.write_timeout;
                 let pipeline = Pipeline::start(config, move |p| transform.apply_owned(p))?;
                 let inlet = pipeline.inlet();
                 let handler = move |conn: Connection| inlet.serve(&conn);
