@@ -226,7 +226,6 @@ fn peer_closed(conn: &Connection) -> bool {
     stream.set_nonblocking(false).is_err() || closed
 }
 
-
 /// Hands the channel to one connection at a time, in accept order.
 ///
 /// The framework's [`Connection::wait_for_earlier`] orders connections that settle

@@ -71,7 +71,6 @@ pub(super) fn serve(
     }
 }
 
-
 struct Session<'a> {
     chat: &'a Chat,
     conn: u64,

@@ -8,6 +8,8 @@ const INITIAL_BUF: usize = 2048;
 /// An empty buffer larger than this is given back, so a connection that once carried a big
 /// frame does not hold the memory while it idles.
 const SHRINK_ABOVE: usize = 64 << 10;
+/// How far ahead of the bytes received the buffer may grow towards a declared length.
+const GROW_STEP: usize = 64 << 10;
 /// Never issue a read for fewer bytes than this unless the frame needs fewer.
 const MIN_READ: usize = 512;
 
@@ -272,7 +274,14 @@ impl<R: Read> FrameReader<R> {
             }
         }
         let pending = self.end - self.start;
-        let need = self.want.max(pending + 1);
+        // A declared length is a promise, not data: grow towards it as bytes arrive (at
+        // most doubling, or GROW_STEP, per read), so a peer that sends a header and stalls
+        // costs memory in proportion to what it sent, not to what it declared.
+        let need = if self.want > pending {
+            self.want.min((pending * 2).max(pending + GROW_STEP))
+        } else {
+            pending + 1
+        };
         let min_read = MIN_READ.min(need - pending);
         if self.buf.len() - self.start >= need && self.buf.len() - self.end >= min_read {
             return;
@@ -517,6 +526,22 @@ mod tests {
         assert!(r.capacity() <= INITIAL_BUF);
         // The stream ends inside the skipped payload: that is a truncation.
         assert!(matches!(r.read_frame(), Err(FrameError::Truncated { .. })));
+    }
+
+    #[test]
+    fn a_declared_length_is_not_allocated_before_the_bytes_arrive() {
+        // A 16 MiB frame is announced but only 100 bytes of it are ever sent.
+        let mut input = (16u32 << 20).to_be_bytes().to_vec();
+        input.extend_from_slice(&[b'x'; 100]);
+        let mut r = FrameReader::new(Chunked::new(&input, &[1 << 20]), Framing::U32);
+        assert!(matches!(r.read_frame(), Err(FrameError::Truncated { .. })));
+        assert!(r.capacity() <= 2 * GROW_STEP, "grew to {}", r.capacity());
+        // A frame that does arrive is still read whole, however it is split.
+        let big = vec![7u8; 3 << 20];
+        let mut wire = Vec::new();
+        encode_frame(Framing::U32, &big, &mut wire).unwrap();
+        let mut r = FrameReader::new(Chunked::new(&wire, &[100_000]), Framing::U32);
+        assert_eq!(r.read_frame().unwrap().unwrap().len(), 3 << 20);
     }
 
     #[test]

@@ -289,7 +289,6 @@ impl Batch {
     }
 }
 
-
 /// Reads the soft open-file limit from `/proc/self/limits`.
 pub fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
