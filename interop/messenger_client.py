@@ -13,11 +13,12 @@ frame whose payload starts with a 1-byte operation (client to server) or status
     40 ID  redirect to server ID  41  no primary now     50..5a  a rule broken
 
 Failover: when the connection breaks, times out, or answers 40/41, the client
-tries the servers again (a redirect's target first, then in id order), logs in
-again if it was logged in, and resends the request. Sends carry a random id and
-registrations a random nonce, so a resend is never applied twice. Messages are
-numbered per recipient in increasing order; the client drops numbers it has
-seen, so each is received once.
+tries the servers again (a redirect's target first, or after a timeout the
+next server, then in id order), logs in again if it was logged in, and resends
+the request. Sends carry a random id and registrations a random nonce, so a
+resend is never applied twice. Messages are numbered per recipient in
+increasing order; the client drops numbers it has seen, so each is received
+once.
 
 CLI, one command per invocation::
 
@@ -117,6 +118,7 @@ class MessengerClient:
         self.confirmed = 0
         self.sock: socket.socket | None = None
         self.reader: FrameReader | None = None
+        self.server = 0  # the server of the current connection
 
     # --- one connection ---------------------------------------------------------
 
@@ -128,6 +130,7 @@ class MessengerClient:
         sock.settimeout(REPLY_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.reader = sock, FrameReader(sock, FRAMING)
+        self.server = server
         self.confirmed = 0
         return True
 
@@ -211,6 +214,12 @@ class MessengerClient:
                 hint = None
             try:
                 reply = self._exchange(payload)
+            except socket.timeout:
+                # Possibly hung: its kernel still accepts connections, so starting again
+                # from server 0 could find it first every time. Try the next one first.
+                hint = (self.server + 1) % len(self.servers)
+                self.close()
+                continue
             except (OSError, FramingError):
                 self.close()
                 continue

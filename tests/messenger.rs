@@ -583,6 +583,15 @@ fn the_python_client_works_against_the_rust_cluster_and_fails_over() {
         String::from_utf8_lossy(&out.stderr).contains("55"),
         "{out:?}"
     );
+    // A hung primary (its kernel still accepts connections): the client, not logged in,
+    // gives up on it after its reply timeout and finds server 2, not server 1 again.
+    let pid = cluster.servers[1].as_ref().unwrap().child.id().to_string();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    assert_eq!(py(&["search", "*"]), "ann\nbob\n");
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Pause before another round of the servers when none is primary.
 const RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// The longest reply payload the server can send (see [`read_loop`]).
+const MAX_REPLY: usize = 3 + protocol::MAX_LIST * (protocol::MAX_NAME + 1);
 
 /// What can go wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,8 +142,11 @@ fn read_loop(
     seen: &Mutex<Seen>,
     deliveries: &Sender<Delivery>,
 ) {
+    // The largest reply: a search that found MAX_LIST names of MAX_NAME bytes, `|` between
+    // them. 64 KiB, as this once was, broke `search *` on clusters of a few thousand
+    // accounts: the reply counted as a framing error, and every retry failed the same way.
     let limits = Limits {
-        max_frame: 64 << 10,
+        max_frame: MAX_REPLY,
         ..Limits::default()
     };
     let mut reader = FrameReader::with_limits(stream, Framing::U32, limits);
@@ -359,9 +364,10 @@ impl Client {
     /// # Errors
     /// `Unavailable`, or `Refused(NoSuchUser)` if the account is gone.
     pub fn keep_up(&mut self) -> Result<(), ClientError> {
-        let lost = self.conn.as_ref().map_or(true, |c| {
-            c.reader.as_ref().map_or(true, JoinHandle::is_finished)
-        });
+        let lost = self
+            .conn
+            .as_ref()
+            .is_none_or(|c| c.reader.as_ref().is_none_or(JoinHandle::is_finished));
         if lost && self.user.is_some() {
             self.conn = None;
             self.connect(None, Instant::now() + self.timeout)?;
@@ -530,4 +536,41 @@ pub fn run_command(client: &mut Client, line: &str) -> Option<String> {
         _ => Ok(format!("unknown command {word:?}; {HELP}")),
     };
     Some(result.unwrap_or_else(|e| format!("error: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn the_largest_search_reply_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let ours = stream.try_clone().unwrap();
+        let names: Vec<String> = (0..protocol::MAX_LIST)
+            .map(|i| format!("{i:0>50}"))
+            .collect();
+        let mut payload = Vec::new();
+        protocol::encode_reply(&Reply::Found(names.clone()), &mut payload);
+        assert_eq!(payload.len(), MAX_REPLY - 1, "the bound is tight");
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, &payload, &mut frame).unwrap();
+        let writer = thread::spawn(move || (&server).write_all(&frame));
+        let (tx, replies) = unbounded();
+        let (deliveries, _rx) = unbounded();
+        let seen = Mutex::new(Seen::default());
+        let reader = thread::spawn(move || {
+            read_loop(&stream, &Mutex::new(()), &tx, &seen, &deliveries);
+        });
+        let reply = replies.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(reply, Reply::Found(names));
+        writer.join().unwrap().unwrap();
+        ours.shutdown(Shutdown::Both).unwrap();
+        reader.join().unwrap();
+    }
 }

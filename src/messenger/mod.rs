@@ -38,7 +38,11 @@
 //! start, takes over only once it has heard from every peer on the links they dial again,
 //! or 500 ms have passed. 300 ms of stall plus at most 100 ms since its last heartbeat
 //! stays under the others' 500 ms, so a primary that did not notice a stall was not
-//! replaced during it.
+//! replaced during it. Until the ticker has run, a stalled server changes no role either
+//! (else, acting on its stale view, it could lead a new epoch for a moment, and that
+//! epoch's record would outrank the real primary's log). A stall of 400 ms or more could
+//! have looked like death to the others, who may have committed without it: it also
+//! stops counting itself in sync (see *In sync*).
 //!
 //! **Epochs.** Each term of a primary has an epoch number, unique to its server (server `i`
 //! of `n` only uses epochs `e` with `e mod n = i`), larger than any it has heard of, and
@@ -76,17 +80,23 @@
 //! committed. A member is dropped (no longer waited for) when its link closes, when it goes
 //! silent for 500 ms, or when it has not acknowledged a record 1 s after it was appended
 //! ([`replication::ACK_TIMEOUT`]). A live peer that is not a member is caught up by the same
-//! stream and becomes a member again once it has acknowledged everything committed.
+//! stream and becomes a member again once it has acknowledged everything committed. A live
+//! peer excluded while alive may not know it yet (busy with older frames, its in-sync
+//! flag still set): commits go on without it only once it has echoed a heartbeat that
+//! says it is excluded (each heartbeat carries a mark, and echoes the mark of the last one
+//! the sender took in), or once it is down.
 //!
 //! **In sync.** The primary tells each peer in its heartbeats whether it is a member that
 //! holds every committed change (it has acknowledged the epoch record) or is excluded. A
-//! server that restarts is not in sync until a primary says so; a primary is in sync. Rule
+//! server that restarts, or stalls for 400 ms or more, is not in sync until a primary says
+//! so; a primary is in sync. Rule
 //! 3 uses this: a server that was away while changes were committed without it can never
 //! take over alone and lose them. Because of it, a brand-new cluster's first primary needs
 //! every server up once; afterwards any single in-sync survivor carries on.
 //!
 //! **Why an acknowledged change survives.** It is on the primary and on every member. A
-//! server that is not a member either is down or has been told it is excluded (and is not
+//! server that is not a member either is down (and comes back not in sync: restarted, or
+//! stalled long enough to be thought dead) or has echoed that it is excluded (and is not
 //! in sync). After the primary fails, a candidate needs a live in-sync server, which holds
 //! the change, and ends with the greatest log among the live servers, which contains it
 //! (logs of one epoch are prefixes of its primary's, and a later epoch's primary started

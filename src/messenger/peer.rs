@@ -9,12 +9,15 @@
 //! 'h' from:u16 cluster         HELLO: the dialer's id and the whole --peers list, comma-joined
 //!                               (a server refuses a link from a differently configured cluster)
 //! 'w'                          WELCOME: the acceptor's only frame
-//! 'b' role:u8 epoch:u64 seq:u64 lepoch:u64 insync:u8 you:u8
+//! 'b' role:u8 epoch:u64 seq:u64 lepoch:u64 insync:u8 you:u8 mark:u64 echo:u64
 //!                               HEARTBEAT, every 100 ms and at once on any change: the sender's
 //!                               role (0 backup, 1 candidate, 2 primary), highest epoch accepted,
 //!                               last record (seq, lepoch), whether it holds every committed
 //!                               change, and, from a primary, the receiver's standing
-//!                               (0 n/a, 1 excluded, 2 member, 3 member holding everything)
+//!                               (0 n/a, 1 excluded, 2 member, 3 member holding everything);
+//!                               `mark` numbers what the sender says (it grows with every change,
+//!                               across restarts too), `echo` is the mark of the receiver's last
+//!                               heartbeat the sender has taken in (0: none on this link)
 //! 'r' epoch:u64 pseq:u64 pepoch:u64 count:u32 record*
 //!                               REPLICATE: records following (pseq, pepoch), from the primary of
 //!                               `epoch`; records are encoded as in the change log, CRC included
@@ -73,6 +76,11 @@ pub struct Status {
     pub in_sync: bool,
     /// The receiver's standing with the sender.
     pub you: Standing,
+    /// The sender's view number: a heartbeat with a higher mark says something newer.
+    pub mark: u64,
+    /// The mark of the receiver's last heartbeat the sender has taken in: a primary knows
+    /// from it that a backup has learnt it was excluded (see `replication`).
+    pub echo: u64,
 }
 
 /// One peer-link message.
@@ -164,6 +172,8 @@ impl PeerMsg {
                 put_pos(&mut out, s.last);
                 out.push(u8::from(s.in_sync));
                 out.push(s.you as u8);
+                out.extend_from_slice(&s.mark.to_be_bytes());
+                out.extend_from_slice(&s.echo.to_be_bytes());
             }
             PeerMsg::Replicate {
                 epoch,
@@ -246,6 +256,8 @@ impl PeerMsg {
                     last,
                     in_sync,
                     you,
+                    mark: c.u64()?,
+                    echo: c.u64()?,
                 })
             }
             t @ (b'r' | b'R') => {
@@ -314,6 +326,8 @@ mod tests {
                 last: pos,
                 in_sync: true,
                 you: Standing::InSync,
+                mark: 1 << 60,
+                echo: 12,
             }),
             PeerMsg::Replicate {
                 epoch: 7,
@@ -364,5 +378,8 @@ mod tests {
         ] {
             assert!(PeerMsg::decode(junk).is_err(), "{junk:?}");
         }
+        // A heartbeat without its mark and echo (the fields the exclusion rule needs).
+        let short = [&b"b\x00"[..], &[0; 24], b"\x00\x00"].concat();
+        assert!(PeerMsg::decode(&short).is_err());
     }
 }

@@ -109,6 +109,9 @@ struct Peer {
     inbound: u64,
     /// The current inbound link, to close it after a stall.
     link: Option<Arc<TcpStream>>,
+    /// The mark of its last heartbeat taken in, echoed back to it (0: none since its link
+    /// came up or this server stalled).
+    echo: u64,
     // As candidate:
     /// The position last asked about (FETCH), and when.
     asked: Option<(Pos, Instant)>,
@@ -119,6 +122,10 @@ struct Peer {
     acked: u64,
     /// Commits wait for its acknowledgements.
     member: bool,
+    /// The mark (`Inner::version`) from which heartbeats tell it that it is excluded. Until
+    /// it echoes one, while it is up, it may still believe it holds every committed change,
+    /// so commits wait for it all the same (see `recompute_commit`).
+    excluded: u64,
     /// Encoded messages for the link thread to send.
     control: Vec<Vec<u8>>,
 }
@@ -132,11 +139,13 @@ impl Peer {
             status: None,
             inbound: 0,
             link: None,
+            echo: 0,
             asked: None,
             confirmed: None,
             feed: Feed::Unknown,
             acked: 0,
             member: false,
+            excluded: 0,
             control: Vec::new(),
         }
     }
@@ -177,7 +186,9 @@ pub(super) struct Inner {
     need: Option<(Pos, Instant)>,
     /// As backup: the last acknowledgement, repeated on a new link.
     last_ack: Option<(u64, u64)>,
-    /// Bumped whenever what heartbeats say changes, so links send one at once.
+    /// Bumped whenever what heartbeats say changes, so links send one at once; sent as
+    /// their `mark`. Starts at the wall clock in nanoseconds, so a restarted server's marks
+    /// are above its previous life's and a peer's stale echo never passes for a new one.
     version: u64,
     /// Start, or the end of the last stall: peers not heard from since may be up.
     started: Instant,
@@ -281,6 +292,8 @@ impl Inner {
             last: self.last,
             in_sync: self.in_sync,
             you: self.standing(j),
+            mark: self.version,
+            echo: self.peers[j].echo,
         }
     }
 }
@@ -299,6 +312,14 @@ pub struct Node {
     disk: Disk,
     compact_after: u64,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The first heartbeat mark of this process's life: above every mark of an earlier life
+/// (marks grow by one per change, far slower than nanoseconds).
+fn first_mark() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
 }
 
 /// The smallest epoch above `known` that belongs to server `id` of `n`: epochs are
@@ -358,7 +379,7 @@ impl Node {
             sessions: HashMap::new(),
             need: None,
             last_ack: None,
-            version: 0,
+            version: first_mark(),
             started: now,
             last_tick: now,
             stopping: false,
@@ -573,10 +594,36 @@ impl Node {
         for p in inner.peers.iter().filter(|p| p.member) {
             c = c.min(p.acked);
         }
+        // A live peer that is not a member may not know it yet: excluded while alive (slow
+        // to acknowledge), it may still be busy with older frames, its in-sync flag set. If
+        // this server committed without it and then failed with the others, it would take
+        // over alone without those changes. So nothing more is committed until every live
+        // non-member has echoed a heartbeat that says it is excluded (taking it in cleared
+        // its flag), or is down. Usually one round trip.
+        let unaware = (0..inner.peers.len()).any(|j| {
+            let p = &inner.peers[j];
+            j != self.id
+                && !p.member
+                && inner.up(j, now)
+                && p.status.is_some_and(|s| s.echo < p.excluded)
+        });
+        if unaware {
+            c = c.min(inner.committed);
+        }
         if c > inner.committed {
             inner.committed = c;
             self.commits.notify_all();
         }
+    }
+
+    /// Stops counting peer `j` as a member (if it was one): heartbeats from the next mark on
+    /// tell it that it is excluded, and commits go on without it once it has echoed one
+    /// or is down.
+    fn exclude(&self, inner: &mut Inner, j: usize) {
+        inner.version += 1;
+        let p = &mut inner.peers[j];
+        p.member = false;
+        p.excluded = inner.version;
     }
 
     fn init_feed(&self, inner: &mut Inner, j: usize) {
@@ -595,21 +642,26 @@ impl Node {
         let p = &mut inner.peers[j];
         p.status = None;
         p.was_down = true;
+        // Its next heartbeats come from a new link (or a new life) and echo afresh.
+        p.echo = 0;
         // Everything queued for it answered what it sent; a new link starts afresh (our
         // last acknowledgement is repeated on it).
         p.control.clear();
         if p.heard.take().is_some() {
             log_info!("messenger-{}: server {j} is down ({why})", self.id);
         }
-        if std::mem::take(&mut p.member) {
+        let was_member = p.member;
+        p.asked = None;
+        p.confirmed = None;
+        // Should it turn out alive after all, it must echo its exclusion before commits
+        // go on without it.
+        self.exclude(inner, j);
+        if was_member {
             log_info!(
                 "messenger-{}: commits no longer wait for server {j}",
                 self.id
             );
-            inner.version += 1;
         }
-        p.asked = None;
-        p.confirmed = None;
         self.recompute_commit(inner);
     }
 
@@ -627,10 +679,15 @@ impl Node {
     }
 
     fn evaluate(&self, inner: &mut Inner) {
-        if inner.stopping {
+        let now = Instant::now();
+        // A late ticker may mean this process was stalled: what it knows of its peers is
+        // stale, and the others may have moved on. Acting on it here, before the ticker has
+        // ruled (see `stalled`), could make a stale server primary in a new epoch, whose
+        // epoch record would then outrank the real primary's log.
+        let late = now.duration_since(inner.last_tick) > STALL && inner.peers.len() > 1;
+        if inner.stopping || late {
             return;
         }
-        let now = Instant::now();
         let lower = (0..self.id).find(|&j| inner.maybe_up(j, now));
         if inner.role == Role::Primary {
             if let Some(j) = lower {
@@ -674,9 +731,9 @@ impl Node {
                 continue;
             }
             waiting = true;
-            let ask = p.asked.map_or(true, |(pos, at)| {
-                pos != last || now.duration_since(at) > FETCH_RETRY
-            });
+            let ask = p
+                .asked
+                .is_none_or(|(pos, at)| pos != last || now.duration_since(at) > FETCH_RETRY);
             if ask {
                 p.control.push(PeerMsg::Fetch { last }.encode());
                 p.asked = Some((last, now));
@@ -717,6 +774,9 @@ impl Node {
             if up {
                 members.push(j);
                 self.init_feed(inner, j);
+            } else {
+                // Not heard from now, it may come back believing it holds everything.
+                self.exclude(inner, j);
             }
         }
         let (seq, _) = self.append_local(inner, &Change::Epoch);
@@ -792,11 +852,10 @@ impl Node {
                     .entry(first)
                     .map_or(inner.primary_since, |e| e.at.max(inner.primary_since));
                 if now.duration_since(at) > ACK_TIMEOUT {
-                    inner.peers[j].member = false;
-                    inner.version += 1;
+                    self.exclude(&mut inner, j);
                     log_info!(
                         "messenger-{}: server {j} has not acknowledged seq {first} for {ACK_TIMEOUT:?}; \
-                         commits no longer wait for it",
+                         excluding it (commits go on once it knows)",
                         self.id
                     );
                 }
@@ -823,11 +882,22 @@ impl Node {
         if inner.role == Role::Candidate {
             self.set_candidate(inner, false);
         }
+        // Silent this long, it may have been declared down and excluded, and changes
+        // committed without it: only a primary's word can make it in sync again. (Shorter
+        // stalls cannot look like death: at most 100 ms passed since its last heartbeat.)
+        if gap + HEARTBEAT_EVERY >= DOWN_AFTER && inner.in_sync {
+            inner.in_sync = false;
+            log_info!(
+                "messenger-{}: may miss committed changes after the stall",
+                self.id
+            );
+        }
         for p in &mut inner.peers {
             p.heard = None;
             p.status = None;
             p.refused = false;
             p.was_down = false;
+            p.echo = 0;
             p.inbound += 1;
             if let Some(link) = p.link.take() {
                 let _ = link.shutdown(Shutdown::Both);
@@ -927,7 +997,7 @@ impl Node {
                     self.feed(&mut inner, j, &mut out);
                     let now = Instant::now();
                     let standing = inner.standing(j);
-                    let due = beat.map_or(true, |t| now.duration_since(t) >= HEARTBEAT_EVERY)
+                    let due = beat.is_none_or(|t| now.duration_since(t) >= HEARTBEAT_EVERY)
                         || told != Some((inner.version, standing));
                     if due {
                         encode_peer(&PeerMsg::Heartbeat(inner.status_for(j)).encode(), &mut out);
@@ -1169,6 +1239,11 @@ impl Node {
 
     fn on_heartbeat(&self, mut inner: MutexGuard<'_, Inner>, from: usize, status: Status) {
         inner.max_epoch = inner.max_epoch.max(status.epoch);
+        // Echoed back: it tells a primary this server has taken in what the heartbeat said
+        // (its standing, applied below). A stale primary's standing is ignored, so is its mark.
+        if status.role != Role::Primary || status.epoch >= inner.epoch {
+            inner.peers[from].echo = status.mark;
+        }
         if status.role == Role::Primary && status.epoch >= inner.epoch {
             let in_sync = match status.you {
                 Standing::Excluded => false,
@@ -1347,6 +1422,94 @@ mod tests {
         assert_eq!(inner.last, at(1, 4));
         assert!(inner.holds(at(1, 4)) && !inner.holds(at(2, 4)) && inner.holds(Pos::default()));
         assert_eq!(inner.records_after(2, 10).len(), 2);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn node_of(n: usize, name: &str) -> (Arc<Node>, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-repl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = (1..=n)
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect();
+        (
+            Node::open(&Options::new(0, peers, dir.clone())).unwrap().0,
+            dir,
+        )
+    }
+
+    fn ago(d: Duration) -> Instant {
+        Instant::now().checked_sub(d).unwrap()
+    }
+
+    #[test]
+    fn commits_wait_for_a_live_excluded_peer_until_it_echoes_its_exclusion() {
+        let (node, dir) = node_of(2, "exclusion");
+        let mut inner = node.lock();
+        inner.role = Role::Primary;
+        inner.last = Pos { epoch: 3, seq: 5 };
+        (inner.takeover, inner.committed, inner.durable) = (1, 3, 5);
+        node.exclude(&mut inner, 1);
+        let mark = inner.peers[1].excluded;
+        let alive = |inner: &mut Inner, echo: u64| {
+            inner.peers[1].heard = Some(Instant::now());
+            inner.peers[1].status = Some(Status {
+                role: Role::Backup,
+                epoch: 3,
+                last: Pos { epoch: 3, seq: 2 },
+                in_sync: true,
+                you: Standing::NotPrimary,
+                mark: 1,
+                echo,
+            });
+        };
+        // Alive and unaware (no echo, or the echo of a heartbeat from before): nothing more.
+        for echo in [0, mark - 1] {
+            alive(&mut inner, echo);
+            node.recompute_commit(&mut inner);
+            assert_eq!(inner.committed, 3, "echo {echo}");
+        }
+        // It took in a heartbeat that told it: commits go on without it.
+        alive(&mut inner, mark);
+        node.recompute_commit(&mut inner);
+        assert_eq!(inner.committed, 5);
+        // Down is as good: it comes back not in sync.
+        inner.durable = 6;
+        inner.last.seq = 6;
+        alive(&mut inner, 0);
+        node.recompute_commit(&mut inner);
+        assert_eq!(inner.committed, 5);
+        node.peer_down(&mut inner, 1, "test");
+        assert_eq!(inner.committed, 6);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stalled_server_trusts_nothing_it_knew_and_acts_only_once_the_ticker_has_run() {
+        let (node, dir) = node_of(2, "stall");
+        let mut inner = node.lock();
+        inner.in_sync = true;
+        // Too short to have looked dead: it still holds everything.
+        inner.last_tick = ago(STALL + Duration::from_millis(50));
+        node.stalled(&mut inner, Instant::now());
+        assert!(inner.in_sync);
+        // Long enough to have been declared down and left behind: it may not.
+        inner.last_tick = ago(DOWN_AFTER - HEARTBEAT_EVERY);
+        node.stalled(&mut inner, Instant::now());
+        assert!(!inner.in_sync);
+        // With the ticker late, nothing is decided, though the rules would make it primary
+        // (the peer is known down and this server holds everything).
+        inner.in_sync = true;
+        inner.started = ago(2 * DOWN_AFTER);
+        inner.peers[1].was_down = true;
+        inner.last_tick = ago(2 * STALL);
+        node.evaluate(&mut inner);
+        assert_eq!(inner.role, Role::Backup);
+        inner.last_tick = Instant::now();
+        node.evaluate(&mut inner);
+        assert_eq!(inner.role, Role::Primary);
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }
