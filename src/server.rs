@@ -548,6 +548,7 @@ pub fn is_disconnect(e: &io::Error) -> bool {
         io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
             | io::ErrorKind::UnexpectedEof
     )
 }

@@ -33,7 +33,7 @@
 use super::state::{Change, Corrupt, Cursor, State};
 use crate::store::aof::crc32;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,20 +203,7 @@ impl Disk {
             }
             at
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&log_path)?;
-        if good_end == 0 {
-            file.set_len(0)?;
-            file.write_all(LOG_MAGIC)?;
-        } else if good_end < data.len() {
-            file.set_len(good_end as u64)?;
-        }
-        file.seek(io::SeekFrom::End(0))?;
-        file.sync_all()?;
+        let file = crate::store::aof::open_for_append(&log_path, LOG_MAGIC, good_end, data.len())?;
         let loaded = Loaded {
             state,
             base,

@@ -13,10 +13,10 @@ use super::replication::{Inner, Node};
 use super::state::Session;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::log_debug;
-use crate::server::{Connection, HandlerError};
+use crate::server::{is_disconnect, Connection, HandlerError};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -57,17 +57,6 @@ fn frame(reply: &Reply, out: &mut Vec<u8>) {
     let mut payload = Vec::new();
     protocol::encode_reply(reply, &mut payload);
     encode_frame(Framing::U32, &payload, out).expect("replies fit a u32 frame");
-}
-
-fn is_disconnect(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::NotConnected
-            | io::ErrorKind::UnexpectedEof
-    )
 }
 
 impl Node {

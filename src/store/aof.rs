@@ -155,22 +155,7 @@ impl Aof {
             }
             at
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)?;
-        if good_end == 0 {
-            file.set_len(0)?;
-            file.write_all(MAGIC)?;
-        } else if good_end < data.len() {
-            file.set_len(good_end as u64)?;
-        }
-        // Appends go to the end; O_APPEND is not needed with one writer at a time.
-        use std::io::Seek;
-        file.seek(io::SeekFrom::End(0))?;
-        file.sync_all()?;
+        let file = open_for_append(path, MAGIC, good_end, data.len())?;
         let aof = Arc::new(Aof {
             path: path.to_owned(),
             policy,
@@ -290,6 +275,37 @@ impl Aof {
         }
         self.sync_to(u64::MAX)
     }
+}
+
+/// Opens a log for appending after replay read `len` bytes of it and found them good up to
+/// `good_end`: a log with no good header is started afresh with `magic`, a torn tail is
+/// cut off, and the cut is synced before anything new is appended after it.
+///
+/// # Errors
+/// When the file cannot be opened, cut, written or synced.
+pub(crate) fn open_for_append(
+    path: &Path,
+    magic: &[u8],
+    good_end: usize,
+    len: usize,
+) -> io::Result<File> {
+    use std::io::Seek;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    if good_end == 0 {
+        file.set_len(0)?;
+        file.write_all(magic)?;
+    } else if good_end < len {
+        file.set_len(good_end as u64)?;
+    }
+    // Appends go to the end; O_APPEND is not needed with one writer at a time.
+    file.seek(io::SeekFrom::End(0))?;
+    file.sync_all()?;
+    Ok(file)
 }
 
 enum Record<'a> {
