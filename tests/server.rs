@@ -111,7 +111,9 @@ fn a_failing_or_panicking_handler_ends_its_own_connection_only() {
     failer.expect_closed();
 
     assert_eq!(bystander.ask("after\n"), "after");
-    assert_eq!(LineClient::connect(addr).ask("new\n"), "new");
+    let mut newcomer = LineClient::connect(addr);
+    assert_eq!(newcomer.ask("new\n"), "new");
+    // Live: the bystander and the newcomer; the failed connections' bookkeeping is gone.
     eventually("the failed connections' bookkeeping to go", || {
         server.handle().stats().live == 2
     });
