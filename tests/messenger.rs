@@ -525,10 +525,19 @@ fn a_frozen_primary_steps_down_when_it_wakes_and_acknowledges_nothing_meanwhile(
             .collect::<Vec<_>>()
             .join("\n")
     };
-    // Which server cat's client reports for "after" is not asserted: once in ~6 loaded
-    // runs it said server 1 although server 0 had taken over (cause not yet understood;
-    // noted on the issue). That server 0 leads again is what the log condition above
-    // checks, and the deliveries below still must be exactly these three, in order.
+    // Normally server 0 answers. Under heavy load server 0 can lose its link right after
+    // taking over (seen once in ~6 loaded runs); server 1 then leads a newer epoch and
+    // answers the resent send (same id, stored once). A server that is not primary never
+    // answers Ok, so server 1 is accepted only if its log shows it took over again.
+    match cat.server() {
+        Some(0) => {}
+        Some(1) => assert!(
+            cluster.log(1).matches("primary for epoch").count() >= 2,
+            "server 1 answered without leading again\n{}",
+            logs()
+        ),
+        other => panic!("\"after\" answered by {other:?}\n{}", logs()),
+    }
     let mut bob = cluster.client();
     bob.login("bob").unwrap();
     let texts: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
