@@ -182,11 +182,8 @@ impl Federation {
         new
     }
 
-    /// Registers the server reached by a join, whose link is about to go up.
-    ///
-    /// # Errors
-    /// The reason when it cannot be a member.
-    pub fn expect(&mut self, id: &ServerId) -> Result<(), &'static str> {
+    /// Why server `id` can never be a member (we are leaving, it is us, or it left), if so.
+    fn admissible(&self, id: &ServerId) -> Result<(), &'static str> {
         if self.leaving {
             return Err("shutting_down");
         }
@@ -196,6 +193,15 @@ impl Federation {
         if self.gone.contains(id) {
             return Err("server_gone");
         }
+        Ok(())
+    }
+
+    /// Registers the server reached by a join, whose link is about to go up.
+    ///
+    /// # Errors
+    /// The reason when it cannot be a member.
+    pub fn expect(&mut self, id: &ServerId) -> Result<(), &'static str> {
+        self.admissible(id)?;
         if self.peers.contains_key(id) {
             return Err("already_linked");
         }
@@ -208,15 +214,7 @@ impl Federation {
     /// # Errors
     /// The reason the link is refused, for `{error,Reason}`.
     pub fn hello(&mut self, id: &ServerId, stream: Arc<TcpStream>) -> Result<bool, &'static str> {
-        if self.leaving {
-            return Err("shutting_down");
-        }
-        if id.addr == self.me.addr {
-            return Err("same_address");
-        }
-        if self.gone.contains(id) {
-            return Err("server_gone");
-        }
+        self.admissible(id)?;
         if let Some(peer) = self.peers.get_mut(id) {
             if peer.incoming.is_some() {
                 return Err("duplicate_link");

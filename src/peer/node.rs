@@ -357,26 +357,14 @@ impl Node {
         self.retransmit(now, out);
         self.drop_down_members(now, out);
         self.ask_to_leave(now, out);
-        let expired: Vec<Member> = self
-            .departed
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= STREAM_KEEP)
-            .map(|(m, _)| m.clone())
-            .collect();
-        for m in expired {
+        for m in older_than(&self.departed, STREAM_KEEP, now) {
             self.departed.remove(&m);
             self.outgoing.remove(&m);
             if let Some(stream) = self.incoming.remove(&m) {
                 self.early_bytes -= stream.early.values().map(String::len).sum::<usize>();
             }
         }
-        let stale: Vec<Member> = self
-            .strangers
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= STRANGER_KEEP)
-            .map(|(m, _)| m.clone())
-            .collect();
-        for m in stale {
+        for m in older_than(&self.strangers, STRANGER_KEEP, now) {
             self.strangers.remove(&m);
             self.topology.remove(&m);
             self.routes = None;
@@ -811,6 +799,15 @@ fn chat_line(name: &str, text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     format!("[{name}] {text}")
+}
+
+/// The members recorded in `since` at least `keep` before `now`.
+fn older_than(since: &BTreeMap<Member, Instant>, keep: Duration, now: Instant) -> Vec<Member> {
+    since
+        .iter()
+        .filter(|(_, at)| now.duration_since(**at) >= keep)
+        .map(|(m, _)| m.clone())
+        .collect()
 }
 
 #[cfg(test)]
