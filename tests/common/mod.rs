@@ -109,6 +109,8 @@ pub struct ChildServer {
     pub addr: SocketAddr,
     /// Everything the child wrote to stderr so far (drained by a thread, so it never blocks).
     pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Set by the draining thread when stderr reaches its end.
+    drained: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ChildServer {
@@ -136,6 +138,8 @@ impl ChildServer {
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = log.clone();
+        let drained = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = drained.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
@@ -152,9 +156,15 @@ impl ChildServer {
                 log.push_str(&line);
                 log.push('\n');
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         match rx.recv_timeout(IO_TIMEOUT) {
-            Ok(addr) => ChildServer { child, addr, log },
+            Ok(addr) => ChildServer {
+                child,
+                addr,
+                log,
+                drained,
+            },
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -178,11 +188,16 @@ impl ChildServer {
         let _ = self.child.wait();
     }
 
-    /// Waits (up to `IO_TIMEOUT`) for the process to exit; true for exit status 0.
+    /// Waits (up to `IO_TIMEOUT`) for the process to exit and for its last stderr lines to
+    /// reach `log`; true for exit status 0.
     pub fn wait_exit(&mut self) -> bool {
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                let drained = &self.drained;
+                eventually("the child's stderr to be drained", || {
+                    drained.load(std::sync::atomic::Ordering::SeqCst)
+                });
                 return status.success();
             }
             assert!(Instant::now() < deadline, "child did not exit in time");
