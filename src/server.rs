@@ -20,10 +20,11 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+use crate::framing::{FrameError, FrameReader};
 use crate::{log_debug, log_info};
 use std::collections::{BTreeMap, HashMap};
 use std::error::Error;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,6 +113,54 @@ impl Connection {
                 .wait_timeout(fresh, until - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+    }
+}
+
+impl Connection {
+    /// Waits for the next read of requests for a handler that keeps arrival order across
+    /// connections (see [`Connection::settle`]): fills `reader` (which reads this
+    /// connection's stream) and, before the first batch, waits for earlier connections.
+    ///
+    /// `Ok(true)`: complete frames may be buffered; take them with
+    /// [`FrameReader::next_buffered`], act on them, then call [`Connection::settle`] once
+    /// the first batch is done. `Ok(false)`: the connection is over, normally: the client
+    /// closed it (a frame it cut off is logged as not applied), it stayed idle past the
+    /// server's idle timeout, or it vanished; the connection is settled.
+    ///
+    /// # Errors
+    /// A read that failed otherwise, or a size header that is not a length (the stream
+    /// lost sync): the connection cannot go on.
+    pub fn fill_in_order<R: Read>(
+        &self,
+        reader: &mut FrameReader<R>,
+        first: bool,
+    ) -> Result<bool, FrameError> {
+        let name = &self.server.shared.name;
+        match reader.fill() {
+            Ok(true) => {
+                if first {
+                    self.wait_for_earlier();
+                }
+                Ok(true)
+            }
+            Ok(false) => {
+                self.settle();
+                if let Err(e) = reader.finish() {
+                    log_info!(
+                        "{name}: connection {} from {}: {e}; that request was not applied",
+                        self.id,
+                        self.peer
+                    );
+                }
+                Ok(false)
+            }
+            Err(e) if e.is_timeout() => {
+                log_debug!("{name}: connection {} idle; closing", self.id);
+                Ok(false)
+            }
+            Err(FrameError::Io(e)) if is_disconnect(&e) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use super::protocol::{self, Request, RequestError};
 use super::{LocalChan, Node, NodeConfig, Value};
-use crate::framing::{self, FrameError, FrameReader, Framing};
+use crate::framing::{self, FrameReader, Framing};
 use crate::server::{is_disconnect, Connection, HandlerError};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
@@ -56,27 +56,10 @@ impl Listener {
         let mut out = Vec::new();
         let mut first = true;
         loop {
-            match reader.fill() {
-                Ok(true) => {}
-                Ok(false) => {
-                    conn.settle();
-                    if let Err(e) = reader.finish() {
-                        log_info!(
-                            "{}: connection {} from {}: {e}; that line was not applied",
-                            self.name,
-                            conn.id,
-                            conn.peer
-                        );
-                    }
-                    return Ok(());
-                }
-                Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            if first {
-                // One-shot writers (the course's) use a connection per message: what an
-                // earlier connection carries goes into the channel first.
-                conn.wait_for_earlier();
+            // One-shot writers (the course's) use a connection per message: what an
+            // earlier connection carries goes into the channel first.
+            if !conn.fill_in_order(&mut reader, first)? {
+                return Ok(());
             }
             let mut turn = None;
             let fatal = loop {

@@ -17,9 +17,8 @@ pub mod client;
 pub mod protocol;
 pub mod state;
 
-use crate::framing::{begin_frame, end_frame, FrameError, FrameReader, Framing, Limits};
+use crate::framing::{begin_frame, end_frame, FrameReader, Framing, Limits};
 use crate::server::{is_disconnect, Connection, HandlerError, ServerHandle};
-use crate::{log_debug, log_info};
 use aof::{Aof, Fsync, Replay};
 use protocol::{Request, Stats, Verb};
 use state::Store;
@@ -123,29 +122,8 @@ impl StoreService {
         let mut batch = Batch::default();
         let mut first = true;
         loop {
-            match reader.fill() {
-                Ok(true) => {}
-                Ok(false) => {
-                    conn.settle();
-                    if let Err(e) = reader.finish() {
-                        log_info!(
-                            "store: connection {} from {}: {e}; that request was not applied",
-                            conn.id,
-                            conn.peer
-                        );
-                    }
-                    return Ok(());
-                }
-                Err(e) if e.is_timeout() => {
-                    log_debug!("store: connection {} idle; closing", conn.id);
-                    return Ok(());
-                }
-                Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            if first {
-                // Requests sent before this connection was made are applied first.
-                conn.wait_for_earlier();
+            if !conn.fill_in_order(&mut reader, first)? {
+                return Ok(());
             }
             let fatal = loop {
                 match reader.next_buffered() {
