@@ -7,14 +7,14 @@ mod common;
 
 use common::{connect, eventually, run_python, ChildServer, IO_TIMEOUT};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use switchboard::framing::{encode_frame, FrameReader, Framing};
+use switchboard::framing::{encode_frame, FrameError, FrameReader, Framing};
 use switchboard::messenger::bench::free_addrs;
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::{Client, ClientError};
@@ -558,6 +558,55 @@ fn a_resent_send_is_acknowledged_and_delivered_once() {
     assert_eq!(b.login("bob").unwrap(), 2);
     let texts: Vec<String> = b.deliveries().try_iter().map(|d| d.text).collect();
     assert_eq!(texts, ["once", "twice"]);
+}
+
+/// A confirm is never answered, by a backup either: the clients expect no reply to it, so
+/// an answer would be read as the reply to the next request. A backup leaves the redirect
+/// to that request, which gets exactly one answer; then the connection closes.
+#[test]
+fn a_backup_does_not_answer_a_confirm_and_redirects_the_next_request() {
+    let cluster = Cluster::start(3, "confirm-backup");
+    // The primary, and a backup that knows it (a backup answers 41 until it does).
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let (primary, backup) = loop {
+        let replies: Vec<Vec<u8>> = (0..3)
+            .map(|id| Raw::connect(cluster.addrs[id]).ask(b"\x03probe"))
+            .collect();
+        let primary = replies.iter().position(|r| r[0] == 0x22);
+        let found = primary.and_then(|p| {
+            let redirect = format!("\x40{p}").into_bytes();
+            (0..3).find(|&b| replies[b] == redirect).map(|b| (p, b))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no primary and backup: {replies:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    // On the primary a confirm from a connection not logged in is ignored.
+    let mut p = Raw::connect(cluster.addrs[primary]);
+    p.send(b"\x0899");
+    assert_eq!(p.ask(b"\x03probe"), b"\x22\x00\x00");
+    // On the backup: no answer to the confirm, and the connection stays open...
+    let mut b = Raw::connect(cluster.addrs[backup]);
+    b.send(b"\x0899");
+    b.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    match b.reader.read_frame() {
+        Err(FrameError::Io(e))
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        Err(e) => panic!("server {backup}: {e}"),
+        Ok(Some(frame)) => panic!("server {backup} answered a confirm with {frame:02x?}"),
+        Ok(None) => panic!("server {backup} closed the connection on a confirm"),
+    }
+    b.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    // ...so the next request's answer is its own: the redirect, and then the close.
+    assert_eq!(b.ask(b"\x03probe"), format!("\x40{primary}").into_bytes());
+    assert!(b.closed(), "a redirect closes the connection");
 }
 
 #[test]

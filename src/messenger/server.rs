@@ -1,14 +1,15 @@
 //! Client connections: the primary decides each request against the state, logs and
 //! replicates the change it makes, and answers through the connection's outbox, whose
 //! writer thread holds every frame back until the changes it reveals are committed. Other
-//! servers answer with a redirect to the primary, or "unavailable" while there is none.
+//! servers answer with a redirect to the primary, or "unavailable" while there is none,
+//! and close the connection; a confirm, which is never answered, they ignore.
 //!
 //! Ordering: a connection's replies leave in request order; messages pushed to a recipient
 //! are queued under the state lock, so they leave in message-number order, after the
 //! login hand-over they follow.
 
 use super::peer::{Role, HELLO};
-use super::protocol::{self, Delivery, Reply};
+use super::protocol::{self, Delivery, Reply, Request};
 use super::replication::{Inner, Node};
 use super::state::Session;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
@@ -143,6 +144,13 @@ impl Node {
         let mut inner = self.lock();
         let epoch = inner.epoch;
         if inner.role != Role::Primary || inner.stopping {
+            // A confirm is never answered, here either: the client expects no reply to it
+            // and would take one for the answer to its next request, which gets the
+            // redirect itself. Nothing else changes: a backup applies no confirm either
+            // way, and the messages stay queued until a confirm reaches the primary.
+            if matches!(decoded, Ok(Request::Confirm { .. })) {
+                return Flow::Continue;
+            }
             let reply = match inner.known_primary(self.id) {
                 Some(p) if p != self.id => Reply::Redirect(p),
                 _ => Reply::Unavailable,
