@@ -8,10 +8,10 @@ mod common;
 use common::{connect, eventually, run_python, ChildServer, IO_TIMEOUT};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use switchboard::framing::{encode_frame, FrameError, FrameReader, Framing};
@@ -558,6 +558,78 @@ fn a_resent_send_is_acknowledged_and_delivered_once() {
     assert_eq!(b.login("bob").unwrap(), 2);
     let texts: Vec<String> = b.deliveries().try_iter().map(|d| d.text).collect();
     assert_eq!(texts, ["once", "twice"]);
+}
+
+/// A confirm lost in a failover: the connection dies after the client received a message
+/// but before its confirm reached the primary, so at the silent re-login the message is
+/// handed over again. The client must not pass it on twice, and must confirm it again, or
+/// it stays queued (and a new client process logging in as the user gets it again).
+/// Against a fake primary that plays both connections, as if the first confirm was lost.
+#[test]
+fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (answered, logins) = mpsc::channel();
+    let fake = thread::spawn(move || {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        // What followed each handover: the confirm, or None if nothing came in time.
+        let mut confirms = Vec::new();
+        for _ in 0..2 {
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut raw = Raw {
+                reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
+                stream,
+            };
+            assert_eq!(raw.recv(), b"\x02ann", "a login (silent, the second time)");
+            raw.send(b"\x21\x00\x01");
+            raw.send(b"\x307|bob|hi");
+            answered.send(()).unwrap();
+            confirms.push(raw.reader.read_frame().ok().flatten().map(<[u8]>::to_vec));
+            // Dropped: the connection closes, and the client logs in again.
+        }
+        confirms
+    });
+    let mut client = Client::new(vec![addr]);
+    client.timeout = IO_TIMEOUT;
+    assert_eq!(client.login("ann"), Ok(1));
+    logins.recv_timeout(IO_TIMEOUT).unwrap();
+    // Only `keep_up` logs in again, so once the fake has answered, the login it answered
+    // has returned, and what it handed over has been read.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        client.keep_up().unwrap();
+        if logins.recv_timeout(Duration::from_millis(20)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client did not log in again");
+    }
+    let texts: Vec<String> = client.deliveries().try_iter().map(|d| d.text).collect();
+    assert_eq!(texts, ["hi"], "passed on exactly once");
+    let confirms = fake.join().unwrap();
+    assert_eq!(
+        confirms[0].as_deref(),
+        Some(&b"\x087"[..]),
+        "first handover"
+    );
+    assert_eq!(
+        confirms[1].as_deref(),
+        Some(&b"\x087"[..]),
+        "the message handed over again is confirmed again"
+    );
 }
 
 /// A confirm is never answered, by a backup either: the clients expect no reply to it, so

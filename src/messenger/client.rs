@@ -10,7 +10,8 @@
 //!
 //! Incoming messages arrive on [`Client::deliveries`], each exactly once: a background
 //! reader drops any message numbered at or below the last one it passed on (numbers
-//! increase per recipient), then confirms what it received, so the cluster stops keeping
+//! increase per recipient), then confirms what it received, dropped ones included (a
+//! message handed over again means its confirm was lost), so the cluster stops keeping
 //! those messages.
 
 use super::protocol::{self, Delivery, Reply, Request, Violation};
@@ -133,8 +134,9 @@ impl Drop for Conn {
     }
 }
 
-/// Reads frames: messages go to `deliveries` (new ones only, then confirmed), everything
-/// else to `replies`. A login's answer is passed on after the messages it hands over.
+/// Reads frames: messages go to `deliveries` (new ones only) and are all confirmed,
+/// everything else to `replies`. A login's answer is passed on after the messages it hands
+/// over.
 fn read_loop(
     stream: &TcpStream,
     write: &Mutex<()>,
@@ -167,14 +169,15 @@ fn read_loop(
             };
             match reply {
                 Reply::Deliver(d) => {
-                    let fresh = {
+                    let (fresh, last) = {
                         let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
                         let fresh = d.id > seen.last;
                         seen.last = seen.last.max(d.id);
-                        fresh
+                        (fresh, seen.last)
                     };
+                    // Confirmed even if seen before: handed over again, its confirm was lost.
+                    confirm = Some(last);
                     if fresh {
-                        confirm = Some(d.id);
                         let _ = deliveries.send(d);
                     }
                     if let Some((count, left)) = &mut handover {
