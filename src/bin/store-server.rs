@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::framing::Framing;
 use switchboard::server::{on_termination, Server, ServerConfig};
-use switchboard::store::{self, aof::Fsync, StoreOptions, StoreService};
+use switchboard::store::aof::{self, ByteSize, Fsync};
+use switchboard::store::{self, StoreOptions, StoreService};
 use switchboard::{framing, log_info};
 
 /// Serve the classic key-value store protocol (store,K,V / lookup,K, plus delete and stats).
@@ -31,6 +32,14 @@ struct Args {
     /// when to fsync the append-only file: always, everysec (default) or no
     #[argh(option, default = "Fsync::EverySec")]
     fsync: Fsync,
+    /// compact the append-only file once it is larger than SIZE (bytes, or k, m, g) and
+    /// twice its live data (default 64m; 0: never)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "ByteSize(aof::DEFAULT_REWRITE_MIN)"
+    )]
+    aof_rewrite_min: ByteSize,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -44,6 +53,7 @@ fn main() -> ExitCode {
         limits: framing::Limits::default(),
         aof: args.aof,
         fsync: args.fsync,
+        aof_rewrite_min: args.aof_rewrite_min.0,
     };
     let (service, replay) = match StoreService::open(&options) {
         Ok(opened) => opened,

@@ -3,7 +3,7 @@
 //!
 //! - [`protocol`]: requests and replies, pure.
 //! - [`state`]: the sharded map.
-//! - [`aof`]: the append-only file and its replay.
+//! - [`aof`]: the append-only file: replay, and rewrite in the background.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`]: the closed-loop load generator behind `store-bench`.
 //!
@@ -36,7 +36,7 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:65002";
 const FLUSH_AT: usize = 64 << 10;
 
 /// How a store is set up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// The framing of requests and replies.
     pub framing: Framing,
@@ -46,11 +46,27 @@ pub struct StoreOptions {
     pub aof: Option<PathBuf>,
     /// When the append-only file is synced.
     pub fsync: Fsync,
+    /// Rewrite the append-only file once it is larger than this many bytes and more than
+    /// twice its live data (0: never).
+    pub aof_rewrite_min: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            framing: Framing::default(),
+            limits: Limits::default(),
+            aof: None,
+            fsync: Fsync::default(),
+            aof_rewrite_min: aof::DEFAULT_REWRITE_MIN,
+        }
+    }
 }
 
 /// The store service: state, persistence and counters, shared by every connection.
 pub struct StoreService {
-    store: Store,
+    /// Shared with the append-only file's background rewrite.
+    store: Arc<Store>,
     aof: Option<Arc<Aof>>,
     framing: Framing,
     limits: Limits,
@@ -64,10 +80,11 @@ impl StoreService {
     /// # Errors
     /// When the append-only file cannot be opened, read or created.
     pub fn open(options: &StoreOptions) -> io::Result<(Arc<StoreService>, Option<Replay>)> {
-        let store = Store::new();
+        let store = Arc::new(Store::new());
         let (aof, replay) = match &options.aof {
             Some(path) => {
                 let (aof, replay) = Aof::open(path, options.fsync, &store)?;
+                aof.set_rewrite_min(options.aof_rewrite_min);
                 (Some(aof), Some(replay))
             }
             None => (None, None),
@@ -139,7 +156,7 @@ impl StoreService {
                 }
             };
             if let (Some(aof), Some(seq)) = (&self.aof, batch.unsynced.take()) {
-                aof.commit(seq)?;
+                self.commit(aof, seq)?;
             }
             if !self.send(&mut stream, &mut batch)? {
                 return Ok(());
@@ -237,13 +254,20 @@ impl StoreService {
 
     /// A write was logged as record `seq`: with `--fsync always` it is synced before the
     /// next command; otherwise it is handed to the OS at the end of the batch.
-    fn logged(&self, aof: &Aof, seq: u64, batch: &mut Batch) -> io::Result<()> {
+    fn logged(&self, aof: &Arc<Aof>, seq: u64, batch: &mut Batch) -> io::Result<()> {
         if aof.policy() == Fsync::Always {
-            aof.commit(seq)
+            self.commit(aof, seq)
         } else {
             batch.unsynced = Some(seq);
             Ok(())
         }
+    }
+
+    /// Commits record `seq`, then starts a log rewrite if one is due.
+    fn commit(&self, aof: &Arc<Aof>, seq: u64) -> io::Result<()> {
+        aof.commit(seq)?;
+        aof.rewrite_if_due(&self.store);
+        Ok(())
     }
 }
 

@@ -149,6 +149,104 @@ impl Store {
             (keys + s.map.len() as u64, bytes + s.bytes)
         })
     }
+
+    /// A cursor that copies every entry out, shard by shard and a chunk at a time, for
+    /// writing a snapshot without holding a lock across I/O.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            store: self,
+            shard: 0,
+            keys: Vec::new(),
+            key_ends: Vec::new(),
+            next_key: 0,
+            chunk: Vec::new(),
+            lens: Vec::new(),
+        }
+    }
+}
+
+/// Copies the entries of a [`Store`] out in chunks (see [`Store::snapshot`]).
+///
+/// A shard's keys are listed under one read lock; their values are then copied a chunk at a
+/// time, each chunk under a read lock of its own. Writes go on in between, so an entry is as
+/// it was at some moment after the cursor reached its shard: a key removed since it was
+/// listed is skipped, one inserted since is missed. A log rewrite wants exactly that: every
+/// write from the start of the rewrite on is in its since-snapshot buffer as well.
+pub struct Snapshot<'a> {
+    store: &'a Store,
+    /// The next shard whose keys are to be listed.
+    shard: usize,
+    /// The listed keys of the current shard, end to end, and where each ends.
+    keys: Vec<u8>,
+    key_ends: Vec<usize>,
+    /// Index in `key_ends` of the next key to copy.
+    next_key: usize,
+    /// The current chunk: keys and values end to end, and their lengths.
+    chunk: Vec<u8>,
+    lens: Vec<(usize, usize)>,
+}
+
+impl Snapshot<'_> {
+    /// Copies the next entries, about `max_bytes` of keys and values (at least one entry),
+    /// and then calls `f` with each, under no lock. False when every shard is done.
+    pub fn next_chunk(&mut self, max_bytes: usize, mut f: impl FnMut(&[u8], &[u8])) -> bool {
+        while self.next_key == self.key_ends.len() {
+            if self.shard == SHARDS {
+                return false;
+            }
+            self.list_keys();
+        }
+        self.chunk.clear();
+        self.lens.clear();
+        {
+            // The shard whose keys were listed last.
+            let shard = self.store.shards[self.shard - 1]
+                .inner
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut bytes = 0;
+            while self.next_key < self.key_ends.len() && bytes < max_bytes {
+                let start = match self.next_key {
+                    0 => 0,
+                    i => self.key_ends[i - 1],
+                };
+                let key = &self.keys[start..self.key_ends[self.next_key]];
+                self.next_key += 1;
+                if let Some(value) = shard.map.get(key) {
+                    self.chunk.extend_from_slice(key);
+                    self.chunk.extend_from_slice(value);
+                    self.lens.push((key.len(), value.len()));
+                    bytes += key.len() + value.len();
+                }
+            }
+        }
+        let mut at = 0;
+        for &(k, v) in &self.lens {
+            f(&self.chunk[at..at + k], &self.chunk[at + k..at + k + v]);
+            at += k + v;
+        }
+        if self.chunk.capacity() > 4 * max_bytes {
+            // One large value passed through; do not keep its allocation.
+            self.chunk = Vec::new();
+        }
+        true
+    }
+
+    /// Lists the keys of the next shard and moves on to it.
+    fn list_keys(&mut self) {
+        self.keys.clear();
+        self.key_ends.clear();
+        self.next_key = 0;
+        let shard = self.store.shards[self.shard]
+            .inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for key in shard.map.keys() {
+            self.keys.extend_from_slice(key);
+            self.key_ends.push(self.keys.len());
+        }
+        self.shard += 1;
+    }
 }
 
 #[cfg(test)]
@@ -191,5 +289,49 @@ mod tests {
             .flat_map(|t| (0..2000).map(move |i| format!("{t}-{i}").len()))
             .sum();
         assert_eq!(s.size(), (8000, 8000 * 8 + key_bytes as u64));
+    }
+
+    fn contents(s: &Store, chunk: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut all = Vec::new();
+        let mut snapshot = s.snapshot();
+        while snapshot.next_chunk(chunk, |k, v| all.push((k.to_vec(), v.to_vec()))) {}
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn a_snapshot_copies_every_entry_once_whatever_the_chunk_size() {
+        let s = Store::new();
+        assert!(contents(&s, 1).is_empty());
+        let mut want: Vec<_> = (0..500)
+            .map(|i| (format!("k{i}").into_bytes(), vec![i as u8; i % 7]))
+            .collect();
+        for (k, v) in &want {
+            s.set(k, v);
+        }
+        want.sort();
+        for chunk in [1, 10, 1000, 1 << 20] {
+            assert_eq!(contents(&s, chunk), want, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_skips_keys_removed_after_they_were_listed() {
+        let s = Store::new();
+        for i in 0..200 {
+            s.set(format!("k{i}").as_bytes(), b"old");
+        }
+        let mut snapshot = s.snapshot();
+        let mut seen = Vec::new();
+        // One entry per chunk: the first chunk lists its shard's keys and copies one.
+        assert!(snapshot.next_chunk(1, |k, _| seen.push(k.to_vec())));
+        for i in 0..200 {
+            let k = format!("k{i}");
+            if seen[0] != k.as_bytes() {
+                s.delete(k.as_bytes());
+            }
+        }
+        while snapshot.next_chunk(1, |k, _| seen.push(k.to_vec())) {}
+        assert_eq!(seen.len(), 1, "{seen:?}");
     }
 }
