@@ -11,6 +11,7 @@
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
+//! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
@@ -29,6 +30,7 @@ pub mod chan;
 pub mod chat;
 pub mod echo;
 pub mod framing;
+pub mod handoff;
 pub mod log;
 pub mod messenger;
 pub mod peer;

@@ -61,9 +61,10 @@
 //!   Figures and commands: the README section "Echo and the pipeline".
 
 use crate::framing::{encode_frame, FrameReader, Framing, Limits};
+use crate::handoff::{self, HandoffReceiver, HandoffSender};
 use crate::server::{Connection, HandlerError};
 use crate::{log_debug, log_info};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Sender};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
@@ -227,15 +228,15 @@ impl Pipeline {
         let transform = Arc::new(transform);
         let (mut to_senders, mut sender_queues) = (Vec::new(), Vec::new());
         for _ in 0..config.senders.max(1) {
-            let (tx, rx) = bounded(config.queue);
+            let (tx, rx) = handoff::bounded(config.queue);
             to_senders.push(tx);
             sender_queues.push(rx);
         }
-        let to_senders: Arc<[Sender<Event>]> = to_senders.into();
+        let to_senders: Arc<[HandoffSender<Event>]> = to_senders.into();
         let mut threads = Vec::new();
         let mut workers = Vec::new();
         for i in 0..config.workers.max(1) {
-            let (tx, rx) = bounded(config.queue);
+            let (tx, rx) = handoff::bounded(config.queue);
             let out = Arc::clone(&to_senders);
             let f = Arc::clone(&transform);
             threads.push(
@@ -295,7 +296,7 @@ impl Pipeline {
 /// The readers' side of a [`Pipeline`]: cloneable, one clone per server handler.
 #[derive(Debug, Clone)]
 pub struct Inlet {
-    workers: Arc<[Sender<Event>]>,
+    workers: Arc<[HandoffSender<Event>]>,
     config: Arc<PipelineConfig>,
 }
 
@@ -349,7 +350,7 @@ impl Inlet {
 #[derive(Debug)]
 pub struct Feed {
     id: u64,
-    input: Sender<Event>,
+    input: HandoffSender<Event>,
 }
 
 impl Feed {
@@ -378,11 +379,11 @@ impl Drop for Feed {
 
 /// A worker: transforms frames, passes the other events on in order.
 fn transform_stage(
-    rx: Receiver<Event>,
-    senders: &[Sender<Event>],
+    rx: HandoffReceiver<Event>,
+    senders: &[HandoffSender<Event>],
     transform: &(dyn Fn(Vec<u8>) -> Vec<u8> + Sync),
 ) {
-    for event in rx {
+    for event in &rx {
         let tx = &senders[(event.id() % senders.len() as u64) as usize];
         let event = match event {
             Event::Frame { id, payload } => {
@@ -549,14 +550,14 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// The sender: writes each reply to its connection, a batch at a time, never waiting on a
 /// socket for longer than the write timeout.
-fn send_stage(rx: Receiver<Event>, config: &PipelineConfig, counters: &Counters) {
+fn send_stage(rx: HandoffReceiver<Event>, config: &PipelineConfig, counters: &Counters) {
     let mut routes = Routes {
         map: HashMap::new(),
         pending: Vec::new(),
         config,
         counters,
     };
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.recv() {
         routes.handle(first);
         // What is already queued goes out with it, one write per connection.
         for event in rx.try_iter().take(SEND_BATCH - 1) {
