@@ -616,3 +616,62 @@ fn running_out_of_file_descriptors_is_survived() {
     let mut fresh = LineClient::connect(server.addr);
     assert_eq!(fresh.ask("lookup,k59\n"), "{just,v}");
 }
+
+#[test]
+fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
+    const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let field = |line: &str, name: &str| -> String {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .to_string()
+    };
+    let pid = server.child.id().to_string();
+    let common = [
+        "--addr",
+        &addr,
+        "--conns",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+    ];
+    for with_pid in [false, true] {
+        let mut cmd = std::process::Command::new(BENCH);
+        cmd.args(common);
+        if with_pid {
+            cmd.args(["--server-pid", &pid]);
+        }
+        let out = run_checked(cmd);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("RESULT "))
+            .unwrap_or_else(|| panic!("no RESULT line in {out}"));
+        assert!(
+            field(line, "ops_per_sec").parse::<u64>().unwrap() > 0,
+            "{line}"
+        );
+        assert_eq!(field(line, "conns"), "2");
+        let server_cpu = field(line, "server_cpu_us_per_op");
+        if with_pid {
+            assert!(server_cpu.parse::<f64>().is_ok(), "{line}");
+        } else {
+            assert_eq!(server_cpu, "-", "without --server-pid: {line}");
+        }
+        assert!(
+            field(line, "bench_cpu_us_per_op").parse::<f64>().is_ok(),
+            "{line}"
+        );
+    }
+    let mut idle = std::process::Command::new(BENCH);
+    idle.args(["--addr", &addr, "--idle", "20", "--server-pid", &pid]);
+    let out = run_checked(idle);
+    assert!(out.contains("20 idle connections: server RSS "), "{out}");
+    assert!(
+        out.contains(" MiB held; new client connect+lookup median "),
+        "{out}"
+    );
+}

@@ -73,48 +73,21 @@ fn main() -> ExitCode {
         framing: a.framing,
         server_pid: a.server_pid,
     };
-    if let Some(n) = a.idle {
-        return idle(&cfg, n);
-    }
-    let run = bench::preload(&cfg).and_then(|()| {
-        bench::run(&cfg, |t, rate| {
-            eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64())
-        })
-    });
+    let run = match a.idle {
+        Some(n) => bench::preload(&cfg)
+            .and_then(|()| bench::hold_idle(&cfg, n))
+            .map(|r| r.to_string()),
+        None => bench::preload(&cfg)
+            .and_then(|()| {
+                bench::run(&cfg, |t, rate| {
+                    eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64())
+                })
+            })
+            .map(|r| format!("{r}\n{}", r.result_line(&cfg))),
+    };
     match run {
-        Ok(r) => {
-            let [p50, p99, p999] = r.latency_us;
-            println!("{r}");
-            println!(
-                "RESULT proto={:?} conns={} pipeline={} ratio={}:{} ops_per_sec={:.0} p50_us={p50} \
-                 p99_us={p99} p999_us={p999} server_cpu_us_per_op={} bench_cpu_us_per_op={}",
-                a.proto, a.conns, a.pipeline, a.ratio.get, a.ratio.set, r.ops_per_sec,
-                r.server_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
-                r.bench_cpu_us_per_op.map_or("-".into(), |c| format!("{c:.3}")),
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("store-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn idle(cfg: &BenchConfig, n: usize) -> ExitCode {
-    match bench::preload(cfg).and_then(|()| bench::hold_idle(cfg, n)) {
-        Ok(r) => {
-            let kib =
-                |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
-            println!(
-                "{} idle connections: server RSS {} before, {} held; new client connect+lookup \
-                 median {:.0}us, worst {:.0}us",
-                r.held,
-                kib(r.rss_before_kib),
-                kib(r.rss_held_kib),
-                r.new_client_us[0],
-                r.new_client_us[1]
-            );
+        Ok(report) => {
+            println!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -4,7 +4,7 @@
 use super::client::connect;
 use super::EchoError;
 use crate::framing::{encode_frame, FrameReader, Framing};
-use crate::store::bench::process_cpu_secs;
+use crate::store::bench::{own_cpu_secs, process_cpu_secs};
 use std::fmt;
 use std::io::Write;
 use std::sync::{Arc, Barrier, OnceLock};
@@ -178,14 +178,7 @@ pub fn bench(config: &BenchConfig) -> Result<BenchReport, EchoError> {
     start.wait();
     let from = *measure_from.get_or_init(|| Instant::now() + config.warmup);
     // CPU time over the same window the connections count their round trips in.
-    let cpu = || {
-        (
-            config
-                .server_pid
-                .and_then(|pid| process_cpu_secs(Some(pid))),
-            process_cpu_secs(None),
-        )
-    };
+    let cpu = || (config.server_pid.and_then(process_cpu_secs), own_cpu_secs());
     thread::sleep(from.saturating_duration_since(Instant::now()));
     let before = cpu();
     thread::sleep((from + config.duration).saturating_duration_since(Instant::now()));

@@ -129,6 +129,27 @@ impl fmt::Display for BenchResult {
     }
 }
 
+impl BenchResult {
+    /// One `key=value` line for scripts (`interop/bench_store.py` reads it): the run's
+    /// settings from `cfg`, then the figures; `-` for a CPU time that was not measured.
+    pub fn result_line(&self, cfg: &BenchConfig) -> String {
+        let [p50, p99, p999] = self.latency_us;
+        let cpu = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.3}"));
+        format!(
+            "RESULT proto={:?} conns={} pipeline={} ratio={}:{} ops_per_sec={:.0} p50_us={p50} \
+             p99_us={p99} p999_us={p999} server_cpu_us_per_op={} bench_cpu_us_per_op={}",
+            cfg.proto,
+            cfg.conns,
+            cfg.pipeline,
+            cfg.ratio.get,
+            cfg.ratio.set,
+            self.ops_per_sec,
+            cpu(self.server_cpu_us_per_op),
+            cpu(self.bench_cpu_us_per_op),
+        )
+    }
+}
+
 /// Why a run failed.
 #[derive(Debug)]
 pub enum BenchError {
@@ -351,12 +372,17 @@ pub fn preload(cfg: &BenchConfig) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Process CPU time (user + system) in seconds, from `/proc/PID/stat`.
-pub fn process_cpu_secs(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".into(),
-    };
+/// CPU time (user + system) of process `pid` in seconds, from `/proc/PID/stat`.
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    cpu_secs_from(&format!("/proc/{pid}/stat"))
+}
+
+/// This process's own CPU time (user + system) in seconds.
+pub fn own_cpu_secs() -> Option<f64> {
+    cpu_secs_from("/proc/self/stat")
+}
+
+fn cpu_secs_from(path: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name, which may itself hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -435,7 +461,8 @@ pub fn run(
         .collect::<Result<_, _>>()?;
     start.wait();
     std::thread::sleep(cfg.warmup);
-    let cpu_before = (process_cpu_secs(cfg.server_pid), process_cpu_secs(None));
+    // No --server-pid, no server figure (not this process's own time).
+    let cpu_before = (cfg.server_pid.and_then(process_cpu_secs), own_cpu_secs());
     measuring.store(true, Ordering::Relaxed);
     let began = Instant::now();
     let mut last = (began, 0u64);
@@ -454,7 +481,7 @@ pub fn run(
     measuring.store(false, Ordering::Relaxed);
     let elapsed = began.elapsed().as_secs_f64();
     let total = ops.load(Ordering::Relaxed);
-    let cpu_after = (process_cpu_secs(cfg.server_pid), process_cpu_secs(None));
+    let cpu_after = (cfg.server_pid.and_then(process_cpu_secs), own_cpu_secs());
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     for w in workers {
@@ -492,6 +519,23 @@ pub struct IdleReport {
     pub rss_held_kib: Option<u64>,
     /// Connect-and-lookup time of new clients while they are held: median and worst, µs.
     pub new_client_us: [f64; 2],
+}
+
+impl fmt::Display for IdleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib =
+            |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        write!(
+            f,
+            "{} idle connections: server RSS {} before, {} held; new client connect+lookup \
+             median {:.0}us, worst {:.0}us",
+            self.held,
+            mib(self.rss_before_kib),
+            mib(self.rss_held_kib),
+            self.new_client_us[0],
+            self.new_client_us[1]
+        )
+    }
 }
 
 /// Resident set size of process `pid`, KiB, from `/proc/PID/status`.
