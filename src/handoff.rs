@@ -20,9 +20,11 @@
 //! also learns when the last one is gone.
 
 use crossbeam_channel::{Receiver, Sender, TryIter, TryRecvError};
+use std::cell::Cell;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, Thread};
 
 /// The consumer's side of the doorbell.
@@ -30,31 +32,41 @@ use std::thread::{self, Thread};
 struct Bell {
     /// Set by the consumer before its last look at the queue, cleared by whoever wakes it.
     sleeping: AtomicBool,
-    /// The consumer thread, known from its first receive.
-    consumer: OnceLock<Thread>,
+    /// The thread that receives, recorded before it first sleeps (again, if the receiver
+    /// has moved to another thread since).
+    consumer: Mutex<Option<Thread>>,
 }
 
 impl Bell {
     fn ring(&self) {
         fence(Ordering::SeqCst);
         if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
-            if let Some(t) = self.consumer.get() {
+            let consumer = self.consumer.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(t) = &*consumer {
                 t.unpark();
             }
         }
     }
 }
 
-/// A bounded queue of `cap` items; see the module docs.
+/// A bounded queue of `cap` items (at least one); see the module docs.
+///
+/// A capacity of 0 is taken as 1: crossbeam's zero-capacity channel is a rendezvous whose
+/// `send` returns only once a receiver has taken the item, and a receiver asleep on the
+/// doorbell would never be rung.
 pub fn bounded<T>(cap: usize) -> (HandoffSender<T>, HandoffReceiver<T>) {
-    let (tx, rx) = crossbeam_channel::bounded(cap);
+    let (tx, rx) = crossbeam_channel::bounded(cap.max(1));
     let bell = Arc::new(Bell::default());
     (
         HandoffSender {
             tx: Some(tx),
             bell: Arc::clone(&bell),
         },
-        HandoffReceiver { rx, bell },
+        HandoffReceiver {
+            rx,
+            bell,
+            one_thread: PhantomData,
+        },
     )
 }
 
@@ -115,10 +127,12 @@ impl<T> Drop for HandoffSender<T> {
     }
 }
 
-/// The consuming end: one thread receives from it.
+/// The consuming end. It can move to another thread but not be shared (`!Sync`): the
+/// doorbell wakes one thread, the one that went to sleep.
 pub struct HandoffReceiver<T> {
     rx: Receiver<T>,
     bell: Arc<Bell>,
+    one_thread: PhantomData<Cell<()>>,
 }
 
 impl<T> HandoffReceiver<T> {
@@ -132,8 +146,17 @@ impl<T> HandoffReceiver<T> {
         }
         // Another runnable thread (often the producer) gets the core first.
         thread::yield_now();
-        let me = self.bell.consumer.get_or_init(thread::current);
-        debug_assert_eq!(me.id(), thread::current().id(), "one consumer thread only");
+        {
+            let mut consumer = self
+                .bell
+                .consumer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let me = thread::current();
+            if consumer.as_ref().map(Thread::id) != Some(me.id()) {
+                *consumer = Some(me);
+            }
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(item) => return Some(item),
@@ -149,7 +172,12 @@ impl<T> HandoffReceiver<T> {
                 }
                 Err(TryRecvError::Disconnected) => return None,
                 // A ring after the fence unparks this thread, before or during `park`.
-                Err(TryRecvError::Empty) => thread::park(),
+                // `park` may also return for nothing (a spare token, or spuriously): the
+                // flag is cleared so no producer rings for a consumer that is awake.
+                Err(TryRecvError::Empty) => {
+                    thread::park();
+                    self.bell.sleeping.store(false, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -173,70 +201,71 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Runs `f` on its own thread and fails the test if it takes over 30 s: a lost
+    /// wake-up shows up as a failure, not as a test run that never ends.
+    fn within<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::spawn(move || tx.send(f()).unwrap());
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("stuck: a wake-up was lost")
+    }
+
     #[test]
     fn items_arrive_in_order_then_the_end() {
-        let (tx, rx) = bounded(4);
-        let producer = thread::spawn(move || {
-            for i in 0..10_000u32 {
-                tx.send(i).unwrap();
-            }
+        let got = within(|| {
+            let (tx, rx) = bounded(4);
+            let producer = thread::spawn(move || {
+                for i in 0..10_000u32 {
+                    tx.send(i).unwrap();
+                }
+            });
+            let got: Vec<u32> = (&rx).collect();
+            producer.join().unwrap();
+            got
         });
-        let got: Vec<u32> = (&rx).collect();
-        producer.join().unwrap();
         assert_eq!(got, (0..10_000).collect::<Vec<_>>());
     }
 
     #[test]
     fn no_wake_up_is_lost_between_a_sleeping_consumer_and_many_producers() {
         // Each item is sent when the consumer is most likely asleep or falling asleep; a
-        // lost wake-up would leave it parked forever and the receive below would time out.
-        let (tx, rx) = bounded::<u64>(1);
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let consumer = thread::spawn(move || {
-            let mut sum = 0;
-            for item in &rx {
-                sum += item;
-            }
-            done_tx.send(sum).unwrap();
-        });
-        let producers: Vec<_> = (0..4u64)
-            .map(|p| {
-                let tx = tx.clone();
-                thread::spawn(move || {
-                    for i in 0..2_000 {
-                        if i % 64 == 0 {
-                            thread::sleep(Duration::from_micros(50));
+        // lost wake-up leaves it parked, the producers blocked on the one-slot queue, and
+        // `within` fails.
+        let sum = within(|| {
+            let (tx, rx) = bounded::<u64>(1);
+            let consumer = thread::spawn(move || (&rx).sum::<u64>());
+            let producers: Vec<_> = (0..4u64)
+                .map(|p| {
+                    let tx = tx.clone();
+                    thread::spawn(move || {
+                        for i in 0..2_000 {
+                            if i % 64 == 0 {
+                                thread::sleep(Duration::from_micros(50));
+                            }
+                            tx.send(p * 10_000 + i).unwrap();
                         }
-                        tx.send(p * 10_000 + i).unwrap();
-                    }
+                    })
                 })
-            })
-            .collect();
-        drop(tx);
-        for p in producers {
-            p.join().unwrap();
-        }
+                .collect();
+            drop(tx);
+            for p in producers {
+                p.join().unwrap();
+            }
+            consumer.join().unwrap()
+        });
         let expected: u64 = (0..4u64)
             .map(|p| (0..2_000).map(|i| p * 10_000 + i).sum::<u64>())
             .sum();
-        let sum = done_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the consumer never saw the end: a wake-up was lost");
         assert_eq!(sum, expected);
-        consumer.join().unwrap();
     }
 
     #[test]
     fn a_sleeping_consumer_learns_that_the_last_sender_is_gone() {
         let (tx, rx) = bounded::<()>(8);
-        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let consumer = thread::spawn(move || {
-            done_tx.send(rx.recv().is_none()).unwrap();
-        });
+        let consumer = thread::spawn(move || within(move || rx.recv().is_none()));
         thread::sleep(Duration::from_millis(50));
         drop(tx);
-        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)), Ok(true));
-        consumer.join().unwrap();
+        assert!(consumer.join().unwrap());
     }
 
     #[test]
@@ -250,5 +279,31 @@ mod tests {
         assert!(producer.join().unwrap());
         assert_eq!(rx.recv(), Some(2));
         assert_eq!(rx.recv(), None);
+    }
+
+    #[test]
+    fn a_capacity_of_zero_still_wakes_a_sleeping_consumer() {
+        let (tx, rx) = bounded::<u32>(0);
+        let consumer = thread::spawn(move || within(move || rx.recv()));
+        thread::sleep(Duration::from_millis(50));
+        tx.send(7).unwrap();
+        assert_eq!(consumer.join().unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_receiver_moved_to_another_thread_is_woken_there() {
+        let (tx, rx) = bounded::<u32>(4);
+        let first = thread::spawn(move || {
+            let got = rx.recv();
+            (got, rx)
+        });
+        thread::sleep(Duration::from_millis(50));
+        tx.send(1).unwrap();
+        let (got, rx) = first.join().unwrap();
+        assert_eq!(got, Some(1));
+        let second = thread::spawn(move || within(move || rx.recv()));
+        thread::sleep(Duration::from_millis(50));
+        tx.send(2).unwrap();
+        assert_eq!(second.join().unwrap(), Some(2));
     }
 }
