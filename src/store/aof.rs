@@ -142,17 +142,26 @@ pub struct Rewritten {
     pub keys: u64,
     /// From the start of the snapshot to the switch.
     pub took: Duration,
+    /// Bytes of records appended while it ran (copied to the new file after the snapshot
+    /// records they follow).
+    pub buffered: u64,
+    /// The most of those bytes held in memory at once: they are moved to the new file
+    /// after every snapshot chunk, so this stays near what the writers append during one
+    /// chunk's copy, however long the whole snapshot takes.
+    pub buffered_peak: u64,
 }
 
 impl fmt::Display for Rewritten {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} -> {} bytes, {} keys, {:.1} ms",
+            "{} -> {} bytes, {} keys, {:.1} ms, {} bytes written meanwhile (at most {} held)",
             self.old_len,
             self.new_len,
             self.keys,
-            self.took.as_secs_f64() * 1000.0
+            self.took.as_secs_f64() * 1000.0,
+            self.buffered,
+            self.buffered_peak
         )
     }
 }
@@ -164,6 +173,9 @@ struct Pending {
     /// While a rewrite runs: every record appended since it started (the since-snapshot
     /// buffer), not yet copied to the new file.
     since: Option<Vec<u8>>,
+    /// Bytes appended to `since` during the current rewrite, and the most it held at once.
+    since_total: u64,
+    since_peak: u64,
 }
 
 struct Output {
@@ -279,6 +291,8 @@ impl Aof {
                 buf: Vec::new(),
                 seq: 0,
                 since: None,
+                since_total: 0,
+                since_peak: 0,
             }),
             output: Mutex::new(Output {
                 file,
@@ -343,6 +357,8 @@ impl Aof {
         encode(&mut p.buf);
         if let Some(since) = &mut p.since {
             since.extend_from_slice(&p.buf[start..]);
+            p.since_total += (p.buf.len() - start) as u64;
+            p.since_peak = p.since_peak.max(since.len() as u64);
         }
         p.seq += 1;
         p.seq
@@ -515,14 +531,19 @@ impl Aof {
     /// appended meanwhile. Writers go on meanwhile; commits wait only for the last step.
     ///
     /// Why the new log replays to the current state: from the start, every appended record
-    /// is also kept in the since-snapshot buffer, which follows the snapshot in the new
-    /// file. Take any key. If nothing wrote it after the start, the snapshot copied its
-    /// state as it was at the start (present with that value, or absent). If something
-    /// did, the snapshot may hold any of its values since the start, but the buffer holds
-    /// every record of it since the start, in map order (they are appended under the shard
-    /// lock), so replay ends on its last record: its current state. Records are whole
-    /// values, never increments, so replaying one the snapshot already reflects is
-    /// harmless.
+    /// is also kept in the since-snapshot buffer, and the buffer is moved to the new file
+    /// after each chunk of the snapshot and once more at the end, so every record since the
+    /// start is in the new file, in append order, which for one key is map order (records
+    /// are appended under the shard lock, after the map is changed). Take any key. If
+    /// nothing wrote it after the start, the snapshot copied its state as it was at the
+    /// start (present with that value, or absent). If something did, replay ends on
+    /// whichever comes last in the file of its last record and its snapshot record (if
+    /// any). Its last record: its current state. Its snapshot record: that comes later
+    /// only when its chunk was copied after the buffer holding the last record was moved
+    /// out, so after the record was applied to the map; the copy is then that current
+    /// state too. Records are whole values, never increments, so replaying one the snapshot
+    /// already reflects is harmless. Moving the buffer after every chunk keeps it small:
+    /// the writes made during one chunk's copy, not during the whole snapshot.
     ///
     /// # Errors
     /// When a rewrite is running already, or the new file cannot be written, synced or
@@ -558,13 +579,15 @@ impl Aof {
             return Err(io::Error::other("a rewrite is already running"));
         }
         p.since = Some(Vec::new());
+        p.since_total = 0;
+        p.since_peak = 0;
         Ok(())
     }
 
     /// Writes the magic, the snapshot and the since-snapshot buffer as it stands to
-    /// `temp`, and fsyncs it; returns the file, its length and the number of keys. Holds
-    /// each shard lock for one chunk's copy at most and the append lock for a swap of
-    /// buffers, never across I/O.
+    /// `temp` (the buffer after each chunk: see [`Aof::rewrite`]), and fsyncs it; returns
+    /// the file, its length and the number of keys. Holds each shard lock for one chunk's
+    /// copy at most and the append lock for a swap of buffers, never across I/O.
     fn write_snapshot(
         &self,
         store: &Store,
@@ -594,22 +617,31 @@ impl Aof {
             out.write_all(&records)?;
             len += records.len() as u64;
             records.clear();
+            // After the chunk, never before it: a record moved out here was applied to the
+            // map before the next chunk is copied.
+            len += self.move_since(&mut out, &mut records)?;
         }
         for _ in 0..TAIL_ROUNDS {
-            if let Some(since) = &mut lock(&self.pending).since {
-                std::mem::swap(since, &mut records);
-            }
-            out.write_all(&records)?;
-            len += records.len() as u64;
-            let caught_up = records.len() < TAIL_BYTES;
-            records.clear();
-            if caught_up {
+            if self.move_since(&mut out, &mut records)? < TAIL_BYTES as u64 {
                 break;
             }
         }
         let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_data()?;
         Ok((file, len, keys))
+    }
+
+    /// Moves the since-snapshot buffer as it stands to `out` (swapping it with the empty
+    /// `spare`, so neither allocation is lost); returns the bytes moved.
+    fn move_since(&self, out: &mut impl Write, spare: &mut Vec<u8>) -> io::Result<u64> {
+        debug_assert!(spare.is_empty());
+        if let Some(since) = &mut lock(&self.pending).since {
+            std::mem::swap(since, spare);
+        }
+        let moved = spare.len() as u64;
+        let written = out.write_all(spare);
+        spare.clear();
+        written.map(|()| moved)
     }
 
     /// Appends the rest of the since-snapshot buffer to `temp`, fsyncs it, renames it over
@@ -629,10 +661,11 @@ impl Aof {
         // file is live. Records up to `upto` that were never written to the old file
         // (`unwritten`) need not be: each was appended after the start (and is in `tail`
         // or was copied already) or before it (and the snapshot reflects it).
-        let (tail, mut unwritten, upto) = {
+        let (tail, mut unwritten, upto, buffered, buffered_peak) = {
             let mut p = lock(&self.pending);
             let tail = p.since.take().unwrap_or_default();
-            (tail, std::mem::take(&mut p.buf), p.seq)
+            let buf = std::mem::take(&mut p.buf);
+            (tail, buf, p.seq, p.since_total, p.since_peak)
         };
         let renamed = file
             .write_all(&tail)
@@ -666,6 +699,8 @@ impl Aof {
             new_len,
             keys,
             took: started.elapsed(),
+            buffered,
+            buffered_peak,
         })
     }
 }
@@ -1054,6 +1089,73 @@ mod tests {
             );
             std::fs::remove_file(&path).unwrap();
         }
+    }
+
+    #[test]
+    fn writes_during_a_long_snapshot_are_moved_out_chunk_by_chunk() {
+        // A snapshot of many chunks while writers flood: the writes made meanwhile go to
+        // the new file chunk by chunk (so they are never all held in memory), and every
+        // one survives.
+        let path = temp_path("rewrite-flood");
+        let store = Arc::new(Store::new());
+        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let value = "v".repeat(100);
+        for i in 0..40_000 {
+            set(&store, &aof, &format!("key{i:06}"), &value);
+        }
+        aof.commit(u64::MAX).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..2)
+            .map(|t| {
+                let (store, aof, stop) = (Arc::clone(&store), Arc::clone(&aof), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("key{:06}", (i * 7919 + t) % 50_000);
+                        if i.is_multiple_of(13) {
+                            delete(&store, &aof, &key);
+                        } else {
+                            set(&store, &aof, &key, &format!("{t}.{i}"));
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        // Records appended meanwhile must reach the new file between snapshot chunks, not
+        // only after the last one. Deletes come only from the writers, and the preloaded
+        // value only from the snapshot (the writers never write it), so some delete must
+        // precede the last snapshot record with that value. The writers may get no CPU
+        // during one rewrite's chunks; with them held to the end, this could never hold.
+        let interleaved = (0..50).any(|_| {
+            let done = aof.rewrite(&store).unwrap();
+            let log = std::fs::read(&path).unwrap();
+            let mut at = MAGIC.len();
+            let (mut first_delete, mut last_preloaded) = (None, None);
+            while at < done.new_len as usize {
+                let (record, used) = decode_record(&log[at..]).expect("a whole record");
+                match record {
+                    Record::Delete(_) if first_delete.is_none() => first_delete = Some(at),
+                    Record::Store(_, v) if v == value.as_bytes() => last_preloaded = Some(at),
+                    _ => {}
+                }
+                at += used;
+            }
+            matches!((first_delete, last_preloaded), (Some(d), Some(p)) if d < p)
+        });
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert!(
+            interleaved,
+            "no write made during a rewrite came before its last chunk"
+        );
+        aof.close().unwrap();
+        let (map, replay) = replayed(&path);
+        assert_eq!(replay.torn, None);
+        assert_eq!(map, contents(&store));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
