@@ -25,7 +25,8 @@ enum Role {
     Ping(Ping),
 }
 
-/// Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N}.
+/// Register a channel as NAME and answer every ping (the tuple ping, N, reply channel)
+/// with the tuple pong, N.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "pong")]
 struct Pong {
