@@ -1,0 +1,620 @@
+//! The append-only file: every applied write, replayed on start.
+//!
+//! ```text
+//! file   := "SWBAOF1\n" record*
+//! record := 'S' klen:u32be vlen:u32be key value crc:u32be      store KEY VALUE
+//!         | 'D' klen:u32be key crc:u32be                        delete KEY
+//! crc    := CRC-32 (IEEE, as zlib's crc32) of the record's bytes before it
+//! ```
+//!
+//! A crash can leave the last record half written; replay stops at the first record that
+//! is incomplete or fails its CRC, reports it, and cuts the file back to the last good
+//! record so new records follow a clean boundary. It never refuses to start over it.
+//!
+//! Writers append records to an in-memory buffer under the store's shard lock (so records
+//! of one key are in map order) and then commit: `always` writes and fsyncs before the
+//! connection processes its next command (one fsync serves every writer waiting at that
+//! moment: group commit); `everysec` and `no` write the buffer to the OS at the end of each
+//! batch of commands, so a killed process loses nothing, and `everysec` fsyncs once a second.
+//!
+//! Rewrite (compaction): once the log is larger than a minimum size and more than twice what
+//! a snapshot of the live data would take, a background thread writes a fresh log, one
+//! 'S' record per live key, to `PATH.rewrite`, appends the records written meanwhile, and
+//! renames it over `PATH` (see [`Aof::rewrite`] for why nothing is lost). At any moment
+//! `PATH` holds a complete log, old or new; a `PATH.rewrite` found at start is a rewrite
+//! that never finished, and is deleted.
+//!
+//! Files: this one opens, replays, appends and commits; `record.rs` is the record codec;
+//! `rewrite.rs` is the compaction.
+
+mod record;
+mod rewrite;
+
+pub(crate) use record::crc32;
+use record::{decode_record, encode_delete, encode_store, Record};
+use rewrite::rewrite_path;
+pub use rewrite::Rewritten;
+
+use crate::log_info;
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::state::Store;
+
+const MAGIC: &[u8] = b"SWBAOF1\n";
+
+/// The default minimum size of a log before it is rewritten automatically.
+pub const DEFAULT_REWRITE_MIN: u64 = 64 << 20;
+
+/// When the log is flushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// Before the next command on the writing connection is processed.
+    Always,
+    /// Once a second (writes reach the OS at the end of each batch).
+    #[default]
+    EverySec,
+    /// Never explicitly (writes reach the OS at the end of each batch).
+    No,
+}
+
+impl FromStr for Fsync {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "everysec" => Ok(Fsync::EverySec),
+            "no" => Ok(Fsync::No),
+            _ => Err(format!(
+                "unknown fsync policy {s:?} (expected always, everysec or no)"
+            )),
+        }
+    }
+}
+
+/// A size in bytes, written as a number with an optional binary suffix: `4096`, `512k`,
+/// `64m`, `1g` (`kb`, `mb`, `gb` and `kib`, `mib`, `gib` too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        let digits = lower
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(lower.len());
+        let (number, suffix) = lower.split_at(digits);
+        let shift = match suffix {
+            "" | "b" => Some(0),
+            "k" | "kb" | "kib" => Some(10),
+            "m" | "mb" | "mib" => Some(20),
+            "g" | "gb" | "gib" => Some(30),
+            _ => None,
+        };
+        shift
+            .zip(number.parse::<u64>().ok())
+            .and_then(|(shift, n)| n.checked_mul(1 << shift))
+            .map(ByteSize)
+            .ok_or_else(|| format!("bad size {s:?} (expected e.g. 4096, 512k, 64m or 1g)"))
+    }
+}
+
+/// What replay found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Replay {
+    /// Records applied.
+    pub records: u64,
+    /// Offset and length of a torn or corrupt tail that was cut off, if any.
+    pub torn: Option<(u64, u64)>,
+}
+
+impl fmt::Display for Replay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} records replayed", self.records)?;
+        if let Some((at, len)) = self.torn {
+            write!(
+                f,
+                "; a torn or corrupt record at byte {at} ({len} bytes) was ignored and cut off"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+struct Pending {
+    buf: Vec<u8>,
+    /// Sequence number of the last record appended.
+    seq: u64,
+    /// While a rewrite runs: every record appended since it started (the since-snapshot
+    /// buffer), not yet copied to the new file.
+    since: Option<Vec<u8>>,
+    /// Bytes appended to `since` during the current rewrite, and the most it held at once.
+    since_total: u64,
+    since_peak: u64,
+}
+
+struct Output {
+    file: File,
+    /// The buffer swapped with `Pending::buf`, kept to reuse its allocation.
+    spare: Vec<u8>,
+    written: u64,
+    synced: u64,
+    /// Why a write or fsync of the log failed, once one has: the file may then end in a
+    /// partial record, after which replay would stop, and a failed fsync may have dropped
+    /// pages. No commit succeeds after that (until a restart replays what is good), so no
+    /// write is ever acknowledged that a restart would not bring back.
+    failed: Option<String>,
+}
+
+/// The automatic rewrite in the background, if one runs.
+#[derive(Default)]
+struct Rewriter {
+    /// Dropping the sender asks the rewrite to give up (at shutdown).
+    running: Option<(Sender<()>, JoinHandle<()>)>,
+    /// Set by [`Aof::close`]: no rewrite starts after it.
+    closed: bool,
+}
+
+/// An open append-only file.
+pub struct Aof {
+    path: PathBuf,
+    policy: Fsync,
+    pending: Mutex<Pending>,
+    output: Mutex<Output>,
+    /// Dropping it stops the `everysec` syncer.
+    stop_syncer: Mutex<Option<Sender<()>>>,
+    syncer: Mutex<Option<JoinHandle<()>>>,
+    /// The log's size as last written, read by the cheap check after every commit.
+    len: AtomicU64,
+    /// Automatic rewrites: the minimum log size, 0 for none.
+    rewrite_min: AtomicU64,
+    /// Commits look closer (count the live data) only once `len` passes this; `u64::MAX`
+    /// while a rewrite runs.
+    check_at: AtomicU64,
+    rewriter: Mutex<Rewriter>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data consistent before it can panic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Aof {
+    /// Opens (or creates) the log at `path`, replays it into `store`, and cuts off a torn
+    /// tail.
+    ///
+    /// # Errors
+    /// When the file cannot be read, created or written, or exists and is not a log of
+    /// this format (it is then left untouched).
+    pub fn open(path: &Path, policy: Fsync, store: &Store) -> io::Result<(Arc<Aof>, Replay)> {
+        let data = match std::fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut replay = Replay::default();
+        let good_end = if data.len() < MAGIC.len() && MAGIC.starts_with(&data) {
+            // Empty, or torn while the header itself was written.
+            0
+        } else if !data.starts_with(MAGIC) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a switchboard append-only file", path.display()),
+            ));
+        } else {
+            let mut at = MAGIC.len();
+            while at < data.len() {
+                match decode_record(&data[at..]) {
+                    Some((record, len)) => {
+                        match record {
+                            Record::Store(k, v) => store.set(k, v),
+                            Record::Delete(k) => {
+                                store.delete(k);
+                            }
+                        }
+                        replay.records += 1;
+                        at += len;
+                    }
+                    None => {
+                        replay.torn = Some((at as u64, (data.len() - at) as u64));
+                        break;
+                    }
+                }
+            }
+            at
+        };
+        let leftover = rewrite_path(path);
+        match std::fs::remove_file(&leftover) {
+            Ok(()) => log_info!(
+                "aof {}: deleted {}, left by a rewrite that did not finish",
+                path.display(),
+                leftover.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log_info!(
+                "aof {}: cannot delete {}, left by a rewrite that did not finish: {e}",
+                path.display(),
+                leftover.display()
+            ),
+        }
+        let file = open_for_append(path, MAGIC, good_end, data.len())?;
+        let len = good_end.max(MAGIC.len()) as u64;
+        let aof = Arc::new(Aof {
+            path: path.to_owned(),
+            policy,
+            pending: Mutex::new(Pending {
+                buf: Vec::new(),
+                seq: 0,
+                since: None,
+                since_total: 0,
+                since_peak: 0,
+            }),
+            output: Mutex::new(Output {
+                file,
+                spare: Vec::new(),
+                written: 0,
+                synced: 0,
+                failed: None,
+            }),
+            stop_syncer: Mutex::new(None),
+            syncer: Mutex::new(None),
+            len: AtomicU64::new(len),
+            rewrite_min: AtomicU64::new(0),
+            check_at: AtomicU64::new(u64::MAX),
+            rewriter: Mutex::new(Rewriter::default()),
+        });
+        if policy == Fsync::EverySec {
+            aof.start_syncer()?;
+        }
+        Ok((aof, replay))
+    }
+
+    fn start_syncer(self: &Arc<Self>) -> io::Result<()> {
+        let (stop, stopped) = bounded::<()>(0);
+        let aof = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("aof-fsync".into())
+            .spawn(move || loop {
+                match stopped.recv_timeout(Duration::from_secs(1)) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = aof.sync_to(u64::MAX) {
+                            log_info!("aof {}: fsync failed: {e}", aof.path.display());
+                        }
+                    }
+                    _ => return,
+                }
+            })?;
+        *lock(&self.stop_syncer) = Some(stop);
+        *lock(&self.syncer) = Some(thread);
+        Ok(())
+    }
+
+    /// The fsync policy.
+    pub fn policy(&self) -> Fsync {
+        self.policy
+    }
+
+    /// Appends a `store` record to the buffer; returns its sequence number. Call it under
+    /// the key's shard lock (see [`Store::set_logged`]).
+    pub fn log_store(&self, key: &[u8], value: &[u8]) -> u64 {
+        self.append(|buf| encode_store(key, value, buf))
+    }
+
+    /// Appends a `delete` record to the buffer; returns its sequence number.
+    pub fn log_delete(&self, key: &[u8]) -> u64 {
+        self.append(|buf| encode_delete(key, buf))
+    }
+
+    fn append(&self, encode: impl FnOnce(&mut Vec<u8>)) -> u64 {
+        let mut p = lock(&self.pending);
+        let p = &mut *p;
+        let start = p.buf.len();
+        encode(&mut p.buf);
+        if let Some(since) = &mut p.since {
+            since.extend_from_slice(&p.buf[start..]);
+            p.since_total += (p.buf.len() - start) as u64;
+            p.since_peak = p.since_peak.max(since.len() as u64);
+        }
+        p.seq += 1;
+        p.seq
+    }
+
+    /// Makes record `seq` (and all before it) as durable as the policy promises: fsynced
+    /// for `always`, handed to the OS otherwise.
+    ///
+    /// # Errors
+    /// When writing or syncing the file fails; the records stay in memory only.
+    pub fn commit(&self, seq: u64) -> io::Result<()> {
+        match self.policy {
+            Fsync::Always => self.sync_to(seq),
+            Fsync::EverySec | Fsync::No => self.write_to(seq, false),
+        }
+    }
+
+    fn sync_to(&self, seq: u64) -> io::Result<()> {
+        self.write_to(seq, true)
+    }
+
+    /// Writes out pending records up to at least `seq`, and fsyncs if asked. Whoever holds
+    /// `output` writes everything pending at that moment, so writers that queue behind an
+    /// fsync usually find their record already written and synced when they get the lock.
+    fn write_to(&self, seq: u64, sync: bool) -> io::Result<()> {
+        let mut out = lock(&self.output);
+        if let Some(why) = &out.failed {
+            return Err(io::Error::other(format!(
+                "the append-only file failed earlier ({why}); writes are refused until a restart"
+            )));
+        }
+        let done = if sync { out.synced } else { out.written };
+        if done >= seq && seq != u64::MAX {
+            return Ok(());
+        }
+        let upto = {
+            let mut p = lock(&self.pending);
+            let out = &mut *out;
+            std::mem::swap(&mut p.buf, &mut out.spare);
+            p.seq
+        };
+        let out = &mut *out;
+        let result = out.file.write_all(&out.spare);
+        let wrote = out.spare.len() as u64;
+        out.spare.clear();
+        let result = result.map(|()| {
+            self.len.fetch_add(wrote, Ordering::Relaxed);
+            out.written = upto;
+        });
+        let result = match result {
+            Ok(()) if sync && out.synced < upto => out.file.sync_data().map(|()| {
+                out.synced = upto;
+            }),
+            other => other,
+        };
+        if let Err(e) = &result {
+            log_info!(
+                "aof {}: {e}; no further write will be acknowledged until the server is \
+                 restarted",
+                self.path.display()
+            );
+            out.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Writes and fsyncs everything, and stops the `everysec` syncer and any rewrite (one
+    /// still copying its snapshot gives up; one past that finishes).
+    ///
+    /// # Errors
+    /// When the final write or fsync fails.
+    pub fn close(&self) -> io::Result<()> {
+        lock(&self.stop_syncer).take();
+        if let Some(t) = lock(&self.syncer).take() {
+            let _ = t.join();
+        }
+        let running = {
+            let mut r = lock(&self.rewriter);
+            r.closed = true;
+            r.running.take()
+        };
+        if let Some((stop, thread)) = running {
+            drop(stop);
+            let _ = thread.join();
+        }
+        self.sync_to(u64::MAX)
+    }
+
+    /// Turns automatic rewrites on for logs larger than `min_len` bytes (0: off).
+    pub fn set_rewrite_min(&self, min_len: u64) {
+        self.rewrite_min.store(min_len, Ordering::Relaxed);
+        let check_at = if min_len == 0 { u64::MAX } else { min_len };
+        self.check_at.store(check_at, Ordering::Relaxed);
+    }
+
+    /// The log's size in bytes, as last written.
+    pub fn size(&self) -> u64 {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+/// Fsyncs the directory holding `path`, so a rename in it survives a machine crash.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Opens a log for appending after replay read `len` bytes of it and found them good up to
+/// `good_end`: a log with no good header is started afresh with `magic`, a torn tail is
+/// cut off, and the cut is synced before anything new is appended after it.
+///
+/// # Errors
+/// When the file cannot be opened, cut, written or synced.
+pub(crate) fn open_for_append(
+    path: &Path,
+    magic: &[u8],
+    good_end: usize,
+    len: usize,
+) -> io::Result<File> {
+    use std::io::Seek;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    if good_end == 0 {
+        file.set_len(0)?;
+        file.write_all(magic)?;
+    } else if good_end < len {
+        file.set_len(good_end as u64)?;
+    }
+    // Appends go to the end; O_APPEND is not needed with one writer at a time.
+    file.seek(io::SeekFrom::End(0))?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// A fresh path in the temporary directory for a test's log.
+#[cfg(test)]
+fn temp_path(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("switchboard-aof-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failed_write_no_later_write_is_acknowledged() {
+        let path = temp_path("write-fails");
+        let store = Store::new();
+        let (aof, _) = Aof::open(&path, Fsync::Always, &store).unwrap();
+        let first = aof.log_store(b"k1", b"kept");
+        aof.commit(first).unwrap();
+        // The disk fills up: /dev/full fails every write with ENOSPC.
+        let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let good = std::mem::replace(&mut lock(&aof.output).file, full);
+        let second = aof.log_store(b"k2", b"lost");
+        assert!(aof.commit(second).is_err());
+        // Room again: the record that failed is gone, so no later write may be
+        // acknowledged as durable (its commit would claim the lost one's place too).
+        lock(&aof.output).file = good;
+        let third = aof.log_store(b"k3", b"after");
+        let err = aof.commit(third).unwrap_err();
+        assert!(err.to_string().contains("failed earlier"), "{err}");
+        drop(aof);
+        let again = Store::new();
+        let (_aof, replay) = Aof::open(&path, Fsync::Always, &again).unwrap();
+        assert_eq!(replay.records, 1);
+        assert_eq!(again.get(b"k1").unwrap(), b"kept");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn records_replay_in_order() {
+        for policy in [Fsync::Always, Fsync::EverySec, Fsync::No] {
+            let path = temp_path(&format!("replay-{policy:?}"));
+            let store = Store::new();
+            let (aof, replay) = Aof::open(&path, policy, &store).unwrap();
+            assert_eq!(replay, Replay::default());
+            let writes: [(&[u8], Option<&[u8]>); 4] = [
+                (b"a", Some(b"1")),
+                (b"b", Some(b"x,\ny\xff")),
+                (b"a", None),
+                (b"c", Some(b"")),
+            ];
+            let mut last = 0;
+            for (k, v) in writes {
+                last = match v {
+                    Some(v) => aof.log_store(k, v),
+                    None => aof.log_delete(k),
+                };
+            }
+            aof.commit(last).unwrap();
+            aof.close().unwrap();
+            let again = Store::new();
+            let (_aof, replay) = Aof::open(&path, policy, &again).unwrap();
+            assert_eq!(replay.records, 4);
+            assert_eq!(replay.torn, None);
+            assert_eq!(again.get(b"a"), None);
+            assert_eq!(again.get(b"b").unwrap(), b"x,\ny\xff");
+            assert_eq!(again.get(b"c").unwrap(), b"");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_at_every_cut_is_reported_and_cut_off() {
+        let path = temp_path("torn");
+        let mut whole = MAGIC.to_vec();
+        encode_store(b"k1", b"v1", &mut whole);
+        let first_end = whole.len();
+        encode_store(b"k2", b"v2", &mut whole);
+        for cut in first_end + 1..whole.len() {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let store = Store::new();
+            let (aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+            assert_eq!(replay.records, 1, "cut at {cut}");
+            assert_eq!(
+                replay.torn,
+                Some((first_end as u64, (cut - first_end) as u64))
+            );
+            assert_eq!(store.get(b"k1").unwrap(), b"v1");
+            assert_eq!(store.get(b"k2"), None);
+            // New records land after the last good one.
+            let seq = aof.log_store(b"k3", b"v3");
+            aof.commit(seq).unwrap();
+            aof.close().unwrap();
+            let store = Store::new();
+            let (_aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+            assert_eq!((replay.records, replay.torn), (2, None));
+            assert_eq!(store.get(b"k3").unwrap(), b"v3");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_caught_by_its_crc() {
+        let path = temp_path("corrupt");
+        let mut data = MAGIC.to_vec();
+        encode_store(b"k", b"value", &mut data);
+        let flip = data.len() - 6;
+        data[flip] ^= 0x20;
+        std::fs::write(&path, &data).unwrap();
+        let store = Store::new();
+        let (_aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+        assert_eq!(replay.records, 0);
+        assert!(replay.torn.is_some());
+        assert!(replay.to_string().contains("ignored"));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_log_is_refused_and_left_alone() {
+        let path = temp_path("foreign");
+        std::fs::write(&path, b"precious data, not a log").unwrap();
+        let err = Aof::open(&path, Fsync::No, &Store::new()).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious data, not a log");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (text, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512k", 512 << 10),
+            ("64M", 64 << 20),
+            ("64mb", 64 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "k", "-1", "1.5m", "3x", "99999999999999999999g"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fsync_words() {
+        assert_eq!("always".parse::<Fsync>().unwrap(), Fsync::Always);
+        assert_eq!("everysec".parse::<Fsync>().unwrap(), Fsync::EverySec);
+        assert_eq!("no".parse::<Fsync>().unwrap(), Fsync::No);
+        assert!("sometimes".parse::<Fsync>().is_err());
+    }
+}
