@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+use switchboard::framing::{FrameReader, FrameWriter, Framing};
+use switchboard::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
 
 /// Every socket a test opens times out: a hung server fails the test instead of hanging CI.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -247,4 +249,27 @@ pub fn run_checked(mut cmd: std::process::Command) -> String {
         out.status
     );
     stdout
+}
+
+/// Echoes lines; `panic` panics and `fail` returns an error, to test that a handler's
+/// failure ends its own connection only.
+pub fn echo(conn: Connection) -> Result<(), HandlerError> {
+    let mut reader = FrameReader::new(&*conn.stream, Framing::Line);
+    let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
+    while let Some(line) = reader.read_frame()? {
+        match line {
+            b"panic" => panic!("asked to panic"),
+            b"fail" => return Err("asked to fail".into()),
+            _ => writer.write_frame(line)?,
+        }
+    }
+    Ok(())
+}
+
+/// An in-process [`echo`] server on a free port.
+pub fn start_echo(config: ServerConfig) -> RunningServer {
+    Server::bind("127.0.0.1:0", config, echo)
+        .unwrap()
+        .spawn()
+        .unwrap()
 }
