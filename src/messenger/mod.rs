@@ -9,7 +9,7 @@
 //! - [`replication`]: one server: roles, peer links, catch-up, commit.
 //! - [`server`]: client connections on the primary; redirects elsewhere.
 //! - [`client`]: the failover client behind `messenger-client`, the bench and the tests.
-//! - [`bench`]: throughput and failover measurements behind `messenger-bench`.
+//! - [`bench`](mod@bench): throughput and failover measurements behind `messenger-bench`.
 //!
 //! # The rules
 //!

@@ -5,7 +5,7 @@
 //! - [`state`]: the sharded map.
 //! - [`aof`]: the append-only file: replay, and rewrite in the background.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
-//! - [`bench`]: the closed-loop load generator behind `store-bench`.
+//! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
 //!
 //! A connection reads whatever the socket has, answers every complete request in it into
 //! one output buffer, and writes that buffer with one call: a pipelined batch costs one
