@@ -12,6 +12,7 @@
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
+//! - [`proxy`]: a fault-injecting TCP proxy (cut, heal, one-way cut, slow) for partition tests.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
@@ -35,6 +36,7 @@ pub mod log;
 pub mod messenger;
 pub mod peer;
 pub mod pipeline;
+pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod term;
