@@ -6,6 +6,7 @@
 //! `crossbeam-channel` queues between stages; no async runtime.
 //!
 //! ## Module map
+//! - [`auth`]: proof that a server-to-server link's far end knows the cluster secret.
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod chan;
 pub mod chat;
 pub mod echo;
