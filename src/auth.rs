@@ -45,6 +45,7 @@ use std::fmt;
 use std::fs::File;
 use std::hash::{Hasher, SipHasher};
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// The shortest secret accepted, in bytes: below this a secret is guessable offline from
@@ -242,6 +243,62 @@ impl Secret {
     }
 }
 
+/// Why a server may not start with the given `--secret-file` and addresses.
+#[derive(Debug)]
+pub enum PolicyError {
+    /// The secret file is unusable.
+    Secret(SecretError),
+    /// An address off this machine, and no secret: anyone who can reach it could join.
+    SecretRequired(SocketAddr),
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::Secret(e) => e.fmt(f),
+            PolicyError::SecretRequired(a) => write!(
+                f,
+                "{a} is not a loopback address: server-to-server links there need \
+                 --secret-file PATH (a file of at least {MIN_SECRET_LEN} bytes only its owner can read)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PolicyError::Secret(e) => Some(e),
+            PolicyError::SecretRequired(_) => None,
+        }
+    }
+}
+
+/// The start-up rule for every server with server-to-server links: with `--secret-file`,
+/// the secret is loaded (and must be sound); without it, the server runs only when every
+/// address it listens on or dials (`addrs`) is a loopback one, and warns once that any
+/// local process can join (`what` names the cluster in that line).
+///
+/// # Errors
+/// An unusable secret file, or no secret with an address off loopback.
+pub fn cluster_secret(
+    secret_file: Option<&Path>,
+    addrs: &[SocketAddr],
+    what: &str,
+) -> Result<Option<Secret>, PolicyError> {
+    if let Some(path) = secret_file {
+        return Secret::load(path).map(Some).map_err(PolicyError::Secret);
+    }
+    if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        return Err(PolicyError::SecretRequired(*a));
+    }
+    crate::log_info!(
+        "warning: no --secret-file: any local process can join {what} as a member \
+         (allowed on loopback only)"
+    );
+    Ok(None)
+}
+
 /// The permission bits of a file; a separate trait so the Unix-only call has one home.
 trait PermissionsMode {
     fn permissions_mode(&self) -> u32;
@@ -318,6 +375,30 @@ mod tests {
         let mut flipped = t;
         flipped[7] ^= 1;
         assert!(!s.verify(Side::Dialer, &a, &b, b"id 1", b"room", &flipped));
+    }
+
+    #[test]
+    fn a_secret_is_required_off_loopback_only() {
+        let lo: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:7000".parse().unwrap();
+        let lan: SocketAddr = "192.0.2.7:7000".parse().unwrap();
+        assert!(matches!(
+            cluster_secret(None, &[lo, lo6], "the room"),
+            Ok(None)
+        ));
+        let err = cluster_secret(None, &[lo, lan], "the room").unwrap_err();
+        assert!(matches!(err, PolicyError::SecretRequired(a) if a == lan));
+        assert!(err.to_string().contains("--secret-file"), "{err}");
+        let good = temp_file("policy", b"0123456789abcdef", 0o600);
+        assert!(matches!(
+            cluster_secret(Some(&good), &[lan], "x"),
+            Ok(Some(_))
+        ));
+        let open = temp_file("policy-open", b"0123456789abcdef", 0o604);
+        assert!(matches!(
+            cluster_secret(Some(&open), &[lo], "x"),
+            Err(PolicyError::Secret(SecretError::WorldReadable(..)))
+        ));
     }
 
     #[test]
