@@ -10,6 +10,7 @@
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
+//! - [`lincheck`]: a linearizability checker for recorded key-value histories (tests).
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
@@ -34,6 +35,7 @@ pub mod chat;
 pub mod echo;
 pub mod framing;
 pub mod handoff;
+pub mod lincheck;
 pub mod log;
 pub mod messenger;
 pub mod peer;
