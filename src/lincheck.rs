@@ -20,14 +20,14 @@
 //! // fine: the store may take effect at 5.
 //! let ok = [
 //!     Call { client: 1, invoked: 0, returned: Some(10), op: Op::store("x", "1") },
-//!     Call { client: 2, invoked: 5, returned: Some(15), op: Op::lookup("x", Some("1")) },
+//!     Call { client: 2, invoked: 5, returned: Some(15), op: Op::found("x", "1") },
 //! ];
 //! assert!(check(&ok).is_ok());
 //!
 //! // A lookup that starts after the store returned must see it.
 //! let stale = [
 //!     Call { client: 1, invoked: 0, returned: Some(10), op: Op::store("x", "1") },
-//!     Call { client: 2, invoked: 11, returned: Some(15), op: Op::lookup("x", None) },
+//!     Call { client: 2, invoked: 11, returned: Some(15), op: Op::absent("x") },
 //! ];
 //! let err = check(&stale).unwrap_err();
 //! assert_eq!(err.key, b"x");
@@ -65,11 +65,19 @@ impl Op {
         }
     }
 
-    /// A lookup of `key` that returned `seen`.
-    pub fn lookup(key: impl Into<Vec<u8>>, seen: Option<impl Into<Vec<u8>>>) -> Op {
+    /// A lookup of `key` that found `value`.
+    pub fn found(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Op {
         Op::Lookup {
             key: key.into(),
-            seen: seen.map(Into::into),
+            seen: Some(value.into()),
+        }
+    }
+
+    /// A lookup of `key` that answered `nothing`.
+    pub fn absent(key: impl Into<Vec<u8>>) -> Op {
+        Op::Lookup {
+            key: key.into(),
+            seen: None,
         }
     }
 
@@ -280,22 +288,18 @@ mod tests {
         }
     }
 
-    fn none() -> Option<&'static str> {
-        None
-    }
-
     #[test]
     fn sequential_histories() {
         let h = [
-            call(1, 0, Some(1), Op::lookup("k", none())),
+            call(1, 0, Some(1), Op::absent("k")),
             call(1, 2, Some(3), Op::store("k", "a")),
-            call(1, 4, Some(5), Op::lookup("k", Some("a"))),
+            call(1, 4, Some(5), Op::found("k", "a")),
             call(1, 6, Some(7), Op::store("k", "b")),
-            call(1, 8, Some(9), Op::lookup("k", Some("b"))),
+            call(1, 8, Some(9), Op::found("k", "b")),
         ];
         assert!(check(&h).is_ok());
         let mut bad = h.clone();
-        bad[4].op = Op::lookup("k", Some("a"));
+        bad[4].op = Op::found("k", "a");
         let err = check(&bad).unwrap_err();
         assert_eq!(err.explained, 4);
         assert!(err.to_string().contains("lookup -> \"a\""), "{err}");
@@ -307,15 +311,15 @@ mod tests {
         let h = [
             call(1, 0, Some(10), Op::store("k", "a")),
             call(2, 0, Some(10), Op::store("k", "b")),
-            call(3, 11, Some(12), Op::lookup("k", Some("a"))),
-            call(4, 13, Some(14), Op::lookup("k", Some("a"))),
+            call(3, 11, Some(12), Op::found("k", "a")),
+            call(4, 13, Some(14), Op::found("k", "a")),
         ];
         assert!(check(&h).is_ok());
         let flip_flop = [
             call(1, 0, Some(10), Op::store("k", "a")),
             call(2, 0, Some(10), Op::store("k", "b")),
-            call(3, 11, Some(12), Op::lookup("k", Some("a"))),
-            call(4, 13, Some(14), Op::lookup("k", Some("b"))),
+            call(3, 11, Some(12), Op::found("k", "a")),
+            call(4, 13, Some(14), Op::found("k", "b")),
         ];
         assert!(check(&flip_flop).is_err());
     }
@@ -325,15 +329,15 @@ mod tests {
         let h = [
             call(1, 0, Some(1), Op::store("k", "old")),
             call(1, 2, Some(20), Op::store("k", "new")),
-            call(2, 3, Some(4), Op::lookup("k", Some("new"))),
-            call(3, 5, Some(6), Op::lookup("k", Some("old"))),
+            call(2, 3, Some(4), Op::found("k", "new")),
+            call(3, 5, Some(6), Op::found("k", "old")),
         ];
         assert!(check(&h).is_err(), "new was seen, then old: time went back");
         let h2 = [
             call(1, 0, Some(1), Op::store("k", "old")),
             call(1, 2, Some(20), Op::store("k", "new")),
-            call(2, 3, Some(4), Op::lookup("k", Some("old"))),
-            call(3, 5, Some(6), Op::lookup("k", Some("new"))),
+            call(2, 3, Some(4), Op::found("k", "old")),
+            call(3, 5, Some(6), Op::found("k", "new")),
         ];
         assert!(check(&h2).is_ok());
     }
@@ -342,24 +346,24 @@ mod tests {
     fn an_unknown_store_may_apply_late_or_never() {
         let never = [
             call(1, 0, None, Op::store("k", "maybe")),
-            call(2, 5, Some(6), Op::lookup("k", none())),
+            call(2, 5, Some(6), Op::absent("k")),
         ];
         assert!(check(&never).is_ok());
         let late = [
             call(1, 0, None, Op::store("k", "maybe")),
-            call(2, 5, Some(6), Op::lookup("k", none())),
-            call(2, 100, Some(101), Op::lookup("k", Some("maybe"))),
+            call(2, 5, Some(6), Op::absent("k")),
+            call(2, 100, Some(101), Op::found("k", "maybe")),
         ];
         assert!(check(&late).is_ok());
         let before_invoked = [
-            call(2, 0, Some(1), Op::lookup("k", Some("maybe"))),
+            call(2, 0, Some(1), Op::found("k", "maybe")),
             call(1, 5, None, Op::store("k", "maybe")),
         ];
         assert!(check(&before_invoked).is_err(), "seen before it was sent");
         // An acknowledged store lost by a failover is caught.
         let lost = [
             call(1, 0, Some(1), Op::store("k", "acked")),
-            call(2, 5, Some(6), Op::lookup("k", none())),
+            call(2, 5, Some(6), Op::absent("k")),
         ];
         assert!(check(&lost).is_err());
     }
@@ -369,9 +373,9 @@ mod tests {
         let h = [
             call(1, 0, Some(1), Op::store("a", "1")),
             call(1, 0, Some(1), Op::store("b", "2")),
-            call(2, 2, Some(3), Op::lookup("a", Some("1"))),
-            call(2, 2, None, Op::lookup("b", Some("junk"))),
-            call(3, 4, Some(5), Op::lookup("b", Some("1"))),
+            call(2, 2, Some(3), Op::found("a", "1")),
+            call(2, 2, None, Op::found("b", "junk")),
+            call(3, 4, Some(5), Op::found("b", "1")),
         ];
         let err = check(&h).unwrap_err();
         assert_eq!(err.key, b"b");
@@ -400,7 +404,7 @@ mod tests {
                     c,
                     t + 11,
                     Some(t + 12),
-                    Op::lookup("k", Some(format!("{round}-{winner}"))),
+                    Op::found("k", format!("{round}-{winner}")),
                 ));
             }
             t += 20;
@@ -408,7 +412,7 @@ mod tests {
         assert!(check(&h).is_ok());
         // One read that sees a losing value in a later round than its store breaks it.
         let n = h.len();
-        h[n - 1].op = Op::lookup("k", Some("0-3"));
+        h[n - 1].op = Op::found("k", "0-3");
         assert!(check(&h).is_err());
     }
 }
