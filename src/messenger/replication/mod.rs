@@ -1,0 +1,324 @@
+//! One replica: a server of the cluster, with its state, its log, its role, and its links
+//! to the others. The rules it follows are written out in the [module documentation](super);
+//! the constants re-exported here are their timing.
+//!
+//! The parts, a file each: `view` (what a replica knows, behind its one lock: its role,
+//! the records it keeps in memory, its view of each other server, its client registry),
+//! `records` (appending, taking records and snapshots, making them durable), `roles` (the
+//! rules that change the role and the commit point, and the ticker), `feed` (what each
+//! outbound link carries), `outbound` (dialing and writing, sockets only) and `inbound` (a
+//! peer's messages). Here: opening, starting and stopping a replica, and what the client
+//! connections of [`super::server`] may ask of it.
+//!
+//! Threads: one link thread per peer dials it and writes every message for it (records,
+//! acknowledgements, heartbeats, fetch answers), pulling from shared state under the one
+//! lock; the inbound link from each peer is served on that connection's own thread; a
+//! ticker turns silences into failures, drops members that stopped acknowledging, and
+//! re-evaluates the role.
+
+mod feed;
+mod inbound;
+mod outbound;
+mod records;
+mod roles;
+mod timing;
+mod view;
+
+pub use roles::next_epoch;
+pub use timing::{ACK_TIMEOUT, DOWN_AFTER, HEARTBEAT_EVERY, STALL};
+
+use super::clients::{Clients, Out};
+use super::log::{Disk, COMPACT_AFTER};
+use super::protocol;
+use super::replica_protocol::{ReplicaMsg, Role};
+use super::requests::{self, Serving};
+use super::state::Session;
+use crate::log_info;
+use crossbeam_channel::Sender;
+use outbound::Dial;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+use view::{Inner, Remote};
+
+/// How a server is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This server's id: its index in `peers`.
+    pub id: usize,
+    /// Every server's address, by id (clients and peers use the same port).
+    pub peers: Vec<SocketAddr>,
+    /// Where the snapshot and the change log live.
+    pub data_dir: PathBuf,
+    /// Fsync the log before a change counts as durable here (otherwise it is written to
+    /// the OS, which survives a killed process but not a power cut).
+    pub fsync: bool,
+    /// Snapshot the state and empty the log after this many records
+    /// ([`COMPACT_AFTER`] by default).
+    pub compact_after: u64,
+}
+
+impl Options {
+    /// Server `id` of `peers`, keeping its data in `data_dir`, with fsync and the default
+    /// compaction threshold.
+    pub fn new(id: usize, peers: Vec<SocketAddr>, data_dir: PathBuf) -> Options {
+        Options {
+            id,
+            peers,
+            data_dir,
+            fsync: true,
+            compact_after: COMPACT_AFTER,
+        }
+    }
+}
+
+/// One messenger server: a replica of the state machine. Serve its port with
+/// [`Replica::serve`], after [`Replica::start`].
+pub struct Replica {
+    id: usize,
+    addrs: Vec<SocketAddr>,
+    /// The `--peers` list as HELLO carries it.
+    cluster: String,
+    inner: Mutex<Inner>,
+    /// Link threads and the ticker wait on this.
+    changed: Condvar,
+    /// Client outboxes wait on this for commits.
+    commits: Condvar,
+    disk: Disk,
+    compact_after: u64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The first heartbeat mark of this process's life: above every mark of an earlier life
+/// (marks grow by one per change, far slower than nanoseconds).
+fn first_mark() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// A storage failure is a crash: the server stops at once rather than acknowledge a change
+/// it could not write.
+fn fatal(e: &io::Error) -> ! {
+    log_info!("messenger: storage failure: {e}; exiting");
+    std::process::exit(70);
+}
+
+impl Replica {
+    /// Opens the data directory and loads it; returns the node (a backup until the rules
+    /// say otherwise) and a one-line report of what was loaded.
+    ///
+    /// # Errors
+    /// When `id` is not an index of `peers`, or the data directory cannot be opened (see
+    /// [`Disk::open`]).
+    pub fn open(options: &Options) -> io::Result<(Arc<Replica>, String)> {
+        let n = options.peers.len();
+        if options.id >= n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--id {} but only {n} peers", options.id),
+            ));
+        }
+        let (disk, loaded) = Disk::open(&options.data_dir, options.fsync)?;
+        let report = loaded.to_string();
+        let last = loaded.last();
+        let now = Instant::now();
+        let mut inner = Inner {
+            role: Role::Backup,
+            epoch: last.epoch,
+            max_epoch: last.epoch,
+            takeover: 0,
+            primary_since: now,
+            state: loaded.state,
+            last: loaded.base,
+            window: VecDeque::new(),
+            base: loaded.base,
+            durable: last.seq,
+            committed: 0,
+            in_sync: false,
+            peers: (0..n).map(|_| Remote::new()).collect(),
+            clients: Clients::default(),
+            need: None,
+            last_ack: None,
+            version: first_mark(),
+            started: now,
+            last_tick: now,
+            stopping: false,
+        };
+        for r in loaded.records {
+            inner.push(r.pos, r.change);
+        }
+        let cluster = options
+            .peers
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = Replica {
+            id: options.id,
+            addrs: options.peers.clone(),
+            cluster,
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+            commits: Condvar::new(),
+            disk,
+            compact_after: options.compact_after.max(1),
+            threads: Mutex::new(Vec::new()),
+        };
+        Ok((Arc::new(node), report))
+    }
+
+    /// Starts the link threads and the ticker.
+    ///
+    /// # Errors
+    /// When a thread cannot be started.
+    pub fn start(self: &Arc<Self>) -> io::Result<()> {
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
+            let dial = Dial {
+                to: j,
+                addr: self.addrs[j],
+                hello: ReplicaMsg::Hello {
+                    from: self.id,
+                    cluster: self.cluster.clone(),
+                }
+                .encode(),
+                welcome: ReplicaMsg::Welcome.encode(),
+                name: format!("messenger-{}", self.id),
+            };
+            let node = Arc::clone(self);
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("messenger-{}-link-{j}", self.id))
+                    .spawn(move || outbound::run(&*node, &dial))?,
+            );
+        }
+        let node = Arc::clone(self);
+        threads.push(
+            thread::Builder::new()
+                .name(format!("messenger-{}-tick", self.id))
+                .spawn(move || node.run_ticker())?,
+        );
+        Ok(())
+    }
+
+    /// Stops serving: closes client connections and wakes every waiting thread. Call it
+    /// with the server's shutdown; then [`Replica::stop`].
+    pub fn begin_stop(&self) {
+        let mut inner = self.lock();
+        inner.stopping = true;
+        inner.clients.shutdown_all();
+        self.changed.notify_all();
+        self.commits.notify_all();
+    }
+
+    /// Stops, joins the node's threads and writes out the log.
+    pub fn stop(&self) {
+        self.begin_stop();
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Err(e) = self.disk.sync_to(u64::MAX) {
+            log_info!("messenger-{}: final log write failed: {e}", self.id);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Critical sections leave the state consistent before anything that can panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This server's id: its index in `--peers`.
+    pub(in crate::messenger) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Registers client connection `conn`, whose outbox writer reads from `outbox`.
+    pub(in crate::messenger) fn add_client(
+        &self,
+        conn: u64,
+        outbox: Sender<Out>,
+        stream: Arc<TcpStream>,
+    ) {
+        self.lock().clients.add(conn, outbox, stream);
+    }
+
+    /// Forgets client connection `conn` (it ended) and its session; its outbox writer
+    /// drains what is queued and ends.
+    pub(in crate::messenger) fn remove_client(&self, conn: u64) {
+        self.lock().clients.remove(conn);
+    }
+
+    /// Decides, applies and queues the answer to one request from client connection
+    /// `conn` (see [`requests::respond`]); true when the connection is to close.
+    pub(in crate::messenger) fn request(&self, conn: u64, payload: &[u8]) -> bool {
+        let decoded = protocol::decode_request(payload);
+        let mut inner = self.lock();
+        let serving = inner.serving(self.id);
+        if serving == Serving::Primary && !inner.clients.contains(conn) {
+            return true;
+        }
+        let effects = requests::respond(
+            serving,
+            &inner.state,
+            inner.clients.sessions(),
+            conn,
+            decoded,
+        );
+        let epoch = inner.epoch;
+        let mut appended = None;
+        if let Some(change) = &effects.change {
+            let (seq, delivered) = self.append_local(&mut inner, change);
+            appended = Some(seq);
+            // Queued under the lock, so a recipient's messages leave in number order,
+            // after the login hand-over they follow.
+            if let Some((to, d)) = delivered {
+                let out = Out::replies(epoch, Some(seq), &[protocol::Reply::Deliver(d)], false);
+                inner.clients.send_to_user(&to, out);
+            }
+        }
+        match effects.session {
+            Session::LogIn(name) => inner.clients.sessions_mut().log_in(conn, name),
+            Session::LogOut | Session::Quit => inner.clients.sessions_mut().log_out(conn),
+            Session::Keep => {}
+        }
+        if !effects.replies.is_empty() || effects.close {
+            // An answer waits for the last change made so far, its own included.
+            let tag = effects.after_commit.then_some(inner.last.seq);
+            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
+            inner.clients.send(conn, out);
+        }
+        drop(inner);
+        // Outside the lock: the flush is disk I/O.
+        if let Some(seq) = appended {
+            self.changed.notify_all();
+            self.flush_to(seq);
+        }
+        effects.close
+    }
+
+    /// Waits until record `tag` of `epoch` is committed; false if this server stops being
+    /// that epoch's primary first (the client will fail over and resend).
+    pub(in crate::messenger) fn wait_commit(&self, epoch: u64, tag: u64) -> bool {
+        let mut inner = self.lock();
+        loop {
+            if inner.stopping || inner.role != Role::Primary || inner.epoch != epoch {
+                return false;
+            }
+            if inner.committed >= tag {
+                return true;
+            }
+            inner = self
+                .commits
+                .wait_timeout(inner, Duration::from_millis(200))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
