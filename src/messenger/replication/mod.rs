@@ -109,7 +109,7 @@ fn fatal(e: &io::Error) -> ! {
 }
 
 impl Replica {
-    /// Opens the data directory and loads it; returns the node (a backup until the rules
+    /// Opens the data directory and loads it; returns the replica (a backup until the rules
     /// say otherwise) and a one-line report of what was loaded.
     ///
     /// # Errors
@@ -158,7 +158,7 @@ impl Replica {
             .map(SocketAddr::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let node = Replica {
+        let replica = Replica {
             id: options.id,
             addrs: options.peers.clone(),
             cluster,
@@ -169,7 +169,7 @@ impl Replica {
             compact_after: options.compact_after.max(1),
             threads: Mutex::new(Vec::new()),
         };
-        Ok((Arc::new(node), report))
+        Ok((Arc::new(replica), report))
     }
 
     /// Starts the link threads and the ticker.
@@ -190,18 +190,18 @@ impl Replica {
                 welcome: ReplicaMsg::Welcome.encode(),
                 name: format!("messenger-{}", self.id),
             };
-            let node = Arc::clone(self);
+            let replica = Arc::clone(self);
             threads.push(
                 thread::Builder::new()
                     .name(format!("messenger-{}-link-{j}", self.id))
-                    .spawn(move || outbound::run(&*node, &dial))?,
+                    .spawn(move || outbound::run(&*replica, &dial))?,
             );
         }
-        let node = Arc::clone(self);
+        let replica = Arc::clone(self);
         threads.push(
             thread::Builder::new()
                 .name(format!("messenger-{}-tick", self.id))
-                .spawn(move || node.run_ticker())?,
+                .spawn(move || replica.run_ticker())?,
         );
         Ok(())
     }
@@ -216,7 +216,7 @@ impl Replica {
         self.commits.notify_all();
     }
 
-    /// Stops, joins the node's threads and writes out the log.
+    /// Stops, joins the replica's threads and writes out the log.
     pub fn stop(&self) {
         self.begin_stop();
         let threads =

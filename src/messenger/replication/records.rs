@@ -148,27 +148,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("switchboard-repl-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let peers = vec!["127.0.0.1:1".parse().unwrap()];
-        let (node, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
-        let mut inner = node.lock();
+        let (replica, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
+        let mut inner = replica.lock();
         let at = |epoch, seq| Pos { epoch, seq };
         let first = vec![record(1, 1, "a"), record(1, 2, "b"), record(1, 3, "c")];
-        assert_eq!(node.accept(&mut inner, Pos::default(), first), Ok(3));
+        assert_eq!(replica.accept(&mut inner, Pos::default(), first), Ok(3));
         // A gap is refused.
         assert_eq!(
-            node.accept(&mut inner, at(1, 4), vec![record(1, 5, "e")]),
+            replica.accept(&mut inner, at(1, 4), vec![record(1, 5, "e")]),
             Err(())
         );
         // What is held already is skipped; what follows it is taken.
         let resent = vec![record(1, 2, "b"), record(1, 3, "c"), record(1, 4, "d")];
-        assert_eq!(node.accept(&mut inner, at(1, 1), resent), Ok(4));
+        assert_eq!(replica.accept(&mut inner, at(1, 1), resent), Ok(4));
         // A record that disagrees with the one held at its place is refused.
         assert_eq!(
-            node.accept(&mut inner, at(1, 3), vec![record(2, 4, "x")]),
+            replica.accept(&mut inner, at(1, 3), vec![record(2, 4, "x")]),
             Err(())
         );
         // Agreement is reported up to the last record sent, not this log's last.
         assert_eq!(
-            node.accept(&mut inner, at(1, 2), vec![record(1, 3, "c")]),
+            replica.accept(&mut inner, at(1, 2), vec![record(1, 3, "c")]),
             Ok(3)
         );
         assert!(inner.state.exists("d") && !inner.state.exists("x"));

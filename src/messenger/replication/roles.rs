@@ -350,7 +350,7 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    fn node_of(n: usize, name: &str) -> (Arc<Replica>, PathBuf) {
+    fn replica_of(n: usize, name: &str) -> (Arc<Replica>, PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("switchboard-repl-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -371,12 +371,12 @@ mod tests {
 
     #[test]
     fn commits_wait_for_a_live_excluded_peer_until_it_echoes_its_exclusion() {
-        let (node, dir) = node_of(2, "exclusion");
-        let mut inner = node.lock();
+        let (replica, dir) = replica_of(2, "exclusion");
+        let mut inner = replica.lock();
         inner.role = Role::Primary;
         inner.last = Pos { epoch: 3, seq: 5 };
         (inner.takeover, inner.committed, inner.durable) = (1, 3, 5);
-        node.exclude(&mut inner, 1);
+        replica.exclude(&mut inner, 1);
         let mark = inner.peers[1].excluded;
         let alive = |inner: &mut Inner, echo: u64| {
             inner.peers[1].heard = Some(Instant::now());
@@ -393,20 +393,20 @@ mod tests {
         // Alive and unaware (no echo, or the echo of a heartbeat from before): nothing more.
         for echo in [0, mark - 1] {
             alive(&mut inner, echo);
-            node.recompute_commit(&mut inner);
+            replica.recompute_commit(&mut inner);
             assert_eq!(inner.committed, 3, "echo {echo}");
         }
         // It took in a heartbeat that told it: commits go on without it.
         alive(&mut inner, mark);
-        node.recompute_commit(&mut inner);
+        replica.recompute_commit(&mut inner);
         assert_eq!(inner.committed, 5);
         // Down is as good: it comes back not in sync.
         inner.durable = 6;
         inner.last.seq = 6;
         alive(&mut inner, 0);
-        node.recompute_commit(&mut inner);
+        replica.recompute_commit(&mut inner);
         assert_eq!(inner.committed, 5);
-        node.peer_down(&mut inner, 1, "test");
+        replica.peer_down(&mut inner, 1, "test");
         assert_eq!(inner.committed, 6);
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -414,16 +414,16 @@ mod tests {
 
     #[test]
     fn a_stalled_server_trusts_nothing_it_knew_and_acts_only_once_the_ticker_has_run() {
-        let (node, dir) = node_of(2, "stall");
-        let mut inner = node.lock();
+        let (replica, dir) = replica_of(2, "stall");
+        let mut inner = replica.lock();
         inner.in_sync = true;
         // Too short to have looked dead: it still holds everything.
         inner.last_tick = ago(STALL + Duration::from_millis(50));
-        node.stalled(&mut inner, Instant::now());
+        replica.stalled(&mut inner, Instant::now());
         assert!(inner.in_sync);
         // Long enough to have been declared down and left behind: it may not.
         inner.last_tick = ago(DOWN_AFTER - HEARTBEAT_EVERY);
-        node.stalled(&mut inner, Instant::now());
+        replica.stalled(&mut inner, Instant::now());
         assert!(!inner.in_sync);
         // With the ticker late, nothing is decided, though the rules would make it primary
         // (the peer is known down and this server holds everything).
@@ -431,10 +431,10 @@ mod tests {
         inner.started = ago(2 * DOWN_AFTER);
         inner.peers[1].was_down = true;
         inner.last_tick = ago(2 * STALL);
-        node.evaluate(&mut inner);
+        replica.evaluate(&mut inner);
         assert_eq!(inner.role, Role::Backup);
         inner.last_tick = Instant::now();
-        node.evaluate(&mut inner);
+        replica.evaluate(&mut inner);
         assert_eq!(inner.role, Role::Primary);
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
