@@ -322,3 +322,126 @@ impl Replica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messenger::protocol::{
+        decode_reply, encode_request, Delivery, Reply, Request, Violation,
+    };
+    use crossbeam_channel::{bounded, Receiver};
+    use std::net::TcpListener;
+
+    /// A loopback connection for the registry to hold (and close); nothing is read here.
+    fn socket() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        for s in [&ours, &theirs] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        (Arc::new(ours), theirs)
+    }
+
+    fn ask(replica: &Replica, conn: u64, request: &Request) -> bool {
+        let mut payload = Vec::new();
+        encode_request(request, &mut payload);
+        replica.request(conn, &payload)
+    }
+
+    /// The next frames queued for a connection, decoded, with the record they wait for.
+    fn next(rx: &Receiver<Out>) -> (Option<u64>, Vec<Reply>, bool) {
+        let out = rx.try_recv().expect("frames were queued");
+        let (mut bytes, mut replies) = (&out.bytes[..], Vec::new());
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            replies.push(decode_reply(&bytes[4..4 + len]).unwrap());
+            bytes = &bytes[4 + len..];
+        }
+        (out.tag, replies, out.close)
+    }
+
+    #[test]
+    fn a_primary_applies_each_requests_effects_and_holds_every_answer_for_its_change() {
+        let dir = std::env::temp_dir().join(format!("switchboard-req-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec!["127.0.0.1:1".parse().unwrap()];
+        let (replica, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
+        // Alone, it takes over at once: its epoch record is seq 1.
+        replica.settle(replica.lock());
+        assert_eq!(replica.lock().role, Role::Primary);
+        let epoch = replica.lock().epoch;
+        let ((ann_stream, _ann_peer), (bob_stream, _bob_peer)) = (socket(), socket());
+        let ((ann_tx, ann), (bob_tx, bob)) = (bounded(8), bounded(8));
+        replica.add_client(1, ann_tx, ann_stream);
+        replica.add_client(2, bob_tx, bob_stream);
+
+        for name in ["ann", "bob"] {
+            let register = Request::Register {
+                name: name.into(),
+                nonce: None,
+            };
+            assert!(!ask(&replica, 1, &register));
+        }
+        // Each answer waits for its own change: records 2 and 3.
+        assert_eq!(next(&ann), (Some(2), vec![Reply::Ok], false));
+        assert_eq!(next(&ann), (Some(3), vec![Reply::Ok], false));
+        // A login changes nothing but still waits for everything before it.
+        let login = |name: &str| Request::Login { name: name.into() };
+        assert!(!ask(&replica, 2, &login("bob")));
+        assert_eq!(
+            next(&bob),
+            (Some(3), vec![Reply::LoggedIn { count: 0 }], false)
+        );
+        assert!(!ask(&replica, 1, &login("ann")));
+        next(&ann);
+        // A send is pushed to its logged-in recipient, held for the same record as the
+        // sender's answer.
+        let send = Request::Send {
+            from: "ann".into(),
+            to: "bob".into(),
+            id: 7,
+            text: "hi".into(),
+        };
+        assert!(!ask(&replica, 1, &send));
+        let hi = Reply::Deliver(Delivery {
+            id: 4,
+            from: "ann".into(),
+            text: "hi".into(),
+        });
+        assert_eq!(next(&bob), (Some(4), vec![hi.clone()], false));
+        assert_eq!(next(&ann), (Some(4), vec![Reply::Ok], false));
+        // Alone, a change is committed once it is durable here, which the request saw to.
+        assert!(replica.wait_commit(epoch, 4));
+        // Quit: answered, logged out, and the connection is to close.
+        assert!(ask(&replica, 2, &Request::Quit));
+        assert_eq!(next(&bob), (Some(4), vec![Reply::Ok], true));
+        assert!(!ask(&replica, 1, &login("bob")));
+        let taken = Reply::Refused(Violation::AlreadyLoggedIn);
+        assert_eq!(next(&ann), (Some(4), vec![taken], false));
+        // bob is free to log in again elsewhere: on connection 3, bob's quit closed 2.
+        replica.remove_client(2);
+        let ((bob_stream, _bob_peer), (bob_tx, bob)) = (socket(), bounded(8));
+        replica.add_client(3, bob_tx, bob_stream);
+        assert!(!ask(&replica, 3, &login("bob")));
+        assert_eq!(
+            next(&bob),
+            (Some(4), vec![Reply::LoggedIn { count: 1 }, hi], false)
+        );
+        // Stepped down, with no primary known: unavailable at once, and closed.
+        let mut inner = replica.lock();
+        replica.step_down(&mut inner, "test");
+        drop(inner);
+        assert!(ask(
+            &replica,
+            3,
+            &Request::Search {
+                pattern: "*".into()
+            }
+        ));
+        assert_eq!(next(&bob), (None, vec![Reply::Unavailable], true));
+        assert!(!replica.wait_commit(epoch, 4));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
