@@ -19,9 +19,9 @@
 //!
 //! **Servers and ports.** `--peers A0,A1,A2` lists every server's address by id; server `i`
 //! listens on `Ai` for clients *and* peers: a connection whose first frame is a peer HELLO
-//! is a peer link (see [`replica_protocol`]), anything else a client. Each server dials every other
-//! one and writes only on the link it dialed, so every message between two servers goes
-//! one way on one TCP connection, in order.
+//! is a replication link (see [`replica_protocol`]), anything else a client. Each server
+//! dials every other one and writes only on the link it dialed, so every message between
+//! two servers goes one way on one TCP connection, in order.
 //!
 //! **Failure detection.** Every link carries a heartbeat at least every 100 ms
 //! ([`replication::HEARTBEAT_EVERY`]). A server considers a peer *down* when its inbound link
