@@ -103,3 +103,117 @@ fn write_due<R: Outgoing>(replica: &R, dial: &Dial, stream: &TcpStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::thread;
+
+    /// A replica that hands out its batches in turn, then stops; it notes every call.
+    struct Script {
+        batches: Mutex<Vec<Vec<u8>>>,
+        calls: Mutex<Vec<String>>,
+        stop: AtomicBool,
+    }
+
+    impl Script {
+        fn new(batches: &[&[u8]]) -> Script {
+            Script {
+                batches: Mutex::new(batches.iter().rev().map(|b| b.to_vec()).collect()),
+                calls: Mutex::new(Vec::new()),
+                stop: AtomicBool::new(false),
+            }
+        }
+
+        fn note(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl Outgoing for Script {
+        /// Batches written on this connection.
+        type Cursor = usize;
+
+        fn stopping(&self) -> bool {
+            self.stop.load(Ordering::SeqCst)
+        }
+
+        fn linked(&self, to: usize) {
+            self.note(format!("linked {to}"));
+        }
+
+        fn refused(&self, to: usize) {
+            self.note(format!("refused {to}"));
+            self.stop.store(true, Ordering::SeqCst);
+        }
+
+        fn unlinked(&self, to: usize) {
+            self.note(format!("unlinked {to}"));
+            self.stop.store(true, Ordering::SeqCst);
+        }
+
+        fn next_frames(&self, _to: usize, written: &mut usize, out: &mut Vec<u8>) -> bool {
+            let Some(batch) = self.batches.lock().unwrap().pop() else {
+                return false;
+            };
+            *written += 1;
+            out.extend_from_slice(&batch);
+            true
+        }
+
+        fn pause(&self, _d: Duration) {}
+    }
+
+    /// A peer that reads the HELLO, answers `answer`, and returns everything it read.
+    fn peer(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut hello = [0; 4 + 5];
+            s.read_exact(&mut hello).unwrap();
+            let mut frame = (answer.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(answer);
+            s.write_all(&frame).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            [&hello[..], &rest].concat()
+        });
+        (addr, peer)
+    }
+
+    fn dial(addr: SocketAddr) -> Dial {
+        Dial {
+            to: 1,
+            addr,
+            hello: b"hello".to_vec(),
+            welcome: b"w".to_vec(),
+            name: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_welcomed_link_carries_the_batches_in_order_then_closes() {
+        let (addr, peer) = peer(b"w");
+        let script = Script::new(&[b"one", b"two"]);
+        run(&script, &dial(addr));
+        assert_eq!(peer.join().unwrap(), b"\0\0\0\x05helloonetwo");
+        assert_eq!(*script.calls.lock().unwrap(), ["linked 1", "unlinked 1"]);
+    }
+
+    #[test]
+    fn any_answer_but_the_welcome_is_a_refusal() {
+        let (addr, peer) = peer(b"x");
+        let script = Script::new(&[b"one"]);
+        run(&script, &dial(addr));
+        assert_eq!(peer.join().unwrap(), b"\0\0\0\x05hello");
+        assert_eq!(*script.calls.lock().unwrap(), ["refused 1"]);
+        assert_eq!(script.batches.lock().unwrap().len(), 1);
+    }
+}
