@@ -8,6 +8,7 @@
 //! ## Module map
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
+//! - [`durable`]: crash-safe files: CRC-32, fsync, atomic replace, torn tail vs damage, repair.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
@@ -28,6 +29,7 @@
 
 pub mod chan;
 pub mod chat;
+pub mod durable;
 pub mod echo;
 pub mod framing;
 pub mod handoff;

@@ -4,7 +4,8 @@
 //!
 //! - [`protocol`]: the client wire format and the name, text and pattern rules, pure.
 //! - [`state`]: the replicated state machine: requests to decisions, changes to state.
-//! - [`log`]: the data directory: snapshot and change log with CRCs, torn-tail handling.
+//! - [`log`]: the data directory: snapshot and change log with CRCs, torn tail vs damage.
+//! - [`repair`]: `--check` and `--repair` of a data directory a start refuses.
 //! - [`peer`]: server-to-server messages, pure.
 //! - [`replication`]: one server: roles, peer links, catch-up, commit.
 //! - [`server`]: client connections on the primary; redirects elsewhere.
@@ -123,6 +124,7 @@ pub mod client;
 pub mod log;
 pub mod peer;
 pub mod protocol;
+pub mod repair;
 pub mod replication;
 pub mod server;
 pub mod state;
