@@ -272,3 +272,174 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::log::{encode_record, encode_snapshot, Disk};
+    use super::super::state::{Change, State};
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-msgfix-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn name(i: usize) -> String {
+        format!("user{i:03}{}", "x".repeat(100))
+    }
+
+    /// A log of `n` registrations at seq 1..=n, and each record's offset.
+    fn log(n: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut data = LOG_MAGIC.to_vec();
+        let mut starts = Vec::new();
+        for i in 0..n {
+            starts.push(data.len());
+            let change = Change::Register {
+                name: name(i),
+                nonce: 0,
+            };
+            let pos = Pos {
+                epoch: 1,
+                seq: i as u64 + 1,
+            };
+            encode_record(pos, &change.to_bytes(), &mut data);
+        }
+        (data, starts)
+    }
+
+    /// Writes `data` as the change log, and checks that a start refuses it unchanged, that a
+    /// check says so, and that a repair keeps the first `kept` records (and the original
+    /// beside it), after which a start replays them.
+    fn refused_then_repaired(name_: &str, data: &[u8], at: usize, intact: u64, kept: u64) {
+        let dir = temp_dir(name_);
+        let log_path = dir.join(LOG);
+        fs::write(&log_path, data).unwrap();
+        let err = Disk::open(&dir, false)
+            .err()
+            .expect("a damaged log is refused");
+        let damaged = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<durable::Damaged>())
+            .expect("the error says where the damage is");
+        assert_eq!(damaged.damage.at, at as u64, "{damaged}");
+        assert!(damaged.to_string().contains("--repair"), "{damaged}");
+        assert_eq!(
+            fs::read(&log_path).unwrap(),
+            data,
+            "a refusal changes nothing"
+        );
+
+        let checked = check(&dir).unwrap();
+        assert!(checked.is_damaged(), "{checked}");
+        assert_eq!(
+            (checked.salvage.records, checked.replayable),
+            (intact, kept)
+        );
+        assert_eq!(
+            fs::read(&log_path).unwrap(),
+            data,
+            "a check changes nothing"
+        );
+
+        let repaired = repair(&dir).unwrap();
+        assert_eq!(repaired.kept, kept, "{repaired}");
+        assert_eq!(repaired.dropped_records, intact - kept, "{repaired}");
+        assert_eq!(repaired.aside.len(), 1);
+        assert_eq!(fs::read(&repaired.aside[0]).unwrap(), data);
+        assert!(!check(&dir).unwrap().is_damaged());
+        let (_disk, loaded) = Disk::open(&dir, false).unwrap();
+        assert_eq!((loaded.records.len() as u64, loaded.torn), (kept, None));
+        for i in 0..kept as usize {
+            assert!(loaded.state.exists(&name(i)));
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_is_refused_and_repair_keeps_what_continues_the_log() {
+        let (mut data, starts) = log(100);
+        data[starts[50] + 40] ^= 0x01;
+        // Records 51..99 are intact but follow the lost 50: kept aside, not replayed.
+        refused_then_repaired("flip", &data, starts[50], 99, 50);
+    }
+
+    #[test]
+    fn a_corrupted_length_is_refused() {
+        let (mut data, starts) = log(100);
+        data[starts[40] + 16..starts[40] + 20].copy_from_slice(&0xfff0u32.to_be_bytes());
+        refused_then_repaired("len", &data, starts[40], 99, 40);
+    }
+
+    #[test]
+    fn a_zeroed_page_is_refused_and_zeros_never_pass_for_a_record() {
+        let (mut data, starts) = log(100);
+        let whole = data.clone();
+        data[4096..8192].fill(0);
+        // Lost: the records whose bytes changed (a record starting just before the page end
+        // may keep its bytes: the high bytes of its seq are zeros already).
+        let ends = starts.iter().skip(1).copied().chain([data.len()]);
+        let lost: Vec<usize> = (starts.iter().zip(ends).enumerate())
+            .filter(|(_, (&s, e))| data[s..*e] != whole[s..*e])
+            .map(|(i, _)| i)
+            .collect();
+        assert!(lost.len() >= 29, "{lost:?}");
+        let (first, n) = (lost[0], lost.len() as u64);
+        refused_then_repaired("zeroed", &data, starts[first], 100 - n, first as u64);
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_refused_and_repair_keeps_all() {
+        let (mut data, _) = log(100);
+        let end = data.len();
+        data.extend_from_slice(b"garbage, not a record at all");
+        refused_then_repaired("garbage", &data, end, 100, 100);
+    }
+
+    #[test]
+    fn a_truncated_tail_starts_cut_back() {
+        let (data, starts) = log(100);
+        let dir = temp_dir("truncated");
+        fs::write(dir.join(LOG), &data[..starts[99] + 30]).unwrap();
+        assert!(!check(&dir).unwrap().is_damaged());
+        let (_disk, loaded) = Disk::open(&dir, false).unwrap();
+        assert_eq!(loaded.records.len(), 99);
+        assert_eq!(loaded.torn, Some((starts[99] as u64, 30)));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_repair_sets_it_and_the_log_aside() {
+        let dir = temp_dir("snapshot");
+        let mut state = State::new();
+        state.apply(
+            1,
+            &Change::Register {
+                name: "ann".into(),
+                nonce: 0,
+            },
+        );
+        let mut snap = encode_snapshot(Pos { epoch: 1, seq: 1 }, &state);
+        let n = snap.len();
+        snap[n - 6] ^= 1;
+        fs::write(dir.join(SNAPSHOT), &snap).unwrap();
+        let (data, _) = log(3);
+        fs::write(dir.join(LOG), &data).unwrap();
+        let err = Disk::open(&dir, false).err().unwrap();
+        let text = err.to_string();
+        assert!(
+            text.contains("snapshot") && text.contains("--repair"),
+            "{text}"
+        );
+        assert!(check(&dir).unwrap().is_damaged());
+        let repaired = repair(&dir).unwrap();
+        assert_eq!(repaired.aside.len(), 2, "{repaired}");
+        assert_eq!(fs::read(&repaired.aside[0]).unwrap(), snap);
+        assert_eq!(fs::read(&repaired.aside[1]).unwrap(), data);
+        let (_disk, loaded) = Disk::open(&dir, false).unwrap();
+        assert_eq!((loaded.base, loaded.records.len()), (Pos::default(), 0));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -203,3 +203,179 @@ fn read_log(path: &Path) -> io::Result<Vec<u8>> {
     }
     Ok(data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::encode_store;
+    use super::super::{temp_path, Aof, Fsync};
+    use super::*;
+    use crate::store::state::Store;
+
+    /// A log of `n` records `key{i:03}` = 100 bytes, and each record's offset.
+    fn log(n: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut data = MAGIC.to_vec();
+        let mut starts = Vec::new();
+        for i in 0..n {
+            starts.push(data.len());
+            encode_store(
+                format!("key{i:03}").as_bytes(),
+                &[b'a' + (i % 26) as u8; 100],
+                &mut data,
+            );
+        }
+        (data, starts)
+    }
+
+    /// Records (by index) whose bytes differ between `a` and `b`.
+    fn changed(starts: &[usize], a: &[u8], b: &[u8]) -> Vec<usize> {
+        let ends = starts.iter().skip(1).copied().chain([a.len()]);
+        (starts.iter().zip(ends).enumerate())
+            .filter(|(_, (&s, e))| a[s..*e] != b[s..*e])
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn open(path: &Path) -> io::Result<(Store, u64)> {
+        let store = Store::new();
+        let (aof, replay) = Aof::open(path, Fsync::No, &store)?;
+        aof.close()?;
+        Ok((store, replay.records))
+    }
+
+    /// Writes `data` to a fresh log, and checks that a start refuses it without changing
+    /// it, that a check says so, and that a repair keeps every record but `lost` (and the
+    /// original beside it), after which a start replays them all.
+    fn refused_then_repaired(name: &str, data: &[u8], at: usize, lost: &[usize], n: usize) {
+        let path = temp_path(name);
+        std::fs::write(&path, data).unwrap();
+        let err = open(&path).err().expect("a damaged log is refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let damaged = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<Damaged>())
+            .expect("the error says where the damage is");
+        assert_eq!(damaged.damage.at, at as u64, "{damaged}");
+        assert_eq!(damaged.damage.bytes_after, (data.len() - at) as u64);
+        assert!(damaged.to_string().contains("--aof-repair"), "{damaged}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            data,
+            "a refusal changes nothing"
+        );
+
+        let checked = check(&path).unwrap();
+        assert!(checked.is_damaged(), "{checked}");
+        assert_eq!(
+            checked.salvage.records,
+            (n - lost.len()) as u64,
+            "{checked}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            data,
+            "a check changes nothing"
+        );
+
+        let repaired = repair(&path).unwrap();
+        assert_eq!(
+            repaired.salvage.records,
+            (n - lost.len()) as u64,
+            "{repaired}"
+        );
+        let aside = repaired.aside.clone().expect("the original is kept");
+        assert_eq!(std::fs::read(&aside).unwrap(), data);
+        assert!(!check(&path).unwrap().is_damaged());
+        let (store, records) = open(&path).unwrap();
+        assert_eq!(records, (n - lost.len()) as u64);
+        for i in 0..n {
+            let found = store.get(format!("key{i:03}").as_bytes()).is_some();
+            assert_eq!(found, !lost.contains(&i), "key{i:03}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&aside).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_middle_is_refused_and_repair_keeps_the_other_99() {
+        let (mut data, starts) = log(100);
+        data[starts[50] + 40] ^= 0x01; // in record 50's value
+        refused_then_repaired("flip", &data, starts[50], &[50], 100);
+    }
+
+    #[test]
+    fn a_corrupted_length_in_the_middle_is_refused_and_repair_keeps_the_other_99() {
+        // A value length that runs far past the end of the file, and one that stays in it.
+        for (name, vlen) in [("len-long", 0x00ff_0000u32), ("len-short", 7)] {
+            let (mut data, starts) = log(100);
+            data[starts[40] + 5..starts[40] + 9].copy_from_slice(&vlen.to_be_bytes());
+            refused_then_repaired(name, &data, starts[40], &[40], 100);
+        }
+    }
+
+    #[test]
+    fn a_zeroed_page_in_the_middle_is_refused_and_repair_keeps_every_record_outside_it() {
+        let (mut data, starts) = log(100);
+        let whole = data.clone();
+        data[4096..8192].fill(0);
+        let lost = changed(&starts, &data, &whole);
+        assert!(lost.len() >= 34 && lost.len() <= 36, "{lost:?}");
+        refused_then_repaired("zeroed", &data, starts[lost[0]], &lost, 100);
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_refused_and_repair_keeps_all_100() {
+        for (name, tail) in [
+            ("garbage", b"\x00\x01 this is not a record".to_vec()),
+            ("zeros", vec![0; 4096]),
+        ] {
+            let (mut data, _) = log(100);
+            let end = data.len();
+            data.extend_from_slice(&tail);
+            refused_then_repaired(name, &data, end, &[], 100);
+            let path = temp_path(name);
+            std::fs::write(&path, &data).unwrap();
+            let checked = check(&path).unwrap();
+            assert!(
+                checked.to_string().contains("later records parse: no"),
+                "{checked}"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_truncated_tail_starts_cut_back_and_checks_clean() {
+        let (data, starts) = log(100);
+        let cut = &data[..starts[99] + 50];
+        let path = temp_path("truncated");
+        std::fs::write(&path, cut).unwrap();
+        let checked = check(&path).unwrap();
+        assert!(!checked.is_damaged(), "{checked}");
+        assert!(
+            checked.to_string().contains("torn final record"),
+            "{checked}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), cut);
+        let (store, records) = open(&path).unwrap();
+        assert_eq!(records, 99);
+        assert!(store.get(b"key098").is_some() && store.get(b"key099").is_none());
+        assert_eq!(std::fs::read(&path).unwrap(), &data[..starts[99]]);
+        // Clean now: a repair has nothing to do and makes no copy.
+        let repaired = repair(&path).unwrap();
+        assert_eq!((repaired.salvage.records, repaired.aside), (99, None));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn check_and_repair_refuse_a_file_that_is_not_a_log() {
+        let path = temp_path("not-a-log");
+        std::fs::write(&path, b"precious, not a log").unwrap();
+        assert_eq!(check(&path).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            repair(&path).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious, not a log");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
