@@ -32,7 +32,7 @@ struct Args {
     #[argh(switch)]
     check: bool,
     /// repair the data directory and exit: keep every record a start can replay; the
-    /// files as they were are kept as *.damaged-<unix time>
+    /// files as they were are kept with a .damaged-UNIXTIME suffix
     #[argh(switch)]
     repair: bool,
     /// log every connection

@@ -45,7 +45,7 @@ struct Args {
     #[argh(switch)]
     aof_check: bool,
     /// repair the --aof file and exit: keep every intact record before and after any
-    /// damage; the file as it was is kept as PATH.damaged-<unix time>
+    /// damage; the file as it was is kept as PATH.damaged-UNIXTIME
     #[argh(switch)]
     aof_repair: bool,
     /// log every connection

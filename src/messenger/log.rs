@@ -23,7 +23,7 @@
 //! writing a snapshot and emptying the log. Damage (a bad record with an intact one after
 //! it, bytes that cannot begin a record) refuses the start and changes nothing, and so does
 //! a snapshot that fails its checks: it is written to `snapshot.tmp`, fsynced and renamed,
-//! so only a damaged disk produces one. [`check`] and [`repair`] (`--check`, `--repair`)
+//! so only a damaged disk produces one. [`super::repair`] (`--check`, `--repair`)
 //! report on the directory and keep what can still be replayed.
 //!
 //! Compaction: after [`COMPACT_AFTER`] records the server writes a snapshot of its state
@@ -449,7 +449,7 @@ fn damaged(dir: &Path, damage: durable::Damage) -> Damaged {
     }
 }
 
-/// A snapshot that fails its checks: refused at start, set aside by [`repair`].
+/// A snapshot that fails its checks: refused at start, set aside by [`super::repair`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotDamaged {
     /// The data directory.
