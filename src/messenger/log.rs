@@ -369,23 +369,27 @@ pub fn decode_record(data: &[u8]) -> Option<(Record, usize)> {
     let Frame::Intact(len) = frame(data) else {
         return None;
     };
-    let mut c = Cursor::new(&data[..len]);
+    Some((parse_record(&data[..len])?, len))
+}
+
+/// The record in `bytes`, which [`frame`] found intact (its CRC is not checked again).
+fn parse_record(bytes: &[u8]) -> Option<Record> {
+    let mut c = Cursor::new(bytes);
     let seq = c.u64().ok()?;
     let epoch = c.u64().ok()?;
     let change_len = c.u32().ok()? as usize;
     let change = c.take(change_len).ok()?;
-    let record = Record {
+    Some(Record {
         pos: Pos { epoch, seq },
         change: change.to_vec(),
-    };
-    Some((record, len))
+    })
 }
 
-/// The intact record in `bytes`, judged against a log that so far ends at `last` after a
+/// The intact record in `bytes` (a range [`frame`] found intact), judged against a log that so far ends at `last` after a
 /// snapshot at `base`: `Some((record, None))` when the snapshot already holds it (skip it),
 /// `Some((record, Some(change)))` when it continues the log, `None` when it does not.
 pub(super) fn continuing(bytes: &[u8], base: Pos, last: Pos) -> Option<(Record, Option<Change>)> {
-    let (record, _) = decode_record(bytes)?;
+    let record = parse_record(bytes)?;
     if record.pos.seq <= base.seq {
         return Some((record, None));
     }
