@@ -3,8 +3,9 @@
 //! that tells a torn tail (forgiven) from damage (refused until repaired).
 //!
 //! Both logs of the project (the store's AOF, the messenger's change log) are a magic line
-//! then records that each end in a CRC-32 of their own bytes. A log's codec says what the
-//! bytes at an offset are ([`Frame`]); [`scan`] and [`salvage`] do the rest.
+//! then records whose header gives their length and whose last 4 bytes are the CRC-32
+//! (big-endian) of the bytes before them. A log's codec reads a header ([`Header`]);
+//! [`frame`], [`scan`] and [`salvage`] do the rest.
 //!
 //! **The rule.** Replay reads intact records from the start. At the first offset `P` where
 //! no intact record begins, the bytes from `P` to the end are a *torn tail* (a crash cut the
@@ -23,24 +24,23 @@
 //! Resynchronising after damage means finding the next offset where a record's lengths are
 //! within limits, its bytes are all present and its CRC matches: for bytes that are not a
 //! record that happens with probability 2⁻³² per plausible offset, and the length limits make
-//! plausible offsets rare. A record stored *inside* a value (a client can write any bytes)
+//! plausible offsets rare. A candidate longer than 64 KiB must also be followed by a
+//! plausible header or the end of the file before its CRC is computed: in random bytes a
+//! wild but plausible length would otherwise cost a CRC over up to the limit at one offset
+//! in a few hundred. (So a record over 64 KiB found right after damage and itself followed
+//! at once by more damage is dropped with that damage; the original keeps it.) A record stored *inside* a value (a client can write any bytes)
 //! is a record too: after damage just before it, repair keeps it; `--aof-check` and its
 //! offsets show what repair would keep before it is run.
 //!
 //! ```
-//! use switchboard::durable::{crc32, scan, Frame, End};
+//! use switchboard::durable::{crc32, scan, End, Header};
 //!
 //! // A toy log: records of `len:u8 body crc:u32be`, at most 16 body bytes.
-//! fn frame(data: &[u8]) -> Frame {
-//!     let Some(&len) = data.first() else { return Frame::Cut };
-//!     let len = usize::from(len);
-//!     if len > 16 {
-//!         return Frame::Bad(None);
-//!     }
-//!     let Some(crc) = data.get(1 + len..5 + len) else { return Frame::Cut };
-//!     match crc32(&data[..1 + len]).to_be_bytes() == crc {
-//!         true => Frame::Intact(5 + len),
-//!         false => Frame::Bad(Some(5 + len)),
+//! fn header(data: &[u8]) -> Header {
+//!     match data.first() {
+//!         None => Header::Cut,
+//!         Some(&len) if len > 16 => Header::Bad,
+//!         Some(&len) => Header::Len(1 + usize::from(len) + 4),
 //!     }
 //! }
 //! fn record(body: &[u8], out: &mut Vec<u8>) {
@@ -55,14 +55,14 @@
 //!     record(body, &mut log);
 //! }
 //! // Whole: three records, clean.
-//! let whole = scan(&log, 0, frame, |_| {});
+//! let whole = scan(&log, 0, header, |_| {});
 //! assert_eq!((whole.records, whole.end), (3, End::Clean));
 //! // The last record cut short by a crash: a torn tail, forgiven.
-//! let torn = scan(&log[..log.len() - 2], 0, frame, |_| {});
+//! let torn = scan(&log[..log.len() - 2], 0, header, |_| {});
 //! assert!(matches!(torn.end, End::Torn { at: 16, .. }));
 //! // A byte flipped in the second record: an intact one follows, so it is damage.
 //! log[10] ^= 1;
-//! let damaged = scan(&log, 0, frame, |_| {});
+//! let damaged = scan(&log, 0, header, |_| {});
 //! match damaged.end {
 //!     End::Damaged(d) => assert_eq!((d.at, d.records_before, d.resync), (8, 1, Some(16))),
 //!     other => panic!("{other:?}"),
@@ -102,8 +102,43 @@ pub fn crc32(bytes: &[u8]) -> u32 {
     })
 }
 
-/// What a log's codec finds at the start of a slice of the file (the slice runs to the end
-/// of the file).
+/// Above this many bytes, a resynchronising candidate must be followed by a plausible header
+/// (or the end of the file) before its CRC is computed; see the module's docs.
+const CHAIN_ABOVE: usize = 64 << 10;
+
+/// What a log's codec reads in the header of a record at the start of a slice of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// A plausible header (a known tag, lengths within the log's limits) of a record of this
+    /// many bytes in all, its 4-byte CRC last; they may run past the end of the slice.
+    Len(usize),
+    /// The slice ends inside the header.
+    Cut,
+    /// Not a record's header: an unknown tag, or a length over the limit.
+    Bad,
+}
+
+/// What the bytes at the start of `data` are, for a log whose records' headers `header`
+/// reads and whose records end in the CRC-32 (big-endian) of their bytes before it.
+pub fn frame(data: &[u8], header: impl Fn(&[u8]) -> Header) -> Frame {
+    match header(data) {
+        Header::Bad => Frame::Bad(None),
+        Header::Cut => Frame::Cut,
+        Header::Len(len) if len < 4 => Frame::Bad(None),
+        Header::Len(len) if len > data.len() => Frame::Cut,
+        Header::Len(len) => {
+            let (body, crc) = data[..len].split_at(len - 4);
+            if crc32(body).to_be_bytes() == crc {
+                Frame::Intact(len)
+            } else {
+                Frame::Bad(Some(len))
+            }
+        }
+    }
+}
+
+/// What the bytes at the start of a slice of a log are (the slice runs to the end of the
+/// file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
     /// An intact record of this many bytes: lengths within limits, all bytes present, CRC
@@ -163,20 +198,20 @@ pub struct Scan {
 pub fn scan(
     data: &[u8],
     start: usize,
-    frame: impl Fn(&[u8]) -> Frame,
+    header: impl Fn(&[u8]) -> Header,
     mut each: impl FnMut(Range<usize>),
 ) -> Scan {
     let mut at = start;
     let mut records = 0;
     while at < data.len() {
-        match frame(&data[at..]) {
+        match frame(&data[at..], &header) {
             Frame::Intact(len) => {
                 each(at..at + len);
                 records += 1;
                 at += len;
             }
             shape => {
-                let resync = resync(data, at, &frame);
+                let resync = resync(data, at, &header);
                 let one_torn_record = match shape {
                     Frame::Cut => true,
                     Frame::Bad(Some(len)) => at + len == data.len(),
@@ -211,8 +246,17 @@ pub fn scan(
 }
 
 /// The first offset after `bad` where an intact record begins.
-fn resync(data: &[u8], bad: usize, frame: &impl Fn(&[u8]) -> Frame) -> Option<usize> {
-    (bad + 1..data.len()).find(|&at| matches!(frame(&data[at..]), Frame::Intact(_)))
+fn resync(data: &[u8], bad: usize, header: &impl Fn(&[u8]) -> Header) -> Option<usize> {
+    (bad + 1..data.len()).find(|&at| {
+        let rest = &data[at..];
+        let chained = match header(rest) {
+            Header::Len(len) if len > CHAIN_ABOVE && len < rest.len() => {
+                header(&rest[len..]) != Header::Bad
+            }
+            _ => true,
+        };
+        chained && matches!(frame(rest, header), Frame::Intact(_))
+    })
 }
 
 /// What [`salvage`] found in a whole log.
@@ -240,13 +284,13 @@ impl Salvage {
 pub fn salvage(
     data: &[u8],
     start: usize,
-    frame: impl Fn(&[u8]) -> Frame,
+    header: impl Fn(&[u8]) -> Header,
     mut keep: impl FnMut(Range<usize>),
 ) -> Salvage {
     let mut found = Salvage::default();
     let mut at = start;
     while at < data.len() {
-        match frame(&data[at..]) {
+        match frame(&data[at..], &header) {
             Frame::Intact(len) => {
                 keep(at..at + len);
                 found.records += 1;
@@ -256,7 +300,7 @@ pub fn salvage(
                 at += len;
             }
             _ => {
-                let next = resync(data, at, &frame).unwrap_or(data.len());
+                let next = resync(data, at, &header).unwrap_or(data.len());
                 found.damaged.push(at as u64..next as u64);
                 at = next;
             }
@@ -408,21 +452,13 @@ mod tests {
     use super::*;
 
     /// Records of `len:u16be body crc:u32be`, bodies of at most 64 bytes.
-    fn frame(data: &[u8]) -> Frame {
-        let Some(len) = data.get(..2) else {
-            return Frame::Cut;
-        };
-        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-        if len > 64 {
-            return Frame::Bad(None);
-        }
-        let Some(crc) = data.get(2 + len..6 + len) else {
-            return Frame::Cut;
-        };
-        if crc32(&data[..2 + len]).to_be_bytes() == crc {
-            Frame::Intact(6 + len)
-        } else {
-            Frame::Bad(Some(6 + len))
+    fn header(data: &[u8]) -> Header {
+        match data.get(..2) {
+            None => Header::Cut,
+            Some(len) => match usize::from(u16::from_be_bytes([len[0], len[1]])) {
+                len if len > 64 => Header::Bad,
+                len => Header::Len(2 + len + 4),
+            },
         }
     }
 
@@ -442,7 +478,7 @@ mod tests {
 
     fn kept(data: &[u8]) -> (Vec<Vec<u8>>, Salvage) {
         let mut records = Vec::new();
-        let found = salvage(data, 0, frame, |r| records.push(data[r].to_vec()));
+        let found = salvage(data, 0, header, |r| records.push(data[r].to_vec()));
         (records, found)
     }
 
@@ -455,14 +491,14 @@ mod tests {
     #[test]
     fn an_intact_log_is_clean_and_every_cut_of_its_last_record_is_torn() {
         let (data, starts) = log(5);
-        let whole = scan(&data, 0, frame, |_| {});
+        let whole = scan(&data, 0, header, |_| {});
         assert_eq!(
             (whole.records, whole.good_end, whole.end),
             (5, data.len(), End::Clean)
         );
         let last = starts[4];
         for cut in last + 1..data.len() {
-            let s = scan(&data[..cut], 0, frame, |_| {});
+            let s = scan(&data[..cut], 0, header, |_| {});
             assert_eq!(s.records, 4, "cut at {cut}");
             assert_eq!(
                 s.end,
@@ -480,12 +516,12 @@ mod tests {
         let n = data.len();
         data[n - 6] ^= 0x40;
         assert!(matches!(
-            scan(&data, 0, frame, |_| {}).end,
+            scan(&data, 0, header, |_| {}).end,
             End::Torn { .. }
         ));
         let (mut data, _) = log(5);
         data[starts[2] + 4] ^= 0x40;
-        let s = scan(&data, 0, frame, |_| {});
+        let s = scan(&data, 0, header, |_| {});
         let expect = Damage {
             at: starts[2] as u64,
             records_before: 2,
@@ -503,12 +539,15 @@ mod tests {
         let (mut data, starts) = log(5);
         data[starts[1]] = 0; // 0x00NN -> still in limits but wrong
         data[starts[1] + 1] = 60;
-        let s = scan(&data, 0, frame, |_| {});
+        let s = scan(&data, 0, header, |_| {});
         assert!(matches!(s.end, End::Damaged(d) if d.resync == Some(starts[2] as u64)));
         // A length over the limit, followed by intact records.
         let (mut data, starts) = log(5);
         data[starts[1]] = 0xff;
-        assert!(matches!(scan(&data, 0, frame, |_| {}).end, End::Damaged(_)));
+        assert!(matches!(
+            scan(&data, 0, header, |_| {}).end,
+            End::Damaged(_)
+        ));
         assert_eq!(kept(&data).0.len(), 4);
     }
 
@@ -518,7 +557,7 @@ mod tests {
             let (mut data, _) = log(5);
             let end = data.len();
             data.extend_from_slice(&tail);
-            let s = scan(&data, 0, frame, |_| {});
+            let s = scan(&data, 0, header, |_| {});
             assert!(
                 matches!(s.end, End::Damaged(d) if d.at == end as u64 && d.resync.is_none()),
                 "{s:?}"
@@ -542,7 +581,7 @@ mod tests {
             .count();
         assert_eq!(records.len(), 400 - covered);
         assert_eq!(found.damaged.len(), 1);
-        let s = scan(&data, 0, frame, |_| {});
+        let s = scan(&data, 0, header, |_| {});
         assert!(matches!(s.end, End::Damaged(d) if d.resync.is_some()));
     }
 

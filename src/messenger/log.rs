@@ -35,7 +35,7 @@
 //! syncs takes everything appended so far, so concurrent requests share one fsync.
 
 use super::state::{Change, Corrupt, Cursor, State};
-use crate::durable::{self, crc32, open_for_append, Damaged, End, Frame};
+use crate::durable::{self, crc32, open_for_append, Damaged, End, Frame, Header};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Seek, Write};
@@ -177,7 +177,7 @@ impl Disk {
             0
         } else {
             let mut intact = Vec::new();
-            let scan = durable::scan(&data, LOG_MAGIC.len(), frame, |r| intact.push(r));
+            let scan = durable::scan(&data, LOG_MAGIC.len(), header, |r| intact.push(r));
             match scan.end {
                 End::Clean => {}
                 End::Torn { at, len } => torn = Some((at, len)),
@@ -343,24 +343,20 @@ pub fn encode_record(pos: Pos, change: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
+/// The header of the log record at the start of `data` (see [`Header`]).
+pub fn header(data: &[u8]) -> Header {
+    match data.get(16..RECORD_HEADER) {
+        None => Header::Cut,
+        Some(len) => match u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize {
+            len if len > MAX_CHANGE => Header::Bad,
+            len => Header::Len(RECORD_HEADER + len + 4),
+        },
+    }
+}
+
 /// What the bytes at the start of `data` are, as a log record (see [`Frame`]).
 pub fn frame(data: &[u8]) -> Frame {
-    let Some(len) = data.get(16..RECORD_HEADER) else {
-        return Frame::Cut;
-    };
-    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len > MAX_CHANGE {
-        return Frame::Bad(None);
-    }
-    let end = RECORD_HEADER + len;
-    let Some(crc) = data.get(end..end + 4) else {
-        return Frame::Cut;
-    };
-    if crc32(&data[..end]).to_be_bytes() == crc {
-        Frame::Intact(end + 4)
-    } else {
-        Frame::Bad(Some(end + 4))
-    }
+    durable::frame(data, header)
 }
 
 /// Decodes the record at the start of `data`: the record and its length, or `None` if it

@@ -9,7 +9,7 @@
 //! kept beside the new ones as `*.damaged-<unix time>`.
 
 use super::log::{
-    continuing, frame, read_log, read_snapshot, Pos, SnapshotDamaged, LOG, LOG_MAGIC, SNAPSHOT,
+    continuing, header, read_log, read_snapshot, Pos, SnapshotDamaged, LOG, LOG_MAGIC, SNAPSHOT,
 };
 use crate::durable::{self, End, Salvage};
 use std::fmt;
@@ -100,9 +100,9 @@ pub fn check(dir: &Path) -> io::Result<Checked> {
     let snapshot = snapshot_in(dir)?;
     let data = read_log(&dir.join(LOG))?;
     let start = LOG_MAGIC.len().min(data.len());
-    let end = durable::scan(&data, start, frame, |_| {}).end;
+    let end = durable::scan(&data, start, header, |_| {}).end;
     let mut intact = Vec::new();
-    let salvage = durable::salvage(&data, start, frame, |r| intact.push(r));
+    let salvage = durable::salvage(&data, start, header, |r| intact.push(r));
     let replayable = match &snapshot {
         Snapshot::Damaged(_) => 0,
         Snapshot::Missing => replayable(&data, &intact, Pos::default()).len() as u64,
@@ -162,7 +162,7 @@ pub fn repair(dir: &Path) -> io::Result<Repaired> {
     let data = read_log(&log_path)?;
     let start = LOG_MAGIC.len().min(data.len());
     let mut intact = Vec::new();
-    let salvage = durable::salvage(&data, start, frame, |r| intact.push(r));
+    let salvage = durable::salvage(&data, start, header, |r| intact.push(r));
     let mut repaired = Repaired {
         dropped_bytes: salvage.damaged_bytes(),
         ..Repaired::default()

@@ -218,15 +218,18 @@ impl Aof {
         } else if !data.starts_with(MAGIC) {
             return Err(not_a_log(path));
         } else {
-            let scan = durable::scan(&data, MAGIC.len(), record::frame, |at| match record::parse(
-                &data[at],
-            ) {
-                Some(Record::Store(k, v)) => store.set(k, v),
-                Some(Record::Delete(k)) => {
-                    store.delete(k);
-                }
-                None => {}
-            });
+            let scan = durable::scan(
+                &data,
+                MAGIC.len(),
+                record::header,
+                |at| match record::parse(&data[at]) {
+                    Some(Record::Store(k, v)) => store.set(k, v),
+                    Some(Record::Delete(k)) => {
+                        store.delete(k);
+                    }
+                    None => {}
+                },
+            );
             replay.records = scan.records;
             match scan.end {
                 End::Clean => {}

@@ -1,6 +1,8 @@
 //! The log's records, encoded and decoded; byte layout in the parent module's docs.
 
-use crate::durable::{crc32, Frame};
+#[cfg(test)]
+use crate::durable::{self, Frame};
+use crate::durable::{crc32, Header};
 
 /// The most key and value bytes one record may hold, together: a length field over it is
 /// damage, not a record. Far above anything the server accepts (16 MiB frames by default),
@@ -32,44 +34,42 @@ pub(super) fn encode_delete(key: &[u8], buf: &mut Vec<u8>) {
     buf.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// The tag, the lengths and where the body ends, for a record at the start of `data`;
-/// `Err` is the frame to report when they are not there or not plausible.
-fn header(data: &[u8]) -> Result<(u8, usize, usize, usize), Frame> {
-    let u32_at = |at: usize| -> Result<usize, Frame> {
-        let b = data.get(at..at + 4).ok_or(Frame::Cut)?;
+/// The tag, the key and value lengths and where the body ends, for a record at the start
+/// of `data`; `Err` when they are not all there or not plausible.
+fn fields(data: &[u8]) -> Result<(u8, usize, usize, usize), Header> {
+    let u32_at = |at: usize| -> Result<usize, Header> {
+        let b = data.get(at..at + 4).ok_or(Header::Cut)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
     };
-    let tag = *data.first().ok_or(Frame::Cut)?;
+    let tag = *data.first().ok_or(Header::Cut)?;
     let (klen, vlen, start) = match tag {
         b'S' => (u32_at(1)?, u32_at(5)?, 9),
         b'D' => (u32_at(1)?, 0, 5),
-        _ => return Err(Frame::Bad(None)),
+        _ => return Err(Header::Bad),
     };
     if klen + vlen > MAX_BODY {
-        return Err(Frame::Bad(None));
+        return Err(Header::Bad);
     }
     Ok((tag, klen, vlen, start + klen + vlen))
 }
 
-/// What the bytes at the start of `data` are (see [`Frame`]).
-pub(super) fn frame(data: &[u8]) -> Frame {
-    let body_end = match header(data) {
-        Ok((_, _, _, end)) => end,
-        Err(frame) => return frame,
-    };
-    let Some(crc) = data.get(body_end..body_end + 4) else {
-        return Frame::Cut;
-    };
-    if crc32(&data[..body_end]).to_be_bytes() == crc {
-        Frame::Intact(body_end + 4)
-    } else {
-        Frame::Bad(Some(body_end + 4))
+/// The header of the record at the start of `data` (see [`Header`]).
+pub(super) fn header(data: &[u8]) -> Header {
+    match fields(data) {
+        Ok((_, _, _, body_end)) => Header::Len(body_end + 4),
+        Err(header) => header,
     }
+}
+
+/// What the bytes at the start of `data` are (see [`Frame`]).
+#[cfg(test)]
+pub(super) fn frame(data: &[u8]) -> Frame {
+    durable::frame(data, header)
 }
 
 /// The record in `bytes`, which [`frame`] found intact.
 pub(super) fn parse(bytes: &[u8]) -> Option<Record<'_>> {
-    let (tag, klen, vlen, end) = header(bytes).ok()?;
+    let (tag, klen, vlen, end) = fields(bytes).ok()?;
     let body = bytes.get(end - klen - vlen..end)?;
     let (key, value) = body.split_at(klen);
     Some(match tag {

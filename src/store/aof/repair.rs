@@ -1,7 +1,7 @@
 //! `--aof-check` and `--aof-repair`: what a damaged log holds, and a copy of it that keeps
 //! every intact record, before and after the damage.
 
-use super::record::frame;
+use super::record::header;
 use super::{damaged, not_a_log, MAGIC};
 use crate::durable::{self, Damaged, End, Salvage};
 use std::fmt;
@@ -116,8 +116,8 @@ impl fmt::Display for Repaired {
 /// When the file cannot be read or is not a log of this format.
 pub fn check(path: &Path) -> io::Result<Checked> {
     let data = read_log(path)?;
-    let scan = durable::scan(&data, MAGIC.len().min(data.len()), frame, |_| {});
-    let salvage = durable::salvage(&data, MAGIC.len().min(data.len()), frame, |_| {});
+    let scan = durable::scan(&data, MAGIC.len().min(data.len()), header, |_| {});
+    let salvage = durable::salvage(&data, MAGIC.len().min(data.len()), header, |_| {});
     let refusal = match scan.end {
         End::Damaged(d) => Some(damaged(path, d)),
         _ => None,
@@ -142,7 +142,7 @@ pub fn repair(path: &Path) -> io::Result<Repaired> {
     let data = read_log(path)?;
     let start = MAGIC.len().min(data.len());
     let mut kept: Vec<Range<usize>> = Vec::new();
-    let salvage = durable::salvage(&data, start, frame, |r| match kept.last_mut() {
+    let salvage = durable::salvage(&data, start, header, |r| match kept.last_mut() {
         Some(last) if last.end == r.start => last.end = r.end,
         _ => kept.push(r),
     });
@@ -363,6 +363,26 @@ mod tests {
         // Clean now: a repair has nothing to do and makes no copy.
         let repaired = repair(&path).unwrap();
         assert_eq!((repaired.salvage.records, repaired.aside), (99, None));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn big_records_after_damage_are_found_again() {
+        // Records over 64 KiB are checked for a plausible header after them before their
+        // CRC (see `durable`): one followed by another record, and one by the end, are kept.
+        let mut data = MAGIC.to_vec();
+        let mut starts = Vec::new();
+        for i in 0..4u8 {
+            starts.push(data.len());
+            encode_store(&[b'k', b'0' + i], &vec![i; 100 << 10], &mut data);
+        }
+        data[starts[1] + 500] ^= 0x01;
+        let path = temp_path("big");
+        std::fs::write(&path, &data).unwrap();
+        let checked = check(&path).unwrap();
+        assert!(checked.is_damaged());
+        assert_eq!(checked.salvage.records, 3, "{checked}");
+        assert_eq!(checked.salvage.damaged, vec![starts[1] as u64..starts[2] as u64]);
         std::fs::remove_file(&path).unwrap();
     }
 
