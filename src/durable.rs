@@ -32,6 +32,17 @@
 //! is a record too: after damage just before it, repair keeps it; `--aof-check` and its
 //! offsets show what repair would keep before it is run.
 //!
+//! **Every file the project writes**, and how the rule applies:
+//! - the store's AOF (`--aof PATH`) and the messenger's `changes.log`: the rule above;
+//! - the messenger's `snapshot`: written whole to `snapshot.tmp`, fsynced and renamed
+//!   ([`write_atomically`]), so it is never torn: any failed check refuses the start;
+//! - `PATH.rewrite` and `snapshot.tmp`: never the only copy of anything (the file they
+//!   replace is whole until the rename), so one found at start is deleted, not checked;
+//! - `PATH.repair`, `changes.log.repair`: a repair's new file before its rename, never the
+//!   only copy either; one left by an interrupted repair is overwritten by the next repair
+//!   and may be deleted;
+//! - `*.damaged-<unix time>`: copies kept for the operator, never read.
+//!
 //! ```
 //! use switchboard::durable::{crc32, scan, End, Header};
 //!

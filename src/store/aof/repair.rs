@@ -382,7 +382,10 @@ mod tests {
         let checked = check(&path).unwrap();
         assert!(checked.is_damaged());
         assert_eq!(checked.salvage.records, 3, "{checked}");
-        assert_eq!(checked.salvage.damaged, vec![starts[1] as u64..starts[2] as u64]);
+        assert_eq!(
+            checked.salvage.damaged,
+            vec![starts[1] as u64..starts[2] as u64]
+        );
         std::fs::remove_file(&path).unwrap();
     }
 
