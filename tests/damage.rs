@@ -307,7 +307,7 @@ fn a_messenger_log_damaged_in_the_middle_is_refused_checked_and_repaired() {
 }
 
 #[test]
-fn a_repaired_messenger_data_dir_starts_and_serves() {
+fn a_repaired_messenger_data_dir_starts_and_replays_what_was_kept() {
     let (mut data, starts) = messenger_log(10);
     data.truncate(starts[9] + 5); // a torn tail: forgiven
     data.extend_from_slice(&[0; 64]); // and zeros after it: not a torn record
