@@ -9,6 +9,7 @@
 //! - [`auth`]: proof that a server-to-server link's far end knows the cluster secret.
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
+//! - [`durable`]: crash-safe files: CRC-32, fsync, atomic replace, torn tail vs damage, repair.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`lincheck`]: a linearizability checker for recorded key-value histories (tests).
 //! - [`log`]: one-line-per-event logging to stderr.
@@ -32,6 +33,7 @@
 pub mod auth;
 pub mod chan;
 pub mod chat;
+pub mod durable;
 pub mod echo;
 pub mod framing;
 pub mod handoff;

@@ -11,12 +11,13 @@ use switchboard::server::{on_termination, Server, ServerConfig};
 /// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.
 #[derive(FromArgs)]
 struct Args {
-    /// this server's id: its index in --peers
+    /// this server's id: its index in --peers (required to serve)
     #[argh(option)]
-    id: usize,
-    /// every server's HOST:PORT by id, comma-separated (clients and peers share the port)
+    id: Option<usize>,
+    /// every server's HOST:PORT by id, comma-separated (clients and peers share the port;
+    /// required to serve)
     #[argh(option)]
-    peers: String,
+    peers: Option<String>,
     /// directory for the snapshot and the change log (created if missing)
     #[argh(option)]
     data_dir: PathBuf,
@@ -26,6 +27,14 @@ struct Args {
     /// snapshot the state and empty the log after this many records (default 50000)
     #[argh(option, default = "messenger::log::COMPACT_AFTER")]
     compact_after: u64,
+    /// report on the data directory (snapshot, log records, first bad offset, whether
+    /// later records parse) and exit: 0 if a start would use it, 1 if damaged
+    #[argh(switch)]
+    check: bool,
+    /// repair the data directory and exit: keep every record a start can replay; the
+    /// files as they were are kept with a .damaged-UNIXTIME suffix
+    #[argh(switch)]
+    repair: bool,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -34,26 +43,28 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     switchboard::log::set_verbose(args.verbose);
-    let peers = match messenger::parse_addrs(&args.peers) {
+    if args.check || args.repair {
+        return messenger::repair::check_or_repair(&args.data_dir, args.repair);
+    }
+    let (Some(id), Some(peers)) = (args.id, &args.peers) else {
+        return fail("--id and --peers are required to serve");
+    };
+    let peers = match messenger::parse_addrs(peers) {
         Ok(p) => p,
         Err(e) => return fail(&format!("--peers: {e}")),
     };
     let options = Options {
         fsync: !args.no_fsync,
         compact_after: args.compact_after,
-        ..Options::new(args.id, peers, args.data_dir)
+        ..Options::new(id, peers, args.data_dir)
     };
     let (node, report) = match Node::open(&options) {
         Ok(opened) => opened,
         Err(e) => return fail(&format!("cannot open the data directory: {e}")),
     };
-    log_info!(
-        "messenger-{}: {}: {report}",
-        args.id,
-        options.data_dir.display()
-    );
-    let addr = options.peers[args.id];
-    let config = ServerConfig::named(&format!("messenger-{}", args.id));
+    log_info!("messenger-{}: {}: {report}", id, options.data_dir.display());
+    let addr = options.peers[id];
+    let config = ServerConfig::named(&format!("messenger-{id}"));
     let n = node.clone();
     let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {
         Ok(s) => s,

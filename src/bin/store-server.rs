@@ -40,6 +40,14 @@ struct Args {
         default = "ByteSize(aof::DEFAULT_REWRITE_MIN)"
     )]
     aof_rewrite_min: ByteSize,
+    /// report on the --aof file (records, bytes, first bad offset, whether later records
+    /// parse) and exit: 0 if a start would use it, 1 if damaged; changes nothing
+    #[argh(switch)]
+    aof_check: bool,
+    /// repair the --aof file and exit: keep every intact record before and after any
+    /// damage; the file as it was is kept as PATH.damaged-UNIXTIME
+    #[argh(switch)]
+    aof_repair: bool,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -48,6 +56,12 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     switchboard::log::set_verbose(args.verbose);
+    if args.aof_check || args.aof_repair {
+        let Some(path) = &args.aof else {
+            return fail("--aof-check and --aof-repair need --aof PATH");
+        };
+        return aof::check_or_repair(path, args.aof_repair);
+    }
     let options = StoreOptions {
         framing: args.framing,
         limits: framing::Limits::default(),

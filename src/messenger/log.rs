@@ -15,12 +15,16 @@
 //! the state after record `seq` (`0 0` and an empty state when there is none yet).
 //!
 //! Start: load the snapshot, then replay the log records that continue it (`seq` one more
-//! than the last, `epoch` not lower); the first record that is torn, fails its CRC or does
-//! not continue ends the log, which is cut back to the last good record (reported, never
-//! fatal). Records at or before the snapshot are skipped: they are left over when a crash
-//! came between writing a snapshot and emptying the log. A snapshot that fails its CRC is
-//! fatal: it is written to `snapshot.tmp`, fsynced and renamed, so only a damaged disk
-//! produces one.
+//! than the last, `epoch` not lower). A torn final record (by [`crate::durable`]'s rule; a
+//! record is plausible when its `len` is at most [`MAX_CHANGE`]) is cut off and reported,
+//! and so is an intact record that does not continue the log, with everything after it (a
+//! replica cannot apply a change after a gap; it catches up from the primary). Records at
+//! or before the snapshot are skipped: they are left over when a crash came between
+//! writing a snapshot and emptying the log. Damage (a bad record with an intact one after
+//! it, bytes that cannot begin a record) refuses the start and changes nothing, and so does
+//! a snapshot that fails its checks: it is written to `snapshot.tmp`, fsynced and renamed,
+//! so only a damaged disk produces one. [`super::repair`] (`--check`, `--repair`)
+//! report on the directory and keep what can still be replayed.
 //!
 //! Compaction: after [`COMPACT_AFTER`] records the server writes a snapshot of its state
 //! and empties the log (snapshot first, so a crash in between loses nothing). A backup
@@ -31,7 +35,7 @@
 //! syncs takes everything appended so far, so concurrent requests share one fsync.
 
 use super::state::{Change, Corrupt, Cursor, State};
-use crate::store::aof::crc32;
+use crate::durable::{self, crc32, open_for_append, Damaged, End, Frame, Header};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Seek, Write};
@@ -40,10 +44,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 const SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP1\n";
-const LOG_MAGIC: &[u8] = b"SWBMLOG1\n";
-const SNAPSHOT: &str = "snapshot";
+pub(super) const LOG_MAGIC: &[u8] = b"SWBMLOG1\n";
+pub(super) const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
-const LOG: &str = "changes.log";
+pub(super) const LOG: &str = "changes.log";
+
+/// The largest change a record may hold: a length over it is damage, not a record. A change
+/// is at most two names and a text of 65,535 bytes (see [`super::state`]).
+pub const MAX_CHANGE: usize = 1 << 20;
+
+/// Bytes of a record before its change: `seq`, `epoch`, `len`.
+const RECORD_HEADER: usize = 20;
 
 /// Records after which the state is snapshotted and the log emptied.
 pub const COMPACT_AFTER: u64 = 50_000;
@@ -151,59 +162,45 @@ impl Disk {
     /// Opens (creating it if needed) the data directory and loads it.
     ///
     /// # Errors
-    /// When the directory or its files cannot be created, read or written; when the
-    /// snapshot is corrupt; when a file is not of this format (it is left untouched).
+    /// When the directory or its files cannot be created, read or written; when a file is not
+    /// of this format; when the snapshot fails its checks ([`SnapshotDamaged`]) or the log is
+    /// damaged ([`Damaged`]), as the error's inner error. Files are left untouched then.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<(Disk, Loaded)> {
         fs::create_dir_all(dir)?;
         let _ = fs::remove_file(dir.join(SNAPSHOT_TMP));
-        let snapshot_path = dir.join(SNAPSHOT);
-        let (base, mut state) = match fs::read(&snapshot_path) {
-            Ok(bytes) => decode_snapshot(&bytes).map_err(|e| invalid(&snapshot_path, e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (Pos::default(), State::new()),
-            Err(e) => return Err(e),
-        };
+        let (base, mut state) = read_snapshot(dir)?;
         let log_path = dir.join(LOG);
-        let data = match fs::read(&log_path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
+        let data = read_log(&log_path)?;
         let mut records = Vec::new();
         let mut torn = None;
-        let good_end = if data.len() < LOG_MAGIC.len() && LOG_MAGIC.starts_with(&data) {
+        let good_end = if data.len() < LOG_MAGIC.len() {
             0
-        } else if !data.starts_with(LOG_MAGIC) {
-            return Err(invalid(&log_path, "not a switchboard messenger log"));
         } else {
-            let mut at = LOG_MAGIC.len();
+            let mut intact = Vec::new();
+            let scan = durable::scan(&data, LOG_MAGIC.len(), header, |r| intact.push(r));
+            match scan.end {
+                End::Clean => {}
+                End::Torn { at, len } => torn = Some((at, len)),
+                End::Damaged(damage) => return Err(damaged(dir, damage).into()),
+            }
             let mut last = base;
-            while at < data.len() {
-                let next = decode_record(&data[at..]).and_then(|(record, len)| {
-                    if record.pos.seq <= base.seq {
-                        return Some((None, len));
-                    }
-                    let continues =
-                        record.pos.seq == last.seq + 1 && record.pos.epoch >= last.epoch;
-                    let change = Change::decode(&record.change).ok().filter(|_| continues)?;
-                    Some((Some((record, change)), len))
-                });
-                match next {
-                    Some((Some((record, change)), len)) => {
-                        state.apply(record.pos.seq, &change);
-                        last = record.pos;
-                        records.push(record);
-                        at += len;
-                    }
-                    Some((None, len)) => at += len,
-                    None => {
-                        torn = Some((at as u64, (data.len() - at) as u64));
-                        break;
-                    }
+            let mut end = scan.good_end;
+            for at in intact {
+                let Some((record, change)) = continuing(&data[at.clone()], base, last) else {
+                    // Intact but stale: it and all after it are cut, as a torn tail is.
+                    torn = Some((at.start as u64, (data.len() - at.start) as u64));
+                    end = at.start;
+                    break;
+                };
+                if let Some(change) = change {
+                    state.apply(record.pos.seq, &change);
+                    last = record.pos;
+                    records.push(record);
                 }
             }
-            at
+            end
         };
-        let file = crate::store::aof::open_for_append(&log_path, LOG_MAGIC, good_end, data.len())?;
+        let file = open_for_append(&log_path, LOG_MAGIC, good_end, data.len())?;
         let loaded = Loaded {
             state,
             base,
@@ -278,13 +275,11 @@ impl Disk {
         let mut p = lock(&self.pending);
         p.buf.clear();
         p.last = pos.seq;
-        let tmp = self.dir.join(SNAPSHOT_TMP);
-        let mut f = File::create(&tmp)?;
-        f.write_all(snapshot)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, self.dir.join(SNAPSHOT))?;
-        File::open(&self.dir)?.sync_all()?;
+        durable::write_atomically(
+            &self.dir.join(SNAPSHOT),
+            &self.dir.join(SNAPSHOT_TMP),
+            |out| out.write_all(snapshot),
+        )?;
         out.file.set_len(LOG_MAGIC.len() as u64)?;
         out.file.seek(io::SeekFrom::End(0))?;
         out.file.sync_all()?;
@@ -348,23 +343,142 @@ pub fn encode_record(pos: Pos, change: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
+/// The header of the log record at the start of `data` (see [`Header`]).
+pub fn header(data: &[u8]) -> Header {
+    match data.get(16..RECORD_HEADER) {
+        None => Header::Cut,
+        Some(len) => match u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize {
+            len if len > MAX_CHANGE => Header::Bad,
+            len => Header::Len(RECORD_HEADER + len + 4),
+        },
+    }
+}
+
+/// What the bytes at the start of `data` are, as a log record (see [`Frame`]).
+pub fn frame(data: &[u8]) -> Frame {
+    durable::frame(data, header)
+}
+
 /// Decodes the record at the start of `data`: the record and its length, or `None` if it
 /// is incomplete or fails its CRC.
 pub fn decode_record(data: &[u8]) -> Option<(Record, usize)> {
-    let mut c = Cursor::new(data);
+    let Frame::Intact(len) = frame(data) else {
+        return None;
+    };
+    Some((parse_record(&data[..len])?, len))
+}
+
+/// The record in `bytes`, which [`frame`] found intact (its CRC is not checked again).
+fn parse_record(bytes: &[u8]) -> Option<Record> {
+    let mut c = Cursor::new(bytes);
     let seq = c.u64().ok()?;
     let epoch = c.u64().ok()?;
-    let len = c.u32().ok()? as usize;
-    let change = c.take(len).ok()?;
-    let end = 20 + len;
-    let crc = c.u32().ok()?;
-    (crc32(&data[..end]) == crc).then(|| {
-        let record = Record {
-            pos: Pos { epoch, seq },
-            change: change.to_vec(),
-        };
-        (record, end + 4)
+    let change_len = c.u32().ok()? as usize;
+    let change = c.take(change_len).ok()?;
+    Some(Record {
+        pos: Pos { epoch, seq },
+        change: change.to_vec(),
     })
+}
+
+/// The intact record in `bytes` (a range [`frame`] found intact), judged against a log that so far ends at `last` after a
+/// snapshot at `base`: `Some((record, None))` when the snapshot already holds it (skip it),
+/// `Some((record, Some(change)))` when it continues the log, `None` when it does not.
+pub(super) fn continuing(bytes: &[u8], base: Pos, last: Pos) -> Option<(Record, Option<Change>)> {
+    let record = parse_record(bytes)?;
+    if record.pos.seq <= base.seq {
+        return Some((record, None));
+    }
+    let continues = record.pos.seq == last.seq + 1 && record.pos.epoch >= last.epoch;
+    let change = Change::decode(&record.change).ok().filter(|_| continues)?;
+    Some((record, Some(change)))
+}
+
+/// The snapshot in `dir`: its position and state (`0 0` and an empty state when there is
+/// none).
+pub(super) fn read_snapshot(dir: &Path) -> io::Result<(Pos, State)> {
+    let path = dir.join(SNAPSHOT);
+    match fs::read(&path) {
+        Ok(bytes) => decode_snapshot(&bytes).map_err(|why| {
+            SnapshotDamaged {
+                dir: dir.to_owned(),
+                why,
+            }
+            .into()
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Pos::default(), State::new())),
+        Err(e) => Err(e),
+    }
+}
+
+/// The change log's bytes (none when it does not exist).
+///
+/// # Errors
+/// When it cannot be read, or is not a messenger log (a prefix of the magic is a log torn
+/// as it was created).
+pub(super) fn read_log(path: &Path) -> io::Result<Vec<u8>> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let header_torn = data.len() < LOG_MAGIC.len() && LOG_MAGIC.starts_with(&data);
+    if !data.starts_with(LOG_MAGIC) && !header_torn {
+        return Err(invalid(path, "not a switchboard messenger log"));
+    }
+    Ok(data)
+}
+
+/// The commands that check and repair the data directory `dir`.
+fn commands(dir: &Path) -> (String, String) {
+    let dir = dir.display();
+    (
+        format!("messenger-server --data-dir {dir} --check"),
+        format!("messenger-server --data-dir {dir} --repair"),
+    )
+}
+
+/// The refusal for a change log in `dir` damaged as `damage`.
+fn damaged(dir: &Path, damage: durable::Damage) -> Damaged {
+    let (check, repair) = commands(dir);
+    Damaged {
+        path: dir.join(LOG),
+        damage,
+        check,
+        repair,
+    }
+}
+
+/// A snapshot that fails its checks: refused at start, set aside by [`super::repair`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotDamaged {
+    /// The data directory.
+    pub dir: PathBuf,
+    /// What is wrong with it.
+    pub why: Corrupt,
+}
+
+impl fmt::Display for SnapshotDamaged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (check, repair) = commands(&self.dir);
+        write!(
+            f,
+            "{} is damaged ({}); it is written whole and renamed into place, so the disk \
+             changed it: nothing was cut and the server does not start. Report: `{check}`. \
+             Repair (sets the snapshot and the change log aside as *.damaged-<unix time>; the \
+             server then starts empty and catches up from its peers): `{repair}`",
+            self.dir.join(SNAPSHOT).display(),
+            self.why
+        )
+    }
+}
+
+impl std::error::Error for SnapshotDamaged {}
+
+impl From<SnapshotDamaged> for io::Error {
+    fn from(d: SnapshotDamaged) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, d)
+    }
 }
 
 #[cfg(test)]

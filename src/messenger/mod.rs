@@ -4,7 +4,8 @@
 //!
 //! - [`protocol`]: the client wire format and the name, text and pattern rules, pure.
 //! - [`state`]: the replicated state machine: requests to decisions, changes to state.
-//! - [`log`]: the data directory: snapshot and change log with CRCs, torn-tail handling.
+//! - [`log`]: the data directory: snapshot and change log with CRCs, torn tail vs damage.
+//! - [`repair`]: `--check` and `--repair` of a data directory a start refuses.
 //! - [`replica_protocol`]: server-to-server messages (replication links), pure.
 //! - `clients` (private): the client registry: outboxes and who is logged in where.
 //! - `requests` (private): a client request decided against the state and the sessions,
@@ -127,6 +128,7 @@ pub mod client;
 mod clients;
 pub mod log;
 pub mod protocol;
+pub mod repair;
 pub mod replica_protocol;
 pub mod replication;
 mod requests;

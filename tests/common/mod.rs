@@ -235,6 +235,33 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     run_checked(python(script, args))
 }
 
+/// Runs a command to completion (stdin closed, output captured), killing it and failing the
+/// test if it has not exited within `IO_TIMEOUT` (a server that should have refused to start
+/// and did not).
+pub fn output_within(mut cmd: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(IO_TIMEOUT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}")),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            panic!("{cmd:?} did not exit within {IO_TIMEOUT:?}");
+        }
+    }
+}
+
 /// Runs a command to completion (stdin closed) and fails the test unless it exits 0.
 pub fn run_checked(mut cmd: std::process::Command) -> String {
     let out = cmd

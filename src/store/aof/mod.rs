@@ -7,9 +7,13 @@
 //! crc    := CRC-32 (IEEE, as zlib's crc32) of the record's bytes before it
 //! ```
 //!
-//! A crash can leave the last record half written; replay stops at the first record that
-//! is incomplete or fails its CRC, reports it, and cuts the file back to the last good
-//! record so new records follow a clean boundary. It never refuses to start over it.
+//! A crash can leave the last record half written: such a torn final record is reported and
+//! cut off, so new records follow a clean boundary. Anything more (a bad record with an
+//! intact one after it, bytes that cannot begin a record) is damage: [`Aof::open`] refuses
+//! the file and changes nothing, and [`check`] / [`repair`] (`--aof-check`, `--aof-repair`)
+//! report on it and keep every intact record. The exact rule is [`crate::durable`]'s; a
+//! record is plausible when its tag is `S` or `D` and its key and value lengths add up to
+//! at most 1 GiB.
 //!
 //! Writers append records to an in-memory buffer under the store's shard lock (so records
 //! of one key are in map order) and then commit: `always` writes and fsyncs before the
@@ -25,20 +29,22 @@
 //! that never finished, and is deleted.
 //!
 //! Files: this one opens, replays, appends and commits; `record.rs` is the record codec;
-//! `rewrite.rs` is the compaction.
+//! `rewrite.rs` is the compaction; `repair.rs` checks and repairs a damaged file.
 
 mod record;
+mod repair;
 mod rewrite;
 
-pub(crate) use record::crc32;
-use record::{decode_record, encode_delete, encode_store, Record};
+use record::{encode_delete, encode_store, Record};
+pub use repair::{check, check_or_repair, repair, Checked, Repaired};
 use rewrite::rewrite_path;
 pub use rewrite::Rewritten;
 
+use crate::durable::{self, open_for_append, Damaged, End};
 use crate::log_info;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -115,7 +121,7 @@ impl FromStr for ByteSize {
 pub struct Replay {
     /// Records applied.
     pub records: u64,
-    /// Offset and length of a torn or corrupt tail that was cut off, if any.
+    /// Offset and length of a torn final record that was cut off, if any.
     pub torn: Option<(u64, u64)>,
 }
 
@@ -125,7 +131,7 @@ impl fmt::Display for Replay {
         if let Some((at, len)) = self.torn {
             write!(
                 f,
-                "; a torn or corrupt record at byte {at} ({len} bytes) was ignored and cut off"
+                "; a torn final record at byte {at} ({len} bytes) was ignored and cut off"
             )?;
         }
         Ok(())
@@ -192,11 +198,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Aof {
     /// Opens (or creates) the log at `path`, replays it into `store`, and cuts off a torn
-    /// tail.
+    /// final record.
     ///
     /// # Errors
-    /// When the file cannot be read, created or written, or exists and is not a log of
-    /// this format (it is then left untouched).
+    /// When the file cannot be read, created or written; when it exists and is not a log of
+    /// this format; when it is damaged (more than a torn final record: the error's inner
+    /// [`Damaged`] says where, and how to check and repair it). The file is left untouched
+    /// in the last two cases.
     pub fn open(path: &Path, policy: Fsync, store: &Store) -> io::Result<(Arc<Aof>, Replay)> {
         let data = match std::fs::read(path) {
             Ok(d) => d,
@@ -208,31 +216,27 @@ impl Aof {
             // Empty, or torn while the header itself was written.
             0
         } else if !data.starts_with(MAGIC) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is not a switchboard append-only file", path.display()),
-            ));
+            return Err(not_a_log(path));
         } else {
-            let mut at = MAGIC.len();
-            while at < data.len() {
-                match decode_record(&data[at..]) {
-                    Some((record, len)) => {
-                        match record {
-                            Record::Store(k, v) => store.set(k, v),
-                            Record::Delete(k) => {
-                                store.delete(k);
-                            }
-                        }
-                        replay.records += 1;
-                        at += len;
+            let scan = durable::scan(
+                &data,
+                MAGIC.len(),
+                record::header,
+                |at| match record::parse(&data[at]) {
+                    Some(Record::Store(k, v)) => store.set(k, v),
+                    Some(Record::Delete(k)) => {
+                        store.delete(k);
                     }
-                    None => {
-                        replay.torn = Some((at as u64, (data.len() - at) as u64));
-                        break;
-                    }
-                }
+                    None => {}
+                },
+            );
+            replay.records = scan.records;
+            match scan.end {
+                End::Clean => {}
+                End::Torn { at, len } => replay.torn = Some((at, len)),
+                End::Damaged(damage) => return Err(damaged(path, damage).into()),
             }
-            at
+            scan.good_end
         };
         let leftover = rewrite_path(path);
         match std::fs::remove_file(&leftover) {
@@ -426,44 +430,23 @@ impl Aof {
     }
 }
 
-/// Fsyncs the directory holding `path`, so a rename in it survives a machine crash.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+/// The error for a file at `path` that is not a log of this format.
+fn not_a_log(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{} is not a switchboard append-only file", path.display()),
+    )
 }
 
-/// Opens a log for appending after replay read `len` bytes of it and found them good up to
-/// `good_end`: a log with no good header is started afresh with `magic`, a torn tail is
-/// cut off, and the cut is synced before anything new is appended after it.
-///
-/// # Errors
-/// When the file cannot be opened, cut, written or synced.
-pub(crate) fn open_for_append(
-    path: &Path,
-    magic: &[u8],
-    good_end: usize,
-    len: usize,
-) -> io::Result<File> {
-    use std::io::Seek;
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)?;
-    if good_end == 0 {
-        file.set_len(0)?;
-        file.write_all(magic)?;
-    } else if good_end < len {
-        file.set_len(good_end as u64)?;
+/// The refusal for a log at `path` damaged as `damage`, with the commands for it.
+fn damaged(path: &Path, damage: durable::Damage) -> Damaged {
+    let aof = path.display();
+    Damaged {
+        path: path.to_owned(),
+        damage,
+        check: format!("store-server --aof {aof} --aof-check"),
+        repair: format!("store-server --aof {aof} --aof-repair"),
     }
-    // Appends go to the end; O_APPEND is not needed with one writer at a time.
-    file.seek(io::SeekFrom::End(0))?;
-    file.sync_all()?;
-    Ok(file)
 }
 
 /// A fresh path in the temporary directory for a test's log.
@@ -477,6 +460,7 @@ fn temp_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
 
     #[test]
     fn after_a_failed_write_no_later_write_is_acknowledged() {

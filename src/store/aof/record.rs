@@ -1,5 +1,14 @@
 //! The log's records, encoded and decoded; byte layout in the parent module's docs.
 
+#[cfg(test)]
+use crate::durable::{self, Frame};
+use crate::durable::{crc32, Header};
+
+/// The most key and value bytes one record may hold, together: a length field over it is
+/// damage, not a record. Far above anything the server accepts (16 MiB frames by default),
+/// and it keeps a resynchronising scan from trusting a wild length.
+pub(super) const MAX_BODY: usize = 1 << 30;
+
 pub(super) enum Record<'a> {
     Store(&'a [u8], &'a [u8]),
     Delete(&'a [u8]),
@@ -25,54 +34,58 @@ pub(super) fn encode_delete(key: &[u8], buf: &mut Vec<u8>) {
     buf.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// Decodes the record at the start of `data`: the record and its length, or `None` if it
-/// is incomplete or corrupt.
-pub(super) fn decode_record(data: &[u8]) -> Option<(Record<'_>, usize)> {
-    let u32_at = |at: usize| -> Option<usize> {
-        let b = data.get(at..at + 4)?;
-        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+/// The tag, the key and value lengths and where the body ends, for a record at the start
+/// of `data`; `Err` when they are not all there or not plausible.
+fn fields(data: &[u8]) -> Result<(u8, usize, usize, usize), Header> {
+    let u32_at = |at: usize| -> Result<usize, Header> {
+        let b = data.get(at..at + 4).ok_or(Header::Cut)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
     };
-    let (record, body_end) = match data.first()? {
-        b'S' => {
-            let (klen, vlen) = (u32_at(1)?, u32_at(5)?);
-            let key = data.get(9..9 + klen)?;
-            let value = data.get(9 + klen..9 + klen + vlen)?;
-            (Record::Store(key, value), 9 + klen + vlen)
-        }
-        b'D' => {
-            let klen = u32_at(1)?;
-            (Record::Delete(data.get(5..5 + klen)?), 5 + klen)
-        }
-        _ => return None,
+    let tag = *data.first().ok_or(Header::Cut)?;
+    let (klen, vlen, start) = match tag {
+        b'S' => (u32_at(1)?, u32_at(5)?, 9),
+        b'D' => (u32_at(1)?, 0, 5),
+        _ => return Err(Header::Bad),
     };
-    let crc = u32_at(body_end)? as u32;
-    (crc32(&data[..body_end]) == crc).then_some((record, body_end + 4))
+    if klen + vlen > MAX_BODY {
+        return Err(Header::Bad);
+    }
+    Ok((tag, klen, vlen, start + klen + vlen))
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib), table-driven.
-pub(crate) fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    !bytes.iter().fold(!0u32, |c, &b| {
-        TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8)
+/// The header of the record at the start of `data` (see [`Header`]).
+pub(super) fn header(data: &[u8]) -> Header {
+    match fields(data) {
+        Ok((_, _, _, body_end)) => Header::Len(body_end + 4),
+        Err(header) => header,
+    }
+}
+
+/// What the bytes at the start of `data` are (see [`Frame`]).
+#[cfg(test)]
+pub(super) fn frame(data: &[u8]) -> Frame {
+    durable::frame(data, header)
+}
+
+/// The record in `bytes`, which [`frame`] found intact.
+pub(super) fn parse(bytes: &[u8]) -> Option<Record<'_>> {
+    let (tag, klen, vlen, end) = fields(bytes).ok()?;
+    let body = bytes.get(end - klen - vlen..end)?;
+    let (key, value) = body.split_at(klen);
+    Some(match tag {
+        b'S' => Record::Store(key, value),
+        _ => Record::Delete(key),
     })
+}
+
+/// Decodes the record at the start of `data`: the record and its length, or `None` if it
+/// is incomplete or corrupt.
+#[cfg(test)]
+pub(super) fn decode_record(data: &[u8]) -> Option<(Record<'_>, usize)> {
+    match frame(data) {
+        Frame::Intact(len) => Some((parse(&data[..len])?, len)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -80,8 +93,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn crc32_matches_zlib() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
+    fn records_round_trip_and_every_cut_is_cut() {
+        let mut data = Vec::new();
+        encode_store(b"key", b"va,\nlue", &mut data);
+        let store_len = data.len();
+        encode_delete(b"key", &mut data);
+        let Some((Record::Store(k, v), len)) = decode_record(&data) else {
+            panic!("a store record");
+        };
+        assert_eq!((k, v, len), (&b"key"[..], &b"va,\nlue"[..], store_len));
+        let Some((Record::Delete(k), len)) = decode_record(&data[store_len..]) else {
+            panic!("a delete record");
+        };
+        assert_eq!((k, len), (&b"key"[..], data.len() - store_len));
+        for cut in 1..store_len {
+            assert_eq!(frame(&data[..cut]), Frame::Cut, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bad_tags_wild_lengths_and_bad_crcs_are_bad() {
+        let mut data = Vec::new();
+        encode_store(b"k", b"v", &mut data);
+        let mut flipped = data.clone();
+        flipped[9] ^= 1;
+        assert_eq!(frame(&flipped), Frame::Bad(Some(data.len())));
+        assert_eq!(frame(&[0; 64]), Frame::Bad(None));
+        let mut wild = data.clone();
+        wild[1] = 0x7f;
+        assert_eq!(frame(&wild), Frame::Bad(None));
     }
 }

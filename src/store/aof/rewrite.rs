@@ -2,7 +2,8 @@
 //! written beside the live one and renamed over it. Why nothing is lost: [`Aof::rewrite`].
 
 use super::record::encode_store;
-use super::{lock, sync_dir, Aof, MAGIC};
+use super::{lock, Aof, MAGIC};
+use crate::durable::sync_dir;
 use crate::log_info;
 use crate::store::state::Store;
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
