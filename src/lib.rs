@@ -12,6 +12,7 @@
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
+//! - [`bench`](mod@bench): CPU and RSS sampling, free ports and a seeded `Rng` for benchmarks and tests.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod chan;
 pub mod chat;
 pub mod echo;
