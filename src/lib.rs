@@ -6,13 +6,16 @@
 //! `crossbeam-channel` queues between stages; no async runtime.
 //!
 //! ## Module map
+//! - [`auth`]: proof that a server-to-server link's far end knows the cluster secret.
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
+//! - [`lincheck`]: a linearizability checker for recorded key-value histories (tests).
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
 //! - [`bench`](mod@bench): CPU and RSS sampling, free ports and a seeded `Rng` for benchmarks and tests.
+//! - [`proxy`]: a fault-injecting TCP proxy (cut, heal, one-way cut, slow) for partition tests.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
@@ -28,15 +31,18 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod auth;
 pub mod chan;
 pub mod chat;
 pub mod echo;
 pub mod framing;
 pub mod handoff;
+pub mod lincheck;
 pub mod log;
 pub mod messenger;
 pub mod peer;
 pub mod pipeline;
+pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod term;
