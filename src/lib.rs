@@ -30,8 +30,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod auth;
+pub mod bench;
 pub mod chan;
 pub mod chat;
 pub mod echo;

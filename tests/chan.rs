@@ -261,6 +261,10 @@ fn the_listener_speaks_exact_bytes_and_survives_bad_lines() {
     assert_eq!(c.ask(&deep), "{error,too_deep}");
     let long = format!("{{remote_msg,\"{}\"}}\n", "x".repeat(1 << 20));
     assert_eq!(c.ask(&long), "{error,too_long}");
+    // A 0.92 MiB list of integers is within the line limit but would parse to 16 times
+    // that: refused by its count of terms before it is built.
+    let zeros = format!("{{remote_msg,[{}0]}}\n", "0,".repeat(480_000));
+    assert_eq!(c.ask(&zeros), "{error,too_big}");
     c.send(b"{remote_msg,{ok,\"still serving\"}}\r\n");
     assert_eq!(
         c.ask("remote_read\n"),

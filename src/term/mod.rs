@@ -67,6 +67,37 @@ pub enum Term {
 }
 
 impl Term {
+    /// Bytes one term takes where it is stored (in its parent's vector, or on its own).
+    pub const NODE_BYTES: usize = std::mem::size_of::<Term>();
+
+    /// What this term holds in memory, in bytes: every term's own [`Term::NODE_BYTES`] plus
+    /// the capacity of its strings and vectors beyond that. For byte budgets (a channel's
+    /// queue); computed without recursion, so any depth is safe.
+    ///
+    /// ```
+    /// use switchboard::term::{parse, Term};
+    /// let t = parse("[0,0,0,0]").unwrap();
+    /// assert!(t.heap_bytes() >= 5 * Term::NODE_BYTES);
+    /// ```
+    pub fn heap_bytes(&self) -> usize {
+        let mut total = 0;
+        let mut todo = vec![self];
+        while let Some(t) = todo.pop() {
+            total += Self::NODE_BYTES;
+            match t {
+                Term::Atom(s) | Term::Str(s) => total += s.capacity(),
+                Term::Int(_) | Term::Float(_) => {}
+                Term::Tuple(items) | Term::List(items) => {
+                    // The items' own slots are counted as they are visited; the vector's
+                    // spare capacity is not, so it is added here.
+                    total += (items.capacity() - items.len()) * Self::NODE_BYTES;
+                    todo.extend(items);
+                }
+            }
+        }
+        total
+    }
+
     /// `Term::Atom` of `name`.
     pub fn atom(name: &str) -> Term {
         Term::Atom(name.to_owned())
@@ -199,6 +230,14 @@ pub struct Limits {
     pub max_depth: usize,
     /// Longest input in bytes, checked before anything is scanned.
     pub max_len: usize,
+    /// Most terms (scalars, tuples and lists, each counting one) a parse builds. Each costs
+    /// [`Term::NODE_BYTES`] (32) however short its text: `[0,0,…]` spends two bytes of text
+    /// on each 32-byte term, so a parsed term holds up to about 16.5 times its text
+    /// (measured: `[0,0,…]` 16.0×, `[a,a,…]` 16.5×; see [`Term::heap_bytes`]). This bound
+    /// caps that absolutely: with the default (`max_len / 8`) a parsed term holds at most
+    /// `4 × max_len` bytes of terms plus the text of its atoms and strings (while it is
+    /// being parsed, growing vectors may briefly hold up to twice that).
+    pub max_nodes: usize,
 }
 
 impl Default for Limits {
@@ -206,6 +245,7 @@ impl Default for Limits {
         Limits {
             max_depth: 64,
             max_len: 1 << 20,
+            max_nodes: (1 << 20) / 8,
         }
     }
 }
@@ -239,6 +279,11 @@ pub enum TermErrorKind {
     BadFloat,
     /// An atom of more than 255 characters, which no Erlang node would accept.
     AtomTooLong,
+    /// More terms in the input than [`Limits::max_nodes`].
+    TooBig {
+        /// The `max_nodes` in force.
+        limit: usize,
+    },
     /// More tuples and lists open at once than [`Limits::max_depth`].
     TooDeep {
         /// The `max_depth` in force.
@@ -266,6 +311,7 @@ impl TermError {
     pub fn reason_atom(&self) -> &'static str {
         match self.kind {
             TermErrorKind::TooDeep { .. } => "too_deep",
+            TermErrorKind::TooBig { .. } => "too_big",
             TermErrorKind::TooLong { .. } => "too_long",
             TermErrorKind::InvalidUtf8 => "invalid_utf8",
             TermErrorKind::Unsupported(_) => "unsupported",
@@ -287,6 +333,7 @@ impl fmt::Display for TermError {
                 write!(f, "atom longer than {MAX_ATOM_CHARS} characters")?;
             }
             TermErrorKind::TooDeep { limit } => write!(f, "nesting deeper than {limit}")?,
+            TermErrorKind::TooBig { limit } => write!(f, "more than {limit} terms")?,
             // The offset is the limit itself, so saying it twice adds nothing.
             TermErrorKind::TooLong { limit } => {
                 return write!(f, "input longer than {limit} bytes");
@@ -340,7 +387,7 @@ pub fn parse_bytes_with(bytes: &[u8], limits: &Limits) -> Result<Term, TermError
 /// As [`parse`], with `limits` in place of the defaults.
 pub fn parse_with(text: &str, limits: &Limits) -> Result<Term, TermError> {
     check_len(text.len(), limits)?;
-    parse::parse_line(text, limits.max_depth)
+    parse::parse_line(text, limits)
 }
 
 fn check_len(len: usize, limits: &Limits) -> Result<(), TermError> {

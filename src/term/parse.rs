@@ -2,13 +2,15 @@
 
 use super::*;
 
-/// Parses one line of term text, nesting at most `max_depth` deep.
-pub(super) fn parse_line(text: &str, max_depth: usize) -> Result<Term, TermError> {
+/// Parses one line of term text within `limits` (its length is already checked).
+pub(super) fn parse_line(text: &str, limits: &Limits) -> Result<Term, TermError> {
     Parser {
         src: text,
         bytes: text.as_bytes(),
         pos: 0,
-        max_depth,
+        max_depth: limits.max_depth,
+        nodes_left: limits.max_nodes,
+        max_nodes: limits.max_nodes,
     }
     .parse_line()
 }
@@ -27,7 +29,10 @@ impl Seq {
         }
     }
 
-    fn build(self, items: Vec<Term>) -> Term {
+    fn build(self, mut items: Vec<Term>) -> Term {
+        // Growth by doubling can leave half a vector spare; a parsed term keeps only what
+        // it holds, so its size is a fixed multiple of its text (see `Limits::max_nodes`).
+        items.shrink_to_fit();
         match self {
             Seq::Tuple => Term::Tuple(items),
             Seq::List => Term::List(items),
@@ -46,6 +51,9 @@ struct Parser<'a> {
     bytes: &'a [u8],
     pos: usize,
     max_depth: usize,
+    /// Terms (scalars and containers) this parse may still build; see [`Limits::max_nodes`].
+    nodes_left: usize,
+    max_nodes: usize,
 }
 
 impl Parser<'_> {
@@ -55,6 +63,13 @@ impl Parser<'_> {
         let mut stack: Vec<Open> = Vec::new();
         'value: loop {
             self.skip_ws();
+            // Counted before the term is built, so a refused parse never holds more than
+            // the budget's worth of terms.
+            if self.nodes_left == 0 {
+                let limit = self.max_nodes;
+                return Err(self.error(TermErrorKind::TooBig { limit }));
+            }
+            self.nodes_left -= 1;
             let mut term = match self.peek() {
                 Some(open @ (b'{' | b'[')) => {
                     if stack.len() >= self.max_depth {

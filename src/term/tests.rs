@@ -570,10 +570,11 @@ fn million_deep_input_fails_fast_on_a_small_stack() {
             );
             assert!(started.elapsed() < std::time::Duration::from_millis(100));
         }
-        // Without a depth limit the parser's own stack is the heap: a million open
+        // Without depth or size limits the parser's own stack is the heap: a million open
         // brackets end in UnexpectedEnd, not in a stack overflow.
         let unlimited = Limits {
             max_depth: usize::MAX,
+            max_nodes: usize::MAX,
             ..Limits::default()
         };
         let text = "[{".repeat(500_000);
@@ -785,4 +786,56 @@ fn printed_terms_parse_back_identical() {
         let back = parse_bytes(&bytes).expect("written bytes parse");
         assert!(same(&term, &back), "case {case}: via write_to");
     }
+}
+
+#[test]
+fn a_parse_builds_at_most_max_nodes_terms() {
+    // The attack from the bounded-memory issue: a 0.92 MiB list of zeros parsed to 14.7 MiB.
+    let zeros = format!("[{}0]", "0,".repeat(480_000));
+    assert!(zeros.len() < Limits::default().max_len);
+    let err = parse(&zeros).unwrap_err();
+    assert_eq!(err.kind, TermErrorKind::TooBig { limit: 131_072 });
+    assert_eq!(err.reason_atom(), "too_big");
+    // Every term counts, the enclosing list too.
+    let small = Limits {
+        max_nodes: 4,
+        ..Limits::default()
+    };
+    assert!(parse_with("[1,2,3]", &small).is_ok());
+    assert_eq!(
+        parse_with("[1,2,3,4]", &small).map_err(|e| e.kind),
+        Err(TermErrorKind::TooBig { limit: 4 })
+    );
+    assert_eq!(
+        parse_with(
+            "{[],{}}",
+            &Limits {
+                max_nodes: 2,
+                ..small
+            }
+        )
+        .map_err(|e| e.kind),
+        Err(TermErrorKind::TooBig { limit: 2 })
+    );
+}
+
+#[test]
+fn a_parsed_term_holds_a_fixed_multiple_of_its_text() {
+    // The densest inputs: one-character terms with one separator each.
+    let worst = [
+        format!("[{}0]", "0,".repeat(100_000)),
+        format!("[{}a]", "a,".repeat(100_000)),
+        format!("{{{}{{}}}}", "{},".repeat(60_000)),
+        format!("[{}\"\"]", "\"\",".repeat(60_000)),
+        format!("[{}]", "[1,{a,\"b\"}],".repeat(20_000) + "x"),
+    ];
+    for text in &worst {
+        let term = parse(text).unwrap();
+        let held = term.heap_bytes();
+        let factor = held as f64 / text.len() as f64;
+        assert!(factor <= 16.6, "{factor:.2}x for {}", &text[..20]);
+    }
+    let under_budget = format!("[{}0]", "0,".repeat(131_070));
+    let term = parse(&under_budget).unwrap();
+    assert!(term.heap_bytes() <= 4 * Limits::default().max_len + Term::NODE_BYTES);
 }
