@@ -293,6 +293,56 @@ fn the_listener_speaks_exact_bytes_and_survives_bad_lines() {
 }
 
 #[test]
+fn a_channel_holds_at_most_its_byte_budget_of_parsed_messages() {
+    const BUDGET: usize = 256 << 10;
+    const SENT: usize = 40;
+    let node = Node::new(NodeConfig {
+        capacity_bytes: BUDGET,
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    // Each line is 4 KB of text and about 64 KB parsed: 40 of them would hold 2.5 MiB.
+    let line = |i: usize| format!("{{remote_msg,{{{i},[{}0]}}}}\n", "0,".repeat(2_000));
+    let mut w = connect(addr);
+    let writer = std::thread::spawn(move || {
+        for i in 0..SENT {
+            std::io::Write::write_all(&mut w, line(i).as_bytes()).unwrap();
+        }
+        w
+    });
+    // Wait until the listener stops taking messages in: the budget is full.
+    let rx = chan.receiver().unwrap();
+    let (mut last, mut since) = (usize::MAX, Instant::now());
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while since.elapsed() < Duration::from_millis(300) {
+        assert!(Instant::now() < deadline, "the queue never settled");
+        let queued = rx.len();
+        assert!(queued < SENT, "all {SENT} messages queued: no byte budget");
+        if queued != last {
+            (last, since) = (queued, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(last > 0);
+    let held = chan.queued_bytes();
+    assert!(held <= BUDGET, "{held} bytes held, budget {BUDGET}");
+    // Reading makes room; every message arrives, in order, and the budget empties.
+    for i in 0..SENT {
+        let msg = recv(&chan);
+        assert_eq!(msg.tagged().map(|(_, _)| ()), None);
+        let first = match &msg {
+            Value::Tuple(items) => items[0].clone(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(first, int(i as i64));
+    }
+    drop(writer.join().unwrap());
+    assert_eq!(chan.queued_bytes(), 0);
+}
+
+#[test]
 fn remote_reads_bring_messages_and_channels_home() {
     let a = node();
     let b = node();
