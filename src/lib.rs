@@ -15,6 +15,7 @@
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
+//! - [`bench`](mod@bench): CPU and RSS sampling, free ports and a seeded `Rng` for benchmarks and tests.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut, heal, one-way cut, slow) for partition tests.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bench;
 pub mod chan;
 pub mod chat;
 pub mod durable;

@@ -261,6 +261,10 @@ fn the_listener_speaks_exact_bytes_and_survives_bad_lines() {
     assert_eq!(c.ask(&deep), "{error,too_deep}");
     let long = format!("{{remote_msg,\"{}\"}}\n", "x".repeat(1 << 20));
     assert_eq!(c.ask(&long), "{error,too_long}");
+    // A 0.92 MiB list of integers is within the line limit but would parse to 16 times
+    // that: refused by its count of terms before it is built.
+    let zeros = format!("{{remote_msg,[{}0]}}\n", "0,".repeat(480_000));
+    assert_eq!(c.ask(&zeros), "{error,too_big}");
     c.send(b"{remote_msg,{ok,\"still serving\"}}\r\n");
     assert_eq!(
         c.ask("remote_read\n"),
@@ -286,6 +290,56 @@ fn the_listener_speaks_exact_bytes_and_survives_bad_lines() {
     drop(w);
     c.send(b"{remote_msg,after}\n");
     assert_eq!(recv(&chan), atom("after"));
+}
+
+#[test]
+fn a_channel_holds_at_most_its_byte_budget_of_parsed_messages() {
+    const BUDGET: usize = 256 << 10;
+    const SENT: usize = 40;
+    let node = Node::new(NodeConfig {
+        capacity_bytes: BUDGET,
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    // Each line is 4 KB of text and about 64 KB parsed: 40 of them would hold 2.5 MiB.
+    let line = |i: usize| format!("{{remote_msg,{{{i},[{}0]}}}}\n", "0,".repeat(2_000));
+    let mut w = connect(addr);
+    let writer = std::thread::spawn(move || {
+        for i in 0..SENT {
+            std::io::Write::write_all(&mut w, line(i).as_bytes()).unwrap();
+        }
+        w
+    });
+    // Wait until the listener stops taking messages in: the budget is full.
+    let rx = chan.receiver().unwrap();
+    let (mut last, mut since) = (usize::MAX, Instant::now());
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while since.elapsed() < Duration::from_millis(300) {
+        assert!(Instant::now() < deadline, "the queue never settled");
+        let queued = rx.len();
+        assert!(queued < SENT, "all {SENT} messages queued: no byte budget");
+        if queued != last {
+            (last, since) = (queued, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(last > 0);
+    let held = chan.queued_bytes();
+    assert!(held <= BUDGET, "{held} bytes held, budget {BUDGET}");
+    // Reading makes room; every message arrives, in order, and the budget empties.
+    for i in 0..SENT {
+        let msg = recv(&chan);
+        assert_eq!(msg.tagged().map(|(_, _)| ()), None);
+        let first = match &msg {
+            Value::Tuple(items) => items[0].clone(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(first, int(i as i64));
+    }
+    drop(writer.join().unwrap());
+    assert_eq!(chan.queued_bytes(), 0);
 }
 
 #[test]

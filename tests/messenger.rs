@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use switchboard::bench::free_addrs;
 use switchboard::framing::{encode_frame, FrameError, FrameReader, Framing};
-use switchboard::messenger::bench::free_addrs;
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::{Client, ClientError};
 

@@ -10,8 +10,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 /// Most of a listener's answer to a write that is kept for the error (there should be none).
@@ -31,12 +32,116 @@ enum Kind {
     Remote(Arc<RemoteChan>),
 }
 
+/// A message in a local channel's queue. A message that came over the network holds its
+/// share of the channel's byte budget until it is taken out (see
+/// [`NodeConfig::capacity_bytes`](super::NodeConfig::capacity_bytes)).
+#[derive(Debug)]
+pub struct Delivery {
+    value: Value,
+    _charge: Option<Charge>,
+}
+
+impl Delivery {
+    fn local(value: Value) -> Delivery {
+        Delivery {
+            value,
+            _charge: None,
+        }
+    }
+
+    pub(crate) fn charged(value: Value, charge: Charge) -> Delivery {
+        Delivery {
+            value,
+            _charge: Some(charge),
+        }
+    }
+
+    /// The message, giving its bytes back to the channel's budget.
+    pub fn into_value(self) -> Value {
+        self.value
+    }
+}
+
+impl Deref for Delivery {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        &self.value
+    }
+}
+
+/// The bytes that parsed messages from the network may hold in one channel's queue.
+/// Counting messages alone is not enough: a parsed term holds up to 16 times its text, so
+/// 1,024 queued 1 MiB lines could hold gigabytes.
+#[derive(Debug)]
+pub(crate) struct ByteBudget {
+    cap: usize,
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl ByteBudget {
+    fn new(cap: usize) -> Arc<ByteBudget> {
+        Arc::new(ByteBudget {
+            cap,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Takes `n` bytes, waiting at most `wait` for room. A message larger than the whole
+    /// budget is let in when the queue holds no other charged bytes, or it could never be
+    /// delivered; the parser's own bound keeps it finite.
+    pub(crate) fn take(self: &Arc<Self>, n: usize, wait: Duration) -> Option<Charge> {
+        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut used, _) = self
+            .freed
+            .wait_timeout_while(used, wait, |used| *used > 0 && *used + n > self.cap)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *used > 0 && *used + n > self.cap {
+            return None;
+        }
+        *used += n;
+        Some(Charge {
+            budget: Arc::clone(self),
+            n,
+        })
+    }
+
+    /// Bytes held now.
+    pub(crate) fn used(&self) -> usize {
+        *self.used.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Bytes of a [`ByteBudget`] held by one queued message; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Charge {
+    budget: Arc<ByteBudget>,
+    n: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut used = self
+            .budget
+            .used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *used -= self.n;
+        drop(used);
+        self.budget.freed.notify_all();
+    }
+}
+
 /// A channel of this process: its queue, and the node that exports it when it leaves.
 pub(crate) struct LocalChan {
     pub(crate) id: u64,
     owner: Weak<Node>,
-    pub(crate) tx: Sender<Value>,
-    pub(crate) rx: Receiver<Value>,
+    pub(crate) tx: Sender<Delivery>,
+    pub(crate) rx: Receiver<Delivery>,
+    /// What messages from the network may hold of memory in the queue.
+    pub(crate) budget: Arc<ByteBudget>,
     /// Set once the owner has opened a port listener for it (see `Drop`).
     pub(crate) exported: AtomicBool,
 }
@@ -62,13 +167,14 @@ impl Drop for LocalChan {
 }
 
 impl Chan {
-    pub(crate) fn local(owner: Weak<Node>, capacity: usize) -> Chan {
+    pub(crate) fn local(owner: Weak<Node>, capacity: usize, capacity_bytes: usize) -> Chan {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         Chan(Kind::Local(Arc::new(LocalChan {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             owner,
             tx,
             rx,
+            budget: ByteBudget::new(capacity_bytes),
             exported: AtomicBool::new(false),
         })))
     }
@@ -119,9 +225,15 @@ impl Chan {
     }
 
     /// The queue of a local channel, to wait on it together with other channels
-    /// (`crossbeam_channel::select!`).
-    pub fn receiver(&self) -> Option<&Receiver<Value>> {
+    /// (`crossbeam_channel::select!`); take each message out with
+    /// [`Delivery::into_value`].
+    pub fn receiver(&self) -> Option<&Receiver<Delivery>> {
         self.as_local().map(|local| &local.rx)
+    }
+
+    /// Bytes that messages from the network hold in this local channel's queue now.
+    pub fn queued_bytes(&self) -> usize {
+        self.as_local().map_or(0, |local| local.budget.used())
     }
 
     /// Writes one message.
@@ -141,7 +253,10 @@ impl Chan {
     /// ([`ChanError::Listen`]); a node that has shut down ([`ChanError::NodeDown`]).
     pub fn send(&self, msg: impl Into<Value>) -> Result<(), ChanError> {
         match &self.0 {
-            Kind::Local(local) => local.tx.send(msg.into()).map_err(|_| ChanError::NodeDown),
+            Kind::Local(local) => local
+                .tx
+                .send(Delivery::local(msg.into()))
+                .map_err(|_| ChanError::NodeDown),
             Kind::Remote(remote) => remote.send(msg.into()),
         }
     }
@@ -154,7 +269,11 @@ impl Chan {
     /// For a remote channel, as [`Chan::send`], plus [`ChanError::BadReply`].
     pub fn recv(&self) -> Result<Value, ChanError> {
         match &self.0 {
-            Kind::Local(local) => local.rx.recv().map_err(|_| ChanError::NodeDown),
+            Kind::Local(local) => local
+                .rx
+                .recv()
+                .map(Delivery::into_value)
+                .map_err(|_| ChanError::NodeDown),
             Kind::Remote(remote) => remote.recv(None),
         }
     }
@@ -165,10 +284,14 @@ impl Chan {
     /// [`ChanError::Timeout`] when no message came in time; otherwise as [`Chan::recv`].
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Value, ChanError> {
         match &self.0 {
-            Kind::Local(local) => local.rx.recv_timeout(timeout).map_err(|e| match e {
-                RecvTimeoutError::Timeout => ChanError::Timeout,
-                RecvTimeoutError::Disconnected => ChanError::NodeDown,
-            }),
+            Kind::Local(local) => local
+                .rx
+                .recv_timeout(timeout)
+                .map(Delivery::into_value)
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => ChanError::Timeout,
+                    RecvTimeoutError::Disconnected => ChanError::NodeDown,
+                }),
             Kind::Remote(remote) => remote.recv(Some(timeout)),
         }
     }
@@ -302,5 +425,41 @@ impl fmt::Debug for Chan {
             Kind::Local(local) => write!(f, "Chan(local #{})", local.id),
             Kind::Remote(remote) => write!(f, "Chan(remote {})", remote.addr()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_charged_at_least_what_its_term_holds() {
+        // The listener charges a message by its parsed term's size before it becomes a
+        // Value; the two must be laid out alike for that charge to be the real one.
+        assert_eq!(std::mem::size_of::<Value>(), Term::NODE_BYTES);
+    }
+
+    #[test]
+    fn the_budget_waits_for_room_and_lets_one_large_message_in_alone() {
+        let b = ByteBudget::new(100);
+        let a = b.take(60, Duration::ZERO).unwrap();
+        assert!(
+            b.take(50, Duration::from_millis(20)).is_none(),
+            "over budget"
+        );
+        let c = b.take(40, Duration::ZERO).unwrap();
+        assert_eq!(b.used(), 100);
+        drop(a);
+        drop(c);
+        assert_eq!(b.used(), 0);
+        let huge = b.take(1_000, Duration::ZERO).expect("alone, it passes");
+        assert!(b.take(1, Duration::from_millis(20)).is_none());
+        // A waiting taker is woken when room is made, long before its own timeout.
+        let b2 = Arc::clone(&b);
+        let (done, finished) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || done.send(b2.take(10, Duration::from_secs(60)).is_some()));
+        std::thread::sleep(Duration::from_millis(20));
+        drop(huge);
+        assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(true));
     }
 }

@@ -2,6 +2,7 @@
 //! every connection, writing `{remote_msg,Msg}` into the channel in arrival order and
 //! answering remote reads.
 
+use super::channel::Delivery;
 use super::protocol::{self, Request, RequestError};
 use super::{LocalChan, Node, NodeConfig, Value};
 use crate::framing::{self, FrameReader, Framing};
@@ -117,20 +118,30 @@ impl Listener {
         }
     }
 
-    /// Writes a message into the channel, waiting while the queue is full; `false` when
-    /// the server is stopping.
+    /// Writes a message into the channel, waiting while the queue is full or its byte
+    /// budget spent; `false` when the server is stopping.
     fn push(&self, msg: crate::term::Term, conn: &Connection) -> bool {
         let (Some(node), Some(chan)) = (self.node.upgrade(), self.chan.upgrade()) else {
             log_debug!("{}: channel gone; message dropped", self.name);
             return true;
         };
-        let mut value = node.import(msg);
+        // Charged as parsed: what the queue really holds, not the line's length.
+        let cost = msg.heap_bytes();
+        let value = node.import(msg);
         drop(node);
+        let charge = loop {
+            match chan.budget.take(cost, POLL) {
+                Some(charge) => break charge,
+                None if !conn.server.is_stopping() => {}
+                None => return false,
+            }
+        };
+        let mut delivery = Delivery::charged(value, charge);
         loop {
-            match chan.tx.send_timeout(value, POLL) {
+            match chan.tx.send_timeout(delivery, POLL) {
                 Ok(()) => return true,
                 Err(SendTimeoutError::Timeout(back)) if !conn.server.is_stopping() => {
-                    value = back;
+                    delivery = back;
                 }
                 Err(_) => return false,
             }
@@ -151,7 +162,7 @@ impl Listener {
                 d.saturating_duration_since(Instant::now()).min(POLL)
             });
             match chan.rx.recv_timeout(wait) {
-                Ok(value) => break value,
+                Ok(delivery) => break delivery.into_value(),
                 Err(RecvTimeoutError::Disconnected) => return false,
                 Err(RecvTimeoutError::Timeout) => {}
             }

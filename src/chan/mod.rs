@@ -74,8 +74,8 @@ pub mod protocol;
 pub mod registry;
 pub mod value;
 
-pub use channel::Chan;
 pub(crate) use channel::LocalChan;
+pub use channel::{Chan, Delivery};
 pub use error::ChanError;
 pub use node::{Node, NodeConfig};
 pub use registry::{lookup, register};

@@ -29,6 +29,12 @@ pub struct NodeConfig {
     /// memory without limit. The cost: a thread that writes more than this to a channel
     /// that only it reads waits forever.
     pub capacity: usize,
+    /// Bytes that messages written from the network may hold in one channel's queue, as
+    /// parsed (see [`Term::heap_bytes`]); past it, writers wait as they do on a full queue.
+    /// A parsed term holds up to 16.5 times its text, so the message count alone would let
+    /// a full queue of 1 MiB lines hold gigabytes. One message larger than this is still
+    /// let in when the queue holds no other such bytes.
+    pub capacity_bytes: usize,
     /// How long connecting to a remote channel may take.
     pub connect_timeout: Duration,
     /// How long a write to, or an answer from, a remote channel may take.
@@ -42,11 +48,13 @@ pub struct NodeConfig {
 }
 
 impl Default for NodeConfig {
-    /// Advertises 127.0.0.1; 1024 messages per channel; 5 s to connect, 10 s for I/O.
+    /// Advertises 127.0.0.1; 1024 messages and 16 MiB per channel; 5 s to connect, 10 s
+    /// for I/O.
     fn default() -> Self {
         NodeConfig {
             advertise: Ipv4Addr::LOCALHOST.into(),
             capacity: 1024,
+            capacity_bytes: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             max_connections: 1024,
@@ -114,7 +122,11 @@ impl Node {
 
     /// A new local channel. It opens no port until it leaves the process.
     pub fn chan(&self) -> Chan {
-        Chan::local(self.me.clone(), self.config.capacity)
+        Chan::local(
+            self.me.clone(),
+            self.config.capacity,
+            self.config.capacity_bytes,
+        )
     }
 
     /// The channel at `host:port`: the local channel itself when that is one of this

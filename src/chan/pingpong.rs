@@ -66,7 +66,7 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
         let msg = select! {
             recv(stop) -> _ => return report,
             recv(rx) -> msg => match msg {
-                Ok(msg) => msg,
+                Ok(msg) => msg.into_value(),
                 Err(_) => return report,
             },
         };

@@ -250,6 +250,9 @@ fn parse_term(line: &[u8]) -> Result<Term, ProtocolError> {
     let limits = term::Limits {
         max_depth: MAX_DEPTH,
         max_len: MAX_LINE,
+        // Room for the longest text as a character-code list and a long server list; a
+        // line of one-character terms would otherwise parse to 16 times its 64 KiB.
+        max_nodes: MAX_LINE / 4,
     };
     Ok(term::parse_bytes_with(line, &limits)?)
 }
@@ -653,6 +656,13 @@ mod tests {
         let e = client(&deep).unwrap_err();
         assert!(std::error::Error::source(&e).is_some());
         assert!(e.to_string().contains("nesting deeper than 8"), "{e}");
+        // A line of one-character terms within the line limit is refused by count.
+        assert_eq!(reason(&format!("[{}0]", "0,".repeat(20_000))), "too_big");
+        let longest = format!("{{send,bob,[{}120]}}", "120,".repeat(MAX_TEXT - 1));
+        assert!(
+            client(&longest).is_ok(),
+            "the longest text as a code list fits"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use super::client::connect;
 use super::EchoError;
+use crate::bench::{own_cpu_secs, process_cpu_secs};
 use crate::framing::{encode_frame, FrameReader, Framing};
-use crate::store::bench::{own_cpu_secs, process_cpu_secs};
 use std::fmt;
 use std::io::Write;
 use std::sync::{Arc, Barrier, OnceLock};

@@ -247,30 +247,6 @@ pub(crate) fn parse_header(framing: Framing, header: &[u8]) -> Option<u64> {
 }
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    /// A small deterministic PRNG (xorshift64*) for property tests without a crate.
-    pub struct Rng(u64);
-
-    impl Rng {
-        pub fn new(seed: u64) -> Self {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        pub fn next_u64(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        pub fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-        pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-            (0..len).map(|_| self.next_u64() as u8).collect()
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

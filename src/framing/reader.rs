@@ -335,9 +335,9 @@ impl<R: Read> Iterator for Frames<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::Rng;
     use super::super::{encode_frame, Limits};
     use super::*;
+    use crate::bench::Rng;
 
     /// A reader that hands out the input in pieces of the given sizes, cycling.
     struct Chunked {
@@ -609,13 +609,13 @@ mod tests {
         let mut rng = Rng::new(42);
         for round in 0..400 {
             let framing = Framing::ALL[round % 4];
-            let count = 1 + rng.below(12);
+            let count = 1 + (rng.below(12) as usize);
             let payloads: Vec<Vec<u8>> = (0..count)
                 .map(|_| {
-                    let len = match rng.below(10) {
+                    let len = match rng.below(10) as usize {
                         0 => 0,
-                        1 => 1000 + rng.below(5000),
-                        _ => rng.below(64),
+                        1 => 1000 + (rng.below(5000) as usize),
+                        _ => rng.below(64) as usize,
                     };
                     let mut p = rng.bytes(len);
                     if framing == Framing::Line {
@@ -630,7 +630,9 @@ mod tests {
                 .collect();
             let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
             let wire = encode_all(framing, &refs);
-            let sizes: Vec<usize> = (0..1 + rng.below(5)).map(|_| 1 + rng.below(700)).collect();
+            let sizes: Vec<usize> = (0..1 + (rng.below(5) as usize))
+                .map(|_| 1 + (rng.below(700) as usize))
+                .collect();
             let mut r = FrameReader::new(Chunked::new(&wire, &sizes), framing);
             for p in &payloads {
                 assert_eq!(

@@ -4,37 +4,14 @@
 //! one). Servers run as child processes, so a kill is a real crash.
 
 use super::client::{Client, ClientError};
+use crate::bench::free_addrs;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// `n` loopback addresses whose ports were free a moment ago (bound together, then
-/// released), for servers that must know each other's addresses before they start. The
-/// ports are drawn at random below Linux's ephemeral range (32768 and up), so the local
-/// ends of outgoing connections, which come from that range, cannot take them meanwhile.
-///
-/// # Errors
-/// When no port can be bound.
-pub fn free_addrs(n: usize) -> io::Result<Vec<SocketAddr>> {
-    let mut listeners = Vec::with_capacity(n);
-    for _ in 0..200 {
-        if listeners.len() == n {
-            break;
-        }
-        let port = 20_000 + (super::client::random_id() % 12_000) as u16;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(l);
-        }
-    }
-    while listeners.len() < n {
-        listeners.push(TcpListener::bind("127.0.0.1:0")?);
-    }
-    listeners.iter().map(TcpListener::local_addr).collect()
-}
 
 /// A cluster of `messenger-server` child processes, killed (and their data removed) when
 /// dropped.

@@ -13,6 +13,7 @@
 //!
 //! Latency is per batch round trip (at depth 1, per request).
 
+use crate::bench::{own_cpu_secs, process_cpu_secs, process_rss_kib, Rng};
 use crate::framing::{encode_frame, FrameReader, Framing};
 use std::fmt;
 use std::io::{self, Write};
@@ -344,18 +345,6 @@ impl Conn {
     }
 }
 
-/// xorshift64*: fast, and good enough to spread keys.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
-}
-
 /// Sets every key to its value, in pipelined chunks.
 ///
 /// # Errors
@@ -370,35 +359,6 @@ pub fn preload(cfg: &BenchConfig) -> Result<(), BenchError> {
         c.round_trip()?;
     }
     Ok(())
-}
-
-/// CPU time (user + system) of process `pid` in seconds, from `/proc/PID/stat`.
-pub fn process_cpu_secs(pid: u32) -> Option<f64> {
-    cpu_secs_from(&format!("/proc/{pid}/stat"))
-}
-
-/// This process's own CPU time (user + system) in seconds.
-pub fn own_cpu_secs() -> Option<f64> {
-    cpu_secs_from("/proc/self/stat")
-}
-
-fn cpu_secs_from(path: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after the parenthesised command name, which may itself hold spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks_per_sec())
-}
-
-fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Runs the benchmark; `progress` is called about once a second with (elapsed, ops/s
@@ -429,8 +389,7 @@ pub fn run(
                 .name(format!("bench-{n}"))
                 .stack_size(256 << 10)
                 .spawn(move || -> Result<Vec<u32>, BenchError> {
-                    let mut rng =
-                        Rng(0x9E37_79B9_7F4A_7C15 ^ ((n as u64 + 1) * 0x1234_5678_9ABC_DEF1));
+                    let mut rng = Rng::new(n as u64 + 1);
                     let mut latencies = Vec::new();
                     let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
                     start.wait();
@@ -536,18 +495,6 @@ impl fmt::Display for IdleReport {
             self.new_client_us[1]
         )
     }
-}
-
-/// Resident set size of process `pid`, KiB, from `/proc/PID/status`.
-pub fn process_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// One lookup on a fresh connection; returns the connection (to hold) and the time taken.

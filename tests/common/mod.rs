@@ -95,13 +95,7 @@ pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Resident set size of this process, from /proc.
 pub fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status")
+    switchboard::bench::own_rss_kib().expect("VmRSS in /proc/self/status")
 }
 
 /// A server (or any program that logs `listening on ADDR` to stderr) run as a child
