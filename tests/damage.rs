@@ -314,7 +314,7 @@ fn a_repaired_messenger_data_dir_starts_and_replays_what_was_kept() {
     let dir = temp("messenger-start");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("changes.log"), &data).unwrap();
-    let addr = switchboard::messenger::bench::free_addrs(1).unwrap()[0].to_string();
+    let addr = switchboard::bench::free_addrs(1).unwrap()[0].to_string();
     let serve = ["--id", "0", "--peers", &addr];
     assert!(!messenger(&dir, &serve).status.success());
     assert_eq!(messenger(&dir, &["--repair"]).status.code(), Some(0));
