@@ -22,8 +22,14 @@ const RECORDS: usize = 100;
 const MAGIC_LEN: usize = 8;
 const RECORD_LEN: usize = 1 + 8 + 6 + 100 + 4;
 
+/// A fresh path of its own: tests run in parallel, so each call gets a new number.
 fn temp(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("switchboard-damage-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!(
+        "switchboard-damage-{}-{n}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&p);
     let _ = std::fs::remove_dir_all(&p);
     p
