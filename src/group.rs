@@ -282,7 +282,8 @@ impl Group {
 
     /// Waits until every tracked thread has finished, or `within` has passed, joining each
     /// as it finishes (threads started meanwhile included). Threads still running then are
-    /// reported by name, logged, and left detached. Does not shut anything down: call
+    /// reported by name and stay tracked (a later join may still join them; dropping the
+    /// group leaves them detached). Does not shut anything down: call
     /// [`Group::shutdown`] first, or use [`Group::close`], unless the threads end by
     /// themselves (writers flushing what is queued).
     pub fn join(&self, within: Duration) -> JoinReport {
@@ -324,22 +325,25 @@ impl Group {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        let mut stragglers: Vec<String> = st.threads.drain().map(|(_, t)| t.name).collect();
+        let mut stragglers: Vec<String> = st.threads.values().map(|t| t.name.clone()).collect();
         stragglers.sort();
-        log_info!(
-            "{}: {} thread(s) still running after {within:?}, left behind: {}",
-            self.0.name,
-            stragglers.len(),
-            stragglers.join(", ")
-        );
         report.stragglers = stragglers;
         report
     }
 
-    /// [`Group::shutdown`], then [`Group::join`] by `within`.
+    /// [`Group::shutdown`], then [`Group::join`] by `within`; stragglers are logged.
     pub fn close(&self, within: Duration) -> JoinReport {
         self.shutdown();
-        self.join(within)
+        let report = self.join(within);
+        if !report.stragglers.is_empty() {
+            log_info!(
+                "{}: {} thread(s) still running after {within:?}, left behind: {}",
+                self.0.name,
+                report.stragglers.len(),
+                report.stragglers.join(", ")
+            );
+        }
+        report
     }
 }
 
@@ -355,10 +359,66 @@ impl fmt::Debug for Group {
     }
 }
 
+/// Something that can be asked to stop: the handle of a service's main loop.
+pub trait Stop {
+    /// Asks the service to stop; returns at once.
+    fn stop(&self);
+}
+
+/// A service's main loop on a thread of its own, with its handle; stopped (asked, then
+/// joined) when dropped, so a test's server never outlives the test.
+pub struct Running<H: Stop, T> {
+    handle: H,
+    thread: Option<JoinHandle<T>>,
+}
+
+impl<H: Stop, T: Send + 'static> Running<H, T> {
+    /// Runs `body` on a thread named `name`; `handle` stops it.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn spawn(
+        name: &str,
+        handle: H,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<Running<H, T>> {
+        let thread = thread::Builder::new().name(name.into()).spawn(body)?;
+        Ok(Running {
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// The handle of the running service.
+    pub fn handle(&self) -> &H {
+        &self.handle
+    }
+
+    /// Stops the service and waits for its result (`None` if its thread panicked).
+    pub fn stop(mut self) -> Option<T> {
+        self.handle.stop();
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+
+    /// Waits until the service stops by other means (its handle, a signal).
+    pub fn wait(mut self) -> Option<T> {
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+impl<H: Stop, T> Drop for Running<H, T> {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.handle.stop();
+            let _ = thread.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crossbeam_channel::bounded;
+    use crossbeam_channel::{bounded, Sender};
     use std::io::Read;
     use std::net::TcpListener;
 
@@ -465,5 +525,33 @@ mod tests {
             err.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ));
+    }
+
+    #[test]
+    fn a_running_service_is_stopped_when_dropped() {
+        struct Flag(Sender<()>);
+        impl Stop for Flag {
+            fn stop(&self) {
+                let _ = self.0.try_send(());
+            }
+        }
+        let (tx, rx) = bounded(1);
+        let running = Running::spawn("svc", Flag(tx), move || {
+            rx.recv_timeout(Duration::from_secs(10)).is_ok()
+        })
+        .unwrap();
+        assert_eq!(
+            running.stop(),
+            Some(true),
+            "stopped by its handle, not timed out"
+        );
+        let (tx, rx) = bounded(1);
+        let (done_tx, done) = bounded(1);
+        let running = Running::spawn("svc", Flag(tx), move || {
+            let _ = done_tx.send(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        })
+        .unwrap();
+        drop(running);
+        assert_eq!(done.try_recv(), Ok(true), "joined in drop, after its stop");
     }
 }

@@ -75,6 +75,7 @@
 //! ```
 
 use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::group::{Group, GroupError, Registration};
 use crate::log_info;
 use crate::outbox::{Outbox, OutboxConfig, Writer};
 use std::error::Error;
@@ -204,6 +205,8 @@ impl Read for SharedStream {
 pub struct Link<R = SharedStream> {
     stream: Arc<TcpStream>,
     reader: FrameReader<R>,
+    /// Keeps the socket in a group's shutdown list for as long as the link is served.
+    registration: Option<Registration>,
 }
 
 /// How a link's reader loop ended.
@@ -219,9 +222,21 @@ pub enum End<B> {
 }
 
 impl<R: Read> Link<R> {
-    /// The link's socket (to register with a [`Group`](crate::group::Group), or to shut down).
+    /// The link's socket (to register with a [`Group`], or to shut down).
     pub fn stream(&self) -> &Arc<TcpStream> {
         &self.stream
+    }
+
+    /// Registers the link's socket with `group` (if not already with one), until the link
+    /// is dropped: a shutdown of the group then ends the link's reads and writes.
+    ///
+    /// # Errors
+    /// [`GroupError::Closing`] when the group is shutting down (the socket is shut down).
+    pub fn register(&mut self, group: &Group) -> Result<(), GroupError> {
+        if self.registration.is_none() {
+            self.registration = Some(group.register(&self.stream)?);
+        }
+        Ok(())
     }
 
     /// An outbox writing to this link, and its writer (run it on a thread of the caller's).
@@ -268,13 +283,76 @@ pub fn connect(addrs: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpSt
     Err(last)
 }
 
-/// Opens a link: connects to `addr`, sends `hello` (an encoded frame), reads one frame of
-/// `framing` within `limits`, and lets `answer` read it. On a welcome the link is returned
-/// with the idle read timeout set, together with who answered.
+/// Opens links of one kind: their framing, limits and timeouts, and optionally the
+/// [`Group`] whose shutdown must close them, from the connect on. Issue 22's redial (a
+/// loop over [`Dialer::dial`] with jittered backoff) is meant to live here.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// The framing of every frame on the link, the handshake's included.
+    pub framing: Framing,
+    /// The limits the link's reader enforces.
+    pub limits: Limits,
+    /// How long each step may take.
+    pub timeouts: Timeouts,
+    /// Sockets are registered here as soon as they connect.
+    pub group: Option<Group>,
+}
+
+impl Dialer {
+    /// A dialer of `framing` with default limits and no group.
+    pub fn new(framing: Framing, timeouts: Timeouts) -> Dialer {
+        Dialer {
+            framing,
+            limits: Limits::default(),
+            timeouts,
+            group: None,
+        }
+    }
+
+    /// Opens a link: connects to `addr`, sends `hello` (an encoded frame), reads one frame
+    /// and lets `answer` read it. On a welcome the link is returned with the idle read
+    /// timeout set, together with who answered.
+    ///
+    /// # Errors
+    /// [`LinkError::Refused`] when the peer refused; otherwise why no answer could be had
+    /// (connect, write or read failure, a close, a frame `answer` does not accept, the
+    /// group shutting down).
+    pub fn dial<P, E>(
+        &self,
+        addr: impl ToSocketAddrs,
+        hello: &[u8],
+        answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+    ) -> Result<(Link, P), LinkError>
+    where
+        E: Into<Box<dyn Error + Send + Sync>>,
+    {
+        let timeouts = &self.timeouts;
+        let stream = Arc::new(connect(addr, timeouts.connect)?);
+        // Registered before the handshake, so a shutdown meanwhile cuts it short.
+        let registration = match &self.group {
+            Some(group) => Some(group.register(&stream).map_err(io::Error::other)?),
+            None => None,
+        };
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeouts.handshake))?;
+        stream.set_write_timeout(Some(timeouts.write))?;
+        let shared = SharedStream(Arc::clone(&stream));
+        let mut reader = FrameReader::with_limits(shared, self.framing, self.limits);
+        let peer = greet_as_dialer(&stream, &mut reader, hello, answer)?;
+        stream.set_read_timeout(timeouts.idle)?;
+        let link = Link {
+            stream,
+            reader,
+            registration,
+        };
+        Ok((link, peer))
+    }
+}
+
+/// [`Dialer::dial`] without a group: one link, opened with these settings.
 ///
 /// # Errors
-/// [`LinkError::Refused`] when the peer refused; otherwise why no answer could be had
-/// (connect, write or read failure, a close, a frame `answer` does not accept).
+/// As [`Dialer::dial`].
 pub fn dial<P, E>(
     addr: impl ToSocketAddrs,
     framing: Framing,
@@ -286,14 +364,11 @@ pub fn dial<P, E>(
 where
     E: Into<Box<dyn Error + Send + Sync>>,
 {
-    let stream = Arc::new(connect(addr, timeouts.connect)?);
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(timeouts.handshake))?;
-    stream.set_write_timeout(Some(timeouts.write))?;
-    let mut reader = FrameReader::with_limits(SharedStream(Arc::clone(&stream)), framing, limits);
-    let peer = greet_as_dialer(&stream, &mut reader, hello, answer)?;
-    stream.set_read_timeout(timeouts.idle)?;
-    Ok((Link { stream, reader }, peer))
+    let dialer = Dialer {
+        limits,
+        ..Dialer::new(framing, *timeouts)
+    };
+    dialer.dial(addr, hello, answer)
 }
 
 /// The dialer's half of the handshake: hello out, answer in. Issue 15's challenge and
@@ -339,6 +414,7 @@ pub fn accept<R: Read>(
     Ok(Some(Link {
         stream: Arc::clone(stream),
         reader,
+        registration: None,
     }))
 }
 
