@@ -367,6 +367,29 @@ pub trait Stop {
 
 /// A service's main loop on a thread of its own, with its handle; stopped (asked, then
 /// joined) when dropped, so a test's server never outlives the test.
+///
+/// ```
+/// use switchboard::group::{Running, Stop};
+/// use crossbeam_channel::{bounded, Sender};
+///
+/// struct Handle(Sender<()>);
+/// impl Stop for Handle {
+///     fn stop(&self) {
+///         let _ = self.0.try_send(());
+///     }
+/// }
+///
+/// let (stop, stopped) = bounded(1);
+/// let running = Running::spawn("service", Handle(stop), move || {
+///     let mut served = 0;
+///     while stopped.try_recv().is_err() && served < 1_000_000 {
+///         served += 1;
+///     }
+///     served
+/// })?;
+/// assert!(running.stop().is_some());
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Running<H: Stop, T> {
     handle: H,
     thread: Option<JoinHandle<T>>,

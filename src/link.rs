@@ -286,6 +286,26 @@ pub fn connect(addrs: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpSt
 /// Opens links of one kind: their framing, limits and timeouts, and optionally the
 /// [`Group`] whose shutdown must close them, from the connect on. Issue 22's redial (a
 /// loop over [`Dialer::dial`] with jittered backoff) is meant to live here.
+///
+/// ```
+/// use switchboard::framing::Framing;
+/// use switchboard::group::Group;
+/// use switchboard::link::{Answer, Dialer, LinkError, Timeouts};
+/// use std::net::TcpListener;
+/// use std::time::Duration;
+///
+/// let group = Group::new("links");
+/// let dialer = Dialer {
+///     group: Some(group.clone()),
+///     ..Dialer::new(Framing::Line, Timeouts::uniform(Duration::from_secs(1)))
+/// };
+/// // Nobody listens here any more: the dial fails, typed.
+/// let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+/// let answer = |_: &[u8]| Ok::<_, std::io::Error>(Answer::Welcome(()));
+/// assert!(matches!(dialer.dial(addr, b"hello\n", answer), Err(LinkError::Io(_))));
+/// group.close(Duration::from_secs(1));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Dialer {
     /// The framing of every frame on the link, the handshake's included.
@@ -633,5 +653,37 @@ mod tests {
         (&**link.stream()).write_all(b"a\nstop\nb\n").unwrap();
         let (got, end) = peer.join().unwrap();
         assert_eq!((got, end.as_str()), (vec!["a".to_owned()], "stopped"));
+    }
+
+    #[test]
+    fn a_group_shutdown_cuts_a_dial_stuck_in_its_handshake() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heard, hello) = crossbeam_channel::bounded(1);
+        // Reads the hello, then never answers (holding the socket open until the end).
+        let silent = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(T)).unwrap();
+            let mut reader = FrameReader::new(&stream, Framing::Line);
+            let _ = heard.send(reader.read_frame().unwrap().map(<[u8]>::to_vec));
+            let _ = reader.read_frame();
+        });
+        let group = Group::new("test");
+        let dialer = Dialer {
+            group: Some(group.clone()),
+            ..Dialer::new(Framing::Line, Timeouts::uniform(Duration::from_secs(30)))
+        };
+        let dialing = thread::spawn(move || dialer.dial(addr, b"hi\n", parse).map(|(_, p)| p));
+        // The hello was written: the socket is registered (before the handshake began).
+        assert_eq!(hello.recv_timeout(T).unwrap(), Some(b"hi".to_vec()));
+        let started = std::time::Instant::now();
+        group.shutdown();
+        let err = dialing.join().unwrap().unwrap_err();
+        assert!(
+            started.elapsed() < T,
+            "cut by the shutdown, not the 30 s timeout"
+        );
+        assert!(matches!(err, LinkError::Closed | LinkError::Io(_)), "{err}");
+        silent.join().unwrap();
     }
 }
