@@ -37,8 +37,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// A set of tracked threads and registered sockets; cloneable, usable from any thread
-/// (a tracked thread may start more).
+/// A set of tracked threads and registered sockets (example: [the module
+/// docs](crate::group)); cloneable, usable from any thread (a tracked thread may start more).
 #[derive(Clone)]
 pub struct Group(Arc<Inner>);
 

@@ -200,7 +200,7 @@ impl Read for SharedStream {
     }
 }
 
-/// An open link, its handshake done: the socket and the reader holding whatever was read
+/// An open link (example: [the module docs](crate::link)), its handshake done: the socket and the reader holding whatever was read
 /// past the handshake.
 pub struct Link<R = SharedStream> {
     stream: Arc<TcpStream>,
@@ -369,7 +369,8 @@ impl Dialer {
     }
 }
 
-/// [`Dialer::dial`] without a group: one link, opened with these settings.
+/// [`Dialer::dial`] without a group: one link, opened with these settings (example: [the
+/// module docs](crate::link)).
 ///
 /// # Errors
 /// As [`Dialer::dial`].
@@ -413,7 +414,7 @@ where
     }
 }
 
-/// The acceptor's half: answers a hello that `reader` has read from `stream` (the service
+/// The acceptor's half (example: [the module docs](crate::link)): answers a hello that `reader` has read from `stream` (the service
 /// decided the [`Verdict`]), sets the link's timeouts (write, and idle as the read timeout), and returns the link on a welcome,
 /// `None` on a refusal (written, and the link is over).
 ///

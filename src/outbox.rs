@@ -53,7 +53,7 @@ pub type Bytes = Arc<[u8]>;
 /// Bytes a writer gathers into one `write` call, at most (plus one frame).
 const BATCH_BYTES: usize = 64 << 10;
 
-/// How an outbox behaves.
+/// How an outbox behaves (example: [the module docs](crate::outbox)).
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
     /// Prefixes the log lines of this connection (`"chat: connection 7"`).
@@ -101,7 +101,7 @@ impl fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
-/// The sending end of a connection's outbox; cloneable. Dropping the last one lets the
+/// The sending end of a connection's outbox (example: [the module docs](crate::outbox)); cloneable. Dropping the last one lets the
 /// writer flush and half-close.
 #[derive(Clone)]
 pub struct Outbox {
@@ -119,7 +119,8 @@ struct Conn {
     closed: AtomicBool,
 }
 
-/// The draining end: [`Writer::run`] on a thread of its own.
+/// The draining end: [`Writer::run`] on a thread of its own (example: [the module
+/// docs](crate::outbox)).
 pub struct Writer {
     rx: Receiver<Bytes>,
     conn: Arc<Conn>,
