@@ -200,8 +200,8 @@ impl Read for SharedStream {
     }
 }
 
-/// An open link (example: [the module docs](crate::link)), its handshake done: the socket and the reader holding whatever was read
-/// past the handshake.
+/// An open link (example: [the module docs](crate::link)), its handshake done: the socket and
+/// the reader holding whatever was read past the handshake.
 pub struct Link<R = SharedStream> {
     stream: Arc<TcpStream>,
     reader: FrameReader<R>,
@@ -414,9 +414,10 @@ where
     }
 }
 
-/// The acceptor's half (example: [the module docs](crate::link)): answers a hello that `reader` has read from `stream` (the service
-/// decided the [`Verdict`]), sets the link's timeouts (write, and idle as the read timeout), and returns the link on a welcome,
-/// `None` on a refusal (written, and the link is over).
+/// The acceptor's half (example: [the module docs](crate::link)): answers a hello that `reader`
+/// has read from `stream` (the service decided the [`Verdict`]), sets the link's timeouts
+/// (write, and idle as the read timeout), and returns the link on a welcome, `None` on a
+/// refusal (written, and the link is over).
 ///
 /// # Errors
 /// When the timeouts cannot be set or the answer cannot be written.

@@ -101,8 +101,8 @@ impl fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
-/// The sending end of a connection's outbox (example: [the module docs](crate::outbox)); cloneable. Dropping the last one lets the
-/// writer flush and half-close.
+/// The sending end of a connection's outbox (example: [the module docs](crate::outbox));
+/// cloneable. Dropping the last one lets the writer flush and half-close.
 #[derive(Clone)]
 pub struct Outbox {
     tx: Sender<Bytes>,
