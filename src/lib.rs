@@ -6,12 +6,15 @@
 //! `crossbeam-channel` queues between stages; no async runtime.
 //!
 //! ## Module map
+//! - [`auth`]: proof that a server-to-server link's far end knows the cluster secret.
 //! - [`framing`]: bytes ↔ frames: `line`, `ascii10`, `u16`, `u32`, with limits.
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
+//! - [`lincheck`]: a linearizability checker for recorded key-value histories (tests).
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
+//! - [`proxy`]: a fault-injecting TCP proxy (cut, heal, one-way cut, slow) for partition tests.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`echo`]: the echo service (threaded and pipeline modes, `upper` transform) and its bench.
 //! - [`chat`]: the chat server ("Chatty"), its federation of relaying servers, client and bench.
@@ -26,18 +29,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod chan;
 pub mod chat;
 pub mod echo;
 pub mod framing;
 pub mod group;
 pub mod handoff;
+pub mod lincheck;
 pub mod link;
 pub mod log;
 pub mod messenger;
 pub mod outbox;
 pub mod peer;
 pub mod pipeline;
+pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod term;

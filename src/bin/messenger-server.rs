@@ -5,7 +5,7 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use switchboard::log_info;
-use switchboard::messenger::{self, Node, Options};
+use switchboard::messenger::{self, Options, Replica as Node};
 use switchboard::server::{on_termination, Server, ServerConfig};
 
 /// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.

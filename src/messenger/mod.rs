@@ -5,9 +5,13 @@
 //! - [`protocol`]: the client wire format and the name, text and pattern rules, pure.
 //! - [`state`]: the replicated state machine: requests to decisions, changes to state.
 //! - [`log`]: the data directory: snapshot and change log with CRCs, torn-tail handling.
-//! - [`peer`]: server-to-server messages, pure.
-//! - [`replication`]: one server: roles, peer links, catch-up, commit.
-//! - [`server`]: client connections on the primary; redirects elsewhere.
+//! - [`replica_protocol`]: server-to-server messages (replication links), pure.
+//! - `clients` (private): the client registry: outboxes and who is logged in where.
+//! - `requests` (private): a client request decided against the state and the sessions,
+//!   pure.
+//! - [`replication`]: one server, a [`Replica`]: roles, replication links, catch-up, commit.
+//! - [`server`]: client connections, sockets only: requests in, committed answers out;
+//!   redirects from a server that is not the primary.
 //! - [`client`]: the failover client behind `messenger-client`, the bench and the tests.
 //! - [`bench`](mod@bench): throughput and failover measurements behind `messenger-bench`.
 //!
@@ -15,9 +19,9 @@
 //!
 //! **Servers and ports.** `--peers A0,A1,A2` lists every server's address by id; server `i`
 //! listens on `Ai` for clients *and* peers: a connection whose first frame is a peer HELLO
-//! is a peer link (see [`peer`]), anything else a client. Each server dials every other
-//! one and writes only on the link it dialed, so every message between two servers goes
-//! one way on one TCP connection, in order.
+//! is a replication link (see [`replica_protocol`]), anything else a client. Each server
+//! dials every other one and writes only on the link it dialed, so every message between
+//! two servers goes one way on one TCP connection, in order.
 //!
 //! **Failure detection.** Every link carries a heartbeat at least every 100 ms
 //! ([`replication::HEARTBEAT_EVERY`]). A server considers a peer *down* when its inbound link
@@ -120,15 +124,17 @@
 
 pub mod bench;
 pub mod client;
+mod clients;
 pub mod log;
-pub mod peer;
 pub mod protocol;
+pub mod replica_protocol;
 pub mod replication;
+mod requests;
 pub mod server;
 pub mod state;
 
 pub use client::{Client, ClientError};
-pub use replication::{Node, Options};
+pub use replication::{Options, Replica};
 
 use std::net::{SocketAddr, ToSocketAddrs};
 

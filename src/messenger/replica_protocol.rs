@@ -1,5 +1,6 @@
-//! Server-to-server messages, pure. Peer links share the client port: a connection whose
-//! first frame is a HELLO is a peer link, anything else is a client. Each server dials
+//! Server-to-server messages, pure: what one replica of the cluster sends another on a
+//! replication link. Links share the client port: a connection whose first frame is a
+//! HELLO is a replication link, anything else is a client. Each server dials
 //! every other one and only writes on the link it dialed (the acceptor's one frame is the
 //! WELCOME), so every message from server A to server B travels on A's link to B, in order.
 //! Frames are `u32` frames, as for clients; a peer frame may be as large as 1 GiB (a
@@ -85,7 +86,7 @@ pub struct Status {
 
 /// One peer-link message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerMsg {
+pub enum ReplicaMsg {
     /// The dialer introduces itself.
     Hello {
         /// Its id.
@@ -154,18 +155,18 @@ fn get_pos(c: &mut Cursor<'_>) -> Result<Pos, Corrupt> {
     })
 }
 
-impl PeerMsg {
+impl ReplicaMsg {
     /// The message's frame payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            PeerMsg::Hello { from, cluster } => {
+            ReplicaMsg::Hello { from, cluster } => {
                 out.push(HELLO);
                 out.extend_from_slice(&(*from as u16).to_be_bytes());
                 out.extend_from_slice(cluster.as_bytes());
             }
-            PeerMsg::Welcome => out.push(b'w'),
-            PeerMsg::Heartbeat(s) => {
+            ReplicaMsg::Welcome => out.push(b'w'),
+            ReplicaMsg::Heartbeat(s) => {
                 out.push(b'b');
                 out.push(s.role as u8);
                 out.extend_from_slice(&s.epoch.to_be_bytes());
@@ -175,7 +176,7 @@ impl PeerMsg {
                 out.extend_from_slice(&s.mark.to_be_bytes());
                 out.extend_from_slice(&s.echo.to_be_bytes());
             }
-            PeerMsg::Replicate {
+            ReplicaMsg::Replicate {
                 epoch,
                 prev,
                 records,
@@ -189,7 +190,7 @@ impl PeerMsg {
                     encode_record(r.pos, &r.change, &mut out);
                 }
             }
-            PeerMsg::Snapshot {
+            ReplicaMsg::Snapshot {
                 epoch,
                 bytes,
                 fetched,
@@ -198,20 +199,20 @@ impl PeerMsg {
                 out.extend_from_slice(&epoch.to_be_bytes());
                 out.extend_from_slice(bytes);
             }
-            PeerMsg::Ack { epoch, seq } => {
+            ReplicaMsg::Ack { epoch, seq } => {
                 out.push(b'a');
                 out.extend_from_slice(&epoch.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
             }
-            PeerMsg::Need { last } => {
+            ReplicaMsg::Need { last } => {
                 out.push(b'n');
                 put_pos(&mut out, *last);
             }
-            PeerMsg::Reject { epoch } => {
+            ReplicaMsg::Reject { epoch } => {
                 out.push(b'x');
                 out.extend_from_slice(&epoch.to_be_bytes());
             }
-            PeerMsg::Fetch { last } => {
+            ReplicaMsg::Fetch { last } => {
                 out.push(b'f');
                 put_pos(&mut out, *last);
             }
@@ -223,16 +224,16 @@ impl PeerMsg {
     ///
     /// # Errors
     /// [`Corrupt`] when it is not a peer message.
-    pub fn decode(payload: &[u8]) -> Result<PeerMsg, Corrupt> {
+    pub fn decode(payload: &[u8]) -> Result<ReplicaMsg, Corrupt> {
         let mut c = Cursor::new(payload);
         let msg = match c.u8()? {
             HELLO => {
                 let from = c.u16()? as usize;
                 let cluster = String::from_utf8(c.rest().to_vec())
                     .map_err(|_| Corrupt("cluster is not UTF-8"))?;
-                PeerMsg::Hello { from, cluster }
+                ReplicaMsg::Hello { from, cluster }
             }
-            b'w' => PeerMsg::Welcome,
+            b'w' => ReplicaMsg::Welcome,
             b'b' => {
                 let role = match c.u8()? {
                     0 => Role::Backup,
@@ -250,7 +251,7 @@ impl PeerMsg {
                     3 => Standing::InSync,
                     _ => return Err(Corrupt("unknown standing")),
                 };
-                PeerMsg::Heartbeat(Status {
+                ReplicaMsg::Heartbeat(Status {
                     role,
                     epoch,
                     last,
@@ -274,7 +275,7 @@ impl PeerMsg {
                 if !rest.is_empty() {
                     return Err(Corrupt("trailing bytes"));
                 }
-                return Ok(PeerMsg::Replicate {
+                return Ok(ReplicaMsg::Replicate {
                     epoch,
                     prev,
                     records,
@@ -283,21 +284,21 @@ impl PeerMsg {
             }
             t @ (b's' | b'S') => {
                 let epoch = c.u64()?;
-                return Ok(PeerMsg::Snapshot {
+                return Ok(ReplicaMsg::Snapshot {
                     epoch,
                     bytes: c.rest().to_vec(),
                     fetched: t == b'S',
                 });
             }
-            b'a' => PeerMsg::Ack {
+            b'a' => ReplicaMsg::Ack {
                 epoch: c.u64()?,
                 seq: c.u64()?,
             },
-            b'n' => PeerMsg::Need {
+            b'n' => ReplicaMsg::Need {
                 last: get_pos(&mut c)?,
             },
-            b'x' => PeerMsg::Reject { epoch: c.u64()? },
-            b'f' => PeerMsg::Fetch {
+            b'x' => ReplicaMsg::Reject { epoch: c.u64()? },
+            b'f' => ReplicaMsg::Fetch {
                 last: get_pos(&mut c)?,
             },
             _ => return Err(Corrupt("unknown peer message")),
@@ -315,12 +316,12 @@ mod tests {
     fn every_message_round_trips_and_junk_is_refused() {
         let pos = Pos { epoch: 4, seq: 17 };
         let msgs = [
-            PeerMsg::Hello {
+            ReplicaMsg::Hello {
                 from: 2,
                 cluster: "127.0.0.1:1,127.0.0.1:2".into(),
             },
-            PeerMsg::Welcome,
-            PeerMsg::Heartbeat(Status {
+            ReplicaMsg::Welcome,
+            ReplicaMsg::Heartbeat(Status {
                 role: Role::Primary,
                 epoch: 7,
                 last: pos,
@@ -329,7 +330,7 @@ mod tests {
                 mark: 1 << 60,
                 echo: 12,
             }),
-            PeerMsg::Replicate {
+            ReplicaMsg::Replicate {
                 epoch: 7,
                 prev: pos,
                 records: vec![
@@ -344,28 +345,28 @@ mod tests {
                 ],
                 fetched: false,
             },
-            PeerMsg::Replicate {
+            ReplicaMsg::Replicate {
                 epoch: 1,
                 prev: Pos::default(),
                 records: vec![],
                 fetched: true,
             },
-            PeerMsg::Snapshot {
+            ReplicaMsg::Snapshot {
                 epoch: 3,
                 bytes: b"SWBMSNP1\n...".to_vec(),
                 fetched: true,
             },
-            PeerMsg::Ack { epoch: 7, seq: 19 },
-            PeerMsg::Need { last: pos },
-            PeerMsg::Reject { epoch: 9 },
-            PeerMsg::Fetch { last: pos },
+            ReplicaMsg::Ack { epoch: 7, seq: 19 },
+            ReplicaMsg::Need { last: pos },
+            ReplicaMsg::Reject { epoch: 9 },
+            ReplicaMsg::Fetch { last: pos },
         ];
         for m in msgs {
-            assert_eq!(PeerMsg::decode(&m.encode()).unwrap(), m);
+            assert_eq!(ReplicaMsg::decode(&m.encode()).unwrap(), m);
         }
-        assert_eq!(PeerMsg::Welcome.encode(), b"w");
+        assert_eq!(ReplicaMsg::Welcome.encode(), b"w");
         assert_eq!(
-            PeerMsg::Ack { epoch: 1, seq: 2 }.encode(),
+            ReplicaMsg::Ack { epoch: 1, seq: 2 }.encode(),
             b"a\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\x02"
         );
         for junk in [
@@ -376,10 +377,10 @@ mod tests {
             b"a\0\0",
             b"r\0\0\0\0\0\0\0\x01",
         ] {
-            assert!(PeerMsg::decode(junk).is_err(), "{junk:?}");
+            assert!(ReplicaMsg::decode(junk).is_err(), "{junk:?}");
         }
         // A heartbeat without its mark and echo (the fields the exclusion rule needs).
         let short = [&b"b\x00"[..], &[0; 24], b"\x00\x00"].concat();
-        assert!(PeerMsg::decode(&short).is_err());
+        assert!(ReplicaMsg::decode(&short).is_err());
     }
 }

@@ -1,0 +1,153 @@
+//! What goes out on each replication link, decided under the lock: queued answers
+//! (acknowledgements, NEEDs, fetch answers), records or a snapshot as primary, and
+//! heartbeats. The sockets are [`super::outbound`]'s.
+
+use super::outbound::Outgoing;
+use super::timing::{BATCH, HEARTBEAT_EVERY};
+use super::view::{Feed, Inner};
+use super::Replica;
+use crate::framing::{encode_frame, Framing};
+use crate::log_info;
+use crate::messenger::log::{encode_snapshot, Pos};
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing};
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
+
+/// What a link writer has told its peer on the current connection.
+#[derive(Debug, Default)]
+pub(super) struct Told {
+    /// The mark and standing of the last heartbeat: a change is told at once.
+    said: Option<(u64, Standing)>,
+    /// When the last heartbeat went.
+    beat: Option<Instant>,
+}
+
+impl Outgoing for Replica {
+    type Cursor = Told;
+
+    fn stopping(&self) -> bool {
+        self.lock().stopping
+    }
+
+    fn linked(&self, j: usize) {
+        let mut inner = self.lock();
+        inner.peers[j].refused = false;
+        if inner.role == Role::Primary {
+            self.init_feed(&mut inner, j);
+        }
+        // A backup's last acknowledgement may have gone down with the old link.
+        if let (Some((epoch, seq)), false) = (inner.last_ack, inner.role == Role::Primary) {
+            let ack = ReplicaMsg::Ack { epoch, seq }.encode();
+            inner.peers[j].control.insert(0, ack);
+        }
+    }
+
+    fn refused(&self, j: usize) {
+        self.lock().peers[j].refused = true;
+    }
+
+    fn unlinked(&self, j: usize) {
+        self.lock().peers[j].feed = Feed::Unknown;
+    }
+
+    fn next_frames(&self, j: usize, told: &mut Told, out: &mut Vec<u8>) -> bool {
+        let mut inner = self.lock();
+        loop {
+            if inner.stopping {
+                return false;
+            }
+            for msg in std::mem::take(&mut inner.peers[j].control) {
+                encode_peer(&msg, out);
+            }
+            self.feed(&mut inner, j, out);
+            let now = Instant::now();
+            let standing = inner.standing(j);
+            let due = told
+                .beat
+                .is_none_or(|t| now.duration_since(t) >= HEARTBEAT_EVERY)
+                || told.said != Some((inner.version, standing));
+            if due {
+                encode_peer(&ReplicaMsg::Heartbeat(inner.status_for(j)).encode(), out);
+                told.beat = Some(now);
+                told.said = Some((inner.version, standing));
+            }
+            if !out.is_empty() {
+                return true;
+            }
+            let since = told.beat.map_or(Duration::ZERO, |t| now.duration_since(t));
+            inner = self
+                .changed
+                .wait_timeout(inner, HEARTBEAT_EVERY.saturating_sub(since))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn pause(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut inner = self.lock();
+        while !inner.stopping {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            inner = self
+                .changed
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Replica {
+    /// As primary, appends the next records (or a snapshot) for peer `j` to `out`.
+    fn feed(&self, inner: &mut Inner, j: usize, out: &mut Vec<u8>) {
+        if inner.role != Role::Primary {
+            return;
+        }
+        let msg = match inner.peers[j].feed {
+            Feed::Unknown => return,
+            Feed::From(next) if next > inner.last.seq => return,
+            Feed::From(next) => match inner.epoch_at(next - 1) {
+                Some(prev_epoch) => {
+                    let records = inner.records_after(next - 1, BATCH);
+                    inner.peers[j].feed = Feed::From(next + records.len() as u64);
+                    ReplicaMsg::Replicate {
+                        epoch: inner.epoch,
+                        prev: Pos {
+                            epoch: prev_epoch,
+                            seq: next - 1,
+                        },
+                        records,
+                        fetched: false,
+                    }
+                }
+                None => self.snapshot_for(inner, j, false),
+            },
+            Feed::Snapshot => self.snapshot_for(inner, j, false),
+        };
+        encode_peer(&msg.encode(), out);
+    }
+
+    pub(super) fn snapshot_for(&self, inner: &mut Inner, j: usize, fetched: bool) -> ReplicaMsg {
+        log_info!(
+            "messenger-{}: sending server {j} a snapshot at {}",
+            self.id,
+            inner.last
+        );
+        if !fetched {
+            inner.peers[j].feed = Feed::From(inner.last.seq + 1);
+        }
+        ReplicaMsg::Snapshot {
+            epoch: inner.epoch,
+            bytes: encode_snapshot(inner.last, &inner.state),
+            fetched,
+        }
+    }
+}
+
+pub(super) fn encode_peer(payload: &[u8], out: &mut Vec<u8>) {
+    // Replication frames are far below the u32 header's 4 GiB.
+    encode_frame(Framing::U32, payload, out).expect("a peer frame fits a u32 header");
+}

@@ -1,0 +1,316 @@
+//! Inbound replication links: the HELLO check and the WELCOME, then every message a peer
+//! sends, decided under the lock, with one flush and one acknowledgement per read.
+
+use super::feed::encode_peer;
+use super::records::Incoming;
+use super::timing::{LINK_TIMEOUT, NEED_RETRY, PEER_MAX_FRAME};
+use super::view::{Feed, Inner};
+use super::Replica;
+use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::log_info;
+use crate::messenger::log::decode_snapshot;
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status};
+use crate::server::{Connection, HandlerError};
+use std::io::Write;
+use std::sync::{Arc, MutexGuard};
+use std::time::Instant;
+
+impl Replica {
+    /// Serves an inbound peer link whose HELLO has been read. The dialer sends nothing
+    /// until it has our WELCOME, so `buffered` (bytes read past the HELLO) must be 0.
+    pub(in crate::messenger) fn serve_peer(
+        &self,
+        conn: &Connection,
+        hello: &[u8],
+        buffered: usize,
+    ) -> Result<(), HandlerError> {
+        let from = match ReplicaMsg::decode(hello) {
+            Ok(ReplicaMsg::Hello { from, cluster })
+                if cluster == self.cluster
+                    && from < self.addrs.len()
+                    && from != self.id
+                    && buffered == 0 =>
+            {
+                from
+            }
+            _ => {
+                log_info!(
+                    "messenger-{}: refused a peer link from {}: not of this cluster (check --peers)",
+                    self.id,
+                    conn.peer
+                );
+                return Ok(());
+            }
+        };
+        let mut welcome = Vec::new();
+        encode_peer(&ReplicaMsg::Welcome.encode(), &mut welcome);
+        conn.stream.set_read_timeout(Some(LINK_TIMEOUT))?;
+        (&*conn.stream).write_all(&welcome)?;
+        let generation = {
+            let mut inner = self.lock();
+            let p = &mut inner.peers[from];
+            p.inbound += 1;
+            p.heard = Some(Instant::now());
+            p.link = Some(Arc::clone(&conn.stream));
+            p.inbound
+        };
+        let limits = Limits {
+            max_frame: PEER_MAX_FRAME,
+            ..Limits::default()
+        };
+        let mut reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+        let result: Result<(), HandlerError> = loop {
+            // One read, every frame it completed, then one flush and one acknowledgement
+            // for all the records among them: a backup that falls behind catches up in
+            // fewer, larger fsyncs.
+            match reader.fill() {
+                Ok(true) => {}
+                Ok(false) => break reader.finish().map_err(Into::into),
+                // A silent or reset link: the peer is down, not misbehaving.
+                Err(FrameError::Io(_)) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
+            let mut ack = None;
+            let failed = loop {
+                match reader.next_buffered() {
+                    Ok(Some(frame)) => match ReplicaMsg::decode(frame) {
+                        Ok(msg) => self.on_peer(from, generation, msg, &mut ack),
+                        Err(e) => break Some(HandlerError::from(e)),
+                    },
+                    Ok(None) => break None,
+                    Err(e) => break Some(e.into()),
+                }
+            };
+            if let Some((epoch, seq)) = ack {
+                self.acknowledge(from, epoch, seq);
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        };
+        let mut inner = self.lock();
+        if inner.peers[from].inbound == generation {
+            inner.peers[from].link = None;
+            self.peer_down(&mut inner, from, "link closed");
+        }
+        self.settle(inner);
+        result
+    }
+
+    /// Handles one message from peer `from`. Records taken from a primary are acknowledged
+    /// by the caller, once per read: `ack` is set to the epoch and sequence number to
+    /// acknowledge.
+    fn on_peer(&self, from: usize, generation: u64, msg: ReplicaMsg, ack: &mut Option<(u64, u64)>) {
+        let mut inner = self.lock();
+        if inner.peers[from].inbound != generation {
+            return;
+        }
+        inner.peers[from].heard = Some(Instant::now());
+        match msg {
+            ReplicaMsg::Heartbeat(status) => self.on_heartbeat(inner, from, status),
+            ReplicaMsg::Replicate {
+                epoch,
+                prev,
+                records,
+                fetched,
+            } => {
+                let incoming = Incoming::Records(prev, records);
+                if fetched {
+                    self.on_fetched(inner, from, incoming);
+                } else {
+                    self.on_replicate(inner, from, epoch, incoming, ack);
+                }
+            }
+            ReplicaMsg::Snapshot {
+                epoch,
+                bytes,
+                fetched,
+            } => {
+                let incoming = Incoming::Snapshot(bytes);
+                if fetched {
+                    self.on_fetched(inner, from, incoming);
+                } else {
+                    self.on_replicate(inner, from, epoch, incoming, ack);
+                }
+            }
+            ReplicaMsg::Ack { epoch, seq } => {
+                if inner.role == Role::Primary && epoch == inner.epoch {
+                    let p = &mut inner.peers[from];
+                    p.acked = p.acked.max(seq);
+                    self.recompute_commit(&mut inner);
+                    self.changed.notify_all();
+                }
+            }
+            ReplicaMsg::Need { last } => {
+                if inner.role == Role::Primary {
+                    inner.peers[from].feed = if inner.holds(last) {
+                        Feed::From(last.seq + 1)
+                    } else {
+                        Feed::Snapshot
+                    };
+                    self.changed.notify_all();
+                }
+            }
+            ReplicaMsg::Reject { epoch } => {
+                inner.max_epoch = inner.max_epoch.max(epoch);
+                self.settle(inner);
+            }
+            ReplicaMsg::Fetch { last } => {
+                // Records after the asker's last if this log has it; all of this log if it
+                // is ahead but does not; else nothing (an empty answer: nothing newer).
+                let answer = if inner.holds(last) {
+                    ReplicaMsg::Replicate {
+                        epoch: inner.epoch,
+                        prev: last,
+                        records: inner.records_after(last.seq, usize::MAX),
+                        fetched: true,
+                    }
+                } else if inner.last > last {
+                    self.snapshot_for(&mut inner, from, true)
+                } else {
+                    ReplicaMsg::Replicate {
+                        epoch: inner.epoch,
+                        prev: last,
+                        records: Vec::new(),
+                        fetched: true,
+                    }
+                };
+                inner.peers[from].control.push(answer.encode());
+                self.changed.notify_all();
+            }
+            ReplicaMsg::Hello { .. } | ReplicaMsg::Welcome => {}
+        }
+    }
+
+    fn on_heartbeat(&self, mut inner: MutexGuard<'_, Inner>, from: usize, status: Status) {
+        inner.max_epoch = inner.max_epoch.max(status.epoch);
+        // Echoed back: it tells a primary this server has taken in what the heartbeat said
+        // (its standing, applied below). A stale primary's standing is ignored, so is its mark.
+        if status.role != Role::Primary || status.epoch >= inner.epoch {
+            inner.peers[from].echo = status.mark;
+        }
+        if status.role == Role::Primary && status.epoch >= inner.epoch {
+            let in_sync = match status.you {
+                Standing::Excluded => false,
+                Standing::InSync => true,
+                Standing::Member | Standing::NotPrimary => inner.in_sync,
+            };
+            if in_sync != inner.in_sync {
+                inner.in_sync = in_sync;
+                inner.version += 1;
+                let now = if in_sync { "holds" } else { "may miss" };
+                log_info!(
+                    "messenger-{}: {now} every committed change (server {from} says)",
+                    self.id
+                );
+            }
+        }
+        if inner.peers[from].status.is_none() {
+            log_info!("messenger-{}: server {from} is up", self.id);
+        }
+        inner.peers[from].status = Some(status);
+        if inner.role == Role::Primary && inner.peers[from].feed == Feed::Unknown {
+            self.init_feed(&mut inner, from);
+        }
+        self.settle(inner);
+    }
+
+    fn on_replicate(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        from: usize,
+        epoch: u64,
+        incoming: Incoming,
+        ack: &mut Option<(u64, u64)>,
+    ) {
+        if epoch < inner.epoch {
+            let reject = ReplicaMsg::Reject { epoch: inner.epoch }.encode();
+            inner.peers[from].control.push(reject);
+            self.changed.notify_all();
+            return;
+        }
+        if inner.role == Role::Primary {
+            self.step_down(&mut inner, &format!("server {from} leads epoch {epoch}"));
+        }
+        if inner.role == Role::Candidate {
+            self.set_candidate(&mut inner, false);
+        }
+        if epoch > inner.epoch {
+            inner.epoch = epoch;
+            inner.version += 1;
+        }
+        inner.max_epoch = inner.max_epoch.max(epoch);
+        let Ok(agreed) = self.take(&mut inner, incoming) else {
+            let last = inner.last;
+            let now = Instant::now();
+            let repeat = inner
+                .need
+                .is_some_and(|(p, at)| p == last && now.duration_since(at) < NEED_RETRY);
+            if !repeat {
+                inner.need = Some((last, now));
+                inner.peers[from]
+                    .control
+                    .push(ReplicaMsg::Need { last }.encode());
+                self.changed.notify_all();
+            }
+            return;
+        };
+        *ack = Some((epoch, agreed));
+    }
+
+    /// Makes everything taken so far durable, then acknowledges up to `seq` to the primary.
+    fn acknowledge(&self, primary: usize, epoch: u64, seq: u64) {
+        self.flush_to(seq);
+        let mut inner = self.lock();
+        if inner.epoch == epoch {
+            inner.last_ack = Some((epoch, seq));
+            let ack = ReplicaMsg::Ack { epoch, seq }.encode();
+            inner.peers[primary].control.push(ack);
+            self.changed.notify_all();
+        }
+    }
+
+    /// As candidate, takes a FETCH answer: what the peer holds beyond this server's last
+    /// record, if anything, after which it is known to hold nothing newer.
+    fn on_fetched<'a>(&'a self, mut inner: MutexGuard<'a, Inner>, from: usize, incoming: Incoming) {
+        if inner.role != Role::Candidate {
+            return;
+        }
+        let taken = match incoming {
+            Incoming::Records(prev, records) if records.is_empty() => {
+                if prev == inner.last {
+                    inner.peers[from].confirmed = Some(prev);
+                }
+                None
+            }
+            Incoming::Snapshot(bytes) => match decode_snapshot(&bytes) {
+                Ok((pos, _)) if pos <= inner.last => None,
+                _ => Some(self.take(&mut inner, Incoming::Snapshot(bytes))),
+            },
+            records => Some(self.take(&mut inner, records)),
+        };
+        match taken {
+            None => {}
+            Some(Ok(_)) => {
+                log_info!(
+                    "messenger-{}: caught up to {} from server {from}",
+                    self.id,
+                    inner.last
+                );
+                inner.peers[from].confirmed = Some(inner.last);
+                let seq = inner.last.seq;
+                drop(inner);
+                self.flush_to(seq);
+                inner = self.lock();
+            }
+            Some(Err(())) => {
+                log_info!(
+                    "messenger-{}: server {from}'s answer did not fit; asking again",
+                    self.id
+                );
+                inner.peers[from].asked = None;
+            }
+        }
+        self.settle(inner);
+    }
+}

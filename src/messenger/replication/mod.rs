@@ -1,0 +1,447 @@
+//! One replica: a server of the cluster, with its state, its log, its role, and its links
+//! to the others. The rules it follows are written out in the [module documentation](super);
+//! the constants re-exported here are their timing.
+//!
+//! The parts, a file each: `view` (what a replica knows, behind its one lock: its role,
+//! the records it keeps in memory, its view of each other server, its client registry),
+//! `records` (appending, taking records and snapshots, making them durable), `roles` (the
+//! rules that change the role and the commit point, and the ticker), `feed` (what each
+//! outbound link carries), `outbound` (dialing and writing, sockets only) and `inbound` (a
+//! peer's messages). Here: opening, starting and stopping a replica, and what the client
+//! connections of [`super::server`] may ask of it.
+//!
+//! Threads: one link thread per peer dials it and writes every message for it (records,
+//! acknowledgements, heartbeats, fetch answers), pulling from shared state under the one
+//! lock; the inbound link from each peer is served on that connection's own thread; a
+//! ticker turns silences into failures, drops members that stopped acknowledging, and
+//! re-evaluates the role.
+
+mod feed;
+mod inbound;
+mod outbound;
+mod records;
+mod roles;
+mod timing;
+mod view;
+
+pub use roles::next_epoch;
+pub use timing::{ACK_TIMEOUT, DOWN_AFTER, HEARTBEAT_EVERY, STALL};
+
+use super::clients::{Clients, Out};
+use super::log::{Disk, COMPACT_AFTER};
+use super::protocol;
+use super::replica_protocol::{ReplicaMsg, Role};
+use super::requests::{self, Serving};
+use super::state::Session;
+use crate::log_info;
+use crossbeam_channel::Sender;
+use outbound::Dial;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+use view::{Inner, Remote};
+
+/// How a server is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This server's id: its index in `peers`.
+    pub id: usize,
+    /// Every server's address, by id (clients and peers use the same port).
+    pub peers: Vec<SocketAddr>,
+    /// Where the snapshot and the change log live.
+    pub data_dir: PathBuf,
+    /// Fsync the log before a change counts as durable here (otherwise it is written to
+    /// the OS, which survives a killed process but not a power cut).
+    pub fsync: bool,
+    /// Snapshot the state and empty the log after this many records
+    /// ([`COMPACT_AFTER`] by default).
+    pub compact_after: u64,
+}
+
+impl Options {
+    /// Server `id` of `peers`, keeping its data in `data_dir`, with fsync and the default
+    /// compaction threshold.
+    pub fn new(id: usize, peers: Vec<SocketAddr>, data_dir: PathBuf) -> Options {
+        Options {
+            id,
+            peers,
+            data_dir,
+            fsync: true,
+            compact_after: COMPACT_AFTER,
+        }
+    }
+}
+
+/// One messenger server: a replica of the state machine. Serve its port with
+/// [`Replica::serve`], after [`Replica::start`].
+pub struct Replica {
+    id: usize,
+    addrs: Vec<SocketAddr>,
+    /// The `--peers` list as HELLO carries it.
+    cluster: String,
+    inner: Mutex<Inner>,
+    /// Link threads and the ticker wait on this.
+    changed: Condvar,
+    /// Client outboxes wait on this for commits.
+    commits: Condvar,
+    disk: Disk,
+    compact_after: u64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The first heartbeat mark of this process's life: above every mark of an earlier life
+/// (marks grow by one per change, far slower than nanoseconds).
+fn first_mark() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// A storage failure is a crash: the server stops at once rather than acknowledge a change
+/// it could not write.
+fn fatal(e: &io::Error) -> ! {
+    log_info!("messenger: storage failure: {e}; exiting");
+    std::process::exit(70);
+}
+
+impl Replica {
+    /// Opens the data directory and loads it; returns the replica (a backup until the rules
+    /// say otherwise) and a one-line report of what was loaded.
+    ///
+    /// # Errors
+    /// When `id` is not an index of `peers`, or the data directory cannot be opened (see
+    /// [`Disk::open`]).
+    pub fn open(options: &Options) -> io::Result<(Arc<Replica>, String)> {
+        let n = options.peers.len();
+        if options.id >= n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--id {} but only {n} peers", options.id),
+            ));
+        }
+        let (disk, loaded) = Disk::open(&options.data_dir, options.fsync)?;
+        let report = loaded.to_string();
+        let last = loaded.last();
+        let now = Instant::now();
+        let mut inner = Inner {
+            role: Role::Backup,
+            epoch: last.epoch,
+            max_epoch: last.epoch,
+            takeover: 0,
+            primary_since: now,
+            state: loaded.state,
+            last: loaded.base,
+            window: VecDeque::new(),
+            base: loaded.base,
+            durable: last.seq,
+            committed: 0,
+            in_sync: false,
+            peers: (0..n).map(|_| Remote::new()).collect(),
+            clients: Clients::default(),
+            need: None,
+            last_ack: None,
+            version: first_mark(),
+            started: now,
+            last_tick: now,
+            stopping: false,
+        };
+        for r in loaded.records {
+            inner.push(r.pos, r.change);
+        }
+        let cluster = options
+            .peers
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let replica = Replica {
+            id: options.id,
+            addrs: options.peers.clone(),
+            cluster,
+            inner: Mutex::new(inner),
+            changed: Condvar::new(),
+            commits: Condvar::new(),
+            disk,
+            compact_after: options.compact_after.max(1),
+            threads: Mutex::new(Vec::new()),
+        };
+        Ok((Arc::new(replica), report))
+    }
+
+    /// Starts the link threads and the ticker.
+    ///
+    /// # Errors
+    /// When a thread cannot be started.
+    pub fn start(self: &Arc<Self>) -> io::Result<()> {
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
+            let dial = Dial {
+                to: j,
+                addr: self.addrs[j],
+                hello: ReplicaMsg::Hello {
+                    from: self.id,
+                    cluster: self.cluster.clone(),
+                }
+                .encode(),
+                welcome: ReplicaMsg::Welcome.encode(),
+                name: format!("messenger-{}", self.id),
+            };
+            let replica = Arc::clone(self);
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("messenger-{}-link-{j}", self.id))
+                    .spawn(move || outbound::run(&*replica, &dial))?,
+            );
+        }
+        let replica = Arc::clone(self);
+        threads.push(
+            thread::Builder::new()
+                .name(format!("messenger-{}-tick", self.id))
+                .spawn(move || replica.run_ticker())?,
+        );
+        Ok(())
+    }
+
+    /// Stops serving: closes client connections and wakes every waiting thread. Call it
+    /// with the server's shutdown; then [`Replica::stop`].
+    pub fn begin_stop(&self) {
+        let mut inner = self.lock();
+        inner.stopping = true;
+        inner.clients.shutdown_all();
+        self.changed.notify_all();
+        self.commits.notify_all();
+    }
+
+    /// Stops, joins the replica's threads and writes out the log.
+    pub fn stop(&self) {
+        self.begin_stop();
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Err(e) = self.disk.sync_to(u64::MAX) {
+            log_info!("messenger-{}: final log write failed: {e}", self.id);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Critical sections leave the state consistent before anything that can panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This server's id: its index in `--peers`.
+    pub(in crate::messenger) fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Registers client connection `conn`, whose outbox writer reads from `outbox`.
+    pub(in crate::messenger) fn add_client(
+        &self,
+        conn: u64,
+        outbox: Sender<Out>,
+        stream: Arc<TcpStream>,
+    ) {
+        self.lock().clients.add(conn, outbox, stream);
+    }
+
+    /// Forgets client connection `conn` (it ended) and its session; its outbox writer
+    /// drains what is queued and ends.
+    pub(in crate::messenger) fn remove_client(&self, conn: u64) {
+        self.lock().clients.remove(conn);
+    }
+
+    /// Decides, applies and queues the answer to one request from client connection
+    /// `conn` (see [`requests::respond`]); true when the connection is to close.
+    pub(in crate::messenger) fn request(&self, conn: u64, payload: &[u8]) -> bool {
+        let decoded = protocol::decode_request(payload);
+        let mut inner = self.lock();
+        let serving = inner.serving(self.id);
+        if serving == Serving::Primary && !inner.clients.contains(conn) {
+            return true;
+        }
+        let effects = requests::respond(
+            serving,
+            &inner.state,
+            inner.clients.sessions(),
+            conn,
+            decoded,
+        );
+        let epoch = inner.epoch;
+        let mut appended = None;
+        if let Some(change) = &effects.change {
+            let (seq, delivered) = self.append_local(&mut inner, change);
+            appended = Some(seq);
+            // Queued under the lock, so a recipient's messages leave in number order,
+            // after the login hand-over they follow.
+            if let Some((to, d)) = delivered {
+                let out = Out::replies(epoch, Some(seq), &[protocol::Reply::Deliver(d)], false);
+                inner.clients.send_to_user(&to, out);
+            }
+        }
+        match effects.session {
+            Session::LogIn(name) => inner.clients.sessions_mut().log_in(conn, name),
+            Session::LogOut | Session::Quit => inner.clients.sessions_mut().log_out(conn),
+            Session::Keep => {}
+        }
+        if !effects.replies.is_empty() || effects.close {
+            // An answer waits for the last change made so far, its own included.
+            let tag = effects.after_commit.then_some(inner.last.seq);
+            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
+            inner.clients.send(conn, out);
+        }
+        drop(inner);
+        // Outside the lock: the flush is disk I/O.
+        if let Some(seq) = appended {
+            self.changed.notify_all();
+            self.flush_to(seq);
+        }
+        effects.close
+    }
+
+    /// Waits until record `tag` of `epoch` is committed; false if this server stops being
+    /// that epoch's primary first (the client will fail over and resend).
+    pub(in crate::messenger) fn wait_commit(&self, epoch: u64, tag: u64) -> bool {
+        let mut inner = self.lock();
+        loop {
+            if inner.stopping || inner.role != Role::Primary || inner.epoch != epoch {
+                return false;
+            }
+            if inner.committed >= tag {
+                return true;
+            }
+            inner = self
+                .commits
+                .wait_timeout(inner, Duration::from_millis(200))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messenger::protocol::{
+        decode_reply, encode_request, Delivery, Reply, Request, Violation,
+    };
+    use crossbeam_channel::{bounded, Receiver};
+    use std::net::TcpListener;
+
+    /// A loopback connection for the registry to hold (and close); nothing is read here.
+    fn socket() -> (Arc<TcpStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        for s in [&ours, &theirs] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        (Arc::new(ours), theirs)
+    }
+
+    fn ask(replica: &Replica, conn: u64, request: &Request) -> bool {
+        let mut payload = Vec::new();
+        encode_request(request, &mut payload);
+        replica.request(conn, &payload)
+    }
+
+    /// The next frames queued for a connection, decoded, with the record they wait for.
+    fn next(rx: &Receiver<Out>) -> (Option<u64>, Vec<Reply>, bool) {
+        let out = rx.try_recv().expect("frames were queued");
+        let (mut bytes, mut replies) = (&out.bytes[..], Vec::new());
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            replies.push(decode_reply(&bytes[4..4 + len]).unwrap());
+            bytes = &bytes[4 + len..];
+        }
+        (out.tag, replies, out.close)
+    }
+
+    #[test]
+    fn a_primary_applies_each_requests_effects_and_holds_every_answer_for_its_change() {
+        let dir = std::env::temp_dir().join(format!("switchboard-req-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec!["127.0.0.1:1".parse().unwrap()];
+        let (replica, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
+        // Alone, it takes over at once: its epoch record is seq 1.
+        replica.settle(replica.lock());
+        assert_eq!(replica.lock().role, Role::Primary);
+        let epoch = replica.lock().epoch;
+        let ((ann_stream, _ann_peer), (bob_stream, _bob_peer)) = (socket(), socket());
+        let ((ann_tx, ann), (bob_tx, bob)) = (bounded(8), bounded(8));
+        replica.add_client(1, ann_tx, ann_stream);
+        replica.add_client(2, bob_tx, bob_stream);
+
+        for name in ["ann", "bob"] {
+            let register = Request::Register {
+                name: name.into(),
+                nonce: None,
+            };
+            assert!(!ask(&replica, 1, &register));
+        }
+        // Each answer waits for its own change: records 2 and 3.
+        assert_eq!(next(&ann), (Some(2), vec![Reply::Ok], false));
+        assert_eq!(next(&ann), (Some(3), vec![Reply::Ok], false));
+        // A login changes nothing but still waits for everything before it.
+        let login = |name: &str| Request::Login { name: name.into() };
+        assert!(!ask(&replica, 2, &login("bob")));
+        assert_eq!(
+            next(&bob),
+            (Some(3), vec![Reply::LoggedIn { count: 0 }], false)
+        );
+        assert!(!ask(&replica, 1, &login("ann")));
+        next(&ann);
+        // A send is pushed to its logged-in recipient, held for the same record as the
+        // sender's answer.
+        let send = Request::Send {
+            from: "ann".into(),
+            to: "bob".into(),
+            id: 7,
+            text: "hi".into(),
+        };
+        assert!(!ask(&replica, 1, &send));
+        let hi = Reply::Deliver(Delivery {
+            id: 4,
+            from: "ann".into(),
+            text: "hi".into(),
+        });
+        assert_eq!(next(&bob), (Some(4), vec![hi.clone()], false));
+        assert_eq!(next(&ann), (Some(4), vec![Reply::Ok], false));
+        // Alone, a change is committed once it is durable here, which the request saw to.
+        assert!(replica.wait_commit(epoch, 4));
+        // Quit: answered, logged out, and the connection is to close.
+        assert!(ask(&replica, 2, &Request::Quit));
+        assert_eq!(next(&bob), (Some(4), vec![Reply::Ok], true));
+        assert!(!ask(&replica, 1, &login("bob")));
+        let taken = Reply::Refused(Violation::AlreadyLoggedIn);
+        assert_eq!(next(&ann), (Some(4), vec![taken], false));
+        // bob is free to log in again elsewhere: on connection 3, bob's quit closed 2.
+        replica.remove_client(2);
+        let ((bob_stream, _bob_peer), (bob_tx, bob)) = (socket(), bounded(8));
+        replica.add_client(3, bob_tx, bob_stream);
+        assert!(!ask(&replica, 3, &login("bob")));
+        assert_eq!(
+            next(&bob),
+            (Some(4), vec![Reply::LoggedIn { count: 1 }, hi], false)
+        );
+        // Stepped down, with no primary known: unavailable at once, and closed.
+        let mut inner = replica.lock();
+        replica.step_down(&mut inner, "test");
+        drop(inner);
+        assert!(ask(
+            &replica,
+            3,
+            &Request::Search {
+                pattern: "*".into()
+            }
+        ));
+        assert_eq!(next(&bob), (None, vec![Reply::Unavailable], true));
+        assert!(!replica.wait_commit(epoch, 4));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! Outbound replication links, sockets only: dial a peer, send the HELLO, wait for the
+//! WELCOME, then write whatever the replica hands over until the link fails or the replica
+//! stops; pause and dial again. What to send is decided elsewhere, behind [`Outgoing`].
+//! Kept to this file and this small interface because the framework's shared link layer
+//! (dial with a hello and timeouts, an outbox drained by one writer) is to replace it.
+
+use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, REDIAL_EVERY};
+use crate::framing::{encode_frame, FrameReader, Framing, Limits};
+use crate::log_debug;
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Where and how to dial one peer.
+pub(super) struct Dial {
+    /// The peer's id, passed back to [`Outgoing`].
+    pub(super) to: usize,
+    /// Its address.
+    pub(super) addr: SocketAddr,
+    /// The first frame's payload.
+    pub(super) hello: Vec<u8>,
+    /// The only answer that accepts the link.
+    pub(super) welcome: Vec<u8>,
+    /// Who dials, for the logs.
+    pub(super) name: String,
+}
+
+/// The replica's side of its outbound links.
+pub(super) trait Outgoing {
+    /// What a writer remembers between batches on one connection; each new connection
+    /// starts from the default.
+    type Cursor: Default;
+    /// Whether the replica is stopping: no more dialing.
+    fn stopping(&self) -> bool;
+    /// The link to peer `to` is up (handshake done), before anything is written on it.
+    fn linked(&self, to: usize);
+    /// Dialing peer `to` failed, or it refused the link.
+    fn refused(&self, to: usize);
+    /// The link to peer `to` is down.
+    fn unlinked(&self, to: usize);
+    /// Waits until something is due on the link to peer `to` and appends its frames to
+    /// `out`; false when the replica is stopping.
+    fn next_frames(&self, to: usize, cursor: &mut Self::Cursor, out: &mut Vec<u8>) -> bool;
+    /// Waits `d`, or less if the replica stops.
+    fn pause(&self, d: Duration);
+}
+
+/// Keeps a link to one peer up until the replica stops.
+pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial) {
+    while !replica.stopping() {
+        match connect(dial) {
+            Ok(stream) => {
+                replica.linked(dial.to);
+                log_debug!("{}: linked to server {}", dial.name, dial.to);
+                write_due(replica, dial, &stream);
+                let _ = stream.shutdown(Shutdown::Both);
+                replica.unlinked(dial.to);
+            }
+            Err(e) => {
+                log_debug!("{}: cannot link to server {}: {e}", dial.name, dial.to);
+                replica.refused(dial.to);
+            }
+        }
+        replica.pause(REDIAL_EVERY);
+    }
+}
+
+/// Dials, says HELLO and waits for the WELCOME.
+fn connect(dial: &Dial) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&dial.addr, CONNECT_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
+    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
+    let mut frame = Vec::new();
+    encode_frame(Framing::U32, &dial.hello, &mut frame).map_err(io::Error::other)?;
+    (&stream).write_all(&frame)?;
+    // The acceptor's only frame is short: a longer one is no WELCOME.
+    let limits = Limits {
+        max_frame: 16,
+        ..Limits::default()
+    };
+    let mut reader = FrameReader::with_limits(&stream, Framing::U32, limits);
+    match reader.read_frame() {
+        Ok(Some(answer)) if answer == dial.welcome => Ok(stream),
+        Ok(_) => Err(io::Error::other("the peer refused the link")),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
+/// Writes whatever is due on the link, until it fails or the replica stops.
+fn write_due<R: Outgoing>(replica: &R, dial: &Dial, stream: &TcpStream) {
+    let mut cursor = R::Cursor::default();
+    let mut out = Vec::new();
+    while replica.next_frames(dial.to, &mut cursor, &mut out) {
+        if let Err(e) = (&*stream).write_all(&out) {
+            log_debug!("{}: link to server {} failed: {e}", dial.name, dial.to);
+            return;
+        }
+        out.clear();
+        // A snapshot can make this buffer large; keep it only while it is not.
+        if out.capacity() > 1 << 20 {
+            out = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::thread;
+
+    /// A replica that hands out its batches in turn, then stops; it notes every call.
+    struct Script {
+        batches: Mutex<Vec<Vec<u8>>>,
+        calls: Mutex<Vec<String>>,
+        stop: AtomicBool,
+    }
+
+    impl Script {
+        fn new(batches: &[&[u8]]) -> Script {
+            Script {
+                batches: Mutex::new(batches.iter().rev().map(|b| b.to_vec()).collect()),
+                calls: Mutex::new(Vec::new()),
+                stop: AtomicBool::new(false),
+            }
+        }
+
+        fn note(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    impl Outgoing for Script {
+        /// Batches written on this connection.
+        type Cursor = usize;
+
+        fn stopping(&self) -> bool {
+            self.stop.load(Ordering::SeqCst)
+        }
+
+        fn linked(&self, to: usize) {
+            self.note(format!("linked {to}"));
+        }
+
+        fn refused(&self, to: usize) {
+            self.note(format!("refused {to}"));
+            self.stop.store(true, Ordering::SeqCst);
+        }
+
+        fn unlinked(&self, to: usize) {
+            self.note(format!("unlinked {to}"));
+            self.stop.store(true, Ordering::SeqCst);
+        }
+
+        fn next_frames(&self, _to: usize, written: &mut usize, out: &mut Vec<u8>) -> bool {
+            let Some(batch) = self.batches.lock().unwrap().pop() else {
+                return false;
+            };
+            *written += 1;
+            out.extend_from_slice(&batch);
+            true
+        }
+
+        fn pause(&self, _d: Duration) {}
+    }
+
+    /// A peer that reads the HELLO, answers `answer`, and returns everything it read.
+    fn peer(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut hello = [0; 4 + 5];
+            s.read_exact(&mut hello).unwrap();
+            let mut frame = (answer.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(answer);
+            s.write_all(&frame).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            [&hello[..], &rest].concat()
+        });
+        (addr, peer)
+    }
+
+    fn dial(addr: SocketAddr) -> Dial {
+        Dial {
+            to: 1,
+            addr,
+            hello: b"hello".to_vec(),
+            welcome: b"w".to_vec(),
+            name: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_welcomed_link_carries_the_batches_in_order_then_closes() {
+        let (addr, peer) = peer(b"w");
+        let script = Script::new(&[b"one", b"two"]);
+        run(&script, &dial(addr));
+        assert_eq!(peer.join().unwrap(), b"\0\0\0\x05helloonetwo");
+        assert_eq!(*script.calls.lock().unwrap(), ["linked 1", "unlinked 1"]);
+    }
+
+    #[test]
+    fn any_answer_but_the_welcome_is_a_refusal() {
+        let (addr, peer) = peer(b"x");
+        let script = Script::new(&[b"one"]);
+        run(&script, &dial(addr));
+        assert_eq!(peer.join().unwrap(), b"\0\0\0\x05hello");
+        assert_eq!(*script.calls.lock().unwrap(), ["refused 1"]);
+        assert_eq!(script.batches.lock().unwrap().len(), 1);
+    }
+}

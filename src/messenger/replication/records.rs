@@ -1,0 +1,181 @@
+//! The log as a replica keeps it: appending as primary, taking records or a snapshot from
+//! a peer, compaction, and making records durable.
+
+use super::view::Inner;
+use super::{fatal, Replica};
+use crate::messenger::log::{decode_snapshot, encode_snapshot, Pos, Record};
+use crate::messenger::protocol::Delivery;
+use crate::messenger::state::Change;
+use crate::{log_debug, log_info};
+
+/// Changes from a peer: records following a position, or a whole snapshot.
+pub(super) enum Incoming {
+    Records(Pos, Vec<Record>),
+    Snapshot(Vec<u8>),
+}
+
+impl Replica {
+    /// Appends a change as primary: applies it, buffers it for the disk, keeps it for the
+    /// backups. Returns its sequence number and the message to deliver, for a send.
+    pub(super) fn append_local(
+        &self,
+        inner: &mut Inner,
+        change: &Change,
+    ) -> (u64, Option<(String, Delivery)>) {
+        let pos = Pos {
+            epoch: inner.epoch,
+            seq: inner.last.seq + 1,
+        };
+        let bytes = change.to_bytes();
+        let delivered = inner.state.apply(pos.seq, change);
+        self.disk.append(pos, &bytes);
+        inner.push(pos, bytes);
+        self.maybe_compact(inner);
+        (pos.seq, delivered)
+    }
+
+    fn maybe_compact(&self, inner: &mut Inner) {
+        if self.disk.since_snapshot() < self.compact_after {
+            return;
+        }
+        let snapshot = encode_snapshot(inner.last, &inner.state);
+        if let Err(e) = self.disk.install(&snapshot, inner.last) {
+            fatal(&e);
+        }
+        log_debug!("messenger-{}: compacted the log at {}", self.id, inner.last);
+        inner.durable = inner.last.seq;
+    }
+
+    /// Takes records that follow `prev` (skipping those already held): `Err` when they do
+    /// not continue this log. Returns the sequence number up to which this log is now known
+    /// to agree with the sender's: the last record sent, which is not always this log's
+    /// last (a suffix the sender does not have may follow it).
+    pub(super) fn accept(
+        &self,
+        inner: &mut Inner,
+        prev: Pos,
+        records: Vec<Record>,
+    ) -> Result<u64, ()> {
+        let mut prev = prev;
+        let mut skip = 0;
+        for r in &records {
+            if r.pos.seq > inner.last.seq {
+                break;
+            }
+            if !inner.holds(r.pos) {
+                return Err(());
+            }
+            prev = r.pos;
+            skip += 1;
+        }
+        if skip == records.len() {
+            return if inner.holds(prev) {
+                Ok(prev.seq)
+            } else {
+                Err(())
+            };
+        }
+        if prev != inner.last {
+            return Err(());
+        }
+        let mut changes = Vec::with_capacity(records.len() - skip);
+        for r in &records[skip..] {
+            changes.push(Change::decode(&r.change).map_err(|_| ())?);
+        }
+        for (r, change) in records.into_iter().skip(skip).zip(changes) {
+            inner.state.apply(r.pos.seq, &change);
+            self.disk.append(r.pos, &r.change);
+            inner.push(r.pos, r.change);
+        }
+        self.maybe_compact(inner);
+        Ok(inner.last.seq)
+    }
+
+    /// Takes records or a snapshot; returns as [`Replica::accept`].
+    pub(super) fn take(&self, inner: &mut Inner, incoming: Incoming) -> Result<u64, ()> {
+        match incoming {
+            Incoming::Records(prev, records) => self.accept(inner, prev, records),
+            Incoming::Snapshot(bytes) => {
+                let (pos, state) = decode_snapshot(&bytes).map_err(|e| {
+                    log_info!("messenger-{}: bad snapshot from a peer: {e}", self.id);
+                })?;
+                if let Err(e) = self.disk.install(&bytes, pos) {
+                    fatal(&e);
+                }
+                log_info!("messenger-{}: installed a snapshot at {pos}", self.id);
+                inner.state = state;
+                inner.last = pos;
+                inner.base = pos;
+                inner.window.clear();
+                inner.durable = pos.seq;
+                Ok(pos.seq)
+            }
+        }
+    }
+
+    /// Makes records up to `seq` durable here, then lets commits advance.
+    pub(super) fn flush_to(&self, seq: u64) {
+        if let Err(e) = self.disk.sync_to(seq) {
+            fatal(&e);
+        }
+        let mut inner = self.lock();
+        let seq = seq.min(inner.last.seq);
+        if inner.durable < seq {
+            inner.durable = seq;
+            self.recompute_commit(&mut inner);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messenger::Options;
+
+    fn record(epoch: u64, seq: u64, name: &str) -> Record {
+        let change = Change::Register {
+            name: name.into(),
+            nonce: 0,
+        };
+        Record {
+            pos: Pos { epoch, seq },
+            change: change.to_bytes(),
+        }
+    }
+
+    #[test]
+    fn records_are_taken_only_in_sequence_and_agreement_is_reported() {
+        let dir = std::env::temp_dir().join(format!("switchboard-repl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec!["127.0.0.1:1".parse().unwrap()];
+        let (replica, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
+        let mut inner = replica.lock();
+        let at = |epoch, seq| Pos { epoch, seq };
+        let first = vec![record(1, 1, "a"), record(1, 2, "b"), record(1, 3, "c")];
+        assert_eq!(replica.accept(&mut inner, Pos::default(), first), Ok(3));
+        // A gap is refused.
+        assert_eq!(
+            replica.accept(&mut inner, at(1, 4), vec![record(1, 5, "e")]),
+            Err(())
+        );
+        // What is held already is skipped; what follows it is taken.
+        let resent = vec![record(1, 2, "b"), record(1, 3, "c"), record(1, 4, "d")];
+        assert_eq!(replica.accept(&mut inner, at(1, 1), resent), Ok(4));
+        // A record that disagrees with the one held at its place is refused.
+        assert_eq!(
+            replica.accept(&mut inner, at(1, 3), vec![record(2, 4, "x")]),
+            Err(())
+        );
+        // Agreement is reported up to the last record sent, not this log's last.
+        assert_eq!(
+            replica.accept(&mut inner, at(1, 2), vec![record(1, 3, "c")]),
+            Ok(3)
+        );
+        assert!(inner.state.exists("d") && !inner.state.exists("x"));
+        assert_eq!(inner.last, at(1, 4));
+        assert!(inner.holds(at(1, 4)) && !inner.holds(at(2, 4)) && inner.holds(Pos::default()));
+        assert_eq!(inner.records_after(2, 10).len(), 2);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,32 @@
+//! The timing the rules rest on (see the [module documentation](super::super)), and the
+//! sizes of what links carry.
+
+use std::time::Duration;
+
+/// Every link carries a heartbeat at least this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+/// A peer not heard from for this long is down (a closed link makes it down at once).
+pub const DOWN_AFTER: Duration = Duration::from_millis(500);
+/// A member that has not acknowledged a record this long after it was appended is no
+/// longer waited for.
+pub const ACK_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often roles and failures are re-evaluated.
+pub(super) const TICK: Duration = Duration::from_millis(20);
+/// A tick this late means the whole process was stalled (stopped, swapped out): long
+/// enough, with [`HEARTBEAT_EVERY`] before it, for the others to have seen [`DOWN_AFTER`]
+/// of silence only if it is more than this.
+pub const STALL: Duration = Duration::from_millis(300);
+/// A candidate asks again if a FETCH goes unanswered this long.
+pub(super) const FETCH_RETRY: Duration = Duration::from_millis(1000);
+/// A backup repeats a NEED for the same position at most this often.
+pub(super) const NEED_RETRY: Duration = Duration::from_millis(200);
+pub(super) const REDIAL_EVERY: Duration = Duration::from_millis(100);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// Writes on a link, and silences on an inbound link, longer than this end it.
+pub(super) const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Records kept in memory to catch a peer up; one further behind gets a snapshot.
+pub(super) const WINDOW: usize = 100_000;
+/// Records per REPLICATE frame.
+pub(super) const BATCH: usize = 4096;
+/// Largest peer frame (a snapshot).
+pub(super) const PEER_MAX_FRAME: usize = 1 << 30;

@@ -1,0 +1,241 @@
+//! What one replica knows, behind its one lock: its role and epoch, the records it keeps
+//! in memory, what it knows of every other server of the cluster, and its client
+//! registry. Queries only; what changes it is in `roles`, `records` and `inbound`.
+
+use super::timing::{DOWN_AFTER, WINDOW};
+use crate::messenger::clients::Clients;
+use crate::messenger::log::{Pos, Record};
+use crate::messenger::replica_protocol::{Role, Standing, Status};
+use crate::messenger::requests::Serving;
+use crate::messenger::state::State;
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the primary streams to one peer next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Feed {
+    /// Its position is not known yet (no heartbeat since the link came up).
+    Unknown,
+    /// Records from this sequence number on.
+    From(u64),
+    /// A whole snapshot: its log does not continue ours.
+    Snapshot,
+}
+
+/// What this server knows of one other server of the cluster (a peer).
+pub(super) struct Remote {
+    /// When a frame last arrived on its inbound link; `None`: down.
+    pub(super) heard: Option<Instant>,
+    /// The last dial failed.
+    pub(super) refused: bool,
+    /// Known down since start: its link closed or it went silent.
+    pub(super) was_down: bool,
+    /// Its last heartbeat.
+    pub(super) status: Option<Status>,
+    /// Generation of its current inbound link: frames from an older link (and its end)
+    /// are ignored.
+    pub(super) inbound: u64,
+    /// The current inbound link, to close it after a stall.
+    pub(super) link: Option<Arc<TcpStream>>,
+    /// The mark of its last heartbeat taken in, echoed back to it (0: none since its link
+    /// came up or this server stalled).
+    pub(super) echo: u64,
+    // As candidate:
+    /// The position last asked about (FETCH), and when.
+    pub(super) asked: Option<(Pos, Instant)>,
+    /// The position it last answered it holds nothing beyond.
+    pub(super) confirmed: Option<Pos>,
+    // As primary:
+    pub(super) feed: Feed,
+    pub(super) acked: u64,
+    /// Commits wait for its acknowledgements.
+    pub(super) member: bool,
+    /// The mark (`Inner::version`) from which heartbeats tell it that it is excluded. Until
+    /// it echoes one, while it is up, it may still believe it holds every committed change,
+    /// so commits wait for it all the same (see `recompute_commit`).
+    pub(super) excluded: u64,
+    /// Encoded messages for the link thread to send.
+    pub(super) control: Vec<Vec<u8>>,
+}
+
+impl Remote {
+    pub(super) fn new() -> Remote {
+        Remote {
+            heard: None,
+            refused: false,
+            was_down: false,
+            status: None,
+            inbound: 0,
+            link: None,
+            echo: 0,
+            asked: None,
+            confirmed: None,
+            feed: Feed::Unknown,
+            acked: 0,
+            member: false,
+            excluded: 0,
+            control: Vec::new(),
+        }
+    }
+}
+
+/// A record kept in memory.
+pub(super) struct Entry {
+    pub(super) pos: Pos,
+    pub(super) at: Instant,
+    pub(super) change: Vec<u8>,
+}
+
+/// Everything behind the replica's one lock.
+pub(super) struct Inner {
+    pub(super) role: Role,
+    /// The highest epoch accepted from a primary (or started as one).
+    pub(super) epoch: u64,
+    /// The highest epoch heard of.
+    pub(super) max_epoch: u64,
+    /// As primary: the sequence number of this term's first record.
+    pub(super) takeover: u64,
+    pub(super) primary_since: Instant,
+    pub(super) state: State,
+    pub(super) last: Pos,
+    /// Records `base.seq + 1 ..= last.seq`, contiguous.
+    pub(super) window: VecDeque<Entry>,
+    pub(super) base: Pos,
+    /// Records up to here are durable on this server.
+    pub(super) durable: u64,
+    /// As primary: records up to here are durable on this server and every member.
+    pub(super) committed: u64,
+    /// This server holds every committed change.
+    pub(super) in_sync: bool,
+    pub(super) peers: Vec<Remote>,
+    /// Client connections and sessions (the primary's; a backup redirects and closes).
+    pub(super) clients: Clients,
+    /// As backup: the last NEED sent.
+    pub(super) need: Option<(Pos, Instant)>,
+    /// As backup: the last acknowledgement, repeated on a new link.
+    pub(super) last_ack: Option<(u64, u64)>,
+    /// Bumped whenever what heartbeats say changes, so links send one at once; sent as
+    /// their `mark`. Starts at the wall clock in nanoseconds, so a restarted server's marks
+    /// are above its previous life's and a peer's stale echo never passes for a new one.
+    pub(super) version: u64,
+    /// Start, or the end of the last stall: peers not heard from since may be up.
+    pub(super) started: Instant,
+    /// When the ticker last ran; a primary whose ticker is late advances no commit.
+    pub(super) last_tick: Instant,
+    pub(super) stopping: bool,
+}
+
+impl Inner {
+    pub(super) fn epoch_at(&self, seq: u64) -> Option<u64> {
+        if seq == self.base.seq {
+            return Some(self.base.epoch);
+        }
+        self.entry(seq).map(|e| e.pos.epoch)
+    }
+
+    pub(super) fn entry(&self, seq: u64) -> Option<&Entry> {
+        if seq <= self.base.seq || seq > self.last.seq {
+            return None;
+        }
+        self.window.get((seq - self.base.seq - 1) as usize)
+    }
+
+    /// Whether this log has the record at `pos` (and so everything before it agrees).
+    pub(super) fn holds(&self, pos: Pos) -> bool {
+        self.epoch_at(pos.seq) == Some(pos.epoch)
+    }
+
+    /// Up to `max` records after `seq` (which must be at or after `base`).
+    pub(super) fn records_after(&self, seq: u64, max: usize) -> Vec<Record> {
+        let from = (seq - self.base.seq) as usize;
+        self.window
+            .range(from.min(self.window.len())..)
+            .take(max)
+            .map(|e| Record {
+                pos: e.pos,
+                change: e.change.clone(),
+            })
+            .collect()
+    }
+
+    pub(super) fn push(&mut self, pos: Pos, change: Vec<u8>) {
+        self.window.push_back(Entry {
+            pos,
+            at: Instant::now(),
+            change,
+        });
+        self.last = pos;
+        while self.window.len() > WINDOW {
+            if let Some(e) = self.window.pop_front() {
+                self.base = e.pos;
+            }
+        }
+    }
+
+    pub(super) fn up(&self, j: usize, now: Instant) -> bool {
+        let p = &self.peers[j];
+        p.status.is_some() && p.heard.is_some_and(|t| now.duration_since(t) < DOWN_AFTER)
+    }
+
+    /// Not known to be down: up, or not heard from yet during the first [`DOWN_AFTER`]
+    /// after start, unless a dial was refused or a link from it closed.
+    pub(super) fn maybe_up(&self, j: usize, now: Instant) -> bool {
+        let p = &self.peers[j];
+        match p.heard {
+            Some(t) => now.duration_since(t) < DOWN_AFTER,
+            None => !p.refused && !p.was_down && now.duration_since(self.started) < DOWN_AFTER,
+        }
+    }
+
+    /// The primary as far as this server knows: itself, or the lowest live peer that
+    /// says it is one.
+    fn known_primary(&self, me: usize) -> Option<usize> {
+        if self.role == Role::Primary {
+            return Some(me);
+        }
+        let now = Instant::now();
+        (0..self.peers.len()).find(|&j| {
+            j != me
+                && self.up(j, now)
+                && self.peers[j]
+                    .status
+                    .is_some_and(|s| s.role == Role::Primary)
+        })
+    }
+
+    /// What this server is to clients now: the primary, unless stopping; else a redirect
+    /// to the primary it knows of, if any.
+    pub(super) fn serving(&self, me: usize) -> Serving {
+        if self.role == Role::Primary && !self.stopping {
+            return Serving::Primary;
+        }
+        match self.known_primary(me) {
+            Some(p) if p != me => Serving::Redirect(p),
+            _ => Serving::Unavailable,
+        }
+    }
+
+    pub(super) fn standing(&self, j: usize) -> Standing {
+        let p = &self.peers[j];
+        match self.role {
+            Role::Primary if !p.member => Standing::Excluded,
+            Role::Primary if p.acked >= self.takeover => Standing::InSync,
+            Role::Primary => Standing::Member,
+            _ => Standing::NotPrimary,
+        }
+    }
+
+    pub(super) fn status_for(&self, j: usize) -> Status {
+        Status {
+            role: self.role,
+            epoch: self.epoch,
+            last: self.last,
+            in_sync: self.in_sync,
+            you: self.standing(j),
+            mark: self.version,
+            echo: self.peers[j].echo,
+        }
+    }
+}
