@@ -15,11 +15,13 @@
 //! # Seams for what comes next
 //!
 //! - **Authentication** (a cluster secret: each side sends a nonce and answers the other's
-//!   with a keyed MAC) belongs between the hello and the welcome: in [`dial`] after the
-//!   hello is written and before the answer is accepted, and in [`accept`] before the
-//!   welcome is written. Both sides pass through one private function each
-//!   (`greet_as_dialer`, `greet_as_acceptor`), so it is added there once, for every service;
-//!   a link that fails it never reaches the service's state.
+//!   with a keyed MAC; the primitives are [`crate::auth`]) belongs between the hello and
+//!   the welcome. Both sides pass through one private function each (`greet_as_dialer`,
+//!   `greet_as_acceptor`), so it is added there once, for every service: the dialer's
+//!   nonce goes with the hello, the acceptor's nonce and tag with the welcome (checked by
+//!   the dialer before the answer counts), and the dialer's tag as one more frame that the
+//!   acceptor reads before [`accept`] returns the link. A link that fails it never reaches
+//!   the service's state.
 //! - **Dead-peer detection**: a link's writer sends a heartbeat when idle
 //!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
 //!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
@@ -393,7 +395,8 @@ where
 }
 
 /// The dialer's half of the handshake: hello out, answer in. Issue 15's challenge and
-/// response go here, after the hello and before the answer counts as a welcome.
+/// response go here: the dialer's nonce rides with the hello, the acceptor's tag is checked
+/// before the answer counts as a welcome, and the dialer's own tag is written after it.
 fn greet_as_dialer<P, E>(
     stream: &TcpStream,
     reader: &mut FrameReader<SharedStream>,
@@ -423,14 +426,14 @@ where
 /// When the timeouts cannot be set or the answer cannot be written.
 pub fn accept<R: Read>(
     stream: &Arc<TcpStream>,
-    reader: FrameReader<R>,
+    mut reader: FrameReader<R>,
     timeouts: &Timeouts,
     verdict: Verdict,
 ) -> io::Result<Option<Link<R>>> {
     stream.set_write_timeout(Some(timeouts.write))?;
     // Set before the welcome goes out, so the link is bounded from its first frame on.
     stream.set_read_timeout(timeouts.idle)?;
-    if !greet_as_acceptor(stream, verdict)? {
+    if !greet_as_acceptor(stream, &mut reader, verdict)? {
         return Ok(None);
     }
     Ok(Some(Link {
@@ -440,8 +443,13 @@ pub fn accept<R: Read>(
     }))
 }
 
-/// Writes the answer. Issue 15's challenge goes here, before a welcome is written.
-fn greet_as_acceptor(stream: &Arc<TcpStream>, verdict: Verdict) -> io::Result<bool> {
+/// Writes the answer. Issue 15's challenge goes here: the acceptor's nonce and tag ride with
+/// the welcome, and the dialer's tag is read from `reader` before the link counts as up.
+fn greet_as_acceptor<R: Read>(
+    stream: &Arc<TcpStream>,
+    _reader: &mut FrameReader<R>,
+    verdict: Verdict,
+) -> io::Result<bool> {
     let mut out = &**stream;
     match verdict {
         Verdict::Refuse(frame) => {
