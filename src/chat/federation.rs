@@ -23,17 +23,19 @@
 //! A crash is never reported second-hand: every member has its own links to the crashed
 //! server and sees them end, so no server can be expelled on another's word.
 
-use super::hub::{self, Line, LineTx};
-use super::protocol::{self, Hello, PeerMessage, ProtocolError, ServerId, Welcome};
+use super::hub::Line;
+use super::protocol::{self, Hello, PeerMessage, ServerId, Welcome};
 use super::{encode, line_limits, Chat};
-use crate::framing::{FrameError, FrameReader, Framing};
+use crate::framing::{FrameReader, Framing};
+use crate::link::{self, Answer, Dialer, End, Link, LinkError, Timeouts, Verdict};
+use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::HandlerError;
 use crate::term::Term;
 use crate::{log_debug, log_info};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,62 +48,15 @@ const MAX_PEERS: usize = 256;
 const MAX_ROSTER: usize = 1 << 16;
 /// Gone servers remembered, at most (a stale list naming an older one costs one failed dial).
 const MAX_GONE: usize = 4096;
-/// How long connecting to a server may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a server may take to answer `{server_hello,..}`.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A link write blocked this long means the peer has stopped reading: the link fails.
-const LINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a link could not be opened.
-#[derive(Debug)]
-pub enum LinkError {
-    /// The address resolved to nothing.
-    Resolve(String),
-    /// The address is this server's own.
-    Myself,
-    /// Connecting, writing or reading failed (refused, timed out, reset).
-    Io(io::Error),
-    /// The answer was not a line.
-    Frame(FrameError),
-    /// The answer was a line, but not a welcome.
-    Protocol(ProtocolError),
-    /// The server closed the connection without answering.
-    Closed,
-    /// The server answered `{error,Reason}`, or this server could not take the link.
-    Refused(String),
-}
-
-impl fmt::Display for LinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LinkError::Resolve(addr) => write!(f, "{addr} resolves to no address"),
-            LinkError::Myself => f.write_str("that is this server's own address"),
-            LinkError::Io(e) => write!(f, "{e}"),
-            LinkError::Frame(e) => write!(f, "bad answer: {e}"),
-            LinkError::Protocol(e) => write!(f, "bad answer: {e}"),
-            LinkError::Closed => f.write_str("closed without answering"),
-            LinkError::Refused(reason) => write!(f, "refused: {reason}"),
-        }
-    }
-}
-
-impl std::error::Error for LinkError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            LinkError::Io(e) => Some(e),
-            LinkError::Frame(e) => Some(e),
-            LinkError::Protocol(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<io::Error> for LinkError {
-    fn from(e: io::Error) -> Self {
-        LinkError::Io(e)
-    }
-}
+/// Connecting to a server may take 3 s, its answer to `{server_hello,..}` 5 s; a link write
+/// blocked 5 s means the peer has stopped reading, and the link fails. A link is quiet
+/// while nobody talks, so it is read without a timeout (the idle timeout is for clients).
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(3),
+    handshake: Duration::from_secs(5),
+    write: Duration::from_secs(5),
+    idle: None,
+};
 
 /// The member list and the links, kept in the chat state under its lock.
 pub struct Federation {
@@ -109,6 +64,7 @@ pub struct Federation {
     peers: BTreeMap<ServerId, Peer>,
     gone: VecDeque<ServerId>,
     leaving: bool,
+    next_link: u64,
 }
 
 struct Peer {
@@ -124,9 +80,11 @@ struct Peer {
 /// The state of our link to a peer.
 enum Out {
     Dialing,
+    /// Up: its outbox (the only one, so dropping it closes the link) and its number, by
+    /// which a report from the link's threads is told from a stale one.
     Up {
-        tx: LineTx,
-        stream: Arc<TcpStream>,
+        outbox: Outbox,
+        link: u64,
     },
     /// Failed while an incoming link lives on; the peer goes when that ends (rule 4).
     Failed,
@@ -139,6 +97,7 @@ impl Federation {
             peers: BTreeMap::new(),
             gone: VecDeque::new(),
             leaving: false,
+            next_link: 0,
         }
     }
 
@@ -234,42 +193,46 @@ impl Federation {
         self.peers.get(id).is_some_and(|p| p.incoming.is_some())
     }
 
-    /// Makes our dialled link to `id` live; `false` when it is no longer wanted.
-    pub fn link_up(&mut self, id: &ServerId, tx: LineTx, stream: Arc<TcpStream>) -> bool {
+    /// Makes our dialled link to `id` live; returns its number, or `None` (and the outbox
+    /// back) when it is no longer wanted.
+    pub fn link_up(&mut self, id: &ServerId, outbox: Outbox) -> Result<u64, Outbox> {
         if self.leaving {
-            return false;
+            return Err(outbox);
         }
         match self.peers.get_mut(id) {
             Some(peer) if matches!(peer.out, Out::Dialing) => {
-                peer.out = Out::Up { tx, stream };
+                let link = self.next_link;
+                self.next_link += 1;
+                peer.out = Out::Up { outbox, link };
                 self.report();
-                true
+                Ok(link)
             }
-            _ => false,
+            _ => Err(outbox),
         }
     }
 
     /// Queues `line` on every live link; a link whose queue is full or whose writer is gone
     /// is pushed to `failed`.
-    pub fn relay(&mut self, line: &Line, failed: &mut Vec<(ServerId, Arc<TcpStream>)>) {
+    pub fn relay(&mut self, line: &Line, failed: &mut Vec<(ServerId, u64)>) {
         for (id, peer) in &self.peers {
-            if let Out::Up { tx, stream } = &peer.out {
-                if !tx.offer(Line::clone(line)) {
+            if let Out::Up { outbox, link } = &peer.out {
+                // A full outbox has closed its link and logged why.
+                if outbox.send(Line::clone(line)).is_err() {
                     log_info!("chat: the link to {id} is full or closed; dropping it");
-                    failed.push((id.clone(), Arc::clone(stream)));
+                    failed.push((id.clone(), *link));
                 }
             }
         }
     }
 
-    /// Our link to `id` (the one on `stream`, or the dial when `None`) failed: rule 4.
+    /// Our link to `id` (link number `link`, or the dial when `None`) failed: rule 4.
     /// Returns the clients that left with the server, if it is removed now.
-    pub fn link_failed(&mut self, id: &ServerId, stream: Option<&Arc<TcpStream>>) -> Vec<String> {
+    pub fn link_failed(&mut self, id: &ServerId, link: Option<u64>) -> Vec<String> {
         let Some(peer) = self.peers.get_mut(id) else {
             return Vec::new();
         };
-        let current = match (&peer.out, stream) {
-            (Out::Up { stream: up, .. }, Some(failed)) => Arc::ptr_eq(up, failed),
+        let current = match (&peer.out, link) {
+            (Out::Up { link: up, .. }, Some(failed)) => *up == failed,
             (Out::Dialing, None) => true,
             _ => false,
         };
@@ -277,8 +240,8 @@ impl Federation {
             return Vec::new();
         }
         let was_up = matches!(peer.out, Out::Up { .. });
-        if let Out::Up { stream, .. } = std::mem::replace(&mut peer.out, Out::Failed) {
-            let _ = stream.shutdown(Shutdown::Both);
+        if let Out::Up { outbox, .. } = std::mem::replace(&mut peer.out, Out::Failed) {
+            outbox.shutdown(Shutdown::Both);
         }
         if let Some(incoming) = &peer.incoming {
             log_info!("chat: the link to {id} failed; closing its link to us");
@@ -305,8 +268,8 @@ impl Federation {
         let Some(peer) = self.peers.remove(id).filter(|_| matches) else {
             return Vec::new();
         };
-        if let Out::Up { stream, .. } = &peer.out {
-            let _ = stream.shutdown(Shutdown::Both);
+        if let Out::Up { outbox, .. } = &peer.out {
+            outbox.shutdown(Shutdown::Both);
         }
         if let Some(incoming) = &peer.incoming {
             let _ = incoming.shutdown(Shutdown::Both);
@@ -356,12 +319,13 @@ impl Federation {
         self.leaving = true;
         let bye = encode(|out| protocol::format_peer(&PeerMessage::Leave(self.me.clone()), out));
         for (_, peer) in std::mem::take(&mut self.peers) {
-            if let Out::Up { tx, stream } = &peer.out {
-                tx.offer(Line::clone(&bye));
+            if let Out::Up { outbox, .. } = &peer.out {
+                let _ = outbox.send(Line::clone(&bye));
                 // Ends the watcher now, not when (or if) the peer closes its end.
-                let _ = stream.shutdown(Shutdown::Read);
+                outbox.shutdown(Shutdown::Read);
             }
-            // Dropping `tx` lets the writer send what is queued, the leave last, and close.
+            // Dropping the outbox lets the writer send what is queued, the leave last, and
+            // half-close.
             if let Some(incoming) = &peer.incoming {
                 let _ = incoming.shutdown(Shutdown::Both);
             }
@@ -392,37 +356,25 @@ impl Peer {
 }
 
 /// Connects to `addr`, says hello and reads the answer; on a welcome, returns the link
-/// (now without a read timeout) and who answered.
-fn dial(addr: &str, hello: &Hello) -> Result<(TcpStream, ServerId), LinkError> {
-    let targets: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    if targets.is_empty() {
-        return Err(LinkError::Resolve(addr.to_owned()));
-    }
+/// and who answered.
+fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), LinkError> {
+    let targets = link::resolve(addr)?;
     if targets.iter().any(|t| t.to_string() == hello.from.addr) {
         return Err(LinkError::Myself);
     }
-    let stream = super::connect(targets.as_slice(), DIAL_TIMEOUT)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(LINK_WRITE_TIMEOUT))?;
     let mut line = Vec::new();
     protocol::format_hello(hello, &mut line);
-    (&stream).write_all(&line)?;
-    // The acceptor writes nothing after its answer, so this reader buffers nothing more.
-    let mut reader = FrameReader::with_limits(&stream, Framing::Line, line_limits());
-    let answer = match reader.read_frame() {
-        Ok(Some(line)) => protocol::parse_welcome(line).map_err(LinkError::Protocol)?,
-        Ok(None) => return Err(LinkError::Closed),
-        Err(FrameError::Io(e)) => return Err(LinkError::Io(e)),
-        Err(e) => return Err(LinkError::Frame(e)),
+    let dialer = Dialer {
+        limits: line_limits(),
+        group: Some(chat.0.group.clone()),
+        ..Dialer::new(Framing::Line, TIMEOUTS)
     };
-    match answer {
-        Welcome::Accepted(id) => {
-            stream.set_read_timeout(None)?;
-            Ok((stream, id))
-        }
-        Welcome::Refused(reason) => Err(LinkError::Refused(reason)),
-    }
+    dialer.dial(targets.as_slice(), &line, |answer| {
+        protocol::parse_welcome(answer).map(|welcome| match welcome {
+            Welcome::Accepted(id) => Answer::Welcome(id),
+            Welcome::Refused(reason) => Answer::Refused(reason),
+        })
+    })
 }
 
 /// Joins the federation `peer` belongs to: links to it; the rest follows from its list.
@@ -431,17 +383,21 @@ pub(super) fn join(chat: &Chat, peer: &str) -> Result<ServerId, LinkError> {
         from: chat.me().clone(),
         to: None,
     };
-    let (stream, id) = dial(peer, &hello)?;
+    let (link, id) = dial(chat, peer, &hello)?;
     if let Err(reason) = chat.state().fed.expect(&id) {
         return Err(LinkError::Refused(reason.to_owned()));
     }
     log_info!("chat: joining the federation through {id}");
-    let (link, who) = (chat.clone(), id.clone());
+    let (chat2, who) = (chat.clone(), id.clone());
     let name = format!("chat-link-{}", id.addr);
-    if let Err(e) = chat.spawn_tracked(name, move || serve_outgoing(link, who, stream)) {
+    if let Err(e) = chat
+        .0
+        .group
+        .spawn(name, move || serve_outgoing(chat2, who, link))
+    {
         // Undo `expect`, so the peer is not left `Dialing` for good.
         chat.link_failed(&id, None);
-        return Err(LinkError::Io(e));
+        return Err(LinkError::Io(io::Error::other(e)));
     }
     Ok(id)
 }
@@ -452,11 +408,11 @@ pub(super) fn run_outgoing(chat: Chat, id: ServerId) {
         from: chat.me().clone(),
         to: Some(id.clone()),
     };
-    match dial(&id.addr, &hello) {
-        Ok((stream, answered)) if answered == id => serve_outgoing(chat, id, stream),
-        Ok((stream, answered)) => {
+    match dial(&chat, &id.addr, &hello) {
+        Ok((link, answered)) if answered == id => serve_outgoing(chat, id, link),
+        Ok((link, answered)) => {
             log_info!("chat: {answered} answered for {id}; taking {id} as gone");
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = link.stream().shutdown(Shutdown::Both);
             chat.link_failed(&id, None);
         }
         Err(e) => {
@@ -467,46 +423,31 @@ pub(super) fn run_outgoing(chat: Chat, id: ServerId) {
 }
 
 /// Writes our lines to `id` until the link is dropped, and watches it for EOF meanwhile.
-fn serve_outgoing(chat: Chat, id: ServerId, stream: TcpStream) {
-    let stream = Arc::new(stream);
-    let Some((rx, snapshot)) = chat.link_up(&id, &stream) else {
-        let _ = stream.shutdown(Shutdown::Both);
+fn serve_outgoing(chat: Chat, id: ServerId, mut link: Link) {
+    let config = OutboxConfig::new(format!("chat: the link to {id}"), chat.0.link_outbox);
+    let (outbox, writer) = link.outbox(config);
+    let Some(number) = chat.link_up(&id, outbox) else {
+        let _ = link.stream().shutdown(Shutdown::Both);
         return;
     };
-    let (watcher, who, watched) = (chat.clone(), id.clone(), Arc::clone(&stream));
-    // Without a watcher (no thread to be had) the link still works; a crashed peer is then
-    // seen by its own link to us ending (rule 3), or by our next write failing.
-    let _ = chat.spawn_tracked(format!("chat-watch-{}", id.addr), move || {
-        watch(&watched);
-        watcher.link_failed(&who, Some(&watched));
-    });
-    let sent = (&*stream)
-        .write_all(&snapshot)
-        .and_then(|()| hub::drain(&rx, &stream));
-    match sent {
-        // The queue was closed: the peer was removed, or this server is leaving.
-        Ok(()) => {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        Err(e) => {
-            log_info!("chat: writing to {id} failed: {e}");
-            chat.link_failed(&id, Some(&stream));
-        }
-    }
-}
-
-/// Returns when the peer closes (or breaks) a link it is not meant to write on: a crashed
-/// peer is seen at once, not at our next write.
-fn watch(stream: &TcpStream) {
-    let mut buf = [0u8; 256];
-    loop {
-        match (&*stream).read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-    }
+    let (watcher, who) = (chat.clone(), id.clone());
+    // The peer writes nothing on a link we dialled: the reader returns when it closes (or
+    // breaks) the link, so a crashed peer is seen at once, not at our next write. Without
+    // a watcher (no thread to be had) the link still works; a crashed peer is then seen by
+    // its own link to us ending (rule 3), or by our next write failing.
+    let _ = chat
+        .0
+        .group
+        .spawn(format!("chat-watch-{}", id.addr), move || {
+            let name = format!("chat: the link to {who}");
+            link.read_frames(&name, |_| ControlFlow::<()>::Continue(()));
+            watcher.link_failed(&who, Some(number));
+        });
+    // Ends when the federation drops the outbox (the peer was removed, or this server is
+    // leaving), or when a write fails, which shuts the link down.
+    writer.run();
+    // A no-op unless the write failed: the link is no longer the current one otherwise.
+    chat.link_failed(&id, Some(number));
 }
 
 /// Serves a link another server dialled to us, from its hello until it ends.
@@ -517,7 +458,7 @@ pub(super) fn serve_incoming(
     chat: &Chat,
     hello: Hello,
     stream: &Arc<TcpStream>,
-    mut reader: FrameReader<&TcpStream>,
+    reader: FrameReader<&TcpStream>,
 ) -> Result<(), HandlerError> {
     let id = hello.from;
     let accepted = match &hello.to {
@@ -525,37 +466,42 @@ pub(super) fn serve_incoming(
         _ => chat.hello(&id, stream),
     };
     let mut answer = Vec::new();
-    if let Err(reason) = accepted {
-        log_info!("chat: refused a link from {id}: {reason}");
-        protocol::format_error(reason, &mut answer);
-        (&**stream).write_all(&answer)?;
-        return Ok(());
-    }
-    protocol::format_welcome(chat.me(), &mut answer);
-    // A link is quiet while nobody talks: the idle timeout is for clients.
-    let opened = stream
-        .set_read_timeout(None)
-        .and_then(|()| (&**stream).write_all(&answer));
-    let ending = match opened {
+    let verdict = match accepted {
+        Err(reason) => {
+            log_info!("chat: refused a link from {id}: {reason}");
+            protocol::format_error(reason, &mut answer);
+            Verdict::Refuse(answer)
+        }
+        Ok(()) => {
+            protocol::format_welcome(chat.me(), &mut answer);
+            Verdict::Welcome(answer)
+        }
+    };
+    let ending = match link::accept(stream, reader, &TIMEOUTS, verdict) {
+        Ok(None) => return Ok(()),
         Err(e) => e.to_string(),
-        Ok(()) => loop {
-            match reader.read_frame() {
-                Ok(Some(line)) => match protocol::parse_peer(line) {
-                    Ok(PeerMessage::Leave(who)) if who == id => break "it left".to_owned(),
-                    Ok(message) => {
-                        if !chat.peer_message(&id, message) {
-                            break "it was dropped".to_owned();
-                        }
+        Ok(Some(mut link)) => {
+            let name = format!("chat: the link from {id}");
+            let end = link.read_frames(&name, |line| match protocol::parse_peer(line) {
+                Ok(PeerMessage::Leave(who)) if who == id => ControlFlow::Break("it left"),
+                Ok(message) => {
+                    if chat.peer_message(&id, message) {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break("it was dropped")
                     }
-                    Err(e) => log_info!("chat: {id} sent a bad line ({e}); ignored"),
-                },
-                Ok(None) => break "it closed".to_owned(),
-                Err(e) if e.is_recoverable() => {
-                    log_info!("chat: {id} sent an overlong line; ignored");
                 }
-                Err(e) => break e.to_string(),
+                Err(e) => {
+                    log_info!("chat: {id} sent a bad line ({e}); ignored");
+                    ControlFlow::Continue(())
+                }
+            });
+            match end {
+                End::Closed => "it closed".to_owned(),
+                End::Stopped(why) => why.to_owned(),
+                End::Lost(e) => e.to_string(),
             }
-        },
+        }
     };
     log_debug!("chat: the link from {id} ended: {ending}");
     chat.peer_gone(&id, stream);

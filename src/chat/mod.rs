@@ -39,20 +39,22 @@ mod hub;
 pub mod protocol;
 mod session;
 
-pub use federation::LinkError;
+pub use crate::link::LinkError;
 
 use crate::framing::{FrameReader, Framing, Limits};
+use crate::group::{Group, Running, Stop};
+// `client` connects through this, to the first of an address's addresses that answers.
+use crate::link::connect;
+use crate::outbox::Outbox;
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use crate::{log_debug, log_info};
-use crossbeam_channel::Receiver;
 use federation::Federation;
-use hub::{Hub, Line, Outbox};
+use hub::{Client, Hub, Line};
 use protocol::{Event, Opening, PeerMessage, Refusal, ServerId};
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The chat server's default address: the course's chat port.
@@ -149,14 +151,7 @@ impl ChatServer {
     /// # Errors
     /// When the thread cannot be started.
     pub fn spawn(self) -> io::Result<RunningChat> {
-        let handle = self.handle();
-        let thread = thread::Builder::new()
-            .name("chat-main".into())
-            .spawn(move || self.run())?;
-        Ok(RunningChat {
-            handle,
-            thread: Some(thread),
-        })
+        Running::spawn("chat-main", self.handle(), move || self.run())
     }
 }
 
@@ -186,33 +181,14 @@ impl ChatHandle {
     }
 }
 
+impl Stop for ChatHandle {
+    fn stop(&self) {
+        self.shutdown();
+    }
+}
+
 /// A chat server running on its own thread; stopped when dropped.
-pub struct RunningChat {
-    handle: ChatHandle,
-    thread: Option<JoinHandle<ServeReport>>,
-}
-
-impl RunningChat {
-    /// The handle of the running server.
-    pub fn handle(&self) -> &ChatHandle {
-        &self.handle
-    }
-
-    /// Shuts the server down and waits for it.
-    pub fn stop(mut self) -> Option<ServeReport> {
-        self.handle.shutdown();
-        self.thread.take().and_then(|t| t.join().ok())
-    }
-}
-
-impl Drop for RunningChat {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.handle.shutdown();
-            let _ = thread.join();
-        }
-    }
-}
+pub type RunningChat = Running<ChatHandle, ServeReport>;
 
 /// What other servers dial: the bound address, with loopback for an unspecified IP.
 fn advertised(local: SocketAddr) -> SocketAddr {
@@ -233,26 +209,15 @@ fn incarnation() -> u64 {
     u64::try_from(nanos).unwrap_or(u64::MAX) & (i64::MAX as u64)
 }
 
-/// Connects to the first of `addr`'s addresses that answers within `timeout` each, in the
-/// resolver's order: `localhost` often resolves to ::1 first, while servers listen on
-/// 127.0.0.1 by default.
-fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
-    for addr in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
 /// Encodes one line with a `protocol::format_*` function.
 fn encode(format: impl FnOnce(&mut Vec<u8>)) -> Line {
     let mut out = Vec::new();
     format(&mut out);
     Line::from(out)
 }
+
+/// How long closing waits for link writers to flush the leave before cutting them.
+const LINK_FLUSH: Duration = Duration::from_secs(5);
 
 /// The line limit every chat connection reads with.
 fn line_limits() -> Limits {
@@ -272,8 +237,8 @@ struct Shared {
     link_outbox: usize,
     state: Mutex<State>,
     /// Link threads (dialers, writers, watchers), joined at close; finished ones are reaped
-    /// whenever a new one starts, so the list stays as long as the live links.
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// whenever a new one starts, so the group stays as large as the live links.
+    group: Group,
 }
 
 /// Everything that orders events: the local clients and the federation, under one lock.
@@ -291,7 +256,7 @@ enum Work {
     /// Send the member list to every peer.
     Gossip,
     /// An outgoing link (or the dial that would have made it) failed.
-    LinkFailed(ServerId, Option<Arc<TcpStream>>),
+    LinkFailed(ServerId, Option<u64>),
     /// The incoming link from a peer ended: that server is gone.
     PeerGone(ServerId, Arc<TcpStream>),
 }
@@ -306,7 +271,7 @@ impl State {
                     let mut dropped = Vec::new();
                     self.hub.deliver(&line, &mut dropped);
                     for name in dropped {
-                        log_info!("chat: {name} fell an outbox behind; disconnected");
+                        log_debug!("chat: {name} fell an outbox behind; disconnected");
                         queue.push_back(Work::Event {
                             event: Event::Leave(name),
                             relay: true,
@@ -321,8 +286,8 @@ impl State {
                     let line = encode(|out| protocol::format_peer(&members, out));
                     self.relay(&line, &mut queue);
                 }
-                Work::LinkFailed(id, stream) => {
-                    let gone = self.fed.link_failed(&id, stream.as_ref());
+                Work::LinkFailed(id, link) => {
+                    let gone = self.fed.link_failed(&id, link);
                     queue.extend(gone.into_iter().map(Work::remote_leave));
                 }
                 Work::PeerGone(id, stream) => {
@@ -339,7 +304,7 @@ impl State {
         queue.extend(
             failed
                 .into_iter()
-                .map(|(id, stream)| Work::LinkFailed(id, Some(stream))),
+                .map(|(id, link)| Work::LinkFailed(id, Some(link))),
         );
     }
 }
@@ -368,7 +333,7 @@ impl Chat {
             me,
             outbox: config.outbox.max(1),
             link_outbox: config.link_outbox.max(1),
-            threads: Mutex::new(Vec::new()),
+            group: Group::with_stack_size("chat", 128 << 10),
         }))
     }
 
@@ -399,62 +364,21 @@ impl Chat {
         }
     }
 
-    /// Starts a thread whose handle is kept until [`Chat::close`].
-    ///
-    /// # Errors
-    /// When the thread cannot be started (logged here).
-    fn spawn_tracked(&self, name: String, body: impl FnOnce() + Send + 'static) -> io::Result<()> {
-        let mut threads = self
-            .0
-            .threads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (done, live): (Vec<_>, Vec<_>) = threads.drain(..).partition(|t| t.is_finished());
-        *threads = live;
-        for thread in done {
-            let _ = thread.join();
-        }
-        match thread::Builder::new()
-            .name(name)
-            .stack_size(128 << 10)
-            .spawn(body)
-        {
-            Ok(thread) => {
-                threads.push(thread);
-                Ok(())
-            }
-            Err(e) => {
-                log_info!("chat: cannot start a link thread: {e}");
-                Err(e)
-            }
-        }
-    }
-
-    /// Joins every link thread (after [`Chat::leave_federation`] closed the links).
+    /// Joins every link thread (after [`Chat::leave_federation`] closed the links): first
+    /// letting writers flush the leave, then cutting whatever is still stuck (a dial in
+    /// its handshake, a peer that stopped reading).
     fn close(&self) {
-        loop {
-            let threads = std::mem::take(
-                &mut *self
-                    .0
-                    .threads
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            if threads.is_empty() {
-                return;
-            }
-            for thread in threads {
-                let _ = thread.join();
-            }
+        if !self.0.group.join(LINK_FLUSH).stragglers.is_empty() {
+            self.0.group.close(LINK_FLUSH);
         }
     }
 
     // ---- clients ----
 
     /// Joins `name`; `false` when the name is in use on this server.
-    fn join(&self, name: &str, outbox: Outbox) -> bool {
+    fn join(&self, name: &str, client: Client) -> bool {
         let mut state = self.state();
-        if !state.hub.join(name, outbox) {
+        if !state.hub.join(name, client) {
             return false;
         }
         log_debug!("chat: {name} joined");
@@ -519,38 +443,39 @@ impl Chat {
     fn dial(&self, id: ServerId) {
         let (chat, to) = (self.clone(), id.clone());
         let name = format!("chat-link-{}", id.addr);
-        if self
-            .spawn_tracked(name, move || federation::run_outgoing(chat, to))
-            .is_err()
+        if let Err(e) = self
+            .0
+            .group
+            .spawn(name, move || federation::run_outgoing(chat, to))
         {
+            log_info!("chat: cannot link to {id}: {e}");
             // As a failed dial: otherwise `id` would wait in `Dialing` forever, never a
             // member and never removed.
             self.link_failed(&id, None);
         }
     }
 
-    /// Makes the dialled link to `id` live; returns its queue and the lines to send before
-    /// anything queued (the clients already here), or `None` if the link is no longer
-    /// wanted. Registering and snapshotting under one lock is what lets the peer know of
-    /// every client exactly once: joined before (in the snapshot) or after (an event).
-    fn link_up(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Option<(Receiver<Line>, Vec<u8>)> {
-        let (tx, rx) = hub::queue(self.0.link_outbox);
+    /// Makes the dialled link to `id` live with `outbox`; returns the link's number, or
+    /// `None` if the link is no longer wanted. The clients already here are queued first,
+    /// under the lock that registers the link: that is what lets the peer know of every
+    /// client exactly once: joined before (in the snapshot) or after (an event).
+    fn link_up(&self, id: &ServerId, outbox: Outbox) -> Option<u64> {
         let mut state = self.state();
-        if !state.fed.link_up(id, tx, Arc::clone(stream)) {
-            return None;
-        }
         let mut snapshot = Vec::new();
         for name in state.hub.names() {
             protocol::format_peer(&PeerMessage::Present(name.to_owned()), &mut snapshot);
         }
+        if !snapshot.is_empty() && outbox.send(Line::from(snapshot)).is_err() {
+            return None;
+        }
+        let link = state.fed.link_up(id, outbox).ok()?;
         // The member list grew: everyone hears the new list, the new link included.
         state.run(Work::Gossip);
-        Some((rx, snapshot))
+        Some(link)
     }
 
-    fn link_failed(&self, id: &ServerId, stream: Option<&Arc<TcpStream>>) {
-        self.state()
-            .run(Work::LinkFailed(id.clone(), stream.map(Arc::clone)));
+    fn link_failed(&self, id: &ServerId, link: Option<u64>) {
+        self.state().run(Work::LinkFailed(id.clone(), link));
     }
 
     fn peer_gone(&self, id: &ServerId, stream: &Arc<TcpStream>) {

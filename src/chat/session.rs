@@ -2,12 +2,13 @@
 //! events reach the client through its outbox, drained by a writer thread of its own, so
 //! both come out in the order they were queued.
 
-use super::hub::{self, Line, LineTx, Outbox};
+use super::hub::{Client, Line};
 use super::protocol::{self, ClientRequest, Refusal};
 use super::{encode, Chat};
 use crate::framing::{FrameError, FrameReader};
+use crate::log_debug;
+use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::{is_disconnect, Connection, HandlerError};
-use crate::{log_debug, log_info};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -30,24 +31,19 @@ pub(super) fn serve(
 ) -> Result<(), HandlerError> {
     let stream = &conn.stream;
     stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
-    let (tx, rx) = hub::queue(chat.0.outbox);
-    let out = Arc::clone(stream);
     let id = conn.id;
+    let config = OutboxConfig::new(format!("chat: connection {id}"), chat.0.outbox);
+    let (outbox, writer) = Outbox::new(Arc::clone(stream), config);
+    // Joined below, by this connection's thread: the writer lives exactly as long as the
+    // session. A failed write shuts the socket down, so the reader sees the end too.
     let writer = thread::Builder::new()
         .name(format!("chat-out-{id}"))
         .stack_size(WRITER_STACK)
-        .spawn(move || {
-            if let Err(e) = hub::drain(&rx, &out) {
-                log_debug!("chat: connection {id}: write failed: {e}");
-                // The reader sees the end too, and the session cleans up.
-                let _ = out.shutdown(Shutdown::Both);
-            }
-        })?;
+        .spawn(move || writer.run())?;
     let mut session = Session {
         chat,
         conn: conn.id,
-        stream,
-        tx,
+        outbox,
         name: None,
     };
     let outcome = session.run(&mut reader, first);
@@ -58,7 +54,7 @@ pub(super) fn serve(
     if outcome.is_err() {
         let _ = stream.shutdown(Shutdown::Both);
     }
-    // Dropping the last sender lets the writer send what is queued (an `exit`) and end.
+    // Dropping the last outbox lets the writer send what is queued (an `exit`) and end.
     drop(session);
     let _ = writer.join();
     match outcome {
@@ -74,8 +70,7 @@ pub(super) fn serve(
 struct Session<'a> {
     chat: &'a Chat,
     conn: u64,
-    stream: &'a Arc<TcpStream>,
-    tx: LineTx,
+    outbox: Outbox,
     /// The name this connection joined as.
     name: Option<String>,
 }
@@ -115,7 +110,7 @@ impl Session<'_> {
             Ok(ClientRequest::Join(name)) => {
                 if self.name.is_some() {
                     Refusal::AlreadyJoined
-                } else if self.chat.join(&name, self.outbox()) {
+                } else if self.chat.join(&name, self.client()) {
                     self.name = Some(name);
                     return Flow::Go;
                 } else {
@@ -137,7 +132,7 @@ impl Session<'_> {
                     self.name = None;
                     if self.chat.leave(&name, self.conn) {
                         // Removed first, so this is the last line queued for the client.
-                        self.tx.offer(encode(protocol::format_exit));
+                        let _ = self.outbox.send(encode(protocol::format_exit));
                     }
                     return Flow::Stop;
                 }
@@ -163,26 +158,20 @@ impl Session<'_> {
         }
     }
 
-    fn outbox(&self) -> Outbox {
-        Outbox {
+    fn client(&self) -> Client {
+        Client {
             conn: self.conn,
-            tx: self.tx.clone(),
-            stream: Arc::clone(self.stream),
+            outbox: self.outbox.clone(),
         }
     }
 
     /// Queues a reply behind whatever events are queued. A client that lets a whole
-    /// outbox of replies and events pile up is too far behind, as for events: it is
-    /// disconnected (and the session's end announces its leave).
+    /// outbox of replies and events pile up is too far behind, as for events: the outbox
+    /// disconnects it (and the session's end announces its leave).
     fn reply(&self, line: Line) -> Flow {
-        if self.tx.offer(line) {
-            return Flow::Go;
+        match self.outbox.send(line) {
+            Ok(()) => Flow::Go,
+            Err(_) => Flow::Stop,
         }
-        log_info!(
-            "chat: connection {} fell an outbox behind; disconnected",
-            self.conn
-        );
-        let _ = self.stream.shutdown(Shutdown::Both);
-        Flow::Stop
     }
 }

@@ -106,19 +106,23 @@ pub mod node;
 pub mod protocol;
 pub mod routing;
 
-use crate::framing::{FrameReader, FrameWriter, Framing, Limits};
+use crate::framing::{FrameReader, Framing, Limits};
+use crate::group::{Group, Running, Stop};
+use crate::link::{self, Answer, Dialer, End, Link, LinkError, Timeouts, Verdict};
+use crate::outbox::{Bytes, Outbox, OutboxConfig};
 use crate::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
 use crate::{log_debug, log_info};
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use node::{Effect, Node, Outcome, SayError};
 use protocol::{valid_name, Member, PeerMessage, MAX_LINE, MAX_NAME};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, ToSocketAddrs};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often the periodic work runs (dialling, join retries, resends, failure checks).
@@ -134,7 +138,16 @@ pub const OUTBOX: usize = 4096;
 pub const LEAVE_WAIT: Duration = Duration::from_secs(3);
 /// Longest line a peer may type, in bytes.
 pub use protocol::MAX_TEXT;
-const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Dial in 1 s; answer a hello, write, and hear something (a heartbeat at least) within
+/// [`LINK_TIMEOUT`], or the link is closed.
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: Duration::from_secs(1),
+    handshake: LINK_TIMEOUT,
+    write: LINK_TIMEOUT,
+    idle: Some(LINK_TIMEOUT),
+};
+/// How long stopping waits for link writers to flush, and then for link threads to end.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// What a peer is told on the command line.
 #[derive(Debug, Clone)]
@@ -241,10 +254,10 @@ enum Event {
 }
 
 /// A live link: its outbox, and which end dialled it.
-struct Link {
+struct LinkSlot {
     id: u64,
     dialed_by_me: bool,
-    outbox: Sender<String>,
+    outbox: Outbox,
 }
 
 /// What became of a link whose hello exchange is done.
@@ -260,7 +273,7 @@ enum Attached {
 /// Everything behind the peer's one lock.
 struct State {
     node: Node,
-    links: HashMap<Member, Link>,
+    links: HashMap<Member, LinkSlot>,
     output: Box<dyn Write + Send>,
     dialing: HashSet<SocketAddr>,
     closing: bool,
@@ -272,11 +285,12 @@ struct Shared {
     changed: Condvar,
     events: Sender<Event>,
     next_id: AtomicU64,
-    /// Every link socket (registered, losing a duplicate contest, or mid-handshake), so
-    /// shutdown can close them all.
-    sockets: Mutex<HashMap<u64, Arc<TcpStream>>>,
-    writers: Mutex<Vec<JoinHandle<()>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Dials and the links they serve, with every link socket (registered, losing a
+    /// duplicate contest, or mid-handshake), so shutdown can close them all.
+    links: Group,
+    /// Link writers: joined before the sockets are closed, so each flushes its outbox.
+    writers: Group,
+    dialer: Dialer,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -307,14 +321,10 @@ impl Shared {
         for effect in effects {
             match effect {
                 Effect::Send(to, msg) => {
-                    let Some(link) = st.links.get(&to) else {
-                        continue;
-                    };
-                    if let Err(TrySendError::Full(_)) = link.outbox.try_send(msg.format()) {
-                        log_info!("peer: link to {to} is {OUTBOX} lines behind; closing it");
-                        if let Some(s) = lock(&self.sockets).get(&link.id) {
-                            let _ = s.shutdown(Shutdown::Both);
-                        }
+                    // A full outbox closes its link and says why; a closed one is on its
+                    // way to being detached.
+                    if let Some(link) = st.links.get(&to) {
+                        let _ = link.outbox.send(Bytes::from(line(&msg)));
                     }
                 }
                 Effect::Print(line) => {
@@ -323,7 +333,11 @@ impl Shared {
                 Effect::Dial(addr) => {
                     if !st.closing && st.dialing.insert(addr) {
                         let shared = Arc::clone(self);
-                        if !self.spawn("peer-dial", move || dial(shared, addr)) {
+                        if self
+                            .links
+                            .spawn("peer-dial", move || dial(shared, addr))
+                            .is_err()
+                        {
                             st.dialing.remove(&addr);
                         }
                     }
@@ -338,27 +352,11 @@ impl Shared {
         }
     }
 
-    /// Starts a thread that shutdown joins; false when none could be started.
-    fn spawn(&self, name: &str, f: impl FnOnce() + Send + 'static) -> bool {
-        match thread::Builder::new().name(name.into()).spawn(f) {
-            Ok(t) => {
-                let mut threads = lock(&self.threads);
-                threads.retain(|t| !t.is_finished());
-                threads.push(t);
-                true
-            }
-            Err(e) => {
-                log_info!("peer: cannot start a thread: {e}");
-                false
-            }
-        }
-    }
-
     /// Registers a link to `peer` whose hello exchange is done, and starts its writer.
-    fn attach(
+    fn attach<R: Read>(
         self: &Arc<Self>,
         peer: &Member,
-        stream: &Arc<TcpStream>,
+        link: &Link<R>,
         id: u64,
         dialed_by_me: bool,
     ) -> Attached {
@@ -382,31 +380,26 @@ impl Shared {
                 false
             }
         };
-        let (tx, rx) = bounded(OUTBOX);
+        let heartbeat = Bytes::from(line(&PeerMessage::Heartbeat));
+        let config = OutboxConfig::new(format!("peer: link to {peer}"), OUTBOX)
+            .heartbeat(HEARTBEAT, heartbeat);
+        let (outbox, writer) = link.outbox(config);
         // Started under the lock that `closing` is set under, so `Peer::stop` either finds
         // this writer in `writers` or this link sees `closing`: no writer goes unjoined.
-        let writer = Arc::clone(stream);
-        match thread::Builder::new()
-            .name("peer-writer".into())
-            .spawn(move || write_link(&writer, rx))
+        if self
+            .writers
+            .spawn("peer-writer", move || writer.run())
+            .is_err()
         {
-            Ok(t) => {
-                let mut writers = lock(&self.writers);
-                writers.retain(|w| !w.is_finished());
-                writers.push(t);
-            }
-            Err(e) => {
-                log_info!("peer: cannot start a link writer: {e}");
-                return Attached::Closing;
-            }
+            return Attached::Closing;
         }
         // Replacing a link drops its outbox: its writer sends what is queued and half-closes.
         st.links.insert(
             peer.clone(),
-            Link {
+            LinkSlot {
                 id,
                 dialed_by_me,
-                outbox: tx,
+                outbox,
             },
         );
         if fresh {
@@ -458,17 +451,18 @@ impl Shared {
 
 /// Serves one link after its hello exchange, on the calling thread, until it closes.
 /// `dialing` (a dialled link's entry in the dialling set) is released once the link is
-/// registered, so the periodic dial never opens a second link in between.
+/// registered, so the periodic dial never opens a second link in between. The link's
+/// socket stays registered with the peer's group until this returns.
 fn run_link<R: Read>(
     shared: &Arc<Shared>,
     peer: Member,
-    stream: &Arc<TcpStream>,
+    mut link: Link<R>,
     id: u64,
-    mut reader: FrameReader<R>,
     dialing: Option<Dialing>,
 ) {
-    let attached = shared.attach(&peer, stream, id, dialing.is_some());
+    let attached = shared.attach(&peer, &link, id, dialing.is_some());
     drop(dialing);
+    let stream = Arc::clone(link.stream());
     match attached {
         Attached::Registered => {}
         // The other end keeps the other link too and half-closes this one: read on to
@@ -478,64 +472,36 @@ fn run_link<R: Read>(
         }
         Attached::Closing => {
             let _ = stream.shutdown(Shutdown::Both);
-            lock(&shared.sockets).remove(&id);
             return;
         }
     }
-    let clean_end = loop {
-        let msg = match reader.read_frame() {
-            Ok(Some(line)) => PeerMessage::parse(line),
-            Ok(None) => break true,
-            Err(e) if e.is_recoverable() => {
-                log_info!("peer: from {peer}: {e}");
-                continue;
-            }
-            Err(e) => {
-                log_debug!("peer: link to {peer}: {e}");
-                break false;
-            }
-        };
-        match msg {
+    let name = format!("peer: from {peer}");
+    let end = link.read_frames(&name, |frame| {
+        match PeerMessage::parse(frame) {
             Ok(PeerMessage::Heartbeat) => {}
             Ok(msg) => shared.with_node(|node, now, out| node.receive(&peer, msg, now, out)),
             Err(e) => log_info!("peer: from {peer}: {e}"),
         }
-    };
+        ControlFlow::<()>::Continue(())
+    });
+    if let End::Lost(e) = &end {
+        log_debug!("peer: link to {peer}: {e}");
+    }
     shared.detach(&peer, id);
     // At a clean end (the other end half-closed: it replaced this link, or it is
     // leaving) our writer may still be sending what was queued here, which the other end
     // reads to the end: let it finish and half-close, bounded by its write timeout. A
     // broken link is shut at once, which also stops its writer.
-    if !clean_end {
+    if !matches!(end, End::Closed) {
         let _ = stream.shutdown(Shutdown::Both);
     }
-    lock(&shared.sockets).remove(&id);
 }
 
-/// Writes a link's queued lines, batching what is queued together, and a heartbeat when
-/// it has been idle for [`HEARTBEAT`]. When the outbox is dropped it sends what is left
-/// and half-closes, so the other end reads everything and then the end of the stream.
-fn write_link(stream: &TcpStream, outbox: Receiver<String>) {
-    let mut writer = FrameWriter::new(stream, Framing::Line);
-    let heartbeat = PeerMessage::Heartbeat.format();
-    loop {
-        let first = match outbox.recv_timeout(HEARTBEAT) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => heartbeat.clone(),
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut queued = writer.queue(first.as_bytes());
-        while writer.queued_len() < 64 << 10 {
-            let Ok(line) = outbox.try_recv() else { break };
-            queued = queued.and(writer.queue(line.as_bytes()));
-        }
-        if let Err(e) = queued.and_then(|()| writer.flush()) {
-            log_debug!("peer: link write failed: {e}");
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
-        }
-    }
-    let _ = stream.shutdown(Shutdown::Write);
+/// A peer message as a link line, `\n` included.
+fn line(msg: &PeerMessage) -> Vec<u8> {
+    let mut line = msg.format().into_bytes();
+    line.push(b'\n');
+    line
 }
 
 /// An address being dialled; taken off the dialling set however the dial ends.
@@ -550,110 +516,91 @@ impl Drop for Dialing {
 /// Opens a link to `addr`: hello, and on the answering hello serves it on this thread.
 fn dial(shared: Arc<Shared>, addr: SocketAddr) {
     let guard = Dialing(Arc::clone(&shared), addr);
-    let stream = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            log_debug!("peer: cannot dial {addr}: {e}");
+    let me = {
+        let st = shared.state();
+        if st.closing {
             return;
         }
+        st.node.me().clone()
     };
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    // Registered before the closing check, so shutdown either sees the socket or is
-    // seen here: a handshake never outlives the peer by more than its timeout.
-    lock(&shared.sockets).insert(id, Arc::clone(&stream));
-    if shared.state().closing {
-        lock(&shared.sockets).remove(&id);
-        return;
-    }
-    let reply = handshake(&shared, &stream);
-    let me = shared.state().node.me().clone();
-    let done = |why: &str| {
-        if !why.is_empty() {
-            log_info!("peer: link to {addr}: {why}");
+    let hello = line(&PeerMessage::Hello(me.clone()));
+    let answer = |line: &[u8]| -> Result<Answer<Member>, HandlerError> {
+        match PeerMessage::parse(line)? {
+            PeerMessage::Hello(peer) => Ok(Answer::Welcome(peer)),
+            PeerMessage::Refused(reason) => Ok(Answer::Refused(reason)),
+            other => Err(format!("unexpected answer {}", other.format()).into()),
         }
-        let _ = stream.shutdown(Shutdown::Both);
-        lock(&shared.sockets).remove(&id);
     };
-    match reply {
-        Ok((PeerMessage::Hello(peer), reader)) if peer != me => {
-            run_link(&shared, peer, &stream, id, reader, Some(guard));
+    // The dialer registers the socket with `links` from the connect on, so shutdown
+    // either sees it or refuses it: a handshake never outlives the peer.
+    match shared.dialer.dial(addr, &hello, answer) {
+        Ok((link, peer)) if peer != me => {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            run_link(&shared, peer, link, id, Some(guard));
         }
-        Ok((PeerMessage::Hello(_), _)) => done("that is this peer"),
-        Ok((PeerMessage::Refused(reason), _)) => {
+        Ok((link, _)) => {
+            log_info!("peer: link to {addr}: that is this peer");
+            let _ = link.stream().shutdown(Shutdown::Both);
+        }
+        Err(LinkError::Refused(reason)) => {
             shared.state().node.direct_refused(addr);
-            done(&format!("refused ({reason}); traffic to it is routed"));
+            log_info!("peer: link to {addr}: refused ({reason}); traffic to it is routed");
         }
-        Ok((other, _)) => done(&format!("unexpected answer {}", other.format())),
-        Err(e) => {
-            log_debug!("peer: link to {addr}: {e}");
-            done("");
-        }
+        Err(e @ LinkError::Protocol(_)) => log_info!("peer: link to {addr}: {e}"),
+        Err(e) => log_debug!("peer: link to {addr}: {e}"),
     }
 }
 
 /// A reader of link lines, none longer than [`MAX_LINE`]: a peer cannot make this one
 /// buffer more than that (a longer line is skipped, and the link goes on).
-fn link_reader<R: Read>(stream: R) -> FrameReader<R> {
-    let limits = Limits {
+fn link_limits() -> Limits {
+    Limits {
         max_line: MAX_LINE,
         ..Limits::default()
-    };
-    FrameReader::with_limits(stream, Framing::Line, limits)
-}
-
-/// Sends our hello on a dialled stream and reads the answer.
-fn handshake<'a>(
-    shared: &Shared,
-    stream: &'a TcpStream,
-) -> Result<(PeerMessage, FrameReader<&'a TcpStream>), HandlerError> {
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
-    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
-    let hello = PeerMessage::Hello(shared.state().node.me().clone());
-    FrameWriter::new(stream, Framing::Line).write_frame(hello.format().as_bytes())?;
-    let mut reader = link_reader(stream);
-    let msg = match reader.read_frame()? {
-        Some(line) => PeerMessage::parse(line)?,
-        None => return Err("closed before answering hello".into()),
-    };
-    Ok((msg, reader))
+    }
 }
 
 /// The server side of a link: read the dialler's hello, answer, serve.
 fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
     let stream = &conn.stream;
-    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
-    let mut reader = link_reader(&**stream);
-    let mut writer = FrameWriter::new(&**stream, Framing::Line);
+    let mut reader = FrameReader::with_limits(&**stream, Framing::Line, link_limits());
     let first = match reader.read_frame()? {
         Some(line) => PeerMessage::parse(line),
         None => return Ok(()),
     };
-    let peer = match first {
-        Ok(PeerMessage::Hello(peer)) => peer,
-        _ => {
-            writer.write_frame(b"{refused,expected_hello}")?;
-            return Ok(());
+    let (peer, verdict) = match first {
+        Ok(PeerMessage::Hello(peer)) => {
+            let (allowed, me) = {
+                let st = shared.state();
+                (
+                    !st.closing && st.node.allows_direct(peer.addr),
+                    st.node.me().clone(),
+                )
+            };
+            if allowed {
+                (Some(peer), Verdict::Welcome(line(&PeerMessage::Hello(me))))
+            } else {
+                log_info!("peer: refusing a direct link from {peer} (--no-direct)");
+                let refused = PeerMessage::Refused("no_direct".into());
+                (None, Verdict::Refuse(line(&refused)))
+            }
         }
+        _ => (
+            None,
+            Verdict::Refuse(b"{refused,expected_hello}\n".to_vec()),
+        ),
     };
-    let (allowed, me) = {
-        let st = shared.state();
-        (
-            !st.closing && st.node.allows_direct(peer.addr),
-            st.node.me().clone(),
-        )
-    };
-    if !allowed {
-        log_info!("peer: refusing a direct link from {peer} (--no-direct)");
-        writer.write_frame(PeerMessage::Refused("no_direct".into()).format().as_bytes())?;
+    let (Some(peer), Some(mut link)) = (peer, link::accept(stream, reader, &TIMEOUTS, verdict)?)
+    else {
         return Ok(());
-    }
-    writer.write_frame(PeerMessage::Hello(me).format().as_bytes())?;
+    };
     // Links need no arrival order across connections; let younger ones through at once.
     conn.settle();
+    if link.register(&shared.links).is_err() {
+        return Ok(()); // shutting down: the socket is shut down already
+    }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    lock(&shared.sockets).insert(id, Arc::clone(stream));
-    run_link(shared, peer, stream, id, reader, None);
+    run_link(shared, peer, link, id, None);
     Ok(())
 }
 
@@ -662,8 +609,17 @@ pub struct Peer {
     shared: Arc<Shared>,
     events: Receiver<Event>,
     server: Option<RunningServer>,
-    ticker: Option<(Sender<()>, JoinHandle<()>)>,
+    ticker: Option<Running<Ticker, ()>>,
     local: SocketAddr,
+}
+
+/// Stops the tick thread.
+struct Ticker(Sender<()>);
+
+impl Stop for Ticker {
+    fn stop(&self) {
+        let _ = self.0.try_send(());
+    }
 }
 
 /// Asks a running peer to leave the room (Ctrl-C); cloneable, usable from any thread.
@@ -737,6 +693,7 @@ impl Peer {
         let mut effects = Vec::new();
         let node = Node::new(me, via, no_direct, Instant::now(), &mut effects);
         let (events_tx, events) = bounded(64);
+        let links = Group::new("peer");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 node,
@@ -748,9 +705,13 @@ impl Peer {
             changed: Condvar::new(),
             events: events_tx,
             next_id: AtomicU64::new(0),
-            sockets: Mutex::new(HashMap::new()),
-            writers: Mutex::new(Vec::new()),
-            threads: Mutex::new(Vec::new()),
+            links: links.clone(),
+            writers: Group::with_stack_size("peer", 128 << 10),
+            dialer: Dialer {
+                limits: link_limits(),
+                group: Some(links),
+                ..Dialer::new(Framing::Line, TIMEOUTS)
+            },
         });
         {
             let mut st = shared.state();
@@ -763,20 +724,18 @@ impl Peer {
             accept_link(&for_links, conn)
         })?
         .spawn()?;
-        let (stop, stopped) = bounded::<()>(0);
+        let (stop, stopped) = bounded::<()>(1);
         let for_ticks = Arc::clone(&shared);
-        let ticker = thread::Builder::new()
-            .name("peer-tick".into())
-            .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
-                    for_ticks.with_node(|node, now, out| node.tick(now, out));
-                }
-            })?;
+        let ticker = Running::spawn("peer-tick", Ticker(stop), move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
+                for_ticks.with_node(|node, now, out| node.tick(now, out));
+            }
+        })?;
         Ok(Peer {
             shared,
             events,
             server: Some(server),
-            ticker: Some((stop, ticker)),
+            ticker: Some(ticker),
             local,
         })
     }
@@ -847,11 +806,10 @@ impl Peer {
     /// Stops ticking, lets every link send what is queued, closes every socket and joins
     /// every thread (the console reader excepted).
     fn stop(&mut self) {
-        let Some((stop, ticker)) = self.ticker.take() else {
+        let Some(ticker) = self.ticker.take() else {
             return;
         };
-        drop(stop);
-        let _ = ticker.join();
+        ticker.stop();
         let links = {
             let mut st = self.shared.state();
             st.closing = true;
@@ -860,22 +818,14 @@ impl Peer {
         // Dropping the outboxes makes each writer flush and half-close (a leaving leader's
         // last list goes out this way); writes time out after LINK_TIMEOUT at worst.
         drop(links);
-        // Taken out first: a guard in a `for` head lives through the loop, and no lock
-        // should be held while joining threads that take locks of their own.
-        let writers = std::mem::take(&mut *lock(&self.shared.writers));
-        for writer in writers {
-            let _ = writer.join();
-        }
-        for socket in lock(&self.shared.sockets).values() {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
+        self.shared.writers.join(STOP_WAIT);
+        // Then every socket, links mid-handshake included; the readers and dials end.
+        self.shared.links.shutdown();
         if let Some(server) = self.server.take() {
             server.stop();
         }
-        let threads = std::mem::take(&mut *lock(&self.shared.threads));
-        for thread in threads {
-            let _ = thread.join();
-        }
+        self.shared.links.close(STOP_WAIT);
+        self.shared.writers.close(STOP_WAIT);
     }
 }
 

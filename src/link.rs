@@ -1,0 +1,699 @@
+//! Server-to-server links: [`dial`] and [`accept`] run the one handshake every link
+//! starts with, then a [`Link`] carries frames: an [`Outbox`] and its writer out, a reader
+//! loop ([`Link::read_frames`]) in. Services keep their own messages and state machines;
+//! the steps of opening and running a link are here, once.
+//!
+//! ```text
+//!  dialer                                   acceptor (a Server handler)
+//!  connect (Timeouts::connect per address)
+//!  ── hello ─────────────────────────────▶  reads the first frame, decides: a Verdict
+//!  ◀──────────────────── welcome | refusal  (a refusal ends the connection)
+//!  read timeout := Timeouts::idle           read timeout := Timeouts::idle
+//!  writer drains the Outbox ◀──────────────▶ reader loop: frames until the end
+//! ```
+//!
+//! # Seams for what comes next
+//!
+//! - **Authentication** (a cluster secret: each side sends a nonce and answers the other's
+//!   with a keyed MAC; the primitives are [`crate::auth`]) belongs between the hello and
+//!   the welcome. Both sides pass through one private function each (`greet_as_dialer`,
+//!   `greet_as_acceptor`), so it is added there once, for every service: the dialer's
+//!   nonce goes with the hello, the acceptor's nonce and tag with the welcome (checked by
+//!   the dialer before the answer counts), and the dialer's tag as one more frame that the
+//!   acceptor reads before [`accept`] returns the link. A link that fails it never reaches
+//!   the service's state.
+//! - **Dead-peer detection**: a link's writer sends a heartbeat when idle
+//!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
+//!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
+//!   idle bound on both ends.
+//! - **Redial**: [`dial`] is one attempt; a supervisor that loops over it with jittered
+//!   backoff while the peer is configured wraps it without changing it.
+//!
+//! ```
+//! use switchboard::framing::{encode_frame, FrameReader, Framing, Limits};
+//! use switchboard::link::{self, Answer, Timeouts, Verdict};
+//! use std::net::TcpListener;
+//! use std::sync::Arc;
+//! use std::thread;
+//! use std::time::Duration;
+//!
+//! let timeouts = Timeouts::uniform(Duration::from_secs(5));
+//! let listener = TcpListener::bind("127.0.0.1:0")?;
+//! let addr = listener.local_addr()?;
+//! let acceptor = thread::spawn(move || {
+//!     let (stream, _) = listener.accept().unwrap();
+//!     let stream = Arc::new(stream);
+//!     let mut reader = FrameReader::new(&*stream, Framing::Line);
+//!     let hello = reader.read_frame().unwrap().unwrap().to_vec();
+//!     let verdict = if hello == b"hello alice" {
+//!         Verdict::Welcome(b"welcome\n".to_vec())
+//!     } else {
+//!         Verdict::Refuse(b"refused stranger\n".to_vec())
+//!     };
+//!     let mut link = link::accept(&stream, reader, &timeouts, verdict).unwrap().unwrap();
+//!     let mut got = Vec::new();
+//!     link.read_frames("demo", |frame| {
+//!         got.push(String::from_utf8_lossy(frame).into_owned());
+//!         std::ops::ControlFlow::<()>::Continue(())
+//!     });
+//!     got
+//! });
+//!
+//! let parse = |frame: &[u8]| -> Result<Answer<()>, std::io::Error> {
+//!     Ok(match frame {
+//!         b"welcome" => Answer::Welcome(()),
+//!         other => Answer::Refused(String::from_utf8_lossy(other).into_owned()),
+//!     })
+//! };
+//! let limits = Limits::default();
+//! let (link, ()) = link::dial(addr, Framing::Line, limits, b"hello alice\n", &timeouts, parse)?;
+//! let (outbox, writer) = link.outbox(switchboard::outbox::OutboxConfig::new("demo", 8));
+//! let writer = thread::spawn(move || writer.run());
+//! outbox.send(Arc::from(&b"one\n"[..]))?;
+//! drop(outbox); // flushed, then half-closed: the acceptor's loop sees a clean end
+//! writer.join().unwrap();
+//! assert_eq!(acceptor.join().unwrap(), ["one"]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::group::{Group, GroupError, Registration};
+use crate::log_info;
+use crate::outbox::{Outbox, OutboxConfig, Writer};
+use std::error::Error;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long each step of a link may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting, per address tried.
+    pub connect: Duration,
+    /// Waiting for the answer to a hello.
+    pub handshake: Duration,
+    /// Any one write, handshake included: a peer that stops reading fails its link.
+    pub write: Duration,
+    /// Reading once the link is up: `None` waits forever (a link may be quiet), `Some`
+    /// declares a peer dead after that long without a frame (pair it with a heartbeat).
+    pub idle: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Every step bounded by `d`, idle included.
+    pub fn uniform(d: Duration) -> Timeouts {
+        Timeouts {
+            connect: d,
+            handshake: d,
+            write: d,
+            idle: Some(d),
+        }
+    }
+}
+
+/// The dialer's reading of the acceptor's first frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer<P> {
+    /// Accepted, by the peer `P` (who answered).
+    Welcome(P),
+    /// Refused, for this reason.
+    Refused(String),
+}
+
+/// The acceptor's decision on a hello: the frame to answer with, framing included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Take the link; this frame is the welcome.
+    Welcome(Vec<u8>),
+    /// Refuse it; this frame (possibly empty) is written, and the link ends.
+    Refuse(Vec<u8>),
+}
+
+/// Why a link could not be opened.
+#[derive(Debug)]
+pub enum LinkError {
+    /// The address resolved to nothing.
+    Resolve(String),
+    /// The address is the dialler's own.
+    Myself,
+    /// Connecting, writing or reading failed (refused, timed out, reset).
+    Io(io::Error),
+    /// The answer was not a frame of the link's framing (or was over its limit).
+    Frame(FrameError),
+    /// The answer was a frame, but not one the protocol knows.
+    Protocol(Box<dyn Error + Send + Sync>),
+    /// The peer closed the connection without answering.
+    Closed,
+    /// The peer refused the link (or the dialler could not take it), for this reason.
+    Refused(String),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Resolve(addr) => write!(f, "{addr} resolves to no address"),
+            LinkError::Myself => f.write_str("that is this server's own address"),
+            LinkError::Io(e) => write!(f, "{e}"),
+            LinkError::Frame(e) => write!(f, "bad answer: {e}"),
+            LinkError::Protocol(e) => write!(f, "bad answer: {e}"),
+            LinkError::Closed => f.write_str("closed without answering"),
+            LinkError::Refused(reason) => write!(f, "refused: {reason}"),
+        }
+    }
+}
+
+impl Error for LinkError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            LinkError::Io(e) => Some(e),
+            LinkError::Frame(e) => Some(e),
+            LinkError::Protocol(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        LinkError::Io(e)
+    }
+}
+
+impl From<FrameError> for LinkError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(e) => LinkError::Io(e),
+            e => LinkError::Frame(e),
+        }
+    }
+}
+
+/// A socket shared by a link's reader and writer, readable through the `Arc`: the reader
+/// of a dialled link owns one, so a [`Link`] can move to the thread that serves it.
+#[derive(Debug, Clone)]
+pub struct SharedStream(pub Arc<TcpStream>);
+
+impl Read for SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+/// An open link (example: [the module docs](crate::link)), its handshake done: the socket and
+/// the reader holding whatever was read past the handshake.
+pub struct Link<R = SharedStream> {
+    stream: Arc<TcpStream>,
+    reader: FrameReader<R>,
+    /// Keeps the socket in a group's shutdown list for as long as the link is served.
+    registration: Option<Registration>,
+}
+
+/// How a link's reader loop ended.
+#[derive(Debug)]
+pub enum End<B> {
+    /// The peer closed the link at a frame boundary.
+    Closed,
+    /// The frame handler asked to stop, with this reason.
+    Stopped(B),
+    /// The link broke: reset, shut down, cut mid-frame, out of sync, or silent past
+    /// [`Timeouts::idle`] (see [`FrameError::is_timeout`]).
+    Lost(FrameError),
+}
+
+impl<R: Read> Link<R> {
+    /// The link's socket (to register with a [`Group`], or to shut down).
+    pub fn stream(&self) -> &Arc<TcpStream> {
+        &self.stream
+    }
+
+    /// Registers the link's socket with `group` (if not already with one), until the link
+    /// is dropped: a shutdown of the group then ends the link's reads and writes.
+    ///
+    /// # Errors
+    /// [`GroupError::Closing`] when the group is shutting down (the socket is shut down).
+    pub fn register(&mut self, group: &Group) -> Result<(), GroupError> {
+        if self.registration.is_none() {
+            self.registration = Some(group.register(&self.stream)?);
+        }
+        Ok(())
+    }
+
+    /// An outbox writing to this link, and its writer (run it on a thread of the caller's).
+    pub fn outbox(&self, config: OutboxConfig) -> (Outbox, Writer) {
+        Outbox::new(Arc::clone(&self.stream), config)
+    }
+
+    /// Hands each frame to `on_frame` until the link ends or `on_frame` breaks. A frame
+    /// over the reader's limit is skipped and logged under `name`: the stream stays in
+    /// sync, and one oversized frame does not cost a link.
+    pub fn read_frames<B>(
+        &mut self,
+        name: &str,
+        mut on_frame: impl FnMut(&[u8]) -> ControlFlow<B>,
+    ) -> End<B> {
+        loop {
+            match self.reader.read_frame() {
+                Ok(Some(frame)) => {
+                    if let ControlFlow::Break(why) = on_frame(frame) {
+                        return End::Stopped(why);
+                    }
+                }
+                Ok(None) => return End::Closed,
+                Err(e) if e.is_recoverable() => log_info!("{name}: {e}; skipped"),
+                Err(e) => return End::Lost(e),
+            }
+        }
+    }
+}
+
+/// Connects to the first of `addrs` that answers, each within `timeout`, in the resolver's
+/// order (`localhost` often resolves to ::1 first, while servers listen on 127.0.0.1).
+///
+/// # Errors
+/// The last connect error, or `NotFound` when `addrs` resolves to nothing.
+pub fn connect(addrs: impl ToSocketAddrs, timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+    for addr in addrs.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Opens links of one kind: their framing, limits and timeouts, and optionally the
+/// [`Group`] whose shutdown must close them, from the connect on. Issue 22's redial (a
+/// loop over [`Dialer::dial`] with jittered backoff) is meant to live here.
+///
+/// ```
+/// use switchboard::framing::Framing;
+/// use switchboard::group::Group;
+/// use switchboard::link::{Answer, Dialer, LinkError, Timeouts};
+/// use std::net::TcpListener;
+/// use std::time::Duration;
+///
+/// let group = Group::new("links");
+/// let dialer = Dialer {
+///     group: Some(group.clone()),
+///     ..Dialer::new(Framing::Line, Timeouts::uniform(Duration::from_secs(1)))
+/// };
+/// // Nobody listens here any more: the dial fails, typed.
+/// let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+/// let answer = |_: &[u8]| Ok::<_, std::io::Error>(Answer::Welcome(()));
+/// assert!(matches!(dialer.dial(addr, b"hello\n", answer), Err(LinkError::Io(_))));
+/// group.close(Duration::from_secs(1));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// The framing of every frame on the link, the handshake's included.
+    pub framing: Framing,
+    /// The limits the link's reader enforces.
+    pub limits: Limits,
+    /// How long each step may take.
+    pub timeouts: Timeouts,
+    /// Sockets are registered here as soon as they connect.
+    pub group: Option<Group>,
+}
+
+impl Dialer {
+    /// A dialer of `framing` with default limits and no group.
+    pub fn new(framing: Framing, timeouts: Timeouts) -> Dialer {
+        Dialer {
+            framing,
+            limits: Limits::default(),
+            timeouts,
+            group: None,
+        }
+    }
+
+    /// Opens a link: connects to `addr`, sends `hello` (an encoded frame), reads one frame
+    /// and lets `answer` read it. On a welcome the link is returned with the idle read
+    /// timeout set, together with who answered.
+    ///
+    /// # Errors
+    /// [`LinkError::Refused`] when the peer refused; otherwise why no answer could be had
+    /// (connect, write or read failure, a close, a frame `answer` does not accept, the
+    /// group shutting down).
+    pub fn dial<P, E>(
+        &self,
+        addr: impl ToSocketAddrs,
+        hello: &[u8],
+        answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+    ) -> Result<(Link, P), LinkError>
+    where
+        E: Into<Box<dyn Error + Send + Sync>>,
+    {
+        let timeouts = &self.timeouts;
+        let stream = Arc::new(connect(addr, timeouts.connect)?);
+        // Registered before the handshake, so a shutdown meanwhile cuts it short.
+        let registration = match &self.group {
+            Some(group) => Some(group.register(&stream).map_err(io::Error::other)?),
+            None => None,
+        };
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeouts.handshake))?;
+        stream.set_write_timeout(Some(timeouts.write))?;
+        let shared = SharedStream(Arc::clone(&stream));
+        let mut reader = FrameReader::with_limits(shared, self.framing, self.limits);
+        let peer = greet_as_dialer(&stream, &mut reader, hello, answer)?;
+        stream.set_read_timeout(timeouts.idle)?;
+        let link = Link {
+            stream,
+            reader,
+            registration,
+        };
+        Ok((link, peer))
+    }
+}
+
+/// [`Dialer::dial`] without a group: one link, opened with these settings (example: [the
+/// module docs](crate::link)).
+///
+/// # Errors
+/// As [`Dialer::dial`].
+pub fn dial<P, E>(
+    addr: impl ToSocketAddrs,
+    framing: Framing,
+    limits: Limits,
+    hello: &[u8],
+    timeouts: &Timeouts,
+    answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+) -> Result<(Link, P), LinkError>
+where
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    let dialer = Dialer {
+        limits,
+        ..Dialer::new(framing, *timeouts)
+    };
+    dialer.dial(addr, hello, answer)
+}
+
+/// The dialer's half of the handshake: hello out, answer in. Issue 15's challenge and
+/// response go here: the dialer's nonce rides with the hello, the acceptor's tag is checked
+/// before the answer counts as a welcome, and the dialer's own tag is written after it.
+fn greet_as_dialer<P, E>(
+    stream: &TcpStream,
+    reader: &mut FrameReader<SharedStream>,
+    hello: &[u8],
+    answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+) -> Result<P, LinkError>
+where
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    let mut out = stream;
+    out.write_all(hello)?;
+    // The acceptor writes nothing after its answer until our traffic starts, so the
+    // reader buffers at most the answer; anything past it stays buffered for the link.
+    let frame = reader.read_frame()?.ok_or(LinkError::Closed)?;
+    match answer(frame).map_err(|e| LinkError::Protocol(e.into()))? {
+        Answer::Welcome(peer) => Ok(peer),
+        Answer::Refused(reason) => Err(LinkError::Refused(reason)),
+    }
+}
+
+/// The acceptor's half (example: [the module docs](crate::link)): answers a hello that `reader`
+/// has read from `stream` (the service decided the [`Verdict`]), sets the link's timeouts
+/// (write, and idle as the read timeout), and returns the link on a welcome, `None` on a
+/// refusal (written, and the link is over).
+///
+/// # Errors
+/// When the timeouts cannot be set or the answer cannot be written.
+pub fn accept<R: Read>(
+    stream: &Arc<TcpStream>,
+    mut reader: FrameReader<R>,
+    timeouts: &Timeouts,
+    verdict: Verdict,
+) -> io::Result<Option<Link<R>>> {
+    stream.set_write_timeout(Some(timeouts.write))?;
+    // Set before the welcome goes out, so the link is bounded from its first frame on.
+    stream.set_read_timeout(timeouts.idle)?;
+    if !greet_as_acceptor(stream, &mut reader, verdict)? {
+        return Ok(None);
+    }
+    Ok(Some(Link {
+        stream: Arc::clone(stream),
+        reader,
+        registration: None,
+    }))
+}
+
+/// Writes the answer. Issue 15's challenge goes here: the acceptor's nonce and tag ride with
+/// the welcome, and the dialer's tag is read from `reader` before the link counts as up.
+fn greet_as_acceptor<R: Read>(
+    stream: &Arc<TcpStream>,
+    _reader: &mut FrameReader<R>,
+    verdict: Verdict,
+) -> io::Result<bool> {
+    let mut out = &**stream;
+    match verdict {
+        Verdict::Refuse(frame) => {
+            out.write_all(&frame)?;
+            Ok(false)
+        }
+        Verdict::Welcome(frame) => {
+            out.write_all(&frame)?;
+            Ok(true)
+        }
+    }
+}
+
+/// Resolves `addr`, to check it before dialling (a dialler refusing its own address).
+///
+/// # Errors
+/// [`LinkError::Io`] when resolution fails, [`LinkError::Resolve`] when it yields nothing.
+pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, LinkError> {
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    if addrs.is_empty() {
+        return Err(LinkError::Resolve(addr.to_owned()));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxConfig;
+    use std::net::TcpListener;
+    use std::thread;
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn parse(frame: &[u8]) -> Result<Answer<String>, io::Error> {
+        match frame.split_first() {
+            Some((b'+', who)) => Ok(Answer::Welcome(String::from_utf8_lossy(who).into())),
+            Some((b'-', why)) => Ok(Answer::Refused(String::from_utf8_lossy(why).into())),
+            _ => Err(io::Error::other("neither + nor -")),
+        }
+    }
+
+    /// A one-connection acceptor: reads the hello and answers with `decide(hello)`; on a
+    /// welcome, collects the frames of the link until it ends, and how it ended.
+    fn acceptor(
+        idle: Option<Duration>,
+        decide: impl FnOnce(&[u8]) -> Verdict + Send + 'static,
+    ) -> (SocketAddr, thread::JoinHandle<(Vec<String>, String)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(T)).unwrap();
+            let stream = Arc::new(stream);
+            let mut reader = FrameReader::new(&*stream, Framing::Line);
+            let hello = reader.read_frame().unwrap().unwrap().to_vec();
+            let timeouts = Timeouts {
+                idle,
+                ..Timeouts::uniform(T)
+            };
+            let Some(mut link) = accept(&stream, reader, &timeouts, decide(&hello)).unwrap() else {
+                return (Vec::new(), "refused".into());
+            };
+            let mut got = Vec::new();
+            let end = link.read_frames("test", |f| {
+                if f == b"stop" {
+                    return ControlFlow::Break("stopped");
+                }
+                got.push(String::from_utf8_lossy(f).into_owned());
+                ControlFlow::Continue(())
+            });
+            let end = match end {
+                End::Closed => "closed".to_owned(),
+                End::Stopped(why) => why.to_owned(),
+                End::Lost(e) if e.is_timeout() => "timed out".to_owned(),
+                End::Lost(e) => e.to_string(),
+            };
+            (got, end)
+        });
+        (addr, thread)
+    }
+
+    #[test]
+    fn a_welcomed_link_carries_frames_until_the_outbox_is_dropped() {
+        let (addr, peer) = acceptor(Some(T), |_| Verdict::Welcome(b"+bob\n".to_vec()));
+        let (link, who) = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        )
+        .unwrap();
+        assert_eq!(who, "bob");
+        let (outbox, writer) = link.outbox(OutboxConfig::new("test", 8));
+        let writer = thread::spawn(move || writer.run());
+        outbox.send(Arc::from(&b"one\n"[..])).unwrap();
+        outbox.send(Arc::from(&b"two\n"[..])).unwrap();
+        drop(outbox);
+        writer.join().unwrap();
+        let (got, end) = peer.join().unwrap();
+        assert_eq!(got, ["one", "two"]);
+        assert_eq!(end, "closed");
+    }
+
+    #[test]
+    fn a_refused_hello_is_an_error_with_the_reason() {
+        let (addr, peer) = acceptor(None, |hello| {
+            assert_eq!(hello, b"hi");
+            Verdict::Refuse(b"-not_a_member\n".to_vec())
+        });
+        let err = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, LinkError::Refused(r) if r == "not_a_member"),
+            "{err}"
+        );
+        assert_eq!(peer.join().unwrap().1, "refused");
+    }
+
+    #[test]
+    fn a_silent_refusal_and_a_bad_answer_are_told_apart() {
+        let (addr, peer) = acceptor(None, |_| Verdict::Refuse(Vec::new()));
+        let err = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        );
+        assert!(matches!(err, Err(LinkError::Closed)));
+        peer.join().unwrap();
+        let (addr, peer) = acceptor(None, |_| Verdict::Refuse(b"?\n".to_vec()));
+        let err = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        );
+        assert!(matches!(err, Err(LinkError::Protocol(_))));
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_peer_ends_the_link_at_the_idle_timeout_and_over_limit_frames_are_skipped() {
+        let idle = Duration::from_millis(200);
+        let (addr, peer) = acceptor(Some(idle), |_| Verdict::Welcome(b"+bob\n".to_vec()));
+        let (link, _) = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        )
+        .unwrap();
+        // The acceptor's reader takes lines of up to 1 MiB by default.
+        let mut long = vec![b'x'; (1 << 20) + 10];
+        long.push(b'\n');
+        (&**link.stream()).write_all(&long).unwrap();
+        (&**link.stream()).write_all(b"after\n").unwrap();
+        // Then silence, the link held open: the acceptor gives up after `idle`.
+        let (got, end) = peer.join().unwrap();
+        assert_eq!(got, ["after"]);
+        assert_eq!(end, "timed out");
+        drop(link);
+    }
+
+    #[test]
+    fn an_unreachable_peer_and_a_bad_address_fail_the_dial() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        );
+        assert!(matches!(err, Err(LinkError::Io(_))));
+        assert!(resolve("not an address").is_err());
+        assert_eq!(resolve("127.0.0.1:9").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_handler_can_stop_the_reader_loop() {
+        let (addr, peer) = acceptor(Some(T), |_| Verdict::Welcome(b"+bob\n".to_vec()));
+        let (link, _) = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        )
+        .unwrap();
+        (&**link.stream()).write_all(b"a\nstop\nb\n").unwrap();
+        let (got, end) = peer.join().unwrap();
+        assert_eq!((got, end.as_str()), (vec!["a".to_owned()], "stopped"));
+    }
+
+    #[test]
+    fn a_group_shutdown_cuts_a_dial_stuck_in_its_handshake() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (heard, hello) = crossbeam_channel::bounded(1);
+        // Reads the hello, then never answers (holding the socket open until the end).
+        let silent = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(T)).unwrap();
+            let mut reader = FrameReader::new(&stream, Framing::Line);
+            let _ = heard.send(reader.read_frame().unwrap().map(<[u8]>::to_vec));
+            let _ = reader.read_frame();
+        });
+        let group = Group::new("test");
+        let dialer = Dialer {
+            group: Some(group.clone()),
+            ..Dialer::new(Framing::Line, Timeouts::uniform(Duration::from_secs(30)))
+        };
+        let dialing = thread::spawn(move || dialer.dial(addr, b"hi\n", parse).map(|(_, p)| p));
+        // The hello was written: the socket is registered (before the handshake began).
+        assert_eq!(hello.recv_timeout(T).unwrap(), Some(b"hi".to_vec()));
+        let started = std::time::Instant::now();
+        group.shutdown();
+        let err = dialing.join().unwrap().unwrap_err();
+        assert!(
+            started.elapsed() < T,
+            "cut by the shutdown, not the 30 s timeout"
+        );
+        assert!(matches!(err, LinkError::Closed | LinkError::Io(_)), "{err}");
+        silent.join().unwrap();
+    }
+}

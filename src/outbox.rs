@@ -1,0 +1,376 @@
+//! An outbox: a bounded queue of already-encoded frames for one connection, drained by one
+//! writer thread onto its socket. State (a hub, a federation, a node's links) holds the
+//! sending end, [`Outbox`], never the socket: a full outbox closes its own connection.
+//!
+//! - Frames are [`Bytes`] (`Arc<[u8]>`): a line fanned out to a hundred outboxes is
+//!   encoded once and shared, not copied per receiver.
+//! - The writer coalesces whatever is queued into one `write` of up to 64 KiB.
+//! - With a heartbeat configured, the writer sends it whenever the queue has been empty
+//!   for its interval, so the other end can tell a quiet link from a dead one.
+//! - When every [`Outbox`] is dropped the writer sends what is queued, then half-closes
+//!   (`shutdown(Write)`): the other end reads everything, then the end of the stream.
+//! - A send to a full outbox shuts the connection down (both ways) and logs why once:
+//!   the receiver has fallen a whole outbox behind, and nobody waits for it.
+//!
+//! ```
+//! use switchboard::outbox::{Bytes, Outbox, OutboxConfig};
+//! use std::io::Read;
+//! use std::net::{TcpListener, TcpStream};
+//! use std::sync::Arc;
+//! use std::thread;
+//!
+//! let listener = TcpListener::bind("127.0.0.1:0")?;
+//! let mut client = TcpStream::connect(listener.local_addr()?)?;
+//! client.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+//! let (served, _) = listener.accept()?;
+//!
+//! let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("demo", 16));
+//! let writer = thread::spawn(move || writer.run());
+//! let hello: Bytes = Arc::from(&b"hello\n"[..]);
+//! outbox.send(Bytes::clone(&hello))?;
+//! outbox.send(hello)?;
+//! drop(outbox); // the writer flushes, then half-closes
+//! writer.join().unwrap();
+//!
+//! let mut got = String::new();
+//! client.read_to_string(&mut got)?;
+//! assert_eq!(got, "hello\nhello\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::{log_debug, log_info};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One encoded frame (framing included), shared by every outbox it is queued in.
+pub type Bytes = Arc<[u8]>;
+
+/// Bytes a writer gathers into one `write` call, at most (plus one frame).
+const BATCH_BYTES: usize = 64 << 10;
+
+/// How an outbox behaves (example: [the module docs](crate::outbox)).
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Prefixes the log lines of this connection (`"chat: connection 7"`).
+    pub name: String,
+    /// Frames that may wait; one more closes the connection. At least 1.
+    pub limit: usize,
+    /// Sent whenever nothing else has been sent for the interval.
+    pub heartbeat: Option<(Duration, Bytes)>,
+}
+
+impl OutboxConfig {
+    /// An outbox of `limit` frames, without heartbeat.
+    pub fn new(name: impl Into<String>, limit: usize) -> OutboxConfig {
+        OutboxConfig {
+            name: name.into(),
+            limit,
+            heartbeat: None,
+        }
+    }
+
+    /// Adds a heartbeat: `frame` goes out after every `every` without other traffic.
+    pub fn heartbeat(mut self, every: Duration, frame: Bytes) -> OutboxConfig {
+        self.heartbeat = Some((every, frame));
+        self
+    }
+}
+
+/// Why [`Outbox::send`] did not queue a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The outbox was full: the connection has been shut down.
+    Overflow,
+    /// The writer is gone (the connection failed or was closed).
+    Closed,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Overflow => f.write_str("outbox full; connection closed"),
+            SendError::Closed => f.write_str("connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// The sending end of a connection's outbox (example: [the module docs](crate::outbox));
+/// cloneable. Dropping the last one lets the writer flush and half-close.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: Sender<Bytes>,
+    conn: Arc<Conn>,
+}
+
+/// What the senders share: the socket to shut down when the outbox overflows. Kept here,
+/// so the state holding an [`Outbox`] never holds a socket.
+struct Conn {
+    name: String,
+    limit: usize,
+    stream: Arc<TcpStream>,
+    /// Set once the connection is shut down by a sender, so the reason is logged once.
+    closed: AtomicBool,
+}
+
+/// The draining end: [`Writer::run`] on a thread of its own (example: [the module
+/// docs](crate::outbox)).
+pub struct Writer {
+    rx: Receiver<Bytes>,
+    conn: Arc<Conn>,
+    heartbeat: Option<(Duration, Bytes)>,
+}
+
+impl Outbox {
+    /// An outbox for `stream`, and the writer that drains it (to run on a thread).
+    ///
+    /// Built on crossbeam's unbounded channel, bounded by a length check: a bounded channel
+    /// allocates every slot up front, which for thousands of mostly idle connections is
+    /// memory spent on empty queues. Concurrent senders may overshoot the limit by one
+    /// frame each, harmlessly.
+    pub fn new(stream: Arc<TcpStream>, config: OutboxConfig) -> (Outbox, Writer) {
+        let (tx, rx) = unbounded();
+        let conn = Arc::new(Conn {
+            name: config.name,
+            limit: config.limit.max(1),
+            stream,
+            closed: AtomicBool::new(false),
+        });
+        let writer = Writer {
+            rx,
+            conn: Arc::clone(&conn),
+            heartbeat: config.heartbeat,
+        };
+        (Outbox { tx, conn }, writer)
+    }
+
+    /// Queues `frame` behind everything queued before.
+    ///
+    /// # Errors
+    /// [`SendError::Overflow`] when `limit` frames are waiting already: the connection is
+    /// shut down, with the reason logged; [`SendError::Closed`] when the writer is gone.
+    pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        if self.tx.len() >= self.conn.limit {
+            let why = format!("{} frames behind", self.conn.limit);
+            self.conn.close(&why);
+            return Err(SendError::Overflow);
+        }
+        self.tx.send(frame).map_err(|_| SendError::Closed)
+    }
+
+    /// Shuts the connection down both ways, logging `why` (once per connection): the
+    /// writer stops, and whoever reads the connection sees it end.
+    pub fn close(&self, why: &str) {
+        self.conn.close(why);
+    }
+
+    /// Shuts down one direction of the connection without a log line: `Read` ends the
+    /// connection's reader while the writer still flushes what is queued.
+    pub fn shutdown(&self, how: Shutdown) {
+        let _ = self.conn.stream.shutdown(how);
+    }
+
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Whether no frame is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+
+    /// Whether `other` writes to the same connection (a clone of this outbox).
+    pub fn same_connection(&self, other: &Outbox) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn)
+    }
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("name", &self.conn.name)
+            .field("queued", &self.tx.len())
+            .field("limit", &self.conn.limit)
+            .finish()
+    }
+}
+
+impl Conn {
+    fn close(&self, why: &str) {
+        if !self.closed.swap(true, Ordering::Relaxed) {
+            log_info!("{}: {why}; closing", self.name);
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Writer {
+    /// Writes queued frames until every [`Outbox`] is dropped, then half-closes. A failed
+    /// write (the peer is gone, or the socket's write timeout expired) shuts the
+    /// connection down both ways, so its reader sees the end too.
+    pub fn run(self) {
+        match self.drain() {
+            Ok(()) => {
+                let _ = self.conn.stream.shutdown(Shutdown::Write);
+            }
+            Err(e) => {
+                log_debug!("{}: write failed: {e}", self.conn.name);
+                let _ = self.conn.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn next(&self) -> Option<Bytes> {
+        match &self.heartbeat {
+            None => self.rx.recv().ok(),
+            Some((every, beat)) => match self.rx.recv_timeout(*every) {
+                Ok(frame) => Some(frame),
+                Err(RecvTimeoutError::Timeout) => Some(Bytes::clone(beat)),
+                Err(RecvTimeoutError::Disconnected) => None,
+            },
+        }
+    }
+
+    fn drain(&self) -> io::Result<()> {
+        let mut out = &*self.conn.stream;
+        while let Some(first) = self.next() {
+            let Ok(second) = self.rx.try_recv() else {
+                out.write_all(&first)?;
+                continue;
+            };
+            // Allocated per batch, not kept: an idle connection holds no buffer.
+            let mut batch = Vec::with_capacity(first.len() + second.len() + 512);
+            batch.extend_from_slice(&first);
+            batch.extend_from_slice(&second);
+            while batch.len() < BATCH_BYTES {
+                match self.rx.try_recv() {
+                    Ok(frame) => batch.extend_from_slice(&frame),
+                    Err(_) => break,
+                }
+            }
+            out.write_all(&batch)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::thread;
+    use std::time::Instant;
+
+    /// A connected pair: the client end (with a read timeout) and the served end.
+    fn pair() -> (TcpStream, Arc<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (served, _) = listener.accept().unwrap();
+        served
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (client, Arc::new(served))
+    }
+
+    fn frame(text: &str) -> Bytes {
+        Arc::from(text.as_bytes())
+    }
+
+    #[test]
+    fn dropping_the_outbox_flushes_then_half_closes() {
+        let (mut client, served) = pair();
+        let (outbox, writer) = Outbox::new(Arc::clone(&served), OutboxConfig::new("t", 100));
+        for n in 0..50 {
+            outbox.send(frame(&format!("{n}\n"))).unwrap();
+        }
+        let writer = thread::spawn(move || writer.run());
+        drop(outbox);
+        writer.join().unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        let want: String = (0..50).map(|n| format!("{n}\n")).collect();
+        assert_eq!(got, want);
+        // Half-closed, not closed: the client can still send, and the server reads it.
+        client.write_all(b"still here").unwrap();
+        drop(client);
+        let mut back = String::new();
+        (&*served).read_to_string(&mut back).unwrap();
+        assert_eq!(back, "still here");
+    }
+
+    #[test]
+    fn overflow_closes_the_connection_and_says_so() {
+        let (mut client, served) = pair();
+        // No writer runs: the client "stops reading" and the queue fills.
+        let (outbox, _writer) = Outbox::new(served, OutboxConfig::new("t", 2));
+        assert_eq!(outbox.send(frame("a\n")), Ok(()));
+        assert_eq!(outbox.send(frame("b\n")), Ok(()));
+        assert_eq!(outbox.len(), 2);
+        assert_eq!(outbox.send(frame("c\n")), Err(SendError::Overflow));
+        // The connection is shut down: the client sees its end, not a hang.
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        assert!(outbox.conn.closed.load(Ordering::Relaxed));
+        let other = outbox.clone();
+        assert!(outbox.same_connection(&other));
+    }
+
+    #[test]
+    fn a_send_after_the_writer_is_gone_is_refused() {
+        let (_client, served) = pair();
+        let (outbox, writer) = Outbox::new(served, OutboxConfig::new("t", 2));
+        drop(writer);
+        assert_eq!(outbox.send(frame("a\n")), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn an_idle_outbox_sends_heartbeats_and_traffic_in_order() {
+        let (client, served) = pair();
+        let config =
+            OutboxConfig::new("t", 8).heartbeat(Duration::from_millis(20), frame("beat\n"));
+        let (outbox, writer) = Outbox::new(served, config);
+        let writer = thread::spawn(move || writer.run());
+        let mut lines = std::io::BufReader::new(client);
+        let mut line = String::new();
+        let started = Instant::now();
+        use std::io::BufRead;
+        lines.read_line(&mut line).unwrap();
+        assert_eq!(line, "beat\n");
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        outbox.send(frame("data\n")).unwrap();
+        // Skip any heartbeats sent before the data went in; the data comes next.
+        loop {
+            line.clear();
+            lines.read_line(&mut line).unwrap();
+            if line != "beat\n" {
+                break;
+            }
+        }
+        assert_eq!(line, "data\n");
+        drop(outbox);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_shared_frame_is_not_copied_per_outbox() {
+        let (_c1, s1) = pair();
+        let (_c2, s2) = pair();
+        let (a, _wa) = Outbox::new(s1, OutboxConfig::new("a", 4));
+        let (b, _wb) = Outbox::new(s2, OutboxConfig::new("b", 4));
+        let line = frame("fan-out\n");
+        a.send(Bytes::clone(&line)).unwrap();
+        b.send(Bytes::clone(&line)).unwrap();
+        assert_eq!(Arc::strong_count(&line), 3);
+    }
+}
