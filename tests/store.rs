@@ -8,6 +8,9 @@ use common::{connect, python, run_checked, run_python, ChildServer, LineClient};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use switchboard::framing::{encode_frame, FrameReader, Framing};
 use switchboard::store::client::StoreClient;
 
@@ -451,11 +454,15 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
     let flags = ["--aof", path, "--aof-rewrite-min", "16k"];
     let mut server = start(&flags);
     let addr = server.addr;
-    // 8 connections, each over 10 keys of its own: 150 rounds of stores and deletes, each
-    // round closed by a lookup that proves the round applied and logged. About 300 KB of
-    // records over 2 KB of live data: rewrites run again and again while writes go on.
+    // 8 connections, each over 10 keys of its own: rounds of stores and deletes, each
+    // round closed by a lookup that proves the round applied and logged. 150 rounds are
+    // about 300 KB of records over 2 KB of live data, so rewrites run again and again while
+    // writes go on; the writers go on past that until two rewrites have finished (a loaded
+    // machine may take longer over them), within a cap.
+    let enough = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8)
         .map(|t| {
+            let enough = Arc::clone(&enough);
             std::thread::spawn(move || {
                 let mut c = LineClient::connect(addr);
                 let mut want: HashMap<String, String> = HashMap::new();
@@ -463,7 +470,10 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
                     Some(v) => format!("{{just,{v}}}"),
                     None => "nothing".to_string(),
                 };
-                for round in 0..150 {
+                for round in 0..5_000 {
+                    if round >= 150 && enough.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let (mut batch, mut replies) = (String::new(), Vec::new());
                     for k in 0..10 {
                         let key = format!("w{t}k{k}");
@@ -495,6 +505,11 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
             })
         })
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log_text().matches("rewritten: ").count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    enough.store(true, Ordering::Relaxed);
     let want: Vec<(String, String)> = writers
         .into_iter()
         .flat_map(|w| w.join().unwrap())
