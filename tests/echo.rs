@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{connect, python, run_python, ChildServer};
+use common::{connect, python, run_python, run_with_input, ChildServer};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,6 +140,27 @@ fn rust_client_against_the_python_pipeline_server() {
         let out = rust_client(server.addr, framing, "last");
         assert_eq!(out, "Received > LAST\n", "{framing}");
     }
+}
+
+#[test]
+fn rust_client_with_the_wrong_framing_names_it_instead_of_an_os_error() {
+    let server = start_echo(Framing::Line, "threaded", "none", &[]);
+    let addr = server.addr.to_string();
+    let mut cmd = Command::new(ECHO_CLIENT);
+    cmd.args(["--addr", &addr, "--framing", "ascii10", "--timeout", "1"]);
+    let run = run_with_input(cmd, b"hello\n");
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim(),
+        format!(
+            "echo-client: no reply within 1 s from {addr}; is the server using --framing ascii10?"
+        )
+    );
+    assert!(
+        run.took < std::time::Duration::from_secs(3),
+        "{:?}",
+        run.took
+    );
 }
 
 #[test]
