@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, python, ChildServer, LineClient};
+use common::{eventually, python, run_with_input, ChildServer, LineClient};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -568,4 +568,52 @@ fn the_chat_client_binary_prints_the_seeds_format() {
         &mut [&mut alice],
         &[r#"{message,"cli","hello alice"}"#, r#"{leave,"cli"}"#],
     );
+}
+
+#[test]
+fn the_chat_client_binary_exits_1_when_the_server_closes() {
+    let mut server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args(["--addr", &server.addr.to_string(), "--name", "cli"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect(&mut [&mut alice], &[r#"{join,"cli"}"#]);
+    // Its stdin stays open: the close alone must end it.
+    let stdin = cli.stdin.take().unwrap();
+    assert!(server.terminate());
+    let closed = std::time::Instant::now();
+    eventually("chat-client to exit", || cli.try_wait().unwrap().is_some());
+    assert!(closed.elapsed() < std::time::Duration::from_secs(2));
+    drop(stdin);
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .ends_with("[CLOSED] the server closed the connection\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "chat-client: the server closed the connection"
+    );
+}
+
+#[test]
+fn the_chat_client_binary_names_the_address_it_cannot_reach() {
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-client"));
+    cmd.args(["--addr", &addr, "--name", "cli"]);
+    let run = run_with_input(cmd, b"");
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        run.stderr
+            .starts_with(&format!("chat-client: cannot connect to {addr}: ")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.took < std::time::Duration::from_secs(2));
 }
