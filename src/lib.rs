@@ -10,6 +10,7 @@
 //! - [`server`]: the thread-per-connection server, connection cap, idle timeout, shutdown.
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`log`]: one-line-per-event logging to stderr.
+//! - [`cli`]: command-line value parsers the binaries share (`--idle-timeout 0.5`).
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
@@ -28,6 +29,7 @@
 
 pub mod chan;
 pub mod chat;
+pub mod cli;
 pub mod echo;
 pub mod framing;
 pub mod handoff;

@@ -706,7 +706,11 @@ fn the_store_client_names_the_framing_when_no_reply_comes() {
     );
     let run = client(&addr, &["--timeout", "0", "stats"], b"");
     assert!(!run.status.success());
-    assert!(run.stderr.contains("--timeout 0"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("--timeout") && run.stderr.contains("more than 0"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -760,4 +764,27 @@ fn the_store_client_prompt_understands_quotes_and_help() {
     // `help` never reached the server: its error counter is still 0.
     let stats = lines.last().unwrap();
     assert!(stats.contains("{error,0}"), "{stats}");
+}
+
+#[test]
+fn idle_timeout_takes_fractions_on_every_server_that_has_it() {
+    for server in [
+        SERVER,
+        env!("CARGO_BIN_EXE_echo-server"),
+        env!("CARGO_BIN_EXE_chat-server"),
+    ] {
+        let s = ChildServer::start(
+            server,
+            &["--listen", "127.0.0.1:0", "--idle-timeout", "0.3"],
+        );
+        let mut idle = connect(s.addr);
+        let started = std::time::Instant::now();
+        // Whatever it says on the way out, the connection ends (end of stream or a reset).
+        let _ = idle.read_to_end(&mut Vec::new());
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{server}: {took:?}"
+        );
+    }
 }

@@ -50,8 +50,12 @@ struct Ping {
     #[argh(positional)]
     count: usize,
     /// seconds to keep looking NAME up while it is not registered (default 3)
-    #[argh(option, default = "3.0")]
-    wait: f64,
+    #[argh(
+        option,
+        default = "Duration::from_secs(3)",
+        from_str_fn(switchboard::cli::seconds)
+    )]
+    wait: Duration,
 }
 
 fn main() -> ExitCode {
@@ -75,17 +79,20 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("pong {}: {e}", pong.name))
         })
         .map(|report| log_info!("chan-pingpong: pong {} stopped; {report}", pong.name)),
-        Role::Ping(ping) => {
-            let wait = Duration::try_from_secs_f64(ping.wait).unwrap_or_default();
-            pingpong::run_ping(&node, args.registry.as_str(), &ping.name, ping.count, wait)
-                .map_err(|e| format!("ping {}: {e}", ping.name))
-                .and_then(|report| {
-                    println!("ping {}: {report}", ping.name);
-                    (report.failed == 0)
-                        .then_some(())
-                        .ok_or_else(|| "pings failed".into())
-                })
-        }
+        Role::Ping(ping) => pingpong::run_ping(
+            &node,
+            args.registry.as_str(),
+            &ping.name,
+            ping.count,
+            ping.wait,
+        )
+        .map_err(|e| format!("ping {}: {e}", ping.name))
+        .and_then(|report| {
+            println!("ping {}: {report}", ping.name);
+            (report.failed == 0)
+                .then_some(())
+                .ok_or_else(|| "pings failed".into())
+        }),
     };
     node.shutdown();
     match ok {

@@ -20,8 +20,12 @@ struct Args {
     #[argh(option, default = "Framing::Line")]
     framing: Framing,
     /// seconds to wait for connecting and for each reply, fractions allowed (default 10)
-    #[argh(option, default = "10.0")]
-    timeout: f64,
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(switchboard::cli::positive_seconds)
+    )]
+    timeout: Duration,
     /// the command and its arguments, each argument one word (quote a key with spaces)
     #[argh(positional, greedy)]
     command: Vec<String>,
@@ -29,15 +33,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
-    let Some(timeout) = Duration::try_from_secs_f64(args.timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-    else {
-        return fail(&format!(
-            "--timeout {}: give a positive number of seconds",
-            args.timeout
-        ));
-    };
     // A usage mistake is reported before connecting: it needs no server.
     let command = match console::parse_words(&args.command) {
         Ok(command) => command,
@@ -47,7 +42,7 @@ fn main() -> ExitCode {
         println!("{}", console::HELP);
         return ExitCode::SUCCESS;
     }
-    let mut client = match StoreClient::connect_timeout(&args.addr, args.framing, timeout) {
+    let mut client = match StoreClient::connect_timeout(&args.addr, args.framing, args.timeout) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot connect to {}: {e}", args.addr)),
     };
