@@ -39,7 +39,7 @@ import threading
 from typing import Iterable, Optional
 
 import term
-from message import FrameReader, port_number, positive_timeout, send_message
+from message import FrameReader, add_addr_argument, port_number, positive_timeout, run_main, send_message
 from term import Atom
 
 DEFAULT_HOST = "127.0.0.1"
@@ -214,6 +214,20 @@ def run_script(
 
 def run_interactive(client: ChatClient, name: str) -> int:
     client.join(name)
+    # Until the server announces this join, nothing else is due; a refusal ({error,name_taken})
+    # ends the session here, as chat-client does, instead of a prompt whose every line would
+    # be answered {error,not_joined}.
+    while True:
+        event = client.next_event()
+        if event is None:
+            print(f"chat_client.py: the server closed the connection before admitting {name}", file=sys.stderr)
+            return 1
+        if event[0] == "error":
+            print(f"chat_client.py: the server refused to admit {name}: {event[1]}", file=sys.stderr)
+            return 1
+        print(display(event), flush=True)
+        if event == ("join", name):
+            break
 
     def printer() -> None:
         try:
@@ -239,14 +253,20 @@ def run_interactive(client: ChatClient, name: str) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--timeout", type=positive_timeout, default=10.0, help="seconds (scripted mode)")
-    parser.add_argument("--codes", action="store_true", help="send names and texts as code lists")
-    parser.add_argument("--send-count", type=int, default=None)
-    parser.add_argument("--expect", type=parse_expect, action="append", default=[], metavar="SENDER=COUNT")
-    parser.add_argument("--wait-join", action="append", default=[], metavar="NAME")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    add_addr_argument(parser)
+    parser.add_argument("--name", required=True, help="the name to join as")
+    parser.add_argument("--timeout", type=positive_timeout, default=10.0,
+                        help="seconds to wait for each line from the server, scripted mode only (default: 10)")
+    parser.add_argument("--codes", action="store_true",
+                        help="send names and texts as character-code lists ([104,105]), as an Erlang ~w client does")
+    parser.add_argument("--send-count", type=int, default=None, metavar="K",
+                        help="scripted: send K messages, 'NAME 1' .. 'NAME K'")
+    parser.add_argument("--expect", type=parse_expect, action="append", default=[], metavar="SENDER=COUNT",
+                        help="scripted: read until COUNT messages from SENDER arrived, each once, in order (repeatable)")
+    parser.add_argument("--wait-join", action="append", default=[], metavar="NAME",
+                        help="scripted: wait for NAME to join before sending (repeatable)")
     args = parser.parse_args(argv)
     scripted = args.send_count is not None or args.expect or args.wait_join
     client = ChatClient(args.host, args.port, args.timeout if scripted else None, args.codes)
@@ -261,4 +281,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -617,3 +617,31 @@ fn the_chat_client_binary_names_the_address_it_cannot_reach() {
     );
     assert!(run.took < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn the_python_client_exits_with_the_reason_when_its_name_is_taken() {
+    let server = start(&[]);
+    let _alice = join(server.addr, "alice");
+    let addr = server.addr.to_string();
+    let run = run_with_input(
+        python("chat_client.py", &["--addr", &addr, "--name", "alice"]),
+        b"hello\n",
+    );
+    assert_eq!(run.status.code(), Some(1), "{}", run.stdout);
+    assert_eq!(
+        run.stderr.trim(),
+        "chat_client.py: the server refused to admit alice: name_taken"
+    );
+    assert!(!run.stdout.contains("not_joined"), "{}", run.stdout);
+    // A free name joins, and its own join is printed as the seed's client prints it.
+    let run = run_with_input(
+        python("chat_client.py", &["--addr", &addr, "--name", "bob"]),
+        b"hi\n",
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("[JOIN] bob joined the chat\n"),
+        "{}",
+        run.stdout
+    );
+}
