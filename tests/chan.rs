@@ -21,6 +21,7 @@ const STORE: &str = env!("CARGO_BIN_EXE_store-server");
 const PINGPONG: &str = env!("CARGO_BIN_EXE_chan-pingpong");
 
 fn node() -> Arc<Node> {
+    common::quiet_logs();
     Node::new(NodeConfig::default())
 }
 

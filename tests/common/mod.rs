@@ -266,8 +266,15 @@ pub fn echo(conn: Connection) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// Routes the log lines of servers running in this test process through the test
+/// harness's capture: shown for a failing test only, not between the results.
+pub fn quiet_logs() {
+    switchboard::log::capture_in_tests();
+}
+
 /// An in-process [`echo`] server on a free port.
 pub fn start_echo(config: ServerConfig) -> RunningServer {
+    quiet_logs();
     Server::bind("127.0.0.1:0", config, echo)
         .unwrap()
         .spawn()
