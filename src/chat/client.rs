@@ -254,9 +254,11 @@ pub fn run_console(
             }
         }
     })();
-    // A failed write to the server explains a broken connection better than the read.
+    // The reader's view comes first: a line typed into a connection the server had just
+    // closed fails with a broken pipe, which says less than "the server closed it".
+    printed?;
     if typist.is_finished() {
         typist.join().unwrap_or(Ok(()))?;
     }
-    printed
+    Ok(())
 }
