@@ -33,6 +33,7 @@ as character-code lists (``[104,105]``), as an Erlang client writing ``~w`` does
 from __future__ import annotations
 
 import argparse
+import queue
 import socket
 import sys
 import threading
@@ -241,14 +242,31 @@ def run_interactive(client: ChatClient, name: str) -> int:
 
     thread = threading.Thread(target=printer, daemon=True)
     thread.start()
-    for line in sys.stdin:
-        line = line.rstrip("\r\n")
-        if line == "exit":
-            break
-        client.send(name, line)
-    client.leave(name)
-    thread.join()
-    return 0
+    # Input is read on a thread of its own, so a server that closes the connection ends
+    # the client at once (exit status 1, as chat-client), not at the next line typed.
+    lines: queue.Queue[Optional[str]] = queue.Queue()
+
+    def typist() -> None:
+        for typed in sys.stdin:
+            lines.put(typed.rstrip("\r\n"))
+        lines.put(None)
+
+    threading.Thread(target=typist, daemon=True).start()
+    try:
+        while thread.is_alive():
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None or line == "exit":
+                client.leave(name)
+                thread.join()
+                return 0
+            client.send(name, line)
+    except OSError:
+        thread.join()
+    print("chat_client.py: the server closed the connection", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

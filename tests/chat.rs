@@ -645,3 +645,36 @@ fn the_python_client_exits_with_the_reason_when_its_name_is_taken() {
         run.stdout
     );
 }
+
+#[test]
+fn the_python_client_exits_1_when_the_server_closes() {
+    let mut server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut py = python(
+        "chat_client.py",
+        &["--addr", &server.addr.to_string(), "--name", "py"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    expect(&mut [&mut alice], &[r#"{join,"py"}"#]);
+    // Its stdin stays open: the close alone must end it.
+    let stdin = py.stdin.take().unwrap();
+    assert!(server.terminate());
+    let closed = std::time::Instant::now();
+    eventually("chat_client.py to exit", || {
+        py.try_wait().unwrap().is_some()
+    });
+    assert!(closed.elapsed() < std::time::Duration::from_secs(2));
+    drop(stdin);
+    let out = py.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .ends_with("[CLOSED] the server closed the connection\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "chat_client.py: the server closed the connection"
+    );
+}
