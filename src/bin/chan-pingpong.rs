@@ -4,6 +4,7 @@ use argh::FromArgs;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::chan::{pingpong, Host, Node, NodeConfig};
+use switchboard::cli::seconds;
 use switchboard::{log_info, server, store};
 
 /// Ping-pong between two processes over remote channels, found through the store server.
@@ -50,11 +51,7 @@ struct Ping {
     #[argh(positional)]
     count: usize,
     /// seconds to keep looking NAME up while it is not registered (default 3)
-    #[argh(
-        option,
-        default = "Duration::from_secs(3)",
-        from_str_fn(switchboard::cli::seconds)
-    )]
+    #[argh(option, default = "pingpong::LOOKUP_WAIT", from_str_fn(seconds))]
     wait: Duration,
 }
 
@@ -79,20 +76,14 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("pong {}: {e}", pong.name))
         })
         .map(|report| log_info!("chan-pingpong: pong {} stopped; {report}", pong.name)),
-        Role::Ping(ping) => pingpong::run_ping(
-            &node,
-            args.registry.as_str(),
-            &ping.name,
-            ping.count,
-            ping.wait,
-        )
-        .map_err(|e| format!("ping {}: {e}", ping.name))
-        .and_then(|report| {
-            println!("ping {}: {report}", ping.name);
-            (report.failed == 0)
-                .then_some(())
-                .ok_or_else(|| "pings failed".into())
-        }),
+        Role::Ping(p) => pingpong::run_ping(&node, &*args.registry, &p.name, p.count, p.wait)
+            .map_err(|e| format!("ping {}: {e}", p.name))
+            .and_then(|report| {
+                println!("ping {}: {report}", p.name);
+                (report.failed == 0)
+                    .then_some(())
+                    .ok_or("pings failed".into())
+            }),
     };
     node.shutdown();
     match ok {

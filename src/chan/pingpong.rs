@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 /// How long `pong` gives the channel already registered under its name to accept a
 /// connection before taking the name over.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `chan-pingpong ping` keeps looking a name up while it is not registered.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(3);
 /// How often `ping` looks a name up again while waiting for it.
 const LOOKUP_RETRY: Duration = Duration::from_millis(100);
 
