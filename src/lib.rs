@@ -13,6 +13,7 @@
 //! - [`store`]: the classic key-value store (`store,K,V` / `lookup,K`), persistence, client, bench.
 //! - [`lincheck`]: a linearizability checker for recorded key-value histories (tests).
 //! - [`log`]: one-line-per-event logging to stderr.
+//! - [`cli`]: command-line value parsers the binaries share (`--idle-timeout 0.5`).
 //! - [`term`]: Erlang term text (`{just,[104,105]}`), parsed and printed, with limits.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
 //! - [`bench`](mod@bench): CPU and RSS sampling, free ports and a seeded `Rng` for benchmarks and tests.
@@ -35,6 +36,7 @@ pub mod auth;
 pub mod bench;
 pub mod chan;
 pub mod chat;
+pub mod cli;
 pub mod durable;
 pub mod echo;
 pub mod framing;

@@ -135,6 +135,7 @@ fn shutdown_is_not_held_up_by_clients_that_never_read_or_stall_mid_frame() {
 
 #[test]
 fn shutdown_through_a_clone_of_the_handle_stops_run() {
+    common::quiet_logs();
     let server = Server::bind("127.0.0.1:0", ServerConfig::named("handle"), echo).unwrap();
     let handle = server.handle();
     let addr = server.local_addr();

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{connect, python, run_checked, run_python, ChildServer, LineClient};
+use common::{
+    connect, python, run_checked, run_python, run_with_input, ChildServer, Finished, LineClient,
+};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -689,4 +691,115 @@ fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
         out.contains(" MiB held; new client connect+lookup median "),
         "{out}"
     );
+}
+
+/// Runs `store-client --addr ADDR ARGS...` with `input` on stdin.
+fn client(addr: &str, args: &[&str], input: &[u8]) -> Finished {
+    let mut cmd = std::process::Command::new(CLIENT);
+    cmd.args(["--addr", addr]).args(args);
+    run_with_input(cmd, input)
+}
+
+#[test]
+fn the_store_client_names_the_framing_when_no_reply_comes() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(
+        &addr,
+        &["--framing", "ascii10", "--timeout", "0.5", "lookup", "k"],
+        b"",
+    );
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim(),
+        format!("store-client: no reply within 0.5 s from {addr}; is the server using --framing ascii10?")
+    );
+    assert!(
+        run.took < std::time::Duration::from_secs(2),
+        "{:?}",
+        run.took
+    );
+    let run = client(&addr, &["--timeout", "0", "stats"], b"");
+    assert!(!run.status.success());
+    assert!(
+        run.stderr.contains("--timeout") && run.stderr.contains("more than 0"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_store_client_takes_arguments_as_given_and_refuses_mistakes_locally() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(&addr, &["store", "a b", "v"], b"");
+    assert!(run.status.success(), "{}", run.stderr);
+    let run = client(&addr, &["lookup", "a b"], b"");
+    assert_eq!(run.stdout.trim(), "{just,v}");
+    // The server never saw key `a` (the old client sent `store,a,b v`).
+    let run = client(&addr, &["lookup", "a"], b"");
+    assert_eq!(run.stdout.trim(), "nothing");
+    let run = client(&addr, &["store", "a,b", "v"], b"");
+    assert!(!run.status.success());
+    assert!(
+        run.stderr
+            .starts_with("store-client: the key \"a,b\" contains a comma"),
+        "{}",
+        run.stderr
+    );
+    let run = client(&addr, &["store", "k"], b"");
+    assert!(!run.status.success());
+    assert_eq!(run.stderr.trim(), "store-client: usage: store KEY VALUE");
+    // `help` is answered without a server.
+    let run = client("127.0.0.1:1", &["help"], b"");
+    assert!(run.status.success() && run.stdout.contains("lookup KEY"));
+    // An `{error,...}` reply is printed, and the exit status says so.
+    let run = client(&addr, &["bogus"], b"");
+    assert_eq!(run.stdout.trim(), "{error,unknown_verb}");
+    assert_eq!(run.status.code(), Some(1));
+}
+
+#[test]
+fn the_store_client_prompt_understands_quotes_and_help() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(
+        &addr,
+        &[],
+        b"store \"quoted key\" x y\nlookup 'quoted key'\nlookup \"quoted\nstore\nstore a,b v\nhelp\nstats\n",
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let text = run.stdout.replace(&format!("{addr}> "), "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "{just,x y}", "{text}");
+    assert_eq!(lines[1], "a quote is not closed", "{text}");
+    assert_eq!(lines[2], "usage: store KEY VALUE", "{text}");
+    assert!(lines[3].contains("comma"), "{text}");
+    assert_eq!(lines[4], "commands:", "{text}");
+    // `help` never reached the server: its error counter is still 0.
+    let stats = lines.last().unwrap();
+    assert!(stats.contains("{error,0}"), "{stats}");
+}
+
+#[test]
+fn idle_timeout_takes_fractions_on_every_server_that_has_it() {
+    for server in [
+        SERVER,
+        env!("CARGO_BIN_EXE_echo-server"),
+        env!("CARGO_BIN_EXE_chat-server"),
+    ] {
+        let s = ChildServer::start(
+            server,
+            &["--listen", "127.0.0.1:0", "--idle-timeout", "0.3"],
+        );
+        let mut idle = connect(s.addr);
+        let started = std::time::Instant::now();
+        // Whatever it says on the way out, the connection ends (end of stream or a reset).
+        let _ = idle.read_to_end(&mut Vec::new());
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{server}: {took:?}"
+        );
+    }
 }

@@ -23,9 +23,9 @@ struct Args {
     /// refuse connections beyond this many live ones (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
-    /// close a connection idle for this many seconds (default: never)
-    #[argh(option)]
-    idle_timeout: Option<u64>,
+    /// close a connection idle for this many seconds, fractions allowed (default: never)
+    #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
+    idle_timeout: Option<Duration>,
     /// append every write to this file and replay it at start
     #[argh(option)]
     aof: Option<PathBuf>,
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
     }
     let mut config = ServerConfig::named("store");
     config.max_connections = args.max_connections;
-    config.idle_timeout = args.idle_timeout.map(Duration::from_secs);
+    config.idle_timeout = args.idle_timeout;
     config.refusal = store::refusal(args.framing);
     let svc = service.clone();
     let server = match Server::bind(&args.listen, config, move |conn| svc.serve(conn)) {

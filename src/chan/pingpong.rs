@@ -6,8 +6,16 @@ use super::{Chan, ChanError, Node, Value};
 use crate::log_info;
 use crossbeam_channel::{select, Receiver};
 use std::fmt;
-use std::net::ToSocketAddrs;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+/// How long `pong` gives the channel already registered under its name to accept a
+/// connection before taking the name over.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `chan-pingpong ping` keeps looking a name up while it is not registered.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(3);
+/// How often `ping` looks a name up again while waiting for it.
+const LOOKUP_RETRY: Duration = Duration::from_millis(100);
 
 /// What `pong` did before it was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,37 +29,86 @@ pub struct PongReport {
 }
 
 /// `chan-pingpong pong NAME`: registers a new channel of `node` as `name` in the store
-/// server at `registry`, logs `listening on HOST:PORT` (its port), and answers pings until
-/// `stop` receives.
+/// server at `registry`, logs `listening on HOST:PORT` (its port), answers pings until
+/// `stop` receives, then removes the entry (if it is still this channel's), so the name
+/// does not outlive the process and point pingers at a dead port.
 ///
 /// # Errors
-/// When the name cannot be registered.
+/// When the name is registered to a channel that still accepts connections
+/// ([`ChanError::NameTaken`]), or cannot be registered.
 pub fn run_pong(
     node: &Node,
-    registry: impl ToSocketAddrs,
+    registry: impl ToSocketAddrs + Copy,
     name: &str,
     stop: &Receiver<()>,
 ) -> Result<PongReport, ChanError> {
+    match super::lookup(node, registry, name) {
+        Ok(taken) => {
+            if let Some(addr) = answering(&taken) {
+                return Err(ChanError::NameTaken {
+                    name: name.to_owned(),
+                    addr,
+                });
+            }
+            log_info!("pong: {name} was registered to a channel that no longer answers; taking it");
+        }
+        Err(ChanError::NotRegistered(_) | ChanError::NotAChan { .. }) => {}
+        Err(e) => return Err(e),
+    }
     let chan = node.chan();
     super::register(registry, name, &chan)?;
     let port = node.port_of(&chan).unwrap_or(0);
     let ip = node.config().advertise;
     log_info!("pong: {name} registered; listening on {ip}:{port}");
-    Ok(pong(&chan, stop))
+    let report = pong(&chan, stop);
+    match super::registry::unregister(registry, name, &chan) {
+        Ok(true) => log_info!("pong: {name} unregistered"),
+        Ok(false) => log_info!("pong: {name} was registered again by another process; left as is"),
+        Err(e) => log_info!("pong: cannot unregister {name}: {e}"),
+    }
+    Ok(report)
 }
 
-/// `chan-pingpong ping NAME COUNT`: looks `name` up in the store server at `registry` and
-/// sends it `count` pings (see [`ping`]), waiting up to 10 s for each pong.
+/// `HOST:PORT` of a remote channel whose port accepts a connection now (the connection
+/// is closed at once, before a line, which the port listener takes as nothing).
+fn answering(chan: &Chan) -> Option<String> {
+    let (host, port) = chan.remote_addr()?;
+    let addr = (host.to_string(), port).to_socket_addrs().ok()?.next()?;
+    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .ok()
+        .map(|_| addr.to_string())
+}
+
+/// `chan-pingpong ping NAME COUNT`: looks `name` up in the store server at `registry`
+/// (again every 100 ms for up to `wait` while it is not registered: a ponger started at
+/// the same time may not have registered yet) and sends it `count` pings (see [`ping`]),
+/// waiting up to 10 s for each pong.
 ///
 /// # Errors
-/// When the name cannot be looked up.
+/// When the name cannot be looked up, or is still not registered after `wait`.
 pub fn run_ping(
     node: &Node,
-    registry: impl ToSocketAddrs,
+    registry: impl ToSocketAddrs + Copy,
     name: &str,
     count: usize,
+    wait: Duration,
 ) -> Result<PingReport, ChanError> {
-    let target = super::lookup(node, registry, name)?;
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    let target = loop {
+        match super::lookup(node, registry, name) {
+            Err(ChanError::NotRegistered(_)) if Instant::now() < deadline => {
+                if !said {
+                    let secs = wait.as_secs_f64();
+                    log_info!("ping: {name} is not registered yet; waiting up to {secs} s");
+                    said = true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(LOOKUP_RETRY.min(left));
+            }
+            other => break other?,
+        }
+    };
     Ok(ping(node, &target, count, Duration::from_secs(10)))
 }
 
@@ -112,6 +169,16 @@ impl PingReport {
         }
         let rank = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
         Some(self.round_trips[rank - 1])
+    }
+}
+
+impl fmt::Display for PongReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "answered {} ping(s); ignored {} other message(s); {} pong(s) could not be delivered",
+            self.answered, self.ignored, self.failed
+        )
     }
 }
 

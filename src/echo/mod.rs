@@ -370,6 +370,16 @@ pub enum EchoError {
     Frame(FrameError),
     /// The server closed the connection instead of replying.
     Closed,
+    /// No reply within the timeout: most often a client and a server that disagree on the
+    /// framing, each waiting for the end of a frame the other never sends.
+    NoReply {
+        /// The server.
+        addr: String,
+        /// How long the client waited.
+        timeout: Duration,
+        /// The framing the client spoke.
+        framing: Framing,
+    },
     /// A reply was not the echo of its request.
     Mismatch {
         /// The connection (0-based) it arrived on.
@@ -390,6 +400,15 @@ impl fmt::Display for EchoError {
             EchoError::Closed => {
                 f.write_str("the server closed the connection instead of replying")
             }
+            EchoError::NoReply {
+                addr,
+                timeout,
+                framing,
+            } => write!(
+                f,
+                "no reply within {} s from {addr}; is the server using --framing {framing}?",
+                timeout.as_secs_f64()
+            ),
             EchoError::Mismatch { conn, sent, got } => write!(
                 f,
                 "connection {conn}: sent {}, got back {}",
@@ -406,7 +425,7 @@ impl std::error::Error for EchoError {
             EchoError::Connect { source, .. } => Some(source),
             EchoError::Io(e) => Some(e),
             EchoError::Frame(e) => Some(e),
-            EchoError::Closed | EchoError::Mismatch { .. } => None,
+            EchoError::Closed | EchoError::NoReply { .. } | EchoError::Mismatch { .. } => None,
         }
     }
 }
