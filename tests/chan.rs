@@ -347,6 +347,35 @@ fn a_channel_holds_at_most_its_byte_budget_of_parsed_messages() {
 }
 
 #[test]
+fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
+    let node = node();
+    let chan = node.chan();
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    let served = chan.clone();
+    let ponger = std::thread::spawn(move || chan::pingpong::pong(&served, &stop));
+    // A black hole: connections complete in the kernel, nothing is ever read or closed,
+    // so each pong to it waits for the node's 10 s I/O timeout.
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_chan = node.remote(localhost(), hole.local_addr().unwrap().port());
+    for n in 0..3 {
+        let ping = Value::tuple(vec![atom("ping"), int(n), Value::from(&hole_chan)]);
+        chan.send(ping).unwrap();
+    }
+    // An honest ping behind them is answered long before any of their timeouts.
+    let reply = node.chan();
+    let ping = Value::tuple(vec![atom("ping"), int(7), Value::from(&reply)]);
+    chan.send(ping).unwrap();
+    let pong = reply
+        .recv_timeout(Duration::from_secs(5))
+        .expect("answered at once");
+    assert_eq!(pong, Value::tuple(vec![atom("pong"), int(7)]));
+    stop_tx.send(()).unwrap();
+    let report = ponger.join().unwrap();
+    assert_eq!((report.answered, report.failed), (1, 3), "{report}");
+    drop(hole);
+}
+
+#[test]
 fn remote_reads_bring_messages_and_channels_home() {
     let a = node();
     let b = node();

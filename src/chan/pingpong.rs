@@ -112,24 +112,52 @@ pub fn run_ping(
     Ok(ping(node, &target, count, Duration::from_secs(10)))
 }
 
+/// Pongs being delivered at once. A reply channel that accepts and never reads holds its
+/// pong for the node's I/O timeout (10 s by default); answering on the reading thread
+/// would stall every other pinger behind it, so each pong goes out on a thread of its own,
+/// and this bounds those threads: past it, `pong` waits for one to finish.
+pub const PONGS_IN_FLIGHT: usize = 32;
+
+/// How long a stopping `pong` waits for pongs still being delivered.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// Answers pings read from the local channel `chan` until `stop` receives (or its sender
-/// is dropped). A remote `chan` is not served.
+/// is dropped). A remote `chan` is not served. Pongs are delivered concurrently (at most
+/// [`PONGS_IN_FLIGHT`] at once), so one reply channel that never reads delays no other
+/// pinger; pongs still in flight when `stop` comes are counted as not delivered.
 pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
     let mut report = PongReport::default();
     let Some(rx) = chan.receiver() else {
         return report;
     };
+    // Each answering thread reports here whether its pong was delivered.
+    let (outcomes, done) = crossbeam_channel::bounded::<bool>(PONGS_IN_FLIGHT);
+    let mut in_flight = 0usize;
+    let settle = |report: &mut PongReport, delivered: bool| {
+        if delivered {
+            report.answered += 1;
+        } else {
+            report.failed += 1;
+        }
+    };
     loop {
         let msg = select! {
-            recv(stop) -> _ => return report,
+            recv(stop) -> _ => break,
+            recv(done) -> outcome => {
+                if let Ok(delivered) = outcome {
+                    in_flight -= 1;
+                    settle(&mut report, delivered);
+                }
+                continue;
+            },
             recv(rx) -> msg => match msg {
                 Ok(msg) => msg.into_value(),
-                Err(_) => return report,
+                Err(_) => break,
             },
         };
         let ping = match msg.tagged() {
             Some(("ping", [n, Value::Chan(reply)])) if n.as_int().is_some() => {
-                Some((n.clone(), reply))
+                Some((n.clone(), reply.clone()))
             }
             _ => None,
         };
@@ -138,14 +166,52 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
             report.ignored += 1;
             continue;
         };
-        match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
-            Ok(()) => report.answered += 1,
+        while in_flight >= PONGS_IN_FLIGHT {
+            select! {
+                recv(stop) -> _ => {
+                    report.failed += in_flight as u64 + 1;
+                    return report;
+                },
+                recv(done) -> outcome => {
+                    in_flight -= 1;
+                    settle(&mut report, outcome.unwrap_or(false));
+                },
+            }
+        }
+        let finished = outcomes.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pong-reply".into())
+            .spawn(move || {
+                let delivered = match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log_info!("pong: cannot answer: {e}");
+                        false
+                    }
+                };
+                let _ = finished.send(delivered);
+            });
+        match spawned {
+            Ok(_) => in_flight += 1,
             Err(e) => {
-                log_info!("pong: cannot answer: {e}");
+                log_info!("pong: cannot start a thread to answer: {e}");
                 report.failed += 1;
             }
         }
     }
+    // Pongs about to be counted get a moment; those still waiting on a silent reply
+    // channel after it are not waited for (their threads end by the node's I/O timeout).
+    let grace = Instant::now() + STOP_GRACE;
+    while in_flight > 0 {
+        let left = grace.saturating_duration_since(Instant::now());
+        let Ok(delivered) = done.recv_timeout(left) else {
+            break;
+        };
+        in_flight -= 1;
+        settle(&mut report, delivered);
+    }
+    report.failed += in_flight as u64;
+    report
 }
 
 /// What `ping` measured.
