@@ -1,84 +1,66 @@
-//! The queue-based server of seed 004, Part 4, as a reusable set of stages: per-connection
-//! readers feed `(connection id, frame)` through transform workers to the sender stage,
-//! which writes each reply to the connection it came from.
+//! Reader → transform → sender stages over bounded queues: each connection's reader
+//! thread feeds its frames to transform workers, whose replies a sender thread writes
+//! back to the connection they came from, in request order.
+//!
+//! ```
+//! use switchboard::framing::Framing;
+//! use switchboard::pipeline::{Pipeline, PipelineConfig, Reply};
+//! use switchboard::server::ServerConfig;
+//! use std::io::{BufRead, BufReader, Write};
+//! use std::net::{TcpListener, TcpStream};
+//! use std::time::Duration;
+//!
+//! // Replies twice to `twice`, not at all to `quiet`, drops a connection that says `bye`.
+//! let pipeline = Pipeline::start(PipelineConfig::new("demo", Framing::Line), |_conn, frame| {
+//!     match &frame[..] {
+//!         b"twice" => Reply::Many(vec![frame.clone(), frame]),
+//!         b"quiet" => Reply::Nothing,
+//!         b"bye" => Reply::Fail("said bye".into()),
+//!         _ => Reply::One(frame.to_ascii_uppercase()),
+//!     }
+//! })?;
+//! let server = pipeline.into_server(TcpListener::bind("127.0.0.1:0")?, ServerConfig::default())?;
+//! let (addr, handle) = (server.local_addr(), server.handle());
+//! let running = std::thread::spawn(move || server.run());
+//!
+//! let client = TcpStream::connect(addr)?;
+//! client.set_read_timeout(Some(Duration::from_secs(10)))?;
+//! (&client).write_all(b"quiet\nhi\ntwice\n")?;
+//! let mut lines = BufReader::new(&client).lines();
+//! for expected in ["HI", "twice", "twice"] {
+//!     assert_eq!(lines.next().unwrap()?, expected);
+//! }
+//! handle.shutdown();
+//! let report = running.join().unwrap();
+//! assert_eq!(report.pipeline_joined, 4); // 2 workers, 2 senders
+//! # Ok::<(), std::io::Error>(())
+//! ```
 //!
 //! ```text
 //!  reader 1 ─┐          ┌─▶ [queue] worker 0 ─┐          ┌─▶ [queue] sender 0 ─┐     ┌─▶ socket 1
 //!  reader 2 ─┼─ id % N ─┤                     ├─ id % S ─┤                     ├─────┼─▶ socket 2
 //!  reader 3 ─┘          └─▶ [queue] worker 1 ─┘          └─▶ [queue] sender 1 ─┘     └─▶ socket 3
-//!  one thread per        N transform threads              S sender threads; each socket's kernel
-//!  connection            (`send` waits while a queue      send buffer is its bounded outbox, and
-//!                        is full)                         a write that times out drops that
-//!                                                         connection
 //! ```
 //!
-//! - **Order.** Each connection is routed to one worker (`id % N`) and one sender
-//!   (`id % S`), so its frames pass through one FIFO worker queue and one FIFO sender
-//!   queue: replies keep request order by construction, with no sequence numbers and no
-//!   reorder buffer (which a single slow frame could make grow without bound). The price:
-//!   one connection uses one worker, and a slow frame delays the connections that share its
-//!   worker. For a cheap, uniform transform such as echo's that is the better trade. With
-//!   `N == S` (the default, 2 and 2) each worker feeds one sender: the stages form lanes.
-//! - **Slow clients.** A connection's outbox is its socket's kernel send buffer: bounded,
-//!   and already there. Its sender writes each reply itself, on a socket whose write timeout
-//!   (`SO_SNDTIMEO`, [`PipelineConfig::write_timeout`], 10 ms by default) is short. A write
-//!   only waits when that buffer is full, that is when the client has stopped reading (or
-//!   reads more slowly than it sends); if the replies are not taken within the timeout,
-//!   that connection alone is dropped (its socket shut down, the reason logged). The limit
-//!   holds for the whole write, not only for each system call, so a client that reads a
-//!   trickle cannot hold its sender either. A client that stops reading thus delays the
-//!   connections of its lane (its sender's, and once that sender's queue is full, its
-//!   worker's) by one timeout (at most about two), once. The bytes of a reply cut off by the
-//!   timeout do not matter: the connection goes with them. The readers are unaffected:
-//!   `SO_RCVTIMEO` is separate.
-//! - **Batching.** After each wake-up a sender takes what is already queued (up to
-//!   `SEND_BATCH` events) before writing, and writes the replies to one connection in one
-//!   `write`: a pipelining client's burst costs one system call, not one per reply. With one
-//!   message in flight per connection (the closed-loop benchmark) there is nothing to
-//!   coalesce: a busy sender's batches (13 events on average at 16 connections) hold one
-//!   reply each for different sockets, and it makes one `sendto` per message, as measured.
-//!   Workers need no such loop: `recv` returns at once while their queue holds events.
-//! - **Bookkeeping.** A connection's route is registered in-band (an `Open` event ahead of
-//!   its first frame) and removed in-band (a `Close` event behind its last frame), so the
-//!   sender writes every reply before it forgets the route, without a lock. Dropping a
-//!   [`Feed`] waits until the sender has handled its close, so when a connection's thread
-//!   ends, its route and the sender's handle on its socket are gone.
-//! - **Shutdown.** Every stage is `for event in rx { tx.send(f(event)) }`: when the last
-//!   [`Inlet`] and the [`Pipeline`] are dropped, the workers' queues disconnect, the workers
-//!   end, then the senders. [`Pipeline::shutdown`] joins the workers, then the senders.
-//! - **Why no writer threads.** An earlier version gave each connection a writer thread fed
-//!   through a bounded outbox channel, so the sender never touched a socket. Every message
-//!   then crossed four threads (reader, worker, sender, writer) where the threaded server
-//!   uses one: 4.7–5.5 context switches per message machine-wide (the client's included)
-//!   against 2.1–2.3, and 17 µs of server CPU against 7.7. Writing from the sender, with the
-//!   kernel buffer as the bound, brings that to 2.6–3.1 switches and 12.5 µs, and saves a
-//!   thread per connection. The two hops that remain (reader → worker → sender) are the
-//!   stages themselves. Because a worker and a sender serve many connections, their
-//!   wake-ups cross CPUs (0.16–0.48 rescheduling interrupts per message, against 0.01 for the
-//!   threaded server, whose thread and client wake each other on one CPU), and part of the
-//!   saving reappears as client CPU (8.7 → 10.2 µs per message). Two lanes measured ahead
-//!   of one worker and one sender (86.9k against 78.9k messages/s at 16 connections).
-//! - **Why handoff queues.** The queues between stages are [`crate::handoff`] queues:
-//!   crossbeam's bounded queue, but a consumer that finds it empty yields once and then
-//!   sleeps, where crossbeam's `recv` spins and yields for a while first. On two cores
-//!   shared with the readers (and a benchmark's clients) that spinning took the core the
-//!   readers needed (14% of the server's CPU in the profile). Median of five rounds at 16
-//!   connections: 99.3k messages/s and 10.3 µs of server CPU per message, against 84.0k and
-//!   12.4 µs with crossbeam's `recv`; threaded mode 128.1k and 7.7 µs.
-//!   Figures and commands: the README section "Echo and the pipeline".
+//! A connection always goes through the same worker (`id % N`) and sender (`id % S`), so
+//! its replies keep request order with no sequence numbers. A sender writes with a short
+//! timeout ([`PipelineConfig::write_timeout`]) and drops a connection that does not take
+//! its replies. Why it is built this way (lanes, batching, the kernel buffer as the
+//! outbox, handoff queues), with the measurements: README, "The pipeline's design".
 
-use crate::framing::{encode_frame, FrameReader, Framing, Limits};
+use crate::framing::{encode_frame, Framing, Limits};
 use crate::handoff::{self, HandoffReceiver, HandoffSender};
-use crate::server::{Connection, HandlerError};
+use crate::request::{read_step, Step};
+use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use crate::{log_debug, log_info};
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
 use std::mem;
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -94,6 +76,8 @@ const UNSENT_KEPT: usize = 4 << 10;
 /// [`PipelineConfig::write_timeout`] unless set: a few scheduling delays on a loaded
 /// machine, short enough that a stalled client costs the others little.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(10);
+/// How often a closing [`Feed`] looks whether the pipeline has shut down meanwhile.
+const CLOSE_POLL: Duration = Duration::from_millis(50);
 /// The shortest write timeout: a zero timeout would mean none at all to the kernel.
 const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(1);
 
@@ -139,28 +123,38 @@ impl PipelineConfig {
     }
 }
 
+/// What the transform makes of one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// No reply.
+    Nothing,
+    /// One reply (its payload; the sender frames it).
+    One(Vec<u8>),
+    /// Several replies, in this order.
+    Many(Vec<Vec<u8>>),
+    /// Drop the connection, for this reason (logged); replies queued before it still go.
+    Fail(String),
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(payload: Vec<u8>) -> Reply {
+        Reply::One(payload)
+    }
+}
+
 /// What flows from the readers through the workers to the sender.
 enum Event {
     /// A new connection: where its replies go. Travels ahead of its first frame.
     Open { id: u64, stream: Arc<TcpStream> },
     /// A request on the way in, or its reply on the way out.
     Frame { id: u64, payload: Vec<u8> },
-    /// The transform panicked on this connection's frame: drop the connection.
-    Failed { id: u64 },
+    /// The transform failed on this connection's frame: drop the connection.
+    Failed { id: u64, why: String },
     /// The connection's reader has ended. Travels behind its last frame; the sender drops
     /// `done` once the route is gone, which is what the [`Feed`] waits for.
     Close { id: u64, done: Sender<()> },
-}
-
-impl Event {
-    fn id(&self) -> u64 {
-        match *self {
-            Event::Open { id, .. }
-            | Event::Frame { id, .. }
-            | Event::Failed { id }
-            | Event::Close { id, .. } => id,
-        }
-    }
+    /// Sent to each worker by [`Pipeline::shutdown`]: end now, whoever still holds an inlet.
+    Stop,
 }
 
 /// Counters the sender keeps, readable from any thread.
@@ -208,7 +202,7 @@ impl std::error::Error for PipelineError {
 }
 
 /// The running stages: transform workers and the sender. Readers join through an
-/// [`Inlet`]; see the module docs for the wiring.
+/// [`Inlet`], or all at once through [`Pipeline::into_server`]; see the module docs.
 #[derive(Debug)]
 pub struct Pipeline {
     inlet: Inlet,
@@ -217,9 +211,12 @@ pub struct Pipeline {
     counters: Arc<Counters>,
 }
 
+/// The transform: from a connection id and a frame to its replies.
+type Transform = dyn Fn(u64, Vec<u8>) -> Reply + Send + Sync;
+
 impl Pipeline {
-    /// Starts `config.workers` transform threads running `transform` on every frame, and
-    /// the sender thread.
+    /// Starts `config.workers` transform threads running `transform` on every frame (with
+    /// the id of the connection it came from), and the sender threads.
     ///
     /// `transform` should not panic; if it does, the connection whose frame it was is
     /// dropped (and logged), and the worker goes on.
@@ -228,11 +225,11 @@ impl Pipeline {
     /// When a thread cannot be started (those already started end on their own).
     pub fn start<F>(config: PipelineConfig, transform: F) -> io::Result<Pipeline>
     where
-        F: Fn(Vec<u8>) -> Vec<u8> + Send + Sync + 'static,
+        F: Fn(u64, Vec<u8>) -> Reply + Send + Sync + 'static,
     {
         let config = Arc::new(config);
         let counters = Arc::new(Counters::default());
-        let transform = Arc::new(transform);
+        let transform: Arc<Transform> = Arc::new(transform);
         let (mut to_senders, mut sender_queues) = (Vec::new(), Vec::new());
         for _ in 0..config.senders.max(1) {
             let (tx, rx) = handoff::bounded(config.queue);
@@ -268,6 +265,7 @@ impl Pipeline {
             inlet: Inlet {
                 workers: workers.into(),
                 config,
+                stopped: Arc::new(AtomicBool::new(false)),
             },
             threads,
             counters,
@@ -288,15 +286,90 @@ impl Pipeline {
     }
 
     /// Shuts the stages down in order and joins them; returns how many threads were joined
-    /// (workers plus the sender, unless one of them panicked).
+    /// (workers plus senders, unless one of them panicked).
     ///
-    /// Dropping the pipeline's own queue handles ends the stages only once every [`Inlet`]
-    /// and [`Feed`] is gone too, so call this after the server that feeds the pipeline has
-    /// stopped (its connection threads joined); until then it waits.
+    /// Each worker ends once it has handled what was queued before the call; then the
+    /// senders end. It does not wait for the connections still feeding the pipeline (one
+    /// a server abandoned at its shutdown deadline, say): from then on their frames are
+    /// refused with [`PipelineError::Stopped`]. So stop the server that feeds the
+    /// pipeline first ([`Pipeline::into_server`] does both in order), or its last replies
+    /// may be lost.
     pub fn shutdown(self) -> usize {
         let Pipeline { inlet, threads, .. } = self;
+        inlet.stopped.store(true, Ordering::SeqCst);
+        for worker in inlet.workers.iter() {
+            // Behind whatever is queued; a worker that is already gone needs no telling.
+            let _ = worker.send(Event::Stop);
+        }
         drop(inlet);
         threads.into_iter().filter_map(|t| t.join().ok()).count()
+    }
+
+    /// A server on `listener` whose connections feed this pipeline (their reader stage is
+    /// [`Inlet::serve`]); running it shuts the pipeline down behind the server. A refused
+    /// connection gets its refusal in the pipeline's framing.
+    ///
+    /// # Errors
+    /// When the listener's address cannot be read.
+    pub fn into_server(
+        self,
+        listener: TcpListener,
+        mut config: ServerConfig,
+    ) -> io::Result<PipelineServer> {
+        config.framing = self.inlet.config.framing;
+        let inlet = self.inlet();
+        let server = Server::from_listener(listener, config, move |conn| inlet.serve(&conn))?;
+        Ok(PipelineServer {
+            server,
+            pipeline: self,
+        })
+    }
+}
+
+/// A [`Server`] feeding a [`Pipeline`]: see [`Pipeline::into_server`].
+pub struct PipelineServer {
+    server: Server,
+    pipeline: Pipeline,
+}
+
+/// What a [`PipelineServer`] reports when it has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineReport {
+    /// The server's own report.
+    pub server: ServeReport,
+    /// Pipeline stage threads joined.
+    pub pipeline_joined: usize,
+    /// The pipeline's counters at the end.
+    pub pipeline: PipelineStats,
+}
+
+impl PipelineServer {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// A handle to stop the server (from a signal handler, say).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// The pipeline's current counters.
+    pub fn pipeline_stats(&self) -> PipelineStats {
+        self.pipeline.stats()
+    }
+
+    /// Serves until [`ServerHandle::shutdown`], then shuts the pipeline down behind the
+    /// server, which never waits for a connection the server abandoned.
+    pub fn run(self) -> PipelineReport {
+        let PipelineServer { server, pipeline } = self;
+        let server = server.run();
+        let stats = pipeline.stats();
+        PipelineReport {
+            server,
+            pipeline_joined: pipeline.shutdown(),
+            pipeline: stats,
+        }
     }
 }
 
@@ -305,6 +378,8 @@ impl Pipeline {
 pub struct Inlet {
     workers: Arc<[HandoffSender<Event>]>,
     config: Arc<PipelineConfig>,
+    /// Set by [`Pipeline::shutdown`]: a closing [`Feed`] stops waiting for the sender.
+    stopped: Arc<AtomicBool>,
 }
 
 impl Inlet {
@@ -319,11 +394,15 @@ impl Inlet {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(PipelineError::Io)?;
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(PipelineError::Stopped);
+        }
         let input = self.workers[(id % self.workers.len() as u64) as usize].clone();
         if input.send(Event::Open { id, stream }).is_err() {
             return Err(PipelineError::Stopped);
         }
-        Ok(Feed { id, input })
+        let stopped = Arc::clone(&self.stopped);
+        Ok(Feed { id, input, stopped })
     }
 
     /// The reader stage for one connection, run on the connection's own thread: opens its
@@ -332,20 +411,15 @@ impl Inlet {
     ///
     /// # Errors
     /// Whatever ended the connection abnormally: a framing error, a failed read, or the
-    /// pipeline shutting down. A read timeout (an idle connection) is a normal end.
+    /// pipeline shutting down. The idle timeout is a normal end (see [`read_step`]).
     pub fn serve(&self, conn: &Connection) -> Result<(), HandlerError> {
         let feed = self.open(conn.id, Arc::clone(&conn.stream))?;
-        let config = &self.config;
-        let mut reader = FrameReader::with_limits(&*conn.stream, config.framing, config.limits);
+        let mut reader = conn.reader(self.config.framing, self.config.limits);
         loop {
-            match reader.read_frame() {
-                Ok(Some(frame)) => feed.submit(frame.to_vec())?,
-                Ok(None) => return Ok(()),
-                Err(e) if e.is_timeout() => {
-                    log_debug!("{}: connection {} idle; closing", config.name, conn.id);
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
+            match read_step(&mut reader, conn)? {
+                Step::Frame(frame) => feed.submit(frame.to_vec())?,
+                Step::Skipped(e) => return Err(e.into()),
+                Step::End => return Ok(()),
             }
         }
     }
@@ -358,6 +432,7 @@ impl Inlet {
 pub struct Feed {
     id: u64,
     input: HandoffSender<Event>,
+    stopped: Arc<AtomicBool>,
 }
 
 impl Feed {
@@ -377,9 +452,18 @@ impl Drop for Feed {
     fn drop(&mut self) {
         // Nothing is ever sent on `done`: the sender drops it, which ends the wait. If the
         // pipeline is gone, so is the route, and there is nothing to wait for.
+        // Once the pipeline is shut down, a close queued behind a worker's stop is never
+        // handled: stop waiting then.
         let (done, closed) = bounded::<()>(0);
         if self.input.send(Event::Close { id: self.id, done }).is_ok() {
-            let _ = closed.recv();
+            while !self.stopped.load(Ordering::SeqCst) {
+                if !matches!(
+                    closed.recv_timeout(CLOSE_POLL),
+                    Err(RecvTimeoutError::Timeout)
+                ) {
+                    break;
+                }
+            }
         }
     }
 }
@@ -388,21 +472,31 @@ impl Drop for Feed {
 fn transform_stage(
     rx: HandoffReceiver<Event>,
     senders: &[HandoffSender<Event>],
-    transform: &(dyn Fn(Vec<u8>) -> Vec<u8> + Sync),
+    transform: &Transform,
 ) {
+    let sender = |id: u64| &senders[(id % senders.len() as u64) as usize];
     for event in &rx {
-        let tx = &senders[(event.id() % senders.len() as u64) as usize];
-        let event = match event {
+        let sent = match event {
+            Event::Stop => break,
             Event::Frame { id, payload } => {
                 // The panic hook has printed the panic; the sender logs the drop.
-                match panic::catch_unwind(AssertUnwindSafe(|| transform(payload))) {
-                    Ok(payload) => Event::Frame { id, payload },
-                    Err(_) => Event::Failed { id },
+                let reply = panic::catch_unwind(AssertUnwindSafe(|| transform(id, payload)))
+                    .unwrap_or_else(|_| Reply::Fail("the transform panicked".into()));
+                let tx = sender(id);
+                match reply {
+                    Reply::Nothing => Ok(()),
+                    Reply::One(payload) => tx.send(Event::Frame { id, payload }).map_err(drop),
+                    Reply::Many(payloads) => payloads.into_iter().try_for_each(|payload| {
+                        tx.send(Event::Frame { id, payload }).map_err(drop)
+                    }),
+                    Reply::Fail(why) => tx.send(Event::Failed { id, why }).map_err(drop),
                 }
             }
-            other => other,
+            Event::Open { id, .. } | Event::Failed { id, .. } | Event::Close { id, .. } => {
+                sender(id).send(event).map_err(drop)
+            }
         };
-        if tx.send(event).is_err() {
+        if sent.is_err() {
             break;
         }
     }
@@ -435,12 +529,17 @@ impl Routes<'_> {
                 }
             }
             Event::Frame { id, payload } => self.queue(id, &payload),
-            Event::Failed { id } => self.drop_connection(id, "the transform panicked"),
+            Event::Failed { id, why } => {
+                self.flush(id);
+                self.drop_connection(id, &why);
+            }
             Event::Close { id, done } => {
                 self.flush(id);
                 self.forget(id);
                 drop(done);
             }
+            // Workers never pass it on.
+            Event::Stop => {}
         }
     }
 
@@ -584,6 +683,10 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
+    fn echo(_conn: u64, payload: Vec<u8>) -> Reply {
+        Reply::One(payload)
+    }
+
     fn client(addr: SocketAddr) -> TcpStream {
         let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -628,12 +731,12 @@ mod tests {
     #[test]
     fn replies_keep_request_order_with_several_workers() {
         // Uneven work per frame, so the workers finish out of step with each other.
-        let pipeline = Pipeline::start(config(4, 3), |mut p: Vec<u8>| {
+        let pipeline = Pipeline::start(config(4, 3), |_, mut p: Vec<u8>| {
             for _ in 0..p.len() % 7 * 50 {
                 thread::yield_now();
             }
             p.insert(0, b'>');
-            p
+            Reply::One(p)
         })
         .unwrap();
         let server = serve(&pipeline);
@@ -663,7 +766,7 @@ mod tests {
     fn a_client_that_never_reads_is_dropped_alone() {
         let mut config = config(2, 2);
         config.framing = Framing::U32;
-        let pipeline = Pipeline::start(config, |p| p).unwrap();
+        let pipeline = Pipeline::start(config, echo).unwrap();
         let server = serve(&pipeline);
         let addr = server.local_addr();
         let mut prober = client(addr);
@@ -719,7 +822,7 @@ mod tests {
         // Shorter than the round trips below take: the pause outlasts the write timeout,
         // and only a full send buffer, not a pause, gets a connection dropped.
         config.write_timeout = Duration::from_millis(1);
-        let pipeline = Pipeline::start(config, |p| p).unwrap();
+        let pipeline = Pipeline::start(config, echo).unwrap();
         let server = serve(&pipeline);
         let mut paused = client(server.local_addr());
         let mut frame = (FRAME as u32).to_be_bytes().to_vec();
@@ -777,11 +880,11 @@ mod tests {
     #[test]
     fn a_reply_that_cannot_be_framed_drops_only_its_connection() {
         // A line reply cannot hold a newline.
-        let pipeline = Pipeline::start(config(1, 1), |p: Vec<u8>| {
+        let pipeline = Pipeline::start(config(1, 1), |_, p: Vec<u8>| {
             if p == b"split" {
-                b"sp\nlit".to_vec()
+                Reply::One(b"sp\nlit".to_vec())
             } else {
-                p
+                Reply::One(p)
             }
         })
         .unwrap();
@@ -790,7 +893,7 @@ mod tests {
 
     #[test]
     fn a_closed_connection_leaves_no_route_and_no_thread() {
-        let pipeline = Pipeline::start(config(3, 1), |p| p).unwrap();
+        let pipeline = Pipeline::start(config(3, 1), echo).unwrap();
         let inlet = pipeline.inlet();
         let (stream, peer) = socket_pair();
         let feed = inlet.open(7, Arc::clone(&stream)).unwrap();
@@ -812,7 +915,7 @@ mod tests {
 
     #[test]
     fn replies_queued_before_the_close_are_still_written() {
-        let pipeline = Pipeline::start(config(1, 1), |p| p).unwrap();
+        let pipeline = Pipeline::start(config(1, 1), echo).unwrap();
         let (stream, peer) = socket_pair();
         let feed = pipeline.inlet().open(1, stream).unwrap();
         for i in 0..100 {
@@ -827,28 +930,60 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_waits_for_the_last_inlet_then_joins_every_stage_in_order() {
-        let pipeline = Pipeline::start(config(3, 2), |p| p).unwrap();
+    fn shutdown_does_not_wait_for_a_connection_still_feeding() {
+        let pipeline = Pipeline::start(config(3, 2), echo).unwrap();
         let inlet = pipeline.inlet();
-        let shutdown = thread::spawn(move || pipeline.shutdown());
-        // Still usable: the stages run until the last inlet is gone.
+        // A connection whose thread outlives the server's shutdown deadline.
         let (stream, peer) = socket_pair();
         let feed = inlet.open(1, stream).unwrap();
         feed.submit(b"still here".to_vec()).unwrap();
         let mut got = [0u8; 11];
         (&peer).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"still here\n");
-        assert!(!shutdown.is_finished());
+        // Every stage ends and is joined although the feed and an inlet are alive.
+        assert_eq!(pipeline.shutdown(), 5);
+        assert!(matches!(
+            feed.submit(b"late".to_vec()),
+            Err(PipelineError::Stopped)
+        ));
+        let (stream, _peer) = socket_pair();
+        assert!(matches!(inlet.open(2, stream), Err(PipelineError::Stopped)));
+        // And the abandoned connection can still end: dropping its feed returns.
         drop(feed);
+    }
+
+    #[test]
+    fn the_transform_sees_the_connection_and_answers_none_one_several_or_fail() {
+        let pipeline = Pipeline::start(config(2, 2), |id, p: Vec<u8>| match &p[..] {
+            b"who" => Reply::One(format!("conn {id}").into_bytes()),
+            b"none" => Reply::Nothing,
+            b"three" => Reply::Many(vec![p.clone(), p.clone(), p]),
+            b"fail" => Reply::Fail("asked to fail".into()),
+            _ => Reply::One(p),
+        })
+        .unwrap();
+        let inlet = pipeline.inlet();
+        let (stream, peer) = socket_pair();
+        let feed = inlet.open(42, stream).unwrap();
+        for word in ["none", "who", "three", "none", "fail", "after"] {
+            feed.submit(word.as_bytes().to_vec()).unwrap();
+        }
+        // Replies before the failure arrive in order; then the connection is cut.
+        let mut all = String::new();
+        let ended = (&peer).read_to_string(&mut all);
+        assert!(ended.is_ok() || ended.unwrap_err().kind() == io::ErrorKind::ConnectionReset);
+        assert_eq!(all, "conn 42\nthree\nthree\nthree\n");
+        drop(feed);
+        assert_eq!(pipeline.stats().dropped, 1);
         drop(inlet);
-        assert_eq!(shutdown.join().unwrap(), 5);
+        assert_eq!(pipeline.shutdown(), 4);
     }
 
     #[test]
     fn a_panicking_transform_drops_only_its_connection() {
-        let pipeline = Pipeline::start(config(1, 1), |p: Vec<u8>| {
+        let pipeline = Pipeline::start(config(1, 1), |_, p: Vec<u8>| {
             assert!(p != b"boom", "the transform refuses boom");
-            p
+            Reply::One(p)
         })
         .unwrap();
         victim_is_dropped_alone(pipeline, b"boom\n");
