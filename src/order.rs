@@ -169,15 +169,18 @@ impl Arrivals {
     /// Blocks until `conn`'s peer has sent something (without taking it), then marks the
     /// connection as holding bytes, so that younger connections wait for it from the
     /// moment the bytes leave the socket until it settles. Call before the first read; the
-    /// [`request`](crate::request) loop does.
-    pub fn await_first_bytes(&self, conn: &Connection) {
+    /// [`request`](crate::request) loop does. `false` when nothing came: the peer closed,
+    /// vanished, or stayed idle past the server's idle timeout.
+    pub fn await_first_bytes(&self, conn: &Connection) -> bool {
         // The bytes stay in the socket until the mark is set: at every instant a younger
         // connection's check sees either the bytes or the mark.
-        if conn.wait_readable() {
-            if let Some(entry) = self.unsettled().get_mut(&conn.id) {
-                entry.holding = true;
-            }
+        if !conn.wait_readable() {
+            return false;
         }
+        if let Some(entry) = self.unsettled().get_mut(&conn.id) {
+            entry.holding = true;
+        }
+        true
     }
 
     /// Waits until no connection accepted before `conn` is unsettled with bytes pending,

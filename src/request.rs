@@ -297,7 +297,10 @@ impl RequestLoop {
         let mut first = self.arrivals.as_ref();
         loop {
             if let Some(arrivals) = first {
-                arrivals.await_first_bytes(conn);
+                // Nothing came (closed, idle, vanished): a read would only wait again.
+                if !arrivals.await_first_bytes(conn) {
+                    return Ok(());
+                }
             }
             match reader.fill() {
                 Ok(true) => {}
