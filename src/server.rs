@@ -774,7 +774,23 @@ impl Drop for RunningServer {
     }
 }
 
-/// Makes Ctrl-C and SIGTERM call `on_signal` (usually [`ServerHandle::shutdown`]).
+/// Makes Ctrl-C and SIGTERM call `on_signal` (usually [`ServerHandle::shutdown`]; for a
+/// single server [`Server::run_until_signal`] does this). Once per process.
+///
+/// ```
+/// use switchboard::server::{on_termination, Server, ServerConfig};
+///
+/// let server = Server::bind("127.0.0.1:0", ServerConfig::default(), |_conn| Ok(()))?;
+/// let handle = server.handle();
+/// on_termination(move || handle.shutdown()).expect("the first handler of the process");
+/// let running = server.spawn()?;
+/// // What a Ctrl-C does:
+/// let me = std::process::id().to_string();
+/// std::process::Command::new("kill").args(["-INT", &me]).status()?;
+/// let report = running.wait(); // returns once the signal has stopped the server
+/// assert_eq!(report.abandoned, 0);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 ///
 /// # Errors
 /// When a handler is already installed or the signal cannot be hooked.
