@@ -88,6 +88,8 @@ struct Registry {
 
 /// The arrival-order registry of one server: share it (it is a cheap `Clone`) between the
 /// server's handler, which registers connections, and the code that serves them.
+///
+/// Example: the [module docs](crate::order).
 #[derive(Clone)]
 pub struct Arrivals {
     registry: Arc<Registry>,
@@ -234,6 +236,8 @@ fn has_pending(stream: &TcpStream) -> bool {
 }
 
 /// A handler that keeps arrival order: see [`Arrivals::handler`].
+///
+/// Example: the [module docs](crate::order).
 pub struct Ordered<F> {
     arrivals: Arrivals,
     handler: F,

@@ -46,7 +46,7 @@ pub const TOO_LONG: &[u8] = b"{error,too_long}";
 /// replies does not stay allocated while a connection idles.
 const KEEP_OUT: usize = 256 << 10;
 
-/// What one [`read_step`] found.
+/// What one [`read_step`] found (example there).
 #[derive(Debug)]
 pub enum Step<'a> {
     /// A whole frame.
@@ -121,6 +121,8 @@ fn ended(e: FrameError, conn: &Connection) -> Result<(), FrameError> {
 
 /// Replies on their way to one connection: framed into one buffer, written with one call
 /// when the batch of requests a read delivered is done (or sooner, by [`Replies::flush`]).
+///
+/// Example: [`Session`].
 #[derive(Debug)]
 pub struct Replies<'c> {
     conn: &'c Connection,
@@ -189,7 +191,44 @@ impl<'c> Replies<'c> {
 }
 
 /// One connection's side of a [`RequestLoop`]: its state, and what it does with each
-/// request. `ControlFlow::Break(())` ends the connection normally.
+/// request. `ControlFlow::Break(())` ends the connection normally, once the replies already
+/// in [`Replies`] are written; the requests after it are not handled.
+///
+/// ```
+/// use switchboard::framing::Framing;
+/// use switchboard::request::{Replies, RequestLoop, Session};
+/// use switchboard::server::{Connection, HandlerError, Server, ServerConfig};
+/// use std::io::{BufRead, BufReader, Write};
+/// use std::ops::ControlFlow;
+///
+/// /// Numbers each connection's requests; `quit` ends the connection.
+/// struct Numbered(u64);
+///
+/// impl Session for Numbered {
+///     fn request(&mut self, conn: &Connection, req: &[u8], out: &mut Replies<'_>)
+///         -> Result<ControlFlow<()>, HandlerError> {
+///         if req == b"quit" {
+///             return Ok(ControlFlow::Break(()));
+///         }
+///         self.0 += 1;
+///         out.frame(format!("{} #{}", conn.id, self.0).as_bytes())?;
+///         Ok(ControlFlow::Continue(()))
+///     }
+/// }
+///
+/// let requests = RequestLoop::new(Framing::Line);
+/// let server = Server::bind("127.0.0.1:0", ServerConfig::default(), move |conn| {
+///     requests.serve_session(&conn, &mut Numbered(0))
+/// })?
+/// .spawn()?;
+/// let client = std::net::TcpStream::connect(server.local_addr())?;
+/// client.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+/// (&client).write_all(b"a\nb\nquit\nnever answered\n")?;
+/// let lines: Vec<String> = BufReader::new(&client).lines().collect::<Result<_, _>>()?;
+/// assert_eq!(lines, ["0 #1", "0 #2"]);
+/// server.stop();
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub trait Session {
     /// Acts on one request; replies go into `out`.
     ///
@@ -235,6 +274,8 @@ pub trait Session {
 /// Serves a connection's requests: reads whatever the socket has, handles every complete
 /// frame in it, writes the replies with one call, and blocks again (a pipelined batch costs
 /// one read and one write). Cheap to clone: one per server, shared by its handlers.
+///
+/// Example: the [module docs](crate::request).
 #[derive(Debug, Clone)]
 pub struct RequestLoop {
     framing: Framing,
@@ -323,10 +364,14 @@ impl RequestLoop {
                     Err(e) => break Some(e),
                 };
                 if flow.is_break() {
+                    // The replies to the requests before it still go; the connection is
+                    // ending anyway, so a failed write changes nothing.
+                    let _ = out.flush();
                     return Ok(());
                 }
             };
-            if session.batch_done(conn, &mut out)?.is_break() || !out.flush()? {
+            let flow = session.batch_done(conn, &mut out)?;
+            if !out.flush()? || flow.is_break() {
                 return Ok(());
             }
             if let Some(arrivals) = first.take() {

@@ -51,7 +51,11 @@ use std::time::{Duration, Instant};
 /// server. Only the end of a connection is on this path, so a boxed error costs nothing.
 pub type HandlerError = Box<dyn Error + Send + Sync>;
 
-/// Serves one connection; runs on that connection's own thread.
+/// Serves one connection; runs on that connection's own thread. A closure
+/// `Fn(Connection) -> Result<(), HandlerError>` is one; [`crate::order::Ordered`] is one that
+/// also uses [`Handler::accepted`].
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub trait Handler: Send + Sync + 'static {
     /// Handles `conn` until it ends.
     ///
@@ -77,6 +81,8 @@ where
 }
 
 /// One accepted connection, as a handler receives it.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 #[derive(Debug)]
 pub struct Connection {
     /// The socket (`TCP_NODELAY` set, and the idle timeout as its read timeout). Read and
@@ -190,7 +196,9 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// How a [`Server`] behaves.
+/// How a [`Server`] behaves: `ServerConfig { max_connections: 100, ..ServerConfig::default() }`.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Names the threads (`NAME-conn-ID`) and prefixes the log lines.
@@ -309,6 +317,8 @@ impl Shared {
 }
 
 /// A cloneable handle to a server: statistics and shutdown, from any thread.
+///
+/// Example: [`on_termination`], [`crate::pipeline`].
 #[derive(Clone)]
 pub struct ServerHandle {
     shared: Arc<Shared>,
@@ -381,7 +391,10 @@ impl Drop for Departure {
     }
 }
 
-/// A bound server, ready to [`run`](Server::run) or [`spawn`](Server::spawn).
+/// A bound server, ready to [`run`](Server::run), [`run_until_signal`](Server::run_until_signal)
+/// or [`spawn`](Server::spawn).
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub struct Server {
     listener: TcpListener,
     config: ServerConfig,
@@ -729,6 +742,8 @@ fn serve(handler: Arc<dyn Handler>, conn: Connection, departure: Departure) {
 }
 
 /// A server running on its own thread; stops it when dropped.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub struct RunningServer {
     handle: ServerHandle,
     thread: Option<JoinHandle<ServeReport>>,

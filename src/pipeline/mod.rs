@@ -82,6 +82,8 @@ const CLOSE_POLL: Duration = Duration::from_millis(50);
 const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// How a [`Pipeline`] is built.
+///
+/// Example: the [module docs](crate::pipeline).
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     /// Names the threads (`NAME-transform-I`, `NAME-sender-I`) and log lines.
@@ -124,6 +126,8 @@ impl PipelineConfig {
 }
 
 /// What the transform makes of one frame.
+///
+/// Example: the [module docs](crate::pipeline).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// No reply.
@@ -202,7 +206,9 @@ impl std::error::Error for PipelineError {
 }
 
 /// The running stages: transform workers and the sender. Readers join through an
-/// [`Inlet`], or all at once through [`Pipeline::into_server`]; see the module docs.
+/// [`Inlet`], or all at once through [`Pipeline::into_server`].
+///
+/// Example: the [module docs](crate::pipeline).
 #[derive(Debug)]
 pub struct Pipeline {
     inlet: Inlet,
@@ -327,6 +333,8 @@ impl Pipeline {
 }
 
 /// A [`Server`] feeding a [`Pipeline`]: see [`Pipeline::into_server`].
+///
+/// Example: the [module docs](crate::pipeline).
 pub struct PipelineServer {
     server: Server,
     pipeline: Pipeline,
@@ -374,6 +382,8 @@ impl PipelineServer {
 }
 
 /// The readers' side of a [`Pipeline`]: cloneable, one clone per server handler.
+/// [`Pipeline::into_server`] wires one to every connection (example in the
+/// [module docs](crate::pipeline)).
 #[derive(Debug, Clone)]
 pub struct Inlet {
     workers: Arc<[HandoffSender<Event>]>,
