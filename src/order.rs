@@ -12,6 +12,11 @@
 //! read (and when it ends); from then on nobody waits for it. A connection that has sent
 //! nothing holds nobody back, however long it stays silent.
 //!
+//! The peek makes the earlier connection's socket non-blocking for an instant; its reads
+//! through the [`Connection`] retry the spurious `EAGAIN`. Only connections that have not
+//! yet received anything are peeked, so a handler that writes before its first read (a
+//! greeting) should [`settle`](Arrivals::settle) first.
+//!
 //! The [`request`](crate::request) loop does all of this when given an [`Arrivals`]:
 //!
 //! ```
