@@ -119,6 +119,27 @@ fn one_shot_clients_as_the_erlang_course_wrote_them() {
 }
 
 #[test]
+fn silent_connections_opened_before_one_shot_clients_do_not_disturb_their_order() {
+    let server = start(&[]);
+    // Connected and never a byte sent: they hold nobody back, and order still holds.
+    let silent: Vec<_> = (0..5).map(|_| connect(server.addr)).collect();
+    for i in 0..50 {
+        let mut s = connect(server.addr);
+        s.write_all(format!("store,quiet,{i}\n").as_bytes())
+            .unwrap();
+        drop(s);
+        let mut l = LineClient::connect(server.addr);
+        assert_eq!(l.ask("lookup,quiet\n"), format!("{{just,{i}}}"));
+    }
+    // A silent connection that speaks at last is served like any other.
+    let mut late = &silent[2];
+    late.write_all(b"lookup,quiet\n").unwrap();
+    let mut reply = [0u8; 10];
+    late.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"{just,49}\n");
+}
+
+#[test]
 fn a_torn_final_line_is_not_applied() {
     let server = start(&[]);
     let mut s = connect(server.addr);

@@ -220,8 +220,8 @@ impl Node {
         // A node exports channels by the hundred (every reply channel); their listeners'
         // start and stop are routine, logged in verbose mode only.
         config.quiet = true;
-        let server = Server::from_listener(listener, config, move |conn| handler.serve(conn))
-            .map_err(ChanError::Listen)?;
+        let server =
+            Server::with_handler(listener, config, handler.handler()).map_err(ChanError::Listen)?;
         let handle = server.handle();
         let thread = thread::Builder::new()
             .name(format!("{name}-accept"))
