@@ -376,6 +376,30 @@ fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
 }
 
 #[test]
+fn idle_connections_to_a_listener_are_closed_and_free_its_slots() {
+    let node = Node::new(NodeConfig {
+        max_connections: 4,
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    let idle: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+    // Each idle connection is closed by the listener: it reads the end of the stream.
+    for mut c in idle {
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).expect("closed, not timed out on our side");
+        assert_eq!(n, 0, "an idle connection is closed without a word");
+    }
+    // The slots are free again: a writer gets through.
+    let mut w = connect(addr);
+    std::io::Write::write_all(&mut w, b"{remote_msg,through}\n").unwrap();
+    drop(w);
+    assert_eq!(recv(&chan), atom("through"));
+}
+
+#[test]
 fn remote_reads_bring_messages_and_channels_home() {
     let a = node();
     let b = node();
