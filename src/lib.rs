@@ -19,6 +19,7 @@
 //! - [`chan`]: channels that cross the network and come home (the course's RemoteChan), registry.
 //! - [`messenger`]: accounts, offline delivery, three replicas surviving two crashes; client, bench.
 //! - [`peer`]: serverless chat: peers agree on the room through a leader, route messages by BFS.
+//! - [`raft`]: Raft consensus as a sans-IO core (elections, replication, reads, snapshots).
 //!
 //! Layers read top to bottom: bytes → frames → typed requests and replies (a `protocol`
 //! module per service, pure functions) → state (a small cloneable handle) → the server
@@ -37,6 +38,7 @@ pub mod messenger;
 pub mod peer;
 pub mod pipeline;
 pub mod proxy;
+pub mod raft;
 pub mod server;
 pub mod store;
 pub mod term;
