@@ -2,7 +2,8 @@
 //! back-off, the commit rule, read-index rounds, check-quorum, and leadership transfer.
 
 use super::message::{Body, Entry, ReplicaId};
-use super::replica::{RaftError, ReadState, Ready, Replica, Role};
+use super::replica::Replica;
+use super::types::{RaftError, ReadState, Ready, Role};
 use std::mem;
 
 /// How the leader sends to one follower.

@@ -102,7 +102,9 @@ mod replica;
 mod rng;
 #[cfg(test)]
 mod sim;
+mod types;
 
 pub use message::{decode, encode, Body, DecodeError, Entry, Message, ReplicaId, Snapshot};
-pub use replica::{Config, HardState, RaftError, ReadState, Ready, Replica, Role, Stored};
+pub use replica::Replica;
 pub use rng::Rng;
+pub use types::{Config, HardState, RaftError, ReadState, Ready, Role, Stored};
