@@ -35,6 +35,8 @@ pub(crate) struct Progress {
     /// The next index to send.
     pub(crate) next: u64,
     pub(crate) flow: Flow,
+    /// Heartbeat answers since `matched` last moved while entries were unacknowledged.
+    pub(crate) stalled: u32,
 }
 
 /// The leader's read-index bookkeeping (thesis §6.4): reads wait for a round of
@@ -137,6 +139,7 @@ impl Replica {
                 matched: 0,
                 next,
                 flow: Flow::Probe { waiting: false },
+                stalled: 0,
             };
             self.progress.insert(p, pr);
         }
@@ -287,6 +290,7 @@ impl Replica {
         let index = index.min(last);
         if index > pr.matched {
             pr.matched = index;
+            pr.stalled = 0;
         }
         pr.next = pr.next.max(pr.matched + 1);
         match pr.flow {
@@ -321,6 +325,18 @@ impl Replica {
         if let Flow::Probe { waiting } = &mut pr.flow {
             // An Append (or its answer) may have been lost; the follower is alive, so try again.
             *waiting = false;
+        }
+        if pr.flow == Flow::Replicate && pr.matched < self.log.last_index() {
+            // Everything was sent, yet the follower is alive and its match has not moved
+            // for half an election timeout of heartbeat rounds: Appends were lost (no
+            // round trip is that slow, or elections would fail too). Probe from its match.
+            pr.stalled += 1;
+            let patience = (self.cfg.election_ticks / self.cfg.heartbeat_ticks / 2).max(2);
+            if pr.stalled >= patience {
+                pr.stalled = 0;
+                pr.next = pr.matched + 1;
+                pr.flow = Flow::Probe { waiting: false };
+            }
         }
         if pr.matched < self.log.last_index() {
             self.send_append(from, false, out);

@@ -102,6 +102,8 @@ mod replica;
 mod rng;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use message::{decode, encode, Body, DecodeError, Entry, Message, ReplicaId, Snapshot};
