@@ -4,7 +4,7 @@
 //! After every tick it checks Raft's safety properties (§5.2, §5.3, §5.4 and Figure 3),
 //! and at the end that a healed cluster elects a leader and commits within a bound.
 //!
-//! Default run: `cargo test --lib raft` (1,000 short seeds). Long run:
+//! Default run: `cargo test --lib raft` (2,500 seeds of 200 ticks of chaos, then healing). Long run:
 //! `cargo test --release --lib raft::sim::tests::many_long_seeds -- --ignored`.
 
 use super::message::{decode, encode, Body, Message, ReplicaId, Snapshot};
@@ -22,15 +22,18 @@ pub(crate) struct Plan {
     /// Ticks a healed cluster has to elect a leader and commit a fresh proposal.
     pub(crate) heal_bound: u64,
     pub(crate) bug: Bug,
+    /// Break the persist-before-send rule in the harness (to show the check catches it).
+    pub(crate) send_before_persist: bool,
 }
 
 impl Plan {
     pub(crate) fn short() -> Plan {
         Plan {
             replicas: 3,
-            chaos_ticks: 120,
+            chaos_ticks: 200,
             heal_bound: 120,
             bug: Bug::None,
+            send_before_persist: false,
         }
     }
 }
@@ -518,6 +521,7 @@ impl Sim {
             check_sm(&self.committed, e.index, hash)?;
             if self.committed.insert(e.index, (e.term, hash)).is_none() {
                 self.stats.committed += 1;
+                self.check_durable(e.index, e.term)?;
                 self.check_leaders_have(e.index, e.term)?;
             }
         }
@@ -535,7 +539,7 @@ impl Sim {
             self.reads.remove(&ctx);
         }
         let s = self.servers.get_mut(&id).expect("known id");
-        let pending = Pending {
+        let mut pending = Pending {
             hard: hard_state,
             snapshot,
             entries,
@@ -544,6 +548,10 @@ impl Sim {
         let nothing = pending.hard.is_none() && pending.snapshot.is_none();
         if nothing && pending.entries.is_empty() && s.queue.is_empty() {
             self.send(pending.messages);
+        } else if self.plan.send_before_persist {
+            let messages = std::mem::take(&mut pending.messages);
+            s.queue.push_back(pending);
+            self.send(messages);
         } else {
             s.queue.push_back(pending);
         }
@@ -643,6 +651,22 @@ impl Sim {
 }
 
 impl Sim {
+    /// Persist-before-send (§5.1, Figure 2): an entry is committed only once a majority
+    /// has it on disk, where a crash cannot take it.
+    fn check_durable(&self, index: u64, term: u64) -> Check {
+        let on_disk = |d: &Stored| {
+            index <= d.snapshot.index
+                || d.entries
+                    .get((index - d.snapshot.index - 1) as usize)
+                    .is_some_and(|e| e.index == index && e.term == term)
+        };
+        let n = self.servers.values().filter(|s| on_disk(&s.disk)).count();
+        if n * 2 <= self.servers.len() {
+            return Err(format!("committed ({index}, {term}) is on {n} disks only"));
+        }
+        Ok(())
+    }
+
     /// §5.4 Leader Completeness, for an entry committed after later leaders were elected.
     fn check_leaders_have(&self, index: u64, term: u64) -> Check {
         for s in self.servers.values() {
@@ -712,17 +736,17 @@ mod tests {
     }
 
     #[test]
-    fn eight_hundred_short_seeds_of_three() {
-        run_or_panic(0..800, &Plan::short());
+    fn two_thousand_short_seeds_of_three() {
+        run_or_panic(0..2_000, &Plan::short());
     }
 
     #[test]
-    fn two_hundred_short_seeds_of_five() {
+    fn five_hundred_short_seeds_of_five() {
         let plan = Plan {
             replicas: 5,
             ..Plan::short()
         };
-        run_or_panic(10_000..10_200, &plan);
+        run_or_panic(10_000..10_500, &plan);
     }
 
     /// The long run, 20,000 seeds of 2,000 ticks (three and five replicas):
@@ -736,6 +760,7 @@ mod tests {
                 chaos_ticks: 2_000,
                 heal_bound: 200,
                 bug: Bug::None,
+                send_before_persist: false,
             };
             run_or_panic(replicas * 100_000..replicas * 100_000 + 10_000, &plan);
         }
@@ -760,5 +785,19 @@ mod tests {
             assert!(report.contains(rule), "{bug:?}: {report}");
             assert!(report.contains("seed ") && report.contains("trace tail"));
         }
+    }
+
+    /// A driver that sends before its fsync is caught: a commit lands on a minority of
+    /// disks.
+    #[test]
+    fn the_checker_catches_sending_before_persisting() {
+        let plan = Plan {
+            send_before_persist: true,
+            ..Plan::short()
+        };
+        let report = (0..500)
+            .find_map(|seed| Sim::new(seed, plan.clone()).run().err())
+            .expect("sending before persisting was not caught in 500 seeds");
+        assert!(report.contains("disks only"), "{report}");
     }
 }
