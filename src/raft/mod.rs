@@ -18,10 +18,17 @@
 //! is a promise about what survives a crash (§5.1, Figure 2 "respond after storing"). A
 //! Ready may collect several inputs before it is carried out; persisting all of it before
 //! sending any of it is still correct (it is the state a one-by-one run reaches, with the
-//! messages delayed). After persisting, the caller reports it with `persisted`: the
-//! leader counts itself towards a majority, and any replica applies entries, only up to
-//! what it has on disk. Then it restores `snapshot` (if any) into its state machine,
-//! applies `committed` in order, and answers `reads` once it has applied their index.
+//! messages delayed); Readys themselves are carried out in order. After persisting, the
+//! caller reports it with `persisted`: the leader counts itself towards a majority, and
+//! any replica applies entries, only up to what it has on disk. Then it restores
+//! `snapshot` (if any) into its state machine, applies `committed` in order, and answers
+//! `reads` once it has applied their index. Time is ticks; the defaults
+//! ([`Config::new`]) elect after 10–19 ticks without a leader and heartbeat every tick.
+//!
+//! ## Tests
+//! `src/raft/sim.rs` runs thousands of seeds of a simulated faulty network with crashes
+//! and checks Raft's safety properties every tick; `src/raft/tests.rs` scripts one rule
+//! per scenario (pre-vote, check-quorum, read-index, transfer, snapshot, Figure 8).
 //!
 //! ## What is supported
 //! Static membership of 3 or 5 ids (no joint consensus or learners); leader election with

@@ -101,6 +101,10 @@ pub struct ReadState {
 ///    about what is on disk (§5.1 "respond after storing");
 /// 3. restore the state machine from `snapshot` (if any), apply `committed` in order,
 ///    and answer `reads` once the state machine has applied their index.
+///
+/// Readys are carried out in the order they were filled: a later Ready's messages may
+/// rely on an earlier Ready's entries being on disk (a duplicate Append is acknowledged
+/// without new entries), so its messages wait for every earlier persist too.
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Persist first.
