@@ -13,6 +13,12 @@ use super::rng::Rng;
 use super::types::{Config, HardState, Ready, Role, Stored};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod checks;
+#[cfg(test)]
+mod tests;
+
+use checks::check_sm;
+
 /// What a run does.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
@@ -600,97 +606,6 @@ impl Sim {
             }
         }
     }
-
-    /// Election safety, log matching, leader completeness, after every tick.
-    fn check_tick(&mut self) -> Check {
-        for id in self.live() {
-            let r = self.servers[&id].replica.as_ref().expect("live");
-            if r.role() == Role::Leader {
-                // §5.2 Election Safety: at most one leader per term, over the whole run.
-                match self.leaders.get(&r.term()) {
-                    Some(&first) if first != id => {
-                        return Err(format!(
-                            "two leaders in term {}: {first} and {id}",
-                            r.term()
-                        ))
-                    }
-                    Some(_) => {}
-                    None => {
-                        self.leaders.insert(r.term(), id);
-                        self.stats.leader_terms += 1;
-                        // §5.4 Leader Completeness: every entry committed so far is in the
-                        // new leader's log (or under its snapshot).
-                        for (&index, &(term, _)) in self.committed.range(r.first_index()..) {
-                            if r.term_at(index) != Some(term) {
-                                return Err(format!(
-                                    "leader {id} of term {} lacks committed ({index}, {term})",
-                                    r.term()
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-            // §5.3 Log Matching: an (index, term) names one entry and one predecessor,
-            // so by induction two logs agreeing on one agree on everything before it.
-            let from = self.servers[&id].checked.max(r.first_index() - 1) + 1;
-            for index in from..=r.last_index() {
-                let e = r.entry(index).expect("in the log");
-                let prev = r.term_at(index - 1).unwrap_or(0);
-                let seen = (fnv(0, &e.data), prev);
-                let first = *self.entries.entry((index, e.term)).or_insert(seen);
-                if first != seen {
-                    return Err(format!("logs differ at ({index}, {}) on {id}", e.term));
-                }
-            }
-            let last = r.last_index();
-            self.servers.get_mut(&id).expect("live").checked = last;
-        }
-        Ok(())
-    }
-}
-
-impl Sim {
-    /// Persist-before-send (§5.1, Figure 2): an entry is committed only once a majority
-    /// has it on disk, where a crash cannot take it.
-    fn check_durable(&self, index: u64, term: u64) -> Check {
-        let on_disk = |d: &Stored| {
-            index <= d.snapshot.index
-                || d.entries
-                    .get((index - d.snapshot.index - 1) as usize)
-                    .is_some_and(|e| e.index == index && e.term == term)
-        };
-        let n = self.servers.values().filter(|s| on_disk(&s.disk)).count();
-        if n * 2 <= self.servers.len() {
-            return Err(format!("committed ({index}, {term}) is on {n} disks only"));
-        }
-        Ok(())
-    }
-
-    /// §5.4 Leader Completeness, for an entry committed after later leaders were elected.
-    fn check_leaders_have(&self, index: u64, term: u64) -> Check {
-        for s in self.servers.values() {
-            let Some(r) = s.replica.as_ref() else {
-                continue;
-            };
-            let later = r.role() == Role::Leader && r.term() > term;
-            if later && index >= r.first_index() && r.term_at(index) != Some(term) {
-                return Err(format!(
-                    "leader of term {} lacks committed ({index}, {term})",
-                    r.term()
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// §5.4.3 State Machine Safety: one state (hash) per applied index, on every replica.
-fn check_sm(committed: &BTreeMap<u64, (u64, u64)>, index: u64, hash: u64) -> Check {
-    match committed.get(&index) {
-        Some(&(_, h)) if h != hash => Err(format!("state machines differ after index {index}")),
-        _ => Ok(()),
-    }
 }
 
 fn encode_sm((index, hash): (u64, u64)) -> Vec<u8> {
@@ -719,85 +634,4 @@ pub(crate) fn run_seeds(seeds: std::ops::Range<u64>, plan: &Plan) -> Result<Stat
         total.add(Sim::new(seed, plan.clone()).run()?);
     }
     Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run_or_panic(seeds: std::ops::Range<u64>, plan: &Plan) -> Stats {
-        let stats = run_seeds(seeds, plan).unwrap_or_else(|report| panic!("{report}"));
-        eprintln!("{plan:?}: {stats:?}");
-        // A run that never reached a fault or a path proves nothing about it.
-        assert!(stats.leader_terms > 0 && stats.committed > 0 && stats.crashes > 0);
-        assert!(stats.snapshots_installed > 0 && stats.reads_confirmed > 0);
-        assert!(stats.transfers > 0 && stats.rejections > 0 && stats.leaders_stepped_down > 0);
-        stats
-    }
-
-    #[test]
-    fn two_thousand_short_seeds_of_three() {
-        run_or_panic(0..2_000, &Plan::short());
-    }
-
-    #[test]
-    fn five_hundred_short_seeds_of_five() {
-        let plan = Plan {
-            replicas: 5,
-            ..Plan::short()
-        };
-        run_or_panic(10_000..10_500, &plan);
-    }
-
-    /// The long run, 20,000 seeds of 2,000 ticks (three and five replicas):
-    /// `cargo test --release --lib raft::sim::tests::many_long_seeds -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn many_long_seeds() {
-        for replicas in [3, 5] {
-            let plan = Plan {
-                replicas,
-                chaos_ticks: 2_000,
-                heal_bound: 200,
-                bug: Bug::None,
-                send_before_persist: false,
-            };
-            run_or_panic(replicas * 100_000..replicas * 100_000 + 10_000, &plan);
-        }
-    }
-
-    /// The checks are not vacuous: each deliberate bug is caught within a few hundred
-    /// seeds, and the report names the rule it broke.
-    #[test]
-    fn the_checker_catches_deliberate_bugs() {
-        let cases = [
-            (Bug::VoteTwice, "two leaders"),
-            (Bug::IgnoreLogInVotes, "lacks committed"),
-        ];
-        for (bug, rule) in cases {
-            let plan = Plan {
-                bug,
-                ..Plan::short()
-            };
-            let report = (0..500)
-                .find_map(|seed| Sim::new(seed, plan.clone()).run().err())
-                .unwrap_or_else(|| panic!("{bug:?} was not caught in 500 seeds"));
-            assert!(report.contains(rule), "{bug:?}: {report}");
-            assert!(report.contains("seed ") && report.contains("trace tail"));
-        }
-    }
-
-    /// A driver that sends before its fsync is caught: a commit lands on a minority of
-    /// disks.
-    #[test]
-    fn the_checker_catches_sending_before_persisting() {
-        let plan = Plan {
-            send_before_persist: true,
-            ..Plan::short()
-        };
-        let report = (0..500)
-            .find_map(|seed| Sim::new(seed, plan.clone()).run().err())
-            .expect("sending before persisting was not caught in 500 seeds");
-        assert!(report.contains("disks only"), "{report}");
-    }
 }
