@@ -23,10 +23,11 @@ impl Sim {
                     None => {
                         self.leaders.insert(r.term(), id);
                         self.stats.leader_terms += 1;
-                        // §5.4 Leader Completeness: every entry committed so far is in the
-                        // new leader's log (or under its snapshot).
-                        for (&index, &(term, _)) in self.committed.range(r.first_index()..) {
-                            if r.term_at(index) != Some(term) {
+                        // §5.4 Leader Completeness: every entry committed in an earlier term
+                        // is in the new leader's log (or under its snapshot).
+                        let entries = self.committed.range(r.first_index()..);
+                        for (&index, &(term, _, by)) in entries {
+                            if by < r.term() && r.term_at(index) != Some(term) {
                                 return Err(format!(
                                     "leader {id} of term {} lacks committed ({index}, {term})",
                                     r.term()
@@ -69,13 +70,15 @@ impl Sim {
         Ok(())
     }
 
-    /// §5.4 Leader Completeness, for an entry committed after later leaders were elected.
-    pub(super) fn check_leaders_have(&self, index: u64, term: u64) -> Check {
+    /// §5.4 Leader Completeness, for an entry committed (by term `by` at the latest)
+    /// after leaders of later terms were elected. A stale leader of an earlier term may
+    /// lack it: the property is about higher terms only.
+    pub(super) fn check_leaders_have(&self, index: u64, term: u64, by: u64) -> Check {
         for s in self.servers.values() {
             let Some(r) = s.replica.as_ref() else {
                 continue;
             };
-            let later = r.role() == Role::Leader && r.term() > term;
+            let later = r.role() == Role::Leader && r.term() > by;
             if later && index >= r.first_index() && r.term_at(index) != Some(term) {
                 return Err(format!(
                     "leader of term {} lacks committed ({index}, {term})",
@@ -88,9 +91,9 @@ impl Sim {
 }
 
 /// §5.4.3 State Machine Safety: one state (hash) per applied index, on every replica.
-pub(super) fn check_sm(committed: &BTreeMap<u64, (u64, u64)>, index: u64, hash: u64) -> Check {
+pub(super) fn check_sm(committed: &BTreeMap<u64, (u64, u64, u64)>, index: u64, hash: u64) -> Check {
     match committed.get(&index) {
-        Some(&(_, h)) if h != hash => Err(format!("state machines differ after index {index}")),
+        Some(&(_, h, _)) if h != hash => Err(format!("state machines differ after index {index}")),
         _ => Ok(()),
     }
 }

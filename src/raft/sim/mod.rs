@@ -11,7 +11,7 @@ use super::message::{decode, encode, Body, Message, ReplicaId, Snapshot};
 use super::replica::{Bug, Replica};
 use super::rng::Rng;
 use super::types::{Config, HardState, Ready, Role, Stored};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
 
 mod checks;
 #[cfg(test)]
@@ -30,6 +30,8 @@ pub(crate) struct Plan {
     pub(crate) bug: Bug,
     /// Break the persist-before-send rule in the harness (to show the check catches it).
     pub(crate) send_before_persist: bool,
+    /// Run without pre-vote and check-quorum (the protocol of the paper's Figure 2).
+    pub(crate) classic: bool,
 }
 
 impl Plan {
@@ -40,6 +42,7 @@ impl Plan {
             heal_bound: 120,
             bug: Bug::None,
             send_before_persist: false,
+            classic: false,
         }
     }
 }
@@ -127,8 +130,10 @@ struct Sim {
     leaders: BTreeMap<u64, ReplicaId>,
     /// (index, term) → (hash of the data, term of the entry before): log matching.
     entries: BTreeMap<(u64, u64), (u64, u64)>,
-    /// index → (term, state machine hash after applying it): state machine safety.
-    committed: BTreeMap<u64, (u64, u64)>,
+    /// index → (term, state machine hash after applying it, a term it was committed by):
+    /// state machine safety and leader completeness. The entry was committed in a term
+    /// no later than the third: the term of the first replica seen applying it.
+    committed: BTreeMap<u64, (u64, u64, u64)>,
     /// Read tag → the highest commit anywhere when the read was asked.
     reads: BTreeMap<u64, u64>,
     next_ctx: u64,
@@ -198,6 +203,8 @@ impl Sim {
     fn config(&self, id: ReplicaId, restarts: u64) -> Config {
         let mut cfg = Config::new(id, &self.ids, self.seed ^ (restarts << 32));
         cfg.max_batch = 8;
+        cfg.pre_vote = !self.plan.classic;
+        cfg.check_quorum = !self.plan.classic;
         cfg
     }
 
@@ -261,7 +268,10 @@ impl Sim {
         while self.now < deadline {
             self.step().map_err(|e| self.fail(e))?;
             if let Some((index, term)) = proposed {
-                let done = self.committed.get(&index).is_some_and(|&(t, _)| t == term);
+                let done = self
+                    .committed
+                    .get(&index)
+                    .is_some_and(|&(t, _, _)| t == term);
                 if done {
                     self.stats.heal_ticks_max = self.plan.heal_bound - (deadline - self.now);
                     return Ok(self.stats);
@@ -525,10 +535,12 @@ impl Sim {
             s.sm = (e.index, fnv(fnv(s.sm.1, &e.term.to_be_bytes()), &e.data));
             let hash = s.sm.1;
             check_sm(&self.committed, e.index, hash)?;
-            if self.committed.insert(e.index, (e.term, hash)).is_none() {
+            let by = s.replica.as_ref().map_or(e.term, |r| r.term());
+            if let btree_map::Entry::Vacant(v) = self.committed.entry(e.index) {
+                v.insert((e.term, hash, by));
                 self.stats.committed += 1;
                 self.check_durable(e.index, e.term)?;
-                self.check_leaders_have(e.index, e.term)?;
+                self.check_leaders_have(e.index, e.term, by)?;
             }
         }
         for r in reads {

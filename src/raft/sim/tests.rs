@@ -26,6 +26,18 @@ fn five_hundred_short_seeds_of_five() {
     run_or_panic(10_000..10_500, &plan);
 }
 
+/// Safety does not lean on pre-vote or check-quorum: without them (more elections, more
+/// disruption) the checks still hold.
+#[test]
+fn five_hundred_short_seeds_without_pre_vote_or_check_quorum() {
+    let plan = Plan {
+        classic: true,
+        ..Plan::short()
+    };
+    let stats = run_seeds(20_000..20_500, &plan).unwrap_or_else(|report| panic!("{report}"));
+    assert!(stats.leader_terms > 0 && stats.committed > 0 && stats.snapshots_installed > 0);
+}
+
 /// The long run, 20,000 seeds of 2,000 ticks (three and five replicas):
 /// `cargo test --release --lib raft::sim::tests::many_long_seeds -- --ignored --nocapture`
 #[test]
@@ -38,6 +50,7 @@ fn many_long_seeds() {
             heal_bound: 200,
             bug: Bug::None,
             send_before_persist: false,
+            classic: false,
         };
         run_or_panic(replicas * 100_000..replicas * 100_000 + 10_000, &plan);
     }
