@@ -20,6 +20,7 @@
 //! - [`outbox`]: a bounded queue of shared frames drained by one batching writer thread.
 //! - [`link`]: server-to-server links: dial or accept, hello and answer, outbox, reader loop.
 //! - [`auth`]: proof that a link's far end knows the cluster secret (nonces, keyed tags).
+//! - [`raft`]: Raft consensus as a sans-IO core (elections, replication, reads, snapshots).
 //! - [`durable`]: crash-safe files: CRC-32, fsync, atomic replace, torn tail vs damage, repair.
 //! - [`log`]: one-line-per-event logging to stderr.
 //! - [`cli`]: command-line value parsers the binaries share (`--idle-timeout 0.5`).
@@ -146,6 +147,7 @@ pub mod outbox;
 pub mod peer;
 pub mod pipeline;
 pub mod proxy;
+pub mod raft;
 pub mod request;
 pub mod server;
 pub mod store;
