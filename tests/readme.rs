@@ -177,13 +177,14 @@ fn every_sh_block_in_readme_runs() {
             let _ = std::fs::remove_dir_all(&dir);
             continue;
         }
-        let why = if outcome.timed_out {
-            format!("killed after {BLOCK_TIMEOUT:?}")
-        } else if outcome.left_behind {
-            "left processes running (killed now): stop what the block starts".to_owned()
-        } else {
-            format!("exited with {:?}", outcome.status)
+        let mut why = match (outcome.timed_out, outcome.status) {
+            (true, _) => format!("killed after {BLOCK_TIMEOUT:?}"),
+            (false, Some(status)) => format!("exit status {}", status.code().unwrap_or(-1)),
+            (false, None) => "no exit status".to_owned(),
         };
+        if outcome.left_behind && !outcome.timed_out {
+            why.push_str("; left processes running (killed now): stop what the block starts");
+        }
         failures.push(format!(
             "README.md:{} ({why}, {took:.1?}, in {}):\n{}\n--- stdout ---\n{}--- stderr ---\n{}",
             block.line,
