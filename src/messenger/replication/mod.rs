@@ -33,6 +33,7 @@ use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
 use super::state::Session;
+use crate::group::Group;
 use crate::log_info;
 use crossbeam_channel::Sender;
 use outbound::Dial;
@@ -41,7 +42,6 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use view::{Inner, Remote};
 
@@ -90,8 +90,15 @@ pub struct Replica {
     commits: Condvar,
     disk: Disk,
     compact_after: u64,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The link threads and the ticker; [`Replica::stop`] closes it.
+    group: Group,
 }
+
+/// How long [`Replica::stop`] waits for the replica's threads.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// Stack of the replica's threads: each touches a few pages of it (a snapshot is encoded
+/// on the heap), so a small stack keeps a thread per client writer cheap.
+const STACK: usize = 128 << 10;
 
 /// The first heartbeat mark of this process's life: above every mark of an earlier life
 /// (marks grow by one per change, far slower than nanoseconds).
@@ -167,7 +174,7 @@ impl Replica {
             commits: Condvar::new(),
             disk,
             compact_after: options.compact_after.max(1),
-            threads: Mutex::new(Vec::new()),
+            group: Group::with_stack_size(&format!("messenger-{}", options.id), STACK),
         };
         Ok((Arc::new(replica), report))
     }
@@ -175,9 +182,8 @@ impl Replica {
     /// Starts the link threads and the ticker.
     ///
     /// # Errors
-    /// When a thread cannot be started.
+    /// When a thread cannot be started, or the replica is stopping.
     pub fn start(self: &Arc<Self>) -> io::Result<()> {
-        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
             let dial = Dial {
                 to: j,
@@ -191,18 +197,18 @@ impl Replica {
                 name: format!("messenger-{}", self.id),
             };
             let replica = Arc::clone(self);
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("messenger-{}-link-{j}", self.id))
-                    .spawn(move || outbound::run(&*replica, &dial))?,
-            );
+            self.group
+                .spawn(format!("messenger-{}-link-{j}", self.id), move || {
+                    outbound::run(&*replica, &dial);
+                })
+                .map_err(io::Error::other)?;
         }
         let replica = Arc::clone(self);
-        threads.push(
-            thread::Builder::new()
-                .name(format!("messenger-{}-tick", self.id))
-                .spawn(move || replica.run_ticker())?,
-        );
+        self.group
+            .spawn(format!("messenger-{}-tick", self.id), move || {
+                replica.run_ticker();
+            })
+            .map_err(io::Error::other)?;
         Ok(())
     }
 
@@ -216,14 +222,11 @@ impl Replica {
         self.commits.notify_all();
     }
 
-    /// Stops, joins the replica's threads and writes out the log.
+    /// Stops, closes the replica's threads (within [`STOP_DEADLINE`]; stragglers are
+    /// logged) and writes out the log.
     pub fn stop(&self) {
         self.begin_stop();
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        for t in threads {
-            let _ = t.join();
-        }
+        self.group.close(STOP_DEADLINE);
         if let Err(e) = self.disk.sync_to(u64::MAX) {
             log_info!("messenger-{}: final log write failed: {e}", self.id);
         }
