@@ -6,15 +6,17 @@
 //! the records it keeps in memory, its view of each other server, its client registry),
 //! `records` (appending, taking records and snapshots, making them durable), `roles` (the
 //! rules that change the role and the commit point, and the ticker), `feed` (what each
-//! outbound link carries), `outbound` (dialing and writing, sockets only) and `inbound` (a
-//! peer's messages). Here: opening, starting and stopping a replica, and what the client
-//! connections of [`super::server`] may ask of it.
+//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox)
+//! and `inbound` (a peer's messages). Here: opening, starting and stopping a replica, and
+//! what the client connections of [`super::server`] may ask of it.
 //!
-//! Threads: one link thread per peer dials it and writes every message for it (records,
-//! acknowledgements, heartbeats, fetch answers), pulling from shared state under the one
-//! lock; the inbound link from each peer is served on that connection's own thread; a
-//! ticker turns silences into failures, drops members that stopped acknowledging, and
-//! re-evaluates the role.
+//! Threads, all in the replica's [`Group`] (closed by [`Replica::stop`]): one link thread
+//! per peer dials it ([`crate::link::Dialer`]) and hands every message for it (records,
+//! acknowledgements, heartbeats, fetch answers), pulled from shared state under the one
+//! lock, to the link's [`Outbox`], whose writer thread writes them; a writer per client
+//! connection drains that client's outbox; a ticker turns silences into failures, drops
+//! members that stopped acknowledging, and re-evaluates the role. The inbound link from
+//! each peer is served on that connection's own thread (the server's).
 
 mod feed;
 mod inbound;
@@ -193,10 +195,10 @@ impl Replica {
                 welcome: ReplicaMsg::Welcome.encode(),
                 name: format!("messenger-{}", self.id),
             };
-            let replica = Arc::clone(self);
+            let (replica, group) = (Arc::clone(self), self.group.clone());
             self.group
                 .spawn(format!("messenger-{}-link-{j}", self.id), move || {
-                    outbound::run(&*replica, &dial);
+                    outbound::run(&*replica, &dial, &group);
                 })
                 .map_err(io::Error::other)?;
         }
