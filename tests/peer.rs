@@ -226,7 +226,7 @@ fn five_concurrent_joins_agree_and_every_message_arrives_once_in_order() {
     let refs: Vec<&PeerProc> = peers.iter().collect();
     let line = converge(&refs, &names);
     // Three to start, one version per admission.
-    assert_eq!(line, "[MEMBERS v8] a,b,c,d,e,f,g,h");
+    assert_eq!(line, "[MEMBERS v8 by a] a,b,c,d,e,f,g,h");
 
     const N: usize = 20;
     for p in &mut peers {
