@@ -51,7 +51,7 @@ impl Node {
         if !dests.iter().any(|d| reachable(self, d)) {
             let names: Vec<&str> = dests.iter().map(|m| m.name.as_str()).collect();
             out.push(Effect::Print(format!(
-                "[NOT SENT] no route to {}: held until one can be reached",
+                "[NOT SENT] no route to {} now; resent if one comes back before it is dropped",
                 names.join(",")
             )));
         }

@@ -796,7 +796,7 @@ fn a_line_to_members_out_of_reach_is_reported_and_held() {
     out.clear();
     node.say("still there?", sim.now, &mut out).unwrap();
     assert!(out.contains(&Effect::Print(
-        "[NOT SENT] no route to b,c: held until one can be reached".into()
+        "[NOT SENT] no route to b,c now; resent if one comes back before it is dropped".into()
     )));
 }
 
