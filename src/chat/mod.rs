@@ -421,7 +421,7 @@ impl Chat {
 
     // ---- clients ----
 
-    /// Joins `name`; `false` when the name is in use on this server.
+    /// Joins `name`; `false` when the name is in use here or held by another member.
     fn join(&self, name: &str, client: Client) -> bool {
         let mut state = self.state();
         // Taken when a member is known to hold it; a claim crossing ours on a link is
