@@ -303,6 +303,15 @@ impl Federation {
         }
     }
 
+    /// The peer whose roster holds client `name`, if any. Names are unique across the
+    /// federation, so there is at most one once every claim has been settled.
+    pub fn holder(&self, name: &str) -> Option<&ServerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.roster.contains(name))
+            .map(|(id, _)| id)
+    }
+
     /// The clients of every peer.
     pub fn rosters(&self) -> impl Iterator<Item = &str> {
         self.peers

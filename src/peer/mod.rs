@@ -100,7 +100,10 @@
 //! # Output
 //!
 //! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes,
-//! and `[MEMBERS vN] a,b,c` after every change of the list held (first at admission).
+//! and `[MEMBERS vN by L] a,b,c` after every change of the list held (first at admission;
+//! `L` is the leader that issued version N: the label names one list). `[UNREACHABLE] Name`
+//! / `[REACHABLE] Name` when a member's routes go and come back, and `[NOT SENT] ...` for a
+//! typed line that reaches nobody now (see `node`'s `reach`).
 
 pub mod node;
 pub mod protocol;
