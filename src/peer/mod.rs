@@ -42,7 +42,8 @@
 //!   a crash shows at once as broken links; a link silent for 3 s is closed too. Each peer
 //!   floods its own links whenever they change, and that advert is its report: the leader
 //!   sees a member that nobody links to any more as unreachable. A member unreachable in
-//!   the leader's graph for 1 s is dropped (`[LEAVE] Name` everywhere). When the leader
+//!   the leader's graph for 1 s is dropped (`[DROPPED] Name: unreachable` on a peer that
+//!   cannot reach it either, `[LEAVE] Name` on the others). When the leader
 //!   itself is the one unreachable, the next smallest member finds itself the leader after
 //!   that second and issues the list without it; joins go on through it. Should its list
 //!   tie with one the dead leader issued just before dying, the dead leader's wins (it
@@ -99,7 +100,8 @@
 //!
 //! # Output
 //!
-//! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes,
+//! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes
+//! (`[DROPPED] Name: unreachable` for a member dropped that this peer could not reach),
 //! and `[MEMBERS vN by L] a,b,c` after every change of the list held (first at admission;
 //! `L` is the leader that issued version N: the label names one list). `[UNREACHABLE] Name`
 //! / `[REACHABLE] Name` when a member's routes go and come back, and `[NOT SENT] ...` for a

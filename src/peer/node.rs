@@ -649,8 +649,17 @@ impl Node {
                 for m in added.iter().filter(|m| ***m != self.me) {
                     out.push(Effect::Print(format!("[JOIN] {}", m.name)));
                 }
+                self.refresh_routes(now);
                 for m in &removed {
-                    out.push(Effect::Print(format!("[LEAVE] {}", m.name)));
+                    // A member with no route from here for the grace period (the leader's
+                    // own test for dropping it) did not say goodbye, as far as anyone here
+                    // can tell: it was dropped, and the user is told so.
+                    let line = if self.unreachable_shown.contains(m) || self.is_down(m, now) {
+                        format!("[DROPPED] {}: unreachable", m.name)
+                    } else {
+                        format!("[LEAVE] {}", m.name)
+                    };
+                    out.push(Effect::Print(line));
                 }
                 out.push(Effect::Print(self.list.summary()));
             }

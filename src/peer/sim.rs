@@ -758,8 +758,8 @@ fn a_room_cut_in_two_by_its_leaders_death_says_so_under_distinct_labels() {
         [
             "[UNREACHABLE] alice",
             "[UNREACHABLE] carol",
-            "[LEAVE] alice",
-            "[LEAVE] carol",
+            "[DROPPED] alice: unreachable",
+            "[DROPPED] carol: unreachable",
             "[MEMBERS v4 by bob] bob"
         ]
     );
@@ -768,8 +768,8 @@ fn a_room_cut_in_two_by_its_leaders_death_says_so_under_distinct_labels() {
         [
             "[UNREACHABLE] alice",
             "[UNREACHABLE] bob",
-            "[LEAVE] alice",
-            "[LEAVE] bob",
+            "[DROPPED] alice: unreachable",
+            "[DROPPED] bob: unreachable",
             "[MEMBERS v4 by carol] carol"
         ]
     );
@@ -890,7 +890,7 @@ fn readme_layout_after_the_leader_leaves_shows_two_labels_not_one() {
                 "[LEAVE] alice".to_owned(),
                 "[MEMBERS v4 by alice] bob,carol".to_owned(),
                 format!("[UNREACHABLE] {other}"),
-                format!("[LEAVE] {other}"),
+                format!("[DROPPED] {other}: unreachable"),
                 format!("[MEMBERS v5 by {me}] {me}"),
             ]
         );
