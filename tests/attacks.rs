@@ -268,13 +268,13 @@ fn fuzz(duration: Duration, seed: u64) {
         let target = room[(rng.next() % 3) as usize].addr;
         let mut s = connect(target);
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             let who = guess("alice", room[0].addr);
             let _ = s.write_all(&line(&PeerMessage::Hello(who)));
         }
         let n = (rng.next() % 4096) as usize;
         let _ = s.write_all(&rng.bytes(n));
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             let _ = s.write_all(b"\n");
         }
         let _ = s.read(&mut [0; 64]);
