@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Optional
 
+from message import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCENARIOS = {
@@ -85,13 +87,16 @@ def run_bench(bench: str, server: Server, extra: list[str], duration: float) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"))
-    ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"))
-    ap.add_argument("--memcached", default=shutil.which("memcached"))
+    ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"),
+                    help="the store-bench binary that measures (default: target/release/store-bench)")
+    ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"),
+                    help="the store-server binary to measure (default: target/release/store-server)")
+    ap.add_argument("--memcached", default=shutil.which("memcached"),
+                    help="the memcached binary to compare with (default: memcached on PATH; none: left out)")
     ap.add_argument("--no-python", action="store_true", help="leave out interop/store_server.py")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=3.0)
-    ap.add_argument("--scenarios", default="abcdef")
+    ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
+    ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
     args = ap.parse_args()
 
     servers: list[Server] = []
@@ -142,4 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -39,7 +39,7 @@ import time
 from typing import Any, Optional
 
 import term
-from message import FrameReader, FrameTooLong, IncompleteMessage, encode, open_listener
+from message import FrameReader, FrameTooLong, IncompleteMessage, encode, open_listener, run_main
 from store_client import StoreClient, StoreProtocolError
 from term import Atom
 
@@ -350,12 +350,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"store server HOST:PORT (default {DEFAULT_REGISTRY})")
     parser.add_argument("--advertise", default="127.0.0.1", help="this node's IPv4 address (default 127.0.0.1)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a pong (default 10)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pong", help="register NAME and answer pings")
-    p.add_argument("name")
-    p = sub.add_parser("ping", help="send COUNT pings to NAME")
-    p.add_argument("name")
-    p.add_argument("count", type=int)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the role to play")
+    p = sub.add_parser("pong", help="register NAME and answer pings",
+                       description="Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N} until killed.")
+    p.add_argument("name", help="the name to register in the store server")
+    p = sub.add_parser("ping", help="send COUNT pings to NAME",
+                       description="Look NAME up, send COUNT {ping,N,ReplyChan} messages one at a time, check each "
+                                   "{pong,N}; exit 1 on any failure.")
+    p.add_argument("name", help="the name a pong registered")
+    p.add_argument("count", type=int, help="how many pings to send")
     args = parser.parse_args(argv)
     node = Node(args.advertise, args.timeout)
     try:
@@ -368,4 +371,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

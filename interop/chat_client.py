@@ -33,13 +33,14 @@ as character-code lists (``[104,105]``), as an Erlang client writing ``~w`` does
 from __future__ import annotations
 
 import argparse
+import queue
 import socket
 import sys
 import threading
 from typing import Iterable, Optional
 
 import term
-from message import FrameReader, port_number, positive_timeout, send_message
+from message import FrameReader, add_addr_argument, port_number, positive_timeout, run_main, send_message
 from term import Atom
 
 DEFAULT_HOST = "127.0.0.1"
@@ -214,6 +215,20 @@ def run_script(
 
 def run_interactive(client: ChatClient, name: str) -> int:
     client.join(name)
+    # Until the server announces this join, nothing else is due; a refusal ({error,name_taken})
+    # ends the session here, as chat-client does, instead of a prompt whose every line would
+    # be answered {error,not_joined}.
+    while True:
+        event = client.next_event()
+        if event is None:
+            print(f"chat_client.py: the server closed the connection before admitting {name}", file=sys.stderr)
+            return 1
+        if event[0] == "error":
+            print(f"chat_client.py: the server refused to admit {name}: {event[1]}", file=sys.stderr)
+            return 1
+        print(display(event), flush=True)
+        if event == ("join", name):
+            break
 
     def printer() -> None:
         try:
@@ -227,26 +242,49 @@ def run_interactive(client: ChatClient, name: str) -> int:
 
     thread = threading.Thread(target=printer, daemon=True)
     thread.start()
-    for line in sys.stdin:
-        line = line.rstrip("\r\n")
-        if line == "exit":
-            break
-        client.send(name, line)
-    client.leave(name)
-    thread.join()
-    return 0
+    # Input is read on a thread of its own, so a server that closes the connection ends
+    # the client at once (exit status 1, as chat-client), not at the next line typed.
+    lines: queue.Queue[Optional[str]] = queue.Queue()
+
+    def typist() -> None:
+        for typed in sys.stdin:
+            lines.put(typed.rstrip("\r\n"))
+        lines.put(None)
+
+    threading.Thread(target=typist, daemon=True).start()
+    try:
+        while thread.is_alive():
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None or line == "exit":
+                client.leave(name)
+                thread.join()
+                return 0
+            client.send(name, line)
+    except OSError:
+        thread.join()
+    print("chat_client.py: the server closed the connection", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=DEFAULT_HOST)
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--timeout", type=positive_timeout, default=10.0, help="seconds (scripted mode)")
-    parser.add_argument("--codes", action="store_true", help="send names and texts as code lists")
-    parser.add_argument("--send-count", type=int, default=None)
-    parser.add_argument("--expect", type=parse_expect, action="append", default=[], metavar="SENDER=COUNT")
-    parser.add_argument("--wait-join", action="append", default=[], metavar="NAME")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    add_addr_argument(parser)
+    parser.add_argument("--name", required=True, help="the name to join as")
+    parser.add_argument("--timeout", type=positive_timeout, default=10.0,
+                        help="seconds to wait for each line from the server, scripted mode only (default: 10)")
+    parser.add_argument("--codes", action="store_true",
+                        help="send names and texts as character-code lists ([104,105]), as an Erlang ~w client does")
+    parser.add_argument("--send-count", type=int, default=None, metavar="K",
+                        help="scripted: send K messages, 'NAME 1' .. 'NAME K'")
+    parser.add_argument("--expect", type=parse_expect, action="append", default=[], metavar="SENDER=COUNT",
+                        help="scripted: read until COUNT messages from SENDER arrived, each once, in order (repeatable)")
+    parser.add_argument("--wait-join", action="append", default=[], metavar="NAME",
+                        help="scripted: wait for NAME to join before sending (repeatable)")
     args = parser.parse_args(argv)
     scripted = args.send_count is not None or args.expect or args.wait_join
     client = ChatClient(args.host, args.port, args.timeout if scripted else None, args.codes)
@@ -261,4 +299,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -45,6 +45,8 @@ from types import FrameType
 from typing import Callable
 
 from message import (
+    add_addr_argument,
+    run_main,
     FrameReader,
     FramingError,
     add_framing_argument,
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Queue-pipeline echo server of seed 004.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port, 0 for any free one (default: {DEFAULT_PORT})")
+    add_addr_argument(parser, "address to listen on")
     add_framing_argument(parser, "ascii10")
     parser.add_argument("--transform", choices=sorted(TRANSFORMS), default="none", help="case-converter stage (default: none)")
     parser.add_argument("--timeout", type=positive_timeout, default=10.0,
@@ -188,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

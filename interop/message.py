@@ -31,10 +31,12 @@ the peer closed in the middle of a frame.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import struct
-from typing import Final, Iterator, Protocol
+import sys
+from typing import Callable, Final, Iterator, NoReturn, Protocol
 
 FRAMINGS: Final = ("line", "ascii10", "u16", "u32")
 """The framing names, as accepted by every CLI's ``--framing``."""
@@ -431,6 +433,48 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("port must be in 0..65535")
     return value
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as ``(host, port)``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    try:
+        return host.strip("[]"), port_number(port)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 0..65535, got {text!r}") from None
+
+
+class _AddrAction(argparse.Action):
+    """``--addr HOST:PORT`` sets ``host`` and ``port`` as ``--host`` and ``--port`` would."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        try:
+            namespace.host, namespace.port = parse_addr(str(values))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument {option_string}: {e}")
+
+
+def add_addr_argument(parser: argparse.ArgumentParser, what: str = "server address") -> None:
+    """Add ``--addr HOST:PORT``, the Rust binaries' spelling, next to ``--host``/``--port``
+    (whichever comes last on the command line wins)."""
+    parser.add_argument(
+        "--addr",
+        action=_AddrAction,
+        metavar="HOST:PORT",
+        help=f"{what} in one word, instead of --host and --port",
+    )
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Exit with ``main()``'s status; Ctrl-C exits 130 with one line, not a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 # --- small socket helpers shared by the interop servers (not framing) -------

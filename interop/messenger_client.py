@@ -43,7 +43,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from message import FrameReader, FramingError, positive_timeout, send_message
+from message import FrameReader, FramingError, positive_timeout, run_main, send_message
 
 FRAMING = "u32"
 REPLY_TIMEOUT = 3.0
@@ -274,15 +274,22 @@ class MessengerClient:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Client for the replicated messenger.")
     parser.add_argument("--servers", type=parse_servers, required=True, help="HOST:PORT of every server, by id")
-    parser.add_argument("--timeout", type=positive_timeout, default=15.0, help="seconds before giving up")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("register").add_argument("name")
-    send = commands.add_parser("send")
-    send.add_argument("sender")
-    send.add_argument("to")
-    send.add_argument("text")
-    commands.add_parser("inbox").add_argument("name")
-    commands.add_parser("search").add_argument("pattern")
+    parser.add_argument("--timeout", type=positive_timeout, default=15.0,
+                        help="seconds a command may take, failovers included, before giving up (default: 15)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    register = commands.add_parser("register", help="create an account", description="Create the account NAME.")
+    register.add_argument("name", help="the account name")
+    send = commands.add_parser("send", help="log in as SENDER and send TEXT to TO",
+                               description="Log in as SENDER, send TEXT to TO (kept for TO while away), log out.")
+    send.add_argument("sender", help="the account to send from")
+    send.add_argument("to", help="the account to send to")
+    send.add_argument("text", help="the message")
+    inbox = commands.add_parser("inbox", help="log in as NAME and print the waiting messages",
+                                description="Log in as NAME, print each waiting message as 'SENDER: TEXT', log out.")
+    inbox.add_argument("name", help="the account")
+    search = commands.add_parser("search", help="print the account names matching PATTERN",
+                                 description="Print the account names matching PATTERN, one a line.")
+    search.add_argument("pattern", help="a name pattern; * matches any run of characters")
     return parser
 
 
@@ -315,4 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

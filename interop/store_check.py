@@ -24,7 +24,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from message import FRAMINGS, MAX_PAYLOAD, add_framing_argument, encode, port_number, positive_timeout
+from message import (
+    FRAMINGS,
+    MAX_PAYLOAD,
+    add_addr_argument,
+    add_framing_argument,
+    encode,
+    port_number,
+    positive_timeout,
+    run_main,
+)
 from store_client import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -401,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Conformance checks for a store protocol server.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    add_addr_argument(parser, "server address")
     add_framing_argument(parser, "line")
     parser.add_argument("--timeout", type=positive_timeout, default=10.0, help="socket timeout in seconds (default: 10)")
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
@@ -425,4 +435,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -34,6 +34,8 @@ from types import TracebackType
 from typing import Iterable
 
 from message import (
+    add_addr_argument,
+    run_main,
     FrameReader,
     add_framing_argument,
     check_framing,
@@ -312,21 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Client for the classic store protocol.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
+    add_addr_argument(parser, "server address")
     add_framing_argument(parser, "line")
     parser.add_argument("--timeout", type=positive_timeout, default=DEFAULT_TIMEOUT, help="socket timeout in seconds (default: 10)")
     parser.add_argument("--oneshot", action="store_true", help="one connection per request, like the course's Erlang clients")
     parser.add_argument("--bytewise", action="store_true", help="read replies one byte per recv like the seed (line framing only)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to send (COMMAND --help for its arguments)")
+    key_help = "the key (no comma: the protocol ends a key at its first comma)"
     p = sub.add_parser("store", help="store KEY VALUE (no reply)")
-    p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("key", help=key_help)
+    p.add_argument("value", help="the value (commas and braces allowed)")
     p = sub.add_parser("lookup", help="lookup KEY, prints {just,VALUE} or nothing")
-    p.add_argument("key")
+    p.add_argument("key", help=key_help)
     p = sub.add_parser("delete", help="delete KEY, prints ok or nothing")
-    p.add_argument("key")
+    p.add_argument("key", help=key_help)
     sub.add_parser("stats", help="print the server's stats line")
     p = sub.add_parser("raw", help="send PAYLOAD as one request and print one reply")
-    p.add_argument("payload")
+    p.add_argument("payload", help="the request as it goes on the wire, without framing")
     return parser
 
 
@@ -372,4 +376,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

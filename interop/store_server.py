@@ -53,6 +53,8 @@ import time
 from types import FrameType
 
 from message import (
+    add_addr_argument,
+    run_main,
     FrameReader,
     FrameTooLong,
     FramingError,
@@ -265,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Reference server for the classic store protocol.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port, 0 for any free one (default: {DEFAULT_PORT})")
+    add_addr_argument(parser, "address to listen on")
     add_framing_argument(parser, "line")
     parser.add_argument("--timeout", type=positive_timeout, default=10.0,
                         help="seconds allowed for a send or for the rest of a started frame (default: 10)")
@@ -325,4 +328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

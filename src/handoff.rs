@@ -51,6 +51,21 @@ impl Bell {
 
 /// A bounded queue of `cap` items (at least one); see the module docs.
 ///
+/// ```
+/// use switchboard::handoff;
+///
+/// let (tx, rx) = handoff::bounded(2);
+/// let consumer = std::thread::spawn(move || {
+///     // `for` ends once the queue is empty and every sender is gone.
+///     (&rx).into_iter().map(|n: u64| n * n).sum::<u64>()
+/// });
+/// for n in 1..=10 {
+///     tx.send(n).unwrap(); // waits while two items are queued
+/// }
+/// drop(tx);
+/// assert_eq!(consumer.join().unwrap(), 385);
+/// ```
+///
 /// A capacity of 0 is taken as 1: crossbeam's zero-capacity channel is a rendezvous whose
 /// `send` returns only once a receiver has taken the item, and a receiver asleep on the
 /// doorbell would never be rung.

@@ -1,5 +1,9 @@
 //! Logging to stderr: one timestamped line per event worth a line. Routine events (a client
 //! connected or left) are written only in verbose mode (`--verbose` on every server binary).
+//!
+//! Tests that run servers in their own process call [`capture_in_tests`]: lines then go
+//! through `eprint!`, which the test harness captures and shows only for a failing test,
+//! instead of straight to stderr between the test results.
 
 use std::fmt;
 use std::io::Write;
@@ -7,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
+static VIA_EPRINT: AtomicBool = AtomicBool::new(cfg!(test));
 
 /// Turns routine-event logging on or off for the whole process.
 pub fn set_verbose(on: bool) {
@@ -18,11 +23,25 @@ pub fn verbose() -> bool {
     VERBOSE.load(Ordering::Relaxed)
 }
 
+/// Sends every later line through `eprint!` rather than straight to stderr, for the rest
+/// of the process. The test harness captures what `eprint!` writes on a test's thread and
+/// on the threads it spawns (a server's accept and connection threads included) and prints
+/// it only if that test fails. Not for servers in production: `eprint!` panics when stderr
+/// is a closed pipe, where a direct write fails quietly. (The crate's own unit tests have
+/// it on from the start.)
+pub fn capture_in_tests() {
+    VIA_EPRINT.store(true, Ordering::Relaxed);
+}
+
 /// Writes one line, `2026-11-22T01:50:12.123Z message`, in a single write so lines from
 /// different threads do not mix.
 pub fn write(args: fmt::Arguments<'_>) {
     let line = format!("{} {args}\n", timestamp(SystemTime::now()));
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    if VIA_EPRINT.load(Ordering::Relaxed) {
+        eprint!("{line}");
+    } else {
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
 }
 
 /// RFC 3339 UTC with milliseconds, computed without a date crate.

@@ -1,28 +1,43 @@
 //! The thread-per-connection TCP server: accept, hand each connection to a handler on its
 //! own named OS thread, cap and time out connections, and shut everything down on request.
 //!
-//! ```no_run
-//! use switchboard::server::{Connection, HandlerError, Server, ServerConfig};
+//! ```
+//! use switchboard::server::{Server, ServerConfig};
 //! use std::io::{Read, Write};
+//! use std::net::TcpStream;
+//! use std::time::Duration;
 //!
-//! let server = Server::bind("127.0.0.1:0", ServerConfig::named("echo"), |c: Connection| {
-//!     let mut stream = &*c.stream;
+//! let config = ServerConfig {
+//!     max_connections: 100,
+//!     idle_timeout: Some(Duration::from_secs(60)),
+//!     ..ServerConfig::named("echo")
+//! };
+//! let server = Server::bind("127.0.0.1:0", config, |conn| {
+//!     // `&Connection` reads like the socket, and its idle timeout is a clean end (0).
 //!     let mut buf = [0u8; 4096];
 //!     loop {
-//!         let n = stream.read(&mut buf)?;
-//!         if n == 0 { return Ok::<(), HandlerError>(()); }
-//!         stream.write_all(&buf[..n])?;
+//!         let n = (&conn).read(&mut buf)?;
+//!         if n == 0 {
+//!             return Ok(());
+//!         }
+//!         (&*conn.stream).write_all(&buf[..n])?;
 //!     }
 //! })?;
 //! let running = server.spawn()?;
-//! println!("listening on {}", running.local_addr());
-//! running.stop();
+//! let mut client = TcpStream::connect(running.local_addr())?;
+//! client.set_read_timeout(Some(Duration::from_secs(10)))?;
+//! client.write_all(b"hi")?;
+//! let mut reply = [0u8; 2];
+//! client.read_exact(&mut reply)?;
+//! assert_eq!(&reply, b"hi");
+//! let report = running.stop();
+//! assert_eq!(report.stats.accepted, 1);
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use crate::framing::{FrameError, FrameReader};
+use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::{log_debug, log_info};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -36,13 +51,24 @@ use std::time::{Duration, Instant};
 /// server. Only the end of a connection is on this path, so a boxed error costs nothing.
 pub type HandlerError = Box<dyn Error + Send + Sync>;
 
-/// Serves one connection; runs on that connection's own thread.
+/// Serves one connection; runs on that connection's own thread. A closure
+/// `Fn(Connection) -> Result<(), HandlerError>` is one; [`crate::order::Ordered`] is one that
+/// also uses [`Handler::accepted`].
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub trait Handler: Send + Sync + 'static {
     /// Handles `conn` until it ends.
     ///
     /// # Errors
     /// Whatever ended the connection abnormally; the server logs it and goes on.
     fn handle(&self, conn: Connection) -> Result<(), HandlerError>;
+
+    /// Called on the accept thread, in accept order, before `conn`'s own thread starts:
+    /// for bookkeeping that must follow accept order (see [`crate::order::Arrivals`]). It
+    /// delays every newcomer, so keep it short. Does nothing unless overridden.
+    fn accepted(&self, conn: &Connection) {
+        let _ = conn;
+    }
 }
 
 impl<F> Handler for F
@@ -55,6 +81,8 @@ where
 }
 
 /// One accepted connection, as a handler receives it.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 #[derive(Debug)]
 pub struct Connection {
     /// The socket (`TCP_NODELAY` set, and the idle timeout as its read timeout). Read and
@@ -68,117 +96,131 @@ pub struct Connection {
     pub id: u64,
     /// The server this connection belongs to (for statistics, or to stop it).
     pub server: ServerHandle,
+    idle_timeout: Option<Duration>,
 }
 
-/// How long a connection that has not settled holds back younger ones (see
-/// [`Connection::wait_for_earlier`]). Long enough to cover a runnable thread's scheduling
-/// delay on a loaded machine; short, because a client that connects and stays silent
-/// never settles and costs each newcomer up to this once.
-pub const SETTLE_WINDOW: Duration = Duration::from_millis(50);
-
 impl Connection {
-    /// Declares that this connection has acted on everything its first read delivered.
+    /// Reads through this connection as a handler should: blocking, with the server's idle
+    /// timeout turned into a clean end of stream (see [`ServerConfig::idle_timeout`]).
+    /// Equivalent to `FrameReader::with_limits(&conn, framing, limits)`.
     ///
-    /// Together with [`Connection::wait_for_earlier`] this gives arrival order across
-    /// connections: a client that sends a request and closes (the course's one-shot Erlang
-    /// clients) has its request applied before a request on any connection accepted after
-    /// it, although the two run on different threads. Idempotent; ending the connection
-    /// settles it too.
-    pub fn settle(&self) {
-        self.server.shared.unfresh(self.id);
+    /// ```
+    /// # use switchboard::server::{Server, ServerConfig};
+    /// # use switchboard::framing::{Framing, Limits};
+    /// # use std::io::Write;
+    /// let server = Server::bind("127.0.0.1:0", ServerConfig::default(), |conn| {
+    ///     let mut reader = conn.reader(Framing::Line, Limits::default());
+    ///     while let Some(line) = reader.read_frame()? {
+    ///         (&*conn.stream).write_all(&[line, b"\n"].concat())?;
+    ///     }
+    ///     Ok(()) // the client closed, or stayed idle too long
+    /// })?;
+    /// # drop(server);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn reader(&self, framing: Framing, limits: Limits) -> FrameReader<&Connection> {
+        FrameReader::with_limits(self, framing, limits)
     }
 
-    /// Waits until every connection accepted before this one has settled, or has been
-    /// connected for [`SETTLE_WINDOW`] without sending anything (a silent client cannot
-    /// hold anyone back for longer). Returns at once in the common case.
-    pub fn wait_for_earlier(&self) {
-        let shared = &self.server.shared;
-        let mut fresh = shared.fresh();
+    /// The server's idle timeout, which is this connection's read timeout.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// Waits until the peer has sent something, without taking it: `true` when bytes are
+    /// waiting, `false` when the peer closed, vanished or stayed idle past the timeout.
+    pub(crate) fn wait_readable(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.retrying(|s| s.peek(&mut byte)), Ok(n) if n > 0)
+    }
+
+    /// Runs a blocking read-like call on the socket, telling the idle timeout (`Ok(0)`: end
+    /// of stream) from a spurious `EAGAIN`: another thread may make the socket non-blocking
+    /// for an instant to peek at it (see [`crate::order`]), and a read that starts in that
+    /// instant fails at once. Such a failure comes long before the timeout, so it is retried.
+    fn retrying(&self, mut op: impl FnMut(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
+        let started = Instant::now();
+        let mut spurious = 0;
         loop {
-            let now = Instant::now();
-            // Ids and accept times grow together, so the expired entries are the first ones;
-            // dropping them here keeps the map as small as the set of recent newcomers.
-            while let Some((_, &since)) = fresh.first_key_value() {
-                if since + SETTLE_WINDOW > now {
-                    break;
+            match op(&self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    let idle = self
+                        .idle_timeout
+                        .is_some_and(|t| started.elapsed() >= t / 2);
+                    // A handler that made its own socket non-blocking gets its error back.
+                    if !idle && spurious < SPURIOUS_RETRIES {
+                        spurious += 1;
+                        thread::yield_now();
+                        continue;
+                    }
+                    if idle {
+                        log_debug!(
+                            "{}: connection {} idle; closing",
+                            self.server.shared.name,
+                            self.id
+                        );
+                        return Ok(0);
+                    }
+                    return Err(e);
                 }
-                fresh.pop_first();
+                other => return other,
             }
-            let Some((_, &since)) = fresh.range(..self.id).next_back() else {
-                return;
-            };
-            let until = since + SETTLE_WINDOW;
-            fresh = shared
-                .settled
-                .wait_timeout(fresh, until - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
         }
+    }
+
+    /// No longer does anything: arrival order across connections is opt-in, in
+    /// [`crate::order`]. Kept only until the `peer` module drops its call.
+    #[doc(hidden)]
+    pub fn settle(&self) {}
+}
+
+/// Reads of a connection: blocking, and a read that outlasts the server's idle timeout is
+/// the end of the stream (`Ok(0)`) instead of an `EAGAIN` error.
+impl Read for &Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retrying(|mut s| s.read(buf))
     }
 }
 
-impl Connection {
-    /// Waits for the next read of requests for a handler that keeps arrival order across
-    /// connections (see [`Connection::settle`]): fills `reader` (which reads this
-    /// connection's stream) and, before the first batch, waits for earlier connections.
-    ///
-    /// `Ok(true)`: complete frames may be buffered; take them with
-    /// [`FrameReader::next_buffered`], act on them, then call [`Connection::settle`] once
-    /// the first batch is done. `Ok(false)`: the connection is over, normally: the client
-    /// closed it (a frame it cut off is logged as not applied), it stayed idle past the
-    /// server's idle timeout, or it vanished; the connection is settled.
-    ///
-    /// # Errors
-    /// A read that failed otherwise, or a size header that is not a length (the stream
-    /// lost sync): the connection cannot go on.
-    pub fn fill_in_order<R: Read>(
-        &self,
-        reader: &mut FrameReader<R>,
-        first: bool,
-    ) -> Result<bool, FrameError> {
-        let name = &self.server.shared.name;
-        match reader.fill() {
-            Ok(true) => {
-                if first {
-                    self.wait_for_earlier();
-                }
-                Ok(true)
-            }
-            Ok(false) => {
-                self.settle();
-                if let Err(e) = reader.finish() {
-                    log_info!(
-                        "{name}: connection {} from {}: {e}; that request was not applied",
-                        self.id,
-                        self.peer
-                    );
-                }
-                Ok(false)
-            }
-            Err(e) if e.is_timeout() => {
-                log_debug!("{name}: connection {} idle; closing", self.id);
-                Ok(false)
-            }
-            Err(FrameError::Io(e)) if is_disconnect(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
+/// How often a read retries a spurious `EAGAIN` before it reports it: a peek from another
+/// thread lasts three system calls, so a few retries always outlast it.
+const SPURIOUS_RETRIES: u32 = 1000;
+
+/// Whether a socket error is a read or write timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` expiring
+/// report `EAGAIN`, which std calls `WouldBlock`).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
-/// How a [`Server`] behaves.
+/// How a [`Server`] behaves: `ServerConfig { max_connections: 100, ..ServerConfig::default() }`.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Names the threads (`NAME-conn-ID`) and prefixes the log lines.
     pub name: String,
     /// Live connections beyond which new ones are refused.
     pub max_connections: usize,
-    /// Close a connection after this long without receiving anything.
+    /// How long a connection may go without receiving anything. Past it, reads through
+    /// the [`Connection`] (its `Read` impl, [`Connection::reader`], the
+    /// [`request`](crate::request) loop) see a clean end of stream, so the handler returns
+    /// and the server closes the connection. A handler that reads the raw `stream` gets a
+    /// `WouldBlock` error instead; returned with `?`, it is logged as an idle close, not as
+    /// a failure.
     pub idle_timeout: Option<Duration>,
     /// Stack size of each connection thread. Idle threads touch only a few pages of it, so
     /// thousands of connections fit in little memory.
     pub stack_size: usize,
-    /// Bytes written to a refused connection before it is closed, already framed.
-    pub refusal: Vec<u8>,
+    /// The framing the server's clients speak: a refused connection gets
+    /// `{error,too_many_connections}` in it (unless `refusal` says otherwise).
+    pub framing: Framing,
+    /// Bytes written to a refused connection before it is closed, already framed; `None`
+    /// for `{error,too_many_connections}` in `framing`.
+    pub refusal: Option<Vec<u8>>,
     /// How long shutdown waits for connection threads to finish.
     pub shutdown_deadline: Duration,
     /// Log the server's start and stop only in verbose mode: for servers a program starts
@@ -186,19 +228,42 @@ pub struct ServerConfig {
     pub quiet: bool,
 }
 
-impl ServerConfig {
-    /// Defaults: 10,000 connections, no idle timeout, 128 KiB stacks, a line-framed
-    /// `{error,too_many_connections}` refusal, 5 s shutdown deadline.
-    pub fn named(name: &str) -> Self {
+impl Default for ServerConfig {
+    /// Named `server`, 10,000 connections, no idle timeout, 128 KiB stacks, `line`
+    /// framing (so a `{error,too_many_connections}` line as the refusal), 5 s shutdown
+    /// deadline.
+    fn default() -> Self {
         ServerConfig {
-            name: name.to_owned(),
+            name: "server".to_owned(),
             max_connections: 10_000,
             idle_timeout: None,
             stack_size: 128 << 10,
-            refusal: b"{error,too_many_connections}\n".to_vec(),
+            framing: Framing::Line,
+            refusal: None,
             shutdown_deadline: Duration::from_secs(5),
             quiet: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The defaults, under another name.
+    pub fn named(name: &str) -> Self {
+        ServerConfig {
+            name: name.to_owned(),
+            ..ServerConfig::default()
+        }
+    }
+
+    /// The bytes a refused connection gets.
+    fn refusal_bytes(&self) -> Vec<u8> {
+        if let Some(refusal) = &self.refusal {
+            return refusal.clone();
+        }
+        let mut out = Vec::new();
+        encode_frame(self.framing, b"{error,too_many_connections}", &mut out)
+            .expect("a short line fits every framing");
+        out
     }
 }
 
@@ -242,23 +307,9 @@ struct Shared {
     /// its connection; `drained` is signalled when the table becomes empty.
     table: Mutex<HashMap<u64, Tracked>>,
     drained: Condvar,
-    /// Connections that have not yet settled (see [`Connection::settle`]), with the time
-    /// they were accepted; `settled` is signalled whenever one leaves.
-    fresh: Mutex<BTreeMap<u64, Instant>>,
-    settled: Condvar,
 }
 
 impl Shared {
-    fn fresh(&self) -> MutexGuard<'_, BTreeMap<u64, Instant>> {
-        self.fresh.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn unfresh(&self, id: u64) {
-        if self.fresh().remove(&id).is_some() {
-            self.settled.notify_all();
-        }
-    }
-
     fn table(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
         // Nothing panics while holding this lock; recover rather than cascade if it did.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -266,6 +317,8 @@ impl Shared {
 }
 
 /// A cloneable handle to a server: statistics and shutdown, from any thread.
+///
+/// Example: [`on_termination`], [`crate::pipeline`].
 #[derive(Clone)]
 pub struct ServerHandle {
     shared: Arc<Shared>,
@@ -297,6 +350,11 @@ impl ServerHandle {
         }
     }
 
+    /// The server's name ([`ServerConfig::name`]).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
     /// Whether shutdown has been requested.
     pub fn is_stopping(&self) -> bool {
         self.shared.stopping.load(Ordering::SeqCst)
@@ -325,7 +383,6 @@ struct Departure {
 
 impl Drop for Departure {
     fn drop(&mut self) {
-        self.shared.unfresh(self.id);
         let mut table = self.shared.table();
         table.remove(&self.id);
         if table.is_empty() {
@@ -334,32 +391,53 @@ impl Drop for Departure {
     }
 }
 
-/// A bound server, ready to [`run`](Server::run) or [`spawn`](Server::spawn).
+/// A bound server, ready to [`run`](Server::run), [`run_until_signal`](Server::run_until_signal)
+/// or [`spawn`](Server::spawn).
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub struct Server {
     listener: TcpListener,
     config: ServerConfig,
+    /// `config`'s refusal, encoded once.
+    refusal: Vec<u8>,
     handler: Arc<dyn Handler>,
     handle: ServerHandle,
 }
 
 impl Server {
-    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]).
+    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]) and serves each
+    /// connection with `handler`, a closure (its argument's type is inferred).
     ///
     /// # Errors
     /// When the address cannot be resolved or bound.
-    pub fn bind(
-        addr: impl ToSocketAddrs,
-        config: ServerConfig,
-        handler: impl Handler,
-    ) -> io::Result<Server> {
-        Server::from_listener(TcpListener::bind(addr)?, config, handler)
+    pub fn bind<F>(addr: impl ToSocketAddrs, config: ServerConfig, handler: F) -> io::Result<Server>
+    where
+        F: Fn(Connection) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        Server::with_handler(TcpListener::bind(addr)?, config, handler)
     }
 
-    /// Serves an already-bound listener.
+    /// Serves an already-bound listener with a closure, as [`Server::bind`].
     ///
     /// # Errors
     /// When the listener's address cannot be read.
-    pub fn from_listener(
+    pub fn from_listener<F>(
+        listener: TcpListener,
+        config: ServerConfig,
+        handler: F,
+    ) -> io::Result<Server>
+    where
+        F: Fn(Connection) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        Server::with_handler(listener, config, handler)
+    }
+
+    /// Serves an already-bound listener with any [`Handler`] (a closure, or a type that
+    /// implements [`Handler::accepted`], such as [`crate::order::Ordered`]).
+    ///
+    /// # Errors
+    /// When the listener's address cannot be read.
+    pub fn with_handler(
         listener: TcpListener,
         config: ServerConfig,
         handler: impl Handler,
@@ -378,11 +456,10 @@ impl Server {
             refused: AtomicU64::new(0),
             table: Mutex::new(HashMap::new()),
             drained: Condvar::new(),
-            fresh: Mutex::new(BTreeMap::new()),
-            settled: Condvar::new(),
         });
         Ok(Server {
             listener,
+            refusal: config.refusal_bytes(),
             config,
             handler: Arc::new(handler),
             handle: ServerHandle { shared, local },
@@ -412,6 +489,17 @@ impl Server {
             handle,
             thread: Some(thread),
         })
+    }
+
+    /// Runs the server on this thread until Ctrl-C or SIGTERM (see [`on_termination`]),
+    /// then shuts it down as [`Server::run`] does.
+    ///
+    /// # Errors
+    /// When the signal handler cannot be installed (one is already, in this process).
+    pub fn run_until_signal(self) -> Result<ServeReport, ctrlc::Error> {
+        let handle = self.handle();
+        on_termination(move || handle.shutdown())?;
+        Ok(self.run())
     }
 
     /// Accepts and serves connections until [`ServerHandle::shutdown`] is called, then
@@ -496,7 +584,6 @@ impl Server {
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
         // Registered before the thread starts, so a thread that ends at once still finds
         // (and removes) its entries.
-        shared.fresh().insert(id, Instant::now());
         shared.table().insert(
             id,
             Tracked {
@@ -509,7 +596,9 @@ impl Server {
             peer,
             id,
             server: self.handle.clone(),
+            idle_timeout: self.config.idle_timeout,
         };
+        self.handler.accepted(&conn);
         let handler = Arc::clone(&self.handler);
         let departure = Departure {
             shared: Arc::clone(shared),
@@ -545,7 +634,7 @@ impl Server {
         );
         // A fresh socket's send buffer is empty, but never let a refusal block accepting.
         let _ = stream.set_nonblocking(true);
-        let _ = stream.write_all(&self.config.refusal);
+        let _ = stream.write_all(&self.refusal);
         let _ = stream.shutdown(Shutdown::Both);
     }
 }
@@ -602,6 +691,22 @@ pub fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
+/// Whether a handler's error is a read timeout: the idle timeout, reached by a handler that
+/// reads the raw stream and returns the error with `?`.
+fn is_idle_end(e: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<io::Error>() {
+            return is_timeout(e);
+        }
+        if let Some(e) = e.downcast_ref::<FrameError>() {
+            return e.is_timeout();
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Errors that concern one incoming connection, not the listener.
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(
@@ -620,6 +725,9 @@ fn serve(handler: Arc<dyn Handler>, conn: Connection, departure: Departure) {
     log_debug!("{name}: connection {id} from {peer}");
     match panic::catch_unwind(AssertUnwindSafe(|| handler.handle(conn))) {
         Ok(Ok(())) => log_debug!("{name}: connection {id} from {peer} closed"),
+        Ok(Err(e)) if is_idle_end(&*e) => {
+            log_debug!("{name}: connection {id} from {peer} idle; closed")
+        }
         Ok(Err(e)) => log_info!("{name}: connection {id} from {peer} ended: {e}"),
         Err(panic) => {
             let what = panic
@@ -634,6 +742,8 @@ fn serve(handler: Arc<dyn Handler>, conn: Connection, departure: Departure) {
 }
 
 /// A server running on its own thread; stops it when dropped.
+///
+/// Example: the [module docs](crate::server), and "Write your own server" in the [crate docs](crate).
 pub struct RunningServer {
     handle: ServerHandle,
     thread: Option<JoinHandle<ServeReport>>,
@@ -679,7 +789,23 @@ impl Drop for RunningServer {
     }
 }
 
-/// Makes Ctrl-C and SIGTERM call `on_signal` (usually [`ServerHandle::shutdown`]).
+/// Makes Ctrl-C and SIGTERM call `on_signal` (usually [`ServerHandle::shutdown`]; for a
+/// single server [`Server::run_until_signal`] does this). Once per process.
+///
+/// ```
+/// use switchboard::server::{on_termination, Server, ServerConfig};
+///
+/// let server = Server::bind("127.0.0.1:0", ServerConfig::default(), |_conn| Ok(()))?;
+/// let handle = server.handle();
+/// on_termination(move || handle.shutdown()).expect("the first handler of the process");
+/// let running = server.spawn()?;
+/// // What a Ctrl-C does:
+/// let me = std::process::id().to_string();
+/// std::process::Command::new("kill").args(["-INT", &me]).status()?;
+/// let report = running.wait(); // returns once the signal has stopped the server
+/// assert_eq!(report.abandoned, 0);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 ///
 /// # Errors
 /// When a handler is already installed or the signal cannot be hooked.

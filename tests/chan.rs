@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{connect, eventually, run_checked, run_python, ChildServer, LineClient, IO_TIMEOUT};
+use common::{
+    connect, eventually, run_checked, run_python, run_with_input, ChildServer, LineClient,
+    IO_TIMEOUT,
+};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -18,6 +21,7 @@ const STORE: &str = env!("CARGO_BIN_EXE_store-server");
 const PINGPONG: &str = env!("CARGO_BIN_EXE_chan-pingpong");
 
 fn node() -> Arc<Node> {
+    common::quiet_logs();
     Node::new(NodeConfig::default())
 }
 
@@ -343,6 +347,59 @@ fn a_channel_holds_at_most_its_byte_budget_of_parsed_messages() {
 }
 
 #[test]
+fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
+    let node = node();
+    let chan = node.chan();
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    let served = chan.clone();
+    let ponger = std::thread::spawn(move || chan::pingpong::pong(&served, &stop));
+    // A black hole: connections complete in the kernel, nothing is ever read or closed,
+    // so each pong to it waits for the node's 10 s I/O timeout.
+    let hole = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_chan = node.remote(localhost(), hole.local_addr().unwrap().port());
+    for n in 0..3 {
+        let ping = Value::tuple(vec![atom("ping"), int(n), Value::from(&hole_chan)]);
+        chan.send(ping).unwrap();
+    }
+    // An honest ping behind them is answered long before any of their timeouts.
+    let reply = node.chan();
+    let ping = Value::tuple(vec![atom("ping"), int(7), Value::from(&reply)]);
+    chan.send(ping).unwrap();
+    let pong = reply
+        .recv_timeout(Duration::from_secs(5))
+        .expect("answered at once");
+    assert_eq!(pong, Value::tuple(vec![atom("pong"), int(7)]));
+    stop_tx.send(()).unwrap();
+    let report = ponger.join().unwrap();
+    assert_eq!((report.answered, report.failed), (1, 3), "{report}");
+    drop(hole);
+}
+
+#[test]
+fn idle_connections_to_a_listener_are_closed_and_free_its_slots() {
+    let node = Node::new(NodeConfig {
+        max_connections: 4,
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    let idle: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+    // Each idle connection is closed by the listener: it reads the end of the stream.
+    for mut c in idle {
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).expect("closed, not timed out on our side");
+        assert_eq!(n, 0, "an idle connection is closed without a word");
+    }
+    // The slots are free again: a writer gets through.
+    let mut w = connect(addr);
+    std::io::Write::write_all(&mut w, b"{remote_msg,through}\n").unwrap();
+    drop(w);
+    assert_eq!(recv(&chan), atom("through"));
+}
+
+#[test]
 fn remote_reads_bring_messages_and_channels_home() {
     let a = node();
     let b = node();
@@ -563,15 +620,95 @@ fn two_pingpong_processes_through_the_registry() {
     // reading it when the exit status is already in.
     // (Its stderr is echoed as `[child] ...` in the test output.)
     eventually("pong's report of 200 answers", || {
-        pong.log_text().contains("answered: 200")
+        pong.log_text().contains(
+            "chan-pingpong: pong rusty stopped; answered 200 ping(s); ignored 0 other \
+             message(s); 0 pong(s) could not be delivered",
+        )
     });
+    // It took its name with it.
+    let mut registry_client = StoreClient::connect(store.addr, Framing::Line).unwrap();
+    assert_eq!(registry_client.lookup(b"rusty").unwrap(), None);
 
-    let miss = std::process::Command::new(PINGPONG)
-        .args(["--registry", &registry, "ping", "nobody", "1"])
-        .output()
-        .unwrap();
+    let mut miss = std::process::Command::new(PINGPONG);
+    miss.args([
+        "--registry",
+        &registry,
+        "ping",
+        "nobody",
+        "1",
+        "--wait",
+        "0.3",
+    ]);
+    let miss = run_with_input(miss, b"");
     assert!(!miss.status.success());
-    assert!(String::from_utf8_lossy(&miss.stderr).contains("no channel registered"));
+    assert!(miss
+        .stderr
+        .contains("nobody is not registered yet; waiting up to 0.3 s"));
+    assert!(miss.stderr.contains("no channel registered"));
+}
+
+#[test]
+fn a_second_pong_refuses_a_name_that_answers_and_takes_one_that_does_not() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let first = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "pp"]);
+    wait_registered(store.addr, "pp");
+    let mut second = std::process::Command::new(PINGPONG);
+    second.args(["--registry", &registry, "pong", "pp"]);
+    let second = run_with_input(second, b"");
+    assert!(!second.status.success());
+    assert!(
+        second
+            .stderr
+            .contains("\"pp\" is registered to a channel at 127.0.0.1:")
+            && second.stderr.contains("that still answers"),
+        "{}",
+        second.stderr
+    );
+    assert!(second.took < std::time::Duration::from_secs(2));
+    // The first one still owns the name.
+    let out = run_checked({
+        let mut cmd = std::process::Command::new(PINGPONG);
+        cmd.args(["--registry", &registry, "ping", "pp", "3"]);
+        cmd
+    });
+    assert!(out.contains("3 passed, 0 failed"), "{out}");
+    // A name left behind by a process that is gone (kill -9 cannot unregister) is taken.
+    let mut first = first;
+    first.kill9();
+    let _third = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "pp"]);
+    let out = run_checked({
+        let mut cmd = std::process::Command::new(PINGPONG);
+        cmd.args(["--registry", &registry, "ping", "pp", "3"]);
+        cmd
+    });
+    assert!(out.contains("3 passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn ping_waits_for_a_name_that_is_registered_late() {
+    use std::io::BufRead;
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let mut ping = std::process::Command::new(PINGPONG)
+        .args(["--registry", &registry, "ping", "late", "2", "--wait", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Pong starts only once ping has said it is waiting (ping gives up after 10 s, so
+    // this read cannot hang the test).
+    let mut stderr = std::io::BufReader::new(ping.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("late is not registered yet; waiting up to 10 s"),
+        "{line}"
+    );
+    let _pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "late"]);
+    let out = ping.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 passed, 0 failed"));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, python, ChildServer, LineClient};
+use common::{eventually, python, run_with_input, ChildServer, LineClient};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -567,6 +567,115 @@ fn the_chat_client_binary_prints_the_seeds_format() {
     expect(
         &mut [&mut alice],
         &[r#"{message,"cli","hello alice"}"#, r#"{leave,"cli"}"#],
+    );
+}
+
+#[test]
+fn the_chat_client_binary_exits_1_when_the_server_closes() {
+    let mut server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_chat-client"))
+        .args(["--addr", &server.addr.to_string(), "--name", "cli"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect(&mut [&mut alice], &[r#"{join,"cli"}"#]);
+    // Its stdin stays open: the close alone must end it.
+    let stdin = cli.stdin.take().unwrap();
+    assert!(server.terminate());
+    let closed = std::time::Instant::now();
+    eventually("chat-client to exit", || cli.try_wait().unwrap().is_some());
+    assert!(closed.elapsed() < std::time::Duration::from_secs(2));
+    drop(stdin);
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .ends_with("[CLOSED] the server closed the connection\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "chat-client: the server closed the connection"
+    );
+}
+
+#[test]
+fn the_chat_client_binary_names_the_address_it_cannot_reach() {
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-client"));
+    cmd.args(["--addr", &addr, "--name", "cli"]);
+    let run = run_with_input(cmd, b"");
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        run.stderr
+            .starts_with(&format!("chat-client: cannot connect to {addr}: ")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.took < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn the_python_client_exits_with_the_reason_when_its_name_is_taken() {
+    let server = start(&[]);
+    let _alice = join(server.addr, "alice");
+    let addr = server.addr.to_string();
+    let run = run_with_input(
+        python("chat_client.py", &["--addr", &addr, "--name", "alice"]),
+        b"hello\n",
+    );
+    assert_eq!(run.status.code(), Some(1), "{}", run.stdout);
+    assert_eq!(
+        run.stderr.trim(),
+        "chat_client.py: the server refused to admit alice: name_taken"
+    );
+    assert!(!run.stdout.contains("not_joined"), "{}", run.stdout);
+    // A free name joins, and its own join is printed as the seed's client prints it.
+    let run = run_with_input(
+        python("chat_client.py", &["--addr", &addr, "--name", "bob"]),
+        b"hi\n",
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("[JOIN] bob joined the chat\n"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn the_python_client_exits_1_when_the_server_closes() {
+    let mut server = start(&[]);
+    let mut alice = join(server.addr, "alice");
+    let mut py = python(
+        "chat_client.py",
+        &["--addr", &server.addr.to_string(), "--name", "py"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    expect(&mut [&mut alice], &[r#"{join,"py"}"#]);
+    // Its stdin stays open: the close alone must end it.
+    let stdin = py.stdin.take().unwrap();
+    assert!(server.terminate());
+    let closed = std::time::Instant::now();
+    eventually("chat_client.py to exit", || {
+        py.try_wait().unwrap().is_some()
+    });
+    assert!(closed.elapsed() < std::time::Duration::from_secs(2));
+    drop(stdin);
+    let out = py.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .ends_with("[CLOSED] the server closed the connection\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "chat_client.py: the server closed the connection"
     );
 }
 

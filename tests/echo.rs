@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{connect, python, run_python, ChildServer};
+use common::{connect, python, run_python, run_with_input, ChildServer};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,9 +34,11 @@ fn start_echo(framing: Framing, mode: &str, transform: &str, extra: &[&str]) -> 
 fn python_client(server: &ChildServer, framing: Framing, transform: &str, messages: &[&str]) {
     let port = server.addr.port().to_string();
     let mut args = vec!["--port", &port, "--framing", framing.name(), "--count", "3"];
-    if transform == "upper" {
-        args.push("--expect-upper");
-    }
+    args.push(if transform == "upper" {
+        "--expect-upper"
+    } else {
+        "--check"
+    });
     if framing != Framing::Line {
         // Newlines, NUL, 0xff, the empty payload, 64-70 KiB payloads.
         args.push("--binary");
@@ -64,6 +66,19 @@ fn python_client_against_threaded_mode_in_every_framing_and_transform() {
 #[test]
 fn python_client_against_pipeline_mode_in_every_framing_and_transform() {
     python_client_in_every_framing_and_transform("pipeline");
+}
+
+#[test]
+fn the_python_client_prints_replies_unless_asked_to_check_them() {
+    let server = start_echo(Framing::Ascii10, "threaded", "upper", &[]);
+    let addr = server.addr.to_string();
+    let out = run_python("echo_client.py", &["--addr", &addr, "hello", "straße"]);
+    assert_eq!(out, "Received > HELLO\nReceived > STRASSE\n");
+    let checked = python("echo_client.py", &["--addr", &addr, "--check", "hello"])
+        .output()
+        .unwrap();
+    assert_eq!(checked.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("0 passed, 1 failed"));
 }
 
 #[test]
@@ -140,6 +155,27 @@ fn rust_client_against_the_python_pipeline_server() {
         let out = rust_client(server.addr, framing, "last");
         assert_eq!(out, "Received > LAST\n", "{framing}");
     }
+}
+
+#[test]
+fn rust_client_with_the_wrong_framing_names_it_instead_of_an_os_error() {
+    let server = start_echo(Framing::Line, "threaded", "none", &[]);
+    let addr = server.addr.to_string();
+    let mut cmd = Command::new(ECHO_CLIENT);
+    cmd.args(["--addr", &addr, "--framing", "ascii10", "--timeout", "1"]);
+    let run = run_with_input(cmd, b"hello\n");
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim(),
+        format!(
+            "echo-client: no reply within 1 s from {addr}; is the server using --framing ascii10?"
+        )
+    );
+    assert!(
+        run.took < std::time::Duration::from_secs(3),
+        "{:?}",
+        run.took
+    );
 }
 
 #[test]

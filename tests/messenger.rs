@@ -779,6 +779,35 @@ fn the_interactive_client_prints_incoming_messages_and_answers_commands() {
 }
 
 #[test]
+fn the_interactive_client_says_at_once_which_servers_refuse() {
+    let down: Vec<String> = (0..2)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let mut cmd = std::process::Command::new(CLIENT);
+    cmd.args(["--servers", &down.join(",")]);
+    let run = common::run_with_input(cmd, b"login ann\n");
+    assert!(run.status.success(), "{}", run.stderr);
+    let first = run.stdout.lines().next().unwrap_or("");
+    assert_eq!(
+        first,
+        format!(
+            "servers: {} refused; {} refused; none is running, so commands will fail until one starts",
+            down[0], down[1]
+        )
+    );
+    let want = format!(
+        "error: no server accepts connections (tried {}, {})",
+        down[0], down[1]
+    );
+    assert!(run.stdout.contains(&want), "{}", run.stdout);
+    // One second of refusals, then the end of input exits without trying again.
+    assert!(run.took < Duration::from_secs(3), "{:?}", run.took);
+}
+
+#[test]
 fn help_and_bad_arguments() {
     for bin in [SERVER, CLIENT, env!("CARGO_BIN_EXE_messenger-bench")] {
         let out = std::process::Command::new(bin)
@@ -793,14 +822,19 @@ fn help_and_bad_arguments() {
             "--id",
             "3",
             "--peers",
-            "127.0.0.1:1",
+            "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3",
             "--data-dir",
             "/tmp/x",
         ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--id 3"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--id 3 is out of range: --peers names 3 servers, ids 0 to 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = std::process::Command::new(SERVER)
         .args(["--id", "0", "--peers", "nonsense", "--data-dir", "/tmp/x"])
         .output()

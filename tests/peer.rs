@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{eventually, LineClient, IO_TIMEOUT};
+use common::{eventually, run_with_input, LineClient, IO_TIMEOUT};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -15,6 +15,29 @@ use switchboard::peer::node::RETRANSMIT;
 use switchboard::peer::protocol::{MAX_LINE, MAX_MEMBERS, MAX_TEXT};
 
 const PEER: &str = env!("CARGO_BIN_EXE_chat-peer");
+
+#[test]
+fn a_via_where_nothing_listens_fails_at_once_naming_it() {
+    let via = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut cmd = Command::new(PEER);
+    cmd.args(["--listen", "127.0.0.1:0", "--name", "a", "--via", &via]);
+    let run = run_with_input(cmd, b"");
+    assert!(!run.status.success());
+    assert!(
+        run.stderr
+            .contains(&format!("chat-peer: cannot reach --via {via}: ")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.took < std::time::Duration::from_secs(2),
+        "{:?}",
+        run.took
+    );
+}
 
 /// One `chat-peer` process: stdin to type into, stdout lines collected by a thread, stderr
 /// echoed and kept. Killed when dropped.

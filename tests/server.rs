@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use switchboard::framing::{encode_frame, Framing, Limits};
 use switchboard::server::{Server, ServerConfig};
 
 #[test]
@@ -75,6 +76,56 @@ fn an_idle_connection_is_closed_after_the_timeout() {
 }
 
 #[test]
+fn a_handler_reading_through_the_connection_sees_the_idle_timeout_as_a_clean_end() {
+    let (seen_tx, seen) = std::sync::mpsc::channel();
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(100)),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind("127.0.0.1:0", config, move |conn| {
+        let mut reader = conn.reader(Framing::Line, Limits::default());
+        let mut lines = 0;
+        let end = loop {
+            match reader.read_frame() {
+                Ok(Some(_)) => lines += 1,
+                other => break other.map(|_| lines).map_err(|e| e.to_string()),
+            }
+        };
+        seen_tx.send(end).unwrap();
+        Ok(())
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let mut idle = LineClient::connect(server.local_addr());
+    idle.send(b"one\ntwo\n");
+    // Ok(None) after the two lines, not an EAGAIN error.
+    let end = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(end, Ok(2));
+    idle.expect_closed();
+    server.stop();
+}
+
+#[test]
+fn a_size_prefixed_server_refuses_in_its_own_framing_by_default() {
+    let config = ServerConfig {
+        framing: Framing::U32,
+        max_connections: 1,
+        ..ServerConfig::default()
+    };
+    let server = start_echo(config);
+    let mut first = LineClient::connect(server.local_addr());
+    assert_eq!(first.ask("held\n"), "held");
+    let mut refused = connect(server.local_addr());
+    let mut got = Vec::new();
+    refused.read_to_end(&mut got).unwrap();
+    let mut expected = Vec::new();
+    encode_frame(Framing::U32, b"{error,too_many_connections}", &mut expected).unwrap();
+    assert_eq!(got, expected);
+    assert_eq!(server.stop().stats.refused, 1);
+}
+
+#[test]
 fn a_failing_or_panicking_handler_ends_its_own_connection_only() {
     let server = start_echo(ServerConfig::named("faulty"));
     let addr = server.local_addr();
@@ -135,6 +186,7 @@ fn shutdown_is_not_held_up_by_clients_that_never_read_or_stall_mid_frame() {
 
 #[test]
 fn shutdown_through_a_clone_of_the_handle_stops_run() {
+    common::quiet_logs();
     let server = Server::bind("127.0.0.1:0", ServerConfig::named("handle"), echo).unwrap();
     let handle = server.handle();
     let addr = server.local_addr();

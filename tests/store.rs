@@ -4,10 +4,15 @@
 
 mod common;
 
-use common::{connect, python, run_checked, run_python, ChildServer, LineClient};
+use common::{
+    connect, python, run_checked, run_python, run_with_input, ChildServer, Finished, LineClient,
+};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use switchboard::framing::{encode_frame, FrameReader, Framing};
 use switchboard::store::client::StoreClient;
 
@@ -111,6 +116,27 @@ fn one_shot_clients_as_the_erlang_course_wrote_them() {
         &["--port", &p, "--oneshot", "lookup", "py"],
     );
     assert_eq!(out.trim(), "{just,x,y}");
+}
+
+#[test]
+fn silent_connections_opened_before_one_shot_clients_do_not_disturb_their_order() {
+    let server = start(&[]);
+    // Connected and never a byte sent: they hold nobody back, and order still holds.
+    let silent: Vec<_> = (0..5).map(|_| connect(server.addr)).collect();
+    for i in 0..50 {
+        let mut s = connect(server.addr);
+        s.write_all(format!("store,quiet,{i}\n").as_bytes())
+            .unwrap();
+        drop(s);
+        let mut l = LineClient::connect(server.addr);
+        assert_eq!(l.ask("lookup,quiet\n"), format!("{{just,{i}}}"));
+    }
+    // A silent connection that speaks at last is served like any other.
+    let mut late = &silent[2];
+    late.write_all(b"lookup,quiet\n").unwrap();
+    let mut reply = [0u8; 10];
+    late.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"{just,49}\n");
 }
 
 #[test]
@@ -451,11 +477,15 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
     let flags = ["--aof", path, "--aof-rewrite-min", "16k"];
     let mut server = start(&flags);
     let addr = server.addr;
-    // 8 connections, each over 10 keys of its own: 150 rounds of stores and deletes, each
-    // round closed by a lookup that proves the round applied and logged. About 300 KB of
-    // records over 2 KB of live data: rewrites run again and again while writes go on.
+    // 8 connections, each over 10 keys of its own: rounds of stores and deletes, each
+    // round closed by a lookup that proves the round applied and logged. 150 rounds are
+    // about 300 KB of records over 2 KB of live data, so rewrites run again and again while
+    // writes go on; the writers go on past that until two rewrites have finished (a loaded
+    // machine may take longer over them), within a cap.
+    let enough = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..8)
         .map(|t| {
+            let enough = Arc::clone(&enough);
             std::thread::spawn(move || {
                 let mut c = LineClient::connect(addr);
                 let mut want: HashMap<String, String> = HashMap::new();
@@ -463,7 +493,10 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
                     Some(v) => format!("{{just,{v}}}"),
                     None => "nothing".to_string(),
                 };
-                for round in 0..150 {
+                for round in 0..5_000 {
+                    if round >= 150 && enough.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let (mut batch, mut replies) = (String::new(), Vec::new());
                     for k in 0..10 {
                         let key = format!("w{t}k{k}");
@@ -495,6 +528,11 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
             })
         })
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log_text().matches("rewritten: ").count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    enough.store(true, Ordering::Relaxed);
     let want: Vec<(String, String)> = writers
         .into_iter()
         .flat_map(|w| w.join().unwrap())
@@ -674,4 +712,115 @@ fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
         out.contains(" MiB held; new client connect+lookup median "),
         "{out}"
     );
+}
+
+/// Runs `store-client --addr ADDR ARGS...` with `input` on stdin.
+fn client(addr: &str, args: &[&str], input: &[u8]) -> Finished {
+    let mut cmd = std::process::Command::new(CLIENT);
+    cmd.args(["--addr", addr]).args(args);
+    run_with_input(cmd, input)
+}
+
+#[test]
+fn the_store_client_names_the_framing_when_no_reply_comes() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(
+        &addr,
+        &["--framing", "ascii10", "--timeout", "0.5", "lookup", "k"],
+        b"",
+    );
+    assert!(!run.status.success());
+    assert_eq!(
+        run.stderr.trim(),
+        format!("store-client: no reply within 0.5 s from {addr}; is the server using --framing ascii10?")
+    );
+    assert!(
+        run.took < std::time::Duration::from_secs(2),
+        "{:?}",
+        run.took
+    );
+    let run = client(&addr, &["--timeout", "0", "stats"], b"");
+    assert!(!run.status.success());
+    assert!(
+        run.stderr.contains("--timeout") && run.stderr.contains("more than 0"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_store_client_takes_arguments_as_given_and_refuses_mistakes_locally() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(&addr, &["store", "a b", "v"], b"");
+    assert!(run.status.success(), "{}", run.stderr);
+    let run = client(&addr, &["lookup", "a b"], b"");
+    assert_eq!(run.stdout.trim(), "{just,v}");
+    // The server never saw key `a` (the old client sent `store,a,b v`).
+    let run = client(&addr, &["lookup", "a"], b"");
+    assert_eq!(run.stdout.trim(), "nothing");
+    let run = client(&addr, &["store", "a,b", "v"], b"");
+    assert!(!run.status.success());
+    assert!(
+        run.stderr
+            .starts_with("store-client: the key \"a,b\" contains a comma"),
+        "{}",
+        run.stderr
+    );
+    let run = client(&addr, &["store", "k"], b"");
+    assert!(!run.status.success());
+    assert_eq!(run.stderr.trim(), "store-client: usage: store KEY VALUE");
+    // `help` is answered without a server.
+    let run = client("127.0.0.1:1", &["help"], b"");
+    assert!(run.status.success() && run.stdout.contains("lookup KEY"));
+    // An `{error,...}` reply is printed, and the exit status says so.
+    let run = client(&addr, &["bogus"], b"");
+    assert_eq!(run.stdout.trim(), "{error,unknown_verb}");
+    assert_eq!(run.status.code(), Some(1));
+}
+
+#[test]
+fn the_store_client_prompt_understands_quotes_and_help() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(
+        &addr,
+        &[],
+        b"store \"quoted key\" x y\nlookup 'quoted key'\nlookup \"quoted\nstore\nstore a,b v\nhelp\nstats\n",
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let text = run.stdout.replace(&format!("{addr}> "), "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "{just,x y}", "{text}");
+    assert_eq!(lines[1], "a quote is not closed", "{text}");
+    assert_eq!(lines[2], "usage: store KEY VALUE", "{text}");
+    assert!(lines[3].contains("comma"), "{text}");
+    assert_eq!(lines[4], "commands:", "{text}");
+    // `help` never reached the server: its error counter is still 0.
+    let stats = lines.last().unwrap();
+    assert!(stats.contains("{error,0}"), "{stats}");
+}
+
+#[test]
+fn idle_timeout_takes_fractions_on_every_server_that_has_it() {
+    for server in [
+        SERVER,
+        env!("CARGO_BIN_EXE_echo-server"),
+        env!("CARGO_BIN_EXE_chat-server"),
+    ] {
+        let s = ChildServer::start(
+            server,
+            &["--listen", "127.0.0.1:0", "--idle-timeout", "0.3"],
+        );
+        let mut idle = connect(s.addr);
+        let started = std::time::Instant::now();
+        // Whatever it says on the way out, the connection ends (end of stream or a reset).
+        let _ = idle.read_to_end(&mut Vec::new());
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{server}: {took:?}"
+        );
+    }
 }

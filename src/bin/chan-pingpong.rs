@@ -2,7 +2,9 @@
 
 use argh::FromArgs;
 use std::process::ExitCode;
+use std::time::Duration;
 use switchboard::chan::{pingpong, Host, Node, NodeConfig};
+use switchboard::cli::seconds;
 use switchboard::{log_info, server, store};
 
 /// Ping-pong between two processes over remote channels, found through the store server.
@@ -25,8 +27,9 @@ enum Role {
     Ping(Ping),
 }
 
-/// Register a channel as NAME and answer every ping (the tuple ping, N, reply channel)
-/// with the tuple pong, N.
+/// Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N} on
+/// ReplyChan. Refuses a NAME whose registered channel still answers; unregisters it on
+/// exit (Ctrl-C too).
 #[derive(FromArgs)]
 #[argh(subcommand, name = "pong")]
 struct Pong {
@@ -35,7 +38,9 @@ struct Pong {
     name: String,
 }
 
-/// Look NAME up, send COUNT pings, check the pongs, print round-trip percentiles.
+/// Look NAME up (retrying for --wait seconds while it is not registered yet), send COUNT
+/// {ping,N,ReplyChan} messages one at a time, check each {pong,N}, print round-trip
+/// percentiles.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "ping")]
 struct Ping {
@@ -45,6 +50,9 @@ struct Ping {
     /// how many pings
     #[argh(positional)]
     count: usize,
+    /// seconds to keep looking NAME up while it is not registered (default 3)
+    #[argh(option, default = "pingpong::LOOKUP_WAIT", from_str_fn(seconds))]
+    wait: Duration,
 }
 
 fn main() -> ExitCode {
@@ -64,17 +72,17 @@ fn main() -> ExitCode {
         })
         .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))
         .and_then(|()| {
-            pingpong::run_pong(&node, &args.registry, &pong.name, &stopped)
+            pingpong::run_pong(&node, args.registry.as_str(), &pong.name, &stopped)
                 .map_err(|e| format!("pong {}: {e}", pong.name))
         })
-        .map(|report| log_info!("chan-pingpong: stopped; {report:?}")),
-        Role::Ping(ping) => pingpong::run_ping(&node, &args.registry, &ping.name, ping.count)
-            .map_err(|e| format!("ping {}: {e}", ping.name))
+        .map(|report| log_info!("chan-pingpong: pong {} stopped; {report}", pong.name)),
+        Role::Ping(p) => pingpong::run_ping(&node, &*args.registry, &p.name, p.count, p.wait)
+            .map_err(|e| format!("ping {}: {e}", p.name))
             .and_then(|report| {
-                println!("ping {}: {report}", ping.name);
+                println!("ping {}: {report}", p.name);
                 (report.failed == 0)
                     .then_some(())
-                    .ok_or_else(|| "pings failed".into())
+                    .ok_or("pings failed".into())
             }),
     };
     node.shutdown();

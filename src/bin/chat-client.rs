@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use switchboard::chat::{self, client};
 
 /// Chat from the terminal: every line typed is sent; `exit` (or end of input) leaves.
+/// Exits 1 when the server closes the connection.
 #[derive(FromArgs)]
 struct Args {
     /// server address (default 127.0.0.1:65003)
@@ -19,7 +20,12 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
-    match client::run_console(&args.addr, &args.name, io::stdin().lock(), io::stdout()) {
+    match client::run_console(
+        &args.addr,
+        &args.name,
+        io::BufReader::new(io::stdin()),
+        io::stdout(),
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chat-client: {e}");

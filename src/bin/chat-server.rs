@@ -24,9 +24,9 @@ struct Args {
     /// refuse connections beyond this many live ones (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
-    /// close a client connection idle for this many seconds (default: never)
-    #[argh(option)]
-    idle_timeout: Option<u64>,
+    /// close a client connection idle for this many seconds, fractions allowed (default: never)
+    #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
+    idle_timeout: Option<Duration>,
     /// lines a client may fall behind before it is disconnected (default 4096)
     #[argh(option, default = "4096")]
     outbox: usize,
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         ..ChatConfig::default()
     };
     config.server.max_connections = args.max_connections;
-    config.server.idle_timeout = args.idle_timeout.map(Duration::from_secs);
+    config.server.idle_timeout = args.idle_timeout;
     let server = match ChatServer::bind(&args.listen, config) {
         Ok(server) => server,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),

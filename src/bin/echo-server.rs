@@ -37,9 +37,9 @@ struct Args {
     /// live connections beyond which new ones are refused (default 10000)
     #[argh(option, default = "10_000", from_str_fn(at_least_one))]
     max_connections: usize,
-    /// close a connection that sends nothing for this many seconds (default: never)
-    #[argh(option, from_str_fn(at_least_one))]
-    idle_timeout: Option<usize>,
+    /// close a connection that sends nothing for this many seconds, fractions allowed (default: never)
+    #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
+    idle_timeout: Option<Duration>,
     /// log every connection and disconnection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     switchboard::log::set_verbose(args.verbose);
     let mut server = ServerConfig::named("echo");
     server.max_connections = args.max_connections;
-    server.idle_timeout = args.idle_timeout.map(|s| Duration::from_secs(s as u64));
+    server.idle_timeout = args.idle_timeout;
     let echo = EchoConfig {
         framing: args.framing,
         mode: args.mode,

@@ -53,6 +53,13 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&format!("--peers: {e}")),
     };
+    if id >= peers.len() {
+        let n = peers.len();
+        return fail(&format!(
+            "--id {id} is out of range: --peers names {n} servers, ids 0 to {}",
+            n - 1
+        ));
+    }
     let options = Options {
         fsync: !args.no_fsync,
         compact_after: args.compact_after,

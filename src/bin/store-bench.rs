@@ -48,6 +48,10 @@ struct Args {
     /// (with --server-pid) and a new client's response time
     #[argh(option)]
     idle: Option<usize>,
+    /// instead of a load: open this many silent connections (connected, never a byte), one
+    /// every 5 ms, and report new clients' connect+lookup time meanwhile
+    #[argh(option)]
+    silent: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -73,11 +77,14 @@ fn main() -> ExitCode {
         framing: a.framing,
         server_pid: a.server_pid,
     };
-    let run = match a.idle {
-        Some(n) => bench::preload(&cfg)
+    let run = match (a.idle, a.silent) {
+        (Some(n), _) => bench::preload(&cfg)
             .and_then(|()| bench::hold_idle(&cfg, n))
             .map(|r| r.to_string()),
-        None => bench::preload(&cfg)
+        (None, Some(n)) => bench::preload(&cfg)
+            .and_then(|()| bench::amid_silence(&cfg, n))
+            .map(|r| r.to_string()),
+        (None, None) => bench::preload(&cfg)
             .and_then(|()| {
                 bench::run(&cfg, |t, rate| {
                     eprintln!("[{:5.1}s] {rate:.0} ops/s", t.as_secs_f64())

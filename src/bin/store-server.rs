@@ -2,11 +2,12 @@
 //! course's Python and Erlang store servers.
 
 use argh::FromArgs;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::framing::Framing;
-use switchboard::server::{on_termination, Server, ServerConfig};
+use switchboard::server::{Server, ServerConfig};
 use switchboard::store::aof::{self, ByteSize, Fsync};
 use switchboard::store::{self, StoreOptions, StoreService};
 use switchboard::{framing, log_info};
@@ -23,9 +24,9 @@ struct Args {
     /// refuse connections beyond this many live ones (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
-    /// close a connection idle for this many seconds (default: never)
-    #[argh(option)]
-    idle_timeout: Option<u64>,
+    /// close a connection idle for this many seconds, fractions allowed (default: never)
+    #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
+    idle_timeout: Option<Duration>,
     /// append every write to this file and replay it at start
     #[argh(option)]
     aof: Option<PathBuf>,
@@ -81,18 +82,17 @@ fn main() -> ExitCode {
     }
     let mut config = ServerConfig::named("store");
     config.max_connections = args.max_connections;
-    config.idle_timeout = args.idle_timeout.map(Duration::from_secs);
-    config.refusal = store::refusal(args.framing);
-    let svc = service.clone();
-    let server = match Server::bind(&args.listen, config, move |conn| svc.serve(conn)) {
+    config.idle_timeout = args.idle_timeout;
+    config.framing = args.framing;
+    let bound = TcpListener::bind(&args.listen)
+        .and_then(|listener| Server::with_handler(listener, config, service.handler()));
+    let server = match bound {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
     };
-    let handle = server.handle();
-    if let Err(e) = on_termination(move || handle.shutdown()) {
+    if let Err(e) = server.run_until_signal() {
         return fail(&format!("cannot install the Ctrl-C handler: {e}"));
     }
-    server.run();
     match service.close() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("final append-only file sync failed: {e}")),

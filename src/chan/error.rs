@@ -48,6 +48,14 @@ pub enum ChanError {
     },
     /// A name the store protocol cannot carry (empty, or with a `,` or a line break).
     BadName(String),
+    /// The name is registered to a channel whose port still accepts connections: taking
+    /// it over would steal it from a live process.
+    NameTaken {
+        /// The name.
+        name: String,
+        /// `HOST:PORT` of the channel that answers.
+        addr: String,
+    },
 }
 
 impl fmt::Display for ChanError {
@@ -69,6 +77,11 @@ impl fmt::Display for ChanError {
                 write!(f, "{name:?} is registered as {value:?}, not a channel")
             }
             ChanError::BadName(name) => write!(f, "{name:?} cannot be a registry name"),
+            ChanError::NameTaken { name, addr } => write!(
+                f,
+                "{name:?} is registered to a channel at {addr} that still answers; \
+                 stop that process or pick another name"
+            ),
         }
     }
 }

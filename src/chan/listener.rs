@@ -5,12 +5,15 @@
 use super::channel::Delivery;
 use super::protocol::{self, Request, RequestError};
 use super::{LocalChan, Node, NodeConfig, Value};
-use crate::framing::{self, FrameReader, Framing};
-use crate::server::{is_disconnect, Connection, HandlerError};
+use crate::framing::{FrameError, Framing};
+use crate::order::Arrivals;
+use crate::request::{self, Replies, RequestLoop};
+use crate::server::{Connection, Handler, HandlerError};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use std::collections::BTreeSet;
-use std::io::{self, Write};
+use std::io;
+use std::ops::ControlFlow;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,8 @@ pub(crate) struct Listener {
     chan: Weak<LocalChan>,
     node: Weak<Node>,
     intake: Intake,
-    line_limits: framing::Limits,
+    arrivals: Arrivals,
+    requests: RequestLoop,
     term_limits: crate::term::Limits,
     io_timeout: Duration,
 }
@@ -37,85 +41,36 @@ impl Listener {
         node: Weak<Node>,
         config: &NodeConfig,
     ) -> Listener {
+        let arrivals = Arrivals::new();
         Listener {
             name: name.to_owned(),
             chan,
             node,
             intake: Intake::default(),
-            line_limits: config.line_limits,
+            arrivals: arrivals.clone(),
+            requests: RequestLoop::new(Framing::Line)
+                .limits(config.line_limits)
+                .in_order(&arrivals),
             term_limits: config.term_limits,
             io_timeout: config.io_timeout,
         }
     }
 
+    /// The server's handler: serves each connection in arrival order across connections.
+    pub(crate) fn handler(self) -> impl Handler {
+        let arrivals = self.arrivals.clone();
+        arrivals.handler(move |conn| self.serve(&conn))
+    }
+
     /// Serves one connection until it closes: any number of lines, in order.
-    pub(crate) fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
-        let mut stream = &*conn.stream;
+    fn serve(&self, conn: &Connection) -> Result<(), HandlerError> {
         // A reader that stops reading cannot hold this thread for longer than this.
-        stream.set_write_timeout(Some(self.io_timeout))?;
-        let mut reader = FrameReader::with_limits(stream, Framing::Line, self.line_limits);
-        let mut out = Vec::new();
-        let mut first = true;
-        loop {
-            // One-shot writers (the course's) use a connection per message: what an
-            // earlier connection carries goes into the channel first.
-            if !conn.fill_in_order(&mut reader, first)? {
-                return Ok(());
-            }
-            let mut turn = None;
-            let fatal = loop {
-                let request = match reader.next_buffered() {
-                    Ok(Some(line)) => protocol::parse_request(line, &self.term_limits),
-                    Ok(None) => break None,
-                    Err(e) if e.is_recoverable() => Err(RequestError::TooLong),
-                    Err(e) => break Some(e),
-                };
-                match request {
-                    Ok(Request::Msg(msg)) => {
-                        if turn.is_none() {
-                            turn = self.intake.enter(&conn);
-                        }
-                        if turn.is_none() || !self.push(msg, &conn) {
-                            return Ok(()); // stopping
-                        }
-                    }
-                    Ok(Request::Read { timeout }) => {
-                        // Writers must get their turn while this reader waits.
-                        turn = None;
-                        conn.settle();
-                        if !send(&mut stream, &mut out)? {
-                            return Ok(());
-                        }
-                        if !self.answer_read(timeout, &conn, &mut out) {
-                            return Ok(());
-                        }
-                        if !send(&mut stream, &mut out)? {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        log_info!(
-                            "{}: connection {} from {}: {e}",
-                            self.name,
-                            conn.id,
-                            conn.peer
-                        );
-                        protocol::write_error(e.reason(), &mut out);
-                    }
-                }
-            };
-            drop(turn);
-            if first {
-                conn.settle();
-                first = false;
-            }
-            if !send(&mut stream, &mut out)? {
-                return Ok(());
-            }
-            if let Some(e) = fatal {
-                return Err(e.into());
-            }
-        }
+        conn.stream.set_write_timeout(Some(self.io_timeout))?;
+        let mut session = Session {
+            listener: self,
+            turn: None,
+        };
+        self.requests.serve_session(conn, &mut session)
     }
 
     /// Writes a message into the channel, waiting while the queue is full or its byte
@@ -192,17 +147,83 @@ impl Listener {
     }
 }
 
-/// Writes and clears `out`; `Ok(false)` when the peer has gone away.
-fn send(stream: &mut &std::net::TcpStream, out: &mut Vec<u8>) -> io::Result<bool> {
-    if out.is_empty() {
-        return Ok(true);
+/// One connection of a listener, for the [`RequestLoop`].
+struct Session<'l> {
+    listener: &'l Listener,
+    /// The right to push into the channel, taken at this batch's first message.
+    turn: Option<Turn<'l>>,
+}
+
+impl request::Session for Session<'_> {
+    fn request(
+        &mut self,
+        conn: &Connection,
+        line: &[u8],
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        let listener = self.listener;
+        let request = protocol::parse_request(line, &listener.term_limits);
+        self.answer(conn, request, out)
     }
-    let result = stream.write_all(out);
-    out.clear();
-    match result {
-        Ok(()) => Ok(true),
-        Err(e) if is_disconnect(&e) => Ok(false),
-        Err(e) => Err(e),
+
+    fn too_long(
+        &mut self,
+        conn: &Connection,
+        _error: &FrameError,
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        self.answer(conn, Err(RequestError::TooLong), out)
+    }
+
+    fn batch_done(
+        &mut self,
+        _conn: &Connection,
+        _out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        self.turn = None;
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+impl Session<'_> {
+    fn answer(
+        &mut self,
+        conn: &Connection,
+        request: Result<Request, RequestError>,
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        let listener = self.listener;
+        match request {
+            Ok(Request::Msg(msg)) => {
+                if self.turn.is_none() {
+                    self.turn = listener.intake.enter(conn, &listener.arrivals);
+                }
+                if self.turn.is_none() || !listener.push(msg, conn) {
+                    return Ok(ControlFlow::Break(())); // stopping
+                }
+            }
+            Ok(Request::Read { timeout }) => {
+                // Writers must get their turn while this reader waits.
+                self.turn = None;
+                listener.arrivals.settle(conn);
+                if !out.flush()? || !listener.answer_read(timeout, conn, out.buffer()) {
+                    return Ok(ControlFlow::Break(()));
+                }
+                if !out.flush()? {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Err(e) => {
+                log_info!(
+                    "{}: connection {} from {}: {e}",
+                    listener.name,
+                    conn.id,
+                    conn.peer
+                );
+                protocol::write_error(e.reason(), out.buffer());
+            }
+        }
+        Ok(ControlFlow::Continue(()))
     }
 }
 
@@ -222,9 +243,9 @@ fn peer_closed(conn: &Connection) -> bool {
 
 /// Hands the channel to one connection at a time, in accept order.
 ///
-/// The framework's [`Connection::wait_for_earlier`] orders connections that settle
-/// promptly. A writer blocked on a full queue has not settled, and after the settle window
-/// a younger connection would overtake it. So a connection with messages enters the intake
+/// The framework's [`crate::order`] orders connections that settle promptly. A writer
+/// blocked on a full queue has not settled, and after [`crate::order::MAX_WAIT`] a younger
+/// connection would overtake it. So a connection with messages enters the intake
 /// (by its id, which grows in accept order) *before* it settles, and pushes only when it
 /// is the oldest one waiting: order holds even under backpressure.
 #[derive(Default)]
@@ -251,10 +272,10 @@ impl Intake {
     }
 
     /// Waits for `conn`'s turn; `None` when the server is stopping.
-    fn enter(&self, conn: &Connection) -> Option<Turn<'_>> {
+    fn enter(&self, conn: &Connection, arrivals: &Arrivals) -> Option<Turn<'_>> {
         let mut state = self.state();
         state.waiting.insert(conn.id);
-        conn.settle();
+        arrivals.settle(conn);
         loop {
             if state.holder.is_none() && state.waiting.first() == Some(&conn.id) {
                 state.holder = Some(conn.id);

@@ -41,6 +41,11 @@ pub struct NodeConfig {
     pub io_timeout: Duration,
     /// Connections one listener serves at once; beyond, newcomers are refused.
     pub max_connections: usize,
+    /// A listener's connection that sends nothing for this long is closed. Writers send
+    /// their line at once and readers their request; without it, connections that say
+    /// nothing would hold the listener's connection slots for good (a remote reader
+    /// waiting for its message is not idle: the listener is answering it).
+    pub idle_timeout: Option<Duration>,
     /// Longest line a listener (or a remote read) accepts.
     pub line_limits: framing::Limits,
     /// Bounds on parsing the term in a line.
@@ -49,7 +54,7 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     /// Advertises 127.0.0.1; 1024 messages and 16 MiB per channel; 5 s to connect, 10 s
-    /// for I/O.
+    /// for I/O; listeners close connections idle for 10 s.
     fn default() -> Self {
         NodeConfig {
             advertise: Ipv4Addr::LOCALHOST.into(),
@@ -58,6 +63,7 @@ impl Default for NodeConfig {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            idle_timeout: Some(Duration::from_secs(10)),
             line_limits: framing::Limits::default(),
             term_limits: term::Limits::default(),
         }
@@ -217,11 +223,12 @@ impl Node {
         let handler = Listener::new(&name, Arc::downgrade(local), self.me.clone(), &self.config);
         let mut config = ServerConfig::named(&name);
         config.max_connections = self.config.max_connections;
+        config.idle_timeout = self.config.idle_timeout;
         // A node exports channels by the hundred (every reply channel); their listeners'
         // start and stop are routine, logged in verbose mode only.
         config.quiet = true;
-        let server = Server::from_listener(listener, config, move |conn| handler.serve(conn))
-            .map_err(ChanError::Listen)?;
+        let server =
+            Server::with_handler(listener, config, handler.handler()).map_err(ChanError::Listen)?;
         let handle = server.handle();
         let thread = thread::Builder::new()
             .name(format!("{name}-accept"))

@@ -6,8 +6,16 @@ use super::{Chan, ChanError, Node, Value};
 use crate::log_info;
 use crossbeam_channel::{select, Receiver};
 use std::fmt;
-use std::net::ToSocketAddrs;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+/// How long `pong` gives the channel already registered under its name to accept a
+/// connection before taking the name over.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `chan-pingpong ping` keeps looking a name up while it is not registered.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(3);
+/// How often `ping` looks a name up again while waiting for it.
+const LOOKUP_RETRY: Duration = Duration::from_millis(100);
 
 /// What `pong` did before it was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,58 +29,135 @@ pub struct PongReport {
 }
 
 /// `chan-pingpong pong NAME`: registers a new channel of `node` as `name` in the store
-/// server at `registry`, logs `listening on HOST:PORT` (its port), and answers pings until
-/// `stop` receives.
+/// server at `registry`, logs `listening on HOST:PORT` (its port), answers pings until
+/// `stop` receives, then removes the entry (if it is still this channel's), so the name
+/// does not outlive the process and point pingers at a dead port.
 ///
 /// # Errors
-/// When the name cannot be registered.
+/// When the name is registered to a channel that still accepts connections
+/// ([`ChanError::NameTaken`]), or cannot be registered.
 pub fn run_pong(
     node: &Node,
-    registry: impl ToSocketAddrs,
+    registry: impl ToSocketAddrs + Copy,
     name: &str,
     stop: &Receiver<()>,
 ) -> Result<PongReport, ChanError> {
+    match super::lookup(node, registry, name) {
+        Ok(taken) => {
+            if let Some(addr) = answering(&taken) {
+                return Err(ChanError::NameTaken {
+                    name: name.to_owned(),
+                    addr,
+                });
+            }
+            log_info!("pong: {name} was registered to a channel that no longer answers; taking it");
+        }
+        Err(ChanError::NotRegistered(_) | ChanError::NotAChan { .. }) => {}
+        Err(e) => return Err(e),
+    }
     let chan = node.chan();
     super::register(registry, name, &chan)?;
     let port = node.port_of(&chan).unwrap_or(0);
     let ip = node.config().advertise;
     log_info!("pong: {name} registered; listening on {ip}:{port}");
-    Ok(pong(&chan, stop))
+    let report = pong(&chan, stop);
+    match super::registry::unregister(registry, name, &chan) {
+        Ok(true) => log_info!("pong: {name} unregistered"),
+        Ok(false) => log_info!("pong: {name} was registered again by another process; left as is"),
+        Err(e) => log_info!("pong: cannot unregister {name}: {e}"),
+    }
+    Ok(report)
 }
 
-/// `chan-pingpong ping NAME COUNT`: looks `name` up in the store server at `registry` and
-/// sends it `count` pings (see [`ping`]), waiting up to 10 s for each pong.
+/// `HOST:PORT` of a remote channel whose port accepts a connection now (the connection
+/// is closed at once, before a line, which the port listener takes as nothing).
+fn answering(chan: &Chan) -> Option<String> {
+    let (host, port) = chan.remote_addr()?;
+    let addr = (host.to_string(), port).to_socket_addrs().ok()?.next()?;
+    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .ok()
+        .map(|_| addr.to_string())
+}
+
+/// `chan-pingpong ping NAME COUNT`: looks `name` up in the store server at `registry`
+/// (again every 100 ms for up to `wait` while it is not registered: a ponger started at
+/// the same time may not have registered yet) and sends it `count` pings (see [`ping`]),
+/// waiting up to 10 s for each pong.
 ///
 /// # Errors
-/// When the name cannot be looked up.
+/// When the name cannot be looked up, or is still not registered after `wait`.
 pub fn run_ping(
     node: &Node,
-    registry: impl ToSocketAddrs,
+    registry: impl ToSocketAddrs + Copy,
     name: &str,
     count: usize,
+    wait: Duration,
 ) -> Result<PingReport, ChanError> {
-    let target = super::lookup(node, registry, name)?;
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    let target = loop {
+        match super::lookup(node, registry, name) {
+            Err(ChanError::NotRegistered(_)) if Instant::now() < deadline => {
+                if !said {
+                    let secs = wait.as_secs_f64();
+                    log_info!("ping: {name} is not registered yet; waiting up to {secs} s");
+                    said = true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                std::thread::sleep(LOOKUP_RETRY.min(left));
+            }
+            other => break other?,
+        }
+    };
     Ok(ping(node, &target, count, Duration::from_secs(10)))
 }
 
+/// Pongs being delivered at once. A reply channel that accepts and never reads holds its
+/// pong for the node's I/O timeout (10 s by default); answering on the reading thread
+/// would stall every other pinger behind it, so each pong goes out on a thread of its own,
+/// and this bounds those threads: past it, `pong` waits for one to finish.
+pub const PONGS_IN_FLIGHT: usize = 32;
+
+/// How long a stopping `pong` waits for pongs still being delivered.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// Answers pings read from the local channel `chan` until `stop` receives (or its sender
-/// is dropped). A remote `chan` is not served.
+/// is dropped). A remote `chan` is not served. Pongs are delivered concurrently (at most
+/// [`PONGS_IN_FLIGHT`] at once), so one reply channel that never reads delays no other
+/// pinger; pongs still in flight when `stop` comes are counted as not delivered.
 pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
     let mut report = PongReport::default();
     let Some(rx) = chan.receiver() else {
         return report;
     };
+    // Each answering thread reports here whether its pong was delivered.
+    let (outcomes, done) = crossbeam_channel::bounded::<bool>(PONGS_IN_FLIGHT);
+    let mut in_flight = 0usize;
+    let settle = |report: &mut PongReport, delivered: bool| {
+        if delivered {
+            report.answered += 1;
+        } else {
+            report.failed += 1;
+        }
+    };
     loop {
         let msg = select! {
-            recv(stop) -> _ => return report,
+            recv(stop) -> _ => break,
+            recv(done) -> outcome => {
+                if let Ok(delivered) = outcome {
+                    in_flight -= 1;
+                    settle(&mut report, delivered);
+                }
+                continue;
+            },
             recv(rx) -> msg => match msg {
                 Ok(msg) => msg.into_value(),
-                Err(_) => return report,
+                Err(_) => break,
             },
         };
         let ping = match msg.tagged() {
             Some(("ping", [n, Value::Chan(reply)])) if n.as_int().is_some() => {
-                Some((n.clone(), reply))
+                Some((n.clone(), reply.clone()))
             }
             _ => None,
         };
@@ -81,14 +166,52 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
             report.ignored += 1;
             continue;
         };
-        match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
-            Ok(()) => report.answered += 1,
+        while in_flight >= PONGS_IN_FLIGHT {
+            select! {
+                recv(stop) -> _ => {
+                    report.failed += in_flight as u64 + 1;
+                    return report;
+                },
+                recv(done) -> outcome => {
+                    in_flight -= 1;
+                    settle(&mut report, outcome.unwrap_or(false));
+                },
+            }
+        }
+        let finished = outcomes.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pong-reply".into())
+            .spawn(move || {
+                let delivered = match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log_info!("pong: cannot answer: {e}");
+                        false
+                    }
+                };
+                let _ = finished.send(delivered);
+            });
+        match spawned {
+            Ok(_) => in_flight += 1,
             Err(e) => {
-                log_info!("pong: cannot answer: {e}");
+                log_info!("pong: cannot start a thread to answer: {e}");
                 report.failed += 1;
             }
         }
     }
+    // Pongs about to be counted get a moment; those still waiting on a silent reply
+    // channel after it are not waited for (their threads end by the node's I/O timeout).
+    let grace = Instant::now() + STOP_GRACE;
+    while in_flight > 0 {
+        let left = grace.saturating_duration_since(Instant::now());
+        let Ok(delivered) = done.recv_timeout(left) else {
+            break;
+        };
+        in_flight -= 1;
+        settle(&mut report, delivered);
+    }
+    report.failed += in_flight as u64;
+    report
 }
 
 /// What `ping` measured.
@@ -112,6 +235,16 @@ impl PingReport {
         }
         let rank = ((p / 100.0 * n as f64).ceil() as usize).clamp(1, n);
         Some(self.round_trips[rank - 1])
+    }
+}
+
+impl fmt::Display for PongReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "answered {} ping(s); ignored {} other message(s); {} pong(s) could not be delivered",
+            self.answered, self.ignored, self.failed
+        )
     }
 }
 

@@ -59,6 +59,24 @@ pub fn lookup(node: &Node, store: impl ToSocketAddrs, name: &str) -> Result<Chan
     }
 }
 
+/// Removes the entry for `name` if it still names `chan`: a registration made since by
+/// another process stays. (Between the lookup and the delete another process could
+/// register the name; the window is one round trip, and the cost a name to register
+/// again.) Returns whether the entry was removed.
+///
+/// # Errors
+/// As [`register`].
+pub fn unregister(store: impl ToSocketAddrs, name: &str, chan: &Chan) -> Result<bool, ChanError> {
+    check_name(name)?;
+    let text = chan.to_term()?.to_string();
+    let mut client =
+        StoreClient::connect(store, Framing::Line).map_err(|e| ChanError::Registry(e.into()))?;
+    if client.lookup(name.as_bytes())?.as_deref() != Some(text.as_bytes()) {
+        return Ok(false);
+    }
+    Ok(client.delete(name.as_bytes())?)
+}
+
 fn check_name(name: &str) -> Result<(), ChanError> {
     // The store's key ends at the first comma, and a line at the first newline.
     if name.is_empty() || name.contains([',', '\n', '\r']) {

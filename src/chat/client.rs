@@ -16,6 +16,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What can go wrong for a client.
 #[derive(Debug)]
 pub enum ClientError {
+    /// The server could not be reached.
+    Connect {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
     /// The socket failed or timed out.
     Io(io::Error),
     /// The server sent something that is not a line.
@@ -33,6 +40,9 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ClientError::Connect { addr, source } => {
+                write!(f, "cannot connect to {addr}: {source}")
+            }
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Frame(e) => write!(f, "bad line from the server: {e}"),
             ClientError::Protocol(e) => write!(f, "bad line from the server: {e}"),
@@ -46,6 +56,7 @@ impl fmt::Display for ClientError {
 impl std::error::Error for ClientError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            ClientError::Connect { source, .. } => Some(source),
             ClientError::Io(e) => Some(e),
             ClientError::Frame(e) => Some(e),
             ClientError::Protocol(e) => Some(e),
@@ -91,11 +102,17 @@ impl ChatClient {
     /// When the server cannot be reached in time, refuses the name (`{error,name_taken}`,
     /// ...), or closes the connection.
     pub fn join(
-        addr: impl ToSocketAddrs,
+        addr: impl ToSocketAddrs + fmt::Display,
         name: &str,
         timeout: Option<Duration>,
     ) -> Result<ChatClient, ClientError> {
-        let stream = super::connect(addr, timeout.unwrap_or(CONNECT_TIMEOUT))?;
+        let stream =
+            super::connect(&addr, timeout.unwrap_or(CONNECT_TIMEOUT)).map_err(|source| {
+                ClientError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(timeout)?;
         let mut client = ChatClient {
@@ -181,15 +198,18 @@ impl ClientReader {
 
 /// The `chat-client` console: joins `addr` as `name`, sends every line of `input` (until
 /// `exit` or end of input, which leave), and prints every event to `output` as the seed's
-/// client does, on a thread of its own so events show while the user types.
+/// client does. Input is read on a thread of its own, so events show while the user types
+/// and a server that closes the connection ends the console at once; that thread is not
+/// joined then (a blocking read of stdin cannot be interrupted; it ends with the process).
 ///
 /// # Errors
-/// When joining fails, or the connection breaks.
+/// When joining fails, the connection breaks, or the server closes it without being asked
+/// to ([`ClientError::Closed`], after printing `[CLOSED] ...`).
 pub fn run_console(
     addr: &str,
     name: &str,
-    input: impl BufRead,
-    mut output: impl Write + Send + 'static,
+    input: impl BufRead + Send + 'static,
+    mut output: impl Write,
 ) -> Result<(), ClientError> {
     let ChatClient {
         mut writer,
@@ -201,7 +221,24 @@ pub fn run_console(
         protocol::display(&ServerLine::Event(Event::Join(name.to_owned())))
     )?;
     output.flush()?;
-    let printer = thread::spawn(move || -> Result<(), ClientError> {
+    let typist = thread::spawn(move || -> io::Result<()> {
+        let typed = (|| -> io::Result<()> {
+            for line in input.lines() {
+                let line = line?;
+                if line.trim_end() == "exit" {
+                    break;
+                }
+                writer.send(&line)?;
+            }
+            writer.leave()
+        })();
+        if typed.is_err() {
+            // The reader would wait for an `exit` that will not come.
+            let _ = writer.stream.shutdown(Shutdown::Both);
+        }
+        typed
+    });
+    let printed = (|| -> Result<(), ClientError> {
         loop {
             let line = reader.next_line()?;
             let shown = match &line {
@@ -210,26 +247,18 @@ pub fn run_console(
             };
             writeln!(output, "{shown}")?;
             output.flush()?;
-            if matches!(line, None | Some(ServerLine::Exit)) {
-                return Ok(());
+            match line {
+                Some(ServerLine::Exit) => return Ok(()),
+                None => return Err(ClientError::Closed),
+                Some(_) => {}
             }
         }
-    });
-    let typed = (|| -> io::Result<()> {
-        for line in input.lines() {
-            let line = line?;
-            if line.trim_end() == "exit" {
-                break;
-            }
-            writer.send(&line)?;
-        }
-        writer.leave()
     })();
-    if typed.is_err() {
-        // The printer would wait for an `exit` that will not come.
-        let _ = writer.stream.shutdown(Shutdown::Both);
+    // The reader's view comes first: a line typed into a connection the server had just
+    // closed fails with a broken pipe, which says less than "the server closed it".
+    printed?;
+    if typist.is_finished() {
+        typist.join().unwrap_or(Ok(()))?;
     }
-    let printed = printer.join().unwrap_or(Err(ClientError::Closed));
-    typed?;
-    printed
+    Ok(())
 }

@@ -49,7 +49,17 @@ pub fn run_client(
         encode_frame(framing, &line, &mut wire)?;
         // One write per message: see README on the Nagle trap.
         (&stream).write_all(&wire)?;
-        let reply = reader.read_frame()?.ok_or(EchoError::Closed)?;
+        let reply = match reader.read_frame() {
+            Ok(reply) => reply.ok_or(EchoError::Closed)?,
+            Err(e) if e.is_timeout() => {
+                return Err(EchoError::NoReply {
+                    addr: addr.to_owned(),
+                    timeout,
+                    framing,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
         output.write_all(b"Received > ")?;
         output.write_all(reply)?;
         output.write_all(b"\n")?;

@@ -10,10 +10,9 @@ pub mod client;
 pub use bench::{bench, BenchConfig, BenchReport};
 pub use client::run_client;
 
-use crate::framing::{encode_frame, FrameError, FrameReader, FrameWriter, Framing, Limits};
-use crate::log_debug;
+use crate::framing::{FrameError, FrameWriter, Framing, Limits};
 use crate::log_info;
-use crate::pipeline::{Pipeline, PipelineConfig, DEFAULT_WRITE_TIMEOUT};
+use crate::pipeline::{Pipeline, PipelineConfig, PipelineServer, Reply, DEFAULT_WRITE_TIMEOUT};
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use std::borrow::Cow;
 use std::fmt;
@@ -195,13 +194,17 @@ pub struct EchoReport {
     pub pipeline_joined: Option<usize>,
 }
 
-/// A bound echo server, and in pipeline mode its pipeline.
+/// A bound echo server, threaded or feeding its pipeline.
 pub struct EchoServer {
     name: String,
     /// `pipeline mode (2 workers, 2 senders), ascii10 framing, transform upper`, for the log.
     summary: String,
-    server: Server,
-    pipeline: Option<Pipeline>,
+    server: Served,
+}
+
+enum Served {
+    Threaded(Server),
+    Pipelined(PipelineServer),
 }
 
 impl EchoServer {
@@ -226,88 +229,86 @@ impl EchoServer {
         mut server: ServerConfig,
         echo: EchoConfig,
     ) -> io::Result<EchoServer> {
-        // A refused client should get its error in the framing it speaks.
-        let mut refusal = Vec::new();
-        if encode_frame(echo.framing, b"{error,too_many_connections}", &mut refusal).is_ok() {
-            server.refusal = refusal;
-        }
         let EchoConfig {
             framing,
             transform,
             limits,
             ..
         } = echo;
-        let summary = match echo.mode {
-            Mode::Threaded => format!("threaded mode, {framing} framing, transform {transform}"),
-            Mode::Pipeline => format!(
-                "pipeline mode ({} workers, {} senders), {framing} framing, transform {transform}",
-                echo.workers.max(1),
-                echo.senders.max(1)
+        // A refused client gets its error in the framing it speaks.
+        server.framing = framing;
+        let name = server.name.clone();
+        let (summary, server) = match echo.mode {
+            Mode::Threaded => (
+                format!("threaded mode, {framing} framing, transform {transform}"),
+                Served::Threaded(Server::from_listener(listener, server, move |conn| {
+                    serve_threaded(&conn, framing, limits, transform)
+                })?),
             ),
-        };
-        match echo.mode {
-            Mode::Threaded => {
-                let handler =
-                    move |conn: Connection| serve_threaded(&conn, framing, limits, transform);
-                Ok(EchoServer {
-                    name: server.name.clone(),
-                    summary,
-                    server: Server::from_listener(listener, server, handler)?,
-                    pipeline: None,
-                })
-            }
             Mode::Pipeline => {
                 let mut config = PipelineConfig::new(&server.name, framing);
                 config.workers = echo.workers;
                 config.senders = echo.senders;
                 config.limits = limits;
                 config.write_timeout = echo.write_timeout;
-                let pipeline = Pipeline::start(config, move |p| transform.apply_owned(p))?;
-                let inlet = pipeline.inlet();
-                let handler = move |conn: Connection| inlet.serve(&conn);
-                Ok(EchoServer {
-                    name: server.name.clone(),
-                    summary,
-                    server: Server::from_listener(listener, server, handler)?,
-                    pipeline: Some(pipeline),
-                })
+                let pipeline = Pipeline::start(config, move |_, payload| {
+                    Reply::One(transform.apply_owned(payload))
+                })?;
+                (
+                    format!(
+                        "pipeline mode ({} workers, {} senders), {framing} framing, transform \
+                         {transform}",
+                        echo.workers.max(1),
+                        echo.senders.max(1)
+                    ),
+                    Served::Pipelined(pipeline.into_server(listener, server)?),
+                )
             }
-        }
+        };
+        Ok(EchoServer {
+            name,
+            summary,
+            server,
+        })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+        match &self.server {
+            Served::Threaded(s) => s.local_addr(),
+            Served::Pipelined(s) => s.local_addr(),
+        }
     }
 
     /// A handle to stop the server (from a signal handler, say).
     pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+        match &self.server {
+            Served::Threaded(s) => s.handle(),
+            Served::Pipelined(s) => s.handle(),
+        }
     }
 
-    /// Serves until [`ServerHandle::shutdown`], then shuts the pipeline down behind the
-    /// server: the server's connection threads hold the pipeline's inlet, so the stages can
-    /// only end, in order, once those threads are joined.
+    /// Serves until [`ServerHandle::shutdown`]; in pipeline mode, then shuts the pipeline
+    /// down behind the server.
     pub fn run(self) -> EchoReport {
         let name = self.name;
         log_info!("{name}: {}", self.summary);
-        let server = self.server.run();
-        let pipeline_joined = self.pipeline.and_then(|pipeline| {
-            if server.abandoned > 0 {
-                // Their threads still hold the inlet; joining the stages would wait for them.
+        match self.server {
+            Served::Threaded(server) => EchoReport {
+                server: server.run(),
+                pipeline_joined: None,
+            },
+            Served::Pipelined(server) => {
+                let report = server.run();
                 log_info!(
-                    "{name}: pipeline left running behind {} unfinished connections",
-                    server.abandoned
+                    "{name}: pipeline stopped ({} stage threads joined)",
+                    report.pipeline_joined
                 );
-                return None;
+                EchoReport {
+                    server: report.server,
+                    pipeline_joined: Some(report.pipeline_joined),
+                }
             }
-            let joined = pipeline.shutdown();
-            log_info!("{name}: pipeline stopped ({joined} stage threads joined)");
-            Some(joined)
-        });
-        EchoReport {
-            server,
-            pipeline_joined,
         }
     }
 }
@@ -324,21 +325,16 @@ pub fn serve_threaded(
     limits: Limits,
     transform: Transform,
 ) -> Result<(), HandlerError> {
-    let mut reader = FrameReader::with_limits(&*conn.stream, framing, limits);
+    // Read through the connection: the idle timeout is a clean end of stream.
+    let mut reader = conn.reader(framing, limits);
     let mut writer = FrameWriter::new(&*conn.stream, framing);
     loop {
         while let Some(frame) = reader.next_buffered()? {
             writer.queue(&transform.apply(frame))?;
         }
         writer.flush()?;
-        match reader.fill() {
-            Ok(true) => {}
-            Ok(false) => return Ok(reader.finish()?),
-            Err(e) if e.is_timeout() => {
-                log_debug!("echo: connection {} idle; closing", conn.id);
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
+        if !reader.fill()? {
+            return Ok(reader.finish()?);
         }
     }
 }
@@ -370,6 +366,16 @@ pub enum EchoError {
     Frame(FrameError),
     /// The server closed the connection instead of replying.
     Closed,
+    /// No reply within the timeout: most often a client and a server that disagree on the
+    /// framing, each waiting for the end of a frame the other never sends.
+    NoReply {
+        /// The server.
+        addr: String,
+        /// How long the client waited.
+        timeout: Duration,
+        /// The framing the client spoke.
+        framing: Framing,
+    },
     /// A reply was not the echo of its request.
     Mismatch {
         /// The connection (0-based) it arrived on.
@@ -390,6 +396,15 @@ impl fmt::Display for EchoError {
             EchoError::Closed => {
                 f.write_str("the server closed the connection instead of replying")
             }
+            EchoError::NoReply {
+                addr,
+                timeout,
+                framing,
+            } => write!(
+                f,
+                "no reply within {} s from {addr}; is the server using --framing {framing}?",
+                timeout.as_secs_f64()
+            ),
             EchoError::Mismatch { conn, sent, got } => write!(
                 f,
                 "connection {conn}: sent {}, got back {}",
@@ -406,7 +421,7 @@ impl std::error::Error for EchoError {
             EchoError::Connect { source, .. } => Some(source),
             EchoError::Io(e) => Some(e),
             EchoError::Frame(e) => Some(e),
-            EchoError::Closed | EchoError::Mismatch { .. } => None,
+            EchoError::Closed | EchoError::NoReply { .. } | EchoError::Mismatch { .. } => None,
         }
     }
 }

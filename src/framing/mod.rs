@@ -30,6 +30,8 @@ pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 
 /// The wire framings, named as on the command line (`--framing line|ascii10|u16|u32`).
+///
+/// Example: [`FrameReader`], [`encode_frame`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Framing {
     /// Newline-terminated text, as Erlang's `{packet,line}` and the course's Python servers.
@@ -112,6 +114,8 @@ impl FromStr for Framing {
 }
 
 /// Size limits a decoder enforces.
+///
+/// Example: [`FrameReader`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Longest line (`line` framing), excluding the `\n` and a `\r` before it.

@@ -29,6 +29,25 @@ enum Skip {
 /// long line arriving in pieces is scanned once. [`FrameReader::next_buffered`] and
 /// [`FrameReader::fill`] let a server answer every frame a read delivered before it writes
 /// the replies in one call and blocks again.
+///
+/// ```
+/// use switchboard::framing::{FrameError, FrameReader, Framing, Limits};
+///
+/// // Any `Read` will do: a socket, `&Connection`, or bytes.
+/// let wire: &[u8] = b"store,k,v\r\nthis line is too long\nlookup,k\n";
+/// let limits = Limits { max_line: 10, ..Limits::default() };
+/// let mut reader = FrameReader::with_limits(wire, Framing::Line, limits);
+/// assert_eq!(reader.read_frame()?, Some(&b"store,k,v"[..]));
+/// // Over the limit: skipped, and the stream stays in sync.
+/// assert!(matches!(reader.read_frame(), Err(FrameError::TooLong { limit: 10 })));
+/// assert_eq!(reader.read_frame()?, Some(&b"lookup,k"[..]));
+/// assert_eq!(reader.read_frame()?, None); // closed at a frame boundary
+///
+/// // A close mid-frame is an error, not a short frame.
+/// let mut cut = FrameReader::new(&b"\0\0\0\x05ab"[..], Framing::U32);
+/// assert!(matches!(cut.read_frame(), Err(FrameError::Truncated { buffered: 6 })));
+/// # Ok::<(), FrameError>(())
+/// ```
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,

@@ -7,6 +7,19 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// Appends one whole frame (header and payload, or line and `\n`) to `out`.
 ///
+/// ```
+/// use switchboard::framing::{encode_frame, Framing};
+///
+/// let mut out = Vec::new();
+/// encode_frame(Framing::Ascii10, b"hello", &mut out)?;
+/// encode_frame(Framing::U16, b"hi", &mut out)?;
+/// assert_eq!(out, b"         5hello\0\x02hi");
+/// // A line cannot carry a newline; nothing is added.
+/// assert!(encode_frame(Framing::Line, b"a\nb", &mut out).is_err());
+/// assert_eq!(out.len(), 19);
+/// # Ok::<(), switchboard::framing::FrameError>(())
+/// ```
+///
 /// # Errors
 /// [`FrameError::TooLong`] when the payload is too large for the header (65,535 bytes for
 /// `u16`): the length is never truncated. [`FrameError::Delimiter`] when a `line` payload
@@ -70,6 +83,19 @@ pub fn end_frame(framing: Framing, out: &mut Vec<u8>, mark: usize) -> Result<(),
 ///
 /// Frames can also be queued with [`FrameWriter::queue`] and sent together by
 /// [`FrameWriter::flush`]: one system call for a batch of pipelined replies.
+///
+/// ```
+/// use switchboard::framing::{FrameWriter, Framing};
+///
+/// let mut writer = FrameWriter::new(Vec::new(), Framing::U32);
+/// writer.queue(b"one")?;
+/// writer.queue(b"two")?;
+/// assert_eq!(writer.queued_len(), 14);
+/// writer.flush()?; // both frames, one write
+/// writer.write_frame(b"three")?;
+/// assert_eq!(writer.get_mut(), b"\0\0\0\x03one\0\0\0\x03two\0\0\0\x05three");
+/// # Ok::<(), switchboard::framing::FrameError>(())
+/// ```
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     inner: W,

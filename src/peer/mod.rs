@@ -232,6 +232,13 @@ pub enum PeerError {
     },
     /// No leader admitted this peer in time.
     JoinTimeout,
+    /// The `--via` peer could not be reached, before any link was made.
+    ViaUnreachable {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
     /// The leader dropped this peer from the room (it was unreachable).
     Dropped,
     /// `--secret-file` is unusable, or missing where it is required.
@@ -261,6 +268,9 @@ impl fmt::Display for PeerError {
                 write!(f, "join refused for {name}: {reason}")
             }
             PeerError::JoinTimeout => f.write_str("no leader admitted this peer in time"),
+            PeerError::ViaUnreachable { addr, source } => {
+                write!(f, "cannot reach --via {addr}: {source}")
+            }
             PeerError::Dropped => {
                 f.write_str("dropped from the room (the leader found this peer unreachable)")
             }
@@ -272,7 +282,9 @@ impl fmt::Display for PeerError {
 impl std::error::Error for PeerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            PeerError::Resolve { source, .. } | PeerError::Listen { source, .. } => Some(source),
+            PeerError::Resolve { source, .. }
+            | PeerError::Listen { source, .. }
+            | PeerError::ViaUnreachable { source, .. } => Some(source),
             PeerError::Io(e) => Some(e),
             PeerError::Secret(e) => Some(e),
             _ => None,
@@ -293,6 +305,8 @@ enum Event {
     Finished(Outcome),
     /// End of input, `exit`, or a signal: leave.
     Quit,
+    /// The first dial to the `--via` peer failed: there is no room to join there.
+    ViaUnreachable(SocketAddr, io::Error),
 }
 
 /// A live link: its outbox, and which end dialled it.
@@ -596,6 +610,13 @@ fn dial(shared: Arc<Shared>, addr: SocketAddr) {
             log_info!("peer: link to {addr}: refused ({reason}); traffic to it is routed");
         }
         Err(e @ LinkError::Protocol(_)) => log_info!("peer: link to {addr}: {e}"),
+        Err(LinkError::Io(e)) => {
+            log_debug!("peer: cannot dial {addr}: {e}");
+            // A joiner with no link yet has nowhere else to go: it fails at once.
+            if shared.state().node.awaits_via(addr) {
+                let _ = shared.events.try_send(Event::ViaUnreachable(addr, e));
+            }
+        }
         Err(e) => log_debug!("peer: link to {addr}: {e}"),
     }
 }
@@ -821,11 +842,15 @@ impl Peer {
     ///
     /// # Errors
     /// When the join is refused or times out, or the peer is dropped from the room.
-    pub fn run(self, input: impl Read + Send + 'static) -> Result<(), PeerError> {
+    pub fn run(mut self, input: impl Read + Send + 'static) -> Result<(), PeerError> {
         // Admission comes first: no line is read before this peer is a member.
         match self.events.recv() {
             Ok(Event::Joined) => {}
             Ok(Event::Finished(outcome)) => return self.finish(outcome),
+            Ok(Event::ViaUnreachable(addr, source)) => {
+                self.stop();
+                return Err(PeerError::ViaUnreachable { addr, source });
+            }
             Ok(Event::Quit) | Err(_) => return self.finish(Outcome::Left),
         }
         let shared = Arc::clone(&self.shared);
@@ -834,7 +859,7 @@ impl Peer {
             .spawn(move || console(&shared, input))?;
         loop {
             match self.events.recv() {
-                Ok(Event::Joined) => {}
+                Ok(Event::Joined | Event::ViaUnreachable(..)) => {}
                 Ok(Event::Finished(outcome)) => return self.finish(outcome),
                 Ok(Event::Quit) | Err(_) => break,
             }

@@ -203,6 +203,16 @@ impl Node {
         &self.list
     }
 
+    /// Whether this peer is still joining through the peer at `addr` and has never held a
+    /// link or a list: a failed dial to `addr` now means there is no room to join there,
+    /// and the user is better told at once than after the join timeout.
+    pub fn awaits_via(&self, addr: SocketAddr) -> bool {
+        matches!(self.status, Status::Joining { .. })
+            && self.via == Some(addr)
+            && self.list.version == 0
+            && self.links.is_empty()
+    }
+
     /// Whether this peer may hold a direct link to the peer listening at `addr`.
     pub fn allows_direct(&self, addr: SocketAddr) -> bool {
         addr != self.me.addr && !self.no_direct.contains(&addr)

@@ -550,6 +550,73 @@ pub fn hold_idle(cfg: &BenchConfig, n: usize) -> Result<IdleReport, BenchError> 
     })
 }
 
+/// What [`amid_silence`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct SilenceReport {
+    /// Silent connections opened.
+    pub silent: usize,
+    /// New clients timed meanwhile.
+    pub clients: usize,
+    /// Their connect-and-lookup time: median, 99th percentile and worst, µs.
+    pub new_client_us: [f64; 3],
+}
+
+impl fmt::Display for SilenceReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [p50, p99, max] = self.new_client_us;
+        write!(
+            f,
+            "{} silent connections, one every {}ms: {} new clients' connect+lookup median \
+             {p50:.0}us, p99 {p99:.0}us, worst {max:.0}us",
+            self.silent,
+            SILENT_EVERY.as_millis(),
+            self.clients
+        )
+    }
+}
+
+/// How often [`amid_silence`] opens a silent connection.
+const SILENT_EVERY: Duration = Duration::from_millis(5);
+
+/// Opens `n` connections that never send a byte, one every 5 ms (held until the end), and
+/// meanwhile times new clients' connect + lookup, one after another: what silent
+/// connections cost a server that keeps arrival order across connections.
+///
+/// # Errors
+/// When a connection fails or a reply is wrong.
+pub fn amid_silence(cfg: &BenchConfig, n: usize) -> Result<SilenceReport, BenchError> {
+    let done = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let (addr, done) = (cfg.addr, Arc::clone(&done));
+        std::thread::spawn(move || -> io::Result<Vec<TcpStream>> {
+            let mut held = Vec::with_capacity(n);
+            for _ in 0..n {
+                held.push(TcpStream::connect(addr)?);
+                std::thread::sleep(SILENT_EVERY);
+            }
+            done.store(true, Ordering::SeqCst);
+            Ok(held)
+        })
+    };
+    let mut times = Vec::new();
+    let mut i = 0;
+    while !done.load(Ordering::SeqCst) || times.is_empty() {
+        times.push(one_lookup(cfg, i)?.1.as_secs_f64() * 1e6);
+        i += 1;
+    }
+    let held = opener
+        .join()
+        .map_err(|_| BenchError::Mismatch("the silent-connection thread panicked".into()))??;
+    drop(held);
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
+    Ok(SilenceReport {
+        silent: n,
+        clients: times.len(),
+        new_client_us: [pct(0.5), pct(0.99), pct(1.0)],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,9 +7,10 @@
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
 //!
-//! A connection reads whatever the socket has, answers every complete request in it into
-//! one output buffer, and writes that buffer with one call: a pipelined batch costs one
-//! read and one write however many requests it holds.
+//! Connections are served by the framework's [`RequestLoop`]: whatever the socket has is
+//! read, every complete request in it answered into one output buffer, and that buffer
+//! written with one call, so a pipelined batch costs one read and one write however many
+//! requests it holds. Requests keep arrival order across connections ([`crate::order`]).
 
 pub mod aof;
 pub mod bench;
@@ -17,12 +18,15 @@ pub mod client;
 pub mod protocol;
 pub mod state;
 
-use crate::framing::{begin_frame, end_frame, FrameReader, Framing, Limits};
-use crate::server::{is_disconnect, Connection, HandlerError, ServerHandle};
+use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
+use crate::order::Arrivals;
+use crate::request::{self, Replies, RequestLoop};
+use crate::server::{Connection, Handler, HandlerError, ServerHandle};
 use aof::{Aof, Fsync, Replay};
 use protocol::{Request, Stats, Verb};
 use state::Store;
-use std::io::{self, Write};
+use std::io;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -69,7 +73,8 @@ pub struct StoreService {
     store: Arc<Store>,
     aof: Option<Arc<Aof>>,
     framing: Framing,
-    limits: Limits,
+    requests: RequestLoop,
+    arrivals: Arrivals,
     started: Instant,
     commands: [AtomicU64; 5],
 }
@@ -89,11 +94,16 @@ impl StoreService {
             }
             None => (None, None),
         };
+        let arrivals = Arrivals::new();
+        let requests = RequestLoop::new(options.framing)
+            .limits(options.limits)
+            .in_order(&arrivals);
         let service = StoreService {
             store,
             aof,
             framing: options.framing,
-            limits: options.limits,
+            requests,
+            arrivals,
             started: Instant::now(),
             commands: Default::default(),
         };
@@ -128,62 +138,25 @@ impl StoreService {
         }
     }
 
-    /// Serves one connection until it closes.
+    /// The server's handler: serves each connection with [`StoreService::serve`], in
+    /// arrival order across connections (see [`crate::order`]).
+    pub fn handler(self: &Arc<Self>) -> impl Handler {
+        let service = Arc::clone(self);
+        self.arrivals.handler(move |conn| service.serve(&conn))
+    }
+
+    /// Serves one connection until it closes. Keeps arrival order only when the server's
+    /// handler is [`StoreService::handler`].
     ///
     /// # Errors
     /// A size header that is not a length (the stream lost sync), a failed socket, or a
     /// failed append-only file write: each ends this connection only.
-    pub fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
-        let mut stream = &*conn.stream;
-        let mut reader = FrameReader::with_limits(stream, self.framing, self.limits);
-        let mut batch = Batch::default();
-        let mut first = true;
-        loop {
-            if !conn.fill_in_order(&mut reader, first)? {
-                return Ok(());
-            }
-            let fatal = loop {
-                match reader.next_buffered() {
-                    Ok(Some(frame)) => self.execute(frame, &mut batch, &conn)?,
-                    Ok(None) => break None,
-                    Err(e) if e.is_recoverable() => {
-                        batch.reply_error(self.framing, e.reason());
-                    }
-                    Err(e) => break Some(e),
-                }
-                if batch.out.len() >= FLUSH_AT && !self.send(&mut stream, &mut batch)? {
-                    return Ok(());
-                }
-            };
-            if let (Some(aof), Some(seq)) = (&self.aof, batch.unsynced.take()) {
-                self.commit(aof, seq)?;
-            }
-            if !self.send(&mut stream, &mut batch)? {
-                return Ok(());
-            }
-            self.count(&mut batch);
-            if first {
-                conn.settle();
-                first = false;
-            }
-            if let Some(e) = fatal {
-                return Err(e.into());
-            }
-        }
-    }
-
-    /// Writes the batch's replies; `Ok(false)` when the peer has gone away.
-    fn send(&self, stream: &mut &std::net::TcpStream, batch: &mut Batch) -> io::Result<bool> {
-        let result = stream.write_all(&batch.out);
-        batch.out.clear();
-        if batch.out.capacity() > 4 * FLUSH_AT {
-            batch.out = Vec::new();
-        }
-        match result {
-            Ok(()) => Ok(true),
-            Err(e) if is_disconnect(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+    pub fn serve(&self, conn: &Connection) -> Result<(), HandlerError> {
+        let mut session = Session {
+            service: self,
+            batch: Batch::default(),
+        };
+        self.requests.serve_session(conn, &mut session)
     }
 
     fn count(&self, batch: &mut Batch) {
@@ -194,12 +167,18 @@ impl StoreService {
         }
     }
 
-    /// Applies one request and appends its reply (if any) to the batch.
-    fn execute(&self, frame: &[u8], batch: &mut Batch, conn: &Connection) -> io::Result<()> {
+    /// Applies one request and appends its reply (if any) to `out`.
+    fn execute(
+        &self,
+        frame: &[u8],
+        batch: &mut Batch,
+        out: &mut Vec<u8>,
+        conn: &Connection,
+    ) -> io::Result<()> {
         let request = match protocol::parse(frame) {
             Ok(r) => r,
             Err(e) => {
-                batch.reply_error(self.framing, e.reason());
+                batch.reply_error(self.framing, e.reason(), out);
                 return Ok(());
             }
         };
@@ -216,14 +195,14 @@ impl StoreService {
                 }
             },
             Request::Lookup { key } => {
-                let mark = begin_frame(framing, &mut batch.out);
+                let mark = begin_frame(framing, out);
                 self.store.with_value(key, |v| match v {
-                    Some(v) => protocol::format_just(v, &mut batch.out),
-                    None => protocol::format_nothing(&mut batch.out),
+                    Some(v) => protocol::format_just(v, out),
+                    None => protocol::format_nothing(out),
                 });
-                if let Err(e) = end_frame(framing, &mut batch.out, mark) {
+                if let Err(e) = end_frame(framing, out, mark) {
                     // A value stored through a size-prefixed framing may hold '\n'.
-                    batch.reply_error(framing, e.reason());
+                    batch.reply_error(framing, e.reason(), out);
                 }
             }
             Request::Delete { key } => {
@@ -234,19 +213,19 @@ impl StoreService {
                 if let (Some(aof), Some(seq)) = (&self.aof, seq) {
                     self.logged(aof, seq, batch)?;
                 }
-                let mark = begin_frame(framing, &mut batch.out);
+                let mark = begin_frame(framing, out);
                 if deleted {
-                    protocol::format_ok(&mut batch.out);
+                    protocol::format_ok(out);
                 } else {
-                    protocol::format_nothing(&mut batch.out);
+                    protocol::format_nothing(out);
                 }
-                end_frame(framing, &mut batch.out, mark).expect("short reply fits any frame");
+                end_frame(framing, out, mark).expect("short reply fits any frame");
             }
             Request::Stats => {
                 let stats = self.stats(&conn.server);
-                let mark = begin_frame(framing, &mut batch.out);
-                protocol::format_stats(&stats, &mut batch.out);
-                end_frame(framing, &mut batch.out, mark).expect("stats fit any frame");
+                let mark = begin_frame(framing, out);
+                protocol::format_stats(&stats, out);
+                end_frame(framing, out, mark).expect("stats fit any frame");
             }
         }
         Ok(())
@@ -271,11 +250,56 @@ impl StoreService {
     }
 }
 
+/// One connection of the store, for the [`RequestLoop`].
+struct Session<'s> {
+    service: &'s StoreService,
+    batch: Batch,
+}
+
+impl request::Session for Session<'_> {
+    fn request(
+        &mut self,
+        conn: &Connection,
+        frame: &[u8],
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        self.service
+            .execute(frame, &mut self.batch, out.buffer(), conn)?;
+        if out.len() >= FLUSH_AT && !out.flush()? {
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    fn too_long(
+        &mut self,
+        _conn: &Connection,
+        error: &FrameError,
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        let framing = self.service.framing;
+        self.batch
+            .reply_error(framing, error.reason(), out.buffer());
+        Ok(ControlFlow::Continue(()))
+    }
+
+    fn batch_done(
+        &mut self,
+        _conn: &Connection,
+        _out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        let service = self.service;
+        if let (Some(aof), Some(seq)) = (&service.aof, self.batch.unsynced.take()) {
+            service.commit(aof, seq)?;
+        }
+        service.count(&mut self.batch);
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
 /// One connection's work in progress for the current batch of requests.
 #[derive(Default)]
 struct Batch {
-    /// Framed replies, written with one call at the end of the batch.
-    out: Vec<u8>,
     /// Requests by verb, added to the service's counters once per batch.
     counts: [u64; 5],
     /// The last append-only record this batch wrote, not yet committed.
@@ -283,11 +307,11 @@ struct Batch {
 }
 
 impl Batch {
-    fn reply_error(&mut self, framing: Framing, reason: &str) {
+    fn reply_error(&mut self, framing: Framing, reason: &str, out: &mut Vec<u8>) {
         self.counts[Verb::Error as usize] += 1;
-        let mark = begin_frame(framing, &mut self.out);
-        protocol::format_error(reason, &mut self.out);
-        end_frame(framing, &mut self.out, mark).expect("error replies fit any frame");
+        let mark = begin_frame(framing, out);
+        protocol::format_error(reason, out);
+        end_frame(framing, out, mark).expect("error replies fit any frame");
     }
 }
 
@@ -314,13 +338,4 @@ pub fn open_file_warning(max_connections: usize) -> Option<String> {
              `ulimit -n {needed}` (or lower --max-connections)"
         )
     })
-}
-
-/// The `{error,too_many_connections}` reply a refused connection gets, in `framing`.
-pub fn refusal(framing: Framing) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mark = begin_frame(framing, &mut out);
-    protocol::format_error("too_many_connections", &mut out);
-    end_frame(framing, &mut out, mark).expect("fits any frame");
-    out
 }

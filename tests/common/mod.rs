@@ -287,10 +287,72 @@ pub fn echo(conn: Connection) -> Result<(), HandlerError> {
     Ok(())
 }
 
+/// Routes the log lines of servers running in this test process through the test
+/// harness's capture: shown for a failing test only, not between the results.
+pub fn quiet_logs() {
+    switchboard::log::capture_in_tests();
+}
+
 /// An in-process [`echo`] server on a free port.
 pub fn start_echo(config: ServerConfig) -> RunningServer {
+    quiet_logs();
     Server::bind("127.0.0.1:0", config, echo)
         .unwrap()
         .spawn()
         .unwrap()
+}
+
+/// What a finished program printed, and how long it took.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+/// Runs `cmd` with `input` on its stdin (then closed), killing it if it runs past
+/// `IO_TIMEOUT`: a client that hangs fails the test instead of hanging it.
+pub fn run_with_input(mut cmd: std::process::Command, input: &[u8]) -> Finished {
+    use std::process::Stdio;
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // A writer thread: a child that never reads must not block the test on a full pipe.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > IO_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not exit within {IO_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    let _ = writer.join();
+    Finished {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        took,
+    }
 }

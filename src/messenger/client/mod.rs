@@ -13,6 +13,10 @@
 //! increase per recipient), then confirms what it received, dropped ones included (a
 //! message handed over again means its confirm was lost), so the cluster stops keeping
 //! those messages.
+//!
+//! [`console`] is the interactive `messenger-client` on top of it.
+
+pub mod console;
 
 use super::protocol::{self, Delivery, Reply, Request, Violation};
 use crate::framing::{encode_frame, FrameReader, Framing, Limits};
@@ -32,6 +36,10 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// Pause before another round of the servers when none is primary.
 const RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// How long every server may refuse connections before a request gives up: long enough to
+/// ride out a restart of the one server left, short enough that a user who started the
+/// client without a cluster hears so at once instead of after [`Client::timeout`].
+pub const ALL_REFUSED_GRACE: Duration = Duration::from_secs(1);
 /// The longest reply payload the server can send (see [`read_loop`]).
 const MAX_REPLY: usize = 3 + protocol::MAX_LIST * (protocol::MAX_NAME + 1);
 
@@ -44,6 +52,8 @@ pub enum ClientError {
     NotLoggedIn,
     /// No primary answered within the client's timeout.
     Unavailable,
+    /// Every server refused connections for [`ALL_REFUSED_GRACE`]: none is running.
+    NoServer(Vec<SocketAddr>),
     /// An answer that does not fit the request.
     Unexpected(Reply),
 }
@@ -54,6 +64,14 @@ impl fmt::Display for ClientError {
             ClientError::Refused(v) => write!(f, "refused: {v}"),
             ClientError::NotLoggedIn => f.write_str("log in first"),
             ClientError::Unavailable => f.write_str("no server answered in time"),
+            ClientError::NoServer(servers) => {
+                let list: Vec<String> = servers.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "no server accepts connections (tried {})",
+                    list.join(", ")
+                )
+            }
             ClientError::Unexpected(r) => write!(f, "unexpected answer {r:?}"),
         }
     }
@@ -249,6 +267,11 @@ impl Client {
         &self.rx
     }
 
+    /// The servers, by id.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
     /// Who is logged in.
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
@@ -350,12 +373,20 @@ impl Client {
         Ok(())
     }
 
-    /// Logs out if logged in and closes the connection.
+    /// Logs out if logged in and closes the connection. Without a connection there is
+    /// nothing to close (a server logs out a user whose connection closed), so it returns
+    /// at once; with one, it waits at most one reply timeout.
     ///
     /// # Errors
     /// `Unavailable`.
     pub fn quit(&mut self) -> Result<(), ClientError> {
+        if self.conn.is_none() {
+            self.user = None;
+            return Ok(());
+        }
+        let timeout = std::mem::replace(&mut self.timeout, REPLY_TIMEOUT);
         let result = ok(self.request(&Request::Quit));
+        self.timeout = timeout;
         self.user = None;
         self.conn = None;
         result
@@ -447,7 +478,9 @@ impl Client {
     /// Connects to the primary: the hinted server first, then in id order, round after
     /// round until the deadline, logging in again if a user was logged in.
     fn connect(&mut self, mut hint: Option<usize>, deadline: Instant) -> Result<(), ClientError> {
+        let mut all_refused_since = None;
         loop {
+            let mut reached = false;
             let order: Vec<usize> = hint
                 .take()
                 .into_iter()
@@ -460,6 +493,7 @@ impl Client {
                 let Ok(conn) = Conn::open(id, self.servers[id], &self.seen, &self.tx) else {
                     continue;
                 };
+                reached = true;
                 let Some(name) = self.user.clone() else {
                     self.conn = Some(conn);
                     return Ok(());
@@ -479,6 +513,13 @@ impl Client {
                     }
                     _ => {}
                 }
+            }
+            if reached {
+                all_refused_since = None;
+            } else if all_refused_since.get_or_insert_with(Instant::now).elapsed()
+                >= ALL_REFUSED_GRACE
+            {
+                return Err(ClientError::NoServer(self.servers.clone()));
             }
             if hint.is_none() {
                 thread::sleep(RETRY_PAUSE);

@@ -1,11 +1,14 @@
 //! A blocking client of the store protocol. Requests are queued and sent together when a
 //! reply is awaited, so pipelining is a matter of sending several before receiving.
+//! [`console`] is the command language of `store-client` on top of it.
+
+pub mod console;
 
 use super::protocol::{self, Reply, Request};
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing};
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 /// What can go wrong talking to a store server.
@@ -19,6 +22,16 @@ pub enum ClientError {
     Server(String),
     /// A reply that is not the one this request calls for.
     Unexpected(Vec<u8>),
+    /// No reply came within the read timeout: most often a client and a server that
+    /// disagree on the framing, each waiting for the end of a frame the other never sends.
+    NoReply {
+        /// The server.
+        addr: SocketAddr,
+        /// How long the client waited.
+        timeout: Duration,
+        /// The framing the client spoke.
+        framing: Framing,
+    },
 }
 
 impl fmt::Display for ClientError {
@@ -30,6 +43,15 @@ impl fmt::Display for ClientError {
             ClientError::Unexpected(r) => {
                 write!(f, "unexpected reply {:?}", String::from_utf8_lossy(r))
             }
+            ClientError::NoReply {
+                addr,
+                timeout,
+                framing,
+            } => write!(
+                f,
+                "no reply within {} s from {addr}; is the server using --framing {framing}?",
+                timeout.as_secs_f64()
+            ),
         }
     }
 }
@@ -56,7 +78,7 @@ impl From<io::Error> for ClientError {
 }
 
 /// Connect and read timeout: a server that does not answer fails the call, not hangs it.
-const TIMEOUT: Duration = Duration::from_secs(10);
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection to a store server.
 pub struct StoreClient {
@@ -64,6 +86,8 @@ pub struct StoreClient {
     writer: TcpStream,
     framing: Framing,
     queued: Vec<u8>,
+    peer: SocketAddr,
+    timeout: Duration,
 }
 
 impl StoreClient {
@@ -73,10 +97,22 @@ impl StoreClient {
     /// # Errors
     /// When the name does not resolve or no address can be reached.
     pub fn connect(addr: impl ToSocketAddrs, framing: Framing) -> io::Result<StoreClient> {
+        StoreClient::connect_timeout(addr, framing, TIMEOUT)
+    }
+
+    /// [`StoreClient::connect`] with `timeout` for connecting and for each reply.
+    ///
+    /// # Errors
+    /// When the name does not resolve or no address can be reached.
+    pub fn connect_timeout(
+        addr: impl ToSocketAddrs,
+        framing: Framing,
+        timeout: Duration,
+    ) -> io::Result<StoreClient> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolved to nothing");
         let mut connected = None;
         for a in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&a, TIMEOUT) {
+            match TcpStream::connect_timeout(&a, timeout) {
                 Ok(s) => {
                     connected = Some(s);
                     break;
@@ -86,8 +122,10 @@ impl StoreClient {
         }
         let stream = connected.ok_or(last)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_read_timeout(Some(timeout))?;
         Ok(StoreClient {
+            peer: stream.peer_addr()?,
+            timeout,
             writer: stream.try_clone()?,
             reader: FrameReader::new(stream, framing),
             framing,
@@ -128,12 +166,19 @@ impl StoreClient {
     /// Sends what is queued and reads one reply frame.
     ///
     /// # Errors
-    /// When the connection fails or closes first.
+    /// When the connection fails or closes first, or no reply comes within the timeout
+    /// ([`ClientError::NoReply`]).
     pub fn recv(&mut self) -> Result<Vec<u8>, ClientError> {
         self.flush()?;
-        match self.reader.read_frame()? {
-            Some(frame) => Ok(frame.to_vec()),
-            None => Err(ClientError::Closed),
+        match self.reader.read_frame() {
+            Ok(Some(frame)) => Ok(frame.to_vec()),
+            Ok(None) => Err(ClientError::Closed),
+            Err(e) if e.is_timeout() => Err(ClientError::NoReply {
+                addr: self.peer,
+                timeout: self.timeout,
+                framing: self.framing,
+            }),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -1,0 +1,45 @@
+//! Parsers for command-line values that several binaries share (argh's `from_str_fn`), so a
+//! flag reads the same way on every binary that has it.
+
+use std::time::Duration;
+
+/// A number of seconds, fractions allowed (`0.25`, `300`), zero included.
+///
+/// # Errors
+/// Text that is not a finite, non-negative number small enough for a [`Duration`].
+pub fn seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("expected a number of seconds such as 2 or 0.5, got {text:?}"))
+}
+
+/// As [`seconds`], but more than zero (an idle timeout of zero would close every
+/// connection at once).
+///
+/// # Errors
+/// As [`seconds`], and zero.
+pub fn positive_seconds(text: &str) -> Result<Duration, String> {
+    match seconds(text)? {
+        d if d.is_zero() => Err(format!("expected more than 0 seconds, got {text:?}")),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fractions_and_whole_numbers() {
+        assert_eq!(seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(seconds("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(positive_seconds("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["-1", "nan", "inf", "1e300", "", "1s"] {
+            assert!(seconds(bad).is_err(), "{bad}");
+        }
+        assert!(positive_seconds("0").unwrap_err().contains("more than 0"));
+    }
+}

@@ -1,0 +1,380 @@
+//! Arrival order across connections, for the servers that promise it (opt-in): a request
+//! on a connection accepted later is applied after what an earlier connection had already
+//! sent. The course's one-shot clients rely on it: one stores on a connection and closes,
+//! the next looks the key up on a new connection, and must see the value, although the
+//! two connections run on different threads.
+//!
+//! How: every connection is registered on the accept thread, in accept order
+//! ([`Arrivals::handler`] does it, through [`Handler::accepted`]). Before a connection acts
+//! on its first read it waits for the earlier connections that are still *unsettled* and
+//! have bytes pending: bytes in their socket (seen with a non-blocking peek) or taken by
+//! their reader and not yet applied. A connection settles once it has acted on its first
+//! read (and when it ends); from then on nobody waits for it. A connection that has sent
+//! nothing holds nobody back, however long it stays silent.
+//!
+//! The peek makes the earlier connection's socket non-blocking for an instant; its reads
+//! through the [`Connection`] retry the spurious `EAGAIN`. Only connections that have not
+//! yet received anything are peeked, so a handler that writes before its first read (a
+//! greeting) should [`settle`](Arrivals::settle) first.
+//!
+//! The [`request`](crate::request) loop does all of this when given an [`Arrivals`]:
+//!
+//! ```
+//! use switchboard::framing::Framing;
+//! use switchboard::order::Arrivals;
+//! use switchboard::request::RequestLoop;
+//! use switchboard::server::{Server, ServerConfig};
+//! use std::collections::HashMap;
+//! use std::io::{Read, Write};
+//! use std::net::{Shutdown, TcpListener, TcpStream};
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//!
+//! // `set,K,V` (no reply) and `get,K`, applied in arrival order across connections.
+//! let map = Arc::new(Mutex::new(HashMap::<Vec<u8>, Vec<u8>>::new()));
+//! let arrivals = Arrivals::new();
+//! let requests = RequestLoop::new(Framing::Line).in_order(&arrivals);
+//! let handler = arrivals.handler(move |conn| {
+//!     requests.serve(&conn, |req| {
+//!         let mut map = map.lock().unwrap();
+//!         match req.splitn(3, |&b| b == b',').collect::<Vec<_>>()[..] {
+//!             [b"set", k, v] => { map.insert(k.to_vec(), v.to_vec()); None }
+//!             [b"get", k] => Some(map.get(k).cloned().unwrap_or_default()),
+//!             _ => Some(b"?".to_vec()),
+//!         }
+//!     })
+//! });
+//! let listener = TcpListener::bind("127.0.0.1:0")?;
+//! let server = Server::with_handler(listener, ServerConfig::default(), handler)?.spawn()?;
+//! for i in 0..20 {
+//!     // Store and close at once, then ask on a new connection: always seen.
+//!     let mut setter = TcpStream::connect(server.local_addr())?;
+//!     setter.write_all(format!("set,k,{i}\n").as_bytes())?;
+//!     setter.shutdown(Shutdown::Write)?;
+//!     let mut getter = TcpStream::connect(server.local_addr())?;
+//!     getter.set_read_timeout(Some(Duration::from_secs(10)))?;
+//!     getter.write_all(b"get,k\n")?;
+//!     getter.shutdown(Shutdown::Write)?;
+//!     let mut reply = String::new();
+//!     getter.read_to_string(&mut reply)?;
+//!     assert_eq!(reply, format!("{i}\n"));
+//! }
+//! server.stop();
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use crate::server::{Connection, Handler, HandlerError};
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+/// The longest a connection waits for earlier ones that have bytes pending. They apply
+/// them as soon as their threads run, so this bounds only a first request that blocks
+/// (a queue that is full) or a machine that is badly overloaded.
+pub const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// A connection not yet settled.
+struct Unsettled {
+    /// Weak: the registry never keeps a socket open; a connection whose thread never
+    /// started (or ended without settling) is pruned once its socket is gone.
+    stream: Weak<TcpStream>,
+    /// Its reader has taken bytes from the socket and not yet applied them.
+    holding: bool,
+}
+
+struct Registry {
+    /// By connection id, which grows in accept order.
+    unsettled: Mutex<BTreeMap<u64, Unsettled>>,
+    /// Signalled whenever a connection settles.
+    settled: Condvar,
+    max_wait: Duration,
+}
+
+/// The arrival-order registry of one server: share it (it is a cheap `Clone`) between the
+/// server's handler, which registers connections, and the code that serves them.
+///
+/// Example: the [module docs](crate::order).
+#[derive(Clone)]
+pub struct Arrivals {
+    registry: Arc<Registry>,
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Arrivals::with_max_wait(MAX_WAIT)
+    }
+}
+
+impl std::fmt::Debug for Arrivals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arrivals")
+            .field("unsettled", &self.unsettled().len())
+            .finish()
+    }
+}
+
+impl Arrivals {
+    /// An empty registry whose connections wait at most [`MAX_WAIT`].
+    pub fn new() -> Self {
+        Arrivals::default()
+    }
+
+    /// An empty registry whose connections wait at most `max_wait` for earlier ones.
+    pub fn with_max_wait(max_wait: Duration) -> Self {
+        Arrivals {
+            registry: Arc::new(Registry {
+                unsettled: Mutex::default(),
+                settled: Condvar::new(),
+                max_wait,
+            }),
+        }
+    }
+
+    fn unsettled(&self) -> MutexGuard<'_, BTreeMap<u64, Unsettled>> {
+        self.registry
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wraps a handler so that it registers each connection in accept order and settles
+    /// it when it ends: pass the result to [`Server::with_handler`](crate::server::Server::with_handler).
+    pub fn handler<F>(&self, handler: F) -> Ordered<F>
+    where
+        F: Fn(Connection) -> Result<(), HandlerError> + Send + Sync + 'static,
+    {
+        Ordered {
+            arrivals: self.clone(),
+            handler,
+        }
+    }
+
+    /// Registers `conn`. Must run on the accept thread, in accept order (from
+    /// [`Handler::accepted`]); [`Arrivals::handler`] does it for you.
+    pub fn register(&self, conn: &Connection) {
+        let entry = Unsettled {
+            stream: Arc::downgrade(&conn.stream),
+            holding: false,
+        };
+        self.unsettled().insert(conn.id, entry);
+    }
+
+    /// Declares that `conn` has acted on everything its first read delivered: younger
+    /// connections stop waiting for it. Idempotent; ending the connection (through
+    /// [`Ordered`]) settles it too.
+    pub fn settle(&self, conn: &Connection) {
+        self.settle_id(conn.id);
+    }
+
+    fn settle_id(&self, id: u64) {
+        if self.unsettled().remove(&id).is_some() {
+            self.registry.settled.notify_all();
+        }
+    }
+
+    /// Blocks until `conn`'s peer has sent something (without taking it), then marks the
+    /// connection as holding bytes, so that younger connections wait for it from the
+    /// moment the bytes leave the socket until it settles. Call before the first read; the
+    /// [`request`](crate::request) loop does. `false` when nothing came: the peer closed,
+    /// vanished, or stayed idle past the server's idle timeout.
+    pub fn await_first_bytes(&self, conn: &Connection) -> bool {
+        // The bytes stay in the socket until the mark is set: at every instant a younger
+        // connection's check sees either the bytes or the mark.
+        if !conn.wait_readable() {
+            return false;
+        }
+        if let Some(entry) = self.unsettled().get_mut(&conn.id) {
+            entry.holding = true;
+        }
+        true
+    }
+
+    /// Waits until no connection accepted before `conn` is unsettled with bytes pending,
+    /// or the registry's maximum wait has passed. Returns at once in the common case
+    /// (nobody earlier, or only silent connections).
+    pub fn wait_for_earlier(&self, conn: &Connection) {
+        let deadline = Instant::now() + self.registry.max_wait;
+        let mut unsettled = self.unsettled();
+        loop {
+            let mut gone = Vec::new();
+            let mut busy = false;
+            for (&id, entry) in unsettled.range(..conn.id) {
+                match entry.stream.upgrade() {
+                    None => gone.push(id),
+                    // Peeked under the lock: the connection sets `holding` under it before
+                    // it takes its bytes, and no two peeks of one socket overlap.
+                    Some(stream) => busy = entry.holding || has_pending(&stream),
+                }
+                if busy {
+                    break;
+                }
+            }
+            for id in gone {
+                unsettled.remove(&id);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !busy || left.is_zero() {
+                return;
+            }
+            unsettled = self
+                .registry
+                .settled
+                .wait_timeout(unsettled, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Whether bytes are waiting in `stream`, without blocking and without taking them. The
+/// socket is made non-blocking for the instant of the peek; its own reader tells the
+/// resulting `EAGAIN` from a timeout (see [`Connection`]'s `Read`).
+fn has_pending(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let pending = matches!(stream.peek(&mut [0u8; 1]), Ok(n) if n > 0);
+    // A socket that cannot be switched back is failing; its own reader will find out.
+    let _ = stream.set_nonblocking(false);
+    pending
+}
+
+/// A handler that keeps arrival order: see [`Arrivals::handler`].
+///
+/// Example: the [module docs](crate::order).
+pub struct Ordered<F> {
+    arrivals: Arrivals,
+    handler: F,
+}
+
+impl<F> Handler for Ordered<F>
+where
+    F: Fn(Connection) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    fn handle(&self, conn: Connection) -> Result<(), HandlerError> {
+        let settle = Settle {
+            arrivals: &self.arrivals,
+            id: conn.id,
+        };
+        let result = (self.handler)(conn);
+        drop(settle);
+        result
+    }
+
+    fn accepted(&self, conn: &Connection) {
+        self.arrivals.register(conn);
+    }
+}
+
+/// Settles a connection however its handler ends (a panic included).
+struct Settle<'a> {
+    arrivals: &'a Arrivals,
+    id: u64,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.arrivals.settle_id(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::Framing;
+    use crate::request::RequestLoop;
+    use crate::server::{RunningServer, Server, ServerConfig};
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// `set,K,V` (no reply) and `get,K`, in arrival order, with `arrivals`.
+    fn map_server(arrivals: &Arrivals) -> RunningServer {
+        let map = Arc::new(Mutex::new(HashMap::<Vec<u8>, Vec<u8>>::new()));
+        let requests = RequestLoop::new(Framing::Line).in_order(arrivals);
+        let handler = arrivals.handler(move |conn| {
+            requests.serve(&conn, |req| {
+                let mut map = map.lock().unwrap();
+                match req.splitn(3, |&b| b == b',').collect::<Vec<_>>()[..] {
+                    [b"set", k, v] => {
+                        map.insert(k.to_vec(), v.to_vec());
+                        None
+                    }
+                    [b"get", k] => Some(map.get(k).cloned().unwrap_or_default()),
+                    _ => Some(b"?".to_vec()),
+                }
+            })
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Server::with_handler(listener, ServerConfig::named("order"), handler)
+            .unwrap()
+            .spawn()
+            .unwrap()
+    }
+
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
+        s
+    }
+
+    /// Sets `k` to `value` on a connection closed at once, then reads `k` on a new one.
+    fn set_then_get(addr: SocketAddr, value: &str) -> String {
+        let mut setter = connect(addr);
+        setter
+            .write_all(format!("set,k,{value}\n").as_bytes())
+            .unwrap();
+        setter.shutdown(Shutdown::Write).unwrap();
+        let mut getter = connect(addr);
+        getter.write_all(b"get,k\n").unwrap();
+        getter.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        getter.read_to_string(&mut reply).unwrap();
+        reply
+    }
+
+    #[test]
+    fn silent_connections_opened_before_a_client_do_not_hold_it_back() {
+        // Waiting for a silent connection would last an hour, and the getter's read would
+        // time out: the replies below prove nobody waited for the silent ones.
+        let arrivals = Arrivals::with_max_wait(Duration::from_secs(3600));
+        let server = map_server(&arrivals);
+        let addr = server.local_addr();
+        let silent: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+        for i in 0..20 {
+            assert_eq!(set_then_get(addr, &i.to_string()), format!("{i}\n"));
+        }
+        // A silent connection that finally speaks is served like any other.
+        let mut late = &silent[1];
+        late.write_all(b"get,k\n").unwrap();
+        let mut reply = [0u8; 3];
+        late.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"19\n");
+        drop(silent);
+        server.stop();
+    }
+
+    #[test]
+    fn one_shot_writers_are_applied_in_accept_order_with_the_default_wait() {
+        let arrivals = Arrivals::new();
+        let server = map_server(&arrivals);
+        let silent = connect(server.local_addr());
+        for i in 0..50 {
+            let value = format!("v{i}");
+            assert_eq!(
+                set_then_get(server.local_addr(), &value),
+                format!("{value}\n")
+            );
+        }
+        // Every connection settles as it ends (the silent one too, when the server shuts it
+        // down): nothing is left registered once the server has joined their threads.
+        let report = server.stop();
+        assert_eq!(report.abandoned, 0);
+        assert!(arrivals.unsettled().is_empty());
+        drop(silent);
+    }
+}

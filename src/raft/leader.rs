@@ -1,0 +1,416 @@
+//! The leader's side of a [`Replica`]: per-follower progress, log replication with fast
+//! back-off, the commit rule, read-index rounds, check-quorum, and leadership transfer.
+
+use super::message::{Body, Entry, ReplicaId};
+use super::replica::Replica;
+use super::types::{RaftError, ReadState, Ready, Role};
+use std::mem;
+
+/// How the leader sends to one follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Its log's end is unknown: one Append at a time, the next after an answer (or a
+    /// heartbeat's answer, if one was lost).
+    Probe {
+        /// An Append is out and unanswered.
+        waiting: bool,
+    },
+    /// It matches: stream Appends ahead of the acknowledgements, up to `max_inflight`.
+    Replicate,
+    /// It needs the snapshot at `index`, sent `ticks` ago; resent if nothing comes back
+    /// within an election timeout (the message may have been lost).
+    Snapshot {
+        /// The snapshot's last index.
+        index: u64,
+        /// Ticks since it was sent.
+        ticks: u32,
+    },
+}
+
+/// What the leader knows of one follower's log.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    /// The follower's log is known to match the leader's up to here.
+    pub(crate) matched: u64,
+    /// The next index to send.
+    pub(crate) next: u64,
+    pub(crate) flow: Flow,
+    /// Heartbeat answers since `matched` last moved while entries were unacknowledged.
+    pub(crate) stalled: u32,
+}
+
+/// The leader's read-index bookkeeping (thesis §6.4): reads wait for a round of
+/// heartbeats answered by a majority. Reads that arrive while a round is out share the
+/// next round, so one round confirms any number of them.
+#[derive(Debug, Default)]
+pub(crate) struct Reads {
+    /// The last round number used; heartbeats carry it, answers echo it.
+    last_round: u64,
+    /// The round out now: its number, the commit index it confirms, who has answered,
+    /// and the reads it serves.
+    current: Option<Round>,
+    /// Reads for the next round.
+    waiting: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Round {
+    id: u64,
+    index: u64,
+    acks: Vec<ReplicaId>,
+    ctxs: Vec<u64>,
+}
+
+impl Replica {
+    /// Appends `data` to the log (§5.3). Returns its index and term: it is committed when
+    /// an entry with this index *and* term comes out in [`Ready::committed`]; an entry of
+    /// another term at that index means this proposal was lost with its leader.
+    ///
+    /// # Errors
+    /// [`RaftError::NotLeader`] on a follower or candidate, [`RaftError::Transferring`]
+    /// during a leadership transfer.
+    pub fn propose(&mut self, data: Vec<u8>, out: &mut Ready) -> Result<(u64, u64), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.transferee.is_some() {
+            return Err(RaftError::Transferring);
+        }
+        let at = (self.log.last_index() + 1, self.term);
+        self.append(data, out);
+        self.broadcast_append(out);
+        Ok(at)
+    }
+
+    /// Asks for a linearizable read tagged `ctx`. The confirmation comes out in
+    /// [`Ready::reads`] once a majority has answered a heartbeat sent after this call
+    /// (or in [`Ready::failed_reads`] if this replica stops leading first).
+    ///
+    /// # Errors
+    /// [`RaftError::NotLeader`] unless this replica leads.
+    pub fn read_index(&mut self, ctx: u64, out: &mut Ready) -> Result<(), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        self.reads.waiting.push(ctx);
+        self.start_read_round(out);
+        Ok(())
+    }
+
+    /// Hands leadership to `to` for a planned stop (thesis §3.10): proposals are refused,
+    /// `to` is brought up to date, then told to campaign at once. Abandoned if it has not
+    /// happened within an election timeout.
+    ///
+    /// # Errors
+    /// [`RaftError::NotLeader`] unless this replica leads; [`RaftError::UnknownPeer`]
+    /// unless `to` is another member.
+    pub fn transfer_leadership(&mut self, to: ReplicaId, out: &mut Ready) -> Result<(), RaftError> {
+        if self.role != Role::Leader {
+            return Err(RaftError::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if !self.peers.contains(&to) {
+            return Err(RaftError::UnknownPeer(to));
+        }
+        self.transferee = Some(to);
+        self.election_elapsed = 0;
+        if self.progress[&to].matched == self.log.last_index() {
+            self.send(to, Body::TimeoutNow, out);
+        } else {
+            self.send_append(to, false, out);
+        }
+        Ok(())
+    }
+
+    pub(super) fn become_leader(&mut self, out: &mut Ready) {
+        self.set_role(Role::Leader, out);
+        self.leader = Some(self.cfg.id);
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        self.active.clear();
+        let next = self.log.last_index() + 1;
+        for &p in &self.peers {
+            let pr = Progress {
+                matched: 0,
+                next,
+                flow: Flow::Probe { waiting: false },
+                stalled: 0,
+            };
+            self.progress.insert(p, pr);
+        }
+        // §8: a no-op of the new term lets the leader commit (Figure 8 forbids counting
+        // replicas of older entries) and so learn the commit index reads need.
+        self.append(Vec::new(), out);
+        self.broadcast_append(out);
+    }
+
+    pub(super) fn tick_leader(&mut self, out: &mut Ready) {
+        self.election_elapsed += 1;
+        self.heartbeat_elapsed += 1;
+        if self.election_elapsed >= self.cfg.election_ticks {
+            self.election_elapsed = 0;
+            // Thesis §6.2: a leader cut off from a majority stops acting as one, so
+            // clients go to the other side instead of waiting on it forever.
+            let heard = self.active.len() + 1;
+            self.active.clear();
+            if self.cfg.check_quorum && heard < self.quorum {
+                self.become_follower(self.term, None, out);
+                return;
+            }
+            self.transferee = None;
+        }
+        for p in self.peers.clone() {
+            let pr = self.progress.get_mut(&p).expect("progress for every peer");
+            if let Flow::Snapshot { ticks, .. } = &mut pr.flow {
+                *ticks += 1;
+                if *ticks >= self.cfg.election_ticks {
+                    pr.flow = Flow::Probe { waiting: false };
+                }
+            }
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat(out);
+        }
+    }
+
+    fn append(&mut self, data: Vec<u8>, out: &mut Ready) {
+        let e = Entry {
+            index: self.log.last_index() + 1,
+            term: self.term,
+            data,
+        };
+        self.log.put(e.clone());
+        out.entries.push(e);
+    }
+
+    fn broadcast_append(&mut self, out: &mut Ready) {
+        for p in self.peers.clone() {
+            self.send_append(p, true, out);
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self, out: &mut Ready) {
+        let round = self.reads.current.as_ref().map_or(0, |r| r.id);
+        for p in self.peers.clone() {
+            // Never more than it matches: the follower's entries past that may differ.
+            let commit = self.commit.min(self.progress[&p].matched);
+            self.send(p, Body::Heartbeat { commit, round }, out);
+        }
+    }
+
+    /// Sends `to` what it lacks: entries, or the snapshot once they are compacted away;
+    /// with `empty_ok`, an empty Append (to carry the commit index) when it lacks nothing.
+    pub(super) fn send_append(&mut self, to: ReplicaId, empty_ok: bool, out: &mut Ready) {
+        let last = self.log.last_index();
+        let mut first = true;
+        loop {
+            let pr = &self.progress[&to];
+            let paused = match pr.flow {
+                Flow::Probe { waiting } => waiting,
+                Flow::Replicate => pr.next - pr.matched > self.cfg.max_inflight,
+                Flow::Snapshot { .. } => true,
+            };
+            if paused || (pr.next > last && !(first && empty_ok)) {
+                return;
+            }
+            first = false;
+            let prev = pr.next - 1;
+            let Some(prev_term) = self.log.term(prev) else {
+                // §7: the entries it needs are compacted away.
+                let snap = self.log.snapshot.clone();
+                let pr = self.progress.get_mut(&to).expect("progress for every peer");
+                pr.flow = Flow::Snapshot {
+                    index: snap.index,
+                    ticks: 0,
+                };
+                self.send(to, Body::Snapshot(snap), out);
+                return;
+            };
+            let entries = self.log.slice(prev + 1, last, self.cfg.max_batch);
+            let n = entries.len() as u64;
+            let commit = self.commit;
+            let pr = self.progress.get_mut(&to).expect("progress for every peer");
+            match pr.flow {
+                Flow::Replicate => pr.next += n,
+                _ => pr.flow = Flow::Probe { waiting: true },
+            }
+            let body = Body::Append {
+                prev_index: prev,
+                prev_term,
+                commit,
+                entries,
+            };
+            self.send(to, body, out);
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn on_append_resp(
+        &mut self,
+        from: ReplicaId,
+        index: u64,
+        reject: bool,
+        hint_index: u64,
+        hint_term: u64,
+        out: &mut Ready,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        self.active.insert(from);
+        let last = self.log.last_index();
+        let pr = self
+            .progress
+            .get_mut(&from)
+            .expect("progress for every peer");
+        if reject {
+            let stale = match pr.flow {
+                Flow::Probe { .. } => index != pr.next - 1,
+                _ => index <= pr.matched,
+            };
+            if stale {
+                return;
+            }
+            // Fast back-off: skip to our last entry whose term is at most the follower's
+            // term at its hint; both logs agree on nothing after the hint (§5.3).
+            let probe = self.log.conflict_by_term(hint_index, hint_term);
+            pr.next = index.min(probe + 1).max(pr.matched + 1);
+            pr.flow = Flow::Probe { waiting: false };
+            self.send_append(from, false, out);
+            return;
+        }
+        let index = index.min(last);
+        if index > pr.matched {
+            pr.matched = index;
+            pr.stalled = 0;
+        }
+        pr.next = pr.next.max(pr.matched + 1);
+        match pr.flow {
+            Flow::Probe { .. } => pr.flow = Flow::Replicate,
+            Flow::Snapshot { index: s, .. } if pr.matched >= s => pr.flow = Flow::Replicate,
+            _ => {}
+        }
+        if pr.flow == Flow::Replicate {
+            // After a probe or a snapshot, `next` may still point past a lost message.
+            pr.next = pr.next.min(last + 1).max(pr.matched + 1);
+        }
+        let caught_up = pr.matched == last;
+        if self.maybe_commit() {
+            self.on_commit(out);
+        } else {
+            self.send_append(from, false, out);
+        }
+        if caught_up && self.transferee == Some(from) {
+            self.send(from, Body::TimeoutNow, out);
+        }
+    }
+
+    pub(super) fn on_heartbeat_resp(&mut self, from: ReplicaId, round: u64, out: &mut Ready) {
+        if self.role != Role::Leader {
+            return;
+        }
+        self.active.insert(from);
+        let pr = self
+            .progress
+            .get_mut(&from)
+            .expect("progress for every peer");
+        if let Flow::Probe { waiting } = &mut pr.flow {
+            // An Append (or its answer) may have been lost; the follower is alive, so try again.
+            *waiting = false;
+        }
+        if pr.flow == Flow::Replicate && pr.matched < self.log.last_index() {
+            // Everything was sent, yet the follower is alive and its match has not moved
+            // for half an election timeout of heartbeat rounds: Appends were lost (no
+            // round trip is that slow, or elections would fail too). Probe from its match.
+            pr.stalled += 1;
+            let patience = (self.cfg.election_ticks / self.cfg.heartbeat_ticks / 2).max(2);
+            if pr.stalled >= patience {
+                pr.stalled = 0;
+                pr.next = pr.matched + 1;
+                pr.flow = Flow::Probe { waiting: false };
+            }
+        }
+        if pr.matched < self.log.last_index() {
+            self.send_append(from, false, out);
+        }
+        let quorum = self.quorum;
+        let Some(current) = self.reads.current.as_mut() else {
+            return;
+        };
+        if current.id != round || current.acks.contains(&from) {
+            return;
+        }
+        current.acks.push(from);
+        if current.acks.len() + 1 >= quorum {
+            let done = self.reads.current.take().expect("checked above");
+            for ctx in done.ctxs {
+                out.reads.push(ReadState {
+                    ctx,
+                    index: done.index,
+                });
+            }
+            self.start_read_round(out);
+        }
+    }
+
+    /// §5.3, §5.4.2: the highest index a majority has on disk becomes committed, but only
+    /// if its entry is of this term; older entries commit with it, never by counting.
+    pub(super) fn maybe_commit(&mut self) -> bool {
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+        matched.push(self.persisted.min(self.log.last_index()));
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let n = matched[self.quorum - 1];
+        #[allow(unused_mut)]
+        let mut ours = self.log.term(n) == Some(self.term);
+        #[cfg(test)]
+        if self.bug == super::replica::Bug::CommitAnyTerm {
+            ours = true;
+        }
+        if n > self.commit && ours {
+            self.commit = n;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(super) fn on_commit(&mut self, out: &mut Ready) {
+        self.broadcast_append(out);
+        self.start_read_round(out);
+    }
+
+    fn start_read_round(&mut self, out: &mut Ready) {
+        // §6.4: until an entry of its term is committed a new leader does not know the
+        // commit index, so reads wait for the no-op.
+        if self.reads.current.is_some()
+            || self.reads.waiting.is_empty()
+            || self.log.term(self.commit) != Some(self.term)
+        {
+            return;
+        }
+        self.reads.last_round += 1;
+        self.reads.current = Some(Round {
+            id: self.reads.last_round,
+            index: self.commit,
+            acks: Vec::new(),
+            ctxs: mem::take(&mut self.reads.waiting),
+        });
+        self.heartbeat_elapsed = 0;
+        self.broadcast_heartbeat(out);
+    }
+
+    pub(super) fn fail_reads(&mut self, out: &mut Ready) {
+        if let Some(r) = self.reads.current.take() {
+            out.failed_reads.extend(r.ctxs);
+        }
+        out.failed_reads.append(&mut self.reads.waiting);
+    }
+}
