@@ -698,6 +698,8 @@ fn with_the_secret_a_forged_server_link_is_closed_and_its_events_reach_no_client
     let b = start(&["--secret-file", file, "--join", &a.addr.to_string()]);
     converge(&[&a, &b]);
     let mut alice = join(a.addr, "alice");
+    // So that bob, joining after, is not told of alice's join.
+    settle(&[&a, &b], &["alice"]);
     let mut bob = join(b.addr, "bob");
     settle(&[&a, &b], &["alice", "bob"]);
     expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
