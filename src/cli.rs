@@ -1,6 +1,8 @@
 //! Parsers for command-line values that several binaries share (argh's `from_str_fn`), so a
 //! flag reads the same way on every binary that has it.
 
+use std::fmt::Display;
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// A number of seconds, fractions allowed (`0.25`, `300`), zero included.
@@ -24,6 +26,22 @@ pub fn positive_seconds(text: &str) -> Result<Duration, String> {
     match seconds(text)? {
         d if d.is_zero() => Err(format!("expected more than 0 seconds, got {text:?}")),
         d => Ok(d),
+    }
+}
+
+/// How a `--check` or `--repair` run of a file the project writes ends: the report on
+/// stdout as `WHAT: report` and exit 0 (usable, or repaired), 1 (a check found damage); or
+/// the error on stderr and exit 2 (unreadable, not such a file, or not repairable).
+pub fn report_check(what: impl Display, result: std::io::Result<(String, bool)>) -> ExitCode {
+    match result {
+        Ok((text, damaged)) => {
+            println!("{what}: {text}");
+            ExitCode::from(u8::from(damaged))
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

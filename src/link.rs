@@ -29,7 +29,7 @@
 //!
 //!   The acceptor's step is a separate call, [`authenticate`], because the service's
 //!   verdict (registering a peer) must come after it: a link that fails it never reaches
-//!   the service's state. The dialer's is inside [`Dialer::dial`].
+//!   the service's state. The dialer's is inside [`Dialer::dial_with_auth`].
 //! - **Dead-peer detection**: a link's writer sends a heartbeat when idle
 //!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
 //!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
@@ -205,7 +205,7 @@ impl From<FrameError> for LinkError {
 }
 
 /// What this end proves on a link, and in which cluster: [`crate::auth`]'s exchange, run
-/// by [`Dialer::dial`] and [`authenticate`] when a service configures one.
+/// by [`Dialer::dial_with_auth`] and [`authenticate`] when a service configures one.
 #[derive(Debug, Clone)]
 pub struct Auth {
     /// The cluster secret.
@@ -353,9 +353,6 @@ pub struct Dialer {
     pub timeouts: Timeouts,
     /// Sockets are registered here as soon as they connect.
     pub group: Option<Group>,
-    /// With a cluster secret, every dial runs [`crate::auth`]'s exchange around the hello;
-    /// without one the wire is the service's hello and answer alone.
-    pub auth: Option<Auth>,
 }
 
 impl Dialer {
@@ -366,7 +363,6 @@ impl Dialer {
             limits: Limits::default(),
             timeouts,
             group: None,
-            auth: None,
         }
     }
 
@@ -387,6 +383,27 @@ impl Dialer {
     where
         E: Into<Box<dyn Error + Send + Sync>>,
     {
+        self.dial_with_auth(None, addr, hello, answer)
+    }
+
+    /// [`Dialer::dial`], and with `auth` [`crate::auth`]'s exchange around the hello
+    /// (without it the wire is the service's hello and answer alone): the far end's
+    /// identity is then proven, and returned by [`Link::peer_identity`]. (The secret is an
+    /// argument rather than a field so that services building a `Dialer` field by field
+    /// keep compiling.)
+    ///
+    /// # Errors
+    /// As [`Dialer::dial`], and [`LinkError::Unauthenticated`] when the handshake fails.
+    pub fn dial_with_auth<P, E>(
+        &self,
+        auth: Option<&Auth>,
+        addr: impl ToSocketAddrs,
+        hello: &[u8],
+        answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+    ) -> Result<(Link, P), LinkError>
+    where
+        E: Into<Box<dyn Error + Send + Sync>>,
+    {
         let timeouts = &self.timeouts;
         let stream = Arc::new(connect(addr, timeouts.connect)?);
         // Registered before the handshake, so a shutdown meanwhile cuts it short.
@@ -399,7 +416,6 @@ impl Dialer {
         stream.set_write_timeout(Some(timeouts.write))?;
         let shared = SharedStream(Arc::clone(&stream));
         let mut reader = FrameReader::with_limits(shared, self.framing, self.limits);
-        let auth = self.auth.as_ref();
         let (peer, peer_identity) = greet_as_dialer(&stream, &mut reader, auth, hello, answer)
             .inspect_err(|e| {
                 if let LinkError::Unauthenticated(why) = e {
@@ -657,6 +673,48 @@ pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, LinkError> {
     Ok(addrs)
 }
 
+impl<R: Read> Link<R> {
+    /// [`Link::read_frames`] by reads: `on_frame` for each frame one read of the socket
+    /// completed, then `on_read` once, before the next read may block. For a service that
+    /// answers a batch at once (one fsync and one acknowledgement for every record a read
+    /// brought, not one per record). Over-limit frames are skipped and logged as there.
+    pub fn read_batches<B>(
+        &mut self,
+        name: &str,
+        mut on_frame: impl FnMut(&[u8]) -> ControlFlow<B>,
+        mut on_read: impl FnMut(),
+    ) -> End<B> {
+        loop {
+            match self.reader.fill() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return match self.reader.finish() {
+                        Ok(()) => End::Closed,
+                        Err(e) => End::Lost(e),
+                    }
+                }
+                Err(e) => return End::Lost(e),
+            }
+            let stopped = loop {
+                match self.reader.next_buffered() {
+                    Ok(Some(frame)) => {
+                        if let ControlFlow::Break(why) = on_frame(frame) {
+                            break Some(End::Stopped(why));
+                        }
+                    }
+                    Ok(None) => break None,
+                    Err(e) if e.is_recoverable() => log_info!("{name}: {e}; skipped"),
+                    Err(e) => break Some(End::Lost(e)),
+                }
+            };
+            on_read();
+            if let Some(end) = stopped {
+                return end;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,11 +819,8 @@ mod tests {
         auth: Option<Auth>,
         hello: &[u8],
     ) -> Result<(Link, String), LinkError> {
-        let dialer = Dialer {
-            auth,
-            ..Dialer::new(Framing::Line, Timeouts::uniform(T))
-        };
-        dialer.dial(addr, hello, parse)
+        let dialer = Dialer::new(Framing::Line, Timeouts::uniform(T));
+        dialer.dial_with_auth(auth.as_ref(), addr, hello, parse)
     }
 
     #[test]
@@ -1024,5 +1079,53 @@ mod tests {
         );
         assert!(matches!(err, LinkError::Closed | LinkError::Io(_)), "{err}");
         silent.join().unwrap();
+    }
+
+    #[test]
+    fn frames_are_read_in_batches_with_one_call_after_each_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let acceptor = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let stream = Arc::new(stream);
+            let mut reader = FrameReader::new(SharedStream(Arc::clone(&stream)), Framing::Line);
+            reader.read_frame().unwrap();
+            let verdict = Verdict::Welcome(b"+bob\n".to_vec());
+            let mut link = accept(&stream, reader, &Timeouts::uniform(T), verdict)
+                .unwrap()
+                .unwrap();
+            let frames = tx.clone();
+            let end = link.read_batches(
+                "test",
+                |f| {
+                    let _ = frames.send(Some(String::from_utf8_lossy(f).into_owned()));
+                    ControlFlow::<()>::Continue(())
+                },
+                || {
+                    let _ = tx.send(None);
+                },
+            );
+            matches!(end, End::Closed)
+        });
+        // The frames up to the next end of a read.
+        let batch =
+            || -> Vec<String> { std::iter::from_fn(|| rx.recv_timeout(T).unwrap()).collect() };
+        let (link, _) = dial(
+            addr,
+            Framing::Line,
+            Limits::default(),
+            b"hi\n",
+            &Timeouts::uniform(T),
+            parse,
+        )
+        .unwrap();
+        (&**link.stream()).write_all(b"a\nb\nc\n").unwrap();
+        // One write of three frames: read at once (a small loopback write arrives whole).
+        assert_eq!(batch(), ["a", "b", "c"]);
+        (&**link.stream()).write_all(b"d\n").unwrap();
+        assert_eq!(batch(), ["d"]);
+        link.stream().shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(acceptor.join().unwrap(), "a clean end");
     }
 }

@@ -101,7 +101,7 @@ fn room(secret: Option<&Secret>) -> [Member3; 3] {
     let bob = Member3::start("bob", Some(alice.addr), secret);
     let carol = Member3::start("carol", Some(alice.addr), secret);
     for m in [&alice, &bob, &carol] {
-        m.wait_for("[MEMBERS v3] alice,bob,carol");
+        m.wait_for("[MEMBERS v3 by alice] alice,bob,carol");
     }
     [alice, bob, carol]
 }
@@ -156,7 +156,7 @@ fn room_intact(room: &mut [Member3; 3], text: &str) {
             .rfind(|l| l.starts_with("[MEMBERS"))
             .unwrap()
             .to_owned();
-        assert_eq!(last, "[MEMBERS v3] alice,bob,carol", "{}", m.name);
+        assert_eq!(last, "[MEMBERS v3 by alice] alice,bob,carol", "{}", m.name);
     }
 }
 

@@ -141,9 +141,62 @@ impl Raw {
     fn closed(&mut self) -> bool {
         matches!(self.reader.read_frame(), Ok(None) | Err(_))
     }
+
+    /// Whether the server ended the connection: the end of the stream or a reset, not a
+    /// read that timed out (which `closed` also counts).
+    fn ended_by_server(&mut self) -> bool {
+        match self.reader.read_frame() {
+            Ok(None) => true,
+            Err(e) => !e.is_timeout(),
+            Ok(Some(_)) => false,
+        }
+    }
 }
 
 const OK: &[u8] = b"\x20";
+
+#[test]
+fn an_idle_client_is_closed_after_the_idle_timeout_and_a_busy_one_is_not() {
+    let idle = Duration::from_millis(400);
+    let cluster = Cluster::start_with(1, "idle", &["--idle-timeout", "0.4"]);
+    let mut quiet = cluster.raw();
+    let quiet_since = Instant::now();
+    let mut busy = cluster.raw();
+    // Busy for three timeouts, a request every tenth of one: always answered.
+    while quiet_since.elapsed() < 3 * idle {
+        assert_eq!(busy.ask(b"\x03nobody"), b"\x22\x00\x00");
+        thread::sleep(idle / 10);
+    }
+    // The quiet one was closed by the server in the meantime (its read then sees the end
+    // at once), not before its timeout.
+    assert!(quiet.ended_by_server());
+    assert!(quiet_since.elapsed() >= idle);
+    assert!(!cluster.log(0).contains("ended:"), "{}", cluster.log(0));
+}
+
+#[test]
+fn a_connection_over_the_limit_is_told_unavailable_and_closed() {
+    let cluster = Cluster::start_with(1, "maxconn", &["--max-connections", "2"]);
+    let first = cluster.raw();
+    // Connections that found the server not yet primary may still count for a moment.
+    let mut second = None;
+    eventually("a second connection served", || {
+        let mut r = Raw::connect(cluster.addrs[0]);
+        r.send(b"\x03nobody");
+        let served = matches!(r.reader.read_frame(), Ok(Some(b"\x22\x00\x00")));
+        second = served.then_some(r);
+        served
+    });
+    // Two are live: the third is refused, in the messenger's own framing.
+    let mut third = connect(cluster.addrs[0]);
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut third, &mut got).unwrap();
+    assert_eq!(got, b"\x00\x00\x00\x01\x41");
+    eventually("the refusal logged", || {
+        cluster.log(0).contains("refused connection")
+    });
+    drop((first, second));
+}
 
 #[test]
 fn every_rule_is_answered_with_its_own_code_and_changes_nothing() {

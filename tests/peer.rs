@@ -237,7 +237,7 @@ fn five_concurrent_joins_agree_and_every_message_arrives_once_in_order() {
     let refs: Vec<&PeerProc> = peers.iter().collect();
     let line = converge(&refs, &names);
     // Three to start, one version per admission.
-    assert_eq!(line, "[MEMBERS v8] a,b,c,d,e,f,g,h");
+    assert_eq!(line, "[MEMBERS v8 by a] a,b,c,d,e,f,g,h");
 
     const N: usize = 20;
     for p in &mut peers {
@@ -395,6 +395,31 @@ fn a_taken_name_is_refused_and_leaving_hands_over_the_lead() {
     assert!(b.wait_exit().success());
     converge(&[&c, &d], &["c", "d"]);
     assert!(c.lines().contains(&"[LEAVE] b".to_owned()));
+}
+
+/// README's layout (carol `--no-direct` bob), alice killed: bob and carol cannot reach each
+/// other. Each says so, each ends alone under its own label (never one version for two
+/// lists), and carol's next line is reported as reaching nobody.
+#[test]
+fn a_split_room_says_so_and_never_shows_two_lists_under_one_label() {
+    let mut alice = PeerProc::start("alice", None, &[]);
+    let bob = PeerProc::start("bob", Some(&alice), &[]);
+    let mut carol = PeerProc::start("carol", Some(&alice), &[&bob]);
+    converge(&[&alice, &bob, &carol], &["alice", "bob", "carol"]);
+    alice.kill9();
+    assert_eq!(bob.wait_members(&["bob"]), "[MEMBERS v4 by bob] bob");
+    assert_eq!(
+        carol.wait_members(&["carol"]),
+        "[MEMBERS v4 by carol] carol"
+    );
+    assert!(bob.lines().contains(&"[UNREACHABLE] carol".to_owned()));
+    assert!(carol.lines().contains(&"[UNREACHABLE] bob".to_owned()));
+    carol.say("anyone?");
+    eventually("carol to be told her line reached nobody", || {
+        carol
+            .lines()
+            .contains(&"[NOT SENT] nobody else is in the room".to_owned())
+    });
 }
 
 #[test]

@@ -20,6 +20,10 @@ struct Args {
     /// run the servers with --no-fsync
     #[argh(switch)]
     no_fsync: bool,
+    /// instead of the load and failover runs: hold this many idle clients on one server
+    /// and report its memory
+    #[argh(option)]
+    idle: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,18 @@ fn main() -> ExitCode {
         runs: args.runs.max(1),
         fsync: !args.no_fsync,
     };
+    if let Some(n) = args.idle {
+        return match bench::hold_idle(&options, n) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("messenger-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench::run(&options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

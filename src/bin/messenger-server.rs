@@ -4,8 +4,9 @@
 use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use switchboard::log_info;
-use switchboard::messenger::{self, Options, Replica as Node};
+use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
 
 /// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.
@@ -35,6 +36,14 @@ struct Args {
     /// files as they were are kept with a .damaged-UNIXTIME suffix
     #[argh(switch)]
     repair: bool,
+    /// refuse connections beyond this many live ones, peer links included, with the
+    /// `41` (unavailable) reply (default 10000)
+    #[argh(option, default = "10_000")]
+    max_connections: usize,
+    /// close a client connection that sends nothing for this many seconds; fractions
+    /// allowed (default: never)
+    #[argh(option, from_str_fn(seconds))]
+    idle_timeout: Option<Duration>,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -65,13 +74,16 @@ fn main() -> ExitCode {
         compact_after: args.compact_after,
         ..Options::new(id, peers, args.data_dir)
     };
-    let (node, report) = match Node::open(&options) {
+    let (node, report) = match Replica::open(&options) {
         Ok(opened) => opened,
         Err(e) => return fail(&format!("cannot open the data directory: {e}")),
     };
     log_info!("messenger-{}: {}: {report}", id, options.data_dir.display());
     let addr = options.peers[id];
-    let config = ServerConfig::named(&format!("messenger-{id}"));
+    let mut config = ServerConfig::named(&format!("messenger-{id}"));
+    config.max_connections = args.max_connections;
+    config.idle_timeout = args.idle_timeout;
+    config.refusal = Some(messenger::server::refusal());
     let n = node.clone();
     let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {
         Ok(s) => s,
@@ -90,6 +102,14 @@ fn main() -> ExitCode {
     server.run();
     node.stop();
     ExitCode::SUCCESS
+}
+
+/// A positive number of seconds, fractions allowed (`0.5`).
+fn seconds(value: &str) -> Result<Duration, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{value:?} is not a positive number of seconds")),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {

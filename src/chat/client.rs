@@ -240,7 +240,12 @@ pub fn run_console(
     });
     let printed = (|| -> Result<(), ClientError> {
         loop {
-            let line = reader.next_line()?;
+            // A server that goes away may reset the connection instead of closing it
+            // (its socket closed with bytes unread): to the user that is the same close.
+            let line = match reader.next_line() {
+                Err(ClientError::Io(e)) if crate::server::is_disconnect(&e) => None,
+                other => other?,
+            };
             let shown = match &line {
                 Some(line) => protocol::display(line),
                 None => "[CLOSED] the server closed the connection".to_owned(),

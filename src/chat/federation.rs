@@ -303,6 +303,15 @@ impl Federation {
         }
     }
 
+    /// The peer whose roster holds client `name`, if any. Names are unique across the
+    /// federation, so there is at most one once every claim has been settled.
+    pub fn holder(&self, name: &str) -> Option<&ServerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.roster.contains(name))
+            .map(|(id, _)| id)
+    }
+
     /// The clients of every peer.
     pub fn rosters(&self) -> impl Iterator<Item = &str> {
         self.peers
@@ -381,10 +390,10 @@ fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), Link
     let dialer = Dialer {
         limits: line_limits(),
         group: Some(chat.0.group.clone()),
-        auth: auth(chat),
         ..Dialer::new(Framing::Line, TIMEOUTS)
     };
-    let (link, id) = dialer.dial(targets.as_slice(), &line, |answer| {
+    let auth = auth(chat);
+    let (link, id) = dialer.dial_with_auth(auth.as_ref(), targets.as_slice(), &line, |answer| {
         protocol::parse_welcome(answer).map(|welcome| match welcome {
             Welcome::Accepted(id) => Answer::Welcome(id),
             Welcome::Refused(reason) => Answer::Refused(reason),

@@ -45,6 +45,17 @@ impl Hub {
         }
     }
 
+    /// Removes the client `name`, whichever connection it is on: another server's claim to
+    /// the name won (see `State::claim`).
+    pub fn evict(&mut self, name: &str) -> Option<Client> {
+        self.clients.remove(name)
+    }
+
+    /// Whether `name` is joined here.
+    pub fn has(&self, name: &str) -> bool {
+        self.clients.contains_key(name)
+    }
+
     /// Whether connection `conn` is joined as `name`.
     pub fn is_joined(&self, name: &str, conn: u64) -> bool {
         self.clients.get(name).is_some_and(|c| c.conn == conn)

@@ -54,7 +54,9 @@ use hub::{Client, Hub, Line};
 use protocol::{Event, Opening, PeerMessage, Refusal, ServerId};
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -305,6 +307,50 @@ impl State {
         }
     }
 
+    /// Settles the claim of server `from` to client `name` (a `{join,..}` or a
+    /// `{present,..}` from it); `true` when the name is new here and its join is shown.
+    ///
+    /// Names are unique across the federation: a server refuses a name any member is known
+    /// to hold. Two servers can still admit one name at once, each before it hears of the
+    /// other's join; every server then settles the two claims the same way, whatever order
+    /// they arrive in: **the server with the smaller id keeps the name**. A local client
+    /// that loses is sent `{error,name_taken}` and disconnected, and nobody is told it left:
+    /// its name is still in the room, held by the winner.
+    fn claim(&mut self, me: &ServerId, from: &ServerId, name: &str) -> bool {
+        let holder = if self.hub.has(name) {
+            Some(me)
+        } else {
+            self.fed.holder(name)
+        };
+        match holder {
+            None => {
+                self.fed.roster(from, name, true);
+                true
+            }
+            Some(holder) if holder <= from => false,
+            Some(holder) if holder == me => {
+                if let Some(client) = self.hub.evict(name) {
+                    log_info!(
+                        "chat: {from} also admitted {name} and keeps the name; disconnecting ours"
+                    );
+                    let refusal =
+                        encode(|out| protocol::format_error(Refusal::NameTaken.reason(), out));
+                    let _ = client.outbox.send(refusal);
+                    // Ends the session's reader; the writer still flushes the refusal.
+                    client.outbox.shutdown(Shutdown::Read);
+                }
+                self.fed.roster(from, name, true);
+                false
+            }
+            Some(holder) => {
+                let holder = holder.clone();
+                self.fed.roster(&holder, name, false);
+                self.fed.roster(from, name, true);
+                false
+            }
+        }
+    }
+
     fn relay(&mut self, line: &Line, queue: &mut VecDeque<Work>) {
         let mut failed = Vec::new();
         self.fed.relay(line, &mut failed);
@@ -383,10 +429,12 @@ impl Chat {
 
     // ---- clients ----
 
-    /// Joins `name`; `false` when the name is in use on this server.
+    /// Joins `name`; `false` when the name is in use here or held by another member.
     fn join(&self, name: &str, client: Client) -> bool {
         let mut state = self.state();
-        if !state.hub.join(name, client) {
+        // Taken when a member is known to hold it; a claim crossing ours on a link is
+        // settled when it arrives (`State::claim`).
+        if state.fed.holder(name).is_some() || !state.hub.join(name, client) {
             return false;
         }
         log_debug!("chat: {name} joined");
@@ -423,8 +471,8 @@ impl Chat {
         self.state().fed.members()
     }
 
-    /// Every client this server knows of, here and on its peers, sorted (a name joined on
-    /// two servers is listed twice). A name is listed once its join has been handled
+    /// Every client this server knows of, here and on its peers, sorted (each once: names
+    /// are unique across the federation). A name is listed once its join has been handled
     /// here, and so was given to every local client: a barrier for tests.
     fn who(&self) -> Vec<String> {
         let state = self.state();
@@ -505,17 +553,31 @@ impl Chat {
                     self.dial(id);
                 }
             }
-            PeerMessage::Present(name) => state.fed.roster(from, &name, true),
+            PeerMessage::Present(name) => {
+                state.claim(self.me(), from, &name);
+            }
             PeerMessage::Event(event) => {
-                match &event {
-                    Event::Join(name) => state.fed.roster(from, name, true),
-                    Event::Leave(name) => state.fed.roster(from, name, false),
-                    Event::Message { .. } => {}
+                let shown = match &event {
+                    Event::Join(name) => state.claim(self.me(), from, name),
+                    // Only the holder's leave is true: the loser of a claim leaves quietly.
+                    Event::Leave(name) => {
+                        let held = state.fed.holder(name) == Some(from);
+                        state.fed.roster(from, name, false);
+                        held
+                    }
+                    // A name's messages come from its holder (or from a name not recorded
+                    // for a full roster); the loser's, sent before it lost, are dropped.
+                    Event::Message { name, .. } => {
+                        !state.hub.has(name)
+                            && state.fed.holder(name).is_none_or(|holder| holder == from)
+                    }
+                };
+                if shown {
+                    state.run(Work::Event {
+                        event,
+                        relay: false,
+                    });
                 }
-                state.run(Work::Event {
-                    event,
-                    relay: false,
-                });
             }
             PeerMessage::Leave(id) => {
                 log_info!("chat: {from} sent a leave for {id}; ignored");
@@ -527,5 +589,38 @@ impl Chat {
     /// Sends `{server_leave,Id}` on every link and closes them all.
     fn leave_federation(&self) {
         self.state().fed.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(port: u16) -> ServerId {
+        ServerId {
+            addr: format!("127.0.0.1:{port}"),
+            incarnation: 1,
+        }
+    }
+
+    /// Two servers claim one name; a third settles on the smaller one whichever order the
+    /// claims arrive in, shows the join once, and shows only the holder's leave.
+    #[test]
+    fn crossing_claims_settle_on_the_smaller_server_in_any_order() {
+        let (me, small, big) = (id(3), id(1), id(2));
+        for order in [[&small, &big], [&big, &small]] {
+            let mut state = State {
+                hub: Hub::default(),
+                fed: Federation::new(me.clone()),
+            };
+            state.fed.learn(&[small.clone(), big.clone()]);
+            let shown: Vec<bool> = order
+                .iter()
+                .map(|from| state.claim(&me, from, "alice"))
+                .collect();
+            assert_eq!(shown, [true, false]);
+            assert_eq!(state.fed.holder("alice"), Some(&small));
+            assert_eq!(state.fed.holder("bob"), None);
+        }
     }
 }

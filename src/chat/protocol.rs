@@ -216,7 +216,8 @@ pub enum Refusal {
     Malformed(ProtocolError),
     /// The line is longer than [`MAX_LINE`]; it was skipped unread.
     LineTooLong,
-    /// A join under a name already in use on this server.
+    /// A join under a name already in use in the federation (or lost to another server's
+    /// join of it at the same moment).
     NameTaken,
     /// A second join on one connection.
     AlreadyJoined,

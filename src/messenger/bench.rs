@@ -1,12 +1,14 @@
 //! The measurements behind `messenger-bench`: sends per second acknowledged by a cluster of
-//! `messenger-server` processes against a single server (the cost of replication), and
-//! failover time (from `kill -9` of the primary to the first send acknowledged by the new
-//! one). Servers run as child processes, so a kill is a real crash.
+//! `messenger-server` processes against a single server (the cost of replication), failover
+//! time (from `kill -9` of the primary to the first send acknowledged by the new one), and the
+//! memory an idle client costs. Servers run as child processes, so a kill is a real crash.
 
 use super::client::{Client, ClientError};
-use crate::bench::free_addrs;
-use std::io;
-use std::net::SocketAddr;
+use crate::bench::{free_addrs, process_rss_kib};
+use crate::framing::{encode_frame, FrameReader, Framing};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -71,6 +73,11 @@ impl Cluster {
                 .args(["-STOP", &c.id().to_string()])
                 .status();
         }
+    }
+
+    /// The process id of server `id`, while it runs.
+    pub fn pid(&self, id: usize) -> Option<u32> {
+        self.children[id].as_ref().map(Child::id)
     }
 
     /// Kills server `id` with SIGKILL, as a crash would.
@@ -193,6 +200,84 @@ pub fn failover(cluster: &mut Cluster, tag: &str, fault: Fault) -> Result<Durati
         }
     }
     unreachable!("the loop only ends by returning")
+}
+
+/// What [`hold_idle`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleReport {
+    /// Client connections held open.
+    pub held: usize,
+    /// The server's resident memory before they connected, KiB.
+    pub rss_before_kib: Option<u64>,
+    /// The server's resident memory while holding them, KiB.
+    pub rss_held_kib: Option<u64>,
+}
+
+impl fmt::Display for IdleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib =
+            |k: Option<u64>| k.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        write!(
+            f,
+            "{} idle clients: server RSS {} before, {} held",
+            self.held,
+            mib(self.rss_before_kib),
+            mib(self.rss_held_kib)
+        )?;
+        if let (Some(before), Some(held)) = (self.rss_before_kib, self.rss_held_kib) {
+            let per = held.saturating_sub(before) as f64 / self.held.max(1) as f64;
+            write!(f, " ({per:.1} KiB per client)")?;
+        }
+        Ok(())
+    }
+}
+
+/// One search on a fresh connection, answered: the connection, to hold idle.
+fn searched(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut frame = Vec::new();
+    encode_frame(Framing::U32, b"\x03nobody", &mut frame).map_err(io::Error::other)?;
+    (&stream).write_all(&frame)?;
+    let mut reader = FrameReader::new(&stream, Framing::U32);
+    match reader.read_frame() {
+        Ok(Some(reply)) if reply.first() == Some(&super::protocol::status::FOUND) => {}
+        other => {
+            let got = other.map(|f| f.map(<[u8]>::to_vec));
+            return Err(io::Error::other(format!("search answered {got:?}")));
+        }
+    }
+    drop(reader);
+    Ok(stream)
+}
+
+/// Starts one server, opens `n` client connections that each make one search and then stay
+/// idle, and samples the server's resident memory before and while they are held.
+///
+/// # Errors
+/// When the server cannot be started or a connection fails.
+pub fn hold_idle(o: &BenchOptions, n: usize) -> Result<IdleReport, String> {
+    let root = std::env::temp_dir().join(format!("switchboard-msgidle-{}", std::process::id()));
+    let cluster = Cluster::start(&o.server_bin, 1, &root, o.fsync).map_err(|e| e.to_string())?;
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let pid = cluster.pid(0);
+    let rss_before_kib = pid.and_then(process_rss_kib);
+    let held = (0..n)
+        .map(|_| searched(cluster.addrs[0]))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    // Each connection has had its answer; give the threads a moment to reach their idle
+    // reads before sampling (a figure, not a check: no readiness signal is needed).
+    thread::sleep(Duration::from_millis(500));
+    let rss_held_kib = pid.and_then(process_rss_kib);
+    drop(held);
+    Ok(IdleReport {
+        held: n,
+        rss_before_kib,
+        rss_held_kib,
+    })
 }
 
 /// What `messenger-bench` runs.

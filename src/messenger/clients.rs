@@ -1,14 +1,20 @@
-//! The client registry: every client connection of this server, its outbox, and who is
-//! logged in where. The replica holds it under its lock; it knows nothing of replication,
-//! and reads no socket (the connection code in [`super::server`] drains the outboxes).
+//! The client registry: every client connection of this server, its outbox, the frames
+//! held back until the changes they reveal are committed, and who is logged in where. The
+//! replica holds it under its lock; it knows nothing of replication and holds no socket:
+//! each connection's [`Outbox`] (the framework's, drained by a writer thread) is its only
+//! way out, and a frame enters it only once its change is committed.
 
 use super::protocol::{self, Reply};
 use crate::framing::{encode_frame, Framing};
-use crate::log_debug;
-use crossbeam_channel::Sender;
-use std::collections::HashMap;
-use std::net::{Shutdown, TcpStream};
-use std::sync::Arc;
+use crate::outbox::{Bytes, Outbox};
+use std::collections::{HashMap, VecDeque};
+use std::net::Shutdown;
+
+/// Frames queued or held for one client: its outbox's limit, and the most frames held for
+/// commit on its behalf. A client that lets this many go unread (or pipelines this many
+/// requests ahead of the commits) is disconnected; its undelivered messages stay queued
+/// for its next login.
+pub(super) const OUTBOX: usize = 1024;
 
 /// Frames for one client, to write once record `tag` of `epoch` is committed (at once if
 /// no tag).
@@ -87,35 +93,65 @@ impl Sessions {
 
 /// One client connection, as the registry knows it.
 struct Entry {
-    /// Frames for the connection's outbox writer.
-    outbox: Sender<Out>,
-    /// The socket, to close it when the server steps down or the client stops reading.
-    stream: Arc<TcpStream>,
+    /// Its way out; dropping it lets the writer flush what is queued and half-close.
+    outbox: Outbox,
+    /// Frames of this connection in [`Clients::held`].
+    held: usize,
+    /// Its reader has ended: the entry goes once nothing is held for it any more.
+    leaving: bool,
+    /// A frame that closes the connection was sent: nothing more goes out on it.
+    closed: bool,
 }
 
-/// Every client connection of this server, and its sessions.
+/// Frames waiting for their change to commit.
+struct Held {
+    conn: u64,
+    epoch: u64,
+    tag: u64,
+    bytes: Bytes,
+    close: bool,
+}
+
+/// Every client connection of this server, its held frames, and its sessions.
 #[derive(Default)]
 pub(super) struct Clients {
     conns: HashMap<u64, Entry>,
+    /// Frames waiting for a commit, in the order they were queued. Tags are the last
+    /// record's sequence number when queued, which only grows while this server is primary
+    /// (and everything held is dropped when it stops being primary), so the queue is sorted
+    /// by tag: a commit releases a prefix of it, and each connection's frames leave in the
+    /// order they were queued.
+    held: VecDeque<Held>,
     sessions: Sessions,
 }
 
 impl Clients {
-    /// Registers connection `conn`, whose outbox writer reads from `outbox`.
-    pub(super) fn add(&mut self, conn: u64, outbox: Sender<Out>, stream: Arc<TcpStream>) {
-        self.conns.insert(conn, Entry { outbox, stream });
+    /// Registers connection `conn`, whose frames go to `outbox`.
+    pub(super) fn add(&mut self, conn: u64, outbox: Outbox) {
+        let entry = Entry {
+            outbox,
+            held: 0,
+            leaving: false,
+            closed: false,
+        };
+        self.conns.insert(conn, entry);
     }
 
-    /// Forgets connection `conn` and logs it out. Its outbox sender is dropped here, so
-    /// its writer drains what is queued and ends.
+    /// Forgets connection `conn` (its reader ended) and logs it out. Its outbox is dropped
+    /// once the frames held for it have been released, so its writer sends them, then ends.
     pub(super) fn remove(&mut self, conn: u64) {
-        self.conns.remove(&conn);
         self.sessions.log_out(conn);
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            entry.leaving = true;
+            if entry.held == 0 {
+                self.conns.remove(&conn);
+            }
+        }
     }
 
-    /// Whether connection `conn` is registered.
+    /// Whether connection `conn` is registered and still reading.
     pub(super) fn contains(&self, conn: u64) -> bool {
-        self.conns.contains_key(&conn)
+        self.conns.get(&conn).is_some_and(|e| !e.leaving)
     }
 
     /// The sessions, to decide requests against.
@@ -128,29 +164,98 @@ impl Clients {
         &mut self.sessions
     }
 
-    /// Queues frames for connection `conn`. One whose outbox is full is not reading: it is
-    /// disconnected (its undelivered messages stay queued for its next login).
-    pub(super) fn send(&self, conn: u64, out: Out) {
-        if let Some(c) = self.conns.get(&conn) {
-            if c.outbox.try_send(out).is_err() {
-                log_debug!("messenger: connection {conn} is not reading; closing it");
-                let _ = c.stream.shutdown(Shutdown::Both);
+    /// Frames held for a commit, all connections together.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Queues frames for connection `conn`: into its outbox at once if what they wait for
+    /// is `committed` already and nothing of it is held before them, else held until
+    /// [`Clients::release`]. A connection with [`OUTBOX`] frames held, or a full outbox,
+    /// is not reading: it is disconnected.
+    pub(super) fn send(&mut self, conn: u64, out: Out, committed: u64) {
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if entry.closed {
+            return;
+        }
+        let bytes = Bytes::from(out.bytes);
+        let ready = out.tag.is_none_or(|tag| tag <= committed);
+        if ready && entry.held == 0 {
+            deliver(entry, bytes, out.close);
+            return;
+        }
+        if entry.held >= OUTBOX {
+            entry.outbox.close("too many answers waiting for commit");
+            return;
+        }
+        // An untagged frame behind held ones waits with the last of them.
+        let last = self.held.back().map_or(0, |h| h.tag);
+        let tag = out.tag.unwrap_or(last).max(last);
+        entry.held += 1;
+        self.held.push_back(Held {
+            conn,
+            epoch: out.epoch,
+            tag,
+            bytes,
+            close: out.close,
+        });
+    }
+
+    /// Queues frames for whichever connection `user` is logged in on, if any.
+    pub(super) fn send_to_user(&mut self, user: &str, out: Out, committed: u64) {
+        if let Some(conn) = self.sessions.conn_of(user) {
+            self.send(conn, out, committed);
+        }
+    }
+
+    /// Moves every frame of `epoch` that waits for a record up to `committed` into its
+    /// connection's outbox (a channel send each: no I/O under the replica's lock).
+    pub(super) fn release(&mut self, epoch: u64, committed: u64) {
+        while self.held.front().is_some_and(|h| h.tag <= committed) {
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            let Some(entry) = self.conns.get_mut(&h.conn) else {
+                continue;
+            };
+            entry.held -= 1;
+            if h.epoch == epoch && !entry.closed {
+                deliver(entry, h.bytes, h.close);
+            }
+            if entry.leaving && entry.held == 0 {
+                self.conns.remove(&h.conn);
             }
         }
     }
 
-    /// Queues frames for whichever connection `user` is logged in on, if any.
-    pub(super) fn send_to_user(&self, user: &str, out: Out) {
-        if let Some(conn) = self.sessions.conn_of(user) {
-            self.send(conn, out);
-        }
+    /// Drops every held frame: what they answer will never be committed by this server in
+    /// their epoch (it stepped down, or it is stopping). Their connections are closed.
+    fn drop_held(&mut self) {
+        self.held.clear();
+        self.conns.retain(|_, e| {
+            e.held = 0;
+            !e.leaving
+        });
     }
 
-    /// Closes every client connection (their threads then end and remove them).
-    pub(super) fn shutdown_all(&self) {
+    /// Closes every client connection (their threads then end and remove them), dropping
+    /// whatever is held for them.
+    fn shutdown_all(&mut self) {
         for c in self.conns.values() {
-            let _ = c.stream.shutdown(Shutdown::Both);
+            c.outbox.shutdown(Shutdown::Both);
         }
+        self.drop_held();
+    }
+
+    /// Closes every client connection and forgets them: the server is stopping. Their
+    /// outboxes are dropped here, so their writers end without waiting for the readers.
+    pub(super) fn stop(&mut self) {
+        self.shutdown_all();
+        self.conns.clear();
+        self.sessions.clear();
     }
 
     /// Closes every client connection and ends every session: the server stepped down,
@@ -161,9 +266,95 @@ impl Clients {
     }
 }
 
+/// Hands frames to a connection's writer; a frame that closes the connection is its last.
+/// A full outbox has closed its connection and logged why.
+fn deliver(entry: &mut Entry, bytes: Bytes, close: bool) {
+    let _ = entry.outbox.send(bytes);
+    if close {
+        entry.closed = true;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::FrameReader;
+    use crate::outbox::{OutboxConfig, Writer};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// An outbox on a loopback connection, its writer (not running: what is queued stays
+    /// in the outbox, to count), and the client's end.
+    fn outbox() -> (Outbox, Writer, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (served, _) = listener.accept().unwrap();
+        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
+        (outbox, writer, client)
+    }
+
+    fn ok(epoch: u64, tag: Option<u64>) -> Out {
+        Out::replies(epoch, tag, &[Reply::Ok], false)
+    }
+
+    #[test]
+    fn frames_enter_the_outbox_only_once_their_change_commits_in_queue_order() {
+        let mut clients = Clients::default();
+        let (a, a_writer, _a_client) = outbox();
+        let (b, _b_writer, _b_client) = outbox();
+        let watch_a = a.clone();
+        let watch_b = b.clone();
+        clients.add(1, a);
+        clients.add(2, b);
+        // Committed already: straight in. Waiting for record 5 or 6: held.
+        clients.send(1, ok(7, Some(3)), 3);
+        clients.send(1, ok(7, Some(5)), 3);
+        clients.send(2, ok(7, Some(6)), 3);
+        // Untagged, behind a held frame of its connection: waits with it, never overtakes.
+        clients.send(1, ok(7, None), 3);
+        assert_eq!((watch_a.len(), watch_b.len(), clients.held()), (1, 0, 3));
+        clients.release(7, 5);
+        assert_eq!((watch_a.len(), watch_b.len(), clients.held()), (2, 0, 2));
+        // A connection whose reader ended stays registered until what it is owed is out.
+        clients.remove(2);
+        assert!(!clients.contains(2));
+        clients.release(7, 6);
+        assert_eq!((watch_a.len(), watch_b.len(), clients.held()), (3, 1, 0));
+        assert!(!clients.conns.contains_key(&2), "gone once released");
+        // Stepping down drops what is held (it will never commit in its epoch) and closes.
+        clients.send(1, ok(7, Some(9)), 6);
+        clients.close_all();
+        assert_eq!((watch_a.len(), clients.held()), (3, 0));
+        clients.release(7, 9);
+        assert_eq!(watch_a.len(), 3);
+        drop(a_writer);
+    }
+
+    #[test]
+    fn the_written_frames_are_the_replies_in_order() {
+        let mut clients = Clients::default();
+        let (a, writer, client) = outbox();
+        clients.add(1, a);
+        clients.send(
+            1,
+            Out::replies(1, None, &[Reply::Ok, Reply::Unavailable], true),
+            0,
+        );
+        // Nothing goes out on a connection after a frame that closes it.
+        clients.send(1, ok(1, None), 0);
+        clients.remove(1);
+        writer.run();
+        let mut reader = FrameReader::new(client, Framing::U32);
+        let mut got = Vec::new();
+        while let Some(frame) = reader.read_frame().unwrap() {
+            got.push(protocol::decode_reply(frame).unwrap());
+        }
+        assert_eq!(got, [Reply::Ok, Reply::Unavailable]);
+    }
 
     #[test]
     fn a_user_is_logged_in_on_one_connection_and_a_connection_as_one_user() {

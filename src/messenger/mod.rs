@@ -7,7 +7,8 @@
 //! - [`log`]: the data directory: snapshot and change log with CRCs, torn tail vs damage.
 //! - [`repair`]: `--check` and `--repair` of a data directory a start refuses.
 //! - [`replica_protocol`]: server-to-server messages (replication links), pure.
-//! - `clients` (private): the client registry: outboxes and who is logged in where.
+//! - `clients` (private): the client registry: outboxes, answers held until their change
+//!   commits, and who is logged in where.
 //! - `requests` (private): a client request decided against the state and the sessions,
 //!   pure.
 //! - [`replication`]: one server, a [`Replica`]: roles, replication links, catch-up, commit.

@@ -220,16 +220,7 @@ pub fn check_or_repair(dir: &Path, repair: bool) -> ExitCode {
             (text, checked.is_damaged())
         })
     };
-    match result {
-        Ok((text, damaged)) => {
-            println!("{shown}: {text}");
-            ExitCode::from(u8::from(damaged))
-        }
-        Err(e) => {
-            eprintln!("{shown}: {e}");
-            ExitCode::from(2)
-        }
-    }
+    crate::cli::report_check(shown, result)
 }
 
 fn snapshot_in(dir: &Path) -> io::Result<Snapshot> {

@@ -1,31 +1,37 @@
-//! Client connections, sockets only: read a connection's frames, hand each request to the
-//! replica (which decides it with `requests` and queues the answer under its
-//! lock), and write the answers from the connection's outbox, whose writer thread holds
-//! every frame back until the changes it reveals are committed. A connection whose first
-//! frame is a HELLO is a replication link instead, served by the replica.
+//! Client connections, sockets only: read a connection's frames and hand each request to
+//! the replica, which decides it with `requests` and queues the answer under its lock; the
+//! registry (`clients`) moves each answer into the connection's [`Outbox`] once the changes
+//! it reveals are committed, and the framework's writer thread drains it. A connection
+//! whose first frame is a HELLO is a replication link instead, served by the replica.
 //!
 //! Ordering: a connection's replies leave in request order; messages pushed to a recipient
 //! are queued under the replica's lock, so they leave in message-number order, after the
 //! login hand-over they follow.
 
-use super::clients::Out;
+use super::clients::OUTBOX;
+use super::protocol::{self, Reply};
 use super::replica_protocol::HELLO;
 use super::replication::Replica;
-use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
+use crate::log_debug;
+use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::{is_disconnect, Connection, HandlerError};
-use crossbeam_channel::{bounded, Receiver};
-use std::io::Write;
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
-use std::thread;
 
-/// Frames queued for one client. A client that lets this many go unread is disconnected
-/// (its undelivered messages stay queued for its next login).
-const OUTBOX: usize = 1024;
 /// The largest frame a client may send (a HELLO included); a longer one is a bad request.
 const CLIENT_MAX_FRAME: usize = 4096;
-/// The outbox writer sends at most this much per write.
-const WRITE_BATCH: usize = 64 << 10;
+
+/// What a server over its connection limit writes before closing: `41`, "no primary right
+/// now, try again shortly", which every client already handles by retrying (the other
+/// servers, then this one). A framed reply, so a client never mistakes it for a length.
+pub fn refusal() -> Vec<u8> {
+    let mut payload = Vec::new();
+    protocol::encode_reply(&Reply::Unavailable, &mut payload);
+    let mut frame = Vec::new();
+    encode_frame(Framing::U32, &payload, &mut frame).expect("a one-byte frame");
+    frame
+}
 
 impl Replica {
     /// Serves one accepted connection: a replication link if its first frame is a HELLO,
@@ -43,6 +49,8 @@ impl Replica {
             Ok(Some(f)) => f.to_vec(),
             Ok(None) => return Ok(()),
             Err(e) if e.is_recoverable() => Vec::new(),
+            // Connected and silent past the server's idle timeout: a normal end.
+            Err(e) if e.is_timeout() => return Ok(()),
             Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
@@ -61,16 +69,16 @@ fn serve_client(
     mut reader: FrameReader<&TcpStream>,
     first: Vec<u8>,
 ) -> Result<(), HandlerError> {
-    let (tx, rx) = bounded::<Out>(OUTBOX);
-    let writer = {
-        let replica = Arc::clone(replica);
-        let stream = Arc::clone(&conn.stream);
-        thread::Builder::new()
-            .name(format!("messenger-{}-out-{}", replica.id(), conn.id))
-            .stack_size(64 << 10)
-            .spawn(move || write_outbox(&replica, &stream, &rx))?
-    };
-    replica.add_client(conn.id, tx, Arc::clone(&conn.stream));
+    let name = format!("messenger-{}: connection {}", replica.id(), conn.id);
+    let (outbox, writer) = Outbox::new(Arc::clone(&conn.stream), OutboxConfig::new(name, OUTBOX));
+    if let Err(e) = replica.add_client(conn.id, outbox, writer) {
+        log_debug!(
+            "messenger-{}: connection {} not served: {e}",
+            replica.id(),
+            conn.id
+        );
+        return Ok(());
+    }
     let mut next = Some(first);
     let result = loop {
         let payload = match next.take() {
@@ -80,6 +88,15 @@ fn serve_client(
                 Ok(None) => break Ok(()),
                 // Longer than any request: answered as a bad request, and skipped.
                 Err(e) if e.is_recoverable() => Vec::new(),
+                // Silent past the server's idle timeout: a normal end.
+                Err(e) if e.is_timeout() => {
+                    log_debug!(
+                        "messenger-{}: connection {} idle; closing",
+                        replica.id(),
+                        conn.id
+                    );
+                    break Ok(());
+                }
                 Err(FrameError::Io(e)) if is_disconnect(&e) => break Ok(()),
                 Err(e) => break Err(e),
             },
@@ -88,42 +105,8 @@ fn serve_client(
             break Ok(());
         }
     };
-    // The registry held the only sender: the writer drains what is queued and ends.
+    // The registry drops the outbox once what is held for this connection has gone out:
+    // the writer then flushes and half-closes, and ends in the replica's group.
     replica.remove_client(conn.id);
-    let _ = writer.join();
     result.map_err(Into::into)
-}
-
-/// Writes a connection's frames as their changes commit.
-fn write_outbox(replica: &Replica, stream: &TcpStream, rx: &Receiver<Out>) {
-    let mut buf = Vec::new();
-    'connection: while let Ok(out) = rx.recv() {
-        let mut next = Some(out);
-        let mut end = false;
-        while let Some(out) = next.take() {
-            if let Some(tag) = out.tag {
-                if !replica.wait_commit(out.epoch, tag) {
-                    end = true;
-                    break;
-                }
-            }
-            buf.extend_from_slice(&out.bytes);
-            if out.close {
-                end = true;
-                break;
-            }
-            if buf.len() < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        let mut w = stream;
-        if !buf.is_empty() && w.write_all(&buf).is_err() {
-            break 'connection;
-        }
-        buf.clear();
-        if end {
-            break;
-        }
-    }
-    let _ = stream.shutdown(Shutdown::Both);
 }

@@ -100,7 +100,10 @@
 //! # Output
 //!
 //! `[Name] text` for a message, `[JOIN] Name` and `[LEAVE] Name` for membership changes,
-//! and `[MEMBERS vN] a,b,c` after every change of the list held (first at admission).
+//! and `[MEMBERS vN by L] a,b,c` after every change of the list held (first at admission;
+//! `L` is the leader that issued version N: the label names one list). `[UNREACHABLE] Name`
+//! / `[REACHABLE] Name` when a member's routes go and come back, and `[NOT SENT] ...` for a
+//! typed line that reaches nobody now (see `node`'s `reach`).
 
 pub mod node;
 pub mod protocol;
@@ -346,8 +349,9 @@ struct Shared {
     links: Group,
     /// Link writers: joined before the sockets are closed, so each flushes its outbox.
     writers: Group,
-    /// Its `auth` is what this peer proves on every link, dialled or accepted.
     dialer: Dialer,
+    /// What this peer proves on every link, dialled or accepted (`--secret-file`).
+    auth: Option<link::Auth>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -590,7 +594,10 @@ fn dial(shared: Arc<Shared>, addr: SocketAddr) {
     };
     // The dialer registers the socket with `links` from the connect on, so shutdown
     // either sees it or refuses it: a handshake never outlives the peer.
-    match shared.dialer.dial(addr, &hello, answer) {
+    match shared
+        .dialer
+        .dial_with_auth(shared.auth.as_ref(), addr, &hello, answer)
+    {
         // The answering hello must name the member that proved itself: one member's proof
         // cannot stand for another.
         Ok((link, peer)) if link.peer_identity().is_some_and(|p| p != identity(&peer)) => {
@@ -640,7 +647,7 @@ fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerErro
     };
     // A hello is proven before the node hears of it: a stranger's link ends here, logged.
     if let Ok(PeerMessage::Hello(peer)) = &first {
-        let auth = shared.dialer.auth.as_ref();
+        let auth = shared.auth.as_ref();
         if link::authenticate(stream, &mut reader, &TIMEOUTS, auth, &identity(peer)).is_err() {
             return Ok(());
         }
@@ -788,13 +795,13 @@ impl Peer {
             dialer: Dialer {
                 limits: link_limits(),
                 group: Some(links),
-                auth: config.secret.clone().map(|secret| link::Auth {
-                    secret,
-                    cluster: CLUSTER.to_vec(),
-                    identity: my_identity,
-                }),
                 ..Dialer::new(Framing::Line, TIMEOUTS)
             },
+            auth: config.secret.clone().map(|secret| link::Auth {
+                secret,
+                cluster: CLUSTER.to_vec(),
+                identity: my_identity,
+            }),
         });
         {
             let mut st = shared.state();

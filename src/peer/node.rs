@@ -152,6 +152,8 @@ pub struct Node {
     strangers: BTreeMap<Member, Instant>,
     /// Bytes held in every `Incoming::early`, bounded by [`EARLY_BYTES`].
     early_bytes: usize,
+    /// Members this peer has told its user it cannot reach (see `reach`).
+    unreachable_shown: BTreeSet<Member>,
 }
 
 impl Node {
@@ -185,9 +187,10 @@ impl Node {
             departed: BTreeMap::new(),
             strangers: BTreeMap::new(),
             early_bytes: 0,
+            unreachable_shown: BTreeSet::new(),
         };
         if via.is_none() {
-            let founding = MemberList::new(1, vec![node.me.clone()]);
+            let founding = MemberList::new(1, vec![node.me.clone()]).issued_by(node.me.clone());
             node.adopt(founding, None, now, out);
         }
         node
@@ -408,6 +411,7 @@ impl Node {
         }
         self.dial_missing(now, out);
         self.retransmit(now, out);
+        self.show_reachability(now, out);
         self.drop_down_members(now, out);
         self.ask_to_leave(now, out);
         for m in older_than(&self.departed, STREAM_KEEP, now) {
@@ -442,6 +446,7 @@ impl Node {
         if dests.iter().any(full) {
             return Err(SayError::Busy);
         }
+        self.show_unsent(&dests, now, out);
         for dest in dests {
             let stream = self.outgoing.entry(dest.clone()).or_insert(Outgoing {
                 next_seq: 1,
@@ -706,7 +711,7 @@ impl Node {
 
     /// As the leader: the next version of the list, with `members`.
     fn issue(&mut self, members: Vec<Member>, now: Instant, out: &mut Vec<Effect>) {
-        let list = MemberList::new(self.list.version + 1, members);
+        let list = MemberList::new(self.list.version + 1, members).issued_by(self.me.clone());
         self.adopt(list, None, now, out);
     }
 
@@ -862,6 +867,9 @@ fn older_than(since: &BTreeMap<Member, Instant>, keep: Duration, now: Instant) -
         .map(|(m, _)| m.clone())
         .collect()
 }
+
+#[path = "reach.rs"]
+mod reach;
 
 #[cfg(test)]
 #[path = "sim.rs"]

@@ -93,13 +93,22 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// A versioned member list, sorted by the member order.
+/// A versioned member list, sorted by the member order, and the leader that issued it.
+///
+/// A version alone does not name one list: two peers that each lost sight of the leader
+/// (and of each other) both take over and issue the next version, each its own list. The
+/// issuing leader is part of the label users see (`[MEMBERS v5 by bob] bob`), so two
+/// different lists never show under one label; a later merge of such rooms can issue a
+/// version above both under the merged room's leader.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MemberList {
     /// Bumped by the leader on every change; 0 means "no list yet".
     pub version: u64,
     /// The members, smallest (the leader) first, names unique.
     pub members: Vec<Member>,
+    /// The leader that issued this version (`None` on a list from an older peer, which
+    /// sends `{members,Version,List}`).
+    pub leader: Option<Member>,
 }
 
 impl MemberList {
@@ -107,7 +116,17 @@ impl MemberList {
     pub fn new(version: u64, mut members: Vec<Member>) -> MemberList {
         members.sort();
         members.dedup();
-        MemberList { version, members }
+        MemberList {
+            version,
+            members,
+            leader: None,
+        }
+    }
+
+    /// The same list, issued by `leader`.
+    pub fn issued_by(mut self, leader: Member) -> MemberList {
+        self.leader = Some(leader);
+        self
     }
 
     /// Whether `m` is on the list.
@@ -123,14 +142,23 @@ impl MemberList {
         match self.version.cmp(&other.version) {
             Ordering::Greater => true,
             Ordering::Less => false,
-            Ordering::Equal => self.members < other.members,
+            Ordering::Equal => (&self.members, &self.leader) < (&other.members, &other.leader),
         }
     }
 
-    /// `[MEMBERS v7] alice,bob,carol`: what a peer prints when its list changes.
+    /// `[MEMBERS v7 by alice] alice,bob,carol`: what a peer prints when its list changes.
+    /// The label (version and issuing leader) names one list.
     pub fn summary(&self) -> String {
         let names: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
-        format!("[MEMBERS v{}] {}", self.version, names.join(","))
+        match &self.leader {
+            Some(leader) => format!(
+                "[MEMBERS v{} by {}] {}",
+                self.version,
+                leader.name,
+                names.join(",")
+            ),
+            None => format!("[MEMBERS v{}] {}", self.version, names.join(",")),
+        }
     }
 }
 
@@ -224,6 +252,24 @@ impl std::error::Error for ProtocolError {
     }
 }
 
+/// `{members,Version,List}` or `{members,Version,Leader,List}`.
+fn members_message(
+    version: &Term,
+    leader: Option<Member>,
+    list: &Term,
+) -> Result<PeerMessage, ProtocolError> {
+    let version = count(version).ok_or(ProtocolError::Field("version"))?;
+    let members = members_from(list)?;
+    let mut list = MemberList::new(version, members.clone());
+    list.leader = leader;
+    // A list with a name twice cannot come from a leader; refuse it whole.
+    let names_unique = list.members.windows(2).all(|w| w[0].name != w[1].name);
+    if list.members.len() != members.len() || !names_unique || members.len() > MAX_MEMBERS {
+        return Err(ProtocolError::Field("member list"));
+    }
+    Ok(PeerMessage::Members(list))
+}
+
 impl PeerMessage {
     /// Parses one line (without its `\n`).
     ///
@@ -238,19 +284,9 @@ impl PeerMessage {
         Ok(match (tag, args) {
             ("hello", [m]) => PeerMessage::Hello(Member::from_term(m)?),
             ("refused", [reason]) => PeerMessage::Refused(reason_text(reason)?),
-            ("members", [version, list]) => {
-                let version = count(version).ok_or(ProtocolError::Field("version"))?;
-                let members = members_from(list)?;
-                let list = MemberList::new(version, members.clone());
-                // A list with a name twice cannot come from a leader; refuse it whole.
-                let names_unique = list.members.windows(2).all(|w| w[0].name != w[1].name);
-                if list.members.len() != members.len()
-                    || !names_unique
-                    || members.len() > MAX_MEMBERS
-                {
-                    return Err(ProtocolError::Field("member list"));
-                }
-                PeerMessage::Members(list)
+            ("members", [version, list]) => members_message(version, None, list)?,
+            ("members", [version, leader, list]) => {
+                members_message(version, Some(Member::from_term(leader)?), list)?
             }
             ("links", [owner, seq, list]) => PeerMessage::Links {
                 owner: Member::from_term(owner)?,
@@ -278,10 +314,12 @@ impl PeerMessage {
             PeerMessage::Hello(m) => tagged("hello", vec![m.to_term()]),
             PeerMessage::Refused(reason) => tagged("refused", vec![Term::atom(reason)]),
             PeerMessage::Heartbeat => Term::atom("heartbeat"),
-            PeerMessage::Members(l) => tagged(
-                "members",
-                vec![Term::int(l.version as i64), list(&l.members)],
-            ),
+            PeerMessage::Members(l) => {
+                let mut fields = vec![Term::int(l.version as i64)];
+                fields.extend(l.leader.as_ref().map(Member::to_term));
+                fields.push(list(&l.members));
+                tagged("members", fields)
+            }
             PeerMessage::Links { owner, seq, links } => tagged(
                 "links",
                 vec![owner.to_term(), Term::int(*seq as i64), list(links)],
@@ -543,6 +581,27 @@ mod tests {
         assert!(l.supersedes(&rival) && !rival.supersedes(&l));
         assert!(!l.supersedes(&l.clone()));
         assert!(l.supersedes(&MemberList::default()));
+    }
+
+    #[test]
+    fn a_list_carries_the_leader_that_issued_it() {
+        let (a, b) = (m("a", 1), m("b", 2));
+        let by_a = MemberList::new(5, vec![a.clone(), b.clone()]).issued_by(a.clone());
+        let line = PeerMessage::Members(by_a.clone()).format();
+        assert_eq!(
+            line,
+            r#"{members,5,{"a","127.0.0.1:1",7},[{"a","127.0.0.1:1",7},{"b","127.0.0.1:2",7}]}"#
+        );
+        assert_eq!(
+            PeerMessage::parse(line.as_bytes()).unwrap(),
+            PeerMessage::Members(by_a.clone())
+        );
+        assert_eq!(by_a.summary(), "[MEMBERS v5 by a] a,b");
+        // Same version, same members, another leader: a different label, and still one
+        // total order for every peer to settle by.
+        let by_b = by_a.clone().issued_by(b);
+        assert_eq!(by_b.summary(), "[MEMBERS v5 by b] a,b");
+        assert!(by_a.supersedes(&by_b) && !by_b.supersedes(&by_a));
     }
 
     #[test]

@@ -240,7 +240,7 @@ fn room_of_three() -> Sim {
 fn a_founder_is_alone_at_version_one() {
     let mut sim = Sim::new();
     sim.add("a", None, &[]);
-    assert_eq!(sim.printed["a"], ["[MEMBERS v1] a"]);
+    assert_eq!(sim.printed["a"], ["[MEMBERS v1 by a] a"]);
     sim.settle(1);
     assert_eq!(sim.printed["a"].len(), 1);
 }
@@ -254,7 +254,7 @@ fn concurrent_joins_through_different_members_end_with_one_list() {
     sim.settle(2);
     assert_eq!(
         sim.agreed("a,b,c,d,e,f,g,h"),
-        "[MEMBERS v8] a,b,c,d,e,f,g,h"
+        "[MEMBERS v8 by a] a,b,c,d,e,f,g,h"
     );
     // Everyone linked to everyone, one link per pair.
     assert_eq!(sim.links.len(), 8 * 7);
@@ -353,7 +353,7 @@ fn a_dead_leader_is_replaced_by_the_next_smallest_who_admits_joins() {
     sim.tick();
     sim.agreed("a,b,c,d");
     sim.settle(2);
-    assert_eq!(sim.agreed("b,c,d"), "[MEMBERS v5] b,c,d");
+    assert_eq!(sim.agreed("b,c,d"), "[MEMBERS v5 by b] b,c,d");
     assert!(sim.printed["c"].contains(&"[LEAVE] a".to_owned()));
     sim.add("e", Some("d"), &[]);
     sim.settle(1);
@@ -420,12 +420,12 @@ fn a_restart_at_the_same_address_replaces_the_old_run() {
     for _ in 0..3 {
         sim.tick();
     }
-    assert_eq!(sim.agreed("a,b,c"), "[MEMBERS v4] a,b,c");
+    assert_eq!(sim.agreed("a,b,c"), "[MEMBERS v4 by a] a,b,c");
     assert!(sim.nodes["a"].members().contains(&again));
     assert!(sim.printed["a"].ends_with(&[
         "[JOIN] c".into(),
         "[LEAVE] c".into(),
-        "[MEMBERS v4] a,b,c".into()
+        "[MEMBERS v4 by a] a,b,c".into()
     ]));
 }
 
@@ -442,8 +442,8 @@ fn leaving_members_and_a_leaving_leader() {
     sim.leave("a");
     assert_eq!(sim.finished.get("a"), Some(&Outcome::Left));
     sim.kill("a");
-    assert_eq!(sim.list("c"), "[MEMBERS v5] c");
-    assert!(sim.printed["c"].ends_with(&["[LEAVE] a".into(), "[MEMBERS v5] c".into()]));
+    assert_eq!(sim.list("c"), "[MEMBERS v5 by a] c");
+    assert!(sim.printed["c"].ends_with(&["[LEAVE] a".into(), "[MEMBERS v5 by a] c".into()]));
     sim.settle(2);
     assert!(!sim.finished.contains_key("c"));
 }
@@ -477,10 +477,10 @@ fn a_leader_dying_as_it_admits_leaves_no_split_room() {
     // list reaches d alone, and a dies.
     sim.dead.extend(["b".to_owned(), "c".to_owned()]);
     tick_d(&mut sim);
-    assert_eq!(sim.list("d"), "[MEMBERS v4] a,b,c,d");
+    assert_eq!(sim.list("d"), "[MEMBERS v4 by a] a,b,c,d");
     sim.dead.clear();
     sim.kill("a");
-    assert_eq!(sim.list("b"), "[MEMBERS v3] a,b,c");
+    assert_eq!(sim.list("b"), "[MEMBERS v3 by a] a,b,c");
     // b and c never heard of d, and d is larger than both: d dials them all the same.
     sim.settle(3);
     sim.agreed("b,c,d");
@@ -708,6 +708,194 @@ fn rival_lists_of_one_version_settle_on_the_smaller() {
     assert_eq!(node.members(), &from_a);
     node.receive(&b, PeerMessage::Members(from_b), sim.now, &mut out);
     assert_eq!(node.members(), &from_a);
+}
+
+/// Every `[MEMBERS ...]` line any peer printed, by label (`[MEMBERS v5 by bob]`): the
+/// lists shown under each.
+fn shown_lists(sim: &Sim) -> BTreeMap<String, BTreeSet<String>> {
+    let mut shown: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in sim.printed.values().flatten() {
+        if let Some((label, list)) = line
+            .strip_prefix("[MEMBERS ")
+            .and_then(|l| l.split_once("] "))
+        {
+            shown
+                .entry(label.to_owned())
+                .or_default()
+                .insert(list.to_owned());
+        }
+    }
+    shown
+}
+
+/// No two peers ever display different member lists under one label.
+fn assert_one_list_per_label(sim: &Sim, what: &str) {
+    for (label, lists) in shown_lists(sim) {
+        assert_eq!(lists.len(), 1, "{what}: [MEMBERS {label}] names {lists:?}");
+    }
+}
+
+/// README's layout: alice leads, bob and carol join through her, carol may not link to
+/// bob. With alice gone, bob and carol cannot reach each other: each says so, each ends
+/// alone under its own label, and carol's next line is reported as reaching nobody.
+#[test]
+fn a_room_cut_in_two_by_its_leaders_death_says_so_under_distinct_labels() {
+    let mut sim = Sim::new();
+    sim.add("alice", None, &[]);
+    sim.add("bob", Some("alice"), &[]);
+    sim.add("carol", Some("alice"), &["bob"]);
+    sim.settle(1);
+    assert_eq!(
+        sim.agreed("alice,bob,carol"),
+        "[MEMBERS v3 by alice] alice,bob,carol"
+    );
+    assert!(!sim.linked("bob", "carol"));
+    sim.printed.clear();
+    sim.kill("alice");
+    sim.settle(2);
+    assert_eq!(
+        sim.printed["bob"],
+        [
+            "[UNREACHABLE] alice",
+            "[UNREACHABLE] carol",
+            "[LEAVE] alice",
+            "[LEAVE] carol",
+            "[MEMBERS v4 by bob] bob"
+        ]
+    );
+    assert_eq!(
+        sim.printed["carol"],
+        [
+            "[UNREACHABLE] alice",
+            "[UNREACHABLE] bob",
+            "[LEAVE] alice",
+            "[LEAVE] bob",
+            "[MEMBERS v4 by carol] carol"
+        ]
+    );
+    sim.say("carol", "anyone?");
+    sim.run();
+    assert_eq!(
+        sim.printed["carol"].last().unwrap(),
+        "[NOT SENT] nobody else is in the room"
+    );
+    assert_one_list_per_label(&sim, "after the split");
+}
+
+/// A line typed while every other member is unreachable (before the leader drops them) is
+/// reported, and still delivered once a route comes back.
+#[test]
+fn a_line_to_members_out_of_reach_is_reported_and_held() {
+    let mut sim = room_of_three();
+    let [b, c] = ["b", "c"].map(|n| sim.members[n].clone());
+    // a loses both its links; nothing reaches b or c from it.
+    let mut out = Vec::new();
+    let node = sim.nodes.get_mut("a").unwrap();
+    node.link_down(&b, &mut out);
+    node.link_down(&c, &mut out);
+    out.clear();
+    node.say("still there?", sim.now, &mut out).unwrap();
+    assert!(out.contains(&Effect::Print(
+        "[NOT SENT] no route to b,c now; resent if one comes back before it is dropped".into()
+    )));
+}
+
+/// A tiny deterministic generator (xorshift64*), so every seed replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// Random rooms (forbidden links, joins through any peer, deaths, leaves, losses): over
+/// every seed, no two peers ever display different lists under one version label.
+#[test]
+fn no_two_peers_show_different_lists_under_one_label_over_many_seeds() {
+    for seed in 1..=150u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut sim = Sim::new();
+        if rng.below(3) == 0 {
+            sim.lose_every = Some(3 + rng.below(5));
+        }
+        let mut names: Vec<String> = Vec::new();
+        let add = |sim: &mut Sim, rng: &mut Rng, names: &mut Vec<String>| {
+            let name = format!("p{}", names.len());
+            let via = (!names.is_empty()).then(|| names[rng.below(names.len())].clone());
+            let forbidden: Vec<&str> = names
+                .iter()
+                .filter(|n| Some(*n) != via.as_ref() && rng.below(3) == 0)
+                .map(String::as_str)
+                .collect();
+            sim.add(&name, via.as_deref(), &forbidden);
+            names.push(name);
+        };
+        for _ in 0..3 + rng.below(3) {
+            add(&mut sim, &mut rng, &mut names);
+            for _ in 0..rng.below(12) {
+                sim.tick();
+            }
+        }
+        for _ in 0..12 {
+            let live: Vec<String> = names
+                .iter()
+                .filter(|n| !sim.dead.contains(*n) && !sim.finished.contains_key(*n))
+                .cloned()
+                .collect();
+            match rng.below(6) {
+                0 if live.len() > 1 => sim.kill(&live[rng.below(live.len())]),
+                1 if live.len() > 1 => sim.leave(&live[rng.below(live.len())]),
+                2 if names.len() < 8 => add(&mut sim, &mut rng, &mut names),
+                3 if !live.is_empty() => {
+                    let who = &live[rng.below(live.len())];
+                    let mut out = Vec::new();
+                    let node = sim.nodes.get_mut(who).unwrap();
+                    if node.say("x", sim.now, &mut out).is_ok() {
+                        sim.apply(who, out);
+                    }
+                }
+                _ => {}
+            }
+            for _ in 0..rng.below(25) {
+                sim.tick();
+            }
+        }
+        sim.settle(3);
+        assert_one_list_per_label(&sim, &format!("seed {seed}"));
+    }
+}
+
+/// README's layout again, with alice leaving gracefully (Ctrl-C), as in the report: her
+/// last list (v4 by alice) reaches both, then bob and carol find each other unreachable.
+#[test]
+fn readme_layout_after_the_leader_leaves_shows_two_labels_not_one() {
+    let mut sim = Sim::new();
+    sim.add("alice", None, &[]);
+    sim.add("bob", Some("alice"), &[]);
+    sim.add("carol", Some("alice"), &["bob"]);
+    sim.settle(1);
+    sim.printed.clear();
+    sim.leave("alice");
+    assert_eq!(sim.finished.get("alice"), Some(&Outcome::Left));
+    sim.kill("alice");
+    sim.settle(2);
+    for (me, other) in [("bob", "carol"), ("carol", "bob")] {
+        assert_eq!(
+            sim.printed[me],
+            [
+                "[LEAVE] alice".to_owned(),
+                "[MEMBERS v4 by alice] bob,carol".to_owned(),
+                format!("[UNREACHABLE] {other}"),
+                format!("[LEAVE] {other}"),
+                format!("[MEMBERS v5 by {me}] {me}"),
+            ]
+        );
+    }
+    assert_one_list_per_label(&sim, "after alice left");
 }
 
 #[test]

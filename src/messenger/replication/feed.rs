@@ -2,7 +2,7 @@
 //! (acknowledgements, NEEDs, fetch answers), records or a snapshot as primary, and
 //! heartbeats. The sockets are [`super::outbound`]'s.
 
-use super::outbound::Outgoing;
+use super::outbound::{Outgoing, FEED_AHEAD};
 use super::timing::{BATCH, HEARTBEAT_EVERY};
 use super::view::{Feed, Inner};
 use super::Replica;
@@ -12,6 +12,9 @@ use crate::messenger::log::{encode_snapshot, Pos};
 use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing};
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
+
+/// How often a link whose writer is behind checks whether it has caught up.
+const WRITER_POLL: Duration = Duration::from_millis(5);
 
 /// What a link writer has told its peer on the current connection.
 #[derive(Debug, Default)]
@@ -50,7 +53,13 @@ impl Outgoing for Replica {
         self.lock().peers[j].feed = Feed::Unknown;
     }
 
-    fn next_frames(&self, j: usize, told: &mut Told, out: &mut Vec<u8>) -> bool {
+    fn next_frames(
+        &self,
+        j: usize,
+        told: &mut Told,
+        queued: &dyn Fn() -> usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
         let mut inner = self.lock();
         loop {
             if inner.stopping {
@@ -59,7 +68,11 @@ impl Outgoing for Replica {
             for msg in std::mem::take(&mut inner.peers[j].control) {
                 encode_peer(&msg, out);
             }
-            self.feed(&mut inner, j, out);
+            // Records wait while the writer is behind; heartbeats and answers do not.
+            let room = queued() < FEED_AHEAD;
+            if room {
+                self.feed(&mut inner, j, out);
+            }
             let now = Instant::now();
             let standing = inner.standing(j);
             let due = told
@@ -75,9 +88,15 @@ impl Outgoing for Replica {
                 return true;
             }
             let since = told.beat.map_or(Duration::ZERO, |t| now.duration_since(t));
+            let mut wait = HEARTBEAT_EVERY.saturating_sub(since);
+            if !room {
+                // The writer signals nothing as it drains: look again shortly, only while
+                // it is behind.
+                wait = wait.min(WRITER_POLL);
+            }
             inner = self
                 .changed
-                .wait_timeout(inner, HEARTBEAT_EVERY.saturating_sub(since))
+                .wait_timeout(inner, wait)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }

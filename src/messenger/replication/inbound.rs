@@ -3,21 +3,33 @@
 
 use super::feed::encode_peer;
 use super::records::Incoming;
-use super::timing::{LINK_TIMEOUT, NEED_RETRY, PEER_MAX_FRAME};
+use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, NEED_RETRY, PEER_MAX_FRAME};
 use super::view::{Feed, Inner};
 use super::Replica;
 use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::link::{self, End, Timeouts, Verdict};
 use crate::log_info;
 use crate::messenger::log::decode_snapshot;
 use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status};
 use crate::server::{Connection, HandlerError};
-use std::io::Write;
+use std::cell::Cell;
+use std::ops::ControlFlow;
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
+/// An inbound link's timeouts: this side writes only its WELCOME, and a peer silent for
+/// [`LINK_TIMEOUT`] (five heartbeats' worth of time, and more) has gone.
+const TIMEOUTS: Timeouts = Timeouts {
+    connect: CONNECT_TIMEOUT,
+    handshake: LINK_TIMEOUT,
+    write: LINK_TIMEOUT,
+    idle: Some(LINK_TIMEOUT),
+};
+
 impl Replica {
     /// Serves an inbound peer link whose HELLO has been read. The dialer sends nothing
-    /// until it has our WELCOME, so `buffered` (bytes read past the HELLO) must be 0.
+    /// until it has our WELCOME, so `buffered` (bytes read past the HELLO) must be 0, and
+    /// the link's reader (with the peer frame limit) starts afresh.
     pub(in crate::messenger) fn serve_peer(
         &self,
         conn: &Connection,
@@ -31,62 +43,75 @@ impl Replica {
                     && from != self.id
                     && buffered == 0 =>
             {
-                from
+                Some(from)
             }
-            _ => {
-                log_info!(
-                    "messenger-{}: refused a peer link from {}: not of this cluster (check --peers)",
-                    self.id,
-                    conn.peer
-                );
-                return Ok(());
-            }
+            _ => None,
         };
-        let mut welcome = Vec::new();
-        encode_peer(&ReplicaMsg::Welcome.encode(), &mut welcome);
-        conn.stream.set_read_timeout(Some(LINK_TIMEOUT))?;
-        (&*conn.stream).write_all(&welcome)?;
-        let generation = {
-            let mut inner = self.lock();
-            let p = &mut inner.peers[from];
-            p.inbound += 1;
-            p.heard = Some(Instant::now());
-            p.link = Some(Arc::clone(&conn.stream));
-            p.inbound
+        let verdict = match from {
+            Some(_) => {
+                let mut welcome = Vec::new();
+                encode_peer(&ReplicaMsg::Welcome.encode(), &mut welcome);
+                Verdict::Welcome(welcome)
+            }
+            // Closed without a word, as the protocol has always done.
+            None => Verdict::Refuse(Vec::new()),
         };
         let limits = Limits {
             max_frame: PEER_MAX_FRAME,
             ..Limits::default()
         };
-        let mut reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
-        let result: Result<(), HandlerError> = loop {
-            // One read, every frame it completed, then one flush and one acknowledgement
-            // for all the records among them: a backup that falls behind catches up in
-            // fewer, larger fsyncs.
-            match reader.fill() {
-                Ok(true) => {}
-                Ok(false) => break reader.finish().map_err(Into::into),
-                // A silent or reset link: the peer is down, not misbehaving.
-                Err(FrameError::Io(_)) => break Ok(()),
-                Err(e) => break Err(e.into()),
-            }
-            let mut ack = None;
-            let failed = loop {
-                match reader.next_buffered() {
-                    Ok(Some(frame)) => match ReplicaMsg::decode(frame) {
-                        Ok(msg) => self.on_peer(from, generation, msg, &mut ack),
-                        Err(e) => break Some(HandlerError::from(e)),
-                    },
-                    Ok(None) => break None,
-                    Err(e) => break Some(e.into()),
+        let reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+        let (Some(from), Some(mut link)) = (
+            from,
+            link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?,
+        ) else {
+            log_info!(
+                "messenger-{}: refused a peer link from {}: not of this cluster (check --peers)",
+                self.id,
+                conn.peer
+            );
+            return Ok(());
+        };
+        // In the replica's group too, so its stop ends the link like its other threads.
+        if link.register(&self.group).is_err() {
+            return Ok(());
+        }
+        let generation = {
+            let mut inner = self.lock();
+            let p = &mut inner.peers[from];
+            p.inbound += 1;
+            p.heard = Some(Instant::now());
+            p.link = Some(Arc::clone(link.stream()));
+            p.inbound
+        };
+        // One read, every frame it completed, then one flush and one acknowledgement for
+        // all the records among them: a backup that falls behind catches up in fewer,
+        // larger fsyncs.
+        let ack = Cell::new(None);
+        let name = format!("messenger-{}: the link from server {from}", self.id);
+        let end = link.read_batches(
+            &name,
+            |frame| match ReplicaMsg::decode(frame) {
+                Ok(msg) => {
+                    let mut a = ack.get();
+                    self.on_peer(from, generation, msg, &mut a);
+                    ack.set(a);
+                    ControlFlow::Continue(())
                 }
-            };
-            if let Some((epoch, seq)) = ack {
-                self.acknowledge(from, epoch, seq);
-            }
-            if let Some(e) = failed {
-                break Err(e);
-            }
+                Err(e) => ControlFlow::Break(HandlerError::from(e)),
+            },
+            || {
+                if let Some((epoch, seq)) = ack.take() {
+                    self.acknowledge(from, epoch, seq);
+                }
+            },
+        );
+        let result = match end {
+            End::Closed => Ok(()),
+            // A silent or reset link: the peer is down, not misbehaving.
+            End::Lost(FrameError::Io(_)) => Ok(()),
+            End::Lost(e) => Err(e.into()),
+            End::Stopped(e) => Err(e),
         };
         let mut inner = self.lock();
         if inner.peers[from].inbound == generation {

@@ -6,15 +6,17 @@
 //! the records it keeps in memory, its view of each other server, its client registry),
 //! `records` (appending, taking records and snapshots, making them durable), `roles` (the
 //! rules that change the role and the commit point, and the ticker), `feed` (what each
-//! outbound link carries), `outbound` (dialing and writing, sockets only) and `inbound` (a
-//! peer's messages). Here: opening, starting and stopping a replica, and what the client
-//! connections of [`super::server`] may ask of it.
+//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox)
+//! and `inbound` (a peer's messages). Here: opening, starting and stopping a replica, and
+//! what the client connections of [`super::server`] may ask of it.
 //!
-//! Threads: one link thread per peer dials it and writes every message for it (records,
-//! acknowledgements, heartbeats, fetch answers), pulling from shared state under the one
-//! lock; the inbound link from each peer is served on that connection's own thread; a
-//! ticker turns silences into failures, drops members that stopped acknowledging, and
-//! re-evaluates the role.
+//! Threads, all in the replica's [`Group`] (closed by [`Replica::stop`]): one link thread
+//! per peer dials it ([`crate::link::Dialer`]) and hands every message for it (records,
+//! acknowledgements, heartbeats, fetch answers), pulled from shared state under the one
+//! lock, to the link's [`Outbox`], whose writer thread writes them; a writer per client
+//! connection drains that client's outbox; a ticker turns silences into failures, drops
+//! members that stopped acknowledging, and re-evaluates the role. The inbound link from
+//! each peer is served on that connection's own thread (the server's).
 
 mod feed;
 mod inbound;
@@ -33,15 +35,15 @@ use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
 use super::state::Session;
+use crate::group::Group;
 use crate::log_info;
-use crossbeam_channel::Sender;
+use crate::outbox::{Outbox, Writer};
 use outbound::Dial;
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use view::{Inner, Remote};
 
@@ -86,12 +88,17 @@ pub struct Replica {
     inner: Mutex<Inner>,
     /// Link threads and the ticker wait on this.
     changed: Condvar,
-    /// Client outboxes wait on this for commits.
-    commits: Condvar,
     disk: Disk,
     compact_after: u64,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The link threads, the ticker and the client writers; [`Replica::stop`] closes it.
+    group: Group,
 }
+
+/// How long [`Replica::stop`] waits for the replica's threads.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// Stack of the replica's threads: each touches a few pages of it (a snapshot is encoded
+/// on the heap), so a small stack keeps a thread per client writer cheap.
+const STACK: usize = 128 << 10;
 
 /// The first heartbeat mark of this process's life: above every mark of an earlier life
 /// (marks grow by one per change, far slower than nanoseconds).
@@ -164,10 +171,9 @@ impl Replica {
             cluster,
             inner: Mutex::new(inner),
             changed: Condvar::new(),
-            commits: Condvar::new(),
             disk,
             compact_after: options.compact_after.max(1),
-            threads: Mutex::new(Vec::new()),
+            group: Group::with_stack_size(&format!("messenger-{}", options.id), STACK),
         };
         Ok((Arc::new(replica), report))
     }
@@ -175,9 +181,8 @@ impl Replica {
     /// Starts the link threads and the ticker.
     ///
     /// # Errors
-    /// When a thread cannot be started.
+    /// When a thread cannot be started, or the replica is stopping.
     pub fn start(self: &Arc<Self>) -> io::Result<()> {
-        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
             let dial = Dial {
                 to: j,
@@ -190,19 +195,19 @@ impl Replica {
                 welcome: ReplicaMsg::Welcome.encode(),
                 name: format!("messenger-{}", self.id),
             };
-            let replica = Arc::clone(self);
-            threads.push(
-                thread::Builder::new()
-                    .name(format!("messenger-{}-link-{j}", self.id))
-                    .spawn(move || outbound::run(&*replica, &dial))?,
-            );
+            let (replica, group) = (Arc::clone(self), self.group.clone());
+            self.group
+                .spawn(format!("messenger-{}-link-{j}", self.id), move || {
+                    outbound::run(&*replica, &dial, &group);
+                })
+                .map_err(io::Error::other)?;
         }
         let replica = Arc::clone(self);
-        threads.push(
-            thread::Builder::new()
-                .name(format!("messenger-{}-tick", self.id))
-                .spawn(move || replica.run_ticker())?,
-        );
+        self.group
+            .spawn(format!("messenger-{}-tick", self.id), move || {
+                replica.run_ticker();
+            })
+            .map_err(io::Error::other)?;
         Ok(())
     }
 
@@ -211,19 +216,15 @@ impl Replica {
     pub fn begin_stop(&self) {
         let mut inner = self.lock();
         inner.stopping = true;
-        inner.clients.shutdown_all();
+        inner.clients.stop();
         self.changed.notify_all();
-        self.commits.notify_all();
     }
 
-    /// Stops, joins the replica's threads and writes out the log.
+    /// Stops, closes the replica's threads (within 5 s; stragglers are
+    /// logged) and writes out the log.
     pub fn stop(&self) {
         self.begin_stop();
-        let threads =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        for t in threads {
-            let _ = t.join();
-        }
+        self.group.close(STOP_DEADLINE);
         if let Err(e) = self.disk.sync_to(u64::MAX) {
             log_info!("messenger-{}: final log write failed: {e}", self.id);
         }
@@ -239,18 +240,28 @@ impl Replica {
         self.id
     }
 
-    /// Registers client connection `conn`, whose outbox writer reads from `outbox`.
+    /// Registers client connection `conn`: its frames go to `outbox`, and `writer` (which
+    /// drains it) runs in the replica's group, so [`Replica::stop`] joins it.
+    ///
+    /// # Errors
+    /// When the writer cannot be started (the replica is stopping, or the OS refuses a
+    /// thread): the connection is not registered.
     pub(in crate::messenger) fn add_client(
         &self,
         conn: u64,
-        outbox: Sender<Out>,
-        stream: Arc<TcpStream>,
-    ) {
-        self.lock().clients.add(conn, outbox, stream);
+        outbox: Outbox,
+        writer: Writer,
+    ) -> io::Result<()> {
+        let name = format!("messenger-{}-out-{conn}", self.id);
+        self.group
+            .spawn(name, move || writer.run())
+            .map_err(io::Error::other)?;
+        self.lock().clients.add(conn, outbox);
+        Ok(())
     }
 
-    /// Forgets client connection `conn` (it ended) and its session; its outbox writer
-    /// drains what is queued and ends.
+    /// Forgets client connection `conn` (its reader ended) and its session; its writer
+    /// sends what is queued and held for it as that commits, then ends.
     pub(in crate::messenger) fn remove_client(&self, conn: u64) {
         self.lock().clients.remove(conn);
     }
@@ -272,6 +283,7 @@ impl Replica {
             decoded,
         );
         let epoch = inner.epoch;
+        let committed = inner.committed;
         let mut appended = None;
         if let Some(change) = &effects.change {
             let (seq, delivered) = self.append_local(&mut inner, change);
@@ -280,7 +292,7 @@ impl Replica {
             // after the login hand-over they follow.
             if let Some((to, d)) = delivered {
                 let out = Out::replies(epoch, Some(seq), &[protocol::Reply::Deliver(d)], false);
-                inner.clients.send_to_user(&to, out);
+                inner.clients.send_to_user(&to, out, committed);
             }
         }
         match effects.session {
@@ -292,7 +304,7 @@ impl Replica {
             // An answer waits for the last change made so far, its own included.
             let tag = effects.after_commit.then_some(inner.last.seq);
             let out = Out::replies(epoch, tag, &effects.replies, effects.close);
-            inner.clients.send(conn, out);
+            inner.clients.send(conn, out, committed);
         }
         drop(inner);
         // Outside the lock: the flush is disk I/O.
@@ -302,46 +314,57 @@ impl Replica {
         }
         effects.close
     }
-
-    /// Waits until record `tag` of `epoch` is committed; false if this server stops being
-    /// that epoch's primary first (the client will fail over and resend).
-    pub(in crate::messenger) fn wait_commit(&self, epoch: u64, tag: u64) -> bool {
-        let mut inner = self.lock();
-        loop {
-            if inner.stopping || inner.role != Role::Primary || inner.epoch != epoch {
-                return false;
-            }
-            if inner.committed >= tag {
-                return true;
-            }
-            inner = self
-                .commits
-                .wait_timeout(inner, Duration::from_millis(200))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::{FrameReader, Framing};
     use crate::messenger::protocol::{
         decode_reply, encode_request, Delivery, Reply, Request, Violation,
     };
-    use crossbeam_channel::{bounded, Receiver};
-    use std::net::TcpListener;
+    use crate::outbox::OutboxConfig;
+    use std::net::{TcpListener, TcpStream};
 
-    /// A loopback connection for the registry to hold (and close); nothing is read here.
-    fn socket() -> (Arc<TcpStream>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (theirs, _) = listener.accept().unwrap();
-        for s in [&ours, &theirs] {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    /// A client connection as the replica sees it: registered with an outbox whose writer
+    /// runs in the replica's group; the client's end reads what it writes.
+    struct Conn {
+        reader: FrameReader<TcpStream>,
+    }
+
+    impl Conn {
+        fn add(replica: &Replica, id: u64) -> Conn {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (served, _) = listener.accept().unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            served
+                .set_write_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let config = OutboxConfig::new(format!("test {id}"), 8);
+            let (outbox, writer) = Outbox::new(Arc::new(served), config);
+            replica.add_client(id, outbox, writer).unwrap();
+            Conn {
+                reader: FrameReader::new(client, Framing::U32),
+            }
         }
-        (Arc::new(ours), theirs)
+
+        /// The next `n` replies written to this connection.
+        fn next(&mut self, n: usize) -> Vec<Reply> {
+            (0..n)
+                .map(|_| {
+                    let frame = self.reader.read_frame().unwrap().expect("a reply");
+                    decode_reply(frame).unwrap()
+                })
+                .collect()
+        }
+
+        /// Whether the server closed the connection (nothing more to read).
+        fn closed(&mut self) -> bool {
+            matches!(self.reader.read_frame(), Ok(None) | Err(_))
+        }
     }
 
     fn ask(replica: &Replica, conn: u64, request: &Request) -> bool {
@@ -350,20 +373,8 @@ mod tests {
         replica.request(conn, &payload)
     }
 
-    /// The next frames queued for a connection, decoded, with the record they wait for.
-    fn next(rx: &Receiver<Out>) -> (Option<u64>, Vec<Reply>, bool) {
-        let out = rx.try_recv().expect("frames were queued");
-        let (mut bytes, mut replies) = (&out.bytes[..], Vec::new());
-        while !bytes.is_empty() {
-            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
-            replies.push(decode_reply(&bytes[4..4 + len]).unwrap());
-            bytes = &bytes[4 + len..];
-        }
-        (out.tag, replies, out.close)
-    }
-
     #[test]
-    fn a_primary_applies_each_requests_effects_and_holds_every_answer_for_its_change() {
+    fn a_primary_applies_each_requests_effects_and_answers_once_they_commit() {
         let dir = std::env::temp_dir().join(format!("switchboard-req-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let peers = vec!["127.0.0.1:1".parse().unwrap()];
@@ -371,11 +382,7 @@ mod tests {
         // Alone, it takes over at once: its epoch record is seq 1.
         replica.settle(replica.lock());
         assert_eq!(replica.lock().role, Role::Primary);
-        let epoch = replica.lock().epoch;
-        let ((ann_stream, _ann_peer), (bob_stream, _bob_peer)) = (socket(), socket());
-        let ((ann_tx, ann), (bob_tx, bob)) = (bounded(8), bounded(8));
-        replica.add_client(1, ann_tx, ann_stream);
-        replica.add_client(2, bob_tx, bob_stream);
+        let (mut ann, mut bob) = (Conn::add(&replica, 1), Conn::add(&replica, 2));
 
         for name in ["ann", "bob"] {
             let register = Request::Register {
@@ -384,20 +391,17 @@ mod tests {
             };
             assert!(!ask(&replica, 1, &register));
         }
-        // Each answer waits for its own change: records 2 and 3.
-        assert_eq!(next(&ann), (Some(2), vec![Reply::Ok], false));
-        assert_eq!(next(&ann), (Some(3), vec![Reply::Ok], false));
-        // A login changes nothing but still waits for everything before it.
+        // Alone, a change is committed once it is durable here, which the request saw to:
+        // nothing stays held.
+        assert_eq!(ann.next(2), [Reply::Ok, Reply::Ok]);
+        assert_eq!(replica.lock().committed, 3);
+        assert_eq!(replica.lock().clients.held(), 0);
         let login = |name: &str| Request::Login { name: name.into() };
         assert!(!ask(&replica, 2, &login("bob")));
-        assert_eq!(
-            next(&bob),
-            (Some(3), vec![Reply::LoggedIn { count: 0 }], false)
-        );
+        assert_eq!(bob.next(1), [Reply::LoggedIn { count: 0 }]);
         assert!(!ask(&replica, 1, &login("ann")));
-        next(&ann);
-        // A send is pushed to its logged-in recipient, held for the same record as the
-        // sender's answer.
+        ann.next(1);
+        // A send is pushed to its logged-in recipient.
         let send = Request::Send {
             from: "ann".into(),
             to: "bob".into(),
@@ -410,38 +414,30 @@ mod tests {
             from: "ann".into(),
             text: "hi".into(),
         });
-        assert_eq!(next(&bob), (Some(4), vec![hi.clone()], false));
-        assert_eq!(next(&ann), (Some(4), vec![Reply::Ok], false));
-        // Alone, a change is committed once it is durable here, which the request saw to.
-        assert!(replica.wait_commit(epoch, 4));
-        // Quit: answered, logged out, and the connection is to close.
+        assert_eq!(bob.next(1), std::slice::from_ref(&hi));
+        assert_eq!(ann.next(1), [Reply::Ok]);
+        // Quit: answered, logged out, and once the reader is gone the connection closes.
         assert!(ask(&replica, 2, &Request::Quit));
-        assert_eq!(next(&bob), (Some(4), vec![Reply::Ok], true));
-        assert!(!ask(&replica, 1, &login("bob")));
-        let taken = Reply::Refused(Violation::AlreadyLoggedIn);
-        assert_eq!(next(&ann), (Some(4), vec![taken], false));
-        // bob is free to log in again elsewhere: on connection 3, bob's quit closed 2.
         replica.remove_client(2);
-        let ((bob_stream, _bob_peer), (bob_tx, bob)) = (socket(), bounded(8));
-        replica.add_client(3, bob_tx, bob_stream);
+        assert_eq!(bob.next(1), [Reply::Ok]);
+        assert!(bob.closed());
+        assert!(!ask(&replica, 1, &login("bob")));
+        assert_eq!(ann.next(1), [Reply::Refused(Violation::AlreadyLoggedIn)]);
+        // bob is free to log in again elsewhere: on connection 3, bob's quit closed 2.
+        let mut bob = Conn::add(&replica, 3);
         assert!(!ask(&replica, 3, &login("bob")));
-        assert_eq!(
-            next(&bob),
-            (Some(4), vec![Reply::LoggedIn { count: 1 }, hi], false)
-        );
-        // Stepped down, with no primary known: unavailable at once, and closed.
+        assert_eq!(bob.next(2), [Reply::LoggedIn { count: 1 }, hi]);
+        // Stepped down, with no primary known: every client is closed, and a request that
+        // still arrives is to close its connection.
         let mut inner = replica.lock();
         replica.step_down(&mut inner, "test");
         drop(inner);
-        assert!(ask(
-            &replica,
-            3,
-            &Request::Search {
-                pattern: "*".into()
-            }
-        ));
-        assert_eq!(next(&bob), (None, vec![Reply::Unavailable], true));
-        assert!(!replica.wait_commit(epoch, 4));
+        assert!(bob.closed() && ann.closed());
+        let search = Request::Search {
+            pattern: "*".into(),
+        };
+        assert!(ask(&replica, 3, &search));
+        replica.stop();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

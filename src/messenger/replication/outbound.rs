@@ -1,15 +1,28 @@
-//! Outbound replication links, sockets only: dial a peer, send the HELLO, wait for the
-//! WELCOME, then write whatever the replica hands over until the link fails or the replica
-//! stops; pause and dial again. What to send is decided elsewhere, behind [`Outgoing`].
-//! Kept to this file and this small interface because the framework's shared link layer
-//! (dial with a hello and timeouts, an outbox drained by one writer) is to replace it.
+//! Outbound replication links, on the framework's link and outbox: dial a peer with the
+//! HELLO and wait for the WELCOME ([`Dialer::dial`]), then hand whatever the replica has
+//! due into the link's [`Outbox`], whose writer runs in the replica's group, until the link
+//! fails or the replica stops; pause and dial again. What to send is decided elsewhere,
+//! behind [`Outgoing`].
 
 use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, REDIAL_EVERY};
-use crate::framing::{encode_frame, FrameReader, Framing, Limits};
+use crate::framing::{encode_frame, Framing, Limits};
+use crate::group::Group;
+use crate::link::{Answer, Dialer, Link, LinkError, Timeouts};
 use crate::log_debug;
-use std::io::{self, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use crate::outbox::{Bytes, Outbox, OutboxConfig};
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
+
+/// Frames (batches) that may wait in a link's outbox. Records and snapshots are held back
+/// while [`FEED_AHEAD`] batches wait (see [`Outgoing::next_frames`]), so what else piles
+/// up is heartbeats and answers, a few a tenth of a second, until a stuck write fails
+/// after [`LINK_TIMEOUT`]: far below this.
+const LINK_OUTBOX: usize = 4096;
+/// Batches queued on a link beyond which no more records or snapshots are added: the
+/// writer's back-pressure, which a socket write used to give. A batch is at most 4,096
+/// records, or one snapshot.
+pub(super) const FEED_AHEAD: usize = 2;
 
 /// Where and how to dial one peer.
 pub(super) struct Dial {
@@ -39,21 +52,51 @@ pub(super) trait Outgoing {
     /// The link to peer `to` is down.
     fn unlinked(&self, to: usize);
     /// Waits until something is due on the link to peer `to` and appends its frames to
-    /// `out`; false when the replica is stopping.
-    fn next_frames(&self, to: usize, cursor: &mut Self::Cursor, out: &mut Vec<u8>) -> bool;
+    /// `out`; false when the replica is stopping. `queued` tells how many batches wait
+    /// unwritten: at [`FEED_AHEAD`] or more, only heartbeats and answers are added.
+    fn next_frames(
+        &self,
+        to: usize,
+        cursor: &mut Self::Cursor,
+        queued: &dyn Fn() -> usize,
+        out: &mut Vec<u8>,
+    ) -> bool;
     /// Waits `d`, or less if the replica stops.
     fn pause(&self, d: Duration);
 }
 
-/// Keeps a link to one peer up until the replica stops.
-pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial) {
+/// Keeps a link to one peer up until the replica stops; the link's socket and writer
+/// belong to `group`.
+pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial, group: &Group) {
+    let dialer = Dialer {
+        framing: Framing::U32,
+        // The acceptor's only frame is short: a longer one is no WELCOME.
+        limits: Limits {
+            max_frame: 16,
+            ..Limits::default()
+        },
+        timeouts: Timeouts {
+            connect: CONNECT_TIMEOUT,
+            handshake: LINK_TIMEOUT,
+            write: LINK_TIMEOUT,
+            idle: Some(LINK_TIMEOUT),
+        },
+        group: Some(group.clone()),
+    };
     while !replica.stopping() {
-        match connect(dial) {
-            Ok(stream) => {
+        match connect(&dialer, dial) {
+            Ok(link) => {
                 replica.linked(dial.to);
                 log_debug!("{}: linked to server {}", dial.name, dial.to);
-                write_due(replica, dial, &stream);
-                let _ = stream.shutdown(Shutdown::Both);
+                let name = format!("{}: the link to server {}", dial.name, dial.to);
+                let (outbox, writer) = link.outbox(OutboxConfig::new(name, LINK_OUTBOX));
+                let thread = format!("{}-write-{}", dial.name, dial.to);
+                if group.spawn(thread, move || writer.run()).is_ok() {
+                    write_due(replica, dial, &outbox);
+                }
+                // Dropping the outbox lets the writer send what is queued and half-close;
+                // the peer then sees the link end.
+                drop(outbox);
                 replica.unlinked(dial.to);
             }
             Err(e) => {
@@ -66,33 +109,29 @@ pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial) {
 }
 
 /// Dials, says HELLO and waits for the WELCOME.
-fn connect(dial: &Dial) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&dial.addr, CONNECT_TIMEOUT)?;
-    stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(LINK_TIMEOUT))?;
-    stream.set_read_timeout(Some(LINK_TIMEOUT))?;
-    let mut frame = Vec::new();
-    encode_frame(Framing::U32, &dial.hello, &mut frame).map_err(io::Error::other)?;
-    (&stream).write_all(&frame)?;
-    // The acceptor's only frame is short: a longer one is no WELCOME.
-    let limits = Limits {
-        max_frame: 16,
-        ..Limits::default()
+fn connect(dialer: &Dialer, dial: &Dial) -> Result<Link, LinkError> {
+    let mut hello = Vec::new();
+    encode_frame(Framing::U32, &dial.hello, &mut hello).map_err(io::Error::other)?;
+    let answer = |frame: &[u8]| {
+        Ok::<_, io::Error>(if frame == dial.welcome {
+            Answer::Welcome(())
+        } else {
+            Answer::Refused("not a WELCOME".into())
+        })
     };
-    let mut reader = FrameReader::with_limits(&stream, Framing::U32, limits);
-    match reader.read_frame() {
-        Ok(Some(answer)) if answer == dial.welcome => Ok(stream),
-        Ok(_) => Err(io::Error::other("the peer refused the link")),
-        Err(e) => Err(io::Error::other(e)),
-    }
+    dialer
+        .dial(dial.addr, &hello, answer)
+        .map(|(link, ())| link)
 }
 
-/// Writes whatever is due on the link, until it fails or the replica stops.
-fn write_due<R: Outgoing>(replica: &R, dial: &Dial, stream: &TcpStream) {
+/// Hands whatever is due on the link to its outbox, until the link fails or the replica
+/// stops.
+fn write_due<R: Outgoing>(replica: &R, dial: &Dial, outbox: &Outbox) {
     let mut cursor = R::Cursor::default();
     let mut out = Vec::new();
-    while replica.next_frames(dial.to, &mut cursor, &mut out) {
-        if let Err(e) = (&*stream).write_all(&out) {
+    let queued = || outbox.len();
+    while replica.next_frames(dial.to, &mut cursor, &queued, &mut out) {
+        if let Err(e) = outbox.send(Bytes::from(&out[..])) {
             log_debug!("{}: link to server {} failed: {e}", dial.name, dial.to);
             return;
         }
@@ -107,7 +146,7 @@ fn write_due<R: Outgoing>(replica: &R, dial: &Dial, stream: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
@@ -156,7 +195,13 @@ mod tests {
             self.stop.store(true, Ordering::SeqCst);
         }
 
-        fn next_frames(&self, _to: usize, written: &mut usize, out: &mut Vec<u8>) -> bool {
+        fn next_frames(
+            &self,
+            _to: usize,
+            written: &mut usize,
+            _queued: &dyn Fn() -> usize,
+            out: &mut Vec<u8>,
+        ) -> bool {
             let Some(batch) = self.batches.lock().unwrap().pop() else {
                 return false;
             };
@@ -202,8 +247,11 @@ mod tests {
     fn a_welcomed_link_carries_the_batches_in_order_then_closes() {
         let (addr, peer) = peer(b"w");
         let script = Script::new(&[b"one", b"two"]);
-        run(&script, &dial(addr));
+        let group = Group::new("test");
+        run(&script, &dial(addr), &group);
+        // The writer flushes, then half-closes: the peer reads everything, then the end.
         assert_eq!(peer.join().unwrap(), b"\0\0\0\x05helloonetwo");
+        assert!(group.close(Duration::from_secs(5)).stragglers.is_empty());
         assert_eq!(*script.calls.lock().unwrap(), ["linked 1", "unlinked 1"]);
     }
 
@@ -211,7 +259,7 @@ mod tests {
     fn any_answer_but_the_welcome_is_a_refusal() {
         let (addr, peer) = peer(b"x");
         let script = Script::new(&[b"one"]);
-        run(&script, &dial(addr));
+        run(&script, &dial(addr), &Group::new("test"));
         assert_eq!(peer.join().unwrap(), b"\0\0\0\x05hello");
         assert_eq!(*script.calls.lock().unwrap(), ["refused 1"]);
         assert_eq!(script.batches.lock().unwrap().len(), 1);

@@ -67,7 +67,9 @@ impl Replica {
         }
         if c > inner.committed {
             inner.committed = c;
-            self.commits.notify_all();
+            // Answers and messages held for these records go to their outboxes now.
+            let epoch = inner.epoch;
+            inner.clients.release(epoch, c);
         }
     }
 
@@ -254,7 +256,6 @@ impl Replica {
         inner.clients.close_all();
         inner.version += 1;
         log_info!("messenger-{}: stepping down: {why}", self.id);
-        self.commits.notify_all();
     }
 
     pub(super) fn run_ticker(self: Arc<Self>) {

@@ -183,16 +183,7 @@ pub fn check_or_repair(path: &Path, repair: bool) -> ExitCode {
             (text, checked.is_damaged())
         })
     };
-    match result {
-        Ok((text, damaged)) => {
-            println!("{shown}: {text}");
-            ExitCode::from(u8::from(damaged))
-        }
-        Err(e) => {
-            eprintln!("{shown}: {e}");
-            ExitCode::from(2)
-        }
-    }
+    crate::cli::report_check(shown, result)
 }
 
 fn read_log(path: &Path) -> io::Result<Vec<u8>> {
