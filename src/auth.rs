@@ -243,6 +243,96 @@ impl Secret {
     }
 }
 
+/// The three handshake messages as frame payloads: ASCII, so they fit any framing (a
+/// `line` frame cannot hold raw random bytes, which may contain `\n`).
+///
+/// ```text
+/// Challenge  "auth1 " hex(nonce_d)                                   38 bytes
+/// Answer     "auth2 " hex(nonce_a) " " hex(tag_a) " " hex(identity)  56 + 2·len(identity)
+/// Proof      "auth3 " hex(tag_d)                                     22 bytes
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The dialer's nonce, sent right after its hello.
+    Challenge(Nonce),
+    /// The acceptor's nonce, its tag, and the identity that tag is for.
+    Answer(Nonce, [u8; TAG_LEN], Vec<u8>),
+    /// The dialer's tag.
+    Proof([u8; TAG_LEN]),
+}
+
+/// The longest identity an answer may carry: identities are addresses and member terms.
+pub const MAX_IDENTITY: usize = 512;
+
+impl Message {
+    /// The frame payload.
+    pub fn format(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Message::Challenge(n) => {
+                out.extend_from_slice(b"auth1 ");
+                hex(&n.0, &mut out);
+            }
+            Message::Answer(n, tag, id) => {
+                out.extend_from_slice(b"auth2 ");
+                hex(&n.0, &mut out);
+                out.push(b' ');
+                hex(tag, &mut out);
+                out.push(b' ');
+                hex(id, &mut out);
+            }
+            Message::Proof(tag) => {
+                out.extend_from_slice(b"auth3 ");
+                hex(tag, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Reads a frame payload; `None` for anything else (a peer without the secret sends
+    /// its service's frames instead).
+    pub fn parse(frame: &[u8]) -> Option<Message> {
+        let (kind, rest) = (frame.get(..6)?, &frame[6..]);
+        let fields: Vec<&[u8]> = rest.split(|b| *b == b' ').collect();
+        match (kind, fields.as_slice()) {
+            (b"auth1 ", [n]) => Some(Message::Challenge(Nonce(unhex(n)?))),
+            (b"auth2 ", [n, tag, id]) if id.len() <= 2 * MAX_IDENTITY => Some(Message::Answer(
+                Nonce(unhex(n)?),
+                unhex(tag)?,
+                unhex_vec(id)?,
+            )),
+            (b"auth3 ", [tag]) => Some(Message::Proof(unhex(tag)?)),
+            _ => None,
+        }
+    }
+}
+
+fn hex(bytes: &[u8], out: &mut Vec<u8>) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
+    }
+}
+
+fn unhex_vec(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    text.chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
+fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
+    unhex_vec(text)?.try_into().ok()
+}
+
 /// Why a server may not start with the given `--secret-file` and addresses.
 #[derive(Debug)]
 pub enum PolicyError {
@@ -399,6 +489,41 @@ mod tests {
             cluster_secret(Some(&open), &[lo], "x"),
             Err(PolicyError::Secret(SecretError::WorldReadable(..)))
         ));
+    }
+
+    #[test]
+    fn handshake_messages_round_trip_and_refuse_anything_else() {
+        let n = Nonce([0xab; NONCE_LEN]);
+        let msgs = [
+            Message::Challenge(n),
+            Message::Answer(n, [1; TAG_LEN], b"127.0.0.1:7000".to_vec()),
+            Message::Answer(n, [1; TAG_LEN], Vec::new()),
+            Message::Proof([0xff; TAG_LEN]),
+        ];
+        for m in msgs {
+            let bytes = m.format();
+            assert!(!bytes.contains(&b'\n'));
+            assert_eq!(Message::parse(&bytes), Some(m));
+        }
+        assert_eq!(Message::Challenge(n).format().len(), 38);
+        assert_eq!(Message::Proof([0; TAG_LEN]).format().len(), 22);
+        for bad in [
+            &b""[..],
+            b"auth1 ",
+            b"auth1 abab",
+            b"auth1 ABABABABABABABABABABABABABABABAB",
+            b"auth3 00000000000000000",
+            b"auth3 0000000000000000 00",
+            b"{hello,x}",
+            b"auth2 abababababababababababababababab 0101010101010101 7",
+        ] {
+            assert_eq!(
+                Message::parse(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -15,13 +15,21 @@
 //! # Seams for what comes next
 //!
 //! - **Authentication** (a cluster secret: each side sends a nonce and answers the other's
-//!   with a keyed MAC; the primitives are [`crate::auth`]) belongs between the hello and
-//!   the welcome. Both sides pass through one private function each (`greet_as_dialer`,
-//!   `greet_as_acceptor`), so it is added there once, for every service: the dialer's
-//!   nonce goes with the hello, the acceptor's nonce and tag with the welcome (checked by
-//!   the dialer before the answer counts), and the dialer's tag as one more frame that the
-//!   acceptor reads before [`accept`] returns the link. A link that fails it never reaches
-//!   the service's state.
+//!   with a keyed MAC; the primitives are [`crate::auth`]) runs between the hello and the
+//!   welcome when the service configures an [`Auth`]: the dialer's nonce goes right after
+//!   the hello, the acceptor answers with its nonce and tag, the dialer checks it and
+//!   sends its own tag, and only then does the acceptor's service decide and welcome:
+//!
+//!   ```text
+//!   dialer  ── hello, auth1 nonce_d ──────────────────▶ acceptor reads the hello (parse only)
+//!           ◀────────────── auth2 nonce_a tag_a id_a ── link::authenticate
+//!           ── auth3 tag_d ───────────────────────────▶ checked against the hello's identity
+//!           ◀───────────────────── welcome | refusal ── the service decides (state touched)
+//!   ```
+//!
+//!   The acceptor's step is a separate call, [`authenticate`], because the service's
+//!   verdict (registering a peer) must come after it: a link that fails it never reaches
+//!   the service's state. The dialer's is inside [`Dialer::dial_with_auth`].
 //! - **Dead-peer detection**: a link's writer sends a heartbeat when idle
 //!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
 //!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
@@ -76,7 +84,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::framing::{FrameError, FrameReader, Framing, Limits};
+use crate::auth::{self, Nonce, Secret, Side};
+use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::group::{Group, GroupError, Registration};
 use crate::log_info;
 use crate::outbox::{Outbox, OutboxConfig, Writer};
@@ -149,6 +158,9 @@ pub enum LinkError {
     Closed,
     /// The peer refused the link (or the dialler could not take it), for this reason.
     Refused(String),
+    /// The cluster-secret handshake failed: the far end does not know the secret, did
+    /// not run the handshake, or answered for another identity or cluster.
+    Unauthenticated(&'static str),
 }
 
 impl fmt::Display for LinkError {
@@ -161,6 +173,7 @@ impl fmt::Display for LinkError {
             LinkError::Protocol(e) => write!(f, "bad answer: {e}"),
             LinkError::Closed => f.write_str("closed without answering"),
             LinkError::Refused(reason) => write!(f, "refused: {reason}"),
+            LinkError::Unauthenticated(why) => write!(f, "not authenticated: {why}"),
         }
     }
 }
@@ -191,6 +204,20 @@ impl From<FrameError> for LinkError {
     }
 }
 
+/// What this end proves on a link, and in which cluster: [`crate::auth`]'s exchange, run
+/// by [`Dialer::dial_with_auth`] and [`authenticate`] when a service configures one.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The cluster secret.
+    pub secret: Secret,
+    /// The cluster's name (a service label, a room), bound into every tag: a proof made
+    /// for one cluster or service is worthless in another sharing the secret.
+    pub cluster: Vec<u8>,
+    /// This end's identity as its service names it in its hello or welcome (an address,
+    /// a member term): the far end checks the tag against the identity it is told.
+    pub identity: Vec<u8>,
+}
+
 /// A socket shared by a link's reader and writer, readable through the `Arc`: the reader
 /// of a dialled link owns one, so a [`Link`] can move to the thread that serves it.
 #[derive(Debug, Clone)]
@@ -209,6 +236,8 @@ pub struct Link<R = SharedStream> {
     reader: FrameReader<R>,
     /// Keeps the socket in a group's shutdown list for as long as the link is served.
     registration: Option<Registration>,
+    /// The far end's identity, proven by the handshake (dialled links with an [`Auth`]).
+    peer_identity: Option<Vec<u8>>,
 }
 
 /// How a link's reader loop ended.
@@ -224,6 +253,12 @@ pub enum End<B> {
 }
 
 impl<R: Read> Link<R> {
+    /// The identity the far end proved with the cluster secret, on a link dialled with an
+    /// [`Auth`]: the service checks that its welcome names the same one.
+    pub fn peer_identity(&self) -> Option<&[u8]> {
+        self.peer_identity.as_deref()
+    }
+
     /// The link's socket (to register with a [`Group`], or to shut down).
     pub fn stream(&self) -> &Arc<TcpStream> {
         &self.stream
@@ -348,6 +383,27 @@ impl Dialer {
     where
         E: Into<Box<dyn Error + Send + Sync>>,
     {
+        self.dial_with_auth(None, addr, hello, answer)
+    }
+
+    /// [`Dialer::dial`], and with `auth` [`crate::auth`]'s exchange around the hello
+    /// (without it the wire is the service's hello and answer alone): the far end's
+    /// identity is then proven, and returned by [`Link::peer_identity`]. (The secret is an
+    /// argument rather than a field so that services building a `Dialer` field by field
+    /// keep compiling.)
+    ///
+    /// # Errors
+    /// As [`Dialer::dial`], and [`LinkError::Unauthenticated`] when the handshake fails.
+    pub fn dial_with_auth<P, E>(
+        &self,
+        auth: Option<&Auth>,
+        addr: impl ToSocketAddrs,
+        hello: &[u8],
+        answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+    ) -> Result<(Link, P), LinkError>
+    where
+        E: Into<Box<dyn Error + Send + Sync>>,
+    {
         let timeouts = &self.timeouts;
         let stream = Arc::new(connect(addr, timeouts.connect)?);
         // Registered before the handshake, so a shutdown meanwhile cuts it short.
@@ -360,12 +416,21 @@ impl Dialer {
         stream.set_write_timeout(Some(timeouts.write))?;
         let shared = SharedStream(Arc::clone(&stream));
         let mut reader = FrameReader::with_limits(shared, self.framing, self.limits);
-        let peer = greet_as_dialer(&stream, &mut reader, hello, answer)?;
+        let (peer, peer_identity) = greet_as_dialer(&stream, &mut reader, auth, hello, answer)
+            .inspect_err(|e| {
+                if let LinkError::Unauthenticated(why) = e {
+                    log_info!(
+                        "link: dialled {}: not authenticated: {why}",
+                        peer_name(&stream)
+                    );
+                }
+            })?;
         stream.set_read_timeout(timeouts.idle)?;
         let link = Link {
             stream,
             reader,
             registration,
+            peer_identity,
         };
         Ok((link, peer))
     }
@@ -394,20 +459,73 @@ where
     dialer.dial(addr, hello, answer)
 }
 
-/// The dialer's half of the handshake: hello out, answer in. Issue 15's challenge and
-/// response go here: the dialer's nonce rides with the hello, the acceptor's tag is checked
-/// before the answer counts as a welcome, and the dialer's own tag is written after it.
+/// The dialer's half of the handshake: hello out, answer in. With `auth`, the dialer's
+/// nonce goes out with the hello, the acceptor's tag is checked, and the dialer's own tag
+/// is written, all before the service's answer is read; returns who answered and the
+/// identity it proved.
 fn greet_as_dialer<P, E>(
     stream: &TcpStream,
     reader: &mut FrameReader<SharedStream>,
+    auth: Option<&Auth>,
     hello: &[u8],
+    answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
+) -> Result<(P, Option<Vec<u8>>), LinkError>
+where
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    let mut out = stream;
+    let framing = reader.framing();
+    let Some(auth) = auth else {
+        out.write_all(hello)?;
+        return read_answer(reader, answer).map(|p| (p, None));
+    };
+    let mine = Nonce::fresh()?;
+    let mut first = hello.to_vec();
+    encode_frame(
+        framing,
+        &auth::Message::Challenge(mine).format(),
+        &mut first,
+    )?;
+    out.write_all(&first)?;
+    let frame = reader.read_frame()?.ok_or(LinkError::Closed)?;
+    let Some(auth::Message::Answer(theirs, tag, identity)) = auth::Message::parse(frame) else {
+        return Err(LinkError::Unauthenticated(
+            "the peer answered without the handshake (no --secret-file there?)",
+        ));
+    };
+    let a = &auth.secret;
+    if !a.verify(
+        Side::Acceptor,
+        &theirs,
+        &mine,
+        &identity,
+        &auth.cluster,
+        &tag,
+    ) {
+        return Err(LinkError::Unauthenticated(
+            "the peer's proof is wrong (another secret or cluster?)",
+        ));
+    }
+    let tag = a.tag(Side::Dialer, &mine, &theirs, &auth.identity, &auth.cluster);
+    let mut proof = Vec::new();
+    encode_frame(framing, &auth::Message::Proof(tag).format(), &mut proof)?;
+    out.write_all(&proof)?;
+    // An acceptor that finds our proof wrong closes without answering.
+    let peer = read_answer(reader, answer).map_err(|e| match e {
+        LinkError::Closed => LinkError::Unauthenticated("the peer closed after our proof"),
+        e => e,
+    })?;
+    Ok((peer, Some(identity)))
+}
+
+/// Reads the service's answer to a hello.
+fn read_answer<P, E>(
+    reader: &mut FrameReader<SharedStream>,
     answer: impl FnOnce(&[u8]) -> Result<Answer<P>, E>,
 ) -> Result<P, LinkError>
 where
     E: Into<Box<dyn Error + Send + Sync>>,
 {
-    let mut out = stream;
-    out.write_all(hello)?;
     // The acceptor writes nothing after its answer until our traffic starts, so the
     // reader buffers at most the answer; anything past it stays buffered for the link.
     let frame = reader.read_frame()?.ok_or(LinkError::Closed)?;
@@ -440,7 +558,87 @@ pub fn accept<R: Read>(
         stream: Arc::clone(stream),
         reader,
         registration: None,
+        peer_identity: None,
     }))
+}
+
+/// The acceptor's half of [`crate::auth`]'s exchange, run when the service has read and
+/// parsed the hello (whose sender claims `claimed`) and **before** it decides anything or
+/// touches its state: reads the dialer's nonce, answers with ours and our tag, reads and
+/// checks the dialer's tag. Without `auth` it does nothing and the wire is unchanged.
+///
+/// On failure the link is shut down and logged with the peer's address; the service
+/// just returns.
+///
+/// # Errors
+/// [`LinkError::Unauthenticated`] when the dialer ran no handshake or proved nothing;
+/// otherwise why the handshake could not be read or written (a close, a timeout).
+pub fn authenticate<R: Read>(
+    stream: &TcpStream,
+    reader: &mut FrameReader<R>,
+    timeouts: &Timeouts,
+    auth: Option<&Auth>,
+    claimed: &[u8],
+) -> Result<(), LinkError> {
+    let Some(auth) = auth else {
+        return Ok(());
+    };
+    let result = prove_as_acceptor(stream, reader, timeouts, auth, claimed);
+    if let Err(e) = &result {
+        log_info!("link: refused {}: {e}", peer_name(stream));
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+    result
+}
+
+fn prove_as_acceptor<R: Read>(
+    stream: &TcpStream,
+    reader: &mut FrameReader<R>,
+    timeouts: &Timeouts,
+    auth: &Auth,
+    claimed: &[u8],
+) -> Result<(), LinkError> {
+    // Bounded by the handshake timeout: a stranger that says nothing costs one thread for
+    // that long, never for good.
+    stream.set_read_timeout(Some(timeouts.handshake))?;
+    stream.set_write_timeout(Some(timeouts.write))?;
+    let framing = reader.framing();
+    let frame = reader.read_frame()?.ok_or(LinkError::Closed)?;
+    let Some(auth::Message::Challenge(theirs)) = auth::Message::parse(frame) else {
+        return Err(LinkError::Unauthenticated(
+            "no handshake after the hello (no --secret-file there?)",
+        ));
+    };
+    let mine = Nonce::fresh()?;
+    let a = &auth.secret;
+    let tag = a.tag(
+        Side::Acceptor,
+        &mine,
+        &theirs,
+        &auth.identity,
+        &auth.cluster,
+    );
+    let mut answer = Vec::new();
+    let message = auth::Message::Answer(mine, tag, auth.identity.clone());
+    encode_frame(framing, &message.format(), &mut answer)?;
+    (&*stream).write_all(&answer)?;
+    let frame = reader.read_frame()?.ok_or(LinkError::Closed)?;
+    let Some(auth::Message::Proof(tag)) = auth::Message::parse(frame) else {
+        return Err(LinkError::Unauthenticated("no proof after our answer"));
+    };
+    if !a.verify(Side::Dialer, &theirs, &mine, claimed, &auth.cluster, &tag) {
+        return Err(LinkError::Unauthenticated(
+            "a wrong proof (another secret, cluster or identity)",
+        ));
+    }
+    Ok(())
+}
+
+/// The far end's address, for a log line.
+fn peer_name(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map_or_else(|_| "a peer".to_owned(), |a| a.to_string())
 }
 
 /// Writes the answer. Issue 15's challenge goes here: the acceptor's nonce and tag ride with
@@ -572,6 +770,150 @@ mod tests {
             (got, end)
         });
         (addr, thread)
+    }
+
+    fn auth(secret: &[u8], identity: &str) -> Auth {
+        Auth {
+            secret: Secret::from_bytes(secret).unwrap(),
+            cluster: b"test cluster".to_vec(),
+            identity: identity.as_bytes().to_vec(),
+        }
+    }
+
+    const SECRET: &[u8] = b"0123456789abcdef";
+
+    /// A one-connection acceptor with `auth`: reads the hello `hi <identity>`, runs the
+    /// handshake, then welcomes (`+acc`) and returns the first frame of the link; or how
+    /// the handshake failed.
+    fn auth_acceptor(
+        auth: Option<Auth>,
+    ) -> (SocketAddr, thread::JoinHandle<Result<String, String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(T)).unwrap();
+            let stream = Arc::new(stream);
+            let mut reader = FrameReader::new(&*stream, Framing::Line);
+            let hello = reader.read_frame().unwrap().unwrap().to_vec();
+            let claimed = hello.strip_prefix(b"hi ").unwrap_or(&hello).to_vec();
+            let timeouts = Timeouts::uniform(T);
+            authenticate(&stream, &mut reader, &timeouts, auth.as_ref(), &claimed)
+                .map_err(|e| e.to_string())?;
+            let verdict = Verdict::Welcome(b"+acc\n".to_vec());
+            let mut link = accept(&stream, reader, &timeouts, verdict)
+                .unwrap()
+                .unwrap();
+            let mut first = String::new();
+            link.read_frames("test", |f| {
+                first = String::from_utf8_lossy(f).into_owned();
+                ControlFlow::Break(())
+            });
+            Ok(first)
+        });
+        (addr, thread)
+    }
+
+    fn auth_dial(
+        addr: SocketAddr,
+        auth: Option<Auth>,
+        hello: &[u8],
+    ) -> Result<(Link, String), LinkError> {
+        let dialer = Dialer::new(Framing::Line, Timeouts::uniform(T));
+        dialer.dial_with_auth(auth.as_ref(), addr, hello, parse)
+    }
+
+    #[test]
+    fn a_shared_secret_opens_the_link_and_proves_both_identities() {
+        let (addr, peer) = auth_acceptor(Some(auth(SECRET, "acc")));
+        let (link, who) = auth_dial(addr, Some(auth(SECRET, "dia")), b"hi dia\n").unwrap();
+        assert_eq!(who, "acc");
+        assert_eq!(link.peer_identity(), Some(&b"acc"[..]));
+        (&**link.stream()).write_all(b"after\n").unwrap();
+        assert_eq!(peer.join().unwrap(), Ok("after".to_owned()));
+    }
+
+    #[test]
+    fn a_wrong_secret_fails_on_both_sides_before_the_service_answers() {
+        // The dialer holds another secret: it refuses the acceptor's proof at once.
+        let (addr, peer) = auth_acceptor(Some(auth(SECRET, "acc")));
+        let other = b"0123456789abcdeX";
+        let err = auth_dial(addr, Some(auth(other, "dia")), b"hi dia\n")
+            .err()
+            .unwrap();
+        assert!(matches!(err, LinkError::Unauthenticated(_)), "{err}");
+        // Which the acceptor sees as the dialer hanging up, never as a welcome.
+        assert!(peer.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn the_acceptor_refuses_a_proof_for_another_identity_and_a_dialer_without_the_secret() {
+        // The dialer proves "dia" but its hello claims "alice".
+        let (addr, peer) = auth_acceptor(Some(auth(SECRET, "acc")));
+        let err = auth_dial(addr, Some(auth(SECRET, "dia")), b"hi alice\n")
+            .err()
+            .unwrap();
+        assert!(matches!(err, LinkError::Unauthenticated(_)), "{err}");
+        let why = peer.join().unwrap().unwrap_err();
+        assert!(why.contains("wrong proof"), "{why}");
+
+        // A dialer with no secret sends its hello and waits: refused, nothing welcomed.
+        let (addr, peer) = auth_acceptor(Some(auth(SECRET, "acc")));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"hi dia\n{forged}\n").unwrap();
+        let why = peer.join().unwrap().unwrap_err();
+        assert!(why.contains("no handshake"), "{why}");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+
+    #[test]
+    fn a_dialer_with_a_secret_refuses_an_acceptor_without_one() {
+        let (addr, peer) = auth_acceptor(None);
+        let err = auth_dial(addr, Some(auth(SECRET, "dia")), b"hi dia\n")
+            .err()
+            .unwrap();
+        assert!(matches!(err, LinkError::Unauthenticated(_)), "{err}");
+        // The acceptor read our nonce as the link's first frame; the link then closed.
+        let first = peer.join().unwrap().unwrap();
+        assert!(first.starts_with("auth1 "), "{first}");
+    }
+
+    #[test]
+    fn a_replayed_answer_does_not_pass_on_a_new_connection() {
+        // Record an honest acceptor's answer, then play it back as a fake acceptor.
+        let (addr, peer) = auth_acceptor(Some(auth(SECRET, "acc")));
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let challenge = auth::Message::Challenge(Nonce::fresh().unwrap()).format();
+        s.write_all(&[&b"hi x\n"[..], &challenge, b"\n"].concat())
+            .unwrap();
+        let mut reader = FrameReader::new(&s, Framing::Line);
+        let recorded = reader.read_frame().unwrap().unwrap().to_vec();
+        drop(s);
+        let _ = peer.join().unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_addr = listener.local_addr().unwrap();
+        let fake = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s.write_all(&[&recorded[..], b"\n+acc\n"].concat()).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        let err = auth_dial(fake_addr, Some(auth(SECRET, "dia")), b"hi dia\n")
+            .err()
+            .unwrap();
+        assert!(matches!(err, LinkError::Unauthenticated(_)), "{err}");
+        let sent = fake.join().unwrap();
+        assert!(
+            !sent.windows(6).any(|w| w == b"auth3 "),
+            "no proof given to a fake"
+        );
     }
 
     #[test]

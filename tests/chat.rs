@@ -803,3 +803,78 @@ fn two_alices_joining_at_once_on_two_servers_end_as_one() {
         ],
     );
 }
+
+/// A secret file only its owner may read, fresh per call.
+fn secret_file(tag: &str, contents: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("switchboard-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(tag);
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[test]
+fn with_the_secret_a_forged_server_link_is_closed_and_its_events_reach_no_client() {
+    let file = secret_file("good", b"a federation secret of 32 bytes\n");
+    let file = file.to_str().unwrap();
+    let a = start(&["--secret-file", file]);
+    let b = start(&["--secret-file", file, "--join", &a.addr.to_string()]);
+    converge(&[&a, &b]);
+    let mut alice = join(a.addr, "alice");
+    // So that bob, joining after, is not told of alice's join.
+    settle(&[&a, &b], &["alice"]);
+    let mut bob = join(b.addr, "bob");
+    settle(&[&a, &b], &["alice", "bob"]);
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+    // Issue 15's spoof: pose as a server and inject a client's message.
+    let mut forger = LineClient::connect(a.addr);
+    forger.send(b"{server_hello,{\"127.0.0.1:9\",1}}\n{message,\"mallory\",\"forged\"}\n");
+    forger.expect_closed();
+    eventually("the refusal to be logged", || {
+        a.log_text().contains("link: refused")
+    });
+    // A server with another secret cannot join either.
+    let other = secret_file("other", b"another secret, also 32 bytes..\n");
+    let out = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0", "--join", &a.addr.to_string()])
+        .args(["--secret-file", other.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not authenticated"), "{stderr}");
+    // The federation is intact, and the next line alice reads is bob's, not the forgery.
+    say(&mut bob, "bob", "real");
+    expect(&mut [&mut alice, &mut bob], &[r#"{message,"bob","real"}"#]);
+    converge(&[&a, &b]);
+}
+
+#[test]
+fn the_secret_is_required_off_loopback_and_must_be_private() {
+    let run = |args: &[&str]| {
+        let out = Command::new(SERVER).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--listen", "0.0.0.0:0"]);
+    assert!(err.contains("--secret-file"), "{err}");
+    let open = secret_file("open", b"0123456789abcdef0123456789abcdef");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--secret-file",
+        open.to_str().unwrap(),
+    ]);
+    assert!(err.contains("chmod 600"), "{err}");
+    // On loopback without a secret: one warning, and the server runs.
+    let server = start(&[]);
+    assert!(
+        server.log_text().contains("no --secret-file"),
+        "{}",
+        server.log_text()
+    );
+}

@@ -53,8 +53,19 @@ struct PeerProc {
 impl PeerProc {
     /// Starts peer `name` on a free port, joining through `via` when given.
     fn start(name: &str, via: Option<&PeerProc>, no_direct: &[&PeerProc]) -> PeerProc {
+        PeerProc::start_with(name, via, no_direct, &[])
+    }
+
+    /// [`PeerProc::start`] with more arguments.
+    fn start_with(
+        name: &str,
+        via: Option<&PeerProc>,
+        no_direct: &[&PeerProc],
+        extra: &[&str],
+    ) -> PeerProc {
         let mut cmd = Command::new(PEER);
         cmd.args(["--listen", "127.0.0.1:0", "--name", name, "-v"]);
+        cmd.args(extra);
         if let Some(via) = via {
             cmd.args(["--via", &via.addr.to_string()]);
         }
@@ -416,4 +427,42 @@ fn a_split_room_says_so_and_never_shows_two_lists_under_one_label() {
             .lines()
             .contains(&"[NOT SENT] nobody else is in the room".to_owned())
     });
+}
+
+#[test]
+fn peers_with_the_secret_file_link_and_a_stranger_is_logged_and_closed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("switchboard-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("room.key");
+    std::fs::write(&key, b"a room secret of at least 16 bytes\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let flag = ["--secret-file", key.to_str().unwrap()];
+    let alice = PeerProc::start_with("alice", None, &[], &flag);
+    let mut bob = PeerProc::start_with("bob", Some(&alice), &[], &flag);
+    alice.wait_members(&["alice", "bob"]);
+    bob.wait_members(&["alice", "bob"]);
+    // A stranger's hello is closed unanswered, and logged with its address.
+    let mut stranger = LineClient::connect(alice.addr);
+    stranger.send(
+        format!(
+            "{{hello,{{\"mallory\",\"{}\",1}}}}\nnot a nonce\n",
+            bob.addr
+        )
+        .as_bytes(),
+    );
+    stranger.expect_closed();
+    eventually("alice to log the refusal", || {
+        alice.log.lock().unwrap().contains("not authenticated")
+    });
+    bob.say("still here");
+    alice.wait_heard("bob", &["still here".to_owned()]);
+    // Off loopback without a secret, a peer refuses to start.
+    let out = Command::new(PEER)
+        .args(["--listen", "0.0.0.0:0", "--name", "eve"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--secret-file"), "{stderr}");
 }

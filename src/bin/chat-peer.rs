@@ -4,6 +4,7 @@
 
 use argh::FromArgs;
 use std::io;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use switchboard::log_info;
 use switchboard::peer::{Peer, PeerConfig};
@@ -25,6 +26,10 @@ struct Args {
     /// never link directly to the peer at this address; route through others (repeatable)
     #[argh(option)]
     no_direct: Vec<String>,
+    /// the cluster secret's file (16+ bytes, owner-only): links between peers prove it;
+    /// required when listening or joining off loopback
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// log every link that opens or closes
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -33,11 +38,20 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     switchboard::log::set_verbose(args.verbose);
+    let secret = match switchboard::peer::secret_policy(
+        args.secret_file.as_deref(),
+        &args.listen,
+        args.via.as_deref(),
+    ) {
+        Ok(secret) => secret,
+        Err(e) => return fail(&e),
+    };
     let config = PeerConfig {
         listen: args.listen,
         name: args.name,
         via: args.via,
         no_direct: args.no_direct,
+        secret,
     };
     let peer = match Peer::start(&config, Box::new(io::stdout())) {
         Ok(peer) => peer,

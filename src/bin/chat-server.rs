@@ -2,8 +2,11 @@
 //! of a federation of servers that relay every client event to each other.
 
 use argh::FromArgs;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::auth;
 use switchboard::chat::{self, ChatConfig, ChatServer};
 use switchboard::log_info;
 use switchboard::server::on_termination;
@@ -27,6 +30,10 @@ struct Args {
     /// lines a client may fall behind before it is disconnected (default 4096)
     #[argh(option, default = "4096")]
     outbox: usize,
+    /// the cluster secret's file (16+ bytes, owner-only): federation links prove it;
+    /// required when listening or joining off loopback
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// log every connection, join and leave
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -35,8 +42,21 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
     switchboard::log::set_verbose(args.verbose);
+    // Every address this server listens on or dials decides whether a secret is required.
+    let mut addrs = Vec::new();
+    for addr in std::iter::once(&args.listen).chain(&args.join) {
+        match addr.to_socket_addrs() {
+            Ok(resolved) => addrs.extend(resolved),
+            Err(e) => return fail(&format!("cannot resolve {addr}: {e}")),
+        }
+    }
+    let secret = match auth::cluster_secret(args.secret_file.as_deref(), &addrs, "the federation") {
+        Ok(secret) => secret,
+        Err(e) => return fail(&e.to_string()),
+    };
     let mut config = ChatConfig {
         outbox: args.outbox,
+        secret,
         ..ChatConfig::default()
     };
     config.server.max_connections = args.max_connections;

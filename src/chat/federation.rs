@@ -364,6 +364,20 @@ impl Peer {
     }
 }
 
+/// Every tag of a federation link is bound to this cluster name: a proof made for another
+/// service sharing the secret file (chat-peer, the messenger) is worthless here.
+const CLUSTER: &[u8] = b"switchboard chat federation";
+
+/// What a server proves on its links with the secret: its id, as its hello or welcome
+/// names it.
+fn auth(chat: &Chat) -> Option<link::Auth> {
+    chat.0.secret.as_ref().map(|secret| link::Auth {
+        secret: secret.clone(),
+        cluster: CLUSTER.to_vec(),
+        identity: chat.me().to_string().into_bytes(),
+    })
+}
+
 /// Connects to `addr`, says hello and reads the answer; on a welcome, returns the link
 /// and who answered.
 fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), LinkError> {
@@ -378,12 +392,24 @@ fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), Link
         group: Some(chat.0.group.clone()),
         ..Dialer::new(Framing::Line, TIMEOUTS)
     };
-    dialer.dial(targets.as_slice(), &line, |answer| {
+    let auth = auth(chat);
+    let (link, id) = dialer.dial_with_auth(auth.as_ref(), targets.as_slice(), &line, |answer| {
         protocol::parse_welcome(answer).map(|welcome| match welcome {
             Welcome::Accepted(id) => Answer::Welcome(id),
             Welcome::Refused(reason) => Answer::Refused(reason),
         })
-    })
+    })?;
+    // The welcome must name the server that proved itself: a member cannot answer for
+    // another server with its own proof.
+    if let Some(proven) = link.peer_identity() {
+        if proven != id.to_string().as_bytes() {
+            let _ = link.stream().shutdown(Shutdown::Both);
+            return Err(LinkError::Unauthenticated(
+                "the welcome names another server than the one that proved itself",
+            ));
+        }
+    }
+    Ok((link, id))
 }
 
 /// Joins the federation `peer` belongs to: links to it; the rest follows from its list.
@@ -467,9 +493,23 @@ pub(super) fn serve_incoming(
     chat: &Chat,
     hello: Hello,
     stream: &Arc<TcpStream>,
-    reader: FrameReader<&TcpStream>,
+    mut reader: FrameReader<&TcpStream>,
 ) -> Result<(), HandlerError> {
     let id = hello.from;
+    // Before anything touches the federation: a server that cannot prove `id` with the
+    // secret is closed (and logged) here, so its events never reach a client.
+    let claimed = id.to_string().into_bytes();
+    if link::authenticate(
+        stream,
+        &mut reader,
+        &TIMEOUTS,
+        auth(chat).as_ref(),
+        &claimed,
+    )
+    .is_err()
+    {
+        return Ok(());
+    }
     let accepted = match &hello.to {
         Some(to) if to != chat.me() => Err("wrong_server"),
         _ => chat.hello(&id, stream),

@@ -41,6 +41,7 @@ mod session;
 
 pub use crate::link::LinkError;
 
+use crate::auth::Secret;
 use crate::framing::{FrameReader, Framing, Limits};
 use crate::group::{Group, Running, Stop};
 // `client` connects through this, to the first of an address's addresses that answers.
@@ -71,6 +72,10 @@ pub struct ChatConfig {
     pub outbox: usize,
     /// Lines a link to another server may fall behind before that server is dropped.
     pub link_outbox: usize,
+    /// The federation's cluster secret (`--secret-file`): with it, every link between
+    /// servers proves it with [`crate::auth`]'s handshake, in both directions; without it
+    /// any process that can connect may join (see [`crate::auth::cluster_secret`]).
+    pub secret: Option<Secret>,
 }
 
 impl Default for ChatConfig {
@@ -81,6 +86,7 @@ impl Default for ChatConfig {
             server: ServerConfig::named("chat"),
             outbox: 4096,
             link_outbox: 1 << 16,
+            secret: None,
         }
     }
 }
@@ -237,6 +243,7 @@ struct Shared {
     me: ServerId,
     outbox: usize,
     link_outbox: usize,
+    secret: Option<Secret>,
     state: Mutex<State>,
     /// Link threads (dialers, writers, watchers), joined at close; finished ones are reaped
     /// whenever a new one starts, so the group stays as large as the live links.
@@ -379,6 +386,7 @@ impl Chat {
             me,
             outbox: config.outbox.max(1),
             link_outbox: config.link_outbox.max(1),
+            secret: config.secret.clone(),
             group: Group::with_stack_size("chat", 128 << 10),
         }))
     }

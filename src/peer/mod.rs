@@ -111,6 +111,7 @@ pub mod node;
 pub mod protocol;
 pub mod routing;
 
+use crate::auth::{cluster_secret, PolicyError, Secret};
 use crate::framing::{FrameReader, Framing, Limits};
 use crate::group::{Group, Running, Stop};
 use crate::link::{self, Answer, Dialer, End, Link, LinkError, Timeouts, Verdict};
@@ -165,6 +166,43 @@ pub struct PeerConfig {
     pub via: Option<String>,
     /// Addresses of peers this one must never link to directly.
     pub no_direct: Vec<String>,
+    /// The room's secret (`--secret-file`): with it every link proves it both ways
+    /// ([`crate::auth`]) before its hello reaches the node; see [`secret_policy`].
+    pub secret: Option<Secret>,
+}
+
+/// Every tag of a chat-peer link is bound to this name: a proof made for another service
+/// sharing the secret file is worthless here.
+const CLUSTER: &[u8] = b"switchboard chat-peer room";
+
+/// What a member proves on a link: all of it (name, address, incarnation), so a proof
+/// cannot be reused for another name at the same address.
+fn identity(m: &Member) -> Vec<u8> {
+    format!("{}@{}#{}", m.name, m.addr, m.inc).into_bytes()
+}
+
+/// The start-up rule of `--secret-file` for a peer listening on `listen` and joining via
+/// `via`: [`crate::auth::cluster_secret`] over both addresses.
+///
+/// # Errors
+/// An address that does not resolve, an unusable secret file, or no secret with an
+/// address off loopback.
+pub fn secret_policy(
+    secret_file: Option<&std::path::Path>,
+    listen: &str,
+    via: Option<&str>,
+) -> Result<Option<Secret>, PeerError> {
+    let mut addrs = Vec::new();
+    for addr in std::iter::once(listen).chain(via) {
+        let resolved = addr
+            .to_socket_addrs()
+            .map_err(|source| PeerError::Resolve {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        addrs.extend(resolved);
+    }
+    cluster_secret(secret_file, &addrs, "the room").map_err(PeerError::Secret)
 }
 
 /// Why a peer could not start, join or stay.
@@ -208,6 +246,8 @@ pub enum PeerError {
     },
     /// The leader dropped this peer from the room (it was unreachable).
     Dropped,
+    /// `--secret-file` is unusable, or missing where it is required.
+    Secret(PolicyError),
 }
 
 impl fmt::Display for PeerError {
@@ -239,6 +279,7 @@ impl fmt::Display for PeerError {
             PeerError::Dropped => {
                 f.write_str("dropped from the room (the leader found this peer unreachable)")
             }
+            PeerError::Secret(e) => write!(f, "{e}"),
         }
     }
 }
@@ -250,6 +291,7 @@ impl std::error::Error for PeerError {
             | PeerError::Listen { source, .. }
             | PeerError::ViaUnreachable { source, .. } => Some(source),
             PeerError::Io(e) => Some(e),
+            PeerError::Secret(e) => Some(e),
             _ => None,
         }
     }
@@ -310,6 +352,8 @@ struct Shared {
     /// Link writers: joined before the sockets are closed, so each flushes its outbox.
     writers: Group,
     dialer: Dialer,
+    /// What this peer proves on every link, dialled or accepted (`--secret-file`).
+    auth: Option<link::Auth>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -552,7 +596,16 @@ fn dial(shared: Arc<Shared>, addr: SocketAddr) {
     };
     // The dialer registers the socket with `links` from the connect on, so shutdown
     // either sees it or refuses it: a handshake never outlives the peer.
-    match shared.dialer.dial(addr, &hello, answer) {
+    match shared
+        .dialer
+        .dial_with_auth(shared.auth.as_ref(), addr, &hello, answer)
+    {
+        // The answering hello must name the member that proved itself: one member's proof
+        // cannot stand for another.
+        Ok((link, peer)) if link.peer_identity().is_some_and(|p| p != identity(&peer)) => {
+            log_info!("peer: link to {addr}: {peer} is not who proved itself; closed");
+            let _ = link.stream().shutdown(Shutdown::Both);
+        }
         Ok((link, peer)) if peer != me => {
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             run_link(&shared, peer, link, id, Some(guard));
@@ -594,6 +647,13 @@ fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerErro
         Some(line) => PeerMessage::parse(line),
         None => return Ok(()),
     };
+    // A hello is proven before the node hears of it: a stranger's link ends here, logged.
+    if let Ok(PeerMessage::Hello(peer)) = &first {
+        let auth = shared.auth.as_ref();
+        if link::authenticate(stream, &mut reader, &TIMEOUTS, auth, &identity(peer)).is_err() {
+            return Ok(());
+        }
+    }
     let (peer, verdict) = match first {
         Ok(PeerMessage::Hello(peer)) => {
             let (allowed, me) = {
@@ -717,6 +777,7 @@ impl Peer {
             inc,
         };
         let mut effects = Vec::new();
+        let my_identity = identity(&me);
         let node = Node::new(me, via, no_direct, Instant::now(), &mut effects);
         let (events_tx, events) = bounded(64);
         let links = Group::new("peer");
@@ -738,6 +799,11 @@ impl Peer {
                 group: Some(links),
                 ..Dialer::new(Framing::Line, TIMEOUTS)
             },
+            auth: config.secret.clone().map(|secret| link::Auth {
+                secret,
+                cluster: CLUSTER.to_vec(),
+                identity: my_identity,
+            }),
         });
         {
             let mut st = shared.state();

@@ -281,7 +281,11 @@ impl Node {
     ) {
         match msg {
             PeerMessage::Hello(_) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
-            PeerMessage::Members(list) => self.adopt(list, Some(link), now, out),
+            PeerMessage::Members(list) => {
+                if self.may_hand_over(link, &list, now) {
+                    self.adopt(list, Some(link), now, out);
+                }
+            }
             PeerMessage::Links { owner, seq, links } => {
                 if owner == self.me {
                     return;
@@ -313,6 +317,9 @@ impl Node {
                 hops,
                 body,
             } => {
+                if !self.may_come_from(link, &from) {
+                    return;
+                }
                 if to == self.me {
                     self.handle(from, body, now, out);
                 } else if hops > 0 {
@@ -330,6 +337,42 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Whether the member at the end of `link` may hand this peer `list`. Only the leader
+    /// issues lists, but members pass them on (a flood, a new link's greeting), and a list
+    /// carries no signature; so the rules bound what a member that is not the leader can
+    /// do: a peer on neither list (a member long gone, a peer that was never admitted)
+    /// hands over nothing, and a list that drops this peer (which makes it exit) is taken
+    /// only from the leader's own link. (A just-admitted member passes its list on before
+    /// everyone holds it, so "on the list held" would refuse honest floods.)
+    fn may_hand_over(&mut self, link: &Member, list: &MemberList, now: Instant) -> bool {
+        if !self.list.contains(link) && !list.contains(link) {
+            return false;
+        }
+        if self.status == Status::Joined
+            && !list.contains(&self.me)
+            && list.supersedes(&self.list)
+            && self.leader(now).as_ref() != Some(link)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Whether a routed message claiming to be from `from` may arrive on the link to
+    /// `link`, by the routing rules: straight from its sender, or forwarded when this peer
+    /// has no live link to the sender (who would otherwise have used it, its own links
+    /// counting first hand). So a member cannot speak for another one linked to us, nor
+    /// spend its sequence numbers; a message caught by a link coming up is resent.
+    fn may_come_from(&self, link: &Member, from: &Member) -> bool {
+        if from == link {
+            return true;
+        }
+        if *from == self.me || self.links.contains(from) {
+            return false;
+        }
+        true
     }
 
     /// The periodic work: dial missing links, retry a join, resend unacknowledged lines,

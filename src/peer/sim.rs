@@ -897,3 +897,67 @@ fn readme_layout_after_the_leader_leaves_shows_two_labels_not_one() {
     }
     assert_one_list_per_label(&sim, "after alice left");
 }
+
+#[test]
+fn only_the_leader_can_drop_this_peer_and_a_stranger_hands_over_no_list() {
+    let mut sim = room_of_three();
+    let [a, b, c] = ["a", "b", "c"].map(|n| sim.members[n].clone());
+    let before = sim.nodes["c"].members().clone();
+    let mut out = Vec::new();
+    // The attack: a high version without c, from a member that does not lead.
+    let forged = MemberList::new(1000, vec![a.clone()]);
+    let node = sim.nodes.get_mut("c").unwrap();
+    node.receive(&b, PeerMessage::Members(forged.clone()), sim.now, &mut out);
+    assert_eq!(node.members(), &before);
+    // From a peer on neither list, a list that keeps c but drops b.
+    let x = member("x", 9);
+    let by_stranger = MemberList::new(1000, vec![a.clone(), c.clone()]);
+    node.receive(&x, PeerMessage::Members(by_stranger), sim.now, &mut out);
+    assert_eq!(node.members(), &before);
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::Finish(_))),
+        "{out:?}"
+    );
+    // The leader's own word still counts.
+    node.receive(&a, PeerMessage::Members(forged), sim.now, &mut out);
+    assert!(out.contains(&Effect::Finish(Outcome::Dropped)));
+}
+
+#[test]
+fn a_member_cannot_speak_for_another_linked_to_us_nor_spend_its_numbers() {
+    let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+    let mut node = member_of(&a, &[a.clone(), b.clone(), c.clone()]);
+    let mut out = Vec::new();
+    node.link_up(b.clone(), &mut out);
+    node.link_up(c.clone(), &mut out);
+    out.clear();
+    let now = Instant::now();
+    let routed = |from: &Member, body| PeerMessage::Route {
+        from: from.clone(),
+        to: a.clone(),
+        hops: 32,
+        body,
+    };
+    let msg = |text: &str| Body::Msg {
+        seq: 1,
+        text: text.into(),
+    };
+    // c forges b's first line and b's leave, and a line from a itself.
+    node.receive(&c, routed(&b, msg("forged")), now, &mut out);
+    node.receive(&c, routed(&b, Body::Leave), now, &mut out);
+    node.receive(&c, routed(&a, msg("me?")), now, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert!(node.members().contains(&b));
+    // b's real line 1 is printed: its sequence number was not used up.
+    node.receive(&b, routed(&b, msg("real")), now, &mut out);
+    assert!(out.contains(&Effect::Print("[b] real".into())), "{out:?}");
+    // Without a link to b, c may forward b's lines (it may be on b's route).
+    node.link_down(&b, &mut out);
+    out.clear();
+    let second = Body::Msg {
+        seq: 2,
+        text: "via c".into(),
+    };
+    node.receive(&c, routed(&b, second), now, &mut out);
+    assert!(out.contains(&Effect::Print("[b] via c".into())), "{out:?}");
+}
