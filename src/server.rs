@@ -168,11 +168,6 @@ impl Connection {
             }
         }
     }
-
-    /// No longer does anything: arrival order across connections is opt-in, in
-    /// [`crate::order`]. Kept only until the `peer` module drops its call.
-    #[doc(hidden)]
-    pub fn settle(&self) {}
 }
 
 /// Reads of a connection: blocking, and a read that outlasts the server's idle timeout is

@@ -61,13 +61,13 @@ const TIMEOUTS: Timeouts = Timeouts {
 /// The member list and the links, kept in the chat state under its lock.
 pub struct Federation {
     me: ServerId,
-    peers: BTreeMap<ServerId, Peer>,
+    peers: BTreeMap<ServerId, Neighbour>,
     gone: VecDeque<ServerId>,
     leaving: bool,
     next_link: u64,
 }
 
-struct Peer {
+struct Neighbour {
     out: Out,
     /// The link this peer dialled to us, which we read.
     incoming: Option<Arc<TcpStream>>,
@@ -135,7 +135,7 @@ impl Federation {
                 log_info!("chat: more than {MAX_PEERS} servers; not linking to {id}");
                 break;
             }
-            self.peers.insert(id.clone(), Peer::new(None));
+            self.peers.insert(id.clone(), Neighbour::new(None));
             new.push(id.clone());
         }
         new
@@ -164,7 +164,7 @@ impl Federation {
         if self.peers.contains_key(id) {
             return Err("already_linked");
         }
-        self.peers.insert(id.clone(), Peer::new(None));
+        self.peers.insert(id.clone(), Neighbour::new(None));
         Ok(())
     }
 
@@ -184,7 +184,7 @@ impl Federation {
         if self.peers.len() >= MAX_PEERS {
             return Err("too_many_servers");
         }
-        self.peers.insert(id.clone(), Peer::new(Some(stream)));
+        self.peers.insert(id.clone(), Neighbour::new(Some(stream)));
         Ok(true)
     }
 
@@ -353,9 +353,9 @@ impl Federation {
     }
 }
 
-impl Peer {
-    fn new(incoming: Option<Arc<TcpStream>>) -> Peer {
-        Peer {
+impl Neighbour {
+    fn new(incoming: Option<Arc<TcpStream>>) -> Neighbour {
+        Neighbour {
             out: Out::Dialing,
             incoming,
             roster: BTreeSet::new(),

@@ -83,7 +83,7 @@
 //!
 //! # Threads and timing
 //!
-//! One lock guards the [`node::Node`]; a link reader, the tick, the console and a dial
+//! One lock guards the [`node::PeerState`]; a link reader, the tick, the console and a dial
 //! each take it to hand in one input, and carry out the resulting effects under it
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
@@ -119,7 +119,7 @@ use crate::outbox::{Bytes, Outbox, OutboxConfig};
 use crate::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use node::{Effect, Node, Outcome, SayError};
+use node::{Effect, Outcome, PeerState, SayError};
 use protocol::{valid_name, Member, PeerMessage, MAX_LINE, MAX_NAME};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -333,7 +333,7 @@ enum Attached {
 
 /// Everything behind the peer's one lock.
 struct State {
-    node: Node,
+    node: PeerState,
     links: HashMap<Member, LinkSlot>,
     output: Box<dyn Write + Send>,
     dialing: HashSet<SocketAddr>,
@@ -369,7 +369,7 @@ impl Shared {
     /// lines are queued and printed in the order the node decided them.
     fn with_node<T>(
         self: &Arc<Self>,
-        f: impl FnOnce(&mut Node, Instant, &mut Vec<Effect>) -> T,
+        f: impl FnOnce(&mut PeerState, Instant, &mut Vec<Effect>) -> T,
     ) -> T {
         let mut st = self.state();
         let mut effects = Vec::new();
@@ -681,7 +681,6 @@ fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerErro
         return Ok(());
     };
     // Links need no arrival order across connections; let younger ones through at once.
-    conn.settle();
     if link.register(&shared.links).is_err() {
         return Ok(()); // shutting down: the socket is shut down already
     }
@@ -778,7 +777,7 @@ impl Peer {
         };
         let mut effects = Vec::new();
         let my_identity = identity(&me);
-        let node = Node::new(me, via, no_direct, Instant::now(), &mut effects);
+        let node = PeerState::new(me, via, no_direct, Instant::now(), &mut effects);
         let (events_tx, events) = bounded(64);
         let links = Group::new("peer");
         let shared = Arc::new(Shared {

@@ -127,7 +127,7 @@ pub enum SayError {
 
 /// One peer's view of the room.
 #[derive(Debug)]
-pub struct Node {
+pub struct PeerState {
     me: Member,
     via: Option<SocketAddr>,
     no_direct: Vec<SocketAddr>,
@@ -156,7 +156,7 @@ pub struct Node {
     unreachable_shown: BTreeSet<Member>,
 }
 
-impl Node {
+impl PeerState {
     /// A peer that starts a new room (`via` is `None`) or joins the room of the peer at
     /// `via`. It never links directly to an address in `no_direct`.
     pub fn new(
@@ -165,8 +165,8 @@ impl Node {
         no_direct: Vec<SocketAddr>,
         now: Instant,
         out: &mut Vec<Effect>,
-    ) -> Node {
-        let mut node = Node {
+    ) -> PeerState {
+        let mut node = PeerState {
             me,
             via,
             no_direct,

@@ -3,10 +3,10 @@
 //! back), and a typed line that reaches nobody now. Without these a peer cut off from the
 //! rest of the room looks, to its user, like a quiet room.
 
-use super::{Effect, Member, Node, Status};
+use super::{Effect, Member, PeerState, Status};
 use std::time::Instant;
 
-impl Node {
+impl PeerState {
     /// Prints the members that became unreachable (no route for [`DOWN_GRACE`](super::DOWN_GRACE), the same
     /// test that makes a leader drop them) or reachable again since the last call.
     pub(super) fn show_reachability(&mut self, now: Instant, out: &mut Vec<Effect>) {
@@ -47,7 +47,7 @@ impl Node {
             ));
             return;
         }
-        let reachable = |node: &mut Node, d: &Member| node.next_hop(d, now).is_some();
+        let reachable = |node: &mut PeerState, d: &Member| node.next_hop(d, now).is_some();
         if !dests.iter().any(|d| reachable(self, d)) {
             let names: Vec<&str> = dests.iter().map(|m| m.name.as_str()).collect();
             out.push(Effect::Print(format!(

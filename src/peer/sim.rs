@@ -1,4 +1,4 @@
-//! The deterministic simulator of a room of [`Node`]s (links, losses, crashes, time) and
+//! The deterministic simulator of a room of [`PeerState`]s (links, losses, crashes, time) and
 //! the node's tests that run on it; kept apart from `node.rs` so each file reads in one sitting.
 
 use super::*;
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 /// a FIFO wire, time moves only when told to.
 struct Sim {
     now: Instant,
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<String, PeerState>,
     members: BTreeMap<String, Member>,
     links: BTreeSet<(String, String)>,
     dead: BTreeSet<String>,
@@ -57,7 +57,7 @@ impl Sim {
         let via = via.map(|v| self.addr(v));
         let no_direct = no_direct.iter().map(|n| self.addr(n)).collect();
         let mut out = Vec::new();
-        let node = Node::new(me, via, no_direct, self.now, &mut out);
+        let node = PeerState::new(me, via, no_direct, self.now, &mut out);
         self.nodes.insert(key.into(), node);
         self.apply(key, out);
     }
@@ -155,7 +155,7 @@ impl Sim {
         }
     }
 
-    fn settle(&mut self, secs: u64) {
+    fn run_for(&mut self, secs: u64) {
         self.run();
         for _ in 0..secs * 10 {
             self.tick();
@@ -231,7 +231,7 @@ fn room_of_three() -> Sim {
     sim.add("a", None, &[]);
     sim.add("b", Some("a"), &[]);
     sim.add("c", Some("a"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.agreed("a,b,c");
     sim
 }
@@ -241,7 +241,7 @@ fn a_founder_is_alone_at_version_one() {
     let mut sim = Sim::new();
     sim.add("a", None, &[]);
     assert_eq!(sim.printed["a"], ["[MEMBERS v1 by a] a"]);
-    sim.settle(1);
+    sim.run_for(1);
     assert_eq!(sim.printed["a"].len(), 1);
 }
 
@@ -251,7 +251,7 @@ fn concurrent_joins_through_different_members_end_with_one_list() {
     for (name, via) in [("d", "a"), ("e", "b"), ("f", "c"), ("g", "b"), ("h", "c")] {
         sim.add(name, Some(via), &[]);
     }
-    sim.settle(2);
+    sim.run_for(2);
     assert_eq!(
         sim.agreed("a,b,c,d,e,f,g,h"),
         "[MEMBERS v8 by a] a,b,c,d,e,f,g,h"
@@ -280,7 +280,7 @@ fn lines_arrive_once_and_in_order_despite_losses() {
         }
         sim.run();
     }
-    sim.settle(5);
+    sim.run_for(5);
     for who in ["a", "b", "c"] {
         for from in ["a", "b", "c"] {
             let want: Vec<String> = if who == from {
@@ -293,7 +293,7 @@ fn lines_arrive_once_and_in_order_despite_losses() {
     }
     // Everything was acknowledged in the end: nothing is resent any more.
     let sent = sim.msgs_seen;
-    sim.settle(2);
+    sim.run_for(2);
     assert_eq!(sim.msgs_seen, sent);
 }
 
@@ -310,7 +310,7 @@ fn joiners_joining_through_each_other_still_reach_the_room() {
     sim.apply("c", out);
     sim.run();
     assert!(sim.linked("b", "c") && !sim.linked("b", "a"));
-    sim.settle(2);
+    sim.run_for(2);
     sim.agreed("a,b,c");
 }
 
@@ -319,9 +319,9 @@ fn a_forbidden_link_is_routed_around() {
     let mut sim = Sim::new();
     sim.add("a", None, &[]);
     sim.add("b", Some("a"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.add("c", Some("a"), &["b"]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.agreed("a,b,c");
     assert!(!sim.linked("b", "c") && sim.linked("a", "c") && sim.linked("a", "b"));
     sim.say("b", "via a");
@@ -336,9 +336,9 @@ fn a_joiner_forbidden_to_reach_the_leader_joins_through_a_member() {
     let mut sim = Sim::new();
     sim.add("a", None, &[]);
     sim.add("m", Some("a"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.add("x", Some("m"), &["a"]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.agreed("a,m,x");
     assert!(!sim.linked("x", "a"));
 }
@@ -347,16 +347,16 @@ fn a_joiner_forbidden_to_reach_the_leader_joins_through_a_member() {
 fn a_dead_leader_is_replaced_by_the_next_smallest_who_admits_joins() {
     let mut sim = room_of_three();
     sim.add("d", Some("b"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.kill("a");
     // Within the grace period nobody acts.
     sim.tick();
     sim.agreed("a,b,c,d");
-    sim.settle(2);
+    sim.run_for(2);
     assert_eq!(sim.agreed("b,c,d"), "[MEMBERS v5 by b] b,c,d");
     assert!(sim.printed["c"].contains(&"[LEAVE] a".to_owned()));
     sim.add("e", Some("d"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.agreed("b,c,d,e");
     sim.say("e", "hi");
     sim.run();
@@ -370,11 +370,11 @@ fn a_dead_router_is_routed_around_and_its_lost_lines_resent() {
     sim.add("a", None, &[]);
     sim.add("m", Some("a"), &[]);
     sim.add("n", Some("a"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.add("x", Some("m"), &["a"]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.add("y", Some("n"), &["a", "x"]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.agreed("a,m,n,x,y");
     sim.say("x", "one");
     sim.run();
@@ -386,7 +386,7 @@ fn a_dead_router_is_routed_around_and_its_lost_lines_resent() {
     sim.say("x", "three");
     sim.run();
     assert_eq!(sim.heard("y", "x"), ["one"], "three waits for two");
-    sim.settle(2);
+    sim.run_for(2);
     assert_eq!(sim.heard("y", "x"), ["one", "two", "three"]);
     sim.agreed("a,n,x,y");
 }
@@ -400,7 +400,7 @@ fn a_taken_name_is_refused() {
         inc: 1,
     };
     sim.spawn("twin", twin, Some("c"), &[]);
-    sim.settle(1);
+    sim.run_for(1);
     assert_eq!(
         sim.finished.get("twin"),
         Some(&Outcome::Refused("name_taken".into()))
@@ -444,7 +444,7 @@ fn leaving_members_and_a_leaving_leader() {
     sim.kill("a");
     assert_eq!(sim.list("c"), "[MEMBERS v5 by a] c");
     assert!(sim.printed["c"].ends_with(&["[LEAVE] a".into(), "[MEMBERS v5 by a] c".into()]));
-    sim.settle(2);
+    sim.run_for(2);
     assert!(!sim.finished.contains_key("c"));
 }
 
@@ -482,16 +482,16 @@ fn a_leader_dying_as_it_admits_leaves_no_split_room() {
     sim.kill("a");
     assert_eq!(sim.list("b"), "[MEMBERS v3 by a] a,b,c");
     // b and c never heard of d, and d is larger than both: d dials them all the same.
-    sim.settle(3);
+    sim.run_for(3);
     sim.agreed("b,c,d");
 }
 
 /// A node that holds `list` (itself included), with links to none of them.
-fn member_of(me: &Member, list: &[Member]) -> Node {
+fn member_of(me: &Member, list: &[Member]) -> PeerState {
     let mut out = Vec::new();
     let via = list.iter().find(|m| *m != me).unwrap();
     let now = Instant::now();
-    let mut node = Node::new(me.clone(), Some(via.addr), vec![], now, &mut out);
+    let mut node = PeerState::new(me.clone(), Some(via.addr), vec![], now, &mut out);
     let list = MemberList::new(2, list.to_vec());
     node.receive(via, PeerMessage::Members(list), now, &mut out);
     assert_eq!(node.status, Status::Joined);
@@ -744,7 +744,7 @@ fn a_room_cut_in_two_by_its_leaders_death_says_so_under_distinct_labels() {
     sim.add("alice", None, &[]);
     sim.add("bob", Some("alice"), &[]);
     sim.add("carol", Some("alice"), &["bob"]);
-    sim.settle(1);
+    sim.run_for(1);
     assert_eq!(
         sim.agreed("alice,bob,carol"),
         "[MEMBERS v3 by alice] alice,bob,carol"
@@ -752,7 +752,7 @@ fn a_room_cut_in_two_by_its_leaders_death_says_so_under_distinct_labels() {
     assert!(!sim.linked("bob", "carol"));
     sim.printed.clear();
     sim.kill("alice");
-    sim.settle(2);
+    sim.run_for(2);
     assert_eq!(
         sim.printed["bob"],
         [
@@ -864,7 +864,7 @@ fn no_two_peers_show_different_lists_under_one_label_over_many_seeds() {
                 sim.tick();
             }
         }
-        sim.settle(3);
+        sim.run_for(3);
         assert_one_list_per_label(&sim, &format!("seed {seed}"));
     }
 }
@@ -877,12 +877,12 @@ fn readme_layout_after_the_leader_leaves_shows_two_labels_not_one() {
     sim.add("alice", None, &[]);
     sim.add("bob", Some("alice"), &[]);
     sim.add("carol", Some("alice"), &["bob"]);
-    sim.settle(1);
+    sim.run_for(1);
     sim.printed.clear();
     sim.leave("alice");
     assert_eq!(sim.finished.get("alice"), Some(&Outcome::Left));
     sim.kill("alice");
-    sim.settle(2);
+    sim.run_for(2);
     for (me, other) in [("bob", "carol"), ("carol", "bob")] {
         assert_eq!(
             sim.printed[me],

@@ -1,8 +1,8 @@
-//! The leader's side of a [`Replica`]: per-follower progress, log replication with fast
+//! The leader's side of a [`RaftCore`]: per-follower progress, log replication with fast
 //! back-off, the commit rule, read-index rounds, check-quorum, and leadership transfer.
 
 use super::message::{Body, Entry, ReplicaId};
-use super::replica::Replica;
+use super::replica::RaftCore;
 use super::types::{RaftError, ReadState, Ready, Role};
 use std::mem;
 
@@ -61,7 +61,7 @@ struct Round {
     ctxs: Vec<u64>,
 }
 
-impl Replica {
+impl RaftCore {
     /// Appends `data` to the log (§5.3). Returns its index and term: it is committed when
     /// an entry with this index *and* term comes out in [`Ready::committed`]; an entry of
     /// another term at that index means this proposal was lost with its leader.

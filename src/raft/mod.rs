@@ -1,16 +1,16 @@
-//! Raft consensus as a sans-IO core: a [`Replica`] takes inputs and returns outputs, and
+//! Raft consensus as a sans-IO core: a [`RaftCore`] takes inputs and returns outputs, and
 //! owns no sockets, threads, clocks, disks or global randomness. A driver (not here yet)
 //! carries messages on the framework's links, persists to disk and calls `tick` on a timer;
 //! a deterministic simulator (the tests) carries them through a faulty network instead.
 //!
 //! ## Inputs
-//! - [`Replica::tick`]: one unit of time (elections and heartbeats count ticks).
-//! - [`Replica::receive`]: a [`Message`] from a peer ([`decode`] turns bytes into one).
-//! - [`Replica::propose`]: a client's command (leader only); returns its index and term.
-//! - [`Replica::read_index`]: a linearizable read, tagged by the caller (leader only).
-//! - [`Replica::persisted`]: "everything up to this index and term is on disk".
-//! - [`Replica::transfer_leadership`]: hand over before a planned stop.
-//! - [`Replica::compact`]: the state machine at an applied index, to replace the log prefix.
+//! - [`RaftCore::tick`]: one unit of time (elections and heartbeats count ticks).
+//! - [`RaftCore::receive`]: a [`Message`] from a peer ([`decode`] turns bytes into one).
+//! - [`RaftCore::propose`]: a client's command (leader only); returns its index and term.
+//! - [`RaftCore::read_index`]: a linearizable read, tagged by the caller (leader only).
+//! - [`RaftCore::persisted`]: "everything up to this index and term is on disk".
+//! - [`RaftCore::transfer_leadership`]: hand over before a planned stop.
+//! - [`RaftCore::compact`]: the state machine at an applied index, to replace the log prefix.
 //!
 //! ## Outputs, and the persist-before-send rule
 //! Every input appends to a [`Ready`]. The caller must **persist** its hard state,
@@ -45,18 +45,18 @@
 //!
 //! ## Example: three replicas in memory
 //! ```
-//! use switchboard::raft::{Config, Ready, Replica, Role};
+//! use switchboard::raft::{Config, Ready, RaftCore, Role};
 //!
 //! let ids = [1, 2, 3];
-//! let mut rs: Vec<Replica> = ids
+//! let mut rs: Vec<RaftCore> = ids
 //!     .iter()
-//!     .map(|&id| Replica::new(Config::new(id, &ids, 7)).unwrap())
+//!     .map(|&id| RaftCore::new(Config::new(id, &ids, 7)).unwrap())
 //!     .collect();
 //! let mut applied: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 3];
 //!
 //! // Carries out one replica's Ready as a driver would: persist (here: nothing to do,
 //! // memory is the disk), acknowledge, then send, then apply.
-//! fn drive(rs: &mut [Replica], applied: &mut [Vec<Vec<u8>>], at: usize, mut ready: Ready) {
+//! fn drive(rs: &mut [RaftCore], applied: &mut [Vec<Vec<u8>>], at: usize, mut ready: Ready) {
 //!     loop {
 //!         if let Some(e) = ready.entries.last() {
 //!             let (index, term) = (e.index, e.term);
@@ -114,6 +114,6 @@ mod tests;
 mod types;
 
 pub use message::{decode, encode, Body, DecodeError, Entry, Message, ReplicaId, Snapshot};
-pub use replica::Replica;
+pub use replica::RaftCore;
 pub use rng::Rng;
 pub use types::{Config, HardState, RaftError, ReadState, Ready, Role, Stored};

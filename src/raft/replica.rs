@@ -26,7 +26,7 @@ pub(crate) enum Bug {
 
 /// One Raft replica. See [`Ready`] for what to do with its outputs.
 #[derive(Debug)]
-pub struct Replica {
+pub struct RaftCore {
     pub(super) cfg: Config,
     pub(super) peers: Vec<ReplicaId>,
     pub(super) quorum: usize,
@@ -55,22 +55,22 @@ pub struct Replica {
     pub(crate) bug: Bug,
 }
 
-impl Replica {
+impl RaftCore {
     /// A replica with an empty log.
     ///
     /// # Errors
     /// [`RaftError::BadConfig`] unless the members are 3 or 5 distinct ids including
     /// `id`, and `0 < heartbeat_ticks < election_ticks`.
-    pub fn new(cfg: Config) -> Result<Replica, RaftError> {
-        Replica::restart(cfg, Stored::default())
+    pub fn new(cfg: Config) -> Result<RaftCore, RaftError> {
+        RaftCore::restart(cfg, Stored::default())
     }
 
     /// A replica resuming from what it persisted. Its state machine is the snapshot's;
     /// the committed entries after it come out again in the first [`Ready`].
     ///
     /// # Errors
-    /// As [`Replica::new`].
-    pub fn restart(cfg: Config, stored: Stored) -> Result<Replica, RaftError> {
+    /// As [`RaftCore::new`].
+    pub fn restart(cfg: Config, stored: Stored) -> Result<RaftCore, RaftError> {
         let mut ids = cfg.members.clone();
         ids.sort_unstable();
         ids.dedup();
@@ -92,7 +92,7 @@ impl Replica {
         }
         let log = RaftLog::restore(stored.snapshot, stored.entries);
         let hs = stored.hard_state;
-        let mut r = Replica {
+        let mut r = RaftCore {
             peers: ids.iter().copied().filter(|&p| p != cfg.id).collect(),
             quorum: ids.len() / 2 + 1,
             rng: Rng::new(cfg.seed ^ cfg.id.wrapping_mul(0x2545_f491_4f6c_dd1d)),

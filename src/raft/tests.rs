@@ -6,7 +6,7 @@ use super::*;
 use std::collections::{BTreeSet, VecDeque};
 
 struct Cluster {
-    rs: Vec<Replica>,
+    rs: Vec<RaftCore>,
     wire: VecDeque<Message>,
     /// Replicas cut off from everyone (both ways).
     isolated: BTreeSet<ReplicaId>,
@@ -24,7 +24,7 @@ impl Cluster {
             .map(|&id| {
                 let mut cfg = Config::new(id, &ids, seed);
                 tune(&mut cfg);
-                Replica::new(cfg).unwrap()
+                RaftCore::new(cfg).unwrap()
             })
             .collect();
         Cluster {
@@ -37,7 +37,7 @@ impl Cluster {
         }
     }
 
-    fn r(&mut self, id: ReplicaId) -> &mut Replica {
+    fn r(&mut self, id: ReplicaId) -> &mut RaftCore {
         &mut self.rs[(id - 1) as usize]
     }
 
@@ -119,7 +119,7 @@ impl Cluster {
 
 #[test]
 fn bad_configs_are_refused() {
-    let bad = |cfg: Config| matches!(Replica::new(cfg), Err(RaftError::BadConfig(_)));
+    let bad = |cfg: Config| matches!(RaftCore::new(cfg), Err(RaftError::BadConfig(_)));
     assert!(bad(Config::new(1, &[1, 2], 0)));
     assert!(bad(Config::new(1, &[1, 2, 2], 0)));
     assert!(bad(Config::new(4, &[1, 2, 3], 0)));
@@ -307,7 +307,7 @@ fn a_follower_behind_the_first_index_gets_the_snapshot() {
 fn a_diverged_follower_is_repaired_by_term_not_entry_by_entry() {
     let mut c = Cluster::new(3, 7, |cfg| cfg.max_batch = 1000);
     c.elect(1);
-    // Replica 1 leads alone and piles up 50 entries nobody else has.
+    // RaftCore 1 leads alone and piles up 50 entries nobody else has.
     c.isolated.extend([2, 3]);
     for i in 0..50u8 {
         let _ = c.propose(1, &[i]);
@@ -365,7 +365,7 @@ fn figure_8_only_current_term_entries_commit_by_counting() {
         for (at, log) in logs.iter().enumerate() {
             let mut cfg = Config::new(ids[at], &ids, 8);
             cfg.max_batch = 1;
-            c.rs[at] = Replica::restart(cfg, stored(3, log)).unwrap();
+            c.rs[at] = RaftCore::restart(cfg, stored(3, log)).unwrap();
             c.rs[at].bug = bug;
         }
         c.isolated.insert(5);

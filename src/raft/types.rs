@@ -1,4 +1,4 @@
-//! The types a [`Replica`](super::Replica)'s caller handles: its configuration, its
+//! The types a [`RaftCore`](super::RaftCore)'s caller handles: its configuration, its
 //! roles, what it persists, the [`Ready`] of outputs, and its errors.
 
 use super::message::{Entry, Message, ReplicaId, Snapshot};
@@ -86,7 +86,7 @@ pub struct Stored {
 /// A linearizable read may be served once the state machine has applied `index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadState {
-    /// The caller's tag from [`Replica::read_index`](super::Replica::read_index).
+    /// The caller's tag from [`RaftCore::read_index`](super::RaftCore::read_index).
     pub ctx: u64,
     /// The commit index at which leadership was confirmed.
     pub index: u64,
@@ -96,7 +96,7 @@ pub struct ReadState {
 ///
 /// 1. persist: `hard_state` (if any), then `snapshot` (if any: it replaces the whole
 ///    log), then each of `entries` at its index (dropping any entry at or after it);
-///    then tell the replica with [`Replica::persisted`](super::Replica::persisted) (last entry or snapshot);
+///    then tell the replica with [`RaftCore::persisted`](super::RaftCore::persisted) (last entry or snapshot);
 /// 2. only then send `messages`: a vote or an acknowledgement among them is a promise
 ///    about what is on disk (§5.1 "respond after storing");
 /// 3. restore the state machine from `snapshot` (if any), apply `committed` in order,

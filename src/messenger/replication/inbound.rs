@@ -118,7 +118,7 @@ impl Replica {
             inner.peers[from].link = None;
             self.peer_down(&mut inner, from, "link closed");
         }
-        self.settle(inner);
+        self.reconcile(inner);
         result
     }
 
@@ -178,7 +178,7 @@ impl Replica {
             }
             ReplicaMsg::Reject { epoch } => {
                 inner.max_epoch = inner.max_epoch.max(epoch);
-                self.settle(inner);
+                self.reconcile(inner);
             }
             ReplicaMsg::Fetch { last } => {
                 // Records after the asker's last if this log has it; all of this log if it
@@ -237,7 +237,7 @@ impl Replica {
         if inner.role == Role::Primary && inner.peers[from].feed == Feed::Unknown {
             self.init_feed(&mut inner, from);
         }
-        self.settle(inner);
+        self.reconcile(inner);
     }
 
     fn on_replicate(
@@ -336,6 +336,6 @@ impl Replica {
                 inner.peers[from].asked = None;
             }
         }
-        self.settle(inner);
+        self.reconcile(inner);
     }
 }

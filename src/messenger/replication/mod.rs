@@ -380,7 +380,7 @@ mod tests {
         let peers = vec!["127.0.0.1:1".parse().unwrap()];
         let (replica, _) = Replica::open(&Options::new(0, peers, dir.clone())).unwrap();
         // Alone, it takes over at once: its epoch record is seq 1.
-        replica.settle(replica.lock());
+        replica.reconcile(replica.lock());
         assert_eq!(replica.lock().role, Role::Primary);
         let (mut ann, mut bob) = (Conn::add(&replica, 1), Conn::add(&replica, 2));
 

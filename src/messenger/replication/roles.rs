@@ -124,7 +124,7 @@ impl Replica {
 
     /// Re-evaluates the role (see the rules in the module documentation), lets commits
     /// advance, wakes the links, and writes out anything appended.
-    pub(super) fn settle(&self, mut inner: MutexGuard<'_, Inner>) {
+    pub(super) fn reconcile(&self, mut inner: MutexGuard<'_, Inner>) {
         self.evaluate(&mut inner);
         self.recompute_commit(&mut inner);
         self.changed.notify_all();
@@ -294,7 +294,7 @@ impl Replica {
                     );
                 }
             }
-            self.settle(inner);
+            self.reconcile(inner);
             thread::sleep(TICK);
         }
     }

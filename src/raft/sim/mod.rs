@@ -8,7 +8,7 @@
 //! `cargo test --release --lib raft::sim::tests::many_long_seeds -- --ignored`.
 
 use super::message::{decode, encode, Body, Message, ReplicaId, Snapshot};
-use super::replica::{Bug, Replica};
+use super::replica::{Bug, RaftCore};
 use super::rng::Rng;
 use super::types::{Config, HardState, Ready, Role, Stored};
 use std::collections::{btree_map, BTreeMap, BTreeSet, VecDeque};
@@ -58,7 +58,7 @@ struct Pending {
 
 /// One server: the replica (None while crashed), its disk, its state machine.
 struct Server {
-    replica: Option<Replica>,
+    replica: Option<RaftCore>,
     disk: Stored,
     queue: VecDeque<Pending>,
     /// The state machine: the index applied and a hash chain over the applied entries.
@@ -249,7 +249,7 @@ impl Sim {
         let restarts = self.servers[&id].restarts;
         let cfg = self.config(id, restarts);
         let s = self.servers.get_mut(&id).expect("known id");
-        let mut r = Replica::restart(cfg, s.disk.clone()).expect("valid config");
+        let mut r = RaftCore::restart(cfg, s.disk.clone()).expect("valid config");
         r.bug = self.plan.bug;
         s.sm = decode_sm(&s.disk.snapshot);
         s.checked = 0;
@@ -294,7 +294,7 @@ impl Sim {
         )))
     }
 
-    fn replica_mut(&mut self, id: ReplicaId) -> &mut Replica {
+    fn replica_mut(&mut self, id: ReplicaId) -> &mut RaftCore {
         self.servers
             .get_mut(&id)
             .and_then(|s| s.replica.as_mut())
