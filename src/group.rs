@@ -120,10 +120,17 @@ impl Drop for Registration {
 struct Finish {
     group: Arc<Inner>,
     id: u64,
+    /// Set as the thread starts. A thread that cannot be created drops its body, and with
+    /// it this guard, inside `spawn`, which holds the state lock: the guard must not take
+    /// it then (the lock is not reentrant), and `spawn` removes the entry itself.
+    started: bool,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
+        if !self.started {
+            return;
+        }
         let mut st = self.group.state();
         if let Some(t) = st.threads.get_mut(&self.id) {
             t.done = true;
@@ -195,6 +202,7 @@ impl Group {
         let finish = Finish {
             group: Arc::clone(&self.0),
             id,
+            started: false,
         };
         let mut builder = thread::Builder::new().name(name.clone());
         if let Some(bytes) = self.0.stack_size {
@@ -210,7 +218,8 @@ impl Group {
             },
         );
         let spawned = builder.spawn(move || {
-            let _finish = finish;
+            let mut finish = finish;
+            finish.started = true;
             body();
         });
         let result = match spawned {
@@ -222,6 +231,8 @@ impl Group {
             }
             Err(e) => {
                 st.threads.remove(&id);
+                // A `join` may be waiting for the table to empty.
+                self.0.finished.notify_all();
                 log_info!("{}: cannot start thread {name}: {e}", self.0.name);
                 Err(GroupError::Io(e))
             }
@@ -576,5 +587,22 @@ mod tests {
         .unwrap();
         drop(running);
         assert_eq!(done.try_recv(), Ok(true), "joined in drop, after its stop");
+    }
+
+    #[test]
+    fn a_thread_that_cannot_start_is_an_error_not_a_hang() {
+        // A stack no machine can map: the thread cannot be created.
+        let group = Group::with_stack_size("test", 1 << 46);
+        let (tx, rx) = bounded(1);
+        let g = group.clone();
+        thread::spawn(move || {
+            let _ = tx.send(g.spawn("huge", || {}).map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("spawn returned");
+        assert!(result.is_err(), "{result:?}");
+        assert!(group.is_empty());
+        assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
     }
 }

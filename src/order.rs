@@ -9,7 +9,8 @@
 //! on its first read it waits for the earlier connections that are still *unsettled* and
 //! have bytes pending: bytes in their socket (seen with a non-blocking peek) or taken by
 //! their reader and not yet applied. A connection settles once it has acted on its first
-//! read (and when it ends); from then on nobody waits for it. A connection that has sent
+//! read, or on the reads that complete a first request longer than one read (and when it
+//! ends); from then on nobody waits for it. A connection that has sent
 //! nothing holds nobody back, however long it stays silent.
 //!
 //! The peek makes the earlier connection's socket non-blocking for an instant; its reads
@@ -171,6 +172,23 @@ impl Arrivals {
         if self.unsettled().remove(&id).is_some() {
             self.registry.settled.notify_all();
         }
+    }
+
+    /// Declares that `conn` has applied everything it read so far but its first request is
+    /// not complete yet: younger connections wait for it again only once more bytes are
+    /// pending (so a peer that stalls mid-request holds nobody back). Call
+    /// [`await_first_bytes`](Arrivals::await_first_bytes) before reading the rest.
+    /// `false` when `conn` has already settled.
+    pub fn release(&self, conn: &Connection) -> bool {
+        let mut unsettled = self.unsettled();
+        let Some(entry) = unsettled.get_mut(&conn.id) else {
+            return false;
+        };
+        entry.holding = false;
+        drop(unsettled);
+        // Waiters that saw the mark look again: the socket may be empty now.
+        self.registry.settled.notify_all();
+        true
     }
 
     /// Blocks until `conn`'s peer has sent something (without taking it), then marks the
@@ -355,6 +373,42 @@ mod tests {
         late.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"19\n");
         drop(silent);
+        server.stop();
+    }
+
+    /// Waits until `pred` holds of connection `id`'s entry (`None`: not registered).
+    fn until(arrivals: &Arrivals, id: u64, pred: impl Fn(Option<&Unsettled>) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !pred(arrivals.unsettled().get(&id)) {
+            assert!(Instant::now() < deadline, "connection {id}: timed out");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_first_request_split_across_reads_holds_later_connections_back() {
+        let arrivals = Arrivals::with_max_wait(TIMEOUT);
+        let server = map_server(&arrivals);
+        let mut setter = connect(server.local_addr());
+        until(&arrivals, 0, |e| e.is_some());
+        setter.write_all(b"set,k,fir").unwrap();
+        // Until its reader has taken the partial request (and settled, or let go of it).
+        until(&arrivals, 0, |e| {
+            e.is_none_or(|e| !e.holding && e.stream.upgrade().is_some_and(|s| !has_pending(&s)))
+        });
+        assert!(
+            arrivals.unsettled().contains_key(&0),
+            "settled with part of its first request still to apply"
+        );
+        // The rest, then a lookup on a new connection: it waits for the setter.
+        setter.write_all(b"st\n").unwrap();
+        setter.shutdown(Shutdown::Write).unwrap();
+        let mut getter = connect(server.local_addr());
+        getter.write_all(b"get,k\n").unwrap();
+        getter.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        getter.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "first\n");
         server.stop();
     }
 

@@ -338,8 +338,12 @@ impl RequestLoop {
         let mut first = self.arrivals.as_ref();
         loop {
             if let Some(arrivals) = first {
-                // Nothing came (closed, idle, vanished): a read would only wait again.
+                // Nothing came (closed, idle, vanished): a read would only wait again. Part
+                // of a first request may be buffered: it was cut off, as at any end.
                 if !arrivals.await_first_bytes(conn) {
+                    if let Err(e) = reader.finish() {
+                        ended(e, conn)?;
+                    }
                     return Ok(());
                 }
             }
@@ -374,8 +378,13 @@ impl RequestLoop {
             if !out.flush()? || flow.is_break() {
                 return Ok(());
             }
-            if let Some(arrivals) = first.take() {
-                arrivals.settle(conn);
+            if let Some(arrivals) = first {
+                // Part of a request still to come (it was longer than one read): it must
+                // be applied before a younger connection's requests, as the rest of it is.
+                if fatal.is_some() || reader.buffered_len() == 0 || !arrivals.release(conn) {
+                    arrivals.settle(conn);
+                    first = None;
+                }
             }
             if let Some(e) = fatal {
                 return Err(e.into());

@@ -145,11 +145,15 @@ impl Connection {
             match op(&self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
-                    let idle = self
-                        .idle_timeout
-                        .is_some_and(|t| started.elapsed() >= t / 2);
-                    // A handler that made its own socket non-blocking gets its error back.
-                    if !idle && spurious < SPURIOUS_RETRIES {
+                    let elapsed = started.elapsed();
+                    // The socket's read timeout (the idle timeout, or one the handler set
+                    // itself) has expired, as a spurious EAGAIN never waits that long.
+                    let expired =
+                        matches!(self.stream.read_timeout(), Ok(Some(t)) if elapsed >= t / 2);
+                    let idle = expired && self.idle_timeout.is_some_and(|t| elapsed >= t / 2);
+                    // A handler that made its own socket non-blocking, or set a shorter
+                    // read timeout, gets its error back.
+                    if !expired && spurious < SPURIOUS_RETRIES {
                         spurious += 1;
                         thread::yield_now();
                         continue;

@@ -200,3 +200,37 @@ fn shutdown_through_a_clone_of_the_handle_stops_run() {
     c.expect_closed();
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
 }
+
+#[test]
+fn a_read_timeout_the_handler_sets_itself_comes_back_as_its_error() {
+    // No idle timeout: the handler bounds its own read, and must see it expire once,
+    // not retried as if it were another thread's spurious EAGAIN.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let server = Server::bind(
+        "127.0.0.1:0",
+        ServerConfig::named("own-timeout"),
+        move |conn| {
+            conn.stream
+                .set_read_timeout(Some(Duration::from_millis(20)))?;
+            let started = Instant::now();
+            let result = (&conn).read(&mut [0u8; 16]).map_err(|e| e.kind());
+            let _ = tx.lock().unwrap().send((result, started.elapsed()));
+            Ok(())
+        },
+    )
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let _client = connect(server.local_addr());
+    let (result, took) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the read returned");
+    assert_eq!(
+        result,
+        Err(std::io::ErrorKind::WouldBlock),
+        "after {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    server.stop();
+}
