@@ -47,6 +47,7 @@ use crate::group::{Group, Running, Stop};
 // `client` connects through this, to the first of an address's addresses that answers.
 use crate::link::connect;
 use crate::outbox::Outbox;
+use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use crate::{log_debug, log_info};
 use federation::Federation;
@@ -404,12 +405,10 @@ impl Chat {
     fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
         let stream = Arc::clone(&conn.stream);
         let mut reader = FrameReader::with_limits(&*stream, Framing::Line, line_limits());
-        let first = match reader.read_frame() {
-            Ok(None) => return Ok(()),
-            Ok(Some(line)) => protocol::parse_opening(line).map_err(Refusal::from),
-            Err(e) if e.is_recoverable() => Err(Refusal::LineTooLong),
-            Err(e) if e.is_timeout() => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let first = match read_step(&mut reader, &conn)? {
+            Step::Frame(line) => protocol::parse_opening(line).map_err(Refusal::from),
+            Step::Skipped(_) => Err(Refusal::LineTooLong),
+            Step::End => return Ok(()),
         };
         match first {
             Ok(Opening::Server(id)) => federation::serve_incoming(self, id, &stream, reader),

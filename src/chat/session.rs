@@ -6,9 +6,9 @@ use super::hub::{Client, Line};
 use super::protocol::{self, ClientRequest, Refusal};
 use super::{encode, Chat};
 use crate::framing::{FrameError, FrameReader};
-use crate::log_debug;
 use crate::outbox::{Outbox, OutboxConfig};
-use crate::server::{is_disconnect, Connection, HandlerError};
+use crate::request::{read_step, Step};
+use crate::server::{Connection, HandlerError};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -46,7 +46,7 @@ pub(super) fn serve(
         outbox,
         name: None,
     };
-    let outcome = session.run(&mut reader, first);
+    let outcome = session.run(conn, &mut reader, first);
     if let Some(name) = session.name.take() {
         // Gone without a leave request: the others are told all the same.
         chat.leave(&name, conn.id);
@@ -57,14 +57,7 @@ pub(super) fn serve(
     // Dropping the last outbox lets the writer send what is queued (an `exit`) and end.
     drop(session);
     let _ = writer.join();
-    match outcome {
-        Err(e) if e.is_timeout() => {
-            log_debug!("chat: connection {id} idle; closed");
-            Ok(())
-        }
-        Err(FrameError::Io(e)) if is_disconnect(&e) => Ok(()),
-        other => other.map_err(Into::into),
-    }
+    outcome.map_err(Into::into)
 }
 
 struct Session<'a> {
@@ -84,6 +77,7 @@ enum Flow {
 impl Session<'_> {
     fn run(
         &mut self,
+        conn: &Connection,
         reader: &mut FrameReader<&TcpStream>,
         first: Result<ClientRequest, Refusal>,
     ) -> Result<(), FrameError> {
@@ -91,11 +85,10 @@ impl Session<'_> {
         loop {
             let request = match next.take() {
                 Some(request) => request,
-                None => match reader.read_frame() {
-                    Ok(Some(line)) => protocol::parse_client(line).map_err(Refusal::from),
-                    Ok(None) => return Ok(()),
-                    Err(e) if e.is_recoverable() => Err(Refusal::LineTooLong),
-                    Err(e) => return Err(e),
+                None => match read_step(reader, conn)? {
+                    Step::Frame(line) => protocol::parse_client(line).map_err(Refusal::from),
+                    Step::Skipped(_) => Err(Refusal::LineTooLong),
+                    Step::End => return Ok(()),
                 },
             };
             if let Flow::Stop = self.handle(request) {

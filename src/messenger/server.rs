@@ -12,10 +12,11 @@ use super::clients::OUTBOX;
 use super::protocol::{self, Reply};
 use super::replica_protocol::HELLO;
 use super::replication::Replica;
-use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
+use crate::framing::{encode_frame, FrameReader, Framing, Limits};
 use crate::log_debug;
 use crate::outbox::{Outbox, OutboxConfig};
-use crate::server::{is_disconnect, Connection, HandlerError};
+use crate::request::{read_step, Step};
+use crate::server::{Connection, HandlerError};
 use std::net::TcpStream;
 use std::sync::Arc;
 
@@ -45,14 +46,11 @@ impl Replica {
             ..Limits::default()
         };
         let mut reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
-        let first = match reader.read_frame() {
-            Ok(Some(f)) => f.to_vec(),
-            Ok(None) => return Ok(()),
-            Err(e) if e.is_recoverable() => Vec::new(),
-            // Connected and silent past the server's idle timeout: a normal end.
-            Err(e) if e.is_timeout() => return Ok(()),
-            Err(FrameError::Io(e)) if is_disconnect(&e) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let first = match read_step(&mut reader, &conn)? {
+            Step::Frame(f) => f.to_vec(),
+            // Longer than any request: answered as a bad request.
+            Step::Skipped(_) => Vec::new(),
+            Step::End => return Ok(()),
         };
         if first.first() == Some(&HELLO) {
             let buffered = reader.buffered_len();
@@ -83,21 +81,12 @@ fn serve_client(
     let result = loop {
         let payload = match next.take() {
             Some(f) => f,
-            None => match reader.read_frame() {
-                Ok(Some(f)) => f.to_vec(),
-                Ok(None) => break Ok(()),
+            None => match read_step(&mut reader, conn) {
+                Ok(Step::Frame(f)) => f.to_vec(),
                 // Longer than any request: answered as a bad request, and skipped.
-                Err(e) if e.is_recoverable() => Vec::new(),
-                // Silent past the server's idle timeout: a normal end.
-                Err(e) if e.is_timeout() => {
-                    log_debug!(
-                        "messenger-{}: connection {} idle; closing",
-                        replica.id(),
-                        conn.id
-                    );
-                    break Ok(());
-                }
-                Err(FrameError::Io(e)) if is_disconnect(&e) => break Ok(()),
+                Ok(Step::Skipped(_)) => Vec::new(),
+                // Closed, cut mid-frame, idle past the timeout, or vanished.
+                Ok(Step::End) => break Ok(()),
                 Err(e) => break Err(e),
             },
         };
