@@ -95,6 +95,18 @@ fn auth_acceptor(auth: Option<Auth>) -> (SocketAddr, thread::JoinHandle<Result<S
     (addr, thread)
 }
 
+/// A line-framed dial with default limits and the tests' timeouts.
+fn dial_line(addr: SocketAddr, hello: &[u8]) -> Result<(Link, String), LinkError> {
+    dial(
+        addr,
+        Framing::Line,
+        Limits::default(),
+        hello,
+        &Timeouts::uniform(T),
+        parse,
+    )
+}
+
 fn auth_dial(
     addr: SocketAddr,
     auth: Option<Auth>,
@@ -200,15 +212,7 @@ fn a_replayed_answer_does_not_pass_on_a_new_connection() {
 #[test]
 fn a_welcomed_link_carries_frames_until_the_outbox_is_dropped() {
     let (addr, peer) = acceptor(Some(T), |_| Verdict::Welcome(b"+bob\n".to_vec()));
-    let (link, who) = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    )
-    .unwrap();
+    let (link, who) = dial_line(addr, b"hi\n").unwrap();
     assert_eq!(who, "bob");
     let (outbox, writer) = link.outbox(OutboxConfig::new("test", 8));
     let writer = thread::spawn(move || writer.run());
@@ -227,16 +231,7 @@ fn a_refused_hello_is_an_error_with_the_reason() {
         assert_eq!(hello, b"hi");
         Verdict::Refuse(b"-not_a_member\n".to_vec())
     });
-    let err = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    )
-    .err()
-    .unwrap();
+    let err = dial_line(addr, b"hi\n").err().unwrap();
     assert!(
         matches!(&err, LinkError::Refused(r) if r == "not_a_member"),
         "{err}"
@@ -247,25 +242,11 @@ fn a_refused_hello_is_an_error_with_the_reason() {
 #[test]
 fn a_silent_refusal_and_a_bad_answer_are_told_apart() {
     let (addr, peer) = acceptor(None, |_| Verdict::Refuse(Vec::new()));
-    let err = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    );
+    let err = dial_line(addr, b"hi\n");
     assert!(matches!(err, Err(LinkError::Closed)));
     peer.join().unwrap();
     let (addr, peer) = acceptor(None, |_| Verdict::Refuse(b"?\n".to_vec()));
-    let err = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    );
+    let err = dial_line(addr, b"hi\n");
     assert!(matches!(err, Err(LinkError::Protocol(_))));
     peer.join().unwrap();
 }
@@ -274,15 +255,7 @@ fn a_silent_refusal_and_a_bad_answer_are_told_apart() {
 fn a_silent_peer_ends_the_link_at_the_idle_timeout_and_over_limit_frames_are_skipped() {
     let idle = Duration::from_millis(200);
     let (addr, peer) = acceptor(Some(idle), |_| Verdict::Welcome(b"+bob\n".to_vec()));
-    let (link, _) = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    )
-    .unwrap();
+    let (link, _) = dial_line(addr, b"hi\n").unwrap();
     // The acceptor's reader takes lines of up to 1 MiB by default.
     let mut long = vec![b'x'; (1 << 20) + 10];
     long.push(b'\n');
@@ -300,14 +273,7 @@ fn an_unreachable_peer_and_a_bad_address_fail_the_dial() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let err = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    );
+    let err = dial_line(addr, b"hi\n");
     assert!(matches!(err, Err(LinkError::Io(_))));
     assert!(resolve("not an address").is_err());
     assert_eq!(resolve("127.0.0.1:9").unwrap().len(), 1);
@@ -316,15 +282,7 @@ fn an_unreachable_peer_and_a_bad_address_fail_the_dial() {
 #[test]
 fn the_handler_can_stop_the_reader_loop() {
     let (addr, peer) = acceptor(Some(T), |_| Verdict::Welcome(b"+bob\n".to_vec()));
-    let (link, _) = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    )
-    .unwrap();
+    let (link, _) = dial_line(addr, b"hi\n").unwrap();
     (&**link.stream()).write_all(b"a\nstop\nb\n").unwrap();
     let (got, end) = peer.join().unwrap();
     assert_eq!((got, end.as_str()), (vec!["a".to_owned()], "stopped"));
@@ -391,15 +349,7 @@ fn frames_are_read_in_batches_with_one_call_after_each_read() {
     });
     // The frames up to the next end of a read.
     let batch = || -> Vec<String> { std::iter::from_fn(|| rx.recv_timeout(T).unwrap()).collect() };
-    let (link, _) = dial(
-        addr,
-        Framing::Line,
-        Limits::default(),
-        b"hi\n",
-        &Timeouts::uniform(T),
-        parse,
-    )
-    .unwrap();
+    let (link, _) = dial_line(addr, b"hi\n").unwrap();
     (&**link.stream()).write_all(b"a\nb\nc\n").unwrap();
     // One write of three frames: read at once (a small loopback write arrives whole).
     assert_eq!(batch(), ["a", "b", "c"]);
