@@ -10,7 +10,7 @@ use crate::framing::{FrameError, FrameReader, Framing, Limits};
 use crate::link::{self, End, Timeouts, Verdict};
 use crate::log_info;
 use crate::messenger::log::decode_snapshot;
-use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status};
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status, MAX_EPOCH};
 use crate::server::{Connection, HandlerError};
 use std::cell::Cell;
 use std::net::TcpStream;
@@ -104,10 +104,24 @@ impl Replica {
         // all the records among them: a backup that falls behind catches up in fewer,
         // larger fsyncs.
         let ack = Cell::new(None);
+        let refused = Cell::new(false);
         let name = format!("messenger-{}: the link from server {from}", self.id);
         let end = link.read_batches(
             &name,
             |frame| match ReplicaMsg::decode(frame) {
+                Ok(msg) if msg.highest_epoch() > MAX_EPOCH => {
+                    // Never taken in: past the limit, epoch arithmetic could wrap. Logged
+                    // once per link.
+                    if !refused.replace(true) {
+                        log_info!(
+                            "messenger-{}: refused server {from}'s messages naming epoch {} \
+                             (above the limit {MAX_EPOCH})",
+                            self.id,
+                            msg.highest_epoch()
+                        );
+                    }
+                    ControlFlow::Continue(())
+                }
                 Ok(msg) => {
                     let mut a = ack.get();
                     self.on_peer(from, generation, msg, &mut a);

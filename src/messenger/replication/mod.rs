@@ -171,6 +171,7 @@ impl Replica {
             started: now,
             last_tick: now,
             stopping: false,
+            epochs_exhausted: false,
         };
         for r in loaded.records {
             inner.push(r.pos, r.change);
