@@ -895,3 +895,187 @@ fn help_and_bad_arguments() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nonsense"));
 }
+
+/// A cluster secret file (mode 0600) for test `name`, removed when dropped.
+struct SecretFile(PathBuf);
+
+impl SecretFile {
+    fn new(name: &str) -> SecretFile {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-messenger-secret-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::write(&path, b"a messenger cluster secret, 0123456789").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        SecretFile(path)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether server `id` answers a probe as the primary (`0x22`: the probe is no command).
+fn is_primary(cluster: &Cluster, id: usize) -> bool {
+    Raw::connect(cluster.addrs[id]).ask(b"\x03probe")[0] == 0x22
+}
+
+/// Sends `text` from `from` to `to` (each logged in by a fresh client), and checks that it
+/// is acknowledged by server `by` and handed to `to`.
+fn send_and_deliver(cluster: &Cluster, from: &str, to: &str, text: &str, by: usize) {
+    let mut c = cluster.client();
+    c.login(from).unwrap();
+    c.send(to, text).unwrap();
+    assert_eq!(c.server(), Some(by), "{}", cluster.log(by));
+    let mut r = cluster.client();
+    r.login(to).unwrap();
+    // An earlier message whose confirmation a dropped client never sent may come again.
+    let got: Vec<String> = r.deliveries().try_iter().map(|d| d.text).collect();
+    assert!(got.iter().any(|t| t == text), "{got:?}");
+}
+
+#[test]
+fn with_a_secret_the_cluster_replicates_and_fails_over() {
+    let secret = SecretFile::new("works");
+    let mut cluster = Cluster::start_with(3, "secret-works", &["--secret-file", secret.arg()]);
+    let mut setup = cluster.client();
+    setup.register("ann").unwrap();
+    setup.register("bob").unwrap();
+    assert_eq!(setup.server(), Some(0));
+    send_and_deliver(&cluster, "ann", "bob", "with a secret", 0);
+    // Both backups are linked (their heartbeats came through the handshake).
+    eventually("the backups to hear from server 0", || {
+        cluster.log(1).contains("server 0 is up") && cluster.log(2).contains("server 0 is up")
+    });
+    for id in 0..3 {
+        let log = cluster.log(id);
+        assert!(!log.contains("no --secret-file"), "{log}");
+        assert!(!log.contains("not authenticated"), "{log}");
+        assert!(!log.contains("link: refused"), "{log}");
+    }
+    cluster.kill9(0);
+    eventually("server 1 to lead", || {
+        cluster.log(1).contains("primary for epoch")
+    });
+    send_and_deliver(&cluster, "bob", "ann", "after the failover", 1);
+    // What server 0 acknowledged was replicated: bob's earlier message is still delivered
+    // once (it was handed over already), and the accounts are there.
+    let mut c = cluster.client();
+    assert_eq!(c.search("*").unwrap(), ["ann", "bob"]);
+}
+
+/// HELLO from `from` of `cluster`'s `--peers`, as a replication dialer sends it.
+fn forged_hello(cluster: &Cluster, from: usize) -> Vec<u8> {
+    switchboard::messenger::replica_protocol::ReplicaMsg::Hello {
+        from,
+        cluster: cluster.peers(),
+    }
+    .encode()
+}
+
+/// A stranger without the secret: HELLO claiming `from`, then `then` (the frame an
+/// attacker would send next). The server must close without a WELCOME.
+fn forge(cluster: &Cluster, to: usize, from: usize, then: &[u8]) {
+    let mut raw = Raw::connect(cluster.addrs[to]);
+    raw.send(&forged_hello(cluster, from));
+    raw.send(then);
+    match raw.reader.read_frame() {
+        Ok(None) => {}
+        Err(e) => assert!(!e.is_timeout(), "server {to} kept a forged link open"),
+        Ok(Some(f)) => panic!("server {to} answered a forged HELLO with {f:?}"),
+    }
+}
+
+#[test]
+fn forged_hellos_without_the_secret_are_refused_and_change_nothing() {
+    let secret = SecretFile::new("forged");
+    let mut cluster = Cluster::start_with(3, "secret-forged", &["--secret-file", secret.arg()]);
+    let mut setup = cluster.client();
+    setup.register("ann").unwrap();
+    setup.register("bob").unwrap();
+    assert_eq!(setup.server(), Some(0));
+    send_and_deliver(&cluster, "ann", "bob", "before", 0);
+    let heartbeat = {
+        use switchboard::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status};
+        ReplicaMsg::Heartbeat(Status {
+            role: Role::Primary,
+            epoch: u64::MAX - 5,
+            last: Default::default(),
+            in_sync: true,
+            you: Standing::Excluded,
+            mark: 1,
+            echo: 0,
+        })
+        .encode()
+    };
+    // A HELLO then the next frame a dialer without the secret would send; and a HELLO
+    // then a handshake challenge whose proof never comes right.
+    let challenge = b"auth1 000102030405060708090a0b0c0d0e0f";
+    for (to, from) in [(1, 0), (0, 1), (0, 2), (2, 0)] {
+        forge(&cluster, to, from, &heartbeat);
+        let mut raw = Raw::connect(cluster.addrs[to]);
+        raw.send(&forged_hello(&cluster, from));
+        raw.send(challenge);
+        let answer = raw.recv();
+        assert!(answer.starts_with(b"auth2 "), "{answer:?}");
+        raw.send(b"auth3 0001020304050607");
+        assert!(raw.ended_by_server(), "server {to} kept a forged link open");
+    }
+    for to in 0..3 {
+        // Logged before the close; the log reaches the test through a pipe.
+        eventually(&format!("server {to} to log the refusals"), || {
+            cluster.log(to).matches("link: refused").count() >= if to == 0 { 4 } else { 2 }
+        });
+    }
+    // Nothing changed: server 0 still leads its first epoch, nobody else took over, and
+    // sends are acknowledged and delivered.
+    assert!(is_primary(&cluster, 0));
+    for id in 1..3 {
+        assert!(
+            !cluster.log(id).contains("primary for epoch"),
+            "{}",
+            cluster.log(id)
+        );
+    }
+    assert_eq!(cluster.log(0).matches("primary for epoch").count(), 1);
+    send_and_deliver(&cluster, "ann", "bob", "after", 0);
+    // The real backups' links were never replaced: when the primary dies, one takes over.
+    cluster.kill9(0);
+    eventually("server 1 to lead", || {
+        cluster.log(1).contains("primary for epoch")
+    });
+    send_and_deliver(&cluster, "bob", "ann", "after the failover", 1);
+    let mut c = cluster.client();
+    assert_eq!(c.search("*").unwrap(), ["ann", "bob"]);
+}
+
+#[test]
+fn without_a_secret_a_cluster_off_loopback_refuses_to_start_and_on_loopback_warns() {
+    let out = std::process::Command::new(SERVER)
+        .args([
+            "--id",
+            "0",
+            "--peers",
+            "127.0.0.1:1,192.0.2.1:2",
+            "--data-dir",
+            "/tmp/x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("192.0.2.1:2 is not a loopback address") && err.contains("--secret-file"),
+        "{err}"
+    );
+    let cluster = Cluster::start(1, "secret-warning");
+    let log = cluster.log(0);
+    assert_eq!(log.matches("no --secret-file").count(), 1, "{log}");
+}

@@ -5,9 +5,9 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use switchboard::log_info;
 use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
+use switchboard::{auth, log_info};
 
 /// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.
 #[derive(FromArgs)]
@@ -44,6 +44,11 @@ struct Args {
     /// allowed (default: never)
     #[argh(option, from_str_fn(seconds))]
     idle_timeout: Option<Duration>,
+    /// the cluster secret: a file of at least 16 bytes only its owner can read, the same
+    /// on every server; replication links prove knowledge of it (required when any
+    /// --peers address is off loopback)
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -69,9 +74,15 @@ fn main() -> ExitCode {
             n - 1
         ));
     }
+    let secret =
+        match auth::cluster_secret(args.secret_file.as_deref(), &peers, "the messenger cluster") {
+            Ok(s) => s,
+            Err(e) => return fail(&e.to_string()),
+        };
     let options = Options {
         fsync: !args.no_fsync,
         compact_after: args.compact_after,
+        secret,
         ..Options::new(id, peers, args.data_dir)
     };
     let (node, report) = match Replica::open(&options) {

@@ -142,6 +142,37 @@ pub enum ReplicaMsg {
     },
 }
 
+/// The highest epoch any server may lead or accept: far below `u64::MAX`, so that epoch
+/// arithmetic never wraps (an epoch past it is refused and logged, and a server whose next
+/// epoch would pass it does not take over). Ids are u16 on the wire, so a next epoch is at
+/// most 2^16 above the epoch it follows.
+pub const MAX_EPOCH: u64 = u64::MAX - (1 << 17);
+
+impl ReplicaMsg {
+    /// The highest epoch the message names (its own, and those of the positions and
+    /// records it carries; a snapshot's bytes are checked when taken): a peer's message
+    /// with one above [`MAX_EPOCH`] is refused.
+    pub fn highest_epoch(&self) -> u64 {
+        match self {
+            ReplicaMsg::Hello { .. } | ReplicaMsg::Welcome => 0,
+            ReplicaMsg::Heartbeat(s) => s.epoch.max(s.last.epoch),
+            ReplicaMsg::Replicate {
+                epoch,
+                prev,
+                records,
+                ..
+            } => records
+                .iter()
+                .map(|r| r.pos.epoch)
+                .fold((*epoch).max(prev.epoch), u64::max),
+            ReplicaMsg::Snapshot { epoch, .. }
+            | ReplicaMsg::Ack { epoch, .. }
+            | ReplicaMsg::Reject { epoch } => *epoch,
+            ReplicaMsg::Need { last } | ReplicaMsg::Fetch { last } => last.epoch,
+        }
+    }
+}
+
 fn put_pos(out: &mut Vec<u8>, pos: Pos) {
     out.extend_from_slice(&pos.seq.to_be_bytes());
     out.extend_from_slice(&pos.epoch.to_be_bytes());
@@ -382,5 +413,62 @@ mod tests {
         // A heartbeat without its mark and echo (the fields the exclusion rule needs).
         let short = [&b"b\x00"[..], &[0; 24], b"\x00\x00"].concat();
         assert!(ReplicaMsg::decode(&short).is_err());
+    }
+
+    #[test]
+    fn a_message_names_its_highest_epoch_wherever_it_is() {
+        let huge = u64::MAX - 5;
+        let at = |epoch| Pos { epoch, seq: 1 };
+        let heartbeat = |epoch, last| {
+            ReplicaMsg::Heartbeat(Status {
+                role: Role::Backup,
+                epoch,
+                last: at(last),
+                in_sync: false,
+                you: Standing::NotPrimary,
+                mark: 1,
+                echo: 0,
+            })
+        };
+        let record = |epoch| Record {
+            pos: at(epoch),
+            change: Vec::new(),
+        };
+        let replicate = |epoch, prev, records| ReplicaMsg::Replicate {
+            epoch,
+            prev: at(prev),
+            records,
+            fetched: false,
+        };
+        let cases = [
+            (heartbeat(huge, 2), huge),
+            (heartbeat(2, huge), huge),
+            (replicate(3, 2, vec![record(3)]), 3),
+            (replicate(3, 2, vec![record(3), record(huge)]), huge),
+            (replicate(3, huge, vec![]), huge),
+            (
+                ReplicaMsg::Snapshot {
+                    epoch: huge,
+                    bytes: Vec::new(),
+                    fetched: false,
+                },
+                huge,
+            ),
+            (
+                ReplicaMsg::Ack {
+                    epoch: huge,
+                    seq: 1,
+                },
+                huge,
+            ),
+            (ReplicaMsg::Reject { epoch: huge }, huge),
+            (ReplicaMsg::Need { last: at(huge) }, huge),
+            (ReplicaMsg::Fetch { last: at(4) }, 4),
+            (ReplicaMsg::Welcome, 0),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(msg.highest_epoch(), want, "{msg:?}");
+            assert_eq!(msg.highest_epoch() > MAX_EPOCH, want == huge, "{msg:?}");
+        }
     }
 }

@@ -53,9 +53,7 @@ impl Replica {
             Step::End => return Ok(()),
         };
         if first.first() == Some(&HELLO) {
-            let buffered = reader.buffered_len();
-            drop(reader);
-            return self.serve_peer(&conn, &first, buffered);
+            return self.serve_peer(&conn, &first, reader);
         }
         serve_client(self, &conn, reader, first)
     }

@@ -35,7 +35,9 @@ use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
 use super::state::Session;
+use crate::auth::Secret;
 use crate::group::Group;
+use crate::link::Auth;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use outbound::Dial;
@@ -62,6 +64,10 @@ pub struct Options {
     /// Snapshot the state and empty the log after this many records
     /// ([`COMPACT_AFTER`] by default).
     pub compact_after: u64,
+    /// The cluster secret (`--secret-file`): with it, every replication link runs
+    /// [`crate::auth`]'s handshake after the HELLO, and a peer that proves nothing is
+    /// refused before it touches anything; without it the wire is as it always was.
+    pub secret: Option<Secret>,
 }
 
 impl Options {
@@ -74,6 +80,7 @@ impl Options {
             data_dir,
             fsync: true,
             compact_after: COMPACT_AFTER,
+            secret: None,
         }
     }
 }
@@ -85,6 +92,8 @@ pub struct Replica {
     addrs: Vec<SocketAddr>,
     /// The `--peers` list as HELLO carries it.
     cluster: String,
+    /// What this server proves on its replication links, when a secret is configured.
+    auth: Option<Auth>,
     inner: Mutex<Inner>,
     /// Link threads and the ticker wait on this.
     changed: Condvar,
@@ -106,6 +115,13 @@ fn first_mark() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// The cluster name every replication link's tags are bound to: the service, then the
+/// `--peers` list as HELLO carries it (so a proof made for chat, or for another messenger
+/// cluster sharing the secret file, is worthless here).
+fn auth_cluster(peers: &str) -> Vec<u8> {
+    [b"switchboard messenger ".as_slice(), peers.as_bytes()].concat()
 }
 
 /// A storage failure is a crash: the server stops at once rather than acknowledge a change
@@ -155,6 +171,7 @@ impl Replica {
             started: now,
             last_tick: now,
             stopping: false,
+            epochs_exhausted: false,
         };
         for r in loaded.records {
             inner.push(r.pos, r.change);
@@ -165,10 +182,16 @@ impl Replica {
             .map(SocketAddr::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        let auth = options.secret.as_ref().map(|secret| Auth {
+            secret: secret.clone(),
+            cluster: auth_cluster(&cluster),
+            identity: options.id.to_string().into_bytes(),
+        });
         let replica = Replica {
             id: options.id,
             addrs: options.peers.clone(),
             cluster,
+            auth,
             inner: Mutex::new(inner),
             changed: Condvar::new(),
             disk,
@@ -194,6 +217,7 @@ impl Replica {
                 .encode(),
                 welcome: ReplicaMsg::Welcome.encode(),
                 name: format!("messenger-{}", self.id),
+                auth: self.auth.clone(),
             };
             let (replica, group) = (Arc::clone(self), self.group.clone());
             self.group

@@ -1,13 +1,15 @@
 //! Outbound replication links, on the framework's link and outbox: dial a peer with the
-//! HELLO and wait for the WELCOME ([`Dialer::dial`]), then hand whatever the replica has
+//! HELLO (and, with a cluster secret, [`crate::auth`]'s handshake) and wait for the
+//! WELCOME ([`Dialer::dial_with_auth`]), then hand whatever the replica has
 //! due into the link's [`Outbox`], whose writer runs in the replica's group, until the link
 //! fails or the replica stops; pause and dial again. What to send is decided elsewhere,
 //! behind [`Outgoing`].
 
 use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, REDIAL_EVERY};
+use crate::auth::{NONCE_LEN, TAG_LEN};
 use crate::framing::{encode_frame, Framing, Limits};
 use crate::group::Group;
-use crate::link::{Answer, Dialer, Link, LinkError, Timeouts};
+use crate::link::{Answer, Auth, Dialer, Link, LinkError, Timeouts};
 use crate::log_debug;
 use crate::outbox::{Bytes, Outbox, OutboxConfig};
 use std::io;
@@ -24,6 +26,10 @@ const LINK_OUTBOX: usize = 4096;
 /// records, or one snapshot.
 pub(super) const FEED_AHEAD: usize = 2;
 
+/// The longest handshake answer a server sends: `auth2 `, its nonce and tag in hex, and
+/// its identity (a server id, at most 20 decimal digits) in hex, space-separated.
+const AUTH_ANSWER_MAX: usize = 6 + 2 * NONCE_LEN + 1 + 2 * TAG_LEN + 1 + 2 * 20;
+
 /// Where and how to dial one peer.
 pub(super) struct Dial {
     /// The peer's id, passed back to [`Outgoing`].
@@ -36,6 +42,9 @@ pub(super) struct Dial {
     pub(super) welcome: Vec<u8>,
     /// Who dials, for the logs.
     pub(super) name: String,
+    /// This server's proof, when a secret is configured: the peer must then prove it is
+    /// server `to` of this cluster.
+    pub(super) auth: Option<Auth>,
 }
 
 /// The replica's side of its outbound links.
@@ -70,9 +79,14 @@ pub(super) trait Outgoing {
 pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial, group: &Group) {
     let dialer = Dialer {
         framing: Framing::U32,
-        // The acceptor's only frame is short: a longer one is no WELCOME.
+        // The acceptor's frames are short: a longer one is no WELCOME (nor, with a secret,
+        // the handshake's answer).
         limits: Limits {
-            max_frame: 16,
+            max_frame: if dial.auth.is_some() {
+                AUTH_ANSWER_MAX
+            } else {
+                16
+            },
             ..Limits::default()
         },
         timeouts: Timeouts {
@@ -119,9 +133,15 @@ fn connect(dialer: &Dialer, dial: &Dial) -> Result<Link, LinkError> {
             Answer::Refused("not a WELCOME".into())
         })
     };
-    dialer
-        .dial(dial.addr, &hello, answer)
-        .map(|(link, ())| link)
+    let (link, ()) = dialer.dial_with_auth(dial.auth.as_ref(), dial.addr, &hello, answer)?;
+    // With a secret, the far end proved an identity: it must be the server dialled, not
+    // another member (or a process) that took over its address.
+    if dial.auth.is_some() && link.peer_identity() != Some(dial.to.to_string().as_bytes()) {
+        return Err(LinkError::Unauthenticated(
+            "the peer proved another server id than the one dialled",
+        ));
+    }
+    Ok(link)
 }
 
 /// Hands whatever is due on the link to its outbox, until the link fails or the replica
@@ -240,6 +260,7 @@ mod tests {
             hello: b"hello".to_vec(),
             welcome: b"w".to_vec(),
             name: "test".into(),
+            auth: None,
         }
     }
 

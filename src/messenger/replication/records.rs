@@ -5,6 +5,7 @@ use super::view::Inner;
 use super::{fatal, Replica};
 use crate::messenger::log::{decode_snapshot, encode_snapshot, Pos, Record};
 use crate::messenger::protocol::Delivery;
+use crate::messenger::replica_protocol::MAX_EPOCH;
 use crate::messenger::state::Change;
 use crate::{log_debug, log_info};
 
@@ -99,6 +100,14 @@ impl Replica {
                 let (pos, state) = decode_snapshot(&bytes).map_err(|e| {
                     log_info!("messenger-{}: bad snapshot from a peer: {e}", self.id);
                 })?;
+                if pos.epoch > MAX_EPOCH {
+                    log_info!(
+                        "messenger-{}: refused a snapshot at {pos}: its epoch is above the \
+                         limit {MAX_EPOCH}",
+                        self.id
+                    );
+                    return Err(());
+                }
                 if let Err(e) = self.disk.install(&bytes, pos) {
                     fatal(&e);
                 }

@@ -6,7 +6,7 @@ use super::timing::{ACK_TIMEOUT, DOWN_AFTER, FETCH_RETRY, HEARTBEAT_EVERY, STALL
 use super::view::{Feed, Inner};
 use super::Replica;
 use crate::log_info;
-use crate::messenger::replica_protocol::{ReplicaMsg, Role};
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, MAX_EPOCH};
 use crate::messenger::state::Change;
 use std::net::Shutdown;
 use std::sync::{Arc, MutexGuard};
@@ -14,10 +14,12 @@ use std::thread;
 use std::time::Instant;
 
 /// The smallest epoch above `known` that belongs to server `id` of `n`: epochs are
-/// unique to their primary, so two servers never lead the same epoch.
-pub fn next_epoch(known: u64, id: u64, n: u64) -> u64 {
-    let e = known + 1;
-    e + (id + n - e % n) % n
+/// unique to their primary, so two servers never lead the same epoch. `None` when it would
+/// pass [`MAX_EPOCH`] (checked arithmetic: an epoch never wraps to a small one).
+pub fn next_epoch(known: u64, id: u64, n: u64) -> Option<u64> {
+    let e = known.checked_add(1)?;
+    let e = e.checked_add(id.checked_add(n)?.checked_sub(e % n)? % n)?;
+    (e <= MAX_EPOCH).then_some(e)
 }
 
 impl Replica {
@@ -214,7 +216,17 @@ impl Replica {
     fn become_primary(&self, inner: &mut Inner, now: Instant) {
         let n = inner.peers.len() as u64;
         let known = inner.max_epoch.max(inner.epoch).max(inner.last.epoch);
-        let epoch = next_epoch(known, self.id as u64, n);
+        let Some(epoch) = next_epoch(known, self.id as u64, n) else {
+            if !inner.epochs_exhausted {
+                inner.epochs_exhausted = true;
+                log_info!(
+                    "messenger-{}: cannot take over: no epoch above {known} within the limit \
+                     ({MAX_EPOCH})",
+                    self.id
+                );
+            }
+            return;
+        };
         inner.epoch = epoch;
         inner.max_epoch = epoch;
         inner.role = Role::Primary;
@@ -446,11 +458,32 @@ mod tests {
         for n in 1..=5u64 {
             for id in 0..n {
                 for known in 0..20 {
-                    let e = next_epoch(known, id, n);
+                    let e = next_epoch(known, id, n).unwrap();
                     assert!(e > known && e % n == id, "n {n} id {id} known {known}: {e}");
                     assert!(e <= known + n);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn epochs_never_wrap_or_pass_the_limit() {
+        for n in [1u64, 3, 1 << 16] {
+            for id in [0, n - 1] {
+                for known in [MAX_EPOCH - 1, MAX_EPOCH, u64::MAX - 6, u64::MAX] {
+                    let e = next_epoch(known, id, n);
+                    assert!(
+                        e.is_none_or(|e| e > known && e <= MAX_EPOCH),
+                        "n {n} id {id} known {known}: {e:?}"
+                    );
+                }
+                assert_eq!(next_epoch(u64::MAX, id, n), None);
+                assert_eq!(next_epoch(MAX_EPOCH, id, n), None);
+            }
+        }
+        // Just below the limit there is still room for every server.
+        for id in 0..3 {
+            assert!(next_epoch(MAX_EPOCH - 3, id, 3).is_some());
         }
     }
 }

@@ -125,6 +125,9 @@ pub(super) struct Inner {
     /// When the ticker last ran; a primary whose ticker is late advances no commit.
     pub(super) last_tick: Instant,
     pub(super) stopping: bool,
+    /// A takeover found no epoch within [`MAX_EPOCH`](crate::messenger::replica_protocol::MAX_EPOCH)
+    /// (logged once).
+    pub(super) epochs_exhausted: bool,
 }
 
 impl Inner {
