@@ -1,6 +1,7 @@
 //! Tracked threads: a [`Group`] starts named threads, registers the sockets they serve, and
 //! at shutdown closes every socket and joins every thread by a deadline, naming the ones
-//! that did not finish. One implementation for every service's background threads.
+//! that did not finish. One implementation for every tracked thread: the server's
+//! connection threads ([`crate::server`]) and every service's background threads.
 //!
 //! ```
 //! use switchboard::group::Group;
@@ -56,14 +57,16 @@ struct State {
     closing: bool,
     next: u64,
     threads: HashMap<u64, Tracked>,
+    /// Threads whose bodies have returned, not yet joined: reaping visits only these, so a
+    /// group of ten thousand live threads (a server's connections) pays nothing per spawn
+    /// for the ones still running.
+    done: Vec<u64>,
     sockets: HashMap<u64, Arc<TcpStream>>,
 }
 
 struct Tracked {
     name: String,
     thread: Option<JoinHandle<()>>,
-    /// Its body has returned (or unwound): joining it cannot block for long.
-    done: bool,
 }
 
 /// Why [`Group::spawn`] or [`Group::register`] refused.
@@ -132,11 +135,22 @@ impl Drop for Finish {
             return;
         }
         let mut st = self.group.state();
-        if let Some(t) = st.threads.get_mut(&self.id) {
-            t.done = true;
+        // Its body has returned (or unwound): joining it cannot block for long.
+        if st.threads.contains_key(&self.id) {
+            st.done.push(self.id);
         }
         drop(st);
         self.group.finished.notify_all();
+    }
+}
+
+impl State {
+    /// Takes the finished threads out of the table, to be joined without the lock.
+    fn reap(&mut self) -> Vec<JoinHandle<()>> {
+        let done = std::mem::take(&mut self.done);
+        done.iter()
+            .filter_map(|id| self.threads.remove(id).and_then(|t| t.thread))
+            .collect()
     }
 }
 
@@ -186,17 +200,7 @@ impl Group {
         if st.closing {
             return Err(GroupError::Closing);
         }
-        let finished: Vec<JoinHandle<()>> = {
-            let done: Vec<u64> = st
-                .threads
-                .iter()
-                .filter(|(_, t)| t.done)
-                .map(|(&id, _)| id)
-                .collect();
-            done.iter()
-                .filter_map(|id| st.threads.remove(id).and_then(|t| t.thread))
-                .collect()
-        };
+        let finished = st.reap();
         let id = st.next;
         st.next += 1;
         let finish = Finish {
@@ -214,7 +218,6 @@ impl Group {
             Tracked {
                 name: name.clone(),
                 thread: None,
-                done: false,
             },
         );
         let spawned = builder.spawn(move || {
@@ -286,6 +289,12 @@ impl Group {
         self.0.state().threads.len()
     }
 
+    /// Threads whose bodies are still running.
+    pub fn live(&self) -> usize {
+        let st = self.0.state();
+        st.threads.len() - st.done.len()
+    }
+
     /// Whether no thread is tracked.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -302,16 +311,7 @@ impl Group {
         let mut report = JoinReport::default();
         let mut st = self.0.state();
         loop {
-            let done: Vec<u64> = st
-                .threads
-                .iter()
-                .filter(|(_, t)| t.done)
-                .map(|(&id, _)| id)
-                .collect();
-            let threads: Vec<JoinHandle<()>> = done
-                .iter()
-                .filter_map(|id| st.threads.remove(id).and_then(|t| t.thread))
-                .collect();
+            let threads = st.reap();
             if !threads.is_empty() {
                 // Joined without the lock: an unwinding thread may still take it.
                 drop(st);

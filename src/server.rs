@@ -36,14 +36,14 @@
 //! ```
 
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
+use crate::group::Group;
 use crate::{log_debug, log_info};
-use std::collections::HashMap;
 use std::error::Error;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -288,13 +288,6 @@ pub struct ServeReport {
     pub abandoned: usize,
 }
 
-/// A connection the server can still reach: a clone of its socket to shut it down, and its
-/// thread to join.
-struct Tracked {
-    stream: Arc<TcpStream>,
-    thread: Option<JoinHandle<()>>,
-}
-
 struct Shared {
     name: String,
     stopping: AtomicBool,
@@ -302,17 +295,10 @@ struct Shared {
     wake_addr: SocketAddr,
     accepted: AtomicU64,
     refused: AtomicU64,
-    /// Live connections. Each thread removes its own entry as it ends, so nothing outlives
-    /// its connection; `drained` is signalled when the table becomes empty.
-    table: Mutex<HashMap<u64, Tracked>>,
-    drained: Condvar,
-}
-
-impl Shared {
-    fn table(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
-        // Nothing panics while holding this lock; recover rather than cascade if it did.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    /// The connection threads and their sockets. Each thread unregisters its socket as it
+    /// ends and is joined by the next accept, so nothing outlives its connection; shutdown
+    /// shuts every registered socket and joins by the deadline.
+    group: Group,
 }
 
 /// A cloneable handle to a server: statistics and shutdown, from any thread.
@@ -367,25 +353,9 @@ impl ServerHandle {
     /// Current counters.
     pub fn stats(&self) -> ServerStats {
         ServerStats {
-            live: self.shared.table().len(),
+            live: self.shared.group.live(),
             accepted: self.shared.accepted.load(Ordering::Relaxed),
             refused: self.shared.refused.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// Removes a connection's bookkeeping when its thread ends, however it ends.
-struct Departure {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Drop for Departure {
-    fn drop(&mut self) {
-        let mut table = self.shared.table();
-        table.remove(&self.id);
-        if table.is_empty() {
-            self.shared.drained.notify_all();
         }
     }
 }
@@ -453,8 +423,7 @@ impl Server {
             wake_addr: SocketAddr::new(wake_ip, local.port()),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            table: Mutex::new(HashMap::new()),
-            drained: Condvar::new(),
+            group: Group::with_stack_size(&config.name, config.stack_size),
         });
         Ok(Server {
             listener,
@@ -566,7 +535,7 @@ impl Server {
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let shared = &self.handle.shared;
         let name = &self.config.name;
-        let live = shared.table().len();
+        let live = shared.group.live();
         if live >= self.config.max_connections {
             self.refuse(stream, peer, "connection limit reached");
             return;
@@ -580,16 +549,12 @@ impl Server {
             return;
         }
         let stream = Arc::new(stream);
+        // Registered before the thread starts, so shutdown either finds the socket or has
+        // already refused it (and shut it down).
+        let Ok(registration) = shared.group.register(&stream) else {
+            return;
+        };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
-        // Registered before the thread starts, so a thread that ends at once still finds
-        // (and removes) its entries.
-        shared.table().insert(
-            id,
-            Tracked {
-                stream: Arc::clone(&stream),
-                thread: None,
-            },
-        );
         let conn = Connection {
             stream,
             peer,
@@ -599,27 +564,16 @@ impl Server {
         };
         self.handler.accepted(&conn);
         let handler = Arc::clone(&self.handler);
-        let departure = Departure {
-            shared: Arc::clone(shared),
-            id,
-        };
-        let thread_name = format!("{name}-conn-{id}");
-        let spawned = thread::Builder::new()
-            .name(thread_name)
-            .stack_size(self.config.stack_size)
-            .spawn(move || serve(handler, conn, departure));
-        match spawned {
-            Ok(thread) => {
-                if let Some(entry) = shared.table().get_mut(&id) {
-                    entry.thread = Some(thread);
-                }
-            }
-            Err(e) => {
-                // The closure (and with it the socket and the departure) was dropped.
-                shared.accepted.fetch_sub(1, Ordering::Relaxed);
-                shared.refused.fetch_add(1, Ordering::Relaxed);
-                log_info!("{name}: refused connection from {peer}: cannot start a thread: {e}");
-            }
+        let server = name.clone();
+        let spawned = shared.group.spawn(format!("{name}-conn-{id}"), move || {
+            serve(&server, handler, conn);
+            drop(registration);
+        });
+        if let Err(e) = spawned {
+            // The closure (and with it the socket and its registration) was dropped.
+            shared.accepted.fetch_sub(1, Ordering::Relaxed);
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            log_info!("{name}: refused connection from {peer}: {e}");
         }
     }
 
@@ -638,42 +592,14 @@ impl Server {
     }
 }
 
-/// Shuts down every live connection and joins the threads that finish by the deadline.
+/// Shuts down every live connection and joins the threads that finish by the deadline;
+/// the rest are left detached (and named in the log).
 fn drain(handle: &ServerHandle, config: &ServerConfig) -> ServeReport {
-    let shared = &handle.shared;
-    let deadline = Instant::now() + config.shutdown_deadline;
-    let mut threads = Vec::new();
-    for (&id, entry) in shared.table().iter_mut() {
-        let _ = entry.stream.shutdown(Shutdown::Both);
-        threads.extend(entry.thread.take().map(|t| (id, t)));
-    }
-    let mut table = shared.table();
-    while !table.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        table = shared
-            .drained
-            .wait_timeout(table, left)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
-    }
-    let abandoned = table.len();
-    let stuck: Vec<u64> = table.keys().copied().collect();
-    drop(table);
-    let mut joined = 0;
-    for (id, thread) in threads {
-        // A thread whose entry is gone has finished its work and is only unwinding its
-        // stack, so joining it cannot block; a stuck one is left detached.
-        if !stuck.contains(&id) && thread.join().is_ok() {
-            joined += 1;
-        }
-    }
+    let report = handle.shared.group.close(config.shutdown_deadline);
     ServeReport {
         stats: handle.stats(),
-        joined,
-        abandoned,
+        joined: report.joined,
+        abandoned: report.stragglers.len(),
     }
 }
 
@@ -718,8 +644,7 @@ fn is_per_connection(e: &io::Error) -> bool {
 }
 
 /// The body of a connection thread.
-fn serve(handler: Arc<dyn Handler>, conn: Connection, departure: Departure) {
-    let name = &departure.shared.name;
+fn serve(name: &str, handler: Arc<dyn Handler>, conn: Connection) {
     let (id, peer) = (conn.id, conn.peer);
     log_debug!("{name}: connection {id} from {peer}");
     match panic::catch_unwind(AssertUnwindSafe(|| handler.handle(conn))) {
@@ -737,7 +662,6 @@ fn serve(handler: Arc<dyn Handler>, conn: Connection, departure: Departure) {
             log_info!("{name}: connection {id} from {peer}: handler panicked: {what}");
         }
     }
-    drop(departure);
 }
 
 /// A server running on its own thread; stops it when dropped.
