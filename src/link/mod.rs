@@ -34,8 +34,9 @@
 //!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
 //!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
 //!   idle bound on both ends.
-//! - **Redial**: [`dial`] is one attempt; a supervisor that loops over it with jittered
-//!   backoff while the peer is configured wraps it without changing it.
+//! - **Redial**: [`dial`] is one attempt; a service loops over it while the peer is
+//!   configured or known, waiting [`Backoff::next_delay`] between tries (jittered,
+//!   at most [`MAX_RETRY`] apart) and calling [`Backoff::reset`] once a link is up.
 //!
 //! ```
 //! use switchboard::framing::{encode_frame, FrameReader, Framing, Limits};
@@ -714,6 +715,9 @@ impl<R: Read> Link<R> {
         }
     }
 }
+
+mod backoff;
+pub use backoff::{Backoff, FIRST_RETRY, MAX_RETRY};
 
 #[cfg(test)]
 mod tests;
