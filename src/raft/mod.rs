@@ -102,6 +102,7 @@
 //! }
 //! ```
 
+pub mod disk;
 mod leader;
 mod log;
 mod message;
