@@ -1,7 +1,8 @@
 //! Raft consensus as a sans-IO core: a [`RaftCore`] takes inputs and returns outputs, and
-//! owns no sockets, threads, clocks, disks or global randomness. A driver (not here yet)
-//! carries messages on the framework's links, persists to disk and calls `tick` on a timer;
-//! a deterministic simulator (the tests) carries them through a faulty network instead.
+//! owns no sockets, threads, clocks, disks or global randomness. [`driver`] runs it on a
+//! thread with a timer, persists through [`disk`] and carries messages through a
+//! [`driver::Transport`] (the replicated store's is the framework's links); a
+//! deterministic simulator (the tests) carries them through a faulty network instead.
 //!
 //! ## Inputs
 //! - [`RaftCore::tick`]: one unit of time (elections and heartbeats count ticks).
@@ -103,6 +104,9 @@
 //! ```
 
 pub mod disk;
+pub mod driver;
+#[cfg(test)]
+mod driver_tests;
 mod leader;
 mod log;
 mod message;
