@@ -15,7 +15,7 @@
 //! covered it before it applied here).
 
 use super::disk::RaftStorage;
-use super::message::{decode, encode, Message, ReplicaId};
+use super::message::{encode, Message, ReplicaId};
 use super::replica::RaftCore;
 use super::types::{Config, RaftError, Ready, Role};
 use crate::log_info;
@@ -102,7 +102,7 @@ pub struct Status {
 
 enum Input {
     Message(Message),
-    Propose(Vec<u8>, Sender<Outcome>),
+    Propose(Vec<Vec<u8>>, Vec<Sender<Outcome>>),
     Read(Sender<Outcome>),
     Transfer(Sender<bool>),
     Stop,
@@ -198,26 +198,32 @@ fn oneshot() -> (Sender<Outcome>, Receiver<Outcome>) {
 }
 
 impl RaftHandle {
-    /// Hands a peer's encoded message to the driver (dropped if it does not decode).
-    /// Blocks while the driver's queue is full: a fast peer is slowed to the disk's pace.
-    pub fn receive(&self, bytes: &[u8]) {
-        match decode(bytes) {
-            Ok(m) => {
-                let _ = self.tx.send(Input::Message(m));
+    /// Hands a peer's message to the driver. Blocks while the driver's queue is full: a
+    /// fast peer is slowed to the disk's pace.
+    pub fn deliver(&self, message: Message) {
+        let _ = self.tx.send(Input::Message(message));
+    }
+
+    /// Proposes `commands` together, in order: the driver takes all of them or none (no
+    /// other input comes between), so if one is lost every later one is lost too (an
+    /// index's entry of a later term replaces it, and terms only grow along the log).
+    pub fn propose_batch(&self, commands: Vec<Vec<u8>>) -> Vec<Receiver<Outcome>> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = commands.iter().map(|_| oneshot()).unzip();
+        if let Err(e) = self.tx.send(Input::Propose(commands, txs)) {
+            if let Input::Propose(_, txs) = e.0 {
+                for tx in txs {
+                    let _ = tx.send(Outcome::Stopped);
+                }
             }
-            Err(e) => log_info!("raft: a peer's message does not decode: {e}; dropped"),
         }
+        rxs
     }
 
     /// Proposes `command`; the outcome comes on the returned channel.
     pub fn propose(&self, command: Vec<u8>) -> Receiver<Outcome> {
-        let (tx, rx) = oneshot();
-        if let Err(e) = self.tx.send(Input::Propose(command, tx)) {
-            if let Input::Propose(_, tx) = e.0 {
-                let _ = tx.send(Outcome::Stopped);
-            }
-        }
-        rx
+        self.propose_batch(vec![command])
+            .pop()
+            .expect("one receiver")
     }
 
     /// Asks for a linearizable read: [`Outcome::Done`] once this replica has confirmed it
@@ -340,14 +346,18 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
     fn input(&mut self, input: Input, ready: &mut Ready) {
         match input {
             Input::Message(m) => self.core.receive(m, ready),
-            Input::Propose(data, tx) => match self.core.propose(data, ready) {
-                Ok((index, term)) => {
-                    self.waiting.insert(index, (term, tx));
+            Input::Propose(commands, txs) => {
+                for (data, tx) in commands.into_iter().zip(txs) {
+                    match self.core.propose(data, ready) {
+                        Ok((index, term)) => {
+                            self.waiting.insert(index, (term, tx));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(not_leader(e));
+                        }
+                    }
                 }
-                Err(e) => {
-                    let _ = tx.send(not_leader(e));
-                }
-            },
+            }
             Input::Read(tx) => {
                 self.next_ctx += 1;
                 match self.core.read_index(self.next_ctx, ready) {

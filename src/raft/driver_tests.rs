@@ -57,7 +57,7 @@ impl Transport for MemTransport {
             return;
         }
         if let Some(h) = net.0.get(&to) {
-            h.receive(&message);
+            h.deliver(super::message::decode(&message).expect("own message"));
         }
     }
 }

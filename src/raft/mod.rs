@@ -108,6 +108,7 @@ pub mod driver;
 #[cfg(test)]
 mod driver_tests;
 mod leader;
+pub mod links;
 mod log;
 mod message;
 mod replica;

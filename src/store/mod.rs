@@ -4,6 +4,7 @@
 //! - [`protocol`]: requests and replies, pure.
 //! - [`state`]: the sharded map.
 //! - [`aof`]: the append-only file: replay, and rewrite in the background.
+//! - [`replicated`]: the store over Raft (`--raft`): linearizable, partition-safe.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
 //!
@@ -16,6 +17,7 @@ pub mod aof;
 pub mod bench;
 pub mod client;
 pub mod protocol;
+pub mod replicated;
 pub mod state;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
