@@ -1,0 +1,344 @@
+//! The replicated store (`store-server --raft`) as real processes: `kill -9` of the leader
+//! under writes loses nothing acknowledged; a leader cut off by fault-injecting proxies
+//! (every peer link goes through one) steps down while the majority elects and serves, and
+//! after the heal there is one leader and the data converge; concurrent clients under a
+//! nemesis of cuts and kills leave a linearizable history.
+
+mod common;
+
+use common::{ChildServer, IO_TIMEOUT};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use switchboard::bench::free_addrs;
+use switchboard::framing::Framing;
+use switchboard::lincheck::{self, Call, Op};
+use switchboard::proxy::FaultProxy;
+use switchboard::store::client::StoreClient;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_store-server");
+const N: usize = 3;
+
+/// Three servers; with `proxied`, server i reaches server j through a proxy of its own,
+/// so a partition is real sockets that stop passing bytes.
+struct Cluster {
+    addrs: Vec<SocketAddr>,
+    servers: Vec<Option<ChildServer>>,
+    /// (from, to) → the proxy `from` dials to reach `to`.
+    proxies: BTreeMap<(usize, usize), FaultProxy>,
+    root: PathBuf,
+    timeout: &'static str,
+}
+
+impl Cluster {
+    fn start(name: &str, proxied: bool) -> Cluster {
+        let root = std::env::temp_dir().join(format!(
+            "switchboard-raft-store-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let addrs = free_addrs(N).unwrap();
+        let mut proxies = BTreeMap::new();
+        if proxied {
+            for from in 0..N {
+                for to in 0..N {
+                    if from != to {
+                        proxies.insert((from, to), FaultProxy::start(addrs[to]).unwrap());
+                    }
+                }
+            }
+        }
+        let mut c = Cluster {
+            addrs,
+            servers: (0..N).map(|_| None).collect(),
+            proxies,
+            root,
+            timeout: "1",
+        };
+        for i in 0..N {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn peers_of(&self, i: usize) -> String {
+        let list: Vec<String> = (0..N)
+            .map(|j| match self.proxies.get(&(i, j)) {
+                Some(p) => p.local_addr().to_string(),
+                None => self.addrs[j].to_string(),
+            })
+            .collect();
+        list.join(",")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let dir = self.root.join(format!("server{i}"));
+        let (index, peers) = (i.to_string(), self.peers_of(i));
+        let args = [
+            "--raft",
+            &index,
+            "--peers",
+            &peers,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--request-timeout",
+            self.timeout,
+        ];
+        let server = ChildServer::start(SERVER, &args);
+        assert_eq!(server.addr, self.addrs[i]);
+        self.servers[i] = Some(server);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.servers[i].take().expect("running").kill9();
+    }
+
+    /// Cuts every link into and out of server `i`.
+    fn isolate(&self, i: usize, cut: bool) {
+        for ((from, to), p) in &self.proxies {
+            if *from == i || *to == i {
+                if cut {
+                    p.cut();
+                } else {
+                    p.heal();
+                }
+            }
+        }
+    }
+
+    fn stats(&self, i: usize) -> Option<Stats> {
+        let mut c = StoreClient::connect_timeout(self.addrs[i], Framing::Line, IO_TIMEOUT).ok()?;
+        c.stats().ok().map(|s| Stats::parse(&s))
+    }
+
+    /// The running servers that say they lead.
+    fn leaders(&self) -> Vec<usize> {
+        (0..N)
+            .filter(|&i| self.servers[i].is_some())
+            .filter(|&i| self.stats(i).is_some_and(|s| s.role == "leader"))
+            .collect()
+    }
+
+    fn one_leader(&self) -> usize {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let [l] = self.leaders()[..] {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no single leader within 10 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in self.servers.iter_mut().filter_map(Option::take) {
+            drop(s);
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+struct Stats {
+    role: String,
+    commit: u64,
+    applied: u64,
+}
+
+impl Stats {
+    fn parse(s: &str) -> Stats {
+        let field = |name: &str| -> String {
+            let at = s
+                .find(&format!("{{{name},"))
+                .unwrap_or_else(|| panic!("{name} in {s}"));
+            let rest = &s[at + name.len() + 2..];
+            rest[..rest.find('}').unwrap()].to_owned()
+        };
+        Stats {
+            role: field("role"),
+            commit: field("commit_index").parse().unwrap(),
+            applied: field("applied_index").parse().unwrap(),
+        }
+    }
+}
+
+/// Stores `key=value` on `addr` and waits for the acknowledgement: the reply to a `stats`
+/// sent after it on the same connection comes only once the store is applied.
+fn store_acked(addr: SocketAddr, key: &str, value: &str) -> bool {
+    let Ok(mut c) = StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT) else {
+        return false;
+    };
+    c.store(key.as_bytes(), value.as_bytes()).is_ok() && c.stats().is_ok()
+}
+
+fn lookup(addr: SocketAddr, key: &str) -> Result<Option<Vec<u8>>, String> {
+    let mut c =
+        StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT).map_err(|e| e.to_string())?;
+    c.lookup(key.as_bytes()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn kill_9_of_the_leader_under_writes_loses_no_acknowledged_write() {
+    let mut c = Cluster::start("kill", false);
+    let leader = c.one_leader();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (addrs, acked, stop) = (c.addrs.clone(), acked.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // Every server in turn: followers forward to the leader.
+                    let addr = addrs[(n + w) % N];
+                    let key = format!("w{w}-{n}");
+                    if store_acked(addr, &key, &format!("v{n}")) {
+                        acked.lock().unwrap().push((key, format!("v{n}")));
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let count = || acked.lock().unwrap().len();
+    common::eventually("40 acknowledged writes", || count() >= 40);
+    c.kill9(leader);
+    let before = count();
+    common::eventually("40 more acknowledged writes after the kill", || {
+        count() >= before + 40
+    });
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let survivor = c.addrs[(leader + 1) % N];
+    for (key, value) in acked.lock().unwrap().iter() {
+        assert_eq!(
+            lookup(survivor, key),
+            Ok(Some(value.clone().into_bytes())),
+            "acknowledged {key}"
+        );
+    }
+    // The killed leader restarts from its data dir and catches up.
+    c.spawn(leader);
+    let commit = c.stats(c.one_leader()).unwrap().commit;
+    common::eventually("the restarted server to apply everything", || {
+        c.stats(leader).is_some_and(|s| s.applied >= commit)
+    });
+}
+
+#[test]
+fn a_cut_off_leader_steps_down_the_majority_serves_and_the_heal_converges() {
+    let c = Cluster::start("cut", true);
+    let old = c.one_leader();
+    assert!(store_acked(c.addrs[old], "x", "before"));
+    c.isolate(old, true);
+    common::eventually("the cut-off leader to step down", || {
+        c.stats(old).is_some_and(|s| s.role != "leader")
+    });
+    let other = (old + 1) % N;
+    common::eventually("the majority to elect and take a write", || {
+        store_acked(c.addrs[other], "x", "during")
+    });
+    // The cut-off server never answers from its stale state: no leader in reach.
+    let stale = lookup(c.addrs[old], "x");
+    assert!(
+        stale.as_ref().is_err_and(|e| e.contains("no_leader")),
+        "{stale:?}"
+    );
+    c.isolate(old, false);
+    let leader = c.one_leader();
+    assert_eq!(lookup(c.addrs[old], "x"), Ok(Some(b"during".to_vec())));
+    let commit = c.stats(leader).unwrap().commit;
+    common::eventually("every server to apply everything", || {
+        (0..N).all(|i| c.stats(i).is_some_and(|s| s.applied >= commit))
+    });
+    assert_eq!(c.leaders().len(), 1);
+}
+
+#[test]
+fn concurrent_clients_under_cuts_and_kills_leave_a_linearizable_history() {
+    let mut c = Cluster::start("lin", true);
+    c.one_leader();
+    let t0 = Instant::now();
+    let now = move || t0.elapsed().as_nanos() as u64;
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4u64)
+        .map(|client| {
+            let (addrs, history, stop) = (c.addrs.clone(), history.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut rng = switchboard::bench::Rng::new(client + 1);
+                let mut n = 0u64;
+                let mut conn: Option<StoreClient> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let key = format!("k{}", rng.below(3));
+                    let c = match conn.as_mut() {
+                        Some(c) => c,
+                        None => {
+                            let addr = addrs[rng.below(N as u64) as usize];
+                            match StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT) {
+                                Ok(c) => conn.insert(c),
+                                Err(_) => continue,
+                            }
+                        }
+                    };
+                    let invoked = now();
+                    let (op, ok) = if rng.below(2) == 0 {
+                        let value = format!("c{client}-{n}");
+                        let ok =
+                            c.store(key.as_bytes(), value.as_bytes()).is_ok() && c.stats().is_ok();
+                        (Op::store(key, value), ok)
+                    } else {
+                        match c.lookup(key.as_bytes()) {
+                            Ok(Some(v)) => (Op::found(key, v), true),
+                            Ok(None) => (Op::absent(key), true),
+                            Err(_) => (Op::absent(key), false),
+                        }
+                    };
+                    let returned = ok.then(now);
+                    if !ok {
+                        conn = None;
+                    }
+                    // A lookup with no answer tells nothing; a store's may have happened.
+                    if ok || matches!(op, Op::Store { .. }) {
+                        history.lock().unwrap().push(Call {
+                            client,
+                            invoked,
+                            returned,
+                            op,
+                        });
+                    }
+                }
+            })
+        })
+        .collect();
+    let pause = |ms| thread::sleep(Duration::from_millis(ms));
+    pause(700);
+    let l = c.one_leader();
+    c.isolate(l, true);
+    pause(1200);
+    c.isolate(l, false);
+    pause(500);
+    let l = c.one_leader();
+    c.kill9(l);
+    pause(800);
+    c.spawn(l);
+    pause(700);
+    stop.store(true, Ordering::SeqCst);
+    for t in clients {
+        t.join().unwrap();
+    }
+    let history = history.lock().unwrap();
+    let done = history.iter().filter(|c| c.returned.is_some()).count();
+    assert!(done >= 50, "only {done} calls completed");
+    if let Err(v) = lincheck::check(&history) {
+        panic!("{v}");
+    }
+}
