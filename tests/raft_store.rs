@@ -45,9 +45,9 @@ impl Cluster {
         let mut proxies = BTreeMap::new();
         if proxied {
             for from in 0..N {
-                for to in 0..N {
+                for (to, &target) in addrs.iter().enumerate() {
                     if from != to {
-                        proxies.insert((from, to), FaultProxy::start(addrs[to]).unwrap());
+                        proxies.insert((from, to), FaultProxy::start(target).unwrap());
                     }
                 }
             }
