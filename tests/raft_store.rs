@@ -21,6 +21,7 @@ use switchboard::proxy::FaultProxy;
 use switchboard::store::client::StoreClient;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_store-server");
+const CLIENT: &str = env!("CARGO_BIN_EXE_store-client");
 const N: usize = 3;
 
 /// Three servers; with `proxied`, server i reaches server j through a proxy of its own,
@@ -224,6 +225,15 @@ fn kill_9_of_the_leader_under_writes_loses_no_acknowledged_write() {
             "acknowledged {key}"
         );
     }
+    // Both clients try `--addr`'s servers in turn: the dead one first, then a live one.
+    let (key, value) = acked.lock().unwrap()[0].clone();
+    let addr = format!("{},{survivor}", c.addrs[leader]);
+    let mut rust = std::process::Command::new(CLIENT);
+    rust.args(["--addr", &addr, "lookup", &key]);
+    let want = format!("{{just,{value}}}\n");
+    assert_eq!(common::run_checked(rust), want);
+    let py = common::run_python("store_client.py", &["--addr", &addr, "lookup", &key]);
+    assert_eq!(py, want);
     // The killed leader restarts from its data dir and catches up.
     c.spawn(leader);
     let commit = c.stats(c.one_leader()).unwrap().commit;
