@@ -8,6 +8,7 @@ mod common;
 
 use common::{ChildServer, IO_TIMEOUT};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -246,6 +247,18 @@ fn kill_9_of_the_leader_under_writes_loses_no_acknowledged_write() {
 fn a_cut_off_leader_steps_down_the_majority_serves_and_the_heal_converges() {
     let c = Cluster::start("cut", true);
     let old = c.one_leader();
+    // The course's one-shot clients, on a follower: store and close, then look up on a
+    // new connection: arrival order holds through the forwarding.
+    let follower = c.addrs[(old + 1) % N];
+    for i in 0..10 {
+        let mut setter = common::connect(follower);
+        setter
+            .write_all(format!("store,once,{i}\n").as_bytes())
+            .unwrap();
+        drop(setter);
+        let want = format!("{i}").into_bytes();
+        assert_eq!(lookup(follower, "once"), Ok(Some(want)), "round {i}");
+    }
     assert!(store_acked(c.addrs[old], "x", "before"));
     c.isolate(old, true);
     common::eventually("the cut-off leader to step down", || {

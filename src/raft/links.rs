@@ -26,7 +26,7 @@ use crate::link::{self, Answer, Auth, Dialer, LinkError, Timeouts, Verdict};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::{Connection, HandlerError};
 use crate::{log_debug, log_info};
-use std::net::TcpStream;
+use std::io::Read;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -230,12 +230,12 @@ fn dial_loop(
 ///
 /// # Errors
 /// When the answer cannot be written or the link fails other than by ending.
-pub fn serve_peer(
+pub fn serve_peer<R: Read>(
     cfg: &PeerConfig,
     raft: &RaftHandle,
     conn: &Connection,
     hello: &[u8],
-    mut reader: FrameReader<&TcpStream>,
+    mut reader: FrameReader<R>,
 ) -> Result<(), HandlerError> {
     let text = String::from_utf8_lossy(&hello[HELLO.len()..]).into_owned();
     let parts: Vec<&str> = text.split(',').collect();

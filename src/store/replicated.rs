@@ -8,7 +8,9 @@
 //!   that it still leads, then answers once it has applied the commit index of that
 //!   moment), rounds shared by concurrent reads.
 //! - **Order per connection**: a request is handled once everything before it on its
-//!   connection is applied, so a `lookup` after a `store` sees it.
+//!   connection is applied, so a `lookup` after a `store` sees it. Across one server's
+//!   connections, arrival order as the classic store keeps it ([`crate::order`]): a
+//!   one-shot client's `store` is applied before a connection accepted after it acts.
 //! - **Any server takes clients**: a follower forwards requests to the leader on a
 //!   connection of its own that starts with the frame `raft-forward`, and relays the
 //!   replies. In that mode the leader answers `store` with `ok` and says `{error,not_leader}`
@@ -24,7 +26,8 @@
 
 use super::protocol::{self, Request, Verb};
 use super::state::Store;
-use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
+use crate::framing::{encode_frame, FrameError, Framing, Limits};
+use crate::order::Arrivals;
 use crate::raft::driver::{Driver, DriverConfig, Outcome, RaftHandle, StateMachine, Status};
 use crate::raft::links::{self, PeerConfig, PeerLinks};
 use crate::raft::{Config, ReplicaId, Role};
@@ -161,6 +164,7 @@ pub struct ReplicatedStore {
     options: ReplicatedOptions,
     started: Instant,
     commands: [AtomicU64; 5],
+    arrivals: Arrivals,
 }
 
 /// Why a request was not done.
@@ -231,6 +235,7 @@ impl ReplicatedStore {
             options,
             started: Instant::now(),
             commands: Default::default(),
+            arrivals: Arrivals::new(),
         }))
     }
 
@@ -263,10 +268,11 @@ impl ReplicatedStore {
         self.links.close(Duration::from_secs(2));
     }
 
-    /// The server's handler: peers' links and clients on one port.
-    pub fn handler(self: &Arc<Self>) -> impl Fn(Connection) -> Result<(), HandlerError> {
+    /// The server's handler: peers' links and clients on one port, clients in arrival
+    /// order (see [`ReplicatedStore::serve`]).
+    pub fn handler(self: &Arc<Self>) -> impl crate::server::Handler {
         let service = Arc::clone(self);
-        move |conn| service.serve(&conn)
+        self.arrivals.handler(move |conn| service.serve(&conn))
     }
 
     /// Serves one connection: a peer's link if its first frame is a Raft hello, a
@@ -275,13 +281,27 @@ impl ReplicatedStore {
     /// # Errors
     /// A framing error that loses sync, or a failed socket: each ends this connection only.
     pub fn serve(&self, conn: &Connection) -> Result<(), HandlerError> {
-        let mut reader =
-            FrameReader::with_limits(&*conn.stream, self.options.framing, self.options.limits);
+        // Arrival order across this server's connections, for the course's one-shot
+        // clients (see `crate::order`): a connection's first requests wait for what
+        // connections accepted before it had sent, and settle once applied.
+        if !self.arrivals.await_first_bytes(conn) {
+            return Ok(());
+        }
+        let mut reader = conn.reader(self.options.framing, self.options.limits);
         let first = match read_step(&mut reader, conn)? {
             Step::Frame(f) => Some(f.to_vec()),
             Step::Skipped(_) => None,
             Step::End => return Ok(()),
         };
+        let internal = first
+            .as_ref()
+            .is_some_and(|f| f.starts_with(links::HELLO) || f == FORWARD);
+        if internal {
+            // A peer's link or a follower's forwarding connection: nobody waits for it.
+            self.arrivals.settle(conn);
+        } else {
+            self.arrivals.wait_for_earlier(conn);
+        }
         if let Some(f) = &first {
             if f.starts_with(links::HELLO) {
                 return links::serve_peer(&self.peer_cfg, &self.raft, conn, f, reader);
@@ -305,6 +325,7 @@ impl ReplicatedStore {
                 }
             };
             let close = session.batch(&batch, &conn.server, &mut out);
+            self.arrivals.settle(conn);
             batch.clear();
             if !out.is_empty() {
                 if let Err(e) = (&*conn.stream).write_all(&out) {
