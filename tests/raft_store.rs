@@ -34,10 +34,15 @@ struct Cluster {
     proxies: BTreeMap<(usize, usize), FaultProxy>,
     root: PathBuf,
     timeout: &'static str,
+    extra: Vec<&'static str>,
 }
 
 impl Cluster {
     fn start(name: &str, proxied: bool) -> Cluster {
+        Cluster::start_with(name, proxied, &[])
+    }
+
+    fn start_with(name: &str, proxied: bool, extra: &[&'static str]) -> Cluster {
         let root = std::env::temp_dir().join(format!(
             "switchboard-raft-store-{}-{name}",
             std::process::id()
@@ -60,6 +65,7 @@ impl Cluster {
             proxies,
             root,
             timeout: "1",
+            extra: extra.to_vec(),
         };
         for i in 0..N {
             c.spawn(i);
@@ -80,7 +86,7 @@ impl Cluster {
     fn spawn(&mut self, i: usize) {
         let dir = self.root.join(format!("server{i}"));
         let (index, peers) = (i.to_string(), self.peers_of(i));
-        let args = [
+        let mut args = vec![
             "--raft",
             &index,
             "--peers",
@@ -90,6 +96,7 @@ impl Cluster {
             "--request-timeout",
             self.timeout,
         ];
+        args.extend(&self.extra);
         let server = ChildServer::start(SERVER, &args);
         assert_eq!(server.addr, self.addrs[i]);
         self.servers[i] = Some(server);
@@ -150,6 +157,7 @@ struct Stats {
     role: String,
     commit: u64,
     applied: u64,
+    snapshot: u64,
 }
 
 impl Stats {
@@ -165,6 +173,7 @@ impl Stats {
             role: field("role"),
             commit: field("commit_index").parse().unwrap(),
             applied: field("applied_index").parse().unwrap(),
+            snapshot: field("snapshot_index").parse().unwrap(),
         }
     }
 }
@@ -363,5 +372,75 @@ fn concurrent_clients_under_cuts_and_kills_leave_a_linearizable_history() {
     assert!(done >= 50, "only {done} calls completed");
     if let Err(v) = lincheck::check(&history) {
         panic!("{v}");
+    }
+}
+
+fn signal(server: &ChildServer, sig: &str) {
+    let pid = server.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_frozen_leader_a_follower_behind_a_snapshot_a_planned_stop_and_a_full_restart() {
+    let mut c = Cluster::start_with("stop", false, &["--snapshot-every", "50"]);
+    // SIGSTOP the leader past the election timeout: the others elect and serve; after
+    // SIGCONT the old leader acknowledges only what the new majority holds.
+    let old = c.one_leader();
+    assert!(store_acked(c.addrs[old], "a", "1"));
+    signal(c.servers[old].as_ref().unwrap(), "-STOP");
+    let other = c.addrs[(old + 1) % N];
+    common::eventually("the others to elect and take a write", || {
+        store_acked(other, "a", "2")
+    });
+    let mut frozen = StoreClient::connect_timeout(c.addrs[old], Framing::Line, IO_TIMEOUT).unwrap();
+    frozen.store(b"a", b"3").unwrap();
+    signal(c.servers[old].as_ref().unwrap(), "-CONT");
+    // Acknowledged (the stats reply after it), so it is on the majority: seen everywhere.
+    frozen.stats().unwrap();
+    assert_eq!(lookup(other, "a"), Ok(Some(b"3".to_vec())));
+
+    // A follower down while the log moves past a snapshot catches up from it.
+    let leader = c.one_leader();
+    let behind = (leader + 1) % N;
+    c.kill9(behind);
+    let addr = c.addrs[leader];
+    let mut client = StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT).unwrap();
+    for i in 0..300 {
+        client.store(format!("k{i}").as_bytes(), b"v").unwrap();
+    }
+    client.stats().unwrap();
+    let s = c.stats(leader).unwrap();
+    assert!(s.snapshot > 200, "the leader compacted: {}", s.snapshot);
+    c.spawn(behind);
+    common::eventually("the follower to catch up", || {
+        c.stats(behind)
+            .is_some_and(|f| f.applied >= s.commit && f.snapshot >= 200)
+    });
+
+    // A planned stop hands leadership over.
+    let mut stopped = c.servers[leader].take().unwrap();
+    assert!(stopped.terminate(), "exits cleanly");
+    assert!(
+        stopped.log_text().contains("leadership handed over"),
+        "{}",
+        stopped.log_text()
+    );
+    assert!(store_acked(c.addrs[behind], "after", "stop"));
+    c.spawn(leader);
+
+    // Every server restarts from its data directory.
+    for i in 0..N {
+        assert!(c.servers[i].take().unwrap().terminate());
+    }
+    for i in 0..N {
+        c.spawn(i);
+    }
+    for (key, want) in [("a", "3"), ("k299", "v"), ("after", "stop")] {
+        let got = lookup(c.addrs[(old + 2) % N], key);
+        assert_eq!(got, Ok(Some(want.as_bytes().to_vec())), "{key}");
     }
 }

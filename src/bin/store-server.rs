@@ -69,6 +69,9 @@ struct Args {
         from_str_fn(switchboard::cli::positive_seconds)
     )]
     request_timeout: Duration,
+    /// with --raft: take a snapshot (and cut the log) every N entries (default 100000)
+    #[argh(option, default = "100_000")]
+    snapshot_every: u64,
     /// with --raft: the cluster secret (a file of at least 16 bytes only its owner can
     /// read); required unless every --peers address is a loopback one
     #[argh(option)]
@@ -140,6 +143,7 @@ fn replicated(index: usize, args: Args, config: ServerConfig) -> ExitCode {
     options.framing = args.framing;
     options.request_timeout = args.request_timeout;
     options.secret = secret;
+    options.compact_every = args.snapshot_every;
     match replicated::run_until_signal(options, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

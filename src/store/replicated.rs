@@ -430,8 +430,11 @@ pub fn run_until_signal(options: ReplicatedOptions, config: ServerConfig) -> Res
     }
     let _ = rx.recv();
     // A planned stop costs the clients no election timeout.
+    let led = svc.status().role == Role::Leader;
     if !svc.transfer_leadership(Duration::from_secs(2)) {
         crate::log_info!("store: leadership transfer did not finish in 2 s; stopping anyway");
+    } else if led {
+        crate::log_info!("store: leadership handed over before stopping");
     }
     running.stop();
     svc.close();
@@ -466,7 +469,7 @@ fn error(framing: Framing, reason: &str, out: &mut Vec<u8>) {
 }
 
 /// Appends `,{raft,[{id,N},{role,R},{term,N},{leader,N|none},{commit_index,N},
-/// {applied_index,N},{match_index,[{ID,N},...]}]}`.
+/// {applied_index,N},{snapshot_index,N},{match_index,[{ID,N},...]}]}`.
 fn format_raft(s: &Status, out: &mut Vec<u8>) {
     let role = match s.role {
         Role::Leader => "leader",
@@ -478,11 +481,12 @@ fn format_raft(s: &Status, out: &mut Vec<u8>) {
     let _ = write!(
         out,
         ",{{raft,[{{id,{}}},{{role,{role}}},{{term,{}}},{{leader,{leader}}},{{commit_index,{}}},\
-         {{applied_index,{}}},{{match_index,[",
+         {{applied_index,{}}},{{snapshot_index,{}}},{{match_index,[",
         s.id - 1,
         s.term,
         s.commit,
-        s.applied
+        s.applied,
+        s.snapshot
     );
     for (i, (p, m)) in s.matched.iter().enumerate() {
         if i > 0 {
