@@ -95,6 +95,9 @@ pub struct BenchConfig {
     pub framing: Framing,
     /// The server's process id, to report its CPU time per operation.
     pub server_pid: Option<u32>,
+    /// A cluster's servers (a replicated store's): connection `n` goes to
+    /// `cluster[n % len]`; empty: every connection goes to `addr`.
+    pub cluster: Vec<SocketAddr>,
 }
 
 /// Figures from one run.
@@ -203,8 +206,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(cfg: &BenchConfig) -> io::Result<Conn> {
-        let s = TcpStream::connect(cfg.addr)?;
+    /// Connection number `n` of the run.
+    fn open(cfg: &BenchConfig, n: usize) -> io::Result<Conn> {
+        let addr = match cfg.cluster.len() {
+            0 => cfg.addr,
+            len => cfg.cluster[n % len],
+        };
+        let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let framing = match cfg.proto {
@@ -350,7 +358,7 @@ impl Conn {
 /// # Errors
 /// When the server cannot be reached or answers wrongly.
 pub fn preload(cfg: &BenchConfig) -> Result<(), BenchError> {
-    let mut c = Conn::open(cfg)?;
+    let mut c = Conn::open(cfg, 0)?;
     for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
         for &i in chunk {
             c.set(i);
@@ -375,8 +383,8 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(cfg.conns + 1));
     let mut conns = Vec::with_capacity(cfg.conns);
-    for _ in 0..cfg.conns {
-        conns.push(Conn::open(cfg)?);
+    for n in 0..cfg.conns {
+        conns.push(Conn::open(cfg, n)?);
     }
     let workers: Vec<_> = conns
         .into_iter()
