@@ -35,7 +35,7 @@ struct Args {
     /// GET:SET weights (default 1:0, GET only)
     #[argh(option, default = "Ratio { get: 1, set: 0 }")]
     ratio: Ratio,
-    /// protocol: store (default) or memcache
+    /// protocol: store (default), memcache, or etcd (its v3 JSON gateway over HTTP/1.1)
     #[argh(option, default = "Proto::Store")]
     proto: Proto,
     /// framing for the store protocol (default line)
@@ -80,7 +80,11 @@ fn main() -> ExitCode {
         proto: a.proto,
         framing: a.framing,
         server_pid: a.server_pid,
-        cluster: if cluster.len() > 1 { cluster } else { Vec::new() },
+        cluster: if cluster.len() > 1 {
+            cluster
+        } else {
+            Vec::new()
+        },
     };
     let run = match (a.idle, a.silent) {
         (Some(n), _) => bench::preload(&cfg)
