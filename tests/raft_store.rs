@@ -35,6 +35,8 @@ struct Cluster {
     root: PathBuf,
     timeout: &'static str,
     extra: Vec<&'static str>,
+    /// The clients' framing (`--framing` in `extra`, else line).
+    framing: Framing,
 }
 
 impl Cluster {
@@ -66,6 +68,10 @@ impl Cluster {
             root,
             timeout: "1",
             extra: extra.to_vec(),
+            framing: extra
+                .iter()
+                .position(|&a| a == "--framing")
+                .map_or(Framing::Line, |at| extra[at + 1].parse().unwrap()),
         };
         for i in 0..N {
             c.spawn(i);
@@ -120,7 +126,7 @@ impl Cluster {
     }
 
     fn stats(&self, i: usize) -> Option<Stats> {
-        let mut c = StoreClient::connect_timeout(self.addrs[i], Framing::Line, IO_TIMEOUT).ok()?;
+        let mut c = StoreClient::connect_timeout(self.addrs[i], self.framing, IO_TIMEOUT).ok()?;
         c.stats().ok().map(|s| Stats::parse(&s))
     }
 
@@ -448,5 +454,29 @@ fn a_frozen_leader_a_follower_behind_a_snapshot_a_planned_stop_and_a_full_restar
     for (key, want) in [("a", "3"), ("k299", "v"), ("after", "stop")] {
         let got = lookup(c.addrs[(old + 2) % N], key);
         assert_eq!(got, Ok(Some(want.as_bytes().to_vec())), "{key}");
+    }
+}
+
+#[test]
+fn every_framing_is_served_and_forwarded_in_that_framing() {
+    for framing in [Framing::Ascii10, Framing::U16, Framing::U32] {
+        let name = framing.name();
+        let c = Cluster::start_with(name, false, &["--framing", name]);
+        let leader = c.one_leader();
+        for at in [leader, (leader + 1) % N] {
+            let addr = c.addrs[at];
+            let mut client = StoreClient::connect_timeout(addr, framing, IO_TIMEOUT).unwrap();
+            // Sized framings carry any byte: a newline in the value, through forwarding too.
+            let value = format!("line one\nline two {at}");
+            client.store(b"k", value.as_bytes()).unwrap();
+            assert_eq!(
+                client.lookup(b"k").unwrap(),
+                Some(value.into_bytes()),
+                "{name}"
+            );
+            assert!(client.delete(b"k").unwrap(), "{name}");
+            assert_eq!(client.lookup(b"k").unwrap(), None, "{name}");
+            assert!(client.stats().unwrap().contains("{raft,["), "{name}");
+        }
     }
 }

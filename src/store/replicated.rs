@@ -312,6 +312,7 @@ impl ReplicatedStore {
             svc: self,
             forward,
             upstream: None,
+            counts: [0; 5],
         };
         let mut batch: Vec<Option<Vec<u8>>> = if forward { Vec::new() } else { vec![first] };
         let mut out = Vec::new();
@@ -337,6 +338,7 @@ impl ReplicatedStore {
                 }
                 out.clear();
             }
+            session.add_counts();
             if close {
                 return Ok(());
             }
@@ -352,17 +354,7 @@ impl ReplicatedStore {
     }
 
     fn stats(&self, server: &ServerHandle, out: &mut Vec<u8>) {
-        let (keys, bytes) = self.store.size();
-        let s = server.stats();
-        let stats = protocol::Stats {
-            uptime_secs: self.started.elapsed().as_secs(),
-            live_connections: s.live as u64,
-            total_connections: s.accepted,
-            refused_connections: s.refused,
-            keys,
-            bytes,
-            commands: self.commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
-        };
+        let stats = super::stats_of(&self.store, server, self.started, &self.commands);
         let mut payload = Vec::new();
         protocol::format_stats(&stats, &mut payload);
         payload.truncate(payload.len() - 2); // reopen the list: "]}"
@@ -509,6 +501,8 @@ struct Session<'s> {
     /// A follower forwards on this connection: reply to every write, never forward.
     forward: bool,
     upstream: Option<Upstream>,
+    /// Requests of the current batch by verb.
+    counts: [u64; 5],
 }
 
 impl Session<'_> {
@@ -602,8 +596,18 @@ impl Session<'_> {
         self.forward
     }
 
-    fn count(&self, verb: Verb, n: u64) {
-        self.svc.commands[verb as usize].fetch_add(n, Ordering::Relaxed);
+    /// Counted into the service's counters once the batch's replies are written, as the
+    /// classic store does: a `stats` reply does not count its own batch.
+    fn count(&mut self, verb: Verb, n: u64) {
+        self.counts[verb as usize] += n;
+    }
+
+    fn add_counts(&mut self) {
+        for (total, n) in self.svc.commands.iter().zip(&mut self.counts) {
+            if *n > 0 {
+                total.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
     }
 
     /// Applies `cmds` in order: here when leading, else through the leader, retrying
