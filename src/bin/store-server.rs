@@ -130,6 +130,11 @@ fn main() -> ExitCode {
 }
 
 fn replicated(index: usize, args: Args, config: ServerConfig) -> ExitCode {
+    if args.aof.is_some() {
+        return fail(
+            "--aof does not apply with --raft: the Raft log in --data-dir is the persistence",
+        );
+    }
     let (Some(peers), Some(dir)) = (args.peers, args.data_dir) else {
         return fail("--raft needs --peers A0,A1,A2 and --data-dir DIR");
     };
