@@ -392,7 +392,25 @@ fn signal(server: &ChildServer, sig: &str) {
 
 #[test]
 fn a_frozen_leader_a_follower_behind_a_snapshot_a_planned_stop_and_a_full_restart() {
-    let mut c = Cluster::start_with("stop", false, &["--snapshot-every", "50"]);
+    // With a cluster secret: every peer link proves it.
+    let secret =
+        std::env::temp_dir().join(format!("switchboard-raft-secret-{}", std::process::id()));
+    std::fs::write(&secret, b"0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let secret_arg: &'static str = Box::leak(secret.to_str().unwrap().to_owned().into_boxed_str());
+    let mut c = Cluster::start_with(
+        "stop",
+        false,
+        &["--snapshot-every", "50", "--secret-file", secret_arg],
+    );
+    // A peer's hello without the secret's handshake is refused: the link is closed.
+    let mut forged = common::connect(c.addrs[0]);
+    forged
+        .write_all(b"raft-hello,store,2,1\nnot a handshake\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut forged, &mut rest);
+    assert!(!rest.starts_with(b"raft-welcome"), "{rest:?}");
     // SIGSTOP the leader past the election timeout: the others elect and serve; after
     // SIGCONT the old leader acknowledges only what the new majority holds.
     let old = c.one_leader();
@@ -455,6 +473,7 @@ fn a_frozen_leader_a_follower_behind_a_snapshot_a_planned_stop_and_a_full_restar
         let got = lookup(c.addrs[(old + 2) % N], key);
         assert_eq!(got, Ok(Some(want.as_bytes().to_vec())), "{key}");
     }
+    let _ = std::fs::remove_file(&secret);
 }
 
 #[test]
