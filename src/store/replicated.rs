@@ -448,9 +448,12 @@ fn wait(rx: &Receiver<Outcome>, deadline: Instant) -> Option<Outcome> {
 }
 
 fn frame(framing: Framing, payload: &[u8], out: &mut Vec<u8>) {
-    if encode_frame(framing, payload, out).is_err() {
-        // A value stored through a size-prefixed framing may hold '\n'.
-        let _ = encode_frame(framing, b"{error,too_long}", out);
+    if let Err(e) = encode_frame(framing, payload, out) {
+        // A value stored through another framing may not fit this one: a '\n' in a
+        // `line` reply (`{error,unencodable}`), or a length over a `u16` frame's.
+        let mut reason = Vec::new();
+        protocol::format_error(e.reason(), &mut reason);
+        let _ = encode_frame(framing, &reason, out);
     }
 }
 
