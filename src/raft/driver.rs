@@ -1,6 +1,7 @@
 //! Runs a [`RaftCore`] for real: one thread owns it, ticks it on a timer, carries out each
 //! [`Ready`] by the persist-before-send rule ([`RaftStorage`]: every entry of a Ready
-//! in one write and one fsync, so the proposals of many clients share a disk sync), sends
+//! in one write and one fsync, so the proposals of many clients share a disk sync; a
+//! leader's own Appends go out before its fsync, which promises nothing to anyone), sends
 //! its messages through a [`Transport`], applies committed entries to a
 //! [`StateMachine`], and answers read-index reads once their index is applied.
 //!
@@ -411,12 +412,21 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
     fn carry_out(&mut self, mut ready: Ready) -> io::Result<()> {
         loop {
             let mut next = Ready::default();
+            // A leader's messages promise nothing about its own disk (Appends, heartbeats,
+            // refusals; a vote it grants changes the hard state, and it stops leading
+            // first), and it counts itself towards a commit only once `persisted` says so:
+            // so it may send before its fsync, overlapping its disk with the followers'
+            // (thesis §10.2.1). Anything else persists first.
+            let early = self.core.role() == Role::Leader
+                && ready.hard_state.is_none()
+                && ready.snapshot.is_none();
+            if early {
+                self.send(&mut ready);
+            }
             if let Some((index, term)) = self.storage.save(&ready)? {
                 self.core.persisted(index, term, &mut next);
             }
-            for m in ready.messages.drain(..) {
-                self.transport.send(m.to, encode(&m));
-            }
+            self.send(&mut ready);
             if let Some(snap) = &ready.snapshot {
                 self.sm.restore(&snap.data)?;
                 self.applied = snap.index;
@@ -476,6 +486,12 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 return Ok(());
             }
             ready = next;
+        }
+    }
+
+    fn send(&mut self, ready: &mut Ready) {
+        for m in ready.messages.drain(..) {
+            self.transport.send(m.to, encode(&m));
         }
     }
 
