@@ -23,7 +23,9 @@
 //! caller reports it with `persisted`: the leader counts itself towards a majority, and
 //! any replica applies entries, only up to what it has on disk. Then it restores
 //! `snapshot` (if any) into its state machine, applies `committed` in order, and answers
-//! `reads` once it has applied their index. Time is ticks; the defaults
+//! `reads` once it has applied their index. (A leader's Ready with no hard state and no
+//! snapshot holds only messages that promise nothing about its disk, so [`driver`] sends
+//! those before its fsync, as the thesis's §10.2.1 allows.) Time is ticks; the defaults
 //! ([`Config::new`]) elect after 10–19 ticks without a leader and heartbeat every tick.
 //!
 //! ## Tests
