@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use switchboard::bench::free_addrs;
 use switchboard::framing::Framing;
 use switchboard::lincheck::{self, Call, Op};
-use switchboard::proxy::FaultProxy;
+use switchboard::proxy::{Direction, FaultProxy};
 use switchboard::store::client::StoreClient;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_store-server");
@@ -297,6 +297,23 @@ fn a_cut_off_leader_steps_down_the_majority_serves_and_the_heal_converges() {
         (0..N).all(|i| c.stats(i).is_some_and(|s| s.applied >= commit))
     });
     assert_eq!(c.leaders().len(), 1);
+
+    // One way only: the leader's messages are lost, the others' reach it. It hears no
+    // answers and steps down; the others elect; it follows the new leader.
+    let l = c.one_leader();
+    for ((from, _), p) in &c.proxies {
+        if *from == l {
+            p.cut_one_way(Direction::ToTarget);
+        }
+    }
+    let other = c.addrs[(l + 1) % N];
+    common::eventually("a write through the others during a one-way cut", || {
+        store_acked(other, "y", "one-way") && c.stats(l).is_some_and(|s| s.role != "leader")
+    });
+    for p in c.proxies.values() {
+        p.heal();
+    }
+    assert_eq!(lookup(c.addrs[l], "y"), Ok(Some(b"one-way".to_vec())));
 }
 
 #[test]
