@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Iterable
 
 from message import (
-    add_addr_argument,
+    parse_addr,
     run_main,
     FrameReader,
     add_framing_argument,
@@ -310,11 +310,45 @@ def build_request(args: argparse.Namespace) -> bytes:
     return _arg_bytes(args.payload)
 
 
+class _AddrListAction(argparse.Action):
+    """``--addr A[,B,...]``: the addresses to try in turn; the first sets ``host``/``port``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        try:
+            addrs = [parse_addr(part.strip()) for part in str(values).split(",") if part.strip()]
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument {option_string}: {e}")
+        if not addrs:
+            parser.error(f"argument {option_string}: no address given")
+        namespace.addrs = addrs
+        namespace.host, namespace.port = addrs[0]
+
+
+def first_reachable(addrs: list[tuple[str, int]], timeout: float) -> tuple[str, int]:
+    """The first of ``addrs`` that accepts a connection, tried in turn (the probe is
+    closed at once: a server takes a connection without a request as a client that left)."""
+    last: OSError | None = None
+    for host, port in addrs:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return host, port
+        except OSError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Client for the classic store protocol.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"server port (default: {DEFAULT_PORT})")
-    add_addr_argument(parser, "server address")
+    parser.add_argument(
+        "--addr",
+        action=_AddrListAction,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server address in one word, instead of --host and --port; several (a replicated "
+        "store's servers) are tried in turn until one accepts the connection",
+    )
     add_framing_argument(parser, "line")
     parser.add_argument("--timeout", type=positive_timeout, default=DEFAULT_TIMEOUT, help="socket timeout in seconds (default: 10)")
     parser.add_argument("--oneshot", action="store_true", help="one connection per request, like the course's Erlang clients")
@@ -350,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
 
+    addrs = getattr(args, "addrs", None)
+    if addrs and len(addrs) > 1:
+        try:
+            args.host, args.port = first_reachable(addrs, args.timeout)
+        except OSError as exc:
+            print(f"{prog}: error: no server of {len(addrs)} reachable: {exc}", file=sys.stderr)
+            return 1
     try:
         if args.command == "store":
             if args.oneshot:

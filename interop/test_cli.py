@@ -67,6 +67,7 @@ class HelpTexts(unittest.TestCase):
         ("store_client.py",),
         ("store_client.py", "store"),
         ("store_client.py", "raw"),
+        ("raft_failover.py",),
     ]
 
     def test_every_option_and_subcommand_has_help(self) -> None:

@@ -29,6 +29,30 @@ pub fn positive_seconds(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// A comma-separated list of `HOST:PORT` addresses (`--peers`, `--addr A,B,C`), each
+/// resolved to its first address, in order.
+///
+/// # Errors
+/// An entry that does not resolve, or an empty list.
+pub fn addresses(text: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("{s:?} is not a HOST:PORT address"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if addrs.is_empty() {
+        return Err("no addresses given".into());
+    }
+    Ok(addrs)
+}
+
 /// How a `--check` or `--repair` run of a file the project writes ends: the report on
 /// stdout as `WHAT: report` and exit 0 (usable, or repaired), 1 (a check found damage); or
 /// the error on stderr and exit 2 (unreadable, not such a file, or not repairable).

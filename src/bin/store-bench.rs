@@ -1,7 +1,6 @@
 //! A closed-loop load generator for the store protocol and memcached's text protocol.
 
 use argh::FromArgs;
-use std::net::ToSocketAddrs;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::framing::Framing;
@@ -11,7 +10,8 @@ use switchboard::store::bench::{self, BenchConfig, Proto, Ratio};
 /// ops/s, latency percentiles and, with --server-pid, the server's CPU time per operation.
 #[derive(FromArgs)]
 struct Args {
-    /// server address (default 127.0.0.1:65002)
+    /// server address (default 127.0.0.1:65002); several, comma-separated (a replicated
+    /// store's servers): the connections are spread over them in turn
     #[argh(option, default = "\"127.0.0.1:65002\".into()")]
     addr: String,
     /// concurrent connections (default 16)
@@ -35,7 +35,7 @@ struct Args {
     /// GET:SET weights (default 1:0, GET only)
     #[argh(option, default = "Ratio { get: 1, set: 0 }")]
     ratio: Ratio,
-    /// protocol: store (default) or memcache
+    /// protocol: store (default), memcache, or etcd (its v3 JSON gateway over HTTP/1.1)
     #[argh(option, default = "Proto::Store")]
     proto: Proto,
     /// framing for the store protocol (default line)
@@ -56,10 +56,14 @@ struct Args {
 
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
-    let Some(addr) = a.addr.to_socket_addrs().ok().and_then(|mut it| it.next()) else {
-        eprintln!("store-bench: cannot resolve {}", a.addr);
-        return ExitCode::FAILURE;
+    let cluster = match switchboard::cli::addresses(&a.addr) {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            eprintln!("store-bench: --addr: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let addr = cluster[0];
     if a.conns == 0 || a.pipeline == 0 || a.keys == 0 || a.duration.is_nan() || a.duration <= 0.0 {
         eprintln!("store-bench: --conns, --pipeline, --keys and --duration must be positive");
         return ExitCode::FAILURE;
@@ -76,6 +80,11 @@ fn main() -> ExitCode {
         proto: a.proto,
         framing: a.framing,
         server_pid: a.server_pid,
+        cluster: if cluster.len() > 1 {
+            cluster
+        } else {
+            Vec::new()
+        },
     };
     let run = match (a.idle, a.silent) {
         (Some(n), _) => bench::preload(&cfg)

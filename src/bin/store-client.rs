@@ -13,7 +13,8 @@ use switchboard::store::client::StoreClient;
 /// lines such as `lookup,k` work too). Exits 1 on an `{error,...}` reply.
 #[derive(FromArgs)]
 struct Args {
-    /// server address (default 127.0.0.1:65002)
+    /// server address (default 127.0.0.1:65002); several, comma-separated (a replicated
+    /// store's servers), are tried in turn until one accepts the connection
     #[argh(option, default = "store::DEFAULT_ADDR.into()")]
     addr: String,
     /// framing: line (default), ascii10, u16 or u32; it must be the server's
@@ -42,7 +43,12 @@ fn main() -> ExitCode {
         println!("{}", console::HELP);
         return ExitCode::SUCCESS;
     }
-    let mut client = match StoreClient::connect_timeout(&args.addr, args.framing, args.timeout) {
+    let addrs = match switchboard::cli::addresses(&args.addr) {
+        Ok(a) => a,
+        Err(e) => return fail(&format!("--addr: {e}")),
+    };
+    // Each address in turn, `timeout` each.
+    let mut client = match StoreClient::connect_timeout(&addrs[..], args.framing, args.timeout) {
         Ok(c) => c,
         Err(e) => return fail(&format!("cannot connect to {}: {e}", args.addr)),
     };

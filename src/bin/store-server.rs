@@ -2,13 +2,15 @@
 //! course's Python and Erlang store servers.
 
 use argh::FromArgs;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::auth;
 use switchboard::framing::Framing;
 use switchboard::server::{Server, ServerConfig};
 use switchboard::store::aof::{self, ByteSize, Fsync};
+use switchboard::store::replicated::{self, ReplicatedOptions};
 use switchboard::store::{self, StoreOptions, StoreService};
 use switchboard::{framing, log_info};
 
@@ -49,6 +51,31 @@ struct Args {
     /// damage; the file as it was is kept as PATH.damaged-UNIXTIME
     #[argh(switch)]
     aof_repair: bool,
+    /// replicate over Raft as server ID (0-based index into --peers); needs --peers and
+    /// --data-dir, and listens on its own --peers entry (--listen is ignored)
+    #[argh(option)]
+    raft: Option<usize>,
+    /// with --raft: every server's address, comma-separated (3 or 5), this one's included
+    #[argh(option, from_str_fn(switchboard::cli::addresses))]
+    peers: Option<Vec<SocketAddr>>,
+    /// with --raft: the directory of this server's Raft log, hard state and snapshot
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// with --raft: how long a request waits for a leader before {error,no_leader}, in
+    /// seconds (default 5)
+    #[argh(
+        option,
+        default = "Duration::from_secs(5)",
+        from_str_fn(switchboard::cli::positive_seconds)
+    )]
+    request_timeout: Duration,
+    /// with --raft: take a snapshot (and cut the log) every N entries (default 100000)
+    #[argh(option, default = "100_000")]
+    snapshot_every: u64,
+    /// with --raft: the cluster secret (a file of at least 16 bytes only its owner can
+    /// read); required unless every --peers address is a loopback one
+    #[argh(option)]
+    secret_file: Option<PathBuf>,
     /// log every connection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -62,6 +89,13 @@ fn main() -> ExitCode {
             return fail("--aof-check and --aof-repair need --aof PATH");
         };
         return aof::check_or_repair(path, args.aof_repair);
+    }
+    let mut config = ServerConfig::named("store");
+    config.max_connections = args.max_connections;
+    config.idle_timeout = args.idle_timeout;
+    config.framing = args.framing;
+    if let Some(index) = args.raft {
+        return replicated(index, args, config);
     }
     let options = StoreOptions {
         framing: args.framing,
@@ -80,10 +114,6 @@ fn main() -> ExitCode {
     if let Some(warning) = store::open_file_warning(args.max_connections) {
         log_info!("store: warning: {warning}");
     }
-    let mut config = ServerConfig::named("store");
-    config.max_connections = args.max_connections;
-    config.idle_timeout = args.idle_timeout;
-    config.framing = args.framing;
     let bound = TcpListener::bind(&args.listen)
         .and_then(|listener| Server::with_handler(listener, config, service.handler()));
     let server = match bound {
@@ -96,6 +126,32 @@ fn main() -> ExitCode {
     match service.close() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("final append-only file sync failed: {e}")),
+    }
+}
+
+fn replicated(index: usize, args: Args, config: ServerConfig) -> ExitCode {
+    if args.aof.is_some() {
+        return fail(
+            "--aof does not apply with --raft: the Raft log in --data-dir is the persistence",
+        );
+    }
+    let (Some(peers), Some(dir)) = (args.peers, args.data_dir) else {
+        return fail("--raft needs --peers A0,A1,A2 and --data-dir DIR");
+    };
+    let secret =
+        match auth::cluster_secret(args.secret_file.as_deref(), &peers, "the store cluster") {
+            Ok(s) => s,
+            Err(e) => return fail(&e.to_string()),
+        };
+    let peers = peers.iter().map(SocketAddr::to_string).collect();
+    let mut options = ReplicatedOptions::new(index, peers, dir);
+    options.framing = args.framing;
+    options.request_timeout = args.request_timeout;
+    options.secret = secret;
+    options.compact_every = args.snapshot_every;
+    match replicated::run_until_signal(options, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

@@ -1,7 +1,8 @@
 //! Raft consensus as a sans-IO core: a [`RaftCore`] takes inputs and returns outputs, and
-//! owns no sockets, threads, clocks, disks or global randomness. A driver (not here yet)
-//! carries messages on the framework's links, persists to disk and calls `tick` on a timer;
-//! a deterministic simulator (the tests) carries them through a faulty network instead.
+//! owns no sockets, threads, clocks, disks or global randomness. [`driver`] runs it on a
+//! thread with a timer, persists through [`disk`] and carries messages through a
+//! [`driver::Transport`] (the replicated store's is the framework's links); a
+//! deterministic simulator (the tests) carries them through a faulty network instead.
 //!
 //! ## Inputs
 //! - [`RaftCore::tick`]: one unit of time (elections and heartbeats count ticks).
@@ -22,7 +23,9 @@
 //! caller reports it with `persisted`: the leader counts itself towards a majority, and
 //! any replica applies entries, only up to what it has on disk. Then it restores
 //! `snapshot` (if any) into its state machine, applies `committed` in order, and answers
-//! `reads` once it has applied their index. Time is ticks; the defaults
+//! `reads` once it has applied their index. (A leader's Ready with no hard state and no
+//! snapshot holds only messages that promise nothing about its disk, so [`driver`] sends
+//! those before its fsync, as the thesis's §10.2.1 allows.) Time is ticks; the defaults
 //! ([`Config::new`]) elect after 10–19 ticks without a leader and heartbeat every tick.
 //!
 //! ## Tests
@@ -102,7 +105,12 @@
 //! }
 //! ```
 
+pub mod disk;
+pub mod driver;
+#[cfg(test)]
+mod driver_tests;
 mod leader;
+pub mod links;
 mod log;
 mod message;
 mod replica;

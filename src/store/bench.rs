@@ -30,6 +30,11 @@ pub enum Proto {
     Store,
     /// memcached's text protocol (`get` / `set`), to measure memcached with the same tool.
     Memcache,
+    /// etcd's v3 JSON gateway over keep-alive HTTP/1.1 (`POST /v3/kv/put` and
+    /// `/v3/kv/range`, base64 keys and values), to measure etcd with the same generator. A
+    /// put has its own reply (after commit), so no barrier is needed; a range is
+    /// linearizable (etcd's default), as the replicated store's lookup.
+    Etcd,
 }
 
 impl FromStr for Proto {
@@ -38,8 +43,9 @@ impl FromStr for Proto {
         match s {
             "store" => Ok(Proto::Store),
             "memcache" => Ok(Proto::Memcache),
+            "etcd" => Ok(Proto::Etcd),
             _ => Err(format!(
-                "unknown protocol {s:?} (expected store or memcache)"
+                "unknown protocol {s:?} (expected store, memcache or etcd)"
             )),
         }
     }
@@ -95,6 +101,9 @@ pub struct BenchConfig {
     pub framing: Framing,
     /// The server's process id, to report its CPU time per operation.
     pub server_pid: Option<u32>,
+    /// A cluster's servers (a replicated store's): connection `n` goes to
+    /// `cluster[n % len]`; empty: every connection goes to `addr`.
+    pub cluster: Vec<SocketAddr>,
 }
 
 /// Figures from one run.
@@ -195,6 +204,8 @@ struct Conn {
     framing: Framing,
     writer: TcpStream,
     reader: FrameReader<TcpStream>,
+    /// The etcd protocol's reader (HTTP bodies are counted bytes, not frames).
+    http: Option<io::BufReader<TcpStream>>,
     out: Vec<u8>,
     scratch: Vec<u8>,
     /// Replies due for the batch: `Some(key index)` for a GET, `None` for a SET's STORED.
@@ -203,17 +214,26 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(cfg: &BenchConfig) -> io::Result<Conn> {
-        let s = TcpStream::connect(cfg.addr)?;
+    /// Connection number `n` of the run.
+    fn open(cfg: &BenchConfig, n: usize) -> io::Result<Conn> {
+        let addr = match cfg.cluster.len() {
+            0 => cfg.addr,
+            len => cfg.cluster[n % len],
+        };
+        let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let framing = match cfg.proto {
             Proto::Store => cfg.framing,
-            Proto::Memcache => Framing::Line,
+            Proto::Memcache | Proto::Etcd => Framing::Line,
         };
         Ok(Conn {
             proto: cfg.proto,
             framing,
+            http: match cfg.proto {
+                Proto::Etcd => Some(io::BufReader::new(s.try_clone()?)),
+                _ => None,
+            },
             writer: s.try_clone()?,
             reader: FrameReader::new(s, framing),
             out: Vec::new(),
@@ -235,6 +255,10 @@ impl Conn {
                 self.out.extend_from_slice(b"get ");
                 self.out.extend_from_slice(&key(i));
                 self.out.extend_from_slice(b"\r\n");
+            }
+            Proto::Etcd => {
+                let body = format!("{{\"key\":\"{}\"}}", base64(&key(i)));
+                http_post(&mut self.out, "/v3/kv/range", &body);
             }
         }
         self.due.push(Some(i));
@@ -258,6 +282,15 @@ impl Conn {
                     .extend_from_slice(format!(" 0 0 {}\r\n", v.len()).as_bytes());
                 self.out.extend_from_slice(&v);
                 self.out.extend_from_slice(b"\r\n");
+                self.due.push(None);
+            }
+            Proto::Etcd => {
+                let body = format!(
+                    "{{\"key\":\"{}\",\"value\":\"{}\"}}",
+                    base64(&key(i)),
+                    base64(&v)
+                );
+                http_post(&mut self.out, "/v3/kv/put", &body);
                 self.due.push(None);
             }
         }
@@ -292,6 +325,15 @@ impl Conn {
             ))
         };
         match (self.proto, due) {
+            (Proto::Etcd, due) => {
+                let body = self.http_response()?;
+                if let Some(i) = due {
+                    let want = format!("\"value\":\"{}\"", base64(&value(i, self.value_size)));
+                    if !String::from_utf8_lossy(&body).contains(&want) {
+                        return Err(mismatch(&body, &want));
+                    }
+                }
+            }
             (Proto::Store, Some(i)) => {
                 let got = self.frame()?;
                 let want = value(i, self.value_size);
@@ -337,6 +379,50 @@ impl Conn {
         Ok(())
     }
 
+    /// Reads one HTTP/1.1 response (status 200, a `Content-Length` body) from etcd.
+    fn http_response(&mut self) -> Result<Vec<u8>, BenchError> {
+        use io::{BufRead, Read};
+        let reader = self
+            .http
+            .as_mut()
+            .expect("etcd connections have an HTTP reader");
+        let mut line = String::new();
+        let mut status = None;
+        let mut length = None;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(BenchError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if status.is_none() {
+                status = Some(l.to_owned());
+            } else if let Some((name, v)) = l.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let status = status.unwrap_or_default();
+        let Some(length) = length else {
+            return Err(BenchError::Mismatch(format!(
+                "{status}: a response without Content-Length"
+            )));
+        };
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(BenchError::Mismatch(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        Ok(body)
+    }
+
     /// Ends a batch whose last request is a store with a barrier lookup (see module doc).
     fn close_batch(&mut self, last: Option<(usize, bool)>) {
         if let (Proto::Store, Some((i, true))) = (self.proto, last) {
@@ -345,12 +431,44 @@ impl Conn {
     }
 }
 
+/// Appends an HTTP/1.1 `POST` of a JSON `body` (keep-alive is HTTP/1.1's default).
+fn http_post(out: &mut Vec<u8>, path: &str, body: &str) {
+    let _ = write!(
+        out,
+        "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Standard base64 with padding (RFC 4648), as etcd's JSON gateway wants bytes.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * k)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Sets every key to its value, in pipelined chunks.
 ///
 /// # Errors
 /// When the server cannot be reached or answers wrongly.
 pub fn preload(cfg: &BenchConfig) -> Result<(), BenchError> {
-    let mut c = Conn::open(cfg)?;
+    let mut c = Conn::open(cfg, 0)?;
     for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
         for &i in chunk {
             c.set(i);
@@ -375,8 +493,8 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(cfg.conns + 1));
     let mut conns = Vec::with_capacity(cfg.conns);
-    for _ in 0..cfg.conns {
-        conns.push(Conn::open(cfg)?);
+    for n in 0..cfg.conns {
+        conns.push(Conn::open(cfg, n)?);
     }
     let workers: Vec<_> = conns
         .into_iter()
@@ -635,5 +753,15 @@ mod tests {
         assert!("0:0".parse::<Ratio>().is_err());
         assert!("9".parse::<Ratio>().is_err());
         assert_eq!("memcache".parse::<Proto>().unwrap(), Proto::Memcache);
+        assert_eq!("etcd".parse::<Proto>().unwrap(), Proto::Etcd);
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
     }
 }

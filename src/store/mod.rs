@@ -4,6 +4,7 @@
 //! - [`protocol`]: requests and replies, pure.
 //! - [`state`]: the sharded map.
 //! - [`aof`]: the append-only file: replay, and rewrite in the background.
+//! - [`replicated`]: the store over Raft (`--raft`): linearizable, partition-safe.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
 //!
@@ -16,6 +17,7 @@ pub mod aof;
 pub mod bench;
 pub mod client;
 pub mod protocol;
+pub mod replicated;
 pub mod state;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
@@ -125,17 +127,7 @@ impl StoreService {
 
     /// Current counters.
     pub fn stats(&self, server: &ServerHandle) -> Stats {
-        let (keys, bytes) = self.store.size();
-        let s = server.stats();
-        Stats {
-            uptime_secs: self.started.elapsed().as_secs(),
-            live_connections: s.live as u64,
-            total_connections: s.accepted,
-            refused_connections: s.refused,
-            keys,
-            bytes,
-            commands: self.commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
-        }
+        stats_of(&self.store, server, self.started, &self.commands)
     }
 
     /// The server's handler: serves each connection with [`StoreService::serve`], in
@@ -247,6 +239,27 @@ impl StoreService {
         aof.commit(seq)?;
         aof.rewrite_if_due(&self.store);
         Ok(())
+    }
+}
+
+/// The `stats` counters of a store served by `server` since `started`, with requests
+/// counted by verb in `commands` ([`Verb::ALL`] order).
+pub(crate) fn stats_of(
+    store: &Store,
+    server: &ServerHandle,
+    started: Instant,
+    commands: &[AtomicU64; 5],
+) -> Stats {
+    let (keys, bytes) = store.size();
+    let s = server.stats();
+    Stats {
+        uptime_secs: started.elapsed().as_secs(),
+        live_connections: s.live as u64,
+        total_connections: s.accepted,
+        refused_connections: s.refused,
+        keys,
+        bytes,
+        commands: commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
     }
 }
 

@@ -1,0 +1,529 @@
+//! Runs a [`RaftCore`] for real: one thread owns it, ticks it on a timer, carries out each
+//! [`Ready`] by the persist-before-send rule ([`RaftStorage`]: every entry of a Ready
+//! in one write and one fsync, so the proposals of many clients share a disk sync; a
+//! leader's own Appends go out before its fsync, which promises nothing to anyone), sends
+//! its messages through a [`Transport`], applies committed entries to a
+//! [`StateMachine`], and answers read-index reads once their index is applied.
+//!
+//! Other threads talk to it through a [`RaftHandle`]: proposals and reads go in a
+//! channel, their outcomes come back on one-shot channels; [`RaftHandle::status`] is a
+//! copy the driver refreshes after every round. The driver drains every input waiting
+//! before it persists, so whatever arrived during one fsync shares the next one.
+//!
+//! A proposal's fate is known exactly: applied (with the state machine's result), or
+//! lost with its leader's term (an entry of another term was applied at its index: it
+//! will never apply, so retrying it is safe), or unknown (a snapshot from the leader
+//! covered it before it applied here).
+
+use super::disk::RaftStorage;
+use super::message::{encode, Message, ReplicaId};
+use super::replica::RaftCore;
+use super::types::{Config, RaftError, Ready, Role};
+use crate::log_info;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// What the replicated log drives: commands in, results out, and a blob for snapshots.
+pub trait StateMachine: Send + 'static {
+    /// Applies the committed command at `index`; returns the result its proposer gets.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// The whole state, for a snapshot.
+    fn snapshot(&mut self) -> Vec<u8>;
+    /// Replaces the whole state by a snapshot's.
+    ///
+    /// # Errors
+    /// When `data` is not a snapshot this state machine wrote.
+    fn restore(&mut self, data: &[u8]) -> io::Result<()>;
+}
+
+/// Carries encoded messages to peers. Sending may lose them (Raft resends); it must not
+/// block for long, since the driver's thread calls it.
+pub trait Transport: Send + 'static {
+    /// Sends one encoded [`Message`] to `to`.
+    fn send(&mut self, to: ReplicaId, message: Vec<u8>);
+}
+
+/// How a driver runs.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The core's settings (ids, election and heartbeat ticks, seed).
+    pub raft: Config,
+    /// One tick of the core's clock.
+    pub tick: Duration,
+    /// Take a snapshot once this many entries are applied past the last one (0: never).
+    pub compact_every: u64,
+}
+
+/// What became of a proposal or a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; the state machine's result (for a read: empty, and the state machine has
+    /// applied everything the read must see).
+    Done(Vec<u8>),
+    /// Not taken: this replica does not lead; the leader it knows of.
+    NotLeader(Option<ReplicaId>),
+    /// Taken, and certainly never to be applied (its leader lost its term, or a read could
+    /// not be confirmed): safe to retry.
+    Lost,
+    /// Taken, and covered by a snapshot before it applied here: it may have taken effect.
+    Unknown,
+    /// The driver has stopped.
+    Stopped,
+}
+
+/// A copy of the replica's state, refreshed after every round of the driver.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// This replica's id.
+    pub id: ReplicaId,
+    /// Its role.
+    pub role: Role,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<ReplicaId>,
+    /// Its commit index.
+    pub commit: u64,
+    /// The index its state machine has applied.
+    pub applied: u64,
+    /// Its last log index.
+    pub last_index: u64,
+    /// Its snapshot's index.
+    pub snapshot: u64,
+    /// On a leader, each peer's match index.
+    pub matched: Vec<(ReplicaId, u64)>,
+    /// Set when the driver stopped on a storage failure.
+    pub failed: Option<String>,
+}
+
+enum Input {
+    Message(Message),
+    Propose(Vec<Vec<u8>>, Vec<Sender<Outcome>>),
+    Read(Sender<Outcome>),
+    Transfer(Sender<bool>),
+    Stop,
+}
+
+/// Talks to a running driver; cheap to clone.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: Sender<Input>,
+    status: Arc<Mutex<Status>>,
+}
+
+/// A running driver: its handle, and the thread to join.
+pub struct Driver {
+    handle: RaftHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Driver {
+    /// Opens the storage in `dir`, restores `sm` from its snapshot, and starts the driver's
+    /// thread.
+    ///
+    /// # Errors
+    /// When the storage cannot be opened (damaged, unreadable), the snapshot does not
+    /// restore, or the configuration is refused.
+    pub fn start<S: StateMachine, T: Transport>(
+        cfg: DriverConfig,
+        dir: &Path,
+        mut sm: S,
+        transport: T,
+    ) -> io::Result<Driver> {
+        let (storage, stored) = RaftStorage::open(dir)?;
+        if stored.snapshot.index > 0 {
+            sm.restore(&stored.snapshot.data)?;
+        }
+        let core = RaftCore::restart(cfg.raft.clone(), stored)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let status = Arc::new(Mutex::new(status_of(&core, None)));
+        let (tx, rx) = bounded(8192);
+        let handle = RaftHandle {
+            tx,
+            status: Arc::clone(&status),
+        };
+        let mut run = Run {
+            applied: core.applied_index(),
+            core,
+            storage,
+            sm,
+            transport,
+            status,
+            waiting: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            confirmed: Vec::new(),
+            next_ctx: 0,
+            transfer: None,
+            cfg,
+        };
+        let thread = thread::Builder::new()
+            .name("raft-driver".into())
+            .spawn(move || run.main(&rx))?;
+        Ok(Driver {
+            handle,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle to the running driver.
+    pub fn handle(&self) -> &RaftHandle {
+        &self.handle
+    }
+
+    /// Stops the driver and joins its thread (pending proposals get [`Outcome::Stopped`]).
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let _ = self.handle.tx.send(Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn oneshot() -> (Sender<Outcome>, Receiver<Outcome>) {
+    bounded(1)
+}
+
+impl RaftHandle {
+    /// Hands a peer's message to the driver. Blocks while the driver's queue is full: a
+    /// fast peer is slowed to the disk's pace.
+    pub fn deliver(&self, message: Message) {
+        let _ = self.tx.send(Input::Message(message));
+    }
+
+    /// Proposes `commands` together, in order: the driver takes all of them or none (no
+    /// other input comes between), so if one is lost every later one is lost too (an
+    /// index's entry of a later term replaces it, and terms only grow along the log).
+    pub fn propose_batch(&self, commands: Vec<Vec<u8>>) -> Vec<Receiver<Outcome>> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = commands.iter().map(|_| oneshot()).unzip();
+        if let Err(e) = self.tx.send(Input::Propose(commands, txs)) {
+            if let Input::Propose(_, txs) = e.0 {
+                for tx in txs {
+                    let _ = tx.send(Outcome::Stopped);
+                }
+            }
+        }
+        rxs
+    }
+
+    /// Proposes `command`; the outcome comes on the returned channel.
+    pub fn propose(&self, command: Vec<u8>) -> Receiver<Outcome> {
+        self.propose_batch(vec![command])
+            .pop()
+            .expect("one receiver")
+    }
+
+    /// Asks for a linearizable read: [`Outcome::Done`] once this replica has confirmed it
+    /// leads and its state machine has applied everything committed when it was asked.
+    pub fn read(&self) -> Receiver<Outcome> {
+        let (tx, rx) = oneshot();
+        if let Err(e) = self.tx.send(Input::Read(tx)) {
+            if let Input::Read(tx) = e.0 {
+                let _ = tx.send(Outcome::Stopped);
+            }
+        }
+        rx
+    }
+
+    /// On a leader: hands leadership to the most up-to-date peer and waits (up to
+    /// `within`) until this replica no longer leads. True when it does not lead (any more).
+    pub fn transfer_leadership(&self, within: Duration) -> bool {
+        let (tx, rx) = bounded(1);
+        if self.tx.send(Input::Transfer(tx)).is_err() {
+            return true;
+        }
+        rx.recv_timeout(within).unwrap_or(false)
+    }
+
+    /// The replica's state after the driver's last round.
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn status_of(core: &RaftCore, failed: Option<String>) -> Status {
+    let mut matched = Vec::new();
+    for &p in &core.cfg.members {
+        if let Some(m) = core.match_index(p) {
+            matched.push((p, m));
+        }
+    }
+    Status {
+        id: core.id(),
+        role: core.role(),
+        term: core.term(),
+        leader: core.leader(),
+        commit: core.commit_index(),
+        applied: core.applied_index(),
+        last_index: core.last_index(),
+        snapshot: core.snapshot().index,
+        matched,
+        failed,
+    }
+}
+
+/// The driver thread's state.
+struct Run<S, T> {
+    cfg: DriverConfig,
+    core: RaftCore,
+    storage: RaftStorage,
+    sm: S,
+    transport: T,
+    status: Arc<Mutex<Status>>,
+    /// What the state machine has applied.
+    applied: u64,
+    /// Proposals by index: their term, and who waits.
+    waiting: BTreeMap<u64, (u64, Sender<Outcome>)>,
+    /// Reads asked and not yet confirmed, by tag.
+    reads: BTreeMap<u64, Sender<Outcome>>,
+    /// Reads confirmed at an index not yet applied.
+    confirmed: Vec<(u64, Sender<Outcome>)>,
+    next_ctx: u64,
+    /// A transfer in progress: who waits, and until when.
+    transfer: Option<(Sender<bool>, Instant)>,
+}
+
+impl<S: StateMachine, T: Transport> Run<S, T> {
+    fn main(&mut self, rx: &Receiver<Input>) {
+        let mut next_tick = Instant::now() + self.cfg.tick;
+        loop {
+            let mut ready = Ready::default();
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return self.finish(),
+            };
+            // Everything waiting now shares this round's fsync.
+            let mut stop = false;
+            for input in first.into_iter().chain(rx.try_iter().take(4096)) {
+                if matches!(input, Input::Stop) {
+                    stop = true;
+                    break;
+                }
+                self.input(input, &mut ready);
+            }
+            if Instant::now() >= next_tick {
+                self.core.tick(&mut ready);
+                next_tick += self.cfg.tick;
+                if next_tick < Instant::now() {
+                    // Far behind (a long fsync): do not tick in a burst to catch up.
+                    next_tick = Instant::now() + self.cfg.tick;
+                }
+            }
+            if let Err(e) = self.carry_out(ready) {
+                let why = format!("storage failed: {e}; this replica stops");
+                log_info!("raft {}: {why}", self.core.id());
+                *self.status.lock().unwrap_or_else(PoisonError::into_inner) =
+                    status_of(&self.core, Some(why));
+                return self.finish();
+            }
+            self.check_transfer();
+            *self.status.lock().unwrap_or_else(PoisonError::into_inner) =
+                status_of(&self.core, None);
+            if stop {
+                return self.finish();
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input, ready: &mut Ready) {
+        match input {
+            Input::Message(m) => self.core.receive(m, ready),
+            Input::Propose(commands, txs) => {
+                for (data, tx) in commands.into_iter().zip(txs) {
+                    match self.core.propose(data, ready) {
+                        Ok((index, term)) => {
+                            self.waiting.insert(index, (term, tx));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(not_leader(e));
+                        }
+                    }
+                }
+            }
+            Input::Read(tx) => {
+                self.next_ctx += 1;
+                match self.core.read_index(self.next_ctx, ready) {
+                    Ok(()) => {
+                        self.reads.insert(self.next_ctx, tx);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(not_leader(e));
+                    }
+                }
+            }
+            Input::Transfer(tx) => {
+                if self.core.role() != Role::Leader {
+                    let _ = tx.send(true);
+                    return;
+                }
+                let best = self
+                    .core
+                    .cfg
+                    .members
+                    .iter()
+                    .filter_map(|&p| self.core.match_index(p).map(|m| (m, p)))
+                    .max();
+                match best.map(|(_, p)| self.core.transfer_leadership(p, ready)) {
+                    Some(Ok(())) => {
+                        let ticks = self.core.cfg.election_ticks * 2;
+                        let until = Instant::now() + self.cfg.tick * ticks;
+                        self.transfer = Some((tx, until));
+                    }
+                    _ => {
+                        let _ = tx.send(false);
+                    }
+                }
+            }
+            Input::Stop => {}
+        }
+    }
+
+    fn check_transfer(&mut self) {
+        let done = match &self.transfer {
+            Some((_, until)) => self.core.role() != Role::Leader || Instant::now() >= *until,
+            None => false,
+        };
+        if done {
+            let (tx, _) = self.transfer.take().expect("checked above");
+            let _ = tx.send(self.core.role() != Role::Leader);
+        }
+    }
+
+    /// Persists, then sends, then applies; again for whatever that produced.
+    fn carry_out(&mut self, mut ready: Ready) -> io::Result<()> {
+        loop {
+            let mut next = Ready::default();
+            // A leader's messages promise nothing about its own disk (Appends, heartbeats,
+            // refusals; a vote it grants changes the hard state, and it stops leading
+            // first), and it counts itself towards a commit only once `persisted` says so:
+            // so it may send before its fsync, overlapping its disk with the followers'
+            // (thesis §10.2.1). Anything else persists first.
+            let early = self.core.role() == Role::Leader
+                && ready.hard_state.is_none()
+                && ready.snapshot.is_none();
+            if early {
+                self.send(&mut ready);
+            }
+            if let Some((index, term)) = self.storage.save(&ready)? {
+                self.core.persisted(index, term, &mut next);
+            }
+            self.send(&mut ready);
+            if let Some(snap) = &ready.snapshot {
+                self.sm.restore(&snap.data)?;
+                self.applied = snap.index;
+                let covered: Vec<u64> =
+                    self.waiting.range(..=snap.index).map(|(&i, _)| i).collect();
+                for i in covered {
+                    let (_, tx) = self.waiting.remove(&i).expect("listed");
+                    let _ = tx.send(Outcome::Unknown);
+                }
+            }
+            for e in ready.committed.drain(..) {
+                let result = if e.data.is_empty() {
+                    Vec::new()
+                } else {
+                    self.sm.apply(e.index, &e.data)
+                };
+                self.applied = e.index;
+                while let Some(entry) = self.waiting.first_entry() {
+                    if *entry.key() > e.index {
+                        break;
+                    }
+                    let (index, (term, tx)) = entry.remove_entry();
+                    let outcome = if index == e.index && term == e.term {
+                        Outcome::Done(result.clone())
+                    } else {
+                        Outcome::Lost
+                    };
+                    let _ = tx.send(outcome);
+                }
+            }
+            for r in ready.reads.drain(..) {
+                if let Some(tx) = self.reads.remove(&r.ctx) {
+                    self.confirmed.push((r.index, tx));
+                }
+            }
+            for ctx in ready.failed_reads.drain(..) {
+                if let Some(tx) = self.reads.remove(&ctx) {
+                    let _ = tx.send(Outcome::Lost);
+                }
+            }
+            let applied = self.applied;
+            self.confirmed.retain(|(index, tx)| {
+                if *index <= applied {
+                    let _ = tx.send(Outcome::Done(Vec::new()));
+                    false
+                } else {
+                    true
+                }
+            });
+            self.maybe_compact()?;
+            let idle = !next.must_persist()
+                && next.messages.is_empty()
+                && next.committed.is_empty()
+                && next.reads.is_empty()
+                && next.failed_reads.is_empty();
+            if idle {
+                return Ok(());
+            }
+            ready = next;
+        }
+    }
+
+    fn send(&mut self, ready: &mut Ready) {
+        for m in ready.messages.drain(..) {
+            self.transport.send(m.to, encode(&m));
+        }
+    }
+
+    fn maybe_compact(&mut self) -> io::Result<()> {
+        let every = self.cfg.compact_every;
+        if every == 0 || self.applied < self.core.snapshot().index + every {
+            return Ok(());
+        }
+        let data = self.sm.snapshot();
+        if let Ok(snap) = self.core.compact(self.applied, data) {
+            self.storage.save_snapshot(&snap)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        for (_, (_, tx)) in std::mem::take(&mut self.waiting) {
+            let _ = tx.send(Outcome::Stopped);
+        }
+        for (_, tx) in std::mem::take(&mut self.reads) {
+            let _ = tx.send(Outcome::Stopped);
+        }
+        for (_, tx) in std::mem::take(&mut self.confirmed) {
+            let _ = tx.send(Outcome::Stopped);
+        }
+    }
+}
+
+fn not_leader(e: RaftError) -> Outcome {
+    match e {
+        RaftError::NotLeader { leader } => Outcome::NotLeader(leader),
+        // During a transfer: the new leader is about to be elected; the caller retries.
+        _ => Outcome::NotLeader(None),
+    }
+}

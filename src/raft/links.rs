@@ -1,0 +1,323 @@
+//! Raft's messages on the framework's links: a [`Transport`] that keeps one outgoing
+//! link to each peer (dialled, authenticated with the cluster secret, redialled with
+//! backoff), and the acceptor's side, [`serve_peer`], for a server whose listener takes
+//! clients and peers alike.
+//!
+//! Each link carries messages **one way**, from its dialer to its acceptor: a replica
+//! sends on the links it dialled and receives on the ones it accepted, so no link has
+//! two writers and a slow reader never blocks a writer's answers.
+//!
+//! ```text
+//!  dialer (replica FROM)                       acceptor (replica TO), on its client port
+//!  ── raft-hello,CLUSTER,FROM,TO ────────────▶ (in the service's framing; any first frame
+//!                                              not starting `raft-hello,` is a client)
+//!  ◀─ link handshake (with --secret-file) ──▶ identities: the replica ids in decimal
+//!  ◀──────── raft-welcome,TO | raft-refused,WHY
+//!  ── u32 frames, each one encoded Message ──▶ an empty frame is a heartbeat (idle 500 ms)
+//! ```
+//! From the welcome on, every frame is `u32`-framed whatever the service's framing, since
+//! messages are binary. A message whose `from`/`to` differ from the hello's is dropped.
+
+use super::driver::{RaftHandle, Transport};
+use super::message::{decode, ReplicaId};
+use crate::framing::{encode_frame, FrameReader, Framing, Limits};
+use crate::group::Group;
+use crate::link::{self, Answer, Auth, Dialer, LinkError, Timeouts, Verdict};
+use crate::outbox::{Outbox, OutboxConfig};
+use crate::server::{Connection, HandlerError};
+use crate::{log_debug, log_info};
+use std::io::Read;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// The first word of a peer's hello.
+pub const HELLO: &[u8] = b"raft-hello,";
+/// A message frame's limit: the largest snapshot must fit.
+pub const MAX_MESSAGE: usize = 256 << 20;
+/// Messages waiting on one link before it is given up (and redialled).
+const OUTBOX_LIMIT: usize = 4096;
+/// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// Who a replica is on its links.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// This replica's id.
+    pub id: ReplicaId,
+    /// Every member's address as this replica dials it, by id (its own entry included,
+    /// not dialled).
+    pub addrs: Vec<(ReplicaId, String)>,
+    /// The service's name, in the hello and bound into the handshake's proofs.
+    pub cluster: String,
+    /// The framing of the hello, the handshake and the answer (the service's).
+    pub framing: Framing,
+    /// The cluster secret, if any.
+    pub secret: Option<crate::auth::Secret>,
+    /// Each step's bound; `idle` declares a silent link dead.
+    pub timeouts: Timeouts,
+}
+
+impl PeerConfig {
+    fn auth(&self, id: ReplicaId) -> Option<Auth> {
+        self.secret.as_ref().map(|secret| Auth {
+            secret: secret.clone(),
+            cluster: self.cluster.as_bytes().to_vec(),
+            identity: id.to_string().into_bytes(),
+        })
+    }
+}
+
+/// The outgoing links: one dialling thread per peer, in a [`Group`] that
+/// [`PeerLinks::close`] shuts down.
+pub struct PeerLinks {
+    slots: Arc<Vec<(ReplicaId, Mutex<Option<Outbox>>)>>,
+    group: Group,
+    stopping: Arc<AtomicBool>,
+}
+
+impl PeerLinks {
+    /// Starts dialling every peer in `cfg`.
+    ///
+    /// # Errors
+    /// When a thread cannot be started.
+    pub fn start(cfg: &PeerConfig) -> Result<PeerLinks, crate::group::GroupError> {
+        let group = Group::new("raft-links");
+        let peers: Vec<(ReplicaId, String)> = cfg
+            .addrs
+            .iter()
+            .filter(|(p, _)| *p != cfg.id)
+            .cloned()
+            .collect();
+        let slots: Arc<Vec<_>> =
+            Arc::new(peers.iter().map(|(p, _)| (*p, Mutex::new(None))).collect());
+        let stopping = Arc::new(AtomicBool::new(false));
+        for (at, (peer, addr)) in peers.into_iter().enumerate() {
+            let (cfg, slots, stopping, g) = (
+                cfg.clone(),
+                Arc::clone(&slots),
+                Arc::clone(&stopping),
+                group.clone(),
+            );
+            group.spawn(format!("raft-dial-{peer}"), move || {
+                dial_loop(&cfg, peer, &addr, &slots[at].1, &stopping, &g);
+            })?;
+        }
+        Ok(PeerLinks {
+            slots,
+            group,
+            stopping,
+        })
+    }
+
+    /// A [`Transport`] sending on these links.
+    pub fn transport(&self) -> LinkTransport {
+        LinkTransport {
+            slots: Arc::clone(&self.slots),
+        }
+    }
+
+    /// Stops dialling and closes every link, within `within`.
+    pub fn close(&self, within: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for (_, slot) in self.slots.iter() {
+            slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
+        self.group.close(within);
+    }
+}
+
+/// Sends each message on the link to its peer, if that link is up; else drops it.
+pub struct LinkTransport {
+    slots: Arc<Vec<(ReplicaId, Mutex<Option<Outbox>>)>>,
+}
+
+impl Transport for LinkTransport {
+    fn send(&mut self, to: ReplicaId, message: Vec<u8>) {
+        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
+            return;
+        };
+        let mut frame = Vec::with_capacity(message.len() + 4);
+        if encode_frame(Framing::U32, &message, &mut frame).is_err() {
+            return;
+        }
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(outbox) = slot.as_ref() {
+            // A full outbox closes its link; the dialling thread redials.
+            if outbox.send(Arc::from(frame)).is_err() {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Dials `peer` until stopped: a link up is run until it fails, then the next dial waits
+/// a backoff (100 ms doubling to 2 s, jittered; reset by a link that came up).
+// TODO(issue 22): replace the backoff by link::Backoff once it is in main.
+fn dial_loop(
+    cfg: &PeerConfig,
+    peer: ReplicaId,
+    addr: &str,
+    slot: &Mutex<Option<Outbox>>,
+    stopping: &AtomicBool,
+    group: &Group,
+) {
+    let dialer = Dialer {
+        group: Some(group.clone()),
+        ..Dialer::new(cfg.framing, cfg.timeouts)
+    };
+    let mut hello = Vec::new();
+    let text = format!("raft-hello,{},{},{peer}", cfg.cluster, cfg.id);
+    encode_frame(cfg.framing, text.as_bytes(), &mut hello).expect("a short hello fits");
+    let auth = cfg.auth(cfg.id);
+    let mut backoff = Duration::from_millis(100);
+    let mut seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ peer;
+    let mut failures = 0u32;
+    while !stopping.load(Ordering::SeqCst) && !group.is_closing() {
+        let answer = |frame: &[u8]| -> Result<Answer<()>, std::io::Error> {
+            let want = format!("raft-welcome,{peer}");
+            Ok(if frame == want.as_bytes() {
+                Answer::Welcome(())
+            } else {
+                Answer::Refused(String::from_utf8_lossy(frame).into_owned())
+            })
+        };
+        match dialer.dial_with_auth(auth.as_ref(), addr, &hello, answer) {
+            Ok((link, ())) => {
+                if auth.is_some() && link.peer_identity() != Some(peer.to_string().as_bytes()) {
+                    log_info!("raft {}: {addr} proved another identity; dropped", cfg.id);
+                } else {
+                    log_debug!("raft {}: link to {peer} at {addr} up", cfg.id);
+                    failures = 0;
+                    backoff = Duration::from_millis(100);
+                    let mut beat = Vec::new();
+                    encode_frame(Framing::U32, b"", &mut beat).expect("empty frame");
+                    let config =
+                        OutboxConfig::new(format!("raft {} to {peer}", cfg.id), OUTBOX_LIMIT)
+                            .heartbeat(HEARTBEAT, Arc::from(beat));
+                    let (outbox, writer) = link.outbox(config);
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(outbox);
+                    writer.run();
+                    slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    log_debug!("raft {}: link to {peer} down", cfg.id);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // Logged once per outage, not once per attempt.
+                if failures == 1 && !matches!(e, LinkError::Io(_)) {
+                    log_info!("raft {}: cannot link to {peer} at {addr}: {e}", cfg.id);
+                }
+            }
+        }
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let jitter = backoff.as_millis() as u64 * ((seed >> 33) % 50) / 100;
+        let wait = backoff + Duration::from_millis(jitter);
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let mut slept = Duration::ZERO;
+        while slept < wait && !stopping.load(Ordering::SeqCst) && !group.is_closing() {
+            std::thread::sleep(Duration::from_millis(10));
+            slept += Duration::from_millis(10);
+        }
+    }
+}
+
+/// Serves a connection whose first frame (`hello`, read by `reader` in the service's
+/// framing) starts with [`HELLO`]: checks it names this cluster, a member and this
+/// replica, runs the handshake, welcomes, and hands each message to `raft` until the
+/// link ends.
+///
+/// # Errors
+/// When the answer cannot be written or the link fails other than by ending.
+pub fn serve_peer<R: Read>(
+    cfg: &PeerConfig,
+    raft: &RaftHandle,
+    conn: &Connection,
+    hello: &[u8],
+    mut reader: FrameReader<R>,
+) -> Result<(), HandlerError> {
+    let text = String::from_utf8_lossy(&hello[HELLO.len()..]).into_owned();
+    let parts: Vec<&str> = text.split(',').collect();
+    let ids = match parts.as_slice() {
+        [cluster, from, to] if *cluster == cfg.cluster => from
+            .parse::<ReplicaId>()
+            .ok()
+            .zip(to.parse::<ReplicaId>().ok()),
+        _ => None,
+    };
+    let member = |id: ReplicaId| cfg.addrs.iter().any(|(p, _)| *p == id);
+    let refuse = |why: &str| -> Result<(), HandlerError> {
+        log_info!(
+            "raft {}: refused a peer link from {}: {why}",
+            cfg.id,
+            conn.peer
+        );
+        let mut frame = Vec::new();
+        encode_frame(
+            cfg.framing,
+            format!("raft-refused,{why}").as_bytes(),
+            &mut frame,
+        )?;
+        let _ = std::io::Write::write_all(&mut &*conn.stream, &frame);
+        Ok(())
+    };
+    let from = match ids {
+        Some((from, to)) if to == cfg.id && from != cfg.id && member(from) => from,
+        Some(_) => return refuse("not a member of this cluster, or not this replica"),
+        None => return refuse("a malformed hello"),
+    };
+    let auth = cfg.auth(cfg.id);
+    if link::authenticate(
+        &conn.stream,
+        &mut reader,
+        &cfg.timeouts,
+        auth.as_ref(),
+        from.to_string().as_bytes(),
+    )
+    .is_err()
+    {
+        return Ok(());
+    }
+    if reader.buffered_len() > 0 {
+        return refuse("frames before the welcome");
+    }
+    let limits = Limits {
+        max_frame: MAX_MESSAGE,
+        ..Limits::default()
+    };
+    let messages = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+    let mut welcome = Vec::new();
+    encode_frame(
+        cfg.framing,
+        format!("raft-welcome,{}", cfg.id).as_bytes(),
+        &mut welcome,
+    )?;
+    let Some(mut link) = link::accept(
+        &conn.stream,
+        messages,
+        &cfg.timeouts,
+        Verdict::Welcome(welcome),
+    )?
+    else {
+        return Ok(());
+    };
+    let me = cfg.id;
+    let end = link.read_frames(&format!("raft {me}: link from {from}"), |frame| {
+        if frame.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        match decode(frame) {
+            Ok(m) if m.from == from && m.to == me => raft.deliver(m),
+            Ok(m) => log_info!(
+                "raft {me}: a message from {} to {} on {from}'s link; dropped",
+                m.from,
+                m.to
+            ),
+            Err(e) => log_info!("raft {me}: a message from {from} does not decode: {e}; dropped"),
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    log_debug!("raft {me}: link from {from} ended: {end:?}");
+    Ok(())
+}
