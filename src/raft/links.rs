@@ -153,8 +153,8 @@ impl Transport for LinkTransport {
 }
 
 /// Dials `peer` until stopped: a link up is run until it fails, then the next dial waits
-/// a backoff (100 ms doubling to 2 s, jittered; reset by a link that came up).
-// TODO(issue 22): replace the backoff by link::Backoff once it is in main.
+/// the framework's [`Backoff`](crate::link::Backoff) (jittered, at most 1 s; reset by a
+/// link that came up).
 fn dial_loop(
     cfg: &PeerConfig,
     peer: ReplicaId,
@@ -171,8 +171,7 @@ fn dial_loop(
     let text = format!("raft-hello,{},{},{peer}", cfg.cluster, cfg.id);
     encode_frame(cfg.framing, text.as_bytes(), &mut hello).expect("a short hello fits");
     let auth = cfg.auth(cfg.id);
-    let mut backoff = Duration::from_millis(100);
-    let mut seed = cfg.id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ peer;
+    let mut backoff = crate::link::Backoff::default();
     let mut failures = 0u32;
     while !stopping.load(Ordering::SeqCst) && !group.is_closing() {
         let answer = |frame: &[u8]| -> Result<Answer<()>, std::io::Error> {
@@ -190,7 +189,7 @@ fn dial_loop(
                 } else {
                     log_debug!("raft {}: link to {peer} at {addr} up", cfg.id);
                     failures = 0;
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     let mut beat = Vec::new();
                     encode_frame(Framing::U32, b"", &mut beat).expect("empty frame");
                     let config =
@@ -211,10 +210,7 @@ fn dial_loop(
                 }
             }
         }
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let jitter = backoff.as_millis() as u64 * ((seed >> 33) % 50) / 100;
-        let wait = backoff + Duration::from_millis(jitter);
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let wait = backoff.next_delay();
         let mut slept = Duration::ZERO;
         while slept < wait && !stopping.load(Ordering::SeqCst) && !group.is_closing() {
             std::thread::sleep(Duration::from_millis(10));
