@@ -1,33 +1,46 @@
 //! The federation: which servers are members, the links between them, and what happens
-//! when one goes. Failure model: servers crash (or leave) and links between live servers
-//! are reliable, as TCP is; the rules are exact under it.
+//! when one goes quiet, goes away or comes back. Failure model: servers crash, leave, or
+//! are cut off (packets stop, nothing is closed) and later reachable again.
 //!
-//! 1. **One-way links.** Every member dials every other member once and only writes on the
-//!    link it dialled (after reading the one welcome line); it only reads the links others
-//!    dialled to it. Two servers are joined by two links, one each way, so nobody has to
-//!    decide who dials, and each server's own events go out on one ordered link per peer.
-//! 2. **The member list** is this server and every server its outgoing link is up to.
-//!    Whenever it grows it goes to every peer (`{update_servers,..}`), and a server that
-//!    hears of one it does not know dials it. Lists are merged by union, minus the servers
-//!    known to be gone, so concurrent joins through different members converge: every new
-//!    server is heard of by everyone, in whatever order, and everyone dials it.
-//! 3. **A server is gone** when its incoming link ends (EOF, error or `{server_leave,..}`).
-//!    Its clients, the names it announced on that link, are announced leaving to local
-//!    clients, and its id is remembered as gone, so a stale list cannot bring it back. A
-//!    restarted server has a new incarnation: it is a new member.
-//! 4. **An outgoing link that fails** (write error, EOF, a full queue, a failed dial) with
-//!    an incoming link from the same server: that incoming link is half-closed, so the
-//!    peer sees us go, drops us and closes its link, and rule 3 then removes it here once
-//!    everything it sent has been read. Without an incoming link the peer is removed at once.
+//! 1. **One-way links.** Every member dials every other member and only writes its own
+//!    lines on the link it dialled; it reads only the links others dialled to it (on which
+//!    it writes nothing but heartbeats). Two servers are joined by two links, one each way,
+//!    so nobody has to decide who dials, and each server's own events go out on one ordered
+//!    link per peer.
+//! 2. **Heartbeats.** Every link carries a `heartbeat` line each way whenever it has been
+//!    idle for a third of the dead-peer bound (`--link-timeout`, 3 s by default), and a link
+//!    silent for the whole bound is dead ([`crate::link::Liveness`]). A dialled link sends a
+//!    heartbeat first thing after the welcome: the acceptor counts a link to it as
+//!    *confirmed* once a line arrives after the welcome (a hello that was held in a cut
+//!    network and delivered after its dialler gave up never is).
+//! 3. **Live peers.** A peer is live when our dialled link to it is up and its link to us is
+//!    confirmed. Then, under the lock that orders events, we send it `{present,Name}` for
+//!    each of our clients and the member list, and from then on every event of our clients.
+//!    The member list is this server and its live peers; whenever it grows it goes to every
+//!    live peer (`{update_servers,..}`), and a server that hears of one it does not know
+//!    dials it. Lists merge by union minus the servers known to be gone.
+//! 4. **A lost peer** is one whose link either way ends or goes silent past the bound, or
+//!    whose dialled link's queue overflows: both links are closed (what was queued on them
+//!    is dropped), its clients are announced leaving to local clients, and it is redialled
+//!    ([`link::redial`], jittered, at most 1 s apart) for as long as it is known. The peer
+//!    sees its links end (or go silent) and does the same, so both sides re-form as soon
+//!    as the network lets them: each dials, each link is confirmed, each side goes live and
+//!    sends its `present` lines, which the other shows as `{join,..}`.
+//! 5. **A gone peer** said `{server_leave,..}`, or answered a redial as another server (a
+//!    restart at its address) or as one that has us for gone: it is removed for good and
+//!    remembered, so a stale member list cannot bring it back. A restarted server has a new
+//!    incarnation: it is a new member.
+//! 6. **A hello from a peer that already has a link to us** means it has lost that link:
+//!    the old links are closed as for a lost peer, and the new one replaces them.
 //!
-//! A crash is never reported second-hand: every member has its own links to the crashed
-//! server and sees them end, so no server can be expelled on another's word.
+//! A crash is never reported second-hand: every member sees its own links to the crashed
+//! server end, so no server can be expelled on another's word.
 
 use super::hub::Line;
 use super::protocol::{self, Hello, PeerMessage, ServerId, Welcome};
 use super::{encode, line_limits, Chat};
 use crate::framing::{FrameReader, Framing};
-use crate::link::{self, Answer, Dialer, End, Link, LinkError, Timeouts, Verdict};
+use crate::link::{self, Answer, Backoff, Dialer, End, Link, LinkError, Timeouts, Verdict};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::HandlerError;
 use crate::term::Term;
@@ -39,7 +52,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Servers one server links to, at most: each costs three threads and two sockets.
+/// Servers one server links to, at most: each costs four threads and two sockets.
 const MAX_PEERS: usize = 256;
 /// Client names one peer's roster holds, at most. A real server announces one per client
 /// connection (10,000 by default); the cap stops a connection that merely says
@@ -48,15 +61,26 @@ const MAX_PEERS: usize = 256;
 const MAX_ROSTER: usize = 1 << 16;
 /// Gone servers remembered, at most (a stale list naming an older one costs one failed dial).
 const MAX_GONE: usize = 4096;
-/// Connecting to a server may take 3 s, its answer to `{server_hello,..}` 5 s; a link write
-/// blocked 5 s means the peer has stopped reading, and the link fails. A link is quiet
-/// while nobody talks, so it is read without a timeout (the idle timeout is for clients).
-const TIMEOUTS: Timeouts = Timeouts {
+/// Connecting to a server may take 3 s, its answer to `{server_hello,..}` 5 s, both cut to
+/// the dead-peer bound when it is shorter; a link write blocked 5 s means the peer has
+/// stopped reading, and the link fails. Reads are bounded by the dead-peer bound
+/// ([`Chat::timeouts`]).
+pub(super) const BASE_TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(3),
     handshake: Duration::from_secs(5),
     write: Duration::from_secs(5),
     idle: None,
 };
+/// Lines the heartbeat outbox of a link to us may hold (it holds only heartbeats).
+const HEARTBEAT_OUTBOX: usize = 4;
+/// Refusals after which a peer is not redialled: it has restarted as another server, has
+/// us for gone, is leaving, or is us.
+const FINAL_REFUSALS: [&str; 4] = [
+    "wrong_server",
+    "server_gone",
+    "shutting_down",
+    "same_address",
+];
 
 /// The member list and the links, kept in the chat state under its lock.
 pub struct Federation {
@@ -70,7 +94,9 @@ pub struct Federation {
 struct Neighbour {
     out: Out,
     /// The link this peer dialled to us, which we read.
-    incoming: Option<Arc<TcpStream>>,
+    incoming: Incoming,
+    /// Both links up: our clients' events go to it, and it is a member (rule 3).
+    live: bool,
     /// The clients on that server, as announced on its link.
     roster: BTreeSet<String>,
     /// Whether a name was refused for the roster being full (logged once per peer).
@@ -79,15 +105,40 @@ struct Neighbour {
 
 /// The state of our link to a peer.
 enum Out {
+    /// Being dialled (or redialled: the peer is lost).
     Dialing,
     /// Up: its outbox (the only one, so dropping it closes the link) and its number, by
     /// which a report from the link's threads is told from a stale one.
-    Up {
-        outbox: Outbox,
-        link: u64,
-    },
-    /// Failed while an incoming link lives on; the peer goes when that ends (rule 4).
-    Failed,
+    Up { outbox: Outbox, link: u64 },
+}
+
+/// The state of the peer's link to us.
+enum Incoming {
+    None,
+    /// Welcomed, no line read since (rule 2).
+    Pending(Arc<TcpStream>),
+    /// A line arrived after the welcome.
+    Confirmed(Arc<TcpStream>),
+}
+
+impl Incoming {
+    fn stream(&self) -> Option<&Arc<TcpStream>> {
+        match self {
+            Incoming::None => None,
+            Incoming::Pending(s) | Incoming::Confirmed(s) => Some(s),
+        }
+    }
+
+    fn is(&self, stream: &Arc<TcpStream>) -> bool {
+        self.stream().is_some_and(|s| Arc::ptr_eq(s, stream))
+    }
+}
+
+/// What a hello did: whether its server is new (to be dialled), and the clients that left
+/// with the links it replaced (rule 6).
+pub struct Admitted {
+    pub new: bool,
+    pub left: Vec<String>,
 }
 
 impl Federation {
@@ -101,15 +152,10 @@ impl Federation {
         }
     }
 
-    /// This server and every server our link is up to, sorted.
+    /// This server and every live peer, sorted.
     pub fn members(&self) -> Vec<ServerId> {
         let mut members: Vec<ServerId> = std::iter::once(&self.me)
-            .chain(
-                self.peers
-                    .iter()
-                    .filter(|(_, p)| matches!(p.out, Out::Up { .. }))
-                    .map(|(id, _)| id),
-            )
+            .chain(self.peers.iter().filter(|(_, p)| p.live).map(|(id, _)| id))
             .cloned()
             .collect();
         members.sort();
@@ -135,7 +181,8 @@ impl Federation {
                 log_info!("chat: more than {MAX_PEERS} servers; not linking to {id}");
                 break;
             }
-            self.peers.insert(id.clone(), Neighbour::new(None));
+            self.peers
+                .insert(id.clone(), Neighbour::new(Incoming::None));
             new.push(id.clone());
         }
         new
@@ -164,37 +211,67 @@ impl Federation {
         if self.peers.contains_key(id) {
             return Err("already_linked");
         }
-        self.peers.insert(id.clone(), Neighbour::new(None));
+        self.peers
+            .insert(id.clone(), Neighbour::new(Incoming::None));
         Ok(())
     }
 
-    /// Registers a link dialled to us; `Ok(true)` when its server is new and must be dialled.
+    /// Registers a link dialled to us, pending until a line arrives on it (rule 2).
     ///
     /// # Errors
     /// The reason the link is refused, for `{error,Reason}`.
-    pub fn hello(&mut self, id: &ServerId, stream: Arc<TcpStream>) -> Result<bool, &'static str> {
+    pub fn hello(
+        &mut self,
+        id: &ServerId,
+        stream: Arc<TcpStream>,
+    ) -> Result<Admitted, &'static str> {
         self.admissible(id)?;
-        if let Some(peer) = self.peers.get_mut(id) {
-            if peer.incoming.is_some() {
-                return Err("duplicate_link");
+        let Some(peer) = self.peers.get_mut(id) else {
+            if self.peers.len() >= MAX_PEERS {
+                return Err("too_many_servers");
             }
-            peer.incoming = Some(stream);
-            return Ok(false);
+            self.peers
+                .insert(id.clone(), Neighbour::new(Incoming::Pending(stream)));
+            return Ok(Admitted {
+                new: true,
+                left: Vec::new(),
+            });
+        };
+        let left = match std::mem::replace(&mut peer.incoming, Incoming::None) {
+            Incoming::None => Vec::new(),
+            Incoming::Pending(old) => {
+                let _ = old.shutdown(Shutdown::Both);
+                Vec::new()
+            }
+            Incoming::Confirmed(old) => {
+                let _ = old.shutdown(Shutdown::Both);
+                log_info!("chat: {id} dialled us again; its old links are dead");
+                self.lose(id)
+            }
+        };
+        if let Some(peer) = self.peers.get_mut(id) {
+            peer.incoming = Incoming::Pending(stream);
         }
-        if self.peers.len() >= MAX_PEERS {
-            return Err("too_many_servers");
-        }
-        self.peers.insert(id.clone(), Neighbour::new(Some(stream)));
-        Ok(true)
+        Ok(Admitted { new: false, left })
     }
 
-    /// Whether `id` is a member whose link to us we are reading.
-    pub fn has_incoming(&self, id: &ServerId) -> bool {
-        self.peers.get(id).is_some_and(|p| p.incoming.is_some())
+    /// Whether `stream` is the current link from `id` (so its lines count); the first line
+    /// on it confirms it (rule 2). Returns `None` for a stale link, else whether this line
+    /// confirmed it.
+    pub fn incoming_line(&mut self, id: &ServerId, stream: &Arc<TcpStream>) -> Option<bool> {
+        let peer = self.peers.get_mut(id)?;
+        match &peer.incoming {
+            Incoming::Pending(s) if Arc::ptr_eq(s, stream) => {
+                peer.incoming = Incoming::Confirmed(Arc::clone(stream));
+                Some(true)
+            }
+            Incoming::Confirmed(s) if Arc::ptr_eq(s, stream) => Some(false),
+            _ => None,
+        }
     }
 
-    /// Makes our dialled link to `id` live; returns its number, or `None` (and the outbox
-    /// back) when it is no longer wanted.
+    /// Makes our dialled link to `id` up; returns its number, or the outbox back when it
+    /// is no longer wanted.
     pub fn link_up(&mut self, id: &ServerId, outbox: Outbox) -> Result<u64, Outbox> {
         if self.leaving {
             return Err(outbox);
@@ -204,10 +281,28 @@ impl Federation {
                 let link = self.next_link;
                 self.next_link += 1;
                 peer.out = Out::Up { outbox, link };
-                self.report();
                 Ok(link)
             }
             _ => Err(outbox),
+        }
+    }
+
+    /// The outbox of `id` and its link number when both links are up and it is not live
+    /// yet: the caller sends the snapshot, then calls [`Federation::set_live`].
+    pub fn ready(&self, id: &ServerId) -> Option<(&Outbox, u64)> {
+        let peer = self.peers.get(id)?;
+        match (&peer.out, &peer.incoming, peer.live) {
+            (Out::Up { outbox, link }, Incoming::Confirmed(_), false) => Some((outbox, *link)),
+            _ => None,
+        }
+    }
+
+    /// `id` is live (rule 3).
+    pub fn set_live(&mut self, id: &ServerId) {
+        if let Some(peer) = self.peers.get_mut(id) {
+            peer.live = true;
+            log_info!("chat: linked with {id} both ways");
+            self.report();
         }
     }
 
@@ -215,7 +310,7 @@ impl Federation {
     /// is pushed to `failed`.
     pub fn relay(&mut self, line: &Line, failed: &mut Vec<(ServerId, u64)>) {
         for (id, peer) in &self.peers {
-            if let Out::Up { outbox, link } = &peer.out {
+            if let (true, Out::Up { outbox, link }) = (peer.live, &peer.out) {
                 // A full outbox has closed its link and logged why.
                 if outbox.send(Line::clone(line)).is_err() {
                     log_info!("chat: the link to {id} is full or closed; dropping it");
@@ -225,44 +320,67 @@ impl Federation {
         }
     }
 
-    /// Our link to `id` (link number `link`, or the dial when `None`) failed: rule 4.
-    /// Returns the clients that left with the server, if it is removed now.
-    pub fn link_failed(&mut self, id: &ServerId, link: Option<u64>) -> Vec<String> {
+    /// Our link number `link` to `id` failed (ended, went silent, overflowed): if it is the
+    /// current one, the peer is lost (rule 4); returns its clients, who left.
+    pub fn out_failed(&mut self, id: &ServerId, link: u64) -> Vec<String> {
+        let current = self
+            .peers
+            .get(id)
+            .is_some_and(|p| matches!(p.out, Out::Up { link: up, .. } if up == link));
+        if current {
+            self.lose(id)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The link `stream` from `id` ended, without a `{server_leave,..}`: a confirmed one
+    /// loses the peer (rule 4); a pending one was only a dial that did not make it.
+    pub fn in_ended(&mut self, id: &ServerId, stream: &Arc<TcpStream>) -> Vec<String> {
         let Some(peer) = self.peers.get_mut(id) else {
             return Vec::new();
         };
-        let current = match (&peer.out, link) {
-            (Out::Up { link: up, .. }, Some(failed)) => *up == failed,
-            (Out::Dialing, None) => true,
-            _ => false,
-        };
-        if !current {
-            return Vec::new();
-        }
-        let was_up = matches!(peer.out, Out::Up { .. });
-        if let Out::Up { outbox, .. } = std::mem::replace(&mut peer.out, Out::Failed) {
-            outbox.shutdown(Shutdown::Both);
-        }
-        if let Some(incoming) = &peer.incoming {
-            log_info!("chat: the link to {id} failed; closing its link to us");
-            let _ = incoming.shutdown(Shutdown::Write);
-            if was_up {
-                self.report();
+        match &peer.incoming {
+            Incoming::Pending(s) if Arc::ptr_eq(s, stream) => {
+                peer.incoming = Incoming::None;
+                Vec::new()
             }
-            return Vec::new();
+            Incoming::Confirmed(s) if Arc::ptr_eq(s, stream) => self.lose(id),
+            _ => Vec::new(),
         }
-        self.remove(id, None)
     }
 
-    /// Removes `id` (only if its incoming link is `incoming`, when given): closes both
-    /// links and returns its clients, who left with it.
+    /// Rule 4: closes both links to `id` and keeps it, to be redialled; returns its
+    /// clients, who left with it.
+    fn lose(&mut self, id: &ServerId) -> Vec<String> {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return Vec::new();
+        };
+        if let Out::Up { outbox, .. } = std::mem::replace(&mut peer.out, Out::Dialing) {
+            outbox.shutdown(Shutdown::Both);
+        }
+        if let Some(incoming) = std::mem::replace(&mut peer.incoming, Incoming::None).stream() {
+            let _ = incoming.shutdown(Shutdown::Both);
+        }
+        let was_live = std::mem::replace(&mut peer.live, false);
+        let left: Vec<String> = std::mem::take(&mut peer.roster).into_iter().collect();
+        peer.roster_full = false;
+        log_info!(
+            "chat: lost {id}; {} of its clients leave; redialling",
+            left.len()
+        );
+        if was_live {
+            self.report();
+        }
+        left
+    }
+
+    /// Removes `id` for good (rule 5; only if its link to us is `incoming`, when given):
+    /// closes both links and returns its clients, who left with it.
     pub fn remove(&mut self, id: &ServerId, incoming: Option<&Arc<TcpStream>>) -> Vec<String> {
         let matches = match (self.peers.get(id), incoming) {
             (None, _) => false,
-            (Some(peer), Some(ended)) => peer
-                .incoming
-                .as_ref()
-                .is_some_and(|mine| Arc::ptr_eq(mine, ended)),
+            (Some(peer), Some(ended)) => peer.incoming.is(ended),
             (Some(_), None) => true,
         };
         let Some(peer) = self.peers.remove(id).filter(|_| matches) else {
@@ -271,7 +389,7 @@ impl Federation {
         if let Out::Up { outbox, .. } = &peer.out {
             outbox.shutdown(Shutdown::Both);
         }
-        if let Some(incoming) = &peer.incoming {
+        if let Some(incoming) = peer.incoming.stream() {
             let _ = incoming.shutdown(Shutdown::Both);
         }
         if self.gone.len() >= MAX_GONE {
@@ -282,8 +400,15 @@ impl Federation {
             "chat: server {id} is gone; {} of its clients leave",
             peer.roster.len()
         );
-        self.report();
+        if peer.live {
+            self.report();
+        }
         peer.roster.into_iter().collect()
+    }
+
+    /// Whether `id` is still to be (re)dialled: known, not gone, and we are not leaving.
+    pub fn wants(&self, id: &ServerId) -> bool {
+        !self.leaving && self.peers.contains_key(id)
     }
 
     /// Records that client `name` of server `id` is there (`present`) or left.
@@ -335,7 +460,7 @@ impl Federation {
             }
             // Dropping the outbox lets the writer send what is queued, the leave last, and
             // half-close.
-            if let Some(incoming) = &peer.incoming {
+            if let Some(incoming) = peer.incoming.stream() {
                 let _ = incoming.shutdown(Shutdown::Both);
             }
         }
@@ -354,10 +479,11 @@ impl Federation {
 }
 
 impl Neighbour {
-    fn new(incoming: Option<Arc<TcpStream>>) -> Neighbour {
+    fn new(incoming: Incoming) -> Neighbour {
         Neighbour {
             out: Out::Dialing,
             incoming,
+            live: false,
             roster: BTreeSet::new(),
             roster_full: false,
         }
@@ -378,6 +504,11 @@ fn auth(chat: &Chat) -> Option<link::Auth> {
     })
 }
 
+/// The one line a heartbeat is: `heartbeat\n`.
+pub(super) fn heartbeat() -> Line {
+    encode(|out| protocol::format_peer(&PeerMessage::Heartbeat, out))
+}
+
 /// Connects to `addr`, says hello and reads the answer; on a welcome, returns the link
 /// and who answered.
 fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), LinkError> {
@@ -390,7 +521,7 @@ fn dial(chat: &Chat, addr: &str, hello: &Hello) -> Result<(Link, ServerId), Link
     let dialer = Dialer {
         limits: line_limits(),
         group: Some(chat.0.group.clone()),
-        ..Dialer::new(Framing::Line, TIMEOUTS)
+        ..Dialer::new(Framing::Line, chat.timeouts())
     };
     let auth = auth(chat);
     let (link, id) = dialer.dial_with_auth(auth.as_ref(), targets.as_slice(), &line, |answer| {
@@ -423,66 +554,100 @@ pub(super) fn join(chat: &Chat, peer: &str) -> Result<ServerId, LinkError> {
         return Err(LinkError::Refused(reason.to_owned()));
     }
     log_info!("chat: joining the federation through {id}");
-    let (chat2, who) = (chat.clone(), id.clone());
-    let name = format!("chat-link-{}", id.addr);
-    if let Err(e) = chat
-        .0
-        .group
-        .spawn(name, move || serve_outgoing(chat2, who, link))
-    {
-        // Undo `expect`, so the peer is not left `Dialing` for good.
-        chat.link_failed(&id, None);
-        return Err(LinkError::Io(io::Error::other(e)));
-    }
+    chat.supervise(id.clone(), Some(link))
+        .map_err(|e| LinkError::Io(io::Error::other(e)))?;
     Ok(id)
 }
 
-/// Dials `id` and serves the link until it ends.
-pub(super) fn run_outgoing(chat: Chat, id: ServerId) {
+/// The life of our link to `id`, on a thread of its own: serves `first` (a link the join
+/// opened), then redials `id` whenever the link is down, for as long as `id` is known
+/// (rules 4 and 5).
+pub(super) fn supervise(chat: &Chat, id: &ServerId, first: Option<Link>) {
+    if let Some(link) = first {
+        serve_outgoing(chat, id, link);
+    }
     let hello = Hello {
         from: chat.me().clone(),
         to: Some(id.clone()),
     };
-    match dial(&chat, &id.addr, &hello) {
-        Ok((link, answered)) if answered == id => serve_outgoing(chat, id, link),
-        Ok((link, answered)) => {
-            log_info!("chat: {answered} answered for {id}; taking {id} as gone");
-            let _ = link.stream().shutdown(Shutdown::Both);
-            chat.link_failed(&id, None);
-        }
-        Err(e) => {
-            log_info!("chat: cannot link to {id}: {e}");
-            chat.link_failed(&id, None);
-        }
-    }
+    let name = format!("chat: the link to {id}");
+    let report = link::redial(
+        &name,
+        &mut Backoff::default(),
+        || chat.wants(id),
+        || dial_known(chat, id, &hello),
+        |link| serve_outgoing(chat, id, link),
+    );
+    log_debug!(
+        "{name}: no longer dialled ({} dials, {} links)",
+        report.attempts,
+        report.links
+    );
 }
 
-/// Writes our lines to `id` until the link is dropped, and watches it for EOF meanwhile.
-fn serve_outgoing(chat: Chat, id: ServerId, mut link: Link) {
-    let config = OutboxConfig::new(format!("chat: the link to {id}"), chat.0.link_outbox);
+/// One dial of a known server. An answer that says the server will never be this one
+/// again (rule 5) makes it gone, which ends its [`supervise`] loop.
+fn dial_known(chat: &Chat, id: &ServerId, hello: &Hello) -> Result<Link, LinkError> {
+    let result = dial(chat, &id.addr, hello);
+    let gone_because = match &result {
+        Ok((_, answered)) if answered == id => None,
+        Ok((_, answered)) => Some(format!("{answered} answered for it")),
+        Err(LinkError::Refused(reason)) if FINAL_REFUSALS.contains(&reason.as_str()) => {
+            Some(format!("it refused us: {reason}"))
+        }
+        Err(LinkError::Myself) => Some("that is our own address".to_owned()),
+        Err(_) => None,
+    };
+    if let Some(why) = gone_because {
+        if let Ok((link, _)) = &result {
+            let _ = link.stream().shutdown(Shutdown::Both);
+        }
+        log_info!("chat: {why}; taking {id} as gone");
+        chat.gone(id);
+        return Err(LinkError::Refused(why));
+    }
+    result.map(|(link, _)| link)
+}
+
+/// Writes our lines to `id` until the link is dropped or fails, and watches it meanwhile:
+/// the peer writes only heartbeats on a link we dialled, so the watcher's read ends when
+/// the peer closes the link, breaks it, or is silent past the dead-peer bound.
+fn serve_outgoing(chat: &Chat, id: &ServerId, mut link: Link) {
+    let name = format!("chat: the link to {id}");
+    let config = chat.0.liveness.outbox(
+        OutboxConfig::new(name.clone(), chat.0.link_outbox),
+        heartbeat(),
+    );
     let (outbox, writer) = link.outbox(config);
-    let Some(number) = chat.link_up(&id, outbox) else {
+    let Some(number) = chat.link_up(id, outbox) else {
         let _ = link.stream().shutdown(Shutdown::Both);
         return;
     };
     let (watcher, who) = (chat.clone(), id.clone());
-    // The peer writes nothing on a link we dialled: the reader returns when it closes (or
-    // breaks) the link, so a crashed peer is seen at once, not at our next write. Without
-    // a watcher (no thread to be had) the link still works; a crashed peer is then seen by
-    // its own link to us ending (rule 3), or by our next write failing.
+    // Without a watcher (no thread to be had) the link still works; a dead peer is then
+    // seen by its own link to us ending or going silent (rule 4), or by a failed write.
     let _ = chat
         .0
         .group
         .spawn(format!("chat-watch-{}", id.addr), move || {
-            let name = format!("chat: the link to {who}");
-            link.read_frames(&name, |_| ControlFlow::<()>::Continue(()));
-            watcher.link_failed(&who, Some(number));
+            let end = link.read_frames(&name, |_| ControlFlow::<&str>::Continue(()));
+            log_debug!("{name} ended: {}", describe(&end));
+            watcher.out_failed(&who, number);
         });
-    // Ends when the federation drops the outbox (the peer was removed, or this server is
-    // leaving), or when a write fails, which shuts the link down.
+    // Ends when the federation drops the outbox (the peer was lost or removed, or this
+    // server is leaving), or when a write fails, which shuts the link down.
     writer.run();
     // A no-op unless the write failed: the link is no longer the current one otherwise.
-    chat.link_failed(&id, Some(number));
+    chat.out_failed(id, number);
+}
+
+fn describe<B: std::fmt::Display>(end: &End<B>) -> String {
+    match end {
+        End::Closed => "it closed".to_owned(),
+        End::Stopped(why) => why.to_string(),
+        End::Lost(e) if e.is_timeout() => "silent past the dead-peer bound".to_owned(),
+        End::Lost(e) => e.to_string(),
+    }
 }
 
 /// Serves a link another server dialled to us, from its hello until it ends.
@@ -496,13 +661,14 @@ pub(super) fn serve_incoming(
     mut reader: FrameReader<&TcpStream>,
 ) -> Result<(), HandlerError> {
     let id = hello.from;
+    let timeouts = chat.timeouts();
     // Before anything touches the federation: a server that cannot prove `id` with the
     // secret is closed (and logged) here, so its events never reach a client.
     let claimed = id.to_string().into_bytes();
     if link::authenticate(
         stream,
         &mut reader,
-        &TIMEOUTS,
+        &timeouts,
         auth(chat).as_ref(),
         &claimed,
     )
@@ -526,18 +692,29 @@ pub(super) fn serve_incoming(
             Verdict::Welcome(answer)
         }
     };
-    let ending = match link::accept(stream, reader, &TIMEOUTS, verdict) {
+    let mut left = false;
+    let ending = match link::accept(stream, reader, &timeouts, verdict) {
         Ok(None) => return Ok(()),
         Err(e) => e.to_string(),
         Ok(Some(mut link)) => {
             let name = format!("chat: the link from {id}");
+            // Our heartbeats on this link tell the peer's watcher we are alive (rule 2).
+            let config = OutboxConfig::new(name.clone(), HEARTBEAT_OUTBOX);
+            let (beats, writer) = link.outbox(chat.0.liveness.outbox(config, heartbeat()));
+            if let Err(e) = chat
+                .0
+                .group
+                .spawn(format!("chat-beat-{}", id.addr), move || writer.run())
+            {
+                log_info!("{name}: no heartbeat thread ({e}); the peer will take us for dead");
+            }
             let end = link.read_frames(&name, |line| match protocol::parse_peer(line) {
                 Ok(PeerMessage::Leave(who)) if who == id => ControlFlow::Break("it left"),
                 Ok(message) => {
-                    if chat.peer_message(&id, message) {
+                    if chat.peer_message(&id, stream, message) {
                         ControlFlow::Continue(())
                     } else {
-                        ControlFlow::Break("it was dropped")
+                        ControlFlow::Break("it was replaced or dropped")
                     }
                 }
                 Err(e) => {
@@ -545,15 +722,14 @@ pub(super) fn serve_incoming(
                     ControlFlow::Continue(())
                 }
             });
-            match end {
-                End::Closed => "it closed".to_owned(),
-                End::Stopped(why) => why.to_owned(),
-                End::Lost(e) => e.to_string(),
-            }
+            // Flushed and half-closed: the peer's watcher sees the end.
+            drop(beats);
+            left = matches!(end, End::Stopped("it left"));
+            describe(&end)
         }
     };
     log_debug!("chat: the link from {id} ended: {ending}");
-    chat.peer_gone(&id, stream);
+    chat.in_ended(&id, stream, left);
     Ok(())
 }
 
