@@ -30,8 +30,10 @@
 //!    restart at its address) or as one that has us for gone: it is removed for good and
 //!    remembered, so a stale member list cannot bring it back. A restarted server has a new
 //!    incarnation: it is a new member.
-//! 6. **A hello from a peer that already has a link to us** means it has lost that link:
-//!    the old links are closed as for a lost peer, and the new one replaces them.
+//! 6. **A new link from a peer that already has one to us** means it has lost the old one:
+//!    once the new link is confirmed, the old links are closed as for a lost peer, and the
+//!    new one replaces them. Until then both are kept: a hello delivered late by a network
+//!    that held it (its dialler gave up long ago) never confirms, and replaces nothing.
 //!
 //! A crash is never reported second-hand: every member sees its own links to the crashed
 //! server end, so no server can be expelled on another's word.
@@ -93,8 +95,10 @@ pub struct Federation {
 
 struct Neighbour {
     out: Out,
-    /// The link this peer dialled to us, which we read.
-    incoming: Incoming,
+    /// The link this peer dialled to us, which we read, once confirmed (rule 2).
+    incoming: Option<Arc<TcpStream>>,
+    /// Newer links from it, welcomed and not confirmed yet (rule 6), oldest first.
+    pending: VecDeque<Arc<TcpStream>>,
     /// Both links up: our clients' events go to it, and it is a member (rule 3).
     live: bool,
     /// The clients on that server, as announced on its link.
@@ -112,33 +116,23 @@ enum Out {
     Up { outbox: Outbox, link: u64 },
 }
 
-/// The state of the peer's link to us.
-enum Incoming {
-    None,
-    /// Welcomed, no line read since (rule 2).
-    Pending(Arc<TcpStream>),
-    /// A line arrived after the welcome.
-    Confirmed(Arc<TcpStream>),
+/// Whether `link` is `stream`.
+fn is(link: &Option<Arc<TcpStream>>, stream: &Arc<TcpStream>) -> bool {
+    link.as_ref().is_some_and(|s| Arc::ptr_eq(s, stream))
 }
 
-impl Incoming {
-    fn stream(&self) -> Option<&Arc<TcpStream>> {
-        match self {
-            Incoming::None => None,
-            Incoming::Pending(s) | Incoming::Confirmed(s) => Some(s),
-        }
-    }
+/// Unconfirmed links from one peer kept at most (the oldest is closed beyond).
+const MAX_PENDING: usize = 4;
 
-    fn is(&self, stream: &Arc<TcpStream>) -> bool {
-        self.stream().is_some_and(|s| Arc::ptr_eq(s, stream))
-    }
-}
-
-/// What a hello did: whether its server is new (to be dialled), and the clients that left
-/// with the links it replaced (rule 6).
-pub struct Admitted {
-    pub new: bool,
-    pub left: Vec<String>,
+/// A line arrived on a peer's link to us: how it counts.
+pub enum LinkLine {
+    /// The link is not (or no longer) one of the peer's: the line is dropped.
+    Stale,
+    /// The current link.
+    Current,
+    /// It confirmed a new link, which is now the current one; the clients in the vector
+    /// left with the links it replaced (rule 6).
+    Confirmed(Vec<String>),
 }
 
 impl Federation {
@@ -181,8 +175,7 @@ impl Federation {
                 log_info!("chat: more than {MAX_PEERS} servers; not linking to {id}");
                 break;
             }
-            self.peers
-                .insert(id.clone(), Neighbour::new(Incoming::None));
+            self.peers.insert(id.clone(), Neighbour::new());
             new.push(id.clone());
         }
         new
@@ -211,63 +204,61 @@ impl Federation {
         if self.peers.contains_key(id) {
             return Err("already_linked");
         }
-        self.peers
-            .insert(id.clone(), Neighbour::new(Incoming::None));
+        self.peers.insert(id.clone(), Neighbour::new());
         Ok(())
     }
 
-    /// Registers a link dialled to us, pending until a line arrives on it (rule 2).
+    /// Registers a link dialled to us, pending until a line arrives on it (rule 2);
+    /// `Ok(true)` when its server is new and must be dialled.
     ///
     /// # Errors
     /// The reason the link is refused, for `{error,Reason}`.
-    pub fn hello(
-        &mut self,
-        id: &ServerId,
-        stream: Arc<TcpStream>,
-    ) -> Result<Admitted, &'static str> {
+    pub fn hello(&mut self, id: &ServerId, stream: Arc<TcpStream>) -> Result<bool, &'static str> {
         self.admissible(id)?;
-        let Some(peer) = self.peers.get_mut(id) else {
-            if self.peers.len() >= MAX_PEERS {
-                return Err("too_many_servers");
-            }
-            self.peers
-                .insert(id.clone(), Neighbour::new(Incoming::Pending(stream)));
-            return Ok(Admitted {
-                new: true,
-                left: Vec::new(),
-            });
-        };
-        let left = match std::mem::replace(&mut peer.incoming, Incoming::None) {
-            Incoming::None => Vec::new(),
-            Incoming::Pending(old) => {
-                let _ = old.shutdown(Shutdown::Both);
-                Vec::new()
-            }
-            Incoming::Confirmed(old) => {
-                let _ = old.shutdown(Shutdown::Both);
-                log_info!("chat: {id} dialled us again; its old links are dead");
-                self.lose(id)
-            }
-        };
         if let Some(peer) = self.peers.get_mut(id) {
-            peer.incoming = Incoming::Pending(stream);
+            if peer.pending.len() >= MAX_PENDING {
+                if let Some(oldest) = peer.pending.pop_front() {
+                    let _ = oldest.shutdown(Shutdown::Both);
+                }
+            }
+            peer.pending.push_back(stream);
+            return Ok(false);
         }
-        Ok(Admitted { new: false, left })
+        if self.peers.len() >= MAX_PEERS {
+            return Err("too_many_servers");
+        }
+        let mut peer = Neighbour::new();
+        peer.pending.push_back(stream);
+        self.peers.insert(id.clone(), peer);
+        Ok(true)
     }
 
-    /// Whether `stream` is the current link from `id` (so its lines count); the first line
-    /// on it confirms it (rule 2). Returns `None` for a stale link, else whether this line
-    /// confirmed it.
-    pub fn incoming_line(&mut self, id: &ServerId, stream: &Arc<TcpStream>) -> Option<bool> {
-        let peer = self.peers.get_mut(id)?;
-        match &peer.incoming {
-            Incoming::Pending(s) if Arc::ptr_eq(s, stream) => {
-                peer.incoming = Incoming::Confirmed(Arc::clone(stream));
-                Some(true)
-            }
-            Incoming::Confirmed(s) if Arc::ptr_eq(s, stream) => Some(false),
-            _ => None,
+    /// A line arrived on `stream` from `id`: the first one on a pending link confirms it
+    /// (rules 2 and 6).
+    pub fn incoming_line(&mut self, id: &ServerId, stream: &Arc<TcpStream>) -> LinkLine {
+        let Some(peer) = self.peers.get_mut(id) else {
+            return LinkLine::Stale;
+        };
+        if is(&peer.incoming, stream) {
+            return LinkLine::Current;
         }
+        let Some(at) = peer.pending.iter().position(|s| Arc::ptr_eq(s, stream)) else {
+            return LinkLine::Stale;
+        };
+        peer.pending.remove(at);
+        for other in peer.pending.drain(..) {
+            let _ = other.shutdown(Shutdown::Both);
+        }
+        let left = if peer.incoming.is_some() {
+            log_info!("chat: {id} dialled us again; its old links are dead");
+            self.lose(id)
+        } else {
+            Vec::new()
+        };
+        if let Some(peer) = self.peers.get_mut(id) {
+            peer.incoming = Some(Arc::clone(stream));
+        }
+        LinkLine::Confirmed(left)
     }
 
     /// Makes our dialled link to `id` up; returns its number, or the outbox back when it
@@ -292,7 +283,7 @@ impl Federation {
     pub fn ready(&self, id: &ServerId) -> Option<(&Outbox, u64)> {
         let peer = self.peers.get(id)?;
         match (&peer.out, &peer.incoming, peer.live) {
-            (Out::Up { outbox, link }, Incoming::Confirmed(_), false) => Some((outbox, *link)),
+            (Out::Up { outbox, link }, Some(_), false) => Some((outbox, *link)),
             _ => None,
         }
     }
@@ -340,14 +331,11 @@ impl Federation {
         let Some(peer) = self.peers.get_mut(id) else {
             return Vec::new();
         };
-        match &peer.incoming {
-            Incoming::Pending(s) if Arc::ptr_eq(s, stream) => {
-                peer.incoming = Incoming::None;
-                Vec::new()
-            }
-            Incoming::Confirmed(s) if Arc::ptr_eq(s, stream) => self.lose(id),
-            _ => Vec::new(),
+        if is(&peer.incoming, stream) {
+            return self.lose(id);
         }
+        peer.pending.retain(|s| !Arc::ptr_eq(s, stream));
+        Vec::new()
     }
 
     /// Rule 4: closes both links to `id` and keeps it, to be redialled; returns its
@@ -359,9 +347,10 @@ impl Federation {
         if let Out::Up { outbox, .. } = std::mem::replace(&mut peer.out, Out::Dialing) {
             outbox.shutdown(Shutdown::Both);
         }
-        if let Some(incoming) = std::mem::replace(&mut peer.incoming, Incoming::None).stream() {
+        if let Some(incoming) = peer.incoming.take() {
             let _ = incoming.shutdown(Shutdown::Both);
         }
+        // Links still pending were dialled after the loss: they may be the peer's redial.
         let was_live = std::mem::replace(&mut peer.live, false);
         let left: Vec<String> = std::mem::take(&mut peer.roster).into_iter().collect();
         peer.roster_full = false;
@@ -380,7 +369,7 @@ impl Federation {
     pub fn remove(&mut self, id: &ServerId, incoming: Option<&Arc<TcpStream>>) -> Vec<String> {
         let matches = match (self.peers.get(id), incoming) {
             (None, _) => false,
-            (Some(peer), Some(ended)) => peer.incoming.is(ended),
+            (Some(peer), Some(ended)) => is(&peer.incoming, ended),
             (Some(_), None) => true,
         };
         let Some(peer) = self.peers.remove(id).filter(|_| matches) else {
@@ -389,7 +378,7 @@ impl Federation {
         if let Out::Up { outbox, .. } = &peer.out {
             outbox.shutdown(Shutdown::Both);
         }
-        if let Some(incoming) = peer.incoming.stream() {
+        for incoming in peer.incoming.iter().chain(&peer.pending) {
             let _ = incoming.shutdown(Shutdown::Both);
         }
         if self.gone.len() >= MAX_GONE {
@@ -460,7 +449,7 @@ impl Federation {
             }
             // Dropping the outbox lets the writer send what is queued, the leave last, and
             // half-close.
-            if let Some(incoming) = peer.incoming.stream() {
+            for incoming in peer.incoming.iter().chain(&peer.pending) {
                 let _ = incoming.shutdown(Shutdown::Both);
             }
         }
@@ -479,10 +468,11 @@ impl Federation {
 }
 
 impl Neighbour {
-    fn new(incoming: Incoming) -> Neighbour {
+    fn new() -> Neighbour {
         Neighbour {
             out: Out::Dialing,
-            incoming,
+            incoming: None,
+            pending: VecDeque::new(),
             live: false,
             roster: BTreeSet::new(),
             roster_full: false,

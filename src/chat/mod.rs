@@ -51,7 +51,7 @@ use crate::outbox::Outbox;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use crate::{log_debug, log_info};
-use federation::Federation;
+use federation::{Federation, LinkLine};
 use hub::{Client, Hub, Line};
 use protocol::{Event, Opening, PeerMessage, Refusal, ServerId};
 use std::collections::VecDeque;
@@ -564,13 +564,8 @@ impl Chat {
     /// # Errors
     /// The reason the link is refused.
     fn hello(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Result<(), &'static str> {
-        let mut state = self.state();
-        let admitted = state.fed.hello(id, Arc::clone(stream))?;
-        for name in admitted.left {
-            state.run(Work::remote_leave(name));
-        }
-        drop(state);
-        if admitted.new {
+        let new = self.state().fed.hello(id, Arc::clone(stream))?;
+        if new {
             self.dial(id.clone());
         }
         Ok(())
@@ -630,9 +625,14 @@ impl Chat {
     fn peer_message(&self, from: &ServerId, stream: &Arc<TcpStream>, message: PeerMessage) -> bool {
         let mut state = self.state();
         match state.fed.incoming_line(from, stream) {
-            None => return false,
-            Some(true) => state.run(Work::Activate(from.clone())),
-            Some(false) => {}
+            LinkLine::Stale => return false,
+            LinkLine::Current => {}
+            LinkLine::Confirmed(left) => {
+                for name in left {
+                    state.run(Work::remote_leave(name));
+                }
+                state.run(Work::Activate(from.clone()));
+            }
         }
         match message {
             PeerMessage::Heartbeat => {}
