@@ -835,6 +835,21 @@ fn with_the_secret_a_forged_server_link_is_closed_and_its_events_reach_no_client
     eventually("the refusal to be logged", || {
         a.log_text().contains("link: refused")
     });
+    // Posing as B itself, whose new link would replace B's (issue 22's redial) if it
+    // counted: closed before the federation hears of it, so B's link and bob stay.
+    let log = a.log_text();
+    let b_id = log
+        .lines()
+        .find_map(|l| l.split("linked with ").nth(1)?.strip_suffix(" both ways"))
+        .expect("A logs its link with B");
+    let (b_addr, b_inc) = b_id.split_once('#').unwrap();
+    let mut forger = LineClient::connect(a.addr);
+    forger.send(format!("{{server_hello,{{\"{b_addr}\",{b_inc}}}}}\nheartbeat\n").as_bytes());
+    forger.send(b"{message,\"bob\",\"forged as B\"}\n");
+    forger.expect_closed();
+    eventually("the second refusal to be logged", || {
+        a.log_text().matches("link: refused").count() >= 2
+    });
     // A server with another secret cannot join either.
     let other = secret_file("other", b"another secret, also 32 bytes..\n");
     let out = Command::new(SERVER)

@@ -734,6 +734,70 @@ mod tests {
         }
     }
 
+    /// A connected loopback pair's accepted end, standing for a link's socket.
+    fn socket() -> (TcpStream, Arc<TcpStream>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dialled = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (dialled, Arc::new(listener.accept().unwrap().0))
+    }
+
+    #[test]
+    fn a_peer_is_live_with_both_links_and_only_a_confirmed_redial_replaces_it() {
+        let mut fed = Federation::new(id("127.0.0.1:1"));
+        let peer = id("127.0.0.1:2");
+        assert_eq!(fed.learn(std::slice::from_ref(&peer)), [peer.clone()]);
+        // Its link to us, welcomed: pending until a line arrives on it.
+        let (_d1, first) = socket();
+        assert_eq!(fed.hello(&peer, Arc::clone(&first)), Ok(false));
+        let (_d2, out) = socket();
+        let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
+        let link = fed.link_up(&peer, outbox).ok().unwrap();
+        assert!(
+            fed.ready(&peer).is_none(),
+            "not live on an unconfirmed link"
+        );
+        assert!(matches!(fed.incoming_line(&peer, &first), LinkLine::Confirmed(l) if l.is_empty()));
+        assert!(fed.ready(&peer).is_some());
+        fed.set_live(&peer);
+        assert_eq!(fed.members().len(), 2);
+        fed.roster(&peer, "bob", true);
+
+        // A hello held by a cut and delivered late: pending, never confirmed, and its end
+        // costs nothing.
+        let (_d3, stale) = socket();
+        assert_eq!(fed.hello(&peer, Arc::clone(&stale)), Ok(false));
+        assert!(fed.in_ended(&peer, &stale).is_empty());
+        assert!(matches!(fed.incoming_line(&peer, &stale), LinkLine::Stale));
+        assert_eq!(fed.members().len(), 2);
+        assert!(matches!(
+            fed.incoming_line(&peer, &first),
+            LinkLine::Current
+        ));
+
+        // The peer's real redial: once confirmed, the old links go and bob leaves with them.
+        let (_d4, redial) = socket();
+        assert_eq!(fed.hello(&peer, Arc::clone(&redial)), Ok(false));
+        assert!(
+            matches!(fed.incoming_line(&peer, &redial), LinkLine::Confirmed(l) if l == ["bob"])
+        );
+        assert_eq!(
+            fed.members().len(),
+            1,
+            "not live until our own redial is up"
+        );
+        assert!(fed.wants(&peer), "a lost peer is redialled");
+        assert!(fed.out_failed(&peer, link).is_empty(), "a stale report");
+        assert!(matches!(fed.incoming_line(&peer, &first), LinkLine::Stale));
+
+        // The new link ending loses it again (nothing to announce); a leave removes it.
+        assert!(fed.in_ended(&peer, &redial).is_empty());
+        assert!(fed.wants(&peer));
+        assert!(fed.remove(&peer, None).is_empty());
+        assert!(!fed.wants(&peer));
+        let (_d5, late) = socket();
+        assert_eq!(fed.hello(&peer, late), Err("server_gone"));
+    }
+
     #[test]
     fn a_peer_cannot_grow_its_roster_without_bound() {
         let mut fed = Federation::new(id("127.0.0.1:1"));
