@@ -42,16 +42,21 @@ impl Node {
     }
 }
 
-/// Three servers, 1 and 2 joining through 0, all linked through proxies; returns once every
-/// server lists all three.
+/// Three servers, 1 and 2 joining through 0, all linked through proxies, with the bound the
+/// tests use; returns once every server lists all three.
 fn federation() -> Vec<Node> {
+    federation_with(BOUND)
+}
+
+/// As [`federation`], with `--link-timeout bound`.
+fn federation_with(bound: &str) -> Vec<Node> {
     let listen = free_addrs(3).unwrap();
     let mut nodes: Vec<Node> = Vec::new();
     for addr in listen {
         let proxy = FaultProxy::start(addr).unwrap();
         let (addr, advertise) = (addr.to_string(), proxy.local_addr().to_string());
         let mut args = vec!["--listen", &addr, "--advertise", &advertise];
-        args.extend(["--link-timeout", BOUND]);
+        args.extend(["--link-timeout", bound]);
         let boot = nodes.first().map(|n| n.id().to_string());
         if let Some(boot) = &boot {
             args.extend(["--join", boot]);
@@ -367,18 +372,22 @@ fn a_name_taken_on_both_sides_of_a_cut_is_kept_by_the_smaller_server() {
     }
 }
 
-/// The measurement behind README's figures: repeated cuts and heals, timed.
-/// `cargo test --release --test partitions_chat -- --ignored --nocapture`
+/// The measurement behind README's figures: repeated cuts and heals, timed, with the
+/// tests' bound (1 s) and the default one (3 s).
+/// `cargo test --test partitions_chat -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement; run by hand (README, Partitions)"]
 fn measure_cut_to_leave_and_heal_to_reformed() {
-    for round in 0..5 {
-        let nodes = federation();
-        let busy = round % 2 == 1;
-        let t = cut_and_heal(&nodes, FaultProxy::cut, busy);
-        report(
-            &format!("round {round} ({})", if busy { "busy" } else { "quiet" }),
-            &t,
-        );
+    for bound in ["1", "3"] {
+        for round in 0..4 {
+            let nodes = federation_with(bound);
+            let busy = round % 2 == 1;
+            let t = cut_and_heal(&nodes, FaultProxy::cut, busy);
+            let room = if busy { "busy" } else { "quiet" };
+            report(
+                &format!("--link-timeout {bound}, round {round} ({room})"),
+                &t,
+            );
+        }
     }
 }
