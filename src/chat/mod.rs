@@ -29,8 +29,9 @@
 //! - **Slow clients.** A client whose outbox is full has fallen a whole outbox behind: it is
 //!   disconnected and announced as leaving; nobody waits for it.
 //!
-//! Federation rules (membership, links, failures) are in `federation`'s documentation and
-//! in `interop/PROTOCOLS.md`.
+//! Federation rules (membership, links, heartbeats, lost peers and their redial, a
+//! federation re-forming after a network partition) are in `federation`'s documentation
+//! and in `interop/PROTOCOLS.md`.
 
 pub mod bench;
 pub mod client;
@@ -191,7 +192,7 @@ impl ChatHandle {
         self.server.shutdown();
     }
 
-    /// The member list: this server and every server it has a link to, sorted.
+    /// The member list: this server and every live peer (both links up), sorted.
     pub fn members(&self) -> Vec<ServerId> {
         self.chat.state().fed.members()
     }

@@ -1,42 +1,4 @@
-//! Dead-peer detection and redial, the two halves of a link that heals by itself.
-//!
-//! - [`Liveness`]: a bound (default [`DEAD_PEER`], 3 s; servers take `--link-timeout SECS`)
-//!   within which a silent peer is declared dead. Each end's writer sends a heartbeat frame
-//!   whenever it has sent nothing for a third of the bound ([`Liveness::outbox`]), and each
-//!   end's reader gives up after the bound without a frame ([`Liveness::timeouts`] sets
-//!   [`Timeouts::idle`]; the reader loop then ends in [`End::Lost`](super::End::Lost) with a
-//!   timeout). Two heartbeats may be lost or late before a live peer is taken for dead.
-//! - [`redial`]: the supervisor loop of one configured or known peer: dial, serve the link
-//!   until it ends, wait [`Backoff::next_delay`] (at most [`MAX_RETRY`](super::MAX_RETRY)),
-//!   dial again, for as long as the service still wants the peer. The wait is cut short as
-//!   soon as the peer is no longer wanted, so a server shutting down joins these threads
-//!   promptly.
-//!
-//! ```
-//! use switchboard::link::{self, Backoff, Liveness};
-//! use std::cell::Cell;
-//! use std::time::Duration;
-//!
-//! let liveness = Liveness::new(Duration::from_secs(1));
-//! assert_eq!(liveness.heartbeat_interval(), Duration::from_millis(333));
-//!
-//! // A peer refused twice, then up once, then no longer wanted.
-//! let tries = Cell::new(0);
-//! let mut served = Vec::new();
-//! let mut backoff = Backoff::seeded(Duration::from_millis(1), Duration::from_millis(4), 1);
-//! let report = link::redial(
-//!     "demo",
-//!     &mut backoff,
-//!     || tries.get() < 3,
-//!     || {
-//!         tries.set(tries.get() + 1);
-//!         if tries.get() < 3 { Err("refused") } else { Ok(tries.get()) }
-//!     },
-//!     |link| served.push(link),
-//! );
-//! assert_eq!(served, [3]);
-//! assert_eq!((report.attempts, report.links), (3, 1));
-//! ```
+//! Dead-peer detection and redial: [`Liveness`] and [`redial`], re-exported by `link`.
 
 use super::{Backoff, Timeouts};
 use crate::log_info;
@@ -51,8 +13,46 @@ pub const DEAD_PEER: Duration = Duration::from_secs(3);
 /// How often a wait between dials checks that the peer is still wanted.
 const WANTED_POLL: Duration = Duration::from_millis(20);
 
-/// A link's dead-peer bound and the heartbeat that keeps a quiet link alive within it
-/// (example: [the module docs](self)).
+/// A link's dead-peer bound and the heartbeat that keeps a quiet link alive within it: with
+/// [`redial`], the two halves of a link that heals by itself.
+///
+/// - [`Liveness`]: a bound (default [`DEAD_PEER`], 3 s; servers take `--link-timeout SECS`)
+///   within which a silent peer is declared dead. Each end's writer sends a heartbeat frame
+///   whenever it has sent nothing for a third of the bound ([`Liveness::outbox`]), and each
+///   end's reader gives up after the bound without a frame ([`Liveness::timeouts`] sets
+///   [`Timeouts::idle`]; the reader loop then ends in [`End::Lost`](crate::link::End::Lost) with a
+///   timeout). Two heartbeats may be lost or late before a live peer is taken for dead.
+/// - [`redial`]: the supervisor loop of one configured or known peer: dial, serve the link
+///   until it ends, wait [`Backoff::next_delay`] (at most [`MAX_RETRY`](crate::link::MAX_RETRY)),
+///   dial again, for as long as the service still wants the peer. The wait is cut short as
+///   soon as the peer is no longer wanted, so a server shutting down joins these threads
+///   promptly.
+///
+/// ```
+/// use switchboard::link::{self, Backoff, Liveness};
+/// use std::cell::Cell;
+/// use std::time::Duration;
+///
+/// let liveness = Liveness::new(Duration::from_secs(1));
+/// assert_eq!(liveness.heartbeat_interval(), Duration::from_millis(333));
+///
+/// // A peer refused twice, then up once, then no longer wanted.
+/// let tries = Cell::new(0);
+/// let mut served = Vec::new();
+/// let mut backoff = Backoff::seeded(Duration::from_millis(1), Duration::from_millis(4), 1);
+/// let report = link::redial(
+///     "demo",
+///     &mut backoff,
+///     || tries.get() < 3,
+///     || {
+///         tries.set(tries.get() + 1);
+///         if tries.get() < 3 { Err("refused") } else { Ok(tries.get()) }
+///     },
+///     |link| served.push(link),
+/// );
+/// assert_eq!(served, [3]);
+/// assert_eq!((report.attempts, report.links), (3, 1));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
     /// A peer that sends nothing, heartbeats included, for this long is dead.
@@ -107,7 +107,7 @@ pub struct Redials {
     pub links: u64,
 }
 
-/// The supervisor loop of one peer (example: [the module docs](self)): while `wanted()`,
+/// The supervisor loop of one peer (example: [`Liveness`]'s docs): while `wanted()`,
 /// `dial()`; a link that comes up resets `backoff` and is given to `serve`, which returns
 /// when the link ends; after a failed dial or an ended link, waits `backoff.next_delay()`
 /// (returning early once `wanted()` is false) and dials again.
