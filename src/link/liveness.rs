@@ -33,8 +33,8 @@ const WANTED_POLL: Duration = Duration::from_millis(20);
 /// use std::cell::Cell;
 /// use std::time::Duration;
 ///
-/// let liveness = Liveness::new(Duration::from_secs(1));
-/// assert_eq!(liveness.heartbeat_interval(), Duration::from_millis(333));
+/// let liveness = Liveness::new(Duration::from_millis(900));
+/// assert_eq!(liveness.heartbeat_interval(), Duration::from_millis(300));
 ///
 /// // A peer refused twice, then up once, then no longer wanted.
 /// let tries = Cell::new(0);
