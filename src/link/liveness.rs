@@ -183,6 +183,57 @@ mod tests {
         assert_eq!(config.heartbeat.unwrap().0, Duration::from_secs(1));
     }
 
+    /// Over a real socket: an acceptor reading with the bound's timeouts, a dialer writing
+    /// nothing for three bounds, with and without the heartbeat.
+    #[test]
+    fn a_heartbeat_keeps_a_quiet_link_alive_past_the_bound_and_silence_ends_it() {
+        use crate::framing::{FrameReader, Framing};
+        use crate::link::{accept, End, SharedStream, Verdict};
+        use crate::outbox::Outbox;
+        use std::net::{TcpListener, TcpStream};
+        use std::ops::ControlFlow;
+        use std::sync::Arc;
+
+        let liveness = Liveness::new(Duration::from_millis(300));
+        for beating in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let acceptor = thread::spawn(move || {
+                let stream = Arc::new(listener.accept().unwrap().0);
+                let reader = FrameReader::new(SharedStream(Arc::clone(&stream)), Framing::Line);
+                let timeouts = liveness.timeouts(Timeouts::uniform(Duration::from_secs(5)));
+                let welcome = Verdict::Welcome(b"ok\n".to_vec());
+                let mut link = accept(&stream, reader, &timeouts, welcome)
+                    .unwrap()
+                    .unwrap();
+                let mut beats = 0;
+                let end = link.read_frames("t", |_| {
+                    beats += 1;
+                    ControlFlow::<()>::Continue(())
+                });
+                let timed_out = matches!(end, End::Lost(e) if e.is_timeout());
+                (beats, timed_out)
+            });
+            let client = Arc::new(TcpStream::connect(addr).unwrap());
+            let mut config = OutboxConfig::new("t", 4);
+            if beating {
+                config = liveness.outbox(config, Bytes::from(&b"heartbeat\n"[..]));
+            }
+            let (outbox, writer) = Outbox::new(client, config);
+            let writer = thread::spawn(move || writer.run());
+            thread::sleep(liveness.bound * 3);
+            drop(outbox);
+            writer.join().unwrap();
+            let (beats, timed_out) = acceptor.join().unwrap();
+            if beating {
+                assert!(!timed_out, "a beating link outlived three bounds");
+                assert!(beats >= 6, "{beats} heartbeats in three bounds");
+            } else {
+                assert!(timed_out && beats == 0, "a silent link dies at the bound");
+            }
+        }
+    }
+
     #[test]
     fn redial_waits_at_most_the_cap_and_stops_as_soon_as_unwanted() {
         // Never up: every wait is within the cap, and the loop ends when unwanted.
