@@ -402,6 +402,12 @@ fn a_server_that_leaves_is_dropped_and_a_restart_at_its_address_joins_again() {
     expect(&mut [&mut alice], &[r#"{leave,"carol"}"#]);
     carol.expect_closed();
     converge(&[&a, &b]);
+    // Gone for good, not lost (a lost server would be redialled): the leave came first on
+    // whichever of its two links each member read first.
+    for server in [&a, &b] {
+        eventually("C to be gone", || server.log_text().contains("is gone"));
+        assert!(!server.log_text().contains("lost"), "{}", server.log_text());
+    }
 
     let (c_addr, b_addr) = (c.addr.to_string(), b.addr.to_string());
     let again = ChildServer::start(SERVER, &["--listen", &c_addr, "--join", &b_addr]);

@@ -4,7 +4,7 @@
 //!
 //! 1. **One-way links.** Every member dials every other member and only writes its own
 //!    lines on the link it dialled; it reads only the links others dialled to it (on which
-//!    it writes nothing but heartbeats). Two servers are joined by two links, one each way,
+//!    it writes nothing but heartbeats, and `{server_leave,..}` when it leaves). Two servers are joined by two links, one each way,
 //!    so nobody has to decide who dials, and each server's own events go out on one ordered
 //!    link per peer.
 //! 2. **Heartbeats.** Every link carries a `heartbeat` line each way whenever it has been
@@ -96,9 +96,9 @@ pub struct Federation {
 struct Neighbour {
     out: Out,
     /// The link this peer dialled to us, which we read, once confirmed (rule 2).
-    incoming: Option<Arc<TcpStream>>,
+    incoming: Option<InLink>,
     /// Newer links from it, welcomed and not confirmed yet (rule 6), oldest first.
-    pending: VecDeque<Arc<TcpStream>>,
+    pending: VecDeque<InLink>,
     /// Both links up: our clients' events go to it, and it is a member (rule 3).
     live: bool,
     /// The clients on that server, as announced on its link.
@@ -116,9 +116,26 @@ enum Out {
     Up { outbox: Outbox, link: u64 },
 }
 
+/// A link a peer dialled to us: its socket, and the outbox of the heartbeats (and, when we
+/// leave, the `{server_leave,..}`) we write on it.
+pub struct InLink {
+    pub stream: Arc<TcpStream>,
+    pub beats: Outbox,
+}
+
+impl InLink {
+    fn is(&self, stream: &Arc<TcpStream>) -> bool {
+        Arc::ptr_eq(&self.stream, stream)
+    }
+
+    fn close(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
 /// Whether `link` is `stream`.
-fn is(link: &Option<Arc<TcpStream>>, stream: &Arc<TcpStream>) -> bool {
-    link.as_ref().is_some_and(|s| Arc::ptr_eq(s, stream))
+fn is(link: &Option<InLink>, stream: &Arc<TcpStream>) -> bool {
+    link.as_ref().is_some_and(|l| l.is(stream))
 }
 
 /// Unconfirmed links from one peer kept at most (the oldest is closed beyond).
@@ -213,22 +230,22 @@ impl Federation {
     ///
     /// # Errors
     /// The reason the link is refused, for `{error,Reason}`.
-    pub fn hello(&mut self, id: &ServerId, stream: Arc<TcpStream>) -> Result<bool, &'static str> {
+    pub fn hello(&mut self, id: &ServerId, link: InLink) -> Result<bool, &'static str> {
         self.admissible(id)?;
         if let Some(peer) = self.peers.get_mut(id) {
             if peer.pending.len() >= MAX_PENDING {
                 if let Some(oldest) = peer.pending.pop_front() {
-                    let _ = oldest.shutdown(Shutdown::Both);
+                    oldest.close();
                 }
             }
-            peer.pending.push_back(stream);
+            peer.pending.push_back(link);
             return Ok(false);
         }
         if self.peers.len() >= MAX_PEERS {
             return Err("too_many_servers");
         }
         let mut peer = Neighbour::new();
-        peer.pending.push_back(stream);
+        peer.pending.push_back(link);
         self.peers.insert(id.clone(), peer);
         Ok(true)
     }
@@ -242,12 +259,14 @@ impl Federation {
         if is(&peer.incoming, stream) {
             return LinkLine::Current;
         }
-        let Some(at) = peer.pending.iter().position(|s| Arc::ptr_eq(s, stream)) else {
+        let Some(at) = peer.pending.iter().position(|l| l.is(stream)) else {
             return LinkLine::Stale;
         };
-        peer.pending.remove(at);
+        let Some(confirmed) = peer.pending.remove(at) else {
+            return LinkLine::Stale;
+        };
         for other in peer.pending.drain(..) {
-            let _ = other.shutdown(Shutdown::Both);
+            other.close();
         }
         let left = if peer.incoming.is_some() {
             log_info!("chat: {id} dialled us again; its old links are dead");
@@ -256,7 +275,7 @@ impl Federation {
             Vec::new()
         };
         if let Some(peer) = self.peers.get_mut(id) {
-            peer.incoming = Some(Arc::clone(stream));
+            peer.incoming = Some(confirmed);
         }
         LinkLine::Confirmed(left)
     }
@@ -334,7 +353,7 @@ impl Federation {
         if is(&peer.incoming, stream) {
             return self.lose(id);
         }
-        peer.pending.retain(|s| !Arc::ptr_eq(s, stream));
+        peer.pending.retain(|l| !l.is(stream));
         Vec::new()
     }
 
@@ -348,7 +367,7 @@ impl Federation {
             outbox.shutdown(Shutdown::Both);
         }
         if let Some(incoming) = peer.incoming.take() {
-            let _ = incoming.shutdown(Shutdown::Both);
+            incoming.close();
         }
         // Links still pending were dialled after the loss: they may be the peer's redial.
         let was_live = std::mem::replace(&mut peer.live, false);
@@ -379,7 +398,7 @@ impl Federation {
             outbox.shutdown(Shutdown::Both);
         }
         for incoming in peer.incoming.iter().chain(&peer.pending) {
-            let _ = incoming.shutdown(Shutdown::Both);
+            incoming.close();
         }
         if self.gone.len() >= MAX_GONE {
             self.gone.pop_front();
@@ -433,8 +452,8 @@ impl Federation {
             .flat_map(|p| p.roster.iter().map(String::as_str))
     }
 
-    /// Leaves: `{server_leave,Id}` goes last on every live link, whose writer then closes
-    /// it; links to us are shut down. Nothing is linked or accepted after this.
+    /// Leaves: `{server_leave,Id}` goes last on every link, both ways, whose writer then
+    /// closes it. Nothing is linked or accepted after this.
     pub fn leave(&mut self) {
         if self.leaving {
             return;
@@ -447,11 +466,14 @@ impl Federation {
                 // Ends the watcher now, not when (or if) the peer closes its end.
                 outbox.shutdown(Shutdown::Read);
             }
-            // Dropping the outbox lets the writer send what is queued, the leave last, and
-            // half-close.
+            // The leave goes on the links to us too, so that the peer's watcher of the link
+            // it dialled takes the end for a leave, not a loss, whichever link it reads first.
             for incoming in peer.incoming.iter().chain(&peer.pending) {
-                let _ = incoming.shutdown(Shutdown::Both);
+                let _ = incoming.beats.send(Line::clone(&bye));
+                incoming.beats.shutdown(Shutdown::Read);
             }
+            // Dropping the outboxes lets the writers send what is queued, the leave last,
+            // and half-close.
         }
         log_info!("chat: left the federation");
     }
@@ -620,9 +642,17 @@ fn serve_outgoing(chat: &Chat, id: &ServerId, mut link: Link) {
         .0
         .group
         .spawn(format!("chat-watch-{}", id.addr), move || {
-            let end = link.read_frames(&name, |_| ControlFlow::<&str>::Continue(()));
+            // Heartbeats, and a `{server_leave,..}` when the peer leaves (rule 5).
+            let end = link.read_frames(&name, |line| match protocol::parse_peer(line) {
+                Ok(PeerMessage::Leave(left)) if left == who => ControlFlow::Break("it left"),
+                _ => ControlFlow::Continue(()),
+            });
             log_debug!("{name} ended: {}", describe(&end));
-            watcher.out_failed(&who, number);
+            if matches!(end, End::Stopped(_)) {
+                watcher.gone(&who);
+            } else {
+                watcher.out_failed(&who, number);
+            }
         });
     // Ends when the federation drops the outbox (the peer was lost or removed, or this
     // server is leaving), or when a write fails, which shuts the link down.
@@ -666,9 +696,21 @@ pub(super) fn serve_incoming(
     {
         return Ok(());
     }
+    // Our heartbeats on this link tell the peer's watcher we are alive (rule 2); the
+    // writer starts once the welcome is out.
+    let name = format!("chat: the link from {id}");
+    let config = OutboxConfig::new(name.clone(), HEARTBEAT_OUTBOX);
+    let config = chat.0.liveness.outbox(config, heartbeat());
+    let (beats, writer) = Outbox::new(Arc::clone(stream), config);
     let accepted = match &hello.to {
         Some(to) if to != chat.me() => Err("wrong_server"),
-        _ => chat.hello(&id, stream),
+        _ => chat.hello(
+            &id,
+            InLink {
+                stream: Arc::clone(stream),
+                beats: beats.clone(),
+            },
+        ),
     };
     let mut answer = Vec::new();
     let verdict = match accepted {
@@ -687,10 +729,6 @@ pub(super) fn serve_incoming(
         Ok(None) => return Ok(()),
         Err(e) => e.to_string(),
         Ok(Some(mut link)) => {
-            let name = format!("chat: the link from {id}");
-            // Our heartbeats on this link tell the peer's watcher we are alive (rule 2).
-            let config = OutboxConfig::new(name.clone(), HEARTBEAT_OUTBOX);
-            let (beats, writer) = link.outbox(chat.0.liveness.outbox(config, heartbeat()));
             if let Err(e) = chat
                 .0
                 .group
@@ -741,6 +779,15 @@ mod tests {
         (dialled, Arc::new(listener.accept().unwrap().0))
     }
 
+    /// A link to us over `stream` (its heartbeat writer not running).
+    fn in_link(stream: &Arc<TcpStream>) -> InLink {
+        let (beats, _writer) = Outbox::new(Arc::clone(stream), OutboxConfig::new("t", 4));
+        InLink {
+            stream: Arc::clone(stream),
+            beats,
+        }
+    }
+
     #[test]
     fn a_peer_is_live_with_both_links_and_only_a_confirmed_redial_replaces_it() {
         let mut fed = Federation::new(id("127.0.0.1:1"));
@@ -751,7 +798,7 @@ mod tests {
         );
         // Its link to us, welcomed: pending until a line arrives on it.
         let (_d1, first) = socket();
-        assert_eq!(fed.hello(&peer, Arc::clone(&first)), Ok(false));
+        assert_eq!(fed.hello(&peer, in_link(&first)), Ok(false));
         let (_d2, out) = socket();
         let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
         let link = fed.link_up(&peer, outbox).ok().unwrap();
@@ -768,7 +815,7 @@ mod tests {
         // A hello held by a cut and delivered late: pending, never confirmed, and its end
         // costs nothing.
         let (_d3, stale) = socket();
-        assert_eq!(fed.hello(&peer, Arc::clone(&stale)), Ok(false));
+        assert_eq!(fed.hello(&peer, in_link(&stale)), Ok(false));
         assert!(fed.in_ended(&peer, &stale).is_empty());
         assert!(matches!(fed.incoming_line(&peer, &stale), LinkLine::Stale));
         assert_eq!(fed.members().len(), 2);
@@ -779,7 +826,7 @@ mod tests {
 
         // The peer's real redial: once confirmed, the old links go and bob leaves with them.
         let (_d4, redial) = socket();
-        assert_eq!(fed.hello(&peer, Arc::clone(&redial)), Ok(false));
+        assert_eq!(fed.hello(&peer, in_link(&redial)), Ok(false));
         assert!(
             matches!(fed.incoming_line(&peer, &redial), LinkLine::Confirmed(l) if l == ["bob"])
         );
@@ -798,7 +845,7 @@ mod tests {
         assert!(fed.remove(&peer, None).is_empty());
         assert!(!fed.wants(&peer));
         let (_d5, late) = socket();
-        assert_eq!(fed.hello(&peer, late), Err("server_gone"));
+        assert_eq!(fed.hello(&peer, in_link(&late)), Err("server_gone"));
     }
 
     #[test]

@@ -564,8 +564,8 @@ impl Chat {
     ///
     /// # Errors
     /// The reason the link is refused.
-    fn hello(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Result<(), &'static str> {
-        let new = self.state().fed.hello(id, Arc::clone(stream))?;
+    fn hello(&self, id: &ServerId, link: federation::InLink) -> Result<(), &'static str> {
+        let new = self.state().fed.hello(id, link)?;
         if new {
             self.dial(id.clone());
         }
