@@ -452,30 +452,34 @@ impl Federation {
             .flat_map(|p| p.roster.iter().map(String::as_str))
     }
 
-    /// Leaves: `{server_leave,Id}` goes last on every link, both ways, whose writer then
-    /// closes it. Nothing is linked or accepted after this.
-    pub fn leave(&mut self) {
+    /// Leaves: `{server_leave,Id}` goes last on every link, both ways; links to us stop
+    /// being read. Nothing is linked or accepted after this. Returns every outbox the leave
+    /// was queued on: the caller waits for them to drain ([`drain`]), then drops them, and
+    /// each writer half-closes its link.
+    pub fn leave(&mut self) -> Vec<Outbox> {
         if self.leaving {
-            return;
+            return Vec::new();
         }
         self.leaving = true;
         let bye = encode(|out| protocol::format_peer(&PeerMessage::Leave(self.me.clone()), out));
+        let mut queued = Vec::new();
         for (_, peer) in std::mem::take(&mut self.peers) {
-            if let Out::Up { outbox, .. } = &peer.out {
+            if let Out::Up { outbox, .. } = peer.out {
                 let _ = outbox.send(Line::clone(&bye));
                 // Ends the watcher now, not when (or if) the peer closes its end.
                 outbox.shutdown(Shutdown::Read);
+                queued.push(outbox);
             }
             // The leave goes on the links to us too, so that the peer's watcher of the link
             // it dialled takes the end for a leave, not a loss, whichever link it reads first.
-            for incoming in peer.incoming.iter().chain(&peer.pending) {
+            for incoming in peer.incoming.into_iter().chain(peer.pending) {
                 let _ = incoming.beats.send(Line::clone(&bye));
                 incoming.beats.shutdown(Shutdown::Read);
+                queued.push(incoming.beats);
             }
-            // Dropping the outboxes lets the writers send what is queued, the leave last,
-            // and half-close.
         }
         log_info!("chat: left the federation");
+        queued
     }
 
     /// Logs the member list, as the seed's `[SERVER UPDATE]`.
@@ -514,6 +518,23 @@ fn auth(chat: &Chat) -> Option<link::Auth> {
         cluster: CLUSTER.to_vec(),
         identity: chat.me().to_string().into_bytes(),
     })
+}
+
+/// How long a leaving server waits for its `{server_leave,..}` lines to be written before
+/// its connections are shut down.
+const LEAVE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Waits (at most [`LEAVE_FLUSH`]) until every one of `outboxes` has been taken by its
+/// writer, and a moment for the last write; then drops them, so each writer half-closes.
+pub(super) fn drain(outboxes: Vec<Outbox>) {
+    if outboxes.is_empty() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + LEAVE_FLUSH;
+    while outboxes.iter().any(|o| !o.is_empty()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(20));
 }
 
 /// The one line a heartbeat is: `heartbeat\n`.

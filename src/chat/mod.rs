@@ -679,9 +679,11 @@ impl Chat {
         true
     }
 
-    /// Sends `{server_leave,Id}` on every link and closes them all.
+    /// Sends `{server_leave,Id}` on every link, both ways, and closes them all once it is
+    /// written (or a second has passed), before the server shuts its connections down.
     fn leave_federation(&self) {
-        self.state().fed.leave();
+        let queued = self.state().fed.leave();
+        federation::drain(queued);
     }
 }
 
