@@ -391,3 +391,81 @@ fn measure_cut_to_leave_and_heal_to_reformed() {
         }
     }
 }
+
+/// A link's queue is bounded while the network holds its bytes: overflowing it counts as a
+/// dead link (long before the 30 s bound used here), and the federation re-forms after
+/// the heal. In-process servers, for a queue of 8 lines.
+#[test]
+fn a_link_whose_queue_overflows_is_dead_and_the_federation_reforms_after_the_heal() {
+    use switchboard::chat::{ChatConfig, ChatServer};
+    let config = |advertise: Option<String>| ChatConfig {
+        link_outbox: 8,
+        link_timeout: Duration::from_secs(30),
+        advertise,
+        ..ChatConfig::default()
+    };
+    let b_listen = free_addrs(1).unwrap()[0];
+    let proxy = FaultProxy::start(b_listen).unwrap();
+    let b = ChatServer::bind(b_listen, config(Some(proxy.local_addr().to_string()))).unwrap();
+    let b = b.spawn().unwrap();
+    let a = ChatServer::bind("127.0.0.1:0", config(None)).unwrap();
+    a.join(&proxy.local_addr().to_string()).unwrap();
+    let a = a.spawn().unwrap();
+    let both_listed = || a.handle().members().len() == 2 && b.handle().members().len() == 2;
+    eventually("A and B to link", both_listed);
+    let mut bob = LineClient::connect(b.handle().local_addr());
+    assert_eq!(bob.ask("{client_join_req,\"bob\"}\n"), "{join,\"bob\"}");
+    let mut alice = LineClient::connect(a.handle().local_addr());
+    assert_eq!(
+        alice.ask("{client_join_req,\"alice\"}\n"),
+        "{join,\"alice\"}"
+    );
+    assert_eq!(next(&mut bob), "{join,\"alice\"}");
+
+    proxy.cut();
+    // 3,000 lines of 4 KB: more than the sockets and the proxy can hold, so A's writer to
+    // B blocks and its queue overflows.
+    let text = "x".repeat(4000);
+    let mut writer = alice.writer.try_clone().unwrap();
+    let talk = thread::spawn(move || {
+        use std::io::Write;
+        for _ in 0..3000 {
+            let line = format!("{{send,\"alice\",\"{text}\"}}\n");
+            writer.write_all(line.as_bytes()).unwrap();
+        }
+    });
+    let mut echoes = 0;
+    loop {
+        let line = next(&mut alice);
+        if line == "{leave,\"bob\"}" {
+            break;
+        }
+        assert!(line.starts_with("{message,\"alice\""), "{line}");
+        echoes += 1;
+    }
+    assert!(echoes < 3000, "the link died while alice still talked");
+    talk.join().unwrap();
+    for _ in echoes..3000 {
+        assert!(next(&mut alice).starts_with("{message,\"alice\""));
+    }
+    let healed = Instant::now();
+    proxy.heal();
+    assert_eq!(next(&mut alice), "{join,\"bob\"}");
+    // Bob heard some of alice's lines (those through before the cut), then her leave,
+    // then her join; none after her leave.
+    loop {
+        let line = next(&mut bob);
+        if line == "{leave,\"alice\"}" {
+            break;
+        }
+        assert!(line.starts_with("{message,\"alice\""), "{line}");
+    }
+    assert_eq!(next(&mut bob), "{join,\"alice\"}");
+    assert!(healed.elapsed() < REFORMED_WITHIN + Duration::from_secs(5));
+    eventually("A and B to list each other again", both_listed);
+    assert_eq!(
+        alice.ask("{send,\"alice\",\"back\"}\n"),
+        "{message,\"alice\",\"back\"}"
+    );
+    assert_eq!(next(&mut bob), "{message,\"alice\",\"back\"}");
+}
