@@ -419,6 +419,26 @@ fn a_server_that_leaves_is_dropped_and_a_restart_at_its_address_joins_again() {
 }
 
 #[test]
+fn the_server_join_named_is_joined_again_when_a_restart_answers_at_its_address() {
+    let mut b = start(&[]);
+    let b_addr = b.addr.to_string();
+    let a = start(&["--join", &b_addr, "--link-timeout", "1"]);
+    converge(&[&a, &b]);
+    b.kill9();
+    converge(&[&a]);
+    // A new server at the address, joining nobody: A's redial of the old one is answered
+    // by another server, and A joins again through the address it was given.
+    let again = ChildServer::start(SERVER, &["--listen", &b_addr]);
+    converge(&[&a, &again]);
+    let mut bob = join(again.addr, "bob");
+    settle(&[&a], &["bob"]);
+    let mut alice = join(a.addr, "alice");
+    expect(&mut [&mut bob], &[r#"{join,"alice"}"#]);
+    say(&mut alice, "alice", "found you");
+    expect(&mut [&mut bob], &[r#"{message,"alice","found you"}"#]);
+}
+
+#[test]
 fn an_idle_client_is_dropped_but_an_idle_link_between_servers_is_not() {
     let a = start(&[]);
     let b = start(&["--idle-timeout", "1", "--join", &a.addr.to_string()]);

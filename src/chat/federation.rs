@@ -29,7 +29,8 @@
 //! 5. **A gone peer** said `{server_leave,..}`, or answered a redial as another server (a
 //!    restart at its address) or as one that has us for gone: it is removed for good and
 //!    remembered, so a stale member list cannot bring it back. A restarted server has a new
-//!    incarnation: it is a new member.
+//!    incarnation: it is a new member. When the gone server was the one `--join` named, the
+//!    join is tried again at its address ([`rejoin`]) until a server there answers.
 //! 6. **A new link from a peer that already has one to us** means it has lost the old one:
 //!    once the new link is confirmed, the old links are closed as for a lost peer, and the
 //!    new one replaces them. Until then both are kept: a hello delivered late by a network
@@ -91,6 +92,11 @@ pub struct Federation {
     gone: VecDeque<ServerId>,
     leaving: bool,
     next_link: u64,
+    /// The addresses of the server `--join` named: as given, and as it answered. While no
+    /// known server has one of them, the join is tried again (rule 5).
+    configured: Vec<String>,
+    /// Whether a thread is trying the join again.
+    rejoining: bool,
 }
 
 struct Neighbour {
@@ -160,6 +166,8 @@ impl Federation {
             gone: VecDeque::new(),
             leaving: false,
             next_link: 0,
+            configured: Vec::new(),
+            rejoining: false,
         }
     }
 
@@ -414,6 +422,42 @@ impl Federation {
         peer.roster.into_iter().collect()
     }
 
+    /// Records the server a join reached: typed as `addr`, answering as `id`.
+    pub fn configure(&mut self, addr: &str, id: &ServerId) {
+        self.configured = vec![addr.to_owned(), id.addr.clone()];
+    }
+
+    /// Whether the configured server is to be joined again: none known at its address.
+    pub fn wants_rejoin(&self) -> bool {
+        !self.leaving
+            && !self.configured.is_empty()
+            && !self
+                .peers
+                .keys()
+                .any(|id| self.configured.contains(&id.addr))
+    }
+
+    /// The address to join again through, if that is wanted and nobody is at it already;
+    /// the caller then runs [`rejoin`].
+    pub fn start_rejoin(&mut self) -> Option<String> {
+        if self.rejoining || !self.wants_rejoin() {
+            return None;
+        }
+        self.rejoining = true;
+        self.configured.first().cloned()
+    }
+
+    /// No rejoin loop runs after all (its thread could not start).
+    pub fn cancel_rejoin(&mut self) {
+        self.rejoining = false;
+    }
+
+    /// A rejoin loop ended: `true` if it must go on after all (wanted again meanwhile).
+    pub fn rejoin_ended(&mut self) -> bool {
+        self.rejoining = self.wants_rejoin();
+        self.rejoining
+    }
+
     /// Whether `id` is still to be (re)dialled: known, not gone, and we are not leaving.
     pub fn wants(&self, id: &ServerId) -> bool {
         !self.leaving && self.peers.contains_key(id)
@@ -589,7 +633,39 @@ pub(super) fn join(chat: &Chat, peer: &str) -> Result<ServerId, LinkError> {
     log_info!("chat: joining the federation through {id}");
     chat.supervise(id.clone(), Some(link))
         .map_err(|e| LinkError::Io(io::Error::other(e)))?;
+    chat.state().fed.configure(peer, &id);
     Ok(id)
+}
+
+/// Joins through the configured address again, on a thread of its own, for as long as no
+/// known server is at it (rule 5): a restart there, or a server that left and comes back.
+/// The server that answers is then supervised on this thread.
+pub(super) fn rejoin(chat: &Chat, addr: &str) {
+    let hello = Hello {
+        from: chat.me().clone(),
+        to: None,
+    };
+    let name = format!("chat: joining again through {addr}");
+    loop {
+        link::redial(
+            &name,
+            &mut Backoff::default(),
+            || chat.state().fed.wants_rejoin(),
+            || {
+                let (link, id) = dial(chat, addr, &hello)?;
+                if let Err(reason) = chat.state().fed.expect(&id) {
+                    let _ = link.stream().shutdown(Shutdown::Both);
+                    return Err(LinkError::Refused(reason.to_owned()));
+                }
+                log_info!("{name}: {id} answered");
+                Ok((link, id))
+            },
+            |(link, id)| supervise(chat, &id, Some(link)),
+        );
+        if !chat.state().fed.rejoin_ended() {
+            return;
+        }
+    }
 }
 
 /// The life of our link to `id`, on a thread of its own: serves `first` (a link the join

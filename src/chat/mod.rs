@@ -610,10 +610,27 @@ impl Chat {
     fn in_ended(&self, id: &ServerId, stream: &Arc<TcpStream>, said_leave: bool) {
         self.state()
             .run(Work::InEnded(id.clone(), Arc::clone(stream), said_leave));
+        self.rejoin_if_wanted();
     }
 
     fn gone(&self, id: &ServerId) {
         self.state().run(Work::Gone(id.clone()));
+        self.rejoin_if_wanted();
+    }
+
+    /// Starts [`federation::rejoin`] when the server `--join` named is gone.
+    fn rejoin_if_wanted(&self) {
+        let Some(addr) = self.state().fed.start_rejoin() else {
+            return;
+        };
+        let chat = self.clone();
+        let spawned = self.0.group.spawn(format!("chat-rejoin-{addr}"), move || {
+            federation::rejoin(&chat, &addr)
+        });
+        if let Err(e) = spawned {
+            log_info!("chat: cannot join again: {e}");
+            self.state().fed.cancel_rejoin();
+        }
     }
 
     /// Whether `id` is still to be dialled.
