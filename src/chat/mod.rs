@@ -185,8 +185,9 @@ pub struct ChatHandle {
 }
 
 impl ChatHandle {
-    /// Leaves the federation gracefully (`{server_leave,Id}` on every link), then stops the
-    /// server. Returns at once; idempotent.
+    /// Leaves the federation gracefully (`{server_leave,Id}` on every link, both ways, and
+    /// a wait of at most a second for it to be written), then stops the server without
+    /// waiting for it to finish; idempotent.
     pub fn shutdown(&self) {
         self.chat.leave_federation();
         self.server.shutdown();
