@@ -4,9 +4,9 @@
 //!
 //! 1. **One-way links.** Every member dials every other member and only writes its own
 //!    lines on the link it dialled; it reads only the links others dialled to it (on which
-//!    it writes nothing but heartbeats, and `{server_leave,..}` when it leaves). Two servers are joined by two links, one each way,
-//!    so nobody has to decide who dials, and each server's own events go out on one ordered
-//!    link per peer.
+//!    it writes nothing but heartbeats, and `{server_leave,..}` when it leaves). Two
+//!    servers are joined by two links, one each way, so nobody has to decide who dials,
+//!    and each server's own events go out on one ordered link per peer.
 //! 2. **Heartbeats.** Every link carries a `heartbeat` line each way whenever it has been
 //!    idle for a third of the dead-peer bound (`--link-timeout`, 3 s by default), and a link
 //!    silent for the whole bound is dead ([`crate::link::Liveness`]). A dialled link sends a
