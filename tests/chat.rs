@@ -402,6 +402,12 @@ fn a_server_that_leaves_is_dropped_and_a_restart_at_its_address_joins_again() {
     expect(&mut [&mut alice], &[r#"{leave,"carol"}"#]);
     carol.expect_closed();
     converge(&[&a, &b]);
+    // Gone for good, not lost (a lost server would be redialled): the leave came first on
+    // whichever of its two links each member read first.
+    for server in [&a, &b] {
+        eventually("C to be gone", || server.log_text().contains("is gone"));
+        assert!(!server.log_text().contains("lost"), "{}", server.log_text());
+    }
 
     let (c_addr, b_addr) = (c.addr.to_string(), b.addr.to_string());
     let again = ChildServer::start(SERVER, &["--listen", &c_addr, "--join", &b_addr]);
@@ -410,6 +416,26 @@ fn a_server_that_leaves_is_dropped_and_a_restart_at_its_address_joins_again() {
     expect(&mut [&mut alice], &[r#"{join,"carol"}"#]);
     say(&mut carol, "carol", "back");
     expect(&mut [&mut alice], &[r#"{message,"carol","back"}"#]);
+}
+
+#[test]
+fn the_server_join_named_is_joined_again_when_a_restart_answers_at_its_address() {
+    let mut b = start(&[]);
+    let b_addr = b.addr.to_string();
+    let a = start(&["--join", &b_addr, "--link-timeout", "1"]);
+    converge(&[&a, &b]);
+    b.kill9();
+    converge(&[&a]);
+    // A new server at the address, joining nobody: A's redial of the old one is answered
+    // by another server, and A joins again through the address it was given.
+    let again = ChildServer::start(SERVER, &["--listen", &b_addr]);
+    converge(&[&a, &again]);
+    let mut bob = join(again.addr, "bob");
+    settle(&[&a], &["bob"]);
+    let mut alice = join(a.addr, "alice");
+    expect(&mut [&mut bob], &[r#"{join,"alice"}"#]);
+    say(&mut alice, "alice", "found you");
+    expect(&mut [&mut bob], &[r#"{message,"alice","found you"}"#]);
 }
 
 #[test]
@@ -834,6 +860,21 @@ fn with_the_secret_a_forged_server_link_is_closed_and_its_events_reach_no_client
     forger.expect_closed();
     eventually("the refusal to be logged", || {
         a.log_text().contains("link: refused")
+    });
+    // Posing as B itself, whose new link would replace B's (issue 22's redial) if it
+    // counted: closed before the federation hears of it, so B's link and bob stay.
+    let log = a.log_text();
+    let b_id = log
+        .lines()
+        .find_map(|l| l.split("linked with ").nth(1)?.strip_suffix(" both ways"))
+        .expect("A logs its link with B");
+    let (b_addr, b_inc) = b_id.split_once('#').unwrap();
+    let mut forger = LineClient::connect(a.addr);
+    forger.send(format!("{{server_hello,{{\"{b_addr}\",{b_inc}}}}}\nheartbeat\n").as_bytes());
+    forger.send(b"{message,\"bob\",\"forged as B\"}\n");
+    forger.expect_closed();
+    eventually("the second refusal to be logged", || {
+        a.log_text().matches("link: refused").count() >= 2
     });
     // A server with another secret cannot join either.
     let other = secret_file("other", b"another secret, also 32 bytes..\n");

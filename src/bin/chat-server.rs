@@ -21,6 +21,18 @@ struct Args {
     /// join the federation of the chat server at this address
     #[argh(option)]
     join: Option<String>,
+    /// the address other servers dial to reach this one, when not the listen address
+    /// (behind NAT, a proxy or a port forward); default: the listen address
+    #[argh(option)]
+    advertise: Option<String>,
+    /// a peer server silent this many seconds is lost (its clients leave) and redialled;
+    /// links send a heartbeat every third of it (default 3, fractions allowed)
+    #[argh(
+        option,
+        default = "switchboard::link::DEAD_PEER",
+        from_str_fn(switchboard::cli::positive_seconds)
+    )]
+    link_timeout: Duration,
     /// refuse connections beyond this many live ones (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
@@ -44,7 +56,10 @@ fn main() -> ExitCode {
     switchboard::log::set_verbose(args.verbose);
     // Every address this server listens on or dials decides whether a secret is required.
     let mut addrs = Vec::new();
-    for addr in std::iter::once(&args.listen).chain(&args.join) {
+    for addr in std::iter::once(&args.listen)
+        .chain(&args.join)
+        .chain(&args.advertise)
+    {
         match addr.to_socket_addrs() {
             Ok(resolved) => addrs.extend(resolved),
             Err(e) => return fail(&format!("cannot resolve {addr}: {e}")),
@@ -57,6 +72,8 @@ fn main() -> ExitCode {
     let mut config = ChatConfig {
         outbox: args.outbox,
         secret,
+        link_timeout: args.link_timeout,
+        advertise: args.advertise,
         ..ChatConfig::default()
     };
     config.server.max_connections = args.max_connections;

@@ -29,8 +29,9 @@
 //! - **Slow clients.** A client whose outbox is full has fallen a whole outbox behind: it is
 //!   disconnected and announced as leaving; nobody waits for it.
 //!
-//! Federation rules (membership, links, failures) are in `federation`'s documentation and
-//! in `interop/PROTOCOLS.md`.
+//! Federation rules (membership, links, heartbeats, lost peers and their redial, a
+//! federation re-forming after a network partition) are in `federation`'s documentation
+//! and in `interop/PROTOCOLS.md`.
 
 pub mod bench;
 pub mod client;
@@ -43,14 +44,15 @@ pub use crate::link::LinkError;
 
 use crate::auth::Secret;
 use crate::framing::{FrameReader, Framing, Limits};
-use crate::group::{Group, Running, Stop};
+use crate::group::{Group, GroupError, Running, Stop};
 // `client` connects through this, to the first of an address's addresses that answers.
 use crate::link::connect;
+use crate::link::{Liveness, Timeouts};
 use crate::outbox::Outbox;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use crate::{log_debug, log_info};
-use federation::Federation;
+use federation::{Federation, LinkLine};
 use hub::{Client, Hub, Line};
 use protocol::{Event, Opening, PeerMessage, Refusal, ServerId};
 use std::collections::VecDeque;
@@ -77,6 +79,12 @@ pub struct ChatConfig {
     /// servers proves it with [`crate::auth`]'s handshake, in both directions; without it
     /// any process that can connect may join (see [`crate::auth::cluster_secret`]).
     pub secret: Option<Secret>,
+    /// The dead-peer bound of every link between servers (`--link-timeout`): a peer
+    /// silent this long is lost, its clients announced leaving, and it is redialled.
+    pub link_timeout: Duration,
+    /// The address other servers dial to reach this one (`--advertise`), when it is not
+    /// the address it listens on (behind NAT, a proxy, a port forward).
+    pub advertise: Option<String>,
 }
 
 impl Default for ChatConfig {
@@ -88,6 +96,8 @@ impl Default for ChatConfig {
             outbox: 4096,
             link_outbox: 1 << 16,
             secret: None,
+            link_timeout: crate::link::DEAD_PEER,
+            advertise: None,
         }
     }
 }
@@ -99,9 +109,9 @@ pub struct ChatServer {
 }
 
 impl ChatServer {
-    /// Binds `addr`. The server is known to other servers by this address (with an
-    /// unspecified IP such as `0.0.0.0`, by loopback and the port), and by a number new at
-    /// each start.
+    /// Binds `addr`. The server is known to other servers by [`ChatConfig::advertise`], or
+    /// else by this address (with an unspecified IP such as `0.0.0.0`, by loopback and the
+    /// port), and by a number new at each start.
     ///
     /// # Errors
     /// When the address cannot be resolved or bound.
@@ -109,7 +119,10 @@ impl ChatServer {
         let listener = TcpListener::bind(addr)?;
         let local = listener.local_addr()?;
         let me = ServerId {
-            addr: advertised(local).to_string(),
+            addr: config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| advertised(local).to_string()),
             incarnation: incarnation(),
         };
         let chat = Chat::new(me, &config);
@@ -172,14 +185,15 @@ pub struct ChatHandle {
 }
 
 impl ChatHandle {
-    /// Leaves the federation gracefully (`{server_leave,Id}` on every link), then stops the
-    /// server. Returns at once; idempotent.
+    /// Leaves the federation gracefully (`{server_leave,Id}` on every link, both ways, and
+    /// a wait of at most a second for it to be written), then stops the server without
+    /// waiting for it to finish; idempotent.
     pub fn shutdown(&self) {
         self.chat.leave_federation();
         self.server.shutdown();
     }
 
-    /// The member list: this server and every server it has a link to, sorted.
+    /// The member list: this server and every live peer (both links up), sorted.
     pub fn members(&self) -> Vec<ServerId> {
         self.chat.state().fed.members()
     }
@@ -245,6 +259,8 @@ struct Shared {
     outbox: usize,
     link_outbox: usize,
     secret: Option<Secret>,
+    /// The dead-peer bound and heartbeat of every link between servers.
+    liveness: Liveness,
     state: Mutex<State>,
     /// Link threads (dialers, writers, watchers), joined at close; finished ones are reaped
     /// whenever a new one starts, so the group stays as large as the live links.
@@ -265,10 +281,16 @@ enum Work {
     Event { event: Event, relay: bool },
     /// Send the member list to every peer.
     Gossip,
-    /// An outgoing link (or the dial that would have made it) failed.
-    LinkFailed(ServerId, Option<u64>),
-    /// The incoming link from a peer ended: that server is gone.
-    PeerGone(ServerId, Arc<TcpStream>),
+    /// Our link (this number) to a peer failed: the peer is lost, if it is the current one.
+    OutFailed(ServerId, u64),
+    /// The link from a peer ended; with `true`, after its `{server_leave,..}`.
+    InEnded(ServerId, Arc<TcpStream>, bool),
+    /// The server will never be a member again (it restarted as another, or has us for gone).
+    Gone(ServerId),
+    /// Both links to a peer may be up now: if so, send it the snapshot and go live.
+    Activate(ServerId),
+    /// Local clients only: `{leave,Name}` then `{join,Name}`, a name that changed hands.
+    Replaced(String),
 }
 
 impl State {
@@ -296,13 +318,46 @@ impl State {
                     let line = encode(|out| protocol::format_peer(&members, out));
                     self.relay(&line, &mut queue);
                 }
-                Work::LinkFailed(id, link) => {
-                    let gone = self.fed.link_failed(&id, link);
-                    queue.extend(gone.into_iter().map(Work::remote_leave));
+                Work::OutFailed(id, link) => {
+                    let left = self.fed.out_failed(&id, link);
+                    queue.extend(left.into_iter().map(Work::remote_leave));
                 }
-                Work::PeerGone(id, stream) => {
-                    let gone = self.fed.remove(&id, Some(&stream));
-                    queue.extend(gone.into_iter().map(Work::remote_leave));
+                Work::InEnded(id, stream, said_leave) => {
+                    let left = if said_leave {
+                        self.fed.remove(&id, Some(&stream))
+                    } else {
+                        self.fed.in_ended(&id, &stream)
+                    };
+                    queue.extend(left.into_iter().map(Work::remote_leave));
+                }
+                Work::Gone(id) => {
+                    let left = self.fed.remove(&id, None);
+                    queue.extend(left.into_iter().map(Work::remote_leave));
+                }
+                Work::Activate(id) => {
+                    let Some((outbox, link)) = self.fed.ready(&id) else {
+                        continue;
+                    };
+                    // Our clients, each once: here now (present) or an event after this.
+                    let mut snapshot = Vec::new();
+                    for name in self.hub.names() {
+                        let present = PeerMessage::Present(name.to_owned());
+                        protocol::format_peer(&present, &mut snapshot);
+                    }
+                    if !snapshot.is_empty() && outbox.send(Line::from(snapshot)).is_err() {
+                        queue.push_back(Work::OutFailed(id, link));
+                        continue;
+                    }
+                    self.fed.set_live(&id);
+                    // The member list grew: everyone hears it, the new peer included.
+                    queue.push_back(Work::Gossip);
+                }
+                Work::Replaced(name) => {
+                    queue.push_back(Work::remote_leave(name.clone()));
+                    queue.push_back(Work::Event {
+                        event: Event::Join(name),
+                        relay: false,
+                    });
                 }
             }
         }
@@ -312,12 +367,15 @@ impl State {
     /// `{present,..}` from it); `true` when the name is new here and its join is shown.
     ///
     /// Names are unique across the federation: a server refuses a name any member is known
-    /// to hold. Two servers can still admit one name at once, each before it hears of the
-    /// other's join; every server then settles the two claims the same way, whatever order
-    /// they arrive in: **the server with the smaller id keeps the name**. A local client
-    /// that loses is sent `{error,name_taken}` and disconnected, and nobody is told it left:
-    /// its name is still in the room, held by the winner.
-    fn claim(&mut self, me: &ServerId, from: &ServerId, name: &str) -> bool {
+    /// to hold. Two servers can still admit one name at once: each before it hears of the
+    /// other's join, or each on its side of a cut. Every server then settles the two claims
+    /// the same way, whatever order they arrive in: **the server with the smaller id keeps
+    /// the name**. A local client that loses is sent `{error,name_taken}` and disconnected.
+    /// When the winning claim is a `{present,..}` (a federation re-forming after a cut),
+    /// the two were different people for a while: local clients that knew the loser see
+    /// `{leave,Name}` then `{join,Name}`. When it is a `{join,..}` that crossed the loser's
+    /// (admitted a moment ago), nobody is told: the name is still in the room.
+    fn claim(&mut self, me: &ServerId, from: &ServerId, name: &str, present: bool) -> bool {
         let holder = if self.hub.has(name) {
             Some(me)
         } else {
@@ -341,12 +399,18 @@ impl State {
                     client.outbox.shutdown(Shutdown::Read);
                 }
                 self.fed.roster(from, name, true);
+                if present {
+                    self.run(Work::Replaced(name.to_owned()));
+                }
                 false
             }
             Some(holder) => {
                 let holder = holder.clone();
                 self.fed.roster(&holder, name, false);
                 self.fed.roster(from, name, true);
+                if present {
+                    self.run(Work::Replaced(name.to_owned()));
+                }
                 false
             }
         }
@@ -358,7 +422,7 @@ impl State {
         queue.extend(
             failed
                 .into_iter()
-                .map(|(id, link)| Work::LinkFailed(id, Some(link))),
+                .map(|(id, link)| Work::OutFailed(id, link)),
         );
     }
 }
@@ -375,6 +439,14 @@ impl Work {
             relay: false,
         }
     }
+
+    /// The join of a client a peer has (a `{present,..}` new here), for local clients only.
+    fn remote_join(name: String) -> Work {
+        Work::Event {
+            event: Event::Join(name),
+            relay: false,
+        }
+    }
 }
 
 impl Chat {
@@ -388,12 +460,18 @@ impl Chat {
             outbox: config.outbox.max(1),
             link_outbox: config.link_outbox.max(1),
             secret: config.secret.clone(),
+            liveness: Liveness::new(config.link_timeout),
             group: Group::with_stack_size("chat", 128 << 10),
         }))
     }
 
     fn me(&self) -> &ServerId {
         &self.0.me
+    }
+
+    /// The timeouts of every link between servers, reads bounded by the dead-peer bound.
+    fn timeouts(&self) -> Timeouts {
+        self.0.liveness.timeouts(federation::BASE_TIMEOUTS)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -487,64 +565,96 @@ impl Chat {
     ///
     /// # Errors
     /// The reason the link is refused.
-    fn hello(&self, id: &ServerId, stream: &Arc<TcpStream>) -> Result<(), &'static str> {
-        if self.state().fed.hello(id, Arc::clone(stream))? {
+    fn hello(&self, id: &ServerId, link: federation::InLink) -> Result<(), &'static str> {
+        let new = self.state().fed.hello(id, link)?;
+        if new {
             self.dial(id.clone());
         }
         Ok(())
     }
 
-    /// Starts a link to `id` on a thread of its own.
+    /// Starts the supervisor of our link to `id` ([`federation::supervise`]).
     fn dial(&self, id: ServerId) {
-        let (chat, to) = (self.clone(), id.clone());
-        let name = format!("chat-link-{}", id.addr);
-        if let Err(e) = self
-            .0
-            .group
-            .spawn(name, move || federation::run_outgoing(chat, to))
-        {
+        if let Err(e) = self.supervise(id.clone(), None) {
             log_info!("chat: cannot link to {id}: {e}");
-            // As a failed dial: otherwise `id` would wait in `Dialing` forever, never a
-            // member and never removed.
-            self.link_failed(&id, None);
+            // Forgotten: otherwise `id` would wait in `Dialing` forever with nobody dialling.
+            self.gone(&id);
         }
     }
 
-    /// Makes the dialled link to `id` live with `outbox`; returns the link's number, or
-    /// `None` if the link is no longer wanted. The clients already here are queued first,
-    /// under the lock that registers the link: that is what lets the peer know of every
-    /// client exactly once: joined before (in the snapshot) or after (an event).
+    /// Runs [`federation::supervise`] for `id` on a thread of the link group.
+    fn supervise(&self, id: ServerId, first: Option<crate::link::Link>) -> Result<(), GroupError> {
+        let chat = self.clone();
+        let name = format!("chat-link-{}", id.addr);
+        self.0
+            .group
+            .spawn(name, move || federation::supervise(&chat, &id, first))
+            .map(drop)
+    }
+
+    /// Makes the dialled link to `id` up with `outbox`; returns the link's number, or
+    /// `None` if the link is no longer wanted. Its first line is a heartbeat, which
+    /// confirms it at the peer (federation rule 2); if the peer's link to us is confirmed
+    /// already, the peer goes live here and now.
     fn link_up(&self, id: &ServerId, outbox: Outbox) -> Option<u64> {
         let mut state = self.state();
-        let mut snapshot = Vec::new();
-        for name in state.hub.names() {
-            protocol::format_peer(&PeerMessage::Present(name.to_owned()), &mut snapshot);
-        }
-        if !snapshot.is_empty() && outbox.send(Line::from(snapshot)).is_err() {
-            return None;
-        }
+        outbox.send(federation::heartbeat()).ok()?;
         let link = state.fed.link_up(id, outbox).ok()?;
-        // The member list grew: everyone hears the new list, the new link included.
-        state.run(Work::Gossip);
+        state.run(Work::Activate(id.clone()));
         Some(link)
     }
 
-    fn link_failed(&self, id: &ServerId, link: Option<u64>) {
-        self.state().run(Work::LinkFailed(id.clone(), link));
+    fn out_failed(&self, id: &ServerId, link: u64) {
+        self.state().run(Work::OutFailed(id.clone(), link));
     }
 
-    fn peer_gone(&self, id: &ServerId, stream: &Arc<TcpStream>) {
+    fn in_ended(&self, id: &ServerId, stream: &Arc<TcpStream>, said_leave: bool) {
         self.state()
-            .run(Work::PeerGone(id.clone(), Arc::clone(stream)));
+            .run(Work::InEnded(id.clone(), Arc::clone(stream), said_leave));
+        self.rejoin_if_wanted();
     }
 
-    /// Handles one line from the link of `from`; `false` once `from` is no longer a member.
-    fn peer_message(&self, from: &ServerId, message: PeerMessage) -> bool {
+    fn gone(&self, id: &ServerId) {
+        self.state().run(Work::Gone(id.clone()));
+        self.rejoin_if_wanted();
+    }
+
+    /// Starts [`federation::rejoin`] when the server `--join` named is gone.
+    fn rejoin_if_wanted(&self) {
+        let Some(addr) = self.state().fed.start_rejoin() else {
+            return;
+        };
+        let chat = self.clone();
+        let spawned = self.0.group.spawn(format!("chat-rejoin-{addr}"), move || {
+            federation::rejoin(&chat, &addr)
+        });
+        if let Err(e) = spawned {
+            log_info!("chat: cannot join again: {e}");
+            self.state().fed.cancel_rejoin();
+        }
+    }
+
+    /// Whether `id` is still to be dialled.
+    fn wants(&self, id: &ServerId) -> bool {
+        self.state().fed.wants(id)
+    }
+
+    /// Handles one line from `stream`, the link of `from`; `false` once that link is no
+    /// longer the current one (replaced, or its server lost or gone).
+    fn peer_message(&self, from: &ServerId, stream: &Arc<TcpStream>, message: PeerMessage) -> bool {
         let mut state = self.state();
-        if !state.fed.has_incoming(from) {
-            return false;
+        match state.fed.incoming_line(from, stream) {
+            LinkLine::Stale => return false,
+            LinkLine::Current => {}
+            LinkLine::Confirmed(left) => {
+                for name in left {
+                    state.run(Work::remote_leave(name));
+                }
+                state.run(Work::Activate(from.clone()));
+            }
         }
         match message {
+            PeerMessage::Heartbeat => {}
             PeerMessage::UpdateServers(ids) => {
                 let new = state.fed.learn(&ids);
                 drop(state);
@@ -553,11 +663,13 @@ impl Chat {
                 }
             }
             PeerMessage::Present(name) => {
-                state.claim(self.me(), from, &name);
+                if state.claim(self.me(), from, &name, true) {
+                    state.run(Work::remote_join(name));
+                }
             }
             PeerMessage::Event(event) => {
                 let shown = match &event {
-                    Event::Join(name) => state.claim(self.me(), from, name),
+                    Event::Join(name) => state.claim(self.me(), from, name, false),
                     // Only the holder's leave is true: the loser of a claim leaves quietly.
                     Event::Leave(name) => {
                         let held = state.fed.holder(name) == Some(from);
@@ -585,9 +697,11 @@ impl Chat {
         true
     }
 
-    /// Sends `{server_leave,Id}` on every link and closes them all.
+    /// Sends `{server_leave,Id}` on every link, both ways, and closes them all once it is
+    /// written (or a second has passed), before the server shuts its connections down.
     fn leave_federation(&self) {
-        self.state().fed.leave();
+        let queued = self.state().fed.leave();
+        federation::drain(queued);
     }
 }
 
@@ -615,7 +729,7 @@ mod tests {
             state.fed.learn(&[small.clone(), big.clone()]);
             let shown: Vec<bool> = order
                 .iter()
-                .map(|from| state.claim(&me, from, "alice"))
+                .map(|from| state.claim(&me, from, "alice", false))
                 .collect();
             assert_eq!(shown, [true, false]);
             assert_eq!(state.fed.holder("alice"), Some(&small));

@@ -13,6 +13,7 @@
 //!                  {present,Name}               a client already joined when the link opened
 //!                  {join,Name} {message,Name,Text} {leave,Name}   the sender's clients' events
 //!                  {server_leave,Id}            the sender is leaving the federation
+//!                  heartbeat                    alive, nothing to say (both ways, when idle)
 //! Id = {"127.0.0.1:65003",Incarnation}          listen address, and a number new at each start
 //! ```
 //!
@@ -120,6 +121,9 @@ pub enum PeerMessage {
     Event(Event),
     /// `{server_leave,Id}`
     Leave(ServerId),
+    /// `heartbeat`: nothing to say, but alive (sent both ways on an idle link, see
+    /// [`crate::link::Liveness`]).
+    Heartbeat,
 }
 
 /// The acceptor's answer to `{server_hello,Id}`.
@@ -310,6 +314,9 @@ fn client_request(term: &Term) -> Result<ClientRequest, ProtocolError> {
 /// When the line is not one of the messages a server sends on a link.
 pub fn parse_peer(line: &[u8]) -> Result<PeerMessage, ProtocolError> {
     let term = parse_term(line)?;
+    if term.is_atom("heartbeat") {
+        return Ok(PeerMessage::Heartbeat);
+    }
     if let Some(event) = event(&term)? {
         return Ok(PeerMessage::Event(event));
     }
@@ -504,6 +511,7 @@ pub fn format_peer(message: &PeerMessage, out: &mut Vec<u8>) {
         PeerMessage::Present(name) => Term::tuple(vec![Term::atom("present"), Term::str(name)]),
         PeerMessage::Event(event) => event_term(event),
         PeerMessage::Leave(id) => Term::tuple(vec![Term::atom("server_leave"), id_term(id)]),
+        PeerMessage::Heartbeat => Term::atom("heartbeat"),
     };
     write_line(&term, out);
 }
@@ -778,6 +786,7 @@ mod tests {
             }),
             PeerMessage::Event(Event::Leave("bob".into())),
             PeerMessage::Leave(b),
+            PeerMessage::Heartbeat,
         ];
         for m in messages {
             let text = line(|o| format_peer(&m, o));
@@ -787,6 +796,10 @@ mod tests {
         assert_eq!(
             line(|o| format_peer(&PeerMessage::UpdateServers(vec![a]), o)),
             "{update_servers,[{\"127.0.0.1:1\",1}]}\n"
+        );
+        assert_eq!(
+            line(|o| format_peer(&PeerMessage::Heartbeat, o)),
+            "heartbeat\n"
         );
         assert_eq!(
             parse_peer(b"{client_join_req,bob}"),

@@ -25,7 +25,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-/// The redial policy of one link (see [the module docs](self)).
+/// The redial policy of one link (see [`crate::link`]).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     first: Duration,

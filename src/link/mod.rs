@@ -30,13 +30,16 @@
 //!   The acceptor's step is a separate call, [`authenticate`], because the service's
 //!   verdict (registering a peer) must come after it: a link that fails it never reaches
 //!   the service's state. The dialer's is inside [`Dialer::dial_with_auth`].
-//! - **Dead-peer detection**: a link's writer sends a heartbeat when idle
-//!   ([`OutboxConfig::heartbeat`]) and its reader gives up after [`Timeouts::idle`] without
-//!   a frame ([`End::Lost`] with a timeout), so a silent peer is declared dead within the
-//!   idle bound on both ends.
-//! - **Redial**: [`dial`] is one attempt; a service loops over it while the peer is
-//!   configured or known, waiting [`Backoff::next_delay`] between tries (jittered,
-//!   at most [`MAX_RETRY`] apart) and calling [`Backoff::reset`] once a link is up.
+//! - **Dead-peer detection** ([`Liveness`]): a link's writer sends a heartbeat when idle
+//!   ([`Liveness::outbox`], every third of the bound) and its reader gives up after the
+//!   bound without a frame ([`Liveness::timeouts`]; [`End::Lost`] with a timeout), so a
+//!   silent peer is declared dead within the bound ([`DEAD_PEER`], 3 s, by default) on both
+//!   ends. A service that wants it on both directions of a link runs a heartbeat writer on
+//!   the accepted end too ([`Link::outbox`] works on either end).
+//! - **Redial** ([`redial`]): [`dial`] is one attempt; the supervisor loop dials while the
+//!   peer is configured or known, serves each link until it ends, and waits
+//!   [`Backoff::next_delay`] between tries (jittered, at most [`MAX_RETRY`] apart),
+//!   resetting the backoff once a link is up.
 //!
 //! ```
 //! use switchboard::framing::{encode_frame, FrameReader, Framing, Limits};
@@ -718,6 +721,8 @@ impl<R: Read> Link<R> {
 
 mod backoff;
 pub use backoff::{Backoff, FIRST_RETRY, MAX_RETRY};
+mod liveness;
+pub use liveness::{redial, Liveness, Redials, DEAD_PEER};
 
 #[cfg(test)]
 mod tests;
