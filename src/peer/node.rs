@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub const DOWN_GRACE: Duration = Duration::from_secs(1);
 /// How often a joiner repeats `who_leads` and `join_req` until it is admitted.
 pub const JOIN_RETRY: Duration = Duration::from_millis(500);
+/// How often a member of the losing half of a healed split repeats its `merge` request
+/// until a list holding it and the winning half arrives.
+pub const MERGE_RETRY: Duration = JOIN_RETRY;
 /// How long a joiner tries before it gives up.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a chat message waits for its acknowledgement before it is sent again.
@@ -26,8 +29,14 @@ pub const MAX_HOPS: u64 = 32;
 pub const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 /// How long the chat streams of a member that left the list are kept, in case a rival
 /// list puts it back (see [`MemberList::supersedes`]): both ends then carry on where
-/// they were, instead of one of them starting over.
+/// they were, instead of one of them starting over. (A member *lost* to a split keeps its
+/// streams for as long as it is lost: see [`MAX_LOST`].)
 pub const STREAM_KEEP: Duration = Duration::from_secs(60);
+/// Members lost to a split (dropped from the list while out of reach from here) that a
+/// peer remembers at once: it keeps dialling each, and keeps its chat streams, until it is
+/// back on the list or a new run of it (or a peer of another room) holds its address. Past
+/// this many the oldest is forgotten.
+pub const MAX_LOST: usize = MAX_MEMBERS;
 /// How long the link advert of a peer that is not on the list (a joiner, or a member that
 /// left) is kept after it arrived. A joiner needs it kept while it joins (replies to it
 /// are routed), and gives up after [`JOIN_TIMEOUT`]; past that it is a stale flood.
@@ -67,8 +76,6 @@ pub enum Effect {
 pub enum Outcome {
     /// It left, and the leader confirmed it (or it was alone).
     Left,
-    /// The leader dropped it from the list while it was alive.
-    Dropped,
     /// The leader refused to admit it (`name_taken`, `bad_name`).
     Refused(String),
     /// No leader admitted it within [`JOIN_TIMEOUT`].
@@ -154,6 +161,13 @@ pub struct PeerState {
     early_bytes: usize,
     /// Members this peer has told its user it cannot reach (see `reach`).
     unreachable_shown: BTreeSet<Member>,
+    /// Members lost to a split, and since when: dialled every tick (the wiring paces the
+    /// dials) so that a healed network is found again; see [`MAX_LOST`].
+    lost: BTreeMap<Member, Instant>,
+    /// A list of this room that supersedes the one held but lacks this peer (the winning
+    /// half of a healed split, or a leader that dropped this peer while it was alive), and
+    /// when to ask its leader again to merge this peer's half in.
+    merging: Option<(MemberList, Instant)>,
 }
 
 impl PeerState {
@@ -188,9 +202,15 @@ impl PeerState {
             strangers: BTreeMap::new(),
             early_bytes: 0,
             unreachable_shown: BTreeSet::new(),
+            lost: BTreeMap::new(),
+            merging: None,
         };
         if via.is_none() {
-            let founding = MemberList::new(1, vec![node.me.clone()]).issued_by(node.me.clone());
+            // The founder names the room: its identity (name, address, incarnation) is
+            // unique to this run, so no two rooms ever share one.
+            let founding = MemberList::new(1, vec![node.me.clone()])
+                .issued_by(node.me.clone())
+                .of_room(node.me.clone());
             node.adopt(founding, None, now, out);
         }
         node
@@ -204,6 +224,32 @@ impl PeerState {
     /// The member list held now.
     pub fn members(&self) -> &MemberList {
         &self.list
+    }
+
+    /// The room this peer is in (its founder), once it holds a list.
+    pub fn room(&self) -> Option<&Member> {
+        self.list.room.as_ref()
+    }
+
+    /// Whether a link to a peer that says it is in `room` may stay: not when both ends are
+    /// in a room and the rooms differ (two rooms never merge by accident, whatever dials
+    /// whom). A peer in no room yet (a joiner) links to anyone.
+    pub fn same_room(&self, room: Option<&Member>) -> bool {
+        match (self.room(), room) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            _ => true,
+        }
+    }
+
+    /// The peer at `addr` is in another room: a member lost there is gone for good (its
+    /// port serves someone else now); stop dialling it.
+    pub fn other_room(&mut self, addr: SocketAddr) {
+        self.forget_lost(|m| m.addr == addr);
+    }
+
+    /// Members lost to a split, still dialled.
+    pub fn lost(&self) -> impl Iterator<Item = &Member> {
+        self.lost.keys()
     }
 
     /// Whether this peer is still joining through the peer at `addr` and has never held a
@@ -238,6 +284,8 @@ impl PeerState {
         if !self.links.insert(peer.clone()) {
             return;
         }
+        // Another run at a lost member's address: that member is gone for good.
+        self.forget_lost(|m| m.addr == peer.addr && *m != peer);
         self.routes = None;
         self.advertise(out);
         if self.list.version > 0 {
@@ -280,9 +328,17 @@ impl PeerState {
         out: &mut Vec<Effect>,
     ) {
         match msg {
-            PeerMessage::Hello(_) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
-            PeerMessage::Members(list) => {
-                if self.may_hand_over(link, &list, now) {
+            PeerMessage::Hello(..) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
+            PeerMessage::Members(mut list) => {
+                if !self.may_hand_over(link, &list) {
+                    return;
+                }
+                if list.room.is_none() {
+                    list.room = self.list.room.clone();
+                }
+                if self.status == Status::Joined && !list.contains(&self.me) {
+                    self.rival(list, now, out);
+                } else {
                     self.adopt(list, Some(link), now, out);
                 }
             }
@@ -339,25 +395,107 @@ impl PeerState {
         }
     }
 
-    /// Whether the member at the end of `link` may hand this peer `list`. Only the leader
+    /// Whether the member at the end of `link` may hand this peer `list`. Only a leader
     /// issues lists, but members pass them on (a flood, a new link's greeting), and a list
     /// carries no signature; so the rules bound what a member that is not the leader can
-    /// do: a peer on neither list (a member long gone, a peer that was never admitted)
-    /// hands over nothing, and a list that drops this peer (which makes it exit) is taken
-    /// only from the leader's own link. (A just-admitted member passes its list on before
-    /// everyone holds it, so "on the list held" would refuse honest floods.)
-    fn may_hand_over(&mut self, link: &Member, list: &MemberList, now: Instant) -> bool {
+    /// do, the way routing does for routed bodies: a list of another room is nobody's to
+    /// hand over; a peer on neither list (a member long gone, a peer never admitted) hands
+    /// over nothing; and a list is taken only on the link of the leader that issued it
+    /// whenever this peer has a link to that leader (which floods it on every link it
+    /// has), from any member only when it has none. So a member cannot rewrite the list,
+    /// or drop this peer from it, in its leader's name. (A just-admitted member passes its
+    /// list on before everyone holds it, so "on the list held" would refuse honest floods.)
+    fn may_hand_over(&self, link: &Member, list: &MemberList) -> bool {
         if !self.list.contains(link) && !list.contains(link) {
             return false;
         }
-        if self.status == Status::Joined
-            && !list.contains(&self.me)
-            && list.supersedes(&self.list)
-            && self.leader(now).as_ref() != Some(link)
-        {
+        if !self.same_room(list.room.as_ref()) {
             return false;
         }
-        true
+        match list.issuer() {
+            Some(issuer) => issuer == link || !self.links.contains(issuer),
+            None => true,
+        }
+    }
+
+    /// `list`, of this room, lacks this (joined) peer: the winning half of a healed split
+    /// (or a leader that dropped this peer while it was alive) if it supersedes the list
+    /// held. This peer does not take it (that would drop its own half); it asks that list's
+    /// leader to merge this half in, and takes the merged list when it comes. A rival that
+    /// does not supersede is the losing half: its members ask us.
+    fn rival(&mut self, list: MemberList, now: Instant, out: &mut Vec<Effect>) {
+        if !list.supersedes(&self.list) || list.members.is_empty() {
+            return;
+        }
+        if let Some((known, _)) = &self.merging {
+            if !list.supersedes(known) {
+                return;
+            }
+        }
+        self.merging = Some((list, now));
+        self.ask_to_merge(now, out);
+    }
+
+    /// Sends `merge` to the smallest member of the rival list (its leader unless that one
+    /// is down, and then the next list comes), every [`MERGE_RETRY`] until the list held
+    /// has caught up with the rival.
+    fn ask_to_merge(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Some((rival, next_try)) = &mut self.merging else {
+            return;
+        };
+        if self.status != Status::Joined || !rival.supersedes(&self.list) {
+            self.merging = None;
+            return;
+        }
+        if now < *next_try {
+            return;
+        }
+        *next_try = now + MERGE_RETRY;
+        let target = rival.members[0].clone();
+        let body = Body::Merge(self.list.clone());
+        self.route(target, body, now, out);
+    }
+
+    /// As the leader of the winning half: admits every member of `theirs` (the list of the
+    /// half `from` is in) whose name is free, in one new version, above both halves'
+    /// versions. Only a list this one supersedes is merged in (the other way round, this
+    /// half is the one to ask), and only from a member of it.
+    fn merge(&mut self, from: &Member, theirs: MemberList, now: Instant, out: &mut Vec<Effect>) {
+        if self.status != Status::Joined
+            || !theirs.contains(from)
+            || !self.list.supersedes(&theirs)
+            || self.leader(now).as_ref() != Some(&self.me)
+        {
+            return;
+        }
+        self.drop_down_members(now, out);
+        let mut next = self.list.members.clone();
+        for m in theirs.members {
+            if next.len() < MAX_MEMBERS
+                && valid_name(&m.name)
+                && !next.iter().any(|n| n.name == m.name)
+            {
+                next.push(m);
+            }
+        }
+        if next.len() > self.list.members.len() {
+            self.issue(next, now, out);
+        }
+    }
+
+    /// Forgets the lost members `gone` picks (a new run holds their address or name, or
+    /// another room does): no more dials, and their streams expire as a departed member's.
+    fn forget_lost(&mut self, gone: impl Fn(&Member) -> bool) {
+        let forgotten: Vec<(Member, Instant)> = self
+            .lost
+            .iter()
+            .filter(|(m, _)| gone(m))
+            .map(|(m, at)| (m.clone(), *at))
+            .collect();
+        for (m, at) in forgotten {
+            self.lost.remove(&m);
+            self.departed.insert(m, at);
+        }
     }
 
     /// Whether a routed message claiming to be from `from` may arrive on the link to
@@ -410,11 +548,17 @@ impl PeerState {
             return;
         }
         self.dial_missing(now, out);
+        self.probe_lost(out);
+        self.ask_to_merge(now, out);
         self.retransmit(now, out);
         self.show_reachability(now, out);
         self.drop_down_members(now, out);
         self.ask_to_leave(now, out);
         for m in older_than(&self.departed, STREAM_KEEP, now) {
+            if self.lost.contains_key(&m) {
+                self.departed.remove(&m);
+                continue;
+            }
             self.departed.remove(&m);
             self.outgoing.remove(&m);
             if let Some(stream) = self.incoming.remove(&m) {
@@ -551,6 +695,7 @@ impl PeerState {
                     self.issue(rest, now, out);
                 }
             }
+            Body::Merge(theirs) => self.merge(&from, theirs, now, out),
         }
     }
 
@@ -646,14 +791,19 @@ impl PeerState {
         if (list.members.is_empty() && link.is_some()) || !list.supersedes(&self.list) {
             return;
         }
+        // Who is out of reach from here now, judged before the list changes: a member
+        // removed while out of reach is lost to a split (or dead), not gone by choice.
+        self.refresh_routes(now);
+        let routes = self.routes.clone().unwrap_or_default();
         let old = std::mem::replace(&mut self.list, list);
         self.flood(PeerMessage::Members(self.list.clone()), link, out);
         self.routes = None;
-        let added: Vec<&Member> = self
+        let added: Vec<Member> = self
             .list
             .members
             .iter()
             .filter(|m| !old.contains(m))
+            .cloned()
             .collect();
         let removed: Vec<&Member> = old
             .members
@@ -670,11 +820,23 @@ impl PeerState {
                 self.topology.remove(gone);
             }
             self.unreachable_since.remove(*gone);
-            self.departed.insert((*gone).clone(), now);
+            let out_of_reach = !self.links.contains(*gone) && !routes.contains_key(*gone);
+            if out_of_reach && !matches!(self.status, Status::Joining { .. }) {
+                self.lost.insert((*gone).clone(), now);
+            } else {
+                self.departed.insert((*gone).clone(), now);
+            }
+        }
+        while self.lost.len() > MAX_LOST {
+            let oldest = self.lost.iter().min_by_key(|(_, at)| **at).map(|(m, _)| m.clone());
+            self.forget_lost(|m| Some(m) == oldest.as_ref());
         }
         for new in &added {
-            self.strangers.remove(*new);
-            self.departed.remove(*new);
+            self.strangers.remove(new);
+            self.departed.remove(new);
+            self.lost.remove(new);
+            // A new run of a lost member (its name or its address, another incarnation).
+            self.forget_lost(|m| m != new && (m.name == new.name || m.addr == new.addr));
             // A new member (or a new run at an old address) gets a fresh chance to link.
             self.refused.remove(&new.addr);
         }
@@ -689,7 +851,7 @@ impl PeerState {
                 self.advertise(out);
             }
             (Status::Joined | Status::Leaving { .. }, true) => {
-                for m in added.iter().filter(|m| ***m != self.me) {
+                for m in added.iter().filter(|m| **m != self.me) {
                     out.push(Effect::Print(format!("[JOIN] {}", m.name)));
                 }
                 self.refresh_routes(now);
@@ -706,21 +868,20 @@ impl PeerState {
                 }
                 out.push(Effect::Print(self.list.summary()));
             }
-            (Status::Joined, false) => {
-                self.status = Status::Done;
-                out.push(Effect::Finish(Outcome::Dropped));
-            }
             (Status::Leaving { .. }, false) => {
                 self.status = Status::Done;
                 out.push(Effect::Finish(Outcome::Left));
             }
-            (Status::Joining { .. } | Status::Done, false) | (Status::Done, true) => {}
+            // A joined peer takes no list without itself (`receive` makes it a rival).
+            (Status::Joining { .. } | Status::Joined | Status::Done, false)
+            | (Status::Done, true) => {}
         }
     }
 
-    /// As the leader: the next version of the list, with `members`.
+    /// As the leader: the next version of the list, with `members`, of the room held.
     fn issue(&mut self, members: Vec<Member>, now: Instant, out: &mut Vec<Effect>) {
-        let list = MemberList::new(self.list.version + 1, members).issued_by(self.me.clone());
+        let mut list = MemberList::new(self.list.version + 1, members).issued_by(self.me.clone());
+        list.room = self.list.room.clone();
         self.adopt(list, None, now, out);
     }
 
@@ -756,6 +917,18 @@ impl PeerState {
                 && !self.links.contains(m)
                 && self.allows_direct(m.addr)
                 && !self.refused.contains(&m.addr)
+            {
+                out.push(Effect::Dial(m.addr));
+            }
+        }
+    }
+
+    /// Dials every member lost to a split that this peer may link to and has no link to:
+    /// each tick, for as long as it is lost; the wiring paces the dials of one address
+    /// (`link::Backoff`, at most 1 s apart) and ignores one while a dial is under way.
+    fn probe_lost(&self, out: &mut Vec<Effect>) {
+        for m in self.lost.keys() {
+            if !self.links.contains(m) && self.allows_direct(m.addr) && !self.refused.contains(&m.addr)
             {
                 out.push(Effect::Dial(m.addr));
             }
