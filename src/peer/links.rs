@@ -88,9 +88,10 @@ impl Drop for Dialing {
         if self.up {
             st.redial.remove(&self.addr);
         } else {
-            let (backoff, at) = st.redial.entry(self.addr).or_insert_with(|| {
-                (Backoff::default(), Instant::now())
-            });
+            let (backoff, at) = st
+                .redial
+                .entry(self.addr)
+                .or_insert_with(|| (Backoff::default(), Instant::now()));
             *at = Instant::now() + backoff.next_delay();
         }
     }

@@ -828,7 +828,11 @@ impl PeerState {
             }
         }
         while self.lost.len() > MAX_LOST {
-            let oldest = self.lost.iter().min_by_key(|(_, at)| **at).map(|(m, _)| m.clone());
+            let oldest = self
+                .lost
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(m, _)| m.clone());
             self.forget_lost(|m| Some(m) == oldest.as_ref());
         }
         for new in &added {
@@ -928,7 +932,9 @@ impl PeerState {
     /// (`link::Backoff`, at most 1 s apart) and ignores one while a dial is under way.
     fn probe_lost(&self, out: &mut Vec<Effect>) {
         for m in self.lost.keys() {
-            if !self.links.contains(m) && self.allows_direct(m.addr) && !self.refused.contains(&m.addr)
+            if !self.links.contains(m)
+                && self.allows_direct(m.addr)
+                && !self.refused.contains(&m.addr)
             {
                 out.push(Effect::Dial(m.addr));
             }

@@ -324,14 +324,12 @@ impl PeerMessage {
                 list,
                 None,
             )?),
-            ("members", [version, leader, list, room]) => {
-                PeerMessage::Members(members_message(
-                    version,
-                    Some(Member::from_term(leader)?),
-                    list,
-                    Some(Member::from_term(room)?),
-                )?)
-            }
+            ("members", [version, leader, list, room]) => PeerMessage::Members(members_message(
+                version,
+                Some(Member::from_term(leader)?),
+                list,
+                Some(Member::from_term(room)?),
+            )?),
             ("links", [owner, seq, list]) => PeerMessage::Links {
                 owner: Member::from_term(owner)?,
                 seq: count(seq).ok_or(ProtocolError::Field("seq"))?,
@@ -449,7 +447,8 @@ fn format_body(body: &Body) -> Term {
             Term::int(l.version as i64),
             // Every list this peer sends was issued by someone; a leaderless one (from an
             // older peer) names its smallest member, whom the receiver takes for it.
-            l.issuer().map_or_else(|| Term::list(vec![]), Member::to_term),
+            l.issuer()
+                .map_or_else(|| Term::list(vec![]), Member::to_term),
             Term::list(l.members.iter().map(Member::to_term).collect()),
         ]),
     }

@@ -15,7 +15,7 @@ struct Sim {
     wire: VecDeque<(String, String, PeerMessage)>,
     printed: BTreeMap<String, Vec<String>>,
     finished: BTreeMap<String, Outcome>,
-    /// Lose every n-th chat message put on the wire.
+    /// Lose one in n chat messages put on the wire (which ones, a fixed scramble decides).
     lose_every: Option<usize>,
     msgs_seen: usize,
     /// A network split: these nodes on one side, the rest on the other; no link, no
@@ -108,9 +108,15 @@ impl Sim {
                     } = msg
                     {
                         self.msgs_seen += 1;
+                        // Scrambled, so that a loss never lines up with the period of
+                        // the resends (every n-th exactly would lose the same resend for
+                        // ever once n messages go round each second).
+                        let scrambled = (self.msgs_seen as u64)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            .rotate_left(29);
                         if self
                             .lose_every
-                            .is_some_and(|n| self.msgs_seen.is_multiple_of(n))
+                            .is_some_and(|n| scrambled.is_multiple_of(n as u64))
                         {
                             continue;
                         }
@@ -500,7 +506,10 @@ fn a_member_dropped_while_alive_asks_to_be_merged_back_instead_of_exiting() {
     let held = node.members().clone();
     node.receive(&a, PeerMessage::Members(list), sim.now, &mut out);
     assert_eq!(node.members(), &held, "c keeps its list");
-    assert!(!out.iter().any(|e| matches!(e, Effect::Finish(_))), "{out:?}");
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::Finish(_))),
+        "{out:?}"
+    );
     let asks = |e: &Effect| {
         matches!(e, Effect::Send(to, PeerMessage::Route { body: Body::Merge(l), .. })
             if *to == a && *l == held)

@@ -208,7 +208,12 @@ fn a_list_is_taken_only_on_its_issuers_link_and_dropping_this_peer_never_ends_it
         .of_room(a.clone());
     let node = sim.nodes.get_mut("c").unwrap();
     node.receive(&b, PeerMessage::Members(forged.clone()), sim.now, &mut out);
-    node.receive(&b, PeerMessage::Members(without_a.clone()), sim.now, &mut out);
+    node.receive(
+        &b,
+        PeerMessage::Members(without_a.clone()),
+        sim.now,
+        &mut out,
+    );
     assert_eq!(node.members(), &before);
     // From a peer on neither list, a list that keeps c but drops b.
     let x = member("x", 9);
@@ -219,7 +224,12 @@ fn a_list_is_taken_only_on_its_issuers_link_and_dropping_this_peer_never_ends_it
     // Without a link to a, c takes a's list from b (b may be on its route).
     node.link_down(&a, &mut out);
     out.clear();
-    node.receive(&b, PeerMessage::Members(without_a.clone()), sim.now, &mut out);
+    node.receive(
+        &b,
+        PeerMessage::Members(without_a.clone()),
+        sim.now,
+        &mut out,
+    );
     assert_eq!(node.members(), &without_a);
     // The leader's own word dropping c: c keeps its list and asks to be merged back.
     let mut out = Vec::new();
