@@ -52,14 +52,29 @@
 //!   is acknowledged (at most 1 s), then sends `leave` to the leader, which issues a list
 //!   without it; a leaving leader issues that list itself, so the next smallest leads. The
 //!   leaver exits once it holds such a list, or after 3 s in all.
-//! - A member that receives a newer list without itself was dropped (it was cut off for
-//!   over a second) and exits with an error. Failures are crash-stop: a network split
-//!   leaves two rooms that do not merge again.
+//! - **Rooms.** A room is named by the member that founded it (unique to that run); every
+//!   list carries it and every hello of a peer that holds a list. A link between peers of
+//!   two rooms is refused (`{refused,other_room}`) and a list of another room ignored, so
+//!   two rooms never merge by accident.
+//! - **Splits heal.** A member dropped from the list while this peer had no route to it is
+//!   *lost* (a split, or a crash): this peer dials its address every tick for as long as it
+//!   is lost (the dials of one address paced by [`link::Backoff`], at most about 1 s apart)
+//!   and keeps both chat streams with it. When a probe links the two halves, each end is
+//!   handed the other's list. A joined peer never takes a list without itself: when such a
+//!   list of its room supersedes its own, it is the winning half, and the peer sends its
+//!   own list (`merge`) to that list's smallest member, every 500 ms until merged. That
+//!   leader admits, in one new version, every member of the request whose name is free: one
+//!   leader, one list, a version above both halves'. A member dropped while alive (a
+//!   one-sided cut) asks back the same way instead of exiting.
 //!
 //! # Links and routing
 //!
-//! Every connection between peers is a link: `{hello,Member}` each way, then flooded lists
-//! and adverts, routed messages and heartbeats. `--no-direct ADDR` makes a peer refuse
+//! Every connection between peers is a link: `{hello,Member,Room}` each way (`{hello,Member}`
+//! from a joiner with no list yet), then flooded lists and adverts, routed messages and
+//! heartbeats. A list is taken only on the link of the leader that issued it whenever this
+//! peer has a link to that leader, from any member otherwise (see `node`); a line this
+//! peer cannot parse closes the link of a peer on no list it holds, and is skipped from a
+//! member. `--no-direct ADDR` makes a peer refuse
 //! (`{refused,no_direct}`) and never dial a link to ADDR, so their traffic is routed. When
 //! two links between the same pair open at once, both ends keep the one dialled by the
 //! smaller member (of two dialled by the same end, the newer); the other is half-closed
@@ -88,8 +103,10 @@
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
 //! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The tick runs
-//! every 100 ms: dials missing links, retries a join, resends, drops members down for
-//! 1 s. Links read with a 3 s timeout and write with a 3 s timeout.
+//! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
+//! drops members down for 1 s. A dial that fails puts off the next one to that address by
+//! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
+//! 3 s by default); `--reach ADDR=VIA` dials a member's address at another.
 //!
 //! # Bounds
 //!
