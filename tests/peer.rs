@@ -604,3 +604,32 @@ fn a_split_room_heals_into_one_within_5_s_of_the_network_returning() {
         }
     }
 }
+
+/// A room is named by its founder, checked on every link (issue 22: two rooms never merge
+/// by accident): a hello from a peer of another room is refused with `other_room`, while
+/// one of the same room, or of none yet (a joiner), is answered.
+#[test]
+fn a_link_from_another_room_is_refused() {
+    let a = PeerProc::start("a", None, &[]);
+    let mut joiner = LineClient::connect(a.addr);
+    joiner.send(br#"{hello,{"j","127.0.0.1:1",1}}"#);
+    joiner.send(b"\n");
+    let hello = String::from_utf8(joiner.line().expect("a's hello")).unwrap();
+    // {hello,<a>,<a>}: a founded the room it is in.
+    let inner = &hello["{hello,".len()..hello.len() - 1];
+    let (me, room) = inner.split_at(inner.find("},").unwrap() + 1);
+    assert_eq!(&room[1..], me, "{hello}");
+    let mut stranger = LineClient::connect(a.addr);
+    let other = r#"{"z","127.0.0.1:2",2}"#;
+    stranger.send(format!("{{hello,{{\"x\",\"127.0.0.1:3\",1}},{other}}}\n").as_bytes());
+    let answer = String::from_utf8(stranger.line().expect("a's answer")).unwrap();
+    assert_eq!(answer, "{refused,other_room}");
+    stranger.expect_closed();
+    eventually("a to log the refusal", || {
+        a.log_text().contains("in another room")
+    });
+    let mut member = LineClient::connect(a.addr);
+    member.send(format!("{{hello,{{\"y\",\"127.0.0.1:4\",1}},{me}}}\n").as_bytes());
+    let answer = String::from_utf8(member.line().expect("a's hello")).unwrap();
+    assert_eq!(answer, hello);
+}
