@@ -762,7 +762,8 @@ impl Peer {
     /// cannot be interrupted, and it ends with the process.
     ///
     /// # Errors
-    /// When the join is refused or times out, or the peer is dropped from the room.
+    /// When the join is refused or times out. (A peer dropped from the room while alive
+    /// asks to be merged back; that does not end it.)
     pub fn run(mut self, input: impl Read + Send + 'static) -> Result<(), PeerError> {
         // Admission comes first: no line is read before this peer is a member.
         match self.events.recv() {

@@ -231,27 +231,6 @@ impl PeerState {
         self.list.room.as_ref()
     }
 
-    /// Whether a link to a peer that says it is in `room` may stay: not when both ends are
-    /// in a room and the rooms differ (two rooms never merge by accident, whatever dials
-    /// whom). A peer in no room yet (a joiner) links to anyone.
-    pub fn same_room(&self, room: Option<&Member>) -> bool {
-        match (self.room(), room) {
-            (Some(mine), Some(theirs)) => mine == theirs,
-            _ => true,
-        }
-    }
-
-    /// The peer at `addr` is in another room: a member lost there is gone for good (its
-    /// port serves someone else now); stop dialling it.
-    pub fn other_room(&mut self, addr: SocketAddr) {
-        self.forget_lost(|m| m.addr == addr);
-    }
-
-    /// Members lost to a split, still dialled.
-    pub fn lost(&self) -> impl Iterator<Item = &Member> {
-        self.lost.keys()
-    }
-
     /// Whether this peer is still joining through the peer at `addr` and has never held a
     /// link or a list: a failed dial to `addr` now means there is no room to join there,
     /// and the user is better told at once than after the join timeout.
@@ -415,86 +394,6 @@ impl PeerState {
         match list.issuer() {
             Some(issuer) => issuer == link || !self.links.contains(issuer),
             None => true,
-        }
-    }
-
-    /// `list`, of this room, lacks this (joined) peer: the winning half of a healed split
-    /// (or a leader that dropped this peer while it was alive) if it supersedes the list
-    /// held. This peer does not take it (that would drop its own half); it asks that list's
-    /// leader to merge this half in, and takes the merged list when it comes. A rival that
-    /// does not supersede is the losing half: its members ask us.
-    fn rival(&mut self, list: MemberList, now: Instant, out: &mut Vec<Effect>) {
-        if !list.supersedes(&self.list) || list.members.is_empty() {
-            return;
-        }
-        if let Some((known, _)) = &self.merging {
-            if !list.supersedes(known) {
-                return;
-            }
-        }
-        self.merging = Some((list, now));
-        self.ask_to_merge(now, out);
-    }
-
-    /// Sends `merge` to the smallest member of the rival list (its leader unless that one
-    /// is down, and then the next list comes), every [`MERGE_RETRY`] until the list held
-    /// has caught up with the rival.
-    fn ask_to_merge(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let Some((rival, next_try)) = &mut self.merging else {
-            return;
-        };
-        if self.status != Status::Joined || !rival.supersedes(&self.list) {
-            self.merging = None;
-            return;
-        }
-        if now < *next_try {
-            return;
-        }
-        *next_try = now + MERGE_RETRY;
-        let target = rival.members[0].clone();
-        let body = Body::Merge(self.list.clone());
-        self.route(target, body, now, out);
-    }
-
-    /// As the leader of the winning half: admits every member of `theirs` (the list of the
-    /// half `from` is in) whose name is free, in one new version, above both halves'
-    /// versions. Only a list this one supersedes is merged in (the other way round, this
-    /// half is the one to ask), and only from a member of it.
-    fn merge(&mut self, from: &Member, theirs: MemberList, now: Instant, out: &mut Vec<Effect>) {
-        if self.status != Status::Joined
-            || !theirs.contains(from)
-            || !self.list.supersedes(&theirs)
-            || self.leader(now).as_ref() != Some(&self.me)
-        {
-            return;
-        }
-        self.drop_down_members(now, out);
-        let mut next = self.list.members.clone();
-        for m in theirs.members {
-            if next.len() < MAX_MEMBERS
-                && valid_name(&m.name)
-                && !next.iter().any(|n| n.name == m.name)
-            {
-                next.push(m);
-            }
-        }
-        if next.len() > self.list.members.len() {
-            self.issue(next, now, out);
-        }
-    }
-
-    /// Forgets the lost members `gone` picks (a new run holds their address or name, or
-    /// another room does): no more dials, and their streams expire as a departed member's.
-    fn forget_lost(&mut self, gone: impl Fn(&Member) -> bool) {
-        let forgotten: Vec<(Member, Instant)> = self
-            .lost
-            .iter()
-            .filter(|(m, _)| gone(m))
-            .map(|(m, at)| (m.clone(), *at))
-            .collect();
-        for (m, at) in forgotten {
-            self.lost.remove(&m);
-            self.departed.insert(m, at);
         }
     }
 
@@ -927,20 +826,6 @@ impl PeerState {
         }
     }
 
-    /// Dials every member lost to a split that this peer may link to and has no link to:
-    /// each tick, for as long as it is lost; the wiring paces the dials of one address
-    /// (`link::Backoff`, at most 1 s apart) and ignores one while a dial is under way.
-    fn probe_lost(&self, out: &mut Vec<Effect>) {
-        for m in self.lost.keys() {
-            if !self.links.contains(m)
-                && self.allows_direct(m.addr)
-                && !self.refused.contains(&m.addr)
-            {
-                out.push(Effect::Dial(m.addr));
-            }
-        }
-    }
-
     /// Resends lines unacknowledged for [`RETRANSMIT`], oldest first, at most
     /// [`RESEND_BURST`] a tick; a line with no route now stays due and goes once one
     /// appears.
@@ -1058,6 +943,9 @@ fn older_than(since: &BTreeMap<Member, Instant>, keep: Duration, now: Instant) -
 
 #[path = "reach.rs"]
 mod reach;
+
+#[path = "splits.rs"]
+mod splits;
 
 #[cfg(test)]
 #[path = "sim.rs"]
