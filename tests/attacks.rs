@@ -45,11 +45,9 @@ struct Member3 {
 impl Member3 {
     fn start(name: &'static str, via: Option<SocketAddr>, secret: Option<&Secret>) -> Member3 {
         let config = PeerConfig {
-            listen: "127.0.0.1:0".into(),
-            name: name.into(),
             via: via.map(|a| a.to_string()),
-            no_direct: Vec::new(),
             secret: secret.cloned(),
+            ..PeerConfig::new("127.0.0.1:0", name)
         };
         let out = Output::default();
         let peer = Peer::start(&config, Box::new(out.clone())).unwrap();
@@ -165,7 +163,7 @@ fn with_the_secret_forged_hello_members_and_routes_are_refused_and_change_nothin
     let secret = secret();
     let mut room = room(Some(&secret));
     let (alice, bob) = (guess("alice", room[0].addr), guess("bob", room[1].addr));
-    let hello_as_alice = line(&PeerMessage::Hello(alice.clone()));
+    let hello_as_alice = line(&PeerMessage::Hello(alice.clone(), None));
     // The one line that broke a room: members without bob and carol.
     let members = line(&PeerMessage::Members(MemberList::new(
         1000,
@@ -188,7 +186,7 @@ fn with_the_secret_forged_hello_members_and_routes_are_refused_and_change_nothin
         let back = forge(target, &[hello_as_alice.clone(), members.clone()]);
         assert!(back.is_empty(), "{}", String::from_utf8_lossy(&back));
     }
-    let hello_as_bob = line(&PeerMessage::Hello(bob.clone()));
+    let hello_as_bob = line(&PeerMessage::Hello(bob.clone(), None));
     let back = forge(room[0].addr, &[hello_as_bob, leave, msg]);
     assert!(back.is_empty(), "{}", String::from_utf8_lossy(&back));
     room_intact(&mut room, "after");
@@ -207,15 +205,15 @@ fn without_the_secret_a_stranger_still_cannot_speak_for_a_linked_member() {
     // Without the secret a hello answers with the member's true term.
     let mut probe = LineClient::connect(room[1].addr);
     let mallory = guess("mallory", "127.0.0.1:9".parse().unwrap());
-    probe.send(&line(&PeerMessage::Hello(mallory.clone())));
+    probe.send(&line(&PeerMessage::Hello(mallory.clone(), None)));
     let answer = probe.line().unwrap();
-    let Ok(PeerMessage::Hello(bob)) = PeerMessage::parse(&answer) else {
+    let Ok(PeerMessage::Hello(bob, _)) = PeerMessage::parse(&answer) else {
         panic!("{}", String::from_utf8_lossy(&answer));
     };
     drop(probe);
     let mut probe = LineClient::connect(room[0].addr);
-    probe.send(&line(&PeerMessage::Hello(mallory)));
-    let Ok(PeerMessage::Hello(alice)) = PeerMessage::parse(&probe.line().unwrap()) else {
+    probe.send(&line(&PeerMessage::Hello(mallory, None)));
+    let Ok(PeerMessage::Hello(alice, _)) = PeerMessage::parse(&probe.line().unwrap()) else {
         panic!("no hello from alice");
     };
     let route = |body| {
@@ -270,7 +268,7 @@ fn fuzz(duration: Duration, seed: u64) {
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         if rng.next().is_multiple_of(2) {
             let who = guess("alice", room[0].addr);
-            let _ = s.write_all(&line(&PeerMessage::Hello(who)));
+            let _ = s.write_all(&line(&PeerMessage::Hello(who, None)));
         }
         let n = (rng.next() % 4096) as usize;
         let _ = s.write_all(&rng.bytes(n));

@@ -6,6 +6,7 @@ use argh::FromArgs;
 use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use switchboard::log_info;
 use switchboard::peer::{Peer, PeerConfig};
 use switchboard::server::on_termination;
@@ -30,6 +31,14 @@ struct Args {
     /// required when listening or joining off loopback
     #[argh(option)]
     secret_file: Option<PathBuf>,
+    /// close a link silent this many seconds: the bound on noticing a cut network
+    /// (default 3, at least 1)
+    #[argh(option, default = "3")]
+    link_timeout: u64,
+    /// dial the peer known by address ADDR at VIA instead, as ADDR=VIA: a port forward,
+    /// a tunnel, or a test's fault proxy (repeatable)
+    #[argh(option, from_str_fn(switchboard::peer::parse_reach))]
+    reach: Vec<(String, String)>,
     /// log every link that opens or closes
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -52,6 +61,8 @@ fn main() -> ExitCode {
         via: args.via,
         no_direct: args.no_direct,
         secret,
+        link_timeout: Duration::from_secs(args.link_timeout),
+        reach: args.reach,
     };
     let peer = match Peer::start(&config, Box::new(io::stdout())) {
         Ok(peer) => peer,

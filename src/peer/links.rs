@@ -12,9 +12,12 @@ pub(super) fn run_link<R: Read>(
     peer: Member,
     mut link: Link<R>,
     id: u64,
-    dialing: Option<Dialing>,
+    mut dialing: Option<Dialing>,
 ) {
     let attached = shared.attach(&peer, &link, id, dialing.is_some());
+    if let Some(d) = &mut dialing {
+        d.up = matches!(attached, Attached::Registered);
+    }
     drop(dialing);
     let stream = Arc::clone(link.stream());
     match attached {
@@ -34,9 +37,17 @@ pub(super) fn run_link<R: Read>(
         match PeerMessage::parse(frame) {
             Ok(PeerMessage::Heartbeat) => {}
             Ok(msg) => shared.with_node(|node, now, out| node.receive(&peer, msg, now, out)),
-            Err(e) => log_info!("peer: from {peer}: {e}"),
+            // A member's line this peer cannot read may be a newer peer's message: skip
+            // it. A stranger's garbage (a peer on no list held) ends its own link.
+            Err(e) if shared.state().node.members().contains(&peer) => {
+                log_info!("peer: from {peer}: {e}; skipped");
+            }
+            Err(e) => {
+                log_info!("peer: from {peer}: {e}; not a member: link closed");
+                return ControlFlow::Break(());
+            }
         }
-        ControlFlow::<()>::Continue(())
+        ControlFlow::Continue(())
     });
     if let End::Lost(e) = &end {
         log_debug!("peer: link to {peer}: {e}");
@@ -51,6 +62,9 @@ pub(super) fn run_link<R: Read>(
     }
 }
 
+/// The acceptor's `{refused,Reason}` to a peer of another room.
+const OTHER_ROOM: &str = "other_room";
+
 /// A peer message as a link line, `\n` included.
 pub(super) fn line(msg: &PeerMessage) -> Vec<u8> {
     let mut line = msg.format().into_bytes();
@@ -58,52 +72,82 @@ pub(super) fn line(msg: &PeerMessage) -> Vec<u8> {
     line
 }
 
-/// An address being dialled; taken off the dialling set however the dial ends.
-pub(super) struct Dialing(Arc<Shared>, SocketAddr);
+/// An address being dialled; taken off the dialling set however the dial ends. A dial
+/// that ends without a registered link (`up` false) puts off the next dial of that address
+/// by its [`Backoff`]; one that brought a link up forgets the backoff.
+pub(super) struct Dialing {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    up: bool,
+}
 
 impl Drop for Dialing {
     fn drop(&mut self) {
-        self.0.state().dialing.remove(&self.1);
+        let mut st = self.shared.state();
+        st.dialing.remove(&self.addr);
+        if self.up {
+            st.redial.remove(&self.addr);
+        } else {
+            let (backoff, at) = st
+                .redial
+                .entry(self.addr)
+                .or_insert_with(|| (Backoff::default(), Instant::now()));
+            *at = Instant::now() + backoff.next_delay();
+        }
     }
 }
 
 /// Opens a link to `addr`: hello, and on the answering hello serves it on this thread.
 pub(super) fn dial(shared: Arc<Shared>, addr: SocketAddr) {
-    let guard = Dialing(Arc::clone(&shared), addr);
-    let me = {
+    let guard = Dialing {
+        shared: Arc::clone(&shared),
+        addr,
+        up: false,
+    };
+    let (me, room) = {
         let st = shared.state();
         if st.closing {
             return;
         }
-        st.node.me().clone()
+        (st.node.me().clone(), st.node.room().cloned())
     };
-    let hello = line(&PeerMessage::Hello(me.clone()));
-    let answer = |line: &[u8]| -> Result<Answer<Member>, HandlerError> {
+    let hello = line(&PeerMessage::Hello(me.clone(), room));
+    let answer = |line: &[u8]| -> Result<Answer<(Member, Option<Member>)>, HandlerError> {
         match PeerMessage::parse(line)? {
-            PeerMessage::Hello(peer) => Ok(Answer::Welcome(peer)),
+            PeerMessage::Hello(peer, room) => Ok(Answer::Welcome((peer, room))),
             PeerMessage::Refused(reason) => Ok(Answer::Refused(reason)),
             other => Err(format!("unexpected answer {}", other.format()).into()),
         }
     };
     // The dialer registers the socket with `links` from the connect on, so shutdown
     // either sees it or refuses it: a handshake never outlives the peer.
+    let target = shared.reach.get(&addr).copied().unwrap_or(addr);
     match shared
         .dialer
-        .dial_with_auth(shared.auth.as_ref(), addr, &hello, answer)
+        .dial_with_auth(shared.auth.as_ref(), target, &hello, answer)
     {
         // The answering hello must name the member that proved itself: one member's proof
         // cannot stand for another.
-        Ok((link, peer)) if link.peer_identity().is_some_and(|p| p != identity(&peer)) => {
+        Ok((link, (peer, _))) if link.peer_identity().is_some_and(|p| p != identity(&peer)) => {
             log_info!("peer: link to {addr}: {peer} is not who proved itself; closed");
             let _ = link.stream().shutdown(Shutdown::Both);
         }
-        Ok((link, peer)) if peer != me => {
+        Ok((link, (peer, room))) if !shared.state().node.same_room(room.as_ref()) => {
+            log_info!("peer: link to {addr}: {peer} is in another room; closed");
+            shared.state().node.other_room(addr);
+            let _ = link.stream().shutdown(Shutdown::Both);
+        }
+        Ok((link, (peer, _))) if peer != me => {
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
             run_link(&shared, peer, link, id, Some(guard));
         }
         Ok((link, _)) => {
             log_info!("peer: link to {addr}: that is this peer");
             let _ = link.stream().shutdown(Shutdown::Both);
+        }
+        Err(LinkError::Refused(reason)) if reason.contains(OTHER_ROOM) => {
+            shared.state().node.other_room(addr);
+            log_info!("peer: link to {addr}: refused ({reason}): it is in another room");
         }
         Err(LinkError::Refused(reason)) => {
             shared.state().node.direct_refused(addr);
@@ -133,29 +177,37 @@ pub(super) fn link_limits() -> Limits {
 /// The server side of a link: read the dialler's hello, answer, serve.
 pub(super) fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
     let stream = &conn.stream;
+    let timeouts = &shared.timeouts;
     let mut reader = FrameReader::with_limits(&**stream, Framing::Line, link_limits());
     let first = match reader.read_frame()? {
         Some(line) => PeerMessage::parse(line),
         None => return Ok(()),
     };
     // A hello is proven before the node hears of it: a stranger's link ends here, logged.
-    if let Ok(PeerMessage::Hello(peer)) = &first {
+    if let Ok(PeerMessage::Hello(peer, _)) = &first {
         let auth = shared.auth.as_ref();
-        if link::authenticate(stream, &mut reader, &TIMEOUTS, auth, &identity(peer)).is_err() {
+        if link::authenticate(stream, &mut reader, timeouts, auth, &identity(peer)).is_err() {
             return Ok(());
         }
     }
     let (peer, verdict) = match first {
-        Ok(PeerMessage::Hello(peer)) => {
-            let (allowed, me) = {
+        Ok(PeerMessage::Hello(peer, room)) => {
+            let (allowed, same_room, me, my_room) = {
                 let st = shared.state();
                 (
                     !st.closing && st.node.allows_direct(peer.addr),
+                    st.node.same_room(room.as_ref()),
                     st.node.me().clone(),
+                    st.node.room().cloned(),
                 )
             };
-            if allowed {
-                (Some(peer), Verdict::Welcome(line(&PeerMessage::Hello(me))))
+            if !same_room {
+                log_info!("peer: refusing a link from {peer}: it is in another room");
+                let refused = PeerMessage::Refused(OTHER_ROOM.into());
+                (None, Verdict::Refuse(line(&refused)))
+            } else if allowed {
+                let hello = PeerMessage::Hello(me, my_room);
+                (Some(peer), Verdict::Welcome(line(&hello)))
             } else {
                 log_info!("peer: refusing a direct link from {peer} (--no-direct)");
                 let refused = PeerMessage::Refused("no_direct".into());
@@ -167,7 +219,7 @@ pub(super) fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), 
             Verdict::Refuse(b"{refused,expected_hello}\n".to_vec()),
         ),
     };
-    let (Some(peer), Some(mut link)) = (peer, link::accept(stream, reader, &TIMEOUTS, verdict)?)
+    let (Some(peer), Some(mut link)) = (peer, link::accept(stream, reader, timeouts, verdict)?)
     else {
         return Ok(());
     };

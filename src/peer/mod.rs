@@ -52,14 +52,29 @@
 //!   is acknowledged (at most 1 s), then sends `leave` to the leader, which issues a list
 //!   without it; a leaving leader issues that list itself, so the next smallest leads. The
 //!   leaver exits once it holds such a list, or after 3 s in all.
-//! - A member that receives a newer list without itself was dropped (it was cut off for
-//!   over a second) and exits with an error. Failures are crash-stop: a network split
-//!   leaves two rooms that do not merge again.
+//! - **Rooms.** A room is named by the member that founded it (unique to that run); every
+//!   list carries it and every hello of a peer that holds a list. A link between peers of
+//!   two rooms is refused (`{refused,other_room}`) and a list of another room ignored, so
+//!   two rooms never merge by accident.
+//! - **Splits heal.** A member dropped from the list while this peer had no route to it is
+//!   *lost* (a split, or a crash): this peer dials its address every tick for as long as it
+//!   is lost (the dials of one address paced by [`link::Backoff`], at most about 1 s apart)
+//!   and keeps both chat streams with it. When a probe links the two halves, each end is
+//!   handed the other's list. A joined peer never takes a list without itself: when such a
+//!   list of its room supersedes its own, it is the winning half, and the peer sends its
+//!   own list (`merge`) to that list's smallest member, every 500 ms until merged. That
+//!   leader admits, in one new version, every member of the request whose name is free: one
+//!   leader, one list, a version above both halves'. A member dropped while alive (a
+//!   one-sided cut) asks back the same way instead of exiting.
 //!
 //! # Links and routing
 //!
-//! Every connection between peers is a link: `{hello,Member}` each way, then flooded lists
-//! and adverts, routed messages and heartbeats. `--no-direct ADDR` makes a peer refuse
+//! Every connection between peers is a link: `{hello,Member,Room}` each way (`{hello,Member}`
+//! from a joiner with no list yet), then flooded lists and adverts, routed messages and
+//! heartbeats. A list is taken only on the link of the leader that issued it whenever this
+//! peer has a link to that leader, from any member otherwise (see `node`); a line this
+//! peer cannot parse closes the link of a peer on no list it holds, and is skipped from a
+//! member. `--no-direct ADDR` makes a peer refuse
 //! (`{refused,no_direct}`) and never dial a link to ADDR, so their traffic is routed. When
 //! two links between the same pair open at once, both ends keep the one dialled by the
 //! smaller member (of two dialled by the same end, the newer); the other is half-closed
@@ -88,8 +103,10 @@
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
 //! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The tick runs
-//! every 100 ms: dials missing links, retries a join, resends, drops members down for
-//! 1 s. Links read with a 3 s timeout and write with a 3 s timeout.
+//! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
+//! drops members down for 1 s. A dial that fails puts off the next one to that address by
+//! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
+//! 3 s by default); `--reach ADDR=VIA` dials a member's address at another.
 //!
 //! # Bounds
 //!
@@ -115,7 +132,7 @@ pub mod routing;
 use crate::auth::{cluster_secret, PolicyError, Secret};
 use crate::framing::{FrameReader, Framing, Limits};
 use crate::group::{Group, Running, Stop};
-use crate::link::{self, Answer, Dialer, End, Link, LinkError, Timeouts, Verdict};
+use crate::link::{self, Answer, Backoff, Dialer, End, Link, LinkError, Timeouts, Verdict};
 use crate::outbox::{Bytes, Outbox, OutboxConfig};
 use crate::server::{Connection, HandlerError, RunningServer, Server, ServerConfig};
 use crate::{log_debug, log_info};
@@ -137,7 +154,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const TICK: Duration = Duration::from_millis(100);
 /// A link with nothing to send sends a heartbeat after this long.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
-/// A link that receives nothing for this long is closed (12 heartbeats missed).
+/// A link that receives nothing for this long is closed (12 heartbeats missed): the
+/// default of `--link-timeout`.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lines queued on one link beyond which the link is closed as stuck.
 pub const OUTBOX: usize = 4096;
@@ -147,13 +165,15 @@ pub const LEAVE_WAIT: Duration = Duration::from_secs(3);
 /// Longest line a peer may type, in bytes.
 pub use protocol::MAX_TEXT;
 /// Dial in 1 s; answer a hello, write, and hear something (a heartbeat at least) within
-/// [`LINK_TIMEOUT`], or the link is closed.
-const TIMEOUTS: Timeouts = Timeouts {
-    connect: Duration::from_secs(1),
-    handshake: LINK_TIMEOUT,
-    write: LINK_TIMEOUT,
-    idle: Some(LINK_TIMEOUT),
-};
+/// the link timeout (`--link-timeout`, [`LINK_TIMEOUT`] by default), or the link is closed.
+fn timeouts(link_timeout: Duration) -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(1),
+        handshake: link_timeout,
+        write: link_timeout,
+        idle: Some(link_timeout),
+    }
+}
 /// How long stopping waits for link writers to flush, and then for link threads to end.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
@@ -171,7 +191,45 @@ pub struct PeerConfig {
     /// The room's secret (`--secret-file`): with it every link proves it both ways
     /// ([`crate::auth`]) before its hello reaches the node; see [`secret_policy`].
     pub secret: Option<Secret>,
+    /// A link silent this long is closed (`--link-timeout`; [`LINK_TIMEOUT`] by default,
+    /// at least [`MIN_LINK_TIMEOUT`]): the bound on noticing a cut network.
+    pub link_timeout: Duration,
+    /// `(ADDR, VIA)` pairs (`--reach ADDR=VIA`): the peer listening at `ADDR` (as members
+    /// know it) is dialled at `VIA` (a port forward, a tunnel, a test's fault proxy).
+    pub reach: Vec<(String, String)>,
 }
+
+impl PeerConfig {
+    /// A peer listening on `listen` as `name` that starts a room; every other setting at
+    /// its default.
+    pub fn new(listen: &str, name: &str) -> PeerConfig {
+        PeerConfig {
+            listen: listen.to_owned(),
+            name: name.to_owned(),
+            via: None,
+            no_direct: Vec::new(),
+            secret: None,
+            link_timeout: LINK_TIMEOUT,
+            reach: Vec::new(),
+        }
+    }
+}
+
+/// Parses `--reach ADDR=VIA`.
+///
+/// # Errors
+/// Without an `=`, or with an empty side.
+pub fn parse_reach(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((addr, via)) if !addr.is_empty() && !via.is_empty() => {
+            Ok((addr.to_owned(), via.to_owned()))
+        }
+        _ => Err(format!("expected ADDR=VIA, got {arg:?}")),
+    }
+}
+
+/// The shortest `--link-timeout`: several heartbeats must fit in it.
+pub const MIN_LINK_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// Every tag of a chat-peer link is bound to this name: a proof made for another service
 /// sharing the secret file is worthless here.
@@ -246,8 +304,8 @@ pub enum PeerError {
         /// Why.
         source: io::Error,
     },
-    /// The leader dropped this peer from the room (it was unreachable).
-    Dropped,
+    /// `--link-timeout` below [`MIN_LINK_TIMEOUT`].
+    LinkTimeout(Duration),
     /// `--secret-file` is unusable, or missing where it is required.
     Secret(PolicyError),
 }
@@ -278,9 +336,10 @@ impl fmt::Display for PeerError {
             PeerError::ViaUnreachable { addr, source } => {
                 write!(f, "cannot reach --via {addr}: {source}")
             }
-            PeerError::Dropped => {
-                f.write_str("dropped from the room (the leader found this peer unreachable)")
-            }
+            PeerError::LinkTimeout(d) => write!(
+                f,
+                "--link-timeout {d:?} is too short: at least {MIN_LINK_TIMEOUT:?} (heartbeats go every {HEARTBEAT:?})"
+            ),
             PeerError::Secret(e) => write!(f, "{e}"),
         }
     }
@@ -339,6 +398,9 @@ struct State {
     links: HashMap<Member, LinkSlot>,
     output: Box<dyn Write + Send>,
     dialing: HashSet<SocketAddr>,
+    /// Addresses whose last dial failed: not dialled again before the time here, drawn
+    /// from the address's [`Backoff`] (reset, and the entry gone, once a link is up).
+    redial: HashMap<SocketAddr, (Backoff, Instant)>,
     closing: bool,
 }
 
@@ -356,6 +418,10 @@ struct Shared {
     dialer: Dialer,
     /// What this peer proves on every link, dialled or accepted (`--secret-file`).
     auth: Option<link::Auth>,
+    /// Every link's timeouts (`--link-timeout`).
+    timeouts: Timeouts,
+    /// Where to dial a member's address instead (`--reach`).
+    reach: HashMap<SocketAddr, SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -396,7 +462,9 @@ impl Shared {
                     let _ = writeln!(st.output, "{line}").and_then(|()| st.output.flush());
                 }
                 Effect::Dial(addr) => {
-                    if !st.closing && st.dialing.insert(addr) {
+                    let now = Instant::now();
+                    let backing_off = st.redial.get(&addr).is_some_and(|(_, at)| now < *at);
+                    if !st.closing && !backing_off && st.dialing.insert(addr) {
                         let shared = Arc::clone(self);
                         if self
                             .links
@@ -581,6 +649,23 @@ impl Peer {
         for addr in &config.no_direct {
             no_direct.extend(resolve(addr)?);
         }
+        if config.link_timeout < MIN_LINK_TIMEOUT {
+            return Err(PeerError::LinkTimeout(config.link_timeout));
+        }
+        let mut reach = HashMap::new();
+        for (addr, via) in &config.reach {
+            let first = |a: &String| {
+                resolve(a)?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| PeerError::Resolve {
+                        addr: a.clone(),
+                        source: io::Error::new(io::ErrorKind::NotFound, "no address"),
+                    })
+            };
+            reach.insert(first(addr)?, first(via)?);
+        }
+        let timeouts = timeouts(config.link_timeout);
         if let (Some(addr), Some(v)) = (via, &config.via) {
             if no_direct.contains(&addr) {
                 return Err(PeerError::ViaForbidden(v.clone()));
@@ -611,6 +696,7 @@ impl Peer {
                 links: HashMap::new(),
                 output,
                 dialing: HashSet::new(),
+                redial: HashMap::new(),
                 closing: false,
             }),
             changed: Condvar::new(),
@@ -621,20 +707,22 @@ impl Peer {
             dialer: Dialer {
                 limits: link_limits(),
                 group: Some(links),
-                ..Dialer::new(Framing::Line, TIMEOUTS)
+                ..Dialer::new(Framing::Line, timeouts)
             },
             auth: config.secret.clone().map(|secret| link::Auth {
                 secret,
                 cluster: CLUSTER.to_vec(),
                 identity: my_identity,
             }),
+            timeouts,
+            reach,
         });
         {
             let mut st = shared.state();
             shared.apply(&mut st, effects);
         }
         let mut server_config = ServerConfig::named("peer");
-        server_config.idle_timeout = Some(LINK_TIMEOUT);
+        server_config.idle_timeout = Some(config.link_timeout);
         let for_links = Arc::clone(&shared);
         let server = Server::from_listener(listener, server_config, move |conn| {
             accept_link(&for_links, conn)
@@ -674,7 +762,8 @@ impl Peer {
     /// cannot be interrupted, and it ends with the process.
     ///
     /// # Errors
-    /// When the join is refused or times out, or the peer is dropped from the room.
+    /// When the join is refused or times out. (A peer dropped from the room while alive
+    /// asks to be merged back; that does not end it.)
     pub fn run(mut self, input: impl Read + Send + 'static) -> Result<(), PeerError> {
         // Admission comes first: no line is read before this peer is a member.
         match self.events.recv() {
@@ -714,7 +803,6 @@ impl Peer {
         self.stop();
         match outcome {
             Outcome::Left => Ok(()),
-            Outcome::Dropped => Err(PeerError::Dropped),
             Outcome::JoinTimeout => Err(PeerError::JoinTimeout),
             Outcome::Refused(reason) => Err(PeerError::JoinRefused {
                 name: self.shared.state().node.me().name.clone(),

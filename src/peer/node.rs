@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub const DOWN_GRACE: Duration = Duration::from_secs(1);
 /// How often a joiner repeats `who_leads` and `join_req` until it is admitted.
 pub const JOIN_RETRY: Duration = Duration::from_millis(500);
+/// How often a member of the losing half of a healed split repeats its `merge` request
+/// until a list holding it and the winning half arrives.
+pub const MERGE_RETRY: Duration = JOIN_RETRY;
 /// How long a joiner tries before it gives up.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a chat message waits for its acknowledgement before it is sent again.
@@ -26,8 +29,14 @@ pub const MAX_HOPS: u64 = 32;
 pub const LEAVE_FLUSH: Duration = Duration::from_secs(1);
 /// How long the chat streams of a member that left the list are kept, in case a rival
 /// list puts it back (see [`MemberList::supersedes`]): both ends then carry on where
-/// they were, instead of one of them starting over.
+/// they were, instead of one of them starting over. (A member *lost* to a split keeps its
+/// streams for as long as it is lost: see [`MAX_LOST`].)
 pub const STREAM_KEEP: Duration = Duration::from_secs(60);
+/// Members lost to a split (dropped from the list while out of reach from here) that a
+/// peer remembers at once: it keeps dialling each, and keeps its chat streams, until it is
+/// back on the list or a new run of it (or a peer of another room) holds its address. Past
+/// this many the oldest is forgotten.
+pub const MAX_LOST: usize = MAX_MEMBERS;
 /// How long the link advert of a peer that is not on the list (a joiner, or a member that
 /// left) is kept after it arrived. A joiner needs it kept while it joins (replies to it
 /// are routed), and gives up after [`JOIN_TIMEOUT`]; past that it is a stale flood.
@@ -67,8 +76,6 @@ pub enum Effect {
 pub enum Outcome {
     /// It left, and the leader confirmed it (or it was alone).
     Left,
-    /// The leader dropped it from the list while it was alive.
-    Dropped,
     /// The leader refused to admit it (`name_taken`, `bad_name`).
     Refused(String),
     /// No leader admitted it within [`JOIN_TIMEOUT`].
@@ -154,6 +161,13 @@ pub struct PeerState {
     early_bytes: usize,
     /// Members this peer has told its user it cannot reach (see `reach`).
     unreachable_shown: BTreeSet<Member>,
+    /// Members lost to a split, and since when: dialled every tick (the wiring paces the
+    /// dials) so that a healed network is found again; see [`MAX_LOST`].
+    lost: BTreeMap<Member, Instant>,
+    /// A list of this room that supersedes the one held but lacks this peer (the winning
+    /// half of a healed split, or a leader that dropped this peer while it was alive), and
+    /// when to ask its leader again to merge this peer's half in.
+    merging: Option<(MemberList, Instant)>,
 }
 
 impl PeerState {
@@ -188,9 +202,15 @@ impl PeerState {
             strangers: BTreeMap::new(),
             early_bytes: 0,
             unreachable_shown: BTreeSet::new(),
+            lost: BTreeMap::new(),
+            merging: None,
         };
         if via.is_none() {
-            let founding = MemberList::new(1, vec![node.me.clone()]).issued_by(node.me.clone());
+            // The founder names the room: its identity (name, address, incarnation) is
+            // unique to this run, so no two rooms ever share one.
+            let founding = MemberList::new(1, vec![node.me.clone()])
+                .issued_by(node.me.clone())
+                .of_room(node.me.clone());
             node.adopt(founding, None, now, out);
         }
         node
@@ -204,6 +224,11 @@ impl PeerState {
     /// The member list held now.
     pub fn members(&self) -> &MemberList {
         &self.list
+    }
+
+    /// The room this peer is in (its founder), once it holds a list.
+    pub fn room(&self) -> Option<&Member> {
+        self.list.room.as_ref()
     }
 
     /// Whether this peer is still joining through the peer at `addr` and has never held a
@@ -238,6 +263,8 @@ impl PeerState {
         if !self.links.insert(peer.clone()) {
             return;
         }
+        // Another run at a lost member's address: that member is gone for good.
+        self.forget_lost(|m| m.addr == peer.addr && *m != peer);
         self.routes = None;
         self.advertise(out);
         if self.list.version > 0 {
@@ -280,9 +307,17 @@ impl PeerState {
         out: &mut Vec<Effect>,
     ) {
         match msg {
-            PeerMessage::Hello(_) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
-            PeerMessage::Members(list) => {
-                if self.may_hand_over(link, &list, now) {
+            PeerMessage::Hello(..) | PeerMessage::Refused(_) | PeerMessage::Heartbeat => {}
+            PeerMessage::Members(mut list) => {
+                if !self.may_hand_over(link, &list) {
+                    return;
+                }
+                if list.room.is_none() {
+                    list.room = self.list.room.clone();
+                }
+                if self.status == Status::Joined && !list.contains(&self.me) {
+                    self.rival(list, now, out);
+                } else {
                     self.adopt(list, Some(link), now, out);
                 }
             }
@@ -339,25 +374,27 @@ impl PeerState {
         }
     }
 
-    /// Whether the member at the end of `link` may hand this peer `list`. Only the leader
+    /// Whether the member at the end of `link` may hand this peer `list`. Only a leader
     /// issues lists, but members pass them on (a flood, a new link's greeting), and a list
     /// carries no signature; so the rules bound what a member that is not the leader can
-    /// do: a peer on neither list (a member long gone, a peer that was never admitted)
-    /// hands over nothing, and a list that drops this peer (which makes it exit) is taken
-    /// only from the leader's own link. (A just-admitted member passes its list on before
-    /// everyone holds it, so "on the list held" would refuse honest floods.)
-    fn may_hand_over(&mut self, link: &Member, list: &MemberList, now: Instant) -> bool {
+    /// do, the way routing does for routed bodies: a list of another room is nobody's to
+    /// hand over; a peer on neither list (a member long gone, a peer never admitted) hands
+    /// over nothing; and a list is taken only on the link of the leader that issued it
+    /// whenever this peer has a link to that leader (which floods it on every link it
+    /// has), from any member only when it has none. So a member cannot rewrite the list,
+    /// or drop this peer from it, in its leader's name. (A just-admitted member passes its
+    /// list on before everyone holds it, so "on the list held" would refuse honest floods.)
+    fn may_hand_over(&self, link: &Member, list: &MemberList) -> bool {
         if !self.list.contains(link) && !list.contains(link) {
             return false;
         }
-        if self.status == Status::Joined
-            && !list.contains(&self.me)
-            && list.supersedes(&self.list)
-            && self.leader(now).as_ref() != Some(link)
-        {
+        if !self.same_room(list.room.as_ref()) {
             return false;
         }
-        true
+        match list.issuer() {
+            Some(issuer) => issuer == link || !self.links.contains(issuer),
+            None => true,
+        }
     }
 
     /// Whether a routed message claiming to be from `from` may arrive on the link to
@@ -410,11 +447,17 @@ impl PeerState {
             return;
         }
         self.dial_missing(now, out);
+        self.probe_lost(out);
+        self.ask_to_merge(now, out);
         self.retransmit(now, out);
         self.show_reachability(now, out);
         self.drop_down_members(now, out);
         self.ask_to_leave(now, out);
         for m in older_than(&self.departed, STREAM_KEEP, now) {
+            if self.lost.contains_key(&m) {
+                self.departed.remove(&m);
+                continue;
+            }
             self.departed.remove(&m);
             self.outgoing.remove(&m);
             if let Some(stream) = self.incoming.remove(&m) {
@@ -551,6 +594,7 @@ impl PeerState {
                     self.issue(rest, now, out);
                 }
             }
+            Body::Merge(theirs) => self.merge(&from, theirs, now, out),
         }
     }
 
@@ -646,14 +690,19 @@ impl PeerState {
         if (list.members.is_empty() && link.is_some()) || !list.supersedes(&self.list) {
             return;
         }
+        // Who is out of reach from here now, judged before the list changes: a member
+        // removed while out of reach is lost to a split (or dead), not gone by choice.
+        self.refresh_routes(now);
+        let routes = self.routes.clone().unwrap_or_default();
         let old = std::mem::replace(&mut self.list, list);
         self.flood(PeerMessage::Members(self.list.clone()), link, out);
         self.routes = None;
-        let added: Vec<&Member> = self
+        let added: Vec<Member> = self
             .list
             .members
             .iter()
             .filter(|m| !old.contains(m))
+            .cloned()
             .collect();
         let removed: Vec<&Member> = old
             .members
@@ -670,11 +719,27 @@ impl PeerState {
                 self.topology.remove(gone);
             }
             self.unreachable_since.remove(*gone);
-            self.departed.insert((*gone).clone(), now);
+            let out_of_reach = !self.links.contains(*gone) && !routes.contains_key(*gone);
+            if out_of_reach && !matches!(self.status, Status::Joining { .. }) {
+                self.lost.insert((*gone).clone(), now);
+            } else {
+                self.departed.insert((*gone).clone(), now);
+            }
+        }
+        while self.lost.len() > MAX_LOST {
+            let oldest = self
+                .lost
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(m, _)| m.clone());
+            self.forget_lost(|m| Some(m) == oldest.as_ref());
         }
         for new in &added {
-            self.strangers.remove(*new);
-            self.departed.remove(*new);
+            self.strangers.remove(new);
+            self.departed.remove(new);
+            self.lost.remove(new);
+            // A new run of a lost member (its name or its address, another incarnation).
+            self.forget_lost(|m| m != new && (m.name == new.name || m.addr == new.addr));
             // A new member (or a new run at an old address) gets a fresh chance to link.
             self.refused.remove(&new.addr);
         }
@@ -689,7 +754,7 @@ impl PeerState {
                 self.advertise(out);
             }
             (Status::Joined | Status::Leaving { .. }, true) => {
-                for m in added.iter().filter(|m| ***m != self.me) {
+                for m in added.iter().filter(|m| **m != self.me) {
                     out.push(Effect::Print(format!("[JOIN] {}", m.name)));
                 }
                 self.refresh_routes(now);
@@ -706,21 +771,20 @@ impl PeerState {
                 }
                 out.push(Effect::Print(self.list.summary()));
             }
-            (Status::Joined, false) => {
-                self.status = Status::Done;
-                out.push(Effect::Finish(Outcome::Dropped));
-            }
             (Status::Leaving { .. }, false) => {
                 self.status = Status::Done;
                 out.push(Effect::Finish(Outcome::Left));
             }
-            (Status::Joining { .. } | Status::Done, false) | (Status::Done, true) => {}
+            // A joined peer takes no list without itself (`receive` makes it a rival).
+            (Status::Joining { .. } | Status::Joined | Status::Done, false)
+            | (Status::Done, true) => {}
         }
     }
 
-    /// As the leader: the next version of the list, with `members`.
+    /// As the leader: the next version of the list, with `members`, of the room held.
     fn issue(&mut self, members: Vec<Member>, now: Instant, out: &mut Vec<Effect>) {
-        let list = MemberList::new(self.list.version + 1, members).issued_by(self.me.clone());
+        let mut list = MemberList::new(self.list.version + 1, members).issued_by(self.me.clone());
+        list.room = self.list.room.clone();
         self.adopt(list, None, now, out);
     }
 
@@ -879,6 +943,9 @@ fn older_than(since: &BTreeMap<Member, Instant>, keep: Duration, now: Instant) -
 
 #[path = "reach.rs"]
 mod reach;
+
+#[path = "splits.rs"]
+mod splits;
 
 #[cfg(test)]
 #[path = "sim.rs"]

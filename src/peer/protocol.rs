@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! member   = {Name,Addr,Inc}                   {"alice","127.0.0.1:4000",1718000000123456}
-//! link     = {hello,Member}                    first line each way on a new link
-//!          | {refused,Reason}                  the acceptor's answer instead of hello (no_direct)
+//! link     = {hello,Member,Room}               first line each way on a new link
+//!          | {hello,Member}                    the same from a peer in no room yet (a joiner)
+//!          | {refused,Reason}                  the acceptor's answer instead of hello
 //!          | heartbeat                         sent by a link idle for 250 ms
-//!          | {members,Version,[Member,...]}    the member list, sorted; flooded
+//!          | {members,Version,Leader,[Member,...],Room}  the member list, sorted; flooded
+//!          | {members,Version,Leader,[Member,...]}        (older peers; also without Leader)
 //!          | {links,Member,Seq,[Member,...]}   Member's direct links; flooded
 //!          | {route,From,To,Hops,Body}         forwarded hop by hop towards To
 //! body     = who_leads | {leader,Member} | join_req | {join_refused,Reason}
-//!          | {msg,Seq,Text} | {ack,Seq} | leave
+//!          | {msg,Seq,Text} | {ack,Seq} | leave | {merge,Version,Leader,[Member,...]}
+//! room     = Member                            the member that founded the room
 //! ```
 //!
 //! `Name` and `Text` are Erlang strings (`"..."`, or a list of character codes); `Addr` is
@@ -93,7 +96,8 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// A versioned member list, sorted by the member order, and the leader that issued it.
+/// A versioned member list, sorted by the member order, the leader that issued it, and the
+/// room it is a list of.
 ///
 /// A version alone does not name one list: two peers that each lost sight of the leader
 /// (and of each other) both take over and issue the next version, each its own list. The
@@ -109,6 +113,9 @@ pub struct MemberList {
     /// The leader that issued this version (`None` on a list from an older peer, which
     /// sends `{members,Version,List}`).
     pub leader: Option<Member>,
+    /// The room: the member that founded it, carried by every list it descends from, so
+    /// lists of two rooms are never taken for each other (`None` from an older peer).
+    pub room: Option<Member>,
 }
 
 impl MemberList {
@@ -120,6 +127,7 @@ impl MemberList {
             version,
             members,
             leader: None,
+            room: None,
         }
     }
 
@@ -127,6 +135,18 @@ impl MemberList {
     pub fn issued_by(mut self, leader: Member) -> MemberList {
         self.leader = Some(leader);
         self
+    }
+
+    /// The same list, of the room founded by `founder`.
+    pub fn of_room(mut self, founder: Member) -> MemberList {
+        self.room = Some(founder);
+        self
+    }
+
+    /// The member whose link a list should arrive on when this peer has one: the leader
+    /// that issued it, or (a list from an older peer, without one) its smallest member.
+    pub fn issuer(&self) -> Option<&Member> {
+        self.leader.as_ref().or(self.members.first())
     }
 
     /// Whether `m` is on the list.
@@ -187,18 +207,23 @@ pub enum Body {
     },
     /// `leave`: the sender leaves the room; sent to the leader.
     Leave,
+    /// `{merge,Version,Leader,[Member,...]}`: the sender's list, sent to the leader of a
+    /// rival list of the same room that supersedes it (the other half of a healed split):
+    /// admit the members of this list too.
+    Merge(MemberList),
 }
 
 /// One line between two linked peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMessage {
-    /// `{hello,Member}`: who is at this end of the link.
-    Hello(Member),
+    /// `{hello,Member,Room}`: who is at this end of the link, and the room it is in (the
+    /// room's founder; `None`, written `{hello,Member}`, for a peer not in a room yet).
+    Hello(Member, Option<Member>),
     /// `{refused,Reason}`: the acceptor does not want this link.
     Refused(String),
     /// `heartbeat`: the link is alive.
     Heartbeat,
-    /// `{members,Version,[Member,...]}`
+    /// `{members,Version,Leader,[Member,...],Room}`
     Members(MemberList),
     /// `{links,Owner,Seq,[Member,...]}`: `Owner`'s direct links, its `Seq`-th advert.
     Links {
@@ -252,22 +277,25 @@ impl std::error::Error for ProtocolError {
     }
 }
 
-/// `{members,Version,List}` or `{members,Version,Leader,List}`.
+/// `{members,Version,List}`, `{members,Version,Leader,List}` or
+/// `{members,Version,Leader,List,Room}`.
 fn members_message(
     version: &Term,
     leader: Option<Member>,
     list: &Term,
-) -> Result<PeerMessage, ProtocolError> {
+    room: Option<Member>,
+) -> Result<MemberList, ProtocolError> {
     let version = count(version).ok_or(ProtocolError::Field("version"))?;
     let members = members_from(list)?;
     let mut list = MemberList::new(version, members.clone());
     list.leader = leader;
+    list.room = room;
     // A list with a name twice cannot come from a leader; refuse it whole.
     let names_unique = list.members.windows(2).all(|w| w[0].name != w[1].name);
     if list.members.len() != members.len() || !names_unique || members.len() > MAX_MEMBERS {
         return Err(ProtocolError::Field("member list"));
     }
-    Ok(PeerMessage::Members(list))
+    Ok(list)
 }
 
 impl PeerMessage {
@@ -282,12 +310,26 @@ impl PeerMessage {
         }
         let (tag, args) = term.tagged().ok_or(ProtocolError::Unknown)?;
         Ok(match (tag, args) {
-            ("hello", [m]) => PeerMessage::Hello(Member::from_term(m)?),
-            ("refused", [reason]) => PeerMessage::Refused(reason_text(reason)?),
-            ("members", [version, list]) => members_message(version, None, list)?,
-            ("members", [version, leader, list]) => {
-                members_message(version, Some(Member::from_term(leader)?), list)?
+            ("hello", [m]) => PeerMessage::Hello(Member::from_term(m)?, None),
+            ("hello", [m, room]) => {
+                PeerMessage::Hello(Member::from_term(m)?, Some(Member::from_term(room)?))
             }
+            ("refused", [reason]) => PeerMessage::Refused(reason_text(reason)?),
+            ("members", [version, list]) => {
+                PeerMessage::Members(members_message(version, None, list, None)?)
+            }
+            ("members", [version, leader, list]) => PeerMessage::Members(members_message(
+                version,
+                Some(Member::from_term(leader)?),
+                list,
+                None,
+            )?),
+            ("members", [version, leader, list, room]) => PeerMessage::Members(members_message(
+                version,
+                Some(Member::from_term(leader)?),
+                list,
+                Some(Member::from_term(room)?),
+            )?),
             ("links", [owner, seq, list]) => PeerMessage::Links {
                 owner: Member::from_term(owner)?,
                 seq: count(seq).ok_or(ProtocolError::Field("seq"))?,
@@ -311,13 +353,21 @@ impl PeerMessage {
         };
         let list = |ms: &[Member]| Term::list(ms.iter().map(Member::to_term).collect());
         let term = match self {
-            PeerMessage::Hello(m) => tagged("hello", vec![m.to_term()]),
+            PeerMessage::Hello(m, room) => {
+                let mut fields = vec![m.to_term()];
+                fields.extend(room.as_ref().map(Member::to_term));
+                tagged("hello", fields)
+            }
             PeerMessage::Refused(reason) => tagged("refused", vec![Term::atom(reason)]),
             PeerMessage::Heartbeat => Term::atom("heartbeat"),
             PeerMessage::Members(l) => {
                 let mut fields = vec![Term::int(l.version as i64)];
                 fields.extend(l.leader.as_ref().map(Member::to_term));
                 fields.push(list(&l.members));
+                // The room rides after a leader only: `{members,V,List,Room}` is no form.
+                if l.leader.is_some() {
+                    fields.extend(l.room.as_ref().map(Member::to_term));
+                }
                 tagged("members", fields)
             }
             PeerMessage::Links { owner, seq, links } => tagged(
@@ -368,6 +418,12 @@ fn parse_body(t: &Term) -> Result<Body, ProtocolError> {
         ("ack", [seq]) => Body::Ack {
             seq: count(seq).ok_or(ProtocolError::Field("seq"))?,
         },
+        ("merge", [version, leader, list]) => Body::Merge(members_message(
+            version,
+            Some(Member::from_term(leader)?),
+            list,
+            None,
+        )?),
         _ => return Err(bad()),
     })
 }
@@ -386,6 +442,15 @@ fn format_body(body: &Body) -> Term {
         ]),
         Body::Ack { seq } => tagged("ack", Term::int(*seq as i64)),
         Body::Leave => Term::atom("leave"),
+        Body::Merge(l) => Term::tuple(vec![
+            Term::atom("merge"),
+            Term::int(l.version as i64),
+            // Every list this peer sends was issued by someone; a leaderless one (from an
+            // older peer) names its smallest member, whom the receiver takes for it.
+            l.issuer()
+                .map_or_else(|| Term::list(vec![]), Member::to_term),
+            Term::list(l.members.iter().map(Member::to_term).collect()),
+        ]),
     }
 }
 
@@ -431,8 +496,20 @@ mod tests {
     fn every_message_round_trips_in_exact_text() {
         let (a, b) = (m("a", 4000), m("b", 4001));
         assert_eq!(
-            round_trip(PeerMessage::Hello(a.clone())),
+            round_trip(PeerMessage::Hello(a.clone(), None)),
             r#"{hello,{"a","127.0.0.1:4000",7}}"#
+        );
+        assert_eq!(
+            round_trip(PeerMessage::Hello(a.clone(), Some(b.clone()))),
+            r#"{hello,{"a","127.0.0.1:4000",7},{"b","127.0.0.1:4001",7}}"#
+        );
+        assert_eq!(
+            round_trip(PeerMessage::Members(
+                MemberList::new(3, vec![a.clone()])
+                    .issued_by(a.clone())
+                    .of_room(b.clone())
+            )),
+            r#"{members,3,{"a","127.0.0.1:4000",7},[{"a","127.0.0.1:4000",7}],{"b","127.0.0.1:4001",7}}"#
         );
         assert_eq!(
             round_trip(PeerMessage::Refused("no_direct".into())),
@@ -481,6 +558,10 @@ mod tests {
             ),
             (Body::Ack { seq: 5 }, "{ack,5}".into()),
             (Body::Leave, "leave".into()),
+            (
+                Body::Merge(MemberList::new(6, vec![a.clone()]).issued_by(a.clone())),
+                r#"{merge,6,{"a","127.0.0.1:4000",7},[{"a","127.0.0.1:4000",7}]}"#.into(),
+            ),
         ] {
             assert_eq!(round_trip(route(body)), format!("{prefix}{text}}}"));
         }

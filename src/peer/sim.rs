@@ -15,9 +15,12 @@ struct Sim {
     wire: VecDeque<(String, String, PeerMessage)>,
     printed: BTreeMap<String, Vec<String>>,
     finished: BTreeMap<String, Outcome>,
-    /// Lose every n-th chat message put on the wire.
+    /// Lose one in n chat messages put on the wire (which ones, a fixed scramble decides).
     lose_every: Option<usize>,
     msgs_seen: usize,
+    /// A network split: these nodes on one side, the rest on the other; no link, no
+    /// dial and no message crosses it.
+    side: Option<BTreeSet<String>>,
 }
 
 impl Sim {
@@ -33,7 +36,40 @@ impl Sim {
             finished: BTreeMap::new(),
             lose_every: None,
             msgs_seen: 0,
+            side: None,
         }
+    }
+
+    /// Whether the split, if any, runs between nodes `a` and `b`.
+    fn crosses(&self, a: &str, b: &str) -> bool {
+        self.side
+            .as_ref()
+            .is_some_and(|side| side.contains(a) != side.contains(b))
+    }
+
+    /// Splits the network: `side` from everyone else. Links across it go down at both
+    /// ends (as a link timeout would take them down), messages on them are lost.
+    fn partition(&mut self, side: &[&str]) {
+        self.side = Some(side.iter().map(|s| (*s).to_owned()).collect());
+        let cut: Vec<(String, String)> = self
+            .links
+            .iter()
+            .filter(|(a, b)| self.crosses(a, b))
+            .cloned()
+            .collect();
+        for (a, b) in cut {
+            self.links.remove(&(a.clone(), b.clone()));
+            let gone = self.members[&b].clone();
+            let mut out = Vec::new();
+            self.nodes.get_mut(&a).unwrap().link_down(&gone, &mut out);
+            self.apply(&a, out);
+        }
+        self.run();
+    }
+
+    /// The network is whole again: dials across the old split succeed.
+    fn heal(&mut self) {
+        self.side = None;
     }
 
     fn addr(&self, name: &str) -> SocketAddr {
@@ -72,9 +108,15 @@ impl Sim {
                     } = msg
                     {
                         self.msgs_seen += 1;
+                        // Scrambled, so that a loss never lines up with the period of
+                        // the resends (every n-th exactly would lose the same resend for
+                        // ever once n messages go round each second).
+                        let scrambled = (self.msgs_seen as u64)
+                            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            .rotate_left(29);
                         if self
                             .lose_every
-                            .is_some_and(|n| self.msgs_seen.is_multiple_of(n))
+                            .is_some_and(|n| scrambled.is_multiple_of(n as u64))
                         {
                             continue;
                         }
@@ -106,7 +148,13 @@ impl Sim {
             return;
         };
         let pair = (who.to_owned(), key.clone());
-        if self.links.contains(&pair) {
+        if self.links.contains(&pair) || self.crosses(who, &key) {
+            return;
+        }
+        // Both ends check the other's room in its hello.
+        let (mine, theirs) = (self.nodes[who].room(), self.nodes[&key].room());
+        if !self.nodes[who].same_room(theirs) || !self.nodes[&key].same_room(mine) {
+            self.nodes.get_mut(who).unwrap().other_room(addr);
             return;
         }
         let me = self.members[who].clone();
@@ -449,16 +497,24 @@ fn leaving_members_and_a_leaving_leader() {
 }
 
 #[test]
-fn a_member_dropped_while_alive_finds_out() {
+fn a_member_dropped_while_alive_asks_to_be_merged_back_instead_of_exiting() {
     let mut sim = room_of_three();
     let mut out = Vec::new();
-    let list = MemberList::new(9, vec![sim.members["a"].clone(), sim.members["b"].clone()]);
-    let a = sim.members["a"].clone();
-    sim.nodes
-        .get_mut("c")
-        .unwrap()
-        .receive(&a, PeerMessage::Members(list), sim.now, &mut out);
-    assert!(out.contains(&Effect::Finish(Outcome::Dropped)));
+    let [a, b] = ["a", "b"].map(|n| sim.members[n].clone());
+    let list = MemberList::new(9, vec![a.clone(), b]).issued_by(a.clone());
+    let node = sim.nodes.get_mut("c").unwrap();
+    let held = node.members().clone();
+    node.receive(&a, PeerMessage::Members(list), sim.now, &mut out);
+    assert_eq!(node.members(), &held, "c keeps its list");
+    assert!(
+        !out.iter().any(|e| matches!(e, Effect::Finish(_))),
+        "{out:?}"
+    );
+    let asks = |e: &Effect| {
+        matches!(e, Effect::Send(to, PeerMessage::Route { body: Body::Merge(l), .. })
+            if *to == a && *l == held)
+    };
+    assert!(out.iter().any(asks), "{out:?}");
 }
 
 #[test]
@@ -699,8 +755,8 @@ fn rival_lists_of_one_version_settle_on_the_smaller() {
     let [a, b, c] = ["a", "b", "c"].map(|n| sim.members[n].clone());
     let mut out = Vec::new();
     // As if b had wrongly taken over while a admitted someone: both issue v4.
-    let from_b = MemberList::new(4, vec![b.clone(), c.clone()]);
-    let from_a = MemberList::new(4, vec![a.clone(), b.clone(), c.clone()]);
+    let from_b = MemberList::new(4, vec![b.clone(), c.clone()]).of_room(a.clone());
+    let from_a = MemberList::new(4, vec![a.clone(), b.clone(), c.clone()]).of_room(a.clone());
     let node = sim.nodes.get_mut("c").unwrap();
     node.receive(&b, PeerMessage::Members(from_b.clone()), sim.now, &mut out);
     assert_eq!(node.members(), &from_b);
@@ -712,3 +768,6 @@ fn rival_lists_of_one_version_settle_on_the_smaller() {
 
 #[path = "sim_views.rs"]
 mod views;
+
+#[path = "sim_splits.rs"]
+mod splits;
