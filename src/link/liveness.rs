@@ -194,7 +194,8 @@ mod tests {
         use std::ops::ControlFlow;
         use std::sync::Arc;
 
-        let liveness = Liveness::new(Duration::from_millis(300));
+        // A bound long enough that a loaded test machine does not starve a heartbeat of it.
+        let liveness = Liveness::new(Duration::from_millis(900));
         for beating in [true, false] {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
