@@ -649,7 +649,7 @@ fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
             };
             assert_eq!(raw.recv(), b"\x02ann", "a login (silent, the second time)");
             raw.send(b"\x21\x00\x01");
-            raw.send(b"\x307|bob|hi");
+            raw.send(b"\x303.7|bob|hi");
             answered.send(()).unwrap();
             confirms.push(raw.reader.read_frame().ok().flatten().map(<[u8]>::to_vec));
             // Dropped: the connection closes, and the client logs in again.
@@ -675,12 +675,12 @@ fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
     let confirms = fake.join().unwrap();
     assert_eq!(
         confirms[0].as_deref(),
-        Some(&b"\x087"[..]),
+        Some(&b"\x083.7"[..]),
         "first handover"
     );
     assert_eq!(
         confirms[1].as_deref(),
-        Some(&b"\x087"[..]),
+        Some(&b"\x083.7"[..]),
         "the message handed over again is confirmed again"
     );
 }

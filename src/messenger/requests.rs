@@ -122,6 +122,7 @@ pub(super) fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messenger::protocol::MessageId;
 
     /// ann and bob exist; bob has two messages waiting from ann; ann is logged in on
     /// connection 1.
@@ -150,7 +151,7 @@ mod tests {
             },
         ];
         for (seq, change) in (1..).zip(&changes) {
-            state.apply(seq, change);
+            state.apply(MessageId { epoch: 1, seq }, change);
         }
         let mut sessions = Sessions::default();
         sessions.log_in(1, "ann".into());
@@ -174,7 +175,9 @@ mod tests {
                 assert!(e.close && !e.after_commit && e.change.is_none());
                 assert_eq!(e.session, Session::Keep);
             }
-            let confirm = Ok(Request::Confirm { upto: 4 });
+            let confirm = Ok(Request::Confirm {
+                upto: MessageId { epoch: 1, seq: 4 },
+            });
             let e = respond(serving, &state, &sessions, 1, confirm);
             assert_eq!(e, Effects::nothing());
         }
@@ -198,9 +201,9 @@ mod tests {
     fn a_login_hands_over_the_mailbox_after_its_reply() {
         let (state, sessions) = world();
         let e = respond(Serving::Primary, &state, &sessions, 2, login("bob"));
-        let deliver = |id, text: &str| {
+        let deliver = |seq, text: &str| {
             Reply::Deliver(Delivery {
-                id,
+                id: MessageId { epoch: 1, seq },
                 from: "ann".into(),
                 text: text.into(),
             })

@@ -345,7 +345,7 @@ mod tests {
     use super::*;
     use crate::framing::{FrameReader, Framing};
     use crate::messenger::protocol::{
-        decode_reply, encode_request, Delivery, Reply, Request, Violation,
+        decode_reply, encode_request, Delivery, MessageId, Reply, Request, Violation,
     };
     use crate::outbox::OutboxConfig;
     use std::net::{TcpListener, TcpStream};
@@ -434,7 +434,7 @@ mod tests {
         };
         assert!(!ask(&replica, 1, &send));
         let hi = Reply::Deliver(Delivery {
-            id: 4,
+            id: MessageId { epoch: 1, seq: 4 },
             from: "ann".into(),
             text: "hi".into(),
         });

@@ -28,7 +28,7 @@ impl Replica {
             seq: inner.last.seq + 1,
         };
         let bytes = change.to_bytes();
-        let delivered = inner.state.apply(pos.seq, change);
+        let delivered = inner.state.apply(pos.into(), change);
         self.disk.append(pos, &bytes);
         inner.push(pos, bytes);
         self.maybe_compact(inner);
@@ -84,7 +84,7 @@ impl Replica {
             changes.push(Change::decode(&r.change).map_err(|_| ())?);
         }
         for (r, change) in records.into_iter().skip(skip).zip(changes) {
-            inner.state.apply(r.pos.seq, &change);
+            inner.state.apply(r.pos.into(), &change);
             self.disk.append(r.pos, &r.change);
             inner.push(r.pos, r.change);
         }
