@@ -291,7 +291,9 @@ fn offline_messages_are_handed_over_in_send_order_with_the_count_first() {
         let (id, rest) = body.split_once('|').unwrap();
         assert_eq!(frame[0], 0x30);
         assert_eq!(rest, format!("ann|{want}"));
-        ids.push(id.parse::<u64>().unwrap());
+        // EPOCH.SEQ: the epoch of the primary that stored it, and its change's number.
+        let (epoch, seq) = id.split_once('.').unwrap();
+        ids.push((epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap()));
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     // Logged in: the next message arrives at once.
@@ -302,7 +304,7 @@ fn offline_messages_are_handed_over_in_send_order_with_the_count_first() {
     assert_eq!(b.ask(b"\x05bob"), OK);
     assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x04");
     (0..4).for_each(|_| drop(b.recv()));
-    b.send(format!("\x08{}", ids[2]).as_bytes());
+    b.send(format!("\x08{}.{}", ids[2].0, ids[2].1).as_bytes());
     assert_eq!(b.ask(b"\x05bob"), OK);
     assert_eq!(b.ask(b"\x02bob"), b"\x21\x00\x01");
     assert!(b.recv().ends_with(b"|ann|live"));
@@ -685,39 +687,67 @@ fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
     );
 }
 
-/// A confirm is never answered, by a backup either: the clients expect no reply to it, so
-/// an answer would be read as the reply to the next request. A backup leaves the redirect
-/// to that request, which gets exactly one answer; then the connection closes.
-#[test]
-fn a_backup_does_not_answer_a_confirm_and_redirects_the_next_request() {
-    let cluster = Cluster::start(3, "confirm-backup");
-    // The primary, and a backup that knows it (a backup answers 41 until it does).
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let (primary, backup) = loop {
-        let replies: Vec<Vec<u8>> = (0..3)
-            .map(|id| Raw::connect(cluster.addrs[id]).ask(b"\x03probe"))
+/// Whether server `id`'s log says it leads now: it took over, and has not stepped down
+/// since.
+fn leads(cluster: &Cluster, id: usize) -> bool {
+    let log = cluster.log(id);
+    match (log.rfind("primary for epoch"), log.rfind("stepping down")) {
+        (Some(up), down) => down.is_none_or(|d| d < up),
+        (None, _) => false,
+    }
+}
+
+/// The server that leads, once exactly one does.
+fn the_primary(cluster: &Cluster) -> usize {
+    let mut found = None;
+    eventually("one primary", || {
+        let leaders: Vec<usize> = (0..cluster.addrs.len())
+            .filter(|&id| cluster.servers[id].is_some() && leads(cluster, id))
             .collect();
-        let primary = replies.iter().position(|r| r[0] == 0x22);
-        let found = primary.and_then(|p| {
-            let redirect = format!("\x40{p}").into_bytes();
-            (0..3).find(|&b| replies[b] == redirect).map(|b| (p, b))
-        });
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no primary and backup: {replies:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
-    // On the primary a confirm from a connection not logged in is ignored.
-    let mut p = Raw::connect(cluster.addrs[primary]);
-    p.send(b"\x0899");
-    assert_eq!(p.ask(b"\x03probe"), b"\x22\x00\x00");
-    // On the backup: no answer to the confirm, and the connection stays open...
+        found = (leaders.len() == 1).then(|| leaders[0]);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// A backup serves its clients through the primary: it forwards their requests on its
+/// link and relays the answers, sessions and pushed messages included. A confirm is
+/// forwarded too and never answered (the clients expect no reply to it).
+#[test]
+fn a_backup_forwards_its_clients_requests_to_the_primary_and_relays_the_answers() {
+    let cluster = Cluster::start(3, "forward");
+    let primary = the_primary(&cluster);
+    let backup = (primary + 1) % 3;
+    // A backup answers 41 until it knows the primary; then it forwards.
     let mut b = Raw::connect(cluster.addrs[backup]);
-    b.send(b"\x0899");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        match b.ask(b"\x01ann").as_slice() {
+            OK => break,
+            b"\x41" => b = Raw::connect(cluster.addrs[backup]),
+            other => panic!("server {backup} answered {other:02x?}"),
+        }
+        assert!(Instant::now() < deadline, "server {backup} never forwarded");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.ask(b"\x01bob"), OK);
+    assert_eq!(b.ask(b"\x02ann"), b"\x21\x00\x00");
+    // The session is the primary's: ann is in use there.
+    let mut p = Raw::connect(cluster.addrs[primary]);
+    assert_eq!(p.ask(b"\x02ann"), b"\x58");
+    assert_eq!(p.ask(b"\x02bob"), b"\x21\x00\x00");
+    // A message to ann, sent on the primary, is pushed to her through the backup.
+    assert_eq!(p.ask(b"\x04bob|ann|1|through the backup"), OK);
+    let pushed = b.recv();
+    assert!(pushed.starts_with(b"\x30") && pushed.ends_with(b"|bob|through the backup"));
+    // No answer to a confirm, and the connection stays open...
+    let number = std::str::from_utf8(&pushed[1..])
+        .unwrap()
+        .split('|')
+        .next()
+        .unwrap()
+        .to_owned();
+    b.send(format!("\x08{number}").as_bytes());
     b.stream
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -729,9 +759,26 @@ fn a_backup_does_not_answer_a_confirm_and_redirects_the_next_request() {
         Ok(None) => panic!("server {backup} closed the connection on a confirm"),
     }
     b.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    // ...so the next request's answer is its own: the redirect, and then the close.
-    assert_eq!(b.ask(b"\x03probe"), format!("\x40{primary}").into_bytes());
-    assert!(b.closed(), "a redirect closes the connection");
+    // ...so the next request's answer is its own; the confirm took effect.
+    assert_eq!(b.ask(b"\x05ann"), OK);
+    assert_eq!(b.ask(b"\x02ann"), b"\x21\x00\x00");
+    // Quit: answered, then closed, and ann's session ends on the primary too.
+    assert_eq!(b.ask(b"\x07"), OK);
+    assert!(b.closed(), "a quit closes the connection");
+    let mut again = Raw::connect(cluster.addrs[primary]);
+    eventually("ann's session to end on the primary", || {
+        let reply = again.ask(b"\x02ann");
+        if reply == b"\x58" {
+            return false;
+        }
+        assert_eq!(reply, b"\x21\x00\x00");
+        true
+    });
+    assert!(
+        cluster.log(primary).matches("primary for epoch").count() == 1,
+        "{}",
+        cluster.log(primary)
+    );
 }
 
 #[test]
@@ -922,11 +969,6 @@ impl Drop for SecretFile {
     }
 }
 
-/// Whether server `id` answers a probe as the primary (`0x22`: the probe is no command).
-fn is_primary(cluster: &Cluster, id: usize) -> bool {
-    Raw::connect(cluster.addrs[id]).ask(b"\x03probe")[0] == 0x22
-}
-
 /// Sends `text` from `from` to `to` (each logged in by a fresh client), and checks that it
 /// is acknowledged by server `by` and handed to `to`.
 fn send_and_deliver(cluster: &Cluster, from: &str, to: &str, text: &str, by: usize) {
@@ -1012,6 +1054,7 @@ fn forged_hellos_without_the_secret_are_refused_and_change_nothing() {
             you: Standing::Excluded,
             mark: 1,
             echo: 0,
+            primary: Some(0),
         })
         .encode()
     };
@@ -1036,7 +1079,7 @@ fn forged_hellos_without_the_secret_are_refused_and_change_nothing() {
     }
     // Nothing changed: server 0 still leads its first epoch, nobody else took over, and
     // sends are acknowledged and delivered.
-    assert!(is_primary(&cluster, 0));
+    assert!(leads(&cluster, 0));
     for id in 1..3 {
         assert!(
             !cluster.log(id).contains("primary for epoch"),

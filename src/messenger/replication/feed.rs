@@ -9,7 +9,7 @@ use super::Replica;
 use crate::framing::{encode_frame, Framing};
 use crate::log_info;
 use crate::messenger::log::{encode_snapshot, Pos};
-use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing};
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, SNAPSHOT_CHUNK};
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ impl Outgoing for Replica {
     fn linked(&self, j: usize) {
         let mut inner = self.lock();
         inner.peers[j].refused = false;
+        inner.peers[j].linked = true;
         if inner.role == Role::Primary {
             self.init_feed(&mut inner, j);
         }
@@ -50,7 +51,12 @@ impl Outgoing for Replica {
     }
 
     fn unlinked(&self, j: usize) {
-        self.lock().peers[j].feed = Feed::Unknown;
+        let mut inner = self.lock();
+        inner.peers[j].feed = Feed::Unknown;
+        inner.peers[j].linked = false;
+        // Relays to its clients cannot go: it closes them (its link from here is gone).
+        inner.clients.drop_remote(j);
+        self.check_forwarded(&mut inner);
     }
 
     fn next_frames(
@@ -68,6 +74,7 @@ impl Outgoing for Replica {
             for msg in std::mem::take(&mut inner.peers[j].control) {
                 encode_peer(&msg, out);
             }
+            self.relay_to(&mut inner, j, out);
             // Records wait while the writer is behind; heartbeats and answers do not.
             let room = queued() < FEED_AHEAD;
             if room {
@@ -80,7 +87,8 @@ impl Outgoing for Replica {
                 .is_none_or(|t| now.duration_since(t) >= HEARTBEAT_EVERY)
                 || told.said != Some((inner.version, standing));
             if due {
-                encode_peer(&ReplicaMsg::Heartbeat(inner.status_for(j)).encode(), out);
+                let status = inner.status_for(self.id, j);
+                encode_peer(&ReplicaMsg::Heartbeat(status).encode(), out);
                 told.beat = Some(now);
                 told.said = Some((inner.version, standing));
             }
@@ -120,19 +128,19 @@ impl Outgoing for Replica {
 }
 
 impl Replica {
-    /// As primary, appends the next records (or a snapshot) for peer `j` to `out`.
+    /// As primary, appends the next records (or a snapshot's chunks) for peer `j` to `out`.
     fn feed(&self, inner: &mut Inner, j: usize, out: &mut Vec<u8>) {
         if inner.role != Role::Primary {
             return;
         }
-        let msg = match inner.peers[j].feed {
+        let msgs = match inner.peers[j].feed {
             Feed::Unknown => return,
             Feed::From(next) if next > inner.last.seq => return,
             Feed::From(next) => match inner.epoch_at(next - 1) {
                 Some(prev_epoch) => {
                     let records = inner.records_after(next - 1, BATCH);
                     inner.peers[j].feed = Feed::From(next + records.len() as u64);
-                    ReplicaMsg::Replicate {
+                    vec![ReplicaMsg::Replicate {
                         epoch: inner.epoch,
                         prev: Pos {
                             epoch: prev_epoch,
@@ -140,16 +148,25 @@ impl Replica {
                         },
                         records,
                         fetched: false,
-                    }
+                    }]
                 }
                 None => self.snapshot_for(inner, j, false),
             },
             Feed::Snapshot => self.snapshot_for(inner, j, false),
         };
-        encode_peer(&msg.encode(), out);
+        for msg in msgs {
+            encode_peer(&msg.encode(), out);
+        }
     }
 
-    pub(super) fn snapshot_for(&self, inner: &mut Inner, j: usize, fetched: bool) -> ReplicaMsg {
+    /// This server's whole state for peer `j`, as SNAPSHOT chunks of at most
+    /// [`SNAPSHOT_CHUNK`] bytes each (the answer to a FETCH if `fetched`).
+    pub(super) fn snapshot_for(
+        &self,
+        inner: &mut Inner,
+        j: usize,
+        fetched: bool,
+    ) -> Vec<ReplicaMsg> {
         log_info!(
             "messenger-{}: sending server {j} a snapshot at {}",
             self.id,
@@ -158,11 +175,23 @@ impl Replica {
         if !fetched {
             inner.peers[j].feed = Feed::From(inner.last.seq + 1);
         }
-        ReplicaMsg::Snapshot {
-            epoch: inner.epoch,
-            bytes: encode_snapshot(inner.last, &inner.state),
-            fetched,
-        }
+        let bytes = encode_snapshot(inner.last, &inner.state);
+        let total = bytes.len() as u64;
+        bytes
+            .chunks(SNAPSHOT_CHUNK)
+            .scan(0u64, |offset, chunk| {
+                let at = *offset;
+                *offset += chunk.len() as u64;
+                Some(ReplicaMsg::Snapshot {
+                    epoch: inner.epoch,
+                    pos: inner.last,
+                    total,
+                    offset: at,
+                    bytes: chunk.to_vec(),
+                    fetched,
+                })
+            })
+            .collect()
     }
 }
 

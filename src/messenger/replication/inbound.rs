@@ -3,19 +3,23 @@
 
 use super::feed::encode_peer;
 use super::records::Incoming;
-use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, NEED_RETRY, PEER_MAX_FRAME};
-use super::view::{Feed, Inner};
+use super::timing::{
+    BATCH, CONNECT_TIMEOUT, DOWN_AFTER, HELLO_WAIT, LINK_TIMEOUT, NEED_RETRY, TICK,
+};
+use super::view::{Assembly, Feed, Inner};
 use super::Replica;
 use crate::framing::{FrameError, FrameReader, Framing, Limits};
 use crate::link::{self, End, Timeouts, Verdict};
 use crate::log_info;
-use crate::messenger::log::decode_snapshot;
-use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status, MAX_EPOCH};
+use crate::messenger::log::Pos;
+use crate::messenger::replica_protocol::{
+    ReplicaMsg, Role, Standing, Status, MAX_EPOCH, MAX_PEER_FRAME, SNAPSHOT_CHUNK,
+};
 use crate::server::{Connection, HandlerError};
 use std::cell::Cell;
-use std::net::TcpStream;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// An inbound link's timeouts: this side writes only its WELCOME, and a peer silent for
@@ -63,29 +67,27 @@ impl Replica {
         }
         let from = claimed.filter(|_| first.buffered_len() == 0);
         drop(first);
+        // A live link from the same server is not replaced on a mere HELLO: only once it is
+        // proven dead (silent for DOWN_AFTER, or closed), which a real server's old link is
+        // within the wait.
+        let replaceable = from.is_none_or(|f| self.await_old_link(f));
         let verdict = match from {
-            Some(_) => {
+            Some(_) if replaceable => {
                 let mut welcome = Vec::new();
                 encode_peer(&ReplicaMsg::Welcome.encode(), &mut welcome);
                 Verdict::Welcome(welcome)
             }
             // Closed without a word, as the protocol has always done.
-            None => Verdict::Refuse(Vec::new()),
+            _ => Verdict::Refuse(Vec::new()),
         };
         let limits = Limits {
-            max_frame: PEER_MAX_FRAME,
+            max_frame: MAX_PEER_FRAME,
             ..Limits::default()
         };
         let reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
-        let (Some(from), Some(mut link)) = (
-            from,
-            link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?,
-        ) else {
-            log_info!(
-                "messenger-{}: refused a peer link from {}: not of this cluster (check --peers)",
-                self.id,
-                conn.peer
-            );
+        let accepted = link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?;
+        let (Some(from), Some(mut link)) = (from.filter(|_| replaceable), accepted) else {
+            self.log_refusal(from, conn.peer);
             return Ok(());
         };
         // In the replica's group too, so its stop ends the link like its other threads.
@@ -97,7 +99,10 @@ impl Replica {
             let p = &mut inner.peers[from];
             p.inbound += 1;
             p.heard = Some(Instant::now());
-            p.link = Some(Arc::clone(link.stream()));
+            p.assembly = None;
+            if let Some(old) = p.link.replace(Arc::clone(link.stream())) {
+                let _ = old.shutdown(Shutdown::Both);
+            }
             p.inbound
         };
         // One read, every frame it completed, then one flush and one acknowledgement for
@@ -122,12 +127,23 @@ impl Replica {
                     }
                     ControlFlow::Continue(())
                 }
-                Ok(msg) => {
-                    let mut a = ack.get();
-                    self.on_peer(from, generation, msg, &mut a);
-                    ack.set(a);
-                    ControlFlow::Continue(())
-                }
+                Ok(msg) => match self.misplaced(from, &msg) {
+                    // A member that speaks for another is buggy or not what it proved to
+                    // be: its link ends, and nothing it sent on it is taken.
+                    Some(why) => {
+                        log_info!(
+                            "messenger-{}: closed the link from server {from}: {why}",
+                            self.id
+                        );
+                        ControlFlow::Break(why.into())
+                    }
+                    None => {
+                        let mut a = ack.get();
+                        self.on_peer(from, generation, msg, &mut a);
+                        ack.set(a);
+                        ControlFlow::Continue(())
+                    }
+                },
                 Err(e) => ControlFlow::Break(HandlerError::from(e)),
             },
             || {
@@ -178,10 +194,23 @@ impl Replica {
             }
             ReplicaMsg::Snapshot {
                 epoch,
+                pos,
+                total,
+                offset,
                 bytes,
                 fetched,
             } => {
-                let incoming = Incoming::Snapshot(bytes);
+                let chunk = Assembly {
+                    epoch,
+                    pos,
+                    total,
+                    fetched,
+                    bytes,
+                };
+                let Some(whole) = self.assemble(&mut inner, from, offset, chunk) else {
+                    return;
+                };
+                let incoming = Incoming::Snapshot(pos, whole);
                 if fetched {
                     self.on_fetched(inner, from, incoming);
                 } else {
@@ -213,28 +242,161 @@ impl Replica {
             ReplicaMsg::Fetch { last } => {
                 // Records after the asker's last if this log has it; all of this log if it
                 // is ahead but does not; else nothing (an empty answer: nothing newer).
+                // One batch of records at most: the candidate asks again about its new
+                // last record until the answer is empty.
                 let answer = if inner.holds(last) {
-                    ReplicaMsg::Replicate {
+                    vec![ReplicaMsg::Replicate {
                         epoch: inner.epoch,
                         prev: last,
-                        records: inner.records_after(last.seq, usize::MAX),
+                        records: inner.records_after(last.seq, BATCH),
                         fetched: true,
-                    }
+                    }]
                 } else if inner.last > last {
                     self.snapshot_for(&mut inner, from, true)
                 } else {
-                    ReplicaMsg::Replicate {
+                    vec![ReplicaMsg::Replicate {
                         epoch: inner.epoch,
                         prev: last,
                         records: Vec::new(),
                         fetched: true,
-                    }
+                    }]
                 };
-                inner.peers[from].control.push(answer.encode());
+                let control = &mut inner.peers[from].control;
+                control.extend(answer.iter().map(ReplicaMsg::encode));
                 self.changed.notify_all();
             }
             ReplicaMsg::Hello { .. } | ReplicaMsg::Welcome => {}
+            ReplicaMsg::Forward { .. } | ReplicaMsg::Relay { .. } | ReplicaMsg::Closed { .. } => {
+                self.on_forwarding(inner, from, msg);
+            }
         }
+    }
+
+    /// Waits (at most [`HELLO_WAIT`]) until server `from` has no live inbound link: none,
+    /// or one silent for [`DOWN_AFTER`]. False if it still has one (or the replica stops).
+    fn await_old_link(&self, from: usize) -> bool {
+        let deadline = Instant::now() + HELLO_WAIT;
+        let mut inner = self.lock();
+        loop {
+            let now = Instant::now();
+            let p = &inner.peers[from];
+            let live = p.link.is_some() && p.heard.is_some_and(|t| now - t < DOWN_AFTER);
+            if inner.stopping {
+                return false;
+            }
+            if !live {
+                return true;
+            }
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(TICK);
+            inner = self
+                .changed
+                .wait_timeout(inner, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn log_refusal(&self, from: Option<usize>, addr: SocketAddr) {
+        match from {
+            Some(from) => log_info!(
+                "messenger-{}: refused a second link from server {from} ({addr}): its link \
+                 is alive",
+                self.id
+            ),
+            None => log_info!(
+                "messenger-{}: refused a peer link from {addr}: not of this cluster (check \
+                 --peers)",
+                self.id
+            ),
+        }
+    }
+
+    /// Why `msg` cannot have come from server `from`, if it cannot: records, snapshots and
+    /// a primary's heartbeat only come from the primary of their epoch (server `e mod n`
+    /// of `n` leads epoch `e`), and a snapshot holds no record of a later epoch than its
+    /// sender's.
+    fn misplaced(&self, from: usize, msg: &ReplicaMsg) -> Option<&'static str> {
+        let n = self.addrs.len() as u64;
+        let leads = |epoch: u64| epoch % n == from as u64;
+        match msg {
+            ReplicaMsg::Replicate {
+                epoch,
+                fetched: false,
+                ..
+            } if !leads(*epoch) => Some("replication for an epoch it does not lead"),
+            ReplicaMsg::Snapshot {
+                epoch,
+                fetched: false,
+                ..
+            } if !leads(*epoch) => Some("a snapshot for an epoch it does not lead"),
+            ReplicaMsg::Snapshot { epoch, pos, .. } if pos.epoch > *epoch => {
+                Some("a snapshot from an epoch later than its own")
+            }
+            ReplicaMsg::Heartbeat(s) if s.role == Role::Primary && !leads(s.epoch) => {
+                Some("primary of an epoch it does not lead")
+            }
+            _ => None,
+        }
+    }
+
+    /// Adds a snapshot chunk from server `from` (starting at `offset`); returns the whole
+    /// snapshot with its last chunk. A chunk that does not continue the snapshot under way
+    /// drops it (logged); a first chunk is refused, before anything is kept, if the
+    /// snapshot could not be taken anyway (see [`Replica::snapshot_refusal`]).
+    fn assemble(
+        &self,
+        inner: &mut Inner,
+        from: usize,
+        offset: u64,
+        chunk: Assembly,
+    ) -> Option<Vec<u8>> {
+        let p = &mut inner.peers[from];
+        if offset == 0 {
+            p.assembly = None;
+            if let Some(why) = self.snapshot_refusal(inner, chunk.pos, chunk.fetched) {
+                log_info!(
+                    "messenger-{}: refused server {from}'s snapshot at {}: {why}",
+                    self.id,
+                    chunk.pos
+                );
+                if !chunk.fetched && chunk.epoch < inner.epoch {
+                    let reject = ReplicaMsg::Reject { epoch: inner.epoch }.encode();
+                    inner.peers[from].control.push(reject);
+                    self.changed.notify_all();
+                }
+                return None;
+            }
+            let mut bytes = Vec::with_capacity((chunk.total as usize).min(SNAPSHOT_CHUNK));
+            bytes.extend_from_slice(&chunk.bytes);
+            inner.peers[from].assembly = Some(Assembly { bytes, ..chunk });
+        } else {
+            let fits = p.assembly.as_ref().is_some_and(|a| {
+                (a.epoch, a.pos, a.total, a.fetched)
+                    == (chunk.epoch, chunk.pos, chunk.total, chunk.fetched)
+                    && a.bytes.len() as u64 == offset
+            });
+            if !fits {
+                if p.assembly.take().is_some() {
+                    log_info!(
+                        "messenger-{}: server {from}'s snapshot chunk at {offset} does not \
+                         continue its snapshot; dropped",
+                        self.id
+                    );
+                }
+                return None;
+            }
+            if let Some(a) = p.assembly.as_mut() {
+                a.bytes.extend_from_slice(&chunk.bytes);
+            }
+        }
+        let p = &mut inner.peers[from];
+        if p.assembly.as_ref()?.bytes.len() as u64 == chunk.total {
+            return p.assembly.take().map(|a| a.bytes);
+        }
+        None
     }
 
     fn on_heartbeat(&self, mut inner: MutexGuard<'_, Inner>, from: usize, status: Status) {
@@ -319,6 +481,11 @@ impl Replica {
         let mut inner = self.lock();
         if inner.epoch == epoch {
             inner.last_ack = Some((epoch, seq));
+            let at = Pos {
+                epoch: inner.epoch_at(seq).unwrap_or(inner.last.epoch),
+                seq,
+            };
+            inner.acked = inner.acked.max(at);
             let ack = ReplicaMsg::Ack { epoch, seq }.encode();
             inner.peers[primary].control.push(ack);
             self.changed.notify_all();
@@ -338,10 +505,7 @@ impl Replica {
                 }
                 None
             }
-            Incoming::Snapshot(bytes) => match decode_snapshot(&bytes) {
-                Ok((pos, _)) if pos <= inner.last => None,
-                _ => Some(self.take(&mut inner, Incoming::Snapshot(bytes))),
-            },
+            Incoming::Snapshot(pos, _) if pos <= inner.last => None,
             records => Some(self.take(&mut inner, records)),
         };
         match taken {
@@ -352,7 +516,9 @@ impl Replica {
                     self.id,
                     inner.last
                 );
-                inner.peers[from].confirmed = Some(inner.last);
+                // Answers are one batch at most: ask again about the new last record, until
+                // the answer is that there is nothing newer.
+                inner.peers[from].asked = None;
                 let seq = inner.last.seq;
                 drop(inner);
                 self.flush_to(seq);

@@ -6,8 +6,9 @@
 //! the records it keeps in memory, its view of each other server, its client registry),
 //! `records` (appending, taking records and snapshots, making them durable), `roles` (the
 //! rules that change the role and the commit point, and the ticker), `feed` (what each
-//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox)
-//! and `inbound` (a peer's messages). Here: opening, starting and stopping a replica, and
+//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox),
+//! `inbound` (a peer's messages) and `forward` (a backup's clients served by the primary
+//! through it). Here: opening, starting and stopping a replica, and
 //! what the client connections of [`super::server`] may ask of it.
 //!
 //! Threads, all in the replica's [`Group`] (closed by [`Replica::stop`]): one link thread
@@ -19,6 +20,7 @@
 //! each peer is served on that connection's own thread (the server's).
 
 mod feed;
+mod forward;
 mod inbound;
 mod outbound;
 mod records;
@@ -30,7 +32,7 @@ pub use roles::next_epoch;
 pub use timing::{ACK_TIMEOUT, DOWN_AFTER, HEARTBEAT_EVERY, STALL};
 
 use super::clients::{Clients, Out};
-use super::log::{Disk, COMPACT_AFTER};
+use super::log::{Disk, Pos, COMPACT_AFTER};
 use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
@@ -41,7 +43,7 @@ use crate::link::Auth;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use outbound::Dial;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -167,11 +169,13 @@ impl Replica {
             clients: Clients::default(),
             need: None,
             last_ack: None,
+            acked: Pos::default(),
             version: first_mark(),
             started: now,
             last_tick: now,
             stopping: false,
             epochs_exhausted: false,
+            forwarded: HashMap::new(),
         };
         for r in loaded.records {
             inner.push(r.pos, r.change);
@@ -287,17 +291,37 @@ impl Replica {
     /// Forgets client connection `conn` (its reader ended) and its session; its writer
     /// sends what is queued and held for it as that commits, then ends.
     pub(in crate::messenger) fn remove_client(&self, conn: u64) {
-        self.lock().clients.remove(conn);
+        let mut inner = self.lock();
+        inner.clients.remove(conn);
+        self.forwarded_ended(&mut inner, conn);
     }
 
     /// Decides, applies and queues the answer to one request from client connection
-    /// `conn` (see [`requests::respond`]); true when the connection is to close.
+    /// `conn` (see [`requests::respond`]), or, on a backup, forwards it to the primary (see
+    /// `forward`); true when the connection is to close.
     pub(in crate::messenger) fn request(&self, conn: u64, payload: &[u8]) -> bool {
-        let decoded = protocol::decode_request(payload);
         let mut inner = self.lock();
+        if let Some(close) = self.forward(&mut inner, conn, payload) {
+            return close;
+        }
+        let (close, appended) = self.decide(&mut inner, conn, payload);
+        drop(inner);
+        // Outside the lock: the flush is disk I/O.
+        if let Some(seq) = appended {
+            self.changed.notify_all();
+            self.flush_to(seq);
+        }
+        close
+    }
+
+    /// [`Replica::request`] for connection `conn` of the registry (one of this server's,
+    /// or a backup's forwarded one), under the lock: whether it closes, and the sequence
+    /// number of the change it appended, to flush.
+    fn decide(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> (bool, Option<u64>) {
+        let decoded = protocol::decode_request(payload);
         let serving = inner.serving(self.id);
         if serving == Serving::Primary && !inner.clients.contains(conn) {
-            return true;
+            return (true, None);
         }
         let effects = requests::respond(
             serving,
@@ -310,7 +334,7 @@ impl Replica {
         let committed = inner.committed;
         let mut appended = None;
         if let Some(change) = &effects.change {
-            let (seq, delivered) = self.append_local(&mut inner, change);
+            let (seq, delivered) = self.append_local(inner, change);
             appended = Some(seq);
             // Queued under the lock, so a recipient's messages leave in number order,
             // after the login hand-over they follow.
@@ -330,13 +354,7 @@ impl Replica {
             let out = Out::replies(epoch, tag, &effects.replies, effects.close);
             inner.clients.send(conn, out, committed);
         }
-        drop(inner);
-        // Outside the lock: the flush is disk I/O.
-        if let Some(seq) = appended {
-            self.changed.notify_all();
-            self.flush_to(seq);
-        }
-        effects.close
+        (effects.close, appended)
     }
 }
 

@@ -5,14 +5,15 @@ use super::view::Inner;
 use super::{fatal, Replica};
 use crate::messenger::log::{decode_snapshot, encode_snapshot, Pos, Record};
 use crate::messenger::protocol::Delivery;
-use crate::messenger::replica_protocol::MAX_EPOCH;
+use crate::messenger::replica_protocol::{Role, MAX_EPOCH};
 use crate::messenger::state::Change;
 use crate::{log_debug, log_info};
 
-/// Changes from a peer: records following a position, or a whole snapshot.
+/// Changes from a peer: records following a position, or a whole snapshot (and the
+/// position it was announced at).
 pub(super) enum Incoming {
     Records(Pos, Vec<Record>),
-    Snapshot(Vec<u8>),
+    Snapshot(Pos, Vec<u8>),
 }
 
 impl Replica {
@@ -96,16 +97,18 @@ impl Replica {
     pub(super) fn take(&self, inner: &mut Inner, incoming: Incoming) -> Result<u64, ()> {
         match incoming {
             Incoming::Records(prev, records) => self.accept(inner, prev, records),
-            Incoming::Snapshot(bytes) => {
+            Incoming::Snapshot(announced, bytes) => {
                 let (pos, state) = decode_snapshot(&bytes).map_err(|e| {
                     log_info!("messenger-{}: bad snapshot from a peer: {e}", self.id);
                 })?;
-                if pos.epoch > MAX_EPOCH {
-                    log_info!(
-                        "messenger-{}: refused a snapshot at {pos}: its epoch is above the \
-                         limit {MAX_EPOCH}",
-                        self.id
-                    );
+                let refusal = if pos == announced {
+                    // As primary or candidate it asked for it (a FETCH); else it follows.
+                    self.snapshot_refusal(inner, pos, inner.role == Role::Candidate)
+                } else {
+                    Some("it is not at the position its chunks announced")
+                };
+                if let Some(why) = refusal {
+                    log_info!("messenger-{}: refused a snapshot at {pos}: {why}", self.id);
                     return Err(());
                 }
                 if let Err(e) = self.disk.install(&bytes, pos) {
@@ -119,6 +122,27 @@ impl Replica {
                 inner.durable = pos.seq;
                 Ok(pos.seq)
             }
+        }
+    }
+
+    /// Why a snapshot at `pos` cannot replace this server's log, if it cannot: its epoch
+    /// is past the limit; it goes back before a record this server acknowledged (which a
+    /// primary may have committed on the strength of it); or, as the answer to a FETCH
+    /// (`fetched`), this server is no candidate or its log is not behind.
+    pub(super) fn snapshot_refusal(
+        &self,
+        inner: &Inner,
+        pos: Pos,
+        fetched: bool,
+    ) -> Option<&'static str> {
+        if pos.epoch > MAX_EPOCH {
+            Some("its epoch is above the limit")
+        } else if pos < inner.acked {
+            Some("it goes back before what this server acknowledged")
+        } else if fetched && (inner.role != Role::Candidate || pos <= inner.last) {
+            Some("not asked for, or not newer than this log")
+        } else {
+            None
         }
     }
 
