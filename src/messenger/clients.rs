@@ -121,7 +121,7 @@ const REMOTE_PEER_SHIFT: u32 = 44;
 /// The registry's id for connection `conn` of backup `peer`, if it fits.
 pub(super) fn remote_id(peer: usize, conn: u64) -> Option<u64> {
     (conn < 1 << REMOTE_PEER_SHIFT && peer < 1 << 16)
-        .then(|| REMOTE | (peer as u64) << REMOTE_PEER_SHIFT | conn)
+        .then_some(REMOTE | (peer as u64) << REMOTE_PEER_SHIFT | conn)
 }
 
 /// One client connection, as the registry knows it.

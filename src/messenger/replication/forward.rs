@@ -120,12 +120,12 @@ impl Replica {
                     self.flush_to(seq);
                 }
             }
-            ReplicaMsg::Relay { conn, close, bytes } => {
-                if inner.forwarded.get(&conn) == Some(&from) {
-                    inner.clients.relay_in(conn, bytes, close);
-                    if close {
-                        inner.forwarded.remove(&conn);
-                    }
+            ReplicaMsg::Relay { conn, close, bytes }
+                if inner.forwarded.get(&conn) == Some(&from) =>
+            {
+                inner.clients.relay_in(conn, bytes, close);
+                if close {
+                    inner.forwarded.remove(&conn);
                 }
             }
             ReplicaMsg::Closed { conn } => {
