@@ -4,7 +4,7 @@ Protocol (see ``interop/PROTOCOLS.md``, "Messenger"): every message is one ``u32
 frame whose payload starts with a 1-byte operation (client to server) or status
 (server to client), followed by ``|``-separated ASCII fields::
 
-    01 NAME[|NONCE]  register      02 NAME  login        03 PATTERN  search
+    01 NAME[|NONCE]  register      02 NAME[|SESSION]  login    03 PATTERN  search
     04 FROM|TO|ID|TEXT  send       05 NAME  logout       06 NAME     delete
     07  quit                       08 EPOCH.SEQ  confirm (never answered)
 
@@ -16,7 +16,9 @@ Failover: when the connection breaks, times out, or answers 40/41, the client
 tries the servers again (a redirect's target first, or after a timeout the
 next server, then in id order), logs in again if it was logged in, and resends
 the request. Sends carry a random id and registrations a random nonce, so a
-resend is never applied twice. A message's number EPOCH.SEQ is unique forever
+resend is never applied twice. Logins carry the client's random session
+token, so a login again through another server takes over the session a lost
+connection may still hold. A message's number EPOCH.SEQ is unique forever
 and increases per recipient within one history; the client drops a number at
 or below the highest it has seen of the same epoch (never across epochs: after
 a network split a lower epoch is a message of the primary that lost, new to
@@ -131,6 +133,7 @@ class MessengerClient:
         self.sock: socket.socket | None = None
         self.reader: FrameReader | None = None
         self.server = 0  # the server of the current connection
+        self.session = random_id()  # sent with every login: a login again takes the session over
 
     # --- one connection ---------------------------------------------------------
 
@@ -203,7 +206,7 @@ class MessengerClient:
                 if self.user is None:
                     return
                 try:
-                    reply = self._exchange(bytes([LOGIN]) + self.user.encode())
+                    reply = self._exchange(bytes([LOGIN]) + f"{self.user}|{self.session}".encode())
                 except (OSError, FramingError):
                     self.close()
                     continue
@@ -263,7 +266,7 @@ class MessengerClient:
         """Log in; pending messages are appended to ``received``. Returns their count."""
         if self.user != name:
             self.seen = {}
-        reply = self.request(bytes([LOGIN]) + name.encode())
+        reply = self.request(bytes([LOGIN]) + f"{name}|{self.session}".encode())
         if reply[0] != LOGGED_IN:
             raise Refused(reply[0])
         self.user = name

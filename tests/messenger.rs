@@ -18,6 +18,7 @@ use switchboard::bench::free_addrs;
 use switchboard::framing::{encode_frame, FrameError, FrameReader, Framing};
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::{Client, ClientError};
+use switchboard::proxy::FaultProxy;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_messenger-client");
@@ -29,6 +30,11 @@ struct Cluster {
     servers: Vec<Option<ChildServer>>,
     root: PathBuf,
     extra: Vec<String>,
+    /// With [`Cluster::start_proxied`]: `links[i][j]` carries server `i`'s replication
+    /// link to server `j` (`None` on the diagonal), and `front[j]` is a way in to server
+    /// `j` for clients, each a [`FaultProxy`] to cut and heal.
+    links: Vec<Vec<Option<FaultProxy>>>,
+    front: Vec<FaultProxy>,
 }
 
 impl Cluster {
@@ -47,11 +53,63 @@ impl Cluster {
             servers: (0..n).map(|_| None).collect(),
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            links: Vec::new(),
+            front: Vec::new(),
         };
         for id in 0..n {
             c.spawn(id);
         }
         c
+    }
+
+    /// `n` servers that dial each other through a [`FaultProxy`] per ordered pair
+    /// (`--dial`), with a proxy in front of each for clients ([`Cluster::front_client`]).
+    fn start_proxied(n: usize, name: &str) -> Cluster {
+        let mut c = Cluster::start_with(0, name, &[]);
+        c.addrs = free_addrs(n).unwrap();
+        c.servers = (0..n).map(|_| None).collect();
+        c.links = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| (i != j).then(|| FaultProxy::start(c.addrs[j]).unwrap()))
+                    .collect()
+            })
+            .collect();
+        c.front = c
+            .addrs
+            .iter()
+            .map(|&a| FaultProxy::start(a).unwrap())
+            .collect();
+        for id in 0..n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    /// Cuts (or heals) the links between servers `i` and `j`, both ways, without closing
+    /// anything.
+    fn cut_link(&self, i: usize, j: usize, cut: bool) {
+        for (a, b) in [(i, j), (j, i)] {
+            let proxy = self.links[a][b].as_ref().expect("a proxied cluster");
+            if cut {
+                proxy.cut();
+            } else {
+                proxy.heal();
+            }
+        }
+    }
+
+    /// A client that reaches each server through the front proxies.
+    fn front_client(&self) -> Client {
+        Client::new(self.front.iter().map(FaultProxy::local_addr).collect())
+    }
+
+    /// The log lines of every server, for a failure message.
+    fn logs(&self) -> String {
+        (0..self.addrs.len())
+            .map(|i| format!("--- server {i}\n{}", self.log(i)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn peers(&self) -> String {
@@ -62,7 +120,14 @@ impl Cluster {
     fn spawn(&mut self, id: usize) {
         let dir = self.root.join(format!("server{id}"));
         let (id_arg, peers) = (id.to_string(), self.peers());
-        let mut args = vec!["--id", &id_arg, "--peers", &peers];
+        let dial: Vec<String> = (0..self.addrs.len())
+            .map(|j| match self.links.get(id).and_then(|l| l[j].as_ref()) {
+                Some(proxy) => proxy.local_addr().to_string(),
+                None => self.addrs[j].to_string(),
+            })
+            .collect();
+        let dial = dial.join(",");
+        let mut args = vec!["--id", &id_arg, "--peers", &peers, "--dial", &dial];
         args.extend(["--data-dir", dir.to_str().unwrap()]);
         args.extend(self.extra.iter().map(String::as_str));
         let server = ChildServer::start(SERVER, &args);
@@ -649,7 +714,11 @@ fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
                 reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
                 stream,
             };
-            assert_eq!(raw.recv(), b"\x02ann", "a login (silent, the second time)");
+            let login = raw.recv();
+            assert!(
+                login.starts_with(b"\x02ann|"),
+                "a login with the session token (silent, the second time): {login:?}"
+            );
             raw.send(b"\x21\x00\x01");
             raw.send(b"\x303.7|bob|hi");
             answered.send(()).unwrap();
@@ -1121,4 +1190,320 @@ fn without_a_secret_a_cluster_off_loopback_refuses_to_start_and_on_loopback_warn
     let cluster = Cluster::start(1, "secret-warning");
     let log = cluster.log(0);
     assert_eq!(log.matches("no --secret-file").count(), 1, "{log}");
+}
+
+// Partitions (issue 22): real processes whose replication links (and clients) pass through
+// fault proxies that stop forwarding without closing anything, as a cut network does.
+
+/// A send the cluster acknowledged: its text, the server that answered, and when.
+#[derive(Clone)]
+struct Acked {
+    text: String,
+    by: Option<usize>,
+    at: Instant,
+}
+
+/// Senders `s{i}` each sending to `r{i}` in a loop, and the receivers logged in
+/// throughout; each client made by `client(i)` (so a test picks the way in).
+struct Load {
+    stop: Arc<AtomicBool>,
+    stop_receivers: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    senders: Vec<thread::JoinHandle<usize>>,
+    receivers: Vec<thread::JoinHandle<Vec<Delivery>>>,
+}
+
+impl Load {
+    fn start(
+        n: usize,
+        sender: impl Fn(usize) -> Client,
+        receiver: impl Fn(usize) -> Client,
+    ) -> Load {
+        let mut setup = sender(0);
+        for i in 0..n {
+            setup.register(&format!("s{i}")).unwrap();
+            setup.register(&format!("r{i}")).unwrap();
+        }
+        let stop_receivers = Arc::new(AtomicBool::new(false));
+        let receivers = (0..n)
+            .map(|i| {
+                let (mut c, stop) = (receiver(i), Arc::clone(&stop_receivers));
+                c.login(&format!("r{i}")).unwrap();
+                thread::spawn(move || {
+                    let mut got: Vec<Delivery> = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = c.keep_up();
+                        got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
+                    }
+                    // A request on the primary: after its answer, every message committed
+                    // for this receiver has been handed to it.
+                    c.search("barrier").unwrap();
+                    got.extend(c.deliveries().try_iter());
+                    got
+                })
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let senders = (0..n)
+            .map(|i| {
+                let (mut c, stop, acked) = (sender(i), Arc::clone(&stop), Arc::clone(&acked));
+                c.login(&format!("s{i}")).unwrap();
+                thread::spawn(move || {
+                    let mut failed = 0;
+                    for k in 0.. {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let text = format!("s{i} message {k}");
+                        match c.send(&format!("r{i}"), &text) {
+                            Ok(()) => acked.lock().unwrap().push(Acked {
+                                text,
+                                by: c.server(),
+                                at: Instant::now(),
+                            }),
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            stop_receivers,
+            acked,
+            senders,
+            receivers,
+        }
+    }
+
+    fn acks(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for `n` more acknowledged sends.
+    fn more(&self, n: usize) {
+        let target = self.acks() + n;
+        eventually(&format!("{target} acknowledged sends"), || {
+            self.acks() >= target
+        });
+    }
+
+    /// Stops, and returns every acknowledged send and every delivery.
+    fn finish(self) -> (Vec<Acked>, Vec<Delivery>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in self.senders {
+            s.join().unwrap();
+        }
+        self.stop_receivers.store(true, Ordering::SeqCst);
+        let delivered = self
+            .receivers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
+        let acked = self.acked.lock().unwrap().clone();
+        (acked, delivered)
+    }
+}
+
+/// Checks issue 22's rules on what was acknowledged and delivered: no message number
+/// names two messages, nothing is delivered twice, and every acknowledged send is
+/// delivered unless `excused` (acknowledged by a primary that lost a split, in its
+/// window). A message of `abandoned` (the epoch of the primary that lost a split) may
+/// also have reached its recipient from the winning side: a send whose acknowledgement
+/// the cut held back, resent there (the documented split window). Returns how many
+/// acknowledged sends were lost (all excused).
+fn check_deliveries(
+    acked: &[Acked],
+    delivered: &[Delivery],
+    excused: impl Fn(&Acked) -> bool,
+    abandoned: Option<u64>,
+    logs: &str,
+) -> usize {
+    let mut by_number: HashMap<_, &str> = HashMap::new();
+    let mut copies: HashMap<&str, Vec<u64>> = HashMap::new();
+    for d in delivered {
+        let text = by_number.entry(d.id).or_insert(&d.text);
+        assert_eq!(*text, d.text, "number {} names two messages\n{logs}", d.id);
+        copies.entry(d.text.as_str()).or_default().push(d.id.epoch);
+    }
+    for (text, epochs) in &copies {
+        let split = epochs.len() == 2
+            && abandoned.is_some_and(|e| epochs.contains(&e) && epochs.iter().any(|&x| x > e));
+        assert!(
+            epochs.len() == 1 || split,
+            "{text} delivered {} times (epochs {epochs:?})\n{logs}",
+            epochs.len()
+        );
+    }
+    let count = copies;
+    let mut lost = 0;
+    for a in acked {
+        if !count.contains_key(a.text.as_str()) {
+            assert!(
+                excused(a),
+                "{} (acknowledged by {:?}) was never delivered\n{logs}",
+                a.text,
+                a.by
+            );
+            lost += 1;
+        }
+    }
+    lost
+}
+
+/// The servers that lead, sampled every 10 ms for `d`: the time from the start until the
+/// sample after which the leaders never changed again, and who they are at the end.
+fn settle(cluster: &Cluster, d: Duration) -> (Duration, Vec<usize>) {
+    let start = Instant::now();
+    let mut samples: Vec<(Duration, Vec<usize>)> = Vec::new();
+    while start.elapsed() < d {
+        let leaders = (0..cluster.addrs.len())
+            .filter(|&id| leads(cluster, id))
+            .collect();
+        samples.push((start.elapsed(), leaders));
+        thread::sleep(Duration::from_millis(10));
+    }
+    let last = samples.last().unwrap().1.clone();
+    let stable_from = samples
+        .iter()
+        .rposition(|(_, l)| *l != last)
+        .map_or(Duration::ZERO, |i| samples[i + 1].0);
+    (stable_from, last)
+}
+
+/// Row 1 of issue 22: the primary cut off from both backups for a few seconds while
+/// clients reach every server (half of them, those on the far side, lose server 0 with
+/// it). Two primaries during the cut; at the heal one again, and nothing lost but what
+/// server 0 acknowledged alone between the cut and its stepping down.
+#[test]
+fn partition_of_the_primary_loses_only_what_it_acknowledged_alone_and_heals() {
+    let cluster = Cluster::start_proxied(3, "partition-split");
+    assert_eq!(the_primary(&cluster), 0);
+    // Even senders and odd receivers dial the servers directly; the others come in through
+    // the front proxies, and server 0's is cut with its links.
+    let way_in = |direct: bool| {
+        if direct {
+            cluster.client()
+        } else {
+            cluster.front_client()
+        }
+    };
+    let load = Load::start(4, |i| way_in(i % 2 == 0), |i| way_in(i % 2 == 1));
+    load.more(100);
+    let log = cluster.log(0);
+    let at = log.rfind("primary for epoch ").unwrap() + "primary for epoch ".len();
+    let abandoned: u64 = log[at..].split(' ').next().unwrap().parse().unwrap();
+    let cut = Instant::now();
+    cluster.cut_link(0, 1, true);
+    cluster.cut_link(0, 2, true);
+    cluster.front[0].cut();
+    eventually("server 1 to lead too", || leads(&cluster, 1));
+    load.more(50);
+    thread::sleep(Duration::from_millis(1500));
+    let before_heal = load.acks();
+    let heal = Instant::now();
+    cluster.cut_link(0, 1, false);
+    cluster.cut_link(0, 2, false);
+    cluster.front[0].heal();
+    let mut stepped_down = None;
+    eventually("server 0 to step down", || {
+        let log = cluster.log(0);
+        let down = log.rfind("stepping down").is_some_and(|d| {
+            log[d..].contains("newer than mine") || log[d..].contains("leads epoch")
+        });
+        stepped_down = down.then(Instant::now);
+        down
+    });
+    let (one_primary, leaders) = settle(&cluster, Duration::from_secs(4));
+    assert_eq!(leaders.len(), 1, "{}", cluster.logs());
+    // A generous bound (the figure is measured and reported; a loaded machine stalls
+    // processes for a second at times).
+    assert!(
+        one_primary < Duration::from_secs(4),
+        "{one_primary:?}\n{}",
+        cluster.logs()
+    );
+    load.more(50);
+    let (acked, delivered) = load.finish();
+    let window = |a: &Acked| a.by == Some(0) && a.at > cut && a.at <= stepped_down.unwrap();
+    let lost = check_deliveries(&acked, &delivered, window, Some(abandoned), &cluster.logs());
+    let alone = acked.iter().filter(|a| window(a)).count();
+    eprintln!(
+        "partition: {} acknowledged ({before_heal} before the heal), {alone} by server 0 alone \
+         during the cut and before it stepped down, {lost} of them lost; one primary {one_primary:?} \
+         after the heal (server 0 stepped down after {:?})",
+        acked.len(),
+        stepped_down.unwrap() - heal
+    );
+}
+
+/// Row 2 of issue 22: only the link between servers 0 and 1 is cut, server 2 reaches
+/// both. Server 1 must not take over (server 2 still follows server 0): at most three
+/// changes of primary, nothing acknowledged lost.
+#[test]
+fn partition_of_one_link_does_not_flap_and_loses_nothing() {
+    let cluster = Cluster::start_proxied(3, "partition-link");
+    assert_eq!(the_primary(&cluster), 0);
+    let load = Load::start(3, |_| cluster.client(), |_| cluster.client());
+    load.more(100);
+    let takeovers = || -> usize {
+        (0..3)
+            .map(|i| cluster.log(i).matches("primary for epoch").count())
+            .sum()
+    };
+    let before = takeovers();
+    cluster.cut_link(0, 1, true);
+    thread::sleep(Duration::from_millis(2500));
+    load.more(50);
+    cluster.cut_link(0, 1, false);
+    thread::sleep(Duration::from_millis(1000));
+    load.more(50);
+    let changes = takeovers() - before;
+    let (acked, delivered) = load.finish();
+    check_deliveries(&acked, &delivered, |_| false, None, &cluster.logs());
+    assert!(
+        changes <= 3,
+        "{changes} changes of primary\n{}",
+        cluster.logs()
+    );
+    eprintln!(
+        "one cut link: {} acknowledged, {changes} changes of primary",
+        acked.len()
+    );
+}
+
+/// Row 3 of issue 22: clients cannot reach the primary, the servers still hear each
+/// other: a backup forwards their requests, and sends go on being acknowledged.
+#[test]
+fn partition_of_the_clients_from_the_primary_is_served_through_a_backup() {
+    let cluster = Cluster::start_proxied(3, "partition-clients");
+    assert_eq!(the_primary(&cluster), 0);
+    let load = Load::start(3, |_| cluster.front_client(), |_| cluster.front_client());
+    load.more(100);
+    cluster.front[0].cut();
+    let cut = Instant::now();
+    // Each client gives up on server 0 after its reply timeout, then is served by a backup.
+    load.more(100);
+    let during = load
+        .acked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|a| a.at > cut)
+        .filter(|a| a.by.is_some_and(|b| b != 0))
+        .count();
+    cluster.front[0].heal();
+    load.more(20);
+    let (acked, delivered) = load.finish();
+    check_deliveries(&acked, &delivered, |_| false, None, &cluster.logs());
+    assert!(during >= 100, "{during}");
+    assert!(leads(&cluster, 0), "{}", cluster.logs());
+    assert_eq!(
+        cluster.log(0).matches("primary for epoch").count(),
+        1,
+        "{}",
+        cluster.logs()
+    );
 }

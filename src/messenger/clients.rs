@@ -57,6 +57,8 @@ impl Out {
 pub(super) struct Sessions {
     by_user: HashMap<String, u64>,
     by_conn: HashMap<u64, String>,
+    /// The session token each logged-in connection gave at login, if any.
+    tokens: HashMap<u64, u64>,
 }
 
 impl Sessions {
@@ -70,18 +72,33 @@ impl Sessions {
         self.by_user.get(user).copied()
     }
 
-    /// Logs `user` in on `conn`, ending any earlier session of either (the decisions only
-    /// log in a logged-out connection as a user logged in nowhere).
-    pub(super) fn log_in(&mut self, conn: u64, user: String) {
+    /// Whether `user` is logged in on a connection whose session a login with `token`
+    /// may not take over (any, without a token).
+    pub(super) fn held_against(&self, user: &str, token: Option<u64>) -> bool {
+        self.conn_of(user)
+            .is_some_and(|c| token.is_none() || self.tokens.get(&c) != token.as_ref())
+    }
+
+    /// Logs `user` in on `conn` with session `token`, ending any earlier session of either
+    /// (the decisions only log in a logged-out connection as a user logged in nowhere, or
+    /// in a session the login takes over); returns the connection whose session it took.
+    pub(super) fn log_in(&mut self, conn: u64, user: String, token: Option<u64>) -> Option<u64> {
         self.log_out(conn);
-        if let Some(old) = self.by_user.insert(user.clone(), conn) {
+        let old = self.by_user.insert(user.clone(), conn);
+        if let Some(old) = old {
             self.by_conn.remove(&old);
+            self.tokens.remove(&old);
         }
         self.by_conn.insert(conn, user);
+        if let Some(t) = token {
+            self.tokens.insert(conn, t);
+        }
+        old.filter(|&o| o != conn)
     }
 
     /// Logs out whoever is logged in on `conn`.
     pub(super) fn log_out(&mut self, conn: u64) {
+        self.tokens.remove(&conn);
         if let Some(user) = self.by_conn.remove(&conn) {
             if self.by_user.get(&user) == Some(&conn) {
                 self.by_user.remove(&user);
@@ -92,6 +109,7 @@ impl Sessions {
     fn clear(&mut self) {
         self.by_user.clear();
         self.by_conn.clear();
+        self.tokens.clear();
     }
 }
 
@@ -250,15 +268,21 @@ impl Clients {
         }
     }
 
-    /// Closes connection `conn` at once (its forwarding ended), dropping what is queued.
+    /// Closes connection `conn` at once (its forwarding ended, or its session was taken
+    /// over), dropping what is queued for it; a remote one is told to close.
     pub(super) fn close(&mut self, conn: u64) {
-        if let Some(Entry {
-            sink: Sink::Local(outbox),
-            ..
-        }) = self.conns.get(&conn)
-        {
-            outbox.shutdown(Shutdown::Both);
+        self.sessions.log_out(conn);
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match &entry.sink {
+            Sink::Local(outbox) => outbox.shutdown(Shutdown::Both),
+            Sink::Remote { .. } if !entry.closed => {
+                deliver(entry, Bytes::from(Vec::new()), true, &mut self.relay);
+            }
+            Sink::Remote { .. } => {}
         }
+        entry.closed = true;
     }
 
     /// Frames held for a commit, all connections together.
@@ -495,11 +519,11 @@ mod tests {
     #[test]
     fn a_user_is_logged_in_on_one_connection_and_a_connection_as_one_user() {
         let mut s = Sessions::default();
-        s.log_in(1, "ann".into());
-        s.log_in(2, "bob".into());
+        s.log_in(1, "ann".into(), None);
+        s.log_in(2, "bob".into(), None);
         assert_eq!((s.user(1), s.conn_of("bob")), (Some("ann"), Some(2)));
         // Moving ann to connection 3 ends her session on 1.
-        s.log_in(3, "ann".into());
+        s.log_in(3, "ann".into(), None);
         assert_eq!((s.user(1), s.conn_of("ann")), (None, Some(3)));
         // Logging out a connection that holds nobody changes nothing.
         s.log_out(1);

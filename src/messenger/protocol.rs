@@ -6,7 +6,10 @@
 //! ```text
 //! client → server (1-byte operation, then |-separated ASCII fields)
 //!   01 NAME[|NONCE]          register (NONCE: a client-chosen u64 that makes a resend say ok)
-//!   02 NAME                  login
+//!   02 NAME[|SESSION]        login (SESSION: a client-chosen u64; a login with the SESSION
+//!                            the account is logged in with elsewhere takes that session
+//!                            over, closing its connection: a client that lost its way to
+//!                            a server logs in again through another)
 //!   03 PATTERN               search
 //!   04 FROM|TO|ID|TEXT       send (ID: a client-chosen u64; a resend is never delivered twice)
 //!   05 NAME                  logout
@@ -92,6 +95,9 @@ pub enum Request {
     Login {
         /// The account.
         name: String,
+        /// The client's session token: a login with the token of the connection the
+        /// account is logged in on replaces that session.
+        session: Option<u64>,
     },
     /// Usernames matching a pattern.
     Search {
@@ -351,9 +357,15 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, Violation> {
             };
             Ok(Request::Register { name, nonce })
         }
-        op::LOGIN => Ok(Request::Login {
-            name: name_field(body)?,
-        }),
+        op::LOGIN => {
+            let mut fields = body.splitn(2, |&b| b == b'|');
+            let name = name_field(fields.next().unwrap_or_default())?;
+            let session = match fields.next() {
+                Some(s) => Some(parse_u64(s).ok_or(Violation::BadRequest)?),
+                None => None,
+            };
+            Ok(Request::Login { name, session })
+        }
         op::SEARCH => match std::str::from_utf8(body) {
             Ok(p) if valid_pattern(p) => Ok(Request::Search {
                 pattern: p.to_owned(),
@@ -401,9 +413,12 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
                 out.extend_from_slice(format!("|{n}").as_bytes());
             }
         }
-        Request::Login { name } => {
+        Request::Login { name, session } => {
             out.push(op::LOGIN);
             out.extend_from_slice(name.as_bytes());
+            if let Some(s) = session {
+                out.extend_from_slice(format!("|{s}").as_bytes());
+            }
         }
         Request::Search { pattern } => {
             out.push(op::SEARCH);
@@ -565,7 +580,20 @@ mod tests {
                 nonce: Some(42)
             })
         );
-        assert_eq!(req(b"\x02bob"), Ok(Request::Login { name: "bob".into() }));
+        assert_eq!(
+            req(b"\x02bob"),
+            Ok(Request::Login {
+                name: "bob".into(),
+                session: None
+            })
+        );
+        assert_eq!(
+            req(b"\x02bob|77"),
+            Ok(Request::Login {
+                name: "bob".into(),
+                session: Some(77)
+            })
+        );
         assert_eq!(
             req(b"\x03b*"),
             Ok(Request::Search {
@@ -636,7 +664,10 @@ mod tests {
                 name: "a1".into(),
                 nonce: None,
             },
-            Request::Login { name: "a1".into() },
+            Request::Login {
+                name: "a1".into(),
+                session: Some(5),
+            },
             Request::Search {
                 pattern: "*1".into(),
             },

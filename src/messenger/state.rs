@@ -195,7 +195,8 @@ impl State {
     }
 
     /// Decides a request from a connection logged in as `me`; `online` says whether a user
-    /// is logged in on some connection. Checks run in this order, first failure answered:
+    /// is logged in on some connection in a session this request may not take over (see
+    /// [`Request::Login`]). Checks run in this order, first failure answered:
     ///
     /// - register: logged in → `AlreadyLoggedIn`; name exists → `NameTaken` (unless the
     ///   nonce is the one the account was registered with: a resend, answered ok).
@@ -235,7 +236,7 @@ impl State {
                     session: Session::Keep,
                 }
             }
-            Request::Login { name } => {
+            Request::Login { name, .. } => {
                 if me.is_some() {
                     return Decision::refuse(Violation::AlreadyLoggedIn);
                 }
@@ -645,14 +646,24 @@ mod tests {
     fn login_rules_in_order() {
         let mut s = State::new();
         register(&mut s, 1, "ann");
-        let login = Request::Login { name: "ann".into() };
+        let login = Request::Login {
+            name: "ann".into(),
+            session: None,
+        };
         let refused = |d: Decision| d.reply.unwrap();
         assert_eq!(
             refused(s.decide(Some("bob"), |_| false, &login)),
             Reply::Refused(Violation::AlreadyLoggedIn)
         );
         assert_eq!(
-            refused(s.decide(None, |_| false, &Request::Login { name: "zed".into() })),
+            refused(s.decide(
+                None,
+                |_| false,
+                &Request::Login {
+                    name: "zed".into(),
+                    session: None
+                }
+            )),
             Reply::Refused(Violation::NoSuchUser)
         );
         assert_eq!(

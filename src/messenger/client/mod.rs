@@ -266,6 +266,9 @@ pub struct Client {
     tx: Sender<Delivery>,
     rx: Receiver<Delivery>,
     server: Option<usize>,
+    /// This client's session token, sent with every login: a silent login again, through
+    /// another server, takes over the session its lost connection may still hold.
+    session: u64,
     /// How long a request may take, failovers included, before it fails as
     /// [`ClientError::Unavailable`] (default 15 s).
     pub timeout: Duration,
@@ -283,6 +286,7 @@ impl Client {
             tx,
             rx,
             server: None,
+            session: random_id(),
             timeout: Duration::from_secs(15),
         }
     }
@@ -334,6 +338,7 @@ impl Client {
         }
         let request = Request::Login {
             name: name.to_owned(),
+            session: Some(self.session),
         };
         match self.request(&request)? {
             Reply::LoggedIn { count } => {
@@ -523,7 +528,11 @@ impl Client {
                     self.conn = Some(conn);
                     return Ok(());
                 };
-                match conn.call(&Request::Login { name }, REPLY_TIMEOUT) {
+                let login = Request::Login {
+                    name,
+                    session: Some(self.session),
+                };
+                match conn.call(&login, REPLY_TIMEOUT) {
                     Some(Reply::LoggedIn { .. }) => {
                         self.conn = Some(conn);
                         return Ok(());

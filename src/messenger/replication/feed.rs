@@ -3,7 +3,7 @@
 //! heartbeats. The sockets are [`super::outbound`]'s.
 
 use super::outbound::{Outgoing, FEED_AHEAD};
-use super::timing::{BATCH, HEARTBEAT_EVERY};
+use super::timing::{BATCH, HEARTBEAT_EVERY, LINK_DEAD, LINK_TIMEOUT};
 use super::view::{Feed, Inner};
 use super::Replica;
 use crate::framing::{encode_frame, Framing};
@@ -23,6 +23,35 @@ pub(super) struct Told {
     said: Option<(u64, Standing)>,
     /// When the last heartbeat went.
     beat: Option<Instant>,
+    /// When the first heartbeat went on this connection.
+    since: Option<Instant>,
+    /// Since when the peer has not been heard from (on its own link), while this one was up.
+    quiet: Option<Instant>,
+}
+
+impl Told {
+    /// Why this link is dead though writes still succeed, if it is: the peer, alive, has
+    /// taken in nothing from it ([`LINK_DEAD`] after it came up, its heartbeats still echo
+    /// no heartbeat of ours), or the peer has been silent longer than its own end of the
+    /// link waits ([`LINK_TIMEOUT`]). A network cut can leave such a link behind (the far
+    /// end timed it out, its FIN was lost); a new dial finds the path again once it heals.
+    fn dead(&mut self, inner: &Inner, j: usize, now: Instant) -> Option<&'static str> {
+        let up = inner.up(j, now);
+        if up {
+            self.quiet = None;
+        } else {
+            self.quiet.get_or_insert(now);
+        }
+        let old = |t: Option<Instant>, d| t.is_some_and(|t| now.duration_since(t) > d);
+        let unechoed = inner.peers[j].status.is_some_and(|s| s.echo == 0);
+        if up && unechoed && old(self.since, LINK_DEAD) {
+            Some("the server hears nothing on it")
+        } else if old(self.quiet, LINK_TIMEOUT) && old(self.since, LINK_TIMEOUT) {
+            Some("the server has been silent longer than its end waits")
+        } else {
+            None
+        }
+    }
 }
 
 impl Outgoing for Replica {
@@ -81,6 +110,13 @@ impl Outgoing for Replica {
                 self.feed(&mut inner, j, out);
             }
             let now = Instant::now();
+            if let Some(why) = told.dead(&inner, j, now) {
+                log_info!(
+                    "messenger-{}: dropping the link to server {j}: {why}; dialing again",
+                    self.id
+                );
+                return false;
+            }
             let standing = inner.standing(j);
             let due = told
                 .beat
@@ -90,6 +126,7 @@ impl Outgoing for Replica {
                 let status = inner.status_for(self.id, j);
                 encode_peer(&ReplicaMsg::Heartbeat(status).encode(), out);
                 told.beat = Some(now);
+                told.since.get_or_insert(now);
                 told.said = Some((inner.version, standing));
             }
             if !out.is_empty() {

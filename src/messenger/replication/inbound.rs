@@ -100,6 +100,9 @@ impl Replica {
             p.inbound += 1;
             p.heard = Some(Instant::now());
             p.assembly = None;
+            // Its heartbeats on this link are echoed afresh: until one is, ours say 0, and
+            // it knows that its link here delivers nothing yet.
+            p.echo = 0;
             if let Some(old) = p.link.replace(Arc::clone(link.stream())) {
                 let _ = old.shutdown(Shutdown::Both);
             }

@@ -66,6 +66,10 @@ pub struct Options {
     /// Snapshot the state and empty the log after this many records
     /// ([`COMPACT_AFTER`] by default).
     pub compact_after: u64,
+    /// Where this server dials each server, by id (`--dial`; by default `peers`): an
+    /// address that reaches it through a NAT, a tunnel or a test's fault proxy. `peers`
+    /// stays the cluster's identity (HELLO carries it), the same on every server.
+    pub dial: Vec<SocketAddr>,
     /// The cluster secret (`--secret-file`): with it, every replication link runs
     /// [`crate::auth`]'s handshake after the HELLO, and a peer that proves nothing is
     /// refused before it touches anything; without it the wire is as it always was.
@@ -78,6 +82,7 @@ impl Options {
     pub fn new(id: usize, peers: Vec<SocketAddr>, data_dir: PathBuf) -> Options {
         Options {
             id,
+            dial: peers.clone(),
             peers,
             data_dir,
             fsync: true,
@@ -92,6 +97,8 @@ impl Options {
 pub struct Replica {
     id: usize,
     addrs: Vec<SocketAddr>,
+    /// Where each server is dialled (`Options::dial`).
+    dial: Vec<SocketAddr>,
     /// The `--peers` list as HELLO carries it.
     cluster: String,
     /// What this server proves on its replication links, when a secret is configured.
@@ -148,6 +155,15 @@ impl Replica {
                 format!("--id {} but only {n} peers", options.id),
             ));
         }
+        if options.dial.len() != n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "--dial names {} addresses but --peers {n}",
+                    options.dial.len()
+                ),
+            ));
+        }
         let (disk, loaded) = Disk::open(&options.data_dir, options.fsync)?;
         let report = loaded.to_string();
         let last = loaded.last();
@@ -194,6 +210,7 @@ impl Replica {
         let replica = Replica {
             id: options.id,
             addrs: options.peers.clone(),
+            dial: options.dial.clone(),
             cluster,
             auth,
             inner: Mutex::new(inner),
@@ -213,7 +230,7 @@ impl Replica {
         for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
             let dial = Dial {
                 to: j,
-                addr: self.addrs[j],
+                addr: self.dial[j],
                 hello: ReplicaMsg::Hello {
                     from: self.id,
                     cluster: self.cluster.clone(),
@@ -344,7 +361,14 @@ impl Replica {
             }
         }
         match effects.session {
-            Session::LogIn(name) => inner.clients.sessions_mut().log_in(conn, name),
+            Session::LogIn(name) => {
+                let token = effects.token;
+                // A session taken over (the same client, come back another way): its old
+                // connection is closed.
+                if let Some(old) = inner.clients.sessions_mut().log_in(conn, name, token) {
+                    inner.clients.close(old);
+                }
+            }
             Session::LogOut | Session::Quit => inner.clients.sessions_mut().log_out(conn),
             Session::Keep => {}
         }
@@ -438,7 +462,10 @@ mod tests {
         assert_eq!(ann.next(2), [Reply::Ok, Reply::Ok]);
         assert_eq!(replica.lock().committed, 3);
         assert_eq!(replica.lock().clients.held(), 0);
-        let login = |name: &str| Request::Login { name: name.into() };
+        let login = |name: &str| Request::Login {
+            name: name.into(),
+            session: None,
+        };
         assert!(!ask(&replica, 2, &login("bob")));
         assert_eq!(bob.next(1), [Reply::LoggedIn { count: 0 }]);
         assert!(!ask(&replica, 1, &login("ann")));

@@ -63,7 +63,7 @@ pub(super) trait Outgoing {
     /// The link to peer `to` is down.
     fn unlinked(&self, to: usize);
     /// Waits until something is due on the link to peer `to` and appends its frames to
-    /// `out`; false when the replica is stopping. `queued` tells how many batches wait
+    /// `out`; false when the replica is stopping, or the link is dead (it is dialled again). `queued` tells how many batches wait
     /// unwritten: at [`FEED_AHEAD`] or more, only heartbeats and answers are added.
     fn next_frames(
         &self,

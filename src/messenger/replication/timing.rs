@@ -34,6 +34,9 @@ pub(super) const HELLO_WAIT: Duration =
     Duration::from_millis(DOWN_AFTER.as_millis() as u64 + 2 * HEARTBEAT_EVERY.as_millis() as u64);
 /// Writes on a link, and silences on an inbound link, longer than this end it.
 pub(super) const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// An outbound link this old whose live peer's heartbeats still echo nothing sent on it
+/// delivers nothing: it is dropped and dialled again.
+pub(super) const LINK_DEAD: Duration = Duration::from_secs(1);
 /// Records kept in memory to catch a peer up; one further behind gets a snapshot.
 pub(super) const WINDOW: usize = 100_000;
 /// Records per REPLICATE frame (and at most
