@@ -1507,3 +1507,269 @@ fn partition_of_the_clients_from_the_primary_is_served_through_a_backup() {
         cluster.logs()
     );
 }
+
+// Issue 15's attacks on the replication port, replayed by a test client that speaks the
+// peer protocol, and a seeded random-byte fuzz of it.
+
+/// A replication link forged by the test: HELLO as server `from` to server `to`; `Some`
+/// once the server answers WELCOME (it closes, unanswered, if it refuses).
+fn forged_link(cluster: &Cluster, to: usize, from: usize) -> Option<Raw> {
+    let mut raw = Raw::connect(cluster.addrs[to]);
+    raw.send(&forged_hello(cluster, from));
+    match raw.reader.read_frame() {
+        Ok(Some(b"w")) => Some(raw),
+        Ok(Some(other)) => panic!("server {to} answered a HELLO with {other:02x?}"),
+        Ok(None) => None,
+        Err(e) => {
+            assert!(!e.is_timeout(), "server {to} left a HELLO unanswered");
+            None
+        }
+    }
+}
+
+/// What every test below checks after its attack: nobody exited, server 0 still leads its
+/// first epoch and nobody else took over, the accounts are all there, and a send goes
+/// through to its recipient.
+fn unharmed(cluster: &mut Cluster, accounts: &[&str]) {
+    for id in 0..3 {
+        if let Some(server) = cluster.servers[id].as_mut() {
+            assert!(
+                server.child.try_wait().unwrap().is_none(),
+                "server {id} exited\n{}",
+                cluster.log(id)
+            );
+        }
+    }
+    assert!(leads(cluster, 0), "{}", cluster.logs());
+    assert_eq!(
+        cluster.log(0).matches("primary for epoch").count(),
+        1,
+        "{}",
+        cluster.logs()
+    );
+    let mut c = cluster.client();
+    assert_eq!(c.search("*").unwrap(), accounts);
+    send_and_deliver(cluster, "ann", "bob", "still here", 0);
+}
+
+/// The resident set of server `id`, in KiB.
+fn rss_of(cluster: &Cluster, id: usize) -> u64 {
+    let pid = cluster.servers[id].as_ref().unwrap().child.id();
+    switchboard::bench::process_rss_kib(pid).unwrap()
+}
+
+/// Issue 15, messenger: a HELLO as a live server replaces nothing (it waits, then is
+/// refused), so the forged empty snapshot behind it is never read; and a link that does get
+/// in (as a server that is down) can neither wipe the state with a snapshot, nor speak for
+/// an epoch it does not lead, nor make a server buffer a huge frame.
+#[test]
+fn forged_hello_and_snapshot_frames_change_nothing() {
+    use switchboard::messenger::log::Pos;
+    use switchboard::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status};
+    let mut cluster = Cluster::start(3, "attack-forged");
+    let mut setup = cluster.client();
+    let accounts: Vec<String> = (0..30).map(|i| format!("user{i:02}")).collect();
+    for name in ["ann", "bob"]
+        .iter()
+        .copied()
+        .chain(accounts.iter().map(String::as_str))
+    {
+        setup.register(name).unwrap();
+    }
+    let mut all: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    all.extend(["ann", "bob"]);
+    all.sort_unstable();
+    assert_eq!(the_primary(&cluster), 0);
+    eventually("every link up", || {
+        (1..3).all(|i| cluster.log(i).contains("server 0 is up"))
+            && cluster.log(2).contains("server 1 is up")
+    });
+    // The attack of the issue: HELLO from=0 to servers 1 and 2, a heartbeat, an empty
+    // snapshot at an epoch near 2^64. Server 0's link is alive: refused.
+    let empty = {
+        let mut bytes = Vec::new();
+        let state = switchboard::messenger::state::State::new();
+        bytes.extend(switchboard::messenger::log::encode_snapshot(
+            Pos::default(),
+            &state,
+        ));
+        bytes
+    };
+    let snapshot = |epoch: u64, pos: Pos| {
+        ReplicaMsg::Snapshot {
+            epoch,
+            pos,
+            total: empty.len() as u64,
+            offset: 0,
+            bytes: empty.clone(),
+            fetched: false,
+        }
+        .encode()
+    };
+    for to in [1, 2] {
+        let started = Instant::now();
+        assert!(
+            forged_link(&cluster, to, 0).is_none(),
+            "server {to} let a live id in"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(500));
+    }
+    // Forged HELLOs from=1 and from=2 to the primary: refused too.
+    for from in [1, 2] {
+        assert!(forged_link(&cluster, 0, from).is_none());
+    }
+    for id in 0..3 {
+        eventually("the refusals logged", || {
+            cluster.log(id).contains("refused a second link")
+        });
+    }
+    // Server 2 dies: its id is free, and a forger takes it. Each frame below is refused,
+    // and closes the link when it speaks for an epoch the sender does not lead.
+    cluster.kill9(2);
+    eventually("server 2 down", || {
+        cluster.log(1).contains("server 2 is down")
+    });
+    let huge = u64::MAX - 5;
+    let mut attempts: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "snapshot at an epoch past the limit",
+            snapshot(huge - huge % 3 + 2, Pos::default()),
+        ),
+        (
+            "snapshot from an epoch it does not lead",
+            snapshot(4, Pos::default()),
+        ),
+        (
+            "a snapshot not at its sender's epoch",
+            snapshot(5, Pos { epoch: 3, seq: 1 }),
+        ),
+    ];
+    attempts.push((
+        "a heartbeat as primary of server 0's epoch",
+        ReplicaMsg::Heartbeat(Status {
+            role: Role::Primary,
+            epoch: 3,
+            last: Pos {
+                epoch: 3,
+                seq: 1 << 40,
+            },
+            in_sync: true,
+            you: Standing::Excluded,
+            mark: u64::MAX,
+            echo: 0,
+            primary: Some(0),
+        })
+        .encode(),
+    ));
+    for (what, frame) in &attempts {
+        for to in [0, 1] {
+            let mut link = forged_link(&cluster, to, 2).unwrap_or_else(|| {
+                panic!(
+                    "server {to} refused a HELLO for a dead id\n{}",
+                    cluster.logs()
+                )
+            });
+            link.send(frame);
+            // The forger's frames are taken or refused before the link closes; wait for the
+            // server's verdict by closing our end and reading to its.
+            link.stream.shutdown(std::net::Shutdown::Write).unwrap();
+            assert!(link.closed(), "{what}");
+        }
+    }
+    // A frame far over the limit (a 600 MiB header, then 32 MiB of it) is skipped as it
+    // arrives, never buffered.
+    let before = rss_of(&cluster, 1);
+    let mut link = forged_link(&cluster, 1, 2).unwrap();
+    link.stream
+        .write_all(&(600u32 << 20).to_be_bytes())
+        .unwrap();
+    let chunk = vec![b's'; 1 << 20];
+    for _ in 0..32 {
+        if link.stream.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let grown = rss_of(&cluster, 1).saturating_sub(before);
+    drop(link);
+    eprintln!("big frame: server 1 grew {grown} KiB");
+    assert!(
+        rss_of(&cluster, 1) < 64 << 10,
+        "{} KiB",
+        rss_of(&cluster, 1)
+    );
+    cluster.spawn(2);
+    eventually("server 2 back", || {
+        cluster.log(2).contains("holds every committed change")
+    });
+    unharmed(&mut cluster, &all);
+    let log = cluster.logs();
+    for want in [
+        "above the limit",
+        "a snapshot for an epoch it does not lead",
+        "a snapshot not at its sender's epoch",
+        "primary of an epoch it does not lead",
+    ] {
+        assert!(log.contains(want), "{want:?} not logged\n{log}");
+    }
+}
+
+/// Seeded random bytes at the replication port of every server, half of the connections
+/// after a plausible HELLO (as server 2, which is down, so the link is taken): nobody
+/// exits, nothing changes, every member stays under 64 MiB.
+fn fuzz_replication(duration: Duration, seed: u64) {
+    let mut cluster = Cluster::start(3, &format!("fuzz-{seed}"));
+    let mut setup = cluster.client();
+    for name in ["ann", "bob"] {
+        setup.register(name).unwrap();
+    }
+    assert_eq!(the_primary(&cluster), 0);
+    cluster.kill9(2);
+    eventually("server 2 down", || {
+        cluster.log(0).contains("server 2 is down")
+    });
+    let mut rng = switchboard::bench::Rng::new(seed);
+    let started = Instant::now();
+    let (mut connections, mut peak) = (0, 0);
+    while started.elapsed() < duration {
+        let to = rng.below(2) as usize;
+        let mut raw = Raw::connect(cluster.addrs[to]);
+        if rng.below(2) == 0 {
+            raw.send(&forged_hello(&cluster, 2));
+        }
+        let len = rng.below(4096) as usize;
+        let _ = raw.stream.write_all(&rng.bytes(len));
+        // Now and then a well-framed random frame, which gets past the framing.
+        let len = rng.below(64) as usize;
+        let payload = rng.bytes(len);
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, &payload, &mut frame).unwrap();
+        let _ = raw.stream.write_all(&frame);
+        connections += 1;
+        if connections % 50 == 0 {
+            peak = peak.max(rss_of(&cluster, 0)).max(rss_of(&cluster, 1));
+        }
+    }
+    peak = peak.max(rss_of(&cluster, 0)).max(rss_of(&cluster, 1));
+    eprintln!(
+        "fuzz (seed {seed}): {connections} connections in {:?}, peak RSS {peak} KiB",
+        started.elapsed()
+    );
+    assert!(peak < 64 << 10, "{peak} KiB");
+    cluster.spawn(2);
+    eventually("server 2 back", || {
+        cluster.log(2).contains("holds every committed change")
+    });
+    unharmed(&mut cluster, &["ann", "bob"]);
+}
+
+#[test]
+fn fuzz_of_the_replication_port_changes_nothing() {
+    fuzz_replication(Duration::from_secs(3), 15);
+}
+
+/// The same for 60 s: `cargo test --test messenger fuzz -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn fuzz_of_the_replication_port_for_a_minute_changes_nothing() {
+    fuzz_replication(Duration::from_secs(60), 22);
+}

@@ -240,6 +240,7 @@ impl Replica {
             }
             ReplicaMsg::Reject { epoch } => {
                 inner.max_epoch = inner.max_epoch.max(epoch);
+                self.superseded(&mut inner, epoch, from);
                 self.reconcile(inner);
             }
             ReplicaMsg::Fetch { last } => {
@@ -319,8 +320,8 @@ impl Replica {
 
     /// Why `msg` cannot have come from server `from`, if it cannot: records, snapshots and
     /// a primary's heartbeat only come from the primary of their epoch (server `e mod n`
-    /// of `n` leads epoch `e`), and a snapshot holds no record of a later epoch than its
-    /// sender's.
+    /// of `n` leads epoch `e`); a primary's snapshot is at a record of its epoch, and a
+    /// snapshot answering a FETCH holds no record of a later epoch than its sender's.
     fn misplaced(&self, from: usize, msg: &ReplicaMsg) -> Option<&'static str> {
         let n = self.addrs.len() as u64;
         let leads = |epoch: u64| epoch % n == from as u64;
@@ -335,6 +336,13 @@ impl Replica {
                 fetched: false,
                 ..
             } if !leads(*epoch) => Some("a snapshot for an epoch it does not lead"),
+            // A primary's snapshot is at its last record, which is of its own epoch.
+            ReplicaMsg::Snapshot {
+                epoch,
+                pos,
+                fetched: false,
+                ..
+            } if pos.epoch != *epoch => Some("a snapshot not at its sender's epoch"),
             ReplicaMsg::Snapshot { epoch, pos, .. } if pos.epoch > *epoch => {
                 Some("a snapshot from an epoch later than its own")
             }
@@ -404,6 +412,9 @@ impl Replica {
 
     fn on_heartbeat(&self, mut inner: MutexGuard<'_, Inner>, from: usize, status: Status) {
         inner.max_epoch = inner.max_epoch.max(status.epoch);
+        if status.role != Role::Primary {
+            self.superseded(&mut inner, status.epoch, from);
+        }
         // Echoed back: it tells a primary this server has taken in what the heartbeat said
         // (its standing, applied below). A stale primary's standing is ignored, so is its mark.
         if status.role != Role::Primary || status.epoch >= inner.epoch {
@@ -456,6 +467,8 @@ impl Replica {
             self.set_candidate(&mut inner, false);
         }
         if epoch > inner.epoch {
+            // In sync again once its primary says so.
+            self.superseded(&mut inner, epoch, from);
             inner.epoch = epoch;
             inner.version += 1;
         }

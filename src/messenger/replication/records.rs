@@ -163,6 +163,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messenger::replication::view::Inner;
     use crate::messenger::Options;
 
     fn record(epoch: u64, seq: u64, name: &str) -> Record {
@@ -174,6 +175,38 @@ mod tests {
             pos: Pos { epoch, seq },
             change: change.to_bytes(),
         }
+    }
+
+    #[test]
+    fn a_snapshot_behind_what_was_acknowledged_is_refused() {
+        let dir = std::env::temp_dir().join(format!("switchboard-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let (replica, _) = Replica::open(&Options::new(1, peers, dir.clone())).unwrap();
+        let mut inner = replica.lock();
+        let at = |epoch, seq| Pos { epoch, seq };
+        inner.acked = at(4, 150);
+        inner.last = at(4, 160);
+        let refused = |inner: &Inner, pos, fetched| replica.snapshot_refusal(inner, pos, fetched);
+        // Behind what this server acknowledged, in log order: refused.
+        assert!(refused(&inner, at(4, 149), false).is_some());
+        assert!(refused(&inner, at(2, 900), false).is_some());
+        // At or past it: taken. A later epoch that started from a shorter log is past it
+        // (the history after a split healed; what it lacks was the losing side's).
+        assert_eq!(refused(&inner, at(4, 150), false), None);
+        assert_eq!(refused(&inner, at(6, 131), false), None);
+        // Never past the epoch limit.
+        assert!(refused(&inner, at(MAX_EPOCH + 1, 200), false).is_some());
+        // A FETCH answer only as candidate, and only ahead of this log.
+        assert!(refused(&inner, at(6, 200), true).is_some());
+        inner.role = Role::Candidate;
+        assert!(refused(&inner, at(4, 155), true).is_some());
+        assert_eq!(refused(&inner, at(6, 131), true), None);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -216,6 +216,22 @@ impl Replica {
         }
     }
 
+    /// This server has heard of `epoch` from `from`, other than from that epoch's primary
+    /// saying where it stands: if it is newer than any this server has accepted, a primary
+    /// may have committed changes in it without this server, which no longer counts itself
+    /// in sync (a primary that learns it was superseded after a network split must not then
+    /// take over again on its own, before hearing from the servers that moved on).
+    pub(super) fn superseded(&self, inner: &mut Inner, epoch: u64, from: usize) {
+        if epoch > inner.epoch && inner.in_sync {
+            inner.in_sync = false;
+            inner.version += 1;
+            log_info!(
+                "messenger-{}: may miss committed changes of epoch {epoch} (server {from} knows it)",
+                self.id
+            );
+        }
+    }
+
     /// Enters or leaves candidacy; either way, answers to earlier questions no longer count.
     pub(super) fn set_candidate(&self, inner: &mut Inner, on: bool) {
         inner.role = if on { Role::Candidate } else { Role::Backup };
