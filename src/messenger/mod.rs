@@ -113,8 +113,8 @@
 //! holds every committed change (it has acknowledged the epoch record) or is excluded. A
 //! server that restarts, or stalls for 400 ms or more, is not in sync until a primary says
 //! so; a primary is in sync. A server that hears of an epoch newer than any it has
-//! accepted (a REJECT, a backup's heartbeat, the new primary's first records) is not in
-//! sync either until that epoch's primary says so: a primary deposed while cut off must
+//! accepted from anyone but that epoch's primary (a REJECT, another server's heartbeat) is
+//! not in sync either until that epoch's primary says so: a primary deposed while cut off must
 //! not take over again on its own before it has heard from the servers that moved on. Rule
 //! 3 uses this: a server that was away while changes were committed without it can never
 //! take over alone and lose them. Because of it, a brand-new cluster's first primary needs

@@ -467,8 +467,8 @@ impl Replica {
             self.set_candidate(&mut inner, false);
         }
         if epoch > inner.epoch {
-            // In sync again once its primary says so.
-            self.superseded(&mut inner, epoch, from);
+            // Not `superseded`: the new primary took over from the greatest live log, this
+            // server's included, and commits wait for it as a member.
             inner.epoch = epoch;
             inner.version += 1;
         }
@@ -549,5 +549,117 @@ impl Replica {
             }
         }
         self.reconcile(inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messenger::log::encode_snapshot;
+    use crate::messenger::state::Change;
+    use crate::messenger::Options;
+
+    fn replica(id: usize, name: &str) -> (Arc<Replica>, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-chunks-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        (
+            Replica::open(&Options::new(id, peers, dir.clone()))
+                .unwrap()
+                .0,
+            dir,
+        )
+    }
+
+    #[test]
+    fn a_snapshot_travels_in_chunks_and_only_whole_and_in_order_is_taken() {
+        let (a, dir_a) = replica(0, "a");
+        let (b, dir_b) = replica(1, "b");
+        let mut from = a.lock();
+        for i in 0..40_000u64 {
+            let name = format!("account{i:032}");
+            let change = Change::Register { name, nonce: i };
+            from.state.apply(
+                Pos {
+                    epoch: 2,
+                    seq: i + 1,
+                }
+                .into(),
+                &change,
+            );
+        }
+        (from.epoch, from.last) = (
+            2,
+            Pos {
+                epoch: 2,
+                seq: 40_000,
+            },
+        );
+        let whole = encode_snapshot(from.last, &from.state);
+        let chunks = a.snapshot_for(&mut from, 1, false);
+        assert!(
+            chunks.len() >= 2,
+            "{} bytes in {}",
+            whole.len(),
+            chunks.len()
+        );
+        let parts: Vec<(u64, Assembly)> = chunks
+            .into_iter()
+            .map(|m| match m {
+                ReplicaMsg::Snapshot {
+                    epoch,
+                    pos,
+                    total,
+                    offset,
+                    bytes,
+                    fetched,
+                } => {
+                    assert!(bytes.len() <= SNAPSHOT_CHUNK);
+                    assert!(m_len(&bytes) <= MAX_PEER_FRAME);
+                    let chunk = Assembly {
+                        epoch,
+                        pos,
+                        total,
+                        fetched,
+                        bytes,
+                    };
+                    (offset, chunk)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let copy = |c: &Assembly| Assembly {
+            bytes: c.bytes.clone(),
+            ..*c
+        };
+        let mut to = b.lock();
+        // Out of order: the second chunk alone is dropped, and so is what follows it.
+        assert_eq!(b.assemble(&mut to, 0, parts[1].0, copy(&parts[1].1)), None);
+        assert!(to.peers[0].assembly.is_none());
+        // In order: nothing until the last, then the whole file.
+        let mut got = None;
+        for (i, (offset, chunk)) in parts.iter().enumerate() {
+            got = b.assemble(&mut to, 0, *offset, copy(chunk));
+            assert_eq!(got.is_some(), i + 1 == parts.len());
+        }
+        assert_eq!(got.unwrap(), whole);
+        // A first chunk of a snapshot behind what this server acknowledged is refused
+        // before anything is kept.
+        to.acked = Pos { epoch: 3, seq: 1 };
+        assert_eq!(b.assemble(&mut to, 0, 0, copy(&parts[0].1)), None);
+        assert!(to.peers[0].assembly.is_none());
+        drop((from, to));
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// A SNAPSHOT frame's payload length for a chunk of `bytes`.
+    fn m_len(bytes: &[u8]) -> usize {
+        1 + 8 + 16 + 8 + 8 + bytes.len()
     }
 }
