@@ -4,21 +4,26 @@ Protocol (see ``interop/PROTOCOLS.md``, "Messenger"): every message is one ``u32
 frame whose payload starts with a 1-byte operation (client to server) or status
 (server to client), followed by ``|``-separated ASCII fields::
 
-    01 NAME[|NONCE]  register      02 NAME  login        03 PATTERN  search
+    01 NAME[|NONCE]  register      02 NAME[|SESSION]  login    03 PATTERN  search
     04 FROM|TO|ID|TEXT  send       05 NAME  logout       06 NAME     delete
-    07  quit                       08 ID    confirm (never answered)
+    07  quit                       08 EPOCH.SEQ  confirm (never answered)
 
     20 ok     21 COUNT:u16 logged in (COUNT message frames follow)
-    22 COUNT:u16 NAME|NAME...     30 ID|FROM|TEXT  a message
+    22 COUNT:u16 NAME|NAME...     30 EPOCH.SEQ|FROM|TEXT  a message
     40 ID  redirect to server ID  41  no primary now     50..5a  a rule broken
 
 Failover: when the connection breaks, times out, or answers 40/41, the client
 tries the servers again (a redirect's target first, or after a timeout the
 next server, then in id order), logs in again if it was logged in, and resends
 the request. Sends carry a random id and registrations a random nonce, so a
-resend is never applied twice. Messages are numbered per recipient in
-increasing order; the client drops numbers it has seen, so each is received
-once.
+resend is never applied twice. Logins carry the client's random session
+token, so a login again through another server takes over the session a lost
+connection may still hold. A message's number EPOCH.SEQ is unique forever
+and increases per recipient within one history; the client drops a number at
+or below the highest it has seen of the same epoch (never across epochs: after
+a network split a lower epoch is a message of the primary that lost, new to
+this client), so each is received once. It confirms the last number received
+on its current connection, never one it was not handed there.
 
 CLI, one command per invocation::
 
@@ -84,9 +89,17 @@ class Unavailable(Exception):
 class Delivery(NamedTuple):
     """A received message."""
 
-    id: int
+    id: tuple[int, int]  # (epoch, seq)
     sender: str
     text: str
+
+
+def parse_number(field: str) -> tuple[int, int]:
+    """``EPOCH.SEQ`` to (epoch, seq)."""
+    epoch, _, seq = field.partition(".")
+    if not (epoch.isdigit() and seq.isdigit()):
+        raise ValueError(f"{field!r} is not a message number EPOCH.SEQ")
+    return int(epoch), int(seq)
 
 
 def parse_servers(text: str) -> list[tuple[str, int]]:
@@ -114,11 +127,13 @@ class MessengerClient:
         self.confirm = confirm  # confirm received messages (they are then no longer kept)
         self.user: str | None = None
         self.received: list[Delivery] = []
-        self.last_seen = 0
-        self.confirmed = 0
+        self.seen: dict[int, int] = {}  # epoch -> highest seq received
+        self.last_here: tuple[int, int] | None = None  # last number received on this connection
+        self.confirmed: tuple[int, int] | None = None
         self.sock: socket.socket | None = None
         self.reader: FrameReader | None = None
         self.server = 0  # the server of the current connection
+        self.session = random_id()  # sent with every login: a login again takes the session over
 
     # --- one connection ---------------------------------------------------------
 
@@ -131,7 +146,7 @@ class MessengerClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.reader = sock, FrameReader(sock, FRAMING)
         self.server = server
-        self.confirmed = 0
+        self.last_here = self.confirmed = None
         return True
 
     def close(self) -> None:
@@ -147,18 +162,23 @@ class MessengerClient:
         return frame
 
     def _deliver(self, frame: bytes) -> None:
-        number, sender, text = frame[1:].decode("ascii").split("|", 2)
-        if int(number) > self.last_seen:
-            self.last_seen = int(number)
-            self.received.append(Delivery(int(number), sender, text))
+        field, sender, text = frame[1:].decode("ascii").split("|", 2)
+        number = parse_number(field)
+        self.last_here = number
+        epoch, seq = number
+        if seq > self.seen.get(epoch, 0):
+            self.seen[epoch] = seq
+            self.received.append(Delivery(number, sender, text))
 
     def _exchange(self, payload: bytes) -> bytes:
         """Send one request and return its reply, taking messages that come first."""
         assert self.sock is not None
         # Not before a login: a confirm from a connection not logged in is ignored.
-        if self.confirm and payload[0] != LOGIN and self.user and self.last_seen > self.confirmed:
-            send_message(self.sock, bytes([CONFIRM]) + str(self.last_seen).encode(), FRAMING)
-            self.confirmed = self.last_seen
+        if self.confirm and payload[0] != LOGIN and self.user and self.last_here != self.confirmed:
+            assert self.last_here is not None
+            epoch, seq = self.last_here
+            send_message(self.sock, bytes([CONFIRM]) + f"{epoch}.{seq}".encode(), FRAMING)
+            self.confirmed = self.last_here
         send_message(self.sock, payload, FRAMING)
         while True:
             frame = self._frame()
@@ -186,7 +206,7 @@ class MessengerClient:
                 if self.user is None:
                     return
                 try:
-                    reply = self._exchange(bytes([LOGIN]) + self.user.encode())
+                    reply = self._exchange(bytes([LOGIN]) + f"{self.user}|{self.session}".encode())
                 except (OSError, FramingError):
                     self.close()
                     continue
@@ -245,8 +265,8 @@ class MessengerClient:
     def login(self, name: str) -> int:
         """Log in; pending messages are appended to ``received``. Returns their count."""
         if self.user != name:
-            self.last_seen = 0
-        reply = self.request(bytes([LOGIN]) + name.encode())
+            self.seen = {}
+        reply = self.request(bytes([LOGIN]) + f"{name}|{self.session}".encode())
         if reply[0] != LOGGED_IN:
             raise Refused(reply[0])
         self.user = name

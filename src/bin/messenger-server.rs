@@ -19,6 +19,12 @@ struct Args {
     /// required to serve)
     #[argh(option)]
     peers: Option<String>,
+    /// where this server dials each server, HOST:PORT by id, comma-separated (default:
+    /// --peers): for a NAT, a tunnel or a fault-injecting proxy; --peers stays the
+    /// cluster's identity, the same on every server, and this server listens on its own
+    /// --peers address
+    #[argh(option)]
+    dial: Option<String>,
     /// directory for the snapshot and the change log (created if missing)
     #[argh(option)]
     data_dir: PathBuf,
@@ -74,12 +80,28 @@ fn main() -> ExitCode {
             n - 1
         ));
     }
-    let secret =
-        match auth::cluster_secret(args.secret_file.as_deref(), &peers, "the messenger cluster") {
-            Ok(s) => s,
-            Err(e) => return fail(&e.to_string()),
-        };
+    let dial = match args.dial.as_deref().map(messenger::parse_addrs) {
+        None => peers.clone(),
+        Some(Ok(d)) if d.len() == peers.len() => d,
+        Some(Ok(d)) => {
+            return fail(&format!(
+                "--dial names {} servers but --peers {}",
+                d.len(),
+                peers.len()
+            ))
+        }
+        Some(Err(e)) => return fail(&format!("--dial: {e}")),
+    };
+    let secret = match auth::cluster_secret(
+        args.secret_file.as_deref(),
+        &[&peers[..], &dial].concat(),
+        "the messenger cluster",
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
     let options = Options {
+        dial,
         fsync: !args.no_fsync,
         compact_after: args.compact_after,
         secret,

@@ -3,6 +3,10 @@
 //! replica holds it under its lock; it knows nothing of replication and holds no socket:
 //! each connection's [`Outbox`] (the framework's, drained by a writer thread) is its only
 //! way out, and a frame enters it only once its change is committed.
+//!
+//! A connection may also be *remote*: a client of a backup whose requests the backup
+//! forwards to this server (the primary). Its frames go, once committed, to a relay queue
+//! per backup, which that backup's replication link carries back ([`Clients::take_relay`]).
 
 use super::protocol::{self, Reply};
 use crate::framing::{encode_frame, Framing};
@@ -53,6 +57,8 @@ impl Out {
 pub(super) struct Sessions {
     by_user: HashMap<String, u64>,
     by_conn: HashMap<u64, String>,
+    /// The session token each logged-in connection gave at login, if any.
+    tokens: HashMap<u64, u64>,
 }
 
 impl Sessions {
@@ -66,18 +72,33 @@ impl Sessions {
         self.by_user.get(user).copied()
     }
 
-    /// Logs `user` in on `conn`, ending any earlier session of either (the decisions only
-    /// log in a logged-out connection as a user logged in nowhere).
-    pub(super) fn log_in(&mut self, conn: u64, user: String) {
+    /// Whether `user` is logged in on a connection whose session a login with `token`
+    /// may not take over (any, without a token).
+    pub(super) fn held_against(&self, user: &str, token: Option<u64>) -> bool {
+        self.conn_of(user)
+            .is_some_and(|c| token.is_none() || self.tokens.get(&c) != token.as_ref())
+    }
+
+    /// Logs `user` in on `conn` with session `token`, ending any earlier session of either
+    /// (the decisions only log in a logged-out connection as a user logged in nowhere, or
+    /// in a session the login takes over); returns the connection whose session it took.
+    pub(super) fn log_in(&mut self, conn: u64, user: String, token: Option<u64>) -> Option<u64> {
         self.log_out(conn);
-        if let Some(old) = self.by_user.insert(user.clone(), conn) {
+        let old = self.by_user.insert(user.clone(), conn);
+        if let Some(old) = old {
             self.by_conn.remove(&old);
+            self.tokens.remove(&old);
         }
         self.by_conn.insert(conn, user);
+        if let Some(t) = token {
+            self.tokens.insert(conn, t);
+        }
+        old.filter(|&o| o != conn)
     }
 
     /// Logs out whoever is logged in on `conn`.
     pub(super) fn log_out(&mut self, conn: u64) {
+        self.tokens.remove(&conn);
         if let Some(user) = self.by_conn.remove(&conn) {
             if self.by_user.get(&user) == Some(&conn) {
                 self.by_user.remove(&user);
@@ -88,13 +109,43 @@ impl Sessions {
     fn clear(&mut self) {
         self.by_user.clear();
         self.by_conn.clear();
+        self.tokens.clear();
     }
+}
+
+/// Where a connection's frames go.
+enum Sink {
+    /// A connection of this server. Dropping the outbox lets the writer flush what is
+    /// queued and half-close.
+    Local(Outbox),
+    /// A client of backup `peer`, connection `conn` there: frames go to the relay queue.
+    Remote { peer: usize, conn: u64 },
+}
+
+/// Frames for a backup's client, to relay.
+pub(super) struct Relayed {
+    /// The connection's id on the backup.
+    pub(super) conn: u64,
+    /// Whole reply frames.
+    pub(super) bytes: Bytes,
+    /// Close the connection after them.
+    pub(super) close: bool,
+}
+
+/// Ids of remote connections: this bit, the backup's id, then its connection id.
+const REMOTE: u64 = 1 << 63;
+const REMOTE_PEER_SHIFT: u32 = 44;
+
+/// The registry's id for connection `conn` of backup `peer`, if it fits.
+pub(super) fn remote_id(peer: usize, conn: u64) -> Option<u64> {
+    (conn < 1 << REMOTE_PEER_SHIFT && peer < 1 << 16)
+        .then_some(REMOTE | (peer as u64) << REMOTE_PEER_SHIFT | conn)
 }
 
 /// One client connection, as the registry knows it.
 struct Entry {
-    /// Its way out; dropping it lets the writer flush what is queued and half-close.
-    outbox: Outbox,
+    /// Its way out.
+    sink: Sink,
     /// Frames of this connection in [`Clients::held`].
     held: usize,
     /// Its reader has ended: the entry goes once nothing is held for it any more.
@@ -123,18 +174,61 @@ pub(super) struct Clients {
     /// order they were queued.
     held: VecDeque<Held>,
     sessions: Sessions,
+    /// Frames for the clients of each backup (by backup id), in order.
+    relay: HashMap<usize, Vec<Relayed>>,
 }
 
 impl Clients {
     /// Registers connection `conn`, whose frames go to `outbox`.
     pub(super) fn add(&mut self, conn: u64, outbox: Outbox) {
+        self.insert(conn, Sink::Local(outbox));
+    }
+
+    fn insert(&mut self, conn: u64, sink: Sink) {
         let entry = Entry {
-            outbox,
+            sink,
             held: 0,
             leaving: false,
             closed: false,
         };
         self.conns.insert(conn, entry);
+    }
+
+    /// The registry's id for connection `conn` of backup `peer`, registered if it is new;
+    /// `None` if it cannot be (an id out of range, or a connection that closed).
+    pub(super) fn remote(&mut self, peer: usize, conn: u64) -> Option<u64> {
+        let id = remote_id(peer, conn)?;
+        match self.conns.get(&id) {
+            Some(e) if e.closed || e.leaving => None,
+            Some(_) => Some(id),
+            None => {
+                self.insert(id, Sink::Remote { peer, conn });
+                Some(id)
+            }
+        }
+    }
+
+    /// Forgets every connection of backup `peer` (its link is gone), logging them out;
+    /// what was to be relayed to it is dropped.
+    pub(super) fn drop_remote(&mut self, peer: usize) {
+        let gone: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| matches!(e.sink, Sink::Remote { peer: p, .. } if p == peer))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.sessions.log_out(id);
+            self.conns.remove(&id);
+        }
+        self.held
+            .retain(|h| h.conn & REMOTE == 0 || remote_peer(h.conn) != peer);
+        self.relay.remove(&peer);
+    }
+
+    /// Takes what is to be relayed to backup `peer`'s clients.
+    pub(super) fn take_relay(&mut self, peer: usize) -> Vec<Relayed> {
+        self.relay.remove(&peer).unwrap_or_default()
     }
 
     /// Forgets connection `conn` (its reader ended) and logs it out. Its outbox is dropped
@@ -164,6 +258,33 @@ impl Clients {
         &mut self.sessions
     }
 
+    /// Hands relayed frames to forwarded connection `conn` of this server at once (the
+    /// primary sent them once committed); closes it after them if `close`.
+    pub(super) fn relay_in(&mut self, conn: u64, bytes: Vec<u8>, close: bool) {
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            if !entry.closed {
+                deliver(entry, Bytes::from(bytes), close, &mut self.relay);
+            }
+        }
+    }
+
+    /// Closes connection `conn` at once (its forwarding ended, or its session was taken
+    /// over), dropping what is queued for it; a remote one is told to close.
+    pub(super) fn close(&mut self, conn: u64) {
+        self.sessions.log_out(conn);
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        match &entry.sink {
+            Sink::Local(outbox) => outbox.shutdown(Shutdown::Both),
+            Sink::Remote { .. } if !entry.closed => {
+                deliver(entry, Bytes::from(Vec::new()), true, &mut self.relay);
+            }
+            Sink::Remote { .. } => {}
+        }
+        entry.closed = true;
+    }
+
     /// Frames held for a commit, all connections together.
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {
@@ -184,11 +305,16 @@ impl Clients {
         let bytes = Bytes::from(out.bytes);
         let ready = out.tag.is_none_or(|tag| tag <= committed);
         if ready && entry.held == 0 {
-            deliver(entry, bytes, out.close);
+            deliver(entry, bytes, out.close, &mut self.relay);
             return;
         }
         if entry.held >= OUTBOX {
-            entry.outbox.close("too many answers waiting for commit");
+            match &entry.sink {
+                Sink::Local(outbox) => outbox.close("too many answers waiting for commit"),
+                Sink::Remote { .. } => {
+                    deliver(entry, Bytes::from(Vec::new()), true, &mut self.relay);
+                }
+            }
             return;
         }
         // An untagged frame behind held ones waits with the last of them.
@@ -223,7 +349,7 @@ impl Clients {
             };
             entry.held -= 1;
             if h.epoch == epoch && !entry.closed {
-                deliver(entry, h.bytes, h.close);
+                deliver(entry, h.bytes, h.close, &mut self.relay);
             }
             if entry.leaving && entry.held == 0 {
                 self.conns.remove(&h.conn);
@@ -241,12 +367,24 @@ impl Clients {
         });
     }
 
-    /// Closes every client connection (their threads then end and remove them), dropping
-    /// whatever is held for them.
+    /// Closes every client connection (their threads then end and remove them; remote
+    /// ones are told to close and forgotten), dropping whatever is held for them.
     fn shutdown_all(&mut self) {
-        for c in self.conns.values() {
-            c.outbox.shutdown(Shutdown::Both);
-        }
+        let relay = &mut self.relay;
+        self.conns.retain(|_, c| match &c.sink {
+            Sink::Local(outbox) => {
+                outbox.shutdown(Shutdown::Both);
+                true
+            }
+            Sink::Remote { peer, conn } => {
+                relay.entry(*peer).or_default().push(Relayed {
+                    conn: *conn,
+                    bytes: Bytes::from(Vec::new()),
+                    close: true,
+                });
+                false
+            }
+        });
         self.drop_held();
     }
 
@@ -266,10 +404,32 @@ impl Clients {
     }
 }
 
-/// Hands frames to a connection's writer; a frame that closes the connection is its last.
-/// A full outbox has closed its connection and logged why.
-fn deliver(entry: &mut Entry, bytes: Bytes, close: bool) {
-    let _ = entry.outbox.send(bytes);
+/// The backup a remote connection id belongs to.
+fn remote_peer(id: u64) -> usize {
+    ((id & !REMOTE) >> REMOTE_PEER_SHIFT) as usize
+}
+
+/// Hands frames to a connection's writer (or, for a remote one, to the relay queue of its
+/// backup); a frame that closes the connection is its last. A full outbox has closed its
+/// connection and logged why.
+fn deliver(entry: &mut Entry, bytes: Bytes, close: bool, relay: &mut HashMap<usize, Vec<Relayed>>) {
+    match &entry.sink {
+        Sink::Local(outbox) => {
+            if !bytes.is_empty() {
+                let _ = outbox.send(bytes);
+            }
+            if close {
+                // The reader ends (if the request that closes it has not ended it already);
+                // the writer flushes what is queued, then half-closes.
+                outbox.shutdown(Shutdown::Read);
+            }
+        }
+        Sink::Remote { peer, conn } => relay.entry(*peer).or_default().push(Relayed {
+            conn: *conn,
+            bytes,
+            close,
+        }),
+    }
     if close {
         entry.closed = true;
     }
@@ -359,11 +519,11 @@ mod tests {
     #[test]
     fn a_user_is_logged_in_on_one_connection_and_a_connection_as_one_user() {
         let mut s = Sessions::default();
-        s.log_in(1, "ann".into());
-        s.log_in(2, "bob".into());
+        s.log_in(1, "ann".into(), None);
+        s.log_in(2, "bob".into(), None);
         assert_eq!((s.user(1), s.conn_of("bob")), (Some("ann"), Some(2)));
         // Moving ann to connection 3 ends her session on 1.
-        s.log_in(3, "ann".into());
+        s.log_in(3, "ann".into(), None);
         assert_eq!((s.user(1), s.conn_of("ann")), (None, Some(3)));
         // Logging out a connection that holds nobody changes nothing.
         s.log_out(1);

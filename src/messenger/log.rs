@@ -2,7 +2,8 @@
 //! it, both with CRCs, replayed on start.
 //!
 //! ```text
-//! DIR/snapshot     := "SWBMSNP1\n" seq:u64 epoch:u64 len:u64 state[len] crc:u32
+//! DIR/snapshot     := "SWBMSNP2\n" seq:u64 epoch:u64 len:u64 state[len] crc:u32
+//!                     (a legacy "SWBMSNP1\n" snapshot is read too: see `state`)
 //! DIR/changes.log  := "SWBMLOG1\n" record*
 //! record           := seq:u64 epoch:u64 len:u32 change[len] crc:u32
 //! crc              := CRC-32 (IEEE, as zlib) of the bytes after the magic line (snapshot) or
@@ -34,6 +35,7 @@
 //! [`Disk::sync_to`] writes the buffer with one call and, with `fsync`, syncs it: whoever
 //! syncs takes everything appended so far, so concurrent requests share one fsync.
 
+use super::protocol::MessageId;
 use super::state::{Change, Corrupt, Cursor, State};
 use crate::durable::{self, crc32, open_for_append, Damaged, End, Frame, Header};
 use std::fmt;
@@ -43,7 +45,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-const SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP1\n";
+const SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP2\n";
+/// Snapshots written before message numbers carried their epoch: read, never written.
+const LEGACY_SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP1\n";
 pub(super) const LOG_MAGIC: &[u8] = b"SWBMLOG1\n";
 pub(super) const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
@@ -67,6 +71,16 @@ pub struct Pos {
     pub epoch: u64,
     /// The record's sequence number.
     pub seq: u64,
+}
+
+impl From<Pos> for MessageId {
+    /// A message is numbered by the position of the change that sent it.
+    fn from(pos: Pos) -> MessageId {
+        MessageId {
+            epoch: pos.epoch,
+            seq: pos.seq,
+        }
+    }
 }
 
 impl fmt::Display for Pos {
@@ -193,7 +207,7 @@ impl Disk {
                     break;
                 };
                 if let Some(change) = change {
-                    state.apply(record.pos.seq, &change);
+                    state.apply(record.pos.into(), &change);
                     last = record.pos;
                     records.push(record);
                 }
@@ -309,9 +323,15 @@ pub fn encode_snapshot(pos: Pos, state: &State) -> Vec<u8> {
 /// # Errors
 /// [`Corrupt`] when they are not a snapshot or fail the CRC.
 pub fn decode_snapshot(bytes: &[u8]) -> Result<(Pos, State), Corrupt> {
-    let body = bytes
-        .strip_prefix(SNAPSHOT_MAGIC)
-        .ok_or(Corrupt("not a messenger snapshot"))?;
+    let (body, legacy) = match bytes.strip_prefix(SNAPSHOT_MAGIC) {
+        Some(body) => (body, false),
+        None => (
+            bytes
+                .strip_prefix(LEGACY_SNAPSHOT_MAGIC)
+                .ok_or(Corrupt("not a messenger snapshot"))?,
+            true,
+        ),
+    };
     if body.len() < 28 {
         return Err(Corrupt("truncated snapshot"));
     }
@@ -329,7 +349,12 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<(Pos, State), Corrupt> {
     if state.len() as u64 != len {
         return Err(Corrupt("snapshot length mismatch"));
     }
-    Ok((pos, State::decode(state)?))
+    let state = if legacy {
+        State::decode_legacy(state)?
+    } else {
+        State::decode(state)?
+    };
+    Ok((pos, state))
 }
 
 /// Appends one record (header, change, CRC) to `out`.
@@ -580,7 +605,7 @@ mod tests {
         for seq in 1..=4 {
             let name = format!("u{seq}");
             disk.append(pos(1, seq), &reg(&name));
-            state.apply(seq, &Change::decode(&reg(&name)).unwrap());
+            state.apply(pos(1, seq).into(), &Change::decode(&reg(&name)).unwrap());
         }
         disk.sync_to(4).unwrap();
         disk.install(&encode_snapshot(pos(1, 4), &state), pos(1, 4))

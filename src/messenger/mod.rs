@@ -22,8 +22,23 @@
 //! **Servers and ports.** `--peers A0,A1,A2` lists every server's address by id; server `i`
 //! listens on `Ai` for clients *and* peers: a connection whose first frame is a peer HELLO
 //! is a replication link (see [`replica_protocol`]), anything else a client. Each server
-//! dials every other one and writes only on the link it dialed, so every message between
-//! two servers goes one way on one TCP connection, in order.
+//! dials every other one (at its `--peers` address, or where `--dial` says) and writes only
+//! on the link it dialed, so every message between two servers goes one way on one TCP
+//! connection, in order. A lost link is dialled again with [`crate::link::Backoff`]
+//! (jittered, at most 1 s apart) for as long as the server runs; a link that still takes
+//! writes but delivers nothing (its peer, heard on its own link, echoes none of its
+//! heartbeats for 1 s, or the peer has been silent longer than its end waits) is dropped
+//! and dialled again, so links come back by themselves when a cut network heals.
+//!
+//! **Who may speak.** With `--secret-file` only members get a link at all. Even then a HELLO
+//! for a server whose link is alive does not replace it: it waits until that link has been
+//! silent for 500 ms or has closed (at most 700 ms), else it is refused. Records,
+//! snapshots and a primary's heartbeat are taken only from the primary of their epoch
+//! (server `e mod n` leads epoch `e`; anything else closes the link, logged), a primary's
+//! snapshot only at a record of its own epoch, and no snapshot that goes back, in log
+//! order, before the last record this server acknowledged. Epochs are checked arithmetic
+//! with a ceiling ([`replica_protocol::MAX_EPOCH`]). Peer frames are at most a snapshot
+//! chunk (1 MiB) and its header; a longer one is skipped as it arrives, never buffered.
 //!
 //! **Failure detection.** Every link carries a heartbeat at least every 100 ms
 //! ([`replication::HEARTBEAT_EVERY`]). A server considers a peer *down* when its inbound link
@@ -34,7 +49,7 @@
 //! server's heartbeats arrive within 500 ms. It holds for crashed and killed processes on a
 //! working network; a network partition, where both sides live but cannot talk, breaks it
 //! (tolerating partitions needs a majority quorum, which cannot survive two of three
-//! failures).
+//! failures): see *Partitions* below for what a split costs and how the cluster heals.
 //!
 //! **Stalls.** A process that was itself stopped or starved (its 20 ms ticker more than
 //! 300 ms late, [`replication::STALL`]) cannot trust that view: the others may have seen it
@@ -62,7 +77,9 @@
 //! is not primary becomes *candidate* when all of these hold:
 //!
 //! 1. every lower-numbered server is down;
-//! 2. no live peer says it is primary;
+//! 2. no live peer says it is primary, or follows one (heartbeats name the primary their
+//!    sender heard within the last 250 ms: a server cut from a live primary, by a single
+//!    cut link, learns from the others that it leads, and does not depose it through them);
 //! 3. some live server (itself included) holds every committed change, as its primary last
 //!    told it (see *in sync* below) — or every server of the cluster is up;
 //! 4. it has heard from every peer, or 500 ms have passed since it started (or stalled).
@@ -95,7 +112,10 @@
 //! **In sync.** The primary tells each peer in its heartbeats whether it is a member that
 //! holds every committed change (it has acknowledged the epoch record) or is excluded. A
 //! server that restarts, or stalls for 400 ms or more, is not in sync until a primary says
-//! so; a primary is in sync. Rule
+//! so; a primary is in sync. A server that hears of an epoch newer than any it has
+//! accepted from anyone but that epoch's primary (a REJECT, another server's heartbeat) is
+//! not in sync either until that epoch's primary says so: a primary deposed while cut off must
+//! not take over again on its own before it has heard from the servers that moved on. Rule
 //! 3 uses this: a server that was away while changes were committed without it can never
 //! take over alone and lose them. Because of it, a brand-new cluster's first primary needs
 //! every server up once; afterwards any single in-sync survivor carries on.
@@ -117,12 +137,37 @@
 //! epoch. Clients see their connections close and fail over to it.
 //!
 //! **Sessions** (who is logged in on which connection) belong to the primary's connections
-//! and are not replicated; after a failover clients log in again by themselves.
+//! and are not replicated; after a failover clients log in again by themselves. A login
+//! carries the client's session token: a login with the token of the account's current
+//! session takes it over (its connection is closed), so a client that lost its way to the
+//! primary without the connection closing logs in again elsewhere.
+//! **Forwarding:** a backup that hears the primary and has a link to it serves its own
+//! clients through it: it forwards each request on its link, the primary decides it for a
+//! *remote* connection of its registry (sessions, held answers and pushed messages as for
+//! its own), and relays the answers back once committed. When the primary changes or a
+//! link between them goes, the backup closes those connections and the clients fail over.
+//! A backup that cannot forward redirects (`40`) or answers `41`.
 //! **Exactly once:** a message is kept until its recipient confirms it (the client does so
-//! as it receives messages), is numbered by its change's sequence number, and reaches the
-//! recipient in number order, so a client that drops numbers it has already seen receives
-//! each message once across failovers; a send resent with the same id is acknowledged
-//! without being stored again (each sender's last 1,024 ids are part of the state).
+//! as it receives messages), is numbered `EPOCH.SEQ` by its change's position (unique
+//! forever: epochs belong to one primary, which gives each sequence number once), and
+//! reaches the recipient in number order within one history, so a client that drops
+//! numbers at or below the highest it has seen *of the same epoch* receives each message
+//! once across failovers, and after a network split never takes a new message of the
+//! winning side for one of the losing side's (whose sequence numbers it may reuse); a send
+//! resent with the same id is acknowledged without being stored again (each sender's last
+//! 1,024 ids are part of the state).
+//!
+//! **Partitions.** The failure detector cannot tell a cut network from a crash, and a lone
+//! in-sync server takes over (that is how two of three crashes are survived): a full split
+//! has a primary on each side, the old one (acknowledging alone once it stops waiting for
+//! the others, 500 ms into the cut) and a new one in a higher epoch. When the network
+//! returns, the links are dialled again (within the backoff's 1 s at worst, at once if a
+//! dial is pending), the old primary hears of the higher epoch and steps down, and the
+//! lowest server takes over again from the greatest log, which is the new epoch's: what the
+//! old primary acknowledged alone, between the cut and hearing of the newer epoch, is lost
+//! (recipients connected to it may have received some of it). A single cut link with a
+//! third server hearing both changes nothing (rule 2), and clients cut from the primary are
+//! served through a backup (forwarding).
 
 pub mod bench;
 pub mod client;

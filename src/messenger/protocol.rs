@@ -6,18 +6,23 @@
 //! ```text
 //! client → server (1-byte operation, then |-separated ASCII fields)
 //!   01 NAME[|NONCE]          register (NONCE: a client-chosen u64 that makes a resend say ok)
-//!   02 NAME                  login
+//!   02 NAME[|SESSION]        login (SESSION: a client-chosen u64; a login with the SESSION
+//!                            the account is logged in with elsewhere takes that session
+//!                            over, closing its connection: a client that lost its way to
+//!                            a server logs in again through another)
 //!   03 PATTERN               search
 //!   04 FROM|TO|ID|TEXT       send (ID: a client-chosen u64; a resend is never delivered twice)
 //!   05 NAME                  logout
 //!   06 NAME                  delete the account and its pending messages
 //!   07                       quit
-//!   08 ID                    confirm: every message up to ID has arrived (never answered)
+//!   08 EPOCH.SEQ             confirm: every message up to that number has arrived (never
+//!                            answered)
 //! server → client (1-byte status, then fields)
 //!   20                       ok
 //!   21 COUNT:u16             logged in; COUNT pending messages follow, one 30 frame each
 //!   22 COUNT:u16 NAME|NAME…  search results, sorted
-//!   30 ID|FROM|TEXT          a message (ID: its number, increasing per recipient)
+//!   30 EPOCH.SEQ|FROM|TEXT   a message: its number, unique forever, increasing per recipient
+//!                            in one history (see [`MessageId`])
 //!   40 ID                    not the primary; server ID (decimal) is
 //!   41                       no primary at the moment; try again shortly
 //!   50…5a                    the request broke a rule; see [`Violation`]
@@ -90,6 +95,9 @@ pub enum Request {
     Login {
         /// The account.
         name: String,
+        /// The client's session token: a login with the token of the connection the
+        /// account is logged in on replaces that session.
+        session: Option<u64>,
     },
     /// Usernames matching a pattern.
     Search {
@@ -121,8 +129,8 @@ pub enum Request {
     Quit,
     /// Every message up to `upto` has arrived: they are no longer kept.
     Confirm {
-        /// The highest message id received.
-        upto: u64,
+        /// The number of the last message received on this connection.
+        upto: MessageId,
     },
 }
 
@@ -206,11 +214,44 @@ impl fmt::Display for Violation {
 
 impl std::error::Error for Violation {}
 
+/// A message's number: the epoch and sequence number of the change that sent it, written
+/// `EPOCH.SEQ` on the wire. Epochs belong to one primary each and a primary gives each
+/// sequence number of its epoch to one change, so no two messages ever share a number,
+/// whatever failovers and partitions did; numbers compare epoch first, the order of any
+/// one history, so a recipient's messages arrive in increasing order. After a network
+/// split has healed, a client may see numbers of an abandoned epoch (from the primary that
+/// lost): a client deduplicates per epoch (a number at or below the highest seen *of the
+/// same epoch* is a repeat), never across epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct MessageId {
+    /// The epoch of the primary that stored the message.
+    pub epoch: u64,
+    /// The sequence number of its change in that primary's log.
+    pub seq: u64,
+}
+
+impl MessageId {
+    /// `EPOCH.SEQ`, each 1–20 decimal digits that fit a u64.
+    pub fn parse(field: &[u8]) -> Option<MessageId> {
+        let dot = field.iter().position(|&b| b == b'.')?;
+        Some(MessageId {
+            epoch: parse_u64(&field[..dot])?,
+            seq: parse_u64(&field[dot + 1..])?,
+        })
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
 /// A message as a recipient receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Delivery {
-    /// Its number: increasing per recipient, never reused.
-    pub id: u64,
+    /// Its number: unique forever, increasing per recipient within one history.
+    pub id: MessageId,
     /// The sender.
     pub from: String,
     /// The text.
@@ -316,9 +357,15 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, Violation> {
             };
             Ok(Request::Register { name, nonce })
         }
-        op::LOGIN => Ok(Request::Login {
-            name: name_field(body)?,
-        }),
+        op::LOGIN => {
+            let mut fields = body.splitn(2, |&b| b == b'|');
+            let name = name_field(fields.next().unwrap_or_default())?;
+            let session = match fields.next() {
+                Some(s) => Some(parse_u64(s).ok_or(Violation::BadRequest)?),
+                None => None,
+            };
+            Ok(Request::Login { name, session })
+        }
         op::SEARCH => match std::str::from_utf8(body) {
             Ok(p) if valid_pattern(p) => Ok(Request::Search {
                 pattern: p.to_owned(),
@@ -349,7 +396,7 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, Violation> {
         }),
         op::QUIT if body.is_empty() => Ok(Request::Quit),
         op::CONFIRM => Ok(Request::Confirm {
-            upto: parse_u64(body).ok_or(Violation::BadRequest)?,
+            upto: MessageId::parse(body).ok_or(Violation::BadRequest)?,
         }),
         _ => Err(Violation::BadRequest),
     }
@@ -366,9 +413,12 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
                 out.extend_from_slice(format!("|{n}").as_bytes());
             }
         }
-        Request::Login { name } => {
+        Request::Login { name, session } => {
             out.push(op::LOGIN);
             out.extend_from_slice(name.as_bytes());
+            if let Some(s) = session {
+                out.extend_from_slice(format!("|{s}").as_bytes());
+            }
         }
         Request::Search { pattern } => {
             out.push(op::SEARCH);
@@ -454,7 +504,7 @@ pub fn decode_reply(payload: &[u8]) -> Option<Reply> {
         }
         status::DELIVER => {
             let mut fields = body.splitn(3, |&b| b == b'|');
-            let id = parse_u64(fields.next()?)?;
+            let id = MessageId::parse(fields.next()?)?;
             let from = std::str::from_utf8(fields.next()?).ok()?.to_owned();
             let text = std::str::from_utf8(fields.next()?).ok()?.to_owned();
             Some(Reply::Deliver(Delivery { id, from, text }))
@@ -530,7 +580,20 @@ mod tests {
                 nonce: Some(42)
             })
         );
-        assert_eq!(req(b"\x02bob"), Ok(Request::Login { name: "bob".into() }));
+        assert_eq!(
+            req(b"\x02bob"),
+            Ok(Request::Login {
+                name: "bob".into(),
+                session: None
+            })
+        );
+        assert_eq!(
+            req(b"\x02bob|77"),
+            Ok(Request::Login {
+                name: "bob".into(),
+                session: Some(77)
+            })
+        );
         assert_eq!(
             req(b"\x03b*"),
             Ok(Request::Search {
@@ -550,15 +613,20 @@ mod tests {
         assert_eq!(req(b"\x06a"), Ok(Request::Delete { name: "a".into() }));
         assert_eq!(req(b"\x07"), Ok(Request::Quit));
         assert_eq!(
-            req(b"\x0818446744073709551615"),
-            Ok(Request::Confirm { upto: u64::MAX })
+            req(b"\x083.18446744073709551615"),
+            Ok(Request::Confirm {
+                upto: MessageId {
+                    epoch: 3,
+                    seq: u64::MAX
+                }
+            })
         );
     }
 
     #[test]
     fn each_malformed_request_names_its_rule() {
         use Violation::*;
-        let cases: [(&[u8], Violation); 17] = [
+        let cases: [(&[u8], Violation); 20] = [
             (b"", BadRequest),
             (b"\x09x", BadRequest),
             (b"\x01", BadName),
@@ -576,6 +644,9 @@ mod tests {
             (b"\x04a|b|1|tab\t", BadText),
             (b"\x07x", BadRequest),
             (b"\x08", BadRequest),
+            (b"\x087", BadRequest),
+            (b"\x081.", BadRequest),
+            (b"\x081.2.3", BadRequest),
         ];
         for (bytes, want) in cases {
             assert_eq!(req(bytes), Err(want), "{bytes:?}");
@@ -593,7 +664,10 @@ mod tests {
                 name: "a1".into(),
                 nonce: None,
             },
-            Request::Login { name: "a1".into() },
+            Request::Login {
+                name: "a1".into(),
+                session: Some(5),
+            },
             Request::Search {
                 pattern: "*1".into(),
             },
@@ -606,7 +680,9 @@ mod tests {
             Request::Logout { name: "a1".into() },
             Request::Delete { name: "a1".into() },
             Request::Quit,
-            Request::Confirm { upto: 0 },
+            Request::Confirm {
+                upto: MessageId::default(),
+            },
         ];
         for r in all {
             let mut out = Vec::new();
@@ -632,11 +708,11 @@ mod tests {
             ),
             (
                 Reply::Deliver(Delivery {
-                    id: 12,
+                    id: MessageId { epoch: 3, seq: 12 },
                     from: "ann".into(),
                     text: "a|b".into(),
                 }),
-                b"\x3012|ann|a|b",
+                b"\x303.12|ann|a|b",
             ),
             (Reply::Redirect(2), b"\x402"),
             (Reply::Unavailable, b"\x41"),
@@ -655,6 +731,7 @@ mod tests {
             b"\x21\x00",
             b"\x22\x00\x01",
             b"\x30x|a|b",
+            b"\x3012|a|b",
             b"\x5b",
         ] {
             assert_eq!(decode_reply(bad), None, "{bad:?}");

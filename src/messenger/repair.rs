@@ -406,7 +406,7 @@ mod tests {
         let dir = temp_dir("snapshot");
         let mut state = State::new();
         state.apply(
-            1,
+            Pos { epoch: 1, seq: 1 }.into(),
             &Change::Register {
                 name: "ann".into(),
                 nonce: 0,

@@ -3,14 +3,16 @@
 //! HELLO is a replication link, anything else is a client. Each server dials
 //! every other one and only writes on the link it dialed (the acceptor's one frame is the
 //! WELCOME), so every message from server A to server B travels on A's link to B, in order.
-//! Frames are `u32` frames, as for clients; a peer frame may be as large as 1 GiB (a
-//! snapshot), which a link only accepts after the HELLO/WELCOME handshake.
+//! Frames are `u32` frames, as for clients; a peer frame is at most [`MAX_PEER_FRAME`]
+//! bytes (a snapshot travels in chunks of at most [`SNAPSHOT_CHUNK`] bytes, records in
+//! batches of at most [`BATCH_BYTES`]), which a link only accepts after the HELLO/WELCOME
+//! handshake.
 //!
 //! ```text
 //! 'h' from:u16 cluster         HELLO: the dialer's id and the whole --peers list, comma-joined
 //!                               (a server refuses a link from a differently configured cluster)
 //! 'w'                          WELCOME: the acceptor's only frame
-//! 'b' role:u8 epoch:u64 seq:u64 lepoch:u64 insync:u8 you:u8 mark:u64 echo:u64
+//! 'b' role:u8 epoch:u64 seq:u64 lepoch:u64 insync:u8 you:u8 mark:u64 echo:u64 primary:u16
 //!                               HEARTBEAT, every 100 ms and at once on any change: the sender's
 //!                               role (0 backup, 1 candidate, 2 primary), highest epoch accepted,
 //!                               last record (seq, lepoch), whether it holds every committed
@@ -18,22 +20,33 @@
 //!                               (0 n/a, 1 excluded, 2 member, 3 member holding everything);
 //!                               `mark` numbers what the sender says (it grows with every change,
 //!                               across restarts too), `echo` is the mark of the receiver's last
-//!                               heartbeat the sender has taken in (0: none on this link)
+//!                               heartbeat the sender has taken in (0: none on this link);
+//!                               `primary`: the primary the sender follows (itself if it is one),
+//!                               heard from within the last 250 ms; 65535: none
 //! 'r' epoch:u64 pseq:u64 pepoch:u64 count:u32 record*
 //!                               REPLICATE: records following (pseq, pepoch), from the primary of
 //!                               `epoch`; records are encoded as in the change log, CRC included
 //! 'R' (as 'r')                  the answer to a FETCH: what follows the asker's last record
 //!                               (no records: nothing newer here)
-//! 's' epoch:u64 snapshot        SNAPSHOT: replace everything with this snapshot file
-//! 'S' epoch:u64 snapshot        the answer to a FETCH from a peer that is ahead
+//! 's' epoch:u64 seq:u64 sepoch:u64 total:u64 offset:u64 chunk
+//!                               SNAPSHOT, one chunk: bytes offset.. of the snapshot file at
+//!                               (seq, sepoch), `total` bytes long, from the primary of `epoch`;
+//!                               chunks follow each other in order, the first at offset 0;
+//!                               replace everything once the last has come
+//! 'S' (as 's')                  the answer to a FETCH from a peer that is ahead
 //!                               but does not hold the asker's last record
 //! 'a' epoch:u64 seq:u64         ACK: everything up to seq is durable here
 //! 'n' seq:u64 epoch:u64         NEED: that replication did not follow my last record, this one
 //! 'x' epoch:u64                 REJECT: I have accepted a higher epoch than yours
 //! 'f' seq:u64 epoch:u64         FETCH: a candidate asks what the receiver holds
 //!                               beyond its last record
+//! 'q' conn:u64 request          FORWARD: a backup passes on a client request (the client
+//!                               frame's payload) from its connection `conn`
+//! 'p' conn:u64 close:u8 bytes   RELAY: the primary's answer for that connection: reply
+//!                               frames (u32-framed, as the client reads them), maybe a part
+//!                               of them; close 1: the connection is to close after them
+//! 'c' conn:u64                  CLOSED: the backup's client connection `conn` has ended
 //! ```
-
 use super::log::{decode_record, encode_record, Pos, Record};
 use super::state::{Corrupt, Cursor};
 
@@ -64,6 +77,18 @@ pub enum Standing {
     InSync = 3,
 }
 
+/// Largest snapshot chunk in one SNAPSHOT frame.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Most bytes of records (headers and CRCs included) in one REPLICATE frame: the primary
+/// stops a batch before it would pass this (a record is far smaller: see
+/// [`MAX_CHANGE`](super::state::MAX_CHANGE)).
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Largest RELAY payload part.
+pub const RELAY_CHUNK: usize = 1 << 20;
+/// Largest peer frame a replica reads: the largest legal SNAPSHOT, REPLICATE or RELAY frame
+/// (a chunk and its header); a longer one is skipped and logged.
+pub const MAX_PEER_FRAME: usize = SNAPSHOT_CHUNK + 64;
+
 /// A heartbeat's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
@@ -82,7 +107,12 @@ pub struct Status {
     /// The mark of the receiver's last heartbeat the sender has taken in: a primary knows
     /// from it that a backup has learnt it was excluded (see `replication`).
     pub echo: u64,
+    /// The primary the sender follows (itself, if primary), heard from recently.
+    pub primary: Option<usize>,
 }
+
+/// `primary` on the wire when there is none.
+const NO_PRIMARY: u16 = u16::MAX;
 
 /// One peer-link message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,11 +139,17 @@ pub enum ReplicaMsg {
         /// An answer to a FETCH rather than replication from a primary.
         fetched: bool,
     },
-    /// A whole snapshot file.
+    /// One chunk of a snapshot file.
     Snapshot {
         /// The sender's epoch.
         epoch: u64,
-        /// The snapshot file's bytes.
+        /// The snapshot's position (its last change).
+        pos: Pos,
+        /// The whole file's length.
+        total: u64,
+        /// Where this chunk starts in the file.
+        offset: u64,
+        /// The chunk.
         bytes: Vec<u8>,
         /// An answer to a FETCH.
         fetched: bool,
@@ -140,6 +176,27 @@ pub enum ReplicaMsg {
         /// Its last record.
         last: Pos,
     },
+    /// A backup passes on a client's request.
+    Forward {
+        /// The client connection's id on the backup.
+        conn: u64,
+        /// The request frame's payload.
+        request: Vec<u8>,
+    },
+    /// The primary's reply frames for a forwarded connection.
+    Relay {
+        /// The client connection's id on the backup.
+        conn: u64,
+        /// Close the connection after these bytes.
+        close: bool,
+        /// Reply frames, u32-framed (a part of them, when they are long).
+        bytes: Vec<u8>,
+    },
+    /// A forwarded client connection ended on the backup.
+    Closed {
+        /// Its id on the backup.
+        conn: u64,
+    },
 }
 
 /// The highest epoch any server may lead or accept: far below `u64::MAX`, so that epoch
@@ -154,7 +211,11 @@ impl ReplicaMsg {
     /// with one above [`MAX_EPOCH`] is refused.
     pub fn highest_epoch(&self) -> u64 {
         match self {
-            ReplicaMsg::Hello { .. } | ReplicaMsg::Welcome => 0,
+            ReplicaMsg::Hello { .. }
+            | ReplicaMsg::Welcome
+            | ReplicaMsg::Forward { .. }
+            | ReplicaMsg::Relay { .. }
+            | ReplicaMsg::Closed { .. } => 0,
             ReplicaMsg::Heartbeat(s) => s.epoch.max(s.last.epoch),
             ReplicaMsg::Replicate {
                 epoch,
@@ -165,9 +226,8 @@ impl ReplicaMsg {
                 .iter()
                 .map(|r| r.pos.epoch)
                 .fold((*epoch).max(prev.epoch), u64::max),
-            ReplicaMsg::Snapshot { epoch, .. }
-            | ReplicaMsg::Ack { epoch, .. }
-            | ReplicaMsg::Reject { epoch } => *epoch,
+            ReplicaMsg::Snapshot { epoch, pos, .. } => (*epoch).max(pos.epoch),
+            ReplicaMsg::Ack { epoch, .. } | ReplicaMsg::Reject { epoch } => *epoch,
             ReplicaMsg::Need { last } | ReplicaMsg::Fetch { last } => last.epoch,
         }
     }
@@ -206,6 +266,11 @@ impl ReplicaMsg {
                 out.push(s.you as u8);
                 out.extend_from_slice(&s.mark.to_be_bytes());
                 out.extend_from_slice(&s.echo.to_be_bytes());
+                let primary = s
+                    .primary
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or(NO_PRIMARY);
+                out.extend_from_slice(&primary.to_be_bytes());
             }
             ReplicaMsg::Replicate {
                 epoch,
@@ -223,11 +288,17 @@ impl ReplicaMsg {
             }
             ReplicaMsg::Snapshot {
                 epoch,
+                pos,
+                total,
+                offset,
                 bytes,
                 fetched,
             } => {
                 out.push(if *fetched { b'S' } else { b's' });
                 out.extend_from_slice(&epoch.to_be_bytes());
+                put_pos(&mut out, *pos);
+                out.extend_from_slice(&total.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(bytes);
             }
             ReplicaMsg::Ack { epoch, seq } => {
@@ -246,6 +317,21 @@ impl ReplicaMsg {
             ReplicaMsg::Fetch { last } => {
                 out.push(b'f');
                 put_pos(&mut out, *last);
+            }
+            ReplicaMsg::Forward { conn, request } => {
+                out.push(b'q');
+                out.extend_from_slice(&conn.to_be_bytes());
+                out.extend_from_slice(request);
+            }
+            ReplicaMsg::Relay { conn, close, bytes } => {
+                out.push(b'p');
+                out.extend_from_slice(&conn.to_be_bytes());
+                out.push(u8::from(*close));
+                out.extend_from_slice(bytes);
+            }
+            ReplicaMsg::Closed { conn } => {
+                out.push(b'c');
+                out.extend_from_slice(&conn.to_be_bytes());
             }
         }
         out
@@ -282,14 +368,20 @@ impl ReplicaMsg {
                     3 => Standing::InSync,
                     _ => return Err(Corrupt("unknown standing")),
                 };
+                let (mark, echo) = (c.u64()?, c.u64()?);
+                let primary = match c.u16()? {
+                    NO_PRIMARY => None,
+                    p => Some(usize::from(p)),
+                };
                 ReplicaMsg::Heartbeat(Status {
                     role,
                     epoch,
                     last,
                     in_sync,
                     you,
-                    mark: c.u64()?,
-                    echo: c.u64()?,
+                    mark,
+                    echo,
+                    primary,
                 })
             }
             t @ (b'r' | b'R') => {
@@ -315,12 +407,45 @@ impl ReplicaMsg {
             }
             t @ (b's' | b'S') => {
                 let epoch = c.u64()?;
+                let pos = get_pos(&mut c)?;
+                let (total, offset) = (c.u64()?, c.u64()?);
+                let bytes = c.rest().to_vec();
+                let end = offset
+                    .checked_add(bytes.len() as u64)
+                    .ok_or(Corrupt("chunk past the end"))?;
+                if end > total || (bytes.is_empty() && total > 0) {
+                    return Err(Corrupt("chunk outside its snapshot"));
+                }
                 return Ok(ReplicaMsg::Snapshot {
                     epoch,
-                    bytes: c.rest().to_vec(),
+                    pos,
+                    total,
+                    offset,
+                    bytes,
                     fetched: t == b'S',
                 });
             }
+            b'q' => {
+                let conn = c.u64()?;
+                return Ok(ReplicaMsg::Forward {
+                    conn,
+                    request: c.rest().to_vec(),
+                });
+            }
+            b'p' => {
+                let conn = c.u64()?;
+                let close = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Corrupt("bad close flag")),
+                };
+                return Ok(ReplicaMsg::Relay {
+                    conn,
+                    close,
+                    bytes: c.rest().to_vec(),
+                });
+            }
+            b'c' => ReplicaMsg::Closed { conn: c.u64()? },
             b'a' => ReplicaMsg::Ack {
                 epoch: c.u64()?,
                 seq: c.u64()?,
@@ -360,6 +485,7 @@ mod tests {
                 you: Standing::InSync,
                 mark: 1 << 60,
                 echo: 12,
+                primary: Some(2),
             }),
             ReplicaMsg::Replicate {
                 epoch: 7,
@@ -384,9 +510,22 @@ mod tests {
             },
             ReplicaMsg::Snapshot {
                 epoch: 3,
-                bytes: b"SWBMSNP1\n...".to_vec(),
+                pos,
+                total: 100,
+                offset: 88,
+                bytes: b"SWBMSNP2\n...".to_vec(),
                 fetched: true,
             },
+            ReplicaMsg::Forward {
+                conn: 7,
+                request: b"\x02ann".to_vec(),
+            },
+            ReplicaMsg::Relay {
+                conn: 7,
+                close: true,
+                bytes: b"\0\0\0\x01\x20".to_vec(),
+            },
+            ReplicaMsg::Closed { conn: 7 },
             ReplicaMsg::Ack { epoch: 7, seq: 19 },
             ReplicaMsg::Need { last: pos },
             ReplicaMsg::Reject { epoch: 9 },
@@ -407,12 +546,34 @@ mod tests {
             b"b\x09",
             b"a\0\0",
             b"r\0\0\0\0\0\0\0\x01",
+            b"p\0\0\0\0\0\0\0\x01\x02",
         ] {
             assert!(ReplicaMsg::decode(junk).is_err(), "{junk:?}");
         }
         // A heartbeat without its mark and echo (the fields the exclusion rule needs).
         let short = [&b"b\x00"[..], &[0; 24], b"\x00\x00"].concat();
         assert!(ReplicaMsg::decode(&short).is_err());
+        // A chunk that does not fit its snapshot.
+        let chunk = |total: u64, offset: u64, bytes: &[u8]| {
+            let mut m = ReplicaMsg::Snapshot {
+                epoch: 3,
+                pos,
+                total: 0,
+                offset: 0,
+                bytes: Vec::new(),
+                fetched: false,
+            }
+            .encode();
+            m.truncate(1 + 8 + 16);
+            m.extend_from_slice(&total.to_be_bytes());
+            m.extend_from_slice(&offset.to_be_bytes());
+            m.extend_from_slice(bytes);
+            m
+        };
+        assert!(ReplicaMsg::decode(&chunk(4, 0, b"abcd")).is_ok());
+        assert!(ReplicaMsg::decode(&chunk(4, 2, b"abc")).is_err());
+        assert!(ReplicaMsg::decode(&chunk(4, u64::MAX, b"a")).is_err());
+        assert!(ReplicaMsg::decode(&chunk(4, 0, b"")).is_err());
     }
 
     #[test]
@@ -428,6 +589,7 @@ mod tests {
                 you: Standing::NotPrimary,
                 mark: 1,
                 echo: 0,
+                primary: None,
             })
         };
         let record = |epoch| Record {
@@ -449,6 +611,20 @@ mod tests {
             (
                 ReplicaMsg::Snapshot {
                     epoch: huge,
+                    pos: at(2),
+                    total: 0,
+                    offset: 0,
+                    bytes: Vec::new(),
+                    fetched: false,
+                },
+                huge,
+            ),
+            (
+                ReplicaMsg::Snapshot {
+                    epoch: 3,
+                    pos: at(huge),
+                    total: 0,
+                    offset: 0,
                     bytes: Vec::new(),
                     fetched: false,
                 },

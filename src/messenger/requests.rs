@@ -30,6 +30,8 @@ pub(super) struct Effects {
     pub(super) after_commit: bool,
     /// The session effect: `Keep`, `LogIn` or `LogOut` (a quit is a logout and `close`).
     pub(super) session: Session,
+    /// A login's session token.
+    pub(super) token: Option<u64>,
     /// Close the connection after the replies.
     pub(super) close: bool,
 }
@@ -41,6 +43,7 @@ impl Effects {
             replies: Vec::new(),
             after_commit: true,
             session: Session::Keep,
+            token: None,
             close: false,
         }
     }
@@ -84,9 +87,13 @@ pub(super) fn respond(
             }
         }
     };
+    let token = match &request {
+        Request::Login { session, .. } => *session,
+        _ => None,
+    };
     let decision = state.decide(
         sessions.user(conn),
-        |name| sessions.conn_of(name).is_some(),
+        |name| sessions.held_against(name, token),
         &request,
     );
     let mut replies: Vec<Reply> = decision.reply.into_iter().collect();
@@ -115,6 +122,7 @@ pub(super) fn respond(
         replies,
         after_commit: true,
         session,
+        token,
         close,
     }
 }
@@ -122,6 +130,7 @@ pub(super) fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messenger::protocol::MessageId;
 
     /// ann and bob exist; bob has two messages waiting from ann; ann is logged in on
     /// connection 1.
@@ -150,15 +159,18 @@ mod tests {
             },
         ];
         for (seq, change) in (1..).zip(&changes) {
-            state.apply(seq, change);
+            state.apply(MessageId { epoch: 1, seq }, change);
         }
         let mut sessions = Sessions::default();
-        sessions.log_in(1, "ann".into());
+        sessions.log_in(1, "ann".into(), Some(9));
         (state, sessions)
     }
 
     fn login(name: &str) -> Result<Request, Violation> {
-        Ok(Request::Login { name: name.into() })
+        Ok(Request::Login {
+            name: name.into(),
+            session: None,
+        })
     }
 
     #[test]
@@ -174,7 +186,9 @@ mod tests {
                 assert!(e.close && !e.after_commit && e.change.is_none());
                 assert_eq!(e.session, Session::Keep);
             }
-            let confirm = Ok(Request::Confirm { upto: 4 });
+            let confirm = Ok(Request::Confirm {
+                upto: MessageId { epoch: 1, seq: 4 },
+            });
             let e = respond(serving, &state, &sessions, 1, confirm);
             assert_eq!(e, Effects::nothing());
         }
@@ -198,9 +212,9 @@ mod tests {
     fn a_login_hands_over_the_mailbox_after_its_reply() {
         let (state, sessions) = world();
         let e = respond(Serving::Primary, &state, &sessions, 2, login("bob"));
-        let deliver = |id, text: &str| {
+        let deliver = |seq, text: &str| {
             Reply::Deliver(Delivery {
-                id,
+                id: MessageId { epoch: 1, seq },
                 from: "ann".into(),
                 text: text.into(),
             })
@@ -235,6 +249,39 @@ mod tests {
         let e = respond(Serving::Primary, &state, &sessions, 2, send);
         assert_eq!(e.replies, vec![Reply::Refused(Violation::NotLoggedIn)]);
         assert_eq!(e.change, None);
+    }
+
+    #[test]
+    fn a_login_with_the_sessions_token_takes_it_over_and_no_other_does() {
+        let (state, sessions) = world();
+        let login = |session| {
+            Ok(Request::Login {
+                name: "ann".into(),
+                session,
+            })
+        };
+        for other in [None, Some(8)] {
+            let e = respond(Serving::Primary, &state, &sessions, 2, login(other));
+            assert_eq!(
+                e.replies,
+                vec![Reply::Refused(Violation::InUse)],
+                "{other:?}"
+            );
+        }
+        // ann's own client, come back on connection 2: logged in there, with its token.
+        let e = respond(Serving::Primary, &state, &sessions, 2, login(Some(9)));
+        assert_eq!(e.replies, vec![Reply::LoggedIn { count: 0 }]);
+        assert_eq!(
+            (e.session, e.token),
+            (Session::LogIn("ann".into()), Some(9))
+        );
+        let mut after = sessions.clone();
+        assert_eq!(
+            after.log_in(2, "ann".into(), e.token),
+            Some(1),
+            "1 is taken over"
+        );
+        assert_eq!((after.user(1), after.conn_of("ann")), (None, Some(2)));
     }
 
     #[test]

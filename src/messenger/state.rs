@@ -11,18 +11,26 @@
 //! change  := 'R' name:str8 nonce:u64          register (nonce 0: none given)
 //!          | 'D' name:str8                    delete the account and its pending messages
 //!          | 'M' from:str8 to:str8 id:u64 text:str16    send; the message's number is the
-//!                                             record's sequence number
-//!          | 'C' user:str8 upto:u64           confirm: drop user's messages numbered <= upto
+//!                                             record's (epoch, sequence number)
+//!          | 'K' user:str8 epoch:u64 seq:u64  confirm: drop user's messages numbered up to
+//!                                             (epoch, seq), epoch first
+//!          | 'C' user:str8 upto:u64           confirm, as logs before numbers carried their
+//!                                             epoch wrote it: drop messages whose seq <= upto
 //!          | 'E'                              a new primary's first record; changes nothing
 //! state   := count:u32 account*               accounts in name order
 //! account := name:str8 nonce:u64 nids:u16 id:u64*  nmsgs:u32 message*
-//! message := number:u64 from:str8 text:str16
+//! message := epoch:u64 seq:u64 from:str8 text:str16
+//!            (in a legacy `SWBMSNP1` snapshot: seq:u64 from:str8 text:str16, epoch 0)
 //! str8    := len:u8 bytes     str16 := len:u16 bytes     integers big-endian
 //! ```
 
-use super::protocol::{self, Delivery, Reply, Request, Violation, MAX_LIST};
+use super::protocol::{self, Delivery, MessageId, Reply, Request, Violation, MAX_LIST};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
+
+/// The longest change a primary makes from a valid request: a send with the longest names
+/// and text. Records on the wire are sized by it (see `replication`'s frame limit).
+pub const MAX_CHANGE: usize = 1 + 2 * (1 + protocol::MAX_NAME) + 8 + 2 + protocol::MAX_TEXT;
 
 /// Send ids remembered per sender. A client resends only its unacknowledged requests, one
 /// or a few, so a window this size recognises every resend.
@@ -31,8 +39,8 @@ pub const RECENT_IDS: usize = 1024;
 /// A message waiting for its recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// Its number: the sequence number of the change that sent it.
-    pub id: u64,
+    /// Its number: the position of the change that sent it.
+    pub id: MessageId,
     /// The sender.
     pub from: String,
     /// The text.
@@ -80,7 +88,15 @@ pub enum Change {
     Confirm {
         /// Recipient.
         user: String,
-        /// Highest message number received.
+        /// The last message number received.
+        upto: MessageId,
+    },
+    /// A confirm as logged before message numbers carried their epoch: drop `user`'s
+    /// messages whose sequence number is up to `upto` (read from old logs only).
+    ConfirmSeq {
+        /// Recipient.
+        user: String,
+        /// Highest sequence number received.
         upto: u64,
     },
     /// Marks the start of a primary's term.
@@ -179,7 +195,8 @@ impl State {
     }
 
     /// Decides a request from a connection logged in as `me`; `online` says whether a user
-    /// is logged in on some connection. Checks run in this order, first failure answered:
+    /// is logged in on some connection in a session this request may not take over (see
+    /// [`Request::Login`]). Checks run in this order, first failure answered:
     ///
     /// - register: logged in → `AlreadyLoggedIn`; name exists → `NameTaken` (unless the
     ///   nonce is the one the account was registered with: a resend, answered ok).
@@ -219,7 +236,7 @@ impl State {
                     session: Session::Keep,
                 }
             }
-            Request::Login { name } => {
+            Request::Login { name, .. } => {
                 if me.is_some() {
                     return Decision::refuse(Violation::AlreadyLoggedIn);
                 }
@@ -306,10 +323,11 @@ impl State {
         }
     }
 
-    /// Applies change number `seq`; returns the message to deliver at once, if it is a
-    /// send (the caller knows whether the recipient is online). Total: a change that no
-    /// longer fits the state (a send to a deleted account) changes what it still can.
-    pub fn apply(&mut self, seq: u64, change: &Change) -> Option<(String, Delivery)> {
+    /// Applies the change at `at` (its record's epoch and sequence number, which number a
+    /// message); returns the message to deliver at once, if it is a send (the caller knows
+    /// whether the recipient is online). Total: a change that no longer fits the state (a
+    /// send to a deleted account) changes what it still can.
+    pub fn apply(&mut self, at: MessageId, change: &Change) -> Option<(String, Delivery)> {
         match change {
             Change::Register { name, nonce } => {
                 self.accounts
@@ -336,12 +354,12 @@ impl State {
                 }
                 let recipient = self.accounts.get_mut(to)?;
                 recipient.mailbox.push_back(Message {
-                    id: seq,
+                    id: at,
                     from: from.clone(),
                     text: text.clone(),
                 });
                 let delivery = Delivery {
-                    id: seq,
+                    id: at,
                     from: from.clone(),
                     text: text.clone(),
                 };
@@ -350,6 +368,14 @@ impl State {
             Change::Confirm { user, upto } => {
                 if let Some(account) = self.accounts.get_mut(user) {
                     while account.mailbox.front().is_some_and(|m| m.id <= *upto) {
+                        account.mailbox.pop_front();
+                    }
+                }
+                None
+            }
+            Change::ConfirmSeq { user, upto } => {
+                if let Some(account) = self.accounts.get_mut(user) {
+                    while account.mailbox.front().is_some_and(|m| m.id.seq <= *upto) {
                         account.mailbox.pop_front();
                     }
                 }
@@ -371,7 +397,8 @@ impl State {
             }
             out.extend_from_slice(&(a.mailbox.len() as u32).to_be_bytes());
             for m in &a.mailbox {
-                out.extend_from_slice(&m.id.to_be_bytes());
+                out.extend_from_slice(&m.id.epoch.to_be_bytes());
+                out.extend_from_slice(&m.id.seq.to_be_bytes());
                 put_str8(out, &m.from);
                 put_str16(out, &m.text);
             }
@@ -383,6 +410,19 @@ impl State {
     /// # Errors
     /// [`Corrupt`] when the bytes are not a state encoding.
     pub fn decode(bytes: &[u8]) -> Result<State, Corrupt> {
+        State::decode_as(bytes, true)
+    }
+
+    /// Decodes a state encoding of a legacy (`SWBMSNP1`) snapshot, whose message numbers
+    /// are sequence numbers only: they are read as epoch 0, below every number since.
+    ///
+    /// # Errors
+    /// As [`State::decode`].
+    pub fn decode_legacy(bytes: &[u8]) -> Result<State, Corrupt> {
+        State::decode_as(bytes, false)
+    }
+
+    fn decode_as(bytes: &[u8], epochs: bool) -> Result<State, Corrupt> {
         let mut c = Cursor::new(bytes);
         let mut state = State::new();
         for _ in 0..c.u32()? {
@@ -398,7 +438,11 @@ impl State {
                 }
             }
             for _ in 0..c.u32()? {
-                let id = c.u64()?;
+                let epoch = if epochs { c.u64()? } else { 0 };
+                let id = MessageId {
+                    epoch,
+                    seq: c.u64()?,
+                };
                 let (from, text) = (c.str8()?, c.str16()?);
                 account.mailbox.push_back(Message { id, from, text });
             }
@@ -430,6 +474,12 @@ impl Change {
                 put_str16(out, text);
             }
             Change::Confirm { user, upto } => {
+                out.push(b'K');
+                put_str8(out, user);
+                out.extend_from_slice(&upto.epoch.to_be_bytes());
+                out.extend_from_slice(&upto.seq.to_be_bytes());
+            }
+            Change::ConfirmSeq { user, upto } => {
                 out.push(b'C');
                 put_str8(out, user);
                 out.extend_from_slice(&upto.to_be_bytes());
@@ -463,7 +513,14 @@ impl Change {
                 id: c.u64()?,
                 text: c.str16()?,
             },
-            b'C' => Change::Confirm {
+            b'K' => Change::Confirm {
+                user: c.str8()?,
+                upto: MessageId {
+                    epoch: c.u64()?,
+                    seq: c.u64()?,
+                },
+            },
+            b'C' => Change::ConfirmSeq {
                 user: c.str8()?,
                 upto: c.u64()?,
             },
@@ -561,9 +618,14 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
 
+    /// Record `seq` of epoch 1.
+    fn at(seq: u64) -> MessageId {
+        MessageId { epoch: 1, seq }
+    }
+
     fn register(s: &mut State, seq: u64, name: &str) {
         s.apply(
-            seq,
+            at(seq),
             &Change::Register {
                 name: name.into(),
                 nonce: seq,
@@ -584,14 +646,24 @@ mod tests {
     fn login_rules_in_order() {
         let mut s = State::new();
         register(&mut s, 1, "ann");
-        let login = Request::Login { name: "ann".into() };
+        let login = Request::Login {
+            name: "ann".into(),
+            session: None,
+        };
         let refused = |d: Decision| d.reply.unwrap();
         assert_eq!(
             refused(s.decide(Some("bob"), |_| false, &login)),
             Reply::Refused(Violation::AlreadyLoggedIn)
         );
         assert_eq!(
-            refused(s.decide(None, |_| false, &Request::Login { name: "zed".into() })),
+            refused(s.decide(
+                None,
+                |_| false,
+                &Request::Login {
+                    name: "zed".into(),
+                    session: None
+                }
+            )),
             Reply::Refused(Violation::NoSuchUser)
         );
         assert_eq!(
@@ -612,7 +684,7 @@ mod tests {
             nonce: Some(77),
         };
         let d = s.decide(None, |_| false, &r);
-        s.apply(1, d.change.as_ref().unwrap());
+        s.apply(at(1), d.change.as_ref().unwrap());
         let again = s.decide(None, |_| false, &r);
         assert_eq!((again.change, again.reply), (None, Some(Reply::Ok)));
         let other = Request::Register {
@@ -654,31 +726,93 @@ mod tests {
         );
         for (seq, id) in [(3, 10), (4, 11), (5, 12)] {
             let d = s.decide(Some("ann"), off, &send("ann", "bob", id));
-            let delivered = s.apply(seq, d.change.as_ref().unwrap()).unwrap();
+            let delivered = s.apply(at(seq), d.change.as_ref().unwrap()).unwrap();
             assert_eq!(delivered.0, "bob");
-            assert_eq!(delivered.1.id, seq);
+            assert_eq!(delivered.1.id, at(seq));
         }
         // A resend is acknowledged and changes nothing.
         let d = s.decide(Some("ann"), off, &send("ann", "bob", 11));
         assert_eq!((d.change, d.reply), (None, Some(Reply::Ok)));
-        let ids: Vec<u64> = s.mailbox("bob").map(|m| m.id).collect();
+        let ids: Vec<u64> = s.mailbox("bob").map(|m| m.id.seq).collect();
         assert_eq!(ids, [3, 4, 5]);
         let texts: Vec<&str> = s.mailbox("bob").map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["m10", "m11", "m12"]);
         // Confirm drops up to the id given; confirming nothing new changes nothing.
-        let d = s.decide(Some("bob"), off, &Request::Confirm { upto: 4 });
+        let d = s.decide(Some("bob"), off, &Request::Confirm { upto: at(4) });
         assert_eq!(d.reply, None);
-        s.apply(6, d.change.as_ref().unwrap());
+        s.apply(at(6), d.change.as_ref().unwrap());
         assert_eq!(s.mailbox("bob").count(), 1);
         assert_eq!(
-            s.decide(Some("bob"), off, &Request::Confirm { upto: 4 })
+            s.decide(Some("bob"), off, &Request::Confirm { upto: at(4) })
                 .change,
             None
         );
         assert_eq!(
-            s.decide(None, off, &Request::Confirm { upto: 9 }).change,
+            s.decide(None, off, &Request::Confirm { upto: at(9) })
+                .change,
             None
         );
+    }
+
+    #[test]
+    fn numbers_carry_their_epoch_and_confirms_compare_epoch_first() {
+        let mut s = State::new();
+        register(&mut s, 1, "bob");
+        let send = |id| Change::Send {
+            from: "bob".into(),
+            to: "bob".into(),
+            id,
+            text: "x".into(),
+        };
+        // Seq 7 of epoch 3 and seq 5 of epoch 4 (a later primary that started from a
+        // shorter log): different messages, ordered by epoch first.
+        let (old, new) = (
+            MessageId { epoch: 3, seq: 7 },
+            MessageId { epoch: 4, seq: 5 },
+        );
+        assert_eq!(s.apply(old, &send(1)).unwrap().1.id, old);
+        assert_eq!(s.apply(new, &send(2)).unwrap().1.id, new);
+        assert!(old < new);
+        let confirm = |upto| Change::Confirm {
+            user: "bob".into(),
+            upto,
+        };
+        s.apply(at(20), &confirm(MessageId { epoch: 3, seq: 9 }));
+        let left: Vec<MessageId> = s.mailbox("bob").map(|m| m.id).collect();
+        assert_eq!(left, [new], "seq 9 of epoch 3 is below seq 5 of epoch 4");
+        // The state encoding keeps both halves; a legacy encoding reads as epoch 0.
+        let mut enc = Vec::new();
+        s.encode(&mut enc);
+        assert_eq!(State::decode(&enc).unwrap(), s);
+        let mut legacy = Vec::new();
+        legacy.extend_from_slice(&1u32.to_be_bytes());
+        put_str8(&mut legacy, "ann");
+        legacy.extend_from_slice(&[0; 8]);
+        legacy.extend_from_slice(&0u16.to_be_bytes());
+        legacy.extend_from_slice(&1u32.to_be_bytes());
+        legacy.extend_from_slice(&9u64.to_be_bytes());
+        put_str8(&mut legacy, "bob");
+        put_str16(&mut legacy, "hi");
+        let old = State::decode_legacy(&legacy).unwrap();
+        let ids: Vec<MessageId> = old.mailbox("ann").map(|m| m.id).collect();
+        assert_eq!(ids, [MessageId { epoch: 0, seq: 9 }]);
+    }
+
+    #[test]
+    fn the_longest_change_is_max_change() {
+        let name = "n".repeat(protocol::MAX_NAME);
+        let send = Change::Send {
+            from: name.clone(),
+            to: name.clone(),
+            id: u64::MAX,
+            text: "t".repeat(protocol::MAX_TEXT),
+        };
+        assert_eq!(send.to_bytes().len(), MAX_CHANGE);
+        let confirm = Change::Confirm {
+            user: name,
+            upto: MessageId::default(),
+        };
+        assert!(confirm.to_bytes().len() < MAX_CHANGE);
     }
 
     #[test]
@@ -692,7 +826,7 @@ mod tests {
                 id,
                 text: "x".into(),
             };
-            s.apply(10 + id, &c);
+            s.apply(at(10 + id), &c);
         }
         let a = &s.accounts["ann"];
         assert_eq!(a.recent.len(), RECENT_IDS);
@@ -720,7 +854,7 @@ mod tests {
         );
         let d = s.decide(Some("bob"), |_| false, &del);
         assert_eq!(d.session, Session::LogOut);
-        s.apply(9, d.change.as_ref().unwrap());
+        s.apply(at(9), d.change.as_ref().unwrap());
         assert!(!s.exists("bob"));
         let out = s.decide(
             Some("alice"),
@@ -758,7 +892,11 @@ mod tests {
             },
             Change::Confirm {
                 user: "bob".into(),
-                upto: 3,
+                upto: at(3),
+            },
+            Change::ConfirmSeq {
+                user: "ann".into(),
+                upto: 4,
             },
             Change::Delete { name: "zed".into() },
         ];
@@ -766,8 +904,8 @@ mod tests {
         for (i, c) in changes.iter().enumerate() {
             let bytes = c.to_bytes();
             assert_eq!(&Change::decode(&bytes).unwrap(), c);
-            a.apply(i as u64 + 1, c);
-            b.apply(i as u64 + 1, &Change::decode(&bytes).unwrap());
+            a.apply(at(i as u64 + 1), c);
+            b.apply(at(i as u64 + 1), &Change::decode(&bytes).unwrap());
         }
         assert_eq!(a, b);
         let mut enc = Vec::new();

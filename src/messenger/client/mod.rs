@@ -9,16 +9,20 @@
 //! resent delete whose account is already gone counts as done.
 //!
 //! Incoming messages arrive on [`Client::deliveries`], each exactly once: a background
-//! reader drops any message numbered at or below the last one it passed on (numbers
-//! increase per recipient), then confirms what it received, dropped ones included (a
-//! message handed over again means its confirm was lost), so the cluster stops keeping
-//! those messages.
+//! reader drops any message numbered at or below the highest it passed on *of the same
+//! epoch* (numbers are unique forever and increase per recipient within one history; a
+//! lower epoch after a higher one is a message from a primary that lost a network split,
+//! new to this client, not a repeat), then confirms the last number it received on the
+//! connection, dropped ones included (a message handed over again means its confirm was
+//! lost), so the cluster stops keeping those messages. It never confirms a number it did
+//! not receive on that connection, which in that server's history follows every message
+//! the connection was handed.
 //!
 //! [`console`] is the interactive `messenger-client` on top of it.
 
 pub mod console;
 
-use super::protocol::{self, Delivery, Reply, Request, Violation};
+use super::protocol::{self, Delivery, MessageId, Reply, Request, Violation};
 use crate::framing::{encode_frame, FrameReader, Framing, Limits};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::fmt;
@@ -79,11 +83,34 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// The last message number passed on, per user, shared with the connection readers.
+/// Epochs whose highest number passed on a client remembers; older ones are forgotten
+/// (far more failovers than any one session sees).
+const SEEN_EPOCHS: usize = 64;
+
+/// The highest message number passed on, per epoch, for one user; shared with the
+/// connection readers.
 #[derive(Default)]
 struct Seen {
     user: Option<String>,
-    last: u64,
+    last: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Seen {
+    /// Whether `id` is new (and from now on seen): above the highest passed on of its
+    /// epoch. An epoch older than every one remembered is taken as seen.
+    fn fresh(&mut self, id: MessageId) -> bool {
+        if self.last.len() >= SEEN_EPOCHS && self.last.keys().next().is_some_and(|&e| id.epoch < e)
+        {
+            return false;
+        }
+        let last = self.last.entry(id.epoch).or_insert(0);
+        let fresh = id.seq > *last;
+        *last = (*last).max(id.seq);
+        while self.last.len() > SEEN_EPOCHS {
+            self.last.pop_first();
+        }
+        fresh
+    }
 }
 
 /// One connection and its reader thread.
@@ -187,14 +214,12 @@ fn read_loop(
             };
             match reply {
                 Reply::Deliver(d) => {
-                    let (fresh, last) = {
-                        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-                        let fresh = d.id > seen.last;
-                        seen.last = seen.last.max(d.id);
-                        (fresh, seen.last)
-                    };
+                    let fresh = seen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .fresh(d.id);
                     // Confirmed even if seen before: handed over again, its confirm was lost.
-                    confirm = Some(last);
+                    confirm = Some(d.id);
                     if fresh {
                         let _ = deliveries.send(d);
                     }
@@ -241,6 +266,9 @@ pub struct Client {
     tx: Sender<Delivery>,
     rx: Receiver<Delivery>,
     server: Option<usize>,
+    /// This client's session token, sent with every login: a silent login again, through
+    /// another server, takes over the session its lost connection may still hold.
+    session: u64,
     /// How long a request may take, failovers included, before it fails as
     /// [`ClientError::Unavailable`] (default 15 s).
     pub timeout: Duration,
@@ -258,6 +286,7 @@ impl Client {
             tx,
             rx,
             server: None,
+            session: random_id(),
             timeout: Duration::from_secs(15),
         }
     }
@@ -303,12 +332,13 @@ impl Client {
             if seen.user.as_deref() != Some(name) {
                 *seen = Seen {
                     user: Some(name.to_owned()),
-                    last: 0,
+                    last: Default::default(),
                 };
             }
         }
         let request = Request::Login {
             name: name.to_owned(),
+            session: Some(self.session),
         };
         match self.request(&request)? {
             Reply::LoggedIn { count } => {
@@ -498,7 +528,11 @@ impl Client {
                     self.conn = Some(conn);
                     return Ok(());
                 };
-                match conn.call(&Request::Login { name }, REPLY_TIMEOUT) {
+                let login = Request::Login {
+                    name,
+                    session: Some(self.session),
+                };
+                match conn.call(&login, REPLY_TIMEOUT) {
                     Some(Reply::LoggedIn { .. }) => {
                         self.conn = Some(conn);
                         return Ok(());
@@ -586,6 +620,28 @@ pub fn run_command(client: &mut Client, line: &str) -> Option<String> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    #[test]
+    fn repeats_are_told_apart_per_epoch_never_across_epochs() {
+        let id = |epoch, seq| MessageId { epoch, seq };
+        let mut seen = Seen::default();
+        assert!(seen.fresh(id(3, 150)));
+        assert!(!seen.fresh(id(3, 150)), "handed over again");
+        assert!(!seen.fresh(id(3, 90)));
+        // A later epoch that reused sequence numbers below 150: new messages.
+        assert!(seen.fresh(id(4, 102)));
+        assert!(seen.fresh(id(4, 103)));
+        // A message of the primary that lost a split, reaching the client after the
+        // winner's: new too, though its number is lower.
+        assert!(seen.fresh(id(3, 151)));
+        assert!(!seen.fresh(id(4, 103)));
+        // Only the latest epochs are remembered; anything older counts as seen.
+        for e in 10..10 + SEEN_EPOCHS as u64 {
+            assert!(seen.fresh(id(e, 1)));
+        }
+        assert_eq!(seen.last.len(), SEEN_EPOCHS);
+        assert!(!seen.fresh(id(5, 1_000)));
+    }
 
     #[test]
     fn the_largest_search_reply_is_read_whole() {

@@ -3,19 +3,23 @@
 
 use super::feed::encode_peer;
 use super::records::Incoming;
-use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, NEED_RETRY, PEER_MAX_FRAME};
-use super::view::{Feed, Inner};
+use super::timing::{
+    BATCH, CONNECT_TIMEOUT, DOWN_AFTER, HELLO_WAIT, LINK_TIMEOUT, NEED_RETRY, TICK,
+};
+use super::view::{Assembly, Feed, Inner};
 use super::Replica;
 use crate::framing::{FrameError, FrameReader, Framing, Limits};
 use crate::link::{self, End, Timeouts, Verdict};
 use crate::log_info;
-use crate::messenger::log::decode_snapshot;
-use crate::messenger::replica_protocol::{ReplicaMsg, Role, Standing, Status, MAX_EPOCH};
+use crate::messenger::log::Pos;
+use crate::messenger::replica_protocol::{
+    ReplicaMsg, Role, Standing, Status, MAX_EPOCH, MAX_PEER_FRAME, SNAPSHOT_CHUNK,
+};
 use crate::server::{Connection, HandlerError};
 use std::cell::Cell;
-use std::net::TcpStream;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// An inbound link's timeouts: this side writes only its WELCOME, and a peer silent for
@@ -63,29 +67,27 @@ impl Replica {
         }
         let from = claimed.filter(|_| first.buffered_len() == 0);
         drop(first);
+        // A live link from the same server is not replaced on a mere HELLO: only once it is
+        // proven dead (silent for DOWN_AFTER, or closed), which a real server's old link is
+        // within the wait.
+        let replaceable = from.is_none_or(|f| self.await_old_link(f));
         let verdict = match from {
-            Some(_) => {
+            Some(_) if replaceable => {
                 let mut welcome = Vec::new();
                 encode_peer(&ReplicaMsg::Welcome.encode(), &mut welcome);
                 Verdict::Welcome(welcome)
             }
             // Closed without a word, as the protocol has always done.
-            None => Verdict::Refuse(Vec::new()),
+            _ => Verdict::Refuse(Vec::new()),
         };
         let limits = Limits {
-            max_frame: PEER_MAX_FRAME,
+            max_frame: MAX_PEER_FRAME,
             ..Limits::default()
         };
         let reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
-        let (Some(from), Some(mut link)) = (
-            from,
-            link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?,
-        ) else {
-            log_info!(
-                "messenger-{}: refused a peer link from {}: not of this cluster (check --peers)",
-                self.id,
-                conn.peer
-            );
+        let accepted = link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?;
+        let (Some(from), Some(mut link)) = (from.filter(|_| replaceable), accepted) else {
+            self.log_refusal(from, conn.peer);
             return Ok(());
         };
         // In the replica's group too, so its stop ends the link like its other threads.
@@ -97,7 +99,13 @@ impl Replica {
             let p = &mut inner.peers[from];
             p.inbound += 1;
             p.heard = Some(Instant::now());
-            p.link = Some(Arc::clone(link.stream()));
+            p.assembly = None;
+            // Its heartbeats on this link are echoed afresh: until one is, ours say 0, and
+            // it knows that its link here delivers nothing yet.
+            p.echo = 0;
+            if let Some(old) = p.link.replace(Arc::clone(link.stream())) {
+                let _ = old.shutdown(Shutdown::Both);
+            }
             p.inbound
         };
         // One read, every frame it completed, then one flush and one acknowledgement for
@@ -122,12 +130,23 @@ impl Replica {
                     }
                     ControlFlow::Continue(())
                 }
-                Ok(msg) => {
-                    let mut a = ack.get();
-                    self.on_peer(from, generation, msg, &mut a);
-                    ack.set(a);
-                    ControlFlow::Continue(())
-                }
+                Ok(msg) => match self.misplaced(from, &msg) {
+                    // A member that speaks for another is buggy or not what it proved to
+                    // be: its link ends, and nothing it sent on it is taken.
+                    Some(why) => {
+                        log_info!(
+                            "messenger-{}: closed the link from server {from}: {why}",
+                            self.id
+                        );
+                        ControlFlow::Break(why.into())
+                    }
+                    None => {
+                        let mut a = ack.get();
+                        self.on_peer(from, generation, msg, &mut a);
+                        ack.set(a);
+                        ControlFlow::Continue(())
+                    }
+                },
                 Err(e) => ControlFlow::Break(HandlerError::from(e)),
             },
             || {
@@ -178,10 +197,23 @@ impl Replica {
             }
             ReplicaMsg::Snapshot {
                 epoch,
+                pos,
+                total,
+                offset,
                 bytes,
                 fetched,
             } => {
-                let incoming = Incoming::Snapshot(bytes);
+                let chunk = Assembly {
+                    epoch,
+                    pos,
+                    total,
+                    fetched,
+                    bytes,
+                };
+                let Some(whole) = self.assemble(&mut inner, from, offset, chunk) else {
+                    return;
+                };
+                let incoming = Incoming::Snapshot(pos, whole);
                 if fetched {
                     self.on_fetched(inner, from, incoming);
                 } else {
@@ -208,37 +240,181 @@ impl Replica {
             }
             ReplicaMsg::Reject { epoch } => {
                 inner.max_epoch = inner.max_epoch.max(epoch);
+                self.superseded(&mut inner, epoch, from);
                 self.reconcile(inner);
             }
             ReplicaMsg::Fetch { last } => {
                 // Records after the asker's last if this log has it; all of this log if it
                 // is ahead but does not; else nothing (an empty answer: nothing newer).
+                // One batch of records at most: the candidate asks again about its new
+                // last record until the answer is empty.
                 let answer = if inner.holds(last) {
-                    ReplicaMsg::Replicate {
+                    vec![ReplicaMsg::Replicate {
                         epoch: inner.epoch,
                         prev: last,
-                        records: inner.records_after(last.seq, usize::MAX),
+                        records: inner.records_after(last.seq, BATCH),
                         fetched: true,
-                    }
+                    }]
                 } else if inner.last > last {
                     self.snapshot_for(&mut inner, from, true)
                 } else {
-                    ReplicaMsg::Replicate {
+                    vec![ReplicaMsg::Replicate {
                         epoch: inner.epoch,
                         prev: last,
                         records: Vec::new(),
                         fetched: true,
-                    }
+                    }]
                 };
-                inner.peers[from].control.push(answer.encode());
+                let control = &mut inner.peers[from].control;
+                control.extend(answer.iter().map(ReplicaMsg::encode));
                 self.changed.notify_all();
             }
             ReplicaMsg::Hello { .. } | ReplicaMsg::Welcome => {}
+            ReplicaMsg::Forward { .. } | ReplicaMsg::Relay { .. } | ReplicaMsg::Closed { .. } => {
+                self.on_forwarding(inner, from, msg);
+            }
         }
+    }
+
+    /// Waits (at most [`HELLO_WAIT`]) until server `from` has no live inbound link: none,
+    /// or one silent for [`DOWN_AFTER`]. False if it still has one (or the replica stops).
+    fn await_old_link(&self, from: usize) -> bool {
+        let deadline = Instant::now() + HELLO_WAIT;
+        let mut inner = self.lock();
+        loop {
+            let now = Instant::now();
+            let p = &inner.peers[from];
+            let live = p.link.is_some() && p.heard.is_some_and(|t| now - t < DOWN_AFTER);
+            if inner.stopping {
+                return false;
+            }
+            if !live {
+                return true;
+            }
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(TICK);
+            inner = self
+                .changed
+                .wait_timeout(inner, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn log_refusal(&self, from: Option<usize>, addr: SocketAddr) {
+        match from {
+            Some(from) => log_info!(
+                "messenger-{}: refused a second link from server {from} ({addr}): its link \
+                 is alive",
+                self.id
+            ),
+            None => log_info!(
+                "messenger-{}: refused a peer link from {addr}: not of this cluster (check \
+                 --peers)",
+                self.id
+            ),
+        }
+    }
+
+    /// Why `msg` cannot have come from server `from`, if it cannot: records, snapshots and
+    /// a primary's heartbeat only come from the primary of their epoch (server `e mod n`
+    /// of `n` leads epoch `e`); a primary's snapshot is at a record of its epoch, and a
+    /// snapshot answering a FETCH holds no record of a later epoch than its sender's.
+    fn misplaced(&self, from: usize, msg: &ReplicaMsg) -> Option<&'static str> {
+        let n = self.addrs.len() as u64;
+        let leads = |epoch: u64| epoch % n == from as u64;
+        match msg {
+            ReplicaMsg::Replicate {
+                epoch,
+                fetched: false,
+                ..
+            } if !leads(*epoch) => Some("replication for an epoch it does not lead"),
+            ReplicaMsg::Snapshot {
+                epoch,
+                fetched: false,
+                ..
+            } if !leads(*epoch) => Some("a snapshot for an epoch it does not lead"),
+            // A primary's snapshot is at its last record, which is of its own epoch.
+            ReplicaMsg::Snapshot {
+                epoch,
+                pos,
+                fetched: false,
+                ..
+            } if pos.epoch != *epoch => Some("a snapshot not at its sender's epoch"),
+            ReplicaMsg::Snapshot { epoch, pos, .. } if pos.epoch > *epoch => {
+                Some("a snapshot from an epoch later than its own")
+            }
+            ReplicaMsg::Heartbeat(s) if s.role == Role::Primary && !leads(s.epoch) => {
+                Some("primary of an epoch it does not lead")
+            }
+            _ => None,
+        }
+    }
+
+    /// Adds a snapshot chunk from server `from` (starting at `offset`); returns the whole
+    /// snapshot with its last chunk. A chunk that does not continue the snapshot under way
+    /// drops it (logged); a first chunk is refused, before anything is kept, if the
+    /// snapshot could not be taken anyway (see [`Replica::snapshot_refusal`]).
+    fn assemble(
+        &self,
+        inner: &mut Inner,
+        from: usize,
+        offset: u64,
+        chunk: Assembly,
+    ) -> Option<Vec<u8>> {
+        let p = &mut inner.peers[from];
+        if offset == 0 {
+            p.assembly = None;
+            if let Some(why) = self.snapshot_refusal(inner, chunk.pos, chunk.fetched) {
+                log_info!(
+                    "messenger-{}: refused server {from}'s snapshot at {}: {why}",
+                    self.id,
+                    chunk.pos
+                );
+                if !chunk.fetched && chunk.epoch < inner.epoch {
+                    let reject = ReplicaMsg::Reject { epoch: inner.epoch }.encode();
+                    inner.peers[from].control.push(reject);
+                    self.changed.notify_all();
+                }
+                return None;
+            }
+            let mut bytes = Vec::with_capacity((chunk.total as usize).min(SNAPSHOT_CHUNK));
+            bytes.extend_from_slice(&chunk.bytes);
+            inner.peers[from].assembly = Some(Assembly { bytes, ..chunk });
+        } else {
+            let fits = p.assembly.as_ref().is_some_and(|a| {
+                (a.epoch, a.pos, a.total, a.fetched)
+                    == (chunk.epoch, chunk.pos, chunk.total, chunk.fetched)
+                    && a.bytes.len() as u64 == offset
+            });
+            if !fits {
+                if p.assembly.take().is_some() {
+                    log_info!(
+                        "messenger-{}: server {from}'s snapshot chunk at {offset} does not \
+                         continue its snapshot; dropped",
+                        self.id
+                    );
+                }
+                return None;
+            }
+            if let Some(a) = p.assembly.as_mut() {
+                a.bytes.extend_from_slice(&chunk.bytes);
+            }
+        }
+        let p = &mut inner.peers[from];
+        if p.assembly.as_ref()?.bytes.len() as u64 == chunk.total {
+            return p.assembly.take().map(|a| a.bytes);
+        }
+        None
     }
 
     fn on_heartbeat(&self, mut inner: MutexGuard<'_, Inner>, from: usize, status: Status) {
         inner.max_epoch = inner.max_epoch.max(status.epoch);
+        if status.role != Role::Primary {
+            self.superseded(&mut inner, status.epoch, from);
+        }
         // Echoed back: it tells a primary this server has taken in what the heartbeat said
         // (its standing, applied below). A stale primary's standing is ignored, so is its mark.
         if status.role != Role::Primary || status.epoch >= inner.epoch {
@@ -291,6 +467,8 @@ impl Replica {
             self.set_candidate(&mut inner, false);
         }
         if epoch > inner.epoch {
+            // Not `superseded`: the new primary took over from the greatest live log, this
+            // server's included, and commits wait for it as a member.
             inner.epoch = epoch;
             inner.version += 1;
         }
@@ -319,6 +497,11 @@ impl Replica {
         let mut inner = self.lock();
         if inner.epoch == epoch {
             inner.last_ack = Some((epoch, seq));
+            let at = Pos {
+                epoch: inner.epoch_at(seq).unwrap_or(inner.last.epoch),
+                seq,
+            };
+            inner.acked = inner.acked.max(at);
             let ack = ReplicaMsg::Ack { epoch, seq }.encode();
             inner.peers[primary].control.push(ack);
             self.changed.notify_all();
@@ -338,10 +521,7 @@ impl Replica {
                 }
                 None
             }
-            Incoming::Snapshot(bytes) => match decode_snapshot(&bytes) {
-                Ok((pos, _)) if pos <= inner.last => None,
-                _ => Some(self.take(&mut inner, Incoming::Snapshot(bytes))),
-            },
+            Incoming::Snapshot(pos, _) if pos <= inner.last => None,
             records => Some(self.take(&mut inner, records)),
         };
         match taken {
@@ -352,7 +532,9 @@ impl Replica {
                     self.id,
                     inner.last
                 );
-                inner.peers[from].confirmed = Some(inner.last);
+                // Answers are one batch at most: ask again about the new last record, until
+                // the answer is that there is nothing newer.
+                inner.peers[from].asked = None;
                 let seq = inner.last.seq;
                 drop(inner);
                 self.flush_to(seq);
@@ -367,5 +549,117 @@ impl Replica {
             }
         }
         self.reconcile(inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messenger::log::encode_snapshot;
+    use crate::messenger::state::Change;
+    use crate::messenger::Options;
+
+    fn replica(id: usize, name: &str) -> (Arc<Replica>, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-chunks-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        (
+            Replica::open(&Options::new(id, peers, dir.clone()))
+                .unwrap()
+                .0,
+            dir,
+        )
+    }
+
+    #[test]
+    fn a_snapshot_travels_in_chunks_and_only_whole_and_in_order_is_taken() {
+        let (a, dir_a) = replica(0, "a");
+        let (b, dir_b) = replica(1, "b");
+        let mut from = a.lock();
+        for i in 0..40_000u64 {
+            let name = format!("account{i:032}");
+            let change = Change::Register { name, nonce: i };
+            from.state.apply(
+                Pos {
+                    epoch: 2,
+                    seq: i + 1,
+                }
+                .into(),
+                &change,
+            );
+        }
+        (from.epoch, from.last) = (
+            2,
+            Pos {
+                epoch: 2,
+                seq: 40_000,
+            },
+        );
+        let whole = encode_snapshot(from.last, &from.state);
+        let chunks = a.snapshot_for(&mut from, 1, false);
+        assert!(
+            chunks.len() >= 2,
+            "{} bytes in {}",
+            whole.len(),
+            chunks.len()
+        );
+        let parts: Vec<(u64, Assembly)> = chunks
+            .into_iter()
+            .map(|m| match m {
+                ReplicaMsg::Snapshot {
+                    epoch,
+                    pos,
+                    total,
+                    offset,
+                    bytes,
+                    fetched,
+                } => {
+                    assert!(bytes.len() <= SNAPSHOT_CHUNK);
+                    assert!(m_len(&bytes) <= MAX_PEER_FRAME);
+                    let chunk = Assembly {
+                        epoch,
+                        pos,
+                        total,
+                        fetched,
+                        bytes,
+                    };
+                    (offset, chunk)
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let copy = |c: &Assembly| Assembly {
+            bytes: c.bytes.clone(),
+            ..*c
+        };
+        let mut to = b.lock();
+        // Out of order: the second chunk alone is dropped, and so is what follows it.
+        assert_eq!(b.assemble(&mut to, 0, parts[1].0, copy(&parts[1].1)), None);
+        assert!(to.peers[0].assembly.is_none());
+        // In order: nothing until the last, then the whole file.
+        let mut got = None;
+        for (i, (offset, chunk)) in parts.iter().enumerate() {
+            got = b.assemble(&mut to, 0, *offset, copy(chunk));
+            assert_eq!(got.is_some(), i + 1 == parts.len());
+        }
+        assert_eq!(got.unwrap(), whole);
+        // A first chunk of a snapshot behind what this server acknowledged is refused
+        // before anything is kept.
+        to.acked = Pos { epoch: 3, seq: 1 };
+        assert_eq!(b.assemble(&mut to, 0, 0, copy(&parts[0].1)), None);
+        assert!(to.peers[0].assembly.is_none());
+        drop((from, to));
+        for dir in [dir_a, dir_b] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// A SNAPSHOT frame's payload length for a chunk of `bytes`.
+    fn m_len(bytes: &[u8]) -> usize {
+        1 + 8 + 16 + 8 + 8 + bytes.len()
     }
 }

@@ -6,8 +6,9 @@
 //! the records it keeps in memory, its view of each other server, its client registry),
 //! `records` (appending, taking records and snapshots, making them durable), `roles` (the
 //! rules that change the role and the commit point, and the ticker), `feed` (what each
-//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox)
-//! and `inbound` (a peer's messages). Here: opening, starting and stopping a replica, and
+//! outbound link carries), `outbound` (dialing and handing frames to the link's outbox),
+//! `inbound` (a peer's messages) and `forward` (a backup's clients served by the primary
+//! through it). Here: opening, starting and stopping a replica, and
 //! what the client connections of [`super::server`] may ask of it.
 //!
 //! Threads, all in the replica's [`Group`] (closed by [`Replica::stop`]): one link thread
@@ -19,6 +20,7 @@
 //! each peer is served on that connection's own thread (the server's).
 
 mod feed;
+mod forward;
 mod inbound;
 mod outbound;
 mod records;
@@ -30,7 +32,7 @@ pub use roles::next_epoch;
 pub use timing::{ACK_TIMEOUT, DOWN_AFTER, HEARTBEAT_EVERY, STALL};
 
 use super::clients::{Clients, Out};
-use super::log::{Disk, COMPACT_AFTER};
+use super::log::{Disk, Pos, COMPACT_AFTER};
 use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
@@ -41,7 +43,7 @@ use crate::link::Auth;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use outbound::Dial;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +66,10 @@ pub struct Options {
     /// Snapshot the state and empty the log after this many records
     /// ([`COMPACT_AFTER`] by default).
     pub compact_after: u64,
+    /// Where this server dials each server, by id (`--dial`; by default `peers`): an
+    /// address that reaches it through a NAT, a tunnel or a test's fault proxy. `peers`
+    /// stays the cluster's identity (HELLO carries it), the same on every server.
+    pub dial: Vec<SocketAddr>,
     /// The cluster secret (`--secret-file`): with it, every replication link runs
     /// [`crate::auth`]'s handshake after the HELLO, and a peer that proves nothing is
     /// refused before it touches anything; without it the wire is as it always was.
@@ -76,6 +82,7 @@ impl Options {
     pub fn new(id: usize, peers: Vec<SocketAddr>, data_dir: PathBuf) -> Options {
         Options {
             id,
+            dial: peers.clone(),
             peers,
             data_dir,
             fsync: true,
@@ -90,6 +97,8 @@ impl Options {
 pub struct Replica {
     id: usize,
     addrs: Vec<SocketAddr>,
+    /// Where each server is dialled (`Options::dial`).
+    dial: Vec<SocketAddr>,
     /// The `--peers` list as HELLO carries it.
     cluster: String,
     /// What this server proves on its replication links, when a secret is configured.
@@ -146,6 +155,15 @@ impl Replica {
                 format!("--id {} but only {n} peers", options.id),
             ));
         }
+        if options.dial.len() != n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "--dial names {} addresses but --peers {n}",
+                    options.dial.len()
+                ),
+            ));
+        }
         let (disk, loaded) = Disk::open(&options.data_dir, options.fsync)?;
         let report = loaded.to_string();
         let last = loaded.last();
@@ -167,11 +185,13 @@ impl Replica {
             clients: Clients::default(),
             need: None,
             last_ack: None,
+            acked: Pos::default(),
             version: first_mark(),
             started: now,
             last_tick: now,
             stopping: false,
             epochs_exhausted: false,
+            forwarded: HashMap::new(),
         };
         for r in loaded.records {
             inner.push(r.pos, r.change);
@@ -190,6 +210,7 @@ impl Replica {
         let replica = Replica {
             id: options.id,
             addrs: options.peers.clone(),
+            dial: options.dial.clone(),
             cluster,
             auth,
             inner: Mutex::new(inner),
@@ -209,7 +230,7 @@ impl Replica {
         for j in (0..self.addrs.len()).filter(|&j| j != self.id) {
             let dial = Dial {
                 to: j,
-                addr: self.addrs[j],
+                addr: self.dial[j],
                 hello: ReplicaMsg::Hello {
                     from: self.id,
                     cluster: self.cluster.clone(),
@@ -287,17 +308,37 @@ impl Replica {
     /// Forgets client connection `conn` (its reader ended) and its session; its writer
     /// sends what is queued and held for it as that commits, then ends.
     pub(in crate::messenger) fn remove_client(&self, conn: u64) {
-        self.lock().clients.remove(conn);
+        let mut inner = self.lock();
+        inner.clients.remove(conn);
+        self.forwarded_ended(&mut inner, conn);
     }
 
     /// Decides, applies and queues the answer to one request from client connection
-    /// `conn` (see [`requests::respond`]); true when the connection is to close.
+    /// `conn` (see [`requests::respond`]), or, on a backup, forwards it to the primary (see
+    /// `forward`); true when the connection is to close.
     pub(in crate::messenger) fn request(&self, conn: u64, payload: &[u8]) -> bool {
-        let decoded = protocol::decode_request(payload);
         let mut inner = self.lock();
+        if let Some(close) = self.forward(&mut inner, conn, payload) {
+            return close;
+        }
+        let (close, appended) = self.decide(&mut inner, conn, payload);
+        drop(inner);
+        // Outside the lock: the flush is disk I/O.
+        if let Some(seq) = appended {
+            self.changed.notify_all();
+            self.flush_to(seq);
+        }
+        close
+    }
+
+    /// [`Replica::request`] for connection `conn` of the registry (one of this server's,
+    /// or a backup's forwarded one), under the lock: whether it closes, and the sequence
+    /// number of the change it appended, to flush.
+    fn decide(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> (bool, Option<u64>) {
+        let decoded = protocol::decode_request(payload);
         let serving = inner.serving(self.id);
         if serving == Serving::Primary && !inner.clients.contains(conn) {
-            return true;
+            return (true, None);
         }
         let effects = requests::respond(
             serving,
@@ -310,7 +351,7 @@ impl Replica {
         let committed = inner.committed;
         let mut appended = None;
         if let Some(change) = &effects.change {
-            let (seq, delivered) = self.append_local(&mut inner, change);
+            let (seq, delivered) = self.append_local(inner, change);
             appended = Some(seq);
             // Queued under the lock, so a recipient's messages leave in number order,
             // after the login hand-over they follow.
@@ -320,7 +361,14 @@ impl Replica {
             }
         }
         match effects.session {
-            Session::LogIn(name) => inner.clients.sessions_mut().log_in(conn, name),
+            Session::LogIn(name) => {
+                let token = effects.token;
+                // A session taken over (the same client, come back another way): its old
+                // connection is closed.
+                if let Some(old) = inner.clients.sessions_mut().log_in(conn, name, token) {
+                    inner.clients.close(old);
+                }
+            }
             Session::LogOut | Session::Quit => inner.clients.sessions_mut().log_out(conn),
             Session::Keep => {}
         }
@@ -330,13 +378,7 @@ impl Replica {
             let out = Out::replies(epoch, tag, &effects.replies, effects.close);
             inner.clients.send(conn, out, committed);
         }
-        drop(inner);
-        // Outside the lock: the flush is disk I/O.
-        if let Some(seq) = appended {
-            self.changed.notify_all();
-            self.flush_to(seq);
-        }
-        effects.close
+        (effects.close, appended)
     }
 }
 
@@ -345,7 +387,7 @@ mod tests {
     use super::*;
     use crate::framing::{FrameReader, Framing};
     use crate::messenger::protocol::{
-        decode_reply, encode_request, Delivery, Reply, Request, Violation,
+        decode_reply, encode_request, Delivery, MessageId, Reply, Request, Violation,
     };
     use crate::outbox::OutboxConfig;
     use std::net::{TcpListener, TcpStream};
@@ -420,7 +462,10 @@ mod tests {
         assert_eq!(ann.next(2), [Reply::Ok, Reply::Ok]);
         assert_eq!(replica.lock().committed, 3);
         assert_eq!(replica.lock().clients.held(), 0);
-        let login = |name: &str| Request::Login { name: name.into() };
+        let login = |name: &str| Request::Login {
+            name: name.into(),
+            session: None,
+        };
         assert!(!ask(&replica, 2, &login("bob")));
         assert_eq!(bob.next(1), [Reply::LoggedIn { count: 0 }]);
         assert!(!ask(&replica, 1, &login("ann")));
@@ -434,7 +479,7 @@ mod tests {
         };
         assert!(!ask(&replica, 1, &send));
         let hi = Reply::Deliver(Delivery {
-            id: 4,
+            id: MessageId { epoch: 1, seq: 4 },
             from: "ann".into(),
             text: "hi".into(),
         });

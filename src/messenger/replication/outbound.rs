@@ -2,14 +2,16 @@
 //! HELLO (and, with a cluster secret, [`crate::auth`]'s handshake) and wait for the
 //! WELCOME ([`Dialer::dial_with_auth`]), then hand whatever the replica has
 //! due into the link's [`Outbox`], whose writer runs in the replica's group, until the link
-//! fails or the replica stops; pause and dial again. What to send is decided elsewhere,
-//! behind [`Outgoing`].
+//! fails or the replica stops; pause ([`Backoff`]: jittered, at most 1 s, short again once
+//! a link has been up) and dial again, for as long as the replica runs, so a link comes
+//! back by itself when the network does. What to send is decided elsewhere, behind
+//! [`Outgoing`].
 
-use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT, REDIAL_EVERY};
+use super::timing::{CONNECT_TIMEOUT, LINK_TIMEOUT};
 use crate::auth::{NONCE_LEN, TAG_LEN};
 use crate::framing::{encode_frame, Framing, Limits};
 use crate::group::Group;
-use crate::link::{Answer, Auth, Dialer, Link, LinkError, Timeouts};
+use crate::link::{Answer, Auth, Backoff, Dialer, Link, LinkError, Timeouts};
 use crate::log_debug;
 use crate::outbox::{Bytes, Outbox, OutboxConfig};
 use std::io;
@@ -61,7 +63,7 @@ pub(super) trait Outgoing {
     /// The link to peer `to` is down.
     fn unlinked(&self, to: usize);
     /// Waits until something is due on the link to peer `to` and appends its frames to
-    /// `out`; false when the replica is stopping. `queued` tells how many batches wait
+    /// `out`; false when the replica is stopping, or the link is dead (it is dialled again). `queued` tells how many batches wait
     /// unwritten: at [`FEED_AHEAD`] or more, only heartbeats and answers are added.
     fn next_frames(
         &self,
@@ -97,9 +99,11 @@ pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial, group: &Group) {
         },
         group: Some(group.clone()),
     };
+    let mut backoff = Backoff::default();
     while !replica.stopping() {
         match connect(&dialer, dial) {
             Ok(link) => {
+                backoff.reset();
                 replica.linked(dial.to);
                 log_debug!("{}: linked to server {}", dial.name, dial.to);
                 let name = format!("{}: the link to server {}", dial.name, dial.to);
@@ -118,7 +122,7 @@ pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial, group: &Group) {
                 replica.refused(dial.to);
             }
         }
-        replica.pause(REDIAL_EVERY);
+        replica.pause(backoff.next_delay());
     }
 }
 

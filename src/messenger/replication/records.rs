@@ -5,14 +5,15 @@ use super::view::Inner;
 use super::{fatal, Replica};
 use crate::messenger::log::{decode_snapshot, encode_snapshot, Pos, Record};
 use crate::messenger::protocol::Delivery;
-use crate::messenger::replica_protocol::MAX_EPOCH;
+use crate::messenger::replica_protocol::{Role, MAX_EPOCH};
 use crate::messenger::state::Change;
 use crate::{log_debug, log_info};
 
-/// Changes from a peer: records following a position, or a whole snapshot.
+/// Changes from a peer: records following a position, or a whole snapshot (and the
+/// position it was announced at).
 pub(super) enum Incoming {
     Records(Pos, Vec<Record>),
-    Snapshot(Vec<u8>),
+    Snapshot(Pos, Vec<u8>),
 }
 
 impl Replica {
@@ -28,7 +29,7 @@ impl Replica {
             seq: inner.last.seq + 1,
         };
         let bytes = change.to_bytes();
-        let delivered = inner.state.apply(pos.seq, change);
+        let delivered = inner.state.apply(pos.into(), change);
         self.disk.append(pos, &bytes);
         inner.push(pos, bytes);
         self.maybe_compact(inner);
@@ -84,7 +85,7 @@ impl Replica {
             changes.push(Change::decode(&r.change).map_err(|_| ())?);
         }
         for (r, change) in records.into_iter().skip(skip).zip(changes) {
-            inner.state.apply(r.pos.seq, &change);
+            inner.state.apply(r.pos.into(), &change);
             self.disk.append(r.pos, &r.change);
             inner.push(r.pos, r.change);
         }
@@ -96,16 +97,18 @@ impl Replica {
     pub(super) fn take(&self, inner: &mut Inner, incoming: Incoming) -> Result<u64, ()> {
         match incoming {
             Incoming::Records(prev, records) => self.accept(inner, prev, records),
-            Incoming::Snapshot(bytes) => {
+            Incoming::Snapshot(announced, bytes) => {
                 let (pos, state) = decode_snapshot(&bytes).map_err(|e| {
                     log_info!("messenger-{}: bad snapshot from a peer: {e}", self.id);
                 })?;
-                if pos.epoch > MAX_EPOCH {
-                    log_info!(
-                        "messenger-{}: refused a snapshot at {pos}: its epoch is above the \
-                         limit {MAX_EPOCH}",
-                        self.id
-                    );
+                let refusal = if pos == announced {
+                    // As primary or candidate it asked for it (a FETCH); else it follows.
+                    self.snapshot_refusal(inner, pos, inner.role == Role::Candidate)
+                } else {
+                    Some("it is not at the position its chunks announced")
+                };
+                if let Some(why) = refusal {
+                    log_info!("messenger-{}: refused a snapshot at {pos}: {why}", self.id);
                     return Err(());
                 }
                 if let Err(e) = self.disk.install(&bytes, pos) {
@@ -119,6 +122,27 @@ impl Replica {
                 inner.durable = pos.seq;
                 Ok(pos.seq)
             }
+        }
+    }
+
+    /// Why a snapshot at `pos` cannot replace this server's log, if it cannot: its epoch
+    /// is past the limit; it goes back before a record this server acknowledged (which a
+    /// primary may have committed on the strength of it); or, as the answer to a FETCH
+    /// (`fetched`), this server is no candidate or its log is not behind.
+    pub(super) fn snapshot_refusal(
+        &self,
+        inner: &Inner,
+        pos: Pos,
+        fetched: bool,
+    ) -> Option<&'static str> {
+        if pos.epoch > MAX_EPOCH {
+            Some("its epoch is above the limit")
+        } else if pos < inner.acked {
+            Some("it goes back before what this server acknowledged")
+        } else if fetched && (inner.role != Role::Candidate || pos <= inner.last) {
+            Some("not asked for, or not newer than this log")
+        } else {
+            None
         }
     }
 
@@ -139,6 +163,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messenger::replication::view::Inner;
     use crate::messenger::Options;
 
     fn record(epoch: u64, seq: u64, name: &str) -> Record {
@@ -150,6 +175,38 @@ mod tests {
             pos: Pos { epoch, seq },
             change: change.to_bytes(),
         }
+    }
+
+    #[test]
+    fn a_snapshot_behind_what_was_acknowledged_is_refused() {
+        let dir = std::env::temp_dir().join(format!("switchboard-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ];
+        let (replica, _) = Replica::open(&Options::new(1, peers, dir.clone())).unwrap();
+        let mut inner = replica.lock();
+        let at = |epoch, seq| Pos { epoch, seq };
+        inner.acked = at(4, 150);
+        inner.last = at(4, 160);
+        let refused = |inner: &Inner, pos, fetched| replica.snapshot_refusal(inner, pos, fetched);
+        // Behind what this server acknowledged, in log order: refused.
+        assert!(refused(&inner, at(4, 149), false).is_some());
+        assert!(refused(&inner, at(2, 900), false).is_some());
+        // At or past it: taken. A later epoch that started from a shorter log is past it
+        // (the history after a split healed; what it lacks was the losing side's).
+        assert_eq!(refused(&inner, at(4, 150), false), None);
+        assert_eq!(refused(&inner, at(6, 131), false), None);
+        // Never past the epoch limit.
+        assert!(refused(&inner, at(MAX_EPOCH + 1, 200), false).is_some());
+        // A FETCH answer only as candidate, and only ahead of this log.
+        assert!(refused(&inner, at(6, 200), true).is_some());
+        inner.role = Role::Candidate;
+        assert!(refused(&inner, at(4, 155), true).is_some());
+        assert_eq!(refused(&inner, at(6, 131), true), None);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -69,9 +69,11 @@ impl Replica {
         }
         if c > inner.committed {
             inner.committed = c;
-            // Answers and messages held for these records go to their outboxes now.
+            // Answers and messages held for these records go to their outboxes now (and
+            // to the relay queues, which the links carry: they are woken).
             let epoch = inner.epoch;
             inner.clients.release(epoch, c);
+            self.changed.notify_all();
         }
     }
 
@@ -112,6 +114,9 @@ impl Replica {
         let was_member = p.member;
         p.asked = None;
         p.confirmed = None;
+        p.assembly = None;
+        // Its forwarded clients are gone with it (it closes them, or has died).
+        inner.clients.drop_remote(j);
         // Should it turn out alive after all, it must echo its exclusion before commits
         // go on without it.
         self.exclude(inner, j);
@@ -128,6 +133,7 @@ impl Replica {
     /// advance, wakes the links, and writes out anything appended.
     pub(super) fn reconcile(&self, mut inner: MutexGuard<'_, Inner>) {
         self.evaluate(&mut inner);
+        self.check_forwarded(&mut inner);
         self.recompute_commit(&mut inner);
         self.changed.notify_all();
         let flush = (inner.durable < inner.last.seq).then_some(inner.last.seq);
@@ -161,7 +167,14 @@ impl Replica {
             .filter(|&j| j != self.id && inner.up(j, now))
             .collect();
         let status = |j: usize| inner.peers[j].status.expect("up peers have a status");
-        let primary_up = others.iter().any(|&j| status(j).role == Role::Primary);
+        // A primary this server cannot hear may still lead: a live peer that follows it
+        // says so (a cut link, not a dead server; a dead primary's backups stop saying so
+        // well before it counts as down here). Taking over would only make the two take
+        // turns through that peer, each new epoch deposing the other.
+        let primary_up = others.iter().any(|&j| {
+            let s = status(j);
+            s.role == Role::Primary || s.primary.is_some_and(|p| p != self.id)
+        });
         let someone_in_sync = inner.in_sync || others.iter().any(|&j| status(j).in_sync);
         let all_up = others.len() + 1 == inner.peers.len();
         // Just started, or back from a stall: a peer not heard from yet may be primary.
@@ -200,6 +213,22 @@ impl Replica {
         }
         if !waiting {
             self.become_primary(inner, now);
+        }
+    }
+
+    /// This server has heard of `epoch` from `from`, other than from that epoch's primary
+    /// saying where it stands: if it is newer than any this server has accepted, a primary
+    /// may have committed changes in it without this server, which no longer counts itself
+    /// in sync (a primary that learns it was superseded after a network split must not then
+    /// take over again on its own, before hearing from the servers that moved on).
+    pub(super) fn superseded(&self, inner: &mut Inner, epoch: u64, from: usize) {
+        if epoch > inner.epoch && inner.in_sync {
+            inner.in_sync = false;
+            inner.version += 1;
+            log_info!(
+                "messenger-{}: may miss committed changes of epoch {epoch} (server {from} knows it)",
+                self.id
+            );
         }
     }
 
@@ -401,6 +430,7 @@ mod tests {
                 you: Standing::NotPrimary,
                 mark: 1,
                 echo,
+                primary: None,
             });
         };
         // Alive and unaware (no echo, or the echo of a heartbeat from before): nothing more.

@@ -2,16 +2,19 @@
 //! in memory, what it knows of every other server of the cluster, and its client
 //! registry. Queries only; what changes it is in `roles`, `records` and `inbound`.
 
-use super::timing::{DOWN_AFTER, WINDOW};
+use super::timing::{DOWN_AFTER, FOLLOW_FRESH, WINDOW};
 use crate::messenger::clients::Clients;
 use crate::messenger::log::{Pos, Record};
-use crate::messenger::replica_protocol::{Role, Standing, Status};
+use crate::messenger::replica_protocol::{Role, Standing, Status, BATCH_BYTES};
 use crate::messenger::requests::Serving;
 use crate::messenger::state::State;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// A record's bytes on the wire beyond its change: seq, epoch, length and CRC.
+const RECORD_OVERHEAD: usize = 8 + 8 + 4 + 4;
 
 /// What the primary streams to one peer next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,18 @@ pub(super) enum Feed {
     From(u64),
     /// A whole snapshot: its log does not continue ours.
     Snapshot,
+}
+
+/// A snapshot arriving in chunks on one inbound link.
+pub(super) struct Assembly {
+    /// The sender's epoch, the snapshot's position and length, and whether it answers a
+    /// FETCH: every chunk must say the same.
+    pub(super) epoch: u64,
+    pub(super) pos: Pos,
+    pub(super) total: u64,
+    pub(super) fetched: bool,
+    /// The chunks so far, in order.
+    pub(super) bytes: Vec<u8>,
 }
 
 /// What this server knows of one other server of the cluster (a peer).
@@ -58,6 +73,10 @@ pub(super) struct Remote {
     pub(super) excluded: u64,
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
+    /// A snapshot coming in chunks on its current inbound link.
+    pub(super) assembly: Option<Assembly>,
+    /// This server's link to it is up (it can forward there).
+    pub(super) linked: bool,
 }
 
 impl Remote {
@@ -77,6 +96,8 @@ impl Remote {
             member: false,
             excluded: 0,
             control: Vec::new(),
+            assembly: None,
+            linked: false,
         }
     }
 }
@@ -116,6 +137,10 @@ pub(super) struct Inner {
     pub(super) need: Option<(Pos, Instant)>,
     /// As backup: the last acknowledgement, repeated on a new link.
     pub(super) last_ack: Option<(u64, u64)>,
+    /// The position of the highest record this server has acknowledged to a primary: no
+    /// snapshot that goes back before it is taken (it would drop what a primary may have
+    /// committed on the strength of that acknowledgement).
+    pub(super) acked: Pos,
     /// Bumped whenever what heartbeats say changes, so links send one at once; sent as
     /// their `mark`. Starts at the wall clock in nanoseconds, so a restarted server's marks
     /// are above its previous life's and a peer's stale echo never passes for a new one.
@@ -128,6 +153,8 @@ pub(super) struct Inner {
     /// A takeover found no epoch within [`MAX_EPOCH`](crate::messenger::replica_protocol::MAX_EPOCH)
     /// (logged once).
     pub(super) epochs_exhausted: bool,
+    /// As backup: client connections whose requests go to a primary, and which one.
+    pub(super) forwarded: HashMap<u64, usize>,
 }
 
 impl Inner {
@@ -150,12 +177,19 @@ impl Inner {
         self.epoch_at(pos.seq) == Some(pos.epoch)
     }
 
-    /// Up to `max` records after `seq` (which must be at or after `base`).
+    /// Up to `max` records after `seq` (which must be at or after `base`), and no more
+    /// than [`BATCH_BYTES`] of them as the wire carries them (at least one).
     pub(super) fn records_after(&self, seq: u64, max: usize) -> Vec<Record> {
         let from = (seq - self.base.seq) as usize;
+        let mut bytes = 0;
         self.window
             .range(from.min(self.window.len())..)
             .take(max)
+            .take_while(|e| {
+                let first = bytes == 0;
+                bytes += RECORD_OVERHEAD + e.change.len();
+                first || bytes <= BATCH_BYTES
+            })
             .map(|e| Record {
                 pos: e.pos,
                 change: e.change.clone(),
@@ -192,19 +226,44 @@ impl Inner {
         }
     }
 
+    /// The primary this server follows: itself, or the lowest peer heard from within
+    /// [`FOLLOW_FRESH`] that says it is primary of an epoch not older than this server's.
+    /// Heartbeats carry it, so that a server cut from the primary alone learns from the
+    /// others that there is one (and does not take over: see `evaluate`).
+    pub(super) fn following(&self, me: usize, now: Instant) -> Option<usize> {
+        if self.role == Role::Primary {
+            return Some(me);
+        }
+        (0..self.peers.len()).find(|&j| {
+            let p = &self.peers[j];
+            j != me
+                && p.heard
+                    .is_some_and(|t| now.duration_since(t) < FOLLOW_FRESH)
+                && p.status
+                    .is_some_and(|s| s.role == Role::Primary && s.epoch >= self.epoch)
+        })
+    }
+
     /// The primary as far as this server knows: itself, or the lowest live peer that
-    /// says it is one.
-    fn known_primary(&self, me: usize) -> Option<usize> {
+    /// says it is one; failing those, one that a live peer follows (this server may be cut
+    /// from it while clients are not).
+    pub(super) fn known_primary(&self, me: usize) -> Option<usize> {
         if self.role == Role::Primary {
             return Some(me);
         }
         let now = Instant::now();
-        (0..self.peers.len()).find(|&j| {
+        let direct = (0..self.peers.len()).find(|&j| {
             j != me
                 && self.up(j, now)
                 && self.peers[j]
                     .status
                     .is_some_and(|s| s.role == Role::Primary)
+        });
+        direct.or_else(|| {
+            (0..self.peers.len())
+                .filter(|&j| j != me && self.up(j, now))
+                .find_map(|j| self.peers[j].status.and_then(|s| s.primary))
+                .filter(|&p| p != me && p < self.peers.len())
         })
     }
 
@@ -230,7 +289,7 @@ impl Inner {
         }
     }
 
-    pub(super) fn status_for(&self, j: usize) -> Status {
+    pub(super) fn status_for(&self, me: usize, j: usize) -> Status {
         Status {
             role: self.role,
             epoch: self.epoch,
@@ -239,6 +298,7 @@ impl Inner {
             you: self.standing(j),
             mark: self.version,
             echo: self.peers[j].echo,
+            primary: self.following(me, Instant::now()),
         }
     }
 }

@@ -1,0 +1,163 @@
+//! Forwarding: a client of a backup is served by the primary through the backup, as a
+//! follower of a replicated store forwards to its leader. A client that reaches a backup
+//! but not the primary (a network cut between them) is served all the same.
+//!
+//! The backup passes each request of such a connection (FORWARD) on its link to the
+//! primary and binds the connection to that primary; the primary decides it as for a
+//! connection of its own, a *remote* one in its client registry (sessions included), and
+//! sends the answers, once committed, back on its link to the backup (RELAY), which
+//! writes them to the client. When that primary is no longer the one the backup knows, or
+//! either link is down, the backup closes the connection and the client fails over as
+//! from any closed connection (logging in again, resending what was unanswered); the
+//! primary forgets a backup's connections when its link to that backup ends or the
+//! backup reports one closed (CLOSED).
+
+use super::view::Inner;
+use super::Replica;
+use crate::framing::{encode_frame, Framing};
+use crate::messenger::clients::remote_id;
+use crate::messenger::protocol::{self, Reply};
+use crate::messenger::replica_protocol::{ReplicaMsg, Role, RELAY_CHUNK};
+use crate::messenger::requests::Serving;
+use std::sync::MutexGuard;
+use std::time::Instant;
+
+impl Replica {
+    /// Whether this server can forward to server `p` now: it hears `p` and its own link
+    /// to `p` is up.
+    fn can_forward(&self, inner: &Inner, p: usize) -> bool {
+        p != self.id && inner.peers[p].linked && inner.up(p, Instant::now())
+    }
+
+    /// As backup, forwards the request of client connection `conn` to the primary if it
+    /// can (or must: the connection is bound to one). `None`: not forwarded, decide it
+    /// here; `Some(close)`: forwarded, or closed because its primary is gone.
+    pub(super) fn forward(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> Option<bool> {
+        let serving = inner.serving(self.id);
+        let target = match inner.forwarded.get(&conn) {
+            Some(&p) => p,
+            None => match serving {
+                Serving::Redirect(p) if remote_id(self.id, conn).is_some() => p,
+                _ => return None,
+            },
+        };
+        if serving != Serving::Redirect(target) || !self.can_forward(inner, target) {
+            // Bound to a primary that is gone (or never reachable): the client fails over.
+            return inner.forwarded.remove(&conn).map(|_| true);
+        }
+        inner.forwarded.insert(conn, target);
+        let request = payload.to_vec();
+        let msg = ReplicaMsg::Forward { conn, request };
+        inner.peers[target].control.push(msg.encode());
+        self.changed.notify_all();
+        Some(false)
+    }
+
+    /// Closes the forwarded connections whose primary is no longer the one this server
+    /// knows, or cannot be reached.
+    pub(super) fn check_forwarded(&self, inner: &mut Inner) {
+        if inner.forwarded.is_empty() {
+            return;
+        }
+        let serving = inner.serving(self.id);
+        let gone: Vec<u64> = inner
+            .forwarded
+            .iter()
+            .filter(|&(_, &p)| serving != Serving::Redirect(p) || !self.can_forward(inner, p))
+            .map(|(&conn, _)| conn)
+            .collect();
+        for conn in gone {
+            inner.forwarded.remove(&conn);
+            inner.clients.close(conn);
+        }
+    }
+
+    /// Client connection `conn` of this server ended: if it was forwarded, the primary
+    /// forgets it (and its session).
+    pub(super) fn forwarded_ended(&self, inner: &mut Inner, conn: u64) {
+        if let Some(p) = inner.forwarded.remove(&conn) {
+            inner.peers[p]
+                .control
+                .push(ReplicaMsg::Closed { conn }.encode());
+            self.changed.notify_all();
+        }
+    }
+
+    /// A FORWARD, RELAY or CLOSED from server `from`.
+    pub(super) fn on_forwarding(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        from: usize,
+        msg: ReplicaMsg,
+    ) {
+        match msg {
+            ReplicaMsg::Forward { conn, request } => {
+                let id = (inner.role == Role::Primary && !inner.stopping)
+                    .then(|| inner.clients.remote(from, conn))
+                    .flatten();
+                let Some(id) = id else {
+                    // Not (or no longer) the primary: the client tries again elsewhere.
+                    let mut bytes = Vec::new();
+                    let mut payload = Vec::new();
+                    protocol::encode_reply(&Reply::Unavailable, &mut payload);
+                    encode_frame(Framing::U32, &payload, &mut bytes).expect("a one-byte frame");
+                    let relay = ReplicaMsg::Relay {
+                        conn,
+                        close: true,
+                        bytes,
+                    };
+                    inner.peers[from].control.push(relay.encode());
+                    self.changed.notify_all();
+                    return;
+                };
+                let (close, appended) = self.decide(&mut inner, id, &request);
+                if close {
+                    inner.clients.remove(id);
+                }
+                drop(inner);
+                self.changed.notify_all();
+                if let Some(seq) = appended {
+                    self.flush_to(seq);
+                }
+            }
+            ReplicaMsg::Relay { conn, close, bytes }
+                if inner.forwarded.get(&conn) == Some(&from) =>
+            {
+                inner.clients.relay_in(conn, bytes, close);
+                if close {
+                    inner.forwarded.remove(&conn);
+                }
+            }
+            ReplicaMsg::Closed { conn } => {
+                if let Some(id) = remote_id(from, conn) {
+                    inner.clients.remove(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// As primary, appends what is to be relayed to backup `j`'s clients to `out`, in
+    /// RELAY frames of at most [`RELAY_CHUNK`] bytes each.
+    pub(super) fn relay_to(&self, inner: &mut Inner, j: usize, out: &mut Vec<u8>) {
+        for r in inner.clients.take_relay(j) {
+            let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
+            if parts.peek().is_none() {
+                let msg = ReplicaMsg::Relay {
+                    conn: r.conn,
+                    close: r.close,
+                    bytes: Vec::new(),
+                };
+                super::feed::encode_peer(&msg.encode(), out);
+            }
+            while let Some(part) = parts.next() {
+                let msg = ReplicaMsg::Relay {
+                    conn: r.conn,
+                    close: r.close && parts.peek().is_none(),
+                    bytes: part.to_vec(),
+                };
+                super::feed::encode_peer(&msg.encode(), out);
+            }
+        }
+    }
+}
