@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::echo::{EchoConfig, EchoServer, Mode, Transform, DEFAULT_ADDR};
 use switchboard::framing::Framing;
+use switchboard::budget::Budget;
 use switchboard::pipeline::DEFAULT_WRITE_TIMEOUT;
 use switchboard::server::{on_termination, ServerConfig};
 
@@ -40,6 +41,16 @@ struct Args {
     /// close a connection that sends nothing for this many seconds, fractions allowed (default: never)
     #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
     idle_timeout: Option<Duration>,
+    /// bytes all clients together may make the server hold (partial frames, queued
+    /// replies, frames in flight in the pipeline), k/m/g suffixes allowed: past it the connection holding the most is
+    /// closed, with a log line (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// log every connection and disconnection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
     let mut server = ServerConfig::named("echo");
     server.max_connections = args.max_connections;
     server.idle_timeout = args.idle_timeout;
+    server.client_memory = Some(Budget::new("echo", args.max_client_memory));
     let echo = EchoConfig {
         framing: args.framing,
         mode: args.mode,

@@ -96,23 +96,7 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
-        let digits = lower
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(lower.len());
-        let (number, suffix) = lower.split_at(digits);
-        let shift = match suffix {
-            "" | "b" => Some(0),
-            "k" | "kb" | "kib" => Some(10),
-            "m" | "mb" | "mib" => Some(20),
-            "g" | "gb" | "gib" => Some(30),
-            _ => None,
-        };
-        shift
-            .zip(number.parse::<u64>().ok())
-            .and_then(|(shift, n)| n.checked_mul(1 << shift))
-            .map(ByteSize)
-            .ok_or_else(|| format!("bad size {s:?} (expected e.g. 4096, 512k, 64m or 1g)"))
+        crate::cli::byte_size(s).map(ByteSize)
     }
 }
 
