@@ -305,16 +305,8 @@ impl Account {
                 Some(victim) if victim.key != me.key && victim.held() > mine => {
                     victim.evict(budget, mine, &me.label);
                 }
-                _ => {
-                    let e = refuse(mine - n);
-                    log_info!(
-                        "{}: {}: refused {} of client memory: {e}",
-                        budget.name,
-                        me.label,
-                        Mib(n)
-                    );
-                    return Err(e);
-                }
+                // Whoever is refused logs why, as the end of its connection or its frame.
+                _ => return Err(refuse(mine - n)),
             }
         }
         me.held.fetch_add(n, Ordering::Relaxed);

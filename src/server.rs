@@ -374,6 +374,7 @@ struct Shared {
     wake_addr: SocketAddr,
     accepted: AtomicU64,
     refused: AtomicU64,
+    client_memory: Option<Budget>,
     /// The connection threads and their sockets. Each thread unregisters its socket as it
     /// ends and is joined by the next accept, so nothing outlives its connection; shutdown
     /// shuts every registered socket and joins by the deadline.
@@ -427,6 +428,11 @@ impl ServerHandle {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The client memory budget ([`ServerConfig::client_memory`]), for its counters.
+    pub fn client_memory(&self) -> Option<&Budget> {
+        self.shared.client_memory.as_ref()
     }
 
     /// Current counters.
@@ -502,6 +508,7 @@ impl Server {
             wake_addr: SocketAddr::new(wake_ip, local.port()),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            client_memory: config.client_memory.clone(),
             group: Group::with_stack_size(&config.name, config.stack_size),
         });
         Ok(Server {
@@ -641,7 +648,7 @@ impl Server {
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
         let account = self.config.client_memory.as_ref().map(|budget| {
-            budget.account(&format!("{name}: connection {id} from {peer}"), Some(&stream))
+            budget.account(&format!("connection {id} from {peer}"), Some(&stream))
         });
         let conn = Connection {
             stream,

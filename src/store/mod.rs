@@ -127,7 +127,12 @@ impl StoreService {
     pub fn stats(&self, server: &ServerHandle) -> Stats {
         let (keys, bytes) = self.store.size();
         let s = server.stats();
+        let memory = server.client_memory();
+        let of = |f: fn(&crate::budget::Budget) -> usize| memory.map_or(0, |b| f(b) as u64);
         Stats {
+            client_memory: of(crate::budget::Budget::held),
+            client_memory_peak: of(crate::budget::Budget::peak),
+            client_memory_limit: of(crate::budget::Budget::limit),
             uptime_secs: self.started.elapsed().as_secs(),
             live_connections: s.live as u64,
             total_connections: s.accepted,
