@@ -61,7 +61,9 @@ pub fn byte_size(text: &str) -> Result<u64, String> {
 pub fn client_memory(text: &str) -> Result<usize, String> {
     let n = byte_size(text)?;
     if n < 1 << 20 {
-        return Err(format!("expected at least 1m of client memory, got {text:?}"));
+        return Err(format!(
+            "expected at least 1m of client memory, got {text:?}"
+        ));
     }
     usize::try_from(n).map_err(|_| format!("{text:?} does not fit this machine's addresses"))
 }

@@ -289,7 +289,10 @@ impl Conn {
             let mut charge = charged.lock().unwrap_or_else(PoisonError::into_inner);
             // A sender may have queued more meanwhile: keep what it needs (less than
             // before, so this cannot be refused).
-            let keep = self.queued.load(Ordering::Relaxed).next_multiple_of(CHARGE_STEP);
+            let keep = self
+                .queued
+                .load(Ordering::Relaxed)
+                .next_multiple_of(CHARGE_STEP);
             if keep < charge.bytes() {
                 let _ = charge.resize(keep);
                 self.covered.store(keep, Ordering::Relaxed);

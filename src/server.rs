@@ -247,7 +247,10 @@ impl Nonblocking {
     /// When the socket's mode cannot be changed (it is failing), or as `op`.
     pub fn run<T>(&self, op: impl FnOnce(&TcpStream) -> io::Result<T>) -> io::Result<T> {
         self.toggles.fetch_add(1, Ordering::SeqCst);
-        let result = self.stream.set_nonblocking(true).and_then(|()| op(&self.stream));
+        let result = self
+            .stream
+            .set_nonblocking(true)
+            .and_then(|()| op(&self.stream));
         // A socket that cannot be switched back is failing; its reader will find out.
         let _ = self.stream.set_nonblocking(false);
         self.toggles.fetch_add(1, Ordering::SeqCst);
@@ -647,9 +650,10 @@ impl Server {
             return;
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let account = self.config.client_memory.as_ref().map(|budget| {
-            budget.account(&format!("connection {id} from {peer}"), Some(&stream))
-        });
+        let account =
+            self.config.client_memory.as_ref().map(|budget| {
+                budget.account(&format!("connection {id} from {peer}"), Some(&stream))
+            });
         let conn = Connection {
             stream,
             peer,

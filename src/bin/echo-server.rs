@@ -3,9 +3,9 @@
 use argh::FromArgs;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::budget::Budget;
 use switchboard::echo::{EchoConfig, EchoServer, Mode, Transform, DEFAULT_ADDR};
 use switchboard::framing::Framing;
-use switchboard::budget::Budget;
 use switchboard::pipeline::DEFAULT_WRITE_TIMEOUT;
 use switchboard::server::{on_termination, ServerConfig};
 

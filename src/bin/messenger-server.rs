@@ -5,8 +5,8 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use switchboard::messenger::{self, Options, Replica};
 use switchboard::budget::Budget;
+use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
 use switchboard::{auth, log_info};
 
@@ -105,7 +105,10 @@ fn main() -> ExitCode {
     let mut config = ServerConfig::named(&format!("messenger-{id}"));
     config.max_connections = args.max_connections;
     config.idle_timeout = args.idle_timeout;
-    config.client_memory = Some(Budget::new(&format!("messenger-{id}"), args.max_client_memory));
+    config.client_memory = Some(Budget::new(
+        &format!("messenger-{id}"),
+        args.max_client_memory,
+    ));
     config.refusal = Some(messenger::server::refusal());
     let n = node.clone();
     let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {

@@ -47,8 +47,8 @@ impl Replica {
             max_frame: CLIENT_MAX_FRAME,
             ..Limits::default()
         };
-        let mut reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits)
-            .accounted(conn.account());
+        let mut reader =
+            FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
         let first = match read_step(&mut reader, &conn)? {
             Step::Frame(f) => f.to_vec(),
             // Longer than any request: answered as a bad request.

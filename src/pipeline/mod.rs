@@ -242,7 +242,10 @@ impl Lane {
             && state.frames > 0
             && (state.frames >= self.max_frames || state.bytes + bytes > self.max_bytes)
         {
-            state = self.room.wait(state).unwrap_or_else(PoisonError::into_inner);
+            state = self
+                .room
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         if state.closed {
             return Err(PipelineError::Dropped);

@@ -1,8 +1,8 @@
 use super::*;
-use std::sync::atomic::AtomicBool;
 use crate::server::{RunningServer, Server, ServerConfig};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

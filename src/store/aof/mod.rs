@@ -48,7 +48,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -147,14 +147,24 @@ struct Output {
     failed: Option<String>,
 }
 
-/// The automatic rewrite in the background, if one runs.
+/// The automatic rewrites: one long-lived thread, started at the first, that owns and
+/// reuses their large buffers (see `rewrite.rs`).
 #[derive(Default)]
 struct Rewriter {
-    /// Dropping the sender asks the rewrite to give up (at shutdown).
-    running: Option<(Sender<()>, JoinHandle<()>)>,
+    /// The rewrite thread's inbox: a rewrite to run, of this store. Dropping it asks a
+    /// rewrite under way to give up, and the thread to end (at shutdown).
+    requests: Option<Sender<Arc<Store>>>,
+    thread: Option<JoinHandle<()>>,
+    /// A rewrite has been asked for and has not finished.
+    busy: Arc<AtomicBool>,
     /// Set by [`Aof::close`]: no rewrite starts after it.
     closed: bool,
 }
+
+/// What the log's writers and its rewrite buffer, kept from the start for the life of the
+/// log: allocated here, on the thread that opens it, and reused, so no client thread's
+/// allocator arena ends up holding a large buffer it then frees.
+const WRITE_BUF: usize = 256 << 10;
 
 /// An open append-only file.
 pub struct Aof {
@@ -242,7 +252,7 @@ impl Aof {
             path: path.to_owned(),
             policy,
             pending: Mutex::new(Pending {
-                buf: Vec::new(),
+                buf: Vec::with_capacity(WRITE_BUF),
                 seq: 0,
                 since: None,
                 since_total: 0,
@@ -250,7 +260,7 @@ impl Aof {
             }),
             output: Mutex::new(Output {
                 file,
-                spare: Vec::new(),
+                spare: Vec::with_capacity(WRITE_BUF),
                 written: 0,
                 synced: 0,
                 failed: None,
@@ -389,13 +399,13 @@ impl Aof {
         if let Some(t) = lock(&self.syncer).take() {
             let _ = t.join();
         }
-        let running = {
+        let (requests, thread) = {
             let mut r = lock(&self.rewriter);
             r.closed = true;
-            r.running.take()
+            (r.requests.take(), r.thread.take())
         };
-        if let Some((stop, thread)) = running {
-            drop(stop);
+        drop(requests);
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
         self.sync_to(u64::MAX)
