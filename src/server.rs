@@ -100,9 +100,9 @@ pub struct Connection {
     idle_timeout: Option<Duration>,
     /// Its share of the server's client memory budget, if it has one.
     account: Option<Account>,
-    /// Counts the instants another thread makes the socket non-blocking (see
-    /// [`Connection::nonblocking`]): odd while one lasts.
-    toggles: Arc<AtomicU64>,
+    /// The instants another thread makes the socket non-blocking (see
+    /// [`Connection::nonblocking`]).
+    toggles: Arc<Toggles>,
 }
 
 impl Connection {
@@ -143,6 +143,14 @@ impl Connection {
         }
     }
 
+    /// As [`Connection::nonblocking`], without keeping the socket open.
+    pub(crate) fn nonblocking_weak(&self) -> WeakNonblocking {
+        WeakNonblocking {
+            stream: Arc::downgrade(&self.stream),
+            toggles: Arc::clone(&self.toggles),
+        }
+    }
+
     /// The server's idle timeout, which is this connection's read timeout.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.idle_timeout
@@ -163,14 +171,15 @@ impl Connection {
         let started = Instant::now();
         let mut spurious = 0;
         loop {
-            let before = self.toggles.load(Ordering::SeqCst);
+            let before = self.toggles.count.load(Ordering::SeqCst);
             match op(&self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The socket was non-blocking for another thread's instant during the call
                 // (odd: one was under way as it started; changed: one began meanwhile).
                 Err(e)
                     if is_timeout(&e)
-                        && (before % 2 == 1 || self.toggles.load(Ordering::SeqCst) != before) =>
+                        && (before % 2 == 1
+                            || self.toggles.count.load(Ordering::SeqCst) != before) =>
                 {
                     thread::yield_now();
                 }
@@ -218,12 +227,38 @@ impl Read for &Connection {
 /// while the socket is non-blocking fails at once, and [`Connection`]'s reads tell that from
 /// a timeout by the toggle count this handle keeps, and retry.
 ///
-/// One thread at a time may use a given connection's handle (the pipeline's sender for its
-/// routes; [`crate::order`] under its lock): two overlapping instants would end each other.
+/// The instants of one thread at a time: handles on one socket take turns (two that
+/// overlapped would end each other's instant early, and a peek meant not to block would
+/// block).
 #[derive(Debug, Clone)]
 pub struct Nonblocking {
     stream: Arc<TcpStream>,
-    toggles: Arc<AtomicU64>,
+    toggles: Arc<Toggles>,
+}
+
+/// One socket's non-blocking instants: how many began and ended (odd while one lasts), and
+/// the turn they take.
+#[derive(Debug, Default)]
+struct Toggles {
+    count: AtomicU64,
+    turn: std::sync::Mutex<()>,
+}
+
+/// A [`Nonblocking`] that does not keep the socket open.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakNonblocking {
+    stream: std::sync::Weak<TcpStream>,
+    toggles: Arc<Toggles>,
+}
+
+impl WeakNonblocking {
+    /// The handle, while the socket is open.
+    pub(crate) fn upgrade(&self) -> Option<Nonblocking> {
+        Some(Nonblocking {
+            stream: self.stream.upgrade()?,
+            toggles: Arc::clone(&self.toggles),
+        })
+    }
 }
 
 impl Nonblocking {
@@ -246,14 +281,20 @@ impl Nonblocking {
     /// # Errors
     /// When the socket's mode cannot be changed (it is failing), or as `op`.
     pub fn run<T>(&self, op: impl FnOnce(&TcpStream) -> io::Result<T>) -> io::Result<T> {
-        self.toggles.fetch_add(1, Ordering::SeqCst);
+        let turn = self
+            .toggles
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.toggles.count.fetch_add(1, Ordering::SeqCst);
         let result = self
             .stream
             .set_nonblocking(true)
             .and_then(|()| op(&self.stream));
         // A socket that cannot be switched back is failing; its reader will find out.
         let _ = self.stream.set_nonblocking(false);
-        self.toggles.fetch_add(1, Ordering::SeqCst);
+        self.toggles.count.fetch_add(1, Ordering::SeqCst);
+        drop(turn);
         result
     }
 }

@@ -88,8 +88,10 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_millis(10);
 const CLOSE_POLL: Duration = Duration::from_millis(50);
 /// The shortest write timeout: a zero timeout would mean none at all to the kernel.
 const MIN_WRITE_TIMEOUT: Duration = Duration::from_millis(1);
-/// How often a sender tries again to write to connections whose sockets were full.
+/// How soon a sender tries again to write to a connection whose socket was full; the
+/// wait doubles, up to [`MAX_RETRY`], while the client takes nothing.
 const RETRY: Duration = Duration::from_millis(1);
+const MAX_RETRY: Duration = Duration::from_millis(64);
 
 /// How a [`Pipeline`] is built.
 ///
@@ -716,6 +718,9 @@ struct Route {
     tickets: Vec<Ticket>,
     /// Since when `unsent` has waited for room in the socket.
     blocked_since: Option<Instant>,
+    /// When to try the full socket again, and the wait before that.
+    retry_at: Instant,
+    backoff: Duration,
     /// The reader has ended; the route goes once `unsent` is written (dropping this ends
     /// the reader's wait).
     closing: Option<Sender<()>>,
@@ -727,8 +732,10 @@ struct Routes<'a> {
     /// Connections with replies in `unsent`, in the order they got their first one. May
     /// name a connection twice or one that is gone: flushing those is a no-op.
     pending: Vec<u64>,
-    /// Connections whose sockets were full at the last try: tried again every [`RETRY`].
+    /// Connections whose sockets were full at the last try, and the earliest time one of
+    /// them is due to be tried again.
     blocked: Vec<u64>,
+    next_retry: Option<Instant>,
     config: &'a PipelineConfig,
     counters: &'a Counters,
 }
@@ -743,6 +750,8 @@ impl Routes<'_> {
                     unsent: Vec::new(),
                     tickets: Vec::new(),
                     blocked_since: None,
+                    retry_at: Instant::now(),
+                    backoff: RETRY,
                     closing: None,
                 };
                 if self.map.insert(id, route).is_none() {
@@ -795,15 +804,28 @@ impl Routes<'_> {
 
     /// Writes every connection's share of the batch, and tries the full sockets again.
     fn flush_all(&mut self) {
+        let now = Instant::now();
         let mut ids = mem::take(&mut self.pending);
-        ids.append(&mut self.blocked);
         for &id in &ids {
             self.flush(id);
         }
+        let blocked = mem::take(&mut self.blocked);
+        for &id in &blocked {
+            if self.map.get(&id).is_some_and(|route| route.retry_at <= now) {
+                self.flush(id);
+            }
+        }
+        ids.extend(blocked);
+        self.next_retry = None;
         ids.retain(|id| {
-            self.map
-                .get(id)
-                .is_some_and(|route| route.blocked_since.is_some())
+            let Some(route) = self.map.get(id).filter(|r| r.blocked_since.is_some()) else {
+                return false;
+            };
+            self.next_retry = Some(
+                self.next_retry
+                    .map_or(route.retry_at, |t| t.min(route.retry_at)),
+            );
+            true
         });
         ids.sort_unstable();
         ids.dedup();
@@ -834,8 +856,15 @@ impl Routes<'_> {
             }
             Ok(n) => {
                 route.unsent.drain(..n);
-                let since = *route.blocked_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= limit {
+                let now = Instant::now();
+                route.backoff = if n > 0 || route.blocked_since.is_none() {
+                    RETRY
+                } else {
+                    (route.backoff * 2).min(MAX_RETRY)
+                };
+                route.retry_at = now + route.backoff;
+                let since = *route.blocked_since.get_or_insert(now);
+                if now.duration_since(since) >= limit {
                     let why = format!(
                         "{} bytes of replies not taken in {limit:?}, the client is not reading",
                         route.unsent.len()
@@ -898,21 +927,21 @@ fn send_stage(rx: HandoffReceiver<Event>, config: &PipelineConfig, counters: &Co
         map: HashMap::new(),
         pending: Vec::new(),
         blocked: Vec::new(),
+        next_retry: None,
         config,
         counters,
     };
     loop {
-        let first = if routes.blocked.is_empty() {
-            match rx.recv() {
+        let first = match routes.next_retry {
+            None => match rx.recv() {
                 Some(event) => Some(event),
                 None => break,
-            }
-        } else {
-            match rx.recv_deadline(Instant::now() + RETRY) {
+            },
+            Some(at) => match rx.recv_deadline(at) {
                 Ok(event) => Some(event),
                 Err(Waited::Timeout) => None,
                 Err(Waited::Disconnected) => break,
-            }
+            },
         };
         if let Some(first) = first {
             routes.handle(first);

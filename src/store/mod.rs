@@ -6,6 +6,7 @@
 //! - [`aof`]: the append-only file: replay, and rewrite in the background.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
+//! - [`soak`]: the memory soak behind `store-bench --soak`.
 //!
 //! Connections are served by the framework's [`RequestLoop`]: whatever the socket has is
 //! read, every complete request in it answered into one output buffer, and that buffer
@@ -16,6 +17,7 @@ pub mod aof;
 pub mod bench;
 pub mod client;
 pub mod protocol;
+pub mod soak;
 pub mod state;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
