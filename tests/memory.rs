@@ -173,3 +173,58 @@ fn partial_lines_from_many_connections_stay_within_the_budget() {
     assert!(stats.contains("{client_memory_limit,16777216}"), "{stats}");
     drop(attackers);
 }
+
+#[test]
+fn a_pipeline_flooder_of_maximal_frames_stays_within_the_budget() {
+    const ECHO: &str = env!("CARGO_BIN_EXE_echo-server");
+    let server = ChildServer::start(
+        ECHO,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            "pipeline",
+            "--framing",
+            "u32",
+            "--transform",
+            "upper",
+            "--max-client-memory",
+            "32m",
+        ],
+    );
+    // A client sends 16 MiB frames as fast as it can and never reads a reply, and
+    // reconnects when dropped (the attack took the pipeline to 404-493 MiB).
+    let mut frame = ((16u32 << 20) - 8).to_be_bytes().to_vec();
+    frame.resize(4 + (16 << 20) - 8, b'a');
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut most = 0.0f64;
+    thread::scope(|scope| {
+        {
+            let (frame, stop) = (&frame, &stop);
+            scope.spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(mut s) = TcpStream::connect(server.addr) else {
+                        return;
+                    };
+                    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                        && s.write_all(frame).is_ok()
+                    {}
+                }
+            });
+        }
+        for _ in 0..60 {
+            most = most.max(rss_mib(&server));
+            thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    // A reading client is still answered.
+    let mut client = connect(server.addr);
+    client.write_all(b"\0\0\0\x02hi").unwrap();
+    let mut reply = [0u8; 6];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"\0\0\0\x02HI");
+    eprintln!("echo pipeline RSS at most {most:.1} MiB under 16 MiB frames never read");
+    assert!(most < 32.0 + 64.0, "RSS reached {most:.1} MiB");
+}

@@ -31,8 +31,9 @@ struct Args {
     /// sender threads in pipeline mode (default 2)
     #[argh(option, default = "2", from_str_fn(at_least_one))]
     senders: usize,
-    /// milliseconds (at least 1) a pipeline sender waits for a client to take its replies
-    /// before dropping it as not reading (default 10)
+    /// milliseconds (at least 1) a client's replies may wait for room in its socket
+    /// before the pipeline drops it as not reading; nobody else waits meanwhile (default
+    /// 1000)
     #[argh(option, default = "DEFAULT_WRITE_TIMEOUT.as_millis() as u64")]
     write_timeout_ms: u64,
     /// live connections beyond which new ones are refused (default 10000)

@@ -323,6 +323,11 @@ impl Aof {
             since.extend_from_slice(&p.buf[start..]);
             p.since_total += (p.buf.len() - start) as u64;
             p.since_peak = p.since_peak.max(since.len() as u64);
+            if since.len() > rewrite::MAX_SINCE {
+                // The rewrite has fallen behind (a slow disk, a starved thread): give it
+                // up rather than hold the writes without bound; it notices and fails.
+                p.since = None;
+            }
         }
         p.seq += 1;
         p.seq

@@ -25,6 +25,16 @@ const TAIL_BYTES: usize = 64 << 10;
 /// At most this many such rounds: writers that outpace the copy are caught up with anyway.
 const TAIL_ROUNDS: usize = 8;
 
+/// The most the since-snapshot buffer may hold: writers that outpace a rewrite by more (its
+/// thread starved, or its disk slow) make it give up, to be tried again later, instead of
+/// growing memory by what they write for as long as it lags (a rewrite stuck for 28 s on a
+/// busy disk took the server to 885 MiB).
+pub(super) const MAX_SINCE: usize = 64 << 20;
+
+/// Bytes of a new log written between its fsyncs, so the last one (while writers append to
+/// the since-snapshot buffer) is short.
+const SYNC_EVERY: u64 = 16 << 20;
+
 /// What a finished rewrite did, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewritten {
@@ -228,7 +238,7 @@ impl Aof {
         let Buffers { out, spare, .. } = buffers;
         out.clear();
         out.extend_from_slice(MAGIC);
-        let (mut len, mut keys) = (0, 0);
+        let (mut len, mut keys, mut synced) = (0, 0, 0);
         let mut snapshot = store.snapshot();
         while snapshot.next_chunk(SNAPSHOT_CHUNK, |k, v| {
             encode_store(k, v, out);
@@ -242,13 +252,17 @@ impl Aof {
             }
             // After the chunk, never before it: a record moved out here was applied to the
             // map before the next chunk is copied.
-            self.move_since(out, spare);
+            self.move_since(out, spare)?;
             if out.len() >= OUT_BUF {
                 len += write_out(&mut file, out)?;
             }
+            if len - synced >= SYNC_EVERY {
+                file.sync_data()?;
+                synced = len;
+            }
         }
         for _ in 0..TAIL_ROUNDS {
-            let moved = self.move_since(out, spare);
+            let moved = self.move_since(out, spare)?;
             len += write_out(&mut file, out)?;
             if moved < TAIL_BYTES {
                 break;
@@ -261,15 +275,19 @@ impl Aof {
     /// Moves the since-snapshot buffer as it stands to the end of `out` (swapping it with
     /// the empty `spare` under the append lock, so neither allocation is lost and the copy
     /// is made outside it); returns the bytes moved.
-    fn move_since(&self, out: &mut Vec<u8>, spare: &mut Vec<u8>) -> usize {
+    ///
+    /// # Errors
+    /// When the writers outpaced the rewrite and it was given up (see [`MAX_SINCE`]).
+    fn move_since(&self, out: &mut Vec<u8>, spare: &mut Vec<u8>) -> io::Result<usize> {
         debug_assert!(spare.is_empty());
-        if let Some(since) = &mut lock(&self.pending).since {
-            std::mem::swap(since, spare);
+        match &mut lock(&self.pending).since {
+            Some(since) => std::mem::swap(since, spare),
+            None => return Err(outpaced()),
         }
         let moved = spare.len();
         out.extend_from_slice(spare);
         spare.clear();
-        moved
+        Ok(moved)
     }
 
     /// Appends the rest of the since-snapshot buffer to `temp`, fsyncs it, renames it over
@@ -295,7 +313,9 @@ impl Aof {
         debug_assert!(out.spare.is_empty());
         let (mut tail, upto, buffered, buffered_peak) = {
             let mut p = lock(&self.pending);
-            let tail = p.since.take().unwrap_or_default();
+            let Some(tail) = p.since.take() else {
+                return Err(outpaced());
+            };
             std::mem::swap(&mut p.buf, &mut out.spare);
             (tail, p.seq, p.since_total, p.since_peak)
         };
@@ -358,6 +378,14 @@ pub(super) struct Buffers {
     since: Vec<u8>,
     /// Swapped with `since` to take its records out.
     spare: Vec<u8>,
+}
+
+/// The error of a rewrite the writers outpaced by [`MAX_SINCE`].
+fn outpaced() -> io::Error {
+    io::Error::other(format!(
+        "writers outpaced the rewrite by more than {} MiB; it will be tried again",
+        MAX_SINCE >> 20
+    ))
 }
 
 /// Writes out `out` to `file` and empties it; returns the bytes written.
