@@ -438,6 +438,28 @@ mod tests {
     }
 
     #[test]
+    fn bytes_are_bounded_as_well_as_frames_and_charged_to_the_budget() {
+        let (mut client, served) = pair();
+        let budget = crate::budget::Budget::new("t", 1 << 20);
+        let account = budget.account("t", None);
+        let config = OutboxConfig::new("t", 100)
+            .max_bytes(10)
+            .account(Some(&account));
+        // No writer runs: the bytes stay queued.
+        let (outbox, writer) = Outbox::new(served, config);
+        // One frame larger than the bound goes in alone.
+        assert_eq!(outbox.send(frame("0123456789abc\n")), Ok(()));
+        assert_eq!(outbox.queued_bytes(), 14);
+        assert_eq!(budget.held(), CHARGE_STEP);
+        assert_eq!(outbox.send(frame("x\n")), Err(SendError::Overflow));
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        // What was queued goes back to the budget once taken.
+        assert!(writer.try_take().is_some());
+        assert_eq!((outbox.queued_bytes(), budget.held()), (0, 0));
+    }
+
+    #[test]
     fn a_send_after_the_writer_is_gone_is_refused() {
         let (_client, served) = pair();
         let (outbox, writer) = Outbox::new(served, OutboxConfig::new("t", 2));
