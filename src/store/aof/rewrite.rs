@@ -31,6 +31,9 @@ const TAIL_ROUNDS: usize = 8;
 /// busy disk took the server to 885 MiB).
 pub(super) const MAX_SINCE: usize = 64 << 20;
 
+/// Capacity the since-snapshot buffers keep between rewrites.
+const KEEP_SINCE: usize = 4 << 20;
+
 /// Bytes of a new log written between its fsyncs, so the last one (while writers append to
 /// the since-snapshot buffer) is short.
 const SYNC_EVERY: u64 = 16 << 20;
@@ -252,7 +255,7 @@ impl Aof {
             }
             // After the chunk, never before it: a record moved out here was applied to the
             // map before the next chunk is copied.
-            self.move_since(out, spare)?;
+            self.move_since(&mut file, out, spare, &mut len)?;
             if out.len() >= OUT_BUF {
                 len += write_out(&mut file, out)?;
             }
@@ -262,7 +265,7 @@ impl Aof {
             }
         }
         for _ in 0..TAIL_ROUNDS {
-            let moved = self.move_since(out, spare)?;
+            let moved = self.move_since(&mut file, out, spare, &mut len)?;
             len += write_out(&mut file, out)?;
             if moved < TAIL_BYTES {
                 break;
@@ -274,19 +277,36 @@ impl Aof {
 
     /// Moves the since-snapshot buffer as it stands to the end of `out` (swapping it with
     /// the empty `spare` under the append lock, so neither allocation is lost and the copy
-    /// is made outside it); returns the bytes moved.
+    /// is made outside it), or, when it is large, writes `out` and then it to `file`
+    /// (adding what it writes to `len`); returns the bytes moved.
     ///
     /// # Errors
     /// When the writers outpaced the rewrite and it was given up (see [`MAX_SINCE`]).
-    fn move_since(&self, out: &mut Vec<u8>, spare: &mut Vec<u8>) -> io::Result<usize> {
+    fn move_since(
+        &self,
+        file: &mut File,
+        out: &mut Vec<u8>,
+        spare: &mut Vec<u8>,
+        len: &mut u64,
+    ) -> io::Result<usize> {
         debug_assert!(spare.is_empty());
         match &mut lock(&self.pending).since {
             Some(since) => std::mem::swap(since, spare),
             None => return Err(outpaced()),
         }
         let moved = spare.len();
-        out.extend_from_slice(spare);
+        if moved < TAIL_BYTES {
+            out.extend_from_slice(spare);
+        } else {
+            // A large batch goes to the file as it is, not copied once more: in order,
+            // behind what `out` holds.
+            *len += write_out(file, out)?;
+            file.write_all(spare)?;
+            *len += moved as u64;
+        }
         spare.clear();
+        // Kept for the next rewrite, but not at the size of a burst the writers once made.
+        spare.shrink_to(KEEP_SINCE);
         Ok(moved)
     }
 
@@ -325,6 +345,7 @@ impl Aof {
             .and_then(|()| std::fs::rename(temp, &self.path));
         let tail_len = tail.len() as u64;
         tail.clear();
+        tail.shrink_to(KEEP_SINCE);
         buffers.since = tail;
         if let Err(e) = renamed {
             // The old log stays: give it back the records it has not been sent yet, ahead
