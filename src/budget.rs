@@ -44,6 +44,12 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a charge past the budget waits for evicted connections' bytes to come back
+/// before it evicts another connection (or is refused).
+const DOOMED_WAIT: Duration = Duration::from_millis(100);
 
 /// `--max-client-memory` unless set: enough for thousands of busy clients, small next to
 /// a machine's memory, and far below what 10,000 connections holding maximal frames could
@@ -61,8 +67,8 @@ struct Shared {
     limit: usize,
     /// Bytes charged now, evicted accounts' included.
     held: AtomicUsize,
-    /// Of `held`, what evicted accounts still hold: on its way back, so not a reason to
-    /// evict another connection.
+    /// Of `held`, what evicted accounts still hold: on its way back, so a charge past the
+    /// budget waits for it before it evicts another connection.
     doomed: AtomicUsize,
     peak: AtomicUsize,
     evictions: AtomicU64,
@@ -294,12 +300,21 @@ impl Account {
                 asked: n,
             }
         };
-        let after = budget.held.fetch_add(n, Ordering::Relaxed) + n;
+        let mut after = budget.held.fetch_add(n, Ordering::Relaxed) + n;
         if me.evicted.load(Ordering::Relaxed) {
             return Err(refuse(me.held.load(Ordering::Relaxed)));
         }
-        let live = after.saturating_sub(budget.doomed.load(Ordering::Relaxed));
-        if live > budget.limit {
+        // Connections evicted already give their bytes back as soon as their threads run:
+        // wait a moment for that rather than evict another (or hold both at once).
+        let deadline = Instant::now() + DOOMED_WAIT;
+        while after > budget.limit
+            && budget.doomed.load(Ordering::Relaxed) > 0
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(1));
+            after = budget.held.load(Ordering::Relaxed);
+        }
+        if after > budget.limit {
             let mine = me.held.load(Ordering::Relaxed) + n;
             match budget.largest() {
                 Some(victim) if victim.key != me.key && victim.held() > mine => {
@@ -443,13 +458,18 @@ mod tests {
             0,
             "the evicted connection's socket is shut down"
         );
-        // Its 80 bytes are on their way back: the next charge evicts nobody else.
-        let s3 = small.charge(50).unwrap();
-        assert!(!small.is_evicted());
-        assert_eq!(budget.evictions(), 1);
         // The evicted one may not grow again.
         assert!(big.charge(1).is_err());
-        drop(held);
+        // Its 80 bytes are on their way back: a charge past the budget meanwhile waits for
+        // them, and evicts nobody else.
+        let freeing = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            drop(held);
+        });
+        let s3 = small.charge(50).unwrap();
+        freeing.join().unwrap();
+        assert!(!small.is_evicted());
+        assert_eq!(budget.evictions(), 1);
         assert_eq!(budget.held(), 75);
         // Now the small one is the largest: its own charge past the budget is refused.
         let err = small.charge(30).unwrap_err();
