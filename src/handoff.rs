@@ -26,6 +26,16 @@ use std::marker::PhantomData;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, Thread};
+use std::time::Instant;
+
+/// Why [`HandoffReceiver::recv_deadline`] returned without an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// The deadline passed.
+    Timeout,
+    /// The queue is empty and every sender is gone.
+    Disconnected,
+}
 
 /// The consumer's side of the doorbell.
 #[derive(Debug, Default)]
@@ -154,9 +164,22 @@ impl<T> HandoffReceiver<T> {
     /// The next item, waiting (yield once, then sleep) while the queue is empty; `None`
     /// once the queue is empty and every sender is gone.
     pub fn recv(&self) -> Option<T> {
+        self.recv_until(None).ok()
+    }
+
+    /// As [`recv`](HandoffReceiver::recv), but waiting no later than `deadline`.
+    ///
+    /// # Errors
+    /// [`Waited::Timeout`] at the deadline, [`Waited::Disconnected`] once the queue is empty
+    /// and every sender is gone.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<T, Waited> {
+        self.recv_until(Some(deadline))
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<T, Waited> {
         match self.rx.try_recv() {
-            Ok(item) => return Some(item),
-            Err(TryRecvError::Disconnected) => return None,
+            Ok(item) => return Ok(item),
+            Err(TryRecvError::Disconnected) => return Err(Waited::Disconnected),
             Err(TryRecvError::Empty) => {}
         }
         // Another runnable thread (often the producer) gets the core first.
@@ -174,8 +197,8 @@ impl<T> HandoffReceiver<T> {
         }
         loop {
             match self.rx.try_recv() {
-                Ok(item) => return Some(item),
-                Err(TryRecvError::Disconnected) => return None,
+                Ok(item) => return Ok(item),
+                Err(TryRecvError::Disconnected) => return Err(Waited::Disconnected),
                 Err(TryRecvError::Empty) => {}
             }
             self.bell.sleeping.store(true, Ordering::Relaxed);
@@ -183,14 +206,24 @@ impl<T> HandoffReceiver<T> {
             match self.rx.try_recv() {
                 Ok(item) => {
                     self.bell.sleeping.store(false, Ordering::Relaxed);
-                    return Some(item);
+                    return Ok(item);
                 }
-                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Disconnected) => return Err(Waited::Disconnected),
                 // A ring after the fence unparks this thread, before or during `park`.
                 // `park` may also return for nothing (a spare token, or spuriously): the
                 // flag is cleared so no producer rings for a consumer that is awake.
                 Err(TryRecvError::Empty) => {
-                    thread::park();
+                    match deadline {
+                        None => thread::park(),
+                        Some(deadline) => {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                self.bell.sleeping.store(false, Ordering::Relaxed);
+                                return Err(Waited::Timeout);
+                            }
+                            thread::park_timeout(left);
+                        }
+                    }
                     self.bell.sleeping.store(false, Ordering::Relaxed);
                 }
             }

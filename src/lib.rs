@@ -14,6 +14,7 @@
 //! - [`request`]: the request loop (request → reply, or a per-connection session) and the
 //!   read step it is made of.
 //! - [`order`]: arrival order across connections, opt-in.
+//! - [`budget`]: one server-wide budget for client memory (`--max-client-memory`).
 //! - [`pipeline`]: reader → transform → sender stages over bounded queues, per-connection order.
 //! - [`handoff`]: a bounded crossbeam queue whose consumer sleeps instead of spinning.
 //! - [`group`]: named tracked threads and their sockets, shut down and joined by a deadline.
@@ -130,6 +131,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod budget;
 pub mod chan;
 pub mod chat;
 pub mod cli;

@@ -13,10 +13,14 @@
 //! ends); from then on nobody waits for it. A connection that has sent
 //! nothing holds nobody back, however long it stays silent.
 //!
-//! The peek makes the earlier connection's socket non-blocking for an instant; its reads
-//! through the [`Connection`] retry the spurious `EAGAIN`. Only connections that have not
-//! yet received anything are peeked, so a handler that writes before its first read (a
-//! greeting) should [`settle`](Arrivals::settle) first.
+//! The peek makes the earlier connection's socket non-blocking for an instant (through
+//! [`Connection::nonblocking`]); its reads through the [`Connection`] tell the resulting
+//! `EAGAIN` from a timeout by the socket's toggle count, and retry. Peeks are made outside
+//! the registry's lock, so newcomers check in parallel, and one socket's peeks take turns.
+//! Only connections that have not yet received anything are peeked, so a handler that
+//! writes before its first read (a greeting) should [`settle`](Arrivals::settle) first.
+//! A newcomer still peeks every earlier silent connection once (three system calls each):
+//! std has no way to ask a set of sockets at once.
 //!
 //! The [`request`](crate::request) loop does all of this when given an [`Arrivals`]:
 //!
@@ -64,10 +68,9 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use crate::server::{Connection, Handler, HandlerError};
+use crate::server::{Connection, Handler, HandlerError, WeakNonblocking};
 use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The longest a connection waits for earlier ones that have bytes pending. They apply
@@ -79,7 +82,7 @@ pub const MAX_WAIT: Duration = Duration::from_millis(50);
 struct Unsettled {
     /// Weak: the registry never keeps a socket open; a connection whose thread never
     /// started (or ended without settling) is pruned once its socket is gone.
-    stream: Weak<TcpStream>,
+    stream: WeakNonblocking,
     /// Its reader has taken bytes from the socket and not yet applied them.
     holding: bool,
 }
@@ -155,7 +158,7 @@ impl Arrivals {
     /// [`Handler::accepted`]); [`Arrivals::handler`] does it for you.
     pub fn register(&self, conn: &Connection) {
         let entry = Unsettled {
-            stream: Arc::downgrade(&conn.stream),
+            stream: conn.nonblocking_weak(),
             holding: false,
         };
         self.unsettled().insert(conn.id, entry);
@@ -213,49 +216,59 @@ impl Arrivals {
     /// (nobody earlier, or only silent connections).
     pub fn wait_for_earlier(&self, conn: &Connection) {
         let deadline = Instant::now() + self.registry.max_wait;
-        let mut unsettled = self.unsettled();
         loop {
-            let mut gone = Vec::new();
+            // Who to look at, listed under the lock; looked at outside it.
+            let mut earlier = Vec::new();
             let mut busy = false;
-            for (&id, entry) in unsettled.range(..conn.id) {
-                match entry.stream.upgrade() {
-                    None => gone.push(id),
-                    // Peeked under the lock: the connection sets `holding` under it before
-                    // it takes its bytes, and no two peeks of one socket overlap.
-                    Some(stream) => busy = entry.holding || has_pending(&stream),
+            {
+                let mut unsettled = self.unsettled();
+                let mut gone = Vec::new();
+                for (&id, entry) in unsettled.range(..conn.id) {
+                    match entry.stream.upgrade() {
+                        None => gone.push(id),
+                        Some(_) if entry.holding => {
+                            busy = true;
+                            break;
+                        }
+                        Some(_) => earlier.push(entry.stream.clone()),
+                    }
                 }
-                if busy {
-                    break;
+                for id in gone {
+                    unsettled.remove(&id);
                 }
             }
-            for id in gone {
-                unsettled.remove(&id);
+            // A connection marks itself holding (under the lock) before it takes its bytes
+            // out of the socket, so a peek that finds none means: none were pending, or
+            // they were taken after the list was made, and the mark is seen now.
+            if !busy {
+                busy = earlier.iter().any(has_pending)
+                    || self
+                        .unsettled()
+                        .range(..conn.id)
+                        .any(|(_, entry)| entry.holding);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if !busy || left.is_zero() {
                 return;
             }
-            unsettled = self
-                .registry
-                .settled
-                .wait_timeout(unsettled, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            let unsettled = self.unsettled();
+            // Woken when one settles or lets go, or soon anyway: the list is made again.
+            drop(
+                self.registry
+                    .settled
+                    .wait_timeout(unsettled, left.min(Duration::from_millis(5)))
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
         }
     }
 }
 
-/// Whether bytes are waiting in `stream`, without blocking and without taking them. The
-/// socket is made non-blocking for the instant of the peek; its own reader tells the
-/// resulting `EAGAIN` from a timeout (see [`Connection`]'s `Read`).
-fn has_pending(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let pending = matches!(stream.peek(&mut [0u8; 1]), Ok(n) if n > 0);
-    // A socket that cannot be switched back is failing; its own reader will find out.
-    let _ = stream.set_nonblocking(false);
-    pending
+/// Whether bytes are waiting in the socket, without blocking and without taking them (its
+/// own reader tells the instant's `EAGAIN` from a timeout: see [`Connection`]).
+fn has_pending(stream: &WeakNonblocking) -> bool {
+    stream
+        .upgrade()
+        .is_some_and(|stream| stream.run(|s| s.peek(&mut [0u8; 1])).is_ok_and(|n| n > 0))
 }
 
 /// A handler that keeps arrival order: see [`Arrivals::handler`].
@@ -305,7 +318,7 @@ mod tests {
     use crate::server::{RunningServer, Server, ServerConfig};
     use std::collections::HashMap;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, SocketAddr, TcpListener};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -394,7 +407,7 @@ mod tests {
         setter.write_all(b"set,k,fir").unwrap();
         // Until its reader has taken the partial request (and settled, or let go of it).
         until(&arrivals, 0, |e| {
-            e.is_none_or(|e| !e.holding && e.stream.upgrade().is_some_and(|s| !has_pending(&s)))
+            e.is_none_or(|e| !e.holding && e.stream.upgrade().is_some() && !has_pending(&e.stream))
         });
         assert!(
             arrivals.unsettled().contains_key(&0),

@@ -10,7 +10,11 @@
 //! - When every [`Outbox`] is dropped the writer sends what is queued, then half-closes
 //!   (`shutdown(Write)`): the other end reads everything, then the end of the stream.
 //! - A send to a full outbox shuts the connection down (both ways) and logs why once:
-//!   the receiver has fallen a whole outbox behind, and nobody waits for it.
+//!   the receiver has fallen a whole outbox behind, and nobody waits for it. Full is
+//!   `limit` frames, or [`OutboxConfig::max_bytes`] bytes queued.
+//! - With an [`Account`] ([`OutboxConfig::account`]) the queued bytes count against the
+//!   server's client memory budget, charged in steps of 16 KiB so a busy outbox does not
+//!   touch the shared counter per frame, and given back whenever the queue empties.
 //!
 //! ```
 //! use switchboard::outbox::{Bytes, Outbox, OutboxConfig};
@@ -38,13 +42,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::budget::{Account, Charge};
 use crate::{log_debug, log_info};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::fmt;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// One encoded frame (framing included), shared by every outbox it is queued in.
@@ -52,6 +57,8 @@ pub type Bytes = Arc<[u8]>;
 
 /// Bytes a writer gathers into one `write` call, at most (plus one frame).
 const BATCH_BYTES: usize = 64 << 10;
+/// Queued bytes are charged to the client memory budget in steps of this much.
+const CHARGE_STEP: usize = 16 << 10;
 
 /// How an outbox behaves (example: [the module docs](crate::outbox)).
 #[derive(Debug, Clone)]
@@ -62,6 +69,12 @@ pub struct OutboxConfig {
     pub limit: usize,
     /// Sent whenever nothing else has been sent for the interval.
     pub heartbeat: Option<(Duration, Bytes)>,
+    /// Bytes that may wait; a frame that would pass it closes the connection (one frame
+    /// larger than this is let in when nothing else waits). Unbounded unless set.
+    pub max_bytes: usize,
+    /// Where the queued bytes are charged (a connection's share of the server's client
+    /// memory budget); a charge refused closes the connection as an overflow does.
+    pub account: Option<Account>,
 }
 
 impl OutboxConfig {
@@ -71,7 +84,21 @@ impl OutboxConfig {
             name: name.into(),
             limit,
             heartbeat: None,
+            max_bytes: usize::MAX,
+            account: None,
         }
+    }
+
+    /// Bounds the bytes waiting as well as the frames.
+    pub fn max_bytes(mut self, bytes: usize) -> OutboxConfig {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// Charges the bytes waiting to `account` (see [`crate::budget`]).
+    pub fn account(mut self, account: Option<&Account>) -> OutboxConfig {
+        self.account = account.cloned();
+        self
     }
 
     /// Adds a heartbeat: `frame` goes out after every `every` without other traffic.
@@ -114,6 +141,13 @@ pub struct Outbox {
 struct Conn {
     name: String,
     limit: usize,
+    max_bytes: usize,
+    /// Bytes of the frames in the queue.
+    queued: AtomicUsize,
+    /// Of the client memory budget: at least `queued` (rounded up a step) while frames wait.
+    charged: Option<Mutex<Charge>>,
+    /// The bytes `charged` covers, read without its lock.
+    covered: AtomicUsize,
     stream: Arc<TcpStream>,
     /// Set once the connection is shut down by a sender, so the reason is logged once.
     closed: AtomicBool,
@@ -136,9 +170,17 @@ impl Outbox {
     /// frame each, harmlessly.
     pub fn new(stream: Arc<TcpStream>, config: OutboxConfig) -> (Outbox, Writer) {
         let (tx, rx) = unbounded();
+        let charged = config
+            .account
+            .and_then(|account| account.charge(0).ok())
+            .map(Mutex::new);
         let conn = Arc::new(Conn {
             name: config.name,
             limit: config.limit.max(1),
+            max_bytes: config.max_bytes,
+            queued: AtomicUsize::new(0),
+            charged,
+            covered: AtomicUsize::new(0),
             stream,
             closed: AtomicBool::new(false),
         });
@@ -156,12 +198,33 @@ impl Outbox {
     /// [`SendError::Overflow`] when `limit` frames are waiting already: the connection is
     /// shut down, with the reason logged; [`SendError::Closed`] when the writer is gone.
     pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
-        if self.tx.len() >= self.conn.limit {
-            let why = format!("{} frames behind", self.conn.limit);
-            self.conn.close(&why);
+        let conn = &*self.conn;
+        if self.tx.len() >= conn.limit {
+            let why = format!("{} frames behind", conn.limit);
+            conn.close(&why);
             return Err(SendError::Overflow);
         }
-        self.tx.send(frame).map_err(|_| SendError::Closed)
+        let n = frame.len();
+        let queued = conn.queued.fetch_add(n, Ordering::Relaxed) + n;
+        if queued > conn.max_bytes && queued > n {
+            conn.queued.fetch_sub(n, Ordering::Relaxed);
+            conn.close(&format!("{} bytes behind", queued - n));
+            return Err(SendError::Overflow);
+        }
+        if let Err(e) = conn.charge_at_least(queued) {
+            conn.queued.fetch_sub(n, Ordering::Relaxed);
+            conn.close(&e.to_string());
+            return Err(SendError::Overflow);
+        }
+        self.tx.send(frame).map_err(|_| {
+            conn.queued.fetch_sub(n, Ordering::Relaxed);
+            SendError::Closed
+        })
+    }
+
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.conn.queued.load(Ordering::Relaxed)
     }
 
     /// Shuts the connection down both ways, logging `why` (once per connection): the
@@ -203,6 +266,40 @@ impl fmt::Debug for Outbox {
 }
 
 impl Conn {
+    /// Makes the budget charge cover `queued` bytes; changes it only when it falls short.
+    fn charge_at_least(&self, queued: usize) -> Result<(), crate::budget::OverBudget> {
+        let Some(charged) = &self.charged else {
+            return Ok(());
+        };
+        if queued <= self.covered.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut charge = charged.lock().unwrap_or_else(PoisonError::into_inner);
+        if charge.bytes() < queued {
+            charge.resize(queued.next_multiple_of(CHARGE_STEP))?;
+            self.covered.store(charge.bytes(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The writer took `n` bytes: once the queue is empty, the budget gets its charge back.
+    fn taken(&self, n: usize) {
+        let left = self.queued.fetch_sub(n, Ordering::Relaxed) - n;
+        if let (0, Some(charged)) = (left, &self.charged) {
+            let mut charge = charged.lock().unwrap_or_else(PoisonError::into_inner);
+            // A sender may have queued more meanwhile: keep what it needs (less than
+            // before, so this cannot be refused).
+            let keep = self
+                .queued
+                .load(Ordering::Relaxed)
+                .next_multiple_of(CHARGE_STEP);
+            if keep < charge.bytes() {
+                let _ = charge.resize(keep);
+                self.covered.store(keep, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn close(&self, why: &str) {
         if !self.closed.swap(true, Ordering::Relaxed) {
             log_info!("{}: {why}; closing", self.name);
@@ -227,21 +324,35 @@ impl Writer {
         }
     }
 
+    /// The next frame from the queue, without waiting; its bytes are no longer queued.
+    fn try_take(&self) -> Option<Bytes> {
+        let frame = self.rx.try_recv().ok()?;
+        self.conn.taken(frame.len());
+        Some(frame)
+    }
+
     fn next(&self) -> Option<Bytes> {
-        match &self.heartbeat {
+        if let Some(frame) = self.try_take() {
+            return Some(frame);
+        }
+        let frame = match &self.heartbeat {
             None => self.rx.recv().ok(),
             Some((every, beat)) => match self.rx.recv_timeout(*every) {
                 Ok(frame) => Some(frame),
-                Err(RecvTimeoutError::Timeout) => Some(Bytes::clone(beat)),
+                Err(RecvTimeoutError::Timeout) => return Some(Bytes::clone(beat)),
                 Err(RecvTimeoutError::Disconnected) => None,
             },
+        };
+        if let Some(frame) = &frame {
+            self.conn.taken(frame.len());
         }
+        frame
     }
 
     fn drain(&self) -> io::Result<()> {
         let mut out = &*self.conn.stream;
         while let Some(first) = self.next() {
-            let Ok(second) = self.rx.try_recv() else {
+            let Some(second) = self.try_take() else {
                 out.write_all(&first)?;
                 continue;
             };
@@ -250,9 +361,9 @@ impl Writer {
             batch.extend_from_slice(&first);
             batch.extend_from_slice(&second);
             while batch.len() < BATCH_BYTES {
-                match self.rx.try_recv() {
-                    Ok(frame) => batch.extend_from_slice(&frame),
-                    Err(_) => break,
+                match self.try_take() {
+                    Some(frame) => batch.extend_from_slice(&frame),
+                    None => break,
                 }
             }
             out.write_all(&batch)?;
@@ -324,6 +435,28 @@ mod tests {
         assert!(outbox.conn.closed.load(Ordering::Relaxed));
         let other = outbox.clone();
         assert!(outbox.same_connection(&other));
+    }
+
+    #[test]
+    fn bytes_are_bounded_as_well_as_frames_and_charged_to_the_budget() {
+        let (mut client, served) = pair();
+        let budget = crate::budget::Budget::new("t", 1 << 20);
+        let account = budget.account("t", None);
+        let config = OutboxConfig::new("t", 100)
+            .max_bytes(10)
+            .account(Some(&account));
+        // No writer runs: the bytes stay queued.
+        let (outbox, writer) = Outbox::new(served, config);
+        // One frame larger than the bound goes in alone.
+        assert_eq!(outbox.send(frame("0123456789abc\n")), Ok(()));
+        assert_eq!(outbox.queued_bytes(), 14);
+        assert_eq!(budget.held(), CHARGE_STEP);
+        assert_eq!(outbox.send(frame("x\n")), Err(SendError::Overflow));
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        // What was queued goes back to the budget once taken.
+        assert!(writer.try_take().is_some());
+        assert_eq!((outbox.queued_bytes(), budget.held()), (0, 0));
     }
 
     #[test]

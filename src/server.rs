@@ -35,6 +35,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+use crate::budget::{Account, Budget};
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::group::Group;
 use crate::{log_debug, log_info};
@@ -97,6 +98,11 @@ pub struct Connection {
     /// The server this connection belongs to (for statistics, or to stop it).
     pub server: ServerHandle,
     idle_timeout: Option<Duration>,
+    /// Its share of the server's client memory budget, if it has one.
+    account: Option<Account>,
+    /// The instants another thread makes the socket non-blocking (see
+    /// [`Connection::nonblocking`]).
+    toggles: Arc<Toggles>,
 }
 
 impl Connection {
@@ -119,7 +125,30 @@ impl Connection {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn reader(&self, framing: Framing, limits: Limits) -> FrameReader<&Connection> {
-        FrameReader::with_limits(self, framing, limits)
+        FrameReader::with_limits(self, framing, limits).accounted(self.account())
+    }
+
+    /// This connection's share of the server's client memory budget
+    /// ([`ServerConfig::client_memory`]): charge what it makes the server hold to it.
+    pub fn account(&self) -> Option<&Account> {
+        self.account.as_ref()
+    }
+
+    /// A handle with which another thread may use the socket without blocking, while this
+    /// connection's own reads through `&Connection` go on blocking (see [`Nonblocking`]).
+    pub fn nonblocking(&self) -> Nonblocking {
+        Nonblocking {
+            stream: Arc::clone(&self.stream),
+            toggles: Arc::clone(&self.toggles),
+        }
+    }
+
+    /// As [`Connection::nonblocking`], without keeping the socket open.
+    pub(crate) fn nonblocking_weak(&self) -> WeakNonblocking {
+        WeakNonblocking {
+            stream: Arc::downgrade(&self.stream),
+            toggles: Arc::clone(&self.toggles),
+        }
     }
 
     /// The server's idle timeout, which is this connection's read timeout.
@@ -142,8 +171,18 @@ impl Connection {
         let started = Instant::now();
         let mut spurious = 0;
         loop {
+            let before = self.toggles.count.load(Ordering::SeqCst);
             match op(&self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The socket was non-blocking for another thread's instant during the call
+                // (odd: one was under way as it started; changed: one began meanwhile).
+                Err(e)
+                    if is_timeout(&e)
+                        && (before % 2 == 1
+                            || self.toggles.count.load(Ordering::SeqCst) != before) =>
+                {
+                    thread::yield_now();
+                }
                 Err(e) if is_timeout(&e) => {
                     let elapsed = started.elapsed();
                     // The socket's read timeout (the idle timeout, or one the handler set
@@ -179,6 +218,84 @@ impl Connection {
 impl Read for &Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.retrying(|mut s| s.read(buf))
+    }
+}
+
+/// A connection's socket as another thread uses it for an instant without blocking: a
+/// sender that must not wait on a client that does not read, or a check for pending bytes.
+/// The connection's own thread may be blocked in a read meanwhile; a read that starts
+/// while the socket is non-blocking fails at once, and [`Connection`]'s reads tell that from
+/// a timeout by the toggle count this handle keeps, and retry.
+///
+/// The instants of one thread at a time: handles on one socket take turns (two that
+/// overlapped would end each other's instant early, and a peek meant not to block would
+/// block).
+#[derive(Debug, Clone)]
+pub struct Nonblocking {
+    stream: Arc<TcpStream>,
+    toggles: Arc<Toggles>,
+}
+
+/// One socket's non-blocking instants: how many began and ended (odd while one lasts), and
+/// the turn they take.
+#[derive(Debug, Default)]
+struct Toggles {
+    count: AtomicU64,
+    turn: std::sync::Mutex<()>,
+}
+
+/// A [`Nonblocking`] that does not keep the socket open.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakNonblocking {
+    stream: std::sync::Weak<TcpStream>,
+    toggles: Arc<Toggles>,
+}
+
+impl WeakNonblocking {
+    /// The handle, while the socket is open.
+    pub(crate) fn upgrade(&self) -> Option<Nonblocking> {
+        Some(Nonblocking {
+            stream: self.stream.upgrade()?,
+            toggles: Arc::clone(&self.toggles),
+        })
+    }
+}
+
+impl Nonblocking {
+    /// A handle on a socket that no [`Connection`] reads (its own toggle count).
+    pub fn new(stream: Arc<TcpStream>) -> Nonblocking {
+        Nonblocking {
+            stream,
+            toggles: Arc::default(),
+        }
+    }
+
+    /// The socket.
+    pub fn stream(&self) -> &Arc<TcpStream> {
+        &self.stream
+    }
+
+    /// Runs `op` with the socket non-blocking (`WouldBlock` instead of a wait), then makes
+    /// it blocking again.
+    ///
+    /// # Errors
+    /// When the socket's mode cannot be changed (it is failing), or as `op`.
+    pub fn run<T>(&self, op: impl FnOnce(&TcpStream) -> io::Result<T>) -> io::Result<T> {
+        let turn = self
+            .toggles
+            .turn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.toggles.count.fetch_add(1, Ordering::SeqCst);
+        let result = self
+            .stream
+            .set_nonblocking(true)
+            .and_then(|()| op(&self.stream));
+        // A socket that cannot be switched back is failing; its reader will find out.
+        let _ = self.stream.set_nonblocking(false);
+        self.toggles.count.fetch_add(1, Ordering::SeqCst);
+        drop(turn);
+        result
     }
 }
 
@@ -225,6 +342,11 @@ pub struct ServerConfig {
     /// Log the server's start and stop only in verbose mode: for servers a program starts
     /// by the hundred (a remote channel's listener), where they are routine events.
     pub quiet: bool,
+    /// The budget what clients make the server hold is charged to (read buffers through
+    /// [`Connection::reader`], and whatever else the service charges to
+    /// [`Connection::account`]); servers of one process may share one. `None`: unbounded
+    /// but for per-frame limits.
+    pub client_memory: Option<Budget>,
 }
 
 impl Default for ServerConfig {
@@ -241,6 +363,7 @@ impl Default for ServerConfig {
             refusal: None,
             shutdown_deadline: Duration::from_secs(5),
             quiet: false,
+            client_memory: None,
         }
     }
 }
@@ -295,6 +418,7 @@ struct Shared {
     wake_addr: SocketAddr,
     accepted: AtomicU64,
     refused: AtomicU64,
+    client_memory: Option<Budget>,
     /// The connection threads and their sockets. Each thread unregisters its socket as it
     /// ends and is joined by the next accept, so nothing outlives its connection; shutdown
     /// shuts every registered socket and joins by the deadline.
@@ -348,6 +472,11 @@ impl ServerHandle {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The client memory budget ([`ServerConfig::client_memory`]), for its counters.
+    pub fn client_memory(&self) -> Option<&Budget> {
+        self.shared.client_memory.as_ref()
     }
 
     /// Current counters.
@@ -423,6 +552,7 @@ impl Server {
             wake_addr: SocketAddr::new(wake_ip, local.port()),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            client_memory: config.client_memory.clone(),
             group: Group::with_stack_size(&config.name, config.stack_size),
         });
         Ok(Server {
@@ -483,8 +613,14 @@ impl Server {
         // Closing the listener first frees the port and refuses newcomers during the drain.
         drop(listener);
         let report = drain(&handle, &config);
+        let memory = config
+            .client_memory
+            .as_ref()
+            .map(|b| format!("; {}", b.summary()))
+            .unwrap_or_default();
         let stopped = format!(
-            "{}: stopped ({} connections served, {} refused, {} threads joined, {} abandoned)",
+            "{}: stopped ({} connections served, {} refused, {} threads joined, {} \
+             abandoned{memory})",
             config.name,
             report.stats.accepted,
             report.stats.refused,
@@ -555,12 +691,18 @@ impl Server {
             return;
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let account =
+            self.config.client_memory.as_ref().map(|budget| {
+                budget.account(&format!("connection {id} from {peer}"), Some(&stream))
+            });
         let conn = Connection {
             stream,
             peer,
             id,
             server: self.handle.clone(),
             idle_timeout: self.config.idle_timeout,
+            account,
+            toggles: Arc::default(),
         };
         self.handler.accepted(&conn);
         let handler = Arc::clone(&self.handler);

@@ -3,6 +3,7 @@
 use argh::FromArgs;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::budget::Budget;
 use switchboard::chan::{pingpong, Host, Node, NodeConfig};
 use switchboard::cli::seconds;
 use switchboard::{log_info, server, store};
@@ -16,6 +17,16 @@ struct Args {
     /// this node's address, written into its channels (default 127.0.0.1)
     #[argh(option, default = "Host::Ip([127, 0, 0, 1].into())")]
     advertise: Host,
+    /// bytes the clients of this process's channel listeners may make it hold together
+    /// (partial lines, parsed messages waiting in channels), k/m/g suffixes allowed: past
+    /// it the connection holding the most is closed (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     #[argh(subcommand)]
     role: Role,
 }
@@ -64,7 +75,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let node = Node::new(NodeConfig::advertising(ip));
+    let node = Node::new(NodeConfig {
+        client_memory: Some(Budget::new("chan", args.max_client_memory)),
+        ..NodeConfig::advertising(ip)
+    });
     let (stop, stopped) = crossbeam_channel::bounded(1);
     let ok = match args.role {
         Role::Pong(pong) => server::on_termination(move || {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::auth;
+use switchboard::budget::Budget;
 use switchboard::chat::{self, ChatConfig, ChatServer};
 use switchboard::log_info;
 use switchboard::server::on_termination;
@@ -39,6 +40,16 @@ struct Args {
     /// close a client connection idle for this many seconds, fractions allowed (default: never)
     #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
     idle_timeout: Option<Duration>,
+    /// bytes all clients together may make the server hold (partial frames, queued
+    /// replies, lines queued for slow clients), k/m/g suffixes allowed: past it the connection holding the most is
+    /// closed, with a log line (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// lines a client may fall behind before it is disconnected (default 4096)
     #[argh(option, default = "4096")]
     outbox: usize,
@@ -78,6 +89,7 @@ fn main() -> ExitCode {
     };
     config.server.max_connections = args.max_connections;
     config.server.idle_timeout = args.idle_timeout;
+    config.server.client_memory = Some(Budget::new("chat", args.max_client_memory));
     let server = match ChatServer::bind(&args.listen, config) {
         Ok(server) => server,
         Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),

@@ -37,6 +37,13 @@ struct Args {
     /// the server's process id: also report its and this program's CPU time per message
     #[argh(option)]
     server_pid: Option<u32>,
+    /// hostile clients alongside: each floods messages and never reads, reconnecting when
+    /// dropped (default 0)
+    #[argh(option, default = "0")]
+    flooders: usize,
+    /// payload bytes of each flooder message (default 65536)
+    #[argh(option, default = "65536")]
+    flood_size: usize,
 }
 
 fn seconds(text: &str) -> Result<f64, String> {
@@ -62,6 +69,8 @@ fn main() -> ExitCode {
         two_writes: args.two_writes,
         nodelay: args.nodelay,
         server_pid: args.server_pid,
+        flooders: args.flooders,
+        flood_size: args.flood_size,
         ..BenchConfig::default()
     };
     println!("echo-bench: {config}");

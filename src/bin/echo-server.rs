@@ -3,6 +3,7 @@
 use argh::FromArgs;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::budget::Budget;
 use switchboard::echo::{EchoConfig, EchoServer, Mode, Transform, DEFAULT_ADDR};
 use switchboard::framing::Framing;
 use switchboard::pipeline::DEFAULT_WRITE_TIMEOUT;
@@ -30,8 +31,9 @@ struct Args {
     /// sender threads in pipeline mode (default 2)
     #[argh(option, default = "2", from_str_fn(at_least_one))]
     senders: usize,
-    /// milliseconds (at least 1) a pipeline sender waits for a client to take its replies
-    /// before dropping it as not reading (default 10)
+    /// milliseconds (at least 1) a client's replies may wait for room in its socket
+    /// before the pipeline drops it as not reading; nobody else waits meanwhile (default
+    /// 1000)
     #[argh(option, default = "DEFAULT_WRITE_TIMEOUT.as_millis() as u64")]
     write_timeout_ms: u64,
     /// live connections beyond which new ones are refused (default 10000)
@@ -40,6 +42,16 @@ struct Args {
     /// close a connection that sends nothing for this many seconds, fractions allowed (default: never)
     #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
     idle_timeout: Option<Duration>,
+    /// bytes all clients together may make the server hold (partial frames, queued
+    /// replies, frames in flight in the pipeline), k/m/g suffixes allowed: past it the connection holding the most is
+    /// closed, with a log line (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// log every connection and disconnection
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -60,6 +72,7 @@ fn main() -> ExitCode {
     let mut server = ServerConfig::named("echo");
     server.max_connections = args.max_connections;
     server.idle_timeout = args.idle_timeout;
+    server.client_memory = Some(Budget::new("echo", args.max_client_memory));
     let echo = EchoConfig {
         framing: args.framing,
         mode: args.mode,

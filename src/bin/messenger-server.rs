@@ -5,6 +5,7 @@ use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use switchboard::budget::Budget;
 use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
 use switchboard::{auth, log_info};
@@ -50,6 +51,16 @@ struct Args {
     /// allowed (default: never)
     #[argh(option, from_str_fn(seconds))]
     idle_timeout: Option<Duration>,
+    /// bytes all clients together may make the server hold (partial frames, queued
+    /// replies, answers queued for slow clients), k/m/g suffixes allowed: past it the connection holding the most is
+    /// closed, with a log line (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// the cluster secret: a file of at least 16 bytes only its owner can read, the same
     /// on every server; replication links prove knowledge of it (required when any
     /// --peers address is off loopback)
@@ -116,6 +127,10 @@ fn main() -> ExitCode {
     let mut config = ServerConfig::named(&format!("messenger-{id}"));
     config.max_connections = args.max_connections;
     config.idle_timeout = args.idle_timeout;
+    config.client_memory = Some(Budget::new(
+        &format!("messenger-{id}"),
+        args.max_client_memory,
+    ));
     config.refusal = Some(messenger::server::refusal());
     let n = node.clone();
     let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::framing::Framing;
 use switchboard::store::bench::{self, BenchConfig, Proto, Ratio};
+use switchboard::store::soak::{soak, SoakConfig};
 
 /// Drive a store (or memcached) server with CONNS closed-loop connections and report
 /// ops/s, latency percentiles and, with --server-pid, the server's CPU time per operation.
@@ -52,6 +53,14 @@ struct Args {
     /// every 5 ms, and report new clients' connect+lookup time meanwhile
     #[argh(option)]
     silent: Option<usize>,
+    /// instead of a load: a memory soak of this many seconds (with --server-pid): each
+    /// connection stores a 32 B-64 KiB value and looks up a key per round trip, and the
+    /// server's RSS is printed every --sample-every seconds
+    #[argh(option)]
+    soak: Option<f64>,
+    /// seconds between RSS samples of a soak (default 10)
+    #[argh(option, default = "10.0")]
+    sample_every: f64,
 }
 
 fn main() -> ExitCode {
@@ -86,6 +95,30 @@ fn main() -> ExitCode {
             Vec::new()
         },
     };
+    if let Some(secs) = a.soak {
+        let Some(server_pid) = a.server_pid else {
+            eprintln!("store-bench: --soak needs --server-pid");
+            return ExitCode::FAILURE;
+        };
+        let config = SoakConfig {
+            addr,
+            server_pid,
+            conns: a.conns,
+            keys: a.keys,
+            duration: Duration::from_secs_f64(secs.max(0.0)),
+            every: Duration::from_secs_f64(a.sample_every.max(0.1)),
+        };
+        return match soak(&config, |sample| println!("{sample}")) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("store-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let run = match (a.idle, a.silent) {
         (Some(n), _) => bench::preload(&cfg)
             .and_then(|()| bench::hold_idle(&cfg, n))

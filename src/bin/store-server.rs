@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::auth;
+use switchboard::budget::Budget;
 use switchboard::framing::Framing;
 use switchboard::server::{Server, ServerConfig};
 use switchboard::store::aof::{self, ByteSize, Fsync};
@@ -29,6 +30,16 @@ struct Args {
     /// close a connection idle for this many seconds, fractions allowed (default: never)
     #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
     idle_timeout: Option<Duration>,
+    /// bytes all clients together may make the server hold (partial frames, queued
+    /// replies), k/m/g suffixes allowed: past it the connection holding the most is
+    /// closed, with a log line (default 256m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::budget::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// append every write to this file and replay it at start
     #[argh(option)]
     aof: Option<PathBuf>,
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
     let mut config = ServerConfig::named("store");
     config.max_connections = args.max_connections;
     config.idle_timeout = args.idle_timeout;
+    config.client_memory = Some(Budget::new("store", args.max_client_memory));
     config.framing = args.framing;
     if let Some(index) = args.raft {
         return replicated(index, args, config);

@@ -39,6 +39,8 @@ enum Kind {
 pub struct Delivery {
     value: Value,
     _charge: Option<Charge>,
+    /// Its share of the node's client memory budget, if it has one.
+    _memory: Option<crate::budget::Charge>,
 }
 
 impl Delivery {
@@ -46,13 +48,19 @@ impl Delivery {
         Delivery {
             value,
             _charge: None,
+            _memory: None,
         }
     }
 
-    pub(crate) fn charged(value: Value, charge: Charge) -> Delivery {
+    pub(crate) fn charged(
+        value: Value,
+        charge: Charge,
+        memory: Option<crate::budget::Charge>,
+    ) -> Delivery {
         Delivery {
             value,
             _charge: Some(charge),
+            _memory: memory,
         }
     }
 

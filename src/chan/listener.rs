@@ -75,12 +75,16 @@ impl Listener {
 
     /// Writes a message into the channel, waiting while the queue is full or its byte
     /// budget spent; `false` when the server is stopping.
-    fn push(&self, msg: crate::term::Term, conn: &Connection) -> bool {
+    fn push(
+        &self,
+        msg: crate::term::Term,
+        memory: Option<crate::budget::Charge>,
+        conn: &Connection,
+    ) -> bool {
         let (Some(node), Some(chan)) = (self.node.upgrade(), self.chan.upgrade()) else {
             log_debug!("{}: channel gone; message dropped", self.name);
             return true;
         };
-        // Charged as parsed: what the queue really holds, not the line's length.
         let cost = msg.heap_bytes();
         let value = node.import(msg);
         drop(node);
@@ -91,7 +95,7 @@ impl Listener {
                 None => return false,
             }
         };
-        let mut delivery = Delivery::charged(value, charge);
+        let mut delivery = Delivery::charged(value, charge, memory);
         loop {
             match chan.tx.send_timeout(delivery, POLL) {
                 Ok(()) => return true,
@@ -195,10 +199,25 @@ impl Session<'_> {
         let listener = self.listener;
         match request {
             Ok(Request::Msg(msg)) => {
+                // Charged as parsed: what the queue really holds, not the line's length.
+                let memory = match conn.account().map(|a| a.charge(msg.heap_bytes())) {
+                    None => None,
+                    Some(Ok(charge)) => Some(charge),
+                    Some(Err(e)) => {
+                        log_info!(
+                            "{}: connection {} from {}: message refused: {e}",
+                            listener.name,
+                            conn.id,
+                            conn.peer
+                        );
+                        protocol::write_error("over_memory_budget", out.buffer());
+                        return Ok(ControlFlow::Continue(()));
+                    }
+                };
                 if self.turn.is_none() {
                     self.turn = listener.intake.enter(conn, &listener.arrivals);
                 }
-                if self.turn.is_none() || !listener.push(msg, conn) {
+                if self.turn.is_none() || !listener.push(msg, memory, conn) {
                     return Ok(ControlFlow::Break(())); // stopping
                 }
             }

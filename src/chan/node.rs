@@ -50,6 +50,10 @@ pub struct NodeConfig {
     pub line_limits: framing::Limits,
     /// Bounds on parsing the term in a line.
     pub term_limits: term::Limits,
+    /// The budget every listener of the node charges its clients' memory to (read buffers
+    /// and parsed messages waiting in channels; see [`crate::budget`]). `None`: per-channel
+    /// and per-frame limits only.
+    pub client_memory: Option<crate::budget::Budget>,
 }
 
 impl Default for NodeConfig {
@@ -66,6 +70,7 @@ impl Default for NodeConfig {
             idle_timeout: Some(Duration::from_secs(10)),
             line_limits: framing::Limits::default(),
             term_limits: term::Limits::default(),
+            client_memory: None,
         }
     }
 }
@@ -224,6 +229,7 @@ impl Node {
         let mut config = ServerConfig::named(&name);
         config.max_connections = self.config.max_connections;
         config.idle_timeout = self.config.idle_timeout;
+        config.client_memory = self.config.client_memory.clone();
         // A node exports channels by the hundred (every reply channel); their listeners'
         // start and stop are routine, logged in verbose mode only.
         config.quiet = true;

@@ -482,7 +482,8 @@ impl Chat {
     /// Serves one connection: its first line says whether it is a client or a server.
     fn serve(&self, conn: Connection) -> Result<(), HandlerError> {
         let stream = Arc::clone(&conn.stream);
-        let mut reader = FrameReader::with_limits(&*stream, Framing::Line, line_limits());
+        let mut reader = FrameReader::with_limits(&*stream, Framing::Line, line_limits())
+            .accounted(conn.account());
         let first = match read_step(&mut reader, &conn)? {
             Step::Frame(line) => protocol::parse_opening(line).map_err(Refusal::from),
             Step::Skipped(_) => Err(Refusal::LineTooLong),

@@ -18,6 +18,9 @@ use std::time::Duration;
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A writer thread only moves bytes from its queue to its socket.
 const WRITER_STACK: usize = 64 << 10;
+/// Bytes of lines a client may fall behind before it is disconnected, as `--outbox` lines
+/// may (lines are up to 64 KiB: 4,096 of them could be 256 MiB).
+const OUTBOX_BYTES: usize = 16 << 20;
 
 /// Serves a client whose first request (or refusal) has been read already.
 ///
@@ -32,7 +35,9 @@ pub(super) fn serve(
     let stream = &conn.stream;
     stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let id = conn.id;
-    let config = OutboxConfig::new(format!("chat: connection {id}"), chat.0.outbox);
+    let config = OutboxConfig::new(format!("chat: connection {id}"), chat.0.outbox)
+        .max_bytes(OUTBOX_BYTES)
+        .account(conn.account());
     let (outbox, writer) = Outbox::new(Arc::clone(stream), config);
     // Joined below, by this connection's thread: the writer lives exactly as long as the
     // session. A failed write shuts the socket down, so the reader sees the end too.

@@ -35,6 +35,12 @@ pub struct BenchConfig {
     pub timeout: Duration,
     /// The server's process id, to report its CPU time per message (Linux `/proc`).
     pub server_pid: Option<u32>,
+    /// Hostile clients running alongside the measured ones: each sends `flood_size`-byte
+    /// messages as fast as it can and never reads a reply; when the server drops it (or
+    /// its write stalls for a second), it reconnects and starts again.
+    pub flooders: usize,
+    /// Payload bytes of each flooder message.
+    pub flood_size: usize,
 }
 
 impl Default for BenchConfig {
@@ -51,6 +57,8 @@ impl Default for BenchConfig {
             nodelay: false,
             timeout: Duration::from_secs(10),
             server_pid: None,
+            flooders: 0,
+            flood_size: 64 << 10,
         }
     }
 }
@@ -74,7 +82,15 @@ impl fmt::Display for BenchConfig {
             if self.nodelay { ", TCP_NODELAY" } else { "" },
             self.duration.as_secs_f64(),
             self.warmup.as_secs_f64()
-        )
+        )?;
+        if self.flooders > 0 {
+            write!(
+                f,
+                ", {} flooders sending {}-byte messages and never reading",
+                self.flooders, self.flood_size
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -177,12 +193,21 @@ pub fn bench(config: &BenchConfig) -> Result<BenchReport, EchoError> {
         .collect();
     start.wait();
     let from = *measure_from.get_or_init(|| Instant::now() + config.warmup);
+    let flooders: Vec<_> = (0..config.flooders)
+        .map(|_| {
+            let config = config.clone();
+            thread::spawn(move || flood(&config, from + config.duration))
+        })
+        .collect();
     // CPU time over the same window the connections count their round trips in.
     let cpu = || (config.server_pid.and_then(process_cpu_secs), own_cpu_secs());
     thread::sleep(from.saturating_duration_since(Instant::now()));
     let before = cpu();
     thread::sleep((from + config.duration).saturating_duration_since(Instant::now()));
     let after = cpu();
+    for flooder in flooders {
+        let _ = flooder.join();
+    }
     let mut samples = Vec::new();
     let mut failure = None;
     for w in workers {
@@ -253,6 +278,24 @@ fn drive(
         }
     }
     Ok(samples)
+}
+
+/// A flooder: sends messages without reading until `stop_at`, reconnecting whenever the
+/// server drops it or a write stalls for a second (the server has stopped reading it).
+fn flood(config: &BenchConfig, stop_at: Instant) {
+    let mut wire = Vec::new();
+    let payload = vec![b'F'; config.flood_size];
+    if encode_frame(config.framing, &payload, &mut wire).is_err() {
+        return;
+    }
+    while Instant::now() < stop_at {
+        let Ok(stream) = connect(&config.addr, config.timeout) else {
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        while Instant::now() < stop_at && (&stream).write_all(&wire).is_ok() {}
+    }
 }
 
 /// A distinct message of `size` bytes: `CONN:SEQ:` then `X`s, cut to size. Digits, `:` and

@@ -141,6 +141,12 @@ impl Transform {
     pub fn apply_owned(self, payload: Vec<u8>) -> Vec<u8> {
         match self {
             Transform::None => payload,
+            // ASCII (most messages) in place: a large frame is not copied again.
+            Transform::Upper if payload.is_ascii() => {
+                let mut payload = payload;
+                payload.make_ascii_uppercase();
+                payload
+            }
             Transform::Upper => match String::from_utf8(payload) {
                 Ok(text) => text.to_uppercase().into_bytes(),
                 Err(not_utf8) => not_utf8.into_bytes(),

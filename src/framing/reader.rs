@@ -1,6 +1,7 @@
 //! The buffered decoder shared by every framing.
 
 use super::{parse_header, FrameError, Framing, Limits};
+use crate::budget::{Account, Charge};
 use std::io::{self, Read};
 
 /// First buffer size; the buffer is allocated on the first read and grows on demand.
@@ -63,6 +64,9 @@ pub struct FrameReader<R> {
     /// Size-prefixed framings: bytes from `start` the frame being assembled needs.
     want: usize,
     skip: Skip,
+    /// The buffer's bytes, charged to the connection's share of the server's client memory
+    /// budget (see [`FrameReader::accounted`]).
+    charge: Option<Charge>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -90,7 +94,18 @@ impl<R: Read> FrameReader<R> {
             scanned: 0,
             want: 0,
             skip: Skip::No,
+            charge: None,
         }
+    }
+
+    /// Charges the buffer to `account` (a connection's share of the server's
+    /// [client memory budget](crate::budget)) as it grows and shrinks: a read that would
+    /// grow it past the budget fails with [`FrameError::Io`] (kind `OutOfMemory`) when this
+    /// connection holds the most, and evicts the connection that does otherwise.
+    /// [`Connection::reader`](crate::server::Connection::reader) does this for you.
+    pub fn accounted(mut self, account: Option<&Account>) -> Self {
+        self.charge = account.and_then(|a| a.charge(self.buf.capacity()).ok());
+        self
     }
 
     /// The framing this reader decodes.
@@ -130,7 +145,7 @@ impl<R: Read> FrameReader<R> {
     /// # Errors
     /// [`FrameError::Io`] when the read fails or times out.
     pub fn fill(&mut self) -> Result<bool, FrameError> {
-        self.make_room();
+        self.make_room()?;
         loop {
             match self.inner.read(&mut self.buf[self.end..]) {
                 Ok(0) => return Ok(false),
@@ -283,13 +298,17 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Makes space after `end` for the next read: compacts, grows, or gives memory back.
-    fn make_room(&mut self) {
+    fn make_room(&mut self) -> Result<(), FrameError> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
             self.scanned = 0;
             if self.buf.len() > SHRINK_ABOVE {
                 self.buf = Vec::new();
+                if let Some(charge) = &mut self.charge {
+                    // Giving back never fails.
+                    let _ = charge.resize(0);
+                }
             }
         }
         let pending = self.end - self.start;
@@ -303,7 +322,7 @@ impl<R: Read> FrameReader<R> {
         };
         let min_read = MIN_READ.min(need - pending);
         if self.buf.len() - self.start >= need && self.buf.len() - self.end >= min_read {
-            return;
+            return Ok(());
         }
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -313,8 +332,15 @@ impl<R: Read> FrameReader<R> {
         let len = self.buf.len();
         if len < need || len - self.end < min_read {
             let target = need.max(len * 2).max(INITIAL_BUF).min(self.cap).max(need);
+            if let Some(charge) = &mut self.charge {
+                // Charged before it is allocated: past the budget, it never is.
+                charge
+                    .resize(target.max(self.buf.capacity()))
+                    .map_err(|e| FrameError::Io(e.into()))?;
+            }
             self.buf.resize(target, 0);
         }
+        Ok(())
     }
 }
 

@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// The largest frame a client may send (a HELLO included); a longer one is a bad request.
 const CLIENT_MAX_FRAME: usize = 4096;
+/// Bytes of answers a client may fall behind before it is disconnected.
+const OUTBOX_BYTES: usize = 8 << 20;
 
 /// What a server over its connection limit writes before closing: `41`, "no primary right
 /// now, try again shortly", which every client already handles by retrying (the other
@@ -45,7 +47,8 @@ impl Replica {
             max_frame: CLIENT_MAX_FRAME,
             ..Limits::default()
         };
-        let mut reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+        let mut reader =
+            FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
         let first = match read_step(&mut reader, &conn)? {
             Step::Frame(f) => f.to_vec(),
             // Longer than any request: answered as a bad request.
@@ -66,7 +69,11 @@ fn serve_client(
     first: Vec<u8>,
 ) -> Result<(), HandlerError> {
     let name = format!("messenger-{}: connection {}", replica.id(), conn.id);
-    let (outbox, writer) = Outbox::new(Arc::clone(&conn.stream), OutboxConfig::new(name, OUTBOX));
+    // Answers are small, but a search can list many messages: bytes are bounded as well.
+    let config = OutboxConfig::new(name, OUTBOX)
+        .max_bytes(OUTBOX_BYTES)
+        .account(conn.account());
+    let (outbox, writer) = Outbox::new(Arc::clone(&conn.stream), config);
     if let Err(e) = replica.add_client(conn.id, outbox, writer) {
         log_debug!(
             "messenger-{}: connection {} not served: {e}",

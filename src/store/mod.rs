@@ -7,6 +7,7 @@
 //! - [`replicated`]: the store over Raft (`--raft`): linearizable, partition-safe.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
+//! - [`soak`]: the memory soak behind `store-bench --soak`.
 //!
 //! Connections are served by the framework's [`RequestLoop`]: whatever the socket has is
 //! read, every complete request in it answered into one output buffer, and that buffer
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod protocol;
 pub mod replicated;
+pub mod soak;
 pub mod state;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
@@ -252,7 +254,12 @@ pub(crate) fn stats_of(
 ) -> Stats {
     let (keys, bytes) = store.size();
     let s = server.stats();
+    let memory = server.client_memory();
+    let of = |f: fn(&crate::budget::Budget) -> usize| memory.map_or(0, |b| f(b) as u64);
     Stats {
+        client_memory: of(crate::budget::Budget::held),
+        client_memory_peak: of(crate::budget::Budget::peak),
+        client_memory_limit: of(crate::budget::Budget::limit),
         uptime_secs: started.elapsed().as_secs(),
         live_connections: s.live as u64,
         total_connections: s.accepted,

@@ -219,26 +219,37 @@ pub struct Stats {
     pub keys: u64,
     /// Bytes of keys and values stored.
     pub bytes: u64,
+    /// Bytes clients make the server hold now (read buffers), of the client memory budget.
+    pub client_memory: u64,
+    /// The most they ever held at once.
+    pub client_memory_peak: u64,
+    /// The budget (`--max-client-memory`; 0: none).
+    pub client_memory_limit: u64,
     /// Requests by verb, in [`Verb::ALL`] order.
     pub commands: [u64; 5],
 }
 
 /// Appends the `stats` reply:
 /// `{stats,[{uptime_secs,N},{live_connections,N},{total_connections,N},
-/// {refused_connections,N},{keys,N},{bytes,N},{commands,[{store,N},{lookup,N},{delete,N},
-/// {stats,N},{error,N}]}]}` (one line, no spaces).
+/// {refused_connections,N},{keys,N},{bytes,N},{client_memory,N},{client_memory_peak,N},
+/// {client_memory_limit,N},{commands,[{store,N},{lookup,N},{delete,N},{stats,N},{error,N}]}]}`
+/// (one line, no spaces).
 pub fn format_stats(s: &Stats, out: &mut Vec<u8>) {
     use std::io::Write;
     let _ = write!(
         out,
         "{{stats,[{{uptime_secs,{}}},{{live_connections,{}}},{{total_connections,{}}},\
-         {{refused_connections,{}}},{{keys,{}}},{{bytes,{}}},{{commands,[",
+         {{refused_connections,{}}},{{keys,{}}},{{bytes,{}}},{{client_memory,{}}},\
+         {{client_memory_peak,{}}},{{client_memory_limit,{}}},{{commands,[",
         s.uptime_secs,
         s.live_connections,
         s.total_connections,
         s.refused_connections,
         s.keys,
-        s.bytes
+        s.bytes,
+        s.client_memory,
+        s.client_memory_peak,
+        s.client_memory_limit
     );
     for (i, verb) in Verb::ALL.iter().enumerate() {
         if i > 0 {
@@ -384,7 +395,8 @@ mod tests {
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "{stats,[{uptime_secs,3},{live_connections,0},{total_connections,0},\
-             {refused_connections,0},{keys,2},{bytes,0},{commands,[{store,5},{lookup,4},\
+             {refused_connections,0},{keys,2},{bytes,0},{client_memory,0},\
+             {client_memory_peak,0},{client_memory_limit,0},{commands,[{store,5},{lookup,4},\
              {delete,3},{stats,2},{error,1}]}]}"
         );
         assert!(matches!(parse_reply(&out), Some(Reply::Stats(_))));

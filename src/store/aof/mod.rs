@@ -48,7 +48,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -96,23 +96,7 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
-        let digits = lower
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(lower.len());
-        let (number, suffix) = lower.split_at(digits);
-        let shift = match suffix {
-            "" | "b" => Some(0),
-            "k" | "kb" | "kib" => Some(10),
-            "m" | "mb" | "mib" => Some(20),
-            "g" | "gb" | "gib" => Some(30),
-            _ => None,
-        };
-        shift
-            .zip(number.parse::<u64>().ok())
-            .and_then(|(shift, n)| n.checked_mul(1 << shift))
-            .map(ByteSize)
-            .ok_or_else(|| format!("bad size {s:?} (expected e.g. 4096, 512k, 64m or 1g)"))
+        crate::cli::byte_size(s).map(ByteSize)
     }
 }
 
@@ -163,14 +147,24 @@ struct Output {
     failed: Option<String>,
 }
 
-/// The automatic rewrite in the background, if one runs.
+/// The automatic rewrites: one long-lived thread, started at the first, that owns and
+/// reuses their large buffers (see `rewrite.rs`).
 #[derive(Default)]
 struct Rewriter {
-    /// Dropping the sender asks the rewrite to give up (at shutdown).
-    running: Option<(Sender<()>, JoinHandle<()>)>,
+    /// The rewrite thread's inbox: a rewrite to run, of this store. Dropping it asks a
+    /// rewrite under way to give up, and the thread to end (at shutdown).
+    requests: Option<Sender<Arc<Store>>>,
+    thread: Option<JoinHandle<()>>,
+    /// A rewrite has been asked for and has not finished.
+    busy: Arc<AtomicBool>,
     /// Set by [`Aof::close`]: no rewrite starts after it.
     closed: bool,
 }
+
+/// What the log's writers and its rewrite buffer, kept from the start for the life of the
+/// log: allocated here, on the thread that opens it, and reused, so no client thread's
+/// allocator arena ends up holding a large buffer it then frees.
+const WRITE_BUF: usize = 256 << 10;
 
 /// An open append-only file.
 pub struct Aof {
@@ -258,7 +252,7 @@ impl Aof {
             path: path.to_owned(),
             policy,
             pending: Mutex::new(Pending {
-                buf: Vec::new(),
+                buf: Vec::with_capacity(WRITE_BUF),
                 seq: 0,
                 since: None,
                 since_total: 0,
@@ -266,7 +260,7 @@ impl Aof {
             }),
             output: Mutex::new(Output {
                 file,
-                spare: Vec::new(),
+                spare: Vec::with_capacity(WRITE_BUF),
                 written: 0,
                 synced: 0,
                 failed: None,
@@ -329,6 +323,11 @@ impl Aof {
             since.extend_from_slice(&p.buf[start..]);
             p.since_total += (p.buf.len() - start) as u64;
             p.since_peak = p.since_peak.max(since.len() as u64);
+            if since.len() > rewrite::MAX_SINCE {
+                // The rewrite has fallen behind (a slow disk, a starved thread): give it
+                // up rather than hold the writes without bound; it notices and fails.
+                p.since = None;
+            }
         }
         p.seq += 1;
         p.seq
@@ -405,13 +404,13 @@ impl Aof {
         if let Some(t) = lock(&self.syncer).take() {
             let _ = t.join();
         }
-        let running = {
+        let (requests, thread) = {
             let mut r = lock(&self.rewriter);
             r.closed = true;
-            r.running.take()
+            (r.requests.take(), r.thread.take())
         };
-        if let Some((stop, thread)) = running {
-            drop(stop);
+        drop(requests);
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
         self.sync_to(u64::MAX)

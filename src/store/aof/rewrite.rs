@@ -6,13 +6,13 @@ use super::{lock, Aof, MAGIC};
 use crate::durable::sync_dir;
 use crate::log_info;
 use crate::store::state::Store;
-use crossbeam_channel::{bounded, Receiver, TryRecvError};
+use crossbeam_channel::{unbounded, Receiver, TryRecvError};
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// Bytes of keys and values a rewrite copies out of the store under one shard lock.
@@ -24,6 +24,19 @@ const TAIL_BYTES: usize = 64 << 10;
 
 /// At most this many such rounds: writers that outpace the copy are caught up with anyway.
 const TAIL_ROUNDS: usize = 8;
+
+/// The most the since-snapshot buffer may hold: writers that outpace a rewrite by more (its
+/// thread starved, or its disk slow) make it give up, to be tried again later, instead of
+/// growing memory by what they write for as long as it lags (a rewrite stuck for 28 s on a
+/// busy disk took the server to 885 MiB).
+pub(super) const MAX_SINCE: usize = 64 << 20;
+
+/// Capacity the since-snapshot buffers keep between rewrites.
+const KEEP_SINCE: usize = 4 << 20;
+
+/// Bytes of a new log written between its fsyncs, so the last one (while writers append to
+/// the since-snapshot buffer) is short.
+const SYNC_EVERY: u64 = 16 << 20;
 
 /// What a finished rewrite did, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,18 +84,8 @@ impl Aof {
         }
         let mut rewriter = lock(&self.rewriter);
         let min = self.rewrite_min.load(Ordering::Relaxed);
-        if rewriter.closed || min == 0 {
+        if rewriter.closed || min == 0 || rewriter.busy.load(Ordering::SeqCst) {
             return;
-        }
-        match rewriter.running.take() {
-            Some((_, thread)) if thread.is_finished() => {
-                let _ = thread.join();
-            }
-            Some(running) => {
-                rewriter.running = Some(running);
-                return;
-            }
-            None => {}
         }
         let (keys, bytes) = store.size();
         let live = snapshot_len(keys, bytes);
@@ -95,23 +98,50 @@ impl Aof {
             "aof {}: rewrite started: the log is {len} bytes, its live data about {live}",
             self.path.display()
         );
-        let (stop, stopped) = bounded::<()>(0);
-        let (aof, store) = (Arc::clone(self), Arc::clone(store));
-        let spawned = std::thread::Builder::new()
-            .name("aof-rewrite".into())
-            .spawn(move || aof.rewrite_in_background(&store, &stopped));
-        match spawned {
-            Ok(thread) => rewriter.running = Some((stop, thread)),
-            Err(e) => {
-                log_info!("aof {}: cannot start a rewrite: {e}", self.path.display());
-                self.check_at.store(len + min, Ordering::Relaxed);
+        if rewriter.requests.is_none() {
+            let (requests, inbox) = unbounded::<Arc<Store>>();
+            let (aof, busy) = (Arc::downgrade(self), Arc::clone(&rewriter.busy));
+            let spawned = std::thread::Builder::new()
+                .name("aof-rewrite".into())
+                .spawn(move || rewrite_thread(&aof, &inbox, &busy));
+            match spawned {
+                Ok(thread) => {
+                    rewriter.requests = Some(requests);
+                    rewriter.thread = Some(thread);
+                }
+                Err(e) => {
+                    log_info!("aof {}: cannot start a rewrite: {e}", self.path.display());
+                    self.check_at.store(len + min, Ordering::Relaxed);
+                    return;
+                }
             }
+        }
+        rewriter.busy.store(true, Ordering::SeqCst);
+        let asked = rewriter
+            .requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(Arc::clone(store)).is_ok());
+        if !asked {
+            rewriter.busy.store(false, Ordering::SeqCst);
+            self.check_at.store(len + min, Ordering::Relaxed);
         }
     }
 
-    fn rewrite_in_background(&self, store: &Store, stop: &Receiver<()>) {
+    /// Whether an automatic rewrite has been asked for and has not finished.
+    pub fn rewriting(&self) -> bool {
+        lock(&self.rewriter).busy.load(Ordering::SeqCst)
+    }
+
+    fn rewrite_in_background(
+        &self,
+        store: &Store,
+        stop: &Receiver<Arc<Store>>,
+        buffers: &mut Buffers,
+    ) {
         let min = self.rewrite_min.load(Ordering::Relaxed);
-        match self.rewrite_unless_stopped(store, Some(stop)) {
+        // Disconnected: the log is closing. (Nothing else is sent while this runs.)
+        let stopped = || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
+        match self.rewrite_with(store, Some(&stopped), buffers) {
             Ok(done) => {
                 log_info!("aof {}: rewritten: {done}", self.path.display());
                 let (keys, bytes) = store.size();
@@ -151,36 +181,42 @@ impl Aof {
     /// When a rewrite is running already, or the new file cannot be written, synced or
     /// renamed; the old log is then still complete and in use, and the new file is deleted.
     pub fn rewrite(&self, store: &Store) -> io::Result<Rewritten> {
-        self.rewrite_unless_stopped(store, None)
+        self.rewrite_with(store, None, &mut Buffers::default())
     }
 
-    /// [`Aof::rewrite`], given up (with `Interrupted`) when `stop` is disconnected while
-    /// the snapshot is written.
-    fn rewrite_unless_stopped(
+    /// [`Aof::rewrite`] with `buffers`, given up (with `Interrupted`) when `stop` says so
+    /// while the snapshot is written.
+    fn rewrite_with(
         &self,
         store: &Store,
-        stop: Option<&Receiver<()>>,
+        stop: Option<&dyn Fn() -> bool>,
+        buffers: &mut Buffers,
     ) -> io::Result<Rewritten> {
         let started = Instant::now();
-        self.begin_capture()?;
+        self.begin_capture(buffers)?;
         let temp = rewrite_path(&self.path);
         let result = self
-            .write_snapshot(store, &temp, stop)
-            .and_then(|(file, len, keys)| self.switch(file, &temp, len, keys, started));
+            .write_snapshot(store, &temp, stop, buffers)
+            .and_then(|(file, len, keys)| self.switch(file, &temp, len, keys, started, buffers));
         if result.is_err() {
-            lock(&self.pending).since = None;
+            if let Some(mut since) = lock(&self.pending).since.take() {
+                since.clear();
+                buffers.since = since;
+            }
             let _ = std::fs::remove_file(&temp);
         }
         result
     }
 
-    /// Starts keeping every appended record in the since-snapshot buffer.
-    fn begin_capture(&self) -> io::Result<()> {
+    /// Starts keeping every appended record in the since-snapshot buffer (the one in
+    /// `buffers`, lent to the writers until the switch).
+    fn begin_capture(&self, buffers: &mut Buffers) -> io::Result<()> {
         let mut p = lock(&self.pending);
         if p.since.is_some() {
             return Err(io::Error::other("a rewrite is already running"));
         }
-        p.since = Some(Vec::new());
+        buffers.since.clear();
+        p.since = Some(std::mem::take(&mut buffers.since));
         p.since_total = 0;
         p.since_peak = 0;
         Ok(())
@@ -194,58 +230,84 @@ impl Aof {
         &self,
         store: &Store,
         temp: &Path,
-        stop: Option<&Receiver<()>>,
+        stop: Option<&dyn Fn() -> bool>,
+        buffers: &mut Buffers,
     ) -> io::Result<(File, u64, u64)> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(temp)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(MAGIC)?;
-        let (mut len, mut keys) = (MAGIC.len() as u64, 0);
-        let mut records = Vec::new();
+        let Buffers { out, spare, .. } = buffers;
+        out.clear();
+        out.extend_from_slice(MAGIC);
+        let (mut len, mut keys, mut synced) = (0, 0, 0);
         let mut snapshot = store.snapshot();
         while snapshot.next_chunk(SNAPSHOT_CHUNK, |k, v| {
-            encode_store(k, v, &mut records);
+            encode_store(k, v, out);
             keys += 1;
         }) {
-            if stop.is_some_and(|s| s.try_recv() == Err(TryRecvError::Disconnected)) {
+            if stop.is_some_and(|stopped| stopped()) {
                 return Err(io::Error::new(
                     io::ErrorKind::Interrupted,
                     "stopped by shutdown",
                 ));
             }
-            out.write_all(&records)?;
-            len += records.len() as u64;
-            records.clear();
             // After the chunk, never before it: a record moved out here was applied to the
             // map before the next chunk is copied.
-            len += self.move_since(&mut out, &mut records)?;
+            self.move_since(&mut file, out, spare, &mut len)?;
+            if out.len() >= OUT_BUF {
+                len += write_out(&mut file, out)?;
+            }
+            if len - synced >= SYNC_EVERY {
+                file.sync_data()?;
+                synced = len;
+            }
         }
         for _ in 0..TAIL_ROUNDS {
-            let moved = self.move_since(&mut out, &mut records)?;
-            len += moved;
-            if moved < TAIL_BYTES as u64 {
+            let moved = self.move_since(&mut file, out, spare, &mut len)?;
+            len += write_out(&mut file, out)?;
+            if moved < TAIL_BYTES {
                 break;
             }
         }
-        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_data()?;
         Ok((file, len, keys))
     }
 
-    /// Moves the since-snapshot buffer as it stands to `out` (swapping it with the empty
-    /// `spare`, so neither allocation is lost); returns the bytes moved.
-    fn move_since(&self, out: &mut impl Write, spare: &mut Vec<u8>) -> io::Result<u64> {
+    /// Moves the since-snapshot buffer as it stands to the end of `out` (swapping it with
+    /// the empty `spare` under the append lock, so neither allocation is lost and the copy
+    /// is made outside it), or, when it is large, writes `out` and then it to `file`
+    /// (adding what it writes to `len`); returns the bytes moved.
+    ///
+    /// # Errors
+    /// When the writers outpaced the rewrite and it was given up (see [`MAX_SINCE`]).
+    fn move_since(
+        &self,
+        file: &mut File,
+        out: &mut Vec<u8>,
+        spare: &mut Vec<u8>,
+        len: &mut u64,
+    ) -> io::Result<usize> {
         debug_assert!(spare.is_empty());
-        if let Some(since) = &mut lock(&self.pending).since {
-            std::mem::swap(since, spare);
+        match &mut lock(&self.pending).since {
+            Some(since) => std::mem::swap(since, spare),
+            None => return Err(outpaced()),
         }
-        let moved = spare.len() as u64;
-        let written = out.write_all(spare);
+        let moved = spare.len();
+        if moved < TAIL_BYTES {
+            out.extend_from_slice(spare);
+        } else {
+            // A large batch goes to the file as it is, not copied once more: in order,
+            // behind what `out` holds.
+            *len += write_out(file, out)?;
+            file.write_all(spare)?;
+            *len += moved as u64;
+        }
         spare.clear();
-        written.map(|()| moved)
+        // Kept for the next rewrite, but not at the size of a burst the writers once made.
+        spare.shrink_to(KEEP_SINCE);
+        Ok(moved)
     }
 
     /// Appends the rest of the since-snapshot buffer to `temp`, fsyncs it, renames it over
@@ -258,31 +320,43 @@ impl Aof {
         len: u64,
         keys: u64,
         started: Instant,
+        buffers: &mut Buffers,
     ) -> io::Result<Rewritten> {
         let mut out = lock(&self.output);
+        let out = &mut *out;
         // Records appended from here on are not captured; they stay in `pending.buf` and
         // reach the new file with the next commit, since this holds `output` until the new
         // file is live. Records up to `upto` that were never written to the old file
-        // (`unwritten`) need not be: each was appended after the start (and is in `tail`
-        // or was copied already) or before it (and the snapshot reflects it).
-        let (tail, mut unwritten, upto, buffered, buffered_peak) = {
+        // (now in `out.spare`, swapped with the empty `pending.buf`) need not be: each was
+        // appended after the start (and is in `tail` or was copied already) or before it
+        // (and the snapshot reflects it).
+        debug_assert!(out.spare.is_empty());
+        let (mut tail, upto, buffered, buffered_peak) = {
             let mut p = lock(&self.pending);
-            let tail = p.since.take().unwrap_or_default();
-            let buf = std::mem::take(&mut p.buf);
-            (tail, buf, p.seq, p.since_total, p.since_peak)
+            let Some(tail) = p.since.take() else {
+                return Err(outpaced());
+            };
+            std::mem::swap(&mut p.buf, &mut out.spare);
+            (tail, p.seq, p.since_total, p.since_peak)
         };
         let renamed = file
             .write_all(&tail)
             .and_then(|()| file.sync_data())
             .and_then(|()| std::fs::rename(temp, &self.path));
+        let tail_len = tail.len() as u64;
+        tail.clear();
+        tail.shrink_to(KEEP_SINCE);
+        buffers.since = tail;
         if let Err(e) = renamed {
             // The old log stays: give it back the records it has not been sent yet, ahead
             // of any appended since.
             let mut p = lock(&self.pending);
-            unwritten.extend_from_slice(&p.buf);
-            p.buf = unwritten;
+            out.spare.extend_from_slice(&p.buf);
+            std::mem::swap(&mut p.buf, &mut out.spare);
+            out.spare.clear();
             return Err(e);
         }
+        out.spare.clear();
         // From here on the new file is the log at `path`; the old one is unlinked, so
         // whatever happens next the switch must be made.
         if let Err(e) = sync_dir(&self.path) {
@@ -291,7 +365,7 @@ impl Aof {
                 self.path.display()
             );
         }
-        let new_len = len + tail.len() as u64;
+        let new_len = len + tail_len;
         let old_len = self.len.swap(new_len, Ordering::Relaxed);
         out.file = file;
         // Every record up to `upto` is in the new file or reflected by its snapshot, and
@@ -306,6 +380,55 @@ impl Aof {
             buffered,
             buffered_peak,
         })
+    }
+}
+
+/// Bytes of a new log gathered in memory before they are written.
+const OUT_BUF: usize = 1 << 20;
+
+/// The large buffers of a rewrite, owned by the rewrite thread for the life of the log and
+/// reused by every rewrite: allocated and freed on one thread, in one allocator arena,
+/// instead of anew on whichever thread happens to run a rewrite (with 64 connection
+/// threads, glibc's per-thread arenas each kept a share of them: RSS crept up to 405 MiB
+/// over ten minutes of honest load).
+#[derive(Default)]
+pub(super) struct Buffers {
+    /// The new log's bytes on their way to the file.
+    out: Vec<u8>,
+    /// The since-snapshot buffer, lent to the writers while a rewrite runs.
+    since: Vec<u8>,
+    /// Swapped with `since` to take its records out.
+    spare: Vec<u8>,
+}
+
+/// The error of a rewrite the writers outpaced by [`MAX_SINCE`].
+fn outpaced() -> io::Error {
+    io::Error::other(format!(
+        "writers outpaced the rewrite by more than {} MiB; it will be tried again",
+        MAX_SINCE >> 20
+    ))
+}
+
+/// Writes out `out` to `file` and empties it; returns the bytes written.
+fn write_out(file: &mut File, out: &mut Vec<u8>) -> io::Result<u64> {
+    let n = out.len() as u64;
+    file.write_all(out)?;
+    out.clear();
+    // One large burst (a big value, or writers that outpaced a chunk) is not kept.
+    out.shrink_to(OUT_BUF * 2);
+    Ok(n)
+}
+
+/// The rewrite thread: runs the rewrites asked for, with buffers of its own, until the
+/// log closes (its inbox disconnects) or is dropped.
+fn rewrite_thread(aof: &Weak<Aof>, inbox: &Receiver<Arc<Store>>, busy: &AtomicBool) {
+    let mut buffers = Buffers::default();
+    for store in inbox {
+        let Some(aof) = aof.upgrade() else {
+            return;
+        };
+        aof.rewrite_in_background(&store, inbox, &mut buffers);
+        busy.store(false, Ordering::SeqCst);
     }
 }
 
@@ -372,7 +495,8 @@ mod tests {
         aof.commit(u64::MAX).unwrap();
         let before = aof.size();
 
-        aof.begin_capture().unwrap();
+        let mut buffers = Buffers::default();
+        aof.begin_capture(&mut buffers).unwrap();
         // Before the snapshot: the snapshot has these, and the buffer repeats them.
         set(&store, &aof, "k1", "during, before the snapshot");
         delete(&store, &aof, "k2");
@@ -380,7 +504,9 @@ mod tests {
         let seq = set(&store, &aof, "k0", "back");
         aof.commit(seq).unwrap();
         let temp = rewrite_path(&path);
-        let (file, len, keys) = aof.write_snapshot(&store, &temp, None).unwrap();
+        let (file, len, keys) = aof
+            .write_snapshot(&store, &temp, None, &mut buffers)
+            .unwrap();
         assert_eq!(keys, 30);
         // After it: only the buffer has these; some written to the old log, some not.
         set(&store, &aof, "k3", "after the snapshot");
@@ -389,7 +515,9 @@ mod tests {
         aof.commit(seq).unwrap();
         delete(&store, &aof, "k4");
         set(&store, &aof, "new2", "y");
-        let done = aof.switch(file, &temp, len, keys, Instant::now()).unwrap();
+        let done = aof
+            .switch(file, &temp, len, keys, Instant::now(), &mut buffers)
+            .unwrap();
         assert!(!temp.exists());
         assert!(done.old_len > before, "{done}");
         assert_eq!(done.new_len, aof.size());
@@ -541,11 +669,16 @@ mod tests {
         assert!(lock(&aof.pending).since.is_none());
 
         // The rename fails at the switch, with records not yet written to the old log.
-        aof.begin_capture().unwrap();
-        let (file, len, keys) = aof.write_snapshot(&store, &temp, None).unwrap();
+        let mut buffers = Buffers::default();
+        aof.begin_capture(&mut buffers).unwrap();
+        let (file, len, keys) = aof
+            .write_snapshot(&store, &temp, None, &mut buffers)
+            .unwrap();
         set(&store, &aof, "b", "2");
         std::fs::remove_file(&temp).unwrap();
-        assert!(aof.switch(file, &temp, len, keys, Instant::now()).is_err());
+        assert!(aof
+            .switch(file, &temp, len, keys, Instant::now(), &mut buffers)
+            .is_err());
         set(&store, &aof, "c", "3");
         aof.commit(u64::MAX).unwrap();
 
@@ -587,8 +720,8 @@ mod tests {
             aof.rewrite_if_due(&store);
         };
         let wait_for_rewrite = || {
-            if let Some((_, thread)) = lock(&aof.rewriter).running.take() {
-                thread.join().unwrap();
+            while aof.rewriting() {
+                std::thread::sleep(Duration::from_millis(1));
             }
         };
         for i in 0..20_000 {
