@@ -204,11 +204,27 @@ fn size_prefixed_framings_carry_any_bytes_and_a_bad_header_closes_only_that_conn
 }
 
 #[test]
-fn a_value_with_a_newline_cannot_be_sent_as_a_line_and_says_so() {
-    // Values stored through a size-prefixed framing are readable only there; a line server
-    // can never receive one, so this checks the encoder path through the library instead.
+fn a_value_with_a_newline_is_an_error_reply_on_a_line_server_that_replayed_it() {
+    // Stored through a size-prefixed framing, then served by a line server from the same
+    // log: its lookup cannot be one line, so it gets an error reply and the stream stays
+    // in sync; other values are served as usual.
+    let aof = temp_file("newline.aof");
+    let path = aof.to_str().unwrap();
+    let server = start(&["--aof", path, "--fsync", "always", "--framing", "u32"]);
+    let mut c = StoreClient::connect(server.addr, Framing::U32).unwrap();
+    c.store(b"two", b"line one\nline two").unwrap();
+    c.store(b"one", b"a single line").unwrap();
+    assert_eq!(c.lookup(b"two").unwrap().unwrap(), b"line one\nline two");
+    drop((c, server));
+
+    let server = start(&["--aof", path]);
+    let mut c = LineClient::connect(server.addr);
+    assert_eq!(c.ask("lookup,two\n"), "{error,unencodable}");
+    assert_eq!(c.ask("lookup,one\n"), "{just,a single line}");
     let mut out = Vec::new();
     assert!(encode_frame(Framing::Line, b"{just,a\nb}", &mut out).is_err());
+    drop(server);
+    std::fs::remove_file(&aof).unwrap();
 }
 
 #[test]

@@ -52,10 +52,23 @@ struct Args {
     /// every 5 ms, and report new clients' connect+lookup time meanwhile
     #[argh(option)]
     silent: Option<usize>,
+    /// instead of a load: serve the design's floor on this address (a bare
+    /// thread-per-connection loop answering each lookup of the preloaded keys with its
+    /// fixed reply; no map, no lock) until killed, to benchmark against
+    #[argh(option)]
+    floor: Option<String>,
 }
 
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
+    if let Some(listen) = &a.floor {
+        let served = std::net::TcpListener::bind(listen)
+            .and_then(|l| bench::serve_floor(l, a.keys, a.value_size));
+        if let Err(e) = served {
+            eprintln!("store-bench: floor on {listen}: {e}");
+        }
+        return ExitCode::FAILURE;
+    }
     let Some(addr) = a.addr.to_socket_addrs().ok().and_then(|mut it| it.next()) else {
         eprintln!("store-bench: cannot resolve {}", a.addr);
         return ExitCode::FAILURE;

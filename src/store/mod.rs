@@ -77,6 +77,11 @@ pub struct StoreService {
     arrivals: Arrivals,
     started: Instant,
     commands: [AtomicU64; 5],
+    /// Line framing and no value holds a `\n`, so a `{just,V}` reply needs no scan for
+    /// one: a line-framed request cannot carry a `\n`, and the values replayed at start
+    /// were checked once. (A log written by a server with a size-prefixed framing may hold
+    /// such values; then every reply is checked, and one holding `\n` becomes an error.)
+    plain_lines: bool,
 }
 
 impl StoreService {
@@ -94,6 +99,8 @@ impl StoreService {
             }
             None => (None, None),
         };
+        let plain_lines = options.framing == Framing::Line
+            && !store.any_value(|v| crate::framing::find_newline(v).is_some());
         let arrivals = Arrivals::new();
         let requests = RequestLoop::new(options.framing)
             .limits(options.limits)
@@ -106,6 +113,7 @@ impl StoreService {
             arrivals,
             started: Instant::now(),
             commands: Default::default(),
+            plain_lines,
         };
         Ok((Arc::new(service), replay))
     }
@@ -194,6 +202,13 @@ impl StoreService {
                     self.logged(aof, seq, batch)?;
                 }
             },
+            Request::Lookup { key } if self.plain_lines => {
+                self.store.with_value(key, |v| match v {
+                    Some(v) => protocol::format_just(v, out),
+                    None => protocol::format_nothing(out),
+                });
+                out.push(b'\n');
+            }
             Request::Lookup { key } => {
                 let mark = begin_frame(framing, out);
                 self.store.with_value(key, |v| match v {
