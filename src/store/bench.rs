@@ -617,27 +617,6 @@ pub fn amid_silence(cfg: &BenchConfig, n: usize) -> Result<SilenceReport, BenchE
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_have_the_asked_size_and_differ_by_key() {
-        assert_eq!(value(7, 32).len(), 32);
-        assert_eq!(value(123_456, 4).len(), 4);
-        assert_ne!(value(1, 32), value(2, 32));
-        assert_eq!(key(5), b"key:00000005");
-    }
-
-    #[test]
-    fn ratios_parse() {
-        assert_eq!("9:1".parse::<Ratio>().unwrap(), Ratio { get: 9, set: 1 });
-        assert!("0:0".parse::<Ratio>().is_err());
-        assert!("9".parse::<Ratio>().is_err());
-        assert_eq!("memcache".parse::<Proto>().unwrap(), Proto::Memcache);
-    }
-}
-
 /// The floor of the design, to measure the store against: a bare thread-per-connection
 /// loop that answers every `lookup,key:NNNNNNNN` line with that key's `{just,…}` reply
 /// (made once, at start) and ignores every other line. No request parsing beyond the key's
@@ -710,5 +689,26 @@ fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
             }
             out.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_have_the_asked_size_and_differ_by_key() {
+        assert_eq!(value(7, 32).len(), 32);
+        assert_eq!(value(123_456, 4).len(), 4);
+        assert_ne!(value(1, 32), value(2, 32));
+        assert_eq!(key(5), b"key:00000005");
+    }
+
+    #[test]
+    fn ratios_parse() {
+        assert_eq!("9:1".parse::<Ratio>().unwrap(), Ratio { get: 9, set: 1 });
+        assert!("0:0".parse::<Ratio>().is_err());
+        assert!("9".parse::<Ratio>().is_err());
+        assert_eq!("memcache".parse::<Proto>().unwrap(), Proto::Memcache);
     }
 }
