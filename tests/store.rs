@@ -672,6 +672,34 @@ fn running_out_of_file_descriptors_is_survived() {
 }
 
 #[test]
+fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
+    const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
+    let floor = ChildServer::start(BENCH, &["--floor", "127.0.0.1:0", "--keys", "20"]);
+    let mut c = LineClient::connect(floor.addr);
+    c.send(b"store,key:00000003,ignored\n");
+    assert_eq!(
+        c.ask("lookup,key:00000003\n"),
+        "{just,3-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv}"
+    );
+    assert_eq!(c.ask("lookup,key:00000020\n"), "{error,unknown}");
+    let addr = floor.addr.to_string();
+    let args = [
+        "--addr",
+        &addr,
+        "--keys",
+        "20",
+        "--conns",
+        "2",
+        "--pipeline",
+        "4",
+    ];
+    let mut cmd = std::process::Command::new(BENCH);
+    cmd.args(args).args(["--duration", "0.3", "--warmup", "0"]);
+    let out = run_checked(cmd);
+    assert!(out.contains("RESULT "), "{out}");
+}
+
+#[test]
 fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
     const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
     let server = start(&[]);

@@ -62,8 +62,10 @@ struct Args {
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
     if let Some(listen) = &a.floor {
-        let served = std::net::TcpListener::bind(listen)
-            .and_then(|l| bench::serve_floor(l, a.keys, a.value_size));
+        let served = std::net::TcpListener::bind(listen).and_then(|l| {
+            eprintln!("store-bench: floor listening on {}", l.local_addr()?);
+            bench::serve_floor(l, a.keys, a.value_size)
+        });
         if let Err(e) = served {
             eprintln!("store-bench: floor on {listen}: {e}");
         }

@@ -248,7 +248,13 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Consumes buffered bytes of a frame being skipped; true when no skip is pending.
+    #[inline]
     fn drain_skip(&mut self) -> bool {
+        matches!(self.skip, Skip::No) || self.drain_skip_slow()
+    }
+
+    #[cold]
+    fn drain_skip_slow(&mut self) -> bool {
         match self.skip {
             Skip::No => true,
             Skip::Line => match find_newline(&self.buf[self.start..self.end]) {

@@ -15,6 +15,7 @@
 pub mod aof;
 pub mod bench;
 pub mod client;
+mod keyhash;
 pub mod protocol;
 pub mod state;
 

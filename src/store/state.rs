@@ -13,8 +13,9 @@
 //! little to contend; the shards are for machines with more, and cost nothing measurable
 //! here.
 
+use super::keyhash::KeyHasher;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Number of shards; a power of two well above the number of cores this runs on.
@@ -166,9 +167,9 @@ impl Hasher for Prehashed {
 /// The store's shared state; cheap to share behind an `Arc`.
 pub struct Store {
     shards: Box<[Shard]>,
-    /// Hashes keys. Keys come from clients, so the hash is keyed (SipHash with a random
+    /// Hashes keys. Keys come from clients, so the hash is keyed (SipHash-1-3 with a random
     /// key), which keeps anyone from aiming every key at one shard or one bucket.
-    hasher: RandomState,
+    hasher: KeyHasher,
 }
 
 impl Default for Store {
@@ -182,16 +183,12 @@ impl Store {
     pub fn new() -> Self {
         Store {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::random(),
         }
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
-        // The bytes alone, without the length prefix `Hash for [u8]` adds (one SipHash
-        // `write` instead of two): a key is hashed on its own, never next to another value.
-        let mut hasher = self.hasher.build_hasher();
-        hasher.write(key);
-        hasher.finish()
+        self.hasher.hash(key)
     }
 
     fn shard(&self, hash: u64) -> &Shard {
