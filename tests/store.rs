@@ -73,6 +73,16 @@ fn classic_exchange_byte_for_byte() {
         "{stats}"
     );
     switchboard::term::parse(&stats).expect("stats is a term");
+    // Counted per connection in stripes: a second connection's requests are added in.
+    let mut other = LineClient::connect(server.addr);
+    other.send(b"store,a,1\nstore,b,2\n");
+    assert_eq!(other.ask("lookup,a\n"), "{just,1}");
+    assert_eq!(other.ask("delete,b\n"), "ok");
+    let stats = other.ask("stats\n");
+    assert!(
+        stats.contains("{commands,[{store,4},{lookup,4},{delete,3},{stats,1},{error,4}]}"),
+        "{stats}"
+    );
 }
 
 #[test]
