@@ -7,6 +7,12 @@ them alike), repeats each scenario, and prints medians as a Markdown table.
 
     cargo build --release
     python3 interop/bench_store.py --reps 3 --duration 3
+    python3 interop/bench_store.py --no-python --floor --baseline OLD/store-server --scenarios bdf
+
+`--floor` adds the design's floor (`store-bench --floor`: a bare thread-per-connection loop
+with the store's replies and no map, no lock), and the table gains a column of CPU per
+operation against it; `--baseline BIN` adds another build of store-server, to compare
+before and after a change in the same alternated runs.
 
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
   a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
@@ -94,6 +100,8 @@ def main() -> int:
     ap.add_argument("--memcached", default=shutil.which("memcached"),
                     help="the memcached binary to compare with (default: memcached on PATH; none: left out)")
     ap.add_argument("--no-python", action="store_true", help="leave out interop/store_server.py")
+    ap.add_argument("--floor", action="store_true", help="also measure the floor (store-bench --floor)")
+    ap.add_argument("--baseline", help="another store-server build to measure alongside (before a change)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
     ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
@@ -103,6 +111,13 @@ def main() -> int:
     try:
         port = free_port()
         servers.append(Server("store-server", [args.server, "--listen", f"127.0.0.1:{port}"], port, "store"))
+        if args.baseline:
+            port = free_port()
+            servers.append(Server("baseline", [args.baseline, "--listen", f"127.0.0.1:{port}"], port, "store"))
+        if args.floor:
+            port = free_port()
+            servers.append(Server("floor", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
+                                            "--value-size", "32"], port, "store"))
         if args.memcached:
             port = free_port()
             servers.append(Server("memcached", [args.memcached, "-l", "127.0.0.1", "-p", str(port),
@@ -132,17 +147,19 @@ def main() -> int:
         vals = [r[key] for r in results.get((sc, name), []) if key in r]
         return statistics.median(vals) if vals else None
 
-    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op | vs floor CPU/op |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sc in args.scenarios:
         base_ops, base_cpu = med(sc, "memcached", "ops_per_sec"), med(sc, "memcached", "server_cpu_us_per_op")
+        floor_cpu = med(sc, "floor", "server_cpu_us_per_op")
         for s in servers:
             ops, cpu = med(sc, s.name, "ops_per_sec"), med(sc, s.name, "server_cpu_us_per_op")
             p50, p99 = med(sc, s.name, "p50_us"), med(sc, s.name, "p99_us")
             r_ops = f"{ops / base_ops:.2f}×" if ops and base_ops else "–"
             r_cpu = f"{cpu / base_cpu:.2f}×" if cpu and base_cpu else "–"
+            r_floor = f"{cpu / floor_cpu:.2f}×" if cpu and floor_cpu else "–"
             print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {ops:,.0f} | {p50:.0f} | {p99:.0f} | "
-                  f"{cpu:.2f} | {r_ops} | {r_cpu} |")
+                  f"{cpu:.2f} | {r_ops} | {r_cpu} | {r_floor} |")
     return 0
 
 

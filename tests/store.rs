@@ -73,6 +73,16 @@ fn classic_exchange_byte_for_byte() {
         "{stats}"
     );
     switchboard::term::parse(&stats).expect("stats is a term");
+    // Counted per connection in stripes: a second connection's requests are added in.
+    let mut other = LineClient::connect(server.addr);
+    other.send(b"store,a,1\nstore,b,2\n");
+    assert_eq!(other.ask("lookup,a\n"), "{just,1}");
+    assert_eq!(other.ask("delete,b\n"), "ok");
+    let stats = other.ask("stats\n");
+    assert!(
+        stats.contains("{commands,[{store,4},{lookup,4},{delete,3},{stats,1},{error,4}]}"),
+        "{stats}"
+    );
 }
 
 #[test]
@@ -204,11 +214,27 @@ fn size_prefixed_framings_carry_any_bytes_and_a_bad_header_closes_only_that_conn
 }
 
 #[test]
-fn a_value_with_a_newline_cannot_be_sent_as_a_line_and_says_so() {
-    // Values stored through a size-prefixed framing are readable only there; a line server
-    // can never receive one, so this checks the encoder path through the library instead.
+fn a_value_with_a_newline_is_an_error_reply_on_a_line_server_that_replayed_it() {
+    // Stored through a size-prefixed framing, then served by a line server from the same
+    // log: its lookup cannot be one line, so it gets an error reply and the stream stays
+    // in sync; other values are served as usual.
+    let aof = temp_file("newline.aof");
+    let path = aof.to_str().unwrap();
+    let server = start(&["--aof", path, "--fsync", "always", "--framing", "u32"]);
+    let mut c = StoreClient::connect(server.addr, Framing::U32).unwrap();
+    c.store(b"two", b"line one\nline two").unwrap();
+    c.store(b"one", b"a single line").unwrap();
+    assert_eq!(c.lookup(b"two").unwrap().unwrap(), b"line one\nline two");
+    drop((c, server));
+
+    let server = start(&["--aof", path]);
+    let mut c = LineClient::connect(server.addr);
+    assert_eq!(c.ask("lookup,two\n"), "{error,unencodable}");
+    assert_eq!(c.ask("lookup,one\n"), "{just,a single line}");
     let mut out = Vec::new();
     assert!(encode_frame(Framing::Line, b"{just,a\nb}", &mut out).is_err());
+    drop(server);
+    std::fs::remove_file(&aof).unwrap();
 }
 
 #[test]
@@ -653,6 +679,34 @@ fn running_out_of_file_descriptors_is_survived() {
     }
     let mut fresh = LineClient::connect(server.addr);
     assert_eq!(fresh.ask("lookup,k59\n"), "{just,v}");
+}
+
+#[test]
+fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
+    const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
+    let floor = ChildServer::start(BENCH, &["--floor", "127.0.0.1:0", "--keys", "20"]);
+    let mut c = LineClient::connect(floor.addr);
+    c.send(b"store,key:00000003,ignored\n");
+    assert_eq!(
+        c.ask("lookup,key:00000003\n"),
+        "{just,3-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv}"
+    );
+    assert_eq!(c.ask("lookup,key:00000020\n"), "{error,unknown}");
+    let addr = floor.addr.to_string();
+    let args = [
+        "--addr",
+        &addr,
+        "--keys",
+        "20",
+        "--conns",
+        "2",
+        "--pipeline",
+        "4",
+    ];
+    let mut cmd = std::process::Command::new(BENCH);
+    cmd.args(args).args(["--duration", "0.3", "--warmup", "0"]);
+    let out = run_checked(cmd);
+    assert!(out.contains("RESULT "), "{out}");
 }
 
 #[test]

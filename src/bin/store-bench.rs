@@ -61,10 +61,25 @@ struct Args {
     /// seconds between RSS samples of a soak (default 10)
     #[argh(option, default = "10.0")]
     sample_every: f64,
+    /// instead of a load: serve the design's floor on this address (a bare
+    /// thread-per-connection loop answering each lookup of the preloaded keys with its
+    /// fixed reply; no map, no lock) until killed, to benchmark against
+    #[argh(option)]
+    floor: Option<String>,
 }
 
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
+    if let Some(listen) = &a.floor {
+        let served = std::net::TcpListener::bind(listen).and_then(|l| {
+            eprintln!("store-bench: floor listening on {}", l.local_addr()?);
+            bench::serve_floor(l, a.keys, a.value_size)
+        });
+        if let Err(e) = served {
+            eprintln!("store-bench: floor on {listen}: {e}");
+        }
+        return ExitCode::FAILURE;
+    }
     let cluster = match switchboard::cli::addresses(&a.addr) {
         Ok(addrs) => addrs,
         Err(e) => {

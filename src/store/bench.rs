@@ -735,6 +735,81 @@ pub fn amid_silence(cfg: &BenchConfig, n: usize) -> Result<SilenceReport, BenchE
     })
 }
 
+/// The floor of the design, to measure the store against: a bare thread-per-connection
+/// loop that answers every `lookup,key:NNNNNNNN` line with that key's `{just,…}` reply
+/// (made once, at start) and ignores every other line. No request parsing beyond the key's
+/// number, no map, no lock, no counters: what one thread per connection costs with the
+/// same generator, the same replies and the same system calls (one read and one write per
+/// batch). Line framing only. Serves until the process is killed.
+///
+/// # Errors
+/// When the listener fails.
+pub fn serve_floor(
+    listener: std::net::TcpListener,
+    keys: usize,
+    value_size: usize,
+) -> io::Result<()> {
+    let replies: Arc<[Vec<u8>]> = (0..keys)
+        .map(|i| {
+            let mut r = b"{just,".to_vec();
+            r.extend_from_slice(&value(i, value_size));
+            r.extend_from_slice(b"}\n");
+            r
+        })
+        .collect();
+    for stream in listener.incoming() {
+        let stream = stream?;
+        let replies = Arc::clone(&replies);
+        std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(move || floor_connection(stream, &replies))?;
+    }
+    Ok(())
+}
+
+/// One connection of [`serve_floor`]: read what is there, answer every whole line, write
+/// the answers at once, until the client closes.
+fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
+    use std::io::Read;
+    const PREFIX: &[u8] = b"lookup,key:";
+    let _ = stream.set_nodelay(true);
+    let (mut buf, mut out) = (vec![0u8; 64 << 10], Vec::with_capacity(64 << 10));
+    let (mut start, mut end) = (0, 0);
+    loop {
+        if start == end {
+            (start, end) = (0, 0);
+        } else if end == buf.len() {
+            buf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+        }
+        match stream.read(&mut buf[end..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => end += n,
+        }
+        while let Some(nl) = crate::framing::find_newline(&buf[start..end]) {
+            let line = &buf[start..start + nl];
+            start += nl + 1;
+            let Some(digits) = line.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let i = digits.iter().try_fold(0usize, |n, &d| {
+                d.is_ascii_digit().then(|| n * 10 + usize::from(d - b'0'))
+            });
+            if let Some(reply) = i.and_then(|i| replies.get(i)) {
+                out.extend_from_slice(reply);
+            } else {
+                out.extend_from_slice(b"{error,unknown}\n");
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

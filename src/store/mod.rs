@@ -17,6 +17,7 @@
 pub mod aof;
 pub mod bench;
 pub mod client;
+mod keyhash;
 pub mod protocol;
 pub mod replicated;
 pub mod soak;
@@ -42,6 +43,17 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:65002";
 /// Replies are sent when the batch is done, or sooner once this many bytes are waiting, so
 /// a batch of lookups of large values cannot balloon one connection's memory.
 const FLUSH_AT: usize = 64 << 10;
+
+/// Stripes of request counters. One counter set written by every connection thread would
+/// bounce its cache line between the cores on every batch; a connection adds to the stripe
+/// of its id instead (consecutive connections land on different stripes), and `stats`
+/// sums the stripes.
+const COUNTER_STRIPES: usize = 64;
+
+/// One stripe of request counters, by verb, on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Counters([AtomicU64; 5]);
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -80,7 +92,13 @@ pub struct StoreService {
     requests: RequestLoop,
     arrivals: Arrivals,
     started: Instant,
-    commands: [AtomicU64; 5],
+    /// Requests by verb, counted per connection in stripes (see [`Counters`]).
+    commands: Box<[Counters]>,
+    /// Line framing and no value holds a `\n`, so a `{just,V}` reply needs no scan for
+    /// one: a line-framed request cannot carry a `\n`, and the values replayed at start
+    /// were checked once. (A log written by a server with a size-prefixed framing may hold
+    /// such values; then every reply is checked, and one holding `\n` becomes an error.)
+    plain_lines: bool,
 }
 
 impl StoreService {
@@ -98,6 +116,8 @@ impl StoreService {
             }
             None => (None, None),
         };
+        let plain_lines = options.framing == Framing::Line
+            && !store.any_value(|v| crate::framing::find_newline(v).is_some());
         let arrivals = Arrivals::new();
         let requests = RequestLoop::new(options.framing)
             .limits(options.limits)
@@ -109,7 +129,8 @@ impl StoreService {
             requests,
             arrivals,
             started: Instant::now(),
-            commands: Default::default(),
+            commands: (0..COUNTER_STRIPES).map(|_| Counters::default()).collect(),
+            plain_lines,
         };
         Ok((Arc::new(service), replay))
     }
@@ -129,7 +150,13 @@ impl StoreService {
 
     /// Current counters.
     pub fn stats(&self, server: &ServerHandle) -> Stats {
-        stats_of(&self.store, server, self.started, &self.commands)
+        let commands = self.commands.iter().fold([0; 5], |mut sum, stripe| {
+            for (sum, c) in sum.iter_mut().zip(&stripe.0) {
+                *sum += c.load(Ordering::Relaxed);
+            }
+            sum
+        });
+        stats_of(&self.store, server, self.started, commands)
     }
 
     /// The server's handler: serves each connection with [`StoreService::serve`], in
@@ -153,8 +180,10 @@ impl StoreService {
         self.requests.serve_session(conn, &mut session)
     }
 
-    fn count(&self, batch: &mut Batch) {
-        for (total, n) in self.commands.iter().zip(&mut batch.counts) {
+    /// Adds a batch's counts to its connection's stripe.
+    fn count(&self, conn: &Connection, batch: &mut Batch) {
+        let stripe = &self.commands[conn.id as usize % COUNTER_STRIPES].0;
+        for (total, n) in stripe.iter().zip(&mut batch.counts) {
             if *n > 0 {
                 total.fetch_add(std::mem::take(n), Ordering::Relaxed);
             }
@@ -188,6 +217,13 @@ impl StoreService {
                     self.logged(aof, seq, batch)?;
                 }
             },
+            Request::Lookup { key } if self.plain_lines => {
+                self.store.with_value(key, |v| match v {
+                    Some(v) => protocol::format_just(v, out),
+                    None => protocol::format_nothing(out),
+                });
+                out.push(b'\n');
+            }
             Request::Lookup { key } => {
                 let mark = begin_frame(framing, out);
                 self.store.with_value(key, |v| match v {
@@ -250,7 +286,7 @@ pub(crate) fn stats_of(
     store: &Store,
     server: &ServerHandle,
     started: Instant,
-    commands: &[AtomicU64; 5],
+    commands: [u64; 5],
 ) -> Stats {
     let (keys, bytes) = store.size();
     let s = server.stats();
@@ -266,7 +302,7 @@ pub(crate) fn stats_of(
         refused_connections: s.refused,
         keys,
         bytes,
-        commands: commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
+        commands,
     }
 }
 
@@ -305,14 +341,14 @@ impl request::Session for Session<'_> {
 
     fn batch_done(
         &mut self,
-        _conn: &Connection,
+        conn: &Connection,
         _out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         let service = self.service;
         if let (Some(aof), Some(seq)) = (&service.aof, self.batch.unsynced.take()) {
             service.commit(aof, seq)?;
         }
-        service.count(&mut self.batch);
+        service.count(conn, &mut self.batch);
         Ok(ControlFlow::Continue(()))
     }
 }

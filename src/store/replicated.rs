@@ -354,7 +354,12 @@ impl ReplicatedStore {
     }
 
     fn stats(&self, server: &ServerHandle, out: &mut Vec<u8>) {
-        let stats = super::stats_of(&self.store, server, self.started, &self.commands);
+        let stats = super::stats_of(
+            &self.store,
+            server,
+            self.started,
+            self.commands.each_ref().map(|c| c.load(Ordering::Relaxed)),
+        );
         let mut payload = Vec::new();
         protocol::format_stats(&stats, &mut payload);
         payload.truncate(payload.len() - 2); // reopen the list: "]}"

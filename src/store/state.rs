@@ -13,8 +13,9 @@
 //! little to contend; the shards are for machines with more, and cost nothing measurable
 //! here.
 
+use super::keyhash::KeyHasher;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Number of shards; a power of two well above the number of cores this runs on.
@@ -28,19 +29,147 @@ struct Shard {
     inner: RwLock<ShardMap>,
 }
 
+/// A shard's entries, filed by their key's keyed hash: the hash is computed once per
+/// request (it picks the shard, then the bucket), not once for the shard and again by the
+/// map. Two keys with the same 64-bit hash share a [`Slot`]; without the hash key no
+/// client can make that happen on purpose (and by chance it takes billions of keys).
 #[derive(Default)]
 struct ShardMap {
-    map: HashMap<Box<[u8]>, Box<[u8]>>,
+    map: HashMap<u64, Slot, BuildHasherDefault<Prehashed>>,
+    /// Keys in this shard (a slot may hold more than one).
+    keys: u64,
     /// Bytes of keys and values in this shard, for `stats`.
     bytes: u64,
+}
+
+/// The entries whose keys share one hash: almost always one.
+enum Slot {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+struct Entry {
+    key: Box<[u8]>,
+    value: Box<[u8]>,
+}
+
+impl Slot {
+    fn entries(&self) -> &[Entry] {
+        match self {
+            Slot::One(e) => std::slice::from_ref(e),
+            Slot::Many(v) => v,
+        }
+    }
+
+    fn entries_mut(&mut self) -> &mut [Entry] {
+        match self {
+            Slot::One(e) => std::slice::from_mut(e),
+            Slot::Many(v) => v,
+        }
+    }
+}
+
+impl ShardMap {
+    fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
+        let slot = self.map.get(&hash)?;
+        slot.entries()
+            .iter()
+            .find(|e| &*e.key == key)
+            .map(|e| &e.value[..])
+    }
+
+    /// Sets `key` to `value` (its hash is `hash`), keeping `bytes` and `keys` exact.
+    fn set(&mut self, hash: u64, key: &[u8], value: &[u8]) {
+        let slot = self
+            .map
+            .entry(hash)
+            .or_insert_with(|| Slot::Many(Vec::new()));
+        // Overwriting looks the key up by reference: no key allocation, and none for the
+        // value either when its length is unchanged (the common case for counters and
+        // fixed-size records).
+        if let Some(old) = slot.entries_mut().iter_mut().find(|e| &*e.key == key) {
+            self.bytes = self.bytes - old.value.len() as u64 + value.len() as u64;
+            if old.value.len() == value.len() {
+                old.value.copy_from_slice(value);
+            } else {
+                old.value = Box::from(value);
+            }
+            return;
+        }
+        self.bytes += (key.len() + value.len()) as u64;
+        self.keys += 1;
+        let entry = Entry {
+            key: Box::from(key),
+            value: Box::from(value),
+        };
+        match slot {
+            Slot::Many(v) if v.is_empty() => *slot = Slot::One(entry),
+            Slot::Many(v) => v.push(entry),
+            Slot::One(_) => {
+                let Slot::One(first) = std::mem::replace(slot, Slot::Many(Vec::new())) else {
+                    unreachable!("matched One above");
+                };
+                *slot = Slot::Many(vec![first, entry]);
+            }
+        }
+    }
+
+    /// Removes `key`; true if it was there.
+    fn remove(&mut self, hash: u64, key: &[u8]) -> bool {
+        let Some(slot) = self.map.get_mut(&hash) else {
+            return false;
+        };
+        let removed = match slot {
+            Slot::One(e) if &*e.key == key => {
+                let gone = (e.key.len() + e.value.len()) as u64;
+                self.map.remove(&hash);
+                gone
+            }
+            Slot::One(_) => return false,
+            Slot::Many(v) => {
+                let Some(i) = v.iter().position(|e| &*e.key == key) else {
+                    return false;
+                };
+                let e = v.swap_remove(i);
+                if v.is_empty() {
+                    self.map.remove(&hash);
+                }
+                (e.key.len() + e.value.len()) as u64
+            }
+        };
+        self.bytes -= removed;
+        self.keys -= 1;
+        true
+    }
+}
+
+/// The map's hasher for keys that are already keyed hashes: it spreads the hash once more
+/// (the shard took its top bits, which the map would otherwise read for its own tags).
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _bytes: &[u8]) {
+        unreachable!("only u64 hashes are filed in a shard map");
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        // An odd multiplier is a bijection: distinct hashes stay distinct, and the product's
+        // top bits depend on all of the hash's bits.
+        self.0 = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The store's shared state; cheap to share behind an `Arc`.
 pub struct Store {
     shards: Box<[Shard]>,
-    /// Picks the shard. Keys come from clients, so the hash is keyed (SipHash with a random
-    /// key), which keeps anyone from aiming every key at one shard.
-    hasher: RandomState,
+    /// Hashes keys. Keys come from clients, so the hash is keyed (SipHash-1-3 with a random
+    /// key), which keeps anyone from aiming every key at one shard or one bucket.
+    hasher: KeyHasher,
 }
 
 impl Default for Store {
@@ -54,27 +183,30 @@ impl Store {
     pub fn new() -> Self {
         Store {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::random(),
         }
     }
 
-    fn shard(&self, key: &[u8]) -> &Shard {
-        let h = self.hasher.hash_one(key);
-        // The top bits: the map inside the shard uses the low ones of its own hash.
-        &self.shards[(h >> 58) as usize % SHARDS]
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash(key)
     }
 
-    fn read(&self, key: &[u8]) -> RwLockReadGuard<'_, ShardMap> {
-        // A panic while holding a shard lock cannot leave a half-updated map (every update
-        // is one HashMap call), so a poisoned lock is still consistent.
-        self.shard(key)
+    fn shard(&self, hash: u64) -> &Shard {
+        &self.shards[(hash >> 58) as usize % SHARDS]
+    }
+
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, ShardMap> {
+        // A panic while holding a shard lock cannot leave a half-updated map (an update
+        // allocates before it changes anything, and the counts are changed last), so a
+        // poisoned lock is still consistent.
+        self.shard(hash)
             .inner
             .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self, key: &[u8]) -> RwLockWriteGuard<'_, ShardMap> {
-        self.shard(key)
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, ShardMap> {
+        self.shard(hash)
             .inner
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -83,8 +215,8 @@ impl Store {
     /// Calls `f` with the value of `key` (or `None`) under the shard's read lock; `f` should
     /// only copy what it needs.
     pub fn with_value<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
-        let shard = self.read(key);
-        f(shard.map.get(key).map(|v| &v[..]))
+        let hash = self.hash(key);
+        f(self.read(hash).get(hash, key))
     }
 
     /// The value of `key`, copied.
@@ -95,25 +227,9 @@ impl Store {
     /// Sets `key` to `value`. `log` runs under the shard's write lock, after the update:
     /// writes to one key reach the log in the order they reach the map.
     pub fn set_logged<R>(&self, key: &[u8], value: &[u8], log: impl FnOnce() -> R) -> R {
-        let mut shard = self.write(key);
-        let shard = &mut *shard;
-        // Overwriting looks the key up by reference: no key allocation, and none for the
-        // value either when its length is unchanged (the common case for counters and
-        // fixed-size records).
-        match shard.map.get_mut(key) {
-            Some(old) => {
-                shard.bytes = shard.bytes - old.len() as u64 + value.len() as u64;
-                if old.len() == value.len() {
-                    old.copy_from_slice(value);
-                } else {
-                    *old = Box::from(value);
-                }
-            }
-            None => {
-                shard.bytes += (key.len() + value.len()) as u64;
-                shard.map.insert(Box::from(key), Box::from(value));
-            }
-        }
+        let hash = self.hash(key);
+        let mut shard = self.write(hash);
+        shard.set(hash, key, value);
         log()
     }
 
@@ -125,15 +241,13 @@ impl Store {
     /// Removes `key`; true if it was present. `log` runs under the write lock, and only
     /// when something was removed.
     pub fn delete_logged(&self, key: &[u8], log: impl FnOnce()) -> bool {
-        let mut shard = self.write(key);
-        match shard.map.remove_entry(key) {
-            Some((k, v)) => {
-                shard.bytes -= (k.len() + v.len()) as u64;
-                log();
-                true
-            }
-            None => false,
+        let hash = self.hash(key);
+        let mut shard = self.write(hash);
+        let removed = shard.remove(hash, key);
+        if removed {
+            log();
         }
+        removed
     }
 
     /// Removes `key`; true if it was present.
@@ -141,12 +255,20 @@ impl Store {
         self.delete_logged(key, || ())
     }
 
+    /// Whether `f` holds for any value (each shard under its read lock in turn).
+    pub fn any_value(&self, f: impl Fn(&[u8]) -> bool) -> bool {
+        self.shards.iter().any(|s| {
+            let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
+            s.map.values().flat_map(Slot::entries).any(|e| f(&e.value))
+        })
+    }
+
     /// Number of keys and bytes of keys and values, summed shard by shard (each shard is
     /// exact; the total is not one atomic snapshot while writes go on).
     pub fn size(&self) -> (u64, u64) {
         self.shards.iter().fold((0, 0), |(keys, bytes), s| {
             let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
-            (keys + s.map.len() as u64, bytes + s.bytes)
+            (keys + s.keys, bytes + s.bytes)
         })
     }
 
@@ -212,7 +334,7 @@ impl Snapshot<'_> {
                 };
                 let key = &self.keys[start..self.key_ends[self.next_key]];
                 self.next_key += 1;
-                if let Some(value) = shard.map.get(key) {
+                if let Some(value) = shard.get(self.store.hash(key), key) {
                     self.chunk.extend_from_slice(key);
                     self.chunk.extend_from_slice(value);
                     self.lens.push((key.len(), value.len()));
@@ -241,8 +363,8 @@ impl Snapshot<'_> {
             .inner
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        for key in shard.map.keys() {
-            self.keys.extend_from_slice(key);
+        for entry in shard.map.values().flat_map(Slot::entries) {
+            self.keys.extend_from_slice(&entry.key);
             self.key_ends.push(self.keys.len());
         }
         self.shard += 1;
@@ -267,6 +389,30 @@ mod tests {
         assert!(s.delete(b"k"));
         assert!(!s.delete(b"k"));
         assert_eq!(s.size(), (1, 5));
+    }
+
+    #[test]
+    fn keys_that_share_a_hash_are_kept_apart() {
+        // Forced collisions: the same hash for every key, as SipHash gives only by chance.
+        let mut m = ShardMap::default();
+        for (k, v) in [(&b"a"[..], &b"1"[..]), (b"bb", b"22"), (b"ccc", b"333")] {
+            m.set(7, k, v);
+        }
+        m.set(7, b"bb", b"two");
+        assert_eq!(m.get(7, b"a"), Some(&b"1"[..]));
+        assert_eq!(m.get(7, b"bb"), Some(&b"two"[..]));
+        assert_eq!(m.get(7, b"ccc"), Some(&b"333"[..]));
+        assert_eq!(m.get(8, b"a"), None);
+        assert_eq!((m.keys, m.bytes), (3, 2 + 5 + 6));
+        assert!(m.remove(7, b"a"));
+        assert!(!m.remove(7, b"a"));
+        assert!(m.remove(7, b"ccc"));
+        assert_eq!(m.get(7, b"bb"), Some(&b"two"[..]));
+        assert!(m.remove(7, b"bb"));
+        assert!(m.map.is_empty(), "an emptied slot leaves the map");
+        assert_eq!((m.keys, m.bytes), (0, 0));
+        m.set(7, b"x", b"");
+        assert!(matches!(m.map.get(&7), Some(Slot::One(_))));
     }
 
     #[test]
