@@ -919,3 +919,90 @@ fn the_secret_is_required_off_loopback_and_must_be_private() {
         server.log_text()
     );
 }
+
+/// Seeded random bytes at every member's port of a federation with the secret, now and then
+/// after a plausible server hello or a heartbeat: nobody exits, no member's RSS passes
+/// 64 MiB, the federation stays whole and a line still reaches the other server once.
+fn fuzz_federation(duration: std::time::Duration, seed: u64) {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    use switchboard::bench::{process_rss_kib, Rng};
+    let file = secret_file(
+        &format!("fuzz-{seed}"),
+        b"a federation secret of 32 bytes\n",
+    );
+    let file = file.to_str().unwrap();
+    let a = start(&["--secret-file", file]);
+    let b = start(&["--secret-file", file, "--join", &a.addr.to_string()]);
+    let c = start(&["--secret-file", file, "--join", &a.addr.to_string()]);
+    converge(&[&a, &b, &c]);
+    let mut alice = join(a.addr, "alice");
+    settle(&[&a, &b, &c], &["alice"]);
+    let mut bob = join(b.addr, "bob");
+    settle(&[&a, &b, &c], &["alice", "bob"]);
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+    let members = [&a, &b, &c];
+    let mut rng = Rng::new(seed);
+    let (mut connections, mut peak) = (0, 0);
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        let target = members[rng.below(3) as usize];
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&target.addr, Duration::from_secs(2))
+        else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        match rng.below(4) {
+            0 => {
+                let hello = format!("{{server_hello,{{\"{}\",{}}}}}\n", b.addr, rng.next_u64());
+                let _ = s.write_all(hello.as_bytes());
+            }
+            1 => {
+                let _ = s.write_all(b"heartbeat\n");
+            }
+            _ => {}
+        }
+        let n = rng.below(4096) as usize;
+        let _ = s.write_all(&rng.bytes(n));
+        if rng.below(4) == 0 {
+            let _ = s.write_all(b"\n");
+        }
+        let _ = s.read(&mut [0; 64]);
+        connections += 1;
+        if connections % 64 == 0 {
+            for m in members {
+                peak = peak.max(process_rss_kib(m.child.id()).unwrap_or(0));
+            }
+        }
+    }
+    eprintln!("fuzz (seed {seed}): {connections} connections in {duration:?}, peak RSS {peak} KiB");
+    assert!(peak < 64 << 10, "a member's RSS reached {peak} KiB");
+    for m in members {
+        assert!(
+            LineClient::connect(m.addr)
+                .ask("servers\n")
+                .starts_with("{servers,"),
+            "{} stopped answering",
+            m.addr
+        );
+    }
+    converge(&[&a, &b, &c]);
+    say(&mut bob, "bob", "after the fuzz");
+    expect(
+        &mut [&mut alice, &mut bob],
+        &[r#"{message,"bob","after the fuzz"}"#],
+    );
+}
+
+#[test]
+fn a_seeded_random_byte_fuzz_of_every_federation_port_changes_nothing() {
+    fuzz_federation(std::time::Duration::from_secs(3), 15);
+}
+
+/// The 60 s version: `cargo test --test chat fuzz -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn a_minute_of_fuzz_at_the_federation_changes_nothing() {
+    fuzz_federation(std::time::Duration::from_secs(60), 1515);
+}

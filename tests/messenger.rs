@@ -1516,7 +1516,9 @@ fn partition_of_the_clients_from_the_primary_is_served_through_a_backup() {
     load.more(20);
     let (acked, delivered) = load.finish();
     check_deliveries(&acked, &delivered, |_| false, None, &cluster.logs());
-    assert!(during >= 100, "{during}");
+    // A reply already past the proxy when it was cut is recorded just after `cut`: at most
+    // one per client (three) may still name server 0.
+    assert!(during >= 97, "{during}");
     if !stalled(&cluster) {
         assert!(leads(&cluster, 0), "{}", cluster.logs());
         assert_eq!(
