@@ -5,7 +5,7 @@ use argh::FromArgs;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use switchboard::messenger::client::console;
-use switchboard::messenger::{self, Client};
+use switchboard::messenger::Client;
 
 /// Talk to a messenger cluster: register, login, search, send, logout, delete, quit. At
 /// start it says which servers accept connections; a command fails within a second when
@@ -19,7 +19,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args: Args = argh::from_env();
-    let client = match messenger::parse_addrs(&args.servers) {
+    let client = match switchboard::cli::addresses(&args.servers) {
         Ok(servers) => Client::new(servers),
         Err(e) => {
             eprintln!("messenger-client: --servers: {e}");

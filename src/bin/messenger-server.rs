@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     let (Some(id), Some(peers)) = (args.id, &args.peers) else {
         return fail("--id and --peers are required to serve");
     };
-    let peers = match messenger::parse_addrs(peers) {
+    let peers = match switchboard::cli::addresses(peers) {
         Ok(p) => p,
         Err(e) => return fail(&format!("--peers: {e}")),
     };
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
             n - 1
         ));
     }
-    let dial = match args.dial.as_deref().map(messenger::parse_addrs) {
+    let dial = match args.dial.as_deref().map(switchboard::cli::addresses) {
         None => peers.clone(),
         Some(Ok(d)) if d.len() == peers.len() => d,
         Some(Ok(d)) => {

@@ -183,28 +183,3 @@ pub mod state;
 
 pub use client::{Client, ClientError};
 pub use replication::{Options, Replica};
-
-use std::net::{SocketAddr, ToSocketAddrs};
-
-/// Parses a comma-separated list of `HOST:PORT` addresses (each resolved to its first
-/// address).
-///
-/// # Errors
-/// A message naming the entry that does not resolve, or saying the list is empty.
-pub fn parse_addrs(list: &str) -> Result<Vec<SocketAddr>, String> {
-    let addrs: Result<Vec<SocketAddr>, String> = list
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| format!("{s:?} is not a HOST:PORT address"))
-        })
-        .collect();
-    match addrs {
-        Ok(a) if a.is_empty() => Err("no addresses given".into()),
-        other => other,
-    }
-}
