@@ -596,3 +596,58 @@ fn every_framing_is_served_and_forwarded_in_that_framing() {
         }
     }
 }
+
+/// Sends `count` stores pipelined on one connection (`chunk` at a time, one write each),
+/// then a `stats`, whose reply comes once every store before it is applied.
+fn pipelined_stores(addr: SocketAddr, from: usize, count: usize) {
+    let mut conn = common::LineClient::connect(addr);
+    let chunk = 1000;
+    for start in (from..from + count).step_by(chunk) {
+        let mut bytes = Vec::new();
+        for i in start..(start + chunk).min(from + count) {
+            bytes.extend_from_slice(format!("store,k{i},v{i}\n").as_bytes());
+        }
+        conn.send(&bytes);
+    }
+    assert!(
+        conn.ask("stats\n").starts_with("{stats,"),
+        "the stores were acknowledged"
+    );
+}
+
+/// The full size: a follower down while 100,000 writes go in catches up from the
+/// leader's snapshot (the default `--snapshot-every 100000`; a 2 MB snapshot). A few
+/// seconds on a quiet machine: `cargo test --test raft_store -- --ignored`.
+#[test]
+#[ignore]
+fn a_follower_down_for_100000_writes_catches_up_by_snapshot() {
+    let mut c = Cluster::start("catchup", false);
+    let leader = c.one_leader();
+    pipelined_stores(c.addrs[leader], 0, 10);
+    let behind = (leader + 1) % N;
+    c.kill9(behind);
+    pipelined_stores(c.addrs[leader], 10, 100_000);
+    let leader = c.one_leader();
+    let mut s = c.stats(leader).unwrap();
+    common::eventually("the leader to compact", || {
+        s = c.stats(leader).unwrap();
+        s.snapshot >= 100_000
+    });
+    let before = Instant::now();
+    c.spawn(behind);
+    common::eventually("the follower to catch up", || {
+        c.stats(behind)
+            .is_some_and(|f| f.applied >= s.commit && f.snapshot >= 100_000)
+    });
+    eprintln!("caught up in {:?}", before.elapsed());
+    // Every write is there, read through the follower (forwarded, linearizable).
+    let mut client =
+        StoreClient::connect_timeout(c.addrs[behind], Framing::Line, IO_TIMEOUT).unwrap();
+    for i in (0..100_010).step_by(997).chain([100_009]) {
+        let want = format!("v{i}").into_bytes();
+        assert_eq!(
+            client.lookup(format!("k{i}").as_bytes()).unwrap(),
+            Some(want)
+        );
+    }
+}
