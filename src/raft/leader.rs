@@ -70,6 +70,22 @@ impl RaftCore {
     /// [`RaftError::NotLeader`] on a follower or candidate, [`RaftError::Transferring`]
     /// during a leadership transfer.
     pub fn propose(&mut self, data: Vec<u8>, out: &mut Ready) -> Result<(u64, u64), RaftError> {
+        let (first, term) = self.propose_all(vec![data], out)?;
+        Ok((first, term))
+    }
+
+    /// Appends every command of `batch` in order, then sends each follower what it lacks
+    /// once: a driver that gathers the proposals of many clients sends one Append per
+    /// follower for all of them (per `max_batch` entries), not one per proposal. Returns
+    /// the first one's index and their term (the others follow it).
+    ///
+    /// # Errors
+    /// As [`RaftCore::propose`]: then none of them is appended.
+    pub fn propose_all(
+        &mut self,
+        batch: Vec<Vec<u8>>,
+        out: &mut Ready,
+    ) -> Result<(u64, u64), RaftError> {
         if self.role != Role::Leader {
             return Err(RaftError::NotLeader {
                 leader: self.leader,
@@ -79,7 +95,9 @@ impl RaftCore {
             return Err(RaftError::Transferring);
         }
         let at = (self.log.last_index() + 1, self.term);
-        self.append(data, out);
+        for data in batch {
+            self.append(data, out);
+        }
         self.broadcast_append(out);
         Ok(at)
     }
@@ -125,6 +143,11 @@ impl RaftCore {
             self.send_append(to, false, out);
         }
         Ok(())
+    }
+
+    /// Read-index rounds this replica has started (as leader, in any term).
+    pub fn read_rounds(&self) -> u64 {
+        self.reads.last_round
     }
 
     pub(super) fn become_leader(&mut self, out: &mut Ready) {
@@ -382,19 +405,24 @@ impl RaftCore {
         }
     }
 
+    /// Tells the followers the new commit index: by the heartbeats of a read round if one
+    /// starts now (they carry it), else by an Append (empty when a follower lacks nothing).
     pub(super) fn on_commit(&mut self, out: &mut Ready) {
-        self.broadcast_append(out);
-        self.start_read_round(out);
+        let heartbeats = self.start_read_round(out);
+        for p in self.peers.clone() {
+            self.send_append(p, !heartbeats, out);
+        }
     }
 
-    fn start_read_round(&mut self, out: &mut Ready) {
+    /// Starts a read round if reads wait and none is out; true when its heartbeats went.
+    fn start_read_round(&mut self, out: &mut Ready) -> bool {
         // §6.4: until an entry of its term is committed a new leader does not know the
         // commit index, so reads wait for the no-op.
         if self.reads.current.is_some()
             || self.reads.waiting.is_empty()
             || self.log.term(self.commit) != Some(self.term)
         {
-            return;
+            return false;
         }
         self.reads.last_round += 1;
         self.reads.current = Some(Round {
@@ -405,6 +433,7 @@ impl RaftCore {
         });
         self.heartbeat_elapsed = 0;
         self.broadcast_heartbeat(out);
+        true
     }
 
     pub(super) fn fail_reads(&mut self, out: &mut Ready) {

@@ -489,7 +489,21 @@ fn format_raft(s: &Status, out: &mut Vec<u8>) {
         }
         let _ = write!(out, "{{{},{m}}}", p - 1);
     }
-    out.extend_from_slice(b"]}]}");
+    let c = &s.counts;
+    let _ = write!(
+        out,
+        "]}},{{counts,[{{fsyncs,{}}},{{rounds,{}}},{{appends,{}}},{{heartbeats,{}}},\
+         {{answers,{}}},{{other,{}}},{{proposals,{}}},{{reads,{}}},{{read_rounds,{}}}]}}]}}",
+        c.fsyncs,
+        c.rounds,
+        c.appends,
+        c.heartbeats,
+        c.answers,
+        c.other,
+        c.proposals,
+        c.reads,
+        c.read_rounds
+    );
 }
 
 /// The follower's connection to the leader, for one client connection.
