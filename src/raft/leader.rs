@@ -51,6 +51,20 @@ pub(crate) struct Reads {
     current: Option<Round>,
     /// Reads for the next round.
     waiting: Vec<u64>,
+    /// Reads that an Append acknowledgement may confirm before their round does.
+    riders: Vec<Rider>,
+}
+
+/// A read that rides on Appends (thesis §6.4's confirmation, by Appends instead of
+/// heartbeats): it is confirmed once a majority's match reaches `after`, the first index
+/// appended after it was asked, since only an Append sent after the read can carry that
+/// index, and a follower that acknowledges it has not voted for a later term by then.
+#[derive(Debug)]
+struct Rider {
+    ctx: u64,
+    /// The commit index when it was asked (of this term: see `read_index`).
+    index: u64,
+    after: u64,
 }
 
 #[derive(Debug)]
@@ -103,8 +117,10 @@ impl RaftCore {
     }
 
     /// Asks for a linearizable read tagged `ctx`. The confirmation comes out in
-    /// [`Ready::reads`] once a majority has answered a heartbeat sent after this call
-    /// (or in [`Ready::failed_reads`] if this replica stops leading first).
+    /// [`Ready::reads`] once a majority has answered a heartbeat sent after this call,
+    /// or (when the leader has committed in its term already) acknowledged an entry
+    /// appended after this call, whichever comes first (or in [`Ready::failed_reads`] if
+    /// this replica stops leading first).
     ///
     /// # Errors
     /// [`RaftError::NotLeader`] unless this replica leads.
@@ -115,8 +131,48 @@ impl RaftCore {
             });
         }
         self.reads.waiting.push(ctx);
+        if self.log.term(self.commit) == Some(self.term) {
+            self.reads.riders.push(Rider {
+                ctx,
+                index: self.commit,
+                after: self.log.last_index() + 1,
+            });
+        }
         self.start_read_round(out);
         Ok(())
+    }
+
+    /// Confirms the riders whose first later index a majority (this leader included)
+    /// has acknowledged; their reads leave the heartbeat rounds.
+    fn confirm_riders(&mut self, out: &mut Ready) {
+        if self.reads.riders.is_empty() {
+            return;
+        }
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        // This leader plus `quorum - 1` followers.
+        let reached = matched[self.quorum - 2];
+        let mut done = Vec::new();
+        self.reads.riders.retain(|r| {
+            if r.after <= reached {
+                done.push(ReadState {
+                    ctx: r.ctx,
+                    index: r.index,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        if done.is_empty() {
+            return;
+        }
+        let confirmed = |ctx: &u64| done.iter().any(|d| d.ctx == *ctx);
+        self.reads.waiting.retain(|c| !confirmed(c));
+        if let Some(round) = self.reads.current.as_mut() {
+            round.ctxs.retain(|c| !confirmed(c));
+        }
+        out.reads.extend(done);
     }
 
     /// Hands leadership to `to` for a planned stop (thesis §3.10): proposals are refused,
@@ -326,6 +382,7 @@ impl RaftCore {
             pr.next = pr.next.min(last + 1).max(pr.matched + 1);
         }
         let caught_up = pr.matched == last;
+        self.confirm_riders(out);
         if self.maybe_commit() {
             self.on_commit(out);
         } else {
@@ -374,6 +431,7 @@ impl RaftCore {
         current.acks.push(from);
         if current.acks.len() + 1 >= quorum {
             let done = self.reads.current.take().expect("checked above");
+            self.reads.riders.retain(|r| !done.ctxs.contains(&r.ctx));
             for ctx in done.ctxs {
                 out.reads.push(ReadState {
                     ctx,
@@ -437,6 +495,8 @@ impl RaftCore {
     }
 
     pub(super) fn fail_reads(&mut self, out: &mut Ready) {
+        // Every rider's read is waiting or in the round too: it fails there.
+        self.reads.riders.clear();
         if let Some(r) = self.reads.current.take() {
             out.failed_reads.extend(r.ctxs);
         }
