@@ -576,9 +576,19 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         if every == 0 || self.applied < self.core.snapshot().index + every {
             return Ok(());
         }
+        // On this thread: no tick, message or proposal is handled meanwhile. The log line
+        // says for how long (what a larger store costs in stalled rounds).
+        let started = Instant::now();
         let data = self.sm.snapshot();
+        let bytes = data.len();
         if let Ok(snap) = self.core.compact(self.applied, data) {
             self.storage.save_snapshot(&snap)?;
+            log_info!(
+                "raft {}: snapshot at {} ({bytes} bytes) taken and saved in {} ms",
+                self.core.id(),
+                snap.index,
+                started.elapsed().as_millis()
+            );
         }
         Ok(())
     }
