@@ -61,6 +61,8 @@ pub struct RaftStorage {
     hard: HardState,
     /// The snapshot file's index and term.
     snap: (u64, u64),
+    /// Disk syncs since the start: one per log append, hard state or snapshot saved.
+    syncs: u64,
 }
 
 /// A file that is not what this module wrote.
@@ -230,6 +232,7 @@ impl RaftStorage {
             end: good_end.max(LOG_MAGIC.len()) as u64,
             hard,
             snap: (snapshot.index, snapshot.term),
+            syncs: 0,
         };
         if !continues {
             storage.rewrite_log_after(u64::MAX)?;
@@ -256,6 +259,12 @@ impl RaftStorage {
         }
     }
 
+    /// How many times this storage has synced the disk since it was opened (each log
+    /// append, hard state and snapshot counts once): for counting fsyncs per write.
+    pub fn syncs(&self) -> u64 {
+        self.syncs
+    }
+
     /// Persists what `ready` asks for, in the module's order, with one fsync for all of
     /// its entries. Returns the (index, term) to report with
     /// [`RaftCore::persisted`](super::RaftCore::persisted), if anything was written.
@@ -265,7 +274,7 @@ impl RaftStorage {
     pub fn save(&mut self, ready: &Ready) -> io::Result<Option<(u64, u64)>> {
         let mut ack = None;
         if let Some(h) = ready.hard_state {
-            if (h.term, h.vote) != (self.hard.term, self.hard.vote) {
+            if !self.same_term_and_vote(&h) {
                 self.save_hard_state(h)?;
             }
         }
@@ -278,6 +287,12 @@ impl RaftStorage {
             ack = Some((last.index, last.term));
         }
         Ok(ack)
+    }
+
+    /// True when `h` has the stored term and vote: saving it would write nothing (the
+    /// commit index alone is never written).
+    pub fn same_term_and_vote(&self, h: &HardState) -> bool {
+        (h.term, h.vote) == (self.hard.term, self.hard.vote)
     }
 
     /// Replaces the hard-state file.
@@ -297,6 +312,7 @@ impl RaftStorage {
             w.write_all(HARD_MAGIC)?;
             w.write_all(&body)
         })?;
+        self.syncs += 1;
         self.hard = h;
         Ok(())
     }
@@ -324,6 +340,7 @@ impl RaftStorage {
             w.write_all(&snap.data)?;
             w.write_all(&crc.to_be_bytes())
         })?;
+        self.syncs += 1;
         let keep = self.term_at(snap.index) == Some(snap.term);
         self.snap = (snap.index, snap.term);
         self.rewrite_log_after(if keep { snap.index } else { u64::MAX })
@@ -416,7 +433,9 @@ impl RaftStorage {
         write_at(&self.log, self.end, &buf)?;
         self.end += buf.len() as u64;
         // fdatasync: the data and the length that reaches it, not the timestamps.
-        self.log.sync_data()
+        self.log.sync_data()?;
+        self.syncs += 1;
+        Ok(())
     }
 }
 

@@ -51,6 +51,20 @@ pub(crate) struct Reads {
     current: Option<Round>,
     /// Reads for the next round.
     waiting: Vec<u64>,
+    /// Reads that an Append acknowledgement may confirm before their round does.
+    riders: Vec<Rider>,
+}
+
+/// A read that rides on Appends (thesis §6.4's confirmation, by Appends instead of
+/// heartbeats): it is confirmed once a majority's match reaches `after`, the first index
+/// appended after it was asked, since only an Append sent after the read can carry that
+/// index, and a follower that acknowledges it has not voted for a later term by then.
+#[derive(Debug)]
+struct Rider {
+    ctx: u64,
+    /// The commit index when it was asked (of this term: see `read_index`).
+    index: u64,
+    after: u64,
 }
 
 #[derive(Debug)]
@@ -70,6 +84,22 @@ impl RaftCore {
     /// [`RaftError::NotLeader`] on a follower or candidate, [`RaftError::Transferring`]
     /// during a leadership transfer.
     pub fn propose(&mut self, data: Vec<u8>, out: &mut Ready) -> Result<(u64, u64), RaftError> {
+        let (first, term) = self.propose_all(vec![data], out)?;
+        Ok((first, term))
+    }
+
+    /// Appends every command of `batch` in order, then sends each follower what it lacks
+    /// once: a driver that gathers the proposals of many clients sends one Append per
+    /// follower for all of them (per `max_batch` entries), not one per proposal. Returns
+    /// the first one's index and their term (the others follow it).
+    ///
+    /// # Errors
+    /// As [`RaftCore::propose`]: then none of them is appended.
+    pub fn propose_all(
+        &mut self,
+        batch: Vec<Vec<u8>>,
+        out: &mut Ready,
+    ) -> Result<(u64, u64), RaftError> {
         if self.role != Role::Leader {
             return Err(RaftError::NotLeader {
                 leader: self.leader,
@@ -79,14 +109,18 @@ impl RaftCore {
             return Err(RaftError::Transferring);
         }
         let at = (self.log.last_index() + 1, self.term);
-        self.append(data, out);
+        for data in batch {
+            self.append(data, out);
+        }
         self.broadcast_append(out);
         Ok(at)
     }
 
     /// Asks for a linearizable read tagged `ctx`. The confirmation comes out in
-    /// [`Ready::reads`] once a majority has answered a heartbeat sent after this call
-    /// (or in [`Ready::failed_reads`] if this replica stops leading first).
+    /// [`Ready::reads`] once a majority has answered a heartbeat sent after this call,
+    /// or (when the leader has committed in its term already) acknowledged an entry
+    /// appended after this call, whichever comes first (or in [`Ready::failed_reads`] if
+    /// this replica stops leading first).
     ///
     /// # Errors
     /// [`RaftError::NotLeader`] unless this replica leads.
@@ -97,8 +131,48 @@ impl RaftCore {
             });
         }
         self.reads.waiting.push(ctx);
+        if self.log.term(self.commit) == Some(self.term) {
+            self.reads.riders.push(Rider {
+                ctx,
+                index: self.commit,
+                after: self.log.last_index() + 1,
+            });
+        }
         self.start_read_round(out);
         Ok(())
+    }
+
+    /// Confirms the riders whose first later index a majority (this leader included)
+    /// has acknowledged; their reads leave the heartbeat rounds.
+    fn confirm_riders(&mut self, out: &mut Ready) {
+        if self.reads.riders.is_empty() {
+            return;
+        }
+        let mut matched: Vec<u64> = self.progress.values().map(|p| p.matched).collect();
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        // This leader plus `quorum - 1` followers.
+        let reached = matched[self.quorum - 2];
+        let mut done = Vec::new();
+        self.reads.riders.retain(|r| {
+            if r.after <= reached {
+                done.push(ReadState {
+                    ctx: r.ctx,
+                    index: r.index,
+                });
+                false
+            } else {
+                true
+            }
+        });
+        if done.is_empty() {
+            return;
+        }
+        let confirmed = |ctx: &u64| done.iter().any(|d| d.ctx == *ctx);
+        self.reads.waiting.retain(|c| !confirmed(c));
+        if let Some(round) = self.reads.current.as_mut() {
+            round.ctxs.retain(|c| !confirmed(c));
+        }
+        out.reads.extend(done);
     }
 
     /// Hands leadership to `to` for a planned stop (thesis §3.10): proposals are refused,
@@ -125,6 +199,11 @@ impl RaftCore {
             self.send_append(to, false, out);
         }
         Ok(())
+    }
+
+    /// Read-index rounds this replica has started (as leader, in any term).
+    pub fn read_rounds(&self) -> u64 {
+        self.reads.last_round
     }
 
     pub(super) fn become_leader(&mut self, out: &mut Ready) {
@@ -303,6 +382,7 @@ impl RaftCore {
             pr.next = pr.next.min(last + 1).max(pr.matched + 1);
         }
         let caught_up = pr.matched == last;
+        self.confirm_riders(out);
         if self.maybe_commit() {
             self.on_commit(out);
         } else {
@@ -351,6 +431,7 @@ impl RaftCore {
         current.acks.push(from);
         if current.acks.len() + 1 >= quorum {
             let done = self.reads.current.take().expect("checked above");
+            self.reads.riders.retain(|r| !done.ctxs.contains(&r.ctx));
             for ctx in done.ctxs {
                 out.reads.push(ReadState {
                     ctx,
@@ -382,19 +463,24 @@ impl RaftCore {
         }
     }
 
+    /// Tells the followers the new commit index: by the heartbeats of a read round if one
+    /// starts now (they carry it), else by an Append (empty when a follower lacks nothing).
     pub(super) fn on_commit(&mut self, out: &mut Ready) {
-        self.broadcast_append(out);
-        self.start_read_round(out);
+        let heartbeats = self.start_read_round(out);
+        for p in self.peers.clone() {
+            self.send_append(p, !heartbeats, out);
+        }
     }
 
-    fn start_read_round(&mut self, out: &mut Ready) {
+    /// Starts a read round if reads wait and none is out; true when its heartbeats went.
+    fn start_read_round(&mut self, out: &mut Ready) -> bool {
         // §6.4: until an entry of its term is committed a new leader does not know the
         // commit index, so reads wait for the no-op.
         if self.reads.current.is_some()
             || self.reads.waiting.is_empty()
             || self.log.term(self.commit) != Some(self.term)
         {
-            return;
+            return false;
         }
         self.reads.last_round += 1;
         self.reads.current = Some(Round {
@@ -405,9 +491,12 @@ impl RaftCore {
         });
         self.heartbeat_elapsed = 0;
         self.broadcast_heartbeat(out);
+        true
     }
 
     pub(super) fn fail_reads(&mut self, out: &mut Ready) {
+        // Every rider's read is waiting or in the round too: it fails there.
+        self.reads.riders.clear();
         if let Some(r) = self.reads.current.take() {
             out.failed_reads.extend(r.ctxs);
         }

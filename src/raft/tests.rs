@@ -235,6 +235,52 @@ fn reads_wait_for_the_first_commit_of_the_term_and_share_a_round() {
 }
 
 #[test]
+fn a_read_rides_on_acknowledgements_of_appends_sent_after_it_only() {
+    let mut c = Cluster::new(3, 3, |_| {});
+    c.elect(1);
+    // Entry 2 goes out; the followers take it, and their acknowledgements wait on the wire.
+    let mut out = Ready::default();
+    let (two, _) = c.r(1).propose(b"a".to_vec(), &mut out).unwrap();
+    c.carry(1, out);
+    let mut held = VecDeque::new();
+    while let Some(m) = c.wire.pop_front() {
+        if m.to == 1 {
+            held.push_back(m);
+        } else {
+            let to = m.to;
+            let mut out = Ready::default();
+            c.r(to).receive(m, &mut out);
+            c.carry(to, out);
+        }
+    }
+    held.extend(c.wire.drain(..));
+    // The read is asked now; its round's heartbeats are lost, so only Appends can
+    // confirm it.
+    let mut out = Ready::default();
+    c.r(1).read_index(9, &mut out).unwrap();
+    out.messages
+        .retain(|m| !matches!(m.body, Body::Heartbeat { .. }));
+    c.sent.clear();
+    c.carry(1, out);
+    // Acknowledgements of an Append sent before the read commit entry 2, and prove
+    // nothing about the leadership since the read: no confirmation.
+    c.wire = held;
+    c.deliver();
+    assert_eq!(c.r(1).commit_index(), two);
+    assert!(c.reads.is_empty(), "{:?}", c.reads);
+    // An entry appended after the read: a majority's acknowledgement of it confirms the
+    // read, at the commit index it was asked at (1: entry 2 was not committed then).
+    c.propose(1, b"b").unwrap();
+    assert_eq!(c.reads, vec![ReadState { ctx: 9, index: 1 }]);
+    assert!(
+        !c.sent
+            .iter()
+            .any(|m| matches!(m.body, Body::HeartbeatResp { .. })),
+        "no heartbeat was answered"
+    );
+}
+
+#[test]
 fn a_deposed_leader_fails_its_pending_reads() {
     let mut c = Cluster::new(3, 4, |_| {});
     c.elect(1);

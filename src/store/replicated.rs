@@ -4,9 +4,10 @@
 //! - **Writes** (`store`, `delete`) are proposed to the log and answered once applied,
 //!   i.e. committed on a majority's disks; a connection's consecutive writes go in as one
 //!   batch, and the driver gives every write waiting at its next round one fsync.
-//! - **Lookups** are linearizable: read-index (the leader confirms with a heartbeat round
-//!   that it still leads, then answers once it has applied the commit index of that
-//!   moment), rounds shared by concurrent reads.
+//! - **Lookups** are linearizable: read-index (the leader confirms with a heartbeat round,
+//!   or by the acknowledgements of Appends sent after the lookup arrived, that it still
+//!   leads, then answers once it has applied the commit index of that moment), rounds
+//!   shared by concurrent reads.
 //! - **Order per connection**: a request is handled once everything before it on its
 //!   connection is applied, so a `lookup` after a `store` sees it. Across one server's
 //!   connections, arrival order as the classic store keeps it ([`crate::order`]): a
@@ -494,7 +495,21 @@ fn format_raft(s: &Status, out: &mut Vec<u8>) {
         }
         let _ = write!(out, "{{{},{m}}}", p - 1);
     }
-    out.extend_from_slice(b"]}]}");
+    let c = &s.counts;
+    let _ = write!(
+        out,
+        "]}},{{counts,[{{fsyncs,{}}},{{rounds,{}}},{{appends,{}}},{{heartbeats,{}}},\
+         {{answers,{}}},{{other,{}}},{{proposals,{}}},{{reads,{}}},{{read_rounds,{}}}]}}]}}",
+        c.fsyncs,
+        c.rounds,
+        c.appends,
+        c.heartbeats,
+        c.answers,
+        c.other,
+        c.proposals,
+        c.reads,
+        c.read_rounds
+    );
 }
 
 /// The follower's connection to the leader, for one client connection.
