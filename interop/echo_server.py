@@ -36,25 +36,19 @@ from __future__ import annotations
 
 import argparse
 import queue
-import signal
 import socket
 import sys
-import threading
-import time
-from types import FrameType
 from typing import Callable
 
 from message import (
-    add_addr_argument,
-    run_main,
     FrameReader,
     FramingError,
-    add_framing_argument,
-    listening_line,
-    open_listener,
-    port_number,
+    add_server_arguments,
     positive_timeout,
+    run_main,
     send_message,
+    serve_forever,
+    start_thread,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -131,10 +125,7 @@ def send_responses(q: queue.Queue[Item], framing: str, verbose: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Queue-pipeline echo server of seed 004.")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port, 0 for any free one (default: {DEFAULT_PORT})")
-    add_addr_argument(parser, "address to listen on")
-    add_framing_argument(parser, "ascii10")
+    add_server_arguments(parser, DEFAULT_HOST, DEFAULT_PORT, "ascii10")
     parser.add_argument("--transform", choices=sorted(TRANSFORMS), default="none", help="case-converter stage (default: none)")
     parser.add_argument("--timeout", type=positive_timeout, default=10.0,
                         help="seconds allowed for a send or for the rest of a started message (default: 10)")
@@ -144,50 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        listener = open_listener(args.host, args.port)
-    except OSError as exc:
-        print(f"{parser.prog}: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-
     sender_q: queue.Queue[Item] = queue.Queue()
     case_q: queue.Queue[Item] = queue.Queue()
-    threading.Thread(target=send_responses, args=(sender_q, args.framing, args.verbose), name="sender", daemon=True).start()
-    threading.Thread(
-        target=case_converter, args=(case_q, sender_q, TRANSFORMS[args.transform]), name="case_converter", daemon=True
-    ).start()
+    start_thread("sender", send_responses, sender_q, args.framing, args.verbose)
+    start_thread("case_converter", case_converter, case_q, sender_q, TRANSFORMS[args.transform])
 
-    print(listening_line(listener), file=sys.stderr, flush=True)
-    try:
-        while True:
-            try:
-                client, addr = listener.accept()
-            except OSError as exc:  # e.g. out of file descriptors: keep serving
-                print(f"{parser.prog}: accept failed: {exc}", file=sys.stderr, flush=True)
-                time.sleep(0.1)
-                continue
-            client.settimeout(args.timeout)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            log(args.verbose, f"Connection from: {addr[0]}:{addr[1]}")
-            threading.Thread(
-                target=read_requests,
-                args=(case_q, client, args.framing, args.max_frame, args.verbose),
-                name=f"reader-{addr[0]}:{addr[1]}",
-                daemon=True,
-            ).start()
-    except SystemExit:
-        return 0
-    finally:
-        listener.close()
+    def on_connection(client: socket.socket, peer: str) -> None:
+        log(args.verbose, f"Connection from: {peer}")
+        start_thread(f"reader-{peer}", read_requests, case_q, client, args.framing, args.max_frame, args.verbose)
+
+    return serve_forever(parser.prog, args.host, args.port, args.timeout, on_connection)
 
 
 if __name__ == "__main__":

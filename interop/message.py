@@ -33,9 +33,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import struct
 import sys
+import threading
+import time
 from typing import Callable, Final, Iterator, NoReturn, Protocol
 
 FRAMINGS: Final = ("line", "ascii10", "u16", "u32")
@@ -500,3 +503,63 @@ def listening_line(sock: socket.socket) -> str:
     """The ``listening on HOST:PORT`` line the Rust tests wait for."""
     host, port = sock.getsockname()[:2]
     return f"listening on {host}:{port}"
+
+
+def add_server_arguments(
+    parser: argparse.ArgumentParser, default_host: str, default_port: int, framing: str
+) -> None:
+    """The listening options every interop server takes: ``--host``, ``--port``,
+    ``--addr`` and ``--framing`` (with this server's defaults)."""
+    parser.add_argument("--host", default=default_host, help=f"address to bind (default: {default_host})")
+    parser.add_argument(
+        "--port", type=port_number, default=default_port, help=f"port, 0 for any free one (default: {default_port})"
+    )
+    add_addr_argument(parser, "address to listen on")
+    add_framing_argument(parser, framing)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve_forever(
+    prog: str,
+    host: str,
+    port: int,
+    timeout: float,
+    on_connection: Callable[[socket.socket, str], None],
+) -> int:
+    """The interop servers' accept loop: listen on ``host:port``, print
+    ``listening on HOST:PORT`` to stderr, and hand each accepted connection
+    (with ``timeout`` and ``TCP_NODELAY`` set, and its ``HOST:PORT`` text) to
+    ``on_connection``, which must not block for long (it starts a thread).
+    A failed accept (out of file descriptors, say) is logged and retried;
+    SIGTERM or Ctrl-C returns 0; a listen that fails returns 1 with one line."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        listener = open_listener(host, port)
+    except OSError as exc:
+        print(f"{prog}: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    print(listening_line(listener), file=sys.stderr, flush=True)
+    try:
+        while True:
+            try:
+                conn, addr = listener.accept()
+            except OSError as exc:
+                print(f"{prog}: accept failed: {exc}", file=sys.stderr, flush=True)
+                time.sleep(0.1)
+                continue
+            conn.settimeout(timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            on_connection(conn, f"{addr[0]}:{addr[1]}")
+    except SystemExit:
+        return 0
+    finally:
+        listener.close()
+
+
+def start_thread(name: str, target: Callable[..., None], *args: object) -> None:
+    """Start a daemon thread (the interop servers never join theirs: exit ends them)."""
+    threading.Thread(target=target, args=args, name=name, daemon=True).start()

@@ -45,25 +45,21 @@ from __future__ import annotations
 
 import argparse
 import select
-import signal
 import socket
 import sys
 import threading
 import time
-from types import FrameType
 
 from message import (
-    add_addr_argument,
-    run_main,
     FrameReader,
     FrameTooLong,
     FramingError,
-    add_framing_argument,
+    add_server_arguments,
     encode,
-    listening_line,
-    open_listener,
-    port_number,
     positive_timeout,
+    run_main,
+    serve_forever,
+    start_thread,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -265,10 +261,7 @@ def serve_connection(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Reference server for the classic store protocol.")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"port, 0 for any free one (default: {DEFAULT_PORT})")
-    add_addr_argument(parser, "address to listen on")
-    add_framing_argument(parser, "line")
+    add_server_arguments(parser, DEFAULT_HOST, DEFAULT_PORT, "line")
     parser.add_argument("--timeout", type=positive_timeout, default=10.0,
                         help="seconds allowed for a send or for the rest of a started frame (default: 10)")
     parser.add_argument("--idle-timeout", type=float, default=0.0,
@@ -279,52 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.max_frame < 1:
         parser.error("--max-frame must be at least 1")
     idle_timeout = args.idle_timeout if args.idle_timeout > 0 else None
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        listener = open_listener(args.host, args.port)
-    except OSError as exc:
-        print(f"{parser.prog}: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
     store = Store()
     registry = Registry()
-    print(listening_line(listener), file=sys.stderr, flush=True)
-    try:
-        while True:
-            try:
-                conn, addr = listener.accept()
-            except OSError as exc:  # e.g. out of file descriptors: keep serving
-                print(f"{parser.prog}: accept failed: {exc}", file=sys.stderr, flush=True)
-                time.sleep(0.1)
-                continue
-            conn.settimeout(args.timeout)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{addr[0]}:{addr[1]}"
-            if args.verbose:
-                print(f"connection from {peer}", file=sys.stderr, flush=True)
-            # Requests that arrived on older connections first are applied first.
-            registry.settle()
-            tracked = registry.add(conn)
-            threading.Thread(
-                target=serve_connection,
-                args=(conn, tracked, registry, peer, store, args.framing, args.max_frame, idle_timeout, args.verbose),
-                name=f"conn-{peer}",
-                daemon=True,
-            ).start()
-    except SystemExit:
-        return 0
-    finally:
-        listener.close()
+
+    def on_connection(conn: socket.socket, peer: str) -> None:
+        if args.verbose:
+            print(f"connection from {peer}", file=sys.stderr, flush=True)
+        # Requests that arrived on older connections first are applied first.
+        registry.settle()
+        tracked = registry.add(conn)
+        start_thread(
+            f"conn-{peer}", serve_connection,
+            conn, tracked, registry, peer, store, args.framing, args.max_frame, idle_timeout, args.verbose,
+        )
+
+    return serve_forever(parser.prog, args.host, args.port, args.timeout, on_connection)
 
 
 if __name__ == "__main__":
