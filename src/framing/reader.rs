@@ -136,7 +136,7 @@ impl<R: Read> FrameReader<R> {
     ///
     /// # Errors
     /// As [`FrameReader::read_frame`], except that it never returns `Truncated` or `Io`.
-    #[inline]
+    #[inline(always)]
     pub fn next_buffered(&mut self) -> Result<Option<&[u8]>, FrameError> {
         // The common case inline: a whole line within the limit, nothing being skipped.
         // Everything else (no newline yet, over the limit, size-prefixed framings) goes

@@ -69,12 +69,27 @@ impl Slot {
     }
 }
 
+/// Whether two keys are equal: as `a == b`, without a call to `memcmp` for keys of 8 to 16
+/// bytes (two overlapping word loads from each side cover them).
+#[inline(always)]
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if !(8..=16).contains(&n) {
+        return a == b;
+    }
+    let word = |k: &[u8], at: usize| u64::from_le_bytes(k[at..at + 8].try_into().expect("8 bytes"));
+    word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8)
+}
+
 impl ShardMap {
     fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
         let slot = self.map.get(&hash)?;
         slot.entries()
             .iter()
-            .find(|e| &*e.key == key)
+            .find(|e| same_key(&e.key, key))
             .map(|e| &e.value[..])
     }
 
@@ -187,6 +202,7 @@ impl Store {
         }
     }
 
+    #[inline(always)]
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash(key)
     }
@@ -413,6 +429,24 @@ mod tests {
         assert_eq!((m.keys, m.bytes), (0, 0));
         m.set(7, b"x", b"");
         assert!(matches!(m.map.get(&7), Some(Slot::One(_))));
+    }
+
+    #[test]
+    fn same_key_agrees_with_slice_equality() {
+        // Every length to 20 against every length to 20, and for equal lengths a
+        // difference at each position in turn: the word loads must cover every byte.
+        for n in 0..=20usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
+            for m in 0..=20usize {
+                let b: Vec<u8> = (0..m as u8).map(|i| i.wrapping_mul(37)).collect();
+                assert_eq!(same_key(&a, &b), a == b, "{n} vs {m}");
+            }
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x80;
+                assert!(!same_key(&a, &b), "length {n}, differing at {at}");
+            }
+        }
     }
 
     #[test]
