@@ -29,14 +29,14 @@ impl KeyHasher {
     }
 
     /// The hash of `key`.
-    #[inline]
+    #[inline(always)]
     pub fn hash(&self, key: &[u8]) -> u64 {
         sip::<1, 3>(self.k0, self.k1, key)
     }
 }
 
 /// SipHash-c-d of `bytes` under the key (k0, k1).
-#[inline]
+#[inline(always)]
 fn sip<const C: usize, const D: usize>(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
     let mut v = [
         k0 ^ 0x736f_6d65_7073_6575,

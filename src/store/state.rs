@@ -85,6 +85,7 @@ fn same_key(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl ShardMap {
+    #[inline(always)]
     fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
         let slot = self.map.get(&hash)?;
         slot.entries()
