@@ -201,15 +201,8 @@ impl StoreService {
             return false;
         };
         batch.counts[Verb::Lookup as usize] += 1;
-        self.store.with_value(key, |v| match v {
-            Some(v) => {
-                out.reserve(v.len() + 8);
-                out.extend_from_slice(b"{just,");
-                out.extend_from_slice(v);
-                out.extend_from_slice(b"}\n");
-            }
-            None => out.extend_from_slice(b"nothing\n"),
-        });
+        self.store
+            .with_lookup_line(key, |line| out.extend_from_slice(line.unwrap_or(b"nothing\n")));
         true
     }
 
