@@ -51,10 +51,7 @@ fn sip<const C: usize, const D: usize>(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
             u64::from_le_bytes(word.try_into().expect("8 bytes")),
         );
     }
-    compress::<C>(
-        &mut v,
-        tail_word_of(bytes) | (bytes.len() as u64) << 56,
-    );
+    compress::<C>(&mut v, tail_word_of(bytes) | (bytes.len() as u64) << 56);
     v[2] ^= 0xff;
     for _ in 0..D {
         round(&mut v);

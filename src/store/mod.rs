@@ -201,8 +201,9 @@ impl StoreService {
             return false;
         };
         batch.counts[Verb::Lookup as usize] += 1;
-        self.store
-            .with_lookup_line(key, |line| out.extend_from_slice(line.unwrap_or(b"nothing\n")));
+        self.store.with_lookup_line(key, |line| {
+            out.extend_from_slice(line.unwrap_or(b"nothing\n"))
+        });
         true
     }
 
@@ -215,7 +216,9 @@ impl StoreService {
         out: &mut Vec<u8>,
         conn: &Connection,
     ) -> io::Result<()> {
-        self.apply(protocol::parse(frame), batch, out, || self.stats(&conn.server))
+        self.apply(protocol::parse(frame), batch, out, || {
+            self.stats(&conn.server)
+        })
     }
 
     /// Applies a parsed request (or answers why it is none), appending its reply (if any) to
@@ -467,7 +470,10 @@ mod tests {
             // The general path may write (store, delete): later lookups see another map.
             general(&service, &frame);
         }
-        assert!(handled > 100, "too few lookups among the samples: {handled}");
+        assert!(
+            handled > 100,
+            "too few lookups among the samples: {handled}"
+        );
 
         // Size-prefixed framings frame every reply: no fast path.
         let options = StoreOptions {

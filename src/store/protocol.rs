@@ -439,7 +439,10 @@ pub(crate) mod tests {
             assert_eq!(parse_lookup(&frame), general, "{frame:?}");
             lookups += usize::from(general.is_some());
         }
-        assert!(lookups > 100, "too few lookups among the samples: {lookups}");
+        assert!(
+            lookups > 100,
+            "too few lookups among the samples: {lookups}"
+        );
     }
 
     #[test]
