@@ -55,6 +55,7 @@ class HelpTexts(unittest.TestCase):
     CASES = [
         ("chat_client.py",),
         ("bench_store.py",),
+        ("profile_store.py",),
         ("messenger_client.py",),
         ("messenger_client.py", "register"),
         ("messenger_client.py", "send"),

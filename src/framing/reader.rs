@@ -136,7 +136,37 @@ impl<R: Read> FrameReader<R> {
     ///
     /// # Errors
     /// As [`FrameReader::read_frame`], except that it never returns `Truncated` or `Io`.
+    #[inline(always)]
     pub fn next_buffered(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        // The common case inline: a whole line within the limit, nothing being skipped.
+        // Everything else (no newline yet, over the limit, size-prefixed framings) goes
+        // through `decode`, which finds the same newline and says what to do.
+        if self.framing == Framing::Line && self.skip == Skip::No {
+            let avail = &self.buf[self.start..self.end];
+            match find_newline(&avail[self.scanned..]) {
+                Some(i) => {
+                    let nl = self.scanned + i;
+                    let len = if nl > 0 && avail[nl - 1] == b'\r' {
+                        nl - 1
+                    } else {
+                        nl
+                    };
+                    if len <= self.limit {
+                        let s = self.start;
+                        self.start += nl + 1;
+                        self.scanned = 0;
+                        return Ok(Some(&self.buf[s..s + len]));
+                    }
+                }
+                // Known to hold no newline: `decode` need not look again.
+                None => self.scanned = avail.len(),
+            }
+        }
+        self.next_decoded()
+    }
+
+    #[inline(never)]
+    fn next_decoded(&mut self) -> Result<Option<&[u8]>, FrameError> {
         Ok(self.decode()?.map(|(s, e)| &self.buf[s..e]))
     }
 
@@ -489,6 +519,58 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// As [`decode_all`], but the way a request loop reads: [`FrameReader::next_buffered`]
+    /// (with its inline path for lines) until the buffer is spent, then one
+    /// [`FrameReader::fill`].
+    fn buffered_all(framing: Framing, input: &[u8], sizes: &[usize], max: usize) -> Vec<String> {
+        let mut r = FrameReader::with_limits(Chunked::new(input, sizes), framing, limits(max));
+        let mut out = Vec::new();
+        loop {
+            match r.next_buffered() {
+                Ok(Some(f)) => out.push(String::from_utf8_lossy(f).into_owned()),
+                Ok(None) => {
+                    if !r.fill().unwrap() {
+                        if let Err(e) = r.finish() {
+                            out.push(format!("<{}>", e.reason()));
+                        }
+                        return out;
+                    }
+                }
+                Err(e) => {
+                    out.push(format!("<{}>", e.reason()));
+                    if !e.is_recoverable() {
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_inline_line_path_agrees_with_decode() {
+        // Random lines of bytes near the delimiters (`\r`, `\n`, bytes one bit away),
+        // some over the limit, cut into random reads: `next_buffered` and `read_frame`
+        // (always `decode`) must see the same frames and the same errors.
+        let mut rng = Rng::new(21);
+        let alphabet = [b'\n', b'\r', b'a', b',', 0x0b, 0x8a, 0x00, 0xff];
+        for round in 0..400 {
+            let max = 1 + rng.below(24) as usize;
+            let len = rng.below(200) as usize;
+            let mut input: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                .collect();
+            if round % 2 == 0 {
+                input.push(b'\n');
+            }
+            let sizes: Vec<usize> = (0..3).map(|_| 1 + rng.below(40) as usize).collect();
+            assert_eq!(
+                buffered_all(Framing::Line, &input, &sizes, max),
+                decode_all(Framing::Line, &input, &sizes, max),
+                "input {input:?}, reads {sizes:?}, limit {max}"
+            );
         }
     }
 

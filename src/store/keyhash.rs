@@ -29,14 +29,14 @@ impl KeyHasher {
     }
 
     /// The hash of `key`.
-    #[inline]
+    #[inline(always)]
     pub fn hash(&self, key: &[u8]) -> u64 {
         sip::<1, 3>(self.k0, self.k1, key)
     }
 }
 
 /// SipHash-c-d of `bytes` under the key (k0, k1).
-#[inline]
+#[inline(always)]
 fn sip<const C: usize, const D: usize>(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
     let mut v = [
         k0 ^ 0x736f_6d65_7073_6575,
@@ -51,10 +51,7 @@ fn sip<const C: usize, const D: usize>(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
             u64::from_le_bytes(word.try_into().expect("8 bytes")),
         );
     }
-    compress::<C>(
-        &mut v,
-        tail_word(words.remainder()) | (bytes.len() as u64) << 56,
-    );
+    compress::<C>(&mut v, tail_word_of(bytes) | (bytes.len() as u64) << 56);
     v[2] ^= 0xff;
     for _ in 0..D {
         round(&mut v);
@@ -62,10 +59,22 @@ fn sip<const C: usize, const D: usize>(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
     v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
+/// The last `bytes.len() % 8` bytes of `bytes` as a little-endian word: one load of the
+/// last eight bytes, shifted, when there are eight; else [`short_tail_word`].
+#[inline(always)]
+fn tail_word_of(bytes: &[u8]) -> u64 {
+    let rem = bytes.len() % 8;
+    match bytes.last_chunk::<8>() {
+        Some(last) if rem > 0 => u64::from_le_bytes(*last) >> (64 - 8 * rem),
+        Some(_) => 0,
+        None => short_tail_word(bytes),
+    }
+}
+
 /// The last 0 to 7 bytes as a little-endian word, in at most three loads (a `memcpy` of
 /// a variable length would be a library call).
 #[inline(always)]
-fn tail_word(tail: &[u8]) -> u64 {
+fn short_tail_word(tail: &[u8]) -> u64 {
     let (mut word, mut at) = (0, 0);
     if let Some(four) = tail.first_chunk::<4>() {
         word = u64::from(u32::from_le_bytes(*four));

@@ -190,7 +190,25 @@ impl StoreService {
         }
     }
 
-    /// Applies one request and appends its reply (if any) to `out`.
+    /// The fast path of the commonest request: a `lookup,KEY` frame when replies need no
+    /// framing work (`plain_lines`), recognised by
+    /// [`protocol::parse_lookup`] and answered with one hash, one read lock and one copy.
+    /// False, with nothing done, for any other frame: [`StoreService::execute`] takes it.
+    /// Its replies and counts are those of the general path (tested).
+    #[inline]
+    fn lookup_fast(&self, frame: &[u8], batch: &mut Batch, out: &mut Vec<u8>) -> bool {
+        let Some(key) = protocol::parse_lookup(frame).filter(|_| self.plain_lines) else {
+            return false;
+        };
+        batch.counts[Verb::Lookup as usize] += 1;
+        self.store.with_lookup_line(key, |line| {
+            out.extend_from_slice(line.unwrap_or(b"nothing\n"))
+        });
+        true
+    }
+
+    /// Applies one request and appends its reply (if any) to `out`: the general path.
+    #[inline(never)]
     fn execute(
         &self,
         frame: &[u8],
@@ -198,7 +216,21 @@ impl StoreService {
         out: &mut Vec<u8>,
         conn: &Connection,
     ) -> io::Result<()> {
-        let request = match protocol::parse(frame) {
+        self.apply(protocol::parse(frame), batch, out, || {
+            self.stats(&conn.server)
+        })
+    }
+
+    /// Applies a parsed request (or answers why it is none), appending its reply (if any) to
+    /// `out`; `stats` gives the counters when the request asks for them.
+    fn apply(
+        &self,
+        request: Result<Request<'_>, protocol::ProtocolError>,
+        batch: &mut Batch,
+        out: &mut Vec<u8>,
+        stats: impl FnOnce() -> Stats,
+    ) -> io::Result<()> {
+        let request = match request {
             Ok(r) => r,
             Err(e) => {
                 batch.reply_error(self.framing, e.reason(), out);
@@ -217,13 +249,6 @@ impl StoreService {
                     self.logged(aof, seq, batch)?;
                 }
             },
-            Request::Lookup { key } if self.plain_lines => {
-                self.store.with_value(key, |v| match v {
-                    Some(v) => protocol::format_just(v, out),
-                    None => protocol::format_nothing(out),
-                });
-                out.push(b'\n');
-            }
             Request::Lookup { key } => {
                 let mark = begin_frame(framing, out);
                 self.store.with_value(key, |v| match v {
@@ -252,7 +277,7 @@ impl StoreService {
                 end_frame(framing, out, mark).expect("short reply fits any frame");
             }
             Request::Stats => {
-                let stats = self.stats(&conn.server);
+                let stats = stats();
                 let mark = begin_frame(framing, out);
                 protocol::format_stats(&stats, out);
                 end_frame(framing, out, mark).expect("stats fit any frame");
@@ -313,14 +338,17 @@ struct Session<'s> {
 }
 
 impl request::Session for Session<'_> {
+    #[inline]
     fn request(
         &mut self,
         conn: &Connection,
         frame: &[u8],
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
-        self.service
-            .execute(frame, &mut self.batch, out.buffer(), conn)?;
+        let service = self.service;
+        if !service.lookup_fast(frame, &mut self.batch, out.buffer()) {
+            service.execute(frame, &mut self.batch, out.buffer(), conn)?;
+        }
         if out.len() >= FLUSH_AT && !out.flush()? {
             return Ok(ControlFlow::Break(()));
         }
@@ -394,4 +422,67 @@ pub fn open_file_warning(max_connections: usize) -> Option<String> {
              `ulimit -n {needed}` (or lower --max-connections)"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `frame` down the general path: its reply bytes and counts.
+    fn general(service: &StoreService, frame: &[u8]) -> (Vec<u8>, [u64; 5]) {
+        let (mut out, mut batch) = (Vec::new(), Batch::default());
+        service
+            .apply(protocol::parse(frame), &mut batch, &mut out, Stats::default)
+            .unwrap();
+        (out, batch.counts)
+    }
+
+    #[test]
+    fn the_lookup_fast_path_answers_as_the_general_path_does() {
+        let (service, _) = StoreService::open(&StoreOptions::default()).unwrap();
+        assert!(service.plain_lines);
+        for (k, v) in [
+            (&b"k"[..], &b"v"[..]),
+            (b"key", b""),
+            (b"a,b", b"{x,y},z"),
+            (b"\xff\xfe", b"\xff\r\t"),
+            (b"k ", b"space"),
+            (b"key:00000001", &[b'x'; 300][..]),
+        ] {
+            service.store().set(k, v);
+        }
+        let mut handled = 0;
+        for frame in protocol::tests::lookalike_frames() {
+            let (mut out, mut batch) = (b"before".to_vec(), Batch::default());
+            if service.lookup_fast(&frame, &mut batch, &mut out) {
+                handled += 1;
+                let (want, counts) = general(&service, &frame);
+                assert_eq!(out[b"before".len()..], want, "{frame:?}");
+                assert_eq!(batch.counts, counts, "{frame:?}");
+            } else {
+                assert_eq!(out, b"before", "{frame:?}");
+                assert_eq!(batch.counts, [0; 5], "{frame:?}");
+                assert!(
+                    !matches!(protocol::parse(&frame), Ok(Request::Lookup { .. })),
+                    "a lookup left to the general path: {frame:?}"
+                );
+            }
+            // The general path may write (store, delete): later lookups see another map.
+            general(&service, &frame);
+        }
+        assert!(
+            handled > 100,
+            "too few lookups among the samples: {handled}"
+        );
+
+        // Size-prefixed framings frame every reply: no fast path.
+        let options = StoreOptions {
+            framing: Framing::U32,
+            ..StoreOptions::default()
+        };
+        let (framed, _) = StoreService::open(&options).unwrap();
+        let (mut out, mut batch) = (Vec::new(), Batch::default());
+        assert!(!framed.lookup_fast(b"lookup,k", &mut batch, &mut out));
+        assert!(out.is_empty());
+    }
 }

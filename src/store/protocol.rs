@@ -159,6 +159,17 @@ pub fn parse(frame: &[u8]) -> Result<Request<'_>, ProtocolError> {
     }
 }
 
+/// The key of a `lookup,KEY` frame, recognised without the general parser: `Some` for
+/// exactly the frames [`parse`] reads as [`Request::Lookup`], `None` for every other one
+/// (the fast path of the commonest request; tested against [`parse`]).
+#[inline]
+pub fn parse_lookup(frame: &[u8]) -> Option<&[u8]> {
+    match frame.strip_prefix(b"lookup,") {
+        Some(key) if !key.is_empty() => Some(key),
+        _ => None,
+    }
+}
+
 /// Appends a request's payload (no framing) to `out`; the inverse of [`parse`].
 pub fn format_request(req: &Request<'_>, out: &mut Vec<u8>) {
     match *req {
@@ -293,7 +304,7 @@ pub fn parse_reply(frame: &[u8]) -> Option<Reply<'_>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -346,6 +357,92 @@ mod tests {
         assert_eq!(parse(b"lookup,"), Err(ProtocolError::MissingKey));
         assert_eq!(parse(b"delete"), Err(ProtocolError::MissingKey));
         assert_eq!(ProtocolError::MissingValue.reason(), "missing_value");
+    }
+
+    /// Frames near `lookup,KEY` in every way: case, spacing, missing and doubled commas,
+    /// `\r`, invalid UTF-8, other verbs, and random mixes of those bytes.
+    pub(crate) fn lookalike_frames() -> Vec<Vec<u8>> {
+        let mut frames: Vec<Vec<u8>> = [
+            &b"lookup,k"[..],
+            b"lookup,",
+            b"lookup",
+            b"lookup,,",
+            b"lookup,,k",
+            b"lookup,k,",
+            b"lookup,a,b",
+            b"lookup ,k",
+            b" lookup,k",
+            b"lookup, k",
+            b"lookup,k ",
+            b"lookup\t,k",
+            b"Lookup,k",
+            b"LOOKUP,k",
+            b"lookupx,k",
+            b"lookup;k",
+            b"lookup.k",
+            b"lookup,k\r",
+            b"lookup,\r",
+            b"lookup,\xff\xfe",
+            b"lookup\xff,k",
+            b"lookup,{a,b}",
+            b"lookup,key:00000001",
+            b"{lookup,k}",
+            b"lookup k",
+            b"look,k",
+            b"lookup\0,k",
+            b"store,k,v",
+            b"store,lookup,k",
+            b"delete,k",
+            b"stats",
+            b"stats,lookup,k",
+            b"",
+            b",",
+        ]
+        .iter()
+        .map(|f| f.to_vec())
+        .collect();
+        let mut rng = crate::bench::Rng::new(22);
+        let alphabet = b"lookup,k \t\r\xff{}L";
+        for _ in 0..2000 {
+            // Mostly mutations of a lookup, so the prefix is often nearly right.
+            let mut f = b"lookup,key".to_vec();
+            for _ in 0..rng.below(4) {
+                let at = rng.below(f.len() as u64 + 1) as usize;
+                let byte = alphabet[rng.below(alphabet.len() as u64) as usize];
+                match rng.below(3) {
+                    0 if at < f.len() => f[at] = byte,
+                    1 if at < f.len() => {
+                        f.remove(at);
+                    }
+                    _ => f.insert(at, byte),
+                }
+            }
+            frames.push(f);
+            let len = rng.below(12) as usize;
+            frames.push(
+                (0..len)
+                    .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                    .collect(),
+            );
+        }
+        frames
+    }
+
+    #[test]
+    fn the_lookup_fast_path_agrees_with_parse() {
+        let mut lookups = 0;
+        for frame in lookalike_frames() {
+            let general = match parse(&frame) {
+                Ok(Request::Lookup { key }) => Some(key),
+                _ => None,
+            };
+            assert_eq!(parse_lookup(&frame), general, "{frame:?}");
+            lookups += usize::from(general.is_some());
+        }
+        assert!(
+            lookups > 100,
+            "too few lookups among the samples: {lookups}"
+        );
     }
 
     #[test]

@@ -48,9 +48,52 @@ enum Slot {
     Many(Vec<Entry>),
 }
 
+/// A key and its value, the value kept inside the line that answers a lookup of it,
+/// `{just,VALUE}\n`, so that the store's commonest reply is one copy (see
+/// [`Store::with_lookup_line`]).
 struct Entry {
     key: Box<[u8]>,
-    value: Box<[u8]>,
+    line: Box<[u8]>,
+}
+
+/// What [`Entry::line`] holds around the value.
+const JUST: &[u8] = b"{just,";
+const JUST_END: &[u8] = b"}\n";
+
+impl Entry {
+    fn new(key: &[u8], value: &[u8]) -> Entry {
+        Entry {
+            key: Box::from(key),
+            line: lookup_line(value),
+        }
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.line[JUST.len()..self.line.len() - JUST_END.len()]
+    }
+
+    fn set_value(&mut self, value: &[u8]) {
+        if self.value().len() == value.len() {
+            let end = self.line.len() - JUST_END.len();
+            self.line[JUST.len()..end].copy_from_slice(value);
+        } else {
+            self.line = lookup_line(value);
+        }
+    }
+
+    /// Bytes of key and value, for `stats`.
+    fn size(&self) -> u64 {
+        (self.key.len() + self.value().len()) as u64
+    }
+}
+
+/// `{just,VALUE}\n`.
+fn lookup_line(value: &[u8]) -> Box<[u8]> {
+    let mut line = Vec::with_capacity(JUST.len() + value.len() + JUST_END.len());
+    line.extend_from_slice(JUST);
+    line.extend_from_slice(value);
+    line.extend_from_slice(JUST_END);
+    line.into_boxed_slice()
 }
 
 impl Slot {
@@ -69,13 +112,30 @@ impl Slot {
     }
 }
 
+/// Whether two keys are equal: as `a == b`, without a call to `memcmp` for keys of 8 to 16
+/// bytes (two overlapping word loads from each side cover them).
+#[inline(always)]
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if !(8..=16).contains(&n) {
+        return a == b;
+    }
+    let word = |k: &[u8], at: usize| u64::from_le_bytes(k[at..at + 8].try_into().expect("8 bytes"));
+    word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8)
+}
+
 impl ShardMap {
-    fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
+    #[inline(always)]
+    fn entry(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
         let slot = self.map.get(&hash)?;
-        slot.entries()
-            .iter()
-            .find(|e| &*e.key == key)
-            .map(|e| &e.value[..])
+        slot.entries().iter().find(|e| same_key(&e.key, key))
+    }
+
+    fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
+        self.entry(hash, key).map(Entry::value)
     }
 
     /// Sets `key` to `value` (its hash is `hash`), keeping `bytes` and `keys` exact.
@@ -88,20 +148,13 @@ impl ShardMap {
         // value either when its length is unchanged (the common case for counters and
         // fixed-size records).
         if let Some(old) = slot.entries_mut().iter_mut().find(|e| &*e.key == key) {
-            self.bytes = self.bytes - old.value.len() as u64 + value.len() as u64;
-            if old.value.len() == value.len() {
-                old.value.copy_from_slice(value);
-            } else {
-                old.value = Box::from(value);
-            }
+            self.bytes = self.bytes - old.value().len() as u64 + value.len() as u64;
+            old.set_value(value);
             return;
         }
         self.bytes += (key.len() + value.len()) as u64;
         self.keys += 1;
-        let entry = Entry {
-            key: Box::from(key),
-            value: Box::from(value),
-        };
+        let entry = Entry::new(key, value);
         match slot {
             Slot::Many(v) if v.is_empty() => *slot = Slot::One(entry),
             Slot::Many(v) => v.push(entry),
@@ -121,7 +174,7 @@ impl ShardMap {
         };
         let removed = match slot {
             Slot::One(e) if &*e.key == key => {
-                let gone = (e.key.len() + e.value.len()) as u64;
+                let gone = e.size();
                 self.map.remove(&hash);
                 gone
             }
@@ -134,7 +187,7 @@ impl ShardMap {
                 if v.is_empty() {
                     self.map.remove(&hash);
                 }
-                (e.key.len() + e.value.len()) as u64
+                e.size()
             }
         };
         self.bytes -= removed;
@@ -187,6 +240,7 @@ impl Store {
         }
     }
 
+    #[inline(always)]
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash(key)
     }
@@ -217,6 +271,15 @@ impl Store {
     pub fn with_value<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let hash = self.hash(key);
         f(self.read(hash).get(hash, key))
+    }
+
+    /// Calls `f` with the reply to a lookup of `key` as a line, `{just,VALUE}\n` (or `None`),
+    /// under the shard's read lock: the line framing's reply with no formatting, for a
+    /// server that knows no value holds a `\n`. `f` should only copy it.
+    #[inline(always)]
+    pub fn with_lookup_line<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        let hash = self.hash(key);
+        f(self.read(hash).entry(hash, key).map(|e| &e.line[..]))
     }
 
     /// The value of `key`, copied.
@@ -259,7 +322,7 @@ impl Store {
     pub fn any_value(&self, f: impl Fn(&[u8]) -> bool) -> bool {
         self.shards.iter().any(|s| {
             let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
-            s.map.values().flat_map(Slot::entries).any(|e| f(&e.value))
+            s.map.values().flat_map(Slot::entries).any(|e| f(e.value()))
         })
     }
 
@@ -386,6 +449,19 @@ mod tests {
         assert_eq!(s.get(b"k").as_deref(), Some(&b"three"[..]));
         s.set(b"other", b"");
         assert_eq!(s.size(), (2, 1 + 5 + 5));
+        // The lookup line holds the value as it is now, through overwrites of the same
+        // length and of others.
+        let line = |k: &[u8]| s.with_lookup_line(k, |l| l.map(<[u8]>::to_vec));
+        assert_eq!(line(b"k").as_deref(), Some(&b"{just,three}\n"[..]));
+        assert_eq!(line(b"other").as_deref(), Some(&b"{just,}\n"[..]));
+        assert_eq!(line(b"missing"), None);
+        s.set(b"k", b"THREE");
+        assert_eq!(line(b"k").as_deref(), Some(&b"{just,THREE}\n"[..]));
+        s.set(b"k", b"3");
+        assert_eq!(line(b"k").as_deref(), Some(&b"{just,3}\n"[..]));
+        assert_eq!(s.get(b"k").as_deref(), Some(&b"3"[..]));
+        s.set(b"k", b"three");
+        assert_eq!(s.size(), (2, 1 + 5 + 5));
         assert!(s.delete(b"k"));
         assert!(!s.delete(b"k"));
         assert_eq!(s.size(), (1, 5));
@@ -413,6 +489,24 @@ mod tests {
         assert_eq!((m.keys, m.bytes), (0, 0));
         m.set(7, b"x", b"");
         assert!(matches!(m.map.get(&7), Some(Slot::One(_))));
+    }
+
+    #[test]
+    fn same_key_agrees_with_slice_equality() {
+        // Every length to 20 against every length to 20, and for equal lengths a
+        // difference at each position in turn: the word loads must cover every byte.
+        for n in 0..=20usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
+            for m in 0..=20usize {
+                let b: Vec<u8> = (0..m as u8).map(|i| i.wrapping_mul(37)).collect();
+                assert_eq!(same_key(&a, &b), a == b, "{n} vs {m}");
+            }
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x80;
+                assert!(!same_key(&a, &b), "length {n}, differing at {at}");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Counts the instructions a store server spends per request, under callgrind.
+
+Timing on a shared machine moves with everyone else's load; instruction counts do not. This
+starts the server (store-server, or the design's floor: `store-bench --floor`) under
+`valgrind --tool=callgrind`, drives it with `store-bench` (16 connections, GET only, the
+given pipeline depth), stops it, and prints the server's user-space instructions divided by
+the requests it answered.
+
+Requests are counted in the server, not by the generator (whose measured window misses the
+batches in flight at its ends): both servers copy each reply (or its value) into the output
+buffer with one call to `memcpy`, so the number of those calls is the number of replies.
+
+    cargo build --release
+    python3 interop/profile_store.py                       # the store, pipeline 32
+    python3 interop/profile_store.py --floor               # the floor
+    python3 interop/profile_store.py --server OLD/store-server --pipeline 1
+
+Needs valgrind. Exits non-zero when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def callgrind_counts(path: str) -> tuple[int, int]:
+    """Total instructions, and calls to memcpy, from a callgrind output file."""
+    names: dict[str, str] = {}
+    total = None
+    memcpy_calls = 0
+    callee = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^c?fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+            if m:
+                if m.group(2) is not None:
+                    names[m.group(1)] = m.group(2)
+                if line.startswith("cfn="):
+                    callee = names.get(m.group(1), "")
+                continue
+            if line.startswith("calls="):
+                if "memcpy" in callee:
+                    memcpy_calls += int(line[6:].split()[0])
+                continue
+            m = re.match(r"^(?:summary|totals): (\d+)", line)
+            if m:
+                total = int(m.group(1))
+    if total is None:
+        raise RuntimeError(f"no totals in {path}")
+    return total, memcpy_calls
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"),
+                    help="the store-server binary (default: target/release/store-server)")
+    ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"),
+                    help="the store-bench binary (default: target/release/store-bench)")
+    ap.add_argument("--floor", action="store_true",
+                    help="profile the floor (store-bench --floor) instead of the store")
+    ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
+    ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
+    ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
+    args = ap.parse_args()
+
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        server = ([args.bench, "--floor", addr] if args.floor
+                  else [args.server, "--listen", addr])
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_listening(port, proc)
+            bench = subprocess.run(
+                [args.bench, "--addr", addr, "--conns", str(args.conns),
+                 "--pipeline", str(args.pipeline), "--duration", str(args.duration),
+                 "--warmup", "0"],
+                capture_output=True, text=True, timeout=args.duration + 120)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        if bench.returncode != 0:
+            print(bench.stdout + bench.stderr, file=sys.stderr)
+            return 1
+        total, replies = callgrind_counts(out)
+    # The generator counts only its measured window, so it sees a little less; far less
+    # (or more) means the memcpy calls no longer count replies.
+    rate = re.search(r"ops_per_sec=(\d+)", bench.stdout)
+    counted = int(rate.group(1)) * args.duration if rate else 0
+    if not 0.8 * replies <= counted <= 1.05 * replies:
+        print(f"the server's {replies:,} memcpy calls do not match the {counted:,} requests "
+              "the generator counted: they no longer count replies", file=sys.stderr)
+        return 1
+    name = "floor" if args.floor else args.server
+    print(f"{name}: pipeline {args.pipeline}, {args.conns} conns: {total:,} instructions / "
+          f"{replies:,} replies = {total / replies:.1f} per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
