@@ -7,6 +7,7 @@
 //! - `federation`: the member list and the links between servers.
 //! - `session`: one client connection.
 //! - [`client`]: a blocking client (used by `chat-client`, `chat-bench`).
+//! - `serve`: what `chat-server` does with its flags ([`secret_policy`], [`serve()`]).
 //! - [`bench`](mod@bench): the fan-out benchmark behind `chat-bench`.
 //!
 //! # Message flow
@@ -38,9 +39,11 @@ pub mod client;
 mod federation;
 mod hub;
 pub mod protocol;
+mod serve;
 mod session;
 
 pub use crate::link::LinkError;
+pub use serve::{secret_policy, serve, StartError};
 
 use crate::auth::Secret;
 use crate::budget::Budget;
