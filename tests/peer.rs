@@ -709,7 +709,13 @@ fn a_link_cut_one_way_while_others_reach_both_ends_changes_no_list() {
     everyone_hears_everyone_once(&mut peers, "during the cut");
     // The scenario: at least 4 s of cut, several link timeouts and redials.
     thread::sleep(Duration::from_secs(4).saturating_sub(cut.elapsed()));
-    let changes = ["[MEMBERS ", "[JOIN]", "[LEAVE]", "[DROPPED]", "[UNREACHABLE]"];
+    let changes = [
+        "[MEMBERS ",
+        "[JOIN]",
+        "[LEAVE]",
+        "[DROPPED]",
+        "[UNREACHABLE]",
+    ];
     for (i, p) in peers.iter().enumerate() {
         let shown = printed_since(p, before[i], &changes);
         assert!(shown.is_empty(), "{}: {shown:?}", p.name);

@@ -208,7 +208,9 @@ impl Sim {
             steps += 1;
             assert!(steps < 1_000_000, "messages never stop");
             let pair = (from.clone(), to.clone());
-            if self.dead.contains(&to) || !self.links.contains(&pair) || self.one_way.contains(&pair)
+            if self.dead.contains(&to)
+                || !self.links.contains(&pair)
+                || self.one_way.contains(&pair)
             {
                 continue;
             }
