@@ -22,7 +22,9 @@ CLI::
 
     python3 interop/chan.py --registry HOST:PORT pong NAME
         register a channel as NAME, print "listening on HOST:PORT" to stderr once
-        registered, answer every {ping,N,ReplyChan} with {pong,N} until killed
+        registered, answer every {ping,N,ReplyChan} with {pong,N} until killed;
+        as chan-pingpong, refuse (exit 1) a NAME whose registered channel still
+        answers, and unregister NAME on Ctrl-C or SIGTERM
     python3 interop/chan.py --registry HOST:PORT ping NAME COUNT
         look NAME up, send COUNT pings each with its own reply channel, check
         every pong; print "N passed, M failed" and exit 1 on any failure
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -47,6 +50,8 @@ DEFAULT_REGISTRY = "127.0.0.1:65002"
 DEFAULT_TIMEOUT = 10.0
 MAX_LINE = 1 << 20
 POLL = 0.2
+# How long a pong waits for the port of a channel already registered under its name.
+PROBE_TIMEOUT = 1.0
 
 
 class ChanError(Exception):
@@ -292,10 +297,59 @@ def lookup(registry: str, name: str, node: Node) -> Any:
     return found
 
 
+def answering(chan: Any) -> Optional[str]:
+    """``HOST:PORT`` of a remote channel whose port accepts a connection now (closed at
+    once, before a line, which a channel's port takes as nothing), else None."""
+    if not isinstance(chan, RemoteChan):
+        return None
+    try:
+        with socket.create_connection((host_name(chan.host), chan.port), timeout=PROBE_TIMEOUT) as sock:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+    except OSError:
+        return None
+
+
+def unregister(registry: str, name: str, value: str) -> bool:
+    """Deletes NAME if it is still registered as ``value`` (a later registration by
+    another process stays); whether it was deleted."""
+    host, port = split_addr(registry)
+    with StoreClient(host, port) as store:
+        if store.lookup(name) != value.encode():
+            return False
+        return store.delete(name)
+
+
 def pong(args: argparse.Namespace, node: Node) -> int:
+    # As chan-pingpong: a name whose channel still answers belongs to a live process.
+    try:
+        taken = lookup(args.registry, args.name, node)
+    except ChanError:
+        taken = None  # not registered, or not a channel: free
+    if taken is not None:
+        addr = answering(taken)
+        if addr is not None:
+            raise ChanError(f"{args.name!r} is registered to a channel at {addr} that still answers; "
+                            "stop that process or pick another name")
+        print(f"chan.py: pong: {args.name} was registered to a channel that no longer answers; taking it",
+              file=sys.stderr, flush=True)
     inbox = node.chan()
     register(args.registry, args.name, inbox, node)
+    value = term.format(node.export(inbox))
     print(f"listening on {node.advertise}:{inbox.port}", file=sys.stderr, flush=True)
+    try:
+        serve_pings(inbox, node)
+    finally:
+        # Ctrl-C (or SIGTERM, see main): the name is free again, unless someone took it since.
+        try:
+            unregister(args.registry, args.name, value)
+        except (OSError, StoreProtocolError) as exc:
+            print(f"chan.py: pong: cannot unregister {args.name}: {exc}", file=sys.stderr)
+    return 0
+
+
+def serve_pings(inbox: LocalChan, node: Node) -> None:
+    """Answers every {ping,N,ReplyChan} on ``inbox`` with {pong,N}, for ever."""
     while True:
         msg = inbox.read(node)
         tag = term.tagged(msg)
@@ -345,6 +399,10 @@ def ping(args: argparse.Namespace, node: Node) -> int:
     return 0 if failed == 0 and passed == args.count else 1
 
 
+def _interrupted(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Remote channels: ping-pong through the store registry.")
     parser.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"store server HOST:PORT (default {DEFAULT_REGISTRY})")
@@ -352,7 +410,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for a pong (default 10)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the role to play")
     p = sub.add_parser("pong", help="register NAME and answer pings",
-                       description="Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N} until killed.")
+                       description="Register a channel as NAME and answer every {ping,N,ReplyChan} with {pong,N} until killed. "
+                                   "Refuses a NAME whose registered channel still answers; unregisters it on "
+                                   "Ctrl-C or SIGTERM.")
     p.add_argument("name", help="the name to register in the store server")
     p = sub.add_parser("ping", help="send COUNT pings to NAME",
                        description="Look NAME up, send COUNT {ping,N,ReplyChan} messages one at a time, check each "
@@ -361,6 +421,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("count", type=int, help="how many pings to send")
     args = parser.parse_args(argv)
     node = Node(args.advertise, args.timeout)
+    if args.command == "pong":
+        # SIGTERM ends a pong as Ctrl-C does: it unregisters its name on the way out.
+        signal.signal(signal.SIGTERM, _interrupted)
     try:
         return pong(args, node) if args.command == "pong" else ping(args, node)
     except (ChanError, OSError, StoreProtocolError, term.TermError) as exc:

@@ -685,6 +685,47 @@ fn a_second_pong_refuses_a_name_that_answers_and_takes_one_that_does_not() {
     assert!(out.contains("3 passed, 0 failed"), "{out}");
 }
 
+/// `interop/chan.py pong` claims a name as `chan-pingpong pong` does: it refuses one
+/// whose registered channel still answers (a live pong of either language), and takes one
+/// left behind by a process that is gone.
+#[test]
+fn a_python_pong_refuses_a_name_that_answers_as_the_rust_one_does() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let first = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "pp"]);
+    wait_registered(store.addr, "pp");
+    let second = common::python("chan.py", &["--registry", &registry, "pong", "pp"]);
+    let second = run_with_input(second, b"");
+    assert!(!second.status.success());
+    assert!(
+        second
+            .stderr
+            .contains("'pp' is registered to a channel at 127.0.0.1:")
+            && second.stderr.contains("that still answers"),
+        "{}",
+        second.stderr
+    );
+    // The first one still owns the name.
+    let ping = |name: &str| {
+        run_checked({
+            let mut cmd = std::process::Command::new(PINGPONG);
+            cmd.args(["--registry", &registry, "ping", name, "3"]);
+            cmd
+        })
+    };
+    assert!(ping("pp").contains("3 passed, 0 failed"));
+    // A name left behind (kill -9 cannot unregister) is taken, and said so.
+    let mut first = first;
+    first.kill9();
+    let third = ChildServer::start_python("chan.py", &["--registry", &registry, "pong", "pp"]);
+    assert!(ping("pp").contains("3 passed, 0 failed"));
+    assert!(
+        third.log_text().contains("no longer answers; taking it"),
+        "{}",
+        third.log_text()
+    );
+}
+
 #[test]
 fn ping_waits_for_a_name_that_is_registered_late() {
     use std::io::BufRead;

@@ -340,8 +340,12 @@ fn a_name_taken_on_both_sides_of_a_cut_is_kept_by_the_smaller_server() {
         "{join,\"alice\"}"
     );
     assert_eq!(next(&mut carol), "{join,\"alice\"}");
-    nodes[0].proxy.heal();
     let [n0, n1, n2] = [&nodes[0], &nodes[1], &nodes[2]];
+    // Every server has seen the cut (server 0 too, which has no client that shows it for
+    // server 1) before the heal: the scenario is two sides, each with its alice.
+    lists(&[n0], &[n0], IO_TIMEOUT);
+    lists(&[n1, n2], &[n1, n2], IO_TIMEOUT);
+    nodes[0].proxy.heal();
     lists(&[n0, n1, n2], &[n0, n1, n2], REFORMED_WITHIN);
     // The server with the smaller id (its address first) keeps the name; the other alice
     // is told and disconnected.
@@ -394,29 +398,42 @@ fn measure_cut_to_leave_and_heal_to_reformed() {
     }
 }
 
-/// A link's queue is bounded while the network holds its bytes: overflowing it counts as a
-/// dead link (long before the 30 s bound used here), and the federation re-forms after
-/// the heal. In-process servers, for a queue of 8 lines.
+/// A link's queue is bounded by the server's memory budget while the network holds its
+/// bytes: outgrowing it counts as a dead link (long before the 30 s bound used here), and
+/// the federation re-forms after the heal. In-process servers with a budget of 2 MiB, and
+/// no cap in lines that the test reaches.
 #[test]
-fn a_link_whose_queue_overflows_is_dead_and_the_federation_reforms_after_the_heal() {
+fn a_link_whose_queue_outgrows_the_memory_budget_is_dead_and_the_federation_reforms() {
+    use switchboard::budget::Budget;
     use switchboard::chat::{ChatConfig, ChatServer};
-    let config = |advertise: Option<String>| ChatConfig {
-        link_outbox: 8,
-        link_timeout: Duration::from_secs(30),
-        advertise,
-        ..ChatConfig::default()
+    const BUDGET: usize = 2 << 20;
+    let budget = Budget::new("chat A", BUDGET);
+    let config = |advertise: Option<String>, budget: &Budget| {
+        let mut config = ChatConfig {
+            link_timeout: Duration::from_secs(30),
+            advertise,
+            ..ChatConfig::default()
+        };
+        config.server.client_memory = Some(budget.clone());
+        config
     };
     let b_listen = free_addrs(1).unwrap()[0];
     let proxy = FaultProxy::start(b_listen).unwrap();
-    let b = ChatServer::bind(b_listen, config(Some(proxy.local_addr().to_string()))).unwrap();
+    let b_budget = Budget::new("chat B", BUDGET);
+    let b_config = config(Some(proxy.local_addr().to_string()), &b_budget);
+    let b = ChatServer::bind(b_listen, b_config).unwrap();
     let b = b.spawn().unwrap();
-    let a = ChatServer::bind("127.0.0.1:0", config(None)).unwrap();
+    let a = ChatServer::bind("127.0.0.1:0", config(None, &budget)).unwrap();
     a.join(&proxy.local_addr().to_string()).unwrap();
     let a = a.spawn().unwrap();
     let both_listed = || a.handle().members().len() == 2 && b.handle().members().len() == 2;
     eventually("A and B to link", both_listed);
     let mut bob = LineClient::connect(b.handle().local_addr());
     assert_eq!(bob.ask("{client_join_req,\"bob\"}\n"), "{join,\"bob\"}");
+    // Once A has bob's join, alice joins after it there (she is not told of it later).
+    eventually("A to know bob", || {
+        LineClient::connect(a.handle().local_addr()).ask("who\n") == "{clients,[\"bob\"]}"
+    });
     let mut alice = LineClient::connect(a.handle().local_addr());
     assert_eq!(
         alice.ask("{client_join_req,\"alice\"}\n"),
@@ -425,15 +442,21 @@ fn a_link_whose_queue_overflows_is_dead_and_the_federation_reforms_after_the_hea
     assert_eq!(next(&mut bob), "{join,\"alice\"}");
 
     proxy.cut();
-    // 3,000 lines of 4 KB: more than the sockets and the proxy can hold, so A's writer to
-    // B blocks and its queue overflows.
+    // 4,000 lines of 4 KB (16 MB): more than the sockets and the proxy hold, so A's writer
+    // to B blocks and its queue outgrows the budget, far below the cap in lines (65,536).
+    // Paced, so that alice reads her echoes as they come: the link's queue, not her
+    // outbox, is then what holds the most of the budget.
+    const LINES: usize = 4000;
     let text = "x".repeat(4000);
     let mut writer = alice.writer.try_clone().unwrap();
     let talk = thread::spawn(move || {
         use std::io::Write;
-        for _ in 0..3000 {
+        for i in 0..LINES {
             let line = format!("{{send,\"alice\",\"{text}\"}}\n");
             writer.write_all(line.as_bytes()).unwrap();
+            if i % 8 == 7 {
+                thread::sleep(Duration::from_millis(1));
+            }
         }
     });
     let mut echoes = 0;
@@ -445,11 +468,11 @@ fn a_link_whose_queue_overflows_is_dead_and_the_federation_reforms_after_the_hea
         assert!(line.starts_with("{message,\"alice\""), "{line}");
         echoes += 1;
     }
-    assert!(echoes < 3000, "the link died while alice still talked");
-    talk.join().unwrap();
-    for _ in echoes..3000 {
+    assert!(echoes < LINES, "the link died while alice still talked");
+    for _ in echoes..LINES {
         assert!(next(&mut alice).starts_with("{message,\"alice\""));
     }
+    talk.join().unwrap();
     let healed = Instant::now();
     proxy.heal();
     assert_eq!(next(&mut alice), "{join,\"bob\"}");
@@ -470,4 +493,9 @@ fn a_link_whose_queue_overflows_is_dead_and_the_federation_reforms_after_the_hea
         "{message,\"alice\",\"back\"}"
     );
     assert_eq!(next(&mut bob), "{message,\"alice\",\"back\"}");
+    // It was the budget that ended the link (refused its charge, or closed it as the
+    // largest holder), and the queue never held much more than the budget: an eviction
+    // grants the charge that caused it (a step of 16 KiB) before the link's bytes are back.
+    assert!(budget.refusals() + budget.evictions() >= 1, "{budget:?}");
+    assert!(budget.peak() <= BUDGET + (64 << 10), "{budget:?}");
 }

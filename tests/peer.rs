@@ -502,20 +502,16 @@ fn all(peers: &[PeerProc]) -> Vec<&PeerProc> {
     peers.iter().collect()
 }
 
-/// Issue 22's chat-peer row: five peers whose every link runs through a fault proxy of its
-/// own (`--reach`), {a,b} cut from {c,d,e} until each half has dropped the other, then
-/// healed: one room again within 5 s of the heal (the same `[MEMBERS vN by L]` on all, N
-/// above both halves' versions), the other half's joins shown on every peer, and lines
-/// typed after that delivered exactly once.
-#[test]
-fn a_split_room_heals_into_one_within_5_s_of_the_network_returning() {
-    use std::collections::HashMap;
-    use std::time::Duration;
+/// Fault proxies between peers: `proxies[(i, j)]` is where peer i dials peer j.
+type Proxies = std::collections::HashMap<(usize, usize), switchboard::proxy::FaultProxy>;
+
+/// Peers `names` (the first founds the room, the others join through it) whose every link
+/// runs through a fault proxy of its own (`--reach`), with `--link-timeout 1`; returns once
+/// all list all, under `[MEMBERS vN by <first>]`.
+fn room_through_proxies(names: &[&str]) -> (Vec<PeerProc>, Proxies) {
     use switchboard::proxy::FaultProxy;
-    let names = ["a", "b", "c", "d", "e"];
     let addrs = switchboard::bench::free_addrs(names.len()).unwrap();
-    // One proxy per ordered pair: i dials j at proxies[(i, j)].
-    let mut proxies = HashMap::new();
+    let mut proxies = Proxies::new();
     for i in 0..names.len() {
         for j in (0..names.len()).filter(|j| *j != i) {
             proxies.insert((i, j), FaultProxy::start(addrs[j]).unwrap());
@@ -535,19 +531,74 @@ fn a_split_room_heals_into_one_within_5_s_of_the_network_returning() {
         peers.push(p);
     }
     assert_eq!(
-        converge(&all(&peers), &names),
-        "[MEMBERS v5 by a] a,b,c,d,e"
+        converge(&all(&peers), names),
+        format!(
+            "[MEMBERS v{} by {}] {}",
+            names.len(),
+            names[0],
+            names.join(",")
+        )
     );
+    (peers, proxies)
+}
+
+/// Drops everything peer `i` sends peer `j` on any link between them (whichever dialled),
+/// while what `j` sends `i` still flows.
+fn cut_one_way(proxies: &Proxies, i: usize, j: usize) {
+    use switchboard::proxy::Direction;
+    proxies[&(i, j)].cut_one_way(Direction::ToTarget);
+    proxies[&(j, i)].cut_one_way(Direction::FromTarget);
+}
+
+/// The version in a `[MEMBERS vN by L] ...` line.
+fn version(label: &str) -> u64 {
+    let v = label.strip_prefix("[MEMBERS v").unwrap();
+    v[..v.find(' ').unwrap()].parse().unwrap()
+}
+
+/// Every peer types `<name> <tag>`; each other peer prints it exactly once (checked again
+/// after any resend could have come).
+fn everyone_hears_everyone_once(peers: &mut [PeerProc], tag: &str) {
+    for p in peers.iter_mut() {
+        let text = format!("{} {tag}", p.name);
+        p.say(&text);
+    }
+    let names: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
+    for p in peers.iter() {
+        for from in names.iter().filter(|n| **n != p.name) {
+            let text = format!("{from} {tag}");
+            eventually(&format!("{} to hear {text:?}", p.name), || {
+                p.heard(from).contains(&text)
+            });
+        }
+    }
+    // Long enough for any resend to have come and been dropped as a repeat.
+    thread::sleep(RETRANSMIT * 3 / 2);
+    for p in peers.iter() {
+        for from in names.iter().filter(|n| **n != p.name) {
+            let text = format!("{from} {tag}");
+            let times = p.heard(from).iter().filter(|l| **l == text).count();
+            assert_eq!(times, 1, "{} printed {text:?} {times} times", p.name);
+        }
+    }
+}
+
+/// Issue 22's chat-peer row: five peers, every link through a fault proxy of its own,
+/// {a,b} cut from {c,d,e} until each half has dropped the other, then healed: one room
+/// again within 5 s of the heal (the same `[MEMBERS vN by L]` on all, N above both halves'
+/// versions), the other half's joins shown on every peer, and lines typed after that
+/// delivered exactly once.
+#[test]
+fn a_split_room_heals_into_one_within_5_s_of_the_network_returning() {
+    use std::time::Duration;
+    let names = ["a", "b", "c", "d", "e"];
+    let (mut peers, proxies) = room_through_proxies(&names);
     let left = |i: usize| i < 2;
     for ((i, j), proxy) in &proxies {
         if left(*i) != left(*j) {
             proxy.cut();
         }
     }
-    let version = |label: &str| -> u64 {
-        let v = label.strip_prefix("[MEMBERS v").unwrap();
-        v[..v.find(' ').unwrap()].parse().unwrap()
-    };
     let ab = converge(&all(&peers[..2]), &["a", "b"]);
     let cde = converge(&all(&peers[2..]), &["c", "d", "e"]);
     assert_ne!(ab, cde);
@@ -582,26 +633,100 @@ fn a_split_room_heals_into_one_within_5_s_of_the_network_returning() {
             }
         }
     }
-    for p in &mut peers {
-        let text = format!("{} after the merge", p.name);
-        p.say(&text);
-    }
-    for p in &peers {
-        for from in names.iter().filter(|n| **n != p.name) {
-            let text = format!("{from} after the merge");
-            eventually(&format!("{} to hear {text:?}", p.name), || {
-                p.heard(from).contains(&text)
-            });
+    everyone_hears_everyone_once(&mut peers, "after the merge");
+}
+
+/// The lines `p` printed since it had printed `since`, that start with one of `prefixes`.
+fn printed_since(p: &PeerProc, since: usize, prefixes: &[&str]) -> Vec<String> {
+    p.lines()[since..]
+        .iter()
+        .filter(|l| prefixes.iter().any(|pre| l.starts_with(pre)))
+        .cloned()
+        .collect()
+}
+
+/// A one-way cut: everything {a,b} send {c,d,e} is dropped, everything back still flows.
+/// The receiving ends' link timeouts close the links across (the senders hear the close),
+/// and no new link forms while it lasts (a connect needs both ways): the room splits once,
+/// as for a full cut, and does not flap: over 5 s of cut each peer shows at most 3 lists
+/// (the side dropping the other's members one or a few at a time), none in the last 2 s.
+/// After the heal, one room within 5 s and lines delivered exactly once.
+#[test]
+fn a_room_cut_one_way_splits_once_without_flapping_and_heals_into_one() {
+    use std::time::Duration;
+    let names = ["a", "b", "c", "d", "e"];
+    let (mut peers, proxies) = room_through_proxies(&names);
+    let left = |i: usize| i < 2;
+    let before: Vec<usize> = peers.iter().map(|p| p.lines().len()).collect();
+    for i in (0..names.len()).filter(|i| left(*i)) {
+        for j in (0..names.len()).filter(|j| !left(*j)) {
+            cut_one_way(&proxies, i, j);
         }
     }
-    // Long enough for any resend to have come and been dropped as a repeat.
-    thread::sleep(RETRANSMIT * 3 / 2);
-    for p in &peers {
-        for from in names.iter().filter(|n| **n != p.name) {
-            let text = format!("{from} after the merge");
-            let times = p.heard(from).iter().filter(|l| **l == text).count();
-            assert_eq!(times, 1, "{} printed {text:?} {times} times", p.name);
-        }
+    let cut = Instant::now();
+    let ab = converge(&all(&peers[..2]), &["a", "b"]);
+    let cde = converge(&all(&peers[2..]), &["c", "d", "e"]);
+    // The scenario: 5 s of cut, the last 2 s of which no list may change.
+    thread::sleep(Duration::from_secs(3).saturating_sub(cut.elapsed()));
+    let settled: Vec<usize> = peers.iter().map(|p| p.lines().len()).collect();
+    thread::sleep(Duration::from_secs(2));
+    for (i, p) in peers.iter().enumerate() {
+        let lists = printed_since(p, before[i], &["[MEMBERS "]);
+        eprintln!("{} during the one-way cut: {lists:?}", p.name);
+        assert!(lists.len() <= 3, "{} flaps: {lists:?}", p.name);
+        let late = printed_since(p, settled[i], &["[MEMBERS ", "[JOIN]", "[DROPPED]"]);
+        assert!(late.is_empty(), "{} still changing: {late:?}", p.name);
+    }
+    assert_eq!(peers[0].members().as_ref(), Some(&ab));
+    assert_eq!(peers[2].members().as_ref(), Some(&cde));
+    for proxy in proxies.values() {
+        proxy.heal();
+    }
+    let healed = Instant::now();
+    let merged = converge(&all(&peers), &names);
+    let took = healed.elapsed();
+    eprintln!("one-way cut, heal to one room: {took:?} ({ab} | {cde} -> {merged})");
+    assert!(
+        took < Duration::from_secs(5),
+        "one room only after {took:?}"
+    );
+    assert!(version(&merged) > version(&ab).max(version(&cde)));
+    everyone_hears_everyone_once(&mut peers, "after the one-way cut");
+}
+
+/// One link cut one way (a to b dropped, b to a flowing) while c, d and e reach both ends:
+/// the link closes at both ends and traffic is routed around it. Nobody is dropped or
+/// shown unreachable, no list changes, and lines typed during the cut and after the heal
+/// reach everyone exactly once.
+#[test]
+fn a_link_cut_one_way_while_others_reach_both_ends_changes_no_list() {
+    use std::time::Duration;
+    let names = ["a", "b", "c", "d", "e"];
+    let (mut peers, proxies) = room_through_proxies(&names);
+    let before: Vec<usize> = peers.iter().map(|p| p.lines().len()).collect();
+    cut_one_way(&proxies, 0, 1);
+    let cut = Instant::now();
+    everyone_hears_everyone_once(&mut peers, "during the cut");
+    // The scenario: at least 4 s of cut, several link timeouts and redials.
+    thread::sleep(Duration::from_secs(4).saturating_sub(cut.elapsed()));
+    let changes = [
+        "[MEMBERS ",
+        "[JOIN]",
+        "[LEAVE]",
+        "[DROPPED]",
+        "[UNREACHABLE]",
+    ];
+    for (i, p) in peers.iter().enumerate() {
+        let shown = printed_since(p, before[i], &changes);
+        assert!(shown.is_empty(), "{}: {shown:?}", p.name);
+    }
+    for proxy in proxies.values() {
+        proxy.heal();
+    }
+    everyone_hears_everyone_once(&mut peers, "after the heal");
+    for (i, p) in peers.iter().enumerate() {
+        let shown = printed_since(p, before[i], &changes);
+        assert!(shown.is_empty(), "{}: {shown:?}", p.name);
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use switchboard::budget::Budget;
 use switchboard::chan::{pingpong, Host, Node, NodeConfig};
 use switchboard::cli::seconds;
-use switchboard::{log_info, server, store};
+use switchboard::{log_info, store};
 
 /// Ping-pong between two processes over remote channels, found through the store server.
 #[derive(FromArgs)]
@@ -79,31 +79,16 @@ fn main() -> ExitCode {
         client_memory: Some(Budget::new("chan", args.max_client_memory)),
         ..NodeConfig::advertising(ip)
     });
-    let (stop, stopped) = crossbeam_channel::bounded(1);
+    let registry = args.registry.as_str();
     let ok = match args.role {
-        Role::Pong(pong) => server::on_termination(move || {
-            let _ = stop.try_send(());
-        })
-        .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))
-        .and_then(|()| {
-            pingpong::run_pong(&node, args.registry.as_str(), &pong.name, &stopped)
-                .map_err(|e| format!("pong {}: {e}", pong.name))
-        })
-        .map(|report| log_info!("chan-pingpong: pong {} stopped; {report}", pong.name)),
-        Role::Ping(p) => pingpong::run_ping(&node, &*args.registry, &p.name, p.count, p.wait)
-            .map_err(|e| format!("ping {}: {e}", p.name))
-            .and_then(|report| {
-                println!("ping {}: {report}", p.name);
-                (report.failed == 0)
-                    .then_some(())
-                    .ok_or("pings failed".into())
-            }),
+        Role::Pong(p) => pingpong::pong_until_terminated(&node, registry, &p.name),
+        Role::Ping(p) => pingpong::ping_and_print(&node, registry, &p.name, p.count, p.wait),
     };
     node.shutdown();
     match ok {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            log_info!("chan-pingpong: {message}");
+        Err(e) => {
+            log_info!("chan-pingpong: {e}");
             ExitCode::FAILURE
         }
     }

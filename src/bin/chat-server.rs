@@ -2,15 +2,12 @@
 //! of a federation of servers that relay every client event to each other.
 
 use argh::FromArgs;
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use switchboard::auth;
 use switchboard::budget::Budget;
-use switchboard::chat::{self, ChatConfig, ChatServer};
+use switchboard::chat::{self, ChatConfig};
 use switchboard::log_info;
-use switchboard::server::on_termination;
 
 /// Serve the chat protocol ({client_join_req,Name}, {send,Name,Text}, ...), alone or
 /// federated with other chat servers.
@@ -66,19 +63,12 @@ fn main() -> ExitCode {
     let args: Args = argh::from_env();
     switchboard::log::set_verbose(args.verbose);
     // Every address this server listens on or dials decides whether a secret is required.
-    let mut addrs = Vec::new();
-    for addr in std::iter::once(&args.listen)
+    let addrs = std::iter::once(&args.listen)
         .chain(&args.join)
-        .chain(&args.advertise)
-    {
-        match addr.to_socket_addrs() {
-            Ok(resolved) => addrs.extend(resolved),
-            Err(e) => return fail(&format!("cannot resolve {addr}: {e}")),
-        }
-    }
-    let secret = match auth::cluster_secret(args.secret_file.as_deref(), &addrs, "the federation") {
+        .chain(&args.advertise);
+    let secret = match chat::secret_policy(args.secret_file.as_deref(), addrs) {
         Ok(secret) => secret,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail(&e),
     };
     let mut config = ChatConfig {
         outbox: args.outbox,
@@ -90,24 +80,13 @@ fn main() -> ExitCode {
     config.server.max_connections = args.max_connections;
     config.server.idle_timeout = args.idle_timeout;
     config.server.client_memory = Some(Budget::new("chat", args.max_client_memory));
-    let server = match ChatServer::bind(&args.listen, config) {
-        Ok(server) => server,
-        Err(e) => return fail(&format!("cannot listen on {}: {e}", args.listen)),
-    };
-    if let Some(peer) = &args.join {
-        if let Err(e) = server.join(peer) {
-            return fail(&format!("cannot join {peer}: {e}"));
-        }
+    match chat::serve(&args.listen, args.join.as_deref(), config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
-    let handle = server.handle();
-    if let Err(e) = on_termination(move || handle.shutdown()) {
-        return fail(&format!("cannot install the Ctrl-C handler: {e}"));
-    }
-    server.run();
-    ExitCode::SUCCESS
 }
 
-fn fail(message: &str) -> ExitCode {
-    log_info!("chat-server: {message}");
+fn fail(e: &chat::StartError) -> ExitCode {
+    log_info!("chat-server: {e}");
     ExitCode::FAILURE
 }

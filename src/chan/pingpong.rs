@@ -4,6 +4,7 @@
 
 use super::{Chan, ChanError, Node, Value};
 use crate::log_info;
+use crate::server::on_termination;
 use crossbeam_channel::{select, Receiver};
 use std::fmt;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -26,6 +27,91 @@ pub struct PongReport {
     pub ignored: u64,
     /// Pongs that could not be delivered.
     pub failed: u64,
+}
+
+/// Why `chan-pingpong` failed; its last log line says this.
+#[derive(Debug)]
+pub enum DemoError {
+    /// `pong NAME` could not claim, register or serve the name.
+    Pong {
+        /// The name.
+        name: String,
+        /// Why.
+        source: ChanError,
+    },
+    /// `ping NAME` could not look the name up.
+    Ping {
+        /// The name.
+        name: String,
+        /// Why.
+        source: ChanError,
+    },
+    /// Some pings went unanswered (the report says how many).
+    PingsFailed,
+    /// The Ctrl-C / SIGTERM handler cannot be installed.
+    Termination(ctrlc::Error),
+}
+
+impl fmt::Display for DemoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DemoError::Pong { name, source } => write!(f, "pong {name}: {source}"),
+            DemoError::Ping { name, source } => write!(f, "ping {name}: {source}"),
+            DemoError::PingsFailed => f.write_str("pings failed"),
+            DemoError::Termination(e) => write!(f, "cannot install the Ctrl-C handler: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DemoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DemoError::Pong { source, .. } | DemoError::Ping { source, .. } => Some(source),
+            DemoError::Termination(e) => Some(e),
+            DemoError::PingsFailed => None,
+        }
+    }
+}
+
+/// `chan-pingpong pong NAME`: [`run_pong`] until Ctrl-C or SIGTERM, then logs what it did.
+///
+/// # Errors
+/// As [`run_pong`], or when the signal handler cannot be installed.
+pub fn pong_until_terminated(node: &Node, registry: &str, name: &str) -> Result<(), DemoError> {
+    let (stop, stopped) = crossbeam_channel::bounded(1);
+    on_termination(move || {
+        let _ = stop.try_send(());
+    })
+    .map_err(DemoError::Termination)?;
+    let report = run_pong(node, registry, name, &stopped).map_err(|source| DemoError::Pong {
+        name: name.to_owned(),
+        source,
+    })?;
+    log_info!("chan-pingpong: pong {name} stopped; {report}");
+    Ok(())
+}
+
+/// `chan-pingpong ping NAME COUNT`: [`run_ping`], its report printed on stdout as
+/// `ping NAME: ...`.
+///
+/// # Errors
+/// As [`run_ping`]; [`DemoError::PingsFailed`] when any ping failed.
+pub fn ping_and_print(
+    node: &Node,
+    registry: &str,
+    name: &str,
+    count: usize,
+    wait: Duration,
+) -> Result<(), DemoError> {
+    let report = run_ping(node, registry, name, count, wait).map_err(|source| DemoError::Ping {
+        name: name.to_owned(),
+        source,
+    })?;
+    println!("ping {name}: {report}");
+    match report.failed {
+        0 => Ok(()),
+        _ => Err(DemoError::PingsFailed),
+    }
 }
 
 /// `chan-pingpong pong NAME`: registers a new channel of `node` as `name` in the store

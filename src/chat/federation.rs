@@ -20,9 +20,11 @@
 //!    live peer (`{update_servers,..}`), and a server that hears of one it does not know
 //!    dials it. Lists merge by union minus the servers known to be gone.
 //! 4. **A lost peer** is one whose link either way ends or goes silent past the bound, or
-//!    whose dialled link's queue overflows: both links are closed (what was queued on them
-//!    is dropped), its clients are announced leaving to local clients, and it is redialled
-//!    ([`link::redial`], jittered, at most 1 s apart) for as long as it is known. The peer
+//!    whose dialled link's queue overflows (more lines than `ChatConfig::link_outbox`, or
+//!    more bytes than the server's client memory budget, `--max-client-memory`, can
+//!    cover): both links are closed (what was queued on them is dropped), its clients are
+//!    announced leaving to local clients, and it is redialled ([`link::redial`],
+//!    jittered, at most 1 s apart) for as long as it is known. The peer
 //!    sees its links end (or go silent) and does the same, so both sides re-form as soon
 //!    as the network lets them: each dials, each link is confirmed, each side goes live and
 //!    sends its `present` lines, which the other shows as `{join,..}`.
@@ -723,10 +725,11 @@ fn dial_known(chat: &Chat, id: &ServerId, hello: &Hello) -> Result<Link, LinkErr
 /// the peer closes the link, breaks it, or is silent past the dead-peer bound.
 fn serve_outgoing(chat: &Chat, id: &ServerId, mut link: Link) {
     let name = format!("chat: the link to {id}");
-    let config = chat.0.liveness.outbox(
-        OutboxConfig::new(name.clone(), chat.0.link_outbox),
-        heartbeat(),
-    );
+    // While the network holds the link's bytes its queue grows: charged to the budget the
+    // clients share, so a cut costs at most that; past it the link is lost (rule 4).
+    let account = (chat.0.budget.as_ref()).map(|b| b.account(&name, Some(link.stream())));
+    let config = OutboxConfig::new(name.clone(), chat.0.link_outbox).account(account.as_ref());
+    let config = chat.0.liveness.outbox(config, heartbeat());
     let (outbox, writer) = link.outbox(config);
     let Some(number) = chat.link_up(id, outbox) else {
         let _ = link.stream().shutdown(Shutdown::Both);

@@ -7,6 +7,7 @@
 //! - `federation`: the member list and the links between servers.
 //! - `session`: one client connection.
 //! - [`client`]: a blocking client (used by `chat-client`, `chat-bench`).
+//! - `serve`: what `chat-server` does with its flags ([`secret_policy`], [`serve()`]).
 //! - [`bench`](mod@bench): the fan-out benchmark behind `chat-bench`.
 //!
 //! # Message flow
@@ -38,11 +39,14 @@ pub mod client;
 mod federation;
 mod hub;
 pub mod protocol;
+mod serve;
 mod session;
 
 pub use crate::link::LinkError;
+pub use serve::{secret_policy, serve, StartError};
 
 use crate::auth::Secret;
+use crate::budget::Budget;
 use crate::framing::{FrameReader, Framing, Limits};
 use crate::group::{Group, GroupError, Running, Stop};
 // `client` connects through this, to the first of an address's addresses that answers.
@@ -73,7 +77,10 @@ pub struct ChatConfig {
     pub server: ServerConfig,
     /// Lines a client may fall behind before it is disconnected.
     pub outbox: usize,
-    /// Lines a link to another server may fall behind before that server is dropped.
+    /// Lines a link to another server may fall behind before that server is lost. The
+    /// bytes those lines hold are charged to the client memory budget
+    /// ([`ServerConfig::client_memory`]) as a client's outbox is: a link that the budget
+    /// cannot cover (the network holds its bytes, the queue grows) is lost too.
     pub link_outbox: usize,
     /// The federation's cluster secret (`--secret-file`): with it, every link between
     /// servers proves it with [`crate::auth`]'s handshake, in both directions; without it
@@ -258,6 +265,8 @@ struct Shared {
     me: ServerId,
     outbox: usize,
     link_outbox: usize,
+    /// What link outboxes are charged to, with the clients' memory.
+    budget: Option<Budget>,
     secret: Option<Secret>,
     /// The dead-peer bound and heartbeat of every link between servers.
     liveness: Liveness,
@@ -459,6 +468,7 @@ impl Chat {
             me,
             outbox: config.outbox.max(1),
             link_outbox: config.link_outbox.max(1),
+            budget: config.server.client_memory.clone(),
             secret: config.secret.clone(),
             liveness: Liveness::new(config.link_timeout),
             group: Group::with_stack_size("chat", 128 << 10),

@@ -21,6 +21,12 @@ struct Sim {
     /// A network split: these nodes on one side, the rest on the other; no link, no
     /// dial and no message crosses it.
     side: Option<BTreeSet<String>>,
+    /// One-way cuts: what the first node of a pair sends the second is lost, the other way
+    /// flows. No dial between them succeeds (a connect needs both ways); links between
+    /// them stay up at both ends until the receiving end's link timeout (`cut_timeout`,
+    /// in ticks) takes them down, and the sender hears the close.
+    one_way: BTreeSet<(String, String)>,
+    cut_timeout: Option<u64>,
 }
 
 impl Sim {
@@ -37,20 +43,34 @@ impl Sim {
             lose_every: None,
             msgs_seen: 0,
             side: None,
+            one_way: BTreeSet::new(),
+            cut_timeout: None,
         }
     }
 
-    /// Whether the split, if any, runs between nodes `a` and `b`.
+    /// Whether the split, if any, runs between nodes `a` and `b`, or a one-way cut.
     fn crosses(&self, a: &str, b: &str) -> bool {
+        let pair = |x: &str, y: &str| (x.to_owned(), y.to_owned());
         self.side
             .as_ref()
             .is_some_and(|side| side.contains(a) != side.contains(b))
+            || self.one_way.contains(&pair(a, b))
+            || self.one_way.contains(&pair(b, a))
     }
 
-    /// Splits the network: `side` from everyone else. Links across it go down at both
-    /// ends (as a link timeout would take them down), messages on them are lost.
-    fn partition(&mut self, side: &[&str]) {
-        self.side = Some(side.iter().map(|s| (*s).to_owned()).collect());
+    /// Cuts one way: what each node of `from` sends each node of `to` is lost. After
+    /// `timeout` ticks (the receivers' link timeout) the links across go down at both ends.
+    fn cut_one_way(&mut self, from: &[&str], to: &[&str], timeout: u64) {
+        for a in from {
+            for b in to {
+                self.one_way.insert(((*a).to_owned(), (*b).to_owned()));
+            }
+        }
+        self.cut_timeout = Some(timeout);
+    }
+
+    /// Takes the links across a split or a cut down at both ends, as a link timeout would.
+    fn cut_links(&mut self) {
         let cut: Vec<(String, String)> = self
             .links
             .iter()
@@ -64,12 +84,21 @@ impl Sim {
             self.nodes.get_mut(&a).unwrap().link_down(&gone, &mut out);
             self.apply(&a, out);
         }
+    }
+
+    /// Splits the network: `side` from everyone else. Links across it go down at both
+    /// ends (as a link timeout would take them down), messages on them are lost.
+    fn partition(&mut self, side: &[&str]) {
+        self.side = Some(side.iter().map(|s| (*s).to_owned()).collect());
+        self.cut_links();
         self.run();
     }
 
-    /// The network is whole again: dials across the old split succeed.
+    /// The network is whole again: dials across the old split or cuts succeed.
     fn heal(&mut self) {
         self.side = None;
+        self.one_way.clear();
+        self.cut_timeout = None;
     }
 
     fn addr(&self, name: &str) -> SocketAddr {
@@ -178,7 +207,11 @@ impl Sim {
         while let Some((from, to, msg)) = self.wire.pop_front() {
             steps += 1;
             assert!(steps < 1_000_000, "messages never stop");
-            if self.dead.contains(&to) || !self.links.contains(&(from.clone(), to.clone())) {
+            let pair = (from.clone(), to.clone());
+            if self.dead.contains(&to)
+                || !self.links.contains(&pair)
+                || self.one_way.contains(&pair)
+            {
                 continue;
             }
             let from = self.members[&from].clone();
@@ -191,6 +224,13 @@ impl Sim {
 
     fn tick(&mut self) {
         self.now += Duration::from_millis(100);
+        if let Some(left) = &mut self.cut_timeout {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.cut_links();
+                self.run();
+            }
+        }
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in &names {
             if self.dead.contains(name) {

@@ -1,6 +1,7 @@
-//! Issue 22 on the simulator of `sim.rs`: a network split heals into one room (one
-//! leader, one list above both halves' versions, joins shown everywhere, lines typed after
-//! the merge delivered exactly once), over many seeds; and two rooms never merge.
+//! Issue 22 on the simulator of `sim.rs`: a network split, or a cut one way, heals into one
+//! room (one leader, one list above both halves' versions, joins shown everywhere, lines
+//! typed after the merge delivered exactly once), over many seeds; a one-way cut does not
+//! flap; and two rooms never merge.
 
 use super::views::{assert_one_list_per_label, Rng};
 use super::*;
@@ -138,6 +139,75 @@ fn a_split_room_heals_into_one_with_a_version_above_both_halves() {
     assert_one_list_per_label(&sim, "after the merge");
 }
 
+/// The `[MEMBERS ...]` lines `who` printed.
+fn lists_printed(sim: &Sim, who: &str) -> Vec<String> {
+    let printed = sim.printed.get(who).map_or(&[][..], Vec::as_slice);
+    printed
+        .iter()
+        .filter(|l| l.starts_with("[MEMBERS "))
+        .cloned()
+        .collect()
+}
+
+/// A room of five: a founds it, the others join through a.
+fn room_of_five() -> Sim {
+    let mut sim = Sim::new();
+    sim.add("a", None, &[]);
+    for n in ["b", "c", "d", "e"] {
+        sim.add(n, Some("a"), &[]);
+    }
+    sim.run_for(2);
+    assert_eq!(sim.agreed("a,b,c,d,e"), "[MEMBERS v5 by a] a,b,c,d,e");
+    sim
+}
+
+#[test]
+fn a_room_cut_one_way_splits_once_without_flapping_and_heals_into_one() {
+    let mut sim = room_of_five();
+    sim.printed.clear();
+    // {a,b} are not heard by {c,d,e}, and hear them; links across time out after 1 s.
+    sim.cut_one_way(&["a", "b"], &["c", "d", "e"], 10);
+    sim.say("c", "one-way-c");
+    sim.run_for(5);
+    // One list per side, each printed once: no flapping while the cut lasts.
+    for n in ["a", "b"] {
+        assert_eq!(lists_printed(&sim, n), ["[MEMBERS v6 by a] a,b"], "{n}");
+    }
+    for n in ["c", "d", "e"] {
+        assert_eq!(lists_printed(&sim, n), ["[MEMBERS v6 by c] c,d,e"], "{n}");
+    }
+    // What c said before the links went down still reached a and b (that way flows).
+    assert_eq!(sim.heard("a", "c"), ["one-way-c"]);
+    sim.printed.clear();
+    sim.heal();
+    ticks_to_one_room(&mut sim, MERGE_BOUND).expect("one room within 5 s");
+    assert_eq!(sim.agreed("a,b,c,d,e"), "[MEMBERS v7 by a] a,b,c,d,e");
+    say_and_check_once(&mut sim, "after", 3);
+    assert_one_list_per_label(&sim, "after the one-way cut");
+}
+
+#[test]
+fn a_link_cut_one_way_is_routed_around_and_changes_no_list() {
+    let mut sim = room_of_five();
+    sim.printed.clear();
+    sim.cut_one_way(&["a"], &["b"], 10);
+    say_and_check_once(&mut sim, "during", 5);
+    sim.run_for(3);
+    assert!(!sim.linked("a", "b") && !sim.linked("b", "a"));
+    for n in ["a", "b", "c", "d", "e"] {
+        let changes: Vec<&String> = sim.printed[n]
+            .iter()
+            .filter(|l| !l.contains("] during-"))
+            .collect();
+        assert!(changes.is_empty(), "{n}: {changes:?}");
+    }
+    sim.heal();
+    sim.run_for(2);
+    assert!(sim.linked("a", "b"), "the link comes back after the heal");
+    say_and_check_once(&mut sim, "after", 3);
+    sim.agreed("a,b,c,d,e");
+}
+
 /// A room of `n` nodes over a random network history (joins through any peer, lines
 /// typed, losses), split in two at random, healed after a random cut: one room within
 /// [`MERGE_BOUND`] ticks, and lines typed after it delivered exactly once.
@@ -170,14 +240,48 @@ fn split_and_heal(seed: u64) {
             break side;
         }
     };
-    sim.partition(&side);
-    let cut_ticks = 5 + rng.below(60);
+    let other: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !side.contains(n))
+        .collect();
+    // One seed in three cuts one way only, with a link timeout of 1 to 3 s; the cut then
+    // lasts until the links across are down and 2 s more, and no list may change in those
+    // 2 s (no flapping).
+    let one_way = rng.below(3) == 0;
+    let cut_ticks = if one_way {
+        let timeout = 10 + rng.below(21) as u64;
+        if rng.below(2) == 0 {
+            sim.cut_one_way(&side, &other, timeout);
+        } else {
+            sim.cut_one_way(&other, &side, timeout);
+        }
+        timeout as usize + 30 + rng.below(30)
+    } else {
+        sim.partition(&side);
+        5 + rng.below(60)
+    };
+    let mut settled = Vec::new();
     for t in 0..cut_ticks {
         if t % 7 == 0 {
             let who = &names[rng.below(n)];
             sim.say(who, &format!("cut{t}-{who}"));
         }
+        if t + 20 == cut_ticks {
+            settled = names.iter().map(|n| lists_printed(&sim, n).len()).collect();
+        }
         sim.tick();
+    }
+    if one_way {
+        for (i, who) in names.iter().enumerate() {
+            let lists = lists_printed(&sim, who);
+            assert_eq!(
+                lists.len(),
+                settled[i],
+                "seed {seed}: {who} still changing lists 2 s into a one-way cut: {:?}",
+                &lists[settled[i]..]
+            );
+        }
     }
     sim.heal();
     let took = ticks_to_one_room(&mut sim, MERGE_BOUND);
