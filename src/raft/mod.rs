@@ -137,6 +137,7 @@ pub mod driver;
 mod driver_tests;
 mod leader;
 pub mod links;
+pub mod member;
 mod log;
 mod message;
 mod replica;
