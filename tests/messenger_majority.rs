@@ -34,10 +34,15 @@ struct Cluster {
     /// `links[i][j]`: what server `i` dials to reach server `j`.
     links: Vec<Vec<Option<FaultProxy>>>,
     root: PathBuf,
+    extra: Vec<&'static str>,
 }
 
 impl Cluster {
     fn start(name: &str, proxied: bool) -> Cluster {
+        Cluster::start_with(name, proxied, &[])
+    }
+
+    fn start_with(name: &str, proxied: bool, extra: &[&'static str]) -> Cluster {
         let root = std::env::temp_dir().join(format!(
             "switchboard-messenger-majority-{}-{name}",
             std::process::id()
@@ -56,6 +61,7 @@ impl Cluster {
             servers: (0..N).map(|_| None).collect(),
             links,
             root,
+            extra: extra.to_vec(),
         };
         for i in 0..N {
             c.spawn(i);
@@ -72,7 +78,7 @@ impl Cluster {
         });
         let dir = self.root.join(format!("server{i}"));
         let id = i.to_string();
-        let args = [
+        let mut args = vec![
             "--quorum",
             "majority",
             "--id",
@@ -84,6 +90,7 @@ impl Cluster {
             "--data-dir",
             dir.to_str().unwrap(),
         ];
+        args.extend(&self.extra);
         let server = ChildServer::start(SERVER, &args);
         assert_eq!(server.addr, self.addrs[i]);
         self.servers[i] = Some(server);
@@ -279,7 +286,8 @@ fn a_split_with_the_leader_in_the_minority_acknowledges_nothing_there_and_loses_
 
 #[test]
 fn every_server_restarts_from_its_data_dir_with_accounts_and_undelivered_messages() {
-    let mut cluster = Cluster::start("restart", false);
+    // Snapshots every 4 entries: each server restarts from a snapshot and a log after it.
+    let mut cluster = Cluster::start_with("restart", false, &["--compact-after", "4"]);
     let mut ann = cluster.client();
     ann.register("ann").unwrap();
     ann.register("bob").unwrap();
@@ -300,6 +308,8 @@ fn every_server_restarts_from_its_data_dir_with_accounts_and_undelivered_message
     let want: Vec<String> = (0..5).map(|i| format!("kept {i}")).collect();
     assert_eq!(got, want);
     assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+    let logs = cluster.logs();
+    assert!(logs.contains("snapshot at"), "{logs}");
 }
 
 #[test]
