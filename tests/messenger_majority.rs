@@ -242,7 +242,11 @@ fn kill_9_of_the_leader_under_send_load_loses_no_acknowledged_send() {
     assert_ne!(next, leader);
     let (acked, delivered) = load.finish();
     exactly_once(&acked, &delivered, &cluster.logs());
-    assert!(acked.iter().any(|a| a.by == Some(next)), "{}", cluster.logs());
+    assert!(
+        acked.iter().any(|a| a.by == Some(next)),
+        "{}",
+        cluster.logs()
+    );
 }
 
 #[test]

@@ -330,7 +330,11 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
     let duration = Duration::from_secs_f64(o.secs);
     let fsync = if o.fsync { "fsync" } else { "no fsync" };
     let mut per_sec = Vec::new();
-    let sizes: &[usize] = if o.quorum == "majority" { &[3] } else { &[1, 3] };
+    let sizes: &[usize] = if o.quorum == "majority" {
+        &[3]
+    } else {
+        &[1, 3]
+    };
     for &n in sizes {
         let mut rates = Vec::new();
         for run in 0..o.runs {

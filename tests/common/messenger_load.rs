@@ -24,7 +24,7 @@ pub struct Acked {
 pub struct Load {
     stop: Arc<AtomicBool>,
     stop_receivers: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<Acked>>>,
+    pub acked: Arc<Mutex<Vec<Acked>>>,
     senders: Vec<thread::JoinHandle<usize>>,
     receivers: Vec<thread::JoinHandle<Vec<Delivery>>>,
 }

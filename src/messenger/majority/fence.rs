@@ -239,12 +239,21 @@ mod tests {
         assert_eq!(m.apply(&lead(2, 1)), Applied::NotLed { node: 2 });
         assert_eq!(m.apply(&lead(0, 1)), Applied::NotLed { node: 0 });
         for (seq, c) in [(1, register("ann")), (2, register("bob")), (3, None)] {
-            assert!(matches!(m.apply(&change(1, seq, c)), Applied::Accepted { .. }));
+            assert!(matches!(
+                m.apply(&change(1, seq, c)),
+                Applied::Accepted { .. }
+            ));
         }
         // A number taken, or one after a gap: refused, nothing changes.
         let before = m.clone();
-        assert_eq!(m.apply(&change(1, 3, send(9))), Applied::Refused { epoch: 1 });
-        assert_eq!(m.apply(&change(1, 5, send(9))), Applied::Refused { epoch: 1 });
+        assert_eq!(
+            m.apply(&change(1, 3, send(9))),
+            Applied::Refused { epoch: 1 }
+        );
+        assert_eq!(
+            m.apply(&change(1, 5, send(9))),
+            Applied::Refused { epoch: 1 }
+        );
         assert_eq!(m, before);
         let Applied::Accepted { at, delivered } = m.apply(&change(1, 4, send(9))) else {
             panic!("seq 4 follows 3");
@@ -253,7 +262,10 @@ mod tests {
         assert_eq!(delivered.unwrap().1.id, at);
         // Server 1 claims epoch 2: epoch 1's later changes are refused.
         assert_eq!(m.apply(&lead(1, 2)), Applied::Led { node: 1, epoch: 2 });
-        assert_eq!(m.apply(&change(1, 5, send(10))), Applied::Refused { epoch: 1 });
+        assert_eq!(
+            m.apply(&change(1, 5, send(10))),
+            Applied::Refused { epoch: 1 }
+        );
         assert!(matches!(
             m.apply(&change(2, 1, send(11))),
             Applied::Accepted { .. }
@@ -261,7 +273,10 @@ mod tests {
         let ids: Vec<MessageId> = m.state.mailbox("bob").map(|x| x.id).collect();
         assert_eq!(
             ids,
-            [MessageId { epoch: 1, seq: 4 }, MessageId { epoch: 2, seq: 1 }]
+            [
+                MessageId { epoch: 1, seq: 4 },
+                MessageId { epoch: 2, seq: 1 }
+            ]
         );
         // An epoch below the fence's is refused too.
         assert_eq!(m.apply(&lead(0, 1)), Applied::NotLed { node: 0 });

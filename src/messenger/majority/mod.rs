@@ -420,7 +420,10 @@ impl Service for Majority {
         if serving == Serving::Primary && !inner.clients.contains(conn) {
             return true;
         }
-        let state = inner.lead.as_ref().map_or(&inner.machine.state, |l| &l.view);
+        let state = inner
+            .lead
+            .as_ref()
+            .map_or(&inner.machine.state, |l| &l.view);
         let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
         let Some(lead) = inner.lead.as_mut() else {
             // A redirect, or nothing (a confirm): at once.

@@ -359,7 +359,9 @@ impl Replica {
                 inner.clients.send_to_user(&to, out, committed);
             }
         }
-        inner.clients.session_effect(conn, effects.session, effects.token);
+        inner
+            .clients
+            .session_effect(conn, effects.session, effects.token);
         if !effects.replies.is_empty() || effects.close {
             // An answer waits for the last change made so far, its own included.
             let tag = effects.after_commit.then_some(inner.last.seq);
