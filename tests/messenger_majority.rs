@@ -2,7 +2,8 @@
 //! Python) against three servers on Raft; `kill -9` of the leader under send load loses
 //! no acknowledged send; a full split with the leader in the minority (fault proxies on
 //! every peer link) acknowledges nothing on the minority side while the majority goes on,
-//! and after the heal nothing acknowledged is lost and no number names two messages; every
+//! and after the heal nothing acknowledged is lost and no number names two messages; a
+//! leader frozen with SIGSTOP wakes acknowledging nothing it did not commit; every
 //! server restarting from its data directory keeps accounts and undelivered messages.
 
 mod common;
@@ -282,6 +283,55 @@ fn a_split_with_the_leader_in_the_minority_acknowledges_nothing_there_and_loses_
         "{logs}"
     );
     assert!(acked.len() > during, "{logs}");
+    assert!(
+        logs.contains(&format!("messenger-{old}: stepping down")),
+        "{logs}"
+    );
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to server `i`.
+fn signal(cluster: &Cluster, i: usize, signal: &str) {
+    let pid = cluster.servers[i].as_ref().unwrap().child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[test]
+fn a_frozen_leader_wakes_to_a_new_epoch_and_acknowledges_nothing_it_did_not_commit() {
+    let cluster = Cluster::start("frozen", false);
+    cluster.client().register("lone").unwrap();
+    let load = Load::start(3, |_| cluster.client(), |_| cluster.client());
+    load.more(50);
+    let old = cluster.leader();
+    // A client of the old leader that waits for its answer longer than the freeze lasts.
+    let mut alone = Raw::connect(cluster.addrs[old], Duration::from_secs(5)).unwrap();
+    assert_eq!(alone.ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    signal(&cluster, old, "-STOP");
+    let mut frame = Vec::new();
+    encode_frame(Framing::U32, b"\x04lone|r0|434343|while frozen", &mut frame).unwrap();
+    alone.stream.write_all(&frame).unwrap();
+    // Its clients give up on it after their reply timeout and find the new leader.
+    let mut new = None;
+    eventually("the others to elect", || {
+        new = cluster.serving().filter(|&i| i != old);
+        new.is_some()
+    });
+    load.more(50);
+    signal(&cluster, old, "-CONT");
+    // Woken, it decides the send on its stale view, but never acknowledges it.
+    let answer = alone.reader.read_frame().ok().flatten().map(|f| f.to_vec());
+    assert_eq!(answer, None);
+    load.more(50);
+    let (acked, delivered) = load.finish();
+    let logs = cluster.logs();
+    exactly_once(&acked, &delivered, &logs);
+    assert!(
+        !delivered.iter().any(|d| d.text == "while frozen"),
+        "{logs}"
+    );
     assert!(
         logs.contains(&format!("messenger-{old}: stepping down")),
         "{logs}"
