@@ -1,5 +1,5 @@
 //! What the Raft log of `--quorum majority` carries, and how every server applies it, pure.
-//! The leader decides requests as the primary does ([`crate::messenger::requests`]) and
+//! The leader decides requests as the primary does (`requests`) and
 //! numbers each change `EPOCH.SEQ` before it proposes it; the log's order decides which
 //! numbers stand. The **fence** (the epoch that leads and the last sequence number taken
 //! in it) is part of the replicated state, so every server accepts and refuses the same

@@ -8,7 +8,7 @@
 //!   backup does: `40` with the leader's id when it knows one, else `41`, and closes; the
 //!   clients fail over on their own, so they and the Python client work unchanged.
 //! - **Deciding**: the leader decides each request as the primary does
-//!   ([`super::requests::respond`]) against its *own view*: the committed state plus the
+//!   (`requests::respond`) against its *own view*: the committed state plus the
 //!   changes it has decided since (a copy made when its epoch was committed). Each
 //!   decision that answers anything, or changes anything, is numbered `EPOCH.SEQ` and
 //!   proposed (a request that changes nothing proposes a barrier), in decision order, by
