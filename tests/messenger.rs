@@ -4,8 +4,11 @@
 //! and the interactive client against the Rust servers.
 
 mod common;
+#[path = "common/messenger_load.rs"]
+mod messenger_load;
 
 use common::{connect, eventually, run_python, ChildServer, IO_TIMEOUT};
+use messenger_load::{Acked, Load};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1194,118 +1197,6 @@ fn without_a_secret_a_cluster_off_loopback_refuses_to_start_and_on_loopback_warn
 
 // Partitions (issue 22): real processes whose replication links (and clients) pass through
 // fault proxies that stop forwarding without closing anything, as a cut network does.
-
-/// A send the cluster acknowledged: its text, the server that answered, and when.
-#[derive(Clone)]
-struct Acked {
-    text: String,
-    by: Option<usize>,
-    at: Instant,
-}
-
-/// Senders `s{i}` each sending to `r{i}` in a loop, and the receivers logged in
-/// throughout; each client made by `client(i)` (so a test picks the way in).
-struct Load {
-    stop: Arc<AtomicBool>,
-    stop_receivers: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<Acked>>>,
-    senders: Vec<thread::JoinHandle<usize>>,
-    receivers: Vec<thread::JoinHandle<Vec<Delivery>>>,
-}
-
-impl Load {
-    fn start(
-        n: usize,
-        sender: impl Fn(usize) -> Client,
-        receiver: impl Fn(usize) -> Client,
-    ) -> Load {
-        let mut setup = sender(0);
-        for i in 0..n {
-            setup.register(&format!("s{i}")).unwrap();
-            setup.register(&format!("r{i}")).unwrap();
-        }
-        let stop_receivers = Arc::new(AtomicBool::new(false));
-        let receivers = (0..n)
-            .map(|i| {
-                let (mut c, stop) = (receiver(i), Arc::clone(&stop_receivers));
-                c.login(&format!("r{i}")).unwrap();
-                thread::spawn(move || {
-                    let mut got: Vec<Delivery> = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let _ = c.keep_up();
-                        got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
-                    }
-                    // A request on the primary: after its answer, every message committed
-                    // for this receiver has been handed to it.
-                    c.search("barrier").unwrap();
-                    got.extend(c.deliveries().try_iter());
-                    got
-                })
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
-        let senders = (0..n)
-            .map(|i| {
-                let (mut c, stop, acked) = (sender(i), Arc::clone(&stop), Arc::clone(&acked));
-                c.login(&format!("s{i}")).unwrap();
-                thread::spawn(move || {
-                    let mut failed = 0;
-                    for k in 0.. {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let text = format!("s{i} message {k}");
-                        match c.send(&format!("r{i}"), &text) {
-                            Ok(()) => acked.lock().unwrap().push(Acked {
-                                text,
-                                by: c.server(),
-                                at: Instant::now(),
-                            }),
-                            Err(_) => failed += 1,
-                        }
-                    }
-                    failed
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            stop_receivers,
-            acked,
-            senders,
-            receivers,
-        }
-    }
-
-    fn acks(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// Waits for `n` more acknowledged sends.
-    fn more(&self, n: usize) {
-        let target = self.acks() + n;
-        eventually(&format!("{target} acknowledged sends"), || {
-            self.acks() >= target
-        });
-    }
-
-    /// Stops, and returns every acknowledged send and every delivery.
-    fn finish(self) -> (Vec<Acked>, Vec<Delivery>) {
-        self.stop.store(true, Ordering::SeqCst);
-        for s in self.senders {
-            s.join().unwrap();
-        }
-        self.stop_receivers.store(true, Ordering::SeqCst);
-        let delivered = self
-            .receivers
-            .into_iter()
-            .flat_map(|r| r.join().unwrap())
-            .collect();
-        let acked = self.acked.lock().unwrap().clone();
-        (acked, delivered)
-    }
-}
 
 /// Checks issue 22's rules on what was acknowledged and delivered: no message number
 /// names two messages, nothing is delivered twice, and every acknowledged send is

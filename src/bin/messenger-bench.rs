@@ -17,9 +17,13 @@ struct Args {
     /// runs per figure; the median is reported (default 3)
     #[argh(option, default = "3")]
     runs: usize,
-    /// run the servers with --no-fsync
+    /// run the servers with --no-fsync (primary mode only)
     #[argh(switch)]
     no_fsync: bool,
+    /// the servers' --quorum: primary (default; 1 and 3 servers compared) or majority
+    /// (Raft; 3 servers)
+    #[argh(option, default = "String::from(\"primary\")")]
+    quorum: String,
     /// instead of the load and failover runs: hold this many idle clients on one server
     /// and report its memory
     #[argh(option)]
@@ -42,7 +46,12 @@ fn main() -> ExitCode {
         secs: args.secs,
         runs: args.runs.max(1),
         fsync: !args.no_fsync,
+        quorum: args.quorum,
     };
+    if !matches!(options.quorum.as_str(), "primary" | "majority") {
+        eprintln!("messenger-bench: --quorum is primary or majority");
+        return ExitCode::FAILURE;
+    }
     if let Some(n) = args.idle {
         return match bench::hold_idle(&options, n) {
             Ok(report) => {

@@ -1,18 +1,29 @@
-//! A messenger server: one of the cluster named by `--peers`, primary or backup by the rules
-//! in `switchboard::messenger`.
+//! A messenger server: one of the cluster named by `--peers`; primary or backup by the rules
+//! in `switchboard::messenger` (`--quorum primary`, the default), or a Raft member
+//! (`--quorum majority`, `switchboard::messenger::majority`).
 
 use argh::FromArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::budget::Budget;
+use switchboard::messenger::majority::{Majority, MajorityOptions};
 use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
 use switchboard::{auth, log_info};
 
-/// Serve the replicated messenger: accounts, offline delivery, primary/backup failover.
+/// Serve the replicated messenger: accounts, offline delivery, failover. Two modes, the
+/// same clients: --quorum primary (default) survives two of three servers crashing, but a
+/// network split can lose what the cut-off primary acknowledged alone; --quorum majority
+/// (Raft) loses nothing acknowledged under any partition, but needs a majority (two of
+/// three) up and connected to serve.
 #[derive(FromArgs)]
 struct Args {
+    /// replication: "primary" (default; primary-backup, every live server acknowledges,
+    /// survives two of three crashes) or "majority" (Raft over 3 or 5 servers, a majority
+    /// acknowledges, survives any partition and one of three failing)
+    #[argh(option, default = "Quorum::Primary")]
+    quorum: Quorum,
     /// this server's id: its index in --peers (required to serve)
     #[argh(option)]
     id: Option<usize>,
@@ -29,14 +40,17 @@ struct Args {
     /// directory for the snapshot and the change log (created if missing)
     #[argh(option)]
     data_dir: PathBuf,
-    /// write the log without fsync: survives a killed process, not a power cut
+    /// write the log without fsync: survives a killed process, not a power cut (primary
+    /// mode only: the Raft log is always fsynced)
     #[argh(switch)]
     no_fsync: bool,
-    /// snapshot the state and empty the log after this many records (default 50000)
+    /// snapshot the state and empty the log after this many records (default 50000; in
+    /// majority mode, Raft log entries)
     #[argh(option, default = "messenger::log::COMPACT_AFTER")]
     compact_after: u64,
     /// report on the data directory (snapshot, log records, first bad offset, whether
-    /// later records parse) and exit: 0 if a start would use it, 1 if damaged
+    /// later records parse) and exit: 0 if a start would use it, 1 if damaged (primary
+    /// mode's data directories)
     #[argh(switch)]
     check: bool,
     /// repair the data directory and exit: keep every record a start can replay; the
@@ -111,6 +125,27 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string()),
     };
+    let mut config = ServerConfig::named(&format!("messenger-{id}"));
+    config.max_connections = args.max_connections;
+    config.idle_timeout = args.idle_timeout;
+    config.client_memory = Some(Budget::new(
+        &format!("messenger-{id}"),
+        args.max_client_memory,
+    ));
+    config.refusal = Some(messenger::server::refusal());
+    let addr = peers[id];
+    if args.quorum == Quorum::Majority {
+        if args.no_fsync {
+            return fail("--no-fsync is for --quorum primary: the Raft log is always fsynced");
+        }
+        let options = MajorityOptions {
+            dial,
+            compact_after: args.compact_after,
+            secret,
+            ..MajorityOptions::new(id, peers, args.data_dir)
+        };
+        return run_majority(&options, config);
+    }
     let options = Options {
         dial,
         fsync: !args.no_fsync,
@@ -123,15 +158,6 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("cannot open the data directory: {e}")),
     };
     log_info!("messenger-{}: {}: {report}", id, options.data_dir.display());
-    let addr = options.peers[id];
-    let mut config = ServerConfig::named(&format!("messenger-{id}"));
-    config.max_connections = args.max_connections;
-    config.idle_timeout = args.idle_timeout;
-    config.client_memory = Some(Budget::new(
-        &format!("messenger-{id}"),
-        args.max_client_memory,
-    ));
-    config.refusal = Some(messenger::server::refusal());
     let n = node.clone();
     let server = match Server::bind(addr, config, move |conn| n.serve(conn)) {
         Ok(s) => s,
@@ -150,6 +176,58 @@ fn main() -> ExitCode {
     server.run();
     node.stop();
     ExitCode::SUCCESS
+}
+
+/// Majority mode: listen, start Raft, serve until Ctrl-C or SIGTERM; then hand leadership
+/// over (so clients wait for no election timeout) and stop.
+fn run_majority(options: &MajorityOptions, config: ServerConfig) -> ExitCode {
+    let addr = options.peers[options.id];
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot listen on {addr}: {e}")),
+    };
+    let node = match Majority::open(options) {
+        Ok(n) => n,
+        Err(e) => return fail(&format!("cannot start raft: {e}")),
+    };
+    let n = node.clone();
+    let server = match Server::from_listener(listener, config, move |conn| n.serve(conn)) {
+        Ok(s) => s,
+        Err(e) => {
+            node.stop();
+            return fail(&format!("cannot serve on {addr}: {e}"));
+        }
+    };
+    let (handle, raft) = (server.handle(), node.raft().clone());
+    if let Err(e) = on_termination(move || {
+        if !raft.transfer_leadership(Duration::from_secs(2)) {
+            log_info!("messenger: leadership transfer did not finish in 2 s; stopping anyway");
+        }
+        handle.shutdown();
+    }) {
+        node.stop();
+        return fail(&format!("cannot install the Ctrl-C handler: {e}"));
+    }
+    server.run();
+    node.stop();
+    ExitCode::SUCCESS
+}
+
+/// `--quorum`: how many servers acknowledge a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quorum {
+    Primary,
+    Majority,
+}
+
+impl argh::FromArgValue for Quorum {
+    fn from_arg_value(value: &str) -> Result<Self, String> {
+        match value {
+            "primary" => Ok(Quorum::Primary),
+            "majority" => Ok(Quorum::Majority),
+            _ => Err(format!("{value:?}: expected primary or majority")),
+        }
+    }
 }
 
 /// A positive number of seconds, fractions allowed (`0.5`).

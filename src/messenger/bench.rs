@@ -24,6 +24,8 @@ pub struct Cluster {
     server_bin: PathBuf,
     root: PathBuf,
     fsync: bool,
+    /// `--quorum`: `primary` or `majority`.
+    quorum: String,
 }
 
 impl Cluster {
@@ -32,12 +34,27 @@ impl Cluster {
     /// # Errors
     /// When ports cannot be found or a server cannot be started.
     pub fn start(server_bin: &Path, n: usize, root: &Path, fsync: bool) -> io::Result<Cluster> {
+        Cluster::start_with(server_bin, n, root, fsync, "primary")
+    }
+
+    /// As [`Cluster::start`], with `--quorum quorum` (`primary` or `majority`).
+    ///
+    /// # Errors
+    /// As [`Cluster::start`].
+    pub fn start_with(
+        server_bin: &Path,
+        n: usize,
+        root: &Path,
+        fsync: bool,
+        quorum: &str,
+    ) -> io::Result<Cluster> {
         let mut cluster = Cluster {
             addrs: free_addrs(n)?,
             children: (0..n).map(|_| None).collect(),
             server_bin: server_bin.to_owned(),
             root: root.to_owned(),
             fsync,
+            quorum: quorum.to_owned(),
         };
         for id in 0..n {
             cluster.spawn(id)?;
@@ -53,6 +70,7 @@ impl Cluster {
         let peers: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
         let mut cmd = Command::new(&self.server_bin);
         cmd.args(["--id", &id.to_string(), "--peers", &peers.join(",")])
+            .args(["--quorum", &self.quorum])
             .arg("--data-dir")
             .arg(self.root.join(format!("server{id}")))
             .stdin(Stdio::null())
@@ -293,6 +311,9 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Servers fsync their logs.
     pub fsync: bool,
+    /// `--quorum` of the servers: `primary` (1 and 3 servers compared) or `majority` (3
+    /// servers only: Raft needs 3 or 5).
+    pub quorum: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -309,12 +330,17 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
     let duration = Duration::from_secs_f64(o.secs);
     let fsync = if o.fsync { "fsync" } else { "no fsync" };
     let mut per_sec = Vec::new();
-    for n in [1, 3] {
+    let sizes: &[usize] = if o.quorum == "majority" {
+        &[3]
+    } else {
+        &[1, 3]
+    };
+    for &n in sizes {
         let mut rates = Vec::new();
         for run in 0..o.runs {
             let dir = root.join(format!("load-{n}-{run}"));
-            let cluster =
-                Cluster::start(&o.server_bin, n, &dir, o.fsync).map_err(|e| e.to_string())?;
+            let cluster = Cluster::start_with(&o.server_bin, n, &dir, o.fsync, &o.quorum)
+                .map_err(|e| e.to_string())?;
             cluster
                 .wait_ready(Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
@@ -324,16 +350,21 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         }
         let m = median(rates.clone());
         println!(
-            "{n} server(s), {} clients, {fsync}: {m:.0} acknowledged sends/s (median of {:?})",
+            "{n} server(s), --quorum {}, {} clients, {fsync}: {m:.0} acknowledged sends/s \
+             (median of {:?})",
+            o.quorum,
             o.clients,
             rates.iter().map(|r| r.round()).collect::<Vec<_>>()
         );
         per_sec.push(m);
     }
-    println!(
-        "replication cost: a 3-server cluster acknowledges {:.0}% of a single server's sends/s",
-        100.0 * per_sec[1] / per_sec[0]
-    );
+    if let [one, three] = per_sec[..] {
+        println!(
+            "replication cost: a 3-server cluster acknowledges {:.0}% of a single server's \
+             sends/s",
+            100.0 * three / one
+        );
+    }
     for (fault, what) in [
         (Fault::Kill, "kill -9 of the primary"),
         (Fault::Freeze, "SIGSTOP of the primary (hung)"),
@@ -341,8 +372,8 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
         let mut times = Vec::new();
         for run in 0..o.runs {
             let dir = root.join(format!("failover-{run}"));
-            let mut cluster =
-                Cluster::start(&o.server_bin, 3, &dir, o.fsync).map_err(|e| e.to_string())?;
+            let mut cluster = Cluster::start_with(&o.server_bin, 3, &dir, o.fsync, &o.quorum)
+                .map_err(|e| e.to_string())?;
             cluster
                 .wait_ready(Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;

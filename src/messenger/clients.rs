@@ -9,6 +9,7 @@
 //! per backup, which that backup's replication link carries back ([`Clients::take_relay`]).
 
 use super::protocol::{self, Reply};
+use super::state::Session;
 use crate::framing::{encode_frame, Framing};
 use crate::outbox::{Bytes, Outbox};
 use std::collections::{HashMap, VecDeque};
@@ -253,9 +254,19 @@ impl Clients {
         &self.sessions
     }
 
-    /// The sessions, to log in and out.
-    pub(super) fn sessions_mut(&mut self) -> &mut Sessions {
-        &mut self.sessions
+    /// Carries out a decision's session effect for connection `conn` (`token`: a login's
+    /// session token). A session a login takes over (the same client, come back another
+    /// way) has its old connection closed.
+    pub(super) fn session_effect(&mut self, conn: u64, session: Session, token: Option<u64>) {
+        match session {
+            Session::LogIn(name) => {
+                if let Some(old) = self.sessions.log_in(conn, name, token) {
+                    self.close(old);
+                }
+            }
+            Session::LogOut | Session::Quit => self.sessions.log_out(conn),
+            Session::Keep => {}
+        }
     }
 
     /// Hands relayed frames to forwarded connection `conn` of this server at once (the

@@ -16,6 +16,9 @@
 //!   redirects from a server that is not the primary.
 //! - [`client`]: the failover client behind `messenger-client`, the bench and the tests.
 //! - [`bench`](mod@bench): throughput and failover measurements behind `messenger-bench`.
+//! - [`majority`]: `--quorum majority`, the same service on the framework's Raft module
+//!   (a majority acknowledges each change: any partition is safe, one of three may fail).
+//!   Everything below is the default, `--quorum primary`.
 //!
 //! # The rules
 //!
@@ -173,6 +176,7 @@ pub mod bench;
 pub mod client;
 mod clients;
 pub mod log;
+pub mod majority;
 pub mod protocol;
 pub mod repair;
 pub mod replica_protocol;

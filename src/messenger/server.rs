@@ -14,7 +14,7 @@ use super::replica_protocol::HELLO;
 use super::replication::Replica;
 use crate::framing::{encode_frame, FrameReader, Framing, Limits};
 use crate::log_debug;
-use crate::outbox::{Outbox, OutboxConfig};
+use crate::outbox::{Outbox, OutboxConfig, Writer};
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError};
 use std::net::TcpStream;
@@ -43,12 +43,7 @@ impl Replica {
     /// # Errors
     /// A framing error that loses sync, or a failed socket; each ends this connection only.
     pub fn serve(self: &Arc<Self>, conn: Connection) -> Result<(), HandlerError> {
-        let limits = Limits {
-            max_frame: CLIENT_MAX_FRAME,
-            ..Limits::default()
-        };
-        let mut reader =
-            FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
+        let mut reader = client_reader(&conn);
         let first = match read_step(&mut reader, &conn)? {
             Step::Frame(f) => f.to_vec(),
             // Longer than any request: answered as a bad request.
@@ -58,12 +53,55 @@ impl Replica {
         if first.first() == Some(&HELLO) {
             return self.serve_peer(&conn, &first, reader);
         }
-        serve_client(self, &conn, reader, first)
+        serve_client(&**self, &conn, reader, first)
     }
 }
 
-fn serve_client(
-    replica: &Arc<Replica>,
+/// What a client connection needs of the server behind it: the primary-backup [`Replica`]
+/// or the majority mode's [`super::majority::Majority`].
+pub(super) trait Service {
+    /// This server's id: its index in `--peers`.
+    fn id(&self) -> usize;
+    /// Registers connection `conn`, whose answers go to `outbox` (drained by `writer`).
+    fn add_client(&self, conn: u64, outbox: Outbox, writer: Writer) -> std::io::Result<()>;
+    /// Handles one request; true when the connection is to close.
+    fn request(&self, conn: u64, payload: &[u8]) -> bool;
+    /// Forgets connection `conn`: its reader ended.
+    fn remove_client(&self, conn: u64);
+}
+
+impl Service for Replica {
+    fn id(&self) -> usize {
+        Replica::id(self)
+    }
+
+    fn add_client(&self, conn: u64, outbox: Outbox, writer: Writer) -> std::io::Result<()> {
+        Replica::add_client(self, conn, outbox, writer)
+    }
+
+    fn request(&self, conn: u64, payload: &[u8]) -> bool {
+        Replica::request(self, conn, payload)
+    }
+
+    fn remove_client(&self, conn: u64) {
+        Replica::remove_client(self, conn)
+    }
+}
+
+/// The reader of a client connection: `u32` frames of at most [`CLIENT_MAX_FRAME`] bytes,
+/// counted against the server's client memory.
+pub(super) fn client_reader(conn: &Connection) -> FrameReader<&TcpStream> {
+    let limits = Limits {
+        max_frame: CLIENT_MAX_FRAME,
+        ..Limits::default()
+    };
+    FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account())
+}
+
+/// Serves a client connection whose first frame `first` was read already: each request
+/// to `service`, until the connection ends or a request closes it.
+pub(super) fn serve_client(
+    replica: &impl Service,
     conn: &Connection,
     mut reader: FrameReader<&TcpStream>,
     first: Vec<u8>,

@@ -138,6 +138,7 @@ mod driver_tests;
 mod leader;
 pub mod links;
 mod log;
+pub mod member;
 mod message;
 mod replica;
 mod rng;

@@ -29,9 +29,10 @@ use super::protocol::{self, Request, Verb};
 use super::state::Store;
 use crate::framing::{encode_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;
-use crate::raft::driver::{Driver, DriverConfig, Outcome, RaftHandle, StateMachine, Status};
-use crate::raft::links::{self, PeerConfig, PeerLinks};
-use crate::raft::{Config, ReplicaId, Role};
+use crate::raft::driver::{Outcome, RaftHandle, StateMachine, Status};
+use crate::raft::links;
+use crate::raft::member::{Member, MemberOptions};
+use crate::raft::{ReplicaId, Role};
 use crate::request::{read_step, Step, TOO_LONG};
 use crate::server::{
     self, is_disconnect, Connection, HandlerError, Server, ServerConfig, ServerHandle,
@@ -42,7 +43,7 @@ use std::io::{self, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The first frame of a follower's forwarding connection to the leader.
@@ -159,9 +160,7 @@ impl StateMachine for StoreMachine {
 pub struct ReplicatedStore {
     store: Arc<Store>,
     raft: RaftHandle,
-    driver: Mutex<Option<Driver>>,
-    links: PeerLinks,
-    peer_cfg: PeerConfig,
+    member: Member,
     options: ReplicatedOptions,
     started: Instant,
     commands: [AtomicU64; 5],
@@ -184,55 +183,22 @@ impl ReplicatedStore {
     /// # Errors
     /// When the data directory is damaged or unreadable, or the options are unusable.
     pub fn open(options: ReplicatedOptions) -> io::Result<Arc<ReplicatedStore>> {
-        let n = options.peers.len();
-        if !(n == 3 || n == 5) || options.index >= n {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "--peers needs 3 or 5 addresses, and --raft an index into them",
-            ));
-        }
-        let ids: Vec<ReplicaId> = (1..=n as u64).collect();
-        let id = options.index as u64 + 1;
-        let peer_cfg = PeerConfig {
-            id,
-            addrs: ids
-                .iter()
-                .copied()
-                .zip(options.peers.iter().cloned())
-                .collect(),
+        let store = Arc::new(Store::new());
+        let member_options = MemberOptions {
+            index: options.index,
+            dial: options.peers.clone(),
             cluster: "store".into(),
             framing: options.framing,
             secret: options.secret.clone(),
-            timeouts: crate::link::Timeouts {
-                connect: Duration::from_secs(1),
-                handshake: Duration::from_secs(2),
-                write: Duration::from_secs(2),
-                idle: Some(Duration::from_secs(2)),
-            },
-        };
-        let links = PeerLinks::start(&peer_cfg).map_err(io::Error::other)?;
-        let store = Arc::new(Store::new());
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let cfg = DriverConfig {
-            raft: Config::new(id, &ids, seed),
+            data_dir: options.data_dir.clone(),
             tick: options.tick,
             compact_every: options.compact_every,
         };
-        let driver = Driver::start(
-            cfg,
-            &options.data_dir,
-            StoreMachine(Arc::clone(&store)),
-            links.transport(),
-        )
-        .inspect_err(|_| links.close(Duration::from_secs(1)))?;
+        let member = Member::start(&member_options, StoreMachine(Arc::clone(&store)))?;
         Ok(Arc::new(ReplicatedStore {
             store,
-            raft: driver.handle().clone(),
-            driver: Mutex::new(Some(driver)),
-            links,
-            peer_cfg,
+            raft: member.raft().clone(),
+            member,
             options,
             started: Instant::now(),
             commands: Default::default(),
@@ -258,15 +224,7 @@ impl ReplicatedStore {
 
     /// Stops the driver and closes the peer links; call after the server has stopped.
     pub fn close(&self) {
-        if let Some(d) = self
-            .driver
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            d.stop();
-        }
-        self.links.close(Duration::from_secs(2));
+        self.member.close();
     }
 
     /// The server's handler: peers' links and clients on one port, clients in arrival
@@ -305,7 +263,7 @@ impl ReplicatedStore {
         }
         if let Some(f) = &first {
             if f.starts_with(links::HELLO) {
-                return links::serve_peer(&self.peer_cfg, &self.raft, conn, f, reader);
+                return links::serve_peer(self.member.peer_config(), &self.raft, conn, f, reader);
             }
         }
         let forward = first.as_deref() == Some(FORWARD);

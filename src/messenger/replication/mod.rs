@@ -36,7 +36,6 @@ use super::log::{Disk, Pos, COMPACT_AFTER};
 use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
-use super::state::Session;
 use crate::auth::Secret;
 use crate::group::Group;
 use crate::link::Auth;
@@ -360,18 +359,9 @@ impl Replica {
                 inner.clients.send_to_user(&to, out, committed);
             }
         }
-        match effects.session {
-            Session::LogIn(name) => {
-                let token = effects.token;
-                // A session taken over (the same client, come back another way): its old
-                // connection is closed.
-                if let Some(old) = inner.clients.sessions_mut().log_in(conn, name, token) {
-                    inner.clients.close(old);
-                }
-            }
-            Session::LogOut | Session::Quit => inner.clients.sessions_mut().log_out(conn),
-            Session::Keep => {}
-        }
+        inner
+            .clients
+            .session_effect(conn, effects.session, effects.token);
         if !effects.replies.is_empty() || effects.close {
             // An answer waits for the last change made so far, its own included.
             let tag = effects.after_commit.then_some(inner.last.seq);

@@ -1,0 +1,124 @@
+//! Load for the messenger's real-process tests (`tests/messenger.rs`,
+//! `tests/messenger_majority.rs`): senders in closed loops and receivers logged in
+//! throughout, every acknowledged send recorded. Included with `#[path]` next to `common`.
+#![allow(dead_code)]
+
+use crate::common::eventually;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use switchboard::messenger::protocol::Delivery;
+use switchboard::messenger::Client;
+
+/// A send the cluster acknowledged: its text, the server that answered, and when.
+#[derive(Clone)]
+pub struct Acked {
+    pub text: String,
+    pub by: Option<usize>,
+    pub at: Instant,
+}
+
+/// Senders `s{i}` each sending to `r{i}` in a loop, and the receivers logged in
+/// throughout; each client made by `client(i)` (so a test picks the way in).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    stop_receivers: Arc<AtomicBool>,
+    pub acked: Arc<Mutex<Vec<Acked>>>,
+    senders: Vec<thread::JoinHandle<usize>>,
+    receivers: Vec<thread::JoinHandle<Vec<Delivery>>>,
+}
+
+impl Load {
+    pub fn start(
+        n: usize,
+        sender: impl Fn(usize) -> Client,
+        receiver: impl Fn(usize) -> Client,
+    ) -> Load {
+        let mut setup = sender(0);
+        for i in 0..n {
+            setup.register(&format!("s{i}")).unwrap();
+            setup.register(&format!("r{i}")).unwrap();
+        }
+        let stop_receivers = Arc::new(AtomicBool::new(false));
+        let receivers = (0..n)
+            .map(|i| {
+                let (mut c, stop) = (receiver(i), Arc::clone(&stop_receivers));
+                c.login(&format!("r{i}")).unwrap();
+                thread::spawn(move || {
+                    let mut got: Vec<Delivery> = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = c.keep_up();
+                        got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
+                    }
+                    // A request on the primary: after its answer, every message committed
+                    // for this receiver has been handed to it.
+                    c.search("barrier").unwrap();
+                    got.extend(c.deliveries().try_iter());
+                    got
+                })
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
+        let senders = (0..n)
+            .map(|i| {
+                let (mut c, stop, acked) = (sender(i), Arc::clone(&stop), Arc::clone(&acked));
+                c.login(&format!("s{i}")).unwrap();
+                thread::spawn(move || {
+                    let mut failed = 0;
+                    for k in 0.. {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let text = format!("s{i} message {k}");
+                        match c.send(&format!("r{i}"), &text) {
+                            Ok(()) => acked.lock().unwrap().push(Acked {
+                                text,
+                                by: c.server(),
+                                at: Instant::now(),
+                            }),
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            stop_receivers,
+            acked,
+            senders,
+            receivers,
+        }
+    }
+
+    pub fn acks(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for `n` more acknowledged sends.
+    pub fn more(&self, n: usize) {
+        let target = self.acks() + n;
+        eventually(&format!("{target} acknowledged sends"), || {
+            self.acks() >= target
+        });
+    }
+
+    /// Stops, and returns every acknowledged send and every delivery.
+    pub fn finish(self) -> (Vec<Acked>, Vec<Delivery>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in self.senders {
+            s.join().unwrap();
+        }
+        self.stop_receivers.store(true, Ordering::SeqCst);
+        let delivered = self
+            .receivers
+            .into_iter()
+            .flat_map(|r| r.join().unwrap())
+            .collect();
+        let acked = self.acked.lock().unwrap().clone();
+        (acked, delivered)
+    }
+}

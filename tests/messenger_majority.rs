@@ -1,0 +1,389 @@
+//! `messenger-server --quorum majority` as real processes: the same clients (Rust and
+//! Python) against three servers on Raft; `kill -9` of the leader under send load loses
+//! no acknowledged send; a full split with the leader in the minority (fault proxies on
+//! every peer link) acknowledges nothing on the minority side while the majority goes on,
+//! and after the heal nothing acknowledged is lost and no number names two messages; a
+//! leader frozen with SIGSTOP wakes acknowledging nothing it did not commit; every
+//! server restarting from its data directory keeps accounts and undelivered messages.
+
+mod common;
+#[path = "common/messenger_load.rs"]
+mod messenger_load;
+
+use common::{eventually, run_python, ChildServer, IO_TIMEOUT};
+use messenger_load::{Acked, Load};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+use switchboard::bench::free_addrs;
+use switchboard::framing::{encode_frame, FrameReader, Framing};
+use switchboard::messenger::protocol::{Delivery, MessageId};
+use switchboard::messenger::Client;
+use switchboard::proxy::FaultProxy;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
+const N: usize = 3;
+
+/// Three majority-mode servers; with `proxied`, server `i` dials server `j` through a
+/// proxy of its own (`--dial`), so a split is real sockets that stop passing bytes.
+struct Cluster {
+    addrs: Vec<SocketAddr>,
+    servers: Vec<Option<ChildServer>>,
+    /// `links[i][j]`: what server `i` dials to reach server `j`.
+    links: Vec<Vec<Option<FaultProxy>>>,
+    root: PathBuf,
+    extra: Vec<&'static str>,
+}
+
+impl Cluster {
+    fn start(name: &str, proxied: bool) -> Cluster {
+        Cluster::start_with(name, proxied, &[])
+    }
+
+    fn start_with(name: &str, proxied: bool, extra: &[&'static str]) -> Cluster {
+        let root = std::env::temp_dir().join(format!(
+            "switchboard-messenger-majority-{}-{name}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let addrs = free_addrs(N).unwrap();
+        let links = (0..N)
+            .map(|i| {
+                (0..N)
+                    .map(|j| (proxied && i != j).then(|| FaultProxy::start(addrs[j]).unwrap()))
+                    .collect()
+            })
+            .collect();
+        let mut c = Cluster {
+            addrs,
+            servers: (0..N).map(|_| None).collect(),
+            links,
+            root,
+            extra: extra.to_vec(),
+        };
+        for i in 0..N {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let list = |f: &dyn Fn(usize) -> String| (0..N).map(f).collect::<Vec<_>>().join(",");
+        let peers = list(&|j| self.addrs[j].to_string());
+        let dial = list(&|j| match &self.links[i][j] {
+            Some(p) => p.local_addr().to_string(),
+            None => self.addrs[j].to_string(),
+        });
+        let dir = self.root.join(format!("server{i}"));
+        let id = i.to_string();
+        let mut args = vec![
+            "--quorum",
+            "majority",
+            "--id",
+            &id,
+            "--peers",
+            &peers,
+            "--dial",
+            &dial,
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ];
+        args.extend(&self.extra);
+        let server = ChildServer::start(SERVER, &args);
+        assert_eq!(server.addr, self.addrs[i]);
+        self.servers[i] = Some(server);
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.servers[i].take().expect("running").kill9();
+    }
+
+    /// Cuts (or heals) every link into and out of server `i`, without closing anything.
+    fn isolate(&self, i: usize, cut: bool) {
+        for a in 0..N {
+            for b in 0..N {
+                if let Some(p) = self.links[a][b].as_ref().filter(|_| a == i || b == i) {
+                    if cut {
+                        p.cut();
+                    } else {
+                        p.heal();
+                    }
+                }
+            }
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.addrs.clone())
+    }
+
+    /// The server that answers a search itself (the others redirect, or hold the answer
+    /// if they cannot commit).
+    fn serving(&self) -> Option<usize> {
+        (0..N).find(|&i| {
+            self.servers[i].is_some()
+                && Raw::connect(self.addrs[i], Duration::from_millis(500))
+                    .and_then(|mut r| r.ask(b"\x03probe"))
+                    .is_some_and(|reply| reply.first() == Some(&0x22))
+        })
+    }
+
+    fn leader(&self) -> usize {
+        let mut found = None;
+        eventually("a server to serve", || {
+            found = self.serving();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    fn logs(&self) -> String {
+        (0..N)
+            .map(|i| {
+                let log = self.servers[i]
+                    .as_ref()
+                    .map_or(String::new(), ChildServer::log_text);
+                format!("--- server {i}\n{log}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.servers.iter_mut().for_each(|s| drop(s.take()));
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Exact bytes over one connection, with a read timeout of its own.
+struct Raw {
+    stream: TcpStream,
+    reader: FrameReader<TcpStream>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr, timeout: Duration) -> Option<Raw> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).ok()?;
+        Some(Raw {
+            reader: FrameReader::new(stream.try_clone().ok()?, Framing::U32),
+            stream,
+        })
+    }
+
+    /// The answer to `payload`; `None` if none came in time or the connection closed.
+    fn ask(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, payload, &mut frame).unwrap();
+        self.stream.write_all(&frame).ok()?;
+        self.reader.read_frame().ok().flatten().map(|f| f.to_vec())
+    }
+}
+
+/// Every acknowledged send delivered exactly once, no number naming two messages, no
+/// message delivered twice; returns the numbers seen.
+fn exactly_once(acked: &[Acked], delivered: &[Delivery], logs: &str) -> Vec<MessageId> {
+    let mut by_number: HashMap<MessageId, &str> = HashMap::new();
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for d in delivered {
+        let text = by_number.entry(d.id).or_insert(&d.text);
+        assert_eq!(*text, d.text, "number {} names two messages\n{logs}", d.id);
+        *copies.entry(d.text.as_str()).or_default() += 1;
+    }
+    for (text, n) in &copies {
+        assert_eq!(*n, 1, "{text} delivered {n} times\n{logs}");
+    }
+    for a in acked {
+        assert!(
+            copies.contains_key(a.text.as_str()),
+            "{} (acknowledged by {:?}) was never delivered\n{logs}",
+            a.text,
+            a.by
+        );
+    }
+    by_number.into_keys().collect()
+}
+
+#[test]
+fn clients_register_send_and_receive_and_followers_redirect_to_the_leader() {
+    let cluster = Cluster::start("basic", false);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    let leader = cluster.leader();
+    assert_eq!(ann.server(), Some(leader));
+    // A follower redirects (40, the leader's id) and closes, as a backup does.
+    let follower = (leader + 1) % N;
+    let mut raw = Raw::connect(cluster.addrs[follower], IO_TIMEOUT).unwrap();
+    assert_eq!(raw.ask(b"\x03*"), Some(vec![0x40, b'0' + leader as u8]));
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap(), 0);
+    ann.login("ann").unwrap();
+    ann.send("bob", "hi bob").unwrap();
+    let got = bob.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!((got.from.as_str(), got.text.as_str()), ("ann", "hi bob"));
+    assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+}
+
+#[test]
+fn kill_9_of_the_leader_under_send_load_loses_no_acknowledged_send() {
+    let mut cluster = Cluster::start("kill", false);
+    let load = Load::start(4, |_| cluster.client(), |_| cluster.client());
+    load.more(100);
+    let leader = cluster.leader();
+    cluster.kill9(leader);
+    load.more(100);
+    let next = cluster.leader();
+    assert_ne!(next, leader);
+    let (acked, delivered) = load.finish();
+    exactly_once(&acked, &delivered, &cluster.logs());
+    assert!(
+        acked.iter().any(|a| a.by == Some(next)),
+        "{}",
+        cluster.logs()
+    );
+}
+
+#[test]
+fn a_split_with_the_leader_in_the_minority_acknowledges_nothing_there_and_loses_nothing() {
+    let cluster = Cluster::start("split", true);
+    cluster.client().register("lone").unwrap();
+    let load = Load::start(3, |_| cluster.client(), |_| cluster.client());
+    load.more(50);
+    let old = cluster.leader();
+    // A client of the old leader, logged in before the cut.
+    let mut alone = Raw::connect(cluster.addrs[old], Duration::from_millis(1500)).unwrap();
+    assert_eq!(alone.ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    cluster.isolate(old, true);
+    // The cut-off leader acknowledges nothing: its answer never comes (it steps down
+    // within an election timeout and closes its clients).
+    assert_eq!(alone.ask(b"\x04lone|r0|424242|from the minority"), None);
+    // The majority elects a leader of its own and goes on.
+    let mut new = None;
+    eventually("the majority to elect", || {
+        new = cluster.serving().filter(|&i| i != old);
+        new.is_some()
+    });
+    load.more(50);
+    let during = load.acks();
+    thread::sleep(Duration::from_millis(300));
+    cluster.isolate(old, false);
+    load.more(50);
+    let (acked, delivered) = load.finish();
+    let logs = cluster.logs();
+    exactly_once(&acked, &delivered, &logs);
+    assert!(
+        !delivered.iter().any(|d| d.text == "from the minority"),
+        "{logs}"
+    );
+    assert!(acked.len() > during, "{logs}");
+    assert!(
+        logs.contains(&format!("messenger-{old}: stepping down")),
+        "{logs}"
+    );
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to server `i`.
+fn signal(cluster: &Cluster, i: usize, signal: &str) {
+    let pid = cluster.servers[i].as_ref().unwrap().child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[test]
+fn a_frozen_leader_wakes_to_a_new_epoch_and_acknowledges_nothing_it_did_not_commit() {
+    let cluster = Cluster::start("frozen", false);
+    cluster.client().register("lone").unwrap();
+    let load = Load::start(3, |_| cluster.client(), |_| cluster.client());
+    load.more(50);
+    let old = cluster.leader();
+    // A client of the old leader that waits for its answer longer than the freeze lasts.
+    let mut alone = Raw::connect(cluster.addrs[old], Duration::from_secs(5)).unwrap();
+    assert_eq!(alone.ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    signal(&cluster, old, "-STOP");
+    let mut frame = Vec::new();
+    encode_frame(Framing::U32, b"\x04lone|r0|434343|while frozen", &mut frame).unwrap();
+    alone.stream.write_all(&frame).unwrap();
+    // Its clients give up on it after their reply timeout and find the new leader.
+    let mut new = None;
+    eventually("the others to elect", || {
+        new = cluster.serving().filter(|&i| i != old);
+        new.is_some()
+    });
+    load.more(50);
+    signal(&cluster, old, "-CONT");
+    // Woken, it decides the send on its stale view, but never acknowledges it.
+    let answer = alone.reader.read_frame().ok().flatten().map(|f| f.to_vec());
+    assert_eq!(answer, None);
+    load.more(50);
+    let (acked, delivered) = load.finish();
+    let logs = cluster.logs();
+    exactly_once(&acked, &delivered, &logs);
+    assert!(
+        !delivered.iter().any(|d| d.text == "while frozen"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!("messenger-{old}: stepping down")),
+        "{logs}"
+    );
+}
+
+#[test]
+fn every_server_restarts_from_its_data_dir_with_accounts_and_undelivered_messages() {
+    // Snapshots every 4 entries: each server restarts from a snapshot and a log after it.
+    let mut cluster = Cluster::start_with("restart", false, &["--compact-after", "4"]);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    ann.login("ann").unwrap();
+    for i in 0..5 {
+        ann.send("bob", &format!("kept {i}")).unwrap();
+    }
+    drop(ann);
+    for i in 0..N {
+        cluster.kill9(i);
+    }
+    for i in 0..N {
+        cluster.spawn(i);
+    }
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap(), 5);
+    let got: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
+    let want: Vec<String> = (0..5).map(|i| format!("kept {i}")).collect();
+    assert_eq!(got, want);
+    assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+    let logs = cluster.logs();
+    assert!(logs.contains("snapshot at"), "{logs}");
+}
+
+#[test]
+fn the_python_client_works_against_a_majority_cluster_and_fails_over() {
+    let mut cluster = Cluster::start("python", false);
+    let servers: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    let servers = servers.join(",");
+    let py = |args: &[&str]| {
+        let mut all = vec!["--servers", servers.as_str()];
+        all.extend_from_slice(args);
+        run_python("messenger_client.py", &all)
+    };
+    py(&["register", "ann"]);
+    py(&["register", "bob"]);
+    py(&["send", "ann", "bob", "hello | world"]);
+    let leader = cluster.leader();
+    cluster.kill9(leader);
+    py(&["send", "ann", "bob", "after the leader died"]);
+    let inbox = py(&["inbox", "bob"]);
+    assert_eq!(inbox, "ann: hello | world\nann: after the leader died\n");
+    assert_eq!(py(&["inbox", "bob"]), "");
+    assert_eq!(py(&["search", "*"]), "ann\nbob\n");
+}
