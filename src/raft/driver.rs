@@ -828,7 +828,11 @@ fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<D
     }
 }
 
-fn flush(storage: &mut RaftStorage, batch: Option<(u64, Ready)>, done: &Sender<Done>) -> io::Result<()> {
+fn flush(
+    storage: &mut RaftStorage,
+    batch: Option<(u64, Ready)>,
+    done: &Sender<Done>,
+) -> io::Result<()> {
     if let Some((seq, ready)) = batch {
         let ack = storage.save(&ready)?;
         let _ = done.send(Done::Saved {

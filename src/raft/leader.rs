@@ -344,7 +344,9 @@ impl RaftCore {
                     }
                 }
             };
-            let entries = self.log.slice(prev + 1, last, self.cfg.max_batch, self.cfg.max_chunk);
+            let entries = self
+                .log
+                .slice(prev + 1, last, self.cfg.max_batch, self.cfg.max_chunk);
             let n = entries.len() as u64;
             let commit = self.commit;
             let pr = self.progress.get_mut(&to).expect("progress for every peer");

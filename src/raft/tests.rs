@@ -407,7 +407,10 @@ fn a_chunked_snapshot_survives_loss_duplication_and_reordering() {
     for at in [0, 4, 8, 12] {
         last = chunk_to(&mut r, 1, 2, blob, at);
     }
-    let snap = last.snapshot.as_ref().expect("installed with the last chunk");
+    let snap = last
+        .snapshot
+        .as_ref()
+        .expect("installed with the last chunk");
     assert_eq!((snap.index, snap.term, &snap.data[..]), (10, 2, &blob[..]));
     assert!(answered(&last));
     assert_eq!((r.commit_index(), r.snapshot().index), (10, 10));
@@ -431,7 +434,10 @@ fn a_chunked_snapshot_never_mixes_two_leaders_chunks() {
     // The old leader's last chunks arrive late, from a stale term.
     for at in [8, 12] {
         let out = chunk_to(&mut r, 1, 2, old, at);
-        assert!(out.snapshot.is_none() && !answered(&out), "stale chunk at {at}");
+        assert!(
+            out.snapshot.is_none() && !answered(&out),
+            "stale chunk at {at}"
+        );
     }
     let mut last = Ready::default();
     for at in [0, 4, 8, 12] {
