@@ -1,14 +1,25 @@
 //! Runs a [`RaftCore`] for real: one thread owns it, ticks it on a timer, carries out each
-//! [`Ready`] by the persist-before-send rule ([`RaftStorage`]: every entry of a Ready
-//! in one write and one fsync, so the proposals of many clients share a disk sync; a
-//! leader's own Appends go out before its fsync, which promises nothing to anyone), sends
-//! its messages through a [`Transport`], applies committed entries to a
-//! [`StateMachine`], and answers read-index reads once their index is applied.
+//! [`Ready`] by the persist-before-send rule, sends its messages through a [`Transport`],
+//! applies committed entries to a [`StateMachine`], and answers read-index reads once
+//! their index is applied.
+//!
+//! Its disk is a thread of its own ([`RaftStorage`] there): the driver queues each
+//! Ready's hard state, snapshot and entries to it and goes on handling messages,
+//! proposals and ticks while it writes; the disk thread writes whatever queued up during
+//! its last fsync with one write and one fsync (group commit, pipelined with the
+//! network), and reports back. A message that promises something about the disk waits
+//! for every save queued before it: an acknowledgement of entries, and every message
+//! while a change of term or vote or a snapshot is being saved. Anything else promises
+//! nothing about the disk and goes at once: a leader's Appends and heartbeats (its own
+//! disk counts towards a commit only once saved, thesis §10.2.1), and a follower's
+//! heartbeat answers (so a read-index round is not held up by the follower's fsync).
+//! Snapshots for compaction are built on a thread of their own from
+//! [`StateMachine::snapshot_later`], and saved by the disk thread.
 //!
 //! Other threads talk to it through a [`RaftHandle`]: proposals and reads go in a
 //! channel, their outcomes come back on one-shot channels; [`RaftHandle::status`] is a
 //! copy the driver refreshes after every round. The driver drains every input waiting
-//! before it persists, so whatever arrived during one fsync shares the next one.
+//! before it acts, so whatever arrived meanwhile shares one round (and one Append).
 //!
 //! A proposal's fate is known exactly: applied (with the state machine's result), or
 //! lost with its leader's term (an entry of another term was applied at its index: it
@@ -16,12 +27,12 @@
 //! covered it before it applied here).
 
 use super::disk::RaftStorage;
-use super::message::{encode, Body, Message, ReplicaId};
+use super::message::{encode, Body, Entry, Message, ReplicaId, Snapshot};
 use super::replica::RaftCore;
-use super::types::{Config, RaftError, Ready, Role};
+use super::types::{Config, HardState, RaftError, Ready, Role};
 use crate::log_info;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use std::collections::BTreeMap;
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,12 +45,25 @@ pub trait StateMachine: Send + 'static {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
     /// The whole state, for a snapshot.
     fn snapshot(&mut self) -> Vec<u8>;
+    /// The whole state as of now, as work the driver runs on another thread while it
+    /// goes on applying entries (so a large state does not stall the cluster). Its blob
+    /// must be one from which [`StateMachine::restore`], then applying every entry after
+    /// now, gives this state machine's state. The default builds it here with
+    /// [`StateMachine::snapshot`] (on the driver's thread) and hands it over.
+    fn snapshot_later(&mut self) -> SnapshotTask {
+        let data = self.snapshot();
+        Box::new(move || data)
+    }
     /// Replaces the whole state by a snapshot's.
     ///
     /// # Errors
     /// When `data` is not a snapshot this state machine wrote.
     fn restore(&mut self, data: &[u8]) -> io::Result<()>;
 }
+
+/// Builds a snapshot's blob, on a thread of the driver's (see
+/// [`StateMachine::snapshot_later`]).
+pub type SnapshotTask = Box<dyn FnOnce() -> Vec<u8> + Send>;
 
 /// Carries encoded messages to peers. Sending may lose them (Raft resends); it must not
 /// block for long, since the driver's thread calls it.
@@ -166,6 +190,7 @@ impl Driver {
         if stored.snapshot.index > 0 {
             sm.restore(&stored.snapshot.data)?;
         }
+        let hard = stored.hard_state;
         let core = RaftCore::restart(cfg.raft.clone(), stored)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let status = Arc::new(Mutex::new(status_of(&core, None, Counts::default())));
@@ -174,10 +199,17 @@ impl Driver {
             tx,
             status: Arc::clone(&status),
         };
+        // Unbounded both ways: the driver never blocks on its disk, nor the disk on the
+        // driver (what queues is bounded by the clients waiting and `max_inflight`).
+        let (jobs, jobs_rx) = unbounded();
+        let (done_tx, done_rx) = unbounded();
+        let disk_done = done_tx.clone();
+        let disk = thread::Builder::new()
+            .name("raft-disk".into())
+            .spawn(move || disk_loop(storage, &jobs_rx, &disk_done))?;
         let mut run = Run {
             applied: core.applied_index(),
             core,
-            storage,
             sm,
             transport,
             status,
@@ -188,6 +220,16 @@ impl Driver {
             transfer: None,
             counted: Counts::default(),
             proposals: (Vec::new(), Vec::new()),
+            disk: Some((jobs, disk)),
+            done_tx,
+            done_rx,
+            snapshotting: None,
+            queued: 0,
+            saved: 0,
+            barrier: 0,
+            held: VecDeque::new(),
+            queued_term_vote: (hard.term, hard.vote),
+            syncs: 0,
             cfg,
         };
         let thread = thread::Builder::new()
@@ -313,7 +355,6 @@ fn status_of(core: &RaftCore, failed: Option<String>, counts: Counts) -> Status 
 struct Run<S, T> {
     cfg: DriverConfig,
     core: RaftCore,
-    storage: RaftStorage,
     sm: S,
     transport: T,
     status: Arc<Mutex<Status>>,
@@ -329,26 +370,59 @@ struct Run<S, T> {
     /// A transfer in progress: who waits, and until when.
     transfer: Option<(Sender<bool>, Instant)>,
     /// Messages, rounds, proposals and reads so far (fsyncs and read rounds are added
-    /// from the storage and the core by `counts`).
+    /// from the disk thread and the core by `counts`).
     counted: Counts,
     /// Proposals gathered in this round, and who waits for each.
     proposals: (Vec<Vec<u8>>, Vec<Sender<Outcome>>),
+    /// The disk thread's queue and the thread (taken when stopping).
+    disk: Option<(Sender<DiskJob>, JoinHandle<()>)>,
+    /// What the disk thread and snapshot threads report.
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+    /// The thread building a snapshot, if one is.
+    snapshotting: Option<JoinHandle<()>>,
+    /// The last save queued, and the last the disk thread has finished (numbered from 1).
+    queued: u64,
+    saved: u64,
+    /// The last save that changes the term or vote or installs a snapshot: until it is
+    /// done, every message waits.
+    barrier: u64,
+    /// Messages waiting for the save numbered with them.
+    held: VecDeque<(u64, Message)>,
+    /// The term and vote as of the last save queued.
+    queued_term_vote: (u64, Option<ReplicaId>),
+    /// Disk syncs, as the disk thread last reported.
+    syncs: u64,
 }
 
 impl<S: StateMachine, T: Transport> Run<S, T> {
     fn main(&mut self, rx: &Receiver<Input>) {
         let mut next_tick = Instant::now() + self.cfg.tick;
+        let done_rx = self.done_rx.clone();
         loop {
             let mut ready = Ready::default();
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match rx.recv_timeout(wait) {
-                Ok(input) => Some(input),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return self.finish(),
-            };
-            // Everything waiting now shares this round's fsync.
+            let mut inputs = Vec::new();
+            let mut dones = Vec::new();
+            select! {
+                recv(rx) -> input => match input {
+                    Ok(input) => inputs.push(input),
+                    Err(_) => return self.finish(),
+                },
+                recv(done_rx) -> done => dones.extend(done),
+                default(wait) => {}
+            }
+            // Everything waiting now shares this round.
+            inputs.extend(rx.try_iter().take(4096));
+            dones.extend(done_rx.try_iter());
+            let mut failed = None;
+            for done in dones {
+                if let Err(why) = self.done(done, &mut ready) {
+                    failed = Some(why);
+                }
+            }
             let mut stop = false;
-            for input in first.into_iter().chain(rx.try_iter().take(4096)) {
+            for input in inputs {
                 if matches!(input, Input::Stop) {
                     stop = true;
                     break;
@@ -360,11 +434,14 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 self.core.tick(&mut ready);
                 next_tick += self.cfg.tick;
                 if next_tick < Instant::now() {
-                    // Far behind (a long fsync): do not tick in a burst to catch up.
+                    // Far behind (a stalled thread): do not tick in a burst to catch up.
                     next_tick = Instant::now() + self.cfg.tick;
                 }
             }
-            if let Err(e) = self.carry_out(ready) {
+            if failed.is_none() {
+                failed = self.carry_out(ready).err();
+            }
+            if let Some(e) = failed {
                 let why = format!("storage failed: {e}; this replica stops");
                 log_info!("raft {}: {why}", self.core.id());
                 *self.status.lock().unwrap_or_else(PoisonError::into_inner) =
@@ -382,9 +459,53 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
 
     fn counts(&self) -> Counts {
         Counts {
-            fsyncs: self.storage.syncs(),
+            fsyncs: self.syncs,
             read_rounds: self.core.read_rounds(),
             ..self.counted
+        }
+    }
+
+    /// Takes a report of the disk thread or a snapshot thread.
+    fn done(&mut self, done: Done, ready: &mut Ready) -> io::Result<()> {
+        match done {
+            Done::Saved { seq, ack, syncs } => {
+                self.saved = seq;
+                self.syncs = syncs;
+                if let Some((index, term)) = ack {
+                    self.core.persisted(index, term, ready);
+                }
+                while self.held.front().is_some_and(|(s, _)| *s <= seq) {
+                    let (_, m) = self.held.pop_front().expect("checked above");
+                    self.send_one(m);
+                }
+            }
+            Done::Compacted { syncs } => self.syncs = syncs,
+            Done::Failed(e) => return Err(e),
+            Done::Snapshotted { index, data, took } => {
+                if let Some(t) = self.snapshotting.take() {
+                    let _ = t.join();
+                }
+                let bytes = data.len();
+                // Refused when a snapshot from the leader was installed meanwhile.
+                if let Ok(snap) = self.core.compact(index, data) {
+                    log_info!(
+                        "raft {}: snapshot at {index} ({bytes} bytes) built in {} ms beside \
+                         the driver; saving it",
+                        self.core.id(),
+                        took.as_millis()
+                    );
+                    self.queue(DiskJob::Compact(snap))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, job: DiskJob) -> io::Result<()> {
+        let sent = self.disk.as_ref().map(|(jobs, _)| jobs.send(job));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(io::Error::other("the disk thread has stopped")),
         }
     }
 
@@ -468,132 +589,143 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         }
     }
 
-    /// Persists, then sends, then applies; again for whatever that produced.
+    /// Queues the persisting, sends what may go now (holding the rest for their save),
+    /// then applies.
     fn carry_out(&mut self, mut ready: Ready) -> io::Result<()> {
-        loop {
-            let mut next = Ready::default();
-            // A leader's messages promise nothing about its own disk (Appends, heartbeats,
-            // refusals; a vote it grants changes the hard state, and it stops leading
-            // first), and it counts itself towards a commit only once `persisted` says so:
-            // so it may send before its fsync, overlapping its disk with the followers'
-            // (thesis §10.2.1). Anything else persists first. A hard state whose term and
-            // vote are the stored ones changes only the commit index, which the storage
-            // does not even write (a hint; see `disk`): it promises nothing either. (Before
-            // this was allowed, every leader round that committed something, i.e. nearly
-            // every round under load, held its new Appends until after its fsync.)
-            let early = self.core.role() == Role::Leader
-                && ready.snapshot.is_none()
-                && ready
-                    .hard_state
-                    .is_none_or(|h| self.storage.same_term_and_vote(&h));
-            if early {
-                self.send(&mut ready);
+        let term_vote = ready.hard_state.map(|h| (h.term, h.vote));
+        let changes = term_vote.is_some_and(|tv| tv != self.queued_term_vote);
+        if let Some(snap) = &ready.snapshot {
+            // Restored now, saved on the disk thread: nothing is applied or acknowledged
+            // on its strength before the save is done (its answer waits, below).
+            self.sm.restore(&snap.data)?;
+            self.applied = snap.index;
+            let covered: Vec<u64> = self.waiting.range(..=snap.index).map(|(&i, _)| i).collect();
+            for i in covered {
+                let (_, tx) = self.waiting.remove(&i).expect("listed");
+                let _ = tx.send(Outcome::Unknown);
+            }
+        }
+        if changes || ready.snapshot.is_some() || !ready.entries.is_empty() {
+            self.queued += 1;
+            if changes || ready.snapshot.is_some() {
+                self.barrier = self.queued;
+            }
+            if let Some(tv) = term_vote {
+                self.queued_term_vote = tv;
             }
             if ready.snapshot.is_some() || !ready.entries.is_empty() {
                 self.counted.rounds += 1;
             }
-            if let Some((index, term)) = self.storage.save(&ready)? {
-                self.core.persisted(index, term, &mut next);
+            self.queue(DiskJob::Save {
+                seq: self.queued,
+                hard_state: ready.hard_state.filter(|_| changes),
+                snapshot: ready.snapshot.take(),
+                entries: std::mem::take(&mut ready.entries),
+            })?;
+        }
+        // While a term, a vote or a snapshot is being saved, every message may depend on
+        // it; else only an acknowledgement of entries does (a duplicate Append is
+        // acknowledged with no entries of its own, on the strength of earlier saves).
+        let hold_all = self.barrier > self.saved;
+        for m in std::mem::take(&mut ready.messages) {
+            let promise = matches!(m.body, Body::AppendResp { .. });
+            if hold_all || (promise && self.queued > self.saved) {
+                self.held.push_back((self.queued, m));
+            } else {
+                self.send_one(m);
             }
-            self.send(&mut ready);
-            if let Some(snap) = &ready.snapshot {
-                self.sm.restore(&snap.data)?;
-                self.applied = snap.index;
-                let covered: Vec<u64> =
-                    self.waiting.range(..=snap.index).map(|(&i, _)| i).collect();
-                for i in covered {
-                    let (_, tx) = self.waiting.remove(&i).expect("listed");
-                    let _ = tx.send(Outcome::Unknown);
+        }
+        for e in ready.committed.drain(..) {
+            let result = if e.data.is_empty() {
+                Vec::new()
+            } else {
+                self.sm.apply(e.index, &e.data)
+            };
+            self.applied = e.index;
+            while let Some(entry) = self.waiting.first_entry() {
+                if *entry.key() > e.index {
+                    break;
                 }
-            }
-            for e in ready.committed.drain(..) {
-                let result = if e.data.is_empty() {
-                    Vec::new()
+                let (index, (term, tx)) = entry.remove_entry();
+                let outcome = if index == e.index && term == e.term {
+                    Outcome::Done(result.clone())
                 } else {
-                    self.sm.apply(e.index, &e.data)
+                    Outcome::Lost
                 };
-                self.applied = e.index;
-                while let Some(entry) = self.waiting.first_entry() {
-                    if *entry.key() > e.index {
-                        break;
-                    }
-                    let (index, (term, tx)) = entry.remove_entry();
-                    let outcome = if index == e.index && term == e.term {
-                        Outcome::Done(result.clone())
-                    } else {
-                        Outcome::Lost
-                    };
-                    let _ = tx.send(outcome);
-                }
+                let _ = tx.send(outcome);
             }
-            for r in ready.reads.drain(..) {
-                if let Some(tx) = self.reads.remove(&r.ctx) {
-                    self.confirmed.push((r.index, tx));
-                }
-            }
-            for ctx in ready.failed_reads.drain(..) {
-                if let Some(tx) = self.reads.remove(&ctx) {
-                    let _ = tx.send(Outcome::Lost);
-                }
-            }
-            let applied = self.applied;
-            self.confirmed.retain(|(index, tx)| {
-                if *index <= applied {
-                    let _ = tx.send(Outcome::Done(Vec::new()));
-                    false
-                } else {
-                    true
-                }
-            });
-            self.maybe_compact()?;
-            let idle = !next.must_persist()
-                && next.messages.is_empty()
-                && next.committed.is_empty()
-                && next.reads.is_empty()
-                && next.failed_reads.is_empty();
-            if idle {
-                return Ok(());
-            }
-            ready = next;
         }
-    }
-
-    fn send(&mut self, ready: &mut Ready) {
-        for m in ready.messages.drain(..) {
-            let c = &mut self.counted;
-            match m.body {
-                Body::Append { .. } => c.appends += 1,
-                Body::Heartbeat { .. } => c.heartbeats += 1,
-                Body::AppendResp { .. } | Body::HeartbeatResp { .. } => c.answers += 1,
-                _ => c.other += 1,
+        for r in ready.reads.drain(..) {
+            if let Some(tx) = self.reads.remove(&r.ctx) {
+                self.confirmed.push((r.index, tx));
             }
-            self.transport.send(m.to, encode(&m));
         }
-    }
-
-    fn maybe_compact(&mut self) -> io::Result<()> {
-        let every = self.cfg.compact_every;
-        if every == 0 || self.applied < self.core.snapshot().index + every {
-            return Ok(());
+        for ctx in ready.failed_reads.drain(..) {
+            if let Some(tx) = self.reads.remove(&ctx) {
+                let _ = tx.send(Outcome::Lost);
+            }
         }
-        // On this thread: no tick, message or proposal is handled meanwhile. The log line
-        // says for how long (what a larger store costs in stalled rounds).
-        let started = Instant::now();
-        let data = self.sm.snapshot();
-        let bytes = data.len();
-        if let Ok(snap) = self.core.compact(self.applied, data) {
-            self.storage.save_snapshot(&snap)?;
-            log_info!(
-                "raft {}: snapshot at {} ({bytes} bytes) taken and saved in {} ms",
-                self.core.id(),
-                snap.index,
-                started.elapsed().as_millis()
-            );
-        }
+        let applied = self.applied;
+        self.confirmed.retain(|(index, tx)| {
+            if *index <= applied {
+                let _ = tx.send(Outcome::Done(Vec::new()));
+                false
+            } else {
+                true
+            }
+        });
+        self.maybe_compact();
         Ok(())
     }
 
+    fn send_one(&mut self, m: Message) {
+        let c = &mut self.counted;
+        match m.body {
+            Body::Append { .. } => c.appends += 1,
+            Body::Heartbeat { .. } => c.heartbeats += 1,
+            Body::AppendResp { .. } | Body::HeartbeatResp { .. } => c.answers += 1,
+            _ => c.other += 1,
+        }
+        self.transport.send(m.to, encode(&m));
+    }
+
+    /// Starts building a snapshot beside the driver once `compact_every` entries are
+    /// applied past the last one (and no build is under way).
+    fn maybe_compact(&mut self) {
+        let every = self.cfg.compact_every;
+        if every == 0
+            || self.snapshotting.is_some()
+            || self.applied < self.core.snapshot().index + every
+        {
+            return;
+        }
+        let index = self.applied;
+        let started = Instant::now();
+        let task = self.sm.snapshot_later();
+        let done = self.done_tx.clone();
+        let spawned = thread::Builder::new()
+            .name("raft-snapshot".into())
+            .spawn(move || {
+                let data = task();
+                let took = started.elapsed();
+                let _ = done.send(Done::Snapshotted { index, data, took });
+            });
+        match spawned {
+            Ok(t) => self.snapshotting = Some(t),
+            Err(e) => log_info!("raft {}: cannot start a snapshot: {e}", self.core.id()),
+        }
+    }
+
     fn finish(&mut self) {
+        // The disk thread finishes what is queued, then ends; a snapshot build ends on
+        // its own (its report goes nowhere).
+        if let Some((jobs, disk)) = self.disk.take() {
+            drop(jobs);
+            let _ = disk.join();
+        }
+        if let Some(t) = self.snapshotting.take() {
+            let _ = t.join();
+        }
         for (_, (_, tx)) in std::mem::take(&mut self.waiting) {
             let _ = tx.send(Outcome::Stopped);
         }
@@ -604,6 +736,112 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
             let _ = tx.send(Outcome::Stopped);
         }
     }
+}
+
+/// A save for the disk thread, in the order queued.
+enum DiskJob {
+    /// A Ready's hard state (only when its term or vote changed), snapshot and entries.
+    Save {
+        seq: u64,
+        hard_state: Option<HardState>,
+        snapshot: Option<Snapshot>,
+        entries: Vec<Entry>,
+    },
+    /// A snapshot of this replica's own state machine: the log up to it is cut.
+    Compact(Snapshot),
+}
+
+/// What the disk thread and the snapshot threads report.
+enum Done {
+    /// Every save up to `seq` is on disk; `ack` is the last entry (or snapshot) written.
+    Saved {
+        seq: u64,
+        ack: Option<(u64, u64)>,
+        syncs: u64,
+    },
+    /// A compaction's snapshot is saved.
+    Compacted { syncs: u64 },
+    /// A save failed: what is on disk is unknown, and the replica must stop.
+    Failed(io::Error),
+    /// A snapshot's blob at `index` is built.
+    Snapshotted {
+        index: u64,
+        data: Vec<u8>,
+        took: Duration,
+    },
+}
+
+/// The disk thread: takes every save queued, writes consecutive ones together (their
+/// entries with one write and one fsync), and reports each batch done. Saves are done in
+/// the order queued, and never merged across one that replaces entries written before
+/// (a snapshot, a compaction, entries that overwrite a conflicting tail): what is on
+/// disk after any crash is the state after some prefix of the saves.
+fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<Done>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch: Option<(u64, Ready)> = None;
+        for job in std::iter::once(first).chain(jobs.try_iter()) {
+            let result = match job {
+                DiskJob::Save {
+                    seq,
+                    hard_state,
+                    snapshot,
+                    entries,
+                } => {
+                    let overwrites = snapshot.is_some()
+                        || batch.as_ref().is_some_and(|(_, b)| {
+                            let last = b.entries.last().map_or(0, |e| e.index);
+                            entries.first().is_some_and(|e| e.index <= last)
+                        });
+                    let flushed = if overwrites {
+                        flush(&mut storage, batch.take(), done)
+                    } else {
+                        Ok(())
+                    };
+                    let (s, b) = batch.get_or_insert_with(Default::default);
+                    *s = seq;
+                    if hard_state.is_some() {
+                        b.hard_state = hard_state;
+                    }
+                    if snapshot.is_some() {
+                        b.snapshot = snapshot;
+                    }
+                    b.entries.extend(entries);
+                    flushed
+                }
+                DiskJob::Compact(snap) => flush(&mut storage, batch.take(), done)
+                    .and_then(|()| storage.save_snapshot(&snap))
+                    .map(|()| {
+                        let _ = done.send(Done::Compacted {
+                            syncs: storage.syncs(),
+                        });
+                    }),
+            };
+            if let Err(e) = result {
+                let _ = done.send(Done::Failed(e));
+                return;
+            }
+        }
+        if let Err(e) = flush(&mut storage, batch, done) {
+            let _ = done.send(Done::Failed(e));
+            return;
+        }
+    }
+}
+
+fn flush(
+    storage: &mut RaftStorage,
+    batch: Option<(u64, Ready)>,
+    done: &Sender<Done>,
+) -> io::Result<()> {
+    if let Some((seq, ready)) = batch {
+        let ack = storage.save(&ready)?;
+        let _ = done.send(Done::Saved {
+            seq,
+            ack,
+            syncs: storage.syncs(),
+        });
+    }
+    Ok(())
 }
 
 fn not_leader(e: RaftError) -> Outcome {

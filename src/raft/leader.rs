@@ -1,7 +1,7 @@
 //! The leader's side of a [`RaftCore`]: per-follower progress, log replication with fast
 //! back-off, the commit rule, read-index rounds, check-quorum, and leadership transfer.
 
-use super::message::{Body, Entry, ReplicaId};
+use super::message::{Body, Entry, ReplicaId, SnapshotChunk};
 use super::replica::RaftCore;
 use super::types::{RaftError, ReadState, Ready, Role};
 use std::mem;
@@ -35,8 +35,11 @@ pub(crate) struct Progress {
     /// The next index to send.
     pub(crate) next: u64,
     pub(crate) flow: Flow,
-    /// Heartbeat answers since `matched` last moved while entries were unacknowledged.
+    /// Ticks with a heartbeat answered since `matched` last moved while entries were
+    /// unacknowledged.
     pub(crate) stalled: u32,
+    /// A heartbeat was answered since the last tick while entries were unacknowledged.
+    pub(crate) alive: bool,
 }
 
 /// The leader's read-index bookkeeping (thesis §6.4): reads wait for a round of
@@ -219,6 +222,7 @@ impl RaftCore {
                 next,
                 flow: Flow::Probe { waiting: false },
                 stalled: 0,
+                alive: false,
             };
             self.progress.insert(p, pr);
         }
@@ -243,12 +247,27 @@ impl RaftCore {
             }
             self.transferee = None;
         }
+        let last = self.log.last_index();
+        // Half an election timeout, in ticks.
+        let patience = (self.cfg.election_ticks / 2).max(2);
         for p in self.peers.clone() {
             let pr = self.progress.get_mut(&p).expect("progress for every peer");
             if let Flow::Snapshot { ticks, .. } = &mut pr.flow {
                 *ticks += 1;
                 if *ticks >= self.cfg.election_ticks {
                     pr.flow = Flow::Probe { waiting: false };
+                }
+            }
+            if pr.flow == Flow::Replicate && pr.matched < last && mem::take(&mut pr.alive) {
+                // Everything was sent, yet the follower is alive and its match has not
+                // moved for half an election timeout: Appends were lost (no round trip
+                // is that slow, or elections would fail too). Probe from its match.
+                pr.stalled += 1;
+                if pr.stalled >= patience {
+                    pr.stalled = 0;
+                    pr.next = pr.matched + 1;
+                    pr.flow = Flow::Probe { waiting: false };
+                    self.send_append(p, false, out);
                 }
             }
         }
@@ -301,17 +320,33 @@ impl RaftCore {
             first = false;
             let prev = pr.next - 1;
             let Some(prev_term) = self.log.term(prev) else {
-                // §7: the entries it needs are compacted away.
-                let snap = self.log.snapshot.clone();
+                // §7: the entries it needs are compacted away. The snapshot goes in
+                // chunks, all at once; the follower answers once it has them all, and a
+                // lost chunk is sent again with the rest after an election timeout.
+                let (index, term) = (self.log.snapshot.index, self.log.snapshot.term);
                 let pr = self.progress.get_mut(&to).expect("progress for every peer");
-                pr.flow = Flow::Snapshot {
-                    index: snap.index,
-                    ticks: 0,
-                };
-                self.send(to, Body::Snapshot(snap), out);
-                return;
+                pr.flow = Flow::Snapshot { index, ticks: 0 };
+                let total = self.log.snapshot.data.len();
+                let mut offset = 0;
+                loop {
+                    let end = total.min(offset + self.cfg.max_chunk);
+                    let chunk = SnapshotChunk {
+                        index,
+                        term,
+                        offset: offset as u64,
+                        total: total as u64,
+                        data: self.log.snapshot.data[offset..end].to_vec(),
+                    };
+                    self.send(to, Body::Snapshot(chunk), out);
+                    offset = end;
+                    if offset == total {
+                        return;
+                    }
+                }
             };
-            let entries = self.log.slice(prev + 1, last, self.cfg.max_batch);
+            let entries = self
+                .log
+                .slice(prev + 1, last, self.cfg.max_batch, self.cfg.max_chunk);
             let n = entries.len() as u64;
             let commit = self.commit;
             let pr = self.progress.get_mut(&to).expect("progress for every peer");
@@ -370,6 +405,7 @@ impl RaftCore {
         if index > pr.matched {
             pr.matched = index;
             pr.stalled = 0;
+            pr.alive = false;
         }
         pr.next = pr.next.max(pr.matched + 1);
         match pr.flow {
@@ -407,16 +443,10 @@ impl RaftCore {
             *waiting = false;
         }
         if pr.flow == Flow::Replicate && pr.matched < self.log.last_index() {
-            // Everything was sent, yet the follower is alive and its match has not moved
-            // for half an election timeout of heartbeat rounds: Appends were lost (no
-            // round trip is that slow, or elections would fail too). Probe from its match.
-            pr.stalled += 1;
-            let patience = (self.cfg.election_ticks / self.cfg.heartbeat_ticks / 2).max(2);
-            if pr.stalled >= patience {
-                pr.stalled = 0;
-                pr.next = pr.matched + 1;
-                pr.flow = Flow::Probe { waiting: false };
-            }
+            // Counted per tick in `tick_leader`, not per answer: a follower whose disk
+            // lags behind its network (a driver that answers heartbeats while its fsync
+            // runs) answers many read rounds' heartbeats between two acknowledgements.
+            pr.alive = true;
         }
         if pr.matched < self.log.last_index() {
             self.send_append(from, false, out);

@@ -34,8 +34,11 @@ use std::time::Duration;
 
 /// The first word of a peer's hello.
 pub const HELLO: &[u8] = b"raft-hello,";
-/// A message frame's limit: the largest snapshot must fit.
-pub const MAX_MESSAGE: usize = 256 << 20;
+/// A message frame's limit: one snapshot chunk ([`Config::max_chunk`](super::Config),
+/// 1 MiB) or one Append, whose entries beyond the first hold at most a chunk's bytes and
+/// whose first is a client's request (at most the framework's default frame limit), with
+/// room for the headers.
+pub const MAX_MESSAGE: usize = crate::framing::DEFAULT_MAX_FRAME + (2 << 20);
 /// Messages waiting on one link before it is given up (and redialled).
 const OUTBOX_LIMIT: usize = 4096;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.

@@ -54,14 +54,19 @@ impl RaftLog {
         self.entries.get(usize::try_from(at).ok()?)
     }
 
-    /// Clones of the entries in `from..=to`, at most `max` of them.
-    pub(crate) fn slice(&self, from: u64, to: u64, max: usize) -> Vec<Entry> {
+    /// Clones of the entries in `from..=to`, at most `max` of them and, past the first,
+    /// at most `max_bytes` of commands together.
+    pub(crate) fn slice(&self, from: u64, to: u64, max: usize, max_bytes: usize) -> Vec<Entry> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         let mut i = from.max(self.first_index());
         while i <= to && out.len() < max {
             match self.get(i) {
-                Some(e) => out.push(e.clone()),
-                None => break,
+                Some(e) if out.is_empty() || bytes + e.data.len() <= max_bytes => {
+                    bytes += e.data.len();
+                    out.push(e.clone());
+                }
+                _ => break,
             }
             i += 1;
         }
@@ -150,8 +155,23 @@ mod tests {
         assert_eq!(log.term(1), None);
         assert_eq!(log.term(2), Some(1));
         assert_eq!(log.term(3), Some(2));
-        assert_eq!(log.slice(1, 9, 10).len(), 2);
+        assert_eq!(log.slice(1, 9, 10, usize::MAX).len(), 2);
         assert!(log.compact(1, vec![]).is_none());
+    }
+
+    #[test]
+    fn a_slice_holds_at_most_max_bytes_past_its_first_entry() {
+        let entries = (1..=4)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                data: vec![0; 10],
+            })
+            .collect();
+        let log = RaftLog::restore(Snapshot::default(), entries);
+        assert_eq!(log.slice(1, 4, 10, 25).len(), 2);
+        assert_eq!(log.slice(1, 4, 10, 5).len(), 1);
+        assert_eq!(log.slice(1, 4, 3, usize::MAX).len(), 3);
     }
 
     #[test]

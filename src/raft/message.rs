@@ -11,7 +11,7 @@
 //! kind 6 AppendResp  index:u64 reject:u8 hint_index:u64 hint_term:u64
 //! kind 7 Heartbeat   commit:u64 round:u64
 //! kind 8 HeartbeatResp                                    round:u64
-//! kind 9 Snapshot    index:u64 term:u64 len:u32 data
+//! kind 9 Snapshot    index:u64 term:u64 offset:u64 total:u64 len:u32 data   (one chunk)
 //! kind 10 TimeoutNow
 //! entry    = index:u64 term:u64 len:u32 data
 //! ```
@@ -41,6 +41,23 @@ pub struct Snapshot {
     /// The term of the entry at `index`.
     pub term: u64,
     /// The state machine after applying every entry up to `index`.
+    pub data: Vec<u8>,
+}
+
+/// One piece of an InstallSnapshot (§7, chunked as in the paper's Figure 13): bytes
+/// `offset..offset + data.len()` of the blob of the snapshot at `index`, which is `total`
+/// bytes long. The follower installs the snapshot once it has every byte, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotChunk {
+    /// The last index the snapshot covers.
+    pub index: u64,
+    /// The term of the entry at `index`.
+    pub term: u64,
+    /// Where `data` starts in the blob.
+    pub offset: u64,
+    /// The whole blob's length.
+    pub total: u64,
+    /// The bytes from `offset`.
     pub data: Vec<u8>,
 }
 
@@ -121,8 +138,8 @@ pub enum Body {
         /// The echoed round.
         round: u64,
     },
-    /// InstallSnapshot in one piece (§7).
-    Snapshot(Snapshot),
+    /// One chunk of an InstallSnapshot (§7).
+    Snapshot(SnapshotChunk),
     /// "Start an election now": the last step of a leadership transfer (§3.10).
     TimeoutNow,
 }
@@ -228,6 +245,8 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             b.push(9);
             put64(&mut b, s.index);
             put64(&mut b, s.term);
+            put64(&mut b, s.offset);
+            put64(&mut b, s.total);
             put_bytes(&mut b, &s.data);
         }
         Body::TimeoutNow => b.push(10),
@@ -292,9 +311,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             round: r.u64()?,
         },
         8 => Body::HeartbeatResp { round: r.u64()? },
-        9 => Body::Snapshot(Snapshot {
+        9 => Body::Snapshot(SnapshotChunk {
             index: r.u64()?,
             term: r.u64()?,
+            offset: r.u64()?,
+            total: r.u64()?,
             data: r.bytes()?,
         }),
         10 => Body::TimeoutNow,
@@ -422,9 +443,11 @@ mod tests {
                 round: 5,
             },
             Body::HeartbeatResp { round: 5 },
-            Body::Snapshot(Snapshot {
+            Body::Snapshot(SnapshotChunk {
                 index: 100,
                 term: 4,
+                offset: 1 << 20,
+                total: 3 << 20,
                 data: vec![0xff; 300],
             }),
             Body::TimeoutNow,

@@ -23,9 +23,11 @@
 //! caller reports it with `persisted`: the leader counts itself towards a majority, and
 //! any replica applies entries, only up to what it has on disk. Then it restores
 //! `snapshot` (if any) into its state machine, applies `committed` in order, and answers
-//! `reads` once it has applied their index. (A leader's Ready with no hard state and no
-//! snapshot holds only messages that promise nothing about its disk, so [`driver`] sends
-//! those before its fsync, as the thesis's §10.2.1 allows.) Time is ticks; the defaults
+//! `reads` once it has applied their index. (Only some messages promise anything about
+//! the disk: acknowledgements of entries, and anything sent while a new term, vote or
+//! snapshot is unsaved. [`driver`] sends the others before the fsync they would wait
+//! for: a leader's Appends and heartbeats, as the thesis's §10.2.1 allows, and a
+//! follower's heartbeat answers.) Time is ticks; the defaults
 //! ([`Config::new`]) elect after 10–19 ticks without a leader and heartbeat every tick.
 //!
 //! ## Tests
@@ -42,10 +44,12 @@
 //! rounds or riding on Appends (below), after the leader's first commit in its term
 //! (thesis §6.4); leadership transfer
 //! with TimeoutNow (thesis §3.10); snapshots made by the caller and sent to a follower
-//! behind the leader's first index as **one** InstallSnapshot message (§7; not chunked:
-//! the driver's frame limit must hold the largest snapshot, which for the course's store
-//! is small; chunking can be added inside the message without changing the core's
-//! contract). Not here: membership changes, learners, lease-based reads without a round.
+//! behind the leader's first index in InstallSnapshot chunks of at most
+//! [`Config::max_chunk`] bytes (§7, Figure 13), all at once: the follower assembles one
+//! leader's chunks in order (dropping duplicates, and everything after a gap until the
+//! leader resends the whole after an election timeout without an answer) and installs
+//! the snapshot only when complete, so a peer's frame limit need only hold one chunk.
+//! Not here: membership changes, learners, lease-based reads without a round.
 //!
 //! ## Message economy (and why each saving is safe)
 //! - [`RaftCore::propose_all`] appends a batch, then sends each follower what it lacks
@@ -148,7 +152,9 @@ mod sim;
 mod tests;
 mod types;
 
-pub use message::{decode, encode, Body, DecodeError, Entry, Message, ReplicaId, Snapshot};
+pub use message::{
+    decode, encode, Body, DecodeError, Entry, Message, ReplicaId, Snapshot, SnapshotChunk,
+};
 pub use replica::RaftCore;
 pub use rng::Rng;
 pub use types::{Config, HardState, RaftError, ReadState, Ready, Role, Stored};

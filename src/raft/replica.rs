@@ -5,7 +5,7 @@
 
 use super::leader::{Progress, Reads};
 use super::log::RaftLog;
-use super::message::{Body, Entry, Message, ReplicaId, Snapshot};
+use super::message::{Body, Entry, Message, ReplicaId, Snapshot, SnapshotChunk};
 use super::rng::Rng;
 use super::types::{Config, HardState, RaftError, Ready, Role, Stored};
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,8 +51,22 @@ pub struct RaftCore {
     pub(super) transferee: Option<ReplicaId>,
     pub(super) reads: Reads,
     last_hard: HardState,
+    /// The InstallSnapshot being received, chunk by chunk.
+    partial: Option<Partial>,
     #[cfg(test)]
     pub(crate) bug: Bug,
+}
+
+/// The chunks of one leader's snapshot received so far, in order from offset 0. Keyed by
+/// the leader's term as well as the snapshot's index and term: two leaders' blobs for
+/// one index need not be byte for byte the same, so their chunks never mix.
+#[derive(Debug)]
+struct Partial {
+    leader_term: u64,
+    index: u64,
+    term: u64,
+    total: u64,
+    data: Vec<u8>,
 }
 
 impl RaftCore {
@@ -85,9 +99,9 @@ impl RaftCore {
                 "need 0 < heartbeat_ticks < election_ticks",
             ));
         }
-        if cfg.max_batch == 0 || cfg.max_inflight == 0 {
+        if cfg.max_batch == 0 || cfg.max_inflight == 0 || cfg.max_chunk == 0 {
             return Err(RaftError::BadConfig(
-                "max_batch and max_inflight must be > 0",
+                "max_batch, max_inflight and max_chunk must be > 0",
             ));
         }
         let log = RaftLog::restore(stored.snapshot, stored.entries);
@@ -113,6 +127,7 @@ impl RaftCore {
             transferee: None,
             reads: Reads::default(),
             last_hard: hs,
+            partial: None,
             cfg,
             #[cfg(test)]
             bug: Bug::None,
@@ -301,9 +316,11 @@ impl RaftCore {
                 self.commit = self.commit.max(commit.min(self.log.last_index()));
                 self.send(m.from, Body::HeartbeatResp { round }, out);
             }
-            Body::Snapshot(snap) => {
+            Body::Snapshot(chunk) => {
                 self.hear_leader(m.from, out);
-                self.on_snapshot(m.from, snap, out);
+                if let Some(snap) = self.on_chunk(chunk) {
+                    self.on_snapshot(m.from, snap, out);
+                }
             }
             Body::AppendResp {
                 index,
@@ -425,6 +442,56 @@ impl RaftCore {
         }
         self.commit = self.commit.max(commit.min(last_new));
         self.send(from, ack(last_new), out);
+    }
+
+    /// Adds a chunk to the snapshot being received; returns the snapshot once complete.
+    /// A chunk that does not continue it is dropped: a duplicate adds nothing, and after
+    /// a gap (a lost or reordered chunk) the leader sends the whole snapshot again once
+    /// an election timeout passes without an answer, its chunks filling in from here. A
+    /// chunk at offset 0 of another snapshot, or from another term's leader, starts over.
+    fn on_chunk(&mut self, c: SnapshotChunk) -> Option<Snapshot> {
+        let fits = c
+            .offset
+            .checked_add(c.data.len() as u64)
+            .is_some_and(|end| end <= c.total);
+        if c.index <= self.commit || !fits {
+            // Covered already: answered as a whole snapshot would be, from the commit.
+            self.partial = None;
+            return fits.then(|| Snapshot {
+                index: c.index,
+                term: c.term,
+                data: Vec::new(),
+            });
+        }
+        let same = |p: &Partial| {
+            (p.leader_term, p.index, p.term, p.total) == (self.term, c.index, c.term, c.total)
+        };
+        if !self.partial.as_ref().is_some_and(same) {
+            if c.offset != 0 {
+                return None;
+            }
+            self.partial = Some(Partial {
+                leader_term: self.term,
+                index: c.index,
+                term: c.term,
+                total: c.total,
+                data: Vec::new(),
+            });
+        }
+        let p = self.partial.as_mut().expect("set above");
+        if c.offset != p.data.len() as u64 {
+            return None;
+        }
+        p.data.extend_from_slice(&c.data);
+        if (p.data.len() as u64) < p.total {
+            return None;
+        }
+        let p = self.partial.take().expect("set above");
+        Some(Snapshot {
+            index: p.index,
+            term: p.term,
+            data: p.data,
+        })
     }
 
     fn on_snapshot(&mut self, from: ReplicaId, snap: Snapshot, out: &mut Ready) {
@@ -564,7 +631,8 @@ impl RaftCore {
         let upto = self.commit.min(self.persisted);
         if upto > self.applied {
             let from = self.applied + 1;
-            out.committed.extend(self.log.slice(from, upto, usize::MAX));
+            out.committed
+                .extend(self.log.slice(from, upto, usize::MAX, usize::MAX));
             self.applied = upto;
         }
     }

@@ -322,7 +322,8 @@ fn leadership_transfer_hands_over_without_an_election_timeout() {
 
 #[test]
 fn a_follower_behind_the_first_index_gets_the_snapshot() {
-    let mut c = Cluster::new(3, 6, |_| {});
+    // Two-byte chunks: the five-byte blob goes as three InstallSnapshot messages.
+    let mut c = Cluster::new(3, 6, |cfg| cfg.max_chunk = 2);
     c.elect(1);
     c.isolated.insert(3);
     for i in 0..20u8 {
@@ -340,13 +341,111 @@ fn a_follower_behind_the_first_index_gets_the_snapshot() {
     assert_eq!(c.r(3).snapshot().index, 0);
     c.tick(4);
     assert_eq!(c.r(3).snapshot(), &snap);
-    assert!(c.sent.iter().any(|m| matches!(m.body, Body::Snapshot(_))));
+    let chunks: Vec<(u64, usize)> = c
+        .sent
+        .iter()
+        .filter_map(|m| match &m.body {
+            Body::Snapshot(s) => Some((s.offset, s.data.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chunks, [(0, 2), (2, 2), (4, 1)]);
     c.propose(1, b"after").unwrap();
     c.tick(1);
     assert_eq!(
         c.applied[2].last().map(|e| &e.data[..]),
         Some(&b"after"[..])
     );
+}
+
+/// Hands follower 3 one InstallSnapshot chunk from `from` in `term`; returns what it
+/// installed and whether it answered.
+fn chunk_to(r: &mut RaftCore, from: ReplicaId, term: u64, blob: &[u8], at: usize) -> Ready {
+    let end = blob.len().min(at + 4);
+    let mut out = Ready::default();
+    let chunk = SnapshotChunk {
+        index: 10,
+        term: 2,
+        offset: at as u64,
+        total: blob.len() as u64,
+        data: blob[at..end].to_vec(),
+    };
+    let body = Body::Snapshot(chunk);
+    r.receive(
+        Message {
+            from,
+            to: 3,
+            term,
+            body,
+        },
+        &mut out,
+    );
+    out
+}
+
+fn answered(out: &Ready) -> bool {
+    out.messages
+        .iter()
+        .any(|m| matches!(m.body, Body::AppendResp { index: 10, .. }))
+}
+
+/// InstallSnapshot in 4-byte chunks: a reordered, a duplicated and a lost chunk install
+/// nothing (and get no answer) until the leader sends the whole snapshot again; then
+/// the chunks fill in from where they stopped, and the snapshot is installed whole.
+#[test]
+fn a_chunked_snapshot_survives_loss_duplication_and_reordering() {
+    let blob = b"0123456789abcdef";
+    let mut r = RaftCore::new(Config::new(3, &[1, 2, 3], 1)).unwrap();
+    for at in [0, 8, 4, 4] {
+        // 8 before 4 (reordered: dropped), 4 twice (duplicated), 12 lost.
+        let out = chunk_to(&mut r, 1, 2, blob, at);
+        assert!(out.snapshot.is_none() && !answered(&out), "chunk at {at}");
+    }
+    assert_eq!(r.snapshot().index, 0);
+    // The leader's resend: 0 and 4 are duplicates now, 8 and 12 complete it.
+    let mut last = Ready::default();
+    for at in [0, 4, 8, 12] {
+        last = chunk_to(&mut r, 1, 2, blob, at);
+    }
+    let snap = last
+        .snapshot
+        .as_ref()
+        .expect("installed with the last chunk");
+    assert_eq!((snap.index, snap.term, &snap.data[..]), (10, 2, &blob[..]));
+    assert!(answered(&last));
+    assert_eq!((r.commit_index(), r.snapshot().index), (10, 10));
+}
+
+/// A leader change in the middle of a transfer: the new leader's blob for the same
+/// snapshot index differs byte for byte (another replica's encoding), so its chunks
+/// never continue the old leader's; a late chunk of the old leader is refused by term.
+#[test]
+fn a_chunked_snapshot_never_mixes_two_leaders_chunks() {
+    let (old, new) = (b"AAAABBBBCCCCDDDD", b"wwwwxxxxyyyyzzzz");
+    let mut r = RaftCore::new(Config::new(3, &[1, 2, 3], 1)).unwrap();
+    for at in [0, 4] {
+        chunk_to(&mut r, 1, 2, old, at);
+    }
+    // Replica 2 leads in term 3; its chunks 8 and 12 must not complete 1's 0 and 4.
+    for at in [8, 12] {
+        let out = chunk_to(&mut r, 2, 3, new, at);
+        assert!(out.snapshot.is_none() && !answered(&out), "chunk at {at}");
+    }
+    // The old leader's last chunks arrive late, from a stale term.
+    for at in [8, 12] {
+        let out = chunk_to(&mut r, 1, 2, old, at);
+        assert!(
+            out.snapshot.is_none() && !answered(&out),
+            "stale chunk at {at}"
+        );
+    }
+    let mut last = Ready::default();
+    for at in [0, 4, 8, 12] {
+        last = chunk_to(&mut r, 2, 3, new, at);
+    }
+    let snap = last.snapshot.expect("the new leader's snapshot, whole");
+    assert_eq!(&snap.data[..], &new[..]);
+    assert_eq!(r.snapshot().data, new.to_vec());
 }
 
 #[test]

@@ -20,6 +20,10 @@ pub struct Config {
     pub max_batch: usize,
     /// Most entries sent to a follower beyond what it has acknowledged.
     pub max_inflight: u64,
+    /// Most snapshot bytes in one InstallSnapshot chunk (a snapshot goes as
+    /// `ceil(len / max_chunk)` messages), and most command bytes in one Append beyond its
+    /// first entry: a peer's frame limit need only hold a chunk or one entry.
+    pub max_chunk: usize,
     /// Ask for pre-votes before raising the term (§9.6 of the thesis).
     pub pre_vote: bool,
     /// A leader that hears from no majority for an election timeout steps down, and
@@ -40,6 +44,7 @@ impl Config {
             heartbeat_ticks: 1,
             max_batch: 64,
             max_inflight: 512,
+            max_chunk: 1 << 20,
             pre_vote: true,
             check_quorum: true,
             seed,

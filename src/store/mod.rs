@@ -5,6 +5,7 @@
 //! - [`state`]: the sharded map.
 //! - [`aof`]: the append-only file: replay, and rewrite in the background.
 //! - [`replicated`]: the store over Raft (`--raft`): linearizable, partition-safe.
+//! - [`cli`]: `store-server`'s options and what it runs.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
 //! - [`soak`]: the memory soak behind `store-bench --soak`.
@@ -16,6 +17,7 @@
 
 pub mod aof;
 pub mod bench;
+pub mod cli;
 pub mod client;
 mod keyhash;
 pub mod protocol;

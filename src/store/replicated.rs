@@ -29,7 +29,7 @@ use super::protocol::{self, Request, Verb};
 use super::state::Store;
 use crate::framing::{encode_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;
-use crate::raft::driver::{Outcome, RaftHandle, StateMachine, Status};
+use crate::raft::driver::{Outcome, RaftHandle, SnapshotTask, StateMachine, Status};
 use crate::raft::links;
 use crate::raft::member::{Member, MemberOptions};
 use crate::raft::{ReplicaId, Role};
@@ -117,15 +117,20 @@ impl StateMachine for StoreMachine {
 
     /// `(klen:u32 key vlen:u32 value)*`, big-endian lengths.
     fn snapshot(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut cursor = self.0.snapshot();
-        while cursor.next_chunk(1 << 20, |k, v| {
-            out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-            out.extend_from_slice(k);
-            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-            out.extend_from_slice(v);
-        }) {}
-        out
+        encode_store(&self.0)
+    }
+
+    /// Reads the store on the snapshot thread while the driver goes on applying: the
+    /// blob is *fuzzy*, each key as of some moment between the snapshot's index and the
+    /// end of the read. That restores correctly because every command is an overwrite of
+    /// one key (`store` sets it, `delete` removes it): applying the entries after the
+    /// snapshot's index sets each key they touch to its last write, whatever the blob
+    /// had, and leaves every other key as it was at the index (ZooKeeper's fuzzy
+    /// snapshots rest on the same idempotence). Until those entries are applied again
+    /// nothing reads the restored state: lookups wait for the leader's commit index.
+    fn snapshot_later(&mut self) -> SnapshotTask {
+        let store = Arc::clone(&self.0);
+        Box::new(move || encode_store(&store))
     }
 
     fn restore(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -154,6 +159,19 @@ impl StateMachine for StoreMachine {
         }
         Ok(())
     }
+}
+
+/// `(klen:u32 key vlen:u32 value)*`, big-endian lengths, read shard by shard.
+fn encode_store(store: &Store) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut cursor = store.snapshot();
+    while cursor.next_chunk(1 << 20, |k, v| {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v);
+    }) {}
+    out
 }
 
 /// The replicated store service, shared by every connection.

@@ -203,6 +203,8 @@ impl Sim {
     fn config(&self, id: ReplicaId, restarts: u64) -> Config {
         let mut cfg = Config::new(id, &self.ids, self.seed ^ (restarts << 32));
         cfg.max_batch = 8;
+        // Snapshots (16-byte blobs) go in four chunks, so the faults hit chunks too.
+        cfg.max_chunk = 5;
         cfg.pre_vote = !self.plan.classic;
         cfg.check_quorum = !self.plan.classic;
         cfg
