@@ -138,7 +138,8 @@ impl Table {
         let Some(entry) = self.all.get_mut(&id) else {
             return false;
         };
-        match entry.stage {
+        let was = std::mem::replace(&mut entry.stage, stage);
+        match was {
             Stage::Fresh => self.fresh.remove(&id),
             Stage::Holding => self.holding.remove(&id),
             Stage::Parked => false,
@@ -147,11 +148,12 @@ impl Table {
             Stage::Fresh => self.fresh.insert(id),
             Stage::Holding => self.holding.insert(id),
             Stage::Parked => {
-                self.parked_lately.push_back((id, Instant::now()));
+                let now = Instant::now();
+                self.forget_parked_before(now);
+                self.parked_lately.push_back((id, now));
                 false
             }
         };
-        entry.stage = stage;
         true
     }
 
@@ -161,6 +163,16 @@ impl Table {
         self.fresh.remove(&id);
         self.holding.remove(&id);
         Some(entry.stage)
+    }
+
+    /// Drops from `parked_lately` what parked longer than [`PEEK_PARKED_FOR`] before `now`.
+    fn forget_parked_before(&mut self, now: Instant) {
+        while let Some(&(_, at)) = self.parked_lately.front() {
+            if now.duration_since(at) < PEEK_PARKED_FOR {
+                break;
+            }
+            self.parked_lately.pop_front();
+        }
     }
 
     /// Whether a connection accepted before `id` holds bytes.
@@ -324,13 +336,7 @@ impl Arrivals {
                     for id in gone {
                         table.remove(id);
                     }
-                    let now = Instant::now();
-                    while let Some(&(_, at)) = table.parked_lately.front() {
-                        if now.duration_since(at) < PEEK_PARKED_FOR {
-                            break;
-                        }
-                        table.parked_lately.pop_front();
-                    }
+                    table.forget_parked_before(Instant::now());
                     for &(id, _) in &table.parked_lately {
                         match table.all.get(&id) {
                             Some(e) if id < conn.id && e.stage == Stage::Parked => {
