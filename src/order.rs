@@ -7,20 +7,29 @@
 //! How: every connection is registered on the accept thread, in accept order
 //! ([`Arrivals::handler`] does it, through [`Handler::accepted`]). Before a connection acts
 //! on its first read it waits for the earlier connections that are still *unsettled* and
-//! have bytes pending: bytes in their socket (seen with a non-blocking peek) or taken by
-//! their reader and not yet applied. A connection settles once it has acted on its first
-//! read, or on the reads that complete a first request longer than one read (and when it
-//! ends); from then on nobody waits for it. A connection that has sent
-//! nothing holds nobody back, however long it stays silent.
+//! have bytes pending. A connection settles once it has acted on its first read, or on the
+//! reads that complete a first request longer than one read (and when it ends); from then
+//! on nobody waits for it. A connection that has sent nothing holds nobody back, however
+//! long it stays silent, and costs newcomers nothing, however many such connections there
+//! are.
 //!
-//! The peek makes the earlier connection's socket non-blocking for an instant (through
-//! [`Connection::nonblocking`]); its reads through the [`Connection`] tell the resulting
-//! `EAGAIN` from a timeout by the socket's toggle count, and retry. Peeks are made outside
-//! the registry's lock, so newcomers check in parallel, and one socket's peeks take turns.
-//! Only connections that have not yet received anything are peeked, so a handler that
+//! Whether an earlier connection has bytes pending is told by its reader's own state. A
+//! reader *parks* (blocks until bytes come, without taking them), and once woken marks its
+//! connection *holding* before it takes them, until it has applied them. Newcomers wait
+//! for the holding connections, and peek at two kinds of sockets (a non-blocking peek,
+//! through [`Connection::nonblocking`]; the peeked connection's reads tell the resulting
+//! `EAGAIN` from a timeout by the socket's toggle count, and retry): the *fresh*, whose
+//! threads have not yet reached their first wait, and those that parked in the last
+//! 100 ms (a reader may park with bytes already in its socket and be preempted before it
+//! sees them). Both are the few connections that are just starting, so a newcomer's cost
+//! grows with the rate of new connections, not with how many silent ones are open.
+//! The instant left uncovered is a reader parked for longer, which its bytes have woken
+//! and which has not run yet; in the course's case (store, close, connect again, look up)
+//! its bytes came before the newcomer was even accepted, so it has been runnable through
+//! the newcomer's accept, thread start and first read, and a thread woken from a long
+//! sleep is the scheduler's first pick.
+//! Only connections that have not yet received anything are waited for, so a handler that
 //! writes before its first read (a greeting) should [`settle`](Arrivals::settle) first.
-//! A newcomer still peeks every earlier silent connection once (three system calls each):
-//! std has no way to ask a set of sockets at once.
 //!
 //! The [`request`](crate::request) loop does all of this when given an [`Arrivals`]:
 //!
@@ -69,7 +78,8 @@
 //! ```
 
 use crate::server::{Connection, Handler, HandlerError, WeakNonblocking};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,21 +88,107 @@ use std::time::{Duration, Instant};
 /// (a queue that is full) or a machine that is badly overloaded.
 pub const MAX_WAIT: Duration = Duration::from_millis(50);
 
+/// For how long after it parks a connection is still peeked at by newcomers: its reader
+/// may have parked with bytes already in its socket and been preempted before it saw them
+/// (a machine with a load of 30 does that), or have seen them and not yet run. Peeks are
+/// a few system calls each, and only connections that parked this recently are peeked at,
+/// so a newcomer's cost grows with the rate of new connections, not with their number.
+const PEEK_PARKED_FOR: Duration = Duration::from_millis(100);
+
+/// Where an unsettled connection's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Registered; its reader has not yet started waiting for its first bytes (its thread
+    /// may not have run at all), so only a peek at its socket tells whether bytes came.
+    Fresh,
+    /// Its reader is blocked until bytes come, and marks it [`Stage::Holding`] as soon as
+    /// they do, before taking them: nobody looks at it meanwhile.
+    Parked,
+    /// Its reader has bytes to take, or has taken some and not yet applied them.
+    Holding,
+}
+
 /// A connection not yet settled.
 struct Unsettled {
     /// Weak: the registry never keeps a socket open; a connection whose thread never
     /// started (or ended without settling) is pruned once its socket is gone.
     stream: WeakNonblocking,
-    /// Its reader has taken bytes from the socket and not yet applied them.
-    holding: bool,
+    stage: Stage,
+}
+
+/// The unsettled connections, and indexes of the two stages a newcomer must look at, so
+/// that its cost does not grow with the number of parked (silent) connections.
+#[derive(Default)]
+struct Table {
+    /// By connection id, which grows in accept order.
+    all: BTreeMap<u64, Unsettled>,
+    /// Ids in [`Stage::Fresh`]: threads that have not reached their first wait, a few at
+    /// any time however many connections are open.
+    fresh: BTreeSet<u64>,
+    /// Ids in [`Stage::Holding`].
+    holding: BTreeSet<u64>,
+    /// Ids that parked in the last [`PEEK_PARKED_FOR`], oldest first (some since settled
+    /// or woken: they are skipped): a few, at any rate of connections.
+    parked_lately: VecDeque<(u64, Instant)>,
+}
+
+impl Table {
+    /// Moves `id` to `stage`; `false` when it has settled.
+    fn set(&mut self, id: u64, stage: Stage) -> bool {
+        let Some(entry) = self.all.get_mut(&id) else {
+            return false;
+        };
+        let was = std::mem::replace(&mut entry.stage, stage);
+        match was {
+            Stage::Fresh => self.fresh.remove(&id),
+            Stage::Holding => self.holding.remove(&id),
+            Stage::Parked => false,
+        };
+        match stage {
+            Stage::Fresh => self.fresh.insert(id),
+            Stage::Holding => self.holding.insert(id),
+            Stage::Parked => {
+                let now = Instant::now();
+                self.forget_parked_before(now);
+                self.parked_lately.push_back((id, now));
+                false
+            }
+        };
+        true
+    }
+
+    /// Forgets `id`; its stage, if it was unsettled.
+    fn remove(&mut self, id: u64) -> Option<Stage> {
+        let entry = self.all.remove(&id)?;
+        self.fresh.remove(&id);
+        self.holding.remove(&id);
+        Some(entry.stage)
+    }
+
+    /// Drops from `parked_lately` what parked longer than [`PEEK_PARKED_FOR`] before `now`.
+    fn forget_parked_before(&mut self, now: Instant) {
+        while let Some(&(_, at)) = self.parked_lately.front() {
+            if now.duration_since(at) < PEEK_PARKED_FOR {
+                break;
+            }
+            self.parked_lately.pop_front();
+        }
+    }
+
+    /// Whether a connection accepted before `id` holds bytes.
+    fn holding_before(&self, id: u64) -> bool {
+        self.holding.range(..id).next().is_some()
+    }
 }
 
 struct Registry {
-    /// By connection id, which grows in accept order.
-    unsettled: Mutex<BTreeMap<u64, Unsettled>>,
-    /// Signalled whenever a connection settles.
+    unsettled: Mutex<Table>,
+    /// Signalled whenever a connection settles or lets go of its bytes.
     settled: Condvar,
     max_wait: Duration,
+    /// Peeks made by newcomers at earlier sockets (for the tests: silent connections cost
+    /// none).
+    peeks: AtomicU64,
 }
 
 /// The arrival-order registry of one server: share it (it is a cheap `Clone`) between the
@@ -112,8 +208,11 @@ impl Default for Arrivals {
 
 impl std::fmt::Debug for Arrivals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.unsettled();
         f.debug_struct("Arrivals")
-            .field("unsettled", &self.unsettled().len())
+            .field("unsettled", &table.all.len())
+            .field("fresh", &table.fresh.len())
+            .field("holding", &table.holding.len())
             .finish()
     }
 }
@@ -131,11 +230,12 @@ impl Arrivals {
                 unsettled: Mutex::default(),
                 settled: Condvar::new(),
                 max_wait,
+                peeks: AtomicU64::new(0),
             }),
         }
     }
 
-    fn unsettled(&self) -> MutexGuard<'_, BTreeMap<u64, Unsettled>> {
+    fn unsettled(&self) -> MutexGuard<'_, Table> {
         self.registry
             .unsettled
             .lock()
@@ -159,9 +259,11 @@ impl Arrivals {
     pub fn register(&self, conn: &Connection) {
         let entry = Unsettled {
             stream: conn.nonblocking_weak(),
-            holding: false,
+            stage: Stage::Fresh,
         };
-        self.unsettled().insert(conn.id, entry);
+        let mut table = self.unsettled();
+        table.all.insert(conn.id, entry);
+        table.fresh.insert(conn.id);
     }
 
     /// Declares that `conn` has acted on everything its first read delivered: younger
@@ -172,7 +274,7 @@ impl Arrivals {
     }
 
     fn settle_id(&self, id: u64) {
-        if self.unsettled().remove(&id).is_some() {
+        if self.unsettled().remove(id).is_some() {
             self.registry.settled.notify_all();
         }
     }
@@ -183,13 +285,9 @@ impl Arrivals {
     /// [`await_first_bytes`](Arrivals::await_first_bytes) before reading the rest.
     /// `false` when `conn` has already settled.
     pub fn release(&self, conn: &Connection) -> bool {
-        let mut unsettled = self.unsettled();
-        let Some(entry) = unsettled.get_mut(&conn.id) else {
+        if !self.unsettled().set(conn.id, Stage::Parked) {
             return false;
-        };
-        entry.holding = false;
-        drop(unsettled);
-        // Waiters that saw the mark look again: the socket may be empty now.
+        }
         self.registry.settled.notify_all();
         true
     }
@@ -200,14 +298,17 @@ impl Arrivals {
     /// [`request`](crate::request) loop does. `false` when nothing came: the peer closed,
     /// vanished, or stayed idle past the server's idle timeout.
     pub fn await_first_bytes(&self, conn: &Connection) -> bool {
-        // The bytes stay in the socket until the mark is set: at every instant a younger
-        // connection's check sees either the bytes or the mark.
+        // Parked, this socket is soon no longer peeked at: bytes arriving wake this thread,
+        // which marks the connection before it takes them. Newcomers look only at the
+        // fresh, the lately parked and the holding, so silent connections cost them
+        // nothing.
+        if !self.unsettled().set(conn.id, Stage::Parked) {
+            return conn.wait_readable();
+        }
         if !conn.wait_readable() {
             return false;
         }
-        if let Some(entry) = self.unsettled().get_mut(&conn.id) {
-            entry.holding = true;
-        }
+        self.unsettled().set(conn.id, Stage::Holding);
         true
     }
 
@@ -217,35 +318,42 @@ impl Arrivals {
     pub fn wait_for_earlier(&self, conn: &Connection) {
         let deadline = Instant::now() + self.registry.max_wait;
         loop {
-            // Who to look at, listed under the lock; looked at outside it.
-            let mut earlier = Vec::new();
-            let mut busy = false;
+            // The fresh are looked at outside the lock; the holding are waited for.
+            let mut fresh = Vec::new();
+            let mut busy;
             {
-                let mut unsettled = self.unsettled();
-                let mut gone = Vec::new();
-                for (&id, entry) in unsettled.range(..conn.id) {
-                    match entry.stream.upgrade() {
-                        None => gone.push(id),
-                        Some(_) if entry.holding => {
-                            busy = true;
-                            break;
+                let mut table = self.unsettled();
+                busy = table.holding_before(conn.id);
+                if !busy {
+                    let mut gone = Vec::new();
+                    for &id in table.fresh.range(..conn.id) {
+                        let stream = &table.all[&id].stream;
+                        match stream.upgrade() {
+                            None => gone.push(id),
+                            Some(_) => fresh.push(stream.clone()),
                         }
-                        Some(_) => earlier.push(entry.stream.clone()),
                     }
-                }
-                for id in gone {
-                    unsettled.remove(&id);
+                    for id in gone {
+                        table.remove(id);
+                    }
+                    table.forget_parked_before(Instant::now());
+                    for &(id, _) in &table.parked_lately {
+                        match table.all.get(&id) {
+                            Some(e) if id < conn.id && e.stage == Stage::Parked => {
+                                fresh.push(e.stream.clone());
+                            }
+                            _ => {}
+                        }
+                    }
                 }
             }
             // A connection marks itself holding (under the lock) before it takes its bytes
             // out of the socket, so a peek that finds none means: none were pending, or
             // they were taken after the list was made, and the mark is seen now.
-            if !busy {
-                busy = earlier.iter().any(has_pending)
-                    || self
-                        .unsettled()
-                        .range(..conn.id)
-                        .any(|(_, entry)| entry.holding);
+            if !busy && !fresh.is_empty() {
+                let peeks = &self.registry.peeks;
+                peeks.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+                busy = fresh.iter().any(has_pending) || self.unsettled().holding_before(conn.id);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if !busy || left.is_zero() {
@@ -389,10 +497,35 @@ mod tests {
         server.stop();
     }
 
+    #[test]
+    fn newcomers_do_not_look_at_parked_silent_connections() {
+        let arrivals = Arrivals::with_max_wait(Duration::from_secs(3600));
+        let server = map_server(&arrivals);
+        let addr = server.local_addr();
+        let silent: Vec<TcpStream> = (0..50).map(|_| connect(addr)).collect();
+        for id in 0..50 {
+            until(&arrivals, id, |e| {
+                e.is_some_and(|e| e.stage == Stage::Parked)
+            });
+        }
+        // Parked long enough that newcomers no longer peek at them (the time is the thing
+        // tested, not a wait for the server).
+        std::thread::sleep(PEEK_PARKED_FOR);
+        for i in 0..20 {
+            assert_eq!(set_then_get(addr, &i.to_string()), format!("{i}\n"));
+        }
+        // 40 newcomers after 50 silent connections: peeking at every earlier silent one
+        // would be 2,000 peeks; only a setter whose thread had not started yet is looked at.
+        let peeks = arrivals.registry.peeks.load(Ordering::Relaxed);
+        assert!(peeks <= 80, "{peeks} peeks");
+        drop(silent);
+        server.stop();
+    }
+
     /// Waits until `pred` holds of connection `id`'s entry (`None`: not registered).
     fn until(arrivals: &Arrivals, id: u64, pred: impl Fn(Option<&Unsettled>) -> bool) {
         let deadline = Instant::now() + TIMEOUT;
-        while !pred(arrivals.unsettled().get(&id)) {
+        while !pred(arrivals.unsettled().all.get(&id)) {
             assert!(Instant::now() < deadline, "connection {id}: timed out");
             std::thread::yield_now();
         }
@@ -405,12 +538,15 @@ mod tests {
         let mut setter = connect(server.local_addr());
         until(&arrivals, 0, |e| e.is_some());
         setter.write_all(b"set,k,fir").unwrap();
-        // Until its reader has taken the partial request (and settled, or let go of it).
+        // Until its reader has taken the partial request (and settled, or let go of it):
+        // parked again with nothing left in its socket.
         until(&arrivals, 0, |e| {
-            e.is_none_or(|e| !e.holding && e.stream.upgrade().is_some() && !has_pending(&e.stream))
+            e.is_none_or(|e| {
+                e.stage == Stage::Parked && e.stream.upgrade().is_some() && !has_pending(&e.stream)
+            })
         });
         assert!(
-            arrivals.unsettled().contains_key(&0),
+            arrivals.unsettled().all.contains_key(&0),
             "settled with part of its first request still to apply"
         );
         // The rest, then a lookup on a new connection: it waits for the setter.
@@ -441,7 +577,7 @@ mod tests {
         // down): nothing is left registered once the server has joined their threads.
         let report = server.stop();
         assert_eq!(report.abandoned, 0);
-        assert!(arrivals.unsettled().is_empty());
+        assert!(arrivals.unsettled().all.is_empty());
         drop(silent);
     }
 }

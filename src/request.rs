@@ -32,6 +32,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+use crate::budget::Charge;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::order::Arrivals;
 use crate::server::{is_disconnect, Connection, HandlerError};
@@ -128,6 +129,10 @@ pub struct Replies<'c> {
     conn: &'c Connection,
     framing: Framing,
     out: Vec<u8>,
+    /// The buffer's capacity, charged to the connection's share of the server's client
+    /// memory budget: a client that asks for large replies and never reads them makes the
+    /// server hold them while the write blocks.
+    charge: Option<Charge>,
 }
 
 impl<'c> Replies<'c> {
@@ -136,6 +141,28 @@ impl<'c> Replies<'c> {
             conn,
             framing,
             out: Vec::new(),
+            charge: conn.account().and_then(|a| a.charge(0).ok()),
+        }
+    }
+
+    /// Brings the charge to the buffer's capacity. The buffer grows as replies are added,
+    /// so this runs after each request (a comparison, unless it grew) and before a write.
+    ///
+    /// # Errors
+    /// [`OverBudget`](crate::budget::OverBudget), as an `OutOfMemory` I/O error: the
+    /// budget is reached and this connection holds the most (the connection must end).
+    fn charge_capacity(&mut self) -> io::Result<()> {
+        match &mut self.charge {
+            Some(charge) if charge.bytes() != self.out.capacity() => {
+                let held = self.out.capacity();
+                charge.resize(held).map_err(|e| {
+                    // Given back now rather than when the connection's thread ends.
+                    self.out = Vec::new();
+                    let _ = charge.resize(0);
+                    io::Error::from(e)
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -172,15 +199,20 @@ impl<'c> Replies<'c> {
     /// Writes what is waiting now; `Ok(false)` when the peer has gone away.
     ///
     /// # Errors
-    /// When the write fails otherwise (its write timeout, say).
+    /// When the write fails otherwise (its write timeout, say), or the replies waiting
+    /// would pass the server's client memory budget while this connection holds the most
+    /// (`OutOfMemory`; the connection must end).
     pub fn flush(&mut self) -> io::Result<bool> {
         if self.out.is_empty() {
             return Ok(true);
         }
+        // Charged for as long as the write may block on a peer that does not read.
+        self.charge_capacity()?;
         let result = (&*self.conn.stream).write_all(&self.out);
         self.out.clear();
         if self.out.capacity() > KEEP_OUT {
             self.out = Vec::new();
+            self.charge_capacity()?;
         }
         match result {
             Ok(()) => Ok(true),
@@ -362,7 +394,11 @@ impl RequestLoop {
             }
             let fatal = loop {
                 let flow = match reader.next_buffered() {
-                    Ok(Some(frame)) => session.request(conn, frame, &mut out)?,
+                    Ok(Some(frame)) => {
+                        let flow = session.request(conn, frame, &mut out)?;
+                        out.charge_capacity()?;
+                        flow
+                    }
                     Ok(None) => break None,
                     Err(e) if e.is_recoverable() => session.too_long(conn, &e, &mut out)?,
                     Err(e) => break Some(e),

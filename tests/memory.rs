@@ -127,13 +127,14 @@ fn partial_maximal_frames_stay_within_the_client_memory_budget() {
     let peak = field("client_memory_peak") as f64 / (1 << 20) as f64;
     assert_eq!(field("client_memory_limit"), (BUDGET_MIB as u64) << 20);
     eprintln!("RSS before {before:.1} MiB, at most {most:.1} MiB; budget peak {peak:.1} MiB");
-    // Issue 16 asks for the budget plus 64 MiB, and most runs stay there (65-77 MiB with a
-    // 16 MiB budget), but not all (83-94 MiB seen, while at most 16.6 MiB was charged):
-    // glibc keeps freed buffers of evicted connections in per-thread arenas. The bound
-    // here still fails without a budget (24 buffers of 8 MiB: ~200 MiB).
+    // Issue 16 asks for the budget plus 64 MiB. Partial frames past 64 KiB live in
+    // buffers mapped apart and unmapped when given back (see `framing::reader`), so what
+    // evicted connections held does not stay in per-thread malloc arenas (it did: 65-105
+    // MiB here). The margin: the process before the attack (~3 MiB), one growth step past
+    // the budget, thread stacks and the replies' buffers.
     assert!(
-        most < (BUDGET_MIB + 112) as f64,
-        "RSS reached {most:.1} MiB, over the {BUDGET_MIB} MiB budget plus 112 MiB"
+        most < (BUDGET_MIB + 16) as f64,
+        "RSS reached {most:.1} MiB, over the {BUDGET_MIB} MiB budget plus 16 MiB"
     );
     // Charges are refused or holders evicted a little past the budget, by one growth step.
     assert!(
@@ -175,6 +176,58 @@ fn partial_lines_from_many_connections_stay_within_the_budget() {
     eprintln!("RSS {rss:.1} MiB; {stats}");
     assert!(rss < 16.0 + 64.0, "RSS {rss:.1} MiB");
     assert!(stats.contains("{client_memory_limit,16777216}"), "{stats}");
+    drop(attackers);
+}
+
+#[test]
+fn lookups_of_large_values_never_read_stay_within_the_budget() {
+    const BUDGET_MIB: usize = 8;
+    let budget = format!("{BUDGET_MIB}m");
+    let server = ChildServer::start(
+        STORE,
+        &["--listen", "127.0.0.1:0", "--max-client-memory", &budget],
+    );
+    let mut client = LineClient::connect(server.addr);
+    let mut store = b"store,big,".to_vec();
+    store.resize(store.len() + (1000 << 10), b'v');
+    store.push(b'\n');
+    client.send(&store);
+    assert_eq!(client.ask("lookup,small\n"), "nothing");
+    // 96 connections each ask for the 1000 KiB value 400 times and never read: once the
+    // socket buffers are full, each connection's thread blocks writing with a reply
+    // buffer of ~1 MiB (96 MiB, uncharged, before replies counted against the budget).
+    let lookups = "lookup,big\n".repeat(400);
+    let mut attackers: Vec<TcpStream> = Vec::new();
+    let rss = most_rss_during(
+        &server,
+        || {
+            for _ in 0..96 {
+                let mut s = connect(server.addr);
+                if s.write_all(lookups.as_bytes()).is_ok() {
+                    attackers.push(s);
+                }
+            }
+        },
+        || client.ask("stats\n"),
+    );
+    let mut other = LineClient::connect(server.addr);
+    other.send(b"store,k,v\n");
+    assert_eq!(other.ask("lookup,k\n"), "{just,v}");
+    let stats = other.ask("stats\n");
+    let held = stat(&stats, "client_memory") as f64 / (1 << 20) as f64;
+    eprintln!("RSS at most {rss:.1} MiB; {held:.1} MiB charged after; {stats}");
+    assert!(
+        held <= BUDGET_MIB as f64,
+        "{held:.1} MiB charged, over the {BUDGET_MIB} MiB budget"
+    );
+    assert!(
+        rss < (BUDGET_MIB + 64) as f64,
+        "RSS reached {rss:.1} MiB, over the {BUDGET_MIB} MiB budget plus 64 MiB"
+    );
+    assert!(
+        server.log_text().contains("client memory budget"),
+        "no connection was closed for the budget"
+    );
     drop(attackers);
 }
 

@@ -677,18 +677,26 @@ pub struct SilenceReport {
     pub clients: usize,
     /// Their connect-and-lookup time: median, 99th percentile and worst, µs.
     pub new_client_us: [f64; 3],
+    /// New clients timed afterwards, for [`HOLD_ALL`], with every silent connection open.
+    pub clients_after: usize,
+    /// Their connect-and-lookup time: median, 99th percentile and worst, µs.
+    pub after_us: [f64; 3],
 }
 
 impl fmt::Display for SilenceReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let [p50, p99, max] = self.new_client_us;
+        let [a50, a99, amax] = self.after_us;
         write!(
             f,
             "{} silent connections, one every {}ms: {} new clients' connect+lookup median \
-             {p50:.0}us, p99 {p99:.0}us, worst {max:.0}us",
+             {p50:.0}us, p99 {p99:.0}us, worst {max:.0}us; then with all {} open, {} new \
+             clients: median {a50:.0}us, p99 {a99:.0}us, worst {amax:.0}us",
             self.silent,
             SILENT_EVERY.as_millis(),
-            self.clients
+            self.clients,
+            self.silent,
+            self.clients_after
         )
     }
 }
@@ -696,9 +704,14 @@ impl fmt::Display for SilenceReport {
 /// How often [`amid_silence`] opens a silent connection.
 const SILENT_EVERY: Duration = Duration::from_millis(5);
 
+/// How long [`amid_silence`] goes on timing new clients once every silent connection is
+/// open.
+pub const HOLD_ALL: Duration = Duration::from_secs(3);
+
 /// Opens `n` connections that never send a byte, one every 5 ms (held until the end), and
-/// meanwhile times new clients' connect + lookup, one after another: what silent
-/// connections cost a server that keeps arrival order across connections.
+/// meanwhile times new clients' connect + lookup, one after another, and again for
+/// [`HOLD_ALL`] once all are open: what silent connections cost a server that keeps
+/// arrival order across connections.
 ///
 /// # Errors
 /// When a connection fails or a reply is wrong.
@@ -725,13 +738,24 @@ pub fn amid_silence(cfg: &BenchConfig, n: usize) -> Result<SilenceReport, BenchE
     let held = opener
         .join()
         .map_err(|_| BenchError::Mismatch("the silent-connection thread panicked".into()))??;
+    let mut after = Vec::new();
+    let until = Instant::now() + HOLD_ALL;
+    while Instant::now() < until {
+        after.push(one_lookup(cfg, i)?.1.as_secs_f64() * 1e6);
+        i += 1;
+    }
     drop(held);
-    times.sort_by(f64::total_cmp);
-    let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
+    let pcts = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
+        [pct(0.5), pct(0.99), pct(1.0)]
+    };
     Ok(SilenceReport {
         silent: n,
         clients: times.len(),
-        new_client_us: [pct(0.5), pct(0.99), pct(1.0)],
+        new_client_us: pcts(&mut times),
+        clients_after: after.len(),
+        after_us: pcts(&mut after),
     })
 }
 
