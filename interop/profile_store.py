@@ -25,32 +25,13 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+
+from bench_store import free_port, wait_listening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listening on port {port}")
 
 
 def callgrind_counts(path: str) -> tuple[int, int]:
@@ -103,7 +84,7 @@ def main() -> int:
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_listening(port, proc)
+            wait_listening(port, proc, timeout=60.0)
             bench = subprocess.run(
                 [args.bench, "--addr", addr, "--conns", str(args.conns),
                  "--pipeline", str(args.pipeline), "--duration", str(args.duration),
