@@ -426,25 +426,13 @@ fn a_server_restarts_from_its_data_dir_after_kill_9() {
     assert_eq!(got, want);
 }
 
-/// Everything `name` receives: live, across its own failovers, until `stop`; then a final
-/// barrier request, after which every acknowledged message for it has arrived.
+/// Everything `name` receives on a client of `cluster` (see [`messenger_load::receive`]).
 fn receive(
     cluster: &Cluster,
     name: &str,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<Vec<Delivery>> {
-    let mut c = cluster.client();
-    c.login(name).unwrap();
-    thread::spawn(move || {
-        let mut got: Vec<Delivery> = Vec::new();
-        while !stop.load(Ordering::SeqCst) {
-            let _ = c.keep_up();
-            got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
-        }
-        c.search("barrier").unwrap();
-        got.extend(c.deliveries().try_iter());
-        got
-    })
+    messenger_load::receive(cluster.client(), name, stop)
 }
 
 #[test]

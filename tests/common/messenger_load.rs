@@ -42,22 +42,7 @@ impl Load {
         }
         let stop_receivers = Arc::new(AtomicBool::new(false));
         let receivers = (0..n)
-            .map(|i| {
-                let (mut c, stop) = (receiver(i), Arc::clone(&stop_receivers));
-                c.login(&format!("r{i}")).unwrap();
-                thread::spawn(move || {
-                    let mut got: Vec<Delivery> = Vec::new();
-                    while !stop.load(Ordering::SeqCst) {
-                        let _ = c.keep_up();
-                        got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
-                    }
-                    // A request on the primary: after its answer, every message committed
-                    // for this receiver has been handed to it.
-                    c.search("barrier").unwrap();
-                    got.extend(c.deliveries().try_iter());
-                    got
-                })
-            })
+            .map(|i| receive(receiver(i), &format!("r{i}"), Arc::clone(&stop_receivers)))
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
@@ -121,4 +106,25 @@ impl Load {
         let acked = self.acked.lock().unwrap().clone();
         (acked, delivered)
     }
+}
+
+/// Logs `c` in as `name` and collects everything it receives, live and across its own
+/// failovers, until `stop`; then a final barrier request (on the primary: after its answer,
+/// every message committed for `name` has been handed to it).
+pub fn receive(
+    mut c: Client,
+    name: &str,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<Delivery>> {
+    c.login(name).unwrap();
+    thread::spawn(move || {
+        let mut got: Vec<Delivery> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let _ = c.keep_up();
+            got.extend(c.deliveries().recv_timeout(Duration::from_millis(20)));
+        }
+        c.search("barrier").unwrap();
+        got.extend(c.deliveries().try_iter());
+        got
+    })
 }
