@@ -15,6 +15,7 @@ buffer with one call to `memcpy`, so the number of those calls is the number of 
     python3 interop/profile_store.py                       # the store, pipeline 32
     python3 interop/profile_store.py --floor               # the floor
     python3 interop/profile_store.py --server OLD/store-server --pipeline 1
+    python3 interop/profile_store.py --keep /tmp/cg.out && callgrind_annotate /tmp/cg.out
 
 Needs valgrind. Exits non-zero when a run fails.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +74,8 @@ def main() -> int:
     ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
     ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
     ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
+    ap.add_argument("--keep", metavar="FILE",
+                    help="also copy callgrind's output here (for callgrind_annotate)")
     args = ap.parse_args()
 
     port = free_port()
@@ -97,6 +101,8 @@ def main() -> int:
             print(bench.stdout + bench.stderr, file=sys.stderr)
             return 1
         total, replies = callgrind_counts(out)
+        if args.keep:
+            shutil.copyfile(out, args.keep)
     # The generator counts only its measured window, so it sees a little less; far less
     # (or more) means the memcpy calls no longer count replies.
     rate = re.search(r"ops_per_sec=(\d+)", bench.stdout)
