@@ -151,19 +151,28 @@ impl<'c> Replies<'c> {
     /// # Errors
     /// [`OverBudget`](crate::budget::OverBudget), as an `OutOfMemory` I/O error: the
     /// budget is reached and this connection holds the most (the connection must end).
+    #[inline(always)]
     fn charge_capacity(&mut self) -> io::Result<()> {
-        match &mut self.charge {
-            Some(charge) if charge.bytes() != self.out.capacity() => {
-                let held = self.out.capacity();
-                charge.resize(held).map_err(|e| {
-                    // Given back now rather than when the connection's thread ends.
-                    self.out = Vec::new();
-                    let _ = charge.resize(0);
-                    io::Error::from(e)
-                })
-            }
+        match &self.charge {
+            Some(charge) if charge.bytes() != self.out.capacity() => self.recharge(),
             _ => Ok(()),
         }
+    }
+
+    /// [`charge_capacity`](Self::charge_capacity) when the buffer's capacity changed.
+    #[cold]
+    #[inline(never)]
+    fn recharge(&mut self) -> io::Result<()> {
+        let held = self.out.capacity();
+        let Some(charge) = &mut self.charge else {
+            return Ok(());
+        };
+        charge.resize(held).map_err(|e| {
+            // Given back now rather than when the connection's thread ends.
+            self.out = Vec::new();
+            let _ = charge.resize(0);
+            io::Error::from(e)
+        })
     }
 
     /// Adds one reply, framed.

@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod replicated;
 pub mod soak;
 pub mod state;
+mod table;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;

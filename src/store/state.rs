@@ -1,6 +1,6 @@
 //! The key-value state: a map of bytes to bytes, split into independently locked shards.
 //!
-//! Why 64 shards of `RwLock<HashMap>`: every connection thread touches the map, and one
+//! Why 64 shards of `RwLock<Table>` ([`super::table`]): every connection thread touches the map, and one
 //! lock would serialise them all; with 64 shards two threads meet on a lock only when their
 //! keys hash to the same shard, and lookups (the common case) share a read lock even then.
 //! Each lock is held for a hash-map operation and a copy, never across socket I/O: a lookup
@@ -14,8 +14,7 @@
 //! here.
 
 use super::keyhash::KeyHasher;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use super::table::{Entry, Table};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Number of shards; a power of two well above the number of cores this runs on.
@@ -30,190 +29,39 @@ struct Shard {
 }
 
 /// A shard's entries, filed by their key's keyed hash: the hash is computed once per
-/// request (it picks the shard, then the bucket), not once for the shard and again by the
-/// map. Two keys with the same 64-bit hash share a [`Slot`]; without the hash key no
-/// client can make that happen on purpose (and by chance it takes billions of keys).
+/// request (it picks the shard, then the slot), and the table keeps it beside each entry.
 #[derive(Default)]
 struct ShardMap {
-    map: HashMap<u64, Slot, BuildHasherDefault<Prehashed>>,
-    /// Keys in this shard (a slot may hold more than one).
-    keys: u64,
+    table: Table,
     /// Bytes of keys and values in this shard, for `stats`.
     bytes: u64,
-}
-
-/// The entries whose keys share one hash: almost always one.
-enum Slot {
-    One(Entry),
-    Many(Vec<Entry>),
-}
-
-/// A key and its value, the value kept inside the line that answers a lookup of it,
-/// `{just,VALUE}\n`, so that the store's commonest reply is one copy (see
-/// [`Store::with_lookup_line`]).
-struct Entry {
-    key: Box<[u8]>,
-    line: Box<[u8]>,
-}
-
-/// What [`Entry::line`] holds around the value.
-const JUST: &[u8] = b"{just,";
-const JUST_END: &[u8] = b"}\n";
-
-impl Entry {
-    fn new(key: &[u8], value: &[u8]) -> Entry {
-        Entry {
-            key: Box::from(key),
-            line: lookup_line(value),
-        }
-    }
-
-    fn value(&self) -> &[u8] {
-        &self.line[JUST.len()..self.line.len() - JUST_END.len()]
-    }
-
-    fn set_value(&mut self, value: &[u8]) {
-        if self.value().len() == value.len() {
-            let end = self.line.len() - JUST_END.len();
-            self.line[JUST.len()..end].copy_from_slice(value);
-        } else {
-            self.line = lookup_line(value);
-        }
-    }
-
-    /// Bytes of key and value, for `stats`.
-    fn size(&self) -> u64 {
-        (self.key.len() + self.value().len()) as u64
-    }
-}
-
-/// `{just,VALUE}\n`.
-fn lookup_line(value: &[u8]) -> Box<[u8]> {
-    let mut line = Vec::with_capacity(JUST.len() + value.len() + JUST_END.len());
-    line.extend_from_slice(JUST);
-    line.extend_from_slice(value);
-    line.extend_from_slice(JUST_END);
-    line.into_boxed_slice()
-}
-
-impl Slot {
-    fn entries(&self) -> &[Entry] {
-        match self {
-            Slot::One(e) => std::slice::from_ref(e),
-            Slot::Many(v) => v,
-        }
-    }
-
-    fn entries_mut(&mut self) -> &mut [Entry] {
-        match self {
-            Slot::One(e) => std::slice::from_mut(e),
-            Slot::Many(v) => v,
-        }
-    }
-}
-
-/// Whether two keys are equal: as `a == b`, without a call to `memcmp` for keys of 8 to 16
-/// bytes (two overlapping word loads from each side cover them).
-#[inline(always)]
-fn same_key(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    if !(8..=16).contains(&n) {
-        return a == b;
-    }
-    let word = |k: &[u8], at: usize| u64::from_le_bytes(k[at..at + 8].try_into().expect("8 bytes"));
-    word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8)
 }
 
 impl ShardMap {
     #[inline(always)]
     fn entry(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
-        let slot = self.map.get(&hash)?;
-        slot.entries().iter().find(|e| same_key(&e.key, key))
+        self.table.get(hash, key)
     }
 
     fn get(&self, hash: u64, key: &[u8]) -> Option<&[u8]> {
         self.entry(hash, key).map(Entry::value)
     }
 
-    /// Sets `key` to `value` (its hash is `hash`), keeping `bytes` and `keys` exact.
+    /// Sets `key` to `value` (its hash is `hash`), keeping `bytes` exact.
     fn set(&mut self, hash: u64, key: &[u8], value: &[u8]) {
-        let slot = self
-            .map
-            .entry(hash)
-            .or_insert_with(|| Slot::Many(Vec::new()));
-        // Overwriting looks the key up by reference: no key allocation, and none for the
-        // value either when its length is unchanged (the common case for counters and
-        // fixed-size records).
-        if let Some(old) = slot.entries_mut().iter_mut().find(|e| &*e.key == key) {
-            self.bytes = self.bytes - old.value().len() as u64 + value.len() as u64;
-            old.set_value(value);
-            return;
-        }
-        self.bytes += (key.len() + value.len()) as u64;
-        self.keys += 1;
-        let entry = Entry::new(key, value);
-        match slot {
-            Slot::Many(v) if v.is_empty() => *slot = Slot::One(entry),
-            Slot::Many(v) => v.push(entry),
-            Slot::One(_) => {
-                let Slot::One(first) = std::mem::replace(slot, Slot::Many(Vec::new())) else {
-                    unreachable!("matched One above");
-                };
-                *slot = Slot::Many(vec![first, entry]);
-            }
-        }
+        let (change, _) = self.table.set(hash, key, value);
+        self.bytes = self.bytes.wrapping_add_signed(change);
     }
 
     /// Removes `key`; true if it was there.
     fn remove(&mut self, hash: u64, key: &[u8]) -> bool {
-        let Some(slot) = self.map.get_mut(&hash) else {
-            return false;
-        };
-        let removed = match slot {
-            Slot::One(e) if &*e.key == key => {
-                let gone = e.size();
-                self.map.remove(&hash);
-                gone
+        match self.table.remove(hash, key) {
+            Some(gone) => {
+                self.bytes -= gone;
+                true
             }
-            Slot::One(_) => return false,
-            Slot::Many(v) => {
-                let Some(i) = v.iter().position(|e| &*e.key == key) else {
-                    return false;
-                };
-                let e = v.swap_remove(i);
-                if v.is_empty() {
-                    self.map.remove(&hash);
-                }
-                e.size()
-            }
-        };
-        self.bytes -= removed;
-        self.keys -= 1;
-        true
-    }
-}
-
-/// The map's hasher for keys that are already keyed hashes: it spreads the hash once more
-/// (the shard took its top bits, which the map would otherwise read for its own tags).
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, _bytes: &[u8]) {
-        unreachable!("only u64 hashes are filed in a shard map");
-    }
-
-    fn write_u64(&mut self, hash: u64) {
-        // An odd multiplier is a bijection: distinct hashes stay distinct, and the product's
-        // top bits depend on all of the hash's bits.
-        self.0 = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            None => false,
+        }
     }
 }
 
@@ -279,7 +127,7 @@ impl Store {
     #[inline(always)]
     pub fn with_lookup_line<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let hash = self.hash(key);
-        f(self.read(hash).entry(hash, key).map(|e| &e.line[..]))
+        f(self.read(hash).entry(hash, key).map(Entry::line))
     }
 
     /// The value of `key`, copied.
@@ -321,8 +169,10 @@ impl Store {
     /// Whether `f` holds for any value (each shard under its read lock in turn).
     pub fn any_value(&self, f: impl Fn(&[u8]) -> bool) -> bool {
         self.shards.iter().any(|s| {
-            let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
-            s.map.values().flat_map(Slot::entries).any(|e| f(e.value()))
+            (s.inner.read().unwrap_or_else(PoisonError::into_inner))
+                .table
+                .entries()
+                .any(|e| f(e.value()))
         })
     }
 
@@ -331,7 +181,7 @@ impl Store {
     pub fn size(&self) -> (u64, u64) {
         self.shards.iter().fold((0, 0), |(keys, bytes), s| {
             let s = s.inner.read().unwrap_or_else(PoisonError::into_inner);
-            (keys + s.keys, bytes + s.bytes)
+            (keys + s.table.len() as u64, bytes + s.bytes)
         })
     }
 
@@ -426,8 +276,8 @@ impl Snapshot<'_> {
             .inner
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        for entry in shard.map.values().flat_map(Slot::entries) {
-            self.keys.extend_from_slice(&entry.key);
+        for entry in shard.table.entries() {
+            self.keys.extend_from_slice(entry.key());
             self.key_ends.push(self.keys.len());
         }
         self.shard += 1;
@@ -479,34 +329,13 @@ mod tests {
         assert_eq!(m.get(7, b"bb"), Some(&b"two"[..]));
         assert_eq!(m.get(7, b"ccc"), Some(&b"333"[..]));
         assert_eq!(m.get(8, b"a"), None);
-        assert_eq!((m.keys, m.bytes), (3, 2 + 5 + 6));
+        assert_eq!((m.table.len(), m.bytes), (3, 2 + 5 + 6));
         assert!(m.remove(7, b"a"));
         assert!(!m.remove(7, b"a"));
         assert!(m.remove(7, b"ccc"));
         assert_eq!(m.get(7, b"bb"), Some(&b"two"[..]));
         assert!(m.remove(7, b"bb"));
-        assert!(m.map.is_empty(), "an emptied slot leaves the map");
-        assert_eq!((m.keys, m.bytes), (0, 0));
-        m.set(7, b"x", b"");
-        assert!(matches!(m.map.get(&7), Some(Slot::One(_))));
-    }
-
-    #[test]
-    fn same_key_agrees_with_slice_equality() {
-        // Every length to 20 against every length to 20, and for equal lengths a
-        // difference at each position in turn: the word loads must cover every byte.
-        for n in 0..=20usize {
-            let a: Vec<u8> = (0..n as u8).map(|i| i.wrapping_mul(37)).collect();
-            for m in 0..=20usize {
-                let b: Vec<u8> = (0..m as u8).map(|i| i.wrapping_mul(37)).collect();
-                assert_eq!(same_key(&a, &b), a == b, "{n} vs {m}");
-            }
-            for at in 0..n {
-                let mut b = a.clone();
-                b[at] ^= 0x80;
-                assert!(!same_key(&a, &b), "length {n}, differing at {at}");
-            }
-        }
+        assert_eq!((m.table.len(), m.bytes), (0, 0));
     }
 
     #[test]
