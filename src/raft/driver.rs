@@ -43,6 +43,7 @@ use crate::log_info;
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -777,7 +778,9 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         let spawned = thread::Builder::new()
             .name("raft-restore".into())
             .spawn(move || {
-                let result = sm.restore(&snap.data);
+                // A panic stops the driver, as one on its own thread would.
+                let result = panic::catch_unwind(AssertUnwindSafe(|| sm.restore(&snap.data)))
+                    .unwrap_or_else(|_| Err(io::Error::other("the state machine panicked")));
                 let took = started.elapsed();
                 let index = snap.index;
                 let _ = back.send(Restored {

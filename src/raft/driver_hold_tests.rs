@@ -10,11 +10,16 @@ use super::types::{Config, HardState};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a test waits for something that must happen before it fails.
 const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A lock whose holder's panic (a failed assertion) does not fail the next holder.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Threads pass it while it is open and wait while it is closed.
 #[derive(Clone, Default)]
@@ -29,34 +34,37 @@ struct GateState {
 
 impl Gate {
     fn close(&self) {
-        self.0 .0.lock().unwrap().closed = true;
+        lock(&self.0 .0).closed = true;
     }
 
     fn open(&self) {
-        self.0 .0.lock().unwrap().closed = false;
+        lock(&self.0 .0).closed = false;
         self.0 .1.notify_all();
     }
 
     fn pass(&self) {
-        let (lock, cv) = &*self.0;
-        let mut g = lock.lock().unwrap();
+        let (state, cv) = &*self.0;
+        let mut g = lock(state);
         g.waiting += 1;
         cv.notify_all();
         while g.closed {
-            g = cv.wait(g).unwrap();
+            g = cv.wait(g).unwrap_or_else(PoisonError::into_inner);
         }
         g.waiting -= 1;
     }
 
     /// Returns once a thread waits at the gate.
     fn await_waiter(&self) {
-        let (lock, cv) = &*self.0;
+        let (state, cv) = &*self.0;
         let deadline = Instant::now() + PATIENCE;
-        let mut g = lock.lock().unwrap();
+        let mut g = lock(state);
         while g.waiting == 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "nothing reached the gate");
-            g = cv.wait_timeout(g, left).unwrap().0;
+            g = cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 }
@@ -104,7 +112,7 @@ struct MachineState {
 
 impl StateMachine for Machine {
     fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = lock(&self.state);
         let op = if s.restoring {
             format!("apply {index} during a restore")
         } else {
@@ -115,12 +123,12 @@ impl StateMachine for Machine {
         Vec::new()
     }
     fn snapshot(&mut self) -> Vec<u8> {
-        self.state.lock().unwrap().commands.join(&b","[..])
+        lock(&self.state).commands.join(&b","[..])
     }
     fn restore(&mut self, data: &[u8]) -> io::Result<()> {
-        self.state.lock().unwrap().restoring = true;
+        lock(&self.state).restoring = true;
         self.gate.pass();
-        let mut s = self.state.lock().unwrap();
+        let mut s = lock(&self.state);
         s.commands = data.split(|&b| b == b',').map(<[u8]>::to_vec).collect();
         s.ops.push("restore".into());
         s.restoring = false;
@@ -130,10 +138,10 @@ impl StateMachine for Machine {
 
 impl Machine {
     fn ops(&self) -> Vec<String> {
-        self.state.lock().unwrap().ops.clone()
+        lock(&self.state).ops.clone()
     }
     fn commands(&self) -> Vec<Vec<u8>> {
-        self.state.lock().unwrap().commands.clone()
+        lock(&self.state).commands.clone()
     }
 }
 
@@ -201,7 +209,11 @@ impl Script {
     fn await_status(&self, what: &str, ok: impl Fn(&Status) -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !ok(&self.status()) {
-            assert!(Instant::now() < deadline, "never {what}: {:?}", self.status());
+            assert!(
+                Instant::now() < deadline,
+                "never {what}: {:?}",
+                self.status()
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -318,7 +330,10 @@ fn an_append_is_acknowledged_only_once_saved_while_heartbeats_are_answered_at_on
     let before = s.until("heartbeat answer while the save waits", |b| {
         *b == Body::HeartbeatResp { round: 2 }
     });
-    assert!(!before.iter().any(is_ack), "acknowledged unsaved: {before:?}");
+    assert!(
+        !before.iter().any(is_ack),
+        "acknowledged unsaved: {before:?}"
+    );
     s.disk.await_waiter();
     s.disk.open();
     let before = s.until("acknowledgement after the save", |b| *b == ack(3));
@@ -338,14 +353,23 @@ fn a_vote_and_everything_after_it_wait_for_the_vote_to_be_saved() {
     s.await_status("in term 1", |st| st.term == 1);
     // The new leader's heartbeat: its answer promises nothing of its own, but leaves
     // only after the term and vote it was made in are saved.
-    s.deliver(3, 1, Body::Heartbeat { commit: 0, round: 9 });
+    s.deliver(
+        3,
+        1,
+        Body::Heartbeat {
+            commit: 0,
+            round: 9,
+        },
+    );
     s.await_status("following 3", |st| st.leader == Some(3));
     s.nothing_sent("the vote is unsaved");
     s.disk.await_waiter();
     s.disk.open();
     let before = s.until("vote", |b| *b == Body::VoteResp { granted: true });
     assert!(before.is_empty(), "{before:?}");
-    s.until("heartbeat answer", |b| *b == Body::HeartbeatResp { round: 9 });
+    s.until("heartbeat answer", |b| {
+        *b == Body::HeartbeatResp { round: 9 }
+    });
 }
 
 #[test]
@@ -358,7 +382,9 @@ fn a_snapshot_and_everything_after_it_wait_for_the_snapshot_to_be_saved() {
     s.append(5, 6, &["f"]);
     // Handled in order: once the entry after the snapshot is in the log, the snapshot
     // and the heartbeat were handled too.
-    s.await_status("holding entry 6", |st| st.snapshot == 5 && st.last_index == 6);
+    s.await_status("holding entry 6", |st| {
+        st.snapshot == 5 && st.last_index == 6
+    });
     s.nothing_sent("the snapshot is unsaved");
     s.disk.await_waiter();
     s.disk.open();
@@ -380,7 +406,10 @@ fn a_restore_runs_beside_the_driver_which_answers_heartbeats_and_votes_meanwhile
     let before = s.until("heartbeat answer during the restore", |b| {
         *b == Body::HeartbeatResp { round: 2 }
     });
-    assert!(!before.iter().any(is_ack), "acknowledged unrestored: {before:?}");
+    assert!(
+        !before.iter().any(is_ack),
+        "acknowledged unrestored: {before:?}"
+    );
     // A transfer's vote request from 3 (forced past the lease): granted while the
     // restore still runs, the log being up to date.
     let vote = Body::Vote {
@@ -392,7 +421,10 @@ fn a_restore_runs_beside_the_driver_which_answers_heartbeats_and_votes_meanwhile
     let before = s.until("vote during the restore", |b| {
         *b == Body::VoteResp { granted: true }
     });
-    assert!(!before.iter().any(is_ack), "acknowledged unrestored: {before:?}");
+    assert!(
+        !before.iter().any(is_ack),
+        "acknowledged unrestored: {before:?}"
+    );
     s.sm.gate.await_waiter();
     assert!(s.sm.ops().is_empty(), "{:?}", s.sm.ops());
     let st = s.status();
@@ -417,8 +449,13 @@ fn a_crash_after_the_snapshot_is_saved_but_before_it_is_restored_restarts_from_i
     s.send_snapshot();
     s.heartbeat(5, 2);
     // The heartbeat's answer waited for the snapshot's save: it is on disk now.
-    let before = s.until("heartbeat answer", |b| *b == Body::HeartbeatResp { round: 2 });
-    assert!(!before.iter().any(is_ack), "acknowledged unrestored: {before:?}");
+    let before = s.until("heartbeat answer", |b| {
+        *b == Body::HeartbeatResp { round: 2 }
+    });
+    assert!(
+        !before.iter().any(is_ack),
+        "acknowledged unrestored: {before:?}"
+    );
     s.sm.gate.await_waiter();
     // What a crash at this moment leaves: the data directory as it is.
     let copy = s.dir.with_extension("copy");
