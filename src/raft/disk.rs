@@ -272,18 +272,32 @@ impl RaftStorage {
     /// # Errors
     /// When a write or an fsync fails: the replica must stop (what is on disk is unknown).
     pub fn save(&mut self, ready: &Ready) -> io::Result<Option<(u64, u64)>> {
+        self.save_parts(ready.hard_state, ready.snapshot.as_ref(), &ready.entries)
+    }
+
+    /// [`RaftStorage::save`] for a Ready's parts held elsewhere (the driver shares an
+    /// installed snapshot's blob with the thread restoring it rather than copy it).
+    ///
+    /// # Errors
+    /// When a write or an fsync fails: the replica must stop (what is on disk is unknown).
+    pub fn save_parts(
+        &mut self,
+        hard_state: Option<HardState>,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+    ) -> io::Result<Option<(u64, u64)>> {
         let mut ack = None;
-        if let Some(h) = ready.hard_state {
+        if let Some(h) = hard_state {
             if !self.same_term_and_vote(&h) {
                 self.save_hard_state(h)?;
             }
         }
-        if let Some(snap) = &ready.snapshot {
+        if let Some(snap) = snapshot {
             self.save_snapshot(snap)?;
             ack = Some((snap.index, snap.term));
         }
-        if let Some(last) = ready.entries.last() {
-            self.append(&ready.entries)?;
+        if let Some(last) = entries.last() {
+            self.append(entries)?;
             ack = Some((last.index, last.term));
         }
         Ok(ack)

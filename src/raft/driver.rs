@@ -16,6 +16,15 @@
 //! Snapshots for compaction are built on a thread of their own from
 //! [`StateMachine::snapshot_later`], and saved by the disk thread.
 //!
+//! A snapshot installed from the leader is restored on a thread of its own too: the
+//! driver hands its state machine over with the blob and goes on answering heartbeats
+//! and votes, taking entries and saving them. Meanwhile nothing is applied (committed
+//! entries queue behind the restore, in order, and reads wait for them), and every
+//! acknowledgement waits for the restore as well as for its save, so the leader hears
+//! the snapshot acknowledged only once it is both on disk and in the state machine. A
+//! crash in between restarts from the disk, which has either the snapshot or the log
+//! before it (restored at start, before the driver runs).
+//!
 //! Other threads talk to it through a [`RaftHandle`]: proposals and reads go in a
 //! channel, their outcomes come back on one-shot channels; [`RaftHandle::status`] is a
 //! copy the driver refreshes after every round. The driver drains every input waiting
@@ -29,11 +38,12 @@
 use super::disk::RaftStorage;
 use super::message::{encode, Body, Entry, Message, ReplicaId, Snapshot};
 use super::replica::RaftCore;
-use super::types::{Config, HardState, RaftError, Ready, Role};
+use super::types::{Config, HardState, RaftError, Ready, Role, Stored};
 use crate::log_info;
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -54,7 +64,9 @@ pub trait StateMachine: Send + 'static {
         let data = self.snapshot();
         Box::new(move || data)
     }
-    /// Replaces the whole state by a snapshot's.
+    /// Replaces the whole state by a snapshot's. Called on a thread of the driver's (the
+    /// state machine is handed over to it and back), so a large state does not stall the
+    /// driver; nothing else is called meanwhile.
     ///
     /// # Errors
     /// When `data` is not a snapshot this state machine wrote.
@@ -183,17 +195,34 @@ impl Driver {
     pub fn start<S: StateMachine, T: Transport>(
         cfg: DriverConfig,
         dir: &Path,
-        mut sm: S,
+        sm: S,
         transport: T,
     ) -> io::Result<Driver> {
         let (storage, stored) = RaftStorage::open(dir)?;
+        Driver::start_on(cfg, storage, stored, sm, transport)
+    }
+
+    /// [`Driver::start`] on an opened `disk` that read back `stored` (the tests' disk
+    /// holds its saves back until the test lets them through).
+    pub(super) fn start_on<S: StateMachine, T: Transport, D: Disk>(
+        cfg: DriverConfig,
+        disk: D,
+        stored: Stored,
+        mut sm: S,
+        transport: T,
+    ) -> io::Result<Driver> {
         if stored.snapshot.index > 0 {
             sm.restore(&stored.snapshot.data)?;
         }
         let hard = stored.hard_state;
         let core = RaftCore::restart(cfg.raft.clone(), stored)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let status = Arc::new(Mutex::new(status_of(&core, None, Counts::default())));
+        let status = Arc::new(Mutex::new(status_of(
+            &core,
+            core.applied_index(),
+            None,
+            Counts::default(),
+        )));
         let (tx, rx) = bounded(8192);
         let handle = RaftHandle {
             tx,
@@ -206,11 +235,17 @@ impl Driver {
         let disk_done = done_tx.clone();
         let disk = thread::Builder::new()
             .name("raft-disk".into())
-            .spawn(move || disk_loop(storage, &jobs_rx, &disk_done))?;
+            .spawn(move || disk_loop(disk, &jobs_rx, &disk_done))?;
+        let (restored_tx, restored_rx) = bounded(1);
         let mut run = Run {
             applied: core.applied_index(),
             core,
-            sm,
+            sm: Some(sm),
+            work: VecDeque::new(),
+            restoring: None,
+            restored_tx,
+            restores: 0,
+            restored: 0,
             transport,
             status,
             waiting: BTreeMap::new(),
@@ -234,7 +269,7 @@ impl Driver {
         };
         let thread = thread::Builder::new()
             .name("raft-driver".into())
-            .spawn(move || run.main(&rx))?;
+            .spawn(move || run.main(&rx, &restored_rx))?;
         Ok(Driver {
             handle,
             thread: Some(thread),
@@ -329,7 +364,7 @@ impl RaftHandle {
     }
 }
 
-fn status_of(core: &RaftCore, failed: Option<String>, counts: Counts) -> Status {
+fn status_of(core: &RaftCore, applied: u64, failed: Option<String>, counts: Counts) -> Status {
     let mut matched = Vec::new();
     for &p in &core.cfg.members {
         if let Some(m) = core.match_index(p) {
@@ -342,7 +377,7 @@ fn status_of(core: &RaftCore, failed: Option<String>, counts: Counts) -> Status 
         term: core.term(),
         leader: core.leader(),
         commit: core.commit_index(),
-        applied: core.applied_index(),
+        applied,
         last_index: core.last_index(),
         snapshot: core.snapshot().index,
         matched,
@@ -355,10 +390,21 @@ fn status_of(core: &RaftCore, failed: Option<String>, counts: Counts) -> Status 
 struct Run<S, T> {
     cfg: DriverConfig,
     core: RaftCore,
-    sm: S,
+    /// The state machine; away while a thread restores a snapshot into it.
+    sm: Option<S>,
+    /// What the state machine is to do, in order, once it is back (nothing waits while
+    /// it is here).
+    work: VecDeque<Work>,
+    /// The thread restoring a snapshot, if one is, and where it hands the state machine
+    /// back.
+    restoring: Option<JoinHandle<()>>,
+    restored_tx: Sender<Restored<S>>,
+    /// Snapshots given to the state machine to restore, and restored (numbered from 1).
+    restores: u64,
+    restored: u64,
     transport: T,
     status: Arc<Mutex<Status>>,
-    /// What the state machine has applied.
+    /// What the state machine has applied (or restored).
     applied: u64,
     /// Proposals by index: their term, and who waits.
     waiting: BTreeMap<u64, (u64, Sender<Outcome>)>,
@@ -387,16 +433,40 @@ struct Run<S, T> {
     /// The last save that changes the term or vote or installs a snapshot: until it is
     /// done, every message waits.
     barrier: u64,
-    /// Messages waiting for the save numbered with them.
-    held: VecDeque<(u64, Message)>,
+    /// Messages waiting for a save or a restore, in the order they were made.
+    held: VecDeque<Held>,
     /// The term and vote as of the last save queued.
     queued_term_vote: (u64, Option<ReplicaId>),
     /// Disk syncs, as the disk thread last reported.
     syncs: u64,
 }
 
+/// A message that waits: for every save up to `save` and every restore up to `restore`.
+struct Held {
+    save: u64,
+    restore: u64,
+    message: Message,
+}
+
+/// What the state machine does, in the log's order.
+enum Work {
+    /// Replace the state by an installed snapshot's (shared with the disk thread saving
+    /// it).
+    Restore(Arc<Snapshot>),
+    /// Apply a committed entry.
+    Apply(Entry),
+}
+
+/// A restore thread's report: the state machine handed back.
+struct Restored<S> {
+    sm: S,
+    index: u64,
+    result: io::Result<()>,
+    took: Duration,
+}
+
 impl<S: StateMachine, T: Transport> Run<S, T> {
-    fn main(&mut self, rx: &Receiver<Input>) {
+    fn main(&mut self, rx: &Receiver<Input>, restored_rx: &Receiver<Restored<S>>) {
         let mut next_tick = Instant::now() + self.cfg.tick;
         let done_rx = self.done_rx.clone();
         loop {
@@ -404,12 +474,14 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
             let wait = next_tick.saturating_duration_since(Instant::now());
             let mut inputs = Vec::new();
             let mut dones = Vec::new();
+            let mut restored = None;
             select! {
                 recv(rx) -> input => match input {
                     Ok(input) => inputs.push(input),
                     Err(_) => return self.finish(),
                 },
                 recv(done_rx) -> done => dones.extend(done),
+                recv(restored_rx) -> r => restored = r.ok(),
                 default(wait) => {}
             }
             // Everything waiting now shares this round.
@@ -418,6 +490,11 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
             let mut failed = None;
             for done in dones {
                 if let Err(why) = self.done(done, &mut ready) {
+                    failed = Some(why);
+                }
+            }
+            if let Some(r) = restored.or_else(|| restored_rx.try_recv().ok()) {
+                if let Err(why) = self.restored(r) {
                     failed = Some(why);
                 }
             }
@@ -445,12 +522,12 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 let why = format!("storage failed: {e}; this replica stops");
                 log_info!("raft {}: {why}", self.core.id());
                 *self.status.lock().unwrap_or_else(PoisonError::into_inner) =
-                    status_of(&self.core, Some(why), self.counts());
+                    status_of(&self.core, self.applied, Some(why), self.counts());
                 return self.finish();
             }
             self.check_transfer();
             *self.status.lock().unwrap_or_else(PoisonError::into_inner) =
-                status_of(&self.core, None, self.counts());
+                status_of(&self.core, self.applied, None, self.counts());
             if stop {
                 return self.finish();
             }
@@ -474,10 +551,7 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 if let Some((index, term)) = ack {
                     self.core.persisted(index, term, ready);
                 }
-                while self.held.front().is_some_and(|(s, _)| *s <= seq) {
-                    let (_, m) = self.held.pop_front().expect("checked above");
-                    self.send_one(m);
-                }
+                self.release_held();
             }
             Done::Compacted { syncs } => self.syncs = syncs,
             Done::Failed(e) => return Err(e),
@@ -589,72 +663,60 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         }
     }
 
-    /// Queues the persisting, sends what may go now (holding the rest for their save),
-    /// then applies.
+    /// Queues the persisting, sends what may go now (holding the rest for their save, or
+    /// their restore), then applies.
     fn carry_out(&mut self, mut ready: Ready) -> io::Result<()> {
         let term_vote = ready.hard_state.map(|h| (h.term, h.vote));
         let changes = term_vote.is_some_and(|tv| tv != self.queued_term_vote);
-        if let Some(snap) = &ready.snapshot {
-            // Restored now, saved on the disk thread: nothing is applied or acknowledged
-            // on its strength before the save is done (its answer waits, below).
-            self.sm.restore(&snap.data)?;
-            self.applied = snap.index;
-            let covered: Vec<u64> = self.waiting.range(..=snap.index).map(|(&i, _)| i).collect();
-            for i in covered {
-                let (_, tx) = self.waiting.remove(&i).expect("listed");
-                let _ = tx.send(Outcome::Unknown);
-            }
+        // Shared by the disk thread (saving it) and the restore thread (restoring it).
+        let snapshot = ready.snapshot.take().map(Arc::new);
+        if let Some(snap) = &snapshot {
+            // Restored beside the driver, saved on the disk thread: nothing is applied
+            // before the restore is done (the entries after it queue behind it), nor
+            // acknowledged before both are (below).
+            self.work.push_back(Work::Restore(Arc::clone(snap)));
+            self.restores += 1;
         }
-        if changes || ready.snapshot.is_some() || !ready.entries.is_empty() {
+        if changes || snapshot.is_some() || !ready.entries.is_empty() {
             self.queued += 1;
-            if changes || ready.snapshot.is_some() {
+            if changes || snapshot.is_some() {
                 self.barrier = self.queued;
             }
             if let Some(tv) = term_vote {
                 self.queued_term_vote = tv;
             }
-            if ready.snapshot.is_some() || !ready.entries.is_empty() {
+            if snapshot.is_some() || !ready.entries.is_empty() {
                 self.counted.rounds += 1;
             }
             self.queue(DiskJob::Save {
                 seq: self.queued,
                 hard_state: ready.hard_state.filter(|_| changes),
-                snapshot: ready.snapshot.take(),
+                snapshot,
                 entries: std::mem::take(&mut ready.entries),
             })?;
         }
         // While a term, a vote or a snapshot is being saved, every message may depend on
         // it; else only an acknowledgement of entries does (a duplicate Append is
-        // acknowledged with no entries of its own, on the strength of earlier saves).
+        // acknowledged with no entries of its own, on the strength of earlier saves). An
+        // acknowledgement also waits for a snapshot being restored: the leader may count
+        // this replica as holding the snapshot only once its state machine does.
         let hold_all = self.barrier > self.saved;
         for m in std::mem::take(&mut ready.messages) {
             let promise = matches!(m.body, Body::AppendResp { .. });
-            if hold_all || (promise && self.queued > self.saved) {
-                self.held.push_back((self.queued, m));
+            let save = hold_all || (promise && self.queued > self.saved);
+            let restore = promise && self.restores > self.restored;
+            if save || restore {
+                self.held.push_back(Held {
+                    save: if save { self.queued } else { 0 },
+                    restore: if restore { self.restores } else { 0 },
+                    message: m,
+                });
             } else {
                 self.send_one(m);
             }
         }
-        for e in ready.committed.drain(..) {
-            let result = if e.data.is_empty() {
-                Vec::new()
-            } else {
-                self.sm.apply(e.index, &e.data)
-            };
-            self.applied = e.index;
-            while let Some(entry) = self.waiting.first_entry() {
-                if *entry.key() > e.index {
-                    break;
-                }
-                let (index, (term, tx)) = entry.remove_entry();
-                let outcome = if index == e.index && term == e.term {
-                    Outcome::Done(result.clone())
-                } else {
-                    Outcome::Lost
-                };
-                let _ = tx.send(outcome);
-            }
-        }
+        self.work.extend(ready.committed.drain(..).map(Work::Apply));
+        self.run_machine();
         for r in ready.reads.drain(..) {
             if let Some(tx) = self.reads.remove(&r.ctx) {
                 self.confirmed.push((r.index, tx));
@@ -665,6 +727,127 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 let _ = tx.send(Outcome::Lost);
             }
         }
+        self.answer_reads();
+        self.maybe_compact();
+        Ok(())
+    }
+
+    /// Has the state machine do the work queued for it while it is here: applies
+    /// entries, and hands it to a thread of its own for a restore (the work after it
+    /// waits for it to come back).
+    fn run_machine(&mut self) {
+        while self.sm.is_some() {
+            let Some(work) = self.work.pop_front() else {
+                return;
+            };
+            match work {
+                Work::Apply(e) => self.apply(&e),
+                Work::Restore(snap) => self.restore_beside(snap),
+            }
+        }
+    }
+
+    fn apply(&mut self, e: &Entry) {
+        let result = match &mut self.sm {
+            Some(sm) if !e.data.is_empty() => sm.apply(e.index, &e.data),
+            _ => Vec::new(),
+        };
+        self.applied = e.index;
+        while let Some(entry) = self.waiting.first_entry() {
+            if *entry.key() > e.index {
+                break;
+            }
+            let (index, (term, tx)) = entry.remove_entry();
+            let outcome = if index == e.index && term == e.term {
+                Outcome::Done(result.clone())
+            } else {
+                Outcome::Lost
+            };
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// Starts restoring `snap` into the state machine on a thread of its own.
+    fn restore_beside(&mut self, snap: Arc<Snapshot>) {
+        let mut sm = self.sm.take().expect("called with the state machine here");
+        if let Some(t) = self.restoring.take() {
+            let _ = t.join(); // it has handed the state machine back: it is ending
+        }
+        let back = self.restored_tx.clone();
+        let started = Instant::now();
+        let spawned = thread::Builder::new()
+            .name("raft-restore".into())
+            .spawn(move || {
+                // A panic stops the driver, as one on its own thread would.
+                let result = panic::catch_unwind(AssertUnwindSafe(|| sm.restore(&snap.data)))
+                    .unwrap_or_else(|_| Err(io::Error::other("the state machine panicked")));
+                let took = started.elapsed();
+                let index = snap.index;
+                let _ = back.send(Restored {
+                    sm,
+                    index,
+                    result,
+                    took,
+                });
+            });
+        match spawned {
+            Ok(t) => self.restoring = Some(t),
+            Err(e) => {
+                // No thread to be had: the driver cannot go on without its state machine.
+                let _ = self.done_tx.send(Done::Failed(io::Error::other(format!(
+                    "cannot start a thread to restore a snapshot: {e}"
+                ))));
+            }
+        }
+    }
+
+    /// Takes the state machine back from a restore, then does the work that waited.
+    fn restored(&mut self, r: Restored<S>) -> io::Result<()> {
+        let Restored {
+            sm,
+            index,
+            result,
+            took,
+        } = r;
+        self.sm = Some(sm);
+        result.map_err(|e| {
+            io::Error::new(e.kind(), format!("restoring the snapshot at {index}: {e}"))
+        })?;
+        log_info!(
+            "raft {}: snapshot at {index} restored in {} ms beside the driver",
+            self.core.id(),
+            took.as_millis()
+        );
+        self.restored += 1;
+        self.applied = index;
+        let covered: Vec<u64> = self.waiting.range(..=index).map(|(&i, _)| i).collect();
+        for i in covered {
+            let (_, tx) = self.waiting.remove(&i).expect("listed");
+            let _ = tx.send(Outcome::Unknown);
+        }
+        self.release_held();
+        self.run_machine();
+        self.answer_reads();
+        self.maybe_compact();
+        Ok(())
+    }
+
+    /// Sends every held message whose saves and restores are done, in order.
+    fn release_held(&mut self) {
+        let (saved, restored) = (self.saved, self.restored);
+        let mut keep = VecDeque::new();
+        for h in std::mem::take(&mut self.held) {
+            if h.save <= saved && h.restore <= restored {
+                self.send_one(h.message);
+            } else {
+                keep.push_back(h);
+            }
+        }
+        self.held = keep;
+    }
+
+    /// Answers the confirmed reads whose index the state machine has applied.
+    fn answer_reads(&mut self) {
         let applied = self.applied;
         self.confirmed.retain(|(index, tx)| {
             if *index <= applied {
@@ -674,8 +857,6 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
                 true
             }
         });
-        self.maybe_compact();
-        Ok(())
     }
 
     fn send_one(&mut self, m: Message) {
@@ -693,6 +874,9 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
     /// applied past the last one (and no build is under way).
     fn maybe_compact(&mut self) {
         let every = self.cfg.compact_every;
+        let Some(sm) = self.sm.as_mut() else {
+            return; // restoring
+        };
         if every == 0
             || self.snapshotting.is_some()
             || self.applied < self.core.snapshot().index + every
@@ -701,7 +885,7 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         }
         let index = self.applied;
         let started = Instant::now();
-        let task = self.sm.snapshot_later();
+        let task = sm.snapshot_later();
         let done = self.done_tx.clone();
         let spawned = thread::Builder::new()
             .name("raft-snapshot".into())
@@ -726,6 +910,9 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         if let Some(t) = self.snapshotting.take() {
             let _ = t.join();
         }
+        if let Some(t) = self.restoring.take() {
+            let _ = t.join();
+        }
         for (_, (_, tx)) in std::mem::take(&mut self.waiting) {
             let _ = tx.send(Outcome::Stopped);
         }
@@ -744,7 +931,7 @@ enum DiskJob {
     Save {
         seq: u64,
         hard_state: Option<HardState>,
-        snapshot: Option<Snapshot>,
+        snapshot: Option<Arc<Snapshot>>,
         entries: Vec<Entry>,
     },
     /// A snapshot of this replica's own state machine: the log up to it is cut.
@@ -771,14 +958,63 @@ enum Done {
     },
 }
 
+/// What the disk thread saves to: a [`RaftStorage`] (the tests' wraps one, holding its
+/// saves back until the test lets them through).
+pub(super) trait Disk: Send + 'static {
+    /// [`RaftStorage::save_parts`].
+    ///
+    /// # Errors
+    /// When a write or an fsync fails.
+    fn save(
+        &mut self,
+        hard_state: Option<HardState>,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+    ) -> io::Result<Option<(u64, u64)>>;
+    /// [`RaftStorage::save_snapshot`].
+    ///
+    /// # Errors
+    /// When a write or an fsync fails.
+    fn save_snapshot(&mut self, snap: &Snapshot) -> io::Result<()>;
+    /// [`RaftStorage::syncs`].
+    fn syncs(&self) -> u64;
+}
+
+impl Disk for RaftStorage {
+    fn save(
+        &mut self,
+        hard_state: Option<HardState>,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+    ) -> io::Result<Option<(u64, u64)>> {
+        self.save_parts(hard_state, snapshot, entries)
+    }
+    fn save_snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
+        RaftStorage::save_snapshot(self, snap)
+    }
+    fn syncs(&self) -> u64 {
+        RaftStorage::syncs(self)
+    }
+}
+
+/// Consecutive saves the disk thread writes together.
+#[derive(Default)]
+struct Batch {
+    /// The last save in it.
+    seq: u64,
+    hard_state: Option<HardState>,
+    snapshot: Option<Arc<Snapshot>>,
+    entries: Vec<Entry>,
+}
+
 /// The disk thread: takes every save queued, writes consecutive ones together (their
 /// entries with one write and one fsync), and reports each batch done. Saves are done in
 /// the order queued, and never merged across one that replaces entries written before
 /// (a snapshot, a compaction, entries that overwrite a conflicting tail): what is on
 /// disk after any crash is the state after some prefix of the saves.
-fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<Done>) {
+fn disk_loop<D: Disk>(mut storage: D, jobs: &Receiver<DiskJob>, done: &Sender<Done>) {
     while let Ok(first) = jobs.recv() {
-        let mut batch: Option<(u64, Ready)> = None;
+        let mut batch: Option<Batch> = None;
         for job in std::iter::once(first).chain(jobs.try_iter()) {
             let result = match job {
                 DiskJob::Save {
@@ -788,7 +1024,7 @@ fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<D
                     entries,
                 } => {
                     let overwrites = snapshot.is_some()
-                        || batch.as_ref().is_some_and(|(_, b)| {
+                        || batch.as_ref().is_some_and(|b| {
                             let last = b.entries.last().map_or(0, |e| e.index);
                             entries.first().is_some_and(|e| e.index <= last)
                         });
@@ -797,8 +1033,8 @@ fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<D
                     } else {
                         Ok(())
                     };
-                    let (s, b) = batch.get_or_insert_with(Default::default);
-                    *s = seq;
+                    let b = batch.get_or_insert_with(Default::default);
+                    b.seq = seq;
                     if hard_state.is_some() {
                         b.hard_state = hard_state;
                     }
@@ -828,15 +1064,11 @@ fn disk_loop(mut storage: RaftStorage, jobs: &Receiver<DiskJob>, done: &Sender<D
     }
 }
 
-fn flush(
-    storage: &mut RaftStorage,
-    batch: Option<(u64, Ready)>,
-    done: &Sender<Done>,
-) -> io::Result<()> {
-    if let Some((seq, ready)) = batch {
-        let ack = storage.save(&ready)?;
+fn flush<D: Disk>(storage: &mut D, batch: Option<Batch>, done: &Sender<Done>) -> io::Result<()> {
+    if let Some(b) = batch {
+        let ack = storage.save(b.hard_state, b.snapshot.as_deref(), &b.entries)?;
         let _ = done.send(Done::Saved {
-            seq,
+            seq: b.seq,
             ack,
             syncs: storage.syncs(),
         });

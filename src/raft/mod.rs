@@ -138,6 +138,8 @@
 pub mod disk;
 pub mod driver;
 #[cfg(test)]
+mod driver_hold_tests;
+#[cfg(test)]
 mod driver_tests;
 mod leader;
 pub mod links;
