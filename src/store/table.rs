@@ -317,7 +317,7 @@ mod tests {
     fn agrees_with_a_hash_map_under_collisions_wraps_and_resizes() {
         for seed in 0..40 {
             let mut rng = crate::bench::Rng::new(seed);
-            let hash_kinds = 1 + seed as u64 % 7;
+            let hash_kinds = 1 + seed % 7;
             let keys = 4 + rng.below(200) as usize;
             let mut table = Table::default();
             let mut model: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -326,7 +326,7 @@ mod tests {
                 // all-ones at the top (home: the last slot, whatever the capacity, so runs
                 // wrap past the end), odd ones spread; keys of a class share a whole hash.
                 let class = k as u64 % hash_kinds;
-                let product = if class % 2 == 0 {
+                let product = if class.is_multiple_of(2) {
                     !(class << 40)
                 } else {
                     class << 58
