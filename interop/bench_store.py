@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"),
                     help="the store-server binary to measure (default: target/release/store-server)")
     ap.add_argument("--memcached", default=shutil.which("memcached"),
-                    help="the memcached binary to compare with (default: memcached on PATH; none: left out)")
+                    help="the memcached binary to compare with (default: memcached on PATH; "
+                         "`none`, or none on PATH: left out)")
     ap.add_argument("--no-python", action="store_true", help="leave out interop/store_server.py")
     ap.add_argument("--floor", action="store_true", help="also measure the floor (store-bench --floor)")
     ap.add_argument("--baseline", help="another store-server build to measure alongside (before a change)")
@@ -118,7 +119,9 @@ def main() -> int:
             port = free_port()
             servers.append(Server("floor", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
                                             "--value-size", "32"], port, "store"))
-        if args.memcached:
+        if args.memcached == "none":
+            pass
+        elif args.memcached:
             port = free_port()
             servers.append(Server("memcached", [args.memcached, "-l", "127.0.0.1", "-p", str(port),
                                                 "-t", "2", "-U", "0", "-c", "4096", "-u", "root"],

@@ -167,6 +167,12 @@ impl<R: Read> FrameReader<R> {
                         return Ok(Some(&self.buf[s..s + len]));
                     }
                 }
+                // No newline yet, and the line may still end within the limit: `decode`
+                // would say the same, so it is spared (once per read at depth 1).
+                None if avail.len() <= self.limit + 1 => {
+                    self.scanned = avail.len();
+                    return Ok(None);
+                }
                 // Known to hold no newline: `decode` need not look again.
                 None => self.scanned = avail.len(),
             }

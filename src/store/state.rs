@@ -1,17 +1,18 @@
 //! The key-value state: a map of bytes to bytes, split into independently locked shards.
 //!
-//! Why 64 shards of `RwLock<Table>` ([`super::table`]): every connection thread touches the map, and one
-//! lock would serialise them all; with 64 shards two threads meet on a lock only when their
-//! keys hash to the same shard, and lookups (the common case) share a read lock even then.
-//! Each lock is held for a hash-map operation and a copy, never across socket I/O: a lookup
-//! copies the value into the connection's output buffer under the read lock.
+//! Why 64 shards of `RwLock<Table>` ([`super::table`]): every connection thread touches
+//! the map, and one lock would serialise them all; with 64 shards two threads meet on a
+//! lock only when their keys hash to the same shard, and lookups (the common case) share a
+//! read lock even then. Each lock is held for a table operation and a copy, never across
+//! socket I/O: a lookup copies its reply line into the connection's output buffer under
+//! the read lock.
 //!
-//! Measured (`store-bench --conns 16 --pipeline 32`, GET-only and 1:1, 3 runs each, the
-//! lock-heaviest load we have): one `Mutex` shard, one `RwLock` shard and 64 `RwLock`
-//! shards all landed between 1.5 and 2.9 M ops/s and 0.31–0.56 µs of server CPU per
-//! operation, within the noise of this shared 2-core machine. With two cores there is
-//! little to contend; the shards are for machines with more, and cost nothing measurable
-//! here.
+//! Measured (`store-bench --conns 16 --pipeline 32`, GET only, the lock-heaviest load we
+//! have, 5 alternated runs of each build): a `Mutex` per shard instead of the `RwLock` cost
+//! 2.1 times the server CPU per lookup (lookups of one shard then wait for each other, and
+//! for a holder the scheduler preempted); skipping the lock altogether (an unsound
+//! experiment, GET only) measured no different from the `RwLock`, so its two atomic
+//! operations per lookup are not where the time goes on two cores.
 
 use super::keyhash::KeyHasher;
 use super::table::{Entry, Table};
@@ -19,6 +20,7 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Number of shards; a power of two well above the number of cores this runs on.
 const SHARDS: usize = 64;
+const _: () = assert!(SHARDS == 1 << (64 - 58));
 
 /// One shard, padded to its own cache lines so that locking one does not slow its
 /// neighbours (false sharing).
@@ -67,7 +69,8 @@ impl ShardMap {
 
 /// The store's shared state; cheap to share behind an `Arc`.
 pub struct Store {
-    shards: Box<[Shard]>,
+    /// A fixed-size array, so that indexing it by six bits of a hash needs no bounds check.
+    shards: Box<[Shard; SHARDS]>,
     /// Hashes keys. Keys come from clients, so the hash is keyed (SipHash-1-3 with a random
     /// key), which keeps anyone from aiming every key at one shard or one bucket.
     hasher: KeyHasher,
@@ -83,7 +86,7 @@ impl Store {
     /// An empty store.
     pub fn new() -> Self {
         Store {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            shards: Box::new(std::array::from_fn(|_| Shard::default())),
             hasher: KeyHasher::random(),
         }
     }
@@ -94,7 +97,8 @@ impl Store {
     }
 
     fn shard(&self, hash: u64) -> &Shard {
-        &self.shards[(hash >> 58) as usize % SHARDS]
+        // The top six bits: 2^6 = SHARDS (checked at compile time below).
+        &self.shards[(hash >> 58) as usize]
     }
 
     fn read(&self, hash: u64) -> RwLockReadGuard<'_, ShardMap> {
