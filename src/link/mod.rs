@@ -336,7 +336,11 @@ impl<R: Read> Link<R> {
     /// # acceptor.join().unwrap();
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn charged_outbox(&self, config: OutboxConfig, budget: Option<&Budget>) -> (Outbox, Writer) {
+    pub fn charged_outbox(
+        &self,
+        config: OutboxConfig,
+        budget: Option<&Budget>,
+    ) -> (Outbox, Writer) {
         let account = budget.map(|b| b.account(&config.name, Some(&self.stream)));
         self.outbox(config.account(account.as_ref()))
     }

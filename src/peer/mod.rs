@@ -102,7 +102,12 @@
 //! each take it to hand in one input, and carry out the resulting effects under it
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
-//! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The tick runs
+//! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The bytes queued
+//! on all links together are charged to one budget (`--max-client-memory`, 64 MiB by
+//! default; [`crate::link::Link::charged_outbox`], as chat federation links are): a link
+//! the budget cannot cover (a cut network holding its bytes) is closed at once, logged,
+//! detached and dialled again like any lost link, and what it held goes again by the
+//! resend of unacknowledged lines, along whatever route exists. The tick runs
 //! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
 //! drops members down for 1 s. A dial that fails puts off the next one to that address by
 //! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
@@ -111,7 +116,8 @@
 //! # Bounds
 //!
 //! Nothing a peer sends grows another without limit: link lines are at most 256 KiB
-//! (longer ones are skipped), lists at most 256 members, chat lines at most 16 KiB, lines
+//! (longer ones are skipped), link queues at most the budget above in all, lists at most
+//! 256 members, chat lines at most 16 KiB, lines
 //! held for a gap at most 16 MiB in all (more are dropped unacknowledged and come again),
 //! and adverts of peers not on the list at most 256, each kept 15 s.
 //!
