@@ -470,8 +470,12 @@ mod tests {
         let account = budget.account("t", None);
         let config = OutboxConfig::new("t", 100).account(Some(&account));
         let (outbox, writer) = Outbox::new(Arc::clone(&served), config);
-        outbox.send(frame(&"x".repeat(40_000))).unwrap();
-        assert_eq!(budget.held(), 48 << 10);
+        // Three frames: the writer takes the first two as one batch (64 KiB), and the
+        // third is still queued when that write fails.
+        for _ in 0..3 {
+            outbox.send(frame(&"x".repeat(40_000))).unwrap();
+        }
+        assert_eq!(budget.held(), 128 << 10);
         // The connection is cut off (by the budget, an overflow or the peer) before the
         // writer gets to the frames: its write fails, and the bytes come back at once.
         served.shutdown(Shutdown::Both).unwrap();
