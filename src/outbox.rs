@@ -217,7 +217,7 @@ impl Outbox {
             return Err(SendError::Overflow);
         }
         self.tx.send(frame).map_err(|_| {
-            conn.queued.fetch_sub(n, Ordering::Relaxed);
+            conn.taken(n);
             SendError::Closed
         })
     }
@@ -320,6 +320,10 @@ impl Writer {
             Err(e) => {
                 log_debug!("{}: write failed: {e}", self.conn.name);
                 let _ = self.conn.stream.shutdown(Shutdown::Both);
+                // What is queued will never be written: its bytes, and their charge, go
+                // back now, not when the state lets go of the last sender (which may wait
+                // for a lock that a sender waiting on the budget holds).
+                while self.try_take().is_some() {}
             }
         }
     }
@@ -457,6 +461,29 @@ mod tests {
         // What was queued goes back to the budget once taken.
         assert!(writer.try_take().is_some());
         assert_eq!((outbox.queued_bytes(), budget.held()), (0, 0));
+    }
+
+    #[test]
+    fn a_failed_writer_gives_the_queued_bytes_back_while_the_outbox_lives() {
+        let (client, served) = pair();
+        let budget = crate::budget::Budget::new("t", 1 << 20);
+        let account = budget.account("t", None);
+        let config = OutboxConfig::new("t", 100).account(Some(&account));
+        let (outbox, writer) = Outbox::new(Arc::clone(&served), config);
+        // Three frames: the writer takes the first two as one batch (64 KiB), and the
+        // third is still queued when that write fails.
+        for _ in 0..3 {
+            outbox.send(frame(&"x".repeat(40_000))).unwrap();
+        }
+        assert_eq!(budget.held(), 128 << 10);
+        // The connection is cut off (by the budget, an overflow or the peer) before the
+        // writer gets to the frames: its write fails, and the bytes come back at once.
+        served.shutdown(Shutdown::Both).unwrap();
+        writer.run();
+        assert_eq!((outbox.queued_bytes(), budget.held()), (0, 0));
+        assert_eq!(outbox.send(frame("late\n")), Err(SendError::Closed));
+        assert_eq!((outbox.queued_bytes(), budget.held()), (0, 0));
+        drop(client);
     }
 
     #[test]

@@ -509,6 +509,12 @@ type Proxies = std::collections::HashMap<(usize, usize), switchboard::proxy::Fau
 /// runs through a fault proxy of its own (`--reach`), with `--link-timeout 1`; returns once
 /// all list all, under `[MEMBERS vN by <first>]`.
 fn room_through_proxies(names: &[&str]) -> (Vec<PeerProc>, Proxies) {
+    let args = vec![&["--link-timeout", "1"][..]; names.len()];
+    room_through_proxies_with(names, &args)
+}
+
+/// [`room_through_proxies`] with `args[i]` for peer i instead of `--link-timeout 1`.
+fn room_through_proxies_with(names: &[&str], args: &[&[&str]]) -> (Vec<PeerProc>, Proxies) {
     use switchboard::proxy::FaultProxy;
     let addrs = switchboard::bench::free_addrs(names.len()).unwrap();
     let mut proxies = Proxies::new();
@@ -519,7 +525,7 @@ fn room_through_proxies(names: &[&str]) -> (Vec<PeerProc>, Proxies) {
     }
     let mut peers: Vec<PeerProc> = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let mut extra = vec!["--link-timeout".to_owned(), "1".to_owned()];
+        let mut extra: Vec<String> = args[i].iter().map(|a| (*a).to_owned()).collect();
         for j in (0..names.len()).filter(|j| *j != i) {
             let via = proxies[&(i, j)].local_addr();
             extra.extend(["--reach".to_owned(), format!("{}={via}", addrs[j])]);
@@ -757,4 +763,111 @@ fn a_link_from_another_room_is_refused() {
     member.send(format!("{{hello,{{\"y\",\"127.0.0.1:4\",1}},{me}}}\n").as_bytes());
     let answer = String::from_utf8(member.line().expect("a's hello")).unwrap();
     assert_eq!(answer, hello);
+}
+
+/// The peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+/// A link's queue is charged to the peer's `--max-client-memory`. a, b and c, every link
+/// through a proxy of its own; a (and b) with `--link-timeout 30` (a's link would wait
+/// that long to be found dead) and a budget of 8 MiB. The a–c links are cut, and a types
+/// 1,000 lines of 16 KiB (16 MiB; its resends of them add 4 MiB a second). c, with
+/// `--link-timeout 1`, soon closes its end and takes a's lines through b (a peer takes a
+/// forwarded line only when it has no link of its own to the sender). On a, the queue to c
+/// outgrows the budget: the link is closed at once, logged, and a's lines to c go through
+/// b (resent, as they are unacknowledged): b and c hear every line exactly once and in
+/// order while the cut lasts, the link to b is never closed, and a's peak RSS stays near
+/// what c has not acknowledged plus the budget. After the heal the a–c link is dialled
+/// again and lines flow both ways.
+#[test]
+fn a_link_whose_queue_outgrows_the_memory_budget_is_closed_and_routed_around() {
+    use std::time::Duration;
+    const BUDGET: usize = 8 << 20;
+    const LINES: usize = 1000;
+    let names = ["a", "b", "c"];
+    let patient = ["--link-timeout", "30", "--max-client-memory", "8m"];
+    let args = [&patient[..], &patient[..], &["--link-timeout", "1"][..]];
+    let (mut peers, proxies) = room_through_proxies_with(&names, &args);
+    let c_link_up = |p: &PeerProc| {
+        p.log_text()
+            .lines()
+            .filter(|l| l.contains("peer: link to c@") && l.ends_with(" up"))
+            .count()
+    };
+    assert_eq!(c_link_up(&peers[0]), 1, "{}", peers[0].log_text());
+    proxies[&(0, 2)].cut();
+    proxies[&(2, 0)].cut();
+    let lines: Vec<String> = (0..LINES)
+        .map(|i| format!("{i:05} {}", "x".repeat(MAX_TEXT - 6)))
+        .collect();
+    // a's console blocks while its window to c is full: typed from a thread.
+    let mut stdin = peers[0].stdin.take().unwrap();
+    let typed = lines.clone();
+    let typist = thread::spawn(move || {
+        for line in typed {
+            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+        stdin
+    });
+    // Longer than IO_TIMEOUT: without the budget the link is closed only at its cap of
+    // 4,096 lines, some 12 s in, and the peak below is what fails.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for p in &peers[1..] {
+        while p.heard("a").len() < LINES {
+            assert!(
+                Instant::now() < deadline,
+                "{} heard {} of a's {LINES} lines during the cut",
+                p.name,
+                p.heard("a").len()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            p.heard("a") == lines,
+            "{} heard a's lines out of order",
+            p.name
+        );
+    }
+    peers[0].stdin = Some(typist.join().unwrap());
+    let peak = peak_rss(peers[0].child.id());
+    eprintln!(
+        "a's peak RSS with the a-c link cut: {:.1} MiB",
+        peak as f64 / 1048576.0
+    );
+    // The lines unacknowledged by c (16 MiB) and the budget, and room for the rest;
+    // without the charge the queue grows to 4,096 lines (64 MiB) first: 89.6 MiB.
+    assert!(peak < (16 << 20) + BUDGET + (24 << 20), "peak RSS {peak}");
+    let log = peers[0].log_text();
+    // It was the budget that closed the link (its charge refused, or closed as the
+    // largest holder), not its cap in lines or its timeout.
+    assert!(
+        log.contains("peer: link to c@") && log.contains("over the client memory budget")
+            || log.contains("client memory budget of 8.0 MiB reached"),
+        "{log}"
+    );
+    assert_eq!(c_link_up(&peers[0]), 1);
+    // The budget closed the link that held the most, never the one to b, which drains.
+    let b_link_down = log
+        .lines()
+        .filter(|l| l.contains("peer: link to b@") && l.ends_with(" down"))
+        .count();
+    assert_eq!(b_link_down, 0, "{log}");
+    // a still serves the others during the cut.
+    peers[1].say("b during the cut");
+    peers[0].wait_heard("b", &["b during the cut".to_owned()]);
+    peers[2].wait_heard("b", &["b during the cut".to_owned()]);
+    proxies[&(0, 2)].heal();
+    proxies[&(2, 0)].heal();
+    eventually("a to link to c again", || c_link_up(&peers[0]) >= 2);
+    everyone_hears_everyone_once(&mut peers, "after the heal");
+    for p in &peers[1..] {
+        let heard = p.heard("a");
+        assert!(heard[..LINES] == lines, "{} heard a's lines again", p.name);
+        assert_eq!(heard.len(), LINES + 1, "{} heard a's lines again", p.name);
+    }
 }

@@ -39,6 +39,16 @@ struct Args {
     /// a tunnel, or a test's fault proxy (repeatable)
     #[argh(option, from_str_fn(switchboard::peer::parse_reach))]
     reach: Vec<(String, String)>,
+    /// bytes the queues of all links together may hold (lines waiting for a slow or cut
+    /// peer), k/m/g suffixes allowed: a link past it is closed, with a log line, and
+    /// dialled again; its unacknowledged lines are sent again (default 64m, at least 1m)
+    #[argh(
+        option,
+        arg_name = "SIZE",
+        default = "switchboard::peer::DEFAULT_MAX_CLIENT_MEMORY",
+        from_str_fn(switchboard::cli::client_memory)
+    )]
+    max_client_memory: usize,
     /// log every link that opens or closes
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -63,6 +73,7 @@ fn main() -> ExitCode {
         secret,
         link_timeout: Duration::from_secs(args.link_timeout),
         reach: args.reach,
+        max_client_memory: args.max_client_memory,
     };
     let peer = match Peer::start(&config, Box::new(io::stdout())) {
         Ok(peer) => peer,

@@ -727,10 +727,9 @@ fn serve_outgoing(chat: &Chat, id: &ServerId, mut link: Link) {
     let name = format!("chat: the link to {id}");
     // While the network holds the link's bytes its queue grows: charged to the budget the
     // clients share, so a cut costs at most that; past it the link is lost (rule 4).
-    let account = (chat.0.budget.as_ref()).map(|b| b.account(&name, Some(link.stream())));
-    let config = OutboxConfig::new(name.clone(), chat.0.link_outbox).account(account.as_ref());
+    let config = OutboxConfig::new(name.clone(), chat.0.link_outbox);
     let config = chat.0.liveness.outbox(config, heartbeat());
-    let (outbox, writer) = link.outbox(config);
+    let (outbox, writer) = link.charged_outbox(config, chat.0.budget.as_ref());
     let Some(number) = chat.link_up(id, outbox) else {
         let _ = link.stream().shutdown(Shutdown::Both);
         return;

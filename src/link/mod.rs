@@ -36,6 +36,10 @@
 //!   silent peer is declared dead within the bound ([`DEAD_PEER`], 3 s, by default) on both
 //!   ends. A service that wants it on both directions of a link runs a heartbeat writer on
 //!   the accepted end too ([`Link::outbox`] works on either end).
+//! - **Memory** ([`Link::charged_outbox`]): a link's queue is charged to the server's
+//!   client memory budget ([`crate::budget`]) on an account of its own; a link the budget
+//!   cannot cover is closed at once, logged, and its reader ends, so the service redials
+//!   it as any lost link. Chat federation links and chat-peer links use it.
 //! - **Redial** ([`redial`]): [`dial`] is one attempt; the supervisor loop dials while the
 //!   peer is configured or known, serves each link until it ends, and waits
 //!   [`Backoff::next_delay`] between tries (jittered, at most [`MAX_RETRY`] apart),
@@ -89,6 +93,7 @@
 //! ```
 
 use crate::auth::{self, Nonce, Secret, Side};
+use crate::budget::Budget;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::group::{Group, GroupError, Registration};
 use crate::log_info;
@@ -283,6 +288,61 @@ impl<R: Read> Link<R> {
     /// An outbox writing to this link, and its writer (run it on a thread of the caller's).
     pub fn outbox(&self, config: OutboxConfig) -> (Outbox, Writer) {
         Outbox::new(Arc::clone(&self.stream), config)
+    }
+
+    /// [`Link::outbox`] whose queued bytes are charged to `budget` (none: not charged),
+    /// on an account of the link's own named after the outbox: while a cut network holds
+    /// the link's bytes its queue grows, and costs at most the budget. A link the budget
+    /// cannot cover is dead at once: its charge refused (the outbox closes the link and
+    /// logs `over the client memory budget`), or closed by the budget as the largest
+    /// holder when another connection or link needs room (the budget logs which). Either
+    /// way the socket is shut down both ways, so the link's reader ends and the service
+    /// redials it as any lost link; what the queue held is dropped with the link.
+    ///
+    /// ```
+    /// use switchboard::budget::Budget;
+    /// use switchboard::framing::{Framing, Limits};
+    /// use switchboard::link::{self, Answer, Timeouts, Verdict};
+    /// use switchboard::outbox::{OutboxConfig, SendError};
+    /// use std::net::TcpListener;
+    /// use std::sync::Arc;
+    ///
+    /// let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// let addr = listener.local_addr()?;
+    /// let timeouts = Timeouts::uniform(std::time::Duration::from_secs(5));
+    /// let acceptor = std::thread::spawn(move || {
+    ///     let (stream, _) = listener.accept().unwrap();
+    ///     let (stream, mut buf) = (Arc::new(stream), [0u8; 6]);
+    ///     std::io::Read::read_exact(&mut &*stream, &mut buf).unwrap();
+    ///     let welcome = Verdict::Welcome(b"welcome\n".to_vec());
+    ///     let reader = switchboard::framing::FrameReader::new(&*stream, Framing::Line);
+    ///     let _link = link::accept(&stream, reader, &timeouts, welcome).unwrap();
+    ///     std::thread::sleep(std::time::Duration::from_millis(500)); // reads nothing
+    /// });
+    /// let welcome = |_: &[u8]| Ok::<_, std::io::Error>(Answer::Welcome(()));
+    /// let (link, ()) = link::dial(addr, Framing::Line, Limits::default(), b"hello\n", &timeouts, welcome)?;
+    /// let budget = Budget::new("demo", 64 << 10);
+    /// // No writer runs: what is sent stays queued, as behind a cut network.
+    /// let (outbox, _writer) = link.charged_outbox(OutboxConfig::new("demo: link", 1000), Some(&budget));
+    /// let line: switchboard::outbox::Bytes = Arc::from(vec![b'x'; 20 << 10]);
+    /// outbox.send(Arc::clone(&line))?;
+    /// outbox.send(Arc::clone(&line))?;
+    /// outbox.send(Arc::clone(&line))?;
+    /// // 80 KiB would pass the budget: the link is closed, logged, and its bytes come back.
+    /// assert_eq!(outbox.send(line), Err(SendError::Overflow));
+    /// assert_eq!(budget.refusals(), 1);
+    /// # drop((outbox, _writer));
+    /// # assert_eq!(budget.held(), 0);
+    /// # acceptor.join().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn charged_outbox(
+        &self,
+        config: OutboxConfig,
+        budget: Option<&Budget>,
+    ) -> (Outbox, Writer) {
+        let account = budget.map(|b| b.account(&config.name, Some(&self.stream)));
+        self.outbox(config.account(account.as_ref()))
     }
 
     /// Hands each frame to `on_frame` until the link ends or `on_frame` breaks. A frame

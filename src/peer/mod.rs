@@ -102,7 +102,12 @@
 //! each take it to hand in one input, and carry out the resulting effects under it
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
-//! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The tick runs
+//! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The bytes queued
+//! on all links together are charged to one budget (`--max-client-memory`, 64 MiB by
+//! default; [`crate::link::Link::charged_outbox`], as chat federation links are): a link
+//! the budget cannot cover (a cut network holding its bytes) is closed at once, logged,
+//! detached and dialled again like any lost link, and what it held goes again by the
+//! resend of unacknowledged lines, along whatever route exists. The tick runs
 //! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
 //! drops members down for 1 s. A dial that fails puts off the next one to that address by
 //! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
@@ -111,7 +116,8 @@
 //! # Bounds
 //!
 //! Nothing a peer sends grows another without limit: link lines are at most 256 KiB
-//! (longer ones are skipped), lists at most 256 members, chat lines at most 16 KiB, lines
+//! (longer ones are skipped), link queues at most the budget above in all, lists at most
+//! 256 members, chat lines at most 16 KiB, lines
 //! held for a gap at most 16 MiB in all (more are dropped unacknowledged and come again),
 //! and adverts of peers not on the list at most 256, each kept 15 s.
 //!
@@ -130,6 +136,7 @@ pub mod protocol;
 pub mod routing;
 
 use crate::auth::{cluster_secret, PolicyError, Secret};
+use crate::budget::Budget;
 use crate::framing::{FrameReader, Framing, Limits};
 use crate::group::{Group, Running, Stop};
 use crate::link::{self, Answer, Backoff, Dialer, End, Link, LinkError, Timeouts, Verdict};
@@ -159,6 +166,10 @@ pub const HEARTBEAT: Duration = Duration::from_millis(250);
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Lines queued on one link beyond which the link is closed as stuck.
 pub const OUTBOX: usize = 4096;
+/// `--max-client-memory` unless set: bytes the queues of all links together may hold (see
+/// [`PeerConfig::max_client_memory`]). Four times a full window of the longest lines to
+/// one member (1,024 × 16 KiB), sixteen resend bursts of them; a small share of a machine.
+pub const DEFAULT_MAX_CLIENT_MEMORY: usize = 64 << 20;
 /// How long a leaving peer waits for its last lines to be acknowledged and then for the
 /// list without it (see [`node::LEAVE_FLUSH`]).
 pub const LEAVE_WAIT: Duration = Duration::from_secs(3);
@@ -197,6 +208,12 @@ pub struct PeerConfig {
     /// `(ADDR, VIA)` pairs (`--reach ADDR=VIA`): the peer listening at `ADDR` (as members
     /// know it) is dialled at `VIA` (a port forward, a tunnel, a test's fault proxy).
     pub reach: Vec<(String, String)>,
+    /// Bytes the queues of all this peer's links together may hold (`--max-client-memory`;
+    /// [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides the cap of [`OUTBOX`] lines per
+    /// link. While a cut network holds a link's bytes its queue grows; a link the budget
+    /// cannot cover is closed at once (logged) and redialled, and its lines go again by
+    /// the resend of what is unacknowledged (see [`crate::link::Link::charged_outbox`]).
+    pub max_client_memory: usize,
 }
 
 impl PeerConfig {
@@ -211,6 +228,7 @@ impl PeerConfig {
             secret: None,
             link_timeout: LINK_TIMEOUT,
             reach: Vec::new(),
+            max_client_memory: DEFAULT_MAX_CLIENT_MEMORY,
         }
     }
 }
@@ -422,6 +440,8 @@ struct Shared {
     timeouts: Timeouts,
     /// Where to dial a member's address instead (`--reach`).
     reach: HashMap<SocketAddr, SocketAddr>,
+    /// What every link's queue is charged to (`--max-client-memory`).
+    budget: Budget,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -516,7 +536,9 @@ impl Shared {
         let heartbeat = Bytes::from(line(&PeerMessage::Heartbeat));
         let config = OutboxConfig::new(format!("peer: link to {peer}"), OUTBOX)
             .heartbeat(HEARTBEAT, heartbeat);
-        let (outbox, writer) = link.outbox(config);
+        // Charged to the budget: a link that a cut network makes hold more than it can
+        // cover is closed (logged), detached, and dialled again by the tick.
+        let (outbox, writer) = link.charged_outbox(config, Some(&self.budget));
         // Started under the lock that `closing` is set under, so `Peer::stop` either finds
         // this writer in `writers` or this link sees `closing`: no writer goes unjoined.
         if self
@@ -716,6 +738,7 @@ impl Peer {
             }),
             timeouts,
             reach,
+            budget: Budget::new("peer", config.max_client_memory),
         });
         {
             let mut st = shared.state();
@@ -747,6 +770,11 @@ impl Peer {
     /// The address this peer listens on (and is known by).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The budget every link's queue is charged to, for its counters.
+    pub fn client_memory(&self) -> &Budget {
+        &self.shared.budget
     }
 
     /// A handle to make the peer leave.
@@ -834,6 +862,7 @@ impl Peer {
         }
         self.shared.links.close(STOP_WAIT);
         self.shared.writers.close(STOP_WAIT);
+        log_debug!("peer: stopped; {}", self.shared.budget.summary());
     }
 }
 
