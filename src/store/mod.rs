@@ -32,7 +32,7 @@ use crate::request::{self, Replies, RequestLoop};
 use crate::server::{Connection, Handler, HandlerError, ServerHandle};
 use aof::{Aof, Fsync, Replay};
 use protocol::{Request, Stats, Verb};
-use state::Store;
+use state::{Lookups, Store};
 use std::io;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -179,6 +179,7 @@ impl StoreService {
         let mut session = Session {
             service: self,
             batch: Batch::default(),
+            lookups: self.store.lookups(),
         };
         self.requests.serve_session(conn, &mut session)
     }
@@ -199,12 +200,18 @@ impl StoreService {
     /// False, with nothing done, for any other frame: [`StoreService::execute`] takes it.
     /// Its replies and counts are those of the general path (tested).
     #[inline]
-    fn lookup_fast(&self, frame: &[u8], batch: &mut Batch, out: &mut Vec<u8>) -> bool {
+    fn lookup_fast(
+        &self,
+        frame: &[u8],
+        batch: &mut Batch,
+        lookups: &mut Lookups<'_>,
+        out: &mut Vec<u8>,
+    ) -> bool {
         let Some(key) = protocol::parse_lookup(frame).filter(|_| self.plain_lines) else {
             return false;
         };
         batch.counts[Verb::Lookup as usize] += 1;
-        self.store.with_lookup_line(key, |line| {
+        lookups.line(key, |line| {
             out.extend_from_slice(line.unwrap_or(b"nothing\n"))
         });
         true
@@ -338,6 +345,9 @@ pub(crate) fn stats_of(
 struct Session<'s> {
     service: &'s StoreService,
     batch: Batch,
+    /// The batch's lookups on the fast path, holding shard locks between them: released
+    /// before anything else touches the store and before any socket I/O.
+    lookups: Lookups<'s>,
 }
 
 impl request::Session for Session<'_> {
@@ -349,11 +359,15 @@ impl request::Session for Session<'_> {
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         let service = self.service;
-        if !service.lookup_fast(frame, &mut self.batch, out.buffer()) {
+        if !service.lookup_fast(frame, &mut self.batch, &mut self.lookups, out.buffer()) {
+            self.lookups.release();
             service.execute(frame, &mut self.batch, out.buffer(), conn)?;
         }
-        if out.len() >= FLUSH_AT && !out.flush()? {
-            return Ok(ControlFlow::Break(()));
+        if out.len() >= FLUSH_AT {
+            self.lookups.release();
+            if !out.flush()? {
+                return Ok(ControlFlow::Break(()));
+            }
         }
         Ok(ControlFlow::Continue(()))
     }
@@ -365,6 +379,7 @@ impl request::Session for Session<'_> {
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         let framing = self.service.framing;
+        self.lookups.release();
         self.batch
             .reply_error(framing, error.reason(), out.buffer());
         Ok(ControlFlow::Continue(()))
@@ -375,6 +390,7 @@ impl request::Session for Session<'_> {
         conn: &Connection,
         _out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
+        self.lookups.release();
         let service = self.service;
         if let (Some(aof), Some(seq)) = (&service.aof, self.batch.unsynced.take()) {
             service.commit(aof, seq)?;
@@ -455,9 +471,12 @@ mod tests {
             service.store().set(k, v);
         }
         let mut handled = 0;
+        // One `Lookups` throughout, as a session keeps it: it holds shard locks from one
+        // fast lookup to the next, and lets go before the general path runs.
+        let mut lookups = service.store().lookups();
         for frame in protocol::tests::lookalike_frames() {
             let (mut out, mut batch) = (b"before".to_vec(), Batch::default());
-            if service.lookup_fast(&frame, &mut batch, &mut out) {
+            if service.lookup_fast(&frame, &mut batch, &mut lookups, &mut out) {
                 handled += 1;
                 let (want, counts) = general(&service, &frame);
                 assert_eq!(out[b"before".len()..], want, "{frame:?}");
@@ -471,6 +490,7 @@ mod tests {
                 );
             }
             // The general path may write (store, delete): later lookups see another map.
+            lookups.release();
             general(&service, &frame);
         }
         assert!(
@@ -485,7 +505,8 @@ mod tests {
         };
         let (framed, _) = StoreService::open(&options).unwrap();
         let (mut out, mut batch) = (Vec::new(), Batch::default());
-        assert!(!framed.lookup_fast(b"lookup,k", &mut batch, &mut out));
+        let mut lookups = framed.store().lookups();
+        assert!(!framed.lookup_fast(b"lookup,k", &mut batch, &mut lookups, &mut out));
         assert!(out.is_empty());
     }
 }
