@@ -106,7 +106,8 @@
 //! committed. A member is dropped (no longer waited for) when its link closes, when it goes
 //! silent for 500 ms, or when it has not acknowledged a record 1 s after it was appended
 //! ([`replication::ACK_TIMEOUT`]). A live peer that is not a member is caught up by the same
-//! stream and becomes a member again once it has acknowledged everything committed. A live
+//! stream and becomes a member again once it has acknowledged everything committed (and,
+//! if it was excluded for a missing acknowledgement, that record). A live
 //! peer excluded while alive may not know it yet (busy with older frames, its in-sync
 //! flag still set): commits go on without it only once it has echoed a heartbeat that
 //! says it is excluded (each heartbeat carries a mark, and echoes the mark of the last one

@@ -71,6 +71,12 @@ pub(super) struct Remote {
     /// it echoes one, while it is up, it may still believe it holds every committed change,
     /// so commits wait for it all the same (see `recompute_commit`).
     pub(super) excluded: u64,
+    /// The record it was excluded for not acknowledging in time (0: none). It is taken in
+    /// again only once it acknowledges that record: by the rule for a peer catching up
+    /// alone (it holds what is committed), it would be a member again at once, and commits
+    /// would wait once more for the acknowledgement it does not send (see
+    /// `recompute_commit`).
+    pub(super) overdue: u64,
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
     /// A snapshot coming in chunks on its current inbound link.
@@ -95,6 +101,7 @@ impl Remote {
             acked: 0,
             member: false,
             excluded: 0,
+            overdue: 0,
             control: Vec::new(),
             assembly: None,
             linked: false,
