@@ -264,3 +264,60 @@ fn the_python_client_works_against_a_majority_cluster_and_fails_over() {
     assert_eq!(py(&["inbox", "bob"]), "");
     assert_eq!(py(&["search", "*"]), "ann\nbob\n");
 }
+
+/// A follower killed while the leader's log moves on past several snapshots catches up
+/// from a snapshot (InstallSnapshot): restarted, it logs a restore after it listens (a
+/// restore at start comes before), it then commits a send with the leader alone, and,
+/// once the leader is gone and the third server restarts empty, it leads and serves every
+/// account and message from the state the snapshot gave it.
+#[test]
+fn a_follower_down_past_a_compaction_catches_up_from_the_leaders_snapshot() {
+    // Snapshots every 10 log entries (`--compact-after`).
+    let mut cluster = Cluster::start_with("install", false, &["--compact-after", "10"]);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    ann.login("ann").unwrap();
+    let leader = cluster.leader();
+    let (behind, other) = ((leader + 1) % N, (leader + 2) % N);
+    cluster.kill9(behind);
+    let snapshots = |c: &Cluster| c.log(leader).matches(": snapshot at ").count();
+    let before = snapshots(&cluster);
+    const SENT: u16 = 60;
+    for i in 0..SENT {
+        ann.send("bob", &format!("while down {i}")).unwrap();
+    }
+    // Three snapshots built after the kill: the last one started past every entry the
+    // follower could hold, and the leader's log now begins after it.
+    eventually("the leader to compact its log three times", || {
+        snapshots(&cluster) >= before + 3
+    });
+    cluster.spawn(behind);
+    let installed = |c: &Cluster| {
+        let log = c.log(behind);
+        let listening = log.find("listening on").expect("it listens");
+        log[listening..].contains("state restored from a snapshot")
+    };
+    eventually("the follower to install the leader's snapshot", || {
+        installed(&cluster)
+    });
+    // With the third server down, a send commits only on the leader and the follower: the
+    // follower holds every entry up to it.
+    cluster.kill9(other);
+    ann.send("bob", "after the install").unwrap();
+    drop(ann);
+    // The leader gone and the third server back empty, only the follower can lead (its
+    // log is the more up to date): what it serves is its own state.
+    cluster.kill9(leader);
+    std::fs::remove_dir_all(cluster.root.join(format!("server{other}"))).unwrap();
+    cluster.spawn(other);
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap(), SENT + 1, "{}", cluster.logs());
+    let got: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
+    let mut want: Vec<String> = (0..SENT).map(|i| format!("while down {i}")).collect();
+    want.push("after the install".into());
+    assert_eq!(got, want);
+    assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+    let log = cluster.log(behind);
+    assert!(log.contains("leading epoch"), "{log}");
+}
