@@ -314,7 +314,7 @@ impl Replica {
             inner.last_tick = now;
             for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
                 if inner.peers[j]
-                    .heard
+                    .last_heard(now)
                     .is_some_and(|t| now.duration_since(t) >= DOWN_AFTER)
                 {
                     self.peer_down(&mut inner, j, "silent");

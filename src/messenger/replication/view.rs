@@ -41,8 +41,13 @@ pub(super) struct Assembly {
 
 /// What this server knows of one other server of the cluster (a peer).
 pub(super) struct Remote {
-    /// When a frame last arrived on its inbound link; `None`: down.
+    /// When a frame last arrived on its inbound link; `None`: down. Read it through
+    /// [`Remote::last_heard`].
     pub(super) heard: Option<Instant>,
+    /// Its inbound link's reader is syncing records it took from it (an fsync, which a
+    /// busy disk can make last longer than [`DOWN_AFTER`]): it reads nothing meanwhile,
+    /// so the silence says nothing of the peer.
+    pub(super) syncing: bool,
     /// The last dial failed.
     pub(super) refused: bool,
     /// Known down since start: its link closed or it went silent.
@@ -89,6 +94,7 @@ impl Remote {
     pub(super) fn new() -> Remote {
         Remote {
             heard: None,
+            syncing: false,
             refused: false,
             was_down: false,
             status: None,
@@ -106,6 +112,14 @@ impl Remote {
             assembly: None,
             linked: false,
         }
+    }
+}
+
+impl Remote {
+    /// When it was last heard from, as far as silence goes: now while its link's reader
+    /// is syncing (see [`Remote::syncing`]); `None`: down.
+    pub(super) fn last_heard(&self, now: Instant) -> Option<Instant> {
+        self.heard.map(|t| if self.syncing { now } else { t })
     }
 }
 
@@ -220,14 +234,16 @@ impl Inner {
 
     pub(super) fn up(&self, j: usize, now: Instant) -> bool {
         let p = &self.peers[j];
-        p.status.is_some() && p.heard.is_some_and(|t| now.duration_since(t) < DOWN_AFTER)
+        p.status.is_some()
+            && p.last_heard(now)
+                .is_some_and(|t| now.duration_since(t) < DOWN_AFTER)
     }
 
     /// Not known to be down: up, or not heard from yet during the first [`DOWN_AFTER`]
     /// after start, unless a dial was refused or a link from it closed.
     pub(super) fn maybe_up(&self, j: usize, now: Instant) -> bool {
         let p = &self.peers[j];
-        match p.heard {
+        match p.last_heard(now) {
             Some(t) => now.duration_since(t) < DOWN_AFTER,
             None => !p.refused && !p.was_down && now.duration_since(self.started) < DOWN_AFTER,
         }
@@ -244,7 +260,7 @@ impl Inner {
         (0..self.peers.len()).find(|&j| {
             let p = &self.peers[j];
             j != me
-                && p.heard
+                && p.last_heard(now)
                     .is_some_and(|t| now.duration_since(t) < FOLLOW_FRESH)
                 && p.status
                     .is_some_and(|s| s.role == Role::Primary && s.epoch >= self.epoch)
