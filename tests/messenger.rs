@@ -3,22 +3,24 @@
 //! exactly-once delivery, a killed server catching up and leading again, the Python client
 //! and the interactive client against the Rust servers.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/messenger_load.rs"]
 mod messenger_load;
 
-use common::{connect, eventually, run_python, ChildServer, IO_TIMEOUT};
-use messenger_load::{Acked, Load};
+use cluster::{Cluster, Proxies};
+use common::{connect, eventually, run_python, IO_TIMEOUT};
+use messenger_load::{launch, Acked, Load, Raw};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use switchboard::bench::free_addrs;
-use switchboard::framing::{encode_frame, FrameError, FrameReader, Framing};
+use switchboard::framing::{encode_frame, FrameError, Framing};
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::{Client, ClientError};
 use switchboard::proxy::FaultProxy;
@@ -26,133 +28,41 @@ use switchboard::proxy::FaultProxy;
 const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_messenger-client");
 
-/// Servers started as child processes on fixed free ports, with data directories that are
-/// removed (and processes that are killed) when the test ends.
-struct Cluster {
-    addrs: Vec<SocketAddr>,
-    servers: Vec<Option<ChildServer>>,
-    root: PathBuf,
-    extra: Vec<String>,
-    /// With [`Cluster::start_proxied`]: `links[i][j]` carries server `i`'s replication
-    /// link to server `j` (`None` on the diagonal), and `front[j]` is a way in to server
-    /// `j` for clients, each a [`FaultProxy`] to cut and heal.
-    links: Vec<Vec<Option<FaultProxy>>>,
-    front: Vec<FaultProxy>,
-}
-
-impl Cluster {
+/// What these tests start and ask of a [`Cluster`] of messenger servers.
+trait Messenger {
     fn start(n: usize, name: &str) -> Cluster {
         Cluster::start_with(n, name, &[])
     }
 
     fn start_with(n: usize, name: &str, extra: &[&str]) -> Cluster {
-        let root = std::env::temp_dir().join(format!(
-            "switchboard-messenger-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        let mut c = Cluster {
-            addrs: free_addrs(n).unwrap(),
-            servers: (0..n).map(|_| None).collect(),
-            root,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            links: Vec::new(),
-            front: Vec::new(),
-        };
-        for id in 0..n {
-            c.spawn(id);
-        }
-        c
+        Cluster::launch(n, name, Proxies::None, launch(SERVER, "messenger", extra))
     }
 
     /// `n` servers that dial each other through a [`FaultProxy`] per ordered pair
-    /// (`--dial`), with a proxy in front of each for clients ([`Cluster::front_client`]).
+    /// (`--dial`), with a proxy in front of each for clients ([`Messenger::front_client`]).
     fn start_proxied(n: usize, name: &str) -> Cluster {
-        let mut c = Cluster::start_with(0, name, &[]);
-        c.addrs = free_addrs(n).unwrap();
-        c.servers = (0..n).map(|_| None).collect();
-        c.links = (0..n)
-            .map(|i| {
-                (0..n)
-                    .map(|j| (i != j).then(|| FaultProxy::start(c.addrs[j]).unwrap()))
-                    .collect()
-            })
-            .collect();
-        c.front = c
-            .addrs
-            .iter()
-            .map(|&a| FaultProxy::start(a).unwrap())
-            .collect();
-        for id in 0..n {
-            c.spawn(id);
-        }
-        c
-    }
-
-    /// Cuts (or heals) the links between servers `i` and `j`, both ways, without closing
-    /// anything.
-    fn cut_link(&self, i: usize, j: usize, cut: bool) {
-        for (a, b) in [(i, j), (j, i)] {
-            let proxy = self.links[a][b].as_ref().expect("a proxied cluster");
-            if cut {
-                proxy.cut();
-            } else {
-                proxy.heal();
-            }
-        }
+        let launch = launch(SERVER, "messenger", &[]);
+        Cluster::launch(n, name, Proxies::LinksAndFront, launch)
     }
 
     /// A client that reaches each server through the front proxies.
+    fn front_client(&self) -> Client;
+
+    fn client(&self) -> Client;
+
+    /// A raw connection to the primary (found by asking each server).
+    fn raw(&self) -> Raw;
+}
+
+impl Messenger for Cluster {
     fn front_client(&self) -> Client {
         Client::new(self.front.iter().map(FaultProxy::local_addr).collect())
-    }
-
-    /// The log lines of every server, for a failure message.
-    fn logs(&self) -> String {
-        (0..self.addrs.len())
-            .map(|i| format!("--- server {i}\n{}", self.log(i)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn peers(&self) -> String {
-        let peers: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
-        peers.join(",")
-    }
-
-    fn spawn(&mut self, id: usize) {
-        let dir = self.root.join(format!("server{id}"));
-        let (id_arg, peers) = (id.to_string(), self.peers());
-        let dial: Vec<String> = (0..self.addrs.len())
-            .map(|j| match self.links.get(id).and_then(|l| l[j].as_ref()) {
-                Some(proxy) => proxy.local_addr().to_string(),
-                None => self.addrs[j].to_string(),
-            })
-            .collect();
-        let dial = dial.join(",");
-        let mut args = vec!["--id", &id_arg, "--peers", &peers, "--dial", &dial];
-        args.extend(["--data-dir", dir.to_str().unwrap()]);
-        args.extend(self.extra.iter().map(String::as_str));
-        let server = ChildServer::start(SERVER, &args);
-        assert_eq!(server.addr, self.addrs[id]);
-        self.servers[id] = Some(server);
-    }
-
-    fn kill9(&mut self, id: usize) {
-        self.servers[id].take().expect("running").kill9();
-    }
-
-    fn log(&self, id: usize) -> String {
-        self.servers[id]
-            .as_ref()
-            .map_or(String::new(), ChildServer::log_text)
     }
 
     fn client(&self) -> Client {
         Client::new(self.addrs.clone())
     }
 
-    /// A raw connection to the primary (found by asking each server).
     fn raw(&self) -> Raw {
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
@@ -164,59 +74,6 @@ impl Cluster {
             }
             assert!(Instant::now() < deadline, "no primary");
             thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.servers.iter_mut().for_each(|s| drop(s.take()));
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-/// Exact bytes over one connection: each payload in one u32 frame.
-struct Raw {
-    stream: TcpStream,
-    reader: FrameReader<TcpStream>,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let stream = connect(addr);
-        Raw {
-            reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
-            stream,
-        }
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = Vec::new();
-        encode_frame(Framing::U32, payload, &mut frame).unwrap();
-        self.stream.write_all(&frame).unwrap();
-    }
-
-    fn recv(&mut self) -> Vec<u8> {
-        let frame = self.reader.read_frame().expect("a frame");
-        frame.expect("not closed").to_vec()
-    }
-
-    fn ask(&mut self, payload: &[u8]) -> Vec<u8> {
-        self.send(payload);
-        self.recv()
-    }
-
-    fn closed(&mut self) -> bool {
-        matches!(self.reader.read_frame(), Ok(None) | Err(_))
-    }
-
-    /// Whether the server ended the connection: the end of the stream or a reset, not a
-    /// read that timed out (which `closed` also counts).
-    fn ended_by_server(&mut self) -> bool {
-        match self.reader.read_frame() {
-            Ok(None) => true,
-            Err(e) => !e.is_timeout(),
-            Ok(Some(_)) => false,
         }
     }
 }
@@ -603,21 +460,13 @@ fn a_frozen_primary_steps_down_when_it_wakes_and_acknowledges_nothing_meanwhile(
     cat.login("cat").unwrap();
     cat.send("bob", "before").unwrap();
     assert_eq!(cat.server(), Some(0));
-    let signal = |sig: &str| {
-        let pid = cluster.servers[0].as_ref().unwrap().child.id().to_string();
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    signal("-STOP");
+    cluster.signal(0, "-STOP");
     // Queued in the frozen server's socket; it will read it when it wakes.
     ann.send(b"\x04ann|bob|1|while frozen");
     // The others notice the silence and take over; cat's client times out and fails over.
     cat.send("bob", "during").unwrap();
     assert_eq!(cat.server(), Some(1));
-    signal("-CONT");
+    cluster.signal(0, "-CONT");
     // Woken, server 0 finds its ticker late: it steps down instead of trusting its stale
     // view, so the request it finds waiting is never acknowledged.
     let reply = ann.reader.read_frame().map(|f| f.map(<[u8]>::to_vec));
@@ -701,10 +550,7 @@ fn a_message_handed_over_again_is_confirmed_again_and_passed_on_once() {
                 .set_read_timeout(Some(Duration::from_secs(3)))
                 .unwrap();
             stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-            let mut raw = Raw {
-                reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
-                stream,
-            };
+            let mut raw = Raw::over(stream);
             let login = raw.recv();
             assert!(
                 login.starts_with(b"\x02ann|"),
@@ -878,12 +724,7 @@ fn the_python_client_works_against_the_rust_cluster_and_fails_over() {
     );
     // A hung primary (its kernel still accepts connections): the client, not logged in,
     // gives up on it after its reply timeout and finds server 2, not server 1 again.
-    let pid = cluster.servers[1].as_ref().unwrap().child.id().to_string();
-    let stop = std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap();
-    assert!(stop.success());
+    cluster.signal(1, "-STOP");
     assert_eq!(py(&["search", "*"]), "ann\nbob\n");
 }
 

@@ -6,127 +6,59 @@
 //! leader frozen with SIGSTOP wakes acknowledging nothing it did not commit; every
 //! server restarting from its data directory keeps accounts and undelivered messages.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/messenger_load.rs"]
 mod messenger_load;
 
-use common::{eventually, run_python, ChildServer, IO_TIMEOUT};
-use messenger_load::{Acked, Load};
+use cluster::{Cluster, Proxies};
+use common::{eventually, run_python, IO_TIMEOUT};
+use messenger_load::{launch, Acked, Load, Raw};
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
-use switchboard::bench::free_addrs;
-use switchboard::framing::{encode_frame, FrameReader, Framing};
+use switchboard::framing::{encode_frame, Framing};
 use switchboard::messenger::protocol::{Delivery, MessageId};
 use switchboard::messenger::Client;
-use switchboard::proxy::FaultProxy;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
 const N: usize = 3;
 
 /// Three majority-mode servers; with `proxied`, server `i` dials server `j` through a
 /// proxy of its own (`--dial`), so a split is real sockets that stop passing bytes.
-struct Cluster {
-    addrs: Vec<SocketAddr>,
-    servers: Vec<Option<ChildServer>>,
-    /// `links[i][j]`: what server `i` dials to reach server `j`.
-    links: Vec<Vec<Option<FaultProxy>>>,
-    root: PathBuf,
-    extra: Vec<&'static str>,
-}
-
-impl Cluster {
+trait Majority {
     fn start(name: &str, proxied: bool) -> Cluster {
         Cluster::start_with(name, proxied, &[])
     }
 
-    fn start_with(name: &str, proxied: bool, extra: &[&'static str]) -> Cluster {
-        let root = std::env::temp_dir().join(format!(
-            "switchboard-messenger-majority-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        let addrs = free_addrs(N).unwrap();
-        let links = (0..N)
-            .map(|i| {
-                (0..N)
-                    .map(|j| (proxied && i != j).then(|| FaultProxy::start(addrs[j]).unwrap()))
-                    .collect()
-            })
-            .collect();
-        let mut c = Cluster {
-            addrs,
-            servers: (0..N).map(|_| None).collect(),
-            links,
-            root,
-            extra: extra.to_vec(),
-        };
-        for i in 0..N {
-            c.spawn(i);
-        }
-        c
+    fn start_with(name: &str, proxied: bool, extra: &[&str]) -> Cluster {
+        let extra = [&["--quorum", "majority"], extra].concat();
+        let launch = launch(SERVER, "messenger-majority", &extra);
+        Cluster::launch(N, name, Proxies::links_if(proxied), launch)
     }
 
-    fn spawn(&mut self, i: usize) {
-        let list = |f: &dyn Fn(usize) -> String| (0..N).map(f).collect::<Vec<_>>().join(",");
-        let peers = list(&|j| self.addrs[j].to_string());
-        let dial = list(&|j| match &self.links[i][j] {
-            Some(p) => p.local_addr().to_string(),
-            None => self.addrs[j].to_string(),
-        });
-        let dir = self.root.join(format!("server{i}"));
-        let id = i.to_string();
-        let mut args = vec![
-            "--quorum",
-            "majority",
-            "--id",
-            &id,
-            "--peers",
-            &peers,
-            "--dial",
-            &dial,
-            "--data-dir",
-            dir.to_str().unwrap(),
-        ];
-        args.extend(&self.extra);
-        let server = ChildServer::start(SERVER, &args);
-        assert_eq!(server.addr, self.addrs[i]);
-        self.servers[i] = Some(server);
-    }
+    fn client(&self) -> Client;
 
-    fn kill9(&mut self, i: usize) {
-        self.servers[i].take().expect("running").kill9();
-    }
+    /// The server that answers a search itself (the others redirect, or hold the answer
+    /// if they cannot commit).
+    fn serving(&self) -> Option<usize>;
 
-    /// Cuts (or heals) every link into and out of server `i`, without closing anything.
-    fn isolate(&self, i: usize, cut: bool) {
-        for a in 0..N {
-            for b in 0..N {
-                if let Some(p) = self.links[a][b].as_ref().filter(|_| a == i || b == i) {
-                    if cut {
-                        p.cut();
-                    } else {
-                        p.heal();
-                    }
-                }
-            }
-        }
-    }
+    fn leader(&self) -> usize;
+}
 
+impl Majority for Cluster {
     fn client(&self) -> Client {
         Client::new(self.addrs.clone())
     }
 
-    /// The server that answers a search itself (the others redirect, or hold the answer
-    /// if they cannot commit).
     fn serving(&self) -> Option<usize> {
         (0..N).find(|&i| {
             self.servers[i].is_some()
-                && Raw::connect(self.addrs[i], Duration::from_millis(500))
-                    .and_then(|mut r| r.ask(b"\x03probe"))
+                && Raw::try_connect(self.addrs[i], Duration::from_millis(500))
+                    .and_then(|mut r| r.try_ask(b"\x03probe"))
                     .is_some_and(|reply| reply.first() == Some(&0x22))
         })
     }
@@ -138,51 +70,6 @@ impl Cluster {
             found.is_some()
         });
         found.unwrap()
-    }
-
-    fn logs(&self) -> String {
-        (0..N)
-            .map(|i| {
-                let log = self.servers[i]
-                    .as_ref()
-                    .map_or(String::new(), ChildServer::log_text);
-                format!("--- server {i}\n{log}")
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.servers.iter_mut().for_each(|s| drop(s.take()));
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-/// Exact bytes over one connection, with a read timeout of its own.
-struct Raw {
-    stream: TcpStream,
-    reader: FrameReader<TcpStream>,
-}
-
-impl Raw {
-    fn connect(addr: SocketAddr, timeout: Duration) -> Option<Raw> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
-        stream.set_read_timeout(Some(timeout)).ok()?;
-        stream.set_write_timeout(Some(IO_TIMEOUT)).ok()?;
-        Some(Raw {
-            reader: FrameReader::new(stream.try_clone().ok()?, Framing::U32),
-            stream,
-        })
-    }
-
-    /// The answer to `payload`; `None` if none came in time or the connection closed.
-    fn ask(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
-        let mut frame = Vec::new();
-        encode_frame(Framing::U32, payload, &mut frame).unwrap();
-        self.stream.write_all(&frame).ok()?;
-        self.reader.read_frame().ok().flatten().map(|f| f.to_vec())
     }
 }
 
@@ -220,8 +107,8 @@ fn clients_register_send_and_receive_and_followers_redirect_to_the_leader() {
     assert_eq!(ann.server(), Some(leader));
     // A follower redirects (40, the leader's id) and closes, as a backup does.
     let follower = (leader + 1) % N;
-    let mut raw = Raw::connect(cluster.addrs[follower], IO_TIMEOUT).unwrap();
-    assert_eq!(raw.ask(b"\x03*"), Some(vec![0x40, b'0' + leader as u8]));
+    let mut raw = Raw::try_connect(cluster.addrs[follower], IO_TIMEOUT).unwrap();
+    assert_eq!(raw.try_ask(b"\x03*"), Some(vec![0x40, b'0' + leader as u8]));
     let mut bob = cluster.client();
     assert_eq!(bob.login("bob").unwrap(), 0);
     ann.login("ann").unwrap();
@@ -258,12 +145,12 @@ fn a_split_with_the_leader_in_the_minority_acknowledges_nothing_there_and_loses_
     load.more(50);
     let old = cluster.leader();
     // A client of the old leader, logged in before the cut.
-    let mut alone = Raw::connect(cluster.addrs[old], Duration::from_millis(1500)).unwrap();
-    assert_eq!(alone.ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    let mut alone = Raw::try_connect(cluster.addrs[old], Duration::from_millis(1500)).unwrap();
+    assert_eq!(alone.try_ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
     cluster.isolate(old, true);
     // The cut-off leader acknowledges nothing: its answer never comes (it steps down
     // within an election timeout and closes its clients).
-    assert_eq!(alone.ask(b"\x04lone|r0|424242|from the minority"), None);
+    assert_eq!(alone.try_ask(b"\x04lone|r0|424242|from the minority"), None);
     // The majority elects a leader of its own and goes on.
     let mut new = None;
     eventually("the majority to elect", || {
@@ -289,16 +176,6 @@ fn a_split_with_the_leader_in_the_minority_acknowledges_nothing_there_and_loses_
     );
 }
 
-/// Sends `signal` (`-STOP`, `-CONT`) to server `i`.
-fn signal(cluster: &Cluster, i: usize, signal: &str) {
-    let pid = cluster.servers[i].as_ref().unwrap().child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-}
-
 #[test]
 fn a_frozen_leader_wakes_to_a_new_epoch_and_acknowledges_nothing_it_did_not_commit() {
     let cluster = Cluster::start("frozen", false);
@@ -307,9 +184,9 @@ fn a_frozen_leader_wakes_to_a_new_epoch_and_acknowledges_nothing_it_did_not_comm
     load.more(50);
     let old = cluster.leader();
     // A client of the old leader that waits for its answer longer than the freeze lasts.
-    let mut alone = Raw::connect(cluster.addrs[old], Duration::from_secs(5)).unwrap();
-    assert_eq!(alone.ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
-    signal(&cluster, old, "-STOP");
+    let mut alone = Raw::try_connect(cluster.addrs[old], Duration::from_secs(5)).unwrap();
+    assert_eq!(alone.try_ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    cluster.signal(old, "-STOP");
     let mut frame = Vec::new();
     encode_frame(Framing::U32, b"\x04lone|r0|434343|while frozen", &mut frame).unwrap();
     alone.stream.write_all(&frame).unwrap();
@@ -320,7 +197,7 @@ fn a_frozen_leader_wakes_to_a_new_epoch_and_acknowledges_nothing_it_did_not_comm
         new.is_some()
     });
     load.more(50);
-    signal(&cluster, old, "-CONT");
+    cluster.signal(old, "-CONT");
     // Woken, it decides the send on its stale view, but never acknowledges it.
     let answer = alone.reader.read_frame().ok().flatten().map(|f| f.to_vec());
     assert_eq!(answer, None);
@@ -386,4 +263,61 @@ fn the_python_client_works_against_a_majority_cluster_and_fails_over() {
     assert_eq!(inbox, "ann: hello | world\nann: after the leader died\n");
     assert_eq!(py(&["inbox", "bob"]), "");
     assert_eq!(py(&["search", "*"]), "ann\nbob\n");
+}
+
+/// A follower killed while the leader's log moves on past several snapshots catches up
+/// from a snapshot (InstallSnapshot): restarted, it logs a restore after it listens (a
+/// restore at start comes before), it then commits a send with the leader alone, and,
+/// once the leader is gone and the third server restarts empty, it leads and serves every
+/// account and message from the state the snapshot gave it.
+#[test]
+fn a_follower_down_past_a_compaction_catches_up_from_the_leaders_snapshot() {
+    // Snapshots every 10 log entries (`--compact-after`).
+    let mut cluster = Cluster::start_with("install", false, &["--compact-after", "10"]);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    ann.login("ann").unwrap();
+    let leader = cluster.leader();
+    let (behind, other) = ((leader + 1) % N, (leader + 2) % N);
+    cluster.kill9(behind);
+    let snapshots = |c: &Cluster| c.log(leader).matches(": snapshot at ").count();
+    let before = snapshots(&cluster);
+    const SENT: u16 = 60;
+    for i in 0..SENT {
+        ann.send("bob", &format!("while down {i}")).unwrap();
+    }
+    // Three snapshots built after the kill: the last one started past every entry the
+    // follower could hold, and the leader's log now begins after it.
+    eventually("the leader to compact its log three times", || {
+        snapshots(&cluster) >= before + 3
+    });
+    cluster.spawn(behind);
+    let installed = |c: &Cluster| {
+        let log = c.log(behind);
+        let listening = log.find("listening on").expect("it listens");
+        log[listening..].contains("state restored from a snapshot")
+    };
+    eventually("the follower to install the leader's snapshot", || {
+        installed(&cluster)
+    });
+    // With the third server down, a send commits only on the leader and the follower: the
+    // follower holds every entry up to it.
+    cluster.kill9(other);
+    ann.send("bob", "after the install").unwrap();
+    drop(ann);
+    // The leader gone and the third server back empty, only the follower can lead (its
+    // log is the more up to date): what it serves is its own state.
+    cluster.kill9(leader);
+    std::fs::remove_dir_all(cluster.root.join(format!("server{other}"))).unwrap();
+    cluster.spawn(other);
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap(), SENT + 1, "{}", cluster.logs());
+    let got: Vec<String> = bob.deliveries().try_iter().map(|d| d.text).collect();
+    let mut want: Vec<String> = (0..SENT).map(|i| format!("while down {i}")).collect();
+    want.push("after the install".into());
+    assert_eq!(got, want);
+    assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+    let log = cluster.log(behind);
+    assert!(log.contains("leading epoch"), "{log}");
 }

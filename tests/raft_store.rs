@@ -5,133 +5,72 @@
 //! nemesis of cuts and kills leave a linearizable history, and so do clients while the
 //! leader's links are slowed past the election timeout.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
-use common::{ChildServer, IO_TIMEOUT};
-use std::collections::BTreeMap;
+use cluster::{Cluster, Launch, Proxies, Spawn};
+use common::IO_TIMEOUT;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use switchboard::bench::free_addrs;
 use switchboard::framing::Framing;
 use switchboard::lincheck::{self, Call, Op};
-use switchboard::proxy::{Direction, FaultProxy};
+use switchboard::proxy::Direction;
 use switchboard::store::client::StoreClient;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_store-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_store-client");
 const N: usize = 3;
 
-/// Three servers; with `proxied`, server i reaches server j through a proxy of its own,
-/// so a partition is real sockets that stop passing bytes.
-struct Cluster {
-    addrs: Vec<SocketAddr>,
-    servers: Vec<Option<ChildServer>>,
-    /// (from, to) → the proxy `from` dials to reach `to`.
-    proxies: BTreeMap<(usize, usize), FaultProxy>,
-    root: PathBuf,
-    timeout: &'static str,
-    extra: Vec<&'static str>,
-    /// The clients' framing (`--framing` in `extra`, else line).
-    framing: Framing,
-}
-
-impl Cluster {
+/// Three servers; with `proxied`, server i reaches server j through a proxy of its own
+/// (its `--peers` list names the proxies), so a partition is real sockets that stop
+/// passing bytes.
+trait Store {
     fn start(name: &str, proxied: bool) -> Cluster {
         Cluster::start_with(name, proxied, &[])
     }
 
-    fn start_with(name: &str, proxied: bool, extra: &[&'static str]) -> Cluster {
-        let root = std::env::temp_dir().join(format!(
-            "switchboard-raft-store-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        let addrs = free_addrs(N).unwrap();
-        let mut proxies = BTreeMap::new();
-        if proxied {
-            for from in 0..N {
-                for (to, &target) in addrs.iter().enumerate() {
-                    if from != to {
-                        proxies.insert((from, to), FaultProxy::start(target).unwrap());
-                    }
-                }
-            }
-        }
-        let mut c = Cluster {
-            addrs,
-            servers: (0..N).map(|_| None).collect(),
-            proxies,
-            root,
-            timeout: "1",
-            extra: extra.to_vec(),
-            framing: extra
-                .iter()
-                .position(|&a| a == "--framing")
-                .map_or(Framing::Line, |at| extra[at + 1].parse().unwrap()),
+    fn start_with(name: &str, proxied: bool, extra: &[&str]) -> Cluster {
+        let args = |s: &Spawn| {
+            let (id, dir) = (s.id.to_string(), s.data_dir.to_str().unwrap());
+            let args = ["--raft", &id, "--peers", &s.dial, "--data-dir", dir];
+            let timeout = ["--request-timeout", "1"];
+            [&args[..], &timeout]
+                .concat()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
         };
-        for i in 0..N {
-            c.spawn(i);
-        }
-        c
+        let launch = Launch::new(SERVER, "raft-store", args, extra);
+        Cluster::launch(N, name, Proxies::links_if(proxied), launch)
     }
 
-    fn peers_of(&self, i: usize) -> String {
-        let list: Vec<String> = (0..N)
-            .map(|j| match self.proxies.get(&(i, j)) {
-                Some(p) => p.local_addr().to_string(),
-                None => self.addrs[j].to_string(),
-            })
-            .collect();
-        list.join(",")
-    }
+    /// The clients' framing (`--framing` in the extra arguments, else line).
+    fn framing(&self) -> Framing;
 
-    fn spawn(&mut self, i: usize) {
-        let dir = self.root.join(format!("server{i}"));
-        let (index, peers) = (i.to_string(), self.peers_of(i));
-        let mut args = vec![
-            "--raft",
-            &index,
-            "--peers",
-            &peers,
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--request-timeout",
-            self.timeout,
-        ];
-        args.extend(&self.extra);
-        let server = ChildServer::start(SERVER, &args);
-        assert_eq!(server.addr, self.addrs[i]);
-        self.servers[i] = Some(server);
-    }
+    fn stats(&self, i: usize) -> Option<Stats>;
 
-    fn kill9(&mut self, i: usize) {
-        self.servers[i].take().expect("running").kill9();
-    }
+    /// The running servers that say they lead.
+    fn leaders(&self) -> Vec<usize>;
 
-    /// Cuts every link into and out of server `i`.
-    fn isolate(&self, i: usize, cut: bool) {
-        for ((from, to), p) in &self.proxies {
-            if *from == i || *to == i {
-                if cut {
-                    p.cut();
-                } else {
-                    p.heal();
-                }
-            }
-        }
+    fn one_leader(&self) -> usize;
+}
+
+impl Store for Cluster {
+    fn framing(&self) -> Framing {
+        self.extra("--framing")
+            .map_or(Framing::Line, |f| f.parse().unwrap())
     }
 
     fn stats(&self, i: usize) -> Option<Stats> {
-        let mut c = StoreClient::connect_timeout(self.addrs[i], self.framing, IO_TIMEOUT).ok()?;
+        let mut c = StoreClient::connect_timeout(self.addrs[i], self.framing(), IO_TIMEOUT).ok()?;
         c.stats().ok().map(|s| Stats::parse(&s))
     }
 
-    /// The running servers that say they lead.
     fn leaders(&self) -> Vec<usize> {
         (0..N)
             .filter(|&i| self.servers[i].is_some())
@@ -148,15 +87,6 @@ impl Cluster {
             assert!(Instant::now() < deadline, "no single leader within 10 s");
             thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for s in self.servers.iter_mut().filter_map(Option::take) {
-            drop(s);
-        }
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
@@ -302,8 +232,8 @@ fn a_cut_off_leader_steps_down_the_majority_serves_and_the_heal_converges() {
     // One way only: the leader's messages are lost, the others' reach it. It hears no
     // answers and steps down; the others elect; it follows the new leader.
     let l = c.one_leader();
-    for ((from, _), p) in &c.proxies {
-        if *from == l {
+    for ((from, _), p) in c.proxies() {
+        if from == l {
             p.cut_one_way(Direction::ToTarget);
         }
     }
@@ -311,7 +241,7 @@ fn a_cut_off_leader_steps_down_the_majority_serves_and_the_heal_converges() {
     common::eventually("a write through the others during a one-way cut", || {
         store_acked(other, "y", "one-way") && c.stats(l).is_some_and(|s| s.role != "leader")
     });
-    for p in c.proxies.values() {
+    for (_, p) in c.proxies() {
         p.heal();
     }
     assert_eq!(lookup(c.addrs[l], "y"), Ok(Some(b"one-way".to_vec())));
@@ -445,8 +375,8 @@ fn a_leader_on_slow_links_keeps_the_cluster_acknowledging_and_linearizable() {
     let l = c.one_leader();
     let count = || acked.lock().unwrap().len();
     for ms in [50, 200, 100] {
-        for ((from, to), p) in &c.proxies {
-            if *from == l || *to == l {
+        for ((from, to), p) in c.proxies() {
+            if from == l || to == l {
                 p.slow(Duration::from_millis(ms));
             }
         }
@@ -456,7 +386,7 @@ fn a_leader_on_slow_links_keeps_the_cluster_acknowledging_and_linearizable() {
         });
         thread::sleep(Duration::from_millis(500));
     }
-    for p in c.proxies.values() {
+    for (_, p) in c.proxies() {
         p.slow(Duration::ZERO);
     }
     check_history(clients, &history, &stop);
@@ -476,15 +406,6 @@ fn a_leader_on_slow_links_keeps_the_cluster_acknowledging_and_linearizable() {
             assert_eq!(got, Some(b"v".to_vec()), "{key} through server {i}");
         }
     }
-}
-
-fn signal(server: &ChildServer, sig: &str) {
-    let pid = server.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]
@@ -512,14 +433,14 @@ fn a_frozen_leader_a_follower_behind_a_snapshot_a_planned_stop_and_a_full_restar
     // SIGCONT the old leader acknowledges only what the new majority holds.
     let old = c.one_leader();
     assert!(store_acked(c.addrs[old], "a", "1"));
-    signal(c.servers[old].as_ref().unwrap(), "-STOP");
+    c.signal(old, "-STOP");
     let other = c.addrs[(old + 1) % N];
     common::eventually("the others to elect and take a write", || {
         store_acked(other, "a", "2")
     });
     let mut frozen = StoreClient::connect_timeout(c.addrs[old], Framing::Line, IO_TIMEOUT).unwrap();
     frozen.store(b"a", b"3").unwrap();
-    signal(c.servers[old].as_ref().unwrap(), "-CONT");
+    c.signal(old, "-CONT");
     // Acknowledged (the stats reply after it), so it is on the majority: seen everywhere.
     frozen.stats().unwrap();
     assert_eq!(lookup(other, "a"), Ok(Some(b"3".to_vec())));

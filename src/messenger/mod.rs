@@ -48,7 +48,10 @@
 //! closes (a killed process's sockets are closed by its kernel at once) or after 500 ms
 //! without a frame from it ([`replication::DOWN_AFTER`]); *up* while frames keep coming. A
 //! peer not heard from since start counts as possibly up for the first 500 ms, unless
-//! dialing it was refused or its link closed. This is the timing assumption the cluster rests on: a live
+//! dialing it was refused or its link closed. Silence counts only while the link is read:
+//! while a backup's reader syncs the records it took from the primary (an fsync that a busy
+//! disk can stretch past 500 ms), the primary counts as heard, and its silence counts from
+//! the end of the sync. This is the timing assumption the cluster rests on: a live
 //! server's heartbeats arrive within 500 ms. It holds for crashed and killed processes on a
 //! working network; a network partition, where both sides live but cannot talk, breaks it
 //! (tolerating partitions needs a majority quorum, which cannot survive two of three
@@ -106,7 +109,8 @@
 //! committed. A member is dropped (no longer waited for) when its link closes, when it goes
 //! silent for 500 ms, or when it has not acknowledged a record 1 s after it was appended
 //! ([`replication::ACK_TIMEOUT`]). A live peer that is not a member is caught up by the same
-//! stream and becomes a member again once it has acknowledged everything committed. A live
+//! stream and becomes a member again once it has acknowledged everything committed (and,
+//! if it was excluded for a missing acknowledgement, that record). A live
 //! peer excluded while alive may not know it yet (busy with older frames, its in-sync
 //! flag still set): commits go on without it only once it has echoed a heartbeat that
 //! says it is excluded (each heartbeat carries a mark, and echoes the mark of the last one

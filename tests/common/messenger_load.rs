@@ -1,15 +1,42 @@
 //! Load for the messenger's real-process tests (`tests/messenger.rs`,
 //! `tests/messenger_majority.rs`): senders in closed loops and receivers logged in
-//! throughout, every acknowledged send recorded. Included with `#[path]` next to `common`.
+//! throughout, every acknowledged send recorded; [`Raw`], exact bytes over one
+//! connection; and [`launch`], how a messenger server is started. Included with `#[path]`
+//! next to `common` (and `common/cluster.rs`).
 #![allow(dead_code)]
 
-use crate::common::eventually;
+use crate::cluster::Launch;
+use crate::common::{connect, eventually, IO_TIMEOUT};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use switchboard::framing::{encode_frame, FrameReader, Framing};
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::Client;
+
+/// `messenger-server` (`program`) for a [`crate::cluster::Cluster`]: its id, every
+/// server's address, what it dials and its data directory, then `extra` (primary mode
+/// unless `extra` says `--quorum majority`).
+pub fn launch(program: &'static str, prefix: &'static str, extra: &[&str]) -> Launch {
+    let args = |s: &crate::cluster::Spawn| {
+        let (id, dir) = (s.id.to_string(), s.data_dir.to_str().unwrap());
+        let args = [
+            "--id",
+            &id,
+            "--peers",
+            &s.peers,
+            "--dial",
+            &s.dial,
+            "--data-dir",
+            dir,
+        ];
+        args.map(str::to_owned).to_vec()
+    };
+    Launch::new(program, prefix, args, extra)
+}
 
 /// A send the cluster acknowledged: its text, the server that answered, and when.
 #[derive(Clone)]
@@ -127,4 +154,72 @@ pub fn receive(
         got.extend(c.deliveries().try_iter());
         got
     })
+}
+
+/// Exact bytes over one connection to a messenger server: each payload in one u32 frame.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub reader: FrameReader<TcpStream>,
+}
+
+impl Raw {
+    /// Connects (retrying until `IO_TIMEOUT`), with reads timing out after `IO_TIMEOUT`.
+    pub fn connect(addr: SocketAddr) -> Raw {
+        Raw::over(connect(addr))
+    }
+
+    /// One attempt to connect, with reads timing out after `read_timeout`.
+    pub fn try_connect(addr: SocketAddr, read_timeout: Duration) -> Option<Raw> {
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
+        stream.set_read_timeout(Some(read_timeout)).ok()?;
+        stream.set_write_timeout(Some(IO_TIMEOUT)).ok()?;
+        Some(Raw::over(stream))
+    }
+
+    /// Over a stream whose timeouts are already set.
+    pub fn over(stream: TcpStream) -> Raw {
+        Raw {
+            reader: FrameReader::new(stream.try_clone().unwrap(), Framing::U32),
+            stream,
+        }
+    }
+
+    pub fn send(&mut self, payload: &[u8]) {
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, payload, &mut frame).unwrap();
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// The next frame; the test fails if none comes.
+    pub fn recv(&mut self) -> Vec<u8> {
+        let frame = self.reader.read_frame().expect("a frame");
+        frame.expect("not closed").to_vec()
+    }
+
+    pub fn ask(&mut self, payload: &[u8]) -> Vec<u8> {
+        self.send(payload);
+        self.recv()
+    }
+
+    /// The answer to `payload`; `None` if none came in time or the connection closed.
+    pub fn try_ask(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut frame = Vec::new();
+        encode_frame(Framing::U32, payload, &mut frame).unwrap();
+        self.stream.write_all(&frame).ok()?;
+        self.reader.read_frame().ok().flatten().map(|f| f.to_vec())
+    }
+
+    pub fn closed(&mut self) -> bool {
+        matches!(self.reader.read_frame(), Ok(None) | Err(_))
+    }
+
+    /// Whether the server ended the connection: the end of the stream or a reset, not a
+    /// read that timed out (which `closed` also counts).
+    pub fn ended_by_server(&mut self) -> bool {
+        match self.reader.read_frame() {
+            Ok(None) => true,
+            Err(e) => !e.is_timeout(),
+            Ok(Some(_)) => false,
+        }
+    }
 }

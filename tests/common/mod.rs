@@ -141,6 +141,13 @@ impl ChildServer {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[child] {line}");
+                // In the log before the start is reported: a test that reads the log once
+                // `start` returns finds the `listening on` line in it.
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if let Some(at) = line.find("listening on ") {
                     let addr = line[at + 13..].split_whitespace().next().unwrap_or("");
                     if let (Some(tx), Ok(addr)) = (tx.as_ref(), addr.parse::<SocketAddr>()) {
@@ -148,9 +155,6 @@ impl ChildServer {
                     }
                     tx = None;
                 }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
             done.store(true, std::sync::atomic::Ordering::SeqCst);
         });

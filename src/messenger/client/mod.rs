@@ -520,8 +520,15 @@ impl Client {
                 if Instant::now() >= deadline {
                     return Err(ClientError::Unavailable);
                 }
-                let Ok(conn) = Conn::open(id, self.servers[id], &self.seen, &self.tx) else {
-                    continue;
+                let conn = match Conn::open(id, self.servers[id], &self.seen, &self.tx) {
+                    Ok(conn) => conn,
+                    // Only a refusal says nobody listens there. A connect that timed out
+                    // may be a live server on a loaded machine (its accept queue full):
+                    // the request waits for it until its deadline.
+                    Err(e) => {
+                        reached |= e.kind() != io::ErrorKind::ConnectionRefused;
+                        continue;
+                    }
                 };
                 reached = true;
                 let Some(name) = self.user.clone() else {
@@ -620,6 +627,29 @@ pub fn run_command(client: &mut Client, line: &str) -> Option<String> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    /// A server whose accept queue is full (a live process on a loaded machine) times
+    /// connects out; that is not a refusal: the request waits for it until its own
+    /// deadline instead of saying after [`ALL_REFUSED_GRACE`] that no server runs.
+    #[test]
+    fn a_connect_that_times_out_is_not_a_refusal() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Never accepted: fill the queue until a connect times out.
+        let mut queued = Vec::new();
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => queued.push(s),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 10_000, "the accept queue never filled");
+        }
+        let mut client = Client::new(vec![addr]);
+        client.timeout = ALL_REFUSED_GRACE * 2;
+        assert_eq!(client.search("*"), Err(ClientError::Unavailable));
+        drop((listener, queued));
+    }
 
     #[test]
     fn repeats_are_told_apart_per_epoch_never_across_epochs() {

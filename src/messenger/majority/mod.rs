@@ -209,6 +209,14 @@ impl StateMachine for Applier {
             Machine::decode(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut inner = self.0.lock();
         self.0.step_down(&mut inner, "restoring a snapshot");
+        // At start (before `listening on`) or from the leader (InstallSnapshot, after).
+        log_info!(
+            "messenger-{}: state restored from a snapshot: epoch {} seq {}, {} accounts",
+            self.0.id,
+            machine.fence.epoch,
+            machine.fence.seq,
+            machine.state.accounts()
+        );
         inner.machine = machine;
         Ok(())
     }

@@ -284,7 +284,7 @@ impl Replica {
         loop {
             let now = Instant::now();
             let p = &inner.peers[from];
-            let live = p.link.is_some() && p.heard.is_some_and(|t| now - t < DOWN_AFTER);
+            let live = p.link.is_some() && p.last_heard(now).is_some_and(|t| now - t < DOWN_AFTER);
             if inner.stopping {
                 return false;
             }
@@ -493,8 +493,18 @@ impl Replica {
 
     /// Makes everything taken so far durable, then acknowledges up to `seq` to the primary.
     fn acknowledge(&self, primary: usize, epoch: u64, seq: u64) {
+        // This thread reads the primary's link: while it syncs, frames wait unread, and a
+        // slow disk (fsyncs of seconds on a busy machine) would make a live primary look
+        // silent to this server (and to the other backups, syncing the same records at
+        // once), which would then take over. Its silence counts from the end of the sync.
+        self.lock().peers[primary].syncing = true;
         self.flush_to(seq);
         let mut inner = self.lock();
+        let p = &mut inner.peers[primary];
+        p.syncing = false;
+        if p.heard.is_some() {
+            p.heard = Some(Instant::now());
+        }
         if inner.epoch == epoch {
             inner.last_ack = Some((epoch, seq));
             let at = Pos {
@@ -573,6 +583,44 @@ mod tests {
                 .0,
             dir,
         )
+    }
+
+    /// A backup's reader syncing what it took from the primary reads nothing: the primary
+    /// stays up (and followed) however long the sync lasts, and its silence counts from the
+    /// sync's end. Before, two backups syncing on a slow disk both found a live primary
+    /// silent and one took over (a change of primary under load, no stall logged).
+    #[test]
+    fn a_primary_is_not_silent_while_its_records_are_synced_nor_just_after() {
+        use super::super::timing::DOWN_AFTER;
+        let (b, dir) = replica(1, "syncing");
+        let long_ago = Instant::now().checked_sub(2 * DOWN_AFTER).unwrap();
+        let primary = Status {
+            role: Role::Primary,
+            epoch: 2,
+            last: Pos { epoch: 2, seq: 0 },
+            in_sync: true,
+            you: Standing::Member,
+            mark: 1,
+            echo: 0,
+            primary: None,
+        };
+        let mut inner = b.lock();
+        inner.epoch = 2;
+        inner.peers[0].status = Some(primary);
+        inner.peers[0].heard = Some(long_ago);
+        let now = Instant::now();
+        assert!(!inner.up(0, now) && !inner.maybe_up(0, now));
+        inner.peers[0].syncing = true;
+        assert!(inner.up(0, now) && inner.maybe_up(0, now));
+        assert_eq!(inner.following(1, now), Some(0));
+        inner.peers[0].syncing = false;
+        drop(inner);
+        b.acknowledge(0, 2, 0);
+        let inner = b.lock();
+        assert!(!inner.peers[0].syncing);
+        assert!(inner.up(0, Instant::now()), "silent from before the sync");
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -35,9 +35,9 @@ impl Replica {
         }
         let floor = inner.committed.max(inner.takeover);
         for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
-            let ready = inner.up(j, now)
-                && inner.peers[j].feed != Feed::Unknown
-                && inner.peers[j].acked >= floor;
+            let p = &inner.peers[j];
+            let ready =
+                inner.up(j, now) && p.feed != Feed::Unknown && p.acked >= floor.max(p.overdue);
             if !inner.peers[j].member && ready {
                 inner.peers[j].member = true;
                 inner.version += 1;
@@ -267,6 +267,7 @@ impl Replica {
             let up = inner.up(j, now);
             let p = &mut inner.peers[j];
             p.acked = 0;
+            p.overdue = 0;
             p.member = up;
             p.feed = Feed::Unknown;
             if up {
@@ -313,30 +314,40 @@ impl Replica {
             inner.last_tick = now;
             for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
                 if inner.peers[j]
-                    .heard
+                    .last_heard(now)
                     .is_some_and(|t| now.duration_since(t) >= DOWN_AFTER)
                 {
                     self.peer_down(&mut inner, j, "silent");
                 }
-                let p = &inner.peers[j];
-                if inner.role != Role::Primary || !p.member || p.acked >= inner.last.seq {
-                    continue;
-                }
-                let first = p.acked + 1;
-                let at = inner
-                    .entry(first)
-                    .map_or(inner.primary_since, |e| e.at.max(inner.primary_since));
-                if now.duration_since(at) > ACK_TIMEOUT {
-                    self.exclude(&mut inner, j);
-                    log_info!(
-                        "messenger-{}: server {j} has not acknowledged seq {first} for {ACK_TIMEOUT:?}; \
-                         excluding it (commits go on once it knows)",
-                        self.id
-                    );
-                }
             }
+            self.check_acks(&mut inner, now);
             self.reconcile(inner);
             thread::sleep(TICK);
+        }
+    }
+
+    /// As primary, excludes every member that has not acknowledged a record for
+    /// [`ACK_TIMEOUT`] after it was appended; it is a member again once it acknowledges
+    /// that record.
+    pub(super) fn check_acks(&self, inner: &mut Inner, now: Instant) {
+        for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
+            let p = &inner.peers[j];
+            if inner.role != Role::Primary || !p.member || p.acked >= inner.last.seq {
+                continue;
+            }
+            let first = p.acked + 1;
+            let at = inner
+                .entry(first)
+                .map_or(inner.primary_since, |e| e.at.max(inner.primary_since));
+            if now.duration_since(at) > ACK_TIMEOUT {
+                self.exclude(inner, j);
+                inner.peers[j].overdue = first;
+                log_info!(
+                    "messenger-{}: server {j} has not acknowledged seq {first} for {ACK_TIMEOUT:?}; \
+                     excluding it (commits go on once it knows)",
+                    self.id
+                );
+            }
         }
     }
 
@@ -451,6 +462,58 @@ mod tests {
         assert_eq!(inner.committed, 5);
         replica.peer_down(&mut inner, 1, "test");
         assert_eq!(inner.committed, 6);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A member that stops acknowledging (alive, and up to date with what is committed)
+    /// is excluded, and stays out until it acknowledges the record it was excluded for:
+    /// taken in again at once, it held the commit point where it was, and the primary
+    /// excluded and re-admitted it every tick while no send was acknowledged.
+    #[test]
+    fn a_member_excluded_for_a_missing_ack_stays_out_until_it_acknowledges_that_record() {
+        use super::super::view::Feed;
+        let (replica, dir) = replica_of(2, "overdue");
+        let mut inner = replica.lock();
+        inner.role = Role::Primary;
+        inner.last = Pos { epoch: 3, seq: 5 };
+        (inner.takeover, inner.committed, inner.durable) = (1, 3, 5);
+        inner.primary_since = ago(2 * ACK_TIMEOUT);
+        let heartbeat = |inner: &mut Inner, echo: u64| {
+            inner.peers[1].heard = Some(Instant::now());
+            inner.peers[1].status = Some(Status {
+                role: Role::Backup,
+                epoch: 3,
+                last: Pos { epoch: 3, seq: 5 },
+                in_sync: true,
+                you: Standing::Member,
+                mark: 1,
+                echo,
+                primary: Some(0),
+            });
+        };
+        heartbeat(&mut inner, 0);
+        (inner.peers[1].member, inner.peers[1].acked) = (true, 3);
+        inner.peers[1].feed = Feed::From(6);
+        replica.check_acks(&mut inner, Instant::now());
+        assert!(!inner.peers[1].member);
+        for _ in 0..3 {
+            replica.recompute_commit(&mut inner);
+            assert!(
+                !inner.peers[1].member,
+                "taken in again without acknowledging seq 4"
+            );
+        }
+        // Once it knows, commits go on without it.
+        let mark = inner.peers[1].excluded;
+        heartbeat(&mut inner, mark);
+        replica.recompute_commit(&mut inner);
+        assert_eq!(inner.committed, 5);
+        assert!(!inner.peers[1].member);
+        // It acknowledges what it was excluded for: a member again.
+        inner.peers[1].acked = 5;
+        replica.recompute_commit(&mut inner);
+        assert!(inner.peers[1].member);
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }

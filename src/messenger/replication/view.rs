@@ -41,8 +41,13 @@ pub(super) struct Assembly {
 
 /// What this server knows of one other server of the cluster (a peer).
 pub(super) struct Remote {
-    /// When a frame last arrived on its inbound link; `None`: down.
+    /// When a frame last arrived on its inbound link; `None`: down. Read it through
+    /// [`Remote::last_heard`].
     pub(super) heard: Option<Instant>,
+    /// Its inbound link's reader is syncing records it took from it (an fsync, which a
+    /// busy disk can make last longer than [`DOWN_AFTER`]): it reads nothing meanwhile,
+    /// so the silence says nothing of the peer.
+    pub(super) syncing: bool,
     /// The last dial failed.
     pub(super) refused: bool,
     /// Known down since start: its link closed or it went silent.
@@ -71,6 +76,12 @@ pub(super) struct Remote {
     /// it echoes one, while it is up, it may still believe it holds every committed change,
     /// so commits wait for it all the same (see `recompute_commit`).
     pub(super) excluded: u64,
+    /// The record it was excluded for not acknowledging in time (0: none). It is taken in
+    /// again only once it acknowledges that record: by the rule for a peer catching up
+    /// alone (it holds what is committed), it would be a member again at once, and commits
+    /// would wait once more for the acknowledgement it does not send (see
+    /// `recompute_commit`).
+    pub(super) overdue: u64,
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
     /// A snapshot coming in chunks on its current inbound link.
@@ -83,6 +94,7 @@ impl Remote {
     pub(super) fn new() -> Remote {
         Remote {
             heard: None,
+            syncing: false,
             refused: false,
             was_down: false,
             status: None,
@@ -95,10 +107,19 @@ impl Remote {
             acked: 0,
             member: false,
             excluded: 0,
+            overdue: 0,
             control: Vec::new(),
             assembly: None,
             linked: false,
         }
+    }
+}
+
+impl Remote {
+    /// When it was last heard from, as far as silence goes: now while its link's reader
+    /// is syncing (see [`Remote::syncing`]); `None`: down.
+    pub(super) fn last_heard(&self, now: Instant) -> Option<Instant> {
+        self.heard.map(|t| if self.syncing { now } else { t })
     }
 }
 
@@ -213,14 +234,16 @@ impl Inner {
 
     pub(super) fn up(&self, j: usize, now: Instant) -> bool {
         let p = &self.peers[j];
-        p.status.is_some() && p.heard.is_some_and(|t| now.duration_since(t) < DOWN_AFTER)
+        p.status.is_some()
+            && p.last_heard(now)
+                .is_some_and(|t| now.duration_since(t) < DOWN_AFTER)
     }
 
     /// Not known to be down: up, or not heard from yet during the first [`DOWN_AFTER`]
     /// after start, unless a dial was refused or a link from it closed.
     pub(super) fn maybe_up(&self, j: usize, now: Instant) -> bool {
         let p = &self.peers[j];
-        match p.heard {
+        match p.last_heard(now) {
             Some(t) => now.duration_since(t) < DOWN_AFTER,
             None => !p.refused && !p.was_down && now.duration_since(self.started) < DOWN_AFTER,
         }
@@ -237,7 +260,7 @@ impl Inner {
         (0..self.peers.len()).find(|&j| {
             let p = &self.peers[j];
             j != me
-                && p.heard
+                && p.last_heard(now)
                     .is_some_and(|t| now.duration_since(t) < FOLLOW_FRESH)
                 && p.status
                     .is_some_and(|s| s.role == Role::Primary && s.epoch >= self.epoch)
