@@ -4,8 +4,11 @@
 //! majority is up and connected.
 //!
 //! - **Who serves clients**: the Raft leader, once its claim of an epoch is committed
-//!   ([`fence`]). A follower (or a leader whose claim is not committed yet) answers as a
-//!   backup does: `40` with the leader's id when it knows one, else `41`, and closes; the
+//!   ([`fence`]). A follower forwards its clients' requests to the leader it knows on its
+//!   Raft link to it and relays the answers ([`forward`]), so a client that reaches a
+//!   follower but not the leader is served. A server that can do neither (no leader known,
+//!   its link to the leader down, or a leader whose claim is not committed yet) answers as
+//!   a backup does: `40` with the leader's id when it knows one, else `41`, and closes; the
 //!   clients fail over on their own, so they and the Python client work unchanged.
 //! - **Deciding**: the leader decides each request as the primary does
 //!   (`requests::respond`) against its *own view*: the committed state plus the
@@ -25,8 +28,9 @@
 //!   one message forever, and they grow along the log, as clients expect.
 
 pub mod fence;
+pub mod forward;
 
-use super::clients::{Clients, Out};
+use super::clients::{remote_id, Clients, Out};
 use super::protocol::{self, MessageId, Reply};
 use super::requests::{self, Serving};
 use super::server::{client_reader, serve_client, Service};
@@ -36,16 +40,19 @@ use crate::group::Group;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use crate::raft::driver::{RaftHandle, StateMachine};
-use crate::raft::links;
+use crate::raft::links::{self, LinkTransport, PeerService};
+use crate::raft::ReplicaId;
 use crate::raft::member::{Member, MemberOptions};
 use crate::raft::Role;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError};
 use fence::{Applied, Command, Machine};
+use forward::{ForwardMsg, RELAY_CHUNK};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A claim of an epoch not committed within this long is made again (the fence refuses
@@ -116,14 +123,40 @@ struct Inner {
     claim: Option<(Instant, u64)>,
     /// The leader Raft knows of, by id (refreshed every tick).
     leader: Option<usize>,
+    /// As follower: client connections of this server forwarded to a leader.
+    forwarded: HashMap<u64, Forwarded>,
+    /// As leader: followers' connections it serves, by their registry id.
+    remotes: HashMap<u64, Remote>,
     stopping: bool,
+}
+
+/// A client connection of this follower, served by `leader` through it.
+struct Forwarded {
+    leader: usize,
+    /// Requests forwarded so far (the last one's number).
+    sent: u64,
+    /// Relays received so far (the last one's number).
+    got: u64,
+}
+
+/// A follower's connection served by this leader.
+struct Remote {
+    peer: usize,
+    /// Relays sent so far (the last one's number).
+    sent: u64,
+    /// Requests received so far (the last one's number).
+    got: u64,
 }
 
 struct Shared {
     id: usize,
+    /// How many servers there are.
+    peers: usize,
     inner: Mutex<Inner>,
     /// The proposer waits on this.
     queued: Condvar,
+    /// The outgoing Raft links, for forwarding (set once Raft is started).
+    links: OnceLock<LinkTransport>,
 }
 
 impl Shared {
@@ -141,6 +174,297 @@ impl Shared {
             );
         }
         inner.clients.close_all();
+    }
+
+    /// Posts a forwarding message to server `to` (an index); false if its link is down.
+    fn post(&self, to: usize, msg: &ForwardMsg) -> bool {
+        self.links
+            .get()
+            .is_some_and(|l| l.post(to as ReplicaId + 1, &msg.encode()))
+    }
+
+    /// Sends what the registry queued for followers' clients, each connection's relays
+    /// numbered in order; a closing relay ends the leader's record of its connection.
+    /// Called under the lock after anything that may queue relays, so they leave in the
+    /// order they were queued.
+    fn pump(&self, inner: &mut Inner) {
+        for peer in (0..self.peers).filter(|&p| p != self.id) {
+            for r in inner.clients.take_relay(peer) {
+                let Some(id) = remote_id(peer, r.conn) else {
+                    continue;
+                };
+                let Some(remote) = inner.remotes.get_mut(&id) else {
+                    // Forgotten (the follower closed it): nobody to relay to.
+                    continue;
+                };
+                let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
+                let mut first = true;
+                while first || parts.peek().is_some() {
+                    first = false;
+                    let part = parts.next().unwrap_or_default();
+                    remote.sent += 1;
+                    let msg = ForwardMsg::Relay {
+                        conn: r.conn,
+                        seq: remote.sent,
+                        close: r.close && parts.peek().is_none(),
+                        bytes: part.to_vec(),
+                    };
+                    // A relay lost with its link: the follower sees the link end, or the
+                    // next relay's number skip, and closes the connection.
+                    self.post(peer, &msg);
+                }
+                if r.close {
+                    inner.remotes.remove(&id);
+                    inner.clients.remove(id);
+                }
+            }
+        }
+    }
+
+    /// As follower: stops serving forwarded connection `conn` (its leader changed, a
+    /// link to it failed, or a relay went missing): what it was relayed is flushed, then
+    /// it is closed, and the client fails over; the leader forgets it.
+    fn drop_forwarded(&self, inner: &mut Inner, conn: u64) {
+        if let Some(f) = inner.forwarded.remove(&conn) {
+            self.post(f.leader, &ForwardMsg::Closed { conn });
+            inner.clients.send(conn, Out::replies(0, None, &[], true), 0);
+        }
+    }
+
+    /// As follower, forwards the request of client connection `conn` to the leader if it
+    /// can (or must: the connection is bound to one). `None`: not forwarded, decide it
+    /// here; `Some(close)`: forwarded, or to be closed because its leader is gone.
+    fn forward(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> Option<bool> {
+        if let Some(f) = inner.forwarded.get_mut(&conn) {
+            let msg = ForwardMsg::Forward {
+                conn,
+                seq: f.sent + 1,
+                request: payload.to_vec(),
+            };
+            let same = !inner.stopping && inner.lead.is_none() && inner.leader == Some(f.leader);
+            if same && self.post(f.leader, &msg) {
+                f.sent += 1;
+                return Some(false);
+            }
+            let leader = f.leader;
+            inner.forwarded.remove(&conn);
+            self.post(leader, &ForwardMsg::Closed { conn });
+            return Some(true);
+        }
+        match (&inner.lead, inner.leader) {
+            (None, Some(l)) if l != self.id && !inner.stopping && inner.clients.contains(conn) => {
+                let msg = ForwardMsg::Forward {
+                    conn,
+                    seq: 1,
+                    request: payload.to_vec(),
+                };
+                // Its link down: redirected instead, as before forwarding.
+                self.post(l, &msg).then(|| {
+                    let f = Forwarded {
+                        leader: l,
+                        sent: 1,
+                        got: 0,
+                    };
+                    inner.forwarded.insert(conn, f);
+                    false
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// As leader, request `seq` of follower `peer`'s connection `conn`: decided as a
+    /// connection of its own if it is the next one of a connection it serves (or the
+    /// first of a new one); else the follower is told to close it.
+    fn on_forward(&self, inner: &mut Inner, peer: usize, conn: u64, seq: u64, request: &[u8]) {
+        let id = remote_id(peer, conn);
+        let known = id.and_then(|id| inner.remotes.get(&id).map(|r| r.got));
+        let leading = inner.lead.is_some() && !inner.stopping;
+        let expected = known.map_or(1, |got| got + 1);
+        let registered = match id {
+            Some(_) if leading && seq == expected => {
+                known.is_some() || inner.clients.remote(peer, conn).is_some()
+            }
+            _ => false,
+        };
+        let Some(id) = id.filter(|_| registered) else {
+            // Not leading, or a request went missing: the connection is not served here.
+            if let Some(id) = id.filter(|_| known.is_some()) {
+                // Its close is relayed in order, after what it was owed.
+                inner.clients.close(id);
+                return;
+            }
+            let mut bytes = Vec::new();
+            let mut payload = Vec::new();
+            protocol::encode_reply(&Reply::Unavailable, &mut payload);
+            crate::framing::encode_frame(crate::framing::Framing::U32, &payload, &mut bytes)
+                .expect("a one-byte frame");
+            let relay = ForwardMsg::Relay {
+                conn,
+                // A first request is answered `41`; a later one of a connection this
+                // server does not know is closed without an answer.
+                seq: u64::from(seq == 1),
+                close: true,
+                bytes,
+            };
+            self.post(peer, &relay);
+            return;
+        };
+        let remote = inner.remotes.entry(id).or_insert(Remote {
+            peer,
+            sent: 0,
+            got: 0,
+        });
+        remote.got = seq;
+        if self.request(inner, id, request) {
+            inner.clients.remove(id);
+        }
+    }
+
+    /// As follower, relay `seq` from `peer` for connection `conn`: written to the client
+    /// if it is the next one of a connection bound to that leader; after a gap the
+    /// connection is closed.
+    fn on_relay(&self, inner: &mut Inner, from: (usize, u64), seq: u64, close: bool, bytes: Vec<u8>) {
+        let (peer, conn) = from;
+        let Some(f) = inner.forwarded.get_mut(&conn).filter(|f| f.leader == peer) else {
+            return;
+        };
+        if seq != f.got + 1 {
+            self.drop_forwarded(inner, conn);
+            return;
+        }
+        f.got = seq;
+        if close {
+            inner.forwarded.remove(&conn);
+        }
+        inner.clients.relay_in(conn, bytes, close);
+    }
+
+    /// Decides one request on the leader's view, numbers and queues its command, and
+    /// queues its answer (and a send's delivery) to leave once that command is accepted;
+    /// on a follower, forwards it. True when the connection is to close.
+    fn request(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> bool {
+        if let Some(close) = self.forward(inner, conn, payload) {
+            return close;
+        }
+        let decoded = protocol::decode_request(payload);
+        let serving = match (&inner.lead, inner.leader) {
+            _ if inner.stopping => Serving::Unavailable,
+            (Some(_), _) => Serving::Primary,
+            (None, Some(l)) if l != self.id => Serving::Redirect(l),
+            (None, _) => Serving::Unavailable,
+        };
+        if serving == Serving::Primary && !inner.clients.contains(conn) {
+            return true;
+        }
+        let state = inner
+            .lead
+            .as_ref()
+            .map_or(&inner.machine.state, |l| &l.view);
+        let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
+        let Some(lead) = inner.lead.as_mut() else {
+            // A redirect, or nothing (a confirm): at once.
+            if !effects.replies.is_empty() || effects.close {
+                let out = Out::replies(0, None, &effects.replies, effects.close);
+                inner.clients.send(conn, out, 0);
+            }
+            return effects.close;
+        };
+        let epoch = lead.epoch;
+        let answers = effects.after_commit && !effects.replies.is_empty();
+        let mut tag = None;
+        if effects.change.is_some() || answers {
+            let seq = lead.next;
+            lead.next += 1;
+            tag = Some(seq);
+            if let Some(change) = &effects.change {
+                let at = MessageId { epoch, seq };
+                if let Some((to, d)) = lead.view.apply(at, change) {
+                    let out = Out::replies(epoch, Some(seq), &[Reply::Deliver(d)], false);
+                    inner.clients.send_to_user(&to, out, lead.committed);
+                }
+            }
+            let command = Command::Change {
+                epoch,
+                seq,
+                change: effects.change,
+            };
+            inner.queue.push(command.encode());
+            self.queued.notify_all();
+        }
+        let committed = lead.committed;
+        inner
+            .clients
+            .session_effect(conn, effects.session, effects.token);
+        if !effects.replies.is_empty() || effects.close {
+            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
+            inner.clients.send(conn, out, committed);
+        }
+        effects.close
+    }
+}
+
+/// Forwarding frames on the Raft links this server accepts.
+impl PeerService for Shared {
+    fn frame(&self, from: ReplicaId, body: &[u8]) {
+        let msg = match ForwardMsg::decode(body) {
+            Ok(m) => m,
+            Err(e) => {
+                log_info!("messenger-{}: from server {from}: {e}; dropped", self.id);
+                return;
+            }
+        };
+        let Some(peer) = (from as usize).checked_sub(1) else {
+            return;
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        match msg {
+            ForwardMsg::Forward { conn, seq, request } => {
+                self.on_forward(inner, peer, conn, seq, &request);
+            }
+            ForwardMsg::Relay {
+                conn,
+                seq,
+                close,
+                bytes,
+            } => self.on_relay(inner, (peer, conn), seq, close, bytes),
+            ForwardMsg::Closed { conn } => {
+                if let Some(id) = remote_id(peer, conn) {
+                    if inner.remotes.remove(&id).is_some() {
+                        inner.clients.remove(id);
+                    }
+                }
+            }
+        }
+        self.pump(inner);
+    }
+
+    /// What the link carried after its last frame is lost: as leader, the follower's
+    /// connections are closed (their closes relayed on the other link, if it is up); as
+    /// follower, the connections forwarded to that leader are closed.
+    fn ended(&self, from: ReplicaId) {
+        let Some(peer) = (from as usize).checked_sub(1) else {
+            return;
+        };
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let served: Vec<u64> = (inner.remotes.iter())
+            .filter(|(_, r)| r.peer == peer)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in served {
+            inner.clients.close(id);
+        }
+        let forwarded: Vec<u64> = (inner.forwarded.iter())
+            .filter(|(_, f)| f.leader == peer)
+            .map(|(&conn, _)| conn)
+            .collect();
+        for conn in forwarded {
+            self.drop_forwarded(inner, conn);
+        }
+        self.pump(inner);
+        inner.remotes.retain(|_, r| r.peer != peer);
     }
 }
 
@@ -197,6 +521,7 @@ impl StateMachine for Applier {
                 }
             }
         }
+        shared.pump(inner);
         Vec::new()
     }
 
@@ -209,6 +534,7 @@ impl StateMachine for Applier {
             Machine::decode(data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let mut inner = self.0.lock();
         self.0.step_down(&mut inner, "restoring a snapshot");
+        self.0.pump(&mut inner);
         inner.machine = machine;
         Ok(())
     }
@@ -231,6 +557,7 @@ impl Majority {
     pub fn open(options: &MajorityOptions) -> io::Result<Arc<Majority>> {
         let shared = Arc::new(Shared {
             id: options.id,
+            peers: options.peers.len(),
             inner: Mutex::new(Inner {
                 machine: Machine::default(),
                 lead: None,
@@ -238,9 +565,12 @@ impl Majority {
                 queue: Vec::new(),
                 claim: None,
                 leader: None,
+                forwarded: HashMap::new(),
+                remotes: HashMap::new(),
                 stopping: false,
             }),
             queued: Condvar::new(),
+            links: OnceLock::new(),
         });
         let cluster = options
             .peers
@@ -261,6 +591,7 @@ impl Majority {
             compact_every: options.compact_after,
         };
         let member = Member::start(&member_options, Applier(Arc::clone(&shared)))?;
+        let _ = shared.links.set(member.links());
         let group = Group::with_stack_size(&format!("messenger-{}", options.id), STACK);
         let majority = Arc::new(Majority {
             shared,
@@ -302,7 +633,8 @@ impl Majority {
         };
         if first.starts_with(links::HELLO) {
             let cfg = self.member.peer_config();
-            return links::serve_peer(cfg, self.member.raft(), &conn, &first, reader);
+            let raft = self.member.raft();
+            return links::serve_peer_with(cfg, raft, &conn, &first, reader, &*self.shared);
         }
         serve_client(self, &conn, reader, first)
     }
@@ -319,6 +651,7 @@ impl Majority {
         inner.stopping = true;
         inner.lead = None;
         inner.clients.stop();
+        self.shared.pump(&mut inner);
         self.shared.queued.notify_all();
     }
 
@@ -348,6 +681,16 @@ impl Majority {
                     self.shared.step_down(inner, &why);
                 }
             }
+            // Connections forwarded to a leader that is no longer the one Raft knows (or
+            // to another, now this server leads) fail over.
+            let stale: Vec<u64> = (inner.forwarded.iter())
+                .filter(|(_, f)| inner.lead.is_some() || inner.leader != Some(f.leader))
+                .map(|(&conn, _)| conn)
+                .collect();
+            for conn in stale {
+                self.shared.drop_forwarded(inner, conn);
+            }
+            self.shared.pump(inner);
             let claimed = inner
                 .claim
                 .is_some_and(|(at, term)| term == status.term && at.elapsed() < CLAIM_RETRY);
@@ -402,67 +745,17 @@ impl Service for Majority {
     }
 
     fn remove_client(&self, conn: u64) {
-        self.shared.lock().clients.remove(conn);
+        let mut inner = self.shared.lock();
+        if let Some(f) = inner.forwarded.remove(&conn) {
+            self.shared.post(f.leader, &ForwardMsg::Closed { conn });
+        }
+        inner.clients.remove(conn);
     }
 
-    /// Decides one request on the leader's view, numbers and queues its command, and
-    /// queues its answer (and a send's delivery) to leave once that command is accepted.
     fn request(&self, conn: u64, payload: &[u8]) -> bool {
-        let decoded = protocol::decode_request(payload);
         let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let serving = match (&inner.lead, inner.leader) {
-            _ if inner.stopping => Serving::Unavailable,
-            (Some(_), _) => Serving::Primary,
-            (None, Some(l)) if l != self.shared.id => Serving::Redirect(l),
-            (None, _) => Serving::Unavailable,
-        };
-        if serving == Serving::Primary && !inner.clients.contains(conn) {
-            return true;
-        }
-        let state = inner
-            .lead
-            .as_ref()
-            .map_or(&inner.machine.state, |l| &l.view);
-        let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
-        let Some(lead) = inner.lead.as_mut() else {
-            // A redirect, or nothing (a confirm): at once.
-            if !effects.replies.is_empty() || effects.close {
-                let out = Out::replies(0, None, &effects.replies, effects.close);
-                inner.clients.send(conn, out, 0);
-            }
-            return effects.close;
-        };
-        let epoch = lead.epoch;
-        let answers = effects.after_commit && !effects.replies.is_empty();
-        let mut tag = None;
-        if effects.change.is_some() || answers {
-            let seq = lead.next;
-            lead.next += 1;
-            tag = Some(seq);
-            if let Some(change) = &effects.change {
-                let at = MessageId { epoch, seq };
-                if let Some((to, d)) = lead.view.apply(at, change) {
-                    let out = Out::replies(epoch, Some(seq), &[Reply::Deliver(d)], false);
-                    inner.clients.send_to_user(&to, out, lead.committed);
-                }
-            }
-            let command = Command::Change {
-                epoch,
-                seq,
-                change: effects.change,
-            };
-            inner.queue.push(command.encode());
-            self.shared.queued.notify_all();
-        }
-        let committed = lead.committed;
-        inner
-            .clients
-            .session_effect(conn, effects.session, effects.token);
-        if !effects.replies.is_empty() || effects.close {
-            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
-            inner.clients.send(conn, out, committed);
-        }
-        effects.close
+        let close = self.shared.request(&mut guard, conn, payload);
+        self.shared.pump(&mut guard);
+        close
     }
 }
