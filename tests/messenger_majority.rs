@@ -129,8 +129,8 @@ impl Cluster {
                 let log = s.log_text();
                 log.rfind("leading epoch") > log.rfind("stepping down")
             }) && Raw::connect(self.addrs[i], Duration::from_millis(500))
-                    .and_then(|mut r| r.ask(b"\x03probe"))
-                    .is_some_and(|reply| reply.first() == Some(&0x22))
+                .and_then(|mut r| r.ask(b"\x03probe"))
+                .is_some_and(|reply| reply.first() == Some(&0x22))
         })
     }
 
@@ -463,7 +463,10 @@ fn killing_the_leader_closes_connections_forwarded_to_it_and_loses_nothing_ackno
     cluster.kill9(leader);
     // Bound to a dead leader: closed (or told 41), never answered ok.
     let answer = alone.ask(b"\x04lone|r0|454545|to a dead leader");
-    assert!(matches!(answer.as_deref(), None | Some([0x41])), "{answer:?}");
+    assert!(
+        matches!(answer.as_deref(), None | Some([0x41])),
+        "{answer:?}"
+    );
     load.more(50);
     let next = cluster.leader();
     assert_ne!(next, leader);

@@ -162,7 +162,10 @@ mod tests {
         want.extend_from_slice(b"\0\0\0\x01\x20");
         assert_eq!(relay.encode(), want);
         let closed = ForwardMsg::Closed { conn: 9 };
-        assert_eq!(closed.encode(), [b"X".as_slice(), &9u64.to_be_bytes()].concat());
+        assert_eq!(
+            closed.encode(),
+            [b"X".as_slice(), &9u64.to_be_bytes()].concat()
+        );
         for m in [forward, relay, closed] {
             assert_eq!(ForwardMsg::decode(&m.encode()).unwrap(), m);
         }

@@ -41,8 +41,8 @@ use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use crate::raft::driver::{RaftHandle, StateMachine};
 use crate::raft::links::{self, LinkTransport, PeerService};
-use crate::raft::ReplicaId;
 use crate::raft::member::{Member, MemberOptions};
+use crate::raft::ReplicaId;
 use crate::raft::Role;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError};
@@ -227,7 +227,9 @@ impl Shared {
     fn drop_forwarded(&self, inner: &mut Inner, conn: u64) {
         if let Some(f) = inner.forwarded.remove(&conn) {
             self.post(f.leader, &ForwardMsg::Closed { conn });
-            inner.clients.send(conn, Out::replies(0, None, &[], true), 0);
+            inner
+                .clients
+                .send(conn, Out::replies(0, None, &[], true), 0);
         }
     }
 
@@ -324,7 +326,14 @@ impl Shared {
     /// As follower, relay `seq` from `peer` for connection `conn`: written to the client
     /// if it is the next one of a connection bound to that leader; after a gap the
     /// connection is closed.
-    fn on_relay(&self, inner: &mut Inner, from: (usize, u64), seq: u64, close: bool, bytes: Vec<u8>) {
+    fn on_relay(
+        &self,
+        inner: &mut Inner,
+        from: (usize, u64),
+        seq: u64,
+        close: bool,
+        bytes: Vec<u8>,
+    ) {
         let (peer, conn) = from;
         let Some(f) = inner.forwarded.get_mut(&conn).filter(|f| f.leader == peer) else {
             return;
