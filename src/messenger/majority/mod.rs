@@ -768,3 +768,102 @@ impl Service for Majority {
         close
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxConfig;
+    use std::net::{TcpListener, TcpStream};
+
+    /// Server `id` of three, with no links (posts fail), leading epoch 1 if `leads`, and
+    /// server 0 as the leader Raft knows.
+    fn shared(id: usize, leads: bool) -> Shared {
+        let lead = leads.then(|| Lead {
+            epoch: 1,
+            term: 1,
+            next: 1,
+            committed: 0,
+            view: State::new(),
+        });
+        Shared {
+            id,
+            peers: 3,
+            inner: Mutex::new(Inner {
+                machine: Machine::default(),
+                lead,
+                clients: Clients::default(),
+                queue: Vec::new(),
+                claim: None,
+                leader: Some(0),
+                forwarded: HashMap::new(),
+                remotes: HashMap::new(),
+                stopping: false,
+            }),
+            queued: Condvar::new(),
+            links: OnceLock::new(),
+        }
+    }
+
+    /// An outbox on a loopback connection (its writer not running: what is queued stays,
+    /// to count) and the client's end.
+    fn outbox() -> (Outbox, Writer, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (served, _) = listener.accept().unwrap();
+        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
+        (outbox, writer, client)
+    }
+
+    #[test]
+    fn a_follower_writes_relays_in_number_order_and_closes_at_a_gap() {
+        let s = shared(1, false);
+        let mut guard = s.lock();
+        let inner = &mut *guard;
+        let (out, _writer, _client) = outbox();
+        let watch = out.clone();
+        inner.clients.add(7, out);
+        let bound = Forwarded {
+            leader: 0,
+            sent: 2,
+            got: 0,
+        };
+        inner.forwarded.insert(7, bound);
+        let frame = Out::replies(0, None, &[Reply::Ok], false).bytes;
+        s.on_relay(inner, (0, 7), 1, false, frame.clone());
+        assert_eq!(watch.len(), 1);
+        // From a server it is not bound to: ignored.
+        s.on_relay(inner, (2, 7), 2, false, frame.clone());
+        assert_eq!((watch.len(), inner.forwarded[&7].got), (1, 1));
+        // Relay 2 lost (a link redialled): relay 3 is not written, the connection closes.
+        s.on_relay(inner, (0, 7), 3, false, frame);
+        assert_eq!(watch.len(), 1);
+        assert!(!inner.forwarded.contains_key(&7));
+    }
+
+    #[test]
+    fn a_leader_serves_a_followers_connection_in_request_order_and_drops_it_at_a_gap() {
+        let s = shared(0, true);
+        let mut guard = s.lock();
+        let inner = &mut *guard;
+        let id = remote_id(1, 5).unwrap();
+        s.on_forward(inner, 1, 5, 1, b"\x01ann");
+        s.on_forward(inner, 1, 5, 2, b"\x03*");
+        assert_eq!((inner.queue.len(), inner.remotes[&id].got), (2, 2));
+        assert!(inner.clients.contains(id));
+        // Request 3 lost: request 4 is not decided, the connection is closed and forgotten.
+        s.on_forward(inner, 1, 5, 4, b"\x01bob");
+        s.pump(inner);
+        assert_eq!(inner.queue.len(), 2);
+        assert!(inner.remotes.is_empty() && !inner.clients.contains(id));
+        // A connection it does not know, past its first request: not served.
+        s.on_forward(inner, 1, 6, 2, b"\x01bob");
+        assert!(inner.remotes.is_empty() && inner.queue.len() == 2);
+        // Not leading: not even a first request.
+        inner.lead = None;
+        s.on_forward(inner, 1, 8, 1, b"\x01bob");
+        assert!(inner.remotes.is_empty() && inner.queue.len() == 2);
+    }
+}
