@@ -30,7 +30,7 @@
 pub mod fence;
 pub mod forward;
 
-use super::clients::{remote_id, Clients, Out};
+use super::clients::{Clients, Out};
 use super::protocol::{self, MessageId, Reply};
 use super::requests::{self, Serving};
 use super::server::{client_reader, serve_client, Service};
@@ -40,14 +40,13 @@ use crate::group::Group;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use crate::raft::driver::{RaftHandle, StateMachine};
-use crate::raft::links::{self, LinkTransport, PeerService};
+use crate::raft::links::{self, LinkTransport};
 use crate::raft::member::{Member, MemberOptions};
-use crate::raft::ReplicaId;
 use crate::raft::Role;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError};
 use fence::{Applied, Command, Machine};
-use forward::{ForwardMsg, RELAY_CHUNK};
+use forward::ForwardMsg;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -176,179 +175,6 @@ impl Shared {
         inner.clients.close_all();
     }
 
-    /// Posts a forwarding message to server `to` (an index); false if its link is down.
-    fn post(&self, to: usize, msg: &ForwardMsg) -> bool {
-        self.links
-            .get()
-            .is_some_and(|l| l.post(to as ReplicaId + 1, &msg.encode()))
-    }
-
-    /// Sends what the registry queued for followers' clients, each connection's relays
-    /// numbered in order; a closing relay ends the leader's record of its connection.
-    /// Called under the lock after anything that may queue relays, so they leave in the
-    /// order they were queued.
-    fn pump(&self, inner: &mut Inner) {
-        for peer in (0..self.peers).filter(|&p| p != self.id) {
-            for r in inner.clients.take_relay(peer) {
-                let Some(id) = remote_id(peer, r.conn) else {
-                    continue;
-                };
-                let Some(remote) = inner.remotes.get_mut(&id) else {
-                    // Forgotten (the follower closed it): nobody to relay to.
-                    continue;
-                };
-                let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
-                let mut first = true;
-                while first || parts.peek().is_some() {
-                    first = false;
-                    let part = parts.next().unwrap_or_default();
-                    remote.sent += 1;
-                    let msg = ForwardMsg::Relay {
-                        conn: r.conn,
-                        seq: remote.sent,
-                        close: r.close && parts.peek().is_none(),
-                        bytes: part.to_vec(),
-                    };
-                    // A relay lost with its link: the follower sees the link end, or the
-                    // next relay's number skip, and closes the connection.
-                    self.post(peer, &msg);
-                }
-                if r.close {
-                    inner.remotes.remove(&id);
-                    inner.clients.remove(id);
-                }
-            }
-        }
-    }
-
-    /// As follower: stops serving forwarded connection `conn` (its leader changed, a
-    /// link to it failed, or a relay went missing): what it was relayed is flushed, then
-    /// it is closed, and the client fails over; the leader forgets it.
-    fn drop_forwarded(&self, inner: &mut Inner, conn: u64) {
-        if let Some(f) = inner.forwarded.remove(&conn) {
-            self.post(f.leader, &ForwardMsg::Closed { conn });
-            inner
-                .clients
-                .send(conn, Out::replies(0, None, &[], true), 0);
-        }
-    }
-
-    /// As follower, forwards the request of client connection `conn` to the leader if it
-    /// can (or must: the connection is bound to one). `None`: not forwarded, decide it
-    /// here; `Some(close)`: forwarded, or to be closed because its leader is gone.
-    fn forward(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> Option<bool> {
-        if let Some(f) = inner.forwarded.get_mut(&conn) {
-            let msg = ForwardMsg::Forward {
-                conn,
-                seq: f.sent + 1,
-                request: payload.to_vec(),
-            };
-            let same = !inner.stopping && inner.lead.is_none() && inner.leader == Some(f.leader);
-            if same && self.post(f.leader, &msg) {
-                f.sent += 1;
-                return Some(false);
-            }
-            let leader = f.leader;
-            inner.forwarded.remove(&conn);
-            self.post(leader, &ForwardMsg::Closed { conn });
-            return Some(true);
-        }
-        match (&inner.lead, inner.leader) {
-            (None, Some(l)) if l != self.id && !inner.stopping && inner.clients.contains(conn) => {
-                let msg = ForwardMsg::Forward {
-                    conn,
-                    seq: 1,
-                    request: payload.to_vec(),
-                };
-                // Its link down: redirected instead, as before forwarding.
-                self.post(l, &msg).then(|| {
-                    let f = Forwarded {
-                        leader: l,
-                        sent: 1,
-                        got: 0,
-                    };
-                    inner.forwarded.insert(conn, f);
-                    false
-                })
-            }
-            _ => None,
-        }
-    }
-
-    /// As leader, request `seq` of follower `peer`'s connection `conn`: decided as a
-    /// connection of its own if it is the next one of a connection it serves (or the
-    /// first of a new one); else the follower is told to close it.
-    fn on_forward(&self, inner: &mut Inner, peer: usize, conn: u64, seq: u64, request: &[u8]) {
-        let id = remote_id(peer, conn);
-        let known = id.and_then(|id| inner.remotes.get(&id).map(|r| r.got));
-        let leading = inner.lead.is_some() && !inner.stopping;
-        let expected = known.map_or(1, |got| got + 1);
-        let registered = match id {
-            Some(_) if leading && seq == expected => {
-                known.is_some() || inner.clients.remote(peer, conn).is_some()
-            }
-            _ => false,
-        };
-        let Some(id) = id.filter(|_| registered) else {
-            // Not leading, or a request went missing: the connection is not served here.
-            if let Some(id) = id.filter(|_| known.is_some()) {
-                // Its close is relayed in order, after what it was owed.
-                inner.clients.close(id);
-                return;
-            }
-            let mut bytes = Vec::new();
-            let mut payload = Vec::new();
-            protocol::encode_reply(&Reply::Unavailable, &mut payload);
-            crate::framing::encode_frame(crate::framing::Framing::U32, &payload, &mut bytes)
-                .expect("a one-byte frame");
-            let relay = ForwardMsg::Relay {
-                conn,
-                // A first request is answered `41`; a later one of a connection this
-                // server does not know is closed without an answer.
-                seq: u64::from(seq == 1),
-                close: true,
-                bytes,
-            };
-            self.post(peer, &relay);
-            return;
-        };
-        let remote = inner.remotes.entry(id).or_insert(Remote {
-            peer,
-            sent: 0,
-            got: 0,
-        });
-        remote.got = seq;
-        if self.request(inner, id, request) {
-            inner.clients.remove(id);
-        }
-    }
-
-    /// As follower, relay `seq` from `peer` for connection `conn`: written to the client
-    /// if it is the next one of a connection bound to that leader; after a gap the
-    /// connection is closed.
-    fn on_relay(
-        &self,
-        inner: &mut Inner,
-        from: (usize, u64),
-        seq: u64,
-        close: bool,
-        bytes: Vec<u8>,
-    ) {
-        let (peer, conn) = from;
-        let Some(f) = inner.forwarded.get_mut(&conn).filter(|f| f.leader == peer) else {
-            return;
-        };
-        if seq != f.got + 1 {
-            self.drop_forwarded(inner, conn);
-            return;
-        }
-        f.got = seq;
-        if close {
-            inner.forwarded.remove(&conn);
-        }
-        inner.clients.relay_in(conn, bytes, close);
-    }
-
     /// Decides one request on the leader's view, numbers and queues its command, and
     /// queues its answer (and a send's delivery) to leave once that command is accepted;
     /// on a follower, forwards it. True when the connection is to close.
@@ -410,70 +236,6 @@ impl Shared {
             inner.clients.send(conn, out, committed);
         }
         effects.close
-    }
-}
-
-/// Forwarding frames on the Raft links this server accepts.
-impl PeerService for Shared {
-    fn frame(&self, from: ReplicaId, body: &[u8]) {
-        let msg = match ForwardMsg::decode(body) {
-            Ok(m) => m,
-            Err(e) => {
-                log_info!("messenger-{}: from server {from}: {e}; dropped", self.id);
-                return;
-            }
-        };
-        let Some(peer) = (from as usize).checked_sub(1) else {
-            return;
-        };
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        match msg {
-            ForwardMsg::Forward { conn, seq, request } => {
-                self.on_forward(inner, peer, conn, seq, &request);
-            }
-            ForwardMsg::Relay {
-                conn,
-                seq,
-                close,
-                bytes,
-            } => self.on_relay(inner, (peer, conn), seq, close, bytes),
-            ForwardMsg::Closed { conn } => {
-                if let Some(id) = remote_id(peer, conn) {
-                    if inner.remotes.remove(&id).is_some() {
-                        inner.clients.remove(id);
-                    }
-                }
-            }
-        }
-        self.pump(inner);
-    }
-
-    /// What the link carried after its last frame is lost: as leader, the follower's
-    /// connections are closed (their closes relayed on the other link, if it is up); as
-    /// follower, the connections forwarded to that leader are closed.
-    fn ended(&self, from: ReplicaId) {
-        let Some(peer) = (from as usize).checked_sub(1) else {
-            return;
-        };
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        let served: Vec<u64> = (inner.remotes.iter())
-            .filter(|(_, r)| r.peer == peer)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in served {
-            inner.clients.close(id);
-        }
-        let forwarded: Vec<u64> = (inner.forwarded.iter())
-            .filter(|(_, f)| f.leader == peer)
-            .map(|(&conn, _)| conn)
-            .collect();
-        for conn in forwarded {
-            self.drop_forwarded(inner, conn);
-        }
-        self.pump(inner);
-        inner.remotes.retain(|_, r| r.peer != peer);
     }
 }
 
@@ -766,104 +528,5 @@ impl Service for Majority {
         let close = self.shared.request(&mut guard, conn, payload);
         self.shared.pump(&mut guard);
         close
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outbox::OutboxConfig;
-    use std::net::{TcpListener, TcpStream};
-
-    /// Server `id` of three, with no links (posts fail), leading epoch 1 if `leads`, and
-    /// server 0 as the leader Raft knows.
-    fn shared(id: usize, leads: bool) -> Shared {
-        let lead = leads.then(|| Lead {
-            epoch: 1,
-            term: 1,
-            next: 1,
-            committed: 0,
-            view: State::new(),
-        });
-        Shared {
-            id,
-            peers: 3,
-            inner: Mutex::new(Inner {
-                machine: Machine::default(),
-                lead,
-                clients: Clients::default(),
-                queue: Vec::new(),
-                claim: None,
-                leader: Some(0),
-                forwarded: HashMap::new(),
-                remotes: HashMap::new(),
-                stopping: false,
-            }),
-            queued: Condvar::new(),
-            links: OnceLock::new(),
-        }
-    }
-
-    /// An outbox on a loopback connection (its writer not running: what is queued stays,
-    /// to count) and the client's end.
-    fn outbox() -> (Outbox, Writer, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (served, _) = listener.accept().unwrap();
-        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
-        (outbox, writer, client)
-    }
-
-    #[test]
-    fn a_follower_writes_relays_in_number_order_and_closes_at_a_gap() {
-        let s = shared(1, false);
-        let mut guard = s.lock();
-        let inner = &mut *guard;
-        let (out, _writer, _client) = outbox();
-        let watch = out.clone();
-        inner.clients.add(7, out);
-        let bound = Forwarded {
-            leader: 0,
-            sent: 2,
-            got: 0,
-        };
-        inner.forwarded.insert(7, bound);
-        let frame = Out::replies(0, None, &[Reply::Ok], false).bytes;
-        s.on_relay(inner, (0, 7), 1, false, frame.clone());
-        assert_eq!(watch.len(), 1);
-        // From a server it is not bound to: ignored.
-        s.on_relay(inner, (2, 7), 2, false, frame.clone());
-        assert_eq!((watch.len(), inner.forwarded[&7].got), (1, 1));
-        // Relay 2 lost (a link redialled): relay 3 is not written, the connection closes.
-        s.on_relay(inner, (0, 7), 3, false, frame);
-        assert_eq!(watch.len(), 1);
-        assert!(!inner.forwarded.contains_key(&7));
-    }
-
-    #[test]
-    fn a_leader_serves_a_followers_connection_in_request_order_and_drops_it_at_a_gap() {
-        let s = shared(0, true);
-        let mut guard = s.lock();
-        let inner = &mut *guard;
-        let id = remote_id(1, 5).unwrap();
-        s.on_forward(inner, 1, 5, 1, b"\x01ann");
-        s.on_forward(inner, 1, 5, 2, b"\x03*");
-        assert_eq!((inner.queue.len(), inner.remotes[&id].got), (2, 2));
-        assert!(inner.clients.contains(id));
-        // Request 3 lost: request 4 is not decided, the connection is closed and forgotten.
-        s.on_forward(inner, 1, 5, 4, b"\x01bob");
-        s.pump(inner);
-        assert_eq!(inner.queue.len(), 2);
-        assert!(inner.remotes.is_empty() && !inner.clients.contains(id));
-        // A connection it does not know, past its first request: not served.
-        s.on_forward(inner, 1, 6, 2, b"\x01bob");
-        assert!(inner.remotes.is_empty() && inner.queue.len() == 2);
-        // Not leading: not even a first request.
-        inner.lead = None;
-        s.on_forward(inner, 1, 8, 1, b"\x01bob");
-        assert!(inner.remotes.is_empty() && inner.queue.len() == 2);
     }
 }
