@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchboard::framing::{encode_frame, Framing};
 use switchboard::messenger::protocol::{Delivery, MessageId};
 use switchboard::messenger::Client;
+use switchboard::proxy::FaultProxy;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
 const N: usize = 3;
@@ -42,8 +43,9 @@ trait Majority {
 
     fn client(&self) -> Client;
 
-    /// The server that answers a search itself (the others redirect, or hold the answer
-    /// if they cannot commit).
+    /// The server that leads (its log says it claimed an epoch and has not stepped down
+    /// since: followers answer too, by forwarding) and answers a search (a cut-off leader
+    /// holds the answer, as it cannot commit).
     fn serving(&self) -> Option<usize>;
 
     fn leader(&self) -> usize;
@@ -57,6 +59,10 @@ impl Majority for Cluster {
     fn serving(&self) -> Option<usize> {
         (0..N).find(|&i| {
             self.servers[i].is_some()
+                && {
+                    let log = self.log(i);
+                    log.rfind("leading epoch") > log.rfind("stepping down")
+                }
                 && Raw::try_connect(self.addrs[i], Duration::from_millis(500))
                     .and_then(|mut r| r.try_ask(b"\x03probe"))
                     .is_some_and(|reply| reply.first() == Some(&0x22))
@@ -98,17 +104,16 @@ fn exactly_once(acked: &[Acked], delivered: &[Delivery], logs: &str) -> Vec<Mess
 }
 
 #[test]
-fn clients_register_send_and_receive_and_followers_redirect_to_the_leader() {
+fn clients_register_send_and_receive_and_followers_forward_to_the_leader() {
     let cluster = Cluster::start("basic", false);
     let mut ann = cluster.client();
     ann.register("ann").unwrap();
     ann.register("bob").unwrap();
     let leader = cluster.leader();
-    assert_eq!(ann.server(), Some(leader));
-    // A follower redirects (40, the leader's id) and closes, as a backup does.
+    // A follower forwards to the leader and relays its answer.
     let follower = (leader + 1) % N;
     let mut raw = Raw::try_connect(cluster.addrs[follower], IO_TIMEOUT).unwrap();
-    assert_eq!(raw.try_ask(b"\x03*"), Some(vec![0x40, b'0' + leader as u8]));
+    assert_eq!(raw.try_ask(b"\x03*"), Some(b"\x22\x00\x02ann|bob".to_vec()));
     let mut bob = cluster.client();
     assert_eq!(bob.login("bob").unwrap(), 0);
     ann.login("ann").unwrap();
@@ -125,13 +130,15 @@ fn kill_9_of_the_leader_under_send_load_loses_no_acknowledged_send() {
     load.more(100);
     let leader = cluster.leader();
     cluster.kill9(leader);
+    let killed = Instant::now();
     load.more(100);
     let next = cluster.leader();
     assert_ne!(next, leader);
     let (acked, delivered) = load.finish();
     exactly_once(&acked, &delivered, &cluster.logs());
+    // Acknowledged after the kill (by the next leader, or a follower forwarding to it).
     assert!(
-        acked.iter().any(|a| a.by == Some(next)),
+        acked.iter().any(|a| a.at > killed && a.by != Some(leader)),
         "{}",
         cluster.logs()
     );
@@ -320,4 +327,91 @@ fn a_follower_down_past_a_compaction_catches_up_from_the_leaders_snapshot() {
     assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
     let log = cluster.log(behind);
     assert!(log.contains("leading epoch"), "{log}");
+}
+
+/// A client for `cluster` whose way to every server goes through `ways` (fault proxies, one
+/// per server), so a test can cut the clients from one server and not the others.
+fn client_through(ways: &[FaultProxy]) -> Client {
+    let mut c = Client::new(ways.iter().map(FaultProxy::local_addr).collect());
+    // Long enough for a failover, short enough that a client never served fails soon.
+    c.timeout = Duration::from_secs(8);
+    c
+}
+
+/// The clients' way to the leader is cut (a fault proxy that stops passing bytes), the
+/// leader's links to the other servers are not: the clients reach only the followers, and
+/// the followers serve them through the leader: sessions, answers and pushed messages,
+/// numbers never reused, and the leader stays the leader throughout. (Before forwarding,
+/// a follower answered `40 LEADER` and the clients never got an answer.)
+#[test]
+fn clients_cut_from_the_leader_are_served_through_a_follower() {
+    let cluster = Cluster::start("forward", false);
+    let leader = cluster.leader();
+    let downs = cluster.logs().matches("stepping down").count();
+    let ways: Vec<FaultProxy> = (0..N)
+        .map(|i| FaultProxy::start(cluster.addrs[i]).unwrap())
+        .collect();
+    ways[leader].cut();
+    let mut ann = client_through(&ways);
+    ann.register("ann").unwrap();
+    ann.register("bob").unwrap();
+    assert_ne!(ann.server(), Some(leader));
+    let mut bob = client_through(&ways);
+    assert_eq!(bob.login("bob").unwrap(), 0);
+    ann.login("ann").unwrap();
+    ann.send("bob", "through a follower").unwrap();
+    let got = bob.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(got.text, "through a follower");
+    assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
+    // The session lives on the leader: bob is in use there, whichever way one comes.
+    let follower = (leader + 1) % N;
+    let mut raw = Raw::try_connect(cluster.addrs[follower], IO_TIMEOUT).unwrap();
+    assert_eq!(raw.try_ask(b"\x02bob"), Some(vec![0x58]));
+    // Load through the followers only: every acknowledged send delivered exactly once.
+    let load = Load::start(3, |_| client_through(&ways), |_| client_through(&ways));
+    load.more(100);
+    let (acked, delivered) = load.finish();
+    let logs = cluster.logs();
+    let numbers = exactly_once(&acked, &delivered, &logs);
+    assert!(numbers.len() >= 100, "{logs}");
+    assert!(acked.iter().all(|a| a.by != Some(leader)), "{logs}");
+    // Nobody lost or changed the lead meanwhile.
+    assert_eq!(cluster.serving(), Some(leader), "{logs}");
+    assert_eq!(logs.matches("stepping down").count(), downs, "{logs}");
+}
+
+/// A connection forwarded to a leader that dies is closed, not answered wrongly: the
+/// client fails over and the next leader serves it; under send load through the
+/// followers nothing acknowledged is lost and no number names two messages.
+#[test]
+fn killing_the_leader_closes_connections_forwarded_to_it_and_loses_nothing_acknowledged() {
+    let mut cluster = Cluster::start("forward-kill", false);
+    cluster.client().register("lone").unwrap();
+    let leader = cluster.leader();
+    let ways: Vec<FaultProxy> = (0..N)
+        .map(|i| FaultProxy::start(cluster.addrs[i]).unwrap())
+        .collect();
+    ways[leader].cut();
+    let load = Load::start(3, |_| client_through(&ways), |_| client_through(&ways));
+    load.more(50);
+    let follower = (leader + 1) % N;
+    let mut alone = Raw::try_connect(cluster.addrs[follower], Duration::from_secs(5)).unwrap();
+    assert_eq!(alone.try_ask(b"\x02lone"), Some(vec![0x21, 0, 0]));
+    cluster.kill9(leader);
+    // Bound to a dead leader: closed (or told 41), never answered ok.
+    let answer = alone.try_ask(b"\x04lone|r0|454545|to a dead leader");
+    assert!(
+        matches!(answer.as_deref(), None | Some([0x41])),
+        "{answer:?}"
+    );
+    load.more(50);
+    let next = cluster.leader();
+    assert_ne!(next, leader);
+    let (acked, delivered) = load.finish();
+    let logs = cluster.logs();
+    exactly_once(&acked, &delivered, &logs);
+    assert!(
+        !delivered.iter().any(|d| d.text == "to a dead leader"),
+        "{logs}"
+    );
 }

@@ -68,6 +68,12 @@ impl Cluster {
     /// When the process cannot be started.
     pub fn spawn(&mut self, id: usize) -> io::Result<()> {
         let peers: Vec<String> = self.addrs.iter().map(SocketAddr::to_string).collect();
+        std::fs::create_dir_all(&self.root)?;
+        // Appended to across restarts: the last lines are this life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))?;
         let mut cmd = Command::new(&self.server_bin);
         cmd.args(["--id", &id.to_string(), "--peers", &peers.join(",")])
             .args(["--quorum", &self.quorum])
@@ -75,12 +81,28 @@ impl Cluster {
             .arg(self.root.join(format!("server{id}")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log);
         if !self.fsync {
             cmd.arg("--no-fsync");
         }
         self.children[id] = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    fn log_path(&self, id: usize) -> PathBuf {
+        self.root.join(format!("server{id}.log"))
+    }
+
+    /// In majority mode, the server whose log says it leads (it claimed an epoch and has
+    /// not stepped down since): the one a client connection of any server is served by.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.addrs.len()).find(|&id| {
+            self.children[id].is_some()
+                && std::fs::read_to_string(self.log_path(id)).is_ok_and(|log| {
+                    let life = log.rfind("listening on").map_or(&log[..], |at| &log[at..]);
+                    life.rfind("leading epoch") > life.rfind("stepping down")
+                })
+        })
     }
 
     /// Stops server `id` with SIGSTOP: a hung process, whose kernel still accepts
@@ -204,7 +226,13 @@ pub fn failover(cluster: &mut Cluster, tag: &str, fault: Fault) -> Result<Durati
             break;
         }
     }
-    let primary = c.server().ok_or("no server answered")?;
+    // In majority mode every server serves (followers forward): the leader is the one
+    // to fail.
+    let primary = if cluster.quorum == "majority" {
+        cluster.leader().ok_or("no server leads")?
+    } else {
+        c.server().ok_or("no server answered")?
+    };
     let killed = Instant::now();
     match fault {
         Fault::Kill => cluster.kill(primary),
@@ -321,6 +349,47 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Majority mode: sends/s of clients that know only the leader against clients that know
+/// only a follower (served by forwarding), in one cluster, the two alternating run by run
+/// so a change of machine load hits both.
+fn through_a_follower(o: &BenchOptions, root: &Path, duration: Duration) -> Result<(), String> {
+    let cluster = Cluster::start_with(&o.server_bin, 3, &root.join("forward"), o.fsync, "majority")
+        .map_err(|e| e.to_string())?;
+    cluster
+        .wait_ready(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let leader = cluster.leader().ok_or("no server leads")?;
+    let follower = (leader + 1) % 3;
+    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    for run in 0..o.runs {
+        for (to, rates, way) in [(leader, &mut direct, "l"), (follower, &mut forwarded, "f")] {
+            let (sent, took) = load(
+                &[cluster.addrs[to]],
+                o.clients,
+                duration,
+                &format!("{way}{run}"),
+            )
+            .map_err(|e| e.to_string())?;
+            rates.push(sent as f64 / took.as_secs_f64());
+        }
+    }
+    if cluster.leader() != Some(leader) {
+        return Err("the leader changed during the runs; try again".into());
+    }
+    let (d, f) = (median(direct.clone()), median(forwarded.clone()));
+    let round = |v: &[f64]| v.iter().map(|r| r.round()).collect::<Vec<_>>();
+    println!(
+        "3 servers, --quorum majority, {} clients: {d:.0} acknowledged sends/s through the \
+         leader (median of {:?}), {f:.0} through a follower, forwarded (median of {:?}): \
+         {:.0}%",
+        o.clients,
+        round(&direct),
+        round(&forwarded),
+        100.0 * f / d
+    );
+    Ok(())
+}
+
 /// Runs the throughput comparison and the failover measurement, printing each figure.
 ///
 /// # Errors
@@ -357,6 +426,9 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
             rates.iter().map(|r| r.round()).collect::<Vec<_>>()
         );
         per_sec.push(m);
+    }
+    if o.quorum == "majority" {
+        through_a_follower(o, &root, duration)?;
     }
     if let [one, three] = per_sec[..] {
         println!(

@@ -17,6 +17,12 @@
 //! ```
 //! From the welcome on, every frame is `u32`-framed whatever the service's framing, since
 //! messages are binary. A message whose `from`/`to` differ from the hello's is dropped.
+//!
+//! A frame whose first byte is [`SERVICE`] (`S`, 0x53) is not Raft's but the service's
+//! own (the messenger's forwarding, `messenger::majority::forward`), handed to the
+//! [`PeerService`] given to [`serve_peer_with`] and sent with [`LinkTransport::post`]. A
+//! Raft message never starts with it: it starts with its sender's id, big-endian, whose
+//! first byte is 0 for every member (ids 1–5).
 
 use super::driver::{RaftHandle, Transport};
 use super::message::{decode, ReplicaId};
@@ -39,6 +45,8 @@ pub const HELLO: &[u8] = b"raft-hello,";
 /// whose first is a client's request (at most the framework's default frame limit), with
 /// room for the headers.
 pub const MAX_MESSAGE: usize = crate::framing::DEFAULT_MAX_FRAME + (2 << 20);
+/// The first byte of a service's frame on a link.
+pub const SERVICE: u8 = b'S';
 /// Messages waiting on one link before it is given up (and redialled).
 const OUTBOX_LIMIT: usize = 4096;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
@@ -132,27 +140,65 @@ impl PeerLinks {
 }
 
 /// Sends each message on the link to its peer, if that link is up; else drops it.
+#[derive(Clone)]
 pub struct LinkTransport {
     slots: Arc<Vec<(ReplicaId, Mutex<Option<Outbox>>)>>,
 }
 
+impl LinkTransport {
+    /// Queues one frame (`parts` concatenated) on the link to `to`; false when that link
+    /// is down (or `to` is not a peer), and the frame is dropped. A frame queued may still
+    /// be lost if the link fails before it is written: the receiver sees that link end.
+    fn queue(&self, to: ReplicaId, parts: &[&[u8]]) -> bool {
+        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
+            return false;
+        };
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let Ok(header) = u32::try_from(len) else {
+            return false;
+        };
+        let mut frame = Vec::with_capacity(len + 4);
+        frame.extend_from_slice(&header.to_be_bytes());
+        parts.iter().for_each(|p| frame.extend_from_slice(p));
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(outbox) = slot.as_ref() else {
+            return false;
+        };
+        // A full outbox closes its link; the dialling thread redials.
+        if outbox.send(Arc::from(frame)).is_err() {
+            *slot = None;
+            return false;
+        }
+        true
+    }
+
+    /// Queues a service frame ([`SERVICE`], then `body`) on the link to `to`; false when
+    /// that link is down. Frames queued to one peer arrive in order, or the link ends.
+    pub fn post(&self, to: ReplicaId, body: &[u8]) -> bool {
+        self.queue(to, &[&[SERVICE], body])
+    }
+}
+
 impl Transport for LinkTransport {
     fn send(&mut self, to: ReplicaId, message: Vec<u8>) {
-        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
-            return;
-        };
-        let mut frame = Vec::with_capacity(message.len() + 4);
-        if encode_frame(Framing::U32, &message, &mut frame).is_err() {
-            return;
-        }
-        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(outbox) = slot.as_ref() {
-            // A full outbox closes its link; the dialling thread redials.
-            if outbox.send(Arc::from(frame)).is_err() {
-                *slot = None;
-            }
-        }
+        self.queue(to, &[&message]);
     }
+}
+
+/// What a service does with its own frames on the links it accepts.
+pub trait PeerService {
+    /// A service frame (after its [`SERVICE`] byte) from peer `from`.
+    fn frame(&self, from: ReplicaId, body: &[u8]);
+    /// The link from `from` ended: whatever it carried after its last frame is lost.
+    fn ended(&self, from: ReplicaId);
+}
+
+/// A service with no frames of its own: they are dropped.
+struct NoService;
+
+impl PeerService for NoService {
+    fn frame(&self, _: ReplicaId, _: &[u8]) {}
+    fn ended(&self, _: ReplicaId) {}
 }
 
 /// Dials `peer` until stopped: a link up is run until it fails, then the next dial waits
@@ -234,7 +280,23 @@ pub fn serve_peer<R: Read>(
     raft: &RaftHandle,
     conn: &Connection,
     hello: &[u8],
+    reader: FrameReader<R>,
+) -> Result<(), HandlerError> {
+    serve_peer_with(cfg, raft, conn, hello, reader, &NoService)
+}
+
+/// [`serve_peer`], handing the service's own frames ([`SERVICE`]) to `service`, and
+/// telling it when a welcomed link ends.
+///
+/// # Errors
+/// When the answer cannot be written or the link fails other than by ending.
+pub fn serve_peer_with<R: Read>(
+    cfg: &PeerConfig,
+    raft: &RaftHandle,
+    conn: &Connection,
+    hello: &[u8],
     mut reader: FrameReader<R>,
+    service: &dyn PeerService,
 ) -> Result<(), HandlerError> {
     let text = String::from_utf8_lossy(&hello[HELLO.len()..]).into_owned();
     let parts: Vec<&str> = text.split(',').collect();
@@ -306,6 +368,10 @@ pub fn serve_peer<R: Read>(
         if frame.is_empty() {
             return ControlFlow::Continue(());
         }
+        if frame[0] == SERVICE {
+            service.frame(from, &frame[1..]);
+            return ControlFlow::Continue(());
+        }
         match decode(frame) {
             Ok(m) if m.from == from && m.to == me => raft.deliver(m),
             Ok(m) => log_info!(
@@ -318,5 +384,6 @@ pub fn serve_peer<R: Read>(
         ControlFlow::<()>::Continue(())
     });
     log_debug!("raft {me}: link from {from} ended: {end:?}");
+    service.ended(from);
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! [`super::links::serve_peer`] with [`Member::peer_config`] and [`Member::raft`].
 
 use super::driver::{Driver, DriverConfig, RaftHandle, StateMachine};
-use super::links::{PeerConfig, PeerLinks};
+use super::links::{LinkTransport, PeerConfig, PeerLinks};
 use super::message::ReplicaId;
 use super::types::Config;
 use crate::framing::Framing;
@@ -101,6 +101,12 @@ impl Member {
     /// The driver's handle.
     pub fn raft(&self) -> &RaftHandle {
         &self.raft
+    }
+
+    /// Posts the service's own frames on the outgoing links
+    /// ([`LinkTransport::post`]).
+    pub fn links(&self) -> LinkTransport {
+        self.links.transport()
     }
 
     /// Who this member is on its links, for [`super::links::serve_peer`].

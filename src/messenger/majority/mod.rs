@@ -4,8 +4,11 @@
 //! majority is up and connected.
 //!
 //! - **Who serves clients**: the Raft leader, once its claim of an epoch is committed
-//!   ([`fence`]). A follower (or a leader whose claim is not committed yet) answers as a
-//!   backup does: `40` with the leader's id when it knows one, else `41`, and closes; the
+//!   ([`fence`]). A follower forwards its clients' requests to the leader it knows on its
+//!   Raft link to it and relays the answers ([`forward`]), so a client that reaches a
+//!   follower but not the leader is served. A server that can do neither (no leader known,
+//!   its link to the leader down, or a leader whose claim is not committed yet) answers as
+//!   a backup does: `40` with the leader's id when it knows one, else `41`, and closes; the
 //!   clients fail over on their own, so they and the Python client work unchanged.
 //! - **Deciding**: the leader decides each request as the primary does
 //!   (`requests::respond`) against its *own view*: the committed state plus the
@@ -25,6 +28,7 @@
 //!   one message forever, and they grow along the log, as clients expect.
 
 pub mod fence;
+pub mod forward;
 
 use super::clients::{Clients, Out};
 use super::protocol::{self, MessageId, Reply};
@@ -36,16 +40,18 @@ use crate::group::Group;
 use crate::log_info;
 use crate::outbox::{Outbox, Writer};
 use crate::raft::driver::{RaftHandle, StateMachine};
-use crate::raft::links;
+use crate::raft::links::{self, LinkTransport};
 use crate::raft::member::{Member, MemberOptions};
 use crate::raft::Role;
 use crate::request::{read_step, Step};
 use crate::server::{Connection, HandlerError};
 use fence::{Applied, Command, Machine};
+use forward::ForwardMsg;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// A claim of an epoch not committed within this long is made again (the fence refuses
@@ -116,14 +122,40 @@ struct Inner {
     claim: Option<(Instant, u64)>,
     /// The leader Raft knows of, by id (refreshed every tick).
     leader: Option<usize>,
+    /// As follower: client connections of this server forwarded to a leader.
+    forwarded: HashMap<u64, Forwarded>,
+    /// As leader: followers' connections it serves, by their registry id.
+    remotes: HashMap<u64, Remote>,
     stopping: bool,
+}
+
+/// A client connection of this follower, served by `leader` through it.
+struct Forwarded {
+    leader: usize,
+    /// Requests forwarded so far (the last one's number).
+    sent: u64,
+    /// Relays received so far (the last one's number).
+    got: u64,
+}
+
+/// A follower's connection served by this leader.
+struct Remote {
+    peer: usize,
+    /// Relays sent so far (the last one's number).
+    sent: u64,
+    /// Requests received so far (the last one's number).
+    got: u64,
 }
 
 struct Shared {
     id: usize,
+    /// How many servers there are.
+    peers: usize,
     inner: Mutex<Inner>,
     /// The proposer waits on this.
     queued: Condvar,
+    /// The outgoing Raft links, for forwarding (set once Raft is started).
+    links: OnceLock<LinkTransport>,
 }
 
 impl Shared {
@@ -141,6 +173,69 @@ impl Shared {
             );
         }
         inner.clients.close_all();
+    }
+
+    /// Decides one request on the leader's view, numbers and queues its command, and
+    /// queues its answer (and a send's delivery) to leave once that command is accepted;
+    /// on a follower, forwards it. True when the connection is to close.
+    fn request(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> bool {
+        if let Some(close) = self.forward(inner, conn, payload) {
+            return close;
+        }
+        let decoded = protocol::decode_request(payload);
+        let serving = match (&inner.lead, inner.leader) {
+            _ if inner.stopping => Serving::Unavailable,
+            (Some(_), _) => Serving::Primary,
+            (None, Some(l)) if l != self.id => Serving::Redirect(l),
+            (None, _) => Serving::Unavailable,
+        };
+        if serving == Serving::Primary && !inner.clients.contains(conn) {
+            return true;
+        }
+        let state = inner
+            .lead
+            .as_ref()
+            .map_or(&inner.machine.state, |l| &l.view);
+        let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
+        let Some(lead) = inner.lead.as_mut() else {
+            // A redirect, or nothing (a confirm): at once.
+            if !effects.replies.is_empty() || effects.close {
+                let out = Out::replies(0, None, &effects.replies, effects.close);
+                inner.clients.send(conn, out, 0);
+            }
+            return effects.close;
+        };
+        let epoch = lead.epoch;
+        let answers = effects.after_commit && !effects.replies.is_empty();
+        let mut tag = None;
+        if effects.change.is_some() || answers {
+            let seq = lead.next;
+            lead.next += 1;
+            tag = Some(seq);
+            if let Some(change) = &effects.change {
+                let at = MessageId { epoch, seq };
+                if let Some((to, d)) = lead.view.apply(at, change) {
+                    let out = Out::replies(epoch, Some(seq), &[Reply::Deliver(d)], false);
+                    inner.clients.send_to_user(&to, out, lead.committed);
+                }
+            }
+            let command = Command::Change {
+                epoch,
+                seq,
+                change: effects.change,
+            };
+            inner.queue.push(command.encode());
+            self.queued.notify_all();
+        }
+        let committed = lead.committed;
+        inner
+            .clients
+            .session_effect(conn, effects.session, effects.token);
+        if !effects.replies.is_empty() || effects.close {
+            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
+            inner.clients.send(conn, out, committed);
+        }
+        effects.close
     }
 }
 
@@ -197,6 +292,7 @@ impl StateMachine for Applier {
                 }
             }
         }
+        shared.pump(inner);
         Vec::new()
     }
 
@@ -217,6 +313,7 @@ impl StateMachine for Applier {
             machine.fence.seq,
             machine.state.accounts()
         );
+        self.0.pump(&mut inner);
         inner.machine = machine;
         Ok(())
     }
@@ -239,6 +336,7 @@ impl Majority {
     pub fn open(options: &MajorityOptions) -> io::Result<Arc<Majority>> {
         let shared = Arc::new(Shared {
             id: options.id,
+            peers: options.peers.len(),
             inner: Mutex::new(Inner {
                 machine: Machine::default(),
                 lead: None,
@@ -246,9 +344,12 @@ impl Majority {
                 queue: Vec::new(),
                 claim: None,
                 leader: None,
+                forwarded: HashMap::new(),
+                remotes: HashMap::new(),
                 stopping: false,
             }),
             queued: Condvar::new(),
+            links: OnceLock::new(),
         });
         let cluster = options
             .peers
@@ -269,6 +370,7 @@ impl Majority {
             compact_every: options.compact_after,
         };
         let member = Member::start(&member_options, Applier(Arc::clone(&shared)))?;
+        let _ = shared.links.set(member.links());
         let group = Group::with_stack_size(&format!("messenger-{}", options.id), STACK);
         let majority = Arc::new(Majority {
             shared,
@@ -310,7 +412,8 @@ impl Majority {
         };
         if first.starts_with(links::HELLO) {
             let cfg = self.member.peer_config();
-            return links::serve_peer(cfg, self.member.raft(), &conn, &first, reader);
+            let raft = self.member.raft();
+            return links::serve_peer_with(cfg, raft, &conn, &first, reader, &*self.shared);
         }
         serve_client(self, &conn, reader, first)
     }
@@ -327,6 +430,7 @@ impl Majority {
         inner.stopping = true;
         inner.lead = None;
         inner.clients.stop();
+        self.shared.pump(&mut inner);
         self.shared.queued.notify_all();
     }
 
@@ -356,6 +460,16 @@ impl Majority {
                     self.shared.step_down(inner, &why);
                 }
             }
+            // Connections forwarded to a leader that is no longer the one Raft knows (or
+            // to another, now this server leads) fail over.
+            let stale: Vec<u64> = (inner.forwarded.iter())
+                .filter(|(_, f)| inner.lead.is_some() || inner.leader != Some(f.leader))
+                .map(|(&conn, _)| conn)
+                .collect();
+            for conn in stale {
+                self.shared.drop_forwarded(inner, conn);
+            }
+            self.shared.pump(inner);
             let claimed = inner
                 .claim
                 .is_some_and(|(at, term)| term == status.term && at.elapsed() < CLAIM_RETRY);
@@ -410,67 +524,17 @@ impl Service for Majority {
     }
 
     fn remove_client(&self, conn: u64) {
-        self.shared.lock().clients.remove(conn);
+        let mut inner = self.shared.lock();
+        if let Some(f) = inner.forwarded.remove(&conn) {
+            self.shared.post(f.leader, &ForwardMsg::Closed { conn });
+        }
+        inner.clients.remove(conn);
     }
 
-    /// Decides one request on the leader's view, numbers and queues its command, and
-    /// queues its answer (and a send's delivery) to leave once that command is accepted.
     fn request(&self, conn: u64, payload: &[u8]) -> bool {
-        let decoded = protocol::decode_request(payload);
         let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let serving = match (&inner.lead, inner.leader) {
-            _ if inner.stopping => Serving::Unavailable,
-            (Some(_), _) => Serving::Primary,
-            (None, Some(l)) if l != self.shared.id => Serving::Redirect(l),
-            (None, _) => Serving::Unavailable,
-        };
-        if serving == Serving::Primary && !inner.clients.contains(conn) {
-            return true;
-        }
-        let state = inner
-            .lead
-            .as_ref()
-            .map_or(&inner.machine.state, |l| &l.view);
-        let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
-        let Some(lead) = inner.lead.as_mut() else {
-            // A redirect, or nothing (a confirm): at once.
-            if !effects.replies.is_empty() || effects.close {
-                let out = Out::replies(0, None, &effects.replies, effects.close);
-                inner.clients.send(conn, out, 0);
-            }
-            return effects.close;
-        };
-        let epoch = lead.epoch;
-        let answers = effects.after_commit && !effects.replies.is_empty();
-        let mut tag = None;
-        if effects.change.is_some() || answers {
-            let seq = lead.next;
-            lead.next += 1;
-            tag = Some(seq);
-            if let Some(change) = &effects.change {
-                let at = MessageId { epoch, seq };
-                if let Some((to, d)) = lead.view.apply(at, change) {
-                    let out = Out::replies(epoch, Some(seq), &[Reply::Deliver(d)], false);
-                    inner.clients.send_to_user(&to, out, lead.committed);
-                }
-            }
-            let command = Command::Change {
-                epoch,
-                seq,
-                change: effects.change,
-            };
-            inner.queue.push(command.encode());
-            self.shared.queued.notify_all();
-        }
-        let committed = lead.committed;
-        inner
-            .clients
-            .session_effect(conn, effects.session, effects.token);
-        if !effects.replies.is_empty() || effects.close {
-            let out = Out::replies(epoch, tag, &effects.replies, effects.close);
-            inner.clients.send(conn, out, committed);
-        }
-        effects.close
+        let close = self.shared.request(&mut guard, conn, payload);
+        self.shared.pump(&mut guard);
+        close
     }
 }
