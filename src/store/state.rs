@@ -1,11 +1,11 @@
 //! The key-value state: a map of bytes to bytes, split into independently locked shards.
 //!
-//! Why 64 shards of `RwLock<Table>` ([`super::table`]): every connection thread touches
-//! the map, and one lock would serialise them all; with 64 shards two threads meet on a
-//! lock only when their keys hash to the same shard, and lookups (the common case) share a
-//! read lock even then. Each lock is held for a table operation and a copy, never across
-//! socket I/O: a lookup copies its reply line into the connection's output buffer under
-//! the read lock.
+//! Why shards of `RwLock<Table>` (the table is `table.rs`): every connection thread
+//! touches the map, and one lock would serialise them all; with several shards per core
+//! two threads meet on a lock only when their keys hash to the same shard, and lookups
+//! (the common case) share a read lock even then. A lock is held for table operations and
+//! copies, never across socket I/O: a lookup copies its reply line into the connection's
+//! output buffer under the read lock, and a batch's lookups may keep it ([`Lookups`]).
 //!
 //! Measured (`store-bench --conns 16 --pipeline 32`, GET only, the lock-heaviest load we
 //! have, 5 alternated runs of each build): a `Mutex` per shard instead of the `RwLock` cost
@@ -269,7 +269,7 @@ const MAX_SERVED: u32 = 64;
 ///   *tried*, and when that fails (a writer holds or awaits it) everything held is let go
 ///   before waiting. Writers hold one lock at a time, so there is no cycle to deadlock in.
 /// - A writer waiting on a held shard is seen (`writers`) at the next lookup in it, which
-///   lets everything go; and nothing is held for more than [`MAX_SERVED`] lookups.
+///   lets everything go; and nothing is held for more than 64 lookups (`MAX_SERVED`).
 /// - The holder must [`release`](Lookups::release) before any other access to the store
 ///   (its own writes would wait for its own read lock) and before any socket I/O, as
 ///   the store's locks are never held across it. Dropping it releases too.
