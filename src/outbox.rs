@@ -376,22 +376,44 @@ impl Writer {
     }
 }
 
+/// Outboxes on loopback connections, for the tests of this module and of its users.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Read;
-    use std::net::TcpListener;
-    use std::thread;
-    use std::time::Instant;
+pub(crate) mod testing {
+    use super::{Outbox, OutboxConfig, Writer};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    /// A connected pair: the client end (with a read timeout) and the served end.
-    fn pair() -> (TcpStream, Arc<TcpStream>) {
+    /// A connected loopback pair: the client end (with a 5 s read timeout) and the served end.
+    pub(crate) fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let (served, _) = listener.accept().unwrap();
+        (client, served)
+    }
+
+    /// An outbox on a loopback connection, its writer (not running: what is queued stays
+    /// in the outbox, to count), and the client's end.
+    pub(crate) fn unstarted() -> (Outbox, Writer, TcpStream) {
+        let (client, served) = pair();
+        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
+        (outbox, writer, client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::thread;
+    use std::time::Instant;
+
+    /// A connected pair: the client end (with a read timeout) and the served end.
+    fn pair() -> (TcpStream, Arc<TcpStream>) {
+        let (client, served) = testing::pair();
         served
             .set_write_timeout(Some(Duration::from_secs(5)))
             .unwrap();

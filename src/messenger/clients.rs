@@ -450,23 +450,7 @@ fn deliver(entry: &mut Entry, bytes: Bytes, close: bool, relay: &mut HashMap<usi
 mod tests {
     use super::*;
     use crate::framing::FrameReader;
-    use crate::outbox::{OutboxConfig, Writer};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    /// An outbox on a loopback connection, its writer (not running: what is queued stays
-    /// in the outbox, to count), and the client's end.
-    fn outbox() -> (Outbox, Writer, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (served, _) = listener.accept().unwrap();
-        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
-        (outbox, writer, client)
-    }
+    use crate::outbox::testing::unstarted as outbox;
 
     fn ok(epoch: u64, tag: Option<u64>) -> Out {
         Out::replies(epoch, tag, &[Reply::Ok], false)

@@ -389,11 +389,9 @@ mod tests {
     use super::*;
     use crate::messenger::clients::Clients;
     use crate::messenger::state::State;
-    use crate::outbox::{Outbox, OutboxConfig, Writer};
+    use crate::outbox::testing::unstarted as outbox;
     use std::collections::HashMap;
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::{Arc, Condvar, Mutex, OnceLock};
-    use std::time::Duration;
+    use std::sync::{Condvar, Mutex, OnceLock};
 
     #[test]
     fn messages_are_the_documented_bytes_and_round_trip() {
@@ -472,19 +470,6 @@ mod tests {
             queued: Condvar::new(),
             links: OnceLock::new(),
         }
-    }
-
-    /// An outbox on a loopback connection (its writer not running: what is queued stays,
-    /// to count) and the client's end.
-    fn outbox() -> (Outbox, Writer, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (served, _) = listener.accept().unwrap();
-        let (outbox, writer) = Outbox::new(Arc::new(served), OutboxConfig::new("test", 8));
-        (outbox, writer, client)
     }
 
     #[test]
