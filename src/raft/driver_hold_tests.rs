@@ -6,6 +6,7 @@
 use super::disk::RaftStorage;
 use super::driver::{Disk, Driver, DriverConfig, StateMachine, Status, Transport};
 use super::message::{decode, Body, Entry, Message, ReplicaId, Snapshot, SnapshotChunk};
+use super::replica::ack;
 use super::types::{Config, HardState};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::io;
@@ -303,15 +304,6 @@ fn start_driver(dir: &Path, gate: Gate, sm: Machine, transport: ChannelTransport
     let (inner, stored) = RaftStorage::open(dir).expect("storage opens");
     let disk = HeldDisk { inner, gate };
     Driver::start_on(cfg, disk, stored, sm, transport).expect("driver starts")
-}
-
-fn ack(index: u64) -> Body {
-    Body::AppendResp {
-        index,
-        reject: false,
-        hint_index: 0,
-        hint_term: 0,
-    }
 }
 
 fn is_ack(b: &Body) -> bool {

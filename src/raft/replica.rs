@@ -638,7 +638,8 @@ impl RaftCore {
     }
 }
 
-fn ack(index: u64) -> Body {
+/// A successful AppendEntries answer up to `index`.
+pub(super) fn ack(index: u64) -> Body {
     Body::AppendResp {
         index,
         reject: false,
