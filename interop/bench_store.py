@@ -10,8 +10,11 @@ them alike), repeats each scenario, and prints medians as a Markdown table.
     python3 interop/bench_store.py --no-python --floor --baseline OLD/store-server --scenarios bdf
 
 `--floor` adds the design's floor (`store-bench --floor`: a bare thread-per-connection loop
-with the store's replies and no map, no lock), and the table gains a column of CPU per
-operation against it; `--baseline BIN` adds another build of store-server, to compare
+with the store's replies and no map, no lock), and the table gains two columns of CPU per
+operation against it: the ratio of the medians, and the median of the per-round ratios
+(each server against the floor of the same round) with their range. `--control` adds a
+second, identical floor: its distance from the first is what the machine's noise alone
+makes of two equal servers. `--baseline BIN` adds another build of store-server, to compare
 before and after a change in the same alternated runs.
 
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
@@ -102,11 +105,15 @@ def main() -> int:
                          "`none`, or none on PATH: left out)")
     ap.add_argument("--no-python", action="store_true", help="leave out interop/store_server.py")
     ap.add_argument("--floor", action="store_true", help="also measure the floor (store-bench --floor)")
+    ap.add_argument("--control", action="store_true",
+                    help="with --floor: also measure a second, identical floor (the noise between equal servers)")
     ap.add_argument("--baseline", help="another store-server build to measure alongside (before a change)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
     ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
     args = ap.parse_args()
+    if args.control and not args.floor:
+        ap.error("--control needs --floor")
 
     servers: list[Server] = []
     try:
@@ -119,6 +126,10 @@ def main() -> int:
             port = free_port()
             servers.append(Server("floor", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
                                             "--value-size", "32"], port, "store"))
+        if args.control:
+            port = free_port()
+            servers.append(Server("floor (control)", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys",
+                                                      "1000", "--value-size", "32"], port, "store"))
         if args.memcached == "none":
             pass
         elif args.memcached:
@@ -150,8 +161,17 @@ def main() -> int:
         vals = [r[key] for r in results.get((sc, name), []) if key in r]
         return statistics.median(vals) if vals else None
 
-    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op | vs floor CPU/op |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    def paired(sc: str, name: str) -> str:
+        """The median of the per-round CPU/op ratios against the floor, and their range."""
+        key = "server_cpu_us_per_op"
+        pairs = zip(results.get((sc, name), []), results.get((sc, "floor"), []))
+        ratios = sorted(a[key] / b[key] for a, b in pairs if key in a and key in b and b[key] > 0)
+        if not ratios:
+            return "–"
+        return f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+
+    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op | vs floor CPU/op | per round vs floor (range) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sc in args.scenarios:
         base_ops, base_cpu = med(sc, "memcached", "ops_per_sec"), med(sc, "memcached", "server_cpu_us_per_op")
         floor_cpu = med(sc, "floor", "server_cpu_us_per_op")
@@ -162,7 +182,7 @@ def main() -> int:
             r_cpu = f"{cpu / base_cpu:.2f}×" if cpu and base_cpu else "–"
             r_floor = f"{cpu / floor_cpu:.2f}×" if cpu and floor_cpu else "–"
             print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {ops:,.0f} | {p50:.0f} | {p99:.0f} | "
-                  f"{cpu:.2f} | {r_ops} | {r_cpu} | {r_floor} |")
+                  f"{cpu:.2f} | {r_ops} | {r_cpu} | {r_floor} | {paired(sc, s.name)} |")
     return 0
 
 
