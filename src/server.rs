@@ -167,8 +167,12 @@ impl Connection {
     /// of stream) from a spurious `EAGAIN`: another thread may make the socket non-blocking
     /// for an instant to peek at it (see [`crate::order`]), and a read that starts in that
     /// instant fails at once. Such a failure comes long before the timeout, so it is retried.
+    ///
+    /// The clock is read only when the server has an idle timeout: without one, the socket
+    /// has no read timeout unless the handler set one itself, and a timeout error that no
+    /// toggle explains is then the handler's own (its timeout, or its non-blocking socket).
     fn retrying(&self, mut op: impl FnMut(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
-        let started = Instant::now();
+        let started = self.idle_timeout.map(|_| Instant::now());
         let mut spurious = 0;
         loop {
             let before = self.toggles.count.load(Ordering::SeqCst);
@@ -184,12 +188,21 @@ impl Connection {
                     thread::yield_now();
                 }
                 Err(e) if is_timeout(&e) => {
-                    let elapsed = started.elapsed();
+                    let timeout = self.stream.read_timeout().ok().flatten();
                     // The socket's read timeout (the idle timeout, or one the handler set
                     // itself) has expired, as a spurious EAGAIN never waits that long.
-                    let expired =
-                        matches!(self.stream.read_timeout(), Ok(Some(t)) if elapsed >= t / 2);
-                    let idle = expired && self.idle_timeout.is_some_and(|t| elapsed >= t / 2);
+                    let (expired, idle) = match (started, timeout) {
+                        (_, None) => (false, false),
+                        (None, Some(_)) => (true, false),
+                        (Some(started), Some(t)) => {
+                            let elapsed = started.elapsed();
+                            let expired = elapsed >= t / 2;
+                            (
+                                expired,
+                                expired && self.idle_timeout.is_some_and(|t| elapsed >= t / 2),
+                            )
+                        }
+                    };
                     // A handler that made its own socket non-blocking, or set a shorter
                     // read timeout, gets its error back.
                     if !expired && spurious < SPURIOUS_RETRIES {
