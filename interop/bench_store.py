@@ -15,7 +15,8 @@ operation against it: the ratio of the medians, and the median of the per-round 
 (each server against the floor of the same round) with their range. `--control` adds a
 second, identical floor: its distance from the first is what the machine's noise alone
 makes of two equal servers. `--baseline BIN` adds another build of store-server, to compare
-before and after a change in the same alternated runs.
+before and after a change in the same alternated runs; it may be given more than once, as
+`--baseline NAME=BIN` to name each build in the table.
 
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
   a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
@@ -107,7 +108,9 @@ def main() -> int:
     ap.add_argument("--floor", action="store_true", help="also measure the floor (store-bench --floor)")
     ap.add_argument("--control", action="store_true",
                     help="with --floor: also measure a second, identical floor (the noise between equal servers)")
-    ap.add_argument("--baseline", help="another store-server build to measure alongside (before a change)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="[NAME=]BIN",
+                    help="another store-server build to measure alongside (before a change); "
+                         "repeatable, NAME= labels it (default label: baseline)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
     ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
@@ -119,9 +122,10 @@ def main() -> int:
     try:
         port = free_port()
         servers.append(Server("store-server", [args.server, "--listen", f"127.0.0.1:{port}"], port, "store"))
-        if args.baseline:
+        for baseline in args.baseline:
+            name, _, binary = baseline.rpartition("=")
             port = free_port()
-            servers.append(Server("baseline", [args.baseline, "--listen", f"127.0.0.1:{port}"], port, "store"))
+            servers.append(Server(name or "baseline", [binary, "--listen", f"127.0.0.1:{port}"], port, "store"))
         if args.floor:
             port = free_port()
             servers.append(Server("floor", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
