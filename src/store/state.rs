@@ -137,9 +137,15 @@ impl Store {
     }
 
     /// The shard's write lock. While it waits, the shard counts it among its `writers`, so
-    /// that readers holding the shard across a batch ([`Lookups`]) let go.
+    /// that readers holding the shard across a batch ([`Lookups`]) let go. A lock that is
+    /// free is taken without the count: only a waiting writer needs readers to see it.
     fn write(&self, hash: u64) -> RwLockWriteGuard<'_, ShardMap> {
         let shard = self.shard(hash);
+        match shard.inner.try_write() {
+            Ok(guard) => return guard,
+            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(TryLockError::WouldBlock) => {}
+        }
         shard.writers.fetch_add(1, Ordering::Relaxed);
         let guard = shard.inner.write().unwrap_or_else(PoisonError::into_inner);
         shard.writers.fetch_sub(1, Ordering::Relaxed);
