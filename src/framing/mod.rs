@@ -17,7 +17,7 @@
 mod reader;
 mod writer;
 
-pub(crate) use reader::find_newline;
+pub(crate) use reader::{find_byte, find_newline};
 pub use reader::{FrameReader, Frames};
 pub use writer::{begin_frame, encode_frame, end_frame, FrameWriter, SharedFrameWriter};
 

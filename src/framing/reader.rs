@@ -408,18 +408,24 @@ impl<R: Read> FrameReader<R> {
 /// Position of the first `\n`.
 #[inline]
 pub(crate) fn find_newline(bytes: &[u8]) -> Option<usize> {
-    // Eight bytes at a time: `w` has a zero byte where the input has '\n', and
+    find_byte(b'\n', bytes)
+}
+
+/// Position of the first `needle`.
+#[inline]
+pub(crate) fn find_byte(needle: u8, bytes: &[u8]) -> Option<usize> {
+    // Eight bytes at a time: `w` has a zero byte where the input has `needle`, and
     // `(w - 0x01..) & !w & 0x80..` sets the top bit of the first zero byte of `w` (bytes
     // above it may be set by the borrow, never bytes below it), so the lowest set bit
-    // names the first newline. Requests are a few dozen bytes; this is a third of the
+    // names the first match. Requests are a few dozen bytes; this is a third of the
     // instructions of a byte-by-byte search on them.
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    const NEWLINES: u64 = u64::from_ne_bytes([b'\n'; 8]);
+    let needles = u64::from_ne_bytes([needle; 8]);
     let mut words = bytes.chunks_exact(8);
     let mut at = 0;
     for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().expect("chunks of 8")) ^ NEWLINES;
+        let w = u64::from_le_bytes(word.try_into().expect("chunks of 8")) ^ needles;
         let found = w.wrapping_sub(ONES) & !w & HIGHS;
         if found != 0 {
             return Some(at + found.trailing_zeros() as usize / 8);
@@ -429,7 +435,7 @@ pub(crate) fn find_newline(bytes: &[u8]) -> Option<usize> {
     words
         .remainder()
         .iter()
-        .position(|&b| b == b'\n')
+        .position(|&b| b == needle)
         .map(|i| at + i)
 }
 
@@ -467,26 +473,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn find_newline_agrees_with_a_byte_by_byte_search() {
-        let naive = |b: &[u8]| b.iter().position(|&c| c == b'\n');
+    fn find_byte_agrees_with_a_byte_by_byte_search() {
         let mut rng = crate::bench::Rng::new(20);
-        // Bytes next to '\n' in value and bit pattern, so a word-level trick that confuses
-        // them shows.
-        let alphabet = [b'\n', 0x0b, 0x09, 0x8a, 0x00, 0xff, 0x80, 0x01, b'a'];
-        for len in 0..40 {
-            for _ in 0..200 {
-                let bytes: Vec<u8> = (0..len)
-                    .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
-                    .collect();
-                assert_eq!(find_newline(&bytes), naive(&bytes), "{bytes:?}");
-            }
-            let mut none = vec![b'x'; len];
-            assert_eq!(find_newline(&none), None);
-            for at in 0..len {
-                none[at] = b'\n';
-                assert_eq!(find_newline(&none), Some(at));
-                none[at] = 0x8a;
-                assert_eq!(find_newline(&none), None);
+        for needle in [b'\n', b',', 0x00, 0x80, 0xff] {
+            let naive = |b: &[u8]| b.iter().position(|&c| c == needle);
+            // Bytes next to the needle in value and bit pattern, so a word-level trick that
+            // confuses them shows.
+            let alphabet = [
+                needle,
+                needle ^ 0x01,
+                needle ^ 0x02,
+                needle ^ 0x80,
+                needle.wrapping_add(1),
+                needle.wrapping_sub(1),
+                0x00,
+                0xff,
+                0x80,
+                0x01,
+                b'a',
+            ];
+            for len in 0..40 {
+                for _ in 0..200 {
+                    let bytes: Vec<u8> = (0..len)
+                        .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize])
+                        .collect();
+                    assert_eq!(
+                        find_byte(needle, &bytes),
+                        naive(&bytes),
+                        "{needle} {bytes:?}"
+                    );
+                    if needle == b'\n' {
+                        assert_eq!(find_newline(&bytes), naive(&bytes), "{bytes:?}");
+                    }
+                }
+                let other = needle ^ 0x80;
+                let mut none = vec![other; len];
+                assert_eq!(find_byte(needle, &none), None);
+                for at in 0..len {
+                    none[at] = needle;
+                    assert_eq!(find_byte(needle, &none), Some(at));
+                    none[at] = other;
+                    assert_eq!(find_byte(needle, &none), None);
+                }
             }
         }
     }
