@@ -217,7 +217,14 @@ impl<'c> Replies<'c> {
         }
         // Charged for as long as the write may block on a peer that does not read.
         self.charge_capacity()?;
-        let result = (&*self.conn.stream).write_all(&self.out);
+        let mut stream = &*self.conn.stream;
+        // One write nearly always takes it all; `write_all` for the rest, or to retry.
+        let result = match stream.write(&self.out) {
+            Ok(n) if n == self.out.len() => Ok(()),
+            Ok(n) => stream.write_all(&self.out[n..]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => stream.write_all(&self.out),
+            Err(e) => Err(e),
+        };
         self.out.clear();
         if self.out.capacity() > KEEP_OUT {
             self.out = Vec::new();

@@ -171,12 +171,31 @@ impl Connection {
     /// The clock is read only when the server has an idle timeout: without one, the socket
     /// has no read timeout unless the handler set one itself, and a timeout error that no
     /// toggle explains is then the handler's own (its timeout, or its non-blocking socket).
+    #[inline]
     fn retrying(&self, mut op: impl FnMut(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
         let started = self.idle_timeout.map(|_| Instant::now());
+        let before = self.toggles.count.load(Ordering::SeqCst);
+        match op(&self.stream) {
+            Ok(n) => Ok(n),
+            Err(e) => self.retry(e, before, started, op),
+        }
+    }
+
+    /// [`retrying`](Self::retrying) after the first call failed with `first`: what to make
+    /// of it, and the calls after it.
+    #[cold]
+    #[inline(never)]
+    fn retry(
+        &self,
+        first: io::Error,
+        mut before: u64,
+        started: Option<Instant>,
+        mut op: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         let mut spurious = 0;
+        let mut result = Err(first);
         loop {
-            let before = self.toggles.count.load(Ordering::SeqCst);
-            match op(&self.stream) {
+            match result {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The socket was non-blocking for another thread's instant during the call
                 // (odd: one was under way as it started; changed: one began meanwhile).
@@ -208,20 +227,21 @@ impl Connection {
                     if !expired && spurious < SPURIOUS_RETRIES {
                         spurious += 1;
                         thread::yield_now();
-                        continue;
-                    }
-                    if idle {
+                    } else if idle {
                         log_debug!(
                             "{}: connection {} idle; closing",
                             self.server.shared.name,
                             self.id
                         );
                         return Ok(0);
+                    } else {
+                        return Err(e);
                     }
-                    return Err(e);
                 }
                 other => return other,
             }
+            before = self.toggles.count.load(Ordering::SeqCst);
+            result = op(&self.stream);
         }
     }
 }
@@ -229,6 +249,7 @@ impl Connection {
 /// Reads of a connection: blocking, and a read that outlasts the server's idle timeout is
 /// the end of the stream (`Ok(0)`) instead of an `EAGAIN` error.
 impl Read for &Connection {
+    #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.retrying(|mut s| s.read(buf))
     }

@@ -234,3 +234,62 @@ fn a_read_timeout_the_handler_sets_itself_comes_back_as_its_error() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     server.stop();
 }
+
+#[test]
+fn reads_through_the_connection_ride_out_another_threads_nonblocking_instants() {
+    // Another thread makes the socket non-blocking for an instant, over and over (as
+    // arrival order's peeks do). A read through the connection that starts in such an
+    // instant fails at once with EAGAIN; the connection retries it, so the handler sees
+    // only bytes. The client sends one byte at a time, so that many reads start.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    const BYTES: &[u8] = b"toggled";
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let server = Server::bind("127.0.0.1:0", ServerConfig::named("toggled"), move |conn| {
+        let toggler = conn.nonblocking();
+        let stop = Arc::new(AtomicBool::new(false));
+        let toggling = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut instants = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = toggler.run(|s| s.peek(&mut [0u8; 1]));
+                    instants += 1;
+                }
+                instants
+            })
+        };
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        let result = loop {
+            match (&conn).read(&mut byte) {
+                Ok(0) => break Ok(()),
+                Ok(_) => got.push(byte[0]),
+                Err(e) => break Err(e.kind()),
+            }
+            if got.len() == BYTES.len() {
+                break Ok(());
+            }
+        };
+        stop.store(true, Ordering::SeqCst);
+        let instants = toggling.join().unwrap();
+        let _ = tx.lock().unwrap().send((result, got, instants));
+        Ok(())
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let mut client = connect(server.local_addr());
+    for &b in BYTES {
+        std::thread::sleep(Duration::from_millis(10));
+        client.write_all(&[b]).unwrap();
+    }
+    let (result, got, instants) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the handler finished");
+    assert_eq!(result, Ok(()), "after {got:?}");
+    assert_eq!(got, BYTES);
+    assert!(instants > 0);
+    server.stop();
+}
