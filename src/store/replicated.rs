@@ -769,3 +769,7 @@ impl Session<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "replicated_tests.rs"]
+mod tests;
