@@ -77,7 +77,10 @@ impl Follower {
         });
         let deadline = Instant::now() + PATIENCE;
         while svc.status().leader != Some(2) {
-            assert!(Instant::now() < deadline, "the follower never heard the leader");
+            assert!(
+                Instant::now() < deadline,
+                "the follower never heard the leader"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let config = ServerConfig {
