@@ -13,8 +13,8 @@
 //!   connections, arrival order as the classic store keeps it ([`crate::order`]): a
 //!   one-shot client's `store` is applied before a connection accepted after it acts.
 //!   Applying it takes a commit (a majority's fsyncs, and a forward to the leader), not a
-//!   memory write, so a newcomer waits for it as long as a request may take
-//!   ([`longest_request`]), not the classic store's 50 ms.
+//!   memory write, so a newcomer waits for it as long as a request may take (twice the
+//!   request timeout and a margin), not the classic store's 50 ms.
 //! - **Any server takes clients**: a follower forwards requests to the leader on a
 //!   connection of its own that starts with the frame `raft-forward`, and relays the
 //!   replies. In that mode the leader answers `store` with `ok` and says `{error,not_leader}`
