@@ -100,7 +100,7 @@ pub fn read_step<'r, R: Read>(
 
 /// `Ok` when a read error is a normal end of the connection (logged as fits), else the
 /// error.
-fn ended(e: FrameError, conn: &Connection) -> Result<(), FrameError> {
+pub(crate) fn ended(e: FrameError, conn: &Connection) -> Result<(), FrameError> {
     let name = conn.server.name();
     match e {
         FrameError::Truncated { .. } => {

@@ -12,6 +12,9 @@
 //!   connection is applied, so a `lookup` after a `store` sees it. Across one server's
 //!   connections, arrival order as the classic store keeps it ([`crate::order`]): a
 //!   one-shot client's `store` is applied before a connection accepted after it acts.
+//!   Applying it takes a commit (a majority's fsyncs, and a forward to the leader), not a
+//!   memory write, so a newcomer waits for it as long as a request may take (twice the
+//!   request timeout and a margin), not the classic store's 50 ms.
 //! - **Any server takes clients**: a follower forwards requests to the leader on a
 //!   connection of its own that starts with the frame `raft-forward`, and relays the
 //!   replies. In that mode the leader answers `store` with `ok` and says `{error,not_leader}`
@@ -33,7 +36,7 @@ use crate::raft::driver::{Outcome, RaftHandle, SnapshotTask, StateMachine, Statu
 use crate::raft::links;
 use crate::raft::member::{Member, MemberOptions};
 use crate::raft::{ReplicaId, Role};
-use crate::request::{read_step, Step, TOO_LONG};
+use crate::request::{self, TOO_LONG};
 use crate::server::{
     self, is_disconnect, Connection, HandlerError, Server, ServerConfig, ServerHandle,
 };
@@ -48,6 +51,21 @@ use std::time::{Duration, Instant};
 
 /// The first frame of a follower's forwarding connection to the leader.
 pub const FORWARD: &[u8] = b"raft-forward";
+
+/// How much longer than the request timeout a follower waits for the leader's answer on a
+/// forwarding connection: the leader answers every request within its own request
+/// timeout, which started a little after the follower's.
+const UPSTREAM_MARGIN: Duration = Duration::from_secs(2);
+
+/// The longest one request can keep its connection busy, with request timeout `timeout`:
+/// a follower tries until its deadline, and a forward started just before it waits up to
+/// the leader's whole timeout and [`UPSTREAM_MARGIN`]. A connection accepted later waits
+/// this long at most for an earlier one's first requests (arrival order): a write's
+/// commit takes fsyncs on a majority, which under disk load passed the classic store's
+/// 50 ms ([`crate::order::MAX_WAIT`]), and the newcomer's lookup then ran first.
+fn longest_request(timeout: Duration) -> Duration {
+    2 * timeout + UPSTREAM_MARGIN
+}
 
 /// How a replicated store is set up.
 #[derive(Debug, Clone)]
@@ -217,10 +235,10 @@ impl ReplicatedStore {
             store,
             raft: member.raft().clone(),
             member,
-            options,
             started: Instant::now(),
             commands: Default::default(),
-            arrivals: Arrivals::new(),
+            arrivals: Arrivals::with_max_wait(longest_request(options.request_timeout)),
+            options,
         }))
     }
 
@@ -261,14 +279,32 @@ impl ReplicatedStore {
         // Arrival order across this server's connections, for the course's one-shot
         // clients (see `crate::order`): a connection's first requests wait for what
         // connections accepted before it had sent, and settle once applied.
-        if !self.arrivals.await_first_bytes(conn) {
-            return Ok(());
-        }
         let mut reader = conn.reader(self.options.framing, self.options.limits);
-        let first = match read_step(&mut reader, conn)? {
-            Step::Frame(f) => Some(f.to_vec()),
-            Step::Skipped(_) => None,
-            Step::End => return Ok(()),
+        let first = loop {
+            if !self.arrivals.await_first_bytes(conn) {
+                // Nothing (more) came; part of a first frame may be buffered: it was cut
+                // off, as at any end.
+                if let Err(e) = reader.finish() {
+                    request::ended(e, conn)?;
+                }
+                return Ok(());
+            }
+            match reader.fill() {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => return Ok(request::ended(e, conn)?),
+            }
+            match reader.next_buffered() {
+                Ok(Some(f)) => break Some(f.to_vec()),
+                Err(e) if e.is_recoverable() => break None,
+                Err(e) => return Err(e.into()),
+                // Only part of the first frame: younger connections need not wait for the
+                // rest, which may be slow to come (newcomers wait for a connection with
+                // bytes pending for as long as a request may take).
+                Ok(None) => {
+                    self.arrivals.release(conn);
+                }
+            }
         };
         let internal = first
             .as_ref()
@@ -667,7 +703,7 @@ impl Session<'_> {
         }
         if self.upstream.is_none() {
             let addr = &self.svc.options.peers[(leader - 1) as usize];
-            let timeout = self.svc.options.request_timeout + Duration::from_secs(2);
+            let timeout = self.svc.options.request_timeout + UPSTREAM_MARGIN;
             let mut client =
                 StoreClient::connect_timeout(addr.as_str(), self.svc.options.framing, timeout)
                     .ok()?;
@@ -733,3 +769,7 @@ impl Session<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "replicated_tests.rs"]
+mod tests;
