@@ -3,9 +3,11 @@
 
 Timing on a shared machine moves with everyone else's load; instruction counts do not. This
 starts the server (store-server, or the design's floor: `store-bench --floor`) under
-`valgrind --tool=callgrind`, drives it with `store-bench` (16 connections, GET only, the
-given pipeline depth), stops it, and prints the server's user-space instructions divided by
-the requests it answered.
+`valgrind --tool=callgrind`, drives it with `store-bench` (16 connections, GET only unless
+`--ratio` says otherwise, the given pipeline depth), stops it, and prints the server's
+user-space instructions divided by the replies it wrote. With SETs at depth 1 that is per
+operation too: a `store` has no reply, and the generator closes a batch that ends in one
+with one lookup (the floor answers that lookup and ignores the store).
 
 Requests are counted in the server, not by the generator (whose measured window misses the
 batches in flight at its ends): both servers copy each reply (or its value) into the output
@@ -15,6 +17,7 @@ buffer with one call to `memcpy`, so the number of those calls is the number of 
     python3 interop/profile_store.py                       # the store, pipeline 32
     python3 interop/profile_store.py --floor               # the floor
     python3 interop/profile_store.py --server OLD/store-server --pipeline 1
+    python3 interop/profile_store.py --pipeline 1 --ratio 0:1          # SET only, depth 1
     python3 interop/profile_store.py --keep /tmp/cg.out && callgrind_annotate /tmp/cg.out
 
 Needs valgrind. Exits non-zero when a run fails.
@@ -73,6 +76,9 @@ def main() -> int:
                     help="profile the floor (store-bench --floor) instead of the store")
     ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
     ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
+    ap.add_argument("--ratio", default="1:0",
+                    help="GET:SET weights (default 1:0). A batch that ends in a store is closed "
+                         "by one lookup, so at depth 1 every operation has one reply")
     ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
     ap.add_argument("--keep", metavar="FILE",
                     help="also copy callgrind's output here (for callgrind_annotate)")
@@ -92,7 +98,7 @@ def main() -> int:
             bench = subprocess.run(
                 [args.bench, "--addr", addr, "--conns", str(args.conns),
                  "--pipeline", str(args.pipeline), "--duration", str(args.duration),
-                 "--warmup", "0"],
+                 "--ratio", args.ratio, "--warmup", "0"],
                 capture_output=True, text=True, timeout=args.duration + 120)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -112,7 +118,7 @@ def main() -> int:
               "the generator counted: they no longer count replies", file=sys.stderr)
         return 1
     name = "floor" if args.floor else args.server
-    print(f"{name}: pipeline {args.pipeline}, {args.conns} conns: {total:,} instructions / "
+    print(f"{name}: pipeline {args.pipeline}, {args.conns} conns, ratio {args.ratio}: {total:,} instructions / "
           f"{replies:,} replies = {total / replies:.1f} per request")
     return 0
 
