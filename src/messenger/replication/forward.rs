@@ -114,10 +114,12 @@ impl Replica {
                 if close {
                     inner.clients.remove(id);
                 }
-                drop(inner);
                 self.changed.notify_all();
+                // Synced on the thread that reads `from`'s link: `from` counts as heard
+                // meanwhile (see `flush_reading`), or a slow disk would make the backup
+                // look silent here and be dropped from the members.
                 if let Some(seq) = appended {
-                    self.flush_to(seq);
+                    drop(self.flush_reading(inner, from, seq));
                 }
             }
             ReplicaMsg::Relay { conn, close, bytes }

@@ -241,7 +241,7 @@ impl Replica {
             ReplicaMsg::Reject { epoch } => {
                 inner.max_epoch = inner.max_epoch.max(epoch);
                 self.superseded(&mut inner, epoch, from);
-                self.reconcile(inner);
+                self.reconcile_reading(inner, from);
             }
             ReplicaMsg::Fetch { last } => {
                 // Records after the asker's last if this log has it; all of this log if it
@@ -443,7 +443,7 @@ impl Replica {
         if inner.role == Role::Primary && inner.peers[from].feed == Feed::Unknown {
             self.init_feed(&mut inner, from);
         }
-        self.reconcile(inner);
+        self.reconcile_reading(inner, from);
     }
 
     fn on_replicate(
@@ -493,18 +493,11 @@ impl Replica {
 
     /// Makes everything taken so far durable, then acknowledges up to `seq` to the primary.
     fn acknowledge(&self, primary: usize, epoch: u64, seq: u64) {
-        // This thread reads the primary's link: while it syncs, frames wait unread, and a
-        // slow disk (fsyncs of seconds on a busy machine) would make a live primary look
-        // silent to this server (and to the other backups, syncing the same records at
-        // once), which would then take over. Its silence counts from the end of the sync.
-        self.lock().peers[primary].syncing = true;
-        self.flush_to(seq);
-        let mut inner = self.lock();
-        let p = &mut inner.peers[primary];
-        p.syncing = false;
-        if p.heard.is_some() {
-            p.heard = Some(Instant::now());
-        }
+        // This thread reads the primary's link: were the primary not counted as heard
+        // while it syncs, a slow disk would make a live primary look silent to this server
+        // (and to the other backups, syncing the same records at once), which would then
+        // take over.
+        let mut inner = self.flush_reading(self.lock(), primary, seq);
         if inner.epoch == epoch {
             inner.last_ack = Some((epoch, seq));
             let at = Pos {
@@ -545,10 +538,12 @@ impl Replica {
                 // Answers are one batch at most: ask again about the new last record, until
                 // the answer is that there is nothing newer.
                 inner.peers[from].asked = None;
+                // Durable before anything is made of them (this server could take over
+                // next). This thread reads `from`'s link: were `from` not counted as heard
+                // while it syncs, a slow disk would make it look silent, and this server
+                // give up on it or take over without it.
                 let seq = inner.last.seq;
-                drop(inner);
-                self.flush_to(seq);
-                inner = self.lock();
+                inner = self.flush_reading(inner, from, seq);
             }
             Some(Err(())) => {
                 log_info!(
@@ -558,7 +553,9 @@ impl Replica {
                 inner.peers[from].asked = None;
             }
         }
-        self.reconcile(inner);
+        // Taking over here (the last answer awaited) appends the epoch record, synced on
+        // this thread too.
+        self.reconcile_reading(inner, from);
     }
 }
 

@@ -8,6 +8,8 @@ use crate::messenger::protocol::Delivery;
 use crate::messenger::replica_protocol::{Role, MAX_EPOCH};
 use crate::messenger::state::Change;
 use crate::{log_debug, log_info};
+use std::sync::MutexGuard;
+use std::time::Instant;
 
 /// Changes from a peer: records following a position, or a whole snapshot (and the
 /// position it was announced at).
@@ -144,6 +146,29 @@ impl Replica {
         } else {
             None
         }
+    }
+
+    /// [`Replica::flush_to`] on the thread that reads peer `from`'s link, given the lock
+    /// (handed back once the sync is done). While the thread syncs, `from`'s frames wait
+    /// unread, and a slow disk (fsyncs of seconds on a busy machine) would make a live
+    /// peer look silent: it counts as heard meanwhile (see `Remote::syncing`), and its
+    /// silence counts from the end of the sync.
+    pub(super) fn flush_reading<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        from: usize,
+        seq: u64,
+    ) -> MutexGuard<'a, Inner> {
+        inner.peers[from].syncing = true;
+        drop(inner);
+        self.flush_to(seq);
+        let mut inner = self.lock();
+        let p = &mut inner.peers[from];
+        p.syncing = false;
+        if p.heard.is_some() {
+            p.heard = Some(Instant::now());
+        }
+        inner
     }
 
     /// Makes records up to `seq` durable here, then lets commits advance.

@@ -132,15 +132,27 @@ impl Replica {
     /// Re-evaluates the role (see the rules in the module documentation), lets commits
     /// advance, wakes the links, and writes out anything appended.
     pub(super) fn reconcile(&self, mut inner: MutexGuard<'_, Inner>) {
-        self.evaluate(&mut inner);
-        self.check_forwarded(&mut inner);
-        self.recompute_commit(&mut inner);
-        self.changed.notify_all();
-        let flush = (inner.durable < inner.last.seq).then_some(inner.last.seq);
-        drop(inner);
-        if let Some(seq) = flush {
+        if let Some(seq) = self.settle(&mut inner) {
+            drop(inner);
             self.flush_to(seq);
         }
+    }
+
+    /// [`Replica::reconcile`] on the thread that reads peer `from`'s link, whose frames
+    /// wait unread while it syncs (see [`Replica::flush_reading`]).
+    pub(super) fn reconcile_reading(&self, mut inner: MutexGuard<'_, Inner>, from: usize) {
+        if let Some(seq) = self.settle(&mut inner) {
+            drop(self.flush_reading(inner, from, seq));
+        }
+    }
+
+    /// Reconcile's work under the lock; returns what is to be flushed.
+    fn settle(&self, inner: &mut Inner) -> Option<u64> {
+        self.evaluate(inner);
+        self.check_forwarded(inner);
+        self.recompute_commit(inner);
+        self.changed.notify_all();
+        (inner.durable < inner.last.seq).then_some(inner.last.seq)
     }
 
     pub(super) fn evaluate(&self, inner: &mut Inner) {

@@ -44,9 +44,10 @@ pub(super) struct Remote {
     /// When a frame last arrived on its inbound link; `None`: down. Read it through
     /// [`Remote::last_heard`].
     pub(super) heard: Option<Instant>,
-    /// Its inbound link's reader is syncing records it took from it (an fsync, which a
-    /// busy disk can make last longer than [`DOWN_AFTER`]): it reads nothing meanwhile,
-    /// so the silence says nothing of the peer.
+    /// Its inbound link's reader is syncing (an fsync, which a busy disk can make last
+    /// longer than [`DOWN_AFTER`]): records it took from it as backup or candidate, an
+    /// epoch record appended on taking over there, a change it forwarded. The reader reads
+    /// nothing meanwhile, so the silence says nothing of the peer.
     pub(super) syncing: bool,
     /// The last dial failed.
     pub(super) refused: bool,
