@@ -620,6 +620,85 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A candidate's reader syncing what it took from a peer's FETCH answer, or the epoch
+    /// record of the takeover that the peer's last answer completes, reads nothing from that
+    /// peer: it counts as heard meanwhile, and its silence counts from the sync's end.
+    /// Before, a sync on a slow disk made a live peer look silent to the candidate, which
+    /// then gave up on it (or, as new primary, went on without it).
+    #[test]
+    fn a_candidates_peer_is_not_silent_while_its_answer_or_the_takeover_is_synced() {
+        use crate::messenger::log::Record;
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-chunks-{}-candidate",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = (1..=3)
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect();
+        let c = Replica::open(&Options::new(0, peers, dir.clone())).unwrap().0;
+        let backup = |last| Status {
+            role: Role::Backup,
+            epoch: 1,
+            last,
+            in_sync: true,
+            you: Standing::NotPrimary,
+            mark: 1,
+            echo: 0,
+            primary: None,
+        };
+        let first = Pos { epoch: 1, seq: 1 };
+        // A moment ago, so that only a refresh makes it `before` or later.
+        let a_moment_ago = || Instant::now().checked_sub(Duration::from_millis(1)).unwrap();
+        let mut inner = c.lock();
+        let start = inner.last;
+        // No ticker runs here: never late, so the rules are applied (see `evaluate`).
+        inner.last_tick = Instant::now() + Duration::from_secs(3600);
+        (inner.epoch, inner.max_epoch, inner.in_sync) = (1, 1, true);
+        inner.role = Role::Candidate;
+        inner.peers[1].status = Some(backup(first));
+        inner.peers[1].heard = Some(a_moment_ago());
+        // Server 2 stays up whatever the time; it already said it holds nothing newer
+        // than `first` (see below).
+        inner.peers[2].status = Some(backup(first));
+        inner.peers[2].heard = Some(Instant::now() + Duration::from_secs(3600));
+        let before = Instant::now();
+        let change = Change::Register {
+            name: "ann".into(),
+            nonce: 1,
+        };
+        let records = vec![Record {
+            pos: first,
+            change: change.to_bytes(),
+        }];
+        c.on_fetched(inner, 1, Incoming::Records(start, records));
+        let mut inner = c.lock();
+        assert_eq!((inner.last, inner.durable), (first, 1), "taken, and durable");
+        assert_eq!(inner.role, Role::Candidate);
+        assert!(!inner.peers[1].syncing);
+        assert!(
+            inner.peers[1].heard.is_some_and(|t| t >= before),
+            "silent from before the sync of its answer"
+        );
+        // Its last answer: nothing newer. With server 2's, this server takes over, and
+        // the epoch record is synced on the same thread.
+        inner.peers[2].confirmed = Some(first);
+        inner.peers[1].heard = Some(a_moment_ago());
+        let before = Instant::now();
+        c.on_fetched(inner, 1, Incoming::Records(first, Vec::new()));
+        let inner = c.lock();
+        assert_eq!(inner.role, Role::Primary);
+        assert_eq!((inner.last.seq, inner.durable), (2, 2), "the epoch record is durable");
+        assert!(!inner.peers[1].syncing);
+        assert!(
+            inner.peers[1].heard.is_some_and(|t| t >= before),
+            "silent from before the sync of the takeover"
+        );
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_snapshot_travels_in_chunks_and_only_whole_and_in_order_is_taken() {
         let (a, dir_a) = replica(0, "a");
