@@ -699,6 +699,58 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A primary's reader syncing a change that a backup forwarded reads nothing from
+    /// that backup: it counts as heard meanwhile, and its silence counts from the sync's
+    /// end (before, a slow disk made it look silent and it was dropped from the members).
+    #[test]
+    fn a_backup_is_not_silent_while_its_forwarded_change_is_synced() {
+        use crate::messenger::protocol::{encode_request, Request};
+        use std::time::Duration;
+        let (p, dir) = replica(0, "forwarding");
+        let mut inner = p.lock();
+        // No ticker runs here: never late, so the rules are applied (see `evaluate`).
+        inner.last_tick = Instant::now() + Duration::from_secs(3600);
+        inner.in_sync = true;
+        inner.role = Role::Candidate;
+        let last = inner.last;
+        inner.peers[1].status = Some(Status {
+            role: Role::Backup,
+            epoch: 0,
+            last,
+            in_sync: true,
+            you: Standing::NotPrimary,
+            mark: 1,
+            echo: 0,
+            primary: None,
+        });
+        inner.peers[1].heard = Some(Instant::now() + Duration::from_secs(3600));
+        inner.peers[1].confirmed = Some(last);
+        p.reconcile(inner);
+        let mut inner = p.lock();
+        assert_eq!(inner.role, Role::Primary);
+        // A moment ago, so that only a refresh makes it `before` or later.
+        inner.peers[1].heard = Instant::now().checked_sub(Duration::from_millis(1));
+        let before = Instant::now();
+        let mut request = Vec::new();
+        let register = Request::Register {
+            name: "ann".into(),
+            nonce: None,
+        };
+        encode_request(&register, &mut request);
+        let forward = ReplicaMsg::Forward { conn: 5, request };
+        p.on_forwarding(inner, 1, forward);
+        let inner = p.lock();
+        assert_eq!(inner.durable, inner.last.seq, "the change is durable");
+        assert!(inner.last.seq >= 2, "the change was appended");
+        assert!(!inner.peers[1].syncing);
+        assert!(
+            inner.peers[1].heard.is_some_and(|t| t >= before),
+            "silent from before the sync of its change"
+        );
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_snapshot_travels_in_chunks_and_only_whole_and_in_order_is_taken() {
         let (a, dir_a) = replica(0, "a");
