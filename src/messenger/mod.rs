@@ -49,10 +49,12 @@
 //! without a frame from it ([`replication::DOWN_AFTER`]); *up* while frames keep coming. A
 //! peer not heard from since start counts as possibly up for the first 500 ms, unless
 //! dialing it was refused or its link closed. Silence counts only while the link is read:
-//! while a backup's reader syncs the records it took from the primary (an fsync that a busy
-//! disk can stretch past 500 ms), the primary counts as heard, and its silence counts from
-//! the end of the sync. This is the timing assumption the cluster rests on: a live
-//! server's heartbeats arrive within 500 ms. It holds for crashed and killed processes on a
+//! while the thread that reads a peer's link syncs (an fsync that a busy disk can stretch
+//! past 500 ms: a backup's of the records it took from the primary, a candidate's of a FETCH
+//! answer or of the epoch record that takes over, a primary's of a change a backup
+//! forwarded), that peer counts as heard, and its silence counts from the end of the sync.
+//! This is the timing assumption the cluster rests on: a live server's heartbeats arrive
+//! within 500 ms. It holds for crashed and killed processes on a
 //! working network; a network partition, where both sides live but cannot talk, breaks it
 //! (tolerating partitions needs a majority quorum, which cannot survive two of three
 //! failures): see *Partitions* below for what a split costs and how the cluster heals.

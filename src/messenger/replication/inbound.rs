@@ -637,7 +637,9 @@ mod tests {
         let peers = (1..=3)
             .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
             .collect();
-        let c = Replica::open(&Options::new(0, peers, dir.clone())).unwrap().0;
+        let c = Replica::open(&Options::new(0, peers, dir.clone()))
+            .unwrap()
+            .0;
         let backup = |last| Status {
             role: Role::Backup,
             epoch: 1,
@@ -650,7 +652,11 @@ mod tests {
         };
         let first = Pos { epoch: 1, seq: 1 };
         // A moment ago, so that only a refresh makes it `before` or later.
-        let a_moment_ago = || Instant::now().checked_sub(Duration::from_millis(1)).unwrap();
+        let a_moment_ago = || {
+            Instant::now()
+                .checked_sub(Duration::from_millis(1))
+                .unwrap()
+        };
         let mut inner = c.lock();
         let start = inner.last;
         // No ticker runs here: never late, so the rules are applied (see `evaluate`).
@@ -674,7 +680,11 @@ mod tests {
         }];
         c.on_fetched(inner, 1, Incoming::Records(start, records));
         let mut inner = c.lock();
-        assert_eq!((inner.last, inner.durable), (first, 1), "taken, and durable");
+        assert_eq!(
+            (inner.last, inner.durable),
+            (first, 1),
+            "taken, and durable"
+        );
         assert_eq!(inner.role, Role::Candidate);
         assert!(!inner.peers[1].syncing);
         assert!(
@@ -689,7 +699,11 @@ mod tests {
         c.on_fetched(inner, 1, Incoming::Records(first, Vec::new()));
         let inner = c.lock();
         assert_eq!(inner.role, Role::Primary);
-        assert_eq!((inner.last.seq, inner.durable), (2, 2), "the epoch record is durable");
+        assert_eq!(
+            (inner.last.seq, inner.durable),
+            (2, 2),
+            "the epoch record is durable"
+        );
         assert!(!inner.peers[1].syncing);
         assert!(
             inner.peers[1].heard.is_some_and(|t| t >= before),
