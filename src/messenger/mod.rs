@@ -54,10 +54,10 @@
 //! answer or of the epoch record that takes over, a primary's of a change a backup
 //! forwarded), that peer counts as heard, and its silence counts from the end of the sync.
 //! This is the timing assumption the cluster rests on: a live server's heartbeats arrive
-//! within 500 ms. It holds for crashed and killed processes on a
-//! working network; a network partition, where both sides live but cannot talk, breaks it
-//! (tolerating partitions needs a majority quorum, which cannot survive two of three
-//! failures): see *Partitions* below for what a split costs and how the cluster heals.
+//! within 500 ms. It holds for crashed and killed processes on a working network; a
+//! network partition, where both sides live but cannot talk, breaks it (tolerating
+//! partitions needs a majority quorum, which cannot survive two of three failures): see
+//! *Partitions* below for what a split costs and how the cluster heals.
 //!
 //! **Stalls.** A process that was itself stopped or starved (its 20 ms ticker more than
 //! 300 ms late, [`replication::STALL`]) cannot trust that view: the others may have seen it
