@@ -174,19 +174,21 @@ def main() -> int:
             return "–"
         return f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
 
-    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | vs memcached ops/s | vs memcached CPU/op | vs floor CPU/op | per round vs floor (range) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| scenario | server | ops/s (median of {args.reps}) | p50 µs | p99 µs | server CPU µs/op | of it user µs/op | vs memcached ops/s | vs memcached CPU/op | vs floor CPU/op | per round vs floor (range) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sc in args.scenarios:
         base_ops, base_cpu = med(sc, "memcached", "ops_per_sec"), med(sc, "memcached", "server_cpu_us_per_op")
         floor_cpu = med(sc, "floor", "server_cpu_us_per_op")
         for s in servers:
             ops, cpu = med(sc, s.name, "ops_per_sec"), med(sc, s.name, "server_cpu_us_per_op")
             p50, p99 = med(sc, s.name, "p50_us"), med(sc, s.name, "p99_us")
+            user = med(sc, s.name, "server_user_us_per_op")
+            user_cell = f"{user:.2f}" if user is not None else "–"
             r_ops = f"{ops / base_ops:.2f}×" if ops and base_ops else "–"
             r_cpu = f"{cpu / base_cpu:.2f}×" if cpu and base_cpu else "–"
             r_floor = f"{cpu / floor_cpu:.2f}×" if cpu and floor_cpu else "–"
             print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {ops:,.0f} | {p50:.0f} | {p99:.0f} | "
-                  f"{cpu:.2f} | {r_ops} | {r_cpu} | {r_floor} | {paired(sc, s.name)} |")
+                  f"{cpu:.2f} | {user_cell} | {r_ops} | {r_cpu} | {r_floor} | {paired(sc, s.name)} |")
     return 0
 
 

@@ -64,18 +64,28 @@ pub fn process_cpu_secs(pid: u32) -> Option<f64> {
     cpu_secs_from(&format!("/proc/{pid}/stat"))
 }
 
+/// A process's CPU time in seconds, user and system apart (`utime`, `stime`).
+pub fn process_cpu_split(pid: u32) -> Option<(f64, f64)> {
+    cpu_split_from(&format!("/proc/{pid}/stat"))
+}
+
 /// This process's own CPU time (user + system) in seconds.
 pub fn own_cpu_secs() -> Option<f64> {
     cpu_secs_from("/proc/self/stat")
 }
 
 fn cpu_secs_from(path: &str) -> Option<f64> {
+    cpu_split_from(path).map(|(user, system)| user + system)
+}
+
+fn cpu_split_from(path: &str) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name, which may itself hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / clock_ticks_per_sec())
+    let tick = clock_ticks_per_sec();
+    let ticks = |i: usize| Some(fields.get(i)?.parse::<f64>().ok()? / tick);
+    Some((ticks(11)?, ticks(12)?))
 }
 
 fn clock_ticks_per_sec() -> f64 {

@@ -748,10 +748,16 @@ fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
         );
         assert_eq!(field(line, "conns"), "2");
         let server_cpu = field(line, "server_cpu_us_per_op");
+        let server_user = field(line, "server_user_us_per_op");
         if with_pid {
-            assert!(server_cpu.parse::<f64>().is_ok(), "{line}");
+            let (cpu, user) = (server_cpu.parse::<f64>(), server_user.parse::<f64>());
+            assert!(
+                matches!((cpu, user), (Ok(c), Ok(u)) if u <= c + 0.002),
+                "the user part of the server's CPU is at most all of it (to the printed 0.001): {line}"
+            );
         } else {
             assert_eq!(server_cpu, "-", "without --server-pid: {line}");
+            assert_eq!(server_user, "-", "without --server-pid: {line}");
         }
         assert!(
             field(line, "bench_cpu_us_per_op").parse::<f64>().is_ok(),

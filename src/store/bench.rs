@@ -13,7 +13,7 @@
 //!
 //! Latency is per batch round trip (at depth 1, per request).
 
-use crate::bench::{own_cpu_secs, process_cpu_secs, process_rss_kib, Rng};
+use crate::bench::{own_cpu_secs, process_cpu_split, process_rss_kib, Rng};
 use crate::framing::{encode_frame, FrameReader, Framing};
 use std::fmt;
 use std::io::{self, Write};
@@ -117,6 +117,8 @@ pub struct BenchResult {
     pub latency_us: [f64; 3],
     /// Server CPU (user + system) per operation, microseconds.
     pub server_cpu_us_per_op: Option<f64>,
+    /// The user-space part of it: the server's own code, without the kernel's.
+    pub server_user_us_per_op: Option<f64>,
     /// This generator's own CPU per operation, microseconds.
     pub bench_cpu_us_per_op: Option<f64>,
 }
@@ -131,6 +133,9 @@ impl fmt::Display for BenchResult {
         )?;
         if let Some(c) = self.server_cpu_us_per_op {
             write!(f, "  server cpu {c:.2}us/op")?;
+        }
+        if let Some(c) = self.server_user_us_per_op {
+            write!(f, " (user {c:.2})")?;
         }
         if let Some(c) = self.bench_cpu_us_per_op {
             write!(f, "  bench cpu {c:.2}us/op")?;
@@ -147,7 +152,8 @@ impl BenchResult {
         let cpu = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.3}"));
         format!(
             "RESULT proto={:?} conns={} pipeline={} ratio={}:{} ops_per_sec={:.0} p50_us={p50} \
-             p99_us={p99} p999_us={p999} server_cpu_us_per_op={} bench_cpu_us_per_op={}",
+             p99_us={p99} p999_us={p999} server_cpu_us_per_op={} server_user_us_per_op={} \
+             bench_cpu_us_per_op={}",
             cfg.proto,
             cfg.conns,
             cfg.pipeline,
@@ -155,6 +161,7 @@ impl BenchResult {
             cfg.ratio.set,
             self.ops_per_sec,
             cpu(self.server_cpu_us_per_op),
+            cpu(self.server_user_us_per_op),
             cpu(self.bench_cpu_us_per_op),
         )
     }
@@ -539,7 +546,7 @@ pub fn run(
     start.wait();
     std::thread::sleep(cfg.warmup);
     // No --server-pid, no server figure (not this process's own time).
-    let cpu_before = (cfg.server_pid.and_then(process_cpu_secs), own_cpu_secs());
+    let cpu_before = (cfg.server_pid.and_then(process_cpu_split), own_cpu_secs());
     measuring.store(true, Ordering::Relaxed);
     let began = Instant::now();
     let mut last = (began, 0u64);
@@ -558,7 +565,7 @@ pub fn run(
     measuring.store(false, Ordering::Relaxed);
     let elapsed = began.elapsed().as_secs_f64();
     let total = ops.load(Ordering::Relaxed);
-    let cpu_after = (cfg.server_pid.and_then(process_cpu_secs), own_cpu_secs());
+    let cpu_after = (cfg.server_pid.and_then(process_cpu_split), own_cpu_secs());
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     for w in workers {
@@ -580,7 +587,11 @@ pub fn run(
         ops: total,
         ops_per_sec: total as f64 / elapsed,
         latency_us: [pct(0.50), pct(0.99), pct(0.999)],
-        server_cpu_us_per_op: per_op(cpu_before.0, cpu_after.0),
+        server_cpu_us_per_op: per_op(
+            cpu_before.0.map(|(u, s)| u + s),
+            cpu_after.0.map(|(u, s)| u + s),
+        ),
+        server_user_us_per_op: per_op(cpu_before.0.map(|c| c.0), cpu_after.0.map(|c| c.0)),
         bench_cpu_us_per_op: per_op(cpu_before.1, cpu_after.1),
     })
 }
