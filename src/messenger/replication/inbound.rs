@@ -564,22 +564,10 @@ mod tests {
     use super::*;
     use crate::messenger::log::encode_snapshot;
     use crate::messenger::state::Change;
-    use crate::messenger::Options;
 
+    /// Server `id` of two.
     fn replica(id: usize, name: &str) -> (Arc<Replica>, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("switchboard-chunks-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let peers = vec![
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap(),
-        ];
-        (
-            Replica::open(&Options::new(id, peers, dir.clone()))
-                .unwrap()
-                .0,
-            dir,
-        )
+        super::super::testing::replica(id, 2, name)
     }
 
     /// A backup's reader syncing what it took from the primary reads nothing: the primary
@@ -629,17 +617,7 @@ mod tests {
     fn a_candidates_peer_is_not_silent_while_its_answer_or_the_takeover_is_synced() {
         use crate::messenger::log::Record;
         use std::time::Duration;
-        let dir = std::env::temp_dir().join(format!(
-            "switchboard-chunks-{}-candidate",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let peers = (1..=3)
-            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-            .collect();
-        let c = Replica::open(&Options::new(0, peers, dir.clone()))
-            .unwrap()
-            .0;
+        let (c, dir) = super::super::testing::replica(0, 3, "candidate");
         let backup = |last| Status {
             role: Role::Backup,
             epoch: 1,

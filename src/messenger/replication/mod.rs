@@ -372,6 +372,34 @@ impl Replica {
     }
 }
 
+/// What the unit tests of this module's parts share.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::Replica;
+    use crate::messenger::Options;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// Server `id` of a cluster of `servers` (at addresses never dialled), its data in a
+    /// fresh directory named after `name` (unique among the tests) and the process.
+    pub(in crate::messenger) fn replica(
+        id: usize,
+        servers: usize,
+        name: &str,
+    ) -> (Arc<Replica>, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-replica-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = (1..=servers)
+            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+            .collect();
+        let replica = Replica::open(&Options::new(id, peers, dir.clone()))
+            .unwrap()
+            .0;
+        (replica, dir)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

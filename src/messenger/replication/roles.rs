@@ -411,23 +411,12 @@ mod tests {
     use super::*;
     use crate::messenger::log::Pos;
     use crate::messenger::replica_protocol::{Standing, Status};
-    use crate::messenger::Options;
     use std::path::PathBuf;
     use std::time::Duration;
 
+    /// Server 0 of `n`.
     fn replica_of(n: usize, name: &str) -> (Arc<Replica>, PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("switchboard-repl-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let peers = (1..=n)
-            .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
-            .collect();
-        (
-            Replica::open(&Options::new(0, peers, dir.clone()))
-                .unwrap()
-                .0,
-            dir,
-        )
+        super::super::testing::replica(0, n, name)
     }
 
     fn ago(d: Duration) -> Instant {
