@@ -290,8 +290,11 @@ fn a_client_that_stops_reading_is_dropped_without_delaying_the_others() {
         sent + 1,
         "the observer missed nothing"
     );
+    // 64 queued frames is a full outbox. The stalled client's writer may not have moved
+    // a single frame into its socket before the outbox filled (a busy machine may not run
+    // that thread at all meanwhile), so exactly 64 is a drop after a full outbox too.
     assert!(
-        dropped_at > 64,
+        dropped_at >= 64,
         "dropped only after a full outbox ({dropped_at})"
     );
 }
