@@ -278,6 +278,13 @@ impl Disk {
         Ok(())
     }
 
+    /// Holds the log's writes as a sync under way does, until the guard is dropped: every
+    /// [`Disk::sync_to`] meanwhile waits (tests of a slow disk).
+    #[cfg(test)]
+    pub(crate) fn hold_writes(&self) -> impl Sized + '_ {
+        lock(&self.output)
+    }
+
     /// Replaces the data with `snapshot` (an [`encode_snapshot`] at `pos`) and an empty
     /// log; records buffered but not written are dropped (the snapshot covers them). The
     /// snapshot is durable before the log is emptied.

@@ -60,7 +60,8 @@
 //! *Partitions* below for what a split costs and how the cluster heals.
 //!
 //! **Stalls.** A process that was itself stopped or starved (its 20 ms ticker more than
-//! 300 ms late, [`replication::STALL`]) cannot trust that view: the others may have seen it
+//! 300 ms late, [`replication::STALL`]; the ticker leaves its fsyncs to a flusher thread,
+//! so a slow fsync is not a stall) cannot trust that view: the others may have seen it
 //! silent for 500 ms and moved on. It commits nothing until the ticker has run; the ticker
 //! then makes a primary step down, forgets what it knew of every peer and closes their
 //! links (what waits unread in them was sent during the stall: stale too), and, as at

@@ -16,8 +16,10 @@
 //! acknowledgements, heartbeats, fetch answers), pulled from shared state under the one
 //! lock, to the link's [`Outbox`], whose writer thread writes them; a writer per client
 //! connection drains that client's outbox; a ticker turns silences into failures, drops
-//! members that stopped acknowledging, and re-evaluates the role. The inbound link from
-//! each peer is served on that connection's own thread (the server's).
+//! members that stopped acknowledging, and re-evaluates the role; a flusher syncs what the
+//! ticker appended (an epoch record), so that no tick waits for an fsync and a slow fsync
+//! does not look like a stall (a compaction still writes its snapshot under the lock). The inbound link from each peer is served on that
+//! connection's own thread (the server's).
 
 mod feed;
 mod forward;
@@ -105,9 +107,12 @@ pub struct Replica {
     inner: Mutex<Inner>,
     /// Link threads and the ticker wait on this.
     changed: Condvar,
+    /// The flusher waits on this for `flush_wanted` to pass `durable`.
+    flush_asked: Condvar,
     disk: Disk,
     compact_after: u64,
-    /// The link threads, the ticker and the client writers; [`Replica::stop`] closes it.
+    /// The link threads, the ticker, the flusher and the client writers; [`Replica::stop`]
+    /// closes it.
     group: Group,
 }
 
@@ -178,6 +183,7 @@ impl Replica {
             window: VecDeque::new(),
             base: loaded.base,
             durable: last.seq,
+            flush_wanted: last.seq,
             committed: 0,
             in_sync: false,
             peers: (0..n).map(|_| Remote::new()).collect(),
@@ -214,6 +220,7 @@ impl Replica {
             auth,
             inner: Mutex::new(inner),
             changed: Condvar::new(),
+            flush_asked: Condvar::new(),
             disk,
             compact_after: options.compact_after.max(1),
             group: Group::with_stack_size(&format!("messenger-{}", options.id), STACK),
@@ -221,7 +228,7 @@ impl Replica {
         Ok((Arc::new(replica), report))
     }
 
-    /// Starts the link threads and the ticker.
+    /// Starts the link threads, the ticker and the flusher.
     ///
     /// # Errors
     /// When a thread cannot be started, or the replica is stopping.
@@ -252,6 +259,12 @@ impl Replica {
                 replica.run_ticker();
             })
             .map_err(io::Error::other)?;
+        let replica = Arc::clone(self);
+        self.group
+            .spawn(format!("messenger-{}-flush", self.id), move || {
+                replica.run_flusher();
+            })
+            .map_err(io::Error::other)?;
         Ok(())
     }
 
@@ -262,6 +275,7 @@ impl Replica {
         inner.stopping = true;
         inner.clients.stop();
         self.changed.notify_all();
+        self.flush_asked.notify_all();
     }
 
     /// Stops, closes the replica's threads (within 5 s; stragglers are

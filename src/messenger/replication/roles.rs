@@ -9,7 +9,7 @@ use crate::log_info;
 use crate::messenger::replica_protocol::{ReplicaMsg, Role, MAX_EPOCH};
 use crate::messenger::state::Change;
 use std::net::Shutdown;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Instant;
 
@@ -313,28 +313,67 @@ impl Replica {
     }
 
     pub(super) fn run_ticker(self: Arc<Self>) {
-        loop {
-            let mut inner = self.lock();
-            if inner.stopping {
-                return;
-            }
-            let now = Instant::now();
-            // Alone, nobody can have taken over during a stall.
-            if now.duration_since(inner.last_tick) > STALL && inner.peers.len() > 1 {
-                self.stalled(&mut inner, now);
-            }
-            inner.last_tick = now;
-            for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
-                if inner.peers[j]
-                    .last_heard(now)
-                    .is_some_and(|t| now.duration_since(t) >= DOWN_AFTER)
-                {
-                    self.peer_down(&mut inner, j, "silent");
-                }
-            }
-            self.check_acks(&mut inner, now);
-            self.reconcile(inner);
+        while self.tick() {
             thread::sleep(TICK);
+        }
+    }
+
+    /// One tick: a stall, silent peers, overdue acknowledgements, then the roles. False
+    /// once the replica stops.
+    ///
+    /// A tick never syncs the log. A late tick is how a stalled process finds out (see
+    /// [`Replica::stalled`]), and a tick that synced (or waited for another thread's sync,
+    /// which holds the log) would be late on a slow disk with nothing stalled: a primary
+    /// that took over with a 300 ms fsync stepped down at its next tick. What a tick
+    /// appends (an epoch record) goes to the flusher ([`Replica::run_flusher`]). (A
+    /// compaction, which writes a snapshot under the lock, can still hold a tick up.)
+    pub(super) fn tick(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.stopping {
+            return false;
+        }
+        let now = Instant::now();
+        // Alone, nobody can have taken over during a stall.
+        if now.duration_since(inner.last_tick) > STALL && inner.peers.len() > 1 {
+            self.stalled(&mut inner, now);
+        }
+        inner.last_tick = now;
+        for j in (0..inner.peers.len()).filter(|&j| j != self.id) {
+            if inner.peers[j]
+                .last_heard(now)
+                .is_some_and(|t| now.duration_since(t) >= DOWN_AFTER)
+            {
+                self.peer_down(&mut inner, j, "silent");
+            }
+        }
+        self.check_acks(&mut inner, now);
+        if let Some(seq) = self.settle(&mut inner) {
+            if inner.flush_wanted < seq {
+                inner.flush_wanted = seq;
+                self.flush_asked.notify_one();
+            }
+        }
+        true
+    }
+
+    /// The flusher: makes durable what the ticker asks for (`flush_wanted`), off the
+    /// ticker's thread, until the replica stops. Commits advance as each flush ends
+    /// ([`Replica::flush_to`]), as they do after any other thread's.
+    pub(super) fn run_flusher(self: Arc<Self>) {
+        let mut inner = self.lock();
+        while !inner.stopping {
+            // A snapshot installed meanwhile may have moved the log's end below the ask.
+            let seq = inner.flush_wanted.min(inner.last.seq);
+            if seq > inner.durable {
+                drop(inner);
+                self.flush_to(seq);
+                inner = self.lock();
+            } else {
+                inner = self
+                    .flush_asked
+                    .wait(inner)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
         }
     }
 
@@ -516,6 +555,57 @@ mod tests {
         replica.recompute_commit(&mut inner);
         assert!(inner.peers[1].member);
         drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A takeover on a slow disk: the tick that made it leaves the epoch record's sync to
+    /// the flusher and returns, though another thread's sync holds the log. It used to sync
+    /// the record itself (waiting for that sync), so a sync longer than [`STALL`] made its
+    /// next tick late, and the new primary stepped down as stalled.
+    #[test]
+    fn a_tick_never_waits_for_the_disk_and_the_flusher_syncs_what_it_appended() {
+        let (replica, dir) = replica_of(2, "slow-disk");
+        {
+            let mut inner = replica.lock();
+            // The rules make it primary at its next tick (as in the stall test below).
+            inner.in_sync = true;
+            inner.started = ago(2 * DOWN_AFTER);
+            inner.peers[1].was_down = true;
+            inner.last_tick = Instant::now();
+        }
+        let held = replica.disk.hold_writes();
+        let (done, ticked) = std::sync::mpsc::channel();
+        let ticker = Arc::clone(&replica);
+        let t = thread::spawn(move || done.send(ticker.tick()).unwrap());
+        assert_eq!(
+            ticked.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "the tick waited for the disk"
+        );
+        t.join().unwrap();
+        {
+            let inner = replica.lock();
+            assert_eq!(inner.role, Role::Primary);
+            assert_eq!(inner.flush_wanted, inner.last.seq, "its epoch record, asked for");
+            assert!(inner.durable < inner.last.seq, "not synced yet: the log is held");
+        }
+        let flusher = {
+            let r = Arc::clone(&replica);
+            thread::spawn(move || r.run_flusher())
+        };
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let inner = replica.lock();
+            if inner.durable == inner.last.seq {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the flusher never synced it");
+            drop(inner);
+            thread::sleep(Duration::from_millis(5));
+        }
+        replica.begin_stop();
+        flusher.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -148,6 +148,9 @@ pub(super) struct Inner {
     pub(super) base: Pos,
     /// Records up to here are durable on this server.
     pub(super) durable: u64,
+    /// Records up to here are to be made durable by the flusher thread (see
+    /// [`Replica::run_flusher`](super::Replica::run_flusher)).
+    pub(super) flush_wanted: u64,
     /// As primary: records up to here are durable on this server and every member.
     pub(super) committed: u64,
     /// This server holds every committed change.
