@@ -18,6 +18,13 @@ makes of two equal servers. `--baseline BIN` adds another build of store-server,
 before and after a change in the same alternated runs; it may be given more than once, as
 `--baseline NAME=BIN` to name each build in the table.
 
+One set of rounds says little on a noisy machine, so every run is logged to stderr, a line
+per round, and `--pool` reads such logs back and pools their rounds: for each scenario and
+server, the median of every round's ratio to the floor of the same round, over all sets:
+
+    python3 interop/bench_store.py --no-python --floor --control --reps 15 --scenarios bc 2> set1.err
+    python3 interop/bench_store.py --pool set1.err set2.err
+
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
   a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
 """
@@ -47,6 +54,45 @@ SCENARIOS = {
     "e": ("16 conns, SET only", ["--conns", "16", "--ratio", "0:1"]),
     "f": ("256 conns", ["--conns", "256"]),
 }
+
+
+def round_line(sc: str, name: str, rep: int, r: dict[str, float]) -> str:
+    """A round's line on stderr (what `--pool` reads back): scenario, server, round, figures."""
+    return (f"# {sc} {SCENARIOS[sc][0]:24} {name:16} rep {rep}: {r['ops_per_sec']:.0f} ops/s "
+            f"cpu {r.get('server_cpu_us_per_op', float('nan')):.2f}us/op")
+
+
+ROUND_LINE = re.compile(r"^# (\w) .{24} (.+?)\s+rep (\d+): (\d+) ops/s cpu ([0-9.]+|nan)us/op$")
+
+
+def pool(paths: list[str]) -> int:
+    """Prints, for each scenario and server of the logs, the median of every round's CPU/op
+    ratio to the floor of the same round (and the middle half of those ratios)."""
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for path in paths:
+        rounds: dict[tuple[str, int], dict[str, float]] = {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = ROUND_LINE.match(line.rstrip("\n"))
+                if m and m.group(5) != "nan":
+                    sc, name, rep, _, cpu = m.groups()
+                    rounds.setdefault((sc, int(rep)), {})[name] = float(cpu)
+        for (sc, _), cpus in rounds.items():
+            floor = cpus.get("floor")
+            for name, cpu in cpus.items():
+                if floor and name != "floor":
+                    ratios.setdefault((sc, name), []).append(cpu / floor)
+    if not ratios:
+        print(f"no rounds with a floor in {' '.join(paths)}", file=sys.stderr)
+        return 1
+    print("| scenario | server | rounds | CPU/op vs floor, median of rounds | middle half |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for (sc, name), rs in sorted(ratios.items()):
+        rs.sort()
+        low, high = rs[(len(rs) - 1) // 4], rs[len(rs) * 3 // 4]
+        print(f"| {sc}: {SCENARIOS[sc][0]} | {name} | {len(rs)} | {statistics.median(rs):.2f}× | "
+              f"{low:.2f}–{high:.2f} |")
+    return 0
 
 
 def free_port() -> int:
@@ -114,7 +160,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
     ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
+    ap.add_argument("--pool", nargs="+", metavar="LOG",
+                    help="measure nothing: pool the rounds logged (stderr) by earlier runs with --floor")
     args = ap.parse_args()
+    if args.pool:
+        return pool(args.pool)
     if args.control and not args.floor:
         ap.error("--control needs --floor")
 
@@ -149,14 +199,13 @@ def main() -> int:
                                                       "--port", str(port)], port, "store"))
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for sc in args.scenarios:
-            label, extra = SCENARIOS[sc]
+            extra = SCENARIOS[sc][1]
             for rep in range(args.reps):
                 order = servers if rep % 2 == 0 else list(reversed(servers))
                 for s in order:
                     r = run_bench(args.bench, s, extra, args.duration)
                     results.setdefault((sc, s.name), []).append(r)
-                    print(f"# {sc} {label:24} {s.name:16} rep {rep + 1}: {r['ops_per_sec']:.0f} ops/s "
-                          f"cpu {r.get('server_cpu_us_per_op', float('nan')):.2f}us/op", file=sys.stderr)
+                    print(round_line(sc, s.name, rep + 1, r), file=sys.stderr)
     finally:
         for s in servers:
             s.stop()
