@@ -59,7 +59,7 @@ SCENARIOS = {
 def round_line(sc: str, name: str, rep: int, r: dict[str, float]) -> str:
     """A round's line on stderr (what `--pool` reads back): scenario, server, round, figures."""
     return (f"# {sc} {SCENARIOS[sc][0]:24} {name:16} rep {rep}: {r['ops_per_sec']:.0f} ops/s "
-            f"cpu {r.get('server_cpu_us_per_op', float('nan')):.2f}us/op")
+            f"cpu {r.get('server_cpu_us_per_op', float('nan')):.3f}us/op")
 
 
 ROUND_LINE = re.compile(r"^# (\w) .{24} (.+?)\s+rep (\d+): (\d+) ops/s cpu ([0-9.]+|nan)us/op$")
