@@ -586,8 +586,14 @@ mod tests {
         {
             let inner = replica.lock();
             assert_eq!(inner.role, Role::Primary);
-            assert_eq!(inner.flush_wanted, inner.last.seq, "its epoch record, asked for");
-            assert!(inner.durable < inner.last.seq, "not synced yet: the log is held");
+            assert_eq!(
+                inner.flush_wanted, inner.last.seq,
+                "its epoch record, asked for"
+            );
+            assert!(
+                inner.durable < inner.last.seq,
+                "not synced yet: the log is held"
+            );
         }
         let flusher = {
             let r = Arc::clone(&replica);
