@@ -249,6 +249,14 @@ impl Clients {
         self.conns.get(&conn).is_some_and(|e| !e.leaving)
     }
 
+    /// Registered, and not closed by this server: a request read from it may be decided.
+    /// A connection closed when the server stepped down may still have requests in its
+    /// reader's buffer (read while the server was stalled); deciding them later, after it
+    /// took over again, would apply what no answer can reach.
+    pub(super) fn is_open(&self, conn: u64) -> bool {
+        self.conns.get(&conn).is_some_and(|e| !e.leaving && !e.closed)
+    }
+
     /// The sessions, to decide requests against.
     pub(super) fn sessions(&self) -> &Sessions {
         &self.sessions
@@ -385,6 +393,9 @@ impl Clients {
         self.conns.retain(|_, c| match &c.sink {
             Sink::Local(outbox) => {
                 outbox.shutdown(Shutdown::Both);
+                // Frames its reader already took in are not requests any more (see
+                // `is_open`).
+                c.closed = true;
                 true
             }
             Sink::Remote { peer, conn } => {

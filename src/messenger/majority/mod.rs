@@ -189,7 +189,7 @@ impl Shared {
             (None, Some(l)) if l != self.id => Serving::Redirect(l),
             (None, _) => Serving::Unavailable,
         };
-        if serving == Serving::Primary && !inner.clients.contains(conn) {
+        if serving == Serving::Primary && !inner.clients.is_open(conn) {
             return true;
         }
         let state = inner
