@@ -254,7 +254,9 @@ impl Clients {
     /// reader's buffer (read while the server was stalled); deciding them later, after it
     /// took over again, would apply what no answer can reach.
     pub(super) fn is_open(&self, conn: u64) -> bool {
-        self.conns.get(&conn).is_some_and(|e| !e.leaving && !e.closed)
+        self.conns
+            .get(&conn)
+            .is_some_and(|e| !e.leaving && !e.closed)
     }
 
     /// The sessions, to decide requests against.

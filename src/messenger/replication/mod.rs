@@ -486,11 +486,17 @@ mod tests {
             name: name.into(),
             nonce: None,
         };
-        assert!(!ask(&replica, 1, &register("ann")), "an open connection is served");
+        assert!(
+            !ask(&replica, 1, &register("ann")),
+            "an open connection is served"
+        );
         replica.lock().clients.close_all();
         let last = replica.lock().last;
         assert_eq!(replica.lock().role, Role::Primary);
-        assert!(ask(&replica, 1, &register("bob")), "the connection is to close");
+        assert!(
+            ask(&replica, 1, &register("bob")),
+            "the connection is to close"
+        );
         assert_eq!(replica.lock().last, last, "nothing was appended");
         assert!(!replica.lock().state.exists("bob"));
         replica.stop();
