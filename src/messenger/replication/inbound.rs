@@ -608,6 +608,16 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Peer `j`'s sync is over and the peer counts as heard from no earlier than `before`
+    /// (the sync's start): its silence counts from the end of the sync.
+    fn assert_heard_since_sync(inner: &Inner, j: usize, before: Instant, what: &str) {
+        assert!(!inner.peers[j].syncing);
+        assert!(
+            inner.peers[j].heard.is_some_and(|t| t >= before),
+            "silent from before the sync of {what}"
+        );
+    }
+
     /// A candidate's reader syncing what it took from a peer's FETCH answer, or the epoch
     /// record of the takeover that the peer's last answer completes, reads nothing from that
     /// peer: it counts as heard meanwhile, and its silence counts from the sync's end.
@@ -664,11 +674,7 @@ mod tests {
             "taken, and durable"
         );
         assert_eq!(inner.role, Role::Candidate);
-        assert!(!inner.peers[1].syncing);
-        assert!(
-            inner.peers[1].heard.is_some_and(|t| t >= before),
-            "silent from before the sync of its answer"
-        );
+        assert_heard_since_sync(&inner, 1, before, "its answer");
         // Its last answer: nothing newer. With server 2's, this server takes over, and
         // the epoch record is synced on the same thread.
         inner.peers[2].confirmed = Some(first);
@@ -682,11 +688,7 @@ mod tests {
             (2, 2),
             "the epoch record is durable"
         );
-        assert!(!inner.peers[1].syncing);
-        assert!(
-            inner.peers[1].heard.is_some_and(|t| t >= before),
-            "silent from before the sync of the takeover"
-        );
+        assert_heard_since_sync(&inner, 1, before, "the takeover");
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -734,11 +736,7 @@ mod tests {
         let inner = p.lock();
         assert_eq!(inner.durable, inner.last.seq, "the change is durable");
         assert!(inner.last.seq >= 2, "the change was appended");
-        assert!(!inner.peers[1].syncing);
-        assert!(
-            inner.peers[1].heard.is_some_and(|t| t >= before),
-            "silent from before the sync of its change"
-        );
+        assert_heard_since_sync(&inner, 1, before, "its change");
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }
