@@ -207,21 +207,24 @@ impl Shared {
 
     /// The account holding the most among those not yet evicted.
     fn largest(&self) -> Option<Arc<AccountShared>> {
-        let table = self.table();
-        let mut best: Option<(usize, Arc<AccountShared>)> = None;
-        for weak in table.values() {
-            let Some(account) = weak.upgrade() else {
-                continue;
-            };
+        // Upgraded outside the scan's lock and dropped after it: a connection may let go
+        // of its last handle meanwhile, and then the one upgraded here is the last, whose
+        // drop takes the table's lock to unregister the account.
+        let live: Vec<Arc<AccountShared>> =
+            self.table().values().filter_map(Weak::upgrade).collect();
+        let mut best: Option<Arc<AccountShared>> = None;
+        for account in live {
             if account.evicted.load(Ordering::Relaxed) {
                 continue;
             }
-            let held = account.held.load(Ordering::Relaxed);
-            if best.as_ref().is_none_or(|(most, _)| held > *most) {
-                best = Some((held, account));
+            if best
+                .as_ref()
+                .is_none_or(|most| account.held() > most.held())
+            {
+                best = Some(account);
             }
         }
-        best.map(|(_, account)| account)
+        best
     }
 
     fn note_peak(&self, held: usize) {
@@ -489,5 +492,43 @@ mod tests {
         assert_eq!(budget.0.table().len(), 1);
         drop(b);
         assert!(budget.0.table().is_empty());
+    }
+    #[test]
+    fn a_connection_ending_while_the_largest_is_sought_deadlocks_nothing() {
+        // Connections end (their last handle dropped) while a charge past the budget scans
+        // the table for the largest: the handle the scan upgraded may be the last one, and
+        // dropping it unregisters the account, which takes the table's lock.
+        let budget = Budget::new("t", 10);
+        let churned = Arc::new(AtomicBool::new(false));
+        let (done, finished) = std::sync::mpsc::channel();
+        let scanner = {
+            let (budget, churned, done) = (budget.clone(), Arc::clone(&churned), done.clone());
+            thread::spawn(move || {
+                let mut scans = 0u64;
+                while !churned.load(Ordering::Relaxed) {
+                    drop(budget.0.largest());
+                    scans += 1;
+                }
+                done.send(scans).unwrap();
+            })
+        };
+        let churner = thread::spawn(move || {
+            let mut open: Vec<Option<(Account, Charge)>> = (0..4).map(|_| None).collect();
+            for i in 0..100_000 {
+                let account = budget.account("c", None);
+                let charge = account.charge(i % 3).unwrap();
+                open[i % 4] = Some((account, charge));
+            }
+            drop(open);
+            churned.store(true, Ordering::Relaxed);
+            done.send(0).unwrap();
+        });
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a thread deadlocked on the account table");
+        }
+        scanner.join().unwrap();
+        churner.join().unwrap();
     }
 }
