@@ -66,6 +66,18 @@ struct Args {
     /// fixed reply; no map, no lock) until killed, to benchmark against
     #[argh(option)]
     floor: Option<String>,
+    /// instead of spreading the connections over the --addr servers, compare them: given
+    /// their process ids (comma-separated, in --addr order), drive each in turn with
+    /// --conns connections of its own for --slice seconds per round, and report each one's
+    /// CPU time per operation against the first's, over all rounds and round by round
+    #[argh(option)]
+    compare: Option<String>,
+    /// seconds each server is driven per round of --compare (default 0.5)
+    #[argh(option, default = "0.5")]
+    slice: f64,
+    /// rounds of --compare (default 20)
+    #[argh(option, default = "20")]
+    rounds: usize,
 }
 
 fn main() -> ExitCode {
@@ -105,11 +117,14 @@ fn main() -> ExitCode {
         framing: a.framing,
         server_pid: a.server_pid,
         cluster: if cluster.len() > 1 {
-            cluster
+            cluster.clone()
         } else {
             Vec::new()
         },
     };
+    if let Some(pids) = &a.compare {
+        return compare(&cfg, &cluster, pids, a.slice, a.rounds);
+    }
     if let Some(secs) = a.soak {
         let Some(server_pid) = a.server_pid else {
             eprintln!("store-bench: --soak needs --server-pid");
@@ -159,4 +174,83 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--compare`: the servers at `addrs`, whose process ids are `pids`, driven in turn.
+fn compare(
+    cfg: &BenchConfig,
+    addrs: &[std::net::SocketAddr],
+    pids: &str,
+    slice: f64,
+    rounds: usize,
+) -> ExitCode {
+    let pids: Result<Vec<u32>, _> = pids.split(',').map(|p| p.trim().parse()).collect();
+    let pids = match pids {
+        Ok(pids) if pids.len() == addrs.len() => pids,
+        _ => {
+            eprintln!(
+                "store-bench: --compare wants one process id per --addr address ({}), \
+                 comma-separated",
+                addrs.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if slice.is_nan() || slice <= 0.0 || rounds == 0 {
+        eprintln!("store-bench: --slice and --rounds must be positive");
+        return ExitCode::FAILURE;
+    }
+    let targets: Vec<bench::Target> = addrs
+        .iter()
+        .zip(&pids)
+        .map(|(&addr, &pid)| bench::Target { addr, pid })
+        .collect();
+    let run = targets
+        .iter()
+        .try_for_each(|t| {
+            bench::preload(&BenchConfig {
+                addr: t.addr,
+                cluster: Vec::new(),
+                ..cfg.clone()
+            })
+        })
+        .and_then(|()| {
+            bench::compare(
+                cfg,
+                &targets,
+                Duration::from_secs_f64(slice),
+                rounds,
+                |round, slices| {
+                    for (t, s) in slices.iter().enumerate() {
+                        let cpu = s.cpu_us_per_op().map_or("-".into(), |c| format!("{c:.3}"));
+                        println!(
+                            "ROUND round={} target={t} ops={} secs={:.3} cpu_us_per_op={cpu}",
+                            round + 1,
+                            s.ops,
+                            s.secs
+                        );
+                    }
+                },
+            )
+        });
+    let rounds = match run {
+        Ok(rounds) => rounds,
+        Err(e) => {
+            eprintln!("store-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(summary) = bench::summarize(&rounds) else {
+        eprintln!("store-bench: a server completed no operation");
+        return ExitCode::FAILURE;
+    };
+    for (t, c) in summary.iter().enumerate() {
+        let [median, low, high] = c.rounds_vs_first;
+        println!(
+            "COMPARE target={t} addr={} ops_per_sec={:.0} server_cpu_us_per_op={:.3} \
+             vs_first={:.3} rounds_median_vs_first={median:.3} rounds_middle_half={low:.3}-{high:.3}",
+            targets[t].addr, c.ops_per_sec, c.cpu_us_per_op, c.vs_first
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -20,7 +20,7 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Which protocol to speak.
@@ -596,6 +596,266 @@ pub fn run(
     })
 }
 
+/// One server of an interleaved comparison ([`compare`]): where it listens, and its
+/// process, whose CPU time is read.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// What one target did in its slice of one round of [`compare`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Slice {
+    /// Operations completed in the slice.
+    pub ops: u64,
+    /// The slice's length, seconds.
+    pub secs: f64,
+    /// The server's CPU time in it (every thread's run time), seconds.
+    pub cpu_secs: f64,
+}
+
+impl Slice {
+    /// Server CPU per operation, microseconds (`None` for a slice without operations).
+    pub fn cpu_us_per_op(&self) -> Option<f64> {
+        (self.ops > 0).then(|| self.cpu_secs * 1e6 / self.ops as f64)
+    }
+}
+
+/// Whose turn it is in a [`compare`], and how many of each target's connections are still
+/// in a batch.
+struct Turn {
+    active: Option<usize>,
+    busy: Vec<usize>,
+    stop: bool,
+}
+
+/// [`Turn::active`] as connections check it after every batch, without the lock
+/// (`usize::MAX`: nobody's).
+const NOBODY: usize = usize::MAX;
+
+/// Drives several servers in turn with the same load, `slice` each per round, for `rounds`
+/// rounds, and measures each one's operations and CPU time in its slices: an A/B
+/// comparison that a noisy machine disturbs less than runs one after another, since the
+/// servers take turns every fraction of a second and a change in the machine's load
+/// falls on all of them alike. Every target gets `cfg.conns` connections of its own, open
+/// throughout, idle while the others are driven (so each server's threads stay as they
+/// were); only `cfg.addr` and `cfg.cluster` are ignored. Rounds alternate the order (ABC,
+/// CBA, ...), so a drift within a round also falls on all alike, and each slice starts a
+/// tenth of a slice after the turn changes, once the woken connections are under way.
+/// `each` is called after every round with its slices, in target order.
+///
+/// The servers are loaded with the preloaded keys (see [`preload`]) by the caller.
+///
+/// # Errors
+/// The first connection failure or wrong reply, or a target whose CPU time cannot be read.
+pub fn compare(
+    cfg: &BenchConfig,
+    targets: &[Target],
+    slice: Duration,
+    rounds: usize,
+    mut each: impl FnMut(usize, &[Slice]),
+) -> Result<Vec<Vec<Slice>>, BenchError> {
+    let unreadable = |t: &Target| {
+        BenchError::Io(io::Error::other(format!(
+            "cannot read the CPU time of process {} (/proc/{}/task/*/schedstat)",
+            t.pid, t.pid
+        )))
+    };
+    for t in targets {
+        crate::bench::process_run_secs(t.pid).ok_or_else(|| unreadable(t))?;
+    }
+    let turn = Arc::new((
+        std::sync::Mutex::new(Turn {
+            active: None,
+            busy: vec![0; targets.len()],
+            stop: false,
+        }),
+        std::sync::Condvar::new(),
+    ));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(NOBODY));
+    let ops: Arc<Vec<AtomicU64>> = Arc::new(targets.iter().map(|_| AtomicU64::new(0)).collect());
+    let mut workers = Vec::new();
+    for (t, target) in targets.iter().enumerate() {
+        let one = BenchConfig {
+            addr: target.addr,
+            cluster: Vec::new(),
+            ..cfg.clone()
+        };
+        for n in 0..cfg.conns {
+            let mut c = Conn::open(&one, n)?;
+            let (turn, active, ops, cfg) = (
+                Arc::clone(&turn),
+                Arc::clone(&active),
+                Arc::clone(&ops),
+                one.clone(),
+            );
+            let worker = std::thread::Builder::new()
+                .name(format!("bench-{t}-{n}"))
+                .stack_size(256 << 10)
+                .spawn(move || -> Result<(), BenchError> {
+                    let mut rng = Rng::new((t * cfg.conns + n) as u64 + 1);
+                    let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
+                    let (lock, changed) = &*turn;
+                    let lock = || lock.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut state = lock();
+                    loop {
+                        while state.active != Some(t) && !state.stop {
+                            state = changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        if state.stop {
+                            return Ok(());
+                        }
+                        state.busy[t] += 1;
+                        drop(state);
+                        let result = (|| -> Result<(), BenchError> {
+                            while active.load(Ordering::Relaxed) == t {
+                                let mut last = None;
+                                for _ in 0..cfg.pipeline {
+                                    let i = rng.below(cfg.keys as u64) as usize;
+                                    let is_set = rng.below(weight) >= u64::from(cfg.ratio.get);
+                                    if is_set {
+                                        c.set(i);
+                                    } else {
+                                        c.get(i);
+                                    }
+                                    last = Some((i, is_set));
+                                }
+                                c.close_batch(last);
+                                c.round_trip()?;
+                                ops[t].fetch_add(cfg.pipeline as u64, Ordering::Relaxed);
+                            }
+                            Ok(())
+                        })();
+                        state = lock();
+                        state.busy[t] -= 1;
+                        changed.notify_all();
+                        if let Err(e) = result {
+                            state.stop = true;
+                            active.store(NOBODY, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                })
+                .map_err(BenchError::Io)?;
+            workers.push(worker);
+        }
+    }
+    let (lock, changed) = &*turn;
+    let lock = || lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut all = Vec::with_capacity(rounds);
+    let mut failed = false;
+    'rounds: for round in 0..rounds {
+        let mut slices = vec![Slice::default(); targets.len()];
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        for t in order {
+            let target = &targets[t];
+            {
+                let mut state = lock();
+                if state.stop {
+                    failed = true;
+                    break 'rounds;
+                }
+                state.active = Some(t);
+                active.store(t, Ordering::Relaxed);
+                changed.notify_all();
+            }
+            std::thread::sleep(slice / 10);
+            let read = || {
+                Ok::<_, BenchError>((
+                    Instant::now(),
+                    ops[t].load(Ordering::Relaxed),
+                    crate::bench::process_run_secs(target.pid).ok_or_else(|| unreadable(target))?,
+                ))
+            };
+            let before = read()?;
+            std::thread::sleep(slice);
+            let after = read()?;
+            slices[t] = Slice {
+                ops: after.1 - before.1,
+                secs: after.0.duration_since(before.0).as_secs_f64(),
+                cpu_secs: after.2 - before.2,
+            };
+            // The next target's turn starts once this one's batches in flight are done.
+            let mut state = lock();
+            state.active = None;
+            active.store(NOBODY, Ordering::Relaxed);
+            while state.busy[t] > 0 && !state.stop {
+                state = changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        each(round, &slices);
+        all.push(slices);
+    }
+    {
+        let mut state = lock();
+        state.stop = true;
+        active.store(NOBODY, Ordering::Relaxed);
+        changed.notify_all();
+    }
+    let mut first_error = None;
+    for w in workers {
+        if let Err(e) = w.join().expect("bench worker panicked") {
+            first_error.get_or_insert(e);
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None if failed => Err(BenchError::Mismatch("a connection stopped the run".into())),
+        None => Ok(all),
+    }
+}
+
+/// One target's figures over all the rounds of a [`compare`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compared {
+    /// Operations per second over its slices.
+    pub ops_per_sec: f64,
+    /// Server CPU per operation over its slices, microseconds.
+    pub cpu_us_per_op: f64,
+    /// Its CPU per operation over the first target's, from the totals.
+    pub vs_first: f64,
+    /// The same ratio taken round by round: the median, and the middle half's bounds.
+    pub rounds_vs_first: [f64; 3],
+}
+
+/// Sums up the rounds of a [`compare`], target by target (`None` when a target did
+/// nothing, or there were no rounds).
+pub fn summarize(rounds: &[Vec<Slice>]) -> Option<Vec<Compared>> {
+    let targets = rounds.first()?.len();
+    let total = |t: usize| {
+        rounds.iter().fold(Slice::default(), |sum, r| Slice {
+            ops: sum.ops + r[t].ops,
+            secs: sum.secs + r[t].secs,
+            cpu_secs: sum.cpu_secs + r[t].cpu_secs,
+        })
+    };
+    let first = total(0).cpu_us_per_op()?;
+    (0..targets)
+        .map(|t| {
+            let sum = total(t);
+            let mut ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| Some(r[t].cpu_us_per_op()? / r[0].cpu_us_per_op()?))
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+            Some(Compared {
+                ops_per_sec: sum.ops as f64 / sum.secs,
+                cpu_us_per_op: sum.cpu_us_per_op()?,
+                vs_first: sum.cpu_us_per_op()? / first,
+                rounds_vs_first: [at(0.5), at(0.25), at(0.75)],
+            })
+        })
+        .collect()
+}
+
 /// What [`hold_idle`] measured.
 #[derive(Debug, Clone, Copy)]
 pub struct IdleReport {
@@ -848,6 +1108,37 @@ fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_comparison_sums_slices_and_takes_ratios_round_by_round() {
+        let slice = |ops, cpu_secs| Slice {
+            ops,
+            secs: 0.5,
+            cpu_secs,
+        };
+        // Target 1 costs 1.1x target 0 in every round, although the machine's speed
+        // changes from round to round; target 2 does nothing in the last round.
+        let rounds = vec![
+            vec![slice(1000, 0.010), slice(1000, 0.011), slice(500, 0.005)],
+            vec![slice(2000, 0.010), slice(2000, 0.011), slice(500, 0.0025)],
+            vec![slice(1000, 0.020), slice(1000, 0.022), slice(0, 0.001)],
+        ];
+        let s = summarize(&rounds).unwrap();
+        assert_eq!(s.len(), 3);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(s[0].vs_first, 1.0) && close(s[1].vs_first, 1.1),
+            "{s:?}"
+        );
+        assert!(s[1].rounds_vs_first.iter().all(|&r| close(r, 1.1)), "{s:?}");
+        assert!(close(s[0].ops_per_sec, 4000.0 / 1.5));
+        assert!(close(s[0].cpu_us_per_op, 0.040 * 1e6 / 4000.0));
+        // Rounds without an operation count in the totals, not among the ratios.
+        assert!(close(s[2].cpu_us_per_op, 0.0085 * 1e6 / 1000.0), "{s:?}");
+        assert!(s[2].rounds_vs_first.iter().all(|&r| close(r, 1.0)), "{s:?}");
+        assert!(summarize(&[]).is_none());
+        assert!(summarize(&[vec![slice(0, 0.1)]]).is_none());
+    }
 
     #[test]
     fn values_have_the_asked_size_and_differ_by_key() {
