@@ -25,6 +25,16 @@ server, the median of every round's ratio to the floor of the same round, over a
     python3 interop/bench_store.py --no-python --floor --control --reps 15 --scenarios bc 2> set1.err
     python3 interop/bench_store.py --pool set1.err set2.err
 
+`--interleave SLICE` measures the store-protocol servers (store, baselines, floor, control)
+another way: one `store-bench --compare` per scenario drives them in turn, SLICE seconds
+each, `--reps` rounds (each server has connections of its own, idle while the others run),
+and reads each server's CPU to the nanosecond. Turns of half a second put a change in the
+machine's load on every server alike, where runs of seconds one after another do not; the
+rounds are logged as above, so `--pool` pools them too:
+
+    python3 interop/bench_store.py --no-python --memcached none --floor --control \
+        --interleave 0.5 --reps 100 --scenarios cf 2> set1.err
+
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
   a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
 """
@@ -141,6 +151,72 @@ def run_bench(bench: str, server: Server, extra: list[str], duration: float) -> 
     return {k: float(v) for k, v in fields.items() if re.fullmatch(r"[\d.]+", v)}
 
 
+ROUND = re.compile(r"^ROUND round=(\d+) target=(\d+) ops=(\d+) secs=([0-9.]+) cpu_us_per_op=([0-9.]+|-)$")
+
+
+def parse_rounds(stdout: str, names: list[str]) -> dict[int, dict[str, tuple[int, float, float]]]:
+    """The `ROUND` lines of a `store-bench --compare` run: for each round and server (named
+    in target order), its operations, seconds and CPU seconds."""
+    rounds: dict[int, dict[str, tuple[int, float, float]]] = {}
+    for line in stdout.splitlines():
+        m = ROUND.match(line)
+        if not m:
+            continue
+        rnd, t, ops, secs = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4))
+        cpu = float(m.group(5)) * ops / 1e6 if m.group(5) != "-" else 0.0
+        rounds.setdefault(rnd, {})[names[t]] = (ops, secs, cpu)
+    return rounds
+
+
+def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
+    """`--interleave`: one `store-bench --compare` per scenario over every server; logs each
+    round's figures to stderr (as `--pool` reads them) and prints a table of the totals."""
+    print("| scenario | server | slices | ops/s | server CPU µs/op | vs floor CPU/op (totals) | "
+          "per round vs floor: median (middle half) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for sc in args.scenarios:
+        argv = [args.bench, "--addr", ",".join(f"127.0.0.1:{s.port}" for s in servers),
+                "--compare", ",".join(str(s.proc.pid) for s in servers),
+                "--slice", str(args.interleave), "--rounds", str(args.reps),
+                "--keys", "1000", "--value-size", "32"] + SCENARIOS[sc][1]
+        budget = args.reps * len(servers) * args.interleave * 1.5 + 120
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr}")
+        rounds = parse_rounds(out.stdout, [s.name for s in servers])
+        for rnd, by_name in sorted(rounds.items()):
+            for name, (ops, secs, cpu) in by_name.items():
+                figures = {"ops_per_sec": ops / secs if secs > 0 else 0.0}
+                if ops > 0:
+                    figures["server_cpu_us_per_op"] = cpu * 1e6 / ops
+                print(round_line(sc, name, rnd, figures), file=sys.stderr)
+        if not rounds:
+            raise RuntimeError(f"{' '.join(argv)} printed no rounds:\n{out.stdout}")
+
+        def total(name: str) -> tuple[int, float, float]:
+            ops = sum(r[name][0] for r in rounds.values() if name in r)
+            secs = sum(r[name][1] for r in rounds.values() if name in r)
+            cpu = sum(r[name][2] for r in rounds.values() if name in r and r[name][0] > 0)
+            return ops, secs, cpu
+
+        floor = total("floor") if args.floor else None
+        for s in servers:
+            ops, secs, cpu = total(s.name)
+            per_op = cpu * 1e6 / ops if ops else float("nan")
+            vs, per_round = "–", "–"
+            if floor and floor[0] and ops:
+                vs = f"{per_op / (floor[2] * 1e6 / floor[0]):.3f}×"
+                ratios = sorted((r[s.name][2] / r[s.name][0]) / (r["floor"][2] / r["floor"][0])
+                                for r in rounds.values()
+                                if r.get(s.name, (0,))[0] > 0 and r.get("floor", (0,))[0] > 0)
+                if ratios:
+                    low, high = ratios[(len(ratios) - 1) // 4], ratios[len(ratios) * 3 // 4]
+                    per_round = f"{statistics.median(ratios):.3f}× ({low:.2f}–{high:.2f})"
+            print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {len(rounds)} | {ops / secs if secs else 0:,.0f} | "
+                  f"{per_op:.3f} | {vs} | {per_round} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"),
@@ -160,6 +236,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="runs of each scenario per server; the median is shown (default: 3)")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds each run measures (default: 3)")
     ap.add_argument("--scenarios", default="abcdef", help="which scenarios to run, as letters (default: abcdef; see above)")
+    ap.add_argument("--interleave", type=float, metavar="SLICE",
+                    help="drive the store-protocol servers in turn, SLICE seconds each, --reps rounds, "
+                         "in one store-bench --compare per scenario (memcached and store_server.py "
+                         "are left out)")
     ap.add_argument("--pool", nargs="+", metavar="LOG",
                     help="measure nothing: pool the rounds logged (stderr) by earlier runs with --floor")
     args = ap.parse_args()
@@ -167,6 +247,13 @@ def main() -> int:
         return pool(args.pool)
     if args.control and not args.floor:
         ap.error("--control needs --floor")
+    if args.interleave is not None:
+        if not args.interleave > 0:
+            ap.error("--interleave wants a positive number of seconds")
+        if args.memcached not in (None, "none") or not args.no_python:
+            print("--interleave compares store-protocol servers only: memcached and "
+                  "store_server.py are left out", file=sys.stderr)
+        args.memcached, args.no_python = "none", True
 
     servers: list[Server] = []
     try:
@@ -197,6 +284,8 @@ def main() -> int:
             port = free_port()
             servers.append(Server("store_server.py", [sys.executable, os.path.join(ROOT, "interop/store_server.py"),
                                                       "--port", str(port)], port, "store"))
+        if args.interleave is not None:
+            return interleaved(args, servers)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for sc in args.scenarios:
             extra = SCENARIOS[sc][1]

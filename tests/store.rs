@@ -710,6 +710,59 @@ fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
 }
 
 #[test]
+fn store_bench_compares_servers_in_turn_and_reports_each_against_the_first() {
+    const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
+    let floor = ChildServer::start(BENCH, &["--floor", "127.0.0.1:0", "--keys", "20"]);
+    let store = start(&[]);
+    let addrs = format!("{},{}", floor.addr, store.addr);
+    let pids = format!("{},{}", floor.child.id(), store.child.id());
+    let compare = |pids: &str| {
+        let mut cmd = std::process::Command::new(BENCH);
+        cmd.args([
+            "--addr",
+            &addrs,
+            "--compare",
+            pids,
+            "--keys",
+            "20",
+            "--conns",
+            "2",
+        ])
+        .args(["--slice", "0.1", "--rounds", "3"]);
+        cmd
+    };
+    let out = run_checked(compare(&pids));
+    let rounds: Vec<&str> = out.lines().filter(|l| l.starts_with("ROUND ")).collect();
+    assert_eq!(rounds.len(), 6, "{out}");
+    for (i, line) in rounds.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("ROUND round={} target={} ops=", i / 2 + 1, i % 2)),
+            "{out}"
+        );
+        // Every slice served lookups (checked replies) and the server spent CPU on them.
+        let ops: u64 = line
+            .split("ops=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ops > 0 && !line.ends_with("cpu_us_per_op=-"), "{out}");
+    }
+    assert!(
+        out.contains("COMPARE target=0 ") && out.contains(" vs_first=1.000 "),
+        "{out}"
+    );
+    assert!(out.contains("COMPARE target=1 "), "{out}");
+    // One process id per address, or nothing is run.
+    let out = compare(&floor.child.id().to_string()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one process id per --addr address"));
+}
+
+#[test]
 fn store_bench_reports_server_cpu_only_for_a_given_server_pid() {
     const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
     let server = start(&[]);

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Counts the instructions a store server spends per request, under callgrind.
+
+Timing on a shared machine moves with everyone else's load; instruction counts do not. This
+starts the server (store-server, or the design's floor: `store-bench --floor`) under
+`valgrind --tool=callgrind`, drives it with `store-bench` (16 connections, GET only unless
+`--ratio` says otherwise, the given pipeline depth), stops it, and prints the server's
+user-space instructions divided by the replies it wrote. With SETs in the load (`--ratio`)
+it divides by the operations the generator counted instead (a store's value is copied with
+`memcpy` too); a `store` has no reply, so the generator closes a batch that ends in one with
+a lookup, which the floor answers while it ignores the store.
+
+Requests are counted in the server, not by the generator (whose measured window misses the
+batches in flight at its ends): both servers copy each reply (or its value) into the output
+buffer with one call to `memcpy`, so the number of those calls is the number of replies.
+
+    cargo build --release
+    python3 interop/profile_store.py                       # the store, pipeline 32
+    python3 interop/profile_store.py --floor               # the floor
+    python3 interop/profile_store.py --server OLD/store-server --pipeline 1
+    python3 interop/profile_store.py --pipeline 1 --ratio 0:1          # SET only, depth 1
+    python3 interop/profile_store.py --keep /tmp/cg.out && callgrind_annotate /tmp/cg.out
+
+Needs valgrind. Exits non-zero when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from bench_store import free_port, wait_listening
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def callgrind_counts(path: str) -> tuple[int, int]:
+    """Total instructions, and calls to memcpy, from a callgrind output file."""
+    names: dict[str, str] = {}
+    total = None
+    memcpy_calls = 0
+    callee = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^c?fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+            if m:
+                if m.group(2) is not None:
+                    names[m.group(1)] = m.group(2)
+                if line.startswith("cfn="):
+                    callee = names.get(m.group(1), "")
+                continue
+            if line.startswith("calls="):
+                if "memcpy" in callee:
+                    memcpy_calls += int(line[6:].split()[0])
+                continue
+            m = re.match(r"^(?:summary|totals): ([\d ]+)", line)
+            if m:
+                nums = [int(x) for x in m.group(1).split()]
+                total = nums[0]
+                global ALL
+                ALL = nums
+    if total is None:
+        raise RuntimeError(f"no totals in {path}")
+    return total, memcpy_calls
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--server", default=os.path.join(ROOT, "target/release/store-server"),
+                    help="the store-server binary (default: target/release/store-server)")
+    ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"),
+                    help="the store-bench binary (default: target/release/store-bench)")
+    ap.add_argument("--floor", action="store_true",
+                    help="profile the floor (store-bench --floor) instead of the store")
+    ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
+    ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
+    ap.add_argument("--ratio", default="1:0",
+                    help="GET:SET weights (default 1:0). A batch that ends in a store is closed "
+                         "by one lookup, so at depth 1 every operation has one reply")
+    ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
+    ap.add_argument("--keep", metavar="FILE",
+                    help="also copy callgrind's output here (for callgrind_annotate)")
+    args = ap.parse_args()
+
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        server = ([args.bench, "--floor", addr] if args.floor
+                  else [args.server, "--listen", addr])
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--cache-sim=yes", "--I1=4096,4,64", "--D1=4096,4,64", "--LL=65536,4,64", f"--callgrind-out-file={out}", *server],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_listening(port, proc, timeout=60.0)
+            bench = subprocess.run(
+                [args.bench, "--addr", addr, "--conns", str(args.conns),
+                 "--pipeline", str(args.pipeline), "--duration", str(args.duration),
+                 "--ratio", args.ratio, "--warmup", "0"],
+                capture_output=True, text=True, timeout=args.duration + 120)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        if bench.returncode != 0:
+            print(bench.stdout + bench.stderr, file=sys.stderr)
+            return 1
+        total, replies = callgrind_counts(out)
+        if args.keep:
+            shutil.copyfile(out, args.keep)
+    # The generator counts only its measured window, so it sees a little less; far less
+    # (or more) means the memcpy calls no longer count replies.
+    rate = re.search(r"ops_per_sec=(\d+)", bench.stdout)
+    counted = int(rate.group(1)) * args.duration if rate else 0
+    name = "floor" if args.floor else args.server
+    if not args.ratio.endswith(":0"):
+        # A store copies its value with memcpy too: count the generator's operations
+        # instead (its window misses the few in flight at its ends, under 1% here).
+        if counted == 0:
+            print("the generator reported no operations", file=sys.stderr)
+            return 1
+        print(f"{name}: pipeline {args.pipeline}, {args.conns} conns, ratio {args.ratio}: "
+              f"{total:,} instructions / {counted:,} operations (the generator's count) = "
+              f"{total / counted:.1f} per operation")
+        return 0
+    if not 0.8 * replies <= counted <= 1.05 * replies:
+        print(f"the server's {replies:,} memcpy calls do not match the {counted:,} requests "
+              "the generator counted: they no longer count replies", file=sys.stderr)
+        return 1
+    print("events per request:", [round(x / replies, 1) for x in ALL])
+    print(f"{name}: pipeline {args.pipeline}, {args.conns} conns, ratio {args.ratio}: {total:,} instructions / "
+          f"{replies:,} replies = {total / replies:.1f} per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
