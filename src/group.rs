@@ -220,10 +220,20 @@ impl Group {
                 thread: None,
             },
         );
+        // The body waits in a slot this call holds too: a thread that cannot be created
+        // drops its closure inside `builder.spawn`, under the state lock, and what a body
+        // owns may take that lock when dropped (a socket's registration). Left in the
+        // slot, it is dropped below, after the lock.
+        let body = Arc::new(Mutex::new(Some(body)));
+        let slot = Arc::clone(&body);
         let spawned = builder.spawn(move || {
             let mut finish = finish;
             finish.started = true;
-            body();
+            let body = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            drop(slot);
+            if let Some(body) = body {
+                body();
+            }
         });
         let result = match spawned {
             Ok(thread) => {
@@ -241,6 +251,7 @@ impl Group {
             }
         };
         drop(st);
+        drop(body);
         // Their bodies have returned; each join waits for an unwinding stack at most.
         for thread in finished {
             let _ = thread.join();
@@ -604,5 +615,27 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
         assert!(group.is_empty());
         assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
+    }
+
+    #[test]
+    fn a_body_that_cannot_start_is_dropped_outside_the_lock() {
+        // The server's connection threads (and the chat's link threads) hold their
+        // socket's registration: a thread that cannot be created drops its body, and the
+        // registration unregisters the socket, which takes the group's lock.
+        let group = Group::with_stack_size("test", 1 << 46);
+        let (client, served) = pair();
+        let registration = group.register(&served).unwrap();
+        let (tx, rx) = bounded(1);
+        let g = group.clone();
+        thread::spawn(move || {
+            let spawned = g.spawn("huge", move || drop(registration));
+            let _ = tx.send(spawned.map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("spawn deadlocked dropping a body that holds a registration");
+        assert!(result.is_err(), "{result:?}");
+        assert!(format!("{group:?}").contains("sockets: 0"), "{group:?}");
+        drop(client);
     }
 }

@@ -293,3 +293,29 @@ fn reads_through_the_connection_ride_out_another_threads_nonblocking_instants() 
     assert!(instants > 0);
     server.stop();
 }
+
+#[test]
+fn a_connection_thread_that_cannot_start_costs_that_connection_only() {
+    // A stack no machine can map: every connection thread fails to start, as when the OS
+    // is out of threads. The accept thread dropped the connection (its registration
+    // included) under its group's lock and deadlocked there: nothing was accepted after
+    // the first connection, and the stop waited forever.
+    let mut config = ServerConfig::named("no-threads");
+    config.stack_size = 1 << 46;
+    let server = start_echo(config);
+    let addr = server.local_addr();
+    let (done, finished) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        for _ in 0..2 {
+            LineClient::connect(addr).expect_closed();
+        }
+        let report = server.stop();
+        done.send(report).unwrap();
+    });
+    let report = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the accept thread deadlocked");
+    client.join().unwrap();
+    assert_eq!(report.stats.refused, 2, "{report:?}");
+    assert_eq!(report.stats.live, 0, "{report:?}");
+}
