@@ -151,29 +151,31 @@ def run_bench(bench: str, server: Server, extra: list[str], duration: float) -> 
     return {k: float(v) for k, v in fields.items() if re.fullmatch(r"[\d.]+", v)}
 
 
-ROUND = re.compile(r"^ROUND round=(\d+) target=(\d+) ops=(\d+) secs=([0-9.]+) cpu_us_per_op=([0-9.]+|-)$")
+ROUND = re.compile(r"^ROUND round=(\d+) target=(\d+) ops=(\d+) secs=([0-9.]+) cpu_us_per_op=([0-9.]+|-)"
+                   r"(?: user_us_per_op=([0-9.]+|-))?$")
 
 
-def parse_rounds(stdout: str, names: list[str]) -> dict[int, dict[str, tuple[int, float, float]]]:
+def parse_rounds(stdout: str, names: list[str]) -> dict[int, dict[str, tuple[int, float, float, float]]]:
     """The `ROUND` lines of a `store-bench --compare` run: for each round and server (named
-    in target order), its operations, seconds and CPU seconds."""
-    rounds: dict[int, dict[str, tuple[int, float, float]]] = {}
+    in target order), its operations, seconds, CPU seconds and user seconds."""
+    rounds: dict[int, dict[str, tuple[int, float, float, float]]] = {}
     for line in stdout.splitlines():
         m = ROUND.match(line)
         if not m:
             continue
         rnd, t, ops, secs = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4))
         cpu = float(m.group(5)) * ops / 1e6 if m.group(5) != "-" else 0.0
-        rounds.setdefault(rnd, {})[names[t]] = (ops, secs, cpu)
+        user = float(m.group(6)) * ops / 1e6 if m.group(6) not in (None, "-") else 0.0
+        rounds.setdefault(rnd, {})[names[t]] = (ops, secs, cpu, user)
     return rounds
 
 
 def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
     """`--interleave`: one `store-bench --compare` per scenario over every server; logs each
     round's figures to stderr (as `--pool` reads them) and prints a table of the totals."""
-    print("| scenario | server | slices | ops/s | server CPU µs/op | vs floor CPU/op (totals) | "
-          "per round vs floor: median (middle half) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| scenario | server | slices | ops/s | server CPU µs/op | of it user µs/op | "
+          "vs floor CPU/op (totals) | per round vs floor: median (middle half) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for sc in args.scenarios:
         argv = [args.bench, "--addr", ",".join(f"127.0.0.1:{s.port}" for s in servers),
                 "--compare", ",".join(str(s.proc.pid) for s in servers),
@@ -185,7 +187,7 @@ def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
             raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr}")
         rounds = parse_rounds(out.stdout, [s.name for s in servers])
         for rnd, by_name in sorted(rounds.items()):
-            for name, (ops, secs, cpu) in by_name.items():
+            for name, (ops, secs, cpu, _) in by_name.items():
                 figures = {"ops_per_sec": ops / secs if secs > 0 else 0.0}
                 if ops > 0:
                     figures["server_cpu_us_per_op"] = cpu * 1e6 / ops
@@ -193,16 +195,18 @@ def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
         if not rounds:
             raise RuntimeError(f"{' '.join(argv)} printed no rounds:\n{out.stdout}")
 
-        def total(name: str) -> tuple[int, float, float]:
+        def total(name: str) -> tuple[int, float, float, float]:
             ops = sum(r[name][0] for r in rounds.values() if name in r)
             secs = sum(r[name][1] for r in rounds.values() if name in r)
             cpu = sum(r[name][2] for r in rounds.values() if name in r and r[name][0] > 0)
-            return ops, secs, cpu
+            user = sum(r[name][3] for r in rounds.values() if name in r and r[name][0] > 0)
+            return ops, secs, cpu, user
 
         floor = total("floor") if args.floor else None
         for s in servers:
-            ops, secs, cpu = total(s.name)
+            ops, secs, cpu, user = total(s.name)
             per_op = cpu * 1e6 / ops if ops else float("nan")
+            user_per_op = user * 1e6 / ops if ops else float("nan")
             vs, per_round = "–", "–"
             if floor and floor[0] and ops:
                 vs = f"{per_op / (floor[2] * 1e6 / floor[0]):.3f}×"
@@ -213,7 +217,7 @@ def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
                     low, high = ratios[(len(ratios) - 1) // 4], ratios[len(ratios) * 3 // 4]
                     per_round = f"{statistics.median(ratios):.3f}× ({low:.2f}–{high:.2f})"
             print(f"| {sc}: {SCENARIOS[sc][0]} | {s.name} | {len(rounds)} | {ops / secs if secs else 0:,.0f} | "
-                  f"{per_op:.3f} | {vs} | {per_round} |", flush=True)
+                  f"{per_op:.3f} | {user_per_op:.2f} | {vs} | {per_round} |", flush=True)
     return 0
 
 

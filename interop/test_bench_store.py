@@ -61,23 +61,25 @@ class PoolTest(unittest.TestCase):
 class InterleaveTest(unittest.TestCase):
     def test_compare_rounds_are_read_by_target_and_pool_like_any_round(self) -> None:
         stdout = "\n".join([
-            "ROUND round=1 target=0 ops=1000 secs=0.500 cpu_us_per_op=2.200",
-            "ROUND round=1 target=1 ops=2000 secs=0.500 cpu_us_per_op=2.000",
-            "ROUND round=2 target=0 ops=0 secs=0.500 cpu_us_per_op=-",
+            "ROUND round=1 target=0 ops=1000 secs=0.500 cpu_us_per_op=2.200 user_us_per_op=0.200",
+            "ROUND round=1 target=1 ops=2000 secs=0.500 cpu_us_per_op=2.000 user_us_per_op=0.100",
+            "ROUND round=2 target=0 ops=0 secs=0.500 cpu_us_per_op=- user_us_per_op=-",
             "ROUND round=2 target=1 ops=1000 secs=0.501 cpu_us_per_op=1.000",
             "COMPARE target=0 addr=127.0.0.1:1 ops_per_sec=1000 server_cpu_us_per_op=2.2 vs_first=1.0",
         ])
         rounds = bench_store.parse_rounds(stdout, ["store-server", "floor"])
         self.assertEqual(sorted(rounds), [1, 2])
-        ops, secs, cpu = rounds[1]["store-server"]
+        ops, secs, cpu, user = rounds[1]["store-server"]
         self.assertEqual((ops, secs), (1000, 0.5))
         self.assertAlmostEqual(cpu, 0.0022)
-        self.assertEqual(rounds[2]["store-server"], (0, 0.5, 0.0))
+        self.assertAlmostEqual(user, 0.0002)
+        self.assertEqual(rounds[2]["store-server"], (0, 0.5, 0.0, 0.0))
+        self.assertEqual(rounds[2]["floor"][3], 0.0, "a line without user time (older store-bench)")
         self.assertAlmostEqual(rounds[2]["floor"][2], 0.001)
         # Logged as round lines, the first round pools to the store at 1.10× its floor.
         line = bench_store.round_line
         log = [line("c", name, rnd, {"ops_per_sec": ops / secs, "server_cpu_us_per_op": cpu * 1e6 / ops})
-               for rnd, by_name in rounds.items() for name, (ops, secs, cpu) in by_name.items() if ops]
+               for rnd, by_name in rounds.items() for name, (ops, secs, cpu, _) in by_name.items() if ops]
         rc, out = PoolTest.pooled(self, log)
         self.assertEqual(rc, 0, out)
         self.assertIn("| c: 64 conns | store-server | 1 | 1.10× |", out)

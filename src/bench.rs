@@ -88,14 +88,19 @@ fn cpu_split_from(path: &str) -> Option<(f64, f64)> {
     Some((ticks(11)?, ticks(12)?))
 }
 
+/// `getconf CLK_TCK`, asked once per process (a reading of CPU time in a measured window
+/// should not start a process).
 fn clock_ticks_per_sec() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Time process `pid`'s threads have run, in seconds, to the nanosecond: the sum of every

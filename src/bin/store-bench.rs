@@ -222,12 +222,15 @@ fn compare(
                 rounds,
                 |round, slices| {
                     for (t, s) in slices.iter().enumerate() {
-                        let cpu = s.cpu_us_per_op().map_or("-".into(), |c| format!("{c:.3}"));
+                        let us = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.3}"));
                         println!(
-                            "ROUND round={} target={t} ops={} secs={:.3} cpu_us_per_op={cpu}",
+                            "ROUND round={} target={t} ops={} secs={:.3} cpu_us_per_op={} \
+                             user_us_per_op={}",
                             round + 1,
                             s.ops,
-                            s.secs
+                            s.secs,
+                            us(s.cpu_us_per_op()),
+                            us(s.user_us_per_op())
                         );
                     }
                 },
@@ -248,8 +251,9 @@ fn compare(
         let [median, low, high] = c.rounds_vs_first;
         println!(
             "COMPARE target={t} addr={} ops_per_sec={:.0} server_cpu_us_per_op={:.3} \
-             vs_first={:.3} rounds_median_vs_first={median:.3} rounds_middle_half={low:.3}-{high:.3}",
-            targets[t].addr, c.ops_per_sec, c.cpu_us_per_op, c.vs_first
+             server_user_us_per_op={:.3} vs_first={:.3} rounds_median_vs_first={median:.3} \
+             rounds_middle_half={low:.3}-{high:.3}",
+            targets[t].addr, c.ops_per_sec, c.cpu_us_per_op, c.user_us_per_op, c.vs_first
         );
     }
     ExitCode::SUCCESS

@@ -615,12 +615,20 @@ pub struct Slice {
     pub secs: f64,
     /// The server's CPU time in it (every thread's run time), seconds.
     pub cpu_secs: f64,
+    /// Of it, user time: from `/proc/PID/stat`, counted in clock ticks (10 ms), so a slice's
+    /// figure is rough and only a sum over many slices says much.
+    pub user_secs: f64,
 }
 
 impl Slice {
     /// Server CPU per operation, microseconds (`None` for a slice without operations).
     pub fn cpu_us_per_op(&self) -> Option<f64> {
         (self.ops > 0).then(|| self.cpu_secs * 1e6 / self.ops as f64)
+    }
+
+    /// Server user time per operation, microseconds (`None` without operations).
+    pub fn user_us_per_op(&self) -> Option<f64> {
+        (self.ops > 0).then(|| self.user_secs * 1e6 / self.ops as f64)
     }
 }
 
@@ -772,6 +780,7 @@ pub fn compare(
                     Instant::now(),
                     ops[t].load(Ordering::Relaxed),
                     crate::bench::process_run_secs(target.pid).ok_or_else(|| unreadable(target))?,
+                    process_cpu_split(target.pid).map_or(0.0, |(user, _)| user),
                 ))
             };
             let before = read()?;
@@ -781,6 +790,7 @@ pub fn compare(
                 ops: after.1 - before.1,
                 secs: after.0.duration_since(before.0).as_secs_f64(),
                 cpu_secs: after.2 - before.2,
+                user_secs: after.3 - before.3,
             };
             // The next target's turn starts once this one's batches in flight are done.
             let mut state = lock();
@@ -819,6 +829,8 @@ pub struct Compared {
     pub ops_per_sec: f64,
     /// Server CPU per operation over its slices, microseconds.
     pub cpu_us_per_op: f64,
+    /// Of it, user time (from clock ticks: see [`Slice::user_secs`]).
+    pub user_us_per_op: f64,
     /// Its CPU per operation over the first target's, from the totals.
     pub vs_first: f64,
     /// The same ratio taken round by round: the median, and the middle half's bounds.
@@ -834,6 +846,7 @@ pub fn summarize(rounds: &[Vec<Slice>]) -> Option<Vec<Compared>> {
             ops: sum.ops + r[t].ops,
             secs: sum.secs + r[t].secs,
             cpu_secs: sum.cpu_secs + r[t].cpu_secs,
+            user_secs: sum.user_secs + r[t].user_secs,
         })
     };
     let first = total(0).cpu_us_per_op()?;
@@ -849,6 +862,7 @@ pub fn summarize(rounds: &[Vec<Slice>]) -> Option<Vec<Compared>> {
             Some(Compared {
                 ops_per_sec: sum.ops as f64 / sum.secs,
                 cpu_us_per_op: sum.cpu_us_per_op()?,
+                user_us_per_op: sum.user_us_per_op()?,
                 vs_first: sum.cpu_us_per_op()? / first,
                 rounds_vs_first: [at(0.5), at(0.25), at(0.75)],
             })
@@ -1115,6 +1129,7 @@ mod tests {
             ops,
             secs: 0.5,
             cpu_secs,
+            user_secs: cpu_secs / 10.0,
         };
         // Target 1 costs 1.1x target 0 in every round, although the machine's speed
         // changes from round to round; target 2 does nothing in the last round.
@@ -1133,6 +1148,7 @@ mod tests {
         assert!(s[1].rounds_vs_first.iter().all(|&r| close(r, 1.1)), "{s:?}");
         assert!(close(s[0].ops_per_sec, 4000.0 / 1.5));
         assert!(close(s[0].cpu_us_per_op, 0.040 * 1e6 / 4000.0));
+        assert!(close(s[0].user_us_per_op, 0.004 * 1e6 / 4000.0));
         // Rounds without an operation count in the totals, not among the ratios.
         assert!(close(s[2].cpu_us_per_op, 0.0085 * 1e6 / 1000.0), "{s:?}");
         assert!(s[2].rounds_vs_first.iter().all(|&r| close(r, 1.0)), "{s:?}");
