@@ -719,6 +719,80 @@ impl Chat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::Instant;
+
+    /// Waits (10 s at most) until `done` holds; whether it did.
+    fn within_10s(mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// A fan-out charges outboxes under the state's lock, and a charge past the budget
+    /// waits (100 ms) for the bytes of evicted connections to come back: an evicted
+    /// client's read buffer must come back without that lock, or every such charge waits
+    /// its full 100 ms while newcomers' joins queue on the lock (the attack driver saw
+    /// joins unanswered for 5 s). Here the test holds the lock, as such a fan-out does.
+    #[test]
+    fn an_evicted_client_gives_its_read_buffer_back_without_the_state_lock() {
+        let budget = Budget::new("chat", 1 << 20);
+        let config = ChatConfig {
+            server: ServerConfig {
+                client_memory: Some(budget.clone()),
+                ..ServerConfig::named("chat")
+            },
+            ..ChatConfig::default()
+        };
+        let server = ChatServer::bind("127.0.0.1:0", config).unwrap();
+        let chat = server.chat.clone();
+        let addr = server.local_addr();
+        let running = server.spawn().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client.write_all(b"{client_join_req,\"e\"}\n").unwrap();
+        let mut joined = String::new();
+        BufReader::new(&client).read_line(&mut joined).unwrap();
+        assert_eq!(joined, "{join,\"e\"}\n");
+        // A partial line: its read buffer grows to 32 KiB, charged to the budget.
+        client.write_all(&[b'x'; 20_000]).unwrap();
+        assert!(
+            within_10s(|| budget.held() >= 20_000),
+            "the partial line is charged"
+        );
+        let state = chat.state();
+        // Charges smaller than the client's fill the budget: the one that passes it
+        // evicts the client, the largest holder.
+        let others: Vec<_> = (0..200)
+            .map(|i| budget.account(&format!("x{i}"), None))
+            .collect();
+        let mut charges = Vec::new();
+        for account in &others {
+            if budget.evictions() > 0 {
+                break;
+            }
+            charges.push(account.charge(8 << 10).unwrap());
+        }
+        assert_eq!(budget.evictions(), 1);
+        let charged: usize = charges.iter().map(|c| c.bytes()).sum();
+        let back = within_10s(|| budget.held() <= charged);
+        drop(state);
+        assert!(
+            back,
+            "the evicted client's read buffer stayed charged while the state was locked \
+             ({} held, {charged} by the test)",
+            budget.held()
+        );
+        drop(charges);
+        drop(running);
+    }
 
     fn id(port: u16) -> ServerId {
         ServerId {

@@ -52,6 +52,12 @@ pub(super) fn serve(
         name: None,
     };
     let outcome = session.run(conn, &mut reader, first);
+    // The read buffer goes back to the client memory budget before the leave below waits
+    // for the state's lock: a fan-out holding that lock may be charging an outbox past the
+    // budget, waiting for the bytes of the connections it evicted (this one among them) to
+    // come back, and it would wait in vain, 100 ms a charge, while every newcomer's join
+    // waits for the lock.
+    drop(reader);
     if let Some(name) = session.name.take() {
         // Gone without a leave request: the others are told all the same.
         chat.leave(&name, conn.id);

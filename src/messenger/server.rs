@@ -137,8 +137,117 @@ pub(super) fn serve_client(
             break Ok(());
         }
     };
+    // The read buffer goes back to the client memory budget before `remove_client` waits
+    // for the replica's lock: answers are queued (and charged) under that lock, and a
+    // charge past the budget waits for the bytes of the connections it evicted (this one
+    // among them) to come back; they must not need the lock it holds.
+    drop(reader);
     // The registry drops the outbox once what is held for this connection has gone out:
     // the writer then flushes and half-closes, and ends in the replica's group.
     replica.remove_client(conn.id);
     result.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Budget;
+    use crate::server::{Server, ServerConfig};
+    use std::io::Write;
+    use std::sync::{Mutex, PoisonError};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    /// A service whose `remove_client` waits for a lock the test holds, as the replica's
+    /// does while another connection's answer is queued under it.
+    #[derive(Default)]
+    struct Locked {
+        lock: Mutex<()>,
+    }
+
+    impl Service for Locked {
+        fn id(&self) -> usize {
+            0
+        }
+        fn add_client(&self, _: u64, outbox: Outbox, writer: Writer) -> std::io::Result<()> {
+            thread::spawn(move || writer.run());
+            drop(outbox);
+            Ok(())
+        }
+        fn request(&self, _: u64, _: &[u8]) -> bool {
+            false
+        }
+        fn remove_client(&self, _: u64) {
+            drop(self.lock.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
+    /// An evicted client's read buffer comes back to the budget without the lock that
+    /// answers are charged under: a charge past the budget waits (100 ms) for evicted
+    /// connections' bytes, and waited in vain for these (see the chat's test of the same).
+    #[test]
+    fn an_evicted_client_gives_its_read_buffer_back_before_it_is_removed() {
+        let budget = Budget::new("messenger", 64 << 10);
+        let config = ServerConfig {
+            client_memory: Some(budget.clone()),
+            ..ServerConfig::named("messenger")
+        };
+        let service = Arc::new(Locked::default());
+        let served = Arc::clone(&service);
+        let server = Server::bind("127.0.0.1:0", config, move |conn: Connection| {
+            let mut reader = client_reader(&conn);
+            let Ok(Step::Frame(first)) = read_step(&mut reader, &conn) else {
+                return Ok(());
+            };
+            let first = first.to_vec();
+            serve_client(&*served, &conn, reader, first)
+        })
+        .unwrap()
+        .spawn()
+        .unwrap();
+        let mut client = TcpStream::connect(server.local_addr()).unwrap();
+        client
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // A whole first frame, then most of a 4,000-byte one: its read buffer is charged.
+        client.write_all(&[0, 0, 0, 1, 7]).unwrap();
+        client.write_all(&4000u32.to_be_bytes()).unwrap();
+        client.write_all(&[b'x'; 3000]).unwrap();
+        let within_10s = |done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            done()
+        };
+        assert!(
+            within_10s(&|| budget.held() >= 3000),
+            "the partial frame is charged"
+        );
+        let held = service.lock.lock().unwrap();
+        // Charges smaller than the client's fill the budget: the one that passes it evicts
+        // the client, the largest holder.
+        let others: Vec<_> = (0..100)
+            .map(|i| budget.account(&format!("x{i}"), None))
+            .collect();
+        let mut charges = Vec::new();
+        for account in &others {
+            if budget.evictions() > 0 {
+                break;
+            }
+            charges.push(account.charge(1 << 10).unwrap());
+        }
+        assert_eq!(budget.evictions(), 1);
+        let charged: usize = charges.iter().map(|c| c.bytes()).sum();
+        let back = within_10s(&|| budget.held() <= charged);
+        drop(held);
+        assert!(
+            back,
+            "the evicted client's read buffer stayed charged until it was removed ({} held, \
+             {charged} by the test)",
+            budget.held()
+        );
+        drop(charges);
+        server.stop();
+    }
 }
