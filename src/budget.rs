@@ -188,6 +188,22 @@ impl Budget {
         self.0.refusals.load(Ordering::Relaxed)
     }
 
+    /// For tests: charges `step` bytes on one new account after another until the budget
+    /// evicts a connection (the largest holder, if it holds more than `step`), at most
+    /// `max` times; the charges, to hold or drop.
+    #[cfg(test)]
+    pub(crate) fn charge_until_an_eviction(&self, step: usize, max: usize) -> Vec<Charge> {
+        let mut charges = Vec::new();
+        for i in 0..max {
+            if self.evictions() > 0 {
+                break;
+            }
+            let account = self.account(&format!("filler {i}"), None);
+            charges.push(account.charge(step).expect("a filler's charge"));
+        }
+        charges
+    }
+
     /// `peak 12.0 MiB of 256.0 MiB, 3 connections closed, 0 refused`: for shutdown lines.
     pub fn summary(&self) -> String {
         format!(

@@ -770,16 +770,7 @@ mod tests {
         let state = chat.state();
         // Charges smaller than the client's fill the budget: the one that passes it
         // evicts the client, the largest holder.
-        let others: Vec<_> = (0..200)
-            .map(|i| budget.account(&format!("x{i}"), None))
-            .collect();
-        let mut charges = Vec::new();
-        for account in &others {
-            if budget.evictions() > 0 {
-                break;
-            }
-            charges.push(account.charge(8 << 10).unwrap());
-        }
+        let charges = budget.charge_until_an_eviction(8 << 10, 200);
         assert_eq!(budget.evictions(), 1);
         let charged: usize = charges.iter().map(|c| c.bytes()).sum();
         let back = within_10s(|| budget.held() <= charged);

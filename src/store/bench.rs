@@ -430,6 +430,24 @@ impl Conn {
         Ok(body)
     }
 
+    /// Writes the next batch (not yet sent): `cfg.pipeline` requests over `cfg.keys`, GETs
+    /// and SETs by `cfg.ratio`, closed as [`Conn::close_batch`] does.
+    fn batch(&mut self, rng: &mut Rng, cfg: &BenchConfig) {
+        let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
+        let mut last = None;
+        for _ in 0..cfg.pipeline {
+            let i = rng.below(cfg.keys as u64) as usize;
+            let is_set = rng.below(weight) >= u64::from(cfg.ratio.get);
+            if is_set {
+                self.set(i);
+            } else {
+                self.get(i);
+            }
+            last = Some((i, is_set));
+        }
+        self.close_batch(last);
+    }
+
     /// Ends a batch whose last request is a store with a barrier lookup (see module doc).
     fn close_batch(&mut self, last: Option<(usize, bool)>) {
         if let (Proto::Store, Some((i, true))) = (self.proto, last) {
@@ -516,21 +534,9 @@ pub fn run(
                 .spawn(move || -> Result<Vec<u32>, BenchError> {
                     let mut rng = Rng::new(n as u64 + 1);
                     let mut latencies = Vec::new();
-                    let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
                     start.wait();
                     while !stop.load(Ordering::Relaxed) {
-                        let mut last = None;
-                        for _ in 0..cfg.pipeline {
-                            let i = rng.below(cfg.keys as u64) as usize;
-                            let is_set = rng.below(weight) >= u64::from(cfg.ratio.get);
-                            if is_set {
-                                c.set(i);
-                            } else {
-                                c.get(i);
-                            }
-                            last = Some((i, is_set));
-                        }
-                        c.close_batch(last);
+                        c.batch(&mut rng, &cfg);
                         let began = Instant::now();
                         c.round_trip()?;
                         if measuring.load(Ordering::Relaxed) {
@@ -705,7 +711,6 @@ pub fn compare(
                 .stack_size(256 << 10)
                 .spawn(move || -> Result<(), BenchError> {
                     let mut rng = Rng::new((t * cfg.conns + n) as u64 + 1);
-                    let weight = u64::from(cfg.ratio.get + cfg.ratio.set);
                     let (lock, changed) = &*turn;
                     let lock = || lock.lock().unwrap_or_else(PoisonError::into_inner);
                     let mut state = lock();
@@ -720,18 +725,7 @@ pub fn compare(
                         drop(state);
                         let result = (|| -> Result<(), BenchError> {
                             while active.load(Ordering::Relaxed) == t {
-                                let mut last = None;
-                                for _ in 0..cfg.pipeline {
-                                    let i = rng.below(cfg.keys as u64) as usize;
-                                    let is_set = rng.below(weight) >= u64::from(cfg.ratio.get);
-                                    if is_set {
-                                        c.set(i);
-                                    } else {
-                                        c.get(i);
-                                    }
-                                    last = Some((i, is_set));
-                                }
-                                c.close_batch(last);
+                                c.batch(&mut rng, &cfg);
                                 c.round_trip()?;
                                 ops[t].fetch_add(cfg.pipeline as u64, Ordering::Relaxed);
                             }
