@@ -638,17 +638,51 @@ impl Slice {
     }
 }
 
-/// Whose turn it is in a [`compare`], and how many of each target's connections are still
-/// in a batch.
-struct Turn {
-    active: Option<usize>,
+/// The turns of a [`compare`]: whose turn it is (a target's index, or [`NOBODY`]: read
+/// without the lock after every batch, changed only under it), how many of each target's
+/// connections are still in a batch, and whether the run is over.
+struct Turns {
+    active: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<TurnState>,
+    changed: std::sync::Condvar,
+}
+
+struct TurnState {
     busy: Vec<usize>,
     stop: bool,
 }
 
-/// [`Turn::active`] as connections check it after every batch, without the lock
-/// (`usize::MAX`: nobody's).
+/// No target's turn.
 const NOBODY: usize = usize::MAX;
+
+impl Turns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TurnState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes it `t`'s turn (or nobody's), waking the connections; `_held` is the state,
+    /// locked, as a connection checks the turn under the lock before it waits.
+    fn give(&self, _held: &mut TurnState, t: usize) {
+        self.active.store(t, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
+
+    /// Ends the run: every connection leaves its loop.
+    fn stop(&self) {
+        let mut state = self.lock();
+        state.stop = true;
+        self.give(&mut state, NOBODY);
+    }
+}
+
+/// Ends a [`compare`]'s turns however it returns, so no connection waits for ever.
+struct StopTurns(Arc<Turns>);
+
+impl Drop for StopTurns {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
 
 /// Drives several servers in turn with the same load, `slice` each per round, for `rounds`
 /// rounds, and measures each one's operations and CPU time in its slices: an A/B
@@ -681,15 +715,15 @@ pub fn compare(
     for t in targets {
         crate::bench::process_run_secs(t.pid).ok_or_else(|| unreadable(t))?;
     }
-    let turn = Arc::new((
-        std::sync::Mutex::new(Turn {
-            active: None,
+    let turns = Arc::new(Turns {
+        active: std::sync::atomic::AtomicUsize::new(NOBODY),
+        state: std::sync::Mutex::new(TurnState {
             busy: vec![0; targets.len()],
             stop: false,
         }),
-        std::sync::Condvar::new(),
-    ));
-    let active = Arc::new(std::sync::atomic::AtomicUsize::new(NOBODY));
+        changed: std::sync::Condvar::new(),
+    });
+    let stop = StopTurns(Arc::clone(&turns));
     let ops: Arc<Vec<AtomicU64>> = Arc::new(targets.iter().map(|_| AtomicU64::new(0)).collect());
     let mut workers = Vec::new();
     for (t, target) in targets.iter().enumerate() {
@@ -700,23 +734,19 @@ pub fn compare(
         };
         for n in 0..cfg.conns {
             let mut c = Conn::open(&one, n)?;
-            let (turn, active, ops, cfg) = (
-                Arc::clone(&turn),
-                Arc::clone(&active),
-                Arc::clone(&ops),
-                one.clone(),
-            );
+            let (turns, ops, cfg) = (Arc::clone(&turns), Arc::clone(&ops), one.clone());
             let worker = std::thread::Builder::new()
                 .name(format!("bench-{t}-{n}"))
                 .stack_size(256 << 10)
                 .spawn(move || -> Result<(), BenchError> {
                     let mut rng = Rng::new((t * cfg.conns + n) as u64 + 1);
-                    let (lock, changed) = &*turn;
-                    let lock = || lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    let mut state = lock();
+                    let mut state = turns.lock();
                     loop {
-                        while state.active != Some(t) && !state.stop {
-                            state = changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                        while turns.active.load(Ordering::Relaxed) != t && !state.stop {
+                            state = turns
+                                .changed
+                                .wait(state)
+                                .unwrap_or_else(PoisonError::into_inner);
                         }
                         if state.stop {
                             return Ok(());
@@ -724,31 +754,28 @@ pub fn compare(
                         state.busy[t] += 1;
                         drop(state);
                         let result = (|| -> Result<(), BenchError> {
-                            while active.load(Ordering::Relaxed) == t {
+                            while turns.active.load(Ordering::Relaxed) == t {
                                 c.batch(&mut rng, &cfg);
                                 c.round_trip()?;
                                 ops[t].fetch_add(cfg.pipeline as u64, Ordering::Relaxed);
                             }
                             Ok(())
                         })();
-                        state = lock();
+                        state = turns.lock();
                         state.busy[t] -= 1;
-                        changed.notify_all();
                         if let Err(e) = result {
                             state.stop = true;
-                            active.store(NOBODY, Ordering::Relaxed);
+                            turns.give(&mut state, NOBODY);
                             return Err(e);
                         }
+                        turns.changed.notify_all();
                     }
                 })
                 .map_err(BenchError::Io)?;
             workers.push(worker);
         }
     }
-    let (lock, changed) = &*turn;
-    let lock = || lock.lock().unwrap_or_else(PoisonError::into_inner);
     let mut all = Vec::with_capacity(rounds);
-    let mut failed = false;
     'rounds: for round in 0..rounds {
         let mut slices = vec![Slice::default(); targets.len()];
         let order: Vec<usize> = if round % 2 == 0 {
@@ -759,14 +786,12 @@ pub fn compare(
         for t in order {
             let target = &targets[t];
             {
-                let mut state = lock();
+                let mut state = turns.lock();
                 if state.stop {
-                    failed = true;
+                    // A connection failed: its error is returned below.
                     break 'rounds;
                 }
-                state.active = Some(t);
-                active.store(t, Ordering::Relaxed);
-                changed.notify_all();
+                turns.give(&mut state, t);
             }
             std::thread::sleep(slice / 10);
             let read = || {
@@ -787,33 +812,26 @@ pub fn compare(
                 user_secs: after.3 - before.3,
             };
             // The next target's turn starts once this one's batches in flight are done.
-            let mut state = lock();
-            state.active = None;
-            active.store(NOBODY, Ordering::Relaxed);
+            let mut state = turns.lock();
+            turns.give(&mut state, NOBODY);
             while state.busy[t] > 0 && !state.stop {
-                state = changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                state = turns
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
             }
         }
         each(round, &slices);
         all.push(slices);
     }
-    {
-        let mut state = lock();
-        state.stop = true;
-        active.store(NOBODY, Ordering::Relaxed);
-        changed.notify_all();
-    }
+    drop(stop);
     let mut first_error = None;
     for w in workers {
         if let Err(e) = w.join().expect("bench worker panicked") {
             first_error.get_or_insert(e);
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None if failed => Err(BenchError::Mismatch("a connection stopped the run".into())),
-        None => Ok(all),
-    }
+    first_error.map_or(Ok(all), Err)
 }
 
 /// One target's figures over all the rounds of a [`compare`].
