@@ -223,24 +223,14 @@ impl Shared {
 
     /// The account holding the most among those not yet evicted.
     fn largest(&self) -> Option<Arc<AccountShared>> {
-        // Upgraded outside the scan's lock and dropped after it: a connection may let go
-        // of its last handle meanwhile, and then the one upgraded here is the last, whose
-        // drop takes the table's lock to unregister the account.
+        // Upgraded under the table's lock, but looked at and dropped after it: a
+        // connection may let go of its last handle meanwhile, and then the one upgraded
+        // here is the last, whose drop takes the table's lock to unregister the account.
         let live: Vec<Arc<AccountShared>> =
             self.table().values().filter_map(Weak::upgrade).collect();
-        let mut best: Option<Arc<AccountShared>> = None;
-        for account in live {
-            if account.evicted.load(Ordering::Relaxed) {
-                continue;
-            }
-            if best
-                .as_ref()
-                .is_none_or(|most| account.held() > most.held())
-            {
-                best = Some(account);
-            }
-        }
-        best
+        live.into_iter()
+            .filter(|account| !account.evicted.load(Ordering::Relaxed))
+            .max_by_key(|account| account.held())
     }
 
     fn note_peak(&self, held: usize) {
