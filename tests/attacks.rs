@@ -9,19 +9,39 @@ mod common;
 use common::{connect, eventually, LineClient};
 use std::io::{self, PipeWriter, Read, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use switchboard::auth::Secret;
 use switchboard::peer::protocol::{Body, Member, MemberList, PeerMessage};
 use switchboard::peer::{Peer, PeerConfig, PeerError};
 
-/// Everything a peer printed.
+/// Everything a peer printed. While `blocked`, a write waits, as one to a terminal
+/// paused with Ctrl-S or a pipe nobody reads.
 #[derive(Clone, Default)]
-struct Output(Arc<Mutex<String>>);
+struct Output(Arc<Mutex<String>>, Arc<(Mutex<bool>, Condvar)>);
+
+impl Output {
+    fn blocked() -> Output {
+        let out = Output::default();
+        *out.1 .0.lock().unwrap() = true;
+        out
+    }
+
+    fn unblock(&self) {
+        *self.1 .0.lock().unwrap() = false;
+        self.1 .1.notify_all();
+    }
+}
 
 impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (blocked, unblocked) = &*self.1;
+        drop(
+            unblocked
+                .wait_while(blocked.lock().unwrap(), |b| *b)
+                .unwrap(),
+        );
         self.0
             .lock()
             .unwrap()
@@ -44,12 +64,20 @@ struct Member3 {
 
 impl Member3 {
     fn start(name: &'static str, via: Option<SocketAddr>, secret: Option<&Secret>) -> Member3 {
+        Member3::with_output(name, via, secret, Output::default())
+    }
+
+    fn with_output(
+        name: &'static str,
+        via: Option<SocketAddr>,
+        secret: Option<&Secret>,
+        out: Output,
+    ) -> Member3 {
         let config = PeerConfig {
             via: via.map(|a| a.to_string()),
             secret: secret.cloned(),
             ..PeerConfig::new("127.0.0.1:0", name)
         };
-        let out = Output::default();
         let peer = Peer::start(&config, Box::new(out.clone())).unwrap();
         let addr = peer.local_addr();
         let (reader, writer) = io::pipe().unwrap();
@@ -294,4 +322,47 @@ fn a_seeded_random_byte_fuzz_of_every_member_port_changes_nothing() {
 #[ignore]
 fn a_minute_of_random_bytes_changes_nothing() {
     fuzz(Duration::from_secs(60), 1515);
+}
+
+/// A peer whose output nobody reads (a paused terminal, a pipe into a pager) still serves
+/// the room: the founder's output blocks from her first line, yet two members join
+/// through her and talk; once her output is read again, she has printed every line, in
+/// order. Before the output had a thread of its own, her first line blocked the peer's
+/// lock: she never even finished starting.
+#[test]
+fn a_peer_whose_output_is_not_read_still_serves_the_room() {
+    let (done, finished) = mpsc::channel();
+    let scenario = thread::spawn(move || {
+        let out = Output::blocked();
+        let alice = Member3::with_output("alice", None, None, out.clone());
+        let mut bob = Member3::start("bob", Some(alice.addr), None);
+        bob.wait_for("[MEMBERS v2 by alice] alice,bob");
+        let carol = Member3::start("carol", Some(alice.addr), None);
+        for m in [&bob, &carol] {
+            m.wait_for("[MEMBERS v3 by alice] alice,bob,carol");
+        }
+        bob.say("hi");
+        carol.wait_for("[bob] hi");
+        assert_eq!(alice.printed(), "", "her output was blocked");
+        out.unblock();
+        alice.wait_for("[bob] hi");
+        let printed = alice.printed();
+        let lines: Vec<&str> = printed.lines().collect();
+        let at = |line: &str| lines.iter().position(|l| *l == line).unwrap();
+        assert!(
+            at("[MEMBERS v2 by alice] alice,bob") < at("[MEMBERS v3 by alice] alice,bob,carol")
+                && at("[MEMBERS v3 by alice] alice,bob,carol") < at("[bob] hi"),
+            "{printed}"
+        );
+        let _ = done.send(());
+        drop((alice, bob, carol));
+    });
+    // A peer frozen by its output would hang the scenario: fail instead.
+    if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+        assert!(
+            scenario.is_finished(),
+            "the room did not work while alice's output was blocked"
+        );
+    }
+    scenario.join().unwrap();
 }

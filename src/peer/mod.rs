@@ -6,7 +6,8 @@
 //! - [`routing`]: link-state adverts and next hops by breadth-first search; pure.
 //! - [`node`]: one peer's state (members, links, chat streams) as a state machine; pure.
 //! - this module: the wiring: a framework [`Server`] for incoming links, dialled links, a
-//!   writer thread with a bounded outbox per link, heartbeats, and the console.
+//!   writer thread with a bounded outbox per link, heartbeats, and the console;
+//!   `printer`, the output's own thread, so a stdout nobody reads stops nothing else.
 //!
 //! # Identity and the leader
 //!
@@ -132,6 +133,7 @@
 
 mod links;
 pub mod node;
+mod printer;
 pub mod protocol;
 pub mod routing;
 
@@ -146,6 +148,7 @@ use crate::{log_debug, log_info};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use links::{accept_link, dial, line, link_limits};
 use node::{Effect, Outcome, PeerState, SayError};
+use printer::{Printer, OUTPUT_QUEUE};
 use protocol::{valid_name, Member, PeerMessage, MAX_LINE, MAX_NAME};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -414,7 +417,8 @@ enum Attached {
 struct State {
     node: PeerState,
     links: HashMap<Member, LinkSlot>,
-    output: Box<dyn Write + Send>,
+    /// Queues the node's lines for the output thread; `None` once the peer has stopped.
+    output: Option<Printer>,
     dialing: HashSet<SocketAddr>,
     /// Addresses whose last dial failed: not dialled again before the time here, drawn
     /// from the address's [`Backoff`] (reset, and the entry gone, once a link is up).
@@ -433,6 +437,8 @@ struct Shared {
     links: Group,
     /// Link writers: joined before the sockets are closed, so each flushes its outbox.
     writers: Group,
+    /// The output thread (`printer`): joined last, so every line decided is written.
+    printer: Group,
     dialer: Dialer,
     /// What this peer proves on every link, dialled or accepted (`--secret-file`).
     auth: Option<link::Auth>,
@@ -479,7 +485,11 @@ impl Shared {
                     }
                 }
                 Effect::Print(line) => {
-                    let _ = writeln!(st.output, "{line}").and_then(|()| st.output.flush());
+                    // Queued, in the order decided: a write here, under the lock, would
+                    // stop the whole peer while nobody reads the output (`printer`).
+                    if let Some(output) = &mut st.output {
+                        output.print(line);
+                    }
                 }
                 Effect::Dial(addr) => {
                     let now = Instant::now();
@@ -712,11 +722,13 @@ impl Peer {
         let node = PeerState::new(me, via, no_direct, Instant::now(), &mut effects);
         let (events_tx, events) = bounded(64);
         let links = Group::new("peer");
+        let printer = Group::with_stack_size("peer", 128 << 10);
+        let output = Printer::start(output, OUTPUT_QUEUE, &printer)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 node,
                 links: HashMap::new(),
-                output,
+                output: Some(output),
                 dialing: HashSet::new(),
                 redial: HashMap::new(),
                 closing: false,
@@ -726,6 +738,7 @@ impl Peer {
             next_id: AtomicU64::new(0),
             links: links.clone(),
             writers: Group::with_stack_size("peer", 128 << 10),
+            printer,
             dialer: Dialer {
                 limits: link_limits(),
                 group: Some(links),
@@ -862,6 +875,14 @@ impl Peer {
         }
         self.shared.links.close(STOP_WAIT);
         self.shared.writers.close(STOP_WAIT);
+        // Last, the output: what is queued is written, unless nobody reads it.
+        drop(self.shared.state().output.take());
+        if !self.shared.printer.join(STOP_WAIT).stragglers.is_empty() {
+            log_info!(
+                "peer: the output is still not being read after {STOP_WAIT:?}; \
+                 the lines queued for it are left unwritten"
+            );
+        }
         log_debug!("peer: stopped; {}", self.shared.budget.summary());
     }
 }
