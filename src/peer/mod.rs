@@ -647,7 +647,9 @@ impl PeerHandle {
 
 impl Peer {
     /// Binds, starts serving links, and starts a room or begins joining one; chat lines
-    /// and membership changes are written to `output`.
+    /// and membership changes are written to `output`, by a thread of their own (from a
+    /// queue of at most 32 MiB: an output nobody reads loses lines, marked `[NOT SHOWN]`,
+    /// and stops nothing else).
     ///
     /// # Errors
     /// A bad name, a `--via` that `--no-direct` forbids, an address that does not resolve
