@@ -68,6 +68,56 @@ fn timestamp(t: SystemTime) -> String {
     )
 }
 
+/// Bytes of a peer's value a log line shows, by default ([`Preview`]).
+pub const PREVIEW: usize = 256;
+
+/// A value's `Debug` form cut to at most `.1` bytes, for a log line that shows something
+/// a peer sent: `log_info!("ignoring {}", Preview(&msg, PREVIEW))`. The formatting stops
+/// at the cut, so a value of a megabyte costs neither a line of several megabytes (a
+/// term's `Debug` runs to several times its text) nor the memory and time to build one.
+/// Its `Debug` form also escapes what could forge or garble a log line (a newline, a
+/// terminal's escape sequences).
+pub struct Preview<'a, T: ?Sized>(pub &'a T, pub usize);
+
+impl<T: fmt::Debug + ?Sized> fmt::Display for Preview<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Passes writes on until `left` bytes are spent, then cuts (at a character
+        /// boundary) and fails, which ends the `Debug` formatting early.
+        struct Cut<'a, 'b> {
+            out: &'a mut fmt::Formatter<'b>,
+            left: usize,
+            cut: bool,
+        }
+        impl fmt::Write for Cut<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                if s.len() <= self.left {
+                    self.left -= s.len();
+                    return self.out.write_str(s);
+                }
+                let mut end = self.left;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.out.write_str(&s[..end])?;
+                self.left = 0;
+                self.cut = true;
+                Err(fmt::Error)
+            }
+        }
+        let mut cut = Cut {
+            out: f,
+            left: self.1,
+            cut: false,
+        };
+        let result = fmt::write(&mut cut, format_args!("{:?}", self.0));
+        if cut.cut {
+            f.write_str("… (cut)")
+        } else {
+            result
+        }
+    }
+}
+
 /// Logs one line to stderr.
 #[macro_export]
 macro_rules! log_info {
@@ -88,6 +138,27 @@ macro_rules! log_debug {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_preview_cuts_the_debug_form_and_stops_formatting_there() {
+        assert_eq!(Preview(&"short", 100).to_string(), "\"short\"");
+        assert_eq!(Preview(&"a\nb", 100).to_string(), "\"a\\nb\"");
+        assert_eq!(Preview(&vec![1, 2, 3], 4).to_string(), "[1, … (cut)");
+        // A cut inside a character keeps it whole or leaves it out.
+        assert_eq!(Preview(&"ééé", 4).to_string(), "\"é… (cut)");
+        // Formatting ends at the cut: a value whose Debug would run forever is cut too.
+        struct Endless;
+        impl fmt::Debug for Endless {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                loop {
+                    f.write_str("more ")?;
+                }
+            }
+        }
+        assert_eq!(Preview(&Endless, 12).to_string(), "more more mo… (cut)");
+        let big: Vec<u64> = (0..1_000_000).collect();
+        assert!(Preview(&big, PREVIEW).to_string().len() <= PREVIEW + "… (cut)".len());
+    }
 
     #[test]
     fn timestamps_are_utc_rfc3339() {

@@ -647,6 +647,42 @@ fn two_pingpong_processes_through_the_registry() {
     assert!(miss.stderr.contains("no channel registered"));
 }
 
+/// A message that is no ping is logged by `pong` as a short preview: a term of a
+/// megabyte whose `Debug` form runs to several (20,000 `{x,N}` tuples: about 600 KB of
+/// log) costs the log a line of a few hundred bytes, and the pong neither the memory nor
+/// the time to format the rest.
+#[test]
+fn pong_logs_a_large_stray_message_as_a_short_preview() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let mut pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "stray"]);
+    wait_registered(store.addr, "stray");
+    let node = node();
+    let target = chan::lookup(&node, store.addr, "stray").unwrap();
+    let stray = Value::list(
+        (0..20_000)
+            .map(|i| Value::tuple(vec![Value::atom("x"), Value::int(i)]))
+            .collect(),
+    );
+    target.send(stray).unwrap();
+    eventually("pong to log the stray message", || {
+        pong.log_text().contains("pong: ignoring")
+    });
+    let log = pong.log_text();
+    let line = log.lines().find(|l| l.contains("pong: ignoring")).unwrap();
+    assert!(
+        line.len() < 400 && line.ends_with("… (cut)"),
+        "a line of {} bytes: {}…",
+        line.len(),
+        line.chars().take(300).collect::<String>()
+    );
+    assert!(pong.terminate(), "pong exits cleanly on SIGTERM");
+    eventually("pong's report", || {
+        pong.log_text()
+            .contains("answered 0 ping(s); ignored 1 other message(s)")
+    });
+}
+
 #[test]
 fn a_second_pong_refuses_a_name_that_answers_and_takes_one_that_does_not() {
     let store = start_store();

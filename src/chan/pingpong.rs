@@ -3,6 +3,7 @@
 //! round trips.
 
 use super::{Chan, ChanError, Node, Value};
+use crate::log::{Preview, PREVIEW};
 use crate::log_info;
 use crate::server::on_termination;
 use crossbeam_channel::{select, Receiver};
@@ -248,7 +249,7 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
             _ => None,
         };
         let Some((n, reply)) = ping else {
-            log_info!("pong: ignoring {msg:?}");
+            log_info!("pong: ignoring {}", Preview(&msg, PREVIEW));
             report.ignored += 1;
             continue;
         };
@@ -372,7 +373,7 @@ pub fn ping(node: &Node, target: &Chan, count: usize, timeout: Duration) -> Ping
                 report.round_trips.push(elapsed);
             }
             Ok(other) => {
-                log_info!("ping {n}: unexpected answer {other:?}");
+                log_info!("ping {n}: unexpected answer {}", Preview(&other, PREVIEW));
                 report.failed += 1;
             }
             Err(e) => {

@@ -2,6 +2,7 @@
 //! when the room has a secret) and the reader loop that feeds the peer's state.
 
 use super::*;
+use crate::log::{Preview, PREVIEW};
 
 /// Serves one link after its hello exchange, on the calling thread, until it closes.
 /// `dialing` (a dialled link's entry in the dialling set) is released once the link is
@@ -147,11 +148,17 @@ pub(super) fn dial(shared: Arc<Shared>, addr: SocketAddr) {
         }
         Err(LinkError::Refused(reason)) if reason.contains(OTHER_ROOM) => {
             shared.state().node.other_room(addr);
-            log_info!("peer: link to {addr}: refused ({reason}): it is in another room");
+            log_info!(
+                "peer: link to {addr}: refused ({}): it is in another room",
+                Preview(&reason, PREVIEW)
+            );
         }
         Err(LinkError::Refused(reason)) => {
             shared.state().node.direct_refused(addr);
-            log_info!("peer: link to {addr}: refused ({reason}); traffic to it is routed");
+            log_info!(
+                "peer: link to {addr}: refused ({}); traffic to it is routed",
+                Preview(&reason, PREVIEW)
+            );
         }
         Err(e @ LinkError::Protocol(_)) => log_info!("peer: link to {addr}: {e}"),
         Err(LinkError::Io(e)) => {
