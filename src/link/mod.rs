@@ -96,6 +96,7 @@ use crate::auth::{self, Nonce, Secret, Side};
 use crate::budget::Budget;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::group::{Group, GroupError, Registration};
+use crate::log::{Preview, PREVIEW};
 use crate::log_info;
 use crate::outbox::{Outbox, OutboxConfig, Writer};
 use std::error::Error;
@@ -181,7 +182,8 @@ impl fmt::Display for LinkError {
             LinkError::Frame(e) => write!(f, "bad answer: {e}"),
             LinkError::Protocol(e) => write!(f, "bad answer: {e}"),
             LinkError::Closed => f.write_str("closed without answering"),
-            LinkError::Refused(reason) => write!(f, "refused: {reason}"),
+            // The reason is the far end's, and may be anything up to a frame's limit.
+            LinkError::Refused(reason) => write!(f, "refused: {}", Preview(reason, PREVIEW)),
             LinkError::Unauthenticated(why) => write!(f, "not authenticated: {why}"),
         }
     }

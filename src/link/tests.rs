@@ -239,6 +239,20 @@ fn a_refused_hello_is_an_error_with_the_reason() {
     assert_eq!(peer.join().unwrap().1, "refused");
 }
 
+/// Whoever answers at a peer's address writes the reason: a refusal of 1 MiB (a frame
+/// within the limit) is told, and logged, as a short quoted preview, its newlines escaped.
+#[test]
+fn a_refusal_reason_from_the_far_end_is_shown_cut_and_escaped() {
+    let long = LinkError::Refused(format!("forged\nline {}", "x".repeat(1 << 20)));
+    let shown = long.to_string();
+    assert!(shown.len() < 300, "{} bytes", shown.len());
+    assert!(shown.starts_with("refused: \"forged\\nline xxx"), "{shown}");
+    assert!(shown.ends_with("… (cut)"), "{shown}");
+    assert!(!shown.contains('\n'), "{shown}");
+    let short = LinkError::Refused("not_a_member".into());
+    assert_eq!(short.to_string(), "refused: \"not_a_member\"");
+}
+
 #[test]
 fn a_silent_refusal_and_a_bad_answer_are_told_apart() {
     let (addr, peer) = acceptor(None, |_| Verdict::Refuse(Vec::new()));
