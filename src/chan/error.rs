@@ -1,5 +1,6 @@
 //! What can go wrong with a channel: every failure is one of these values, never a panic.
 
+use crate::log::{Preview, PREVIEW};
 use crate::store::client::ClientError;
 use std::fmt;
 use std::io;
@@ -66,7 +67,11 @@ impl fmt::Display for ChanError {
             }
             ChanError::Io { addr, source } => write!(f, "remote channel {addr}: {source}"),
             ChanError::BadReply { addr, reply } => {
-                write!(f, "remote channel {addr} answered {reply:?}")
+                write!(
+                    f,
+                    "remote channel {addr} answered {}",
+                    Preview(reply, PREVIEW)
+                )
             }
             ChanError::Timeout => f.write_str("no message within the timeout"),
             ChanError::Listen(e) => write!(f, "cannot open a port for a channel: {e}"),
@@ -74,7 +79,11 @@ impl fmt::Display for ChanError {
             ChanError::Registry(e) => write!(f, "registry: {e}"),
             ChanError::NotRegistered(name) => write!(f, "no channel registered as {name:?}"),
             ChanError::NotAChan { name, value } => {
-                write!(f, "{name:?} is registered as {value:?}, not a channel")
+                write!(
+                    f,
+                    "{name:?} is registered as {}, not a channel",
+                    Preview(value, PREVIEW)
+                )
             }
             ChanError::BadName(name) => write!(f, "{name:?} cannot be a registry name"),
             ChanError::NameTaken { name, addr } => write!(
@@ -100,5 +109,40 @@ impl std::error::Error for ChanError {
 impl From<ClientError> for ChanError {
     fn from(e: ClientError) -> Self {
         ChanError::Registry(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A remote channel's reply and a registry's value are anyone's to write, up to a
+    /// frame's limit: an error shows a short quoted preview of them.
+    #[test]
+    fn what_a_peer_or_the_registry_holds_is_shown_cut() {
+        let huge = "v".repeat(1 << 20);
+        let errors = [
+            ChanError::BadReply {
+                addr: "127.0.0.1:1".into(),
+                reply: huge.clone(),
+            },
+            ChanError::NotAChan {
+                name: "pp".into(),
+                value: huge,
+            },
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(shown.len() < 400, "{} bytes", shown.len());
+            assert!(shown.contains("… (cut)"), "{shown}");
+        }
+        let short = ChanError::NotAChan {
+            name: "pp".into(),
+            value: "hello".into(),
+        };
+        assert_eq!(
+            short.to_string(),
+            "\"pp\" is registered as \"hello\", not a channel"
+        );
     }
 }
