@@ -118,6 +118,45 @@ impl<T: fmt::Debug + ?Sized> fmt::Display for Preview<'_, T> {
     }
 }
 
+/// Lines a connection's bad requests may take in the log, each shown whole: past them,
+/// bad requests are counted, and the count is logged once when the connection ends.
+pub const BAD_REQUEST_LINES: u32 = 3;
+
+/// One connection's allowance of log lines: the first few are logged, the rest only
+/// counted, so a client that sends a million bad lines of two bytes each costs the log
+/// a few lines, not a million (about 60 times what it sent).
+#[derive(Debug)]
+pub struct Quota {
+    left: u32,
+    suppressed: u64,
+}
+
+impl Quota {
+    /// An allowance of `lines` lines.
+    pub const fn new(lines: u32) -> Quota {
+        Quota {
+            left: lines,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether the next line may be logged; when not, it is counted.
+    pub fn allow(&mut self) -> bool {
+        if self.left > 0 {
+            self.left -= 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Lines counted and not logged.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
 /// Logs one line to stderr.
 #[macro_export]
 macro_rules! log_info {
@@ -158,6 +197,15 @@ mod tests {
         assert_eq!(Preview(&Endless, 12).to_string(), "more more mo… (cut)");
         let big: Vec<u64> = (0..1_000_000).collect();
         assert!(Preview(&big, PREVIEW).to_string().len() <= PREVIEW + "… (cut)".len());
+    }
+
+    #[test]
+    fn a_quota_allows_its_lines_then_counts() {
+        let mut q = Quota::new(2);
+        let allowed: Vec<bool> = (0..5).map(|_| q.allow()).collect();
+        assert_eq!(allowed, [true, true, false, false, false]);
+        assert_eq!(q.suppressed(), 3);
+        assert!(!Quota::new(0).allow());
     }
 
     #[test]

@@ -683,6 +683,36 @@ fn pong_logs_a_large_stray_message_as_a_short_preview() {
     });
 }
 
+/// A connection that sends a thousand bad lines costs pong's log its first three and one
+/// line of count when it ends, not a thousand (each about 60 times the bytes of a bad
+/// line of two); each bad line is still answered.
+#[test]
+fn a_flood_of_bad_lines_costs_the_log_a_few_lines() {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "flooded"]);
+    wait_registered(store.addr, "flooded");
+    let target = chan::lookup(&node(), store.addr, "flooded").unwrap();
+    let (_, port) = target.remote_addr().unwrap();
+    let mut c = LineClient::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    c.send(&b"x\n".repeat(1000));
+    for _ in 0..1000 {
+        let answer = c.line().expect("an answer to each bad line");
+        assert!(
+            answer.starts_with(b"{error,"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    drop(c);
+    eventually("the count of the lines not logged", || {
+        pong.log_text()
+            .contains("997 more bad or refused request(s), not logged")
+    });
+    let bad_lines = pong.log_text().matches("not a request").count();
+    assert_eq!(bad_lines, 3, "{}", pong.log_text());
+}
+
 #[test]
 fn a_second_pong_refuses_a_name_that_answers_and_takes_one_that_does_not() {
     let store = start_store();

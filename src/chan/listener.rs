@@ -6,6 +6,7 @@ use super::channel::Delivery;
 use super::protocol::{self, Request, RequestError};
 use super::{LocalChan, Node, NodeConfig, Value};
 use crate::framing::{FrameError, Framing};
+use crate::log::{Quota, BAD_REQUEST_LINES};
 use crate::order::Arrivals;
 use crate::request::{self, Replies, RequestLoop};
 use crate::server::{Connection, Handler, HandlerError};
@@ -69,8 +70,19 @@ impl Listener {
         let mut session = Session {
             listener: self,
             turn: None,
+            logged: Quota::new(BAD_REQUEST_LINES),
         };
-        self.requests.serve_session(conn, &mut session)
+        let served = self.requests.serve_session(conn, &mut session);
+        if session.logged.suppressed() > 0 {
+            log_info!(
+                "{}: connection {} from {}: {} more bad or refused request(s), not logged",
+                self.name,
+                conn.id,
+                conn.peer,
+                session.logged.suppressed()
+            );
+        }
+        served
     }
 
     /// Writes a message into the channel, waiting while the queue is full or its byte
@@ -156,6 +168,8 @@ struct Session<'l> {
     listener: &'l Listener,
     /// The right to push into the channel, taken at this batch's first message.
     turn: Option<Turn<'l>>,
+    /// Log lines left for this connection's bad and refused requests.
+    logged: Quota,
 }
 
 impl request::Session for Session<'_> {
@@ -204,12 +218,14 @@ impl Session<'_> {
                     None => None,
                     Some(Ok(charge)) => Some(charge),
                     Some(Err(e)) => {
-                        log_info!(
-                            "{}: connection {} from {}: message refused: {e}",
-                            listener.name,
-                            conn.id,
-                            conn.peer
-                        );
+                        if self.logged.allow() {
+                            log_info!(
+                                "{}: connection {} from {}: message refused: {e}",
+                                listener.name,
+                                conn.id,
+                                conn.peer
+                            );
+                        }
                         protocol::write_error("over_memory_budget", out.buffer());
                         return Ok(ControlFlow::Continue(()));
                     }
@@ -233,12 +249,14 @@ impl Session<'_> {
                 }
             }
             Err(e) => {
-                log_info!(
-                    "{}: connection {} from {}: {e}",
-                    listener.name,
-                    conn.id,
-                    conn.peer
-                );
+                if self.logged.allow() {
+                    log_info!(
+                        "{}: connection {} from {}: {e}",
+                        listener.name,
+                        conn.id,
+                        conn.peer
+                    );
+                }
                 protocol::write_error(e.reason(), out.buffer());
             }
         }
