@@ -895,6 +895,27 @@ fn with_the_secret_a_forged_server_link_is_closed_and_its_events_reach_no_client
     converge(&[&a, &b]);
 }
 
+/// A server link (no secret: anyone may link) that sends a hundred bad lines costs the
+/// log three of them and one line of count when it ends, not a hundred.
+#[test]
+fn a_server_link_full_of_bad_lines_costs_the_log_a_few_lines() {
+    let a = start(&[]);
+    let mut forger = LineClient::connect(a.addr);
+    forger.send(b"{server_hello,{\"127.0.0.1:9\",1}}\n");
+    forger.send(&b"not a term\n".repeat(100));
+    drop(forger);
+    eventually("the count of the bad lines not logged", || {
+        a.log_text()
+            .contains("sent 97 more bad line(s), ignored and not logged")
+    });
+    assert_eq!(
+        a.log_text().matches("sent a bad line").count(),
+        3,
+        "{}",
+        a.log_text()
+    );
+}
+
 #[test]
 fn the_secret_is_required_off_loopback_and_must_be_private() {
     let run = |args: &[&str]| {

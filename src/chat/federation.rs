@@ -46,6 +46,7 @@ use super::protocol::{self, Hello, PeerMessage, ServerId, Welcome};
 use super::{encode, line_limits, Chat};
 use crate::framing::{FrameReader, Framing};
 use crate::link::{self, Answer, Backoff, Dialer, End, Link, LinkError, Timeouts, Verdict};
+use crate::log::{Quota, BAD_REQUEST_LINES};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::server::HandlerError;
 use crate::term::Term;
@@ -835,6 +836,7 @@ pub(super) fn serve_incoming(
             {
                 log_info!("{name}: no heartbeat thread ({e}); the peer will take us for dead");
             }
+            let mut logged = Quota::new(BAD_REQUEST_LINES);
             let end = link.read_frames(&name, |line| match protocol::parse_peer(line) {
                 Ok(PeerMessage::Leave(who)) if who == id => ControlFlow::Break("it left"),
                 Ok(message) => {
@@ -845,10 +847,18 @@ pub(super) fn serve_incoming(
                     }
                 }
                 Err(e) => {
-                    log_info!("chat: {id} sent a bad line ({e}); ignored");
+                    if logged.allow() {
+                        log_info!("chat: {id} sent a bad line ({e}); ignored");
+                    }
                     ControlFlow::Continue(())
                 }
             });
+            if logged.suppressed() > 0 {
+                log_info!(
+                    "chat: {id} sent {} more bad line(s), ignored and not logged",
+                    logged.suppressed()
+                );
+            }
             // Flushed and half-closed: the peer's watcher sees the end.
             drop(beats);
             left = matches!(end, End::Stopped("it left"));
