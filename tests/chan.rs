@@ -51,6 +51,15 @@ fn start_store() -> ChildServer {
 }
 
 /// Waits until `name` is registered: a process may log its port before its entry lands.
+/// A store as the registry, and a `chan-pingpong pong NAME` registered in it.
+fn registered_pong(name: &str) -> (ChildServer, ChildServer) {
+    let store = start_store();
+    let registry = store.addr.to_string();
+    let pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", name]);
+    wait_registered(store.addr, name);
+    (store, pong)
+}
+
 fn wait_registered(store: SocketAddr, name: &str) {
     eventually(&format!("{name} registered"), || {
         StoreClient::connect(store, Framing::Line)
@@ -653,10 +662,7 @@ fn two_pingpong_processes_through_the_registry() {
 /// the time to format the rest.
 #[test]
 fn pong_logs_a_large_stray_message_as_a_short_preview() {
-    let store = start_store();
-    let registry = store.addr.to_string();
-    let mut pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "stray"]);
-    wait_registered(store.addr, "stray");
+    let (store, mut pong) = registered_pong("stray");
     let node = node();
     let target = chan::lookup(&node, store.addr, "stray").unwrap();
     let stray = Value::list(
@@ -688,10 +694,7 @@ fn pong_logs_a_large_stray_message_as_a_short_preview() {
 /// line of two); each bad line is still answered.
 #[test]
 fn a_flood_of_bad_lines_costs_the_log_a_few_lines() {
-    let store = start_store();
-    let registry = store.addr.to_string();
-    let pong = ChildServer::start(PINGPONG, &["--registry", &registry, "pong", "flooded"]);
-    wait_registered(store.addr, "flooded");
+    let (store, pong) = registered_pong("flooded");
     let target = chan::lookup(&node(), store.addr, "flooded").unwrap();
     let (_, port) = target.remote_addr().unwrap();
     let mut c = LineClient::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
