@@ -33,14 +33,67 @@ pub fn capture_in_tests() {
     VIA_EPRINT.store(true, Ordering::Relaxed);
 }
 
+/// Longest message a log line holds, in bytes: past it the message is cut (`… (cut)`) and
+/// its formatting stopped. Every line a peer can make longer should show the peer's part
+/// as a [`Preview`]; this bounds the lines nobody thought of.
+pub const MAX_MESSAGE: usize = 16 << 10;
+
 /// Writes one line, `2026-11-22T01:50:12.123Z message`, in a single write so lines from
 /// different threads do not mix.
 pub fn write(args: fmt::Arguments<'_>) {
-    let line = format!("{} {args}\n", timestamp(SystemTime::now()));
+    let line = line(SystemTime::now(), args);
     if VIA_EPRINT.load(Ordering::Relaxed) {
         eprint!("{line}");
     } else {
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+}
+
+/// The line [`write`] writes: timestamp, message cut at [`MAX_MESSAGE`], newline.
+fn line(now: SystemTime, args: fmt::Arguments<'_>) -> String {
+    let mut line = timestamp(now);
+    line.push(' ');
+    let mut cut = Cut::new(&mut line, MAX_MESSAGE);
+    let _ = fmt::write(&mut cut, args);
+    if cut.cut {
+        line.push_str("… (cut)");
+    }
+    line.push('\n');
+    line
+}
+
+/// A writer that passes writes on to `out` until `left` bytes are spent, then cuts (at a
+/// character boundary) and fails, which ends the formatting early.
+struct Cut<W> {
+    out: W,
+    left: usize,
+    cut: bool,
+}
+
+impl<W: fmt::Write> Cut<W> {
+    fn new(out: W, left: usize) -> Cut<W> {
+        Cut {
+            out,
+            left,
+            cut: false,
+        }
+    }
+}
+
+impl<W: fmt::Write> fmt::Write for Cut<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if s.len() <= self.left {
+            self.left -= s.len();
+            return self.out.write_str(s);
+        }
+        let mut end = self.left;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.out.write_str(&s[..end])?;
+        self.left = 0;
+        self.cut = true;
+        Err(fmt::Error)
     }
 }
 
@@ -81,34 +134,7 @@ pub struct Preview<'a, T: ?Sized>(pub &'a T, pub usize);
 
 impl<T: fmt::Debug + ?Sized> fmt::Display for Preview<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        /// Passes writes on until `left` bytes are spent, then cuts (at a character
-        /// boundary) and fails, which ends the `Debug` formatting early.
-        struct Cut<'a, 'b> {
-            out: &'a mut fmt::Formatter<'b>,
-            left: usize,
-            cut: bool,
-        }
-        impl fmt::Write for Cut<'_, '_> {
-            fn write_str(&mut self, s: &str) -> fmt::Result {
-                if s.len() <= self.left {
-                    self.left -= s.len();
-                    return self.out.write_str(s);
-                }
-                let mut end = self.left;
-                while !s.is_char_boundary(end) {
-                    end -= 1;
-                }
-                self.out.write_str(&s[..end])?;
-                self.left = 0;
-                self.cut = true;
-                Err(fmt::Error)
-            }
-        }
-        let mut cut = Cut {
-            out: f,
-            left: self.1,
-            cut: false,
-        };
+        let mut cut = Cut::new(&mut *f, self.1);
         let result = fmt::write(&mut cut, format_args!("{:?}", self.0));
         if cut.cut {
             f.write_str("… (cut)")
@@ -197,6 +223,20 @@ mod tests {
         assert_eq!(Preview(&Endless, 12).to_string(), "more more mo… (cut)");
         let big: Vec<u64> = (0..1_000_000).collect();
         assert!(Preview(&big, PREVIEW).to_string().len() <= PREVIEW + "… (cut)".len());
+    }
+
+    #[test]
+    fn a_log_line_is_cut_at_the_longest_message() {
+        let short = line(UNIX_EPOCH, format_args!("hello"));
+        assert_eq!(short, "1970-01-01T00:00:00.000Z hello\n");
+        let huge = "x".repeat(1 << 20);
+        let long = line(UNIX_EPOCH, format_args!("peer said {huge}"));
+        assert_eq!(long.len(), 25 + MAX_MESSAGE + "… (cut)\n".len());
+        assert!(
+            long.ends_with("xxx… (cut)\n"),
+            "{}",
+            &long[long.len() - 20..]
+        );
     }
 
     #[test]

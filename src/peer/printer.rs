@@ -7,6 +7,10 @@
 //! outboxes to it filling until they cut their links. Here the node only queues its
 //! lines, in the order it decided them, and the printer thread writes them.
 //!
+//! Not an [`Outbox`](crate::outbox::Outbox): that drains into a socket, and a full one
+//! closes its connection. An output has nothing to close, so a full queue drops lines
+//! instead, and says so.
+//!
 //! The queue is bounded in bytes ([`OUTPUT_QUEUE`]). Past the bound a line is not queued
 //! but counted, and once there is room again a `[NOT SHOWN] N line(s): the output was not
 //! being read` line takes the place of those lost, so the output says where it has a
