@@ -37,6 +37,7 @@ use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::order::Arrivals;
 use crate::server::{is_disconnect, Connection, HandlerError};
 use crate::{log_debug, log_info};
+use std::hint::cold_path;
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow;
 
@@ -221,12 +222,22 @@ impl<'c> Replies<'c> {
         // One write nearly always takes it all; `write_all` for the rest, or to retry.
         let result = match stream.write(&self.out) {
             Ok(n) if n == self.out.len() => Ok(()),
-            Ok(n) => stream.write_all(&self.out[n..]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => stream.write_all(&self.out),
-            Err(e) => Err(e),
+            Ok(n) => {
+                cold_path();
+                stream.write_all(&self.out[n..])
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                cold_path();
+                stream.write_all(&self.out)
+            }
+            Err(e) => {
+                cold_path();
+                Err(e)
+            }
         };
         self.out.clear();
         if self.out.capacity() > KEEP_OUT {
+            cold_path();
             self.out = Vec::new();
             self.charge_capacity()?;
         }
@@ -386,6 +397,8 @@ impl RequestLoop {
         let mut first = self.arrivals.as_ref();
         loop {
             if let Some(arrivals) = first {
+                // Only until the connection's first batch is done.
+                cold_path();
                 // Nothing came (closed, idle, vanished): a read would only wait again. Part
                 // of a first request may be buffered: it was cut off, as at any end.
                 if !arrivals.await_first_bytes(conn) {
@@ -398,14 +411,19 @@ impl RequestLoop {
             match reader.fill() {
                 Ok(true) => {}
                 Ok(false) => {
+                    cold_path();
                     if let Err(e) = reader.finish() {
                         ended(e, conn)?;
                     }
                     return Ok(());
                 }
-                Err(e) => return Ok(ended(e, conn)?),
+                Err(e) => {
+                    cold_path();
+                    return Ok(ended(e, conn)?);
+                }
             }
             if let Some(arrivals) = first {
+                cold_path();
                 arrivals.wait_for_earlier(conn);
             }
             let fatal = loop {
@@ -416,10 +434,17 @@ impl RequestLoop {
                         flow
                     }
                     Ok(None) => break None,
-                    Err(e) if e.is_recoverable() => session.too_long(conn, &e, &mut out)?,
-                    Err(e) => break Some(e),
+                    Err(e) if e.is_recoverable() => {
+                        cold_path();
+                        session.too_long(conn, &e, &mut out)?
+                    }
+                    Err(e) => {
+                        cold_path();
+                        break Some(e);
+                    }
                 };
                 if flow.is_break() {
+                    cold_path();
                     // The replies to the requests before it still go; the connection is
                     // ending anyway, so a failed write changes nothing.
                     let _ = out.flush();
@@ -431,6 +456,7 @@ impl RequestLoop {
                 return Ok(());
             }
             if let Some(arrivals) = first {
+                cold_path();
                 // Part of a request still to come (it was longer than one read): it must
                 // be applied before a younger connection's requests, as the rest of it is.
                 if fatal.is_some() || reader.buffered_len() == 0 || !arrivals.release(conn) {
@@ -439,6 +465,7 @@ impl RequestLoop {
                 }
             }
             if let Some(e) = fatal {
+                cold_path();
                 return Err(e.into());
             }
         }

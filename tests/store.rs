@@ -73,7 +73,7 @@ fn classic_exchange_byte_for_byte() {
         "{stats}"
     );
     switchboard::term::parse(&stats).expect("stats is a term");
-    // Counted per connection in stripes: a second connection's requests are added in.
+    // Counted by each connection: a second connection's requests are added in.
     let mut other = LineClient::connect(server.addr);
     other.send(b"store,a,1\nstore,b,2\n");
     assert_eq!(other.ask("lookup,a\n"), "{just,1}");
@@ -81,6 +81,22 @@ fn classic_exchange_byte_for_byte() {
     let stats = other.ask("stats\n");
     assert!(
         stats.contains("{commands,[{store,4},{lookup,4},{delete,3},{stats,1},{error,4}]}"),
+        "{stats}"
+    );
+    // And a connection's counts outlive it.
+    drop(c);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = other.ask("stats\n");
+        if stats.contains("{live_connections,1}") || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(stats.contains("{live_connections,1}"), "{stats}");
+    let stats = other.ask("stats\n");
+    assert!(
+        stats.contains("{store,4},{lookup,4},{delete,3}") && stats.contains("{error,4}]}"),
         "{stats}"
     );
 }

@@ -2,6 +2,7 @@
 
 use super::{parse_header, FrameError, Framing, Limits};
 use crate::budget::{Account, Charge};
+use std::hint::cold_path;
 use std::io::{self, Read};
 
 /// First buffer size; the buffer is allocated on the first read and grows on demand.
@@ -174,7 +175,10 @@ impl<R: Read> FrameReader<R> {
                     return Ok(None);
                 }
                 // Known to hold no newline: `decode` need not look again.
-                None => self.scanned = avail.len(),
+                None => {
+                    cold_path();
+                    self.scanned = avail.len();
+                }
             }
         }
         self.next_decoded()
@@ -193,13 +197,19 @@ impl<R: Read> FrameReader<R> {
         self.make_room()?;
         loop {
             match self.inner.read(&mut self.buf[self.end..]) {
-                Ok(0) => return Ok(false),
+                Ok(0) => {
+                    cold_path();
+                    return Ok(false);
+                }
                 Ok(n) => {
                     self.end += n;
                     return Ok(true);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(FrameError::Io(e)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => cold_path(),
+                Err(e) => {
+                    cold_path();
+                    return Err(FrameError::Io(e));
+                }
             }
         }
     }
@@ -349,17 +359,35 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Makes space after `end` for the next read: compacts, grows, or gives memory back.
+    ///
+    /// The common case inline: no declared length pending and room for a byte after
+    /// `end`, which is all the general case below asks for then. Everything else is
+    /// out of line, so that the loop around each read stays a few cache lines of code.
+    #[inline(always)]
     fn make_room(&mut self) -> Result<(), FrameError> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
             self.scanned = 0;
-            if self.buf.len() > SHRINK_ABOVE {
-                self.buf = Vec::new();
-                if let Some(charge) = &mut self.charge {
-                    // Giving back never fails.
-                    let _ = charge.resize(0);
-                }
+        }
+        if self.want <= self.end - self.start
+            && self.end < self.buf.len()
+            && self.buf.len() <= SHRINK_ABOVE
+        {
+            return Ok(());
+        }
+        self.make_room_slow()
+    }
+
+    /// [`make_room`](Self::make_room) when the buffer must change.
+    #[cold]
+    #[inline(never)]
+    fn make_room_slow(&mut self) -> Result<(), FrameError> {
+        if self.start == self.end && self.buf.len() > SHRINK_ABOVE {
+            self.buf = Vec::new();
+            if let Some(charge) = &mut self.charge {
+                // Giving back never fails.
+                let _ = charge.resize(0);
             }
         }
         let pending = self.end - self.start;

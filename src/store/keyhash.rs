@@ -29,7 +29,7 @@ impl KeyHasher {
     }
 
     /// The hash of `key`.
-    #[inline(always)]
+    #[inline(never)]
     pub fn hash(&self, key: &[u8]) -> u64 {
         sip::<1, 3>(self.k0, self.k1, key)
     }

@@ -25,6 +25,7 @@ pub mod replicated;
 pub mod soak;
 pub mod state;
 mod table;
+mod tally;
 
 use crate::framing::{begin_frame, end_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;
@@ -36,9 +37,9 @@ use state::{Lookups, Store};
 use std::io;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tally::{Tallies, Tally};
 
 /// The default port of the course's Python store server.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:65002";
@@ -46,17 +47,6 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:65002";
 /// Replies are sent when the batch is done, or sooner once this many bytes are waiting, so
 /// a batch of lookups of large values cannot balloon one connection's memory.
 const FLUSH_AT: usize = 64 << 10;
-
-/// Stripes of request counters. One counter set written by every connection thread would
-/// bounce its cache line between the cores on every batch; a connection adds to the stripe
-/// of its id instead (consecutive connections land on different stripes), and `stats`
-/// sums the stripes.
-const COUNTER_STRIPES: usize = 64;
-
-/// One stripe of request counters, by verb, on cache lines of its own.
-#[repr(align(128))]
-#[derive(Default)]
-struct Counters([AtomicU64; 5]);
 
 /// How a store is set up.
 #[derive(Debug, Clone)]
@@ -95,8 +85,8 @@ pub struct StoreService {
     requests: RequestLoop,
     arrivals: Arrivals,
     started: Instant,
-    /// Requests by verb, counted per connection in stripes (see [`Counters`]).
-    commands: Box<[Counters]>,
+    /// Requests by verb, counted by each connection (see [`tally`]).
+    commands: Arc<Tallies>,
     /// Line framing and no value holds a `\n`, so a `{just,V}` reply needs no scan for
     /// one: a line-framed request cannot carry a `\n`, and the values replayed at start
     /// were checked once. (A log written by a server with a size-prefixed framing may hold
@@ -132,7 +122,7 @@ impl StoreService {
             requests,
             arrivals,
             started: Instant::now(),
-            commands: (0..COUNTER_STRIPES).map(|_| Counters::default()).collect(),
+            commands: Arc::default(),
             plain_lines,
         };
         Ok((Arc::new(service), replay))
@@ -153,13 +143,7 @@ impl StoreService {
 
     /// Current counters.
     pub fn stats(&self, server: &ServerHandle) -> Stats {
-        let commands = self.commands.iter().fold([0; 5], |mut sum, stripe| {
-            for (sum, c) in sum.iter_mut().zip(&stripe.0) {
-                *sum += c.load(Ordering::Relaxed);
-            }
-            sum
-        });
-        stats_of(&self.store, server, self.started, commands)
+        stats_of(&self.store, server, self.started, self.commands.sum())
     }
 
     /// The server's handler: serves each connection with [`StoreService::serve`], in
@@ -180,18 +164,9 @@ impl StoreService {
             service: self,
             batch: Batch::default(),
             lookups: self.store.lookups(),
+            tally: self.commands.open(),
         };
         self.requests.serve_session(conn, &mut session)
-    }
-
-    /// Adds a batch's counts to its connection's stripe.
-    fn count(&self, conn: &Connection, batch: &mut Batch) {
-        let stripe = &self.commands[conn.id as usize % COUNTER_STRIPES].0;
-        for (total, n) in stripe.iter().zip(&mut batch.counts) {
-            if *n > 0 {
-                total.fetch_add(std::mem::take(n), Ordering::Relaxed);
-            }
-        }
     }
 
     /// The fast path of the commonest request: a `lookup,KEY` frame when replies need no
@@ -367,6 +342,8 @@ struct Session<'s> {
     /// The batch's lookups on the fast path, holding shard locks between them: released
     /// before anything else touches the store and before any socket I/O.
     lookups: Lookups<'s>,
+    /// This connection's `stats` counters.
+    tally: Tally,
 }
 
 impl request::Session for Session<'_> {
@@ -408,7 +385,7 @@ impl request::Session for Session<'_> {
 
     fn batch_done(
         &mut self,
-        conn: &Connection,
+        _conn: &Connection,
         _out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         self.lookups.release();
@@ -416,7 +393,7 @@ impl request::Session for Session<'_> {
         if let (Some(aof), Some(seq)) = (&service.aof, self.batch.unsynced.take()) {
             service.commit(aof, seq)?;
         }
-        service.count(conn, &mut self.batch);
+        self.tally.add(&mut self.batch.counts);
         Ok(ControlFlow::Continue(()))
     }
 }

@@ -16,6 +16,7 @@
 
 use super::keyhash::KeyHasher;
 use super::table::{Entry, Table};
+use std::hint::cold_path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
@@ -144,7 +145,7 @@ impl Store {
         match shard.inner.try_write() {
             Ok(guard) => return guard,
             Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::WouldBlock) => cold_path(),
         }
         shard.writers.fetch_add(1, Ordering::Relaxed);
         let guard = shard.inner.write().unwrap_or_else(PoisonError::into_inner);
@@ -303,6 +304,7 @@ impl Lookups<'_> {
     fn shard(&mut self, i: usize) -> &ShardMap {
         self.served += 1;
         if self.served > MAX_SERVED {
+            cold_path();
             self.release();
             self.served = 1;
         }
@@ -311,6 +313,7 @@ impl Lookups<'_> {
             if shard.writers.load(Ordering::Relaxed) == 0 {
                 return &self.held[at].1;
             }
+            cold_path();
             self.release();
         }
         self.take(i)
@@ -320,6 +323,7 @@ impl Lookups<'_> {
     fn take(&mut self, i: usize) -> &ShardMap {
         let shard = &self.store.shards[i];
         if self.held.len() == MAX_HELD {
+            cold_path();
             self.release();
         }
         let guard = if self.held.is_empty() {
@@ -329,6 +333,7 @@ impl Lookups<'_> {
                 Ok(guard) => guard,
                 Err(TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(TryLockError::WouldBlock) => {
+                    cold_path();
                     self.release();
                     read_lock(shard)
                 }
