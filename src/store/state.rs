@@ -67,6 +67,7 @@ impl ShardMap {
     }
 
     /// Sets `key` to `value` (its hash is `hash`), keeping `bytes` exact.
+    #[inline(always)]
     fn set(&mut self, hash: u64, key: &[u8], value: &[u8]) {
         let (change, _) = self.table.set(hash, key, value);
         self.bytes = self.bytes.wrapping_add_signed(change);
@@ -140,6 +141,7 @@ impl Store {
     /// The shard's write lock. While it waits, the shard counts it among its `writers`, so
     /// that readers holding the shard across a batch ([`Lookups`]) let go. A lock that is
     /// free is taken without the count: only a waiting writer needs readers to see it.
+    #[inline(always)]
     fn write(&self, hash: u64) -> RwLockWriteGuard<'_, ShardMap> {
         let shard = self.shard(hash);
         match shard.inner.try_write() {
@@ -194,6 +196,7 @@ impl Store {
     }
 
     /// Sets `key` to `value`.
+    #[inline(never)]
     pub fn set(&self, key: &[u8], value: &[u8]) {
         self.set_logged(key, value, || ())
     }

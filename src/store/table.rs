@@ -133,6 +133,7 @@ impl Table {
     }
 
     /// Index of the slot holding `key`.
+    #[inline(always)]
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let mask = self.mask();
         let mut i = self.home(hash);
@@ -164,6 +165,7 @@ impl Table {
 
     /// Sets `key` to `value`: the size change of keys and values in bytes, and whether the
     /// key is new.
+    #[inline(always)]
     pub(super) fn set(&mut self, hash: u64, key: &[u8], value: &[u8]) -> (i64, bool) {
         if let Some(i) = self.find(hash, key) {
             let entry = self.slots[i].entry.as_mut().expect("found");
