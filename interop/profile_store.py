@@ -20,6 +20,14 @@ buffer with one call to `memcpy`, so the number of those calls is the number of 
     python3 interop/profile_store.py --server OLD/store-server --pipeline 1
     python3 interop/profile_store.py --pipeline 1 --ratio 0:1          # SET only, depth 1
     python3 interop/profile_store.py --keep /tmp/cg.out && callgrind_annotate /tmp/cg.out
+    python3 interop/profile_store.py --pipeline 1 --ratio 0:1 --cache-sim   # cache model too
+
+`--cache-sim` runs callgrind's cache model with small caches (4 KiB L1i and L1d, 64 KiB last
+level: what the kernel's path between two requests leaves warm, roughly) and also prints,
+per operation, the L1i and L1d misses and the server's hot lines of code: distinct 64-byte
+lines holding an instruction run at least 0.3 times per operation. The misses move with
+where the linker put the code (a 4-way cache has few places for each line); the hot lines
+do not.
 
 Needs valgrind. Exits non-zero when a run fails.
 """
@@ -40,8 +48,50 @@ from bench_store import free_port, wait_listening
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def callgrind_counts(path: str) -> tuple[int, int]:
-    """Total instructions, and calls to memcpy, from a callgrind output file."""
+CACHE_SIM = ["--cache-sim=yes", "--I1=4096,4,64", "--D1=4096,4,64", "--LL=65536,4,64",
+             "--dump-instr=yes"]
+
+
+def position(token: str, current: int) -> int:
+    """An address or line of a callgrind cost line: absolute, `+N`/`-N` relative, or `*`."""
+    if token == "*":
+        return current
+    if token[0] in "+-":
+        return current + int(token, 0)
+    return int(token, 0)
+
+
+def instruction_runs(path: str) -> dict[int, int]:
+    """How many times each instruction ran, by address, from a callgrind output file with
+    instruction addresses (`--dump-instr=yes`)."""
+    runs: dict[int, int] = {}
+    addr, after_call = 0, False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("calls="):
+                after_call = True  # the next cost line is the call's, inclusive
+                continue
+            if not line or line[0] not in "0+-*":
+                continue
+            fields = line.split()
+            addr = position(fields[0], addr)
+            if after_call:
+                after_call = False
+                continue
+            if len(fields) >= 3:
+                runs[addr] = runs.get(addr, 0) + int(fields[2])
+    return runs
+
+
+def hot_lines(runs: dict[int, int], per: int) -> int:
+    """Distinct 64-byte lines of code holding an instruction run at least 0.3 times per
+    operation (`per` operations in all)."""
+    return len({a // 64 for a, n in runs.items() if n >= 0.3 * per})
+
+
+def callgrind_counts(path: str) -> tuple[list[int], int]:
+    """Totals of every event (instructions first), and calls to memcpy, from a callgrind
+    output file."""
     names: dict[str, str] = {}
     total = None
     memcpy_calls = 0
@@ -59,9 +109,9 @@ def callgrind_counts(path: str) -> tuple[int, int]:
                 if "memcpy" in callee:
                     memcpy_calls += int(line[6:].split()[0])
                 continue
-            m = re.match(r"^(?:summary|totals): (\d+)", line)
+            m = re.match(r"^(?:summary|totals): ([\d ]+)", line)
             if m:
-                total = int(m.group(1))
+                total = [int(x) for x in m.group(1).split()]
     if total is None:
         raise RuntimeError(f"no totals in {path}")
     return total, memcpy_calls
@@ -81,6 +131,8 @@ def main() -> int:
                     help="GET:SET weights (default 1:0). A batch that ends in a store is closed "
                          "by one lookup, so at depth 1 every operation has one reply")
     ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also simulate small caches; print misses and hot lines of code per operation")
     ap.add_argument("--keep", metavar="FILE",
                     help="also copy callgrind's output here (for callgrind_annotate)")
     args = ap.parse_args()
@@ -92,7 +144,8 @@ def main() -> int:
         server = ([args.bench, "--floor", addr] if args.floor
                   else [args.server, "--listen", addr])
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server],
+            ["valgrind", "--tool=callgrind", *(CACHE_SIM if args.cache_sim else []),
+             f"--callgrind-out-file={out}", *server],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_listening(port, proc, timeout=60.0)
@@ -107,9 +160,12 @@ def main() -> int:
         if bench.returncode != 0:
             print(bench.stdout + bench.stderr, file=sys.stderr)
             return 1
-        total, replies = callgrind_counts(out)
+        events, replies = callgrind_counts(out)
+        total = events[0]
         if args.keep:
             shutil.copyfile(out, args.keep)
+        # The cache model's events, in callgrind's order: Ir Dr Dw I1mr D1mr D1mw ILmr ...
+        cache = (events[3:6], instruction_runs(out)) if args.cache_sim and len(events) >= 6 else None
     # The generator counts only its measured window, so it sees a little less; far less
     # (or more) means the memcpy calls no longer count replies.
     rate = re.search(r"ops_per_sec=(\d+)", bench.stdout)
@@ -124,6 +180,7 @@ def main() -> int:
         print(f"{name}: pipeline {args.pipeline}, {args.conns} conns, ratio {args.ratio}: "
               f"{total:,} instructions / {counted:,} operations (the generator's count) = "
               f"{total / counted:.1f} per operation")
+        print_cache(cache, counted)
         return 0
     if not 0.8 * replies <= counted <= 1.05 * replies:
         print(f"the server's {replies:,} memcpy calls do not match the {counted:,} requests "
@@ -131,7 +188,17 @@ def main() -> int:
         return 1
     print(f"{name}: pipeline {args.pipeline}, {args.conns} conns, ratio {args.ratio}: {total:,} instructions / "
           f"{replies:,} replies = {total / replies:.1f} per request")
+    print_cache(cache, replies)
     return 0
+
+
+def print_cache(cache, per: int) -> None:
+    """With `--cache-sim`: misses and hot lines of code per operation (`per` of them)."""
+    if cache is None:
+        return
+    (i1, d1r, d1w), runs = cache
+    print(f"  per operation: {i1 / per:.1f} L1i misses, {d1r / per:.1f} + {d1w / per:.1f} L1d "
+          f"misses (read + write), {hot_lines(runs, per)} hot lines of code")
 
 
 if __name__ == "__main__":
