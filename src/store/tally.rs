@@ -27,7 +27,10 @@ pub(super) struct Tallies {
 
 #[derive(Default)]
 struct Registry {
-    live: Vec<Arc<Counts>>,
+    /// Live connections' counters; a connection's slot is emptied when it ends, and
+    /// reused (`free`), so an end costs the same however many are live.
+    live: Vec<Option<Arc<Counts>>>,
+    free: Vec<usize>,
     ended: [u64; VERBS],
 }
 
@@ -36,22 +39,37 @@ impl Tallies {
     /// stay in the sum after it is dropped.
     pub(super) fn open(self: &Arc<Self>) -> Tally {
         let counts = Arc::new(Counts::default());
-        self.lock().live.push(Arc::clone(&counts));
+        let mut registry = self.lock();
+        let slot = match registry.free.pop() {
+            Some(slot) => {
+                registry.live[slot] = Some(Arc::clone(&counts));
+                slot
+            }
+            None => {
+                registry.live.push(Some(Arc::clone(&counts)));
+                registry.live.len() - 1
+            }
+        };
         Tally {
             tallies: Arc::clone(self),
             counts,
+            slot,
         }
     }
 
     /// Requests by verb, over every connection so far.
     pub(super) fn sum(&self) -> [u64; VERBS] {
         let registry = self.lock();
-        registry.live.iter().fold(registry.ended, |mut sum, c| {
-            for (sum, c) in sum.iter_mut().zip(&c.0) {
-                *sum += c.load(Ordering::Relaxed);
-            }
-            sum
-        })
+        registry
+            .live
+            .iter()
+            .flatten()
+            .fold(registry.ended, |mut sum, c| {
+                for (sum, c) in sum.iter_mut().zip(&c.0) {
+                    *sum += c.load(Ordering::Relaxed);
+                }
+                sum
+            })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -65,6 +83,8 @@ impl Tallies {
 pub(super) struct Tally {
     tallies: Arc<Tallies>,
     counts: Arc<Counts>,
+    /// Where `counts` is in the registry's `live`.
+    slot: usize,
 }
 
 impl Tally {
@@ -86,15 +106,11 @@ impl Tally {
 impl Drop for Tally {
     fn drop(&mut self) {
         let mut registry = self.tallies.lock();
-        let Some(at) = registry
-            .live
-            .iter()
-            .position(|c| Arc::ptr_eq(c, &self.counts))
-        else {
-            return;
-        };
-        let counts = registry.live.swap_remove(at);
-        for (ended, c) in registry.ended.iter_mut().zip(&counts.0) {
+        // Moved from the live to the ended in one step under the lock, so a sum never
+        // counts them twice or not at all.
+        registry.live[self.slot] = None;
+        registry.free.push(self.slot);
+        for (ended, c) in registry.ended.iter_mut().zip(&self.counts.0) {
             *ended += c.load(Ordering::Relaxed);
         }
     }
@@ -123,7 +139,14 @@ mod tests {
         b.add(&mut [0, 0, 3, 0, 4]);
         drop(b);
         assert_eq!(tallies.sum(), [1, 7, 3, 1, 4]);
-        assert!(tallies.lock().live.is_empty());
+        let registry = tallies.lock();
+        assert!(registry.live.iter().all(Option::is_none));
+        drop(registry);
+        // An ended connection's slot is reused, and its counts are not counted twice.
+        let c = tallies.open();
+        c.add(&mut [0, 0, 0, 0, 1]);
+        assert_eq!(tallies.lock().live.len(), 2, "a slot reused");
+        assert_eq!(tallies.sum(), [1, 7, 3, 1, 5]);
     }
 
     #[test]
