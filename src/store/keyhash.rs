@@ -30,8 +30,8 @@ impl KeyHasher {
 
     /// The hash of `key`. Out of line: a `store` and the `lookup` after it each hash a key,
     /// and inlined they ran two copies of these rounds, some 450 bytes of code each, which
-    /// the kernel's path between two requests has evicted (README, "Store: the distance to
-    /// the floor", eighth round).
+    /// the kernel's path between two requests evicts from the cache (README, "Store: the
+    /// distance to the floor", eighth round).
     #[inline(never)]
     pub fn hash(&self, key: &[u8]) -> u64 {
         sip::<1, 3>(self.k0, self.k1, key)
