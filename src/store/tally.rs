@@ -7,11 +7,12 @@
 //! an add is a plain load and store; `stats` reads them with atomic loads, so it never
 //! sees a torn count, and a connection's counts are at most one batch behind, as before.
 
+use super::protocol::Verb;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// How many verbs are counted ([`super::protocol::Verb::ALL`] order).
-const VERBS: usize = 5;
+/// How many verbs are counted, in [`Verb::ALL`] order.
+const VERBS: usize = Verb::ALL.len();
 
 /// One connection's counters, on cache lines of their own (so that two connections'
 /// threads never write one line).
@@ -73,8 +74,8 @@ impl Tallies {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // Every change under the lock is a push, a removal, or a sum: none can be seen
-        // half done, so a panic elsewhere while it was held leaves it consistent.
+        // Nothing done under the lock can panic part way (slots are in range, sums are of
+        // counts), so a panic elsewhere while it was held leaves it consistent.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
