@@ -765,6 +765,40 @@ fn a_link_from_another_room_is_refused() {
     assert_eq!(answer, hello);
 }
 
+/// A peer that dials again while its first link is still registered (the first one's
+/// hello timed out at its end, across a cut) replaces that link, and is brought up to date
+/// on the new one: the member list comes again. Before, only a fresh link carried it, and
+/// a list queued on the abandoned link was lost for good, so two halves of a healed
+/// split could stay apart with every link up.
+#[test]
+fn a_link_that_replaces_another_carries_the_member_list_again() {
+    let a = PeerProc::start("a", None, &[]);
+    let hello = br#"{hello,{"j","127.0.0.1:1",1}}
+"#;
+    // Lines until a `{members,...}` one, or None once 3 s of a's lines (its adverts and
+    // heartbeats, every 250 ms) brought none.
+    let members = |link: &mut LineClient| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let line = String::from_utf8(link.line().expect("a's line")).unwrap();
+            if line.starts_with("{members,") {
+                return Some(line);
+            }
+        }
+        None
+    };
+    let mut first = LineClient::connect(a.addr);
+    first.send(hello);
+    let answer = String::from_utf8(first.line().expect("a's hello")).unwrap();
+    assert!(answer.starts_with("{hello,"), "{answer}");
+    let list = members(&mut first).expect("the list on the first link");
+    // The first link stays open (and unread from here on): a still holds it.
+    let mut second = LineClient::connect(a.addr);
+    second.send(hello);
+    assert_eq!(String::from_utf8(second.line().unwrap()).unwrap(), answer);
+    assert_eq!(members(&mut second).as_ref(), Some(&list));
+}
+
 /// The peak resident memory of process `pid` (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

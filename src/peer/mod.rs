@@ -79,7 +79,9 @@
 //! (`{refused,no_direct}`) and never dial a link to ADDR, so their traffic is routed. When
 //! two links between the same pair open at once, both ends keep the one dialled by the
 //! smaller member (of two dialled by the same end, the newer); the other is half-closed
-//! and read to its end, so nothing sent on it is lost. Routing rules are in [`routing`];
+//! and read to its end, so nothing sent on it is lost. A replaced link's far end may
+//! have given up on it before reading it (a hello that timed out across a cut), so the
+//! new link brings the peer up to date again: the list and every advert. Routing rules are in [`routing`];
 //! each peer's own links count first hand, so a broken link reroutes at once.
 //!
 //! # Delivery
@@ -567,12 +569,15 @@ impl Shared {
                 outbox,
             },
         );
+        let mut effects = Vec::new();
         if fresh {
             log_debug!("peer: link to {peer} up");
-            let mut effects = Vec::new();
             st.node.link_up(peer.clone(), &mut effects);
-            self.apply(&mut st, effects);
+        } else {
+            log_debug!("peer: link to {peer} replaced");
+            st.node.link_replaced(peer.clone(), &mut effects);
         }
+        self.apply(&mut st, effects);
         Attached::Registered
     }
 

@@ -267,6 +267,32 @@ impl PeerState {
         self.forget_lost(|m| m.addr == peer.addr && *m != peer);
         self.routes = None;
         self.advertise(out);
+        self.bring_up_to_date(peer, out);
+    }
+
+    /// The link to `peer` was replaced by a newer one (both ended up dialling each other,
+    /// or `peer` dialled again): the link set is unchanged, but what was queued on the old
+    /// link may never arrive (its other end may have given up on it, a hello that timed
+    /// out across a cut), so `peer` is brought up to date again on the new one, this
+    /// peer's own advert included (at its current sequence number). Without
+    /// this, a list sent only on the abandoned link leaves two halves of a split room
+    /// unaware of each other for good.
+    pub fn link_replaced(&mut self, peer: Member, out: &mut Vec<Effect>) {
+        if self.links.contains(&peer) {
+            let own = PeerMessage::Links {
+                owner: self.me.clone(),
+                seq: self.own_seq,
+                links: self.links.iter().cloned().collect(),
+            };
+            out.push(Effect::Send(peer.clone(), own));
+            self.bring_up_to_date(peer, out);
+        } else {
+            self.link_up(peer, out);
+        }
+    }
+
+    /// Sends `peer` the member list and every other peer's advert held (bar its own).
+    fn bring_up_to_date(&mut self, peer: Member, out: &mut Vec<Effect>) {
         if self.list.version > 0 {
             out.push(Effect::Send(
                 peer.clone(),

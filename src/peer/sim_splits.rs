@@ -139,6 +139,79 @@ fn a_split_room_heals_into_one_with_a_version_above_both_halves() {
     assert_one_list_per_label(&sim, "after the merge");
 }
 
+/// Delivers what `a` and `c` send each other (their own sends, and the answers they
+/// cause) until neither has more for the other; what either sends anyone else is lost.
+fn pump(pair: [(&mut PeerState, &Member); 2], mut pending: [Vec<Effect>; 2], now: Instant) {
+    let [(a, am), (c, cm)] = pair;
+    while pending.iter().any(|p| !p.is_empty()) {
+        let [from_a, from_c] = std::mem::take(&mut pending);
+        for e in from_a {
+            if let Effect::Send(to, msg) = e {
+                if to == *cm {
+                    c.receive(am, msg, now, &mut pending[1]);
+                }
+            }
+        }
+        for e in from_c {
+            if let Effect::Send(to, msg) = e {
+                if to == *am {
+                    a.receive(cm, msg, now, &mut pending[0]);
+                }
+            }
+        }
+    }
+}
+
+/// After a split, a (leader of the winning half) and c (of the losing half) link again,
+/// but what a queued on its first link never arrives: c had given up on that link (a
+/// hello that timed out across a cut) and has since dialled a newer one, which replaces
+/// it at a. Only a's list tells c there is a rival to merge into, and the link set at a
+/// does not change, so the replacement itself must bring c up to date; otherwise the
+/// halves stay apart for good with every link up (a real-process flake, issue 20's
+/// session 12).
+#[test]
+fn a_replaced_link_brings_the_peer_up_to_date_so_a_healed_split_still_merges() {
+    let mut sim = room_of_five();
+    sim.partition(&["a", "b"]);
+    sim.run_for(3);
+    assert_eq!(sim.list("a"), "[MEMBERS v6 by a] a,b");
+    assert_eq!(sim.list("c"), "[MEMBERS v6 by c] c,d,e");
+    let (am, cm) = (sim.members["a"].clone(), sim.members["c"].clone());
+    let mut a = sim.nodes.remove("a").unwrap();
+    let mut c = sim.nodes.remove("c").unwrap();
+    let mut now = sim.now;
+    let mut lost = Vec::new();
+    a.link_up(cm.clone(), &mut lost);
+    assert!(
+        lost.iter()
+            .any(|e| matches!(e, Effect::Send(to, PeerMessage::Members(_)) if *to == cm)),
+        "{lost:?}"
+    );
+    let mut from_c = Vec::new();
+    c.link_up(am.clone(), &mut from_c);
+    pump([(&mut a, &am), (&mut c, &cm)], [vec![], from_c], now);
+    // c's list reached a, which has nothing to ask of the half its list supersedes.
+    assert_eq!(c.members().summary(), "[MEMBERS v6 by c] c,d,e");
+    let mut from_a = Vec::new();
+    a.link_replaced(cm.clone(), &mut from_a);
+    let mut merged = false;
+    for _ in 0..MERGE_BOUND {
+        pump([(&mut a, &am), (&mut c, &cm)], [from_a, vec![]], now);
+        if c.members().summary() == "[MEMBERS v7 by a] a,b,c,d,e" {
+            merged = true;
+            break;
+        }
+        now += Duration::from_millis(100);
+        let (mut ta, mut tc) = (Vec::new(), Vec::new());
+        a.tick(now, &mut ta);
+        c.tick(now, &mut tc);
+        pump([(&mut a, &am), (&mut c, &cm)], [ta, tc], now);
+        from_a = Vec::new();
+    }
+    assert!(merged, "c holds {}", c.members().summary());
+    assert_eq!(a.members(), c.members());
+}
+
 /// The `[MEMBERS ...]` lines `who` printed.
 fn lists_printed(sim: &Sim, who: &str) -> Vec<String> {
     let printed = sim.printed.get(who).map_or(&[][..], Vec::as_slice);
