@@ -164,16 +164,43 @@ impl<'c> Replies<'c> {
     #[cold]
     #[inline(never)]
     fn recharge(&mut self) -> io::Result<()> {
-        let held = self.out.capacity();
+        self.charge_to(self.out.capacity())
+    }
+
+    /// Brings the charge to `bytes`; over the budget, the buffer is given back at once.
+    fn charge_to(&mut self, bytes: usize) -> io::Result<()> {
         let Some(charge) = &mut self.charge else {
             return Ok(());
         };
-        charge.resize(held).map_err(|e| {
+        charge.resize(bytes).map_err(|e| {
             // Given back now rather than when the connection's thread ends.
             self.out = Vec::new();
             let _ = charge.resize(0);
             io::Error::from(e)
         })
+    }
+
+    /// Makes room for `additional` more bytes, charging the grown buffer to the
+    /// connection's share of the client memory budget *before* it is allocated (as the
+    /// buffer grows by itself, it is charged after each request): for a reply of known
+    /// size that may be large, so that many connections cannot each allocate one before
+    /// any is charged. The buffer at least doubles, as a `Vec` grows.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush): `OutOfMemory` when the budget is reached and this
+    /// connection holds the most (the connection must end; nothing is allocated).
+    pub fn reserve(&mut self, additional: usize) -> io::Result<()> {
+        let (len, capacity) = (self.out.len(), self.out.capacity());
+        if capacity - len >= additional {
+            return Ok(());
+        }
+        cold_path();
+        let want = len
+            .saturating_add(additional)
+            .max(capacity.saturating_mul(2));
+        self.charge_to(want)?;
+        self.out.reserve_exact(want - len);
+        self.charge_capacity()
     }
 
     /// Adds one reply, framed.

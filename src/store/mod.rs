@@ -34,6 +34,7 @@ use crate::server::{Connection, Handler, HandlerError, ServerHandle};
 use aof::{Aof, Fsync, Replay};
 use protocol::{Request, Stats, Verb};
 use state::{Lookups, Store};
+use std::hint::cold_path;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -174,22 +175,33 @@ impl StoreService {
     /// [`protocol::parse_lookup`] and answered with one hash, one read lock and one copy.
     /// False, with nothing done, for any other frame: [`StoreService::execute`] takes it.
     /// Its replies and counts are those of the general path (tested).
-    #[inline]
+    ///
+    /// A reply that does not fit the buffer's spare capacity is not copied: the caller
+    /// makes room, charged to the connection's memory budget before it is allocated
+    /// ([`Replies::reserve`]), and asks again. So a thousand connections looking up a
+    /// large value they never read cannot hold a thousand uncharged copies of it at once.
+    #[inline(always)]
     fn lookup_fast(
         &self,
         frame: &[u8],
         batch: &mut Batch,
         lookups: &mut Lookups<'_>,
         out: &mut Vec<u8>,
-    ) -> bool {
+    ) -> Fast {
         let Some(key) = protocol::parse_lookup(frame).filter(|_| self.plain_lines) else {
-            return false;
+            return Fast::No;
         };
-        batch.counts[Verb::Lookup as usize] += 1;
         lookups.line(key, |line| {
-            out.extend_from_slice(line.unwrap_or(b"nothing\n"))
-        });
-        true
+            let line = line.unwrap_or(NOTHING_LINE);
+            // The test `extend_from_slice` makes before it grows the buffer.
+            if line.len() > out.capacity() - out.len() {
+                cold_path();
+                return Fast::Room(line.len());
+            }
+            out.extend_from_slice(line);
+            batch.counts[Verb::Lookup as usize] += 1;
+            Fast::Done
+        })
     }
 
     /// The fast path of the commonest write: a `store,KEY,VALUE` frame when there is no
@@ -211,18 +223,23 @@ impl StoreService {
         true
     }
 
-    /// Applies one request and appends its reply (if any) to `out`: the general path.
+    /// Applies one request and appends its reply (if any) to `out`: the general path. A
+    /// lookup's reply is given room first, charged before it is allocated (as on the fast
+    /// path), at the price of a second hash and read lock.
     #[inline(never)]
     fn execute(
         &self,
         frame: &[u8],
         batch: &mut Batch,
-        out: &mut Vec<u8>,
+        out: &mut Replies<'_>,
         conn: &Connection,
     ) -> io::Result<()> {
-        self.apply(protocol::parse(frame), batch, out, || {
-            self.stats(&conn.server)
-        })
+        let request = protocol::parse(frame);
+        if let Ok(Request::Lookup { key }) = &request {
+            let value = self.store.with_value(key, |v| v.map_or(0, <[u8]>::len));
+            out.reserve(value + LOOKUP_FRAMING)?;
+        }
+        self.apply(request, batch, out.buffer(), || self.stats(&conn.server))
     }
 
     /// Applies a parsed request (or answers why it is none), appending its reply (if any) to
@@ -346,6 +363,31 @@ struct Session<'s> {
     tally: Tally,
 }
 
+impl Session<'_> {
+    /// A fast-path lookup whose reply, of `n` bytes, did not fit the buffer: makes room,
+    /// charged before it is allocated, with no shard lock held while the budget may make
+    /// this wait, and copies the reply (the value as it is now: should it have grown
+    /// meanwhile, the buffer grows and is charged after the request, as any reply's).
+    #[cold]
+    #[inline(never)]
+    fn look_up_with_room(
+        &mut self,
+        frame: &[u8],
+        n: usize,
+        out: &mut Replies<'_>,
+    ) -> io::Result<()> {
+        self.lookups.release();
+        out.reserve(n)?;
+        let key = protocol::parse_lookup(frame).expect("a fast-path lookup");
+        self.batch.counts[Verb::Lookup as usize] += 1;
+        let buffer = out.buffer();
+        self.service.store.with_lookup_line(key, |line| {
+            buffer.extend_from_slice(line.unwrap_or(NOTHING_LINE));
+        });
+        Ok(())
+    }
+}
+
 impl request::Session for Session<'_> {
     #[inline]
     fn request(
@@ -355,10 +397,14 @@ impl request::Session for Session<'_> {
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         let service = self.service;
-        if !service.lookup_fast(frame, &mut self.batch, &mut self.lookups, out.buffer()) {
-            self.lookups.release();
-            if !service.store_fast(frame, &mut self.batch) {
-                service.execute(frame, &mut self.batch, out.buffer(), conn)?;
+        match service.lookup_fast(frame, &mut self.batch, &mut self.lookups, out.buffer()) {
+            Fast::Done => {}
+            Fast::Room(n) => self.look_up_with_room(frame, n, out)?,
+            Fast::No => {
+                self.lookups.release();
+                if !service.store_fast(frame, &mut self.batch) {
+                    service.execute(frame, &mut self.batch, out, conn)?;
+                }
             }
         }
         if out.len() >= FLUSH_AT {
@@ -397,6 +443,25 @@ impl request::Session for Session<'_> {
         Ok(ControlFlow::Continue(()))
     }
 }
+
+/// The reply to a lookup of a missing key, as a line.
+const NOTHING_LINE: &[u8] = b"nothing\n";
+
+/// What [`StoreService::lookup_fast`] did with a frame.
+#[derive(Debug, PartialEq, Eq)]
+enum Fast {
+    /// Not a lookup it answers: nothing done.
+    No,
+    /// Answered and counted.
+    Done,
+    /// A lookup whose reply, of this many bytes, does not fit the buffer's spare
+    /// capacity: nothing done; make room and ask again.
+    Room(usize),
+}
+
+/// The most a lookup's reply adds to its value: the widest frame header (10-byte ASCII),
+/// `{just,` and `}`, and a line's `\n`.
+const LOOKUP_FRAMING: usize = 10 + 6 + 1 + 1;
 
 /// One connection's work in progress for the current batch of requests.
 #[derive(Default)]
@@ -521,8 +586,10 @@ mod tests {
         // fast lookup to the next, and lets go before the general path runs.
         let mut lookups = service.store().lookups();
         for frame in protocol::tests::lookalike_frames() {
-            let (mut out, mut batch) = (b"before".to_vec(), Batch::default());
-            if service.lookup_fast(&frame, &mut batch, &mut lookups, &mut out) {
+            let mut out = Vec::with_capacity(1024);
+            out.extend_from_slice(b"before");
+            let mut batch = Batch::default();
+            if service.lookup_fast(&frame, &mut batch, &mut lookups, &mut out) == Fast::Done {
                 handled += 1;
                 let (want, counts) = general(&service, &frame);
                 assert_eq!(out[b"before".len()..], want, "{frame:?}");
@@ -552,7 +619,30 @@ mod tests {
         let (framed, _) = StoreService::open(&options).unwrap();
         let (mut out, mut batch) = (Vec::new(), Batch::default());
         let mut lookups = framed.store().lookups();
-        assert!(!framed.lookup_fast(b"lookup,k", &mut batch, &mut lookups, &mut out));
+        let fast = framed.lookup_fast(b"lookup,k", &mut batch, &mut lookups, &mut out);
+        assert_eq!(fast, Fast::No);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_lookup_reply_that_does_not_fit_is_left_for_room_to_be_made() {
+        let (service, _) = StoreService::open(&StoreOptions::default()).unwrap();
+        service.store().set(b"big", &[b'v'; 1000]);
+        let mut lookups = service.store().lookups();
+        let (mut out, mut batch) = (Vec::with_capacity(100), Batch::default());
+        out.extend_from_slice(b"before");
+        let fast = service.lookup_fast(b"lookup,big", &mut batch, &mut lookups, &mut out);
+        assert_eq!(fast, Fast::Room(b"{just,}\n".len() + 1000));
+        assert_eq!((&out[..], batch.counts), (&b"before"[..], [0; 5]));
+        lookups.release();
+        out.reserve(1008);
+        let fast = service.lookup_fast(b"lookup,big", &mut batch, &mut lookups, &mut out);
+        assert_eq!(fast, Fast::Done);
+        assert_eq!(out.len(), b"before".len() + 1008);
+        assert_eq!(batch.counts[Verb::Lookup as usize], 1);
+        // A missing key's `nothing` needs room too, once.
+        let mut empty = Vec::new();
+        let missing = service.lookup_fast(b"lookup,no", &mut batch, &mut lookups, &mut empty);
+        assert_eq!(missing, Fast::Room(b"nothing\n".len()));
     }
 }
