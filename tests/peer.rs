@@ -799,6 +799,37 @@ fn a_link_that_replaces_another_carries_the_member_list_again() {
     assert_eq!(members(&mut second).as_ref(), Some(&list));
 }
 
+/// A member's line a peer cannot read is skipped (a newer peer's message, maybe), and
+/// logged only the first few times on a link: the rest are counted in one line when the
+/// link ends, so a member cannot fill the log.
+#[test]
+fn a_members_unreadable_lines_are_skipped_and_logged_a_few_times() {
+    let a = PeerProc::start("a", None, &[]);
+    let j = r#"{"j","127.0.0.1:1",1}"#;
+    let mut link = LineClient::connect(a.addr);
+    link.send(format!("{{hello,{j}}}\n").as_bytes());
+    let hello = String::from_utf8(link.line().expect("a's hello")).unwrap();
+    let inner = &hello["{hello,".len()..hello.len() - 1];
+    let a_member = &inner[..inner.find('}').unwrap() + 1];
+    link.send(format!("{{route,{j},{a_member},32,join_req}}\n").as_bytes());
+    eventually("a to admit j", || {
+        a.members().is_some_and(|l| l.contains(",j"))
+    });
+    for i in 0..100 {
+        link.send(format!("{{no_such_message,{i}}}\n").as_bytes());
+    }
+    // Ended cleanly (a reset would lose what a has not read yet): a half-close, and what
+    // a sent read to its end.
+    link.writer.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = std::io::Read::read_to_end(&mut link.reader, &mut Vec::new());
+    eventually("a to count the rest", || {
+        a.log_text().contains("97 more unreadable line(s)")
+    });
+    let log = a.log_text();
+    let skipped = log.lines().filter(|l| l.ends_with("; skipped")).count();
+    assert_eq!(skipped, 3, "{log}");
+}
+
 /// The peak resident memory of process `pid` (`VmHWM`), in bytes.
 fn peak_rss(pid: u32) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

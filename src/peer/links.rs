@@ -2,7 +2,7 @@
 //! when the room has a secret) and the reader loop that feeds the peer's state.
 
 use super::*;
-use crate::log::{Preview, PREVIEW};
+use crate::log::{Preview, Quota, BAD_REQUEST_LINES, PREVIEW};
 
 /// Serves one link after its hello exchange, on the calling thread, until it closes.
 /// `dialing` (a dialled link's entry in the dialling set) is released once the link is
@@ -34,14 +34,18 @@ pub(super) fn run_link<R: Read>(
         }
     }
     let name = format!("peer: from {peer}");
+    let mut logged = Quota::new(BAD_REQUEST_LINES);
     let end = link.read_frames(&name, |frame| {
         match PeerMessage::parse(frame) {
             Ok(PeerMessage::Heartbeat) => {}
             Ok(msg) => shared.with_node(|node, now, out| node.receive(&peer, msg, now, out)),
             // A member's line this peer cannot read may be a newer peer's message: skip
-            // it. A stranger's garbage (a peer on no list held) ends its own link.
+            // it (logged the first few times on a link, then counted). A stranger's
+            // garbage (a peer on no list held) ends its own link.
             Err(e) if shared.state().node.members().contains(&peer) => {
-                log_info!("peer: from {peer}: {e}; skipped");
+                if logged.allow() {
+                    log_info!("peer: from {peer}: {e}; skipped");
+                }
             }
             Err(e) => {
                 log_info!("peer: from {peer}: {e}; not a member: link closed");
@@ -50,6 +54,12 @@ pub(super) fn run_link<R: Read>(
         }
         ControlFlow::Continue(())
     });
+    if logged.suppressed() > 0 {
+        log_info!(
+            "peer: from {peer}: {} more unreadable line(s), skipped and not logged",
+            logged.suppressed()
+        );
+    }
     if let End::Lost(e) = &end {
         log_debug!("peer: link to {peer}: {e}");
     }
