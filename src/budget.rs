@@ -13,6 +13,12 @@
 //! is charged when it grows and credited when it is given back, so a connection whose
 //! frames fit its buffer touches the shared counter once in its life.
 //!
+//! Evicted connections give their bytes back as soon as their threads run. A charge past
+//! the budget while some are on their way back waits for them (up to 100 ms) rather than
+//! evict one more connection; a charge made under a lock other clients wait on (an
+//! outbox's, queued under a chat room's or a messenger's state lock) does not wait, and
+//! counts those bytes as given back ([`Charge::resize_now`]), so nobody else stalls on it.
+//!
 //! ```
 //! use switchboard::budget::Budget;
 //!
@@ -68,7 +74,8 @@ struct Shared {
     /// Bytes charged now, evicted accounts' included.
     held: AtomicUsize,
     /// Of `held`, what evicted accounts still hold: on its way back, so a charge past the
-    /// budget waits for it before it evicts another connection.
+    /// budget waits for it (or, when it must not wait, counts it as back) before it evicts
+    /// another connection.
     doomed: AtomicUsize,
     peak: AtomicUsize,
     evictions: AtomicU64,
@@ -277,7 +284,7 @@ impl Account {
     /// [`OverBudget`] when the budget would be passed and this connection holds the most
     /// (or has been evicted already); otherwise the largest holder is evicted instead.
     pub fn charge(&self, n: usize) -> Result<Charge, OverBudget> {
-        self.grow(n)?;
+        self.grow(n, Wait::Yes)?;
         Ok(Charge {
             account: self.clone(),
             bytes: n,
@@ -294,7 +301,7 @@ impl Account {
         self.0.evicted.load(Ordering::Relaxed)
     }
 
-    fn grow(&self, n: usize) -> Result<(), OverBudget> {
+    fn grow(&self, n: usize, wait: Wait) -> Result<(), OverBudget> {
         if n == 0 {
             return Ok(());
         }
@@ -316,14 +323,21 @@ impl Account {
         // Connections evicted already give their bytes back as soon as their threads run:
         // wait a moment for that rather than evict another (or hold both at once).
         let deadline = Instant::now() + DOOMED_WAIT;
-        while after > budget.limit
+        while wait == Wait::Yes
+            && after > budget.limit
             && budget.doomed.load(Ordering::Relaxed) > 0
             && Instant::now() < deadline
         {
             thread::sleep(Duration::from_millis(1));
             after = budget.held.load(Ordering::Relaxed);
         }
-        if after > budget.limit {
+        // A charge that must not wait counts the evicted connections' bytes as back: at
+        // most what they held is held twice, for as long as their threads take to run.
+        let over = match wait {
+            Wait::Yes => after,
+            Wait::No => after.saturating_sub(budget.doomed.load(Ordering::Relaxed)),
+        };
+        if over > budget.limit {
             let mine = me.held.load(Ordering::Relaxed) + n;
             match budget.largest() {
                 Some(victim) if victim.key != me.key && victim.held() > mine => {
@@ -385,6 +399,13 @@ impl AccountShared {
     }
 }
 
+/// Whether a charge past the budget may wait for evicted connections' bytes to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
 /// Bytes held on an [`Account`]; given back when dropped.
 #[derive(Debug)]
 pub struct Charge {
@@ -404,8 +425,23 @@ impl Charge {
     /// # Errors
     /// As [`Account::charge`]; the charge is unchanged then.
     pub fn resize(&mut self, bytes: usize) -> Result<(), OverBudget> {
+        self.resize_with(bytes, Wait::Yes)
+    }
+
+    /// As [`resize`](Self::resize), for a charge made under a lock that other clients
+    /// wait on: past the budget it never waits for evicted connections' bytes to come
+    /// back, it counts them as back (so the budget may be passed by at most what those
+    /// connections held, until their threads give it back).
+    ///
+    /// # Errors
+    /// As [`Account::charge`]; the charge is unchanged then.
+    pub fn resize_now(&mut self, bytes: usize) -> Result<(), OverBudget> {
+        self.resize_with(bytes, Wait::No)
+    }
+
+    fn resize_with(&mut self, bytes: usize, wait: Wait) -> Result<(), OverBudget> {
         if bytes > self.bytes {
-            self.account.grow(bytes - self.bytes)?;
+            self.account.grow(bytes - self.bytes, wait)?;
         } else {
             self.account.shrink(self.bytes - bytes);
         }
@@ -485,6 +521,37 @@ mod tests {
         assert_eq!((err.held, err.asked, err.limit), (75, 30, 100));
         assert_eq!(budget.held(), 75);
         drop((s1, s2, s3));
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn a_charge_that_must_not_wait_counts_evicted_bytes_as_back() {
+        let budget = Budget::new("t", 100);
+        let big = budget.account("big", None);
+        let small = budget.account("small", None);
+        let other = budget.account("other", None);
+        let held = big.charge(70).unwrap();
+        let s1 = small.charge(20).unwrap();
+        let o1 = other.charge(5).unwrap();
+        // Past the budget: big goes, and keeps its 70 bytes (its thread has not run yet).
+        let s2 = small.charge(10).unwrap();
+        assert!(big.is_evicted());
+        // Small (30) and other (5) hold 35 of their own. A charge that may wait would wait
+        // for big's bytes and, with them still held after 100 ms, refuse small (the largest
+        // holder now); one that must not wait counts them as back and goes through at once.
+        let mut s3 = small.charge(0).unwrap();
+        s3.resize_now(40).unwrap();
+        assert_eq!((budget.evictions(), budget.refusals()), (1, 0));
+        assert!(!small.is_evicted() && !other.is_evicted());
+        assert_eq!(budget.held(), 145);
+        // Past the budget even with big's bytes counted as back (70 + 85 > 100), and
+        // other would then hold the most: refused, as a charge that waits would be.
+        let mut o2 = other.charge(0).unwrap();
+        let err = o2.resize_now(80).unwrap_err();
+        assert_eq!((err.held, err.asked), (5, 80));
+        assert_eq!((budget.evictions(), budget.refusals()), (1, 1));
+        assert_eq!(budget.held(), 145);
+        drop((held, s1, s2, s3, o1, o2));
         assert_eq!(budget.held(), 0);
     }
 

@@ -276,7 +276,9 @@ impl Conn {
         }
         let mut charge = charged.lock().unwrap_or_else(PoisonError::into_inner);
         if charge.bytes() < queued {
-            charge.resize(queued.next_multiple_of(CHARGE_STEP))?;
+            // Senders queue under their state's lock (a chat room's, a messenger's): the
+            // charge must not make every other client wait on the budget.
+            charge.resize_now(queued.next_multiple_of(CHARGE_STEP))?;
             self.covered.store(charge.bytes(), Ordering::Relaxed);
         }
         Ok(())
