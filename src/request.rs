@@ -137,7 +137,7 @@ pub struct Replies<'c> {
 }
 
 impl<'c> Replies<'c> {
-    fn new(conn: &'c Connection, framing: Framing) -> Self {
+    pub(crate) fn new(conn: &'c Connection, framing: Framing) -> Self {
         Replies {
             conn,
             framing,

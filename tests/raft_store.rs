@@ -572,3 +572,57 @@ fn a_follower_down_for_100000_writes_catches_up_by_snapshot() {
         );
     }
 }
+
+/// The `--raft` store's replies are charged to `--max-client-memory` before a lookup's
+/// reply is copied in, and written whenever they pass 64 KiB within a batch, as the
+/// classic store's are: 96 connections each send 400 lookups of a 1000 KiB value and never
+/// read. (Each connection's replies to a whole batch were built uncharged before: 400 MiB
+/// per connection.) The leader closes the connections holding the most, and serves on.
+#[test]
+fn lookups_of_a_large_value_never_read_stay_within_the_leaders_budget() {
+    const BUDGET_MIB: u64 = 8;
+    let cluster = Cluster::start_with("raft-memory", false, &["--max-client-memory", "8m"]);
+    let l = cluster.one_leader();
+    let addr = cluster.addrs[l];
+    let big = "v".repeat(1000 << 10);
+    assert!(store_acked(addr, "big", &big), "the large value stored");
+    let pid = cluster.servers[l].as_ref().unwrap().child.id();
+    let rss_mib = || switchboard::bench::process_rss_kib(pid).expect("the leader's RSS") / 1024;
+    let lookups = "lookup,big\n".repeat(400);
+    let mut attackers = Vec::new();
+    let mut most = rss_mib();
+    for _ in 0..96 {
+        let mut s = common::connect(addr);
+        if s.write_all(lookups.as_bytes()).is_ok() {
+            attackers.push(s);
+        }
+        most = most.max(rss_mib());
+    }
+    // The leader looks each one up through a read barrier: give the connections time to
+    // fill their socket buffers and block, or be closed.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        most = most.max(rss_mib());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lookup(addr, "small"), Ok(None), "the leader serves on");
+    let mut c = StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT).unwrap();
+    let stats = c.stats().unwrap();
+    let field = |name: &str| -> u64 {
+        let at = stats.find(&format!("{{{name},")).expect(name) + name.len() + 2;
+        stats[at..].split('}').next().unwrap().parse().unwrap()
+    };
+    let held = field("client_memory") >> 20;
+    eprintln!("leader RSS at most {most} MiB; {held} MiB charged; {stats}");
+    assert!(held <= BUDGET_MIB, "{held} MiB charged");
+    assert!(
+        field("client_memory_peak") <= (BUDGET_MIB << 20) + (2 << 20),
+        "{stats}"
+    );
+    assert!(
+        cluster.log(l).contains("client memory budget"),
+        "no connection was closed for the budget"
+    );
+    assert!(most < BUDGET_MIB + 40, "leader RSS reached {most} MiB");
+    drop(attackers);
+}

@@ -81,8 +81,9 @@
 //! smaller member (of two dialled by the same end, the newer); the other is half-closed
 //! and read to its end, so nothing sent on it is lost. A replaced link's far end may
 //! have given up on it before reading it (a hello that timed out across a cut), so the
-//! new link brings the peer up to date again: the list and every advert. Routing rules are in [`routing`];
-//! each peer's own links count first hand, so a broken link reroutes at once.
+//! new link brings the peer up to date again: the list and every advert. Routing rules
+//! are in [`routing`]; each peer's own links count first hand, so a broken link reroutes
+//! at once.
 //!
 //! # Delivery
 //!

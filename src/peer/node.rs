@@ -292,7 +292,7 @@ impl PeerState {
     }
 
     /// Sends `peer` the member list and every other peer's advert held (bar its own).
-    fn bring_up_to_date(&mut self, peer: Member, out: &mut Vec<Effect>) {
+    fn bring_up_to_date(&self, peer: Member, out: &mut Vec<Effect>) {
         if self.list.version > 0 {
             out.push(Effect::Send(
                 peer.clone(),

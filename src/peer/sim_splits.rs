@@ -194,6 +194,24 @@ fn a_replaced_link_brings_the_peer_up_to_date_so_a_healed_split_still_merges() {
     assert_eq!(c.members().summary(), "[MEMBERS v6 by c] c,d,e");
     let mut from_a = Vec::new();
     a.link_replaced(cm.clone(), &mut from_a);
+    // On the new link: a's list, a's own advert (its links, c's among them), b's advert.
+    let bm = sim.members["b"].clone();
+    let advert_of = |owner: &Member| {
+        from_a.iter().find_map(|e| match e {
+            Effect::Send(
+                to,
+                PeerMessage::Links {
+                    owner: o, links, ..
+                },
+            ) if *to == cm && o == owner => Some(links.clone()),
+            _ => None,
+        })
+    };
+    assert!(advert_of(&am).is_some_and(|l| l.contains(&cm) && l.contains(&bm)));
+    assert!(advert_of(&bm).is_some_and(|l| l.contains(&am)));
+    assert!(from_a.iter().any(
+        |e| matches!(e, Effect::Send(to, PeerMessage::Members(l)) if *to == cm && l == a.members())
+    ));
     let mut merged = false;
     for _ in 0..MERGE_BOUND {
         pump([(&mut a, &am), (&mut c, &cm)], [from_a, vec![]], now);

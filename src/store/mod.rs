@@ -173,12 +173,14 @@ impl StoreService {
     /// The fast path of the commonest request: a `lookup,KEY` frame when replies need no
     /// framing work (`plain_lines`), recognised by
     /// [`protocol::parse_lookup`] and answered with one hash, one read lock and one copy.
-    /// False, with nothing done, for any other frame: [`StoreService::execute`] takes it.
-    /// Its replies and counts are those of the general path (tested).
+    /// [`Fast::No`], with nothing done, for any other frame: [`StoreService::execute`]
+    /// takes it. Its replies and counts are those of the general path (tested).
     ///
-    /// A reply that does not fit the buffer's spare capacity is not copied: the caller
-    /// makes room, charged to the connection's memory budget before it is allocated
-    /// ([`Replies::reserve`]), and asks again. So a thousand connections looking up a
+    /// A reply that does not fit the buffer's spare capacity is not copied
+    /// ([`Fast::Room`]): the caller makes room, charged to the connection's memory budget
+    /// before it is allocated ([`Replies::reserve`]), and copies it
+    /// (`Session::look_up_with_room`; every connection's first lookup goes that way, so
+    /// the integration tests check its replies). So a thousand connections looking up a
     /// large value they never read cannot hold a thousand uncharged copies of it at once.
     #[inline(always)]
     fn lookup_fast(
@@ -455,7 +457,7 @@ enum Fast {
     /// Answered and counted.
     Done,
     /// A lookup whose reply, of this many bytes, does not fit the buffer's spare
-    /// capacity: nothing done; make room and ask again.
+    /// capacity: nothing done; the caller makes room and copies it.
     Room(usize),
 }
 
@@ -640,7 +642,7 @@ mod tests {
         assert_eq!(fast, Fast::Done);
         assert_eq!(out.len(), b"before".len() + 1008);
         assert_eq!(batch.counts[Verb::Lookup as usize], 1);
-        // A missing key's `nothing` needs room too, once.
+        // A missing key's `nothing` needs room too (in an empty buffer).
         let mut empty = Vec::new();
         let missing = service.lookup_fast(b"lookup,no", &mut batch, &mut lookups, &mut empty);
         assert_eq!(missing, Fast::Room(b"nothing\n".len()));

@@ -30,13 +30,14 @@
 
 use super::protocol::{self, Request, Verb};
 use super::state::Store;
-use crate::framing::{encode_frame, FrameError, Framing, Limits};
+use super::{FLUSH_AT, LOOKUP_FRAMING};
+use crate::framing::{begin_frame, encode_frame, end_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;
 use crate::raft::driver::{Outcome, RaftHandle, SnapshotTask, StateMachine, Status};
 use crate::raft::links;
 use crate::raft::member::{Member, MemberOptions};
 use crate::raft::{ReplicaId, Role};
-use crate::request::{self, TOO_LONG};
+use crate::request::{self, Replies, TOO_LONG};
 use crate::server::{
     self, is_disconnect, Connection, HandlerError, Server, ServerConfig, ServerHandle,
 };
@@ -328,7 +329,10 @@ impl ReplicatedStore {
             counts: [0; 5],
         };
         let mut batch: Vec<Option<Vec<u8>>> = if forward { Vec::new() } else { vec![first] };
-        let mut out = Vec::new();
+        // Charged to the client memory budget, and written whenever it passes `FLUSH_AT`
+        // within a batch, as the classic store's: a batch of lookups of a large value
+        // never builds up in memory.
+        let mut out = Replies::new(conn, self.options.framing);
         loop {
             let fatal = loop {
                 match reader.next_buffered() {
@@ -338,22 +342,16 @@ impl ReplicatedStore {
                     Err(e) => break Some(e),
                 }
             };
-            let close = session.batch(&batch, &conn.server, &mut out);
+            let done = session.batch(&batch, &conn.server, &mut out);
             self.arrivals.settle(conn);
             batch.clear();
-            if !out.is_empty() {
-                if let Err(e) = (&*conn.stream).write_all(&out) {
-                    return if is_disconnect(&e) {
-                        Ok(())
-                    } else {
-                        Err(e.into())
-                    };
-                }
-                out.clear();
-            }
+            let written = done.and_then(|close| Ok(out.flush()? && !close));
             session.add_counts();
-            if close {
-                return Ok(());
+            match written {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) if is_disconnect(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
             if let Some(e) = fatal {
                 return Err(e.into());
@@ -546,12 +544,16 @@ impl Session<'_> {
         &mut self,
         frames: &[Option<Vec<u8>>],
         server: &ServerHandle,
-        out: &mut Vec<u8>,
-    ) -> bool {
+        replies: &mut Replies<'_>,
+    ) -> io::Result<bool> {
         let framing = self.svc.options.framing;
         let mut i = 0;
         while i < frames.len() {
+            if replies.len() >= FLUSH_AT && !replies.flush()? {
+                return Ok(true);
+            }
             let Some(f) = &frames[i] else {
+                let out = replies.buffer();
                 self.count(Verb::Error, 1);
                 frame(framing, TOO_LONG, out);
                 i += 1;
@@ -561,24 +563,31 @@ impl Session<'_> {
                 Ok(r) => r,
                 Err(e) => {
                     self.count(Verb::Error, 1);
-                    error(framing, e.reason(), out);
+                    error(framing, e.reason(), replies.buffer());
                     i += 1;
                     continue;
                 }
             };
             self.count(request.verb(), 1);
             match request {
-                Request::Stats => self.svc.stats(server, out),
+                Request::Stats => self.svc.stats(server, replies.buffer()),
                 Request::Lookup { key } => match self.lookup(key) {
                     Ok(Some(v)) => {
-                        let mut payload = Vec::new();
-                        protocol::format_just(&v, &mut payload);
-                        frame(framing, &payload, out);
+                        // Room for the reply, charged before it is allocated.
+                        replies.reserve(v.len() + LOOKUP_FRAMING)?;
+                        let out = replies.buffer();
+                        let mark = begin_frame(framing, out);
+                        protocol::format_just(&v, out);
+                        if let Err(e) = end_frame(framing, out, mark) {
+                            // A value stored through another framing may not fit this
+                            // one: a '\n' in a `line` reply, or a length over a `u16`'s.
+                            error(framing, e.reason(), out);
+                        }
                     }
-                    Ok(None) => frame(framing, b"nothing", out),
+                    Ok(None) => frame(framing, b"nothing", replies.buffer()),
                     Err(fail) => {
-                        if self.fail(fail, out) {
-                            return true;
+                        if self.fail(fail, replies.buffer()) {
+                            return Ok(true);
                         }
                     }
                 },
@@ -597,6 +606,7 @@ impl Session<'_> {
                         }
                     }
                     let (results, outcome) = self.writes(&cmds);
+                    let out = replies.buffer();
                     for (verb, r) in verbs.iter().zip(&results) {
                         if *verb == Verb::Delete {
                             frame(framing, r, out);
@@ -610,14 +620,14 @@ impl Session<'_> {
                     }
                     if let Err(fail) = outcome {
                         self.fail(fail, out);
-                        return true;
+                        return Ok(true);
                     }
                     continue;
                 }
             }
             i += 1;
         }
-        false
+        Ok(false)
     }
 
     /// Answers a failed request; true when the connection must close.
