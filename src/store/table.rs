@@ -57,8 +57,16 @@ impl Entry {
             let end = self.bytes.len() - JUST_END.len();
             self.bytes[start..end].copy_from_slice(value);
         } else {
-            *self = Entry::new(self.key(), value);
+            self.resize_value(value);
         }
+    }
+
+    /// [`set_value`](Self::set_value) with a value of another size: a new allocation,
+    /// kept out of the common path's code.
+    #[cold]
+    #[inline(never)]
+    fn resize_value(&mut self, value: &[u8]) {
+        *self = Entry::new(self.key(), value);
     }
 
     /// Bytes of key and value, for `stats`.
@@ -173,6 +181,14 @@ impl Table {
             entry.set_value(value);
             return (change, false);
         }
+        self.insert(hash, key, value)
+    }
+
+    /// [`set`](Self::set) of a key not in the table: kept out of the common path's code
+    /// (an update), which it would otherwise spread over more cache lines.
+    #[cold]
+    #[inline(never)]
+    fn insert(&mut self, hash: u64, key: &[u8], value: &[u8]) -> (i64, bool) {
         // Allocate before changing anything: a failed allocation leaves the table as it was.
         let entry = Entry::new(key, value);
         if (self.len + 1) * 4 > self.slots.len() * 3 {
