@@ -61,13 +61,23 @@ def position(token: str, current: int) -> int:
     return int(token, 0)
 
 
-def instruction_runs(path: str) -> dict[int, int]:
+def instruction_runs(path: str) -> tuple[dict[int, int], dict[int, str]]:
     """How many times each instruction ran, by address, from a callgrind output file with
-    instruction addresses (`--dump-instr=yes`)."""
+    instruction addresses (`--dump-instr=yes`); and the function each address is in."""
     runs: dict[int, int] = {}
+    where: dict[int, str] = {}
+    names: dict[str, str] = {}
+    function = ""
     addr, after_call = 0, False
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            m = re.match(r"^(c?)fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+            if m:
+                if m.group(3) is not None:
+                    names[m.group(2)] = m.group(3)
+                if not m.group(1):
+                    function = names.get(m.group(2), "")
+                continue
             if line.startswith("calls="):
                 after_call = True  # the next cost line is the call's, inclusive
                 continue
@@ -80,13 +90,24 @@ def instruction_runs(path: str) -> dict[int, int]:
                 continue
             if len(fields) >= 3:
                 runs[addr] = runs.get(addr, 0) + int(fields[2])
-    return runs
+                where[addr] = function
+    return runs, where
 
 
 def hot_lines(runs: dict[int, int], per: int) -> int:
     """Distinct 64-byte lines of code holding an instruction run at least 0.3 times per
     operation (`per` operations in all)."""
     return len({a // 64 for a, n in runs.items() if n >= 0.3 * per})
+
+
+def hot_lines_by_function(runs: dict[int, int], where: dict[int, str], per: int) -> list[tuple[int, str]]:
+    """[`hot_lines`] by the function holding them (inlined code counts as its caller's),
+    most first."""
+    lines: dict[str, set[int]] = {}
+    for a, n in runs.items():
+        if n >= 0.3 * per:
+            lines.setdefault(where.get(a, ""), set()).add(a // 64)
+    return sorted(((len(v), k) for k, v in lines.items()), reverse=True)
 
 
 def callgrind_counts(path: str) -> tuple[list[int], int]:
@@ -132,7 +153,8 @@ def main() -> int:
                          "by one lookup, so at depth 1 every operation has one reply")
     ap.add_argument("--duration", type=int, default=4, help="seconds of load (default 4)")
     ap.add_argument("--cache-sim", action="store_true",
-                    help="also simulate small caches; print misses and hot lines of code per operation")
+                    help="also simulate small caches; print misses and hot lines of code per "
+                         "operation, and those lines by function")
     ap.add_argument("--keep", metavar="FILE",
                     help="also copy callgrind's output here (for callgrind_annotate)")
     args = ap.parse_args()
@@ -196,9 +218,12 @@ def print_cache(cache, per: int) -> None:
     """With `--cache-sim`: misses and hot lines of code per operation (`per` of them)."""
     if cache is None:
         return
-    (i1, d1r, d1w), runs = cache
+    (i1, d1r, d1w), (runs, where) = cache
     print(f"  per operation: {i1 / per:.1f} L1i misses, {d1r / per:.1f} + {d1w / per:.1f} L1d "
           f"misses (read + write), {hot_lines(runs, per)} hot lines of code")
+    for n, function in hot_lines_by_function(runs, where, per):
+        # Symbols can be long (generic parameters): their last 100 characters name them.
+        print(f"    {n:4} {function[-100:]}")
 
 
 if __name__ == "__main__":
