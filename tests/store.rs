@@ -247,6 +247,15 @@ fn a_value_with_a_newline_is_an_error_reply_on_a_line_server_that_replayed_it() 
     let mut c = LineClient::connect(server.addr);
     assert_eq!(c.ask("lookup,two\n"), "{error,unencodable}");
     assert_eq!(c.ask("lookup,one\n"), "{just,a single line}");
+    // Again, with room in the connection's reply buffer now (the general path's lookup
+    // then answers at once): the same replies, and each lookup counted once.
+    assert_eq!(c.ask("lookup,two\n"), "{error,unencodable}");
+    assert_eq!(c.ask("lookup,one\n"), "{just,a single line}");
+    let stats = c.ask("stats\n");
+    assert!(
+        stats.contains("{lookup,4}") && stats.contains("{error,2}"),
+        "{stats}"
+    );
     let mut out = Vec::new();
     assert!(encode_frame(Framing::Line, b"{just,a\nb}", &mut out).is_err());
     drop(server);

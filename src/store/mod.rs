@@ -226,8 +226,9 @@ impl StoreService {
     }
 
     /// Applies one request and appends its reply (if any) to `out`: the general path. A
-    /// lookup's reply is given room first, charged before it is allocated (as on the fast
-    /// path), at the price of a second hash and read lock.
+    /// lookup's reply goes in at once when it fits the buffer's spare room; a larger one
+    /// is given room first, charged before it is allocated (as on the fast path), and the
+    /// key is looked up again.
     #[inline(never)]
     fn execute(
         &self,
@@ -238,8 +239,21 @@ impl StoreService {
     ) -> io::Result<()> {
         let request = protocol::parse(frame);
         if let Ok(Request::Lookup { key }) = &request {
-            let value = self.store.with_value(key, |v| v.map_or(0, <[u8]>::len));
-            out.reserve(value + LOOKUP_FRAMING)?;
+            let (framing, buf) = (self.framing, out.buffer());
+            let room = buf.capacity() - buf.len();
+            let need = self.store.with_value(key, |v| {
+                let need = v.map_or(0, <[u8]>::len) + LOOKUP_FRAMING;
+                if need > room {
+                    return need;
+                }
+                batch.reply_lookup(framing, v, buf);
+                0
+            });
+            if need == 0 {
+                batch.counts[Verb::Lookup as usize] += 1;
+                return Ok(());
+            }
+            out.reserve(need)?;
         }
         self.apply(request, batch, out.buffer(), || self.stats(&conn.server))
     }
@@ -273,15 +287,8 @@ impl StoreService {
                 }
             },
             Request::Lookup { key } => {
-                let mark = begin_frame(framing, out);
-                self.store.with_value(key, |v| match v {
-                    Some(v) => protocol::format_just(v, out),
-                    None => protocol::format_nothing(out),
-                });
-                if let Err(e) = end_frame(framing, out, mark) {
-                    // A value stored through a size-prefixed framing may hold '\n'.
-                    batch.reply_error(framing, e.reason(), out);
-                }
+                self.store
+                    .with_value(key, |v| batch.reply_lookup(framing, v, out));
             }
             Request::Delete { key } => {
                 let mut seq = None;
@@ -475,6 +482,20 @@ struct Batch {
 }
 
 impl Batch {
+    /// A lookup's reply: `{just,Value}`, or `nothing`, framed; an error when the value
+    /// does not fit the framing (one stored through a size-prefixed framing may hold
+    /// `\n`). The lookup itself is counted by the caller.
+    fn reply_lookup(&mut self, framing: Framing, value: Option<&[u8]>, out: &mut Vec<u8>) {
+        let mark = begin_frame(framing, out);
+        match value {
+            Some(v) => protocol::format_just(v, out),
+            None => protocol::format_nothing(out),
+        }
+        if let Err(e) = end_frame(framing, out, mark) {
+            self.reply_error(framing, e.reason(), out);
+        }
+    }
+
     fn reply_error(&mut self, framing: Framing, reason: &str, out: &mut Vec<u8>) {
         self.counts[Verb::Error as usize] += 1;
         let mark = begin_frame(framing, out);
