@@ -615,8 +615,10 @@ fn lookups_of_a_large_value_never_read_stay_within_the_leaders_budget() {
     let held = field("client_memory") >> 20;
     eprintln!("leader RSS at most {most} MiB; {held} MiB charged; {stats}");
     assert!(held <= BUDGET_MIB, "{held} MiB charged");
+    // The peak may pass the budget by what charges in flight at once asked for (each is
+    // added before it is judged): bounded, but by how many threads were caught mid-charge.
     assert!(
-        field("client_memory_peak") <= (BUDGET_MIB << 20) + (2 << 20),
+        field("client_memory_peak") <= 2 * (BUDGET_MIB << 20),
         "{stats}"
     );
     assert!(
