@@ -417,11 +417,18 @@ fn a_link_whose_queue_outgrows_the_memory_budget_is_dead_and_the_federation_refo
         config.server.client_memory = Some(budget.clone());
         config
     };
-    let b_listen = free_addrs(1).unwrap()[0];
-    let proxy = FaultProxy::start(b_listen).unwrap();
     let b_budget = Budget::new("chat B", BUDGET);
-    let b_config = config(Some(proxy.local_addr().to_string()), &b_budget);
-    let b = ChatServer::bind(b_listen, b_config).unwrap();
+    // B advertises its proxy, which must know B's address first: a free port, taken by
+    // another test's process in between now and then, is tried again with another.
+    let (proxy, b) = (0..10)
+        .find_map(|_| {
+            let b_listen = free_addrs(1).unwrap()[0];
+            let proxy = FaultProxy::start(b_listen).unwrap();
+            let b_config = config(Some(proxy.local_addr().to_string()), &b_budget);
+            let b = ChatServer::bind(b_listen, b_config).ok()?;
+            Some((proxy, b))
+        })
+        .expect("a free port for B within 10 tries");
     let b = b.spawn().unwrap();
     let a = ChatServer::bind("127.0.0.1:0", config(None, &budget)).unwrap();
     a.join(&proxy.local_addr().to_string()).unwrap();
