@@ -472,6 +472,22 @@ enum Fast {
 /// `{just,` and `}`, and a line's `\n`.
 const LOOKUP_FRAMING: usize = 10 + 6 + 1 + 1;
 
+/// Appends a lookup's reply, framed: `{just,Value}`, or `nothing`. When the value does not
+/// fit the framing (one stored through a size-prefixed framing may hold `\n`, or be longer
+/// than a `u16` frame), nothing is appended and the caller answers with the error.
+fn append_lookup_reply(
+    framing: Framing,
+    value: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let mark = begin_frame(framing, out);
+    match value {
+        Some(v) => protocol::format_just(v, out),
+        None => protocol::format_nothing(out),
+    }
+    end_frame(framing, out, mark)
+}
+
 /// One connection's work in progress for the current batch of requests.
 #[derive(Default)]
 struct Batch {
@@ -486,12 +502,7 @@ impl Batch {
     /// does not fit the framing (one stored through a size-prefixed framing may hold
     /// `\n`). The lookup itself is counted by the caller.
     fn reply_lookup(&mut self, framing: Framing, value: Option<&[u8]>, out: &mut Vec<u8>) {
-        let mark = begin_frame(framing, out);
-        match value {
-            Some(v) => protocol::format_just(v, out),
-            None => protocol::format_nothing(out),
-        }
-        if let Err(e) = end_frame(framing, out, mark) {
+        if let Err(e) = append_lookup_reply(framing, value, out) {
             self.reply_error(framing, e.reason(), out);
         }
     }

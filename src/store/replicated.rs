@@ -30,8 +30,8 @@
 
 use super::protocol::{self, Request, Verb};
 use super::state::Store;
-use super::{FLUSH_AT, LOOKUP_FRAMING};
-use crate::framing::{begin_frame, encode_frame, end_frame, FrameError, Framing, Limits};
+use super::{append_lookup_reply, FLUSH_AT, LOOKUP_FRAMING};
+use crate::framing::{encode_frame, FrameError, Framing, Limits};
 use crate::order::Arrivals;
 use crate::raft::driver::{Outcome, RaftHandle, SnapshotTask, StateMachine, Status};
 use crate::raft::links;
@@ -576,11 +576,7 @@ impl Session<'_> {
                         // Room for the reply, charged before it is allocated.
                         replies.reserve(v.len() + LOOKUP_FRAMING)?;
                         let out = replies.buffer();
-                        let mark = begin_frame(framing, out);
-                        protocol::format_just(&v, out);
-                        if let Err(e) = end_frame(framing, out, mark) {
-                            // A value stored through another framing may not fit this
-                            // one: a '\n' in a `line` reply, or a length over a `u16`'s.
+                        if let Err(e) = append_lookup_reply(framing, Some(&v), out) {
                             error(framing, e.reason(), out);
                         }
                     }
