@@ -279,12 +279,7 @@ impl PeerState {
     /// unaware of each other for good.
     pub fn link_replaced(&mut self, peer: Member, out: &mut Vec<Effect>) {
         if self.links.contains(&peer) {
-            let own = PeerMessage::Links {
-                owner: self.me.clone(),
-                seq: self.own_seq,
-                links: self.links.iter().cloned().collect(),
-            };
-            out.push(Effect::Send(peer.clone(), own));
+            out.push(Effect::Send(peer.clone(), self.own_advert()));
             self.bring_up_to_date(peer, out);
         } else {
             self.link_up(peer, out);
@@ -928,12 +923,16 @@ impl PeerState {
     /// Floods this peer's own links, under a new sequence number.
     fn advertise(&mut self, out: &mut Vec<Effect>) {
         self.own_seq += 1;
-        let msg = PeerMessage::Links {
+        self.flood(self.own_advert(), None, out);
+    }
+
+    /// This peer's links, at its current advert's sequence number.
+    fn own_advert(&self) -> PeerMessage {
+        PeerMessage::Links {
             owner: self.me.clone(),
             seq: self.own_seq,
             links: self.links.iter().cloned().collect(),
-        };
-        self.flood(msg, None, out);
+        }
     }
 
     /// Sends `msg` on every link but the one it came from.
