@@ -4,13 +4,14 @@
 
 mod common;
 
-use common::{connect, ChildServer, LineClient};
+use common::{connect, ChildServer, LineClient, IO_TIMEOUT};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::Duration;
 use switchboard::bench::process_rss_kib;
-use switchboard::framing::{encode_frame, FrameReader, Framing};
+use switchboard::framing::{encode_frame, Framing};
+use switchboard::store::client::StoreClient;
 
 const STORE: &str = env!("CARGO_BIN_EXE_store-server");
 
@@ -180,36 +181,6 @@ fn partial_lines_from_many_connections_stay_within_the_budget() {
     drop(attackers);
 }
 
-/// A store client speaking `framing`: requests framed, replies read as strings.
-struct FramedClient {
-    writer: TcpStream,
-    reader: FrameReader<TcpStream>,
-    framing: Framing,
-}
-
-impl FramedClient {
-    fn connect(addr: std::net::SocketAddr, framing: Framing) -> Self {
-        let stream = connect(addr);
-        FramedClient {
-            writer: stream.try_clone().unwrap(),
-            reader: FrameReader::new(stream, framing),
-            framing,
-        }
-    }
-
-    fn send(&mut self, payload: &[u8]) {
-        let mut frame = Vec::new();
-        encode_frame(self.framing, payload, &mut frame).unwrap();
-        self.writer.write_all(&frame).unwrap();
-    }
-
-    fn ask(&mut self, payload: &str) -> String {
-        self.send(payload.as_bytes());
-        let reply = self.reader.read_frame().unwrap().expect("a reply");
-        String::from_utf8(reply.to_vec()).unwrap()
-    }
-}
-
 /// 96 connections each ask for a 1000 KiB value 400 times and never read: once the socket
 /// buffers are full, each connection's thread blocks writing with a reply buffer of ~1 MiB.
 /// Each buffer is charged to the budget before it is allocated, so few exist at once (96
@@ -228,11 +199,10 @@ fn lookups_of_large_values_never_read(framing: Framing) {
             &framing.to_string(),
         ],
     );
-    let mut client = FramedClient::connect(server.addr, framing);
-    let mut store = b"store,big,".to_vec();
-    store.resize(store.len() + (1000 << 10), b'v');
-    client.send(&store);
-    assert_eq!(client.ask("lookup,small"), "nothing");
+    let store_client = || StoreClient::connect_timeout(server.addr, framing, IO_TIMEOUT).unwrap();
+    let mut client = store_client();
+    client.store(b"big", &[b'v'; 1000 << 10]).unwrap();
+    assert_eq!(client.lookup(b"small").unwrap(), None);
     let mut lookups = Vec::new();
     for _ in 0..400 {
         encode_frame(framing, b"lookup,big", &mut lookups).unwrap();
@@ -248,12 +218,12 @@ fn lookups_of_large_values_never_read(framing: Framing) {
                 }
             }
         },
-        || client.ask("stats"),
+        || client.stats().unwrap(),
     );
-    let mut other = FramedClient::connect(server.addr, framing);
-    other.send(b"store,k,v");
-    assert_eq!(other.ask("lookup,k"), "{just,v}");
-    let stats = other.ask("stats");
+    let mut other = store_client();
+    other.store(b"k", b"v").unwrap();
+    assert_eq!(other.lookup(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    let stats = other.stats().unwrap();
     let held = stat(&stats, "client_memory") as f64 / (1 << 20) as f64;
     eprintln!("{framing}: RSS at most {rss:.1} MiB; {held:.1} MiB charged after; {stats}");
     assert!(

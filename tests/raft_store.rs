@@ -99,13 +99,7 @@ struct Stats {
 
 impl Stats {
     fn parse(s: &str) -> Stats {
-        let field = |name: &str| -> String {
-            let at = s
-                .find(&format!("{{{name},"))
-                .unwrap_or_else(|| panic!("{name} in {s}"));
-            let rest = &s[at + name.len() + 2..];
-            rest[..rest.find('}').unwrap()].to_owned()
-        };
+        let field = |name: &str| stat(s, name).to_owned();
         Stats {
             role: field("role"),
             commit: field("commit_index").parse().unwrap(),
@@ -113,6 +107,15 @@ impl Stats {
             snapshot: field("snapshot_index").parse().unwrap(),
         }
     }
+}
+
+/// The value of field `name` in a `stats` reply `s`: `{name,VALUE}`.
+fn stat<'s>(s: &'s str, name: &str) -> &'s str {
+    let at = s
+        .find(&format!("{{{name},"))
+        .unwrap_or_else(|| panic!("{name} in {s}"));
+    let rest = &s[at + name.len() + 2..];
+    &rest[..rest.find('}').unwrap()]
 }
 
 /// Stores `key=value` on `addr` and waits for the acknowledgement: the reply to a `stats`
@@ -608,10 +611,7 @@ fn lookups_of_a_large_value_never_read_stay_within_the_leaders_budget() {
     assert_eq!(lookup(addr, "small"), Ok(None), "the leader serves on");
     let mut c = StoreClient::connect_timeout(addr, Framing::Line, IO_TIMEOUT).unwrap();
     let stats = c.stats().unwrap();
-    let field = |name: &str| -> u64 {
-        let at = stats.find(&format!("{{{name},")).expect(name) + name.len() + 2;
-        stats[at..].split('}').next().unwrap().parse().unwrap()
-    };
+    let field = |name: &str| -> u64 { stat(&stats, name).parse().unwrap() };
     let held = field("client_memory") >> 20;
     eprintln!("leader RSS at most {most} MiB; {held} MiB charged; {stats}");
     assert!(held <= BUDGET_MIB, "{held} MiB charged");
