@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
 use switchboard::framing::{encode_frame, Framing};
+use switchboard::messenger::bench::claimant_of_newest_epoch;
 use switchboard::messenger::protocol::{Delivery, MessageId};
 use switchboard::messenger::Client;
 use switchboard::proxy::FaultProxy;
@@ -58,32 +59,12 @@ impl Majority for Cluster {
     }
 
     fn serving(&self) -> Option<usize> {
-        // The epoch a log last claimed, and whether it stepped down since.
-        let claim = |log: &str| -> Option<(u64, bool)> {
-            let at = log.rfind("leading epoch ")?;
-            let epoch = log[at + "leading epoch ".len()..]
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()?;
-            Some((epoch, log.rfind("stepping down") < Some(at)))
-        };
         let logs: Vec<String> = (0..N).map(|i| self.log(i)).collect();
-        // Only the newest epoch's claimant: a server that led an older one may not have
-        // noticed yet that it no longer does (its log says so only once its Raft does),
-        // and it still answers a search, by forwarding it to the leader. Epochs count
-        // from every run of every server; a claim, only from the server's current run.
-        let newest = logs.iter().filter_map(|l| claim(l)).map(|(e, _)| e).max()?;
-        let this_run = |log: &str| -> Option<(u64, bool)> {
-            claim(log.rfind("listening on").map_or(log, |at| &log[at..]))
-        };
-        (0..N).find(|&i| {
-            self.servers[i].is_some()
-                && this_run(&logs[i]) == Some((newest, true))
-                && Raw::try_connect(self.addrs[i], Duration::from_millis(500))
-                    .and_then(|mut r| r.try_ask(b"\x03probe"))
-                    .is_some_and(|reply| reply.first() == Some(&0x22))
-        })
+        let i = claimant_of_newest_epoch(&logs, |i| self.servers[i].is_some())?;
+        Raw::try_connect(self.addrs[i], Duration::from_millis(500))
+            .and_then(|mut r| r.try_ask(b"\x03probe"))
+            .is_some_and(|reply| reply.first() == Some(&0x22))
+            .then_some(i)
     }
 
     fn leader(&self) -> usize {

@@ -93,16 +93,14 @@ impl Cluster {
         self.root.join(format!("server{id}.log"))
     }
 
-    /// In majority mode, the server whose log says it leads (it claimed an epoch and has
-    /// not stepped down since): the one a client connection of any server is served by.
+    /// In majority mode, the server whose log says it leads ([`claimant_of_newest_epoch`]
+    /// of the running servers' logs): the one a client connection of any server is
+    /// served by.
     pub fn leader(&self) -> Option<usize> {
-        (0..self.addrs.len()).find(|&id| {
-            self.children[id].is_some()
-                && std::fs::read_to_string(self.log_path(id)).is_ok_and(|log| {
-                    let life = log.rfind("listening on").map_or(&log[..], |at| &log[at..]);
-                    life.rfind("leading epoch") > life.rfind("stepping down")
-                })
-        })
+        let logs: Vec<String> = (0..self.addrs.len())
+            .map(|id| std::fs::read_to_string(self.log_path(id)).unwrap_or_default())
+            .collect();
+        claimant_of_newest_epoch(&logs, |id| self.children[id].is_some())
     }
 
     /// Stops server `id` with SIGSTOP: a hung process, whose kernel still accepts
@@ -461,4 +459,66 @@ pub fn run(o: &BenchOptions) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
+}
+
+/// Of majority-mode servers' logs (by id, every run of each), the `running` server that
+/// claimed the newest epoch any log names (`leading epoch N`) in its current run (since
+/// its last `listening on`) and has not stepped down since. A former leader whose log
+/// still shows its older claim is not taken: it steps down (and says so) only once its
+/// Raft notices, and meanwhile answers clients by forwarding.
+pub fn claimant_of_newest_epoch(logs: &[String], running: impl Fn(usize) -> bool) -> Option<usize> {
+    // The epoch a log last claimed, and whether it has not stepped down since.
+    let claim = |log: &str| -> Option<(u64, bool)> {
+        let at = log.rfind("leading epoch ")?;
+        let epoch = log[at + "leading epoch ".len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()?;
+        Some((epoch, log.rfind("stepping down") < Some(at)))
+    };
+    let newest = logs.iter().filter_map(|l| claim(l)).map(|(e, _)| e).max()?;
+    (0..logs.len()).find(|&id| {
+        let log = &logs[id];
+        let this_run = log.rfind("listening on").map_or(&log[..], |at| &log[at..]);
+        running(id) && claim(this_run) == Some((newest, true))
+    })
+}
+
+#[cfg(test)]
+mod leader_tests {
+    use super::claimant_of_newest_epoch;
+
+    #[test]
+    fn the_leader_is_the_claimant_of_the_newest_epoch_in_its_current_run() {
+        let log = |lines: &[&str]| lines.join("\n");
+        // A double election: 1 led epoch 1 and has not noticed 2 leads epoch 2.
+        let logs = [
+            log(&["messenger-0: listening on a"]),
+            log(&[
+                "messenger-1: listening on b",
+                "messenger-1: leading epoch 1",
+            ]),
+            log(&[
+                "messenger-2: listening on c",
+                "messenger-2: leading epoch 2",
+            ]),
+        ];
+        assert_eq!(claimant_of_newest_epoch(&logs, |_| true), Some(2));
+        // 2 stopped: nobody leads until someone claims epoch 3.
+        assert_eq!(claimant_of_newest_epoch(&logs, |i| i != 2), None);
+        // 2 restarted: its claim was in its last run.
+        let mut restarted = logs.clone();
+        restarted[2].push_str("\nmessenger-2: listening on c");
+        assert_eq!(claimant_of_newest_epoch(&restarted, |_| true), None);
+        // 0 claims epoch 3, then steps down for 1's epoch 4.
+        let mut later = restarted.clone();
+        later[0].push_str("\nmessenger-0: leading epoch 3");
+        assert_eq!(claimant_of_newest_epoch(&later, |_| true), Some(0));
+        later[0].push_str("\nmessenger-0: stepping down from epoch 3: server 1 leads epoch 4");
+        later[1].push_str("\nmessenger-1: stepping down from epoch 1: a newer claim of mine");
+        later[1].push_str("\nmessenger-1: leading epoch 4");
+        assert_eq!(claimant_of_newest_epoch(&later, |_| true), Some(1));
+        assert_eq!(claimant_of_newest_epoch(&[], |_| true), None);
+    }
 }
