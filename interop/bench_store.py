@@ -35,6 +35,17 @@ rounds are logged as above, so `--pool` pools them too:
     python3 interop/bench_store.py --no-python --memcached none --floor --control \
         --interleave 0.5 --reps 100 --scenarios cf 2> set1.err
 
+`--calibrate WORK` adds a floor that does WORK besides, per request: `spin=N` (N dependent
+multiply-adds, user-space work that touches no memory), `hash` (hash 12 bytes of the
+request, the length of a key, with the store's keyed hash), `share` (take one of four
+shared lock words and write or read the key's own 32-byte cell, shared by all connections,
+as a map shared by every thread must), or several, comma-separated; repeatable. Set beside
+the floor and the store, it tells what a given kind of work costs in CPU per operation on
+this machine, and so how close to the floor any server doing that work could be:
+
+    python3 interop/bench_store.py --no-python --memcached none --floor --calibrate hash \
+        --calibrate spin=53 --calibrate share --interleave 0.5 --reps 60 --scenarios e
+
 Scenarios (32-byte values, 1,000 keys, GET-only unless said):
   a: 1 connection   b: 16   c: 64   d: 16 pipelined 32 deep   e: 16 SET-only   f: 256
 """
@@ -221,6 +232,23 @@ def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
     return 0
 
 
+def floor_work(work: str) -> list[str]:
+    """`store-bench --floor` arguments for `--calibrate WORK`: `spin=N`, `hash`, `share`, or
+    several, comma-separated."""
+    out: list[str] = []
+    for part in work.split(","):
+        name, _, value = part.partition("=")
+        if name == "hash" and not value:
+            out.append("--floor-hash")
+        elif name == "share" and not value:
+            out.append("--floor-share")
+        elif name == "spin" and value.isdigit():
+            out += ["--floor-spin", value]
+        else:
+            raise ValueError(f"{part!r} is none of spin=N, hash, share")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default=os.path.join(ROOT, "target/release/store-bench"),
@@ -234,6 +262,11 @@ def main() -> int:
     ap.add_argument("--floor", action="store_true", help="also measure the floor (store-bench --floor)")
     ap.add_argument("--control", action="store_true",
                     help="with --floor: also measure a second, identical floor (the noise between equal servers)")
+    ap.add_argument("--calibrate", action="append", default=[], metavar="WORK",
+                    help="with --floor: also measure a floor that does WORK per request: spin=N "
+                         "(N multiply-adds), hash (the store's keyed hash of 12 bytes, a key's "
+                         "length), share (a shared lock word and the key's shared cell), or "
+                         "several, comma-separated; repeatable")
     ap.add_argument("--baseline", action="append", default=[], metavar="[NAME=]BIN",
                     help="another store-server build to measure alongside (before a change); "
                          "repeatable, NAME= labels it (default label: baseline)")
@@ -251,6 +284,14 @@ def main() -> int:
         return pool(args.pool)
     if args.control and not args.floor:
         ap.error("--control needs --floor")
+    if args.calibrate and not args.floor:
+        ap.error("--calibrate needs --floor")
+    calibrated = []
+    for work in args.calibrate:
+        try:
+            calibrated.append(("floor+" + work.replace(",", "+").replace("=", ""), floor_work(work)))
+        except ValueError as e:
+            ap.error(f"--calibrate {work}: {e}")
     if args.interleave is not None:
         if not args.interleave > 0:
             ap.error("--interleave wants a positive number of seconds")
@@ -271,6 +312,10 @@ def main() -> int:
             port = free_port()
             servers.append(Server("floor", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
                                             "--value-size", "32"], port, "store"))
+        for name, work in calibrated:
+            port = free_port()
+            servers.append(Server(name, [args.bench, "--floor", f"127.0.0.1:{port}", "--keys", "1000",
+                                         "--value-size", "32", *work], port, "store"))
         if args.control:
             port = free_port()
             servers.append(Server("floor (control)", [args.bench, "--floor", f"127.0.0.1:{port}", "--keys",

@@ -17,6 +17,7 @@ buffer with one call to `memcpy`, so the number of those calls is the number of 
     cargo build --release
     python3 interop/profile_store.py                       # the store, pipeline 32
     python3 interop/profile_store.py --floor               # the floor
+    python3 interop/profile_store.py --floor --calibrate hash,spin=20   # the floor plus work
     python3 interop/profile_store.py --server OLD/store-server --pipeline 1
     python3 interop/profile_store.py --pipeline 1 --ratio 0:1          # SET only, depth 1
     python3 interop/profile_store.py --keep /tmp/cg.out && callgrind_annotate /tmp/cg.out
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_store import free_port, wait_listening
+from bench_store import floor_work, free_port, wait_listening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,6 +147,9 @@ def main() -> int:
                     help="the store-bench binary (default: target/release/store-bench)")
     ap.add_argument("--floor", action="store_true",
                     help="profile the floor (store-bench --floor) instead of the store")
+    ap.add_argument("--calibrate", metavar="WORK",
+                    help="with --floor: the floor does WORK per request, as bench_store.py's "
+                         "--calibrate (spin=N, hash, share, or several, comma-separated)")
     ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
     ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
     ap.add_argument("--ratio", default="1:0",
@@ -158,12 +162,20 @@ def main() -> int:
     ap.add_argument("--keep", metavar="FILE",
                     help="also copy callgrind's output here (for callgrind_annotate)")
     args = ap.parse_args()
+    work: list[str] = []
+    if args.calibrate:
+        if not args.floor:
+            ap.error("--calibrate needs --floor")
+        try:
+            work = floor_work(args.calibrate)
+        except ValueError as e:
+            ap.error(f"--calibrate {args.calibrate}: {e}")
 
     port = free_port()
     addr = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
-        server = ([args.bench, "--floor", addr] if args.floor
+        server = ([args.bench, "--floor", addr, *work] if args.floor
                   else [args.server, "--listen", addr])
         proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", *(CACHE_SIM if args.cache_sim else []),
@@ -192,7 +204,7 @@ def main() -> int:
     # (or more) means the memcpy calls no longer count replies.
     rate = re.search(r"ops_per_sec=(\d+)", bench.stdout)
     counted = int(rate.group(1)) * args.duration if rate else 0
-    name = "floor" if args.floor else args.server
+    name = (f"floor ({args.calibrate})" if args.calibrate else "floor") if args.floor else args.server
     if not args.ratio.endswith(":0"):
         # A store copies its value with memcpy too: count the generator's operations
         # instead (its window misses the few in flight at its ends, under 1% here).

@@ -709,14 +709,31 @@ fn running_out_of_file_descriptors_is_survived() {
 #[test]
 fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
     const BENCH: &str = env!("CARGO_BIN_EXE_store-bench");
+    // The floor calibrated with work of its own answers the same.
+    for work in [
+        &[][..],
+        &["--floor-spin", "50", "--floor-hash", "--floor-share"],
+    ] {
+        let floor = ChildServer::start(
+            BENCH,
+            &[&["--floor", "127.0.0.1:0", "--keys", "20"], work].concat(),
+        );
+        let mut c = LineClient::connect(floor.addr);
+        c.send(b"store,key:00000003,ignored\n");
+        c.send(b"store\n,,\n");
+        assert_eq!(
+            c.ask("lookup,key:00000003\n"),
+            "{just,3-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv}"
+        );
+        assert_eq!(c.ask("lookup,key:00000020\n"), "{error,unknown}");
+    }
+    let mut refused = std::process::Command::new(BENCH);
+    refused.args(["--floor-spin", "5"]);
+    let refused = refused.output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("need --floor"), "{stderr}");
     let floor = ChildServer::start(BENCH, &["--floor", "127.0.0.1:0", "--keys", "20"]);
-    let mut c = LineClient::connect(floor.addr);
-    c.send(b"store,key:00000003,ignored\n");
-    assert_eq!(
-        c.ask("lookup,key:00000003\n"),
-        "{just,3-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv}"
-    );
-    assert_eq!(c.ask("lookup,key:00000020\n"), "{error,unknown}");
     let addr = floor.addr.to_string();
     let args = [
         "--addr",

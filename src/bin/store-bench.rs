@@ -66,6 +66,18 @@ struct Args {
     /// fixed reply; no map, no lock) until killed, to benchmark against
     #[argh(option)]
     floor: Option<String>,
+    /// with --floor: add this many dependent multiply-adds (no memory touched) to every
+    /// request the floor reads, to calibrate it (default 0)
+    #[argh(option, default = "0")]
+    floor_spin: u32,
+    /// with --floor: also hash 12 bytes of every request (a key's length) with the store's
+    /// keyed hash, to calibrate it
+    #[argh(switch)]
+    floor_hash: bool,
+    /// with --floor: also take a shared lock word and write or read the key's shared
+    /// 32-byte cell on every request, as a map shared by every thread must, to calibrate it
+    #[argh(switch)]
+    floor_share: bool,
     /// instead of spreading the connections over the --addr servers, compare them: given
     /// their process ids (comma-separated, in --addr order), drive each in turn with
     /// --conns connections of its own for --slice seconds per round, and report each one's
@@ -82,10 +94,19 @@ struct Args {
 
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
+    let work = bench::FloorWork {
+        spin: a.floor_spin,
+        hash: a.floor_hash,
+        share: a.floor_share,
+    };
+    if a.floor.is_none() && work != bench::FloorWork::default() {
+        eprintln!("store-bench: --floor-spin, --floor-hash and --floor-share need --floor");
+        return ExitCode::FAILURE;
+    }
     if let Some(listen) = &a.floor {
         let served = std::net::TcpListener::bind(listen).and_then(|l| {
             eprintln!("store-bench: floor listening on {}", l.local_addr()?);
-            bench::serve_floor(l, a.keys, a.value_size)
+            bench::serve_floor(l, a.keys, a.value_size, work)
         });
         if let Err(e) = served {
             eprintln!("store-bench: floor on {listen}: {e}");

@@ -1056,12 +1056,97 @@ pub fn amid_silence(cfg: &BenchConfig, n: usize) -> Result<SilenceReport, BenchE
     })
 }
 
+/// Work a floor adds to every request it reads, to calibrate the floor: how the server's
+/// CPU per operation grows with one kind of work or another, measured beside the plain
+/// floor and the store in the same rounds. Nothing by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloorWork {
+    /// Dependent multiply-adds per request: instructions that touch no memory (about 6.5
+    /// instructions each, so `--floor-spin 53` adds about 690 per SET operation of two
+    /// requests).
+    pub spin: u32,
+    /// Hash the first 12 bytes of each request (the length of the generator's keys,
+    /// `key:NNNNNNNN`) with the store's keyed hash (SipHash-1-3 under a random key), as
+    /// every store request hashes its key: the hash's cost alone, without finding the key.
+    pub hash: bool,
+    /// Touch what a map shared by every thread must: per request, take and give back one
+    /// of four lock words (an atomic add and subtract, as a shard's lock) and write (a
+    /// `store`) or read (anything else) the 32 bytes of the key's own cell, one of
+    /// `--keys` cells on lines of their own, shared by all connections. Few instructions
+    /// (about 70 per request, the call included): the cost of cache lines moving between
+    /// the cores.
+    pub share: bool,
+}
+
+/// The length of the generator's keys (`key:NNNNNNNN`), which a floor's `hash` work hashes.
+const KEY_LEN: usize = 12;
+
+/// What a floor's [`FloorWork`] works on, shared by all its connections.
+struct FloorShared {
+    hasher: super::keyhash::KeyHasher,
+    locks: [Padded<AtomicU64>; 4],
+    cells: Box<[Padded<[AtomicU64; 4]>]>,
+}
+
+/// A value alone on its cache lines (two, as the adjacent-line prefetcher pairs them).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+impl FloorShared {
+    fn new(keys: usize) -> FloorShared {
+        FloorShared {
+            hasher: super::keyhash::KeyHasher::random(),
+            locks: Default::default(),
+            cells: (0..keys.max(1)).map(|_| Padded::default()).collect(),
+        }
+    }
+}
+
+impl FloorWork {
+    /// Does the work for one request `line`; returns a value that depends on all of it.
+    #[inline(never)]
+    fn apply(&self, shared: &FloorShared, line: &[u8]) -> u64 {
+        let mut x = 1u64;
+        for _ in 0..self.spin {
+            x = std::hint::black_box(x).wrapping_mul(3).wrapping_add(1);
+        }
+        if self.hash {
+            x ^= shared.hasher.hash(&line[..line.len().min(KEY_LEN)]);
+        }
+        if self.share {
+            let (is_store, number) = match line.strip_prefix(b"store,key:") {
+                Some(rest) => (true, rest),
+                None => (false, line.strip_prefix(b"lookup,key:").unwrap_or_default()),
+            };
+            // The key's eight digits as one word, spread, and mapped onto the cells by a
+            // multiply (no division): a few instructions, one cell per key.
+            let digits = number.first_chunk::<8>().copied().unwrap_or_default();
+            let spread = u64::from_le_bytes(digits).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let lock = &shared.locks[(spread >> 62) as usize].0;
+            lock.fetch_add(1, Ordering::Acquire);
+            let at = (u128::from(spread) * shared.cells.len() as u128) >> 64;
+            let cell = &shared.cells[at as usize].0;
+            for word in cell {
+                if is_store {
+                    word.store(x, Ordering::Relaxed);
+                } else {
+                    x = x.wrapping_add(word.load(Ordering::Relaxed));
+                }
+            }
+            lock.fetch_sub(1, Ordering::Release);
+        }
+        x
+    }
+}
+
 /// The floor of the design, to measure the store against: a bare thread-per-connection
 /// loop that answers every `lookup,key:NNNNNNNN` line with that key's `{just,…}` reply
 /// (made once, at start) and ignores every other line. No request parsing beyond the key's
 /// number, no map, no lock, no counters: what one thread per connection costs with the
 /// same generator, the same replies and the same system calls (one read and one write per
-/// batch). Line framing only. Serves until the process is killed.
+/// batch). Line framing only. Serves until the process is killed. `work` (none by
+/// default) is added to every request, to calibrate it ([`FloorWork`]).
 ///
 /// # Errors
 /// When the listener fails.
@@ -1069,6 +1154,7 @@ pub fn serve_floor(
     listener: std::net::TcpListener,
     keys: usize,
     value_size: usize,
+    work: FloorWork,
 ) -> io::Result<()> {
     let replies: Arc<[Vec<u8>]> = (0..keys)
         .map(|i| {
@@ -1078,19 +1164,25 @@ pub fn serve_floor(
             r
         })
         .collect();
+    let shared = Arc::new(FloorShared::new(keys));
     for stream in listener.incoming() {
         let stream = stream?;
-        let replies = Arc::clone(&replies);
+        let (replies, shared) = (Arc::clone(&replies), Arc::clone(&shared));
         std::thread::Builder::new()
             .stack_size(128 << 10)
-            .spawn(move || floor_connection(stream, &replies))?;
+            .spawn(move || floor_connection(stream, &replies, work, &shared))?;
     }
     Ok(())
 }
 
 /// One connection of [`serve_floor`]: read what is there, answer every whole line, write
 /// the answers at once, until the client closes.
-fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
+fn floor_connection(
+    mut stream: TcpStream,
+    replies: &[Vec<u8>],
+    work: FloorWork,
+    shared: &FloorShared,
+) {
     use std::io::Read;
     const PREFIX: &[u8] = b"lookup,key:";
     let _ = stream.set_nodelay(true);
@@ -1110,6 +1202,9 @@ fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
         while let Some(nl) = crate::framing::find_newline(&buf[start..end]) {
             let line = &buf[start..start + nl];
             start += nl + 1;
+            if work != FloorWork::default() {
+                std::hint::black_box(work.apply(shared, line));
+            }
             let Some(digits) = line.strip_prefix(PREFIX) else {
                 continue;
             };
@@ -1134,6 +1229,42 @@ fn floor_connection(mut stream: TcpStream, replies: &[Vec<u8>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floor_work_spins_hashes_a_keys_length_and_shares_the_keys_cell() {
+        let shared = FloorShared::new(10);
+        let none = FloorWork::default();
+        assert_eq!(none.apply(&shared, b"store,k,v"), 1);
+        let spin = FloorWork {
+            spin: 3,
+            ..FloorWork::default()
+        };
+        assert_eq!(spin.apply(&shared, b"x"), ((3 + 1) * 3 + 1) * 3 + 1);
+        let hash = FloorWork {
+            hash: true,
+            ..FloorWork::default()
+        };
+        let h = |line: &[u8]| hash.apply(&shared, line);
+        let keyed = |bytes: &[u8]| shared.hasher.hash(bytes);
+        assert_eq!(h(b"store,key:00000001,v"), 1 ^ keyed(b"store,key:00"));
+        assert_eq!(h(b"stats"), 1 ^ keyed(b"stats"));
+        assert_eq!(key(7).len(), KEY_LEN);
+        // A store writes its key's cell (with the spin's result), a lookup of that key
+        // reads it back; other keys' cells are untouched, and every lock is given back.
+        let share = FloorWork {
+            spin: 1,
+            share: true,
+            ..FloorWork::default()
+        };
+        share.apply(&shared, b"store,key:00000013,v");
+        assert_eq!(share.apply(&shared, b"lookup,key:00000013"), 4 + 4 * 4);
+        assert_eq!(share.apply(&shared, b"lookup,key:00000014"), 4);
+        assert_eq!(share.apply(&shared, b"stats"), 4);
+        assert!(shared
+            .locks
+            .iter()
+            .all(|l| l.0.load(Ordering::Relaxed) == 0));
+    }
 
     #[test]
     fn a_comparison_sums_slices_and_takes_ratios_round_by_round() {
