@@ -39,7 +39,8 @@ rounds are logged as above, so `--pool` pools them too:
 multiply-adds, user-space work that touches no memory), `hash` (hash 12 bytes of the
 request, the length of a key, with the store's keyed hash), `share` (take one of four
 shared lock words and write or read the key's own 32-byte cell, shared by all connections,
-as a map shared by every thread must), or several, comma-separated; repeatable. Set beside
+as a map shared by every thread must), `code=N` (run N distinct 64-byte lines of code,
+a few instructions each, at most 64), or several, comma-separated; repeatable. Set beside
 the floor and the store, it tells what a given kind of work costs in CPU per operation on
 this machine, and so how close to the floor any server doing that work could be:
 
@@ -233,8 +234,8 @@ def interleaved(args: argparse.Namespace, servers: list[Server]) -> int:
 
 
 def floor_work(work: str) -> list[str]:
-    """`store-bench --floor` arguments for `--calibrate WORK`: `spin=N`, `hash`, `share`, or
-    several, comma-separated."""
+    """`store-bench --floor` arguments for `--calibrate WORK`: `spin=N`, `hash`, `share`,
+    `code=N`, or several, comma-separated."""
     out: list[str] = []
     for part in work.split(","):
         name, _, value = part.partition("=")
@@ -242,10 +243,12 @@ def floor_work(work: str) -> list[str]:
             out.append("--floor-hash")
         elif name == "share" and not value:
             out.append("--floor-share")
+        elif name == "code" and value.isdigit():
+            out += ["--floor-code", value]
         elif name == "spin" and value.isdigit():
             out += ["--floor-spin", value]
         else:
-            raise ValueError(f"{part!r} is none of spin=N, hash, share")
+            raise ValueError(f"{part!r} is none of spin=N, hash, share, code=N")
     return out
 
 
@@ -265,8 +268,8 @@ def main() -> int:
     ap.add_argument("--calibrate", action="append", default=[], metavar="WORK",
                     help="with --floor: also measure a floor that does WORK per request: spin=N "
                          "(N multiply-adds), hash (the store's keyed hash of 12 bytes, a key's "
-                         "length), share (a shared lock word and the key's shared cell), or "
-                         "several, comma-separated; repeatable")
+                         "length), share (a shared lock word and the key's shared cell), code=N "
+                         "(N distinct lines of code), or several, comma-separated; repeatable")
     ap.add_argument("--baseline", action="append", default=[], metavar="[NAME=]BIN",
                     help="another store-server build to measure alongside (before a change); "
                          "repeatable, NAME= labels it (default label: baseline)")

@@ -149,7 +149,7 @@ def main() -> int:
                     help="profile the floor (store-bench --floor) instead of the store")
     ap.add_argument("--calibrate", metavar="WORK",
                     help="with --floor: the floor does WORK per request, as bench_store.py's "
-                         "--calibrate (spin=N, hash, share, or several, comma-separated)")
+                         "--calibrate (spin=N, hash, share, code=N, or several, comma-separated)")
     ap.add_argument("--pipeline", type=int, default=32, help="requests per batch (default 32)")
     ap.add_argument("--conns", type=int, default=16, help="connections (default 16)")
     ap.add_argument("--ratio", default="1:0",

@@ -712,7 +712,14 @@ fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
     // The floor calibrated with work of its own answers the same.
     for work in [
         &[][..],
-        &["--floor-spin", "50", "--floor-hash", "--floor-share"],
+        &[
+            "--floor-spin",
+            "50",
+            "--floor-hash",
+            "--floor-share",
+            "--floor-code",
+            "64",
+        ],
     ] {
         let floor = ChildServer::start(
             BENCH,
@@ -727,12 +734,19 @@ fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
         );
         assert_eq!(c.ask("lookup,key:00000020\n"), "{error,unknown}");
     }
-    let mut refused = std::process::Command::new(BENCH);
-    refused.args(["--floor-spin", "5"]);
-    let refused = refused.output().unwrap();
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("need --floor"), "{stderr}");
+    for (args, why) in [
+        (&["--floor-spin", "5"][..], "need --floor"),
+        (
+            &["--floor", "127.0.0.1:0", "--floor-code", "65"],
+            "more than the 64 lines",
+        ),
+    ] {
+        let refused = std::process::Command::new(BENCH).args(args).output();
+        let refused = refused.unwrap();
+        assert!(!refused.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
     let floor = ChildServer::start(BENCH, &["--floor", "127.0.0.1:0", "--keys", "20"]);
     let addr = floor.addr.to_string();
     let args = [

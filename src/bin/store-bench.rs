@@ -78,6 +78,10 @@ struct Args {
     /// 32-byte cell on every request, as a map shared by every thread must, to calibrate it
     #[argh(switch)]
     floor_share: bool,
+    /// with --floor: also run this many distinct 64-byte lines of code (at most 64, a few
+    /// instructions each) on every request, to calibrate it (default 0)
+    #[argh(option, default = "0")]
+    floor_code: u32,
     /// instead of spreading the connections over the --addr servers, compare them: given
     /// their process ids (comma-separated, in --addr order), drive each in turn with
     /// --conns connections of its own for --slice seconds per round, and report each one's
@@ -98,9 +102,20 @@ fn main() -> ExitCode {
         spin: a.floor_spin,
         hash: a.floor_hash,
         share: a.floor_share,
+        code: a.floor_code,
     };
+    if a.floor_code > bench::CODE_LINES {
+        eprintln!(
+            "store-bench: --floor-code {} is more than the {} lines there are",
+            a.floor_code,
+            bench::CODE_LINES
+        );
+        return ExitCode::FAILURE;
+    }
     if a.floor.is_none() && work != bench::FloorWork::default() {
-        eprintln!("store-bench: --floor-spin, --floor-hash and --floor-share need --floor");
+        eprintln!(
+            "store-bench: --floor-spin, --floor-hash, --floor-share and --floor-code need --floor"
+        );
         return ExitCode::FAILURE;
     }
     if let Some(listen) = &a.floor {

@@ -1076,7 +1076,107 @@ pub struct FloorWork {
     /// (about 70 per request, the call included): the cost of cache lines moving between
     /// the cores.
     pub share: bool,
+    /// Run this many distinct lines of code per request (at most [`CODE_LINES`]): calls
+    /// through a chain of functions whose run part sits alone on its 64-byte line, about
+    /// six instructions each. Beside a floor running as many instructions on few lines
+    /// (`spin`), it tells what fetching lines of code costs once each system call has run
+    /// the kernel's own code through the same caches.
+    pub code: u32,
 }
+
+/// The most lines of code `--floor-code` runs per request.
+pub const CODE_LINES: u32 = 64;
+
+/// Functions of a few instructions each, made longer than a cache line by a part that
+/// never runs (placed after them), so that calling them in turn runs one line each.
+macro_rules! code_lines {
+    ($($name:ident = $k:literal),* $(,)?) => {
+        $(
+            #[inline(never)]
+            fn $name(x: u64) -> u64 {
+                let x = std::hint::black_box(x);
+                if x == u64::MAX {
+                    std::hint::cold_path();
+                    let mut y = x;
+                    for c in [3u64, 5, 7, 11, 13, 17, 19, 23] {
+                        y = std::hint::black_box(y.rotate_left(c as u32) ^ c.wrapping_mul($k));
+                    }
+                    return y;
+                }
+                x.wrapping_add($k)
+            }
+        )*
+        /// The chain `--floor-code` runs a prefix of.
+        static CODE_CHAIN: [fn(u64) -> u64; CODE_LINES as usize] = [$($name),*];
+    };
+}
+
+code_lines!(
+    c00 = 1,
+    c01 = 2,
+    c02 = 3,
+    c03 = 4,
+    c04 = 5,
+    c05 = 6,
+    c06 = 7,
+    c07 = 8,
+    c08 = 9,
+    c09 = 10,
+    c10 = 11,
+    c11 = 12,
+    c12 = 13,
+    c13 = 14,
+    c14 = 15,
+    c15 = 16,
+    c16 = 17,
+    c17 = 18,
+    c18 = 19,
+    c19 = 20,
+    c20 = 21,
+    c21 = 22,
+    c22 = 23,
+    c23 = 24,
+    c24 = 25,
+    c25 = 26,
+    c26 = 27,
+    c27 = 28,
+    c28 = 29,
+    c29 = 30,
+    c30 = 31,
+    c31 = 32,
+    c32 = 33,
+    c33 = 34,
+    c34 = 35,
+    c35 = 36,
+    c36 = 37,
+    c37 = 38,
+    c38 = 39,
+    c39 = 40,
+    c40 = 41,
+    c41 = 42,
+    c42 = 43,
+    c43 = 44,
+    c44 = 45,
+    c45 = 46,
+    c46 = 47,
+    c47 = 48,
+    c48 = 49,
+    c49 = 50,
+    c50 = 51,
+    c51 = 52,
+    c52 = 53,
+    c53 = 54,
+    c54 = 55,
+    c55 = 56,
+    c56 = 57,
+    c57 = 58,
+    c58 = 59,
+    c59 = 60,
+    c60 = 61,
+    c61 = 62,
+    c62 = 63,
+    c63 = 64,
+);
 
 /// The length of the generator's keys (`key:NNNNNNNN`), which a floor's `hash` work hashes.
 const KEY_LEN: usize = 12;
@@ -1114,13 +1214,17 @@ impl FloorWork {
         if self.hash {
             x ^= shared.hasher.hash(&line[..line.len().min(KEY_LEN)]);
         }
+        for f in &CODE_CHAIN[..self.code.min(CODE_LINES) as usize] {
+            x = f(x);
+        }
         if self.share {
             let (is_store, number) = match line.strip_prefix(b"store,key:") {
                 Some(rest) => (true, rest),
                 None => (false, line.strip_prefix(b"lookup,key:").unwrap_or_default()),
             };
             // The key's eight digits as one word, spread, and mapped onto the cells by a
-            // multiply (no division): a few instructions, one cell per key.
+            // multiply (no division): a few instructions, a cell per key (two keys may
+            // share one now and then).
             let digits = number.first_chunk::<8>().copied().unwrap_or_default();
             let spread = u64::from_le_bytes(digits).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let lock = &shared.locks[(spread >> 62) as usize].0;
@@ -1260,6 +1364,13 @@ mod tests {
         assert_eq!(share.apply(&shared, b"lookup,key:00000013"), 4 + 4 * 4);
         assert_eq!(share.apply(&shared, b"lookup,key:00000014"), 4);
         assert_eq!(share.apply(&shared, b"stats"), 4);
+        // The code chain adds 1, 2, 3, ... in turn; it stops at its end.
+        let code = |n| FloorWork {
+            code: n,
+            ..FloorWork::default()
+        };
+        assert_eq!(code(3).apply(&shared, b"x"), 1 + 1 + 2 + 3);
+        assert_eq!(code(CODE_LINES + 10).apply(&shared, b"x"), 1 + 64 * 65 / 2);
         assert!(shared
             .locks
             .iter()
