@@ -244,6 +244,8 @@ def floor_work(work: str) -> list[str]:
         elif name == "share" and not value:
             out.append("--floor-share")
         elif name == "code" and value.isdigit():
+            if int(value) > 64:
+                raise ValueError(f"{part!r}: the floor has 64 lines of code to run, at most")
             out += ["--floor-code", value]
         elif name == "spin" and value.isdigit():
             out += ["--floor-spin", value]

@@ -87,3 +87,20 @@ class InterleaveTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FloorWorkTest(unittest.TestCase):
+    """`--calibrate WORK` becomes the calibrated floor's `store-bench` options."""
+
+    def test_each_kind_of_work_and_several_at_once(self) -> None:
+        self.assertEqual(bench_store.floor_work("hash"), ["--floor-hash"])
+        self.assertEqual(bench_store.floor_work("share"), ["--floor-share"])
+        self.assertEqual(bench_store.floor_work("spin=53"), ["--floor-spin", "53"])
+        self.assertEqual(bench_store.floor_work("code=64"), ["--floor-code", "64"])
+        self.assertEqual(bench_store.floor_work("hash,share,spin=24"),
+                         ["--floor-hash", "--floor-share", "--floor-spin", "24"])
+
+    def test_what_is_not_work_is_refused(self) -> None:
+        for bad in ["", "spin", "spin=x", "spin=-1", "hash=1", "code=65", "cache", "hash,,share"]:
+            with self.assertRaises(ValueError, msg=bad):
+                bench_store.floor_work(bad)
