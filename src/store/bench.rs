@@ -1078,9 +1078,9 @@ pub struct FloorWork {
     pub share: bool,
     /// Run this many distinct lines of code per request (at most [`CODE_LINES`]): calls
     /// through a chain of functions whose run part sits alone on its 64-byte line, about
-    /// six instructions each. Beside a floor running as many instructions on few lines
-    /// (`spin`), it tells what fetching lines of code costs once each system call has run
-    /// the kernel's own code through the same caches.
+    /// 15 instructions each, the call included. Beside a floor running as many
+    /// instructions on few lines (`spin`), it tells what fetching lines of code costs once
+    /// each system call has run the kernel's own code through the same caches.
     pub code: u32,
 }
 
