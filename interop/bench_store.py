@@ -36,13 +36,14 @@ rounds are logged as above, so `--pool` pools them too:
         --interleave 0.5 --reps 100 --scenarios cf 2> set1.err
 
 `--calibrate WORK` adds a floor that does WORK besides, per request: `spin=N` (N dependent
-multiply-adds, user-space work that touches no memory), `hash` (hash 12 bytes of the
-request, the length of a key, with the store's keyed hash), `share` (take one of four
-shared lock words and write or read the key's own 32-byte cell, shared by all connections,
-as a map shared by every thread must), `code=N` (run N distinct 64-byte lines of code,
-a few instructions each, at most 64), or several, comma-separated; repeatable. Set beside
-the floor and the store, it tells what a given kind of work costs in CPU per operation on
-this machine, and so how close to the floor any server doing that work could be:
+multiply-adds through a stack slot, user-space work that touches no other memory), `hash`
+(hash 12 bytes of the request, the length of a key, with the store's keyed hash), `share`
+(take one of four shared lock words and write or read the key's own 32-byte cell, shared
+by all connections, as a map shared by every thread must), `code=N` (call N distinct
+functions of a few instructions, each on a line of code of its own, at most 64), or
+several, comma-separated; repeatable. Set beside the floor and the store, it tells what a
+given kind of work costs in CPU per operation on this machine, and so how close to the
+floor any server doing that work could be:
 
     python3 interop/bench_store.py --no-python --memcached none --floor --calibrate hash \
         --calibrate spin=53 --calibrate share --interleave 0.5 --reps 60 --scenarios e
@@ -245,7 +246,7 @@ def floor_work(work: str) -> list[str]:
             out.append("--floor-share")
         elif name == "code" and value.isdigit():
             if int(value) > 64:
-                raise ValueError(f"{part!r}: the floor has 64 lines of code to run, at most")
+                raise ValueError(f"{part!r}: the floor has 64 functions to call, at most")
             out += ["--floor-code", value]
         elif name == "spin" and value.isdigit():
             out += ["--floor-spin", value]
@@ -271,7 +272,8 @@ def main() -> int:
                     help="with --floor: also measure a floor that does WORK per request: spin=N "
                          "(N multiply-adds), hash (the store's keyed hash of 12 bytes, a key's "
                          "length), share (a shared lock word and the key's shared cell), code=N "
-                         "(N distinct lines of code), or several, comma-separated; repeatable")
+                         "(N distinct functions, a line of code each), or several, "
+                         "comma-separated; repeatable")
     ap.add_argument("--baseline", action="append", default=[], metavar="[NAME=]BIN",
                     help="another store-server build to measure alongside (before a change); "
                          "repeatable, NAME= labels it (default label: baseline)")

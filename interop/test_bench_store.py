@@ -85,10 +85,6 @@ class InterleaveTest(unittest.TestCase):
         self.assertIn("| c: 64 conns | store-server | 1 | 1.10× |", out)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class FloorWorkTest(unittest.TestCase):
     """`--calibrate WORK` becomes the calibrated floor's `store-bench` options."""
 
@@ -104,3 +100,8 @@ class FloorWorkTest(unittest.TestCase):
         for bad in ["", "spin", "spin=x", "spin=-1", "hash=1", "code=65", "cache", "hash,,share"]:
             with self.assertRaises(ValueError, msg=bad):
                 bench_store.floor_work(bad)
+
+
+if __name__ == "__main__":
+    unittest.main()
+

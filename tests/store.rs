@@ -727,7 +727,10 @@ fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
         );
         let mut c = LineClient::connect(floor.addr);
         c.send(b"store,key:00000003,ignored\n");
-        c.send(b"store\n,,\n");
+        c.send(b"store\n,,\n\nstore,key:abcdefgh,v\n");
+        let long = format!("lookup,key:{}\n", "9".repeat(40));
+        assert_eq!(c.ask(&long), "{error,unknown}");
+        assert_eq!(c.ask("lookup,key:abcdefgh\n"), "{error,unknown}");
         assert_eq!(
             c.ask("lookup,key:00000003\n"),
             "{just,3-vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv}"
@@ -738,7 +741,7 @@ fn the_floor_answers_what_the_store_would_and_the_bench_accepts_it() {
         (&["--floor-spin", "5"][..], "need --floor"),
         (
             &["--floor", "127.0.0.1:0", "--floor-code", "65"],
-            "more than the 64 lines",
+            "more than the 64 functions",
         ),
     ] {
         let refused = std::process::Command::new(BENCH).args(args).output();

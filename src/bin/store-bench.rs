@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::framing::Framing;
 use switchboard::store::bench::{self, BenchConfig, Proto, Ratio};
+use switchboard::store::floor;
 use switchboard::store::soak::{soak, SoakConfig};
 
 /// Drive a store (or memcached) server with CONNS closed-loop connections and report
@@ -66,8 +67,8 @@ struct Args {
     /// fixed reply; no map, no lock) until killed, to benchmark against
     #[argh(option)]
     floor: Option<String>,
-    /// with --floor: add this many dependent multiply-adds (no memory touched) to every
-    /// request the floor reads, to calibrate it (default 0)
+    /// with --floor: add this many dependent multiply-adds (through a stack slot, no other
+    /// memory) to every request the floor reads, to calibrate it (default 0)
     #[argh(option, default = "0")]
     floor_spin: u32,
     /// with --floor: also hash 12 bytes of every request (a key's length) with the store's
@@ -78,8 +79,9 @@ struct Args {
     /// 32-byte cell on every request, as a map shared by every thread must, to calibrate it
     #[argh(switch)]
     floor_share: bool,
-    /// with --floor: also run this many distinct 64-byte lines of code (at most 64, a few
-    /// instructions each) on every request, to calibrate it (default 0)
+    /// with --floor: also call this many distinct functions of a few instructions (at
+    /// most 64), each on lines of code of its own, on every request, to calibrate it
+    /// (default 0)
     #[argh(option, default = "0")]
     floor_code: u32,
     /// instead of spreading the connections over the --addr servers, compare them: given
@@ -98,21 +100,17 @@ struct Args {
 
 fn main() -> ExitCode {
     let a: Args = argh::from_env();
-    let work = bench::FloorWork {
+    let work = floor::FloorWork {
         spin: a.floor_spin,
         hash: a.floor_hash,
         share: a.floor_share,
         code: a.floor_code,
     };
-    if a.floor_code > bench::CODE_LINES {
-        eprintln!(
-            "store-bench: --floor-code {} is more than the {} lines there are",
-            a.floor_code,
-            bench::CODE_LINES
-        );
+    if let Err(e) = work.check() {
+        eprintln!("store-bench: {e}");
         return ExitCode::FAILURE;
     }
-    if a.floor.is_none() && work != bench::FloorWork::default() {
+    if a.floor.is_none() && work != floor::FloorWork::default() {
         eprintln!(
             "store-bench: --floor-spin, --floor-hash, --floor-share and --floor-code need --floor"
         );
@@ -121,7 +119,7 @@ fn main() -> ExitCode {
     if let Some(listen) = &a.floor {
         let served = std::net::TcpListener::bind(listen).and_then(|l| {
             eprintln!("store-bench: floor listening on {}", l.local_addr()?);
-            bench::serve_floor(l, a.keys, a.value_size, work)
+            floor::serve_floor(l, a.keys, a.value_size, work)
         });
         if let Err(e) = served {
             eprintln!("store-bench: floor on {listen}: {e}");

@@ -8,6 +8,7 @@
 //! - [`cli`]: `store-server`'s options and what it runs.
 //! - [`client`]: a blocking client (used by `store-client`, `store-bench` and tests).
 //! - [`bench`](mod@bench): the closed-loop load generator behind `store-bench`.
+//! - [`floor`]: the design's floor to measure the store against (`store-bench --floor`).
 //! - [`soak`]: the memory soak behind `store-bench --soak`.
 //!
 //! Connections are served by the framework's [`RequestLoop`]: whatever the socket has is
@@ -19,6 +20,7 @@ pub mod aof;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod floor;
 mod keyhash;
 pub mod protocol;
 pub mod replicated;
