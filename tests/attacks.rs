@@ -8,11 +8,12 @@ mod common;
 
 use common::{connect, eventually, LineClient};
 use std::io::{self, PipeWriter, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 use switchboard::auth::Secret;
+use switchboard::budget::Budget;
 use switchboard::peer::protocol::{Body, Member, MemberList, PeerMessage};
 use switchboard::peer::{Peer, PeerConfig, PeerError};
 
@@ -78,17 +79,24 @@ impl Member3 {
             secret: secret.cloned(),
             ..PeerConfig::new("127.0.0.1:0", name)
         };
-        let peer = Peer::start(&config, Box::new(out.clone())).unwrap();
+        Member3::launch(name, &config, out).0
+    }
+
+    /// A member of `config`, and its client memory budget.
+    fn launch(name: &'static str, config: &PeerConfig, out: Output) -> (Member3, Budget) {
+        let peer = Peer::start(config, Box::new(out.clone())).unwrap();
+        let budget = peer.client_memory().clone();
         let addr = peer.local_addr();
         let (reader, writer) = io::pipe().unwrap();
         let run = thread::spawn(move || peer.run(reader));
-        Member3 {
+        let member = Member3 {
             name,
             addr,
             input: Some(writer),
             out,
             run: Some(run),
-        }
+        };
+        (member, budget)
     }
 
     fn say(&mut self, text: &str) {
@@ -365,4 +373,46 @@ fn a_peer_whose_output_is_not_read_still_serves_the_room() {
         );
     }
     scenario.join().unwrap();
+}
+
+/// Strangers that connect to a member and send the start of a hello that never ends make
+/// its link readers hold it: charged to the member's client memory budget
+/// (`--max-client-memory`), so past it the connection holding the most is closed, and the
+/// room talks on. (Before, the readers of accepted connections were charged to nothing:
+/// 12 such strangers held 3 MiB of a 1 MiB budget.)
+#[test]
+fn strangers_lines_that_never_end_stay_within_the_members_budget() {
+    const LIMIT: usize = 1 << 20;
+    let config = PeerConfig {
+        max_client_memory: LIMIT,
+        ..PeerConfig::new("127.0.0.1:0", "alice")
+    };
+    let (alice, budget) = Member3::launch("alice", &config, Output::default());
+    let mut bob = Member3::start("bob", Some(alice.addr), None);
+    bob.wait_for("[MEMBERS v2 by alice] alice,bob");
+    // Each 200 KiB of a line (lines of up to 256 KiB are read whole): 2.4 MiB in all.
+    let part = vec![b'x'; 200 << 10];
+    let strangers: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let mut s = connect(alice.addr);
+            // A stranger closed to make room fails its write: that is the point.
+            let _ = s.write_all(&part);
+            s
+        })
+        .collect();
+    eventually("the budget to close a stranger", || {
+        budget.evictions() + budget.refusals() > 0
+    });
+    assert!(
+        budget.peak() <= LIMIT + (256 << 10),
+        "peak {} over the budget of {LIMIT} (and one buffer's growth)",
+        budget.peak()
+    );
+    drop(strangers);
+    eventually("the strangers' bytes to come back", || {
+        budget.held() < 64 << 10
+    });
+    bob.say("still here");
+    alice.wait_for("[bob] still here");
+    assert!(alice.alive() && bob.alive());
 }

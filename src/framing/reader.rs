@@ -114,8 +114,15 @@ impl<R: Read> FrameReader<R> {
     /// connection holds the most, and evicts the connection that does otherwise.
     /// [`Connection::reader`](crate::server::Connection::reader) does this for you.
     pub fn accounted(mut self, account: Option<&Account>) -> Self {
-        self.charge = account.and_then(|a| a.charge(self.buf.capacity()).ok());
+        self.charge_to(account);
         self
+    }
+
+    /// [`accounted`](Self::accounted) for a reader already in use: from now on the buffer
+    /// is charged to `account` (none: to nobody), and whatever it was charged to before is
+    /// given back.
+    pub fn charge_to(&mut self, account: Option<&Account>) {
+        self.charge = account.and_then(|a| a.charge(self.buf.capacity()).ok());
     }
 
     /// The framing this reader decodes.

@@ -293,8 +293,10 @@ impl<R: Read> Link<R> {
     }
 
     /// [`Link::outbox`] whose queued bytes are charged to `budget` (none: not charged),
-    /// on an account of the link's own named after the outbox: while a cut network holds
-    /// the link's bytes its queue grows, and costs at most the budget. A link the budget
+    /// on an account of the link's own named after the outbox, as is the link's read
+    /// buffer from now on (a peer that sends a large frame, or one that never ends, makes
+    /// the reader hold it): while a cut network holds the link's bytes its queue grows, and
+    /// costs at most the budget. A link the budget
     /// cannot cover is dead at once: its charge refused (the outbox closes the link and
     /// logs `over the client memory budget`), or closed by the budget as the largest
     /// holder when another connection or link needs room (the budget logs which). Either
@@ -322,7 +324,7 @@ impl<R: Read> Link<R> {
     ///     std::thread::sleep(std::time::Duration::from_millis(500)); // reads nothing
     /// });
     /// let welcome = |_: &[u8]| Ok::<_, std::io::Error>(Answer::Welcome(()));
-    /// let (link, ()) = link::dial(addr, Framing::Line, Limits::default(), b"hello\n", &timeouts, welcome)?;
+    /// let (mut link, ()) = link::dial(addr, Framing::Line, Limits::default(), b"hello\n", &timeouts, welcome)?;
     /// let budget = Budget::new("demo", 64 << 10);
     /// // No writer runs: what is sent stays queued, as behind a cut network.
     /// let (outbox, _writer) = link.charged_outbox(OutboxConfig::new("demo: link", 1000), Some(&budget));
@@ -339,11 +341,14 @@ impl<R: Read> Link<R> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn charged_outbox(
-        &self,
+        &mut self,
         config: OutboxConfig,
         budget: Option<&Budget>,
     ) -> (Outbox, Writer) {
         let account = budget.map(|b| b.account(&config.name, Some(&self.stream)));
+        if account.is_some() {
+            self.reader.charge_to(account.as_ref());
+        }
         self.outbox(config.account(account.as_ref()))
     }
 

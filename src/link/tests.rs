@@ -372,3 +372,47 @@ fn frames_are_read_in_batches_with_one_call_after_each_read() {
     link.stream().shutdown(std::net::Shutdown::Write).unwrap();
     assert!(acceptor.join().unwrap(), "a clean end");
 }
+
+/// A link charged to a budget ([`Link::charged_outbox`]) is charged for its reader's buffer
+/// too: a far end that sends a line that never ends makes the reader hold it, and past
+/// the budget the link is lost, its bytes given back.
+#[test]
+fn a_charged_link_charges_its_reader_and_is_lost_past_the_budget() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (finished, done) = std::sync::mpsc::channel::<()>();
+    let far = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(T)).unwrap();
+        stream.set_write_timeout(Some(T)).unwrap();
+        let mut hello = [0u8; 3];
+        stream.read_exact(&mut hello).unwrap();
+        stream.write_all(b"+bob\nfirst\n").unwrap();
+        // 512 KiB of a line with no end (the reader takes lines of up to 1 MiB); the
+        // write may fail once the link is closed.
+        let _ = stream.write_all(&vec![b'x'; 512 << 10]);
+        let _ = done.recv_timeout(T);
+    });
+    let budget = Budget::new("test", 256 << 10);
+    let (mut link, who) = dial_line(addr, b"hi\n").unwrap();
+    assert_eq!(who, "bob");
+    let config = OutboxConfig::new("test: link", 8);
+    let (outbox, writer) = link.charged_outbox(config, Some(&budget));
+    assert!(budget.held() > 0, "the reader's buffer is charged");
+    let mut got = Vec::new();
+    let end = link.read_frames("test", |f| {
+        got.push(f.to_vec());
+        ControlFlow::<()>::Continue(())
+    });
+    assert_eq!(got, [b"first".to_vec()]);
+    match end {
+        End::Lost(FrameError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::OutOfMemory),
+        other => panic!("the link ended otherwise: {other:?}"),
+    }
+    assert_eq!(budget.refusals(), 1);
+    assert!(budget.peak() <= 256 << 10, "peak {}", budget.peak());
+    drop((link, outbox, writer));
+    assert_eq!(budget.held(), 0);
+    let _ = finished.send(());
+    far.join().unwrap();
+}

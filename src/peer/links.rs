@@ -15,7 +15,7 @@ pub(super) fn run_link<R: Read>(
     id: u64,
     mut dialing: Option<Dialing>,
 ) {
-    let attached = shared.attach(&peer, &link, id, dialing.is_some());
+    let attached = shared.attach(&peer, &mut link, id, dialing.is_some());
     if let Some(d) = &mut dialing {
         d.up = matches!(attached, Attached::Registered);
     }
@@ -195,7 +195,11 @@ pub(super) fn link_limits() -> Limits {
 pub(super) fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
     let stream = &conn.stream;
     let timeouts = &shared.timeouts;
-    let mut reader = FrameReader::with_limits(&**stream, Framing::Line, link_limits());
+    // Charged to the connection's share of the budget until the link's own account takes
+    // it over ([`Link::charged_outbox`]): a stranger's hello that never ends costs its
+    // buffer there.
+    let mut reader =
+        FrameReader::with_limits(&**stream, Framing::Line, link_limits()).accounted(conn.account());
     let first = match reader.read_frame()? {
         Some(line) => PeerMessage::parse(line),
         None => return Ok(()),

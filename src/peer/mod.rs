@@ -107,11 +107,14 @@
 //! (queueing lines without blocking, printing), so effects keep the node's order. Per link:
 //! a reader thread and a writer thread that drains a bounded outbox (4,096 lines; a link
 //! that far behind is closed) and sends a `heartbeat` after 250 ms idle. The bytes queued
-//! on all links together are charged to one budget (`--max-client-memory`, 64 MiB by
-//! default; [`crate::link::Link::charged_outbox`], as chat federation links are): a link
-//! the budget cannot cover (a cut network holding its bytes) is closed at once, logged,
-//! detached and dialled again like any lost link, and what it held goes again by the
-//! resend of unacknowledged lines, along whatever route exists. The tick runs
+//! on all links together, and what their readers and every accepted connection's reader
+//! hold (a partial line, up to 256 KiB each), are charged to one budget
+//! (`--max-client-memory`, 64 MiB by default; [`crate::link::Link::charged_outbox`], as
+//! chat federation links are): a link the budget cannot cover (a cut network holding its
+//! bytes) is closed at once, logged, detached and dialled again like any lost link, and
+//! what it held goes again by the resend of unacknowledged lines, along whatever route
+//! exists; a connection that is no link yet (a stranger's hello that never ends) is
+//! closed, logged. The tick runs
 //! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
 //! drops members down for 1 s. A dial that fails puts off the next one to that address by
 //! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
@@ -120,7 +123,7 @@
 //! # Bounds
 //!
 //! Nothing a peer sends grows another without limit: link lines are at most 256 KiB
-//! (longer ones are skipped), link queues at most the budget above in all, lists at most
+//! (longer ones are skipped), link queues and read buffers at most the budget above in all, lists at most
 //! 256 members, chat lines at most 16 KiB, lines
 //! held for a gap at most 16 MiB in all (more are dropped unacknowledged and come again),
 //! and adverts of peers not on the list at most 256, each kept 15 s.
@@ -214,11 +217,14 @@ pub struct PeerConfig {
     /// `(ADDR, VIA)` pairs (`--reach ADDR=VIA`): the peer listening at `ADDR` (as members
     /// know it) is dialled at `VIA` (a port forward, a tunnel, a test's fault proxy).
     pub reach: Vec<(String, String)>,
-    /// Bytes the queues of all this peer's links together may hold (`--max-client-memory`;
-    /// [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides the cap of [`OUTBOX`] lines per
-    /// link. While a cut network holds a link's bytes its queue grows; a link the budget
-    /// cannot cover is closed at once (logged) and redialled, and its lines go again by
-    /// the resend of what is unacknowledged (see [`crate::link::Link::charged_outbox`]).
+    /// Bytes the queues and read buffers of all this peer's links and connections together
+    /// may hold (`--max-client-memory`; [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides
+    /// the cap of [`OUTBOX`] lines per link. While a cut network holds a link's bytes its
+    /// queue grows; a link the budget cannot cover is closed at once (logged) and
+    /// redialled, and its lines go again by the resend of what is unacknowledged (see
+    /// [`crate::link::Link::charged_outbox`]). A connection whose hello has not ended yet
+    /// is charged for what its reader holds, so strangers sending lines that never end
+    /// cannot hold more than the budget either.
     pub max_client_memory: usize,
 }
 
@@ -522,7 +528,7 @@ impl Shared {
     fn attach<R: Read>(
         self: &Arc<Self>,
         peer: &Member,
-        link: &Link<R>,
+        link: &mut Link<R>,
         id: u64,
         dialed_by_me: bool,
     ) -> Attached {
@@ -767,6 +773,7 @@ impl Peer {
         }
         let mut server_config = ServerConfig::named("peer");
         server_config.idle_timeout = Some(config.link_timeout);
+        server_config.client_memory = Some(shared.budget.clone());
         let for_links = Arc::clone(&shared);
         let server = Server::from_listener(listener, server_config, move |conn| {
             accept_link(&for_links, conn)

@@ -347,7 +347,11 @@ pub fn serve_peer_with<R: Read>(
         max_frame: MAX_MESSAGE,
         ..Limits::default()
     };
-    let messages = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+    // Charged to the connection's share of the client memory budget, as every
+    // connection's reader is: a message in flight (a snapshot's, up to MAX_MESSAGE) is
+    // bytes the server holds.
+    let messages =
+        FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
     let mut welcome = Vec::new();
     encode_frame(
         cfg.framing,

@@ -84,7 +84,10 @@ impl Replica {
             max_frame: MAX_PEER_FRAME,
             ..Limits::default()
         };
-        let reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
+        // Charged to the connection's share of the client memory budget, as every
+        // connection's reader is: a peer's frame in flight is bytes the server holds.
+        let reader =
+            FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
         let accepted = link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?;
         let (Some(from), Some(mut link)) = (from.filter(|_| replaceable), accepted) else {
             self.log_refusal(from, conn.peer);
