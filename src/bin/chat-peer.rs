@@ -39,8 +39,9 @@ struct Args {
     /// a tunnel, or a test's fault proxy (repeatable)
     #[argh(option, from_str_fn(switchboard::peer::parse_reach))]
     reach: Vec<(String, String)>,
-    /// bytes the queues and read buffers of all links and connections together may hold
-    /// (lines waiting for a slow or cut peer, partial lines), k/m/g suffixes allowed: a
+    /// bytes the queues and read buffers of all links and connections, and the output's
+    /// queue, together may hold (lines waiting for a slow or cut peer or an output nobody
+    /// reads, partial lines), k/m/g suffixes allowed: a
     /// link past it is closed, with a log line, and dialled again; its unacknowledged lines
     /// are sent again (default 64m, at least 1m)
     #[argh(

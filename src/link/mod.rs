@@ -328,14 +328,17 @@ impl<R: Read> Link<R> {
     /// let budget = Budget::new("demo", 64 << 10);
     /// // No writer runs: what is sent stays queued, as behind a cut network.
     /// let (outbox, _writer) = link.charged_outbox(OutboxConfig::new("demo: link", 1000), Some(&budget));
-    /// let line: switchboard::outbox::Bytes = Arc::from(vec![b'x'; 20 << 10]);
+    /// // The link's read buffer is charged from now on (a few KiB after the handshake).
+    /// assert!(budget.held() > 0);
+    /// let line: switchboard::outbox::Bytes = Arc::from(vec![b'x'; 16 << 10]);
     /// outbox.send(Arc::clone(&line))?;
     /// outbox.send(Arc::clone(&line))?;
     /// outbox.send(Arc::clone(&line))?;
-    /// // 80 KiB would pass the budget: the link is closed, logged, and its bytes come back.
+    /// // 64 KiB and the read buffer would pass the budget: the link is closed, logged, and
+    /// // its bytes come back.
     /// assert_eq!(outbox.send(line), Err(SendError::Overflow));
     /// assert_eq!(budget.refusals(), 1);
-    /// # drop((outbox, _writer));
+    /// # drop((outbox, _writer, link));
     /// # assert_eq!(budget.held(), 0);
     /// # acceptor.join().unwrap();
     /// # Ok::<(), Box<dyn std::error::Error>>(())

@@ -217,8 +217,8 @@ pub struct PeerConfig {
     /// `(ADDR, VIA)` pairs (`--reach ADDR=VIA`): the peer listening at `ADDR` (as members
     /// know it) is dialled at `VIA` (a port forward, a tunnel, a test's fault proxy).
     pub reach: Vec<(String, String)>,
-    /// Bytes the queues and read buffers of all this peer's links and connections together
-    /// may hold (`--max-client-memory`; [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides
+    /// Bytes the queues and read buffers of all this peer's links and connections, and the
+    /// output's queue (`printer`), together may hold (`--max-client-memory`; [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides
     /// the cap of [`OUTBOX`] lines per link. While a cut network holds a link's bytes its
     /// queue grows; a link the budget cannot cover is closed at once (logged) and
     /// redialled, and its lines go again by the resend of what is unacknowledged (see
@@ -660,8 +660,8 @@ impl PeerHandle {
 impl Peer {
     /// Binds, starts serving links, and starts a room or begins joining one; chat lines
     /// and membership changes are written to `output`, by a thread of their own (from a
-    /// queue of at most 32 MiB: an output nobody reads loses lines, marked `[NOT SHOWN]`,
-    /// and stops nothing else).
+    /// queue of at most 32 MiB, charged to the client memory budget: an output nobody
+    /// reads loses lines, marked `[NOT SHOWN]`, and stops nothing else).
     ///
     /// # Errors
     /// A bad name, a `--via` that `--no-direct` forbids, an address that does not resolve
@@ -737,7 +737,9 @@ impl Peer {
         let (events_tx, events) = bounded(64);
         let links = Group::new("peer");
         let printer = Group::with_stack_size("peer", 128 << 10);
-        let output = Printer::start(output, OUTPUT_QUEUE, &printer)?;
+        let budget = Budget::new("peer", config.max_client_memory);
+        let account = budget.account("peer: the output", None);
+        let output = Printer::start(output, OUTPUT_QUEUE, Some(account), &printer)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 node,
@@ -765,7 +767,7 @@ impl Peer {
             }),
             timeouts,
             reach,
-            budget: Budget::new("peer", config.max_client_memory),
+            budget,
         });
         {
             let mut st = shared.state();

@@ -11,11 +11,15 @@
 //! closes its connection. An output has nothing to close, so a full queue drops lines
 //! instead, and says so.
 //!
-//! The queue is bounded in bytes ([`OUTPUT_QUEUE`]). Past the bound a line is not queued
-//! but counted, and once there is room again a `[NOT SHOWN] N line(s): the output was not
-//! being read` line takes the place of those lost, so the output says where it has a
-//! gap.
+//! The queue is bounded in bytes ([`OUTPUT_QUEUE`]), and what it holds is charged to the
+//! peer's client memory budget (`--max-client-memory`) with its links' queues and read
+//! buffers. Past the bound, or when the budget refuses the charge (the output holds the
+//! most), a line is not queued but counted, and once there is room again a `[NOT SHOWN] N
+//! line(s): the output was not being read` line takes the place of those lost, so the
+//! output says where it has a gap. When a link holds more, the budget closes that link
+//! instead: it is dialled again and its lines resent, while a line not shown is gone.
 
+use crate::budget::{Account, Charge};
 use crate::group::Group;
 use crate::log_info;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -53,20 +57,25 @@ impl Item {
 /// serialises the calls (the peer calls it under its lock), which is what orders the
 /// lines.
 pub(super) struct Printer {
-    lines: Sender<Item>,
+    /// Each item with its charge to the budget, given back once it is written.
+    lines: Sender<(Item, Option<Charge>)>,
     /// Bytes queued and not yet written, [`Item::cost`] each.
     queued: Arc<AtomicUsize>,
     /// Lines not queued since the last `[NOT SHOWN]` was.
     not_shown: u64,
     limit: usize,
+    /// The output's share of the peer's client memory budget (none: not charged).
+    account: Option<Account>,
 }
 
 impl Printer {
     /// Starts the printer thread in `group`, writing to `output`, queueing at most `limit`
-    /// bytes. Dropping the `Printer` lets the thread write what is queued and end.
+    /// bytes, each charged to `account` until written. Dropping the `Printer` lets the
+    /// thread write what is queued and end.
     pub(super) fn start(
         output: Box<dyn Write + Send>,
         limit: usize,
+        account: Option<Account>,
         group: &Group,
     ) -> io::Result<Printer> {
         let (lines, queue) = unbounded();
@@ -80,6 +89,7 @@ impl Printer {
             queued,
             not_shown: 0,
             limit,
+            account,
         })
     }
 
@@ -90,20 +100,37 @@ impl Printer {
         }
         if self.not_shown > 0 || !self.push(Item::Line(line)) {
             if self.not_shown == 0 {
-                log_info!("peer: the output is not being read; lines are dropped until it is");
+                log_info!(
+                    "peer: the output is not being read (its queue, or the client memory \
+                     budget, is full); lines are dropped until it is"
+                );
             }
             self.not_shown += 1;
         }
     }
 
-    /// Queues `item` if it fits.
+    /// Queues `item` if it fits, and the budget covers it.
     fn push(&self, item: Item) -> bool {
         let cost = item.cost();
         if self.queued.load(Ordering::Acquire) + cost > self.limit {
             return false;
         }
+        // Charged without waiting for evicted links' bytes to come back: the caller holds
+        // the peer's lock (see `Charge::resize_now`).
+        let charge = match &self.account {
+            None => None,
+            Some(account) => {
+                let Ok(mut charge) = account.charge(0) else {
+                    return false;
+                };
+                if charge.resize_now(cost).is_err() {
+                    return false;
+                }
+                Some(charge)
+            }
+        };
         self.queued.fetch_add(cost, Ordering::AcqRel);
-        if self.lines.send(item).is_err() {
+        if self.lines.send((item, charge)).is_err() {
             // The thread has ended (its output failed): nothing will be written.
             self.queued.fetch_sub(cost, Ordering::AcqRel);
             return false;
@@ -115,8 +142,13 @@ impl Printer {
 /// The printer thread: writes each item as it comes, flushing whenever the queue is
 /// empty; ends when the [`Printer`] is dropped and everything is written, or when the
 /// output fails.
-fn write_out(mut output: Box<dyn Write + Send>, queue: &Receiver<Item>, queued: &AtomicUsize) {
-    for item in queue {
+fn write_out(
+    mut output: Box<dyn Write + Send>,
+    queue: &Receiver<(Item, Option<Charge>)>,
+    queued: &AtomicUsize,
+) {
+    // An item's charge is given back when it is dropped, once it is written.
+    for (item, _charge) in queue {
         let cost = item.cost();
         let result = match &item {
             Item::Line(line) => writeln!(output, "{line}"),
@@ -184,7 +216,7 @@ mod tests {
         let group = Group::new("test");
         // Room for three lines of 10 bytes.
         let mut printer =
-            Printer::start(Box::new(gate.clone()), 3 * (11 + PER_LINE), &group).unwrap();
+            Printer::start(Box::new(gate.clone()), 3 * (11 + PER_LINE), None, &group).unwrap();
         // A line counts against the bound until it is written, and the thread blocks
         // writing the first: three lines fill the queue and the next five find it full.
         // None of this waits.
@@ -212,12 +244,47 @@ mod tests {
         );
     }
 
+    /// The queue is charged to the budget: past it lines are not shown, as past the
+    /// queue's own bound, and what was queued is given back as it is written.
+    #[test]
+    fn a_blocked_output_holds_at_most_the_budget_and_gives_it_back() {
+        let gate = Gate::default();
+        let group = Group::new("test");
+        let budget = crate::budget::Budget::new("test", 4 * (11 + PER_LINE));
+        let account = budget.account("test: the output", None);
+        let mut printer =
+            Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, Some(account), &group).unwrap();
+        for i in 0..10 {
+            printer.print(format!("line {i:05}"));
+        }
+        // Four lines fit the budget; the queue's own bound is far away.
+        assert_eq!(printer.not_shown, 6);
+        assert_eq!(budget.held(), 4 * (11 + PER_LINE));
+        assert_eq!(budget.refusals(), 6);
+        gate.open();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while budget.held() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never given back");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        printer.print("line 00010".into());
+        drop(printer);
+        assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
+        assert_eq!(budget.held(), 0);
+        assert_eq!(
+            gate.text(),
+            "line 00000\nline 00001\nline 00002\nline 00003\n\
+             [NOT SHOWN] 6 line(s): the output was not being read\nline 00010\n"
+        );
+    }
+
     #[test]
     fn lines_are_written_in_order_and_all_of_them_before_the_thread_ends() {
         let gate = Gate::default();
         gate.open();
         let group = Group::new("test");
-        let mut printer = Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, &group).unwrap();
+        let mut printer =
+            Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, None, &group).unwrap();
         let lines: Vec<String> = (0..1000).map(|i| format!("[a] {i}")).collect();
         for line in &lines {
             printer.print(line.clone());
