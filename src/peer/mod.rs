@@ -218,13 +218,13 @@ pub struct PeerConfig {
     /// know it) is dialled at `VIA` (a port forward, a tunnel, a test's fault proxy).
     pub reach: Vec<(String, String)>,
     /// Bytes the queues and read buffers of all this peer's links and connections, and the
-    /// output's queue (`printer`), together may hold (`--max-client-memory`; [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides
-    /// the cap of [`OUTBOX`] lines per link. While a cut network holds a link's bytes its
-    /// queue grows; a link the budget cannot cover is closed at once (logged) and
-    /// redialled, and its lines go again by the resend of what is unacknowledged (see
-    /// [`crate::link::Link::charged_outbox`]). A connection whose hello has not ended yet
-    /// is charged for what its reader holds, so strangers sending lines that never end
-    /// cannot hold more than the budget either.
+    /// output's queue (`printer`), together may hold (`--max-client-memory`;
+    /// [`DEFAULT_MAX_CLIENT_MEMORY`] by default), besides the cap of [`OUTBOX`] lines per
+    /// link. While a cut network holds a link's bytes its queue grows; a link the budget
+    /// cannot cover is closed at once (logged) and redialled, and its lines go again by the
+    /// resend of what is unacknowledged (see [`crate::link::Link::charged_outbox`]). A
+    /// connection whose hello has not ended yet is charged for what its reader holds, so
+    /// strangers sending lines that never end cannot hold more than the budget either.
     pub max_client_memory: usize,
 }
 
