@@ -4,7 +4,8 @@
 //! every peer link) acknowledges nothing on the minority side while the majority goes on,
 //! and after the heal nothing acknowledged is lost and no number names two messages; a
 //! leader frozen with SIGSTOP wakes acknowledging nothing it did not commit; every
-//! server restarting from its data directory keeps accounts and undelivered messages.
+//! server restarting from its data directory keeps accounts and undelivered messages;
+//! clients flooding the followers cost their own connections, never a Raft link.
 
 #[path = "common/cluster.rs"]
 mod cluster;
@@ -412,4 +413,55 @@ fn killing_the_leader_closes_connections_forwarded_to_it_and_loses_nothing_ackno
         !delivered.iter().any(|d| d.text == "to a dead leader"),
         "{logs}"
     );
+}
+
+/// Clients on both followers that send searches as fast as they can and never read cost
+/// their own connections, not the cluster's links: forwarded requests queue on the Raft
+/// links only while those have room, so no link is closed for being full, the leader keeps
+/// its followers' acknowledgements and stays the leader, and another client is served
+/// meanwhile. (Before, a follower queued every request it read on its Raft link to the
+/// leader, and the link closed once 4,096 waited.)
+#[test]
+fn flooding_clients_on_the_followers_shed_their_own_connections_not_the_raft_links() {
+    let cluster = Cluster::start("flood", false);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    let leader = cluster.leader();
+    let downs = cluster.logs().matches("stepping down").count();
+    let mut search = Vec::new();
+    encode_frame(Framing::U32, b"\x03*", &mut search).unwrap();
+    let burst = search.repeat(20_000);
+    let flooders: Vec<_> = (0..N)
+        .filter(|&i| i != leader)
+        .map(|i| {
+            let addr = cluster.addrs[i];
+            let burst = burst.clone();
+            thread::spawn(move || {
+                let mut s = common::connect(addr);
+                // Until the server closes it (or 3 s): then the write fails.
+                let until = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < until && s.write_all(&burst).is_ok() {}
+            })
+        })
+        .collect();
+    // Served meanwhile, through whichever server the client reaches.
+    for i in 0..5 {
+        assert_eq!(ann.search("*").unwrap(), ["ann"], "search {i}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    for f in flooders {
+        f.join().unwrap();
+    }
+    ann.login("ann").unwrap();
+    ann.send("ann", "after the flood").unwrap();
+    let got = ann.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(got.text, "after the flood");
+    let logs = cluster.logs();
+    assert!(logs.contains("is full; not forwarding"), "{logs}");
+    assert!(
+        !logs.contains("frames behind"),
+        "a link was closed full\n{logs}"
+    );
+    assert_eq!(cluster.serving(), Some(leader), "{logs}");
+    assert_eq!(logs.matches("stepping down").count(), downs, "{logs}");
 }

@@ -49,6 +49,12 @@ pub const MAX_MESSAGE: usize = crate::framing::DEFAULT_MAX_FRAME + (2 << 20);
 pub const SERVICE: u8 = b'S';
 /// Messages waiting on one link before it is given up (and redialled).
 const OUTBOX_LIMIT: usize = 4096;
+/// A service's frames are let onto a link only while it holds fewer bytes than this (and
+/// fewer than half [`OUTBOX_LIMIT`]'s frames; see [`LinkTransport::has_room`]): a
+/// service's traffic (the messenger's forwarded requests, and the answers relayed back)
+/// can then never fill the queue that Raft's own messages need, and get the link closed
+/// under them.
+pub const SERVICE_QUEUE: usize = 8 << 20;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -174,8 +180,51 @@ impl LinkTransport {
 
     /// Queues a service frame ([`SERVICE`], then `body`) on the link to `to`; false when
     /// that link is down. Frames queued to one peer arrive in order, or the link ends.
+    /// Unless the frame is a small one that must not be lost (a close), ask
+    /// [`has_room`](Self::has_room) first.
     pub fn post(&self, to: ReplicaId, body: &[u8]) -> bool {
         self.queue(to, &[&[SERVICE], body])
+    }
+
+    /// Whether the link to `to` is up and has room for service frames of `bytes` in all
+    /// (bodies, as [`post`](Self::post) takes them; one frame's header counted): it holds
+    /// at most [`SERVICE_QUEUE`] bytes with them, and fewer than half the
+    /// frames that close it. A service that is told no refuses or sheds that work (a
+    /// client on the far side of a slow link is closed, and fails over) rather than queue
+    /// it: the rest of the queue is Raft's, and a link closed for being full would cost
+    /// the cluster its heartbeats and acknowledgements until redialled.
+    pub fn has_room(&self, to: ReplicaId, bytes: usize) -> bool {
+        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
+            return false;
+        };
+        let slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.as_ref().is_some_and(|outbox| {
+            outbox.len() < OUTBOX_LIMIT / 2
+                && outbox.queued_bytes().saturating_add(bytes + 5) <= SERVICE_QUEUE
+        })
+    }
+
+    /// Whether the link to `to` is up (dialled and welcomed, not yet ended).
+    pub fn is_up(&self, to: ReplicaId) -> bool {
+        self.slots.iter().any(|(p, slot)| {
+            *p == to
+                && slot
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_some()
+        })
+    }
+
+    /// A transport over these outboxes, by peer (a test's, whose writers need not run).
+    #[cfg(test)]
+    pub(crate) fn over(outboxes: Vec<(ReplicaId, Outbox)>) -> LinkTransport {
+        let slots = outboxes
+            .into_iter()
+            .map(|(peer, outbox)| (peer, Mutex::new(Some(outbox))))
+            .collect();
+        LinkTransport {
+            slots: Arc::new(slots),
+        }
     }
 }
 
@@ -390,4 +439,47 @@ pub fn serve_peer_with<R: Read>(
     log_debug!("raft {me}: link from {from} ended: {end:?}");
     service.ended(from);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::testing::pair;
+
+    /// Service frames stop at the mark, bytes or frames, and the link stays up for Raft's
+    /// own messages.
+    #[test]
+    fn service_frames_stop_at_the_mark_and_leave_the_link_to_raft() {
+        let link = || {
+            let (client, served) = pair();
+            let config = OutboxConfig::new("test", OUTBOX_LIMIT);
+            let (outbox, writer) = Outbox::new(Arc::new(served), config);
+            (outbox, writer, client)
+        };
+        let (outbox, _writer, _client) = link();
+        let mut links = LinkTransport::over(vec![(2, outbox.clone())]);
+        assert!(!links.has_room(3, 1) && !links.is_up(3), "not a peer");
+        let chunk = vec![b'x'; 1 << 20];
+        let mut posted = 0;
+        while links.has_room(2, chunk.len()) {
+            assert!(links.post(2, &chunk));
+            posted += 1;
+        }
+        // Each frame is 1 MiB and 5 bytes: seven fit under 8 MiB.
+        assert_eq!(posted, 7);
+        assert!(links.has_room(2, 1000), "a small one still fits");
+        links.send(2, vec![1, 2, 3]);
+        assert_eq!(outbox.len(), 8, "Raft's message queued, the link up");
+
+        let (outbox, _writer, _client) = link();
+        let links = LinkTransport::over(vec![(2, outbox.clone())]);
+        let mut posted = 0;
+        while links.has_room(2, 1) {
+            assert!(links.post(2, b"x"));
+            posted += 1;
+        }
+        assert_eq!(posted, OUTBOX_LIMIT / 2);
+        assert!(links.is_up(2), "full, not down");
+        assert!(links.post(2, b"a close"), "a frame that must go still goes");
+    }
 }

@@ -15,6 +15,13 @@
 //! The client then fails over as from any closed connection: it logs in again and
 //! resends what was unanswered, and its ids make a resend say ok without a second copy.
 //!
+//! Forwarding shares the links with Raft's own messages, and never fills them: a request
+//! or an answer is queued only while the link has room for service frames
+//! ([`LinkTransport::has_room`](crate::raft::links::LinkTransport::has_room)). A client
+//! whose requests or answers do not fit (it asks faster than the link carries them) has
+//! its connection closed as above; a full link closed instead would cost the cluster its
+//! heartbeats and acknowledgements until redialled.
+//!
 //! Here: the messages, the follower's side (forwarding, writing relays in order) and the
 //! leader's (deciding a follower's requests in order, numbering what it relays), all under
 //! the service's one lock, so relays leave in the order the registry queued them.
@@ -44,6 +51,8 @@ use crate::raft::ReplicaId;
 /// A relay's bytes are cut into frames of at most this many (a search answer can be
 /// long; a Raft link's frame limit is a few MiB).
 pub const RELAY_CHUNK: usize = 256 << 10;
+/// A relay's bytes before its part of the answer: `R`, conn, seq, close.
+const RELAY_HEADER: usize = 1 + 8 + 8 + 1;
 
 /// One forwarding message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +161,37 @@ impl Shared {
             .is_some_and(|l| l.post(to as ReplicaId + 1, &msg.encode()))
     }
 
+    /// Whether the link to server `to` is up and has room for forwarding messages of
+    /// `bytes` in all ([`LinkTransport::has_room`](crate::raft::links::LinkTransport::has_room)):
+    /// requests and answers are let onto a Raft link only while it has, so that a client
+    /// flooding a follower, or asking for answers faster than the link carries them, sheds
+    /// its own connection and not the cluster's link.
+    fn room(&self, to: usize, bytes: usize) -> bool {
+        self.links
+            .get()
+            .is_some_and(|l| l.has_room(to as ReplicaId + 1, bytes))
+    }
+
+    /// [`post`](Self::post) if the link has [`room`](Self::room) for it; a request that
+    /// finds its link up but full is logged (its connection is then closed or redirected).
+    fn post_if_room(&self, to: usize, msg: &ForwardMsg) -> bool {
+        let Some(links) = self.links.get() else {
+            return false;
+        };
+        let (body, peer) = (msg.encode(), to as ReplicaId + 1);
+        if links.has_room(peer, body.len()) {
+            return links.post(peer, &body);
+        }
+        if let (true, ForwardMsg::Forward { conn, .. }) = (links.is_up(peer), msg) {
+            log_info!(
+                "messenger-{}: the link to server {to} is full; not forwarding client \
+                 connection {conn}'s request (the connection is closed, or redirected)",
+                self.id
+            );
+        }
+        false
+    }
+
     /// Sends what the registry queued for followers' clients, each connection's relays
     /// numbered in order; a closing relay ends the leader's record of its connection.
     /// Called under the lock after anything that may queue relays, so they leave in the
@@ -166,6 +206,30 @@ impl Shared {
                     // Forgotten (the follower closed it): nobody to relay to.
                     continue;
                 };
+                // The whole answer or none of it: a link that cannot take it (its follower
+                // reads it slower than this client asks) closes the client's connection,
+                // with a small close that goes whatever the link holds, and the client
+                // fails over as from any closed connection.
+                let parts_of = r.bytes.len().div_ceil(RELAY_CHUNK).max(1);
+                if !self.room(peer, r.bytes.len() + parts_of * RELAY_HEADER) {
+                    log_info!(
+                        "messenger-{}: the link to server {peer} is full; closing its \
+                         client connection {}",
+                        self.id,
+                        r.conn
+                    );
+                    remote.sent += 1;
+                    let close = ForwardMsg::Relay {
+                        conn: r.conn,
+                        seq: remote.sent,
+                        close: true,
+                        bytes: Vec::new(),
+                    };
+                    self.post(peer, &close);
+                    inner.remotes.remove(&id);
+                    inner.clients.remove(id);
+                    continue;
+                }
                 let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
                 let mut first = true;
                 while first || parts.peek().is_some() {
@@ -213,7 +277,9 @@ impl Shared {
                 request: payload.to_vec(),
             };
             let same = !inner.stopping && inner.lead.is_none() && inner.leader == Some(f.leader);
-            if same && self.post(f.leader, &msg) {
+            // A link down, or full (this client sends faster than the leader takes its
+            // requests): the connection is closed, and the client fails over.
+            if same && self.post_if_room(f.leader, &msg) {
                 f.sent += 1;
                 return Some(false);
             }
@@ -229,8 +295,8 @@ impl Shared {
                     seq: 1,
                     request: payload.to_vec(),
                 };
-                // Its link down: redirected instead, as before forwarding.
-                self.post(l, &msg).then(|| {
+                // Its link down or full: redirected instead, as before forwarding.
+                self.post_if_room(l, &msg).then(|| {
                     let f = Forwarded {
                         leader: l,
                         sent: 1,
@@ -390,6 +456,8 @@ mod tests {
     use crate::messenger::clients::Clients;
     use crate::messenger::state::State;
     use crate::outbox::testing::unstarted as outbox;
+    use crate::outbox::Outbox;
+    use crate::raft::links::LinkTransport;
     use std::collections::HashMap;
     use std::sync::{Condvar, Mutex, OnceLock};
 
@@ -496,6 +564,83 @@ mod tests {
         s.on_relay(inner, (0, 7), 3, false, frame);
         assert_eq!(watch.len(), 1);
         assert!(!inner.forwarded.contains_key(&7));
+    }
+
+    /// A Raft link to `peer` (a Raft id) whose writer does not run, filled with service
+    /// frames until it has no more room for them: as a link whose far end reads slower
+    /// than a client asks.
+    /// (Also the link's writer and far end, to keep while it is used.)
+    fn full_link(peer: crate::raft::ReplicaId) -> (LinkTransport, Outbox, impl Sized) {
+        let (client, served) = crate::outbox::testing::pair();
+        // As many frames may wait as on a Raft link.
+        let config = crate::outbox::OutboxConfig::new("test link", 4096);
+        let (link, writer) = Outbox::new(std::sync::Arc::new(served), config);
+        let links = LinkTransport::over(vec![(peer, link.clone())]);
+        for size in [1 << 20, 1 << 14, 1 << 8, 1] {
+            let filler = vec![b'x'; size];
+            while links.has_room(peer, size) {
+                assert!(links.post(peer, &filler));
+            }
+        }
+        (links, link, (writer, client))
+    }
+
+    #[test]
+    fn a_full_link_sheds_the_client_and_keeps_the_link() {
+        // A follower whose link to the leader (server 0, Raft id 1) is full: a bound
+        // connection's next request closes it (and tells the leader), a new connection is
+        // decided here (redirected) rather than forwarded.
+        let s = shared(1, false);
+        let (links, link, _far) = full_link(1);
+        assert!(s.links.set(links).is_ok());
+        let mut guard = s.lock();
+        let inner = &mut *guard;
+        let (out, _writer, _client) = outbox();
+        inner.clients.add(7, out);
+        let bound = Forwarded {
+            leader: 0,
+            sent: 2,
+            got: 0,
+        };
+        inner.forwarded.insert(7, bound);
+        let queued = link.len();
+        assert_eq!(s.forward(inner, 7, b"\x03*"), Some(true));
+        assert!(!inner.forwarded.contains_key(&7));
+        assert_eq!(link.len(), queued + 1, "the leader is told it closed");
+        let (out, _writer, _client) = outbox();
+        inner.clients.add(8, out);
+        assert_eq!(s.forward(inner, 8, b"\x01ann"), None);
+        assert!(!inner.forwarded.contains_key(&8));
+        let links = s.links.get().unwrap();
+        assert!(links.post(1, b"more"), "the link is kept");
+        drop(guard);
+
+        // A leader whose link to follower 1 (Raft id 2) is full: an answer for that
+        // follower's client is not queued; the connection is closed with a close relay
+        // and forgotten.
+        let s = shared(0, true);
+        let (links, link, _far) = full_link(2);
+        assert!(s.links.set(links).is_ok());
+        let mut guard = s.lock();
+        let inner = &mut *guard;
+        // Follower 1's connection 5, served since its first request, whose answer is
+        // ready to relay.
+        let id = inner.clients.remote(1, 5).unwrap();
+        let remote = Remote {
+            peer: 1,
+            sent: 0,
+            got: 1,
+        };
+        inner.remotes.insert(id, remote);
+        inner
+            .clients
+            .send(id, Out::replies(0, None, &[Reply::Ok], false), 0);
+        let queued = link.len();
+        s.pump(inner);
+        assert_eq!(link.len(), queued + 1, "only the close went");
+        assert!(inner.remotes.is_empty() && !inner.clients.contains(id));
+        let links = s.links.get().unwrap();
+        assert!(links.post(2, b"more"), "the link is kept");
     }
 
     #[test]
