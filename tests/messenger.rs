@@ -1545,3 +1545,51 @@ fn fuzz_of_the_replication_port_changes_nothing() {
 fn fuzz_of_the_replication_port_for_a_minute_changes_nothing() {
     fuzz_replication(Duration::from_secs(60), 22);
 }
+
+/// Clients on both backups that send searches as fast as they can and never read cost
+/// their own connections, not the replication links: no link is closed for being behind,
+/// the primary keeps its backups and stays the primary, and another client is served
+/// meanwhile.
+#[test]
+fn flooding_clients_on_the_backups_shed_their_own_connections_not_the_links() {
+    let cluster = Cluster::start(3, "flood");
+    let primary = the_primary(&cluster);
+    let mut ann = cluster.client();
+    ann.register("ann").unwrap();
+    let mut search = Vec::new();
+    encode_frame(Framing::U32, b"\x03*", &mut search).unwrap();
+    let burst = search.repeat(20_000);
+    let flooders: Vec<_> = (0..3)
+        .filter(|&i| i != primary)
+        .map(|i| {
+            let addr = cluster.addrs[i];
+            let burst = burst.clone();
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                // Until the server closes it (or 3 s): then the write fails.
+                let until = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < until && s.write_all(&burst).is_ok() {}
+            })
+        })
+        .collect();
+    for i in 0..5 {
+        assert_eq!(ann.search("*").unwrap(), ["ann"], "search {i}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    for f in flooders {
+        f.join().unwrap();
+    }
+    ann.login("ann").unwrap();
+    ann.send("ann", "after the flood").unwrap();
+    let got = ann.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(got.text, "after the flood");
+    let logs = cluster.logs();
+    let link_closed = |l: &str| l.contains("the link to server") && l.contains("behind");
+    assert!(
+        !logs.lines().any(link_closed),
+        "a link was closed behind\n{logs}"
+    );
+    assert!(!logs.contains("dropping the link"), "{logs}");
+    assert!(leads(&cluster, primary), "{logs}");
+    assert_eq!(logs.matches("primary for epoch").count(), 1, "{logs}");
+}

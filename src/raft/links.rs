@@ -50,7 +50,7 @@ pub const SERVICE: u8 = b'S';
 /// Messages waiting on one link before it is given up (and redialled).
 const OUTBOX_LIMIT: usize = 4096;
 /// A service's frames are let onto a link only while it holds fewer bytes than this (and
-/// fewer than half [`OUTBOX_LIMIT`]'s frames; see [`LinkTransport::has_room`]): a
+/// fewer than half the 4,096 frames that close a link; see [`LinkTransport::has_room`]): a
 /// service's traffic (the messenger's forwarded requests, and the answers relayed back)
 /// can then never fill the queue that Raft's own messages need, and get the link closed
 /// under them.
