@@ -1566,6 +1566,9 @@ fn flooding_clients_on_the_backups_shed_their_own_connections_not_the_links() {
             let burst = burst.clone();
             thread::spawn(move || {
                 let mut s = connect(addr);
+                // A closed connection's socket may stop taking bytes without failing
+                // the write at once (the server no longer reads it): a short timeout.
+                s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
                 // Until the server closes it (or 3 s): then the write fails.
                 let until = Instant::now() + Duration::from_secs(3);
                 while Instant::now() < until && s.write_all(&burst).is_ok() {}

@@ -438,6 +438,9 @@ fn flooding_clients_on_the_followers_shed_their_own_connections_not_the_raft_lin
             let burst = burst.clone();
             thread::spawn(move || {
                 let mut s = common::connect(addr);
+                // A closed connection's socket may stop taking bytes without failing
+                // the write at once (the server no longer reads it): a short timeout.
+                s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
                 // Until the server closes it (or 3 s): then the write fails.
                 let until = Instant::now() + Duration::from_secs(3);
                 while Instant::now() < until && s.write_all(&burst).is_ok() {}
