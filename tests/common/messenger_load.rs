@@ -7,7 +7,7 @@
 
 use crate::cluster::Launch;
 use crate::common::{connect, eventually, IO_TIMEOUT};
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -222,4 +222,41 @@ impl Raw {
             Ok(Some(_)) => false,
         }
     }
+}
+
+/// Sends the payload `first`, then `request(n)` for n = 1, 2, … (each a `u32` frame) to
+/// `addr` as fast as the socket takes them, never reading, for 3 s or until a write fails:
+/// how it failed (`None`: it never did). A client that floods a server.
+pub fn flood(
+    addr: SocketAddr,
+    first: &[u8],
+    request: impl Fn(u64) -> Vec<u8>,
+) -> Option<ErrorKind> {
+    let mut s = connect(addr);
+    // A closed connection's socket may stop taking bytes without failing the write at
+    // once (the server no longer reads it): a short timeout.
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut burst = Vec::new();
+    encode_frame(Framing::U32, first, &mut burst).unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        for _ in 0..5000 {
+            n += 1;
+            encode_frame(Framing::U32, &request(n), &mut burst).unwrap();
+        }
+        if let Err(e) = s.write_all(&burst) {
+            return Some(e.kind());
+        }
+        burst.clear();
+    }
+    None
+}
+
+/// Whether a flooder ([`flood`]) was cut off by the server (not by its own deadline).
+pub fn cut_off(how: &Option<ErrorKind>) -> bool {
+    matches!(
+        how,
+        Some(ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
+    )
 }

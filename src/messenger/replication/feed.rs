@@ -92,7 +92,7 @@ impl Outgoing for Replica {
         &self,
         j: usize,
         told: &mut Told,
-        queued: &dyn Fn() -> usize,
+        queued: &dyn Fn() -> (usize, usize),
         out: &mut Vec<u8>,
     ) -> bool {
         let mut inner = self.lock();
@@ -100,12 +100,16 @@ impl Outgoing for Replica {
             if inner.stopping {
                 return false;
             }
-            for msg in std::mem::take(&mut inner.peers[j].control) {
+            let behind = queued();
+            let p = &mut inner.peers[j];
+            p.forwarding = 0;
+            p.behind = behind;
+            for msg in std::mem::take(&mut p.control) {
                 encode_peer(&msg, out);
             }
             self.relay_to(&mut inner, j, out);
             // Records wait while the writer is behind; heartbeats and answers do not.
-            let room = queued() < FEED_AHEAD;
+            let room = behind.0 < FEED_AHEAD;
             if room {
                 self.feed(&mut inner, j, out);
             }

@@ -12,9 +12,11 @@
 //! primary forgets a backup's connections when its link to that backup ends or the
 //! backup reports one closed (CLOSED).
 
+use super::outbound::{FORWARD_QUEUE, LINK_OUTBOX};
 use super::view::Inner;
 use super::Replica;
 use crate::framing::{encode_frame, Framing};
+use crate::log_info;
 use crate::messenger::clients::remote_id;
 use crate::messenger::protocol::{self, Reply};
 use crate::messenger::replica_protocol::{ReplicaMsg, Role, RELAY_CHUNK};
@@ -45,10 +47,30 @@ impl Replica {
             // Bound to a primary that is gone (or never reachable): the client fails over.
             return inner.forwarded.remove(&conn).map(|_| true);
         }
-        inner.forwarded.insert(conn, target);
         let request = payload.to_vec();
-        let msg = ReplicaMsg::Forward { conn, request };
-        inner.peers[target].control.push(msg.encode());
+        let msg = ReplicaMsg::Forward { conn, request }.encode();
+        let p = &mut inner.peers[target];
+        let (frames, bytes) = p.behind;
+        if frames >= LINK_OUTBOX / 2 || bytes + p.forwarding + msg.len() > FORWARD_QUEUE {
+            // The link is behind: this client asks faster than it carries the requests.
+            // Closed (a new one is answered here: told where the primary is), and the
+            // primary told to forget it; the client fails over.
+            log_info!(
+                "messenger-{}: the link to server {target} is behind; not forwarding client \
+                 connection {conn}'s request (the connection is closed, or redirected)",
+                self.id
+            );
+            let bound = inner.forwarded.remove(&conn).is_some();
+            if bound {
+                let closed = ReplicaMsg::Closed { conn }.encode();
+                inner.peers[target].control.push(closed);
+                self.changed.notify_all();
+            }
+            return bound.then_some(true);
+        }
+        p.forwarding += msg.len();
+        p.control.push(msg);
+        inner.forwarded.insert(conn, target);
         self.changed.notify_all();
         Some(false)
     }

@@ -21,8 +21,15 @@ use std::time::Duration;
 /// Frames (batches) that may wait in a link's outbox. Records and snapshots are held back
 /// while [`FEED_AHEAD`] batches wait (see [`Outgoing::next_frames`]), so what else piles
 /// up is heartbeats and answers, a few a tenth of a second, until a stuck write fails
-/// after [`LINK_TIMEOUT`]: far below this.
-const LINK_OUTBOX: usize = 4096;
+/// after [`LINK_TIMEOUT`]: far below this; and clients' requests forwarded by a backup,
+/// which stop at half of it ([`FORWARD_QUEUE`]).
+pub(super) const LINK_OUTBOX: usize = 4096;
+/// Bytes a link may hold unwritten (with the forwarded requests not yet handed to it)
+/// beyond which a backup forwards no more of its clients' requests on it, and fewer than
+/// half [`LINK_OUTBOX`]'s frames: a client that asks faster than the link carries its
+/// requests has its connection closed (it fails over), rather than piling them onto the
+/// link until it is closed for being behind, taking the backup's acknowledgements with it.
+pub(super) const FORWARD_QUEUE: usize = 8 << 20;
 /// Batches queued on a link beyond which no more records or snapshots are added: the
 /// writer's back-pressure, which a socket write used to give. A batch is at most 4,096
 /// records, or one snapshot.
@@ -63,13 +70,14 @@ pub(super) trait Outgoing {
     /// The link to peer `to` is down.
     fn unlinked(&self, to: usize);
     /// Waits until something is due on the link to peer `to` and appends its frames to
-    /// `out`; false when the replica is stopping, or the link is dead (it is dialled again). `queued` tells how many batches wait
-    /// unwritten: at [`FEED_AHEAD`] or more, only heartbeats and answers are added.
+    /// `out`; false when the replica is stopping, or the link is dead (it is dialled again).
+    /// `queued` tells how many batches, and bytes, wait unwritten: at [`FEED_AHEAD`]
+    /// batches or more, only heartbeats and answers are added.
     fn next_frames(
         &self,
         to: usize,
         cursor: &mut Self::Cursor,
-        queued: &dyn Fn() -> usize,
+        queued: &dyn Fn() -> (usize, usize),
         out: &mut Vec<u8>,
     ) -> bool;
     /// Waits `d`, or less if the replica stops.
@@ -153,7 +161,7 @@ fn connect(dialer: &Dialer, dial: &Dial) -> Result<Link, LinkError> {
 fn write_due<R: Outgoing>(replica: &R, dial: &Dial, outbox: &Outbox) {
     let mut cursor = R::Cursor::default();
     let mut out = Vec::new();
-    let queued = || outbox.len();
+    let queued = || (outbox.len(), outbox.queued_bytes());
     while replica.next_frames(dial.to, &mut cursor, &queued, &mut out) {
         if let Err(e) = outbox.send(Bytes::from(&out[..])) {
             log_debug!("{}: link to server {} failed: {e}", dial.name, dial.to);
@@ -223,7 +231,7 @@ mod tests {
             &self,
             _to: usize,
             written: &mut usize,
-            _queued: &dyn Fn() -> usize,
+            _queued: &dyn Fn() -> (usize, usize),
             out: &mut Vec<u8>,
         ) -> bool {
             let Some(batch) = self.batches.lock().unwrap().pop() else {

@@ -108,6 +108,7 @@ impl Replica {
         // Everything queued for it answered what it sent; a new link starts afresh (our
         // last acknowledgement is repeated on it).
         p.control.clear();
+        p.forwarding = 0;
         if p.heard.take().is_some() {
             log_info!("messenger-{}: server {j} is down ({why})", self.id);
         }

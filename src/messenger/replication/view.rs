@@ -85,6 +85,12 @@ pub(super) struct Remote {
     pub(super) overdue: u64,
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
+    /// Bytes of FORWARDs among `control`.
+    pub(super) forwarding: usize,
+    /// Frames and bytes this server's link to it held unwritten when its link thread last
+    /// looked (see [`Replica::forward`](super::Replica)): what forwarding must not pile
+    /// onto.
+    pub(super) behind: (usize, usize),
     /// A snapshot coming in chunks on its current inbound link.
     pub(super) assembly: Option<Assembly>,
     /// This server's link to it is up (it can forward there).
@@ -110,6 +116,8 @@ impl Remote {
             excluded: 0,
             overdue: 0,
             control: Vec::new(),
+            forwarding: 0,
+            behind: (0, 0),
             assembly: None,
             linked: false,
         }
