@@ -292,10 +292,12 @@ fn a_client_that_stops_reading_is_dropped_without_delaying_the_others() {
     );
     // 64 queued frames is a full outbox. The stalled client's writer may not have moved
     // a single frame into its socket before the outbox filled (a busy machine may not run
-    // that thread at all meanwhile), so exactly 64 is a drop after a full outbox too.
+    // that thread at all meanwhile), and then its outbox holds the two join notices
+    // (observer's and sender's) before the messages: 62 messages is a drop after a full
+    // outbox too (seen in CI).
     assert!(
-        dropped_at >= 64,
-        "dropped only after a full outbox ({dropped_at})"
+        dropped_at >= 62,
+        "dropped before its outbox was full ({dropped_at})"
     );
 }
 

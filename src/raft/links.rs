@@ -188,11 +188,11 @@ impl LinkTransport {
 
     /// Whether the link to `to` is up and has room for service frames of `bytes` in all
     /// (bodies, as [`post`](Self::post) takes them; one frame's header counted): it holds
-    /// at most [`SERVICE_QUEUE`] bytes with them, and fewer than half the
-    /// frames that close it. A service that is told no refuses or sheds that work (a
-    /// client on the far side of a slow link is closed, and fails over) rather than queue
-    /// it: the rest of the queue is Raft's, and a link closed for being full would cost
-    /// the cluster its heartbeats and acknowledgements until redialled.
+    /// at most [`SERVICE_QUEUE`] bytes with them, and fewer than half the frames that
+    /// close it. A service that is told no refuses or sheds that work (a client on the far
+    /// side of a slow link is closed, and fails over) rather than queue it: the rest of the
+    /// queue is Raft's, and a link closed for being full would cost the cluster its
+    /// heartbeats and acknowledgements until redialled.
     pub fn has_room(&self, to: ReplicaId, bytes: usize) -> bool {
         let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
             return false;

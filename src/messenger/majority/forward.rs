@@ -568,8 +568,7 @@ mod tests {
 
     /// A Raft link to `peer` (a Raft id) whose writer does not run, filled with service
     /// frames until it has no more room for them: as a link whose far end reads slower
-    /// than a client asks.
-    /// (Also the link's writer and far end, to keep while it is used.)
+    /// than a client asks. With its outbox, and its writer and far end to keep meanwhile.
     fn full_link(peer: crate::raft::ReplicaId) -> (LinkTransport, Outbox, impl Sized) {
         let (client, served) = crate::outbox::testing::pair();
         // As many frames may wait as on a Raft link.
