@@ -120,9 +120,15 @@ impl<R: Read> FrameReader<R> {
 
     /// [`accounted`](Self::accounted) for a reader already in use: from now on the buffer
     /// is charged to `account` (none: to nobody), and whatever it was charged to before is
-    /// given back.
+    /// given back. The charge never waits (a caller may hold a lock others need; see
+    /// [`Charge::resize_now`](crate::budget::Charge::resize_now)); should the budget refuse
+    /// what the buffer holds now, the reader stays on the account all the same, and its
+    /// next growth is charged (or refused) as any.
     pub fn charge_to(&mut self, account: Option<&Account>) {
-        self.charge = account.and_then(|a| a.charge(self.buf.capacity()).ok());
+        self.charge = account.and_then(|a| a.charge(0).ok()).map(|mut charge| {
+            let _ = charge.resize_now(self.buf.capacity());
+            charge
+        });
     }
 
     /// The framing this reader decodes.
@@ -870,6 +876,31 @@ mod tests {
             got,
             [Ok(b"ok".to_vec()), Err("too_long"), Ok(b"fine".to_vec())]
         );
+    }
+
+    /// A reader charged once in use ([`FrameReader::charge_to`]) whose buffer the budget
+    /// cannot cover stays on the account: nothing is charged then, and its next growth is
+    /// refused, as any reader's past the budget.
+    #[test]
+    fn a_reader_charged_late_stays_on_the_account_when_its_buffer_is_refused() {
+        use crate::budget::Budget;
+        let budget = Budget::new("test", 2048);
+        let other = budget.account("other", None);
+        let _held = other.charge(1024).unwrap();
+        let input = [&b"short\n"[..], &[b'x'; 10_000], b"\n"].concat();
+        let mut r = FrameReader::new(Chunked::new(&input, &[6, 4096]), Framing::Line);
+        assert_eq!(r.read_frame().unwrap(), Some(&b"short"[..]));
+        assert!(r.capacity() > 1024, "{}", r.capacity());
+        let mine = budget.account("mine", None);
+        r.charge_to(Some(&mine));
+        assert_eq!((mine.held(), budget.refusals()), (0, 1));
+        match r.read_frame() {
+            Err(FrameError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::OutOfMemory),
+            other => panic!("grew past the budget: {other:?}"),
+        }
+        assert_eq!(budget.refusals(), 2);
+        drop(r);
+        assert_eq!(budget.held(), 1024);
     }
 
     #[test]
