@@ -260,3 +260,23 @@ pub fn cut_off(how: &Option<ErrorKind>) -> bool {
         Some(ErrorKind::BrokenPipe | ErrorKind::ConnectionReset)
     )
 }
+
+/// After clients flooded a cluster ([`flood`], each flooder's end in `cut`): `client`,
+/// registered as `ann`, logs in and hears what it sends itself; every flooder was cut off
+/// by the server; and no line of the servers' `logs` says a link was closed
+/// (`link_closed`).
+pub fn served_after_flood(
+    client: &mut Client,
+    cut: &[Option<ErrorKind>],
+    logs: impl Fn() -> String,
+    link_closed: impl Fn(&str) -> bool,
+) {
+    client.login("ann").unwrap();
+    client.send("ann", "after the flood").unwrap();
+    let got = client.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(got.text, "after the flood");
+    let logs = logs();
+    assert!(cut.iter().all(cut_off), "not cut off: {cut:?}\n{logs}");
+    let closed: Vec<&str> = logs.lines().filter(|l| link_closed(l)).collect();
+    assert!(closed.is_empty(), "a link was closed: {closed:?}\n{logs}");
+}

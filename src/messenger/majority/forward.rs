@@ -540,20 +540,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_follower_writes_relays_in_number_order_and_closes_at_a_gap() {
-        let s = shared(1, false);
-        let mut guard = s.lock();
-        let inner = &mut *guard;
-        let (out, _writer, _client) = outbox();
-        let watch = out.clone();
-        inner.clients.add(7, out);
+    /// Client connection `conn` of a follower, bound to leader 0 with two requests
+    /// forwarded: its outbox (to watch), and its writer and far end to keep meanwhile.
+    fn bound_to_0(inner: &mut Inner, conn: u64) -> (Outbox, impl Sized) {
+        let (out, writer, client) = outbox();
+        inner.clients.add(conn, out.clone());
         let bound = Forwarded {
             leader: 0,
             sent: 2,
             got: 0,
         };
-        inner.forwarded.insert(7, bound);
+        inner.forwarded.insert(conn, bound);
+        (out, (writer, client))
+    }
+
+    #[test]
+    fn a_follower_writes_relays_in_number_order_and_closes_at_a_gap() {
+        let s = shared(1, false);
+        let mut guard = s.lock();
+        let inner = &mut *guard;
+        let (watch, _far) = bound_to_0(inner, 7);
         let frame = Out::replies(0, None, &[Reply::Ok], false).bytes;
         s.on_relay(inner, (0, 7), 1, false, frame.clone());
         assert_eq!(watch.len(), 1);
@@ -594,14 +600,7 @@ mod tests {
         assert!(s.links.set(links).is_ok());
         let mut guard = s.lock();
         let inner = &mut *guard;
-        let (out, _writer, _client) = outbox();
-        inner.clients.add(7, out);
-        let bound = Forwarded {
-            leader: 0,
-            sent: 2,
-            got: 0,
-        };
-        inner.forwarded.insert(7, bound);
+        let _bound = bound_to_0(inner, 7);
         let queued = link.len();
         assert_eq!(s.forward(inner, 7, b"\x03*"), Some(true));
         assert!(!inner.forwarded.contains_key(&7));
