@@ -295,13 +295,13 @@ impl<R: Read> Link<R> {
     /// [`Link::outbox`] whose queued bytes are charged to `budget` (none: not charged),
     /// on an account of the link's own named after the outbox, as is the link's read
     /// buffer from now on (a peer that sends a large frame, or one that never ends, makes
-    /// the reader hold it): while a cut network holds the link's bytes its queue grows, and
-    /// costs at most the budget. A link the budget
-    /// cannot cover is dead at once: its charge refused (the outbox closes the link and
-    /// logs `over the client memory budget`), or closed by the budget as the largest
-    /// holder when another connection or link needs room (the budget logs which). Either
-    /// way the socket is shut down both ways, so the link's reader ends and the service
-    /// redials it as any lost link; what the queue held is dropped with the link.
+    /// the reader hold it): while a cut network holds the link's bytes its queue grows,
+    /// and costs at most the budget. A link the budget cannot cover is dead at once: its
+    /// charge refused (the outbox closes the link and logs `over the client memory
+    /// budget`), or closed by the budget as the largest holder when another connection or
+    /// link needs room (the budget logs which). Either way the socket is shut down both
+    /// ways, so the link's reader ends and the service redials it as any lost link; what
+    /// the queue held is dropped with the link.
     ///
     /// ```
     /// use switchboard::budget::Budget;
