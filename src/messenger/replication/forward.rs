@@ -162,9 +162,35 @@ impl Replica {
     }
 
     /// As primary, appends what is to be relayed to backup `j`'s clients to `out`, in
-    /// RELAY frames of at most [`RELAY_CHUNK`] bytes each.
+    /// RELAY frames of at most [`RELAY_CHUNK`] bytes each. While the link to `j` is behind
+    /// (as a backup's forwarding is bounded: [`FORWARD_QUEUE`]), an answer is not queued:
+    /// its connection is closed instead (an empty RELAY with close 1) and forgotten, and
+    /// the client fails over, rather than pile answers onto the link until it is closed
+    /// for being behind.
     pub(super) fn relay_to(&self, inner: &mut Inner, j: usize, out: &mut Vec<u8>) {
+        let (frames, bytes) = inner.peers[j].behind;
+        let behind = frames >= LINK_OUTBOX / 2 || bytes > FORWARD_QUEUE;
         for r in inner.clients.take_relay(j) {
+            if behind {
+                let Some(id) = remote_id(j, r.conn).filter(|&id| inner.clients.contains(id)) else {
+                    // Closed already: a relay for it before this one in the batch.
+                    continue;
+                };
+                log_info!(
+                    "messenger-{}: the link to server {j} is behind; closing its client \
+                     connection {}",
+                    self.id,
+                    r.conn
+                );
+                let close = ReplicaMsg::Relay {
+                    conn: r.conn,
+                    close: true,
+                    bytes: Vec::new(),
+                };
+                super::feed::encode_peer(&close.encode(), out);
+                inner.clients.remove(id);
+                continue;
+            }
             let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
             if parts.peek().is_none() {
                 let msg = ReplicaMsg::Relay {
@@ -183,5 +209,65 @@ impl Replica {
                 super::feed::encode_peer(&msg.encode(), out);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::outbound::{FORWARD_QUEUE, LINK_OUTBOX};
+    use crate::framing::{FrameReader, Framing};
+    use crate::messenger::clients::{remote_id, Out};
+    use crate::messenger::protocol::Reply;
+    use crate::messenger::replica_protocol::ReplicaMsg;
+
+    /// The relays `out` holds, decoded.
+    fn relays(out: &[u8]) -> Vec<ReplicaMsg> {
+        let mut reader = FrameReader::new(out, Framing::U32);
+        let mut got = Vec::new();
+        while let Some(frame) = reader.read_frame().unwrap() {
+            got.push(ReplicaMsg::decode(frame).unwrap());
+        }
+        got
+    }
+
+    /// A primary whose link to a backup is behind closes that backup's client instead of
+    /// queueing its answer: one empty RELAY with close 1, and the connection forgotten;
+    /// with the link caught up, answers are relayed as ever.
+    #[test]
+    fn a_primary_whose_link_is_behind_closes_the_backups_client_instead_of_relaying() {
+        let (p, dir) = super::super::testing::replica(0, 2, "relay-behind");
+        let mut inner = p.lock();
+        let answer = || Out::replies(0, None, &[Reply::Ok], false);
+        for conn in [5, 6] {
+            let id = inner.clients.remote(1, conn).unwrap();
+            inner.clients.send(id, answer(), 0);
+        }
+        let mut out = Vec::new();
+        p.relay_to(&mut inner, 1, &mut out);
+        let sent = relays(&out);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(
+            matches!(&sent[0], ReplicaMsg::Relay { conn: 5, close: false, bytes } if !bytes.is_empty())
+        );
+
+        for behind in [(LINK_OUTBOX / 2, 0), (1, FORWARD_QUEUE + 1)] {
+            inner.peers[1].behind = behind;
+            let id = remote_id(1, 5).unwrap();
+            inner.clients.send(id, answer(), 0);
+            inner.clients.send(id, answer(), 0);
+            let mut out = Vec::new();
+            p.relay_to(&mut inner, 1, &mut out);
+            let sent = relays(&out);
+            assert_eq!(sent.len(), 1, "{behind:?}: {sent:?}");
+            assert!(
+                matches!(&sent[0], ReplicaMsg::Relay { conn: 5, close: true, bytes } if bytes.is_empty()),
+                "{sent:?}"
+            );
+            assert!(!inner.clients.contains(id), "forgotten");
+            // Connection 5 again (a new one of the same number, for the next round).
+            inner.clients.remote(1, 5);
+        }
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
