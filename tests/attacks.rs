@@ -403,9 +403,11 @@ fn strangers_lines_that_never_end_stay_within_the_members_budget() {
     eventually("the budget to close a stranger", || {
         budget.evictions() + budget.refusals() > 0
     });
+    // Past the budget only for as long as an evicted connection's bytes take to come
+    // back, while others grow (without the charge: 3 MiB and more).
     assert!(
-        budget.peak() <= LIMIT + (256 << 10),
-        "peak {} over the budget of {LIMIT} (and one buffer's growth)",
+        budget.peak() <= 2 * LIMIT,
+        "peak {} over twice the budget of {LIMIT}",
         budget.peak()
     );
     drop(strangers);

@@ -306,6 +306,17 @@ impl Clients {
         entry.closed = true;
     }
 
+    /// Closes remote connection `conn` whose close its server's caller sends itself (the
+    /// link to that server is behind: nothing more is relayed for it), logging it out. The
+    /// entry stays, closed, so that a request of it still on its way is refused rather
+    /// than taken for a new connection's.
+    pub(super) fn close_unrelayed(&mut self, conn: u64) {
+        self.sessions.log_out(conn);
+        if let Some(entry) = self.conns.get_mut(&conn) {
+            entry.closed = true;
+        }
+    }
+
     /// Frames held for a commit, all connections together.
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {

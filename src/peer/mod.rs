@@ -738,8 +738,8 @@ impl Peer {
         let links = Group::new("peer");
         let printer = Group::with_stack_size("peer", 128 << 10);
         let budget = Budget::new("peer", config.max_client_memory);
-        let account = budget.account("peer: the output", None);
-        let output = Printer::start(output, OUTPUT_QUEUE, Some(account), &printer)?;
+        let charged = Some((&budget, "peer: the output"));
+        let output = Printer::start(output, OUTPUT_QUEUE, charged, &printer)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 node,

@@ -17,9 +17,11 @@
 //! most), a line is not queued but counted, and once there is room again a `[NOT SHOWN] N
 //! line(s): the output was not being read` line takes the place of those lost, so the
 //! output says where it has a gap. When a link holds more, the budget closes that link
-//! instead: it is dialled again and its lines resent, while a line not shown is gone.
+//! instead: it is dialled again and its lines resent, while a line not shown is gone. When
+//! the output holds the most as a link needs room, the budget closes the output's account:
+//! nothing more is queued until what it held is written, and then it starts afresh.
 
-use crate::budget::{Account, Charge};
+use crate::budget::{Account, Budget, Charge};
 use crate::group::Group;
 use crate::log_info;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -66,18 +68,23 @@ pub(super) struct Printer {
     limit: usize,
     /// The output's share of the peer's client memory budget (none: not charged).
     account: Option<Account>,
+    /// The budget and the account's label, for a fresh account once the budget closed
+    /// this one (the output held the most when a link needed room).
+    budget: Option<(Budget, String)>,
 }
 
 impl Printer {
     /// Starts the printer thread in `group`, writing to `output`, queueing at most `limit`
-    /// bytes, each charged to `account` until written. Dropping the `Printer` lets the
-    /// thread write what is queued and end.
+    /// bytes, each charged to `budget` (on an account labelled `label`) until written.
+    /// Dropping the `Printer` lets the thread write what is queued and end.
     pub(super) fn start(
         output: Box<dyn Write + Send>,
         limit: usize,
-        account: Option<Account>,
+        budget: Option<(&Budget, &str)>,
         group: &Group,
     ) -> io::Result<Printer> {
+        let account = budget.map(|(b, label)| b.account(label, None));
+        let budget = budget.map(|(b, label)| (b.clone(), label.to_owned()));
         let (lines, queue) = unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
         let written = Arc::clone(&queued);
@@ -90,6 +97,7 @@ impl Printer {
             not_shown: 0,
             limit,
             account,
+            budget,
         })
     }
 
@@ -110,10 +118,22 @@ impl Printer {
     }
 
     /// Queues `item` if it fits, and the budget covers it.
-    fn push(&self, item: Item) -> bool {
+    fn push(&mut self, item: Item) -> bool {
         let cost = item.cost();
-        if self.queued.load(Ordering::Acquire) + cost > self.limit {
+        let queued = self.queued.load(Ordering::Acquire);
+        if queued + cost > self.limit {
             return false;
+        }
+        // Closed by the budget (it held the most when a link needed room): nothing more is
+        // queued until what it held is written, then it starts afresh on a new account.
+        if self.account.as_ref().is_some_and(Account::is_evicted) {
+            if queued > 0 {
+                return false;
+            }
+            self.account = self
+                .budget
+                .as_ref()
+                .map(|(b, label)| b.account(label, None));
         }
         // Charged without waiting for evicted links' bytes to come back: the caller holds
         // the peer's lock (see `Charge::resize_now`).
@@ -250,10 +270,10 @@ mod tests {
     fn a_blocked_output_holds_at_most_the_budget_and_gives_it_back() {
         let gate = Gate::default();
         let group = Group::new("test");
-        let budget = crate::budget::Budget::new("test", 4 * (11 + PER_LINE));
-        let account = budget.account("test: the output", None);
+        let budget = Budget::new("test", 4 * (11 + PER_LINE));
+        let charged = Some((&budget, "test: the output"));
         let mut printer =
-            Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, Some(account), &group).unwrap();
+            Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, charged, &group).unwrap();
         for i in 0..10 {
             printer.print(format!("line {i:05}"));
         }
@@ -275,6 +295,41 @@ mod tests {
             gate.text(),
             "line 00000\nline 00001\nline 00002\nline 00003\n\
              [NOT SHOWN] 6 line(s): the output was not being read\nline 00010\n"
+        );
+    }
+
+    /// An output the budget closed (it held the most when a link needed room) queues
+    /// nothing while what it held waits, then shows lines again, the gap marked.
+    #[test]
+    fn an_output_closed_by_the_budget_shows_lines_again_once_its_queue_is_written() {
+        let gate = Gate::default();
+        let group = Group::new("test");
+        let line_cost = 11 + PER_LINE;
+        let budget = Budget::new("test", 4 * line_cost);
+        let charged = Some((&budget, "test: the output"));
+        let mut printer =
+            Printer::start(Box::new(gate.clone()), OUTPUT_QUEUE, charged, &group).unwrap();
+        for i in 0..3 {
+            printer.print(format!("line {i:05}"));
+        }
+        let link = budget.account("test: a link", None);
+        let _held = link.charge(2 * line_cost).unwrap();
+        assert_eq!(budget.evictions(), 1, "the output held the most");
+        printer.print("line 00003".into());
+        assert_eq!(printer.not_shown, 1);
+        gate.open();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while printer.queued.load(Ordering::Acquire) > 0 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        printer.print("line 00004".into());
+        drop(printer);
+        assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
+        assert_eq!(
+            gate.text(),
+            "line 00000\nline 00001\nline 00002\n\
+             [NOT SHOWN] 1 line(s): the output was not being read\nline 00004\n"
         );
     }
 

@@ -396,11 +396,11 @@ pub fn serve_peer_with<R: Read>(
         max_frame: MAX_MESSAGE,
         ..Limits::default()
     };
-    // Charged to the connection's share of the client memory budget, as every
-    // connection's reader is: a message in flight (a snapshot's, up to MAX_MESSAGE) is
-    // bytes the server holds.
-    let messages =
-        FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
+    // Not charged to the client memory budget, unlike a client's reader: an authenticated
+    // member's message (a snapshot chunk, up to MAX_MESSAGE) must be read whatever clients
+    // hold, or a budget smaller than one message (or clients pressing on it) would stop
+    // the cluster catching up. A link per member, each at most MAX_MESSAGE.
+    let messages = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
     let mut welcome = Vec::new();
     encode_frame(
         cfg.framing,

@@ -45,7 +45,7 @@ use crate::log_info;
 use crate::messenger::clients::{remote_id, Out};
 use crate::messenger::protocol::{self, Reply};
 use crate::messenger::state::{Corrupt, Cursor};
-use crate::raft::links::PeerService;
+use crate::raft::links::{PeerService, SERVICE_QUEUE};
 use crate::raft::ReplicaId;
 
 /// A relay's bytes are cut into frames of at most this many (a search answer can be
@@ -172,6 +172,13 @@ impl Shared {
             .is_some_and(|l| l.has_room(to as ReplicaId + 1, bytes))
     }
 
+    /// Whether the link to server `to` is up.
+    fn is_up(&self, to: usize) -> bool {
+        self.links
+            .get()
+            .is_some_and(|l| l.is_up(to as ReplicaId + 1))
+    }
+
     /// [`post`](Self::post) if the link has [`room`](Self::room) for it; a request that
     /// finds its link up but full is logged (its connection is then closed or redirected).
     fn post_if_room(&self, to: usize, msg: &ForwardMsg) -> bool {
@@ -210,14 +217,19 @@ impl Shared {
                 // reads it slower than this client asks) closes the client's connection,
                 // with a small close that goes whatever the link holds, and the client
                 // fails over as from any closed connection.
+                // An answer larger than half the mark (a login's whole mailbox can pass it)
+                // needs only that much room: it goes whole once the link has drained.
                 let parts_of = r.bytes.len().div_ceil(RELAY_CHUNK).max(1);
-                if !self.room(peer, r.bytes.len() + parts_of * RELAY_HEADER) {
-                    log_info!(
-                        "messenger-{}: the link to server {peer} is full; closing its \
-                         client connection {}",
-                        self.id,
-                        r.conn
-                    );
+                let need = r.bytes.len() + parts_of * RELAY_HEADER;
+                if !self.room(peer, need.min(SERVICE_QUEUE / 2)) {
+                    if self.is_up(peer) {
+                        log_info!(
+                            "messenger-{}: the link to server {peer} is full; closing its \
+                             client connection {}",
+                            self.id,
+                            r.conn
+                        );
+                    }
                     remote.sent += 1;
                     let close = ForwardMsg::Relay {
                         conn: r.conn,

@@ -163,19 +163,21 @@ impl Replica {
 
     /// As primary, appends what is to be relayed to backup `j`'s clients to `out`, in
     /// RELAY frames of at most [`RELAY_CHUNK`] bytes each. While the link to `j` is behind
-    /// (as a backup's forwarding is bounded: [`FORWARD_QUEUE`]), an answer is not queued:
-    /// its connection is closed instead (an empty RELAY with close 1) and forgotten, and
-    /// the client fails over, rather than pile answers onto the link until it is closed
-    /// for being behind.
+    /// (half its batches wait, as a backup's forwarding is bounded; bytes alone are not
+    /// counted here, as a snapshot on its way to `j` is one large batch), an answer is not
+    /// queued: its connection is closed instead (an empty RELAY with close 1, once) and
+    /// marked closed, so that its requests still on their way are refused, not taken for a
+    /// new connection's; the client fails over, rather than pile answers onto the link
+    /// until it is closed for being behind.
     pub(super) fn relay_to(&self, inner: &mut Inner, j: usize, out: &mut Vec<u8>) {
-        let (frames, bytes) = inner.peers[j].behind;
-        let behind = frames >= LINK_OUTBOX / 2 || bytes > FORWARD_QUEUE;
+        let behind = inner.peers[j].behind.0 >= LINK_OUTBOX / 2;
+        let mut closed = Vec::new();
         for r in inner.clients.take_relay(j) {
             if behind {
-                let Some(id) = remote_id(j, r.conn).filter(|&id| inner.clients.contains(id)) else {
-                    // Closed already: a relay for it before this one in the batch.
+                if closed.contains(&r.conn) {
                     continue;
-                };
+                }
+                closed.push(r.conn);
                 log_info!(
                     "messenger-{}: the link to server {j} is behind; closing its client \
                      connection {}",
@@ -188,7 +190,9 @@ impl Replica {
                     bytes: Vec::new(),
                 };
                 super::feed::encode_peer(&close.encode(), out);
-                inner.clients.remove(id);
+                if let Some(id) = remote_id(j, r.conn) {
+                    inner.clients.close_unrelayed(id);
+                }
                 continue;
             }
             let mut parts = r.bytes.chunks(RELAY_CHUNK).peekable();
@@ -216,7 +220,7 @@ impl Replica {
 mod tests {
     use super::super::outbound::{FORWARD_QUEUE, LINK_OUTBOX};
     use crate::framing::{FrameReader, Framing};
-    use crate::messenger::clients::{remote_id, Out};
+    use crate::messenger::clients::Out;
     use crate::messenger::protocol::Reply;
     use crate::messenger::replica_protocol::ReplicaMsg;
 
@@ -230,43 +234,53 @@ mod tests {
         got
     }
 
-    /// A primary whose link to a backup is behind closes that backup's client instead of
-    /// queueing its answer: one empty RELAY with close 1, and the connection forgotten;
-    /// with the link caught up, answers are relayed as ever.
+    /// A primary whose link to a backup is behind (half its batches wait) closes that
+    /// backup's client instead of queueing its answer: one empty RELAY with close 1, and
+    /// the connection closed, so a request of it still on its way is refused rather than
+    /// taken for a new connection's. A connection ended already (its last answer queued)
+    /// is told to close all the same. Bytes alone (a snapshot on its way) shed nothing.
     #[test]
     fn a_primary_whose_link_is_behind_closes_the_backups_client_instead_of_relaying() {
         let (p, dir) = super::super::testing::replica(0, 2, "relay-behind");
         let mut inner = p.lock();
-        let answer = || Out::replies(0, None, &[Reply::Ok], false);
-        for conn in [5, 6] {
-            let id = inner.clients.remote(1, conn).unwrap();
-            inner.clients.send(id, answer(), 0);
-        }
-        let mut out = Vec::new();
-        p.relay_to(&mut inner, 1, &mut out);
-        let sent = relays(&out);
-        assert_eq!(sent.len(), 2, "{sent:?}");
+        let answer = |close| Out::replies(0, None, &[Reply::Ok], close);
+        let relayed = |inner: &mut super::Inner| {
+            let mut out = Vec::new();
+            p.relay_to(inner, 1, &mut out);
+            relays(&out)
+        };
+        let is_close = |m: &ReplicaMsg, c: u64| matches!(m, ReplicaMsg::Relay { conn, close: true, bytes } if *conn == c && bytes.is_empty());
+        let id = inner.clients.remote(1, 5).unwrap();
+        inner.clients.send(id, answer(false), 0);
+        let sent = relayed(&mut inner);
         assert!(
-            matches!(&sent[0], ReplicaMsg::Relay { conn: 5, close: false, bytes } if !bytes.is_empty())
+            matches!(&sent[..], [ReplicaMsg::Relay { conn: 5, close: false, bytes }] if !bytes.is_empty()),
+            "{sent:?}"
         );
 
-        for behind in [(LINK_OUTBOX / 2, 0), (1, FORWARD_QUEUE + 1)] {
-            inner.peers[1].behind = behind;
-            let id = remote_id(1, 5).unwrap();
-            inner.clients.send(id, answer(), 0);
-            inner.clients.send(id, answer(), 0);
-            let mut out = Vec::new();
-            p.relay_to(&mut inner, 1, &mut out);
-            let sent = relays(&out);
-            assert_eq!(sent.len(), 1, "{behind:?}: {sent:?}");
-            assert!(
-                matches!(&sent[0], ReplicaMsg::Relay { conn: 5, close: true, bytes } if bytes.is_empty()),
-                "{sent:?}"
-            );
-            assert!(!inner.clients.contains(id), "forgotten");
-            // Connection 5 again (a new one of the same number, for the next round).
-            inner.clients.remote(1, 5);
-        }
+        // A snapshot's worth of bytes waiting: answers go as ever.
+        inner.peers[1].behind = (1, FORWARD_QUEUE + 1);
+        inner.clients.send(id, answer(false), 0);
+        assert_eq!(relayed(&mut inner).len(), 1);
+
+        inner.peers[1].behind = (LINK_OUTBOX / 2, 0);
+        inner.clients.send(id, answer(false), 0);
+        inner.clients.send(id, answer(false), 0);
+        let sent = relayed(&mut inner);
+        assert!(matches!(&sent[..], [m] if is_close(m, 5)), "{sent:?}");
+        assert!(!inner.clients.is_open(id));
+        assert_eq!(
+            inner.clients.remote(1, 5),
+            None,
+            "a late request is refused"
+        );
+
+        // Connection 6 ended (a quit) with its answer and close queued: closed all the same.
+        let id = inner.clients.remote(1, 6).unwrap();
+        inner.clients.send(id, answer(true), 0);
+        inner.clients.remove(id);
+        let sent = relayed(&mut inner);
+        assert!(matches!(&sent[..], [m] if is_close(m, 6)), "{sent:?}");
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }

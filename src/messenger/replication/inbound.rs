@@ -84,10 +84,11 @@ impl Replica {
             max_frame: MAX_PEER_FRAME,
             ..Limits::default()
         };
-        // Charged to the connection's share of the client memory budget, as every
-        // connection's reader is: a peer's frame in flight is bytes the server holds.
-        let reader =
-            FrameReader::with_limits(&*conn.stream, Framing::U32, limits).accounted(conn.account());
+        // Not charged to the client memory budget, unlike a client's reader: a member's
+        // frame (a snapshot chunk, up to MAX_PEER_FRAME) must be read whatever clients
+        // hold, or a budget smaller than one frame (the least allowed is 1 MiB) would stop
+        // a lagging server ever catching up. A link per member, each at most one frame.
+        let reader = FrameReader::with_limits(&*conn.stream, Framing::U32, limits);
         let accepted = link::accept(&conn.stream, reader, &TIMEOUTS, verdict)?;
         let (Some(from), Some(mut link)) = (from.filter(|_| replaceable), accepted) else {
             self.log_refusal(from, conn.peer);
