@@ -291,6 +291,20 @@ impl Account {
         })
     }
 
+    /// As [`charge`](Self::charge), for a charge made under a lock others wait on: past
+    /// the budget it never waits for evicted connections' bytes to come back (see
+    /// [`Charge::resize_now`]).
+    ///
+    /// # Errors
+    /// As [`charge`](Self::charge).
+    pub fn charge_now(&self, n: usize) -> Result<Charge, OverBudget> {
+        self.grow(n, Wait::No)?;
+        Ok(Charge {
+            account: self.clone(),
+            bytes: n,
+        })
+    }
+
     /// Bytes this connection holds now.
     pub fn held(&self) -> usize {
         self.0.held.load(Ordering::Relaxed)

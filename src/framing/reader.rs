@@ -121,13 +121,14 @@ impl<R: Read> FrameReader<R> {
     /// [`accounted`](Self::accounted) for a reader already in use: from now on the buffer
     /// is charged to `account` (none: to nobody), and whatever it was charged to before is
     /// given back. The charge never waits (a caller may hold a lock others need; see
-    /// [`Charge::resize_now`](crate::budget::Charge::resize_now)); should the budget refuse
-    /// what the buffer holds now, the reader stays on the account all the same, and its
-    /// next growth is charged (or refused) as any.
+    /// [`Account::charge_now`]); should the budget refuse what the buffer holds now, the
+    /// reader stays on the account all the same, and its next growth is charged (or
+    /// refused) as any.
     pub fn charge_to(&mut self, account: Option<&Account>) {
-        self.charge = account.and_then(|a| a.charge(0).ok()).map(|mut charge| {
-            let _ = charge.resize_now(self.buf.capacity());
-            charge
+        self.charge = account.and_then(|a| {
+            a.charge_now(self.buf.capacity())
+                .or_else(|_| a.charge_now(0))
+                .ok()
         });
     }
 

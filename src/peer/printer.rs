@@ -136,18 +136,11 @@ impl Printer {
                 .map(|(b, label)| b.account(label, None));
         }
         // Charged without waiting for evicted links' bytes to come back: the caller holds
-        // the peer's lock (see `Charge::resize_now`).
-        let charge = match &self.account {
+        // the peer's lock.
+        let charge = match self.account.as_ref().map(|a| a.charge_now(cost)) {
             None => None,
-            Some(account) => {
-                let Ok(mut charge) = account.charge(0) else {
-                    return false;
-                };
-                if charge.resize_now(cost).is_err() {
-                    return false;
-                }
-                Some(charge)
-            }
+            Some(Ok(charge)) => Some(charge),
+            Some(Err(_)) => return false,
         };
         self.queued.fetch_add(cost, Ordering::AcqRel);
         if self.lines.send((item, charge)).is_err() {
@@ -230,6 +223,18 @@ mod tests {
         }
     }
 
+    /// Waits (10 s at most) for `done`.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited in vain for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn a_blocked_output_costs_lines_past_the_bound_and_says_where() {
         let gate = Gate::default();
@@ -246,14 +251,9 @@ mod tests {
         assert_eq!(printer.not_shown, 5);
         gate.open();
         // Once the queue has room, the gap is marked before the next line.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while printer.queued.load(Ordering::Acquire) > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the queue never drained"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("the queue drains", || {
+            printer.queued.load(Ordering::Acquire) == 0
+        });
         printer.print("line 00008".into());
         drop(printer);
         assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
@@ -282,11 +282,7 @@ mod tests {
         assert_eq!(budget.held(), 4 * (11 + PER_LINE));
         assert_eq!(budget.refusals(), 6);
         gate.open();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while budget.held() > 0 {
-            assert!(std::time::Instant::now() < deadline, "never given back");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("the charges come back", || budget.held() == 0);
         printer.print("line 00010".into());
         drop(printer);
         assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
@@ -318,11 +314,9 @@ mod tests {
         printer.print("line 00003".into());
         assert_eq!(printer.not_shown, 1);
         gate.open();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while printer.queued.load(Ordering::Acquire) > 0 {
-            assert!(std::time::Instant::now() < deadline, "never written");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("the queue is written", || {
+            printer.queued.load(Ordering::Acquire) == 0
+        });
         printer.print("line 00004".into());
         drop(printer);
         assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
