@@ -21,9 +21,13 @@
 //! the term or the vote changes (the commit index rides along then; it is a hint, and
 //! [`RaftCore::restart`] clamps it to the log).
 //!
-//! **Order** (a crash between any two steps is safe): the hard state first; then a
-//! snapshot, then the log is rewritten without the entries it covers; then entries
-//! (truncating a conflicting suffix first). At start, log entries after the snapshot are
+//! **Order** (a crash between any two steps is safe): a snapshot first, then the log is
+//! rewritten without the entries it covers; then entries (truncating a conflicting suffix
+//! first); the hard state last. Its commit index may count the entries written before it
+//! in the same save (or in saves the driver merged into it), and a crash between them must
+//! not leave a commit index pointing at entries of another history that were about to be
+//! replaced. Writing the term and vote last is safe too: every message that relies on
+//! them waits until the whole save is on disk. At start, log entries after the snapshot are
 //! kept only if they continue it (the log holds the snapshot's index with its term, or
 //! starts right after it): a crash between a leader's snapshot being written and the log
 //! being replaced leaves the old log, which must not be mistaken for the new history.
@@ -287,11 +291,6 @@ impl RaftStorage {
         entries: &[Entry],
     ) -> io::Result<Option<(u64, u64)>> {
         let mut ack = None;
-        if let Some(h) = hard_state {
-            if !self.same_term_and_vote(&h) {
-                self.save_hard_state(h)?;
-            }
-        }
         if let Some(snap) = snapshot {
             self.save_snapshot(snap)?;
             ack = Some((snap.index, snap.term));
@@ -299,6 +298,13 @@ impl RaftStorage {
         if let Some(last) = entries.last() {
             self.append(entries)?;
             ack = Some((last.index, last.term));
+        }
+        // Last: the commit index it carries may count the entries just written (or those
+        // a truncation just replaced), and must never reach the disk before them.
+        if let Some(h) = hard_state {
+            if !self.same_term_and_vote(&h) {
+                self.save_hard_state(h)?;
+            }
         }
         Ok(ack)
     }
@@ -516,6 +522,42 @@ mod tests {
         );
         assert_eq!(stored.entries[3].data, b"command 4");
         assert_eq!(st.last_index(), 6);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_commit_index_never_reaches_the_disk_before_the_entries_it_counts() {
+        // A follower holds 1-3 committed and 4-5 of an old term; a new leader's Append
+        // replaces 4 and commits it, in a save that also changes the term. A crash before
+        // the entries are written (here: the log refuses the write) must not leave the
+        // new commit index pointing at the old entry 4.
+        let d = dir("commit-order");
+        let (mut st, _) = RaftStorage::open(&d).unwrap();
+        let first = Ready {
+            hard_state: Some(HardState {
+                term: 1,
+                vote: Some(1),
+                commit: 0,
+            }),
+            entries: (1..=5).map(|i| entry(i, 1)).collect(),
+            ..Ready::default()
+        };
+        st.save(&first).unwrap();
+        st.log = File::open(d.join("raft-log")).unwrap();
+        let newer = HardState {
+            term: 2,
+            vote: None,
+            commit: 4,
+        };
+        assert!(st.save_parts(Some(newer), None, &[entry(4, 2)]).is_err());
+        drop(st);
+        let (_, stored) = RaftStorage::open(&d).unwrap();
+        assert_eq!(indexes(&stored), [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
+        assert_eq!(
+            (stored.hard_state.term, stored.hard_state.commit),
+            (1, 0),
+            "the hard state went first"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
