@@ -27,9 +27,13 @@
 //! so only a damaged disk produces one. [`super::repair`] (`--check`, `--repair`)
 //! report on the directory and keep what can still be replayed.
 //!
-//! Compaction: after [`COMPACT_AFTER`] records the server writes a snapshot of its state
-//! and empties the log (snapshot first, so a crash in between loses nothing). A backup
-//! that receives a snapshot from its primary installs it the same way.
+//! Compaction: after [`COMPACT_AFTER`] records the server encodes a snapshot of its state
+//! (under its state lock) and hands it to a thread of its own ([`Disk::compact`]), which
+//! writes and syncs it aside, renames it into place, and only then replaces the log by one
+//! holding just the records appended since (a crash in between loses nothing). Requests
+//! never wait for those writes; only the final copy of the records appended meanwhile is
+//! done under the log's lock. A backup that receives a snapshot from its primary installs
+//! it at once, under the lock ([`Disk::install`]): its state is replaced anyway.
 //!
 //! Appends go to a buffer (under the server's state lock, so in sequence order);
 //! [`Disk::sync_to`] writes the buffer with one call and, with `fsync`, syncs it: whoever
@@ -39,11 +43,13 @@ use super::protocol::MessageId;
 use super::state::{Change, Corrupt, Cursor, State};
 use crate::durable::{self, crc32, open_for_append, Damaged, End, Frame, Header};
 use std::fmt;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 
 const SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP2\n";
 /// Snapshots written before message numbers carried their epoch: read, never written.
@@ -51,6 +57,8 @@ const LEGACY_SNAPSHOT_MAGIC: &[u8] = b"SWBMSNP1\n";
 pub(super) const LOG_MAGIC: &[u8] = b"SWBMLOG1\n";
 pub(super) const SNAPSHOT: &str = "snapshot";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
+/// A compaction's new log, written aside and renamed over [`LOG`].
+const LOG_TMP: &str = "changes.log.tmp";
 pub(super) const LOG: &str = "changes.log";
 
 /// The largest change a record may hold: a length over it is damage, not a record. A change
@@ -142,6 +150,11 @@ struct Pending {
     buf: Vec<u8>,
     /// Sequence number of the last record appended.
     last: u64,
+    /// The log file's length once everything buffered is written: where the next record
+    /// will start.
+    end: u64,
+    /// Counts [`Disk::install`]s: a compaction started before one is stale.
+    generation: u64,
 }
 
 struct Output {
@@ -151,13 +164,28 @@ struct Output {
     written: u64,
 }
 
-/// One server's data directory, open.
-pub struct Disk {
+/// What the compaction thread and the server's threads share.
+struct Files {
     dir: PathBuf,
     fsync: bool,
     pending: Mutex<Pending>,
     output: Mutex<Output>,
     since_snapshot: AtomicU64,
+    /// Held while a snapshot file is written and the log emptied up to it: by a
+    /// compaction's thread for all of it, and by [`Disk::install`].
+    snapshot_io: Mutex<()>,
+}
+
+/// A compaction under way: its thread, and whether it has finished.
+struct Compactor {
+    thread: JoinHandle<()>,
+    done: Arc<AtomicBool>,
+}
+
+/// One server's data directory, open.
+pub struct Disk {
+    files: Arc<Files>,
+    compactor: Mutex<Option<Compactor>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,6 +210,7 @@ impl Disk {
     pub fn open(dir: &Path, fsync: bool) -> io::Result<(Disk, Loaded)> {
         fs::create_dir_all(dir)?;
         let _ = fs::remove_file(dir.join(SNAPSHOT_TMP));
+        let _ = fs::remove_file(dir.join(LOG_TMP));
         let (base, mut state) = read_snapshot(dir)?;
         let log_path = dir.join(LOG);
         let data = read_log(&log_path)?;
@@ -215,6 +244,7 @@ impl Disk {
             end
         };
         let file = open_for_append(&log_path, LOG_MAGIC, good_end, data.len())?;
+        let end = file.metadata()?.len();
         let loaded = Loaded {
             state,
             base,
@@ -222,12 +252,14 @@ impl Disk {
             torn,
         };
         let last = loaded.last().seq;
-        let disk = Disk {
+        let files = Files {
             dir: dir.to_owned(),
             fsync,
             pending: Mutex::new(Pending {
                 buf: Vec::new(),
                 last,
+                end,
+                generation: 0,
             }),
             output: Mutex::new(Output {
                 file,
@@ -235,21 +267,28 @@ impl Disk {
                 written: last,
             }),
             since_snapshot: AtomicU64::new(loaded.records.len() as u64),
+            snapshot_io: Mutex::new(()),
+        };
+        let disk = Disk {
+            files: Arc::new(files),
+            compactor: Mutex::new(None),
         };
         Ok((disk, loaded))
     }
 
     /// Buffers a record. Call in sequence order (under the state lock).
     pub fn append(&self, pos: Pos, change: &[u8]) {
-        let mut p = lock(&self.pending);
+        let mut p = lock(&self.files.pending);
+        let before = p.buf.len();
         encode_record(pos, change, &mut p.buf);
+        p.end += (p.buf.len() - before) as u64;
         p.last = pos.seq;
-        self.since_snapshot.fetch_add(1, Ordering::Relaxed);
+        self.files.since_snapshot.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records appended since the last snapshot.
+    /// Records appended since the last snapshot (or since the last compaction began).
     pub fn since_snapshot(&self) -> u64 {
-        self.since_snapshot.load(Ordering::Relaxed)
+        self.files.since_snapshot.load(Ordering::Relaxed)
     }
 
     /// Makes every record up to `seq` durable: written to the file, and fsynced with the
@@ -258,20 +297,13 @@ impl Disk {
     /// # Errors
     /// When the write or the fsync fails.
     pub fn sync_to(&self, seq: u64) -> io::Result<()> {
-        let mut out = lock(&self.output);
+        let files = &*self.files;
+        let mut out = lock(&files.output);
         if out.written >= seq {
             return Ok(());
         }
-        let upto = {
-            let mut p = lock(&self.pending);
-            std::mem::swap(&mut p.buf, &mut out.spare);
-            p.last
-        };
-        let out = &mut *out;
-        let result = out.file.write_all(&out.spare);
-        out.spare.clear();
-        result?;
-        if self.fsync {
+        let upto = files.write_pending(&mut out)?;
+        if files.fsync {
             out.file.sync_data()?;
         }
         out.written = upto;
@@ -282,31 +314,171 @@ impl Disk {
     /// [`Disk::sync_to`] meanwhile waits (tests of a slow disk).
     #[cfg(test)]
     pub(crate) fn hold_writes(&self) -> impl Sized + '_ {
-        lock(&self.output)
+        lock(&self.files.output)
+    }
+
+    /// Holds snapshot writes as a slow disk would, until the guard is dropped: a
+    /// compaction's thread waits before it writes (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_snapshots(&self) -> impl Sized + '_ {
+        lock(&self.files.snapshot_io)
     }
 
     /// Replaces the data with `snapshot` (an [`encode_snapshot`] at `pos`) and an empty
     /// log; records buffered but not written are dropped (the snapshot covers them). The
-    /// snapshot is durable before the log is emptied.
+    /// snapshot is durable before the log is emptied. A compaction under way finishes its
+    /// writes first, and is then given up.
     ///
     /// # Errors
     /// When a file cannot be written, synced or renamed.
     pub fn install(&self, snapshot: &[u8], pos: Pos) -> io::Result<()> {
-        let mut out = lock(&self.output);
-        let mut p = lock(&self.pending);
+        let files = &*self.files;
+        let _io = lock(&files.snapshot_io);
+        let mut out = lock(&files.output);
+        let mut p = lock(&files.pending);
         p.buf.clear();
         p.last = pos.seq;
+        p.generation += 1;
         durable::write_atomically(
-            &self.dir.join(SNAPSHOT),
-            &self.dir.join(SNAPSHOT_TMP),
+            &files.dir.join(SNAPSHOT),
+            &files.dir.join(SNAPSHOT_TMP),
             |out| out.write_all(snapshot),
         )?;
         out.file.set_len(LOG_MAGIC.len() as u64)?;
         out.file.seek(io::SeekFrom::End(0))?;
         out.file.sync_all()?;
+        p.end = LOG_MAGIC.len() as u64;
         out.written = pos.seq;
-        self.since_snapshot.store(0, Ordering::Relaxed);
+        files.since_snapshot.store(0, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether a compaction started by [`Disk::compact`] is still writing.
+    pub fn compacting(&self) -> bool {
+        lock(&self.compactor)
+            .as_ref()
+            .is_some_and(|c| !c.done.load(Ordering::Acquire))
+    }
+
+    /// Compacts the log: `snapshot` (an [`encode_snapshot`] at `pos`, the last record
+    /// appended) is written and synced, then the log's records up to `pos` are dropped, on
+    /// a thread of its own, so that neither the caller nor anyone appending or syncing
+    /// meanwhile waits for those writes; only the final copy of the records appended
+    /// since is done under the log's lock. Call under the state lock, right after the
+    /// record at `pos` was appended, when [`Disk::compacting`] is false. A crash at any
+    /// point leaves a directory that loads the same state: the old snapshot and the whole
+    /// log, or the new snapshot and a log that may still hold the records it covers
+    /// (skipped on load), or the new snapshot and the records after it.
+    ///
+    /// A failure to write calls `failed` on that thread (the data on disk stays
+    /// loadable).
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn compact(&self, snapshot: Vec<u8>, pos: Pos, failed: fn(&io::Error)) -> io::Result<()> {
+        let mut compactor = lock(&self.compactor);
+        if let Some(previous) = compactor.take() {
+            // Finished (the caller checked `compacting`): only its thread is left to reap.
+            let _ = previous.thread.join();
+        }
+        let (from, generation) = {
+            let p = lock(&self.files.pending);
+            debug_assert_eq!(p.last, pos.seq, "a compaction at the last record appended");
+            (p.end, p.generation)
+        };
+        self.files.since_snapshot.store(0, Ordering::Relaxed);
+        let files = Arc::clone(&self.files);
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = Arc::clone(&done);
+        let thread = std::thread::Builder::new()
+            .name("messenger-compact".into())
+            .spawn(move || {
+                if let Err(e) = files.compact(&snapshot, from, generation) {
+                    failed(&e);
+                }
+                finished.store(true, Ordering::Release);
+            })?;
+        *compactor = Some(Compactor { thread, done });
+        Ok(())
+    }
+}
+
+impl Drop for Disk {
+    /// Waits for a compaction under way, so that the directory is quiet once the disk is
+    /// gone (and a test may open it again).
+    fn drop(&mut self) {
+        if let Some(c) = lock(&self.compactor).take() {
+            let _ = c.thread.join();
+        }
+    }
+}
+
+impl Files {
+    /// Writes everything buffered to the log file (without a sync); returns the sequence
+    /// number of the last record it holds.
+    fn write_pending(&self, out: &mut Output) -> io::Result<u64> {
+        let upto = {
+            let mut p = lock(&self.pending);
+            std::mem::swap(&mut p.buf, &mut out.spare);
+            p.last
+        };
+        let result = out.file.write_all(&out.spare);
+        out.spare.clear();
+        result.map(|()| upto)
+    }
+
+    /// A compaction's writes ([`Disk::compact`]): the snapshot, written and synced aside
+    /// and renamed; then the log replaced by one holding only what was appended after
+    /// the snapshot's record, which starts at byte `from` of the log. Nothing, if an
+    /// install (`generation`) came first.
+    fn compact(&self, snapshot: &[u8], from: u64, generation: u64) -> io::Result<()> {
+        let _io = lock(&self.snapshot_io);
+        if lock(&self.pending).generation != generation {
+            return Ok(());
+        }
+        durable::write_atomically(
+            &self.dir.join(SNAPSHOT),
+            &self.dir.join(SNAPSHOT_TMP),
+            |out| out.write_all(snapshot),
+        )?;
+        // The snapshot is durable: the records it covers may go. Under the log's lock from
+        // here, so nothing is written to the old file once its tail is copied.
+        let mut out = lock(&self.output);
+        self.write_pending(&mut out)?;
+        let len = out.file.metadata()?.len();
+        let kept = len
+            .checked_sub(from)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| invalid(&self.dir.join(LOG), "shorter than a compaction's start"))?;
+        let mut tail = vec![0; kept];
+        out.file.read_exact_at(&mut tail, from)?;
+        let (path, temp) = (self.dir.join(LOG), self.dir.join(LOG_TMP));
+        let fresh = (|| {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)?;
+            file.write_all(LOG_MAGIC)?;
+            file.write_all(&tail)?;
+            file.sync_all()?;
+            fs::rename(&temp, &path)?;
+            Ok(file)
+        })();
+        let file = match fresh {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        // Renamed: from now on appends must go to the new file, whatever the directory's
+        // sync says.
+        out.file = file;
+        lock(&self.pending).end -= from - LOG_MAGIC.len() as u64;
+        drop(out);
+        durable::sync_dir(&path)
     }
 }
 
@@ -634,6 +806,106 @@ mod tests {
         let (_disk, loaded) = Disk::open(&dir, true).unwrap();
         assert_eq!(loaded.records.len(), 1);
         assert!(loaded.state.exists("new") && !loaded.state.exists("old"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Waits for a compaction's thread to finish (at most 10 s).
+    fn compacted(disk: &Disk) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while disk.compacting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the compaction never finished"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_compaction_writes_aside_while_appends_and_syncs_go_on() {
+        let dir = temp_dir("compact");
+        let (disk, _) = Disk::open(&dir, true).unwrap();
+        let add = |disk: &Disk, seq: u64| disk.append(pos(1, seq), &reg(&format!("u{seq}")));
+        for seq in 1..=4 {
+            add(&disk, seq);
+        }
+        disk.sync_to(2).unwrap();
+        let snapshot = {
+            let mut state = State::new();
+            for seq in 1..=4 {
+                let change = Change::decode(&reg(&format!("u{seq}"))).unwrap();
+                state.apply(pos(1, seq).into(), &change);
+            }
+            encode_snapshot(pos(1, 4), &state)
+        };
+        // A slow disk: the snapshot's writes wait. Appends and syncs do not.
+        let held = disk.hold_snapshots();
+        disk.compact(snapshot, pos(1, 4), |e| panic!("{e}"))
+            .unwrap();
+        assert!(disk.compacting());
+        assert_eq!(disk.since_snapshot(), 0);
+        for seq in 5..=6 {
+            add(&disk, seq);
+        }
+        disk.sync_to(6).unwrap();
+        assert_eq!(disk.since_snapshot(), 2);
+        assert!(disk.compacting(), "it waits for the snapshot's turn");
+        drop(held);
+        compacted(&disk);
+        add(&disk, 7);
+        disk.sync_to(7).unwrap();
+        // The log holds only what came after the snapshot's record.
+        let mut expected = LOG_MAGIC.to_vec();
+        for seq in 5..=7 {
+            encode_record(pos(1, seq), &reg(&format!("u{seq}")), &mut expected);
+        }
+        assert_eq!(fs::read(dir.join(LOG)).unwrap(), expected);
+        assert!(!dir.join(LOG_TMP).exists() && !dir.join(SNAPSHOT_TMP).exists());
+        drop(disk);
+        let (_disk, loaded) = Disk::open(&dir, true).unwrap();
+        assert_eq!(loaded.base, pos(1, 4));
+        assert_eq!(loaded.records.len(), 3);
+        assert_eq!(loaded.last(), pos(1, 7));
+        assert!((1..=7).all(|seq| loaded.state.exists(&format!("u{seq}"))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_compaction_overtaken_by_an_install_writes_nothing() {
+        let dir = temp_dir("compact-install");
+        let (disk, _) = Disk::open(&dir, false).unwrap();
+        for seq in 1..=3 {
+            disk.append(pos(1, seq), &reg(&format!("u{seq}")));
+        }
+        disk.sync_to(3).unwrap();
+        let log = fs::read(dir.join(LOG)).unwrap();
+        let held = disk.hold_snapshots();
+        let stale = encode_snapshot(pos(1, 3), &State::new());
+        disk.compact(stale, pos(1, 3), |e| panic!("{e}")).unwrap();
+        // An install's mark, as one that came first leaves it (an install itself would
+        // wait for the held snapshot lock).
+        lock(&disk.files.pending).generation += 1;
+        drop(held);
+        compacted(&disk);
+        assert!(!dir.join(SNAPSHOT).exists(), "a stale snapshot was written");
+        assert_eq!(fs::read(dir.join(LOG)).unwrap(), log, "the log was cut");
+        // And a real install after a compaction leaves the installed snapshot.
+        let held = disk.hold_snapshots();
+        let stale = encode_snapshot(pos(1, 3), &State::new());
+        disk.compact(stale, pos(1, 3), |e| panic!("{e}")).unwrap();
+        drop(held);
+        let mut state = State::new();
+        state.apply(pos(2, 9).into(), &Change::decode(&reg("peer")).unwrap());
+        disk.install(&encode_snapshot(pos(2, 9), &state), pos(2, 9))
+            .unwrap();
+        compacted(&disk);
+        disk.append(pos(2, 10), &reg("next"));
+        disk.sync_to(10).unwrap();
+        drop(disk);
+        let (_disk, loaded) = Disk::open(&dir, false).unwrap();
+        assert_eq!((loaded.base, loaded.last()), (pos(2, 9), pos(2, 10)));
+        assert!(loaded.state.exists("peer") && loaded.state.exists("next"));
+        assert!(!loaded.state.exists("u1"));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -18,8 +18,10 @@
 //! connection drains that client's outbox; a ticker turns silences into failures, drops
 //! members that stopped acknowledging, and re-evaluates the role; a flusher syncs what the
 //! ticker appended (an epoch record), so that no tick waits for an fsync and a slow fsync
-//! does not look like a stall (a compaction still writes its snapshot under the lock). The inbound link from each peer is served on that
-//! connection's own thread (the server's).
+//! does not look like a stall. The inbound link from each peer is served on that
+//! connection's own thread (the server's). One more thread is not in the group: a
+//! compaction's, which writes the snapshot with no lock held and is joined when the disk
+//! is dropped ([`Disk::compact`]).
 
 mod feed;
 mod forward;

@@ -38,16 +38,23 @@ impl Replica {
         (pos.seq, delivered)
     }
 
+    /// Starts a compaction once the log holds `compact_after` records past the snapshot:
+    /// the state is encoded here, under the lock, and written on a thread of the disk's
+    /// ([`Disk::compact`](crate::messenger::log::Disk::compact)), so no request waits for
+    /// the snapshot's writes and syncs. A storage failure there is a crash, as here.
     fn maybe_compact(&self, inner: &mut Inner) {
-        if self.disk.since_snapshot() < self.compact_after {
+        if self.disk.since_snapshot() < self.compact_after || self.disk.compacting() {
             return;
         }
         let snapshot = encode_snapshot(inner.last, &inner.state);
-        if let Err(e) = self.disk.install(&snapshot, inner.last) {
+        if let Err(e) = self.disk.compact(snapshot, inner.last, |e| fatal(e)) {
             fatal(&e);
         }
-        log_debug!("messenger-{}: compacted the log at {}", self.id, inner.last);
-        inner.durable = inner.last.seq;
+        log_debug!(
+            "messenger-{}: compacting the log at {}",
+            self.id,
+            inner.last
+        );
     }
 
     /// Takes records that follow `prev` (skipping those already held): `Err` when they do
@@ -231,6 +238,47 @@ mod tests {
         assert!(refused(&inner, at(4, 155), true).is_some());
         assert_eq!(refused(&inner, at(6, 131), true), None);
         drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_compaction_writes_its_snapshot_with_no_lock_held_and_a_restart_loads_it() {
+        let dir = std::env::temp_dir().join(format!("switchboard-cmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peers = vec!["127.0.0.1:1".parse().unwrap()];
+        let mut options = Options::new(0, peers, dir.clone());
+        options.compact_after = 3;
+        let (replica, _) = Replica::open(&options).unwrap();
+        let register = |name: &str| Change::Register {
+            name: name.into(),
+            nonce: 0,
+        };
+        // The disk's snapshot writes wait, as on a slow disk; requests and syncs do not.
+        let held = replica.disk.hold_snapshots();
+        for name in ["a", "b", "c", "d"] {
+            let mut inner = replica.lock();
+            replica.append_local(&mut inner, &register(name));
+            let seq = inner.last.seq;
+            drop(inner);
+            replica.flush_to(seq);
+        }
+        assert!(replica.disk.compacting(), "the third record starts one");
+        assert_eq!(replica.lock().durable, 4);
+        drop(held);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while replica.disk.compacting() {
+            assert!(Instant::now() < deadline, "the compaction never finished");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        replica.begin_stop();
+        drop(replica);
+        let (_, loaded) = Replica::open(&options).unwrap();
+        // The snapshot at the third record, and the fourth from the log.
+        assert!(
+            loaded.starts_with("snapshot at 3@")
+                && loaded.contains(", 1 records replayed, last 4@"),
+            "{loaded}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
