@@ -114,6 +114,9 @@ struct Neighbour {
     roster: BTreeSet<String>,
     /// Whether a name was refused for the roster being full (logged once per peer).
     roster_full: bool,
+    /// Known only from its own hello and never live: forgotten once no link from it is
+    /// left ([`Federation::forget_stranger`]).
+    stranger: bool,
 }
 
 /// The state of our link to a peer.
@@ -257,6 +260,7 @@ impl Federation {
         }
         let mut peer = Neighbour::new();
         peer.pending.push_back(link);
+        peer.stranger = true;
         self.peers.insert(id.clone(), peer);
         Ok(true)
     }
@@ -322,6 +326,7 @@ impl Federation {
     pub fn set_live(&mut self, id: &ServerId) {
         if let Some(peer) = self.peers.get_mut(id) {
             peer.live = true;
+            peer.stranger = false;
             log_info!("chat: linked with {id} both ways");
             self.report();
         }
@@ -361,11 +366,37 @@ impl Federation {
         let Some(peer) = self.peers.get_mut(id) else {
             return Vec::new();
         };
-        if is(&peer.incoming, stream) {
-            return self.lose(id);
+        let left = if is(&peer.incoming, stream) {
+            self.lose(id)
+        } else {
+            peer.pending.retain(|l| !l.is(stream));
+            Vec::new()
+        };
+        self.forget_stranger(id);
+        left
+    }
+
+    /// Forgets `id` if it is a stranger (known only from its own hello, never live) with
+    /// no link to us left. Without this, anyone could make up servers by the hundred, one
+    /// hello each (at any address, reachable or not), and this server would keep them and
+    /// redial them for ever, refusing real servers once it knew [`MAX_PEERS`]. A real
+    /// server that lost its link before going live dials us again, and is then new again.
+    fn forget_stranger(&mut self, id: &ServerId) {
+        let forget = self
+            .peers
+            .get(id)
+            .is_some_and(|p| p.stranger && p.incoming.is_none() && p.pending.is_empty());
+        if !forget {
+            return;
         }
-        peer.pending.retain(|l| !l.is(stream));
-        Vec::new()
+        if let Some(Neighbour {
+            out: Out::Up { outbox, .. },
+            ..
+        }) = self.peers.remove(id)
+        {
+            outbox.shutdown(Shutdown::Both);
+        }
+        log_info!("chat: {id} never linked both ways, and its links to us ended; forgetting it");
     }
 
     /// Rule 4: closes both links to `id` and keeps it, to be redialled; returns its
@@ -549,6 +580,7 @@ impl Neighbour {
             live: false,
             roster: BTreeSet::new(),
             roster_full: false,
+            stranger: false,
         }
     }
 }
@@ -895,6 +927,57 @@ mod tests {
             stream: Arc::clone(stream),
             beats,
         }
+    }
+
+    #[test]
+    fn a_server_known_only_from_its_hello_is_forgotten_once_its_links_end() {
+        let mut fed = Federation::new(id("127.0.0.1:1"));
+        // Made-up servers, one hello each, the links closed at once: nothing is kept.
+        for port in 2..2 + MAX_PEERS as u16 + 10 {
+            let stranger = id(&format!("127.0.0.1:{port}"));
+            let (_d, link) = socket();
+            assert_eq!(fed.hello(&stranger, in_link(&link)), Ok(true));
+            assert!(fed.wants(&stranger), "dialled back while its link is open");
+            assert!(fed.in_ended(&stranger, &link).is_empty());
+            assert!(!fed.wants(&stranger), "{stranger} kept");
+        }
+        assert!(fed.peers.is_empty());
+        // One that confirmed its link and announced a client, never live: its client
+        // leaves with it, and so does our dialled link.
+        let stranger = id("127.0.0.1:7");
+        let (_d1, link) = socket();
+        assert_eq!(fed.hello(&stranger, in_link(&link)), Ok(true));
+        let (_d2, out) = socket();
+        let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
+        fed.link_up(&stranger, outbox).ok().unwrap();
+        assert!(matches!(
+            fed.incoming_line(&stranger, &link),
+            LinkLine::Confirmed(_)
+        ));
+        fed.roster(&stranger, "eve", true);
+        assert_eq!(fed.in_ended(&stranger, &link), ["eve"]);
+        assert!(!fed.wants(&stranger));
+        // A server that went live once is a member: lost, it is kept and redialled.
+        let member = id("127.0.0.1:8");
+        let (_d3, link) = socket();
+        assert_eq!(fed.hello(&member, in_link(&link)), Ok(true));
+        let (_d4, out) = socket();
+        let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
+        fed.link_up(&member, outbox).ok().unwrap();
+        assert!(matches!(
+            fed.incoming_line(&member, &link),
+            LinkLine::Confirmed(_)
+        ));
+        fed.set_live(&member);
+        assert!(fed.in_ended(&member, &link).is_empty());
+        assert!(fed.wants(&member), "a lost member is redialled");
+        // And one we learned of from a member's list is dialled whatever its links do.
+        let listed = id("127.0.0.1:9");
+        fed.learn(std::slice::from_ref(&listed));
+        let (_d5, link) = socket();
+        assert_eq!(fed.hello(&listed, in_link(&link)), Ok(false));
+        assert!(fed.in_ended(&listed, &link).is_empty());
+        assert!(fed.wants(&listed));
     }
 
     #[test]
