@@ -10,6 +10,13 @@ use super::rng::Rng;
 use super::types::{Config, HardState, RaftError, Ready, Role, Stored};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The highest term a replica takes from a message: far below `u64::MAX`, so that no
+/// term arithmetic wraps. No election reaches it (one a microsecond would take half a
+/// million years); a message past it is a forged or corrupt one, and taking its term would
+/// leave the replica unable ever to campaign again (its next term would wrap), with that
+/// term saved on disk.
+pub const MAX_TERM: u64 = 1 << 62;
+
 /// Deliberate protocol bugs, so tests can show the simulator's checks catch them.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -199,9 +206,9 @@ impl RaftCore {
     }
 
     /// Handles a message from a peer. Messages not addressed to this replica, or not from
-    /// a member, are ignored.
+    /// a member, or with a term past [`MAX_TERM`], are ignored.
     pub fn receive(&mut self, msg: Message, out: &mut Ready) {
-        if msg.to == self.cfg.id && self.peers.contains(&msg.from) {
+        if msg.to == self.cfg.id && self.peers.contains(&msg.from) && msg.term <= MAX_TERM {
             self.step(msg, out);
             self.flush(out);
         }

@@ -383,6 +383,50 @@ fn chunk_to(r: &mut RaftCore, from: ReplicaId, term: u64, blob: &[u8], at: usize
     out
 }
 
+/// A member's message with a term past [`MAX_TERM`] (forged, or corrupt on a link with no
+/// secret) is ignored: taken, the replica's next term would wrap and it could never be
+/// elected again.
+#[test]
+fn a_term_past_the_bound_is_ignored() {
+    use super::replica::MAX_TERM;
+    let mut r = RaftCore::new(Config::new(3, &[1, 2, 3], 1)).unwrap();
+    for term in [u64::MAX, MAX_TERM + 1] {
+        for body in [
+            Body::VoteResp { granted: false },
+            Body::Heartbeat {
+                commit: u64::MAX,
+                round: 0,
+            },
+        ] {
+            let mut out = Ready::default();
+            r.receive(
+                Message {
+                    from: 1,
+                    to: 3,
+                    term,
+                    body,
+                },
+                &mut out,
+            );
+            assert_eq!(r.term(), 0, "took term {term}");
+            assert!(out.hard_state.is_none() && out.messages.is_empty());
+        }
+    }
+    // At the bound itself it is still a term.
+    let mut out = Ready::default();
+    let body = Body::VoteResp { granted: false };
+    r.receive(
+        Message {
+            from: 1,
+            to: 3,
+            term: MAX_TERM,
+            body,
+        },
+        &mut out,
+    );
+    assert_eq!(r.term(), MAX_TERM);
+}
+
 fn answered(out: &Ready) -> bool {
     out.messages
         .iter()
