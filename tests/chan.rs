@@ -355,6 +355,62 @@ fn a_channel_holds_at_most_its_byte_budget_of_parsed_messages() {
     assert_eq!(chan.queued_bytes(), 0);
 }
 
+/// Writers to a full channel wait, each holding a connection; at most all but a sixteenth
+/// of the listener's connections may, so a remote reader can always come and make room.
+#[test]
+fn writers_waiting_on_a_full_channel_leave_room_for_a_reader() {
+    common::quiet_logs();
+    let node = Node::new(NodeConfig {
+        capacity: 1,
+        max_connections: 16,
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    // A one-shot writer fills the queue.
+    let mut first = connect(addr);
+    std::io::Write::write_all(&mut first, b"{remote_msg,0}\n").unwrap();
+    drop(first);
+    eventually("the first message queued", || {
+        chan.receiver().is_some_and(|rx| rx.len() == 1)
+    });
+    // Whether a writer got an answer within a moment: it waits when it got none.
+    let answer = |w: &mut TcpStream| {
+        w.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match w.read(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => None,
+        }
+    };
+    // 16 connections, one of them kept for readers: 15 writers may wait.
+    let mut waiting = Vec::new();
+    for i in 1..=15 {
+        let mut w = connect(addr);
+        std::io::Write::write_all(&mut w, format!("{{remote_msg,{i}}}\n").as_bytes()).unwrap();
+        assert_eq!(answer(&mut w), None, "writer {i} was not left waiting");
+        waiting.push(w);
+    }
+    let mut crowded = connect(addr);
+    std::io::Write::write_all(&mut crowded, b"{remote_msg,refused}\n").unwrap();
+    assert_eq!(
+        answer(&mut crowded).as_deref(),
+        Some("{error,too_many_writers}\n")
+    );
+    drop(crowded);
+    // The reserved connection: a reader, who drains the channel in the writers' order.
+    let mut reader = LineClient::connect(addr);
+    for i in 0..=15 {
+        assert_eq!(
+            reader.ask("{remote_read,5000}\n"),
+            format!("{{remote_msg,{i}}}")
+        );
+    }
+    drop(waiting);
+}
+
 #[test]
 fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
     let node = node();

@@ -6,7 +6,7 @@ use super::value::remote_chan_term;
 use super::{ChanError, Host, Node, Value};
 use crate::framing::{FrameReader, Framing};
 use crate::term::Term;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -267,6 +267,30 @@ impl Chan {
                 .map_err(|_| ChanError::NodeDown),
             Kind::Remote(remote) => remote.send(msg.into()),
         }
+    }
+
+    /// [`Chan::send`], waiting at most `timeout` for room in a local channel's queue. (A
+    /// remote send is bounded by the node's I/O timeout already; `timeout` is not used.)
+    ///
+    /// # Errors
+    /// [`ChanError::Timeout`] when the local queue stayed full; otherwise as
+    /// [`Chan::send`].
+    pub fn send_timeout(&self, msg: impl Into<Value>, timeout: Duration) -> Result<(), ChanError> {
+        match &self.0 {
+            Kind::Local(local) => local
+                .tx
+                .send_timeout(Delivery::local(msg.into()), timeout)
+                .map_err(|e| match e {
+                    SendTimeoutError::Timeout(_) => ChanError::Timeout,
+                    SendTimeoutError::Disconnected(_) => ChanError::NodeDown,
+                }),
+            Kind::Remote(remote) => remote.send(msg.into()),
+        }
+    }
+
+    /// Whether both handles are the same local channel (one queue).
+    pub fn same_queue(&self, other: &Chan) -> bool {
+        matches!((&self.0, &other.0), (Kind::Local(a), Kind::Local(b)) if Arc::ptr_eq(a, b))
     }
 
     /// Reads the next message, waiting as long as it takes.

@@ -47,7 +47,7 @@ impl Listener {
             name: name.to_owned(),
             chan,
             node,
-            intake: Intake::default(),
+            intake: Intake::new(writers_waiting_at_most(config.max_connections)),
             arrivals: arrivals.clone(),
             requests: RequestLoop::new(Framing::Line)
                 .limits(config.line_limits)
@@ -231,9 +231,26 @@ impl Session<'_> {
                     }
                 };
                 if self.turn.is_none() {
-                    self.turn = listener.intake.enter(conn, &listener.arrivals);
+                    match listener.intake.enter(conn, &listener.arrivals) {
+                        Ok(turn) => self.turn = Some(turn),
+                        Err(NoTurn::Stopping) => return Ok(ControlFlow::Break(())),
+                        Err(NoTurn::Crowded) => {
+                            if self.logged.allow() {
+                                log_info!(
+                                    "{}: connection {} from {}: message refused: {} writers \
+                                     wait for the channel already",
+                                    listener.name,
+                                    conn.id,
+                                    conn.peer,
+                                    listener.intake.max_waiting
+                                );
+                            }
+                            protocol::write_error("too_many_writers", out.buffer());
+                            return Ok(ControlFlow::Continue(()));
+                        }
+                    }
                 }
-                if self.turn.is_none() || !listener.push(msg, memory, conn) {
+                if !listener.push(msg, memory, conn) {
                     return Ok(ControlFlow::Break(())); // stopping
                 }
             }
@@ -285,16 +302,35 @@ fn peer_closed(conn: &Connection) -> bool {
 /// connection would overtake it. So a connection with messages enters the intake
 /// (by its id, which grows in accept order) *before* it settles, and pushes only when it
 /// is the oldest one waiting: order holds even under backpressure.
-#[derive(Default)]
 struct Intake {
     state: Mutex<IntakeState>,
     changed: Condvar,
+    /// Writers that may wait at once ([`writers_waiting_at_most`]).
+    max_waiting: usize,
 }
 
 #[derive(Default)]
 struct IntakeState {
     waiting: BTreeSet<u64>,
     holder: Option<u64>,
+}
+
+/// How many of a listener's `max_connections` may be writers waiting for the channel: all
+/// but a sixteenth (at most 16) of them, kept for readers. Writers to a full channel wait,
+/// each holding its connection; without the reserve, enough of them would take every slot,
+/// and a remote reader, the one who could make room, would be refused for good.
+fn writers_waiting_at_most(max_connections: usize) -> usize {
+    max_connections
+        .saturating_sub((max_connections / 16).min(16))
+        .max(1)
+}
+
+/// Why a connection did not get its turn to push.
+enum NoTurn {
+    /// The server is stopping.
+    Stopping,
+    /// As many writers as may are waiting already.
+    Crowded,
 }
 
 /// The right to push into the channel; released on drop.
@@ -308,15 +344,27 @@ impl Intake {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for `conn`'s turn; `None` when the server is stopping.
-    fn enter(&self, conn: &Connection, arrivals: &Arrivals) -> Option<Turn<'_>> {
+    fn new(max_waiting: usize) -> Intake {
+        Intake {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            max_waiting,
+        }
+    }
+
+    /// Waits for `conn`'s turn.
+    fn enter(&self, conn: &Connection, arrivals: &Arrivals) -> Result<Turn<'_>, NoTurn> {
         let mut state = self.state();
+        if state.waiting.len() >= self.max_waiting {
+            arrivals.settle(conn);
+            return Err(NoTurn::Crowded);
+        }
         state.waiting.insert(conn.id);
         arrivals.settle(conn);
         loop {
             if state.holder.is_none() && state.waiting.first() == Some(&conn.id) {
                 state.holder = Some(conn.id);
-                return Some(Turn {
+                return Ok(Turn {
                     intake: self,
                     id: conn.id,
                 });
@@ -324,7 +372,7 @@ impl Intake {
             if conn.server.is_stopping() {
                 state.waiting.remove(&conn.id);
                 self.changed.notify_all();
-                return None;
+                return Err(NoTurn::Stopping);
             }
             state = self
                 .changed

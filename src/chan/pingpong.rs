@@ -24,7 +24,8 @@ const LOOKUP_RETRY: Duration = Duration::from_millis(100);
 pub struct PongReport {
     /// Pings answered.
     pub answered: u64,
-    /// Messages that were not `{ping,N,ReplyChan}`.
+    /// Messages that were not `{ping,N,ReplyChan}`, and pings whose reply channel is the
+    /// very channel pong reads.
     pub ignored: u64,
     /// Pongs that could not be delivered.
     pub failed: u64,
@@ -205,6 +206,11 @@ pub fn run_ping(
 /// and this bounds those threads: past it, `pong` waits for one to finish.
 pub const PONGS_IN_FLIGHT: usize = 32;
 
+/// How long a pong waits for room in a reply channel of this process (one of its node's
+/// channels, full and not read): as long as a remote one gets, the node's default I/O
+/// timeout.
+const LOCAL_REPLY_PATIENCE: Duration = Duration::from_secs(10);
+
 /// How long a stopping `pong` waits for pongs still being delivered.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -253,6 +259,13 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
             report.ignored += 1;
             continue;
         };
+        if reply.same_queue(chan) {
+            // Its pong would come back here, and enough such pings would fill the queue
+            // with pongs only this loop could take out, while it waits for their senders.
+            log_info!("pong: ignoring a ping whose reply channel is pong's own");
+            report.ignored += 1;
+            continue;
+        }
         while in_flight >= PONGS_IN_FLIGHT {
             select! {
                 recv(stop) -> _ => {
@@ -269,7 +282,8 @@ pub fn pong(chan: &Chan, stop: &Receiver<()>) -> PongReport {
         let spawned = std::thread::Builder::new()
             .name("pong-reply".into())
             .spawn(move || {
-                let delivered = match reply.send(Value::tuple(vec![Value::atom("pong"), n])) {
+                let pong = Value::tuple(vec![Value::atom("pong"), n]);
+                let delivered = match reply.send_timeout(pong, LOCAL_REPLY_PATIENCE) {
                     Ok(()) => true,
                     Err(e) => {
                         log_info!("pong: cannot answer: {e}");
@@ -389,6 +403,43 @@ pub fn ping(node: &Node, target: &Chan, count: usize, timeout: Duration) -> Ping
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pings_whose_reply_channel_is_pongs_own_queue_are_ignored() {
+        // Each one's pong would be aimed back at that queue: with a writer keeping the
+        // queue full, the pongs would block on a queue only pong reads, and 32 of them
+        // stop it (how they block is a race, so this checks that none is answered).
+        let node = crate::chan::Node::new(crate::chan::NodeConfig {
+            capacity: 4,
+            ..crate::chan::NodeConfig::default()
+        });
+        let chan = node.chan();
+        let (stop_tx, stop) = crossbeam_channel::bounded(1);
+        let served = chan.clone();
+        let pong = std::thread::spawn(move || pong(&served, &stop));
+        let ping = |n: i64, reply: &Chan| {
+            Value::tuple(vec![
+                Value::atom("ping"),
+                Value::int(n),
+                Value::Chan(reply.clone()),
+            ])
+        };
+        for n in 0..100 {
+            chan.send_timeout(ping(n, &chan), Duration::from_secs(10))
+                .expect("pong stopped reading its queue");
+        }
+        let reply = node.chan();
+        chan.send_timeout(ping(7, &reply), Duration::from_secs(10))
+            .unwrap();
+        let answer = reply.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(
+            answer,
+            Value::tuple(vec![Value::atom("pong"), Value::int(7)])
+        );
+        stop_tx.send(()).unwrap();
+        let report = pong.join().unwrap();
+        assert_eq!((report.answered, report.ignored), (1, 100));
+    }
 
     #[test]
     fn percentiles_by_nearest_rank() {
