@@ -206,7 +206,7 @@ impl RaftCore {
     }
 
     /// Handles a message from a peer. Messages not addressed to this replica, or not from
-    /// a member, or with a term past [`MAX_TERM`], are ignored.
+    /// a member, or with a term past `MAX_TERM` (2^62), are ignored.
     pub fn receive(&mut self, msg: Message, out: &mut Ready) {
         if msg.to == self.cfg.id && self.peers.contains(&msg.from) && msg.term <= MAX_TERM {
             self.step(msg, out);
