@@ -400,9 +400,22 @@ fn writers_waiting_on_a_full_channel_leave_room_for_a_reader() {
         Some("{error,too_many_writers}\n")
     );
     drop(crowded);
-    // The reserved connection: a reader, who drains the channel in the writers' order.
-    let mut reader = LineClient::connect(addr);
-    for i in 0..=15 {
+    // The reserved connection (once the server has seen the refused writer's close): a
+    // reader, who drains the channel in the writers' order.
+    let mut reader = None;
+    eventually("a reader let in", || {
+        let mut c = LineClient::connect(addr);
+        match c.ask("{remote_read,5000}\n").as_str() {
+            "{error,too_many_connections}" => false,
+            first => {
+                assert_eq!(first, "{remote_msg,0}");
+                reader = Some(c);
+                true
+            }
+        }
+    });
+    let mut reader = reader.unwrap();
+    for i in 1..=15 {
         assert_eq!(
             reader.ask("{remote_read,5000}\n"),
             format!("{{remote_msg,{i}}}")
