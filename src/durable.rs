@@ -87,29 +87,40 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The CRC-32 table of the reflected IEEE polynomial.
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
 /// CRC-32 (IEEE 802.3, reflected, as zlib's `crc32`), table-driven.
 pub fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    !bytes.iter().fold(!0u32, |c, &b| {
-        TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8)
+    !crc32_feed(!0, bytes)
+}
+
+/// [`crc32`] of the parts one after the other, as if joined (with no copy).
+pub fn crc32_parts(parts: &[&[u8]]) -> u32 {
+    !parts.iter().fold(!0, |c, part| crc32_feed(c, part))
+}
+
+fn crc32_feed(c: u32, bytes: &[u8]) -> u32 {
+    bytes.iter().fold(c, |c, &b| {
+        CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8)
     })
 }
 

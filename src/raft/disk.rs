@@ -128,6 +128,46 @@ fn read_whole(path: &Path, magic: &[u8]) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(body.to_vec()))
 }
 
+/// The name's start of a compaction's snapshot file written ahead ([`prepare_snapshot`]).
+const PREPARED: &str = "raft-snapshot.prepared-";
+
+/// The snapshot file's bytes after the magic: index, term, length, data, CRC.
+fn write_snapshot_file(w: &mut impl Write, index: u64, term: u64, data: &[u8]) -> io::Result<()> {
+    let mut head = Vec::with_capacity(24);
+    head.extend_from_slice(&index.to_be_bytes());
+    head.extend_from_slice(&term.to_be_bytes());
+    head.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    let crc = durable::crc32_parts(&[&head, data]);
+    w.write_all(SNAP_MAGIC)?;
+    w.write_all(&head)?;
+    w.write_all(data)?;
+    w.write_all(&crc.to_be_bytes())
+}
+
+/// Writes a compaction's snapshot file (the blob `data` at `index`, whose entry has
+/// `term`) in `dir`, under a name of its own, and syncs it; returns its path, for
+/// [`RaftStorage::save_prepared_snapshot`]. Runs on the thread that built the blob, so
+/// the disk thread, and every append queued behind the compaction, does not wait for a
+/// large state to be written. A file left by a crash is removed at the next open.
+///
+/// # Errors
+/// When the file cannot be written or synced (it is removed then).
+pub fn prepare_snapshot(dir: &Path, index: u64, term: u64, data: &[u8]) -> io::Result<PathBuf> {
+    let path = dir.join(format!("{PREPARED}{index}"));
+    let written = File::create(&path).and_then(|file| {
+        let mut w = io::BufWriter::with_capacity(1 << 20, file);
+        write_snapshot_file(&mut w, index, term, data)?;
+        w.into_inner()
+            .map_err(io::IntoInnerError::into_error)?
+            .sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
 impl RaftStorage {
     /// Opens (creating if needed) the storage in `dir` and reads back what it holds.
     ///
@@ -138,6 +178,12 @@ impl RaftStorage {
         for tmp in ["raft-hard-state.tmp", "raft-snapshot.tmp", "raft-log.tmp"] {
             // Never the only copy of anything: the file it would replace is whole.
             let _ = fs::remove_file(dir.join(tmp));
+        }
+        for entry in fs::read_dir(dir)?.flatten() {
+            // A compaction's snapshot written ahead and never renamed into place.
+            if entry.file_name().to_string_lossy().starts_with(PREPARED) {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         let hard_path = dir.join("raft-hard-state");
         let hard = match read_whole(&hard_path, HARD_MAGIC)? {
@@ -344,22 +390,29 @@ impl RaftStorage {
     /// # Errors
     /// When a file cannot be written and synced.
     pub fn save_snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
-        let mut head = Vec::with_capacity(24);
-        head.extend_from_slice(&snap.index.to_be_bytes());
-        head.extend_from_slice(&snap.term.to_be_bytes());
-        head.extend_from_slice(&(snap.data.len() as u64).to_be_bytes());
-        let crc = {
-            let mut both = head.clone();
-            both.extend_from_slice(&snap.data);
-            crc32(&both)
-        };
         let path = self.dir.join("raft-snapshot");
         durable::write_atomically(&path, &self.dir.join("raft-snapshot.tmp"), |w| {
-            w.write_all(SNAP_MAGIC)?;
-            w.write_all(&head)?;
-            w.write_all(&snap.data)?;
-            w.write_all(&crc.to_be_bytes())
+            write_snapshot_file(w, snap.index, snap.term, &snap.data)
         })?;
+        self.snapshot_in_place(snap)
+    }
+
+    /// [`RaftStorage::save_snapshot`] for a snapshot whose file [`prepare_snapshot`]
+    /// wrote and synced already: renames it into place, then replaces the log. Only the
+    /// rename and the log's tail are written here, so appends queued behind a compaction
+    /// do not wait for a large state to be written.
+    ///
+    /// # Errors
+    /// When the file cannot be renamed, or the log rewritten.
+    pub fn save_prepared_snapshot(&mut self, snap: &Snapshot, prepared: &Path) -> io::Result<()> {
+        let path = self.dir.join("raft-snapshot");
+        fs::rename(prepared, &path)?;
+        durable::sync_dir(&path)?;
+        self.snapshot_in_place(snap)
+    }
+
+    /// The snapshot file now holds `snap`: the log follows.
+    fn snapshot_in_place(&mut self, snap: &Snapshot) -> io::Result<()> {
         self.syncs += 1;
         let keep = self.term_at(snap.index) == Some(snap.term);
         self.snap = (snap.index, snap.term);
@@ -590,6 +643,39 @@ mod tests {
         let (_, stored) = RaftStorage::open(&d).unwrap();
         assert_eq!(stored.snapshot, theirs);
         assert_eq!(indexes(&stored), [(10, 4)]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_written_ahead_is_renamed_into_place_and_a_leftover_one_removed() {
+        let d = dir("prepared");
+        let (mut st, _) = RaftStorage::open(&d).unwrap();
+        st.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        let snap = Snapshot {
+            index: 6,
+            term: 1,
+            data: b"state at 6".to_vec(),
+        };
+        let ahead = prepare_snapshot(&d, 6, 1, &snap.data).unwrap();
+        st.save_prepared_snapshot(&snap, &ahead).unwrap();
+        assert!(!ahead.exists());
+        st.append(&[entry(11, 2)]).unwrap();
+        drop(st);
+        let (st, stored) = RaftStorage::open(&d).unwrap();
+        assert_eq!(stored.snapshot, snap);
+        assert_eq!(indexes(&stored), [(7, 1), (8, 1), (9, 1), (10, 1), (11, 2)]);
+        // The same bytes as a snapshot written in place.
+        let written = fs::read(d.join("raft-snapshot")).unwrap();
+        let mut st = st;
+        st.save_snapshot(&snap).unwrap();
+        assert_eq!(fs::read(d.join("raft-snapshot")).unwrap(), written);
+        // One written ahead and never renamed (a crash came first) is removed at start.
+        let left = prepare_snapshot(&d, 9, 1, b"never renamed").unwrap();
+        drop(st);
+        let (_, stored) = RaftStorage::open(&d).unwrap();
+        assert!(!left.exists());
+        assert_eq!(stored.snapshot, snap);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -14,7 +14,9 @@
 //! disk counts towards a commit only once saved, thesis §10.2.1), and a follower's
 //! heartbeat answers (so a read-index round is not held up by the follower's fsync).
 //! Snapshots for compaction are built on a thread of their own from
-//! [`StateMachine::snapshot_later`], and saved by the disk thread.
+//! [`StateMachine::snapshot_later`], which also writes and syncs the snapshot file
+//! ([`prepare_snapshot`]); the disk thread only renames it into place and cuts the log,
+//! so the appends queued behind a compaction do not wait for a large state's write.
 //!
 //! A snapshot installed from the leader is restored on a thread of its own too: the
 //! driver hands its state machine over with the blob and goes on answering heartbeats
@@ -35,7 +37,7 @@
 //! will never apply, so retrying it is safe), or unknown (a snapshot from the leader
 //! covered it before it applied here).
 
-use super::disk::RaftStorage;
+use super::disk::{prepare_snapshot, RaftStorage};
 use super::message::{encode, Body, Entry, Message, ReplicaId, Snapshot};
 use super::replica::RaftCore;
 use super::types::{Config, HardState, RaftError, Ready, Role, Stored};
@@ -44,7 +46,7 @@ use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -233,6 +235,7 @@ impl Driver {
         let (jobs, jobs_rx) = unbounded();
         let (done_tx, done_rx) = unbounded();
         let disk_done = done_tx.clone();
+        let dir = disk.dir();
         let disk = thread::Builder::new()
             .name("raft-disk".into())
             .spawn(move || disk_loop(disk, &jobs_rx, &disk_done))?;
@@ -256,6 +259,7 @@ impl Driver {
             counted: Counts::default(),
             proposals: (Vec::new(), Vec::new()),
             disk: Some((jobs, disk)),
+            dir,
             done_tx,
             done_rx,
             snapshotting: None,
@@ -422,6 +426,8 @@ struct Run<S, T> {
     proposals: (Vec<Vec<u8>>, Vec<Sender<Outcome>>),
     /// The disk thread's queue and the thread (taken when stopping).
     disk: Option<(Sender<DiskJob>, JoinHandle<()>)>,
+    /// The storage's directory, where a compaction's snapshot is written ahead.
+    dir: PathBuf,
     /// What the disk thread and snapshot threads report.
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
@@ -555,20 +561,37 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
             }
             Done::Compacted { syncs } => self.syncs = syncs,
             Done::Failed(e) => return Err(e),
-            Done::Snapshotted { index, data, took } => {
+            Done::Snapshotted {
+                index,
+                data,
+                took,
+                prepared,
+            } => {
                 if let Some(t) = self.snapshotting.take() {
                     let _ = t.join();
                 }
                 let bytes = data.len();
                 // Refused when a snapshot from the leader was installed meanwhile.
-                if let Ok(snap) = self.core.compact(index, data) {
-                    log_info!(
-                        "raft {}: snapshot at {index} ({bytes} bytes) built in {} ms beside \
-                         the driver; saving it",
-                        self.core.id(),
-                        took.as_millis()
-                    );
-                    self.queue(DiskJob::Compact(snap))?;
+                match self.core.compact(index, data) {
+                    Ok(snap) => {
+                        log_info!(
+                            "raft {}: snapshot at {index} ({bytes} bytes) built{} in {} ms \
+                             beside the driver; saving it",
+                            self.core.id(),
+                            if prepared.is_some() {
+                                " and written"
+                            } else {
+                                ""
+                            },
+                            took.as_millis()
+                        );
+                        self.queue(DiskJob::Compact(snap, prepared))?;
+                    }
+                    Err(_) => {
+                        if let Some((path, _)) = prepared {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    }
                 }
             }
         }
@@ -887,12 +910,33 @@ impl<S: StateMachine, T: Transport> Run<S, T> {
         let started = Instant::now();
         let task = sm.snapshot_later();
         let done = self.done_tx.clone();
+        // The file is written on the same thread, so the disk thread only renames it.
+        let prepare = self
+            .core
+            .term_at(index)
+            .map(|term| (self.dir.clone(), term));
+        let id = self.core.id();
         let spawned = thread::Builder::new()
             .name("raft-snapshot".into())
             .spawn(move || {
                 let data = task();
+                let prepared = prepare.and_then(|(dir, term)| {
+                    match prepare_snapshot(&dir, index, term, &data) {
+                        Ok(path) => Some((path, term)),
+                        Err(e) => {
+                            // The disk thread writes it then, as it would a leader's.
+                            log_info!("raft {id}: cannot write the snapshot ahead: {e}");
+                            None
+                        }
+                    }
+                });
                 let took = started.elapsed();
-                let _ = done.send(Done::Snapshotted { index, data, took });
+                let _ = done.send(Done::Snapshotted {
+                    index,
+                    data,
+                    took,
+                    prepared,
+                });
             });
         match spawned {
             Ok(t) => self.snapshotting = Some(t),
@@ -934,8 +978,10 @@ enum DiskJob {
         snapshot: Option<Arc<Snapshot>>,
         entries: Vec<Entry>,
     },
-    /// A snapshot of this replica's own state machine: the log up to it is cut.
-    Compact(Snapshot),
+    /// A snapshot of this replica's own state machine: the log up to it is cut. With the
+    /// file [`prepare_snapshot`] wrote for it (its path and the term it wrote), which is
+    /// then only renamed into place.
+    Compact(Snapshot, Option<(PathBuf, u64)>),
 }
 
 /// What the disk thread and the snapshot threads report.
@@ -950,11 +996,12 @@ enum Done {
     Compacted { syncs: u64 },
     /// A save failed: what is on disk is unknown, and the replica must stop.
     Failed(io::Error),
-    /// A snapshot's blob at `index` is built.
+    /// A snapshot's blob at `index` is built (and its file written, if `prepared`).
     Snapshotted {
         index: u64,
         data: Vec<u8>,
         took: Duration,
+        prepared: Option<(PathBuf, u64)>,
     },
 }
 
@@ -976,6 +1023,13 @@ pub(super) trait Disk: Send + 'static {
     /// # Errors
     /// When a write or an fsync fails.
     fn save_snapshot(&mut self, snap: &Snapshot) -> io::Result<()>;
+    /// [`RaftStorage::save_prepared_snapshot`].
+    ///
+    /// # Errors
+    /// When the rename or the log's rewrite fails.
+    fn save_prepared_snapshot(&mut self, snap: &Snapshot, prepared: &Path) -> io::Result<()>;
+    /// The directory snapshot files may be written to ahead ([`prepare_snapshot`]).
+    fn dir(&self) -> PathBuf;
     /// [`RaftStorage::syncs`].
     fn syncs(&self) -> u64;
 }
@@ -991,6 +1045,12 @@ impl Disk for RaftStorage {
     }
     fn save_snapshot(&mut self, snap: &Snapshot) -> io::Result<()> {
         RaftStorage::save_snapshot(self, snap)
+    }
+    fn save_prepared_snapshot(&mut self, snap: &Snapshot, prepared: &Path) -> io::Result<()> {
+        RaftStorage::save_prepared_snapshot(self, snap, prepared)
+    }
+    fn dir(&self) -> PathBuf {
+        RaftStorage::dir(self).to_owned()
     }
     fn syncs(&self) -> u64 {
         RaftStorage::syncs(self)
@@ -1044,8 +1104,18 @@ fn disk_loop<D: Disk>(mut storage: D, jobs: &Receiver<DiskJob>, done: &Sender<Do
                     b.entries.extend(entries);
                     flushed
                 }
-                DiskJob::Compact(snap) => flush(&mut storage, batch.take(), done)
-                    .and_then(|()| storage.save_snapshot(&snap))
+                DiskJob::Compact(snap, prepared) => flush(&mut storage, batch.take(), done)
+                    .and_then(|()| match prepared {
+                        Some((path, term)) if term == snap.term => {
+                            storage.save_prepared_snapshot(&snap, &path)
+                        }
+                        other => {
+                            if let Some((path, _)) = other {
+                                let _ = std::fs::remove_file(path);
+                            }
+                            storage.save_snapshot(&snap)
+                        }
+                    })
                     .map(|()| {
                         let _ = done.send(Done::Compacted {
                             syncs: storage.syncs(),

@@ -91,6 +91,13 @@ impl Disk for HeldDisk {
         self.gate.pass();
         self.inner.save_snapshot(snap)
     }
+    fn save_prepared_snapshot(&mut self, snap: &Snapshot, prepared: &Path) -> io::Result<()> {
+        self.gate.pass();
+        self.inner.save_prepared_snapshot(snap, prepared)
+    }
+    fn dir(&self) -> PathBuf {
+        self.inner.dir().to_owned()
+    }
     fn syncs(&self) -> u64 {
         self.inner.syncs()
     }
