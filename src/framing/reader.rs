@@ -23,6 +23,11 @@ const MIN_READ: usize = 512;
 /// thread's arena, and 24 connections cut off for the budget left 50-90 MiB resident with
 /// 16 MiB charged. Freeing one this large also leaves the threshold where it is.
 const RESERVATION: usize = 34 << 20;
+/// A reader whose largest buffer is at most this reserves only that: glibc serves such
+/// blocks from its arenas whatever the threshold, so a reservation would only cost address
+/// space (34 MiB for each of 10,000 chat connections, a 64 KiB line limit, is 340 GB of
+/// it, which a system that does not overcommit refuses, aborting the process).
+const RESERVE_CAP_UP_TO: usize = 128 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Skip {
@@ -437,7 +442,12 @@ impl<R: Read> FrameReader<R> {
                 charge.resize(held).map_err(|e| FrameError::Io(e.into()))?;
             }
             if reserve {
-                let mut reserved = Vec::with_capacity(RESERVATION.max(self.cap));
+                let size = if self.cap <= RESERVE_CAP_UP_TO {
+                    self.cap
+                } else {
+                    RESERVATION.max(self.cap)
+                };
+                let mut reserved = Vec::with_capacity(size);
                 reserved.extend_from_slice(&self.buf[..self.end]);
                 self.buf = reserved;
             }
@@ -847,6 +857,24 @@ mod tests {
         assert!(
             r.capacity() <= INITIAL_BUF,
             "an idle reader keeps no big buffer"
+        );
+    }
+
+    #[test]
+    fn a_reader_with_a_small_limit_reserves_no_more_than_it() {
+        // The chat's limit: 64 KiB lines. A line that grows the buffer past 64 KiB moves it
+        // into a reservation of the largest buffer the reader can use, not of 34 MiB.
+        let limits = Limits {
+            max_line: 64 << 10,
+            ..Limits::default()
+        };
+        let line = [vec![b'a'; 64 << 10], b"\n".to_vec()].concat();
+        let mut r = FrameReader::with_limits(Chunked::new(&line, &[4096]), Framing::Line, limits);
+        assert_eq!(r.read_frame().unwrap().unwrap().len(), 64 << 10);
+        assert!(
+            r.buf.capacity() <= (64 << 10) + 2,
+            "{} bytes reserved",
+            r.buf.capacity()
         );
     }
 
