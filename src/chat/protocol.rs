@@ -477,11 +477,24 @@ pub fn format_servers(members: &[ServerId], out: &mut Vec<u8>) {
     );
 }
 
-/// Appends `{clients,["Name",...]}\n`.
+/// Appends `{clients,["Name",...]}\n` with as many of `names`, in order, as fit a line of
+/// [`MAX_LINE`] bytes: a longer one would be refused by every client, ours included.
 pub fn format_clients(names: &[String], out: &mut Vec<u8>) {
-    let names = names.iter().map(|n| Term::str(n)).collect();
+    let mut room = MAX_LINE - "{clients,[]}".len();
+    let (mut listed, mut text) = (Vec::new(), Vec::new());
+    for name in names {
+        let term = Term::str(name);
+        text.clear();
+        term.write_to(&mut text);
+        let cost = text.len() + usize::from(!listed.is_empty());
+        if cost > room {
+            break;
+        }
+        room -= cost;
+        listed.push(term);
+    }
     write_line(
-        &Term::tuple(vec![Term::atom("clients"), Term::list(names)]),
+        &Term::tuple(vec![Term::atom("clients"), Term::list(listed)]),
         out,
     );
 }
@@ -684,6 +697,33 @@ mod tests {
             line(|o| format_error("name_taken", o)),
             "{error,name_taken}\n"
         );
+    }
+
+    #[test]
+    fn a_clients_line_lists_as_many_names_as_fit_one_line() {
+        let names: Vec<String> = (0..2_000)
+            .map(|i| format!("{i:05}{}", "n".repeat(55)))
+            .collect();
+        let mut out = Vec::new();
+        format_clients(&names, &mut out);
+        let line = out.strip_suffix(b"\n").unwrap();
+        assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+        assert!(
+            line.len() > MAX_LINE - 70,
+            "stopped early: {} bytes",
+            line.len()
+        );
+        match parse_server_line(line) {
+            Ok(ServerLine::Clients(listed)) => {
+                assert!(listed.len() > 900 && listed.len() < names.len());
+                assert_eq!(listed[..], names[..listed.len()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut few = Vec::new();
+        format_clients(&names[..2], &mut few);
+        let want = format!("{{clients,[\"{}\",\"{}\"]}}\n", names[0], names[1]);
+        assert_eq!(few, want.as_bytes());
     }
 
     #[test]
