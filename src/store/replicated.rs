@@ -167,15 +167,9 @@ impl StateMachine for StoreMachine {
             let v = take(&mut data)?;
             pairs.push((k, v));
         }
-        let mut old = Vec::new();
-        let mut cursor = self.0.snapshot();
-        while cursor.next_chunk(1 << 20, |k, _| old.push(k.to_vec())) {}
-        for k in old {
-            self.0.delete(&k);
-        }
-        for (k, v) in pairs {
-            self.0.set(&k, &v);
-        }
+        // At once: a lookup (one confirmed by read-index just before this replica lost the
+        // lead, say) sees the old state or the new, never a key missing from both.
+        self.0.replace_all(pairs);
         Ok(())
     }
 }

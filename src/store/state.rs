@@ -143,16 +143,7 @@ impl Store {
     /// free is taken without the count: only a waiting writer needs readers to see it.
     #[inline(always)]
     fn write(&self, hash: u64) -> RwLockWriteGuard<'_, ShardMap> {
-        let shard = self.shard(hash);
-        match shard.inner.try_write() {
-            Ok(guard) => return guard,
-            Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-            Err(TryLockError::WouldBlock) => cold_path(),
-        }
-        shard.writers.fetch_add(1, Ordering::Relaxed);
-        let guard = shard.inner.write().unwrap_or_else(PoisonError::into_inner);
-        shard.writers.fetch_sub(1, Ordering::Relaxed);
-        guard
+        write_lock(self.shard(hash))
     }
 
     /// Lookups that may keep their shards' read locks from one to the next; see
@@ -221,6 +212,22 @@ impl Store {
         self.delete_logged(key, || ())
     }
 
+    /// Replaces every entry by `pairs`, at once for every reader and writer: every shard's
+    /// write lock is held (taken in order, each counted among the shard's writers while it
+    /// waits, so held read locks let go) while the map is emptied and refilled. A lookup
+    /// sees all of the old entries or all of the new, never a key missing from both (a
+    /// Raft follower installing its leader's snapshot).
+    pub fn replace_all(&self, pairs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
+        let mut shards: Vec<_> = self.shards.iter().map(write_lock).collect();
+        for shard in &mut shards {
+            **shard = ShardMap::default();
+        }
+        for (key, value) in pairs {
+            let hash = self.hash(&key);
+            shards[self.shard_index(hash)].set(hash, &key, &value);
+        }
+    }
+
     /// Whether `f` holds for any value (each shard under its read lock in turn).
     pub fn any_value(&self, f: impl Fn(&[u8]) -> bool) -> bool {
         self.shards.iter().any(|s| {
@@ -260,6 +267,20 @@ impl Store {
 /// poisoned lock is still consistent.
 fn read_lock(shard: &Shard) -> RwLockReadGuard<'_, ShardMap> {
     shard.inner.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A shard's write lock (see [`Store::write`]; consistent when poisoned, as [`read_lock`]).
+#[inline(always)]
+fn write_lock(shard: &Shard) -> RwLockWriteGuard<'_, ShardMap> {
+    match shard.inner.try_write() {
+        Ok(guard) => return guard,
+        Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+        Err(TryLockError::WouldBlock) => cold_path(),
+    }
+    shard.writers.fetch_add(1, Ordering::Relaxed);
+    let guard = shard.inner.write().unwrap_or_else(PoisonError::into_inner);
+    shard.writers.fetch_sub(1, Ordering::Relaxed);
+    guard
 }
 
 /// Shards' read locks held at once by one [`Lookups`], at most.
@@ -444,6 +465,41 @@ impl Snapshot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replacing_everything_never_shows_a_key_missing_from_both_states() {
+        // A follower installing its leader's snapshot: "k" is in the old state and the
+        // new. Deleting every key and then setting the new ones, a lookup between the two
+        // found nothing.
+        let s = std::sync::Arc::new(Store::new());
+        let state = |v: &[u8]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            (0..500)
+                .map(|i| (format!("key{i}").into_bytes(), v.to_vec()))
+                .chain([(b"k".to_vec(), v.to_vec())])
+                .collect()
+        };
+        s.replace_all(state(b"old"));
+        assert_eq!(s.size().0, 501);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (s, stop) = (std::sync::Arc::clone(&s), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut looked = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(s.get(b"k").is_some(), "k missing after {looked} lookups");
+                    looked += 1;
+                }
+                looked
+            })
+        };
+        for round in 0..300 {
+            s.replace_all(state(if round % 2 == 0 { b"new" } else { b"old" }));
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        s.replace_all([(b"only".to_vec(), b"1".to_vec())]);
+        assert_eq!((s.size(), s.get(b"k")), ((1, 5), None));
+    }
 
     #[test]
     fn set_get_overwrite_delete_and_sizes() {
