@@ -18,14 +18,24 @@ pub(crate) enum Flow {
     /// It matches: stream Appends ahead of the acknowledgements, up to `max_inflight`.
     Replicate,
     /// It needs the snapshot at `index`, sent `ticks` ago; resent if nothing comes back
-    /// within an election timeout (the message may have been lost).
+    /// within `patience` ticks (a chunk may have been lost).
     Snapshot {
         /// The snapshot's last index.
         index: u64,
         /// Ticks since it was sent.
         ticks: u32,
+        /// Ticks to wait for its answer: an election timeout the first time, doubling
+        /// with each send that went unanswered, up to [`SNAPSHOT_PATIENCE_DOUBLINGS`]
+        /// doublings. A follower answers only once the snapshot is saved and restored,
+        /// which for a large state takes longer than an election timeout: resent at a
+        /// fixed interval, the whole snapshot would go again and again meanwhile.
+        patience: u32,
     },
 }
+
+/// How many times the wait for a snapshot's answer may double ([`Flow::Snapshot`]): at
+/// most eight election timeouts.
+pub(crate) const SNAPSHOT_PATIENCE_DOUBLINGS: u32 = 3;
 
 /// What the leader knows of one follower's log.
 #[derive(Debug, Clone)]
@@ -40,6 +50,8 @@ pub(crate) struct Progress {
     pub(crate) stalled: u32,
     /// A heartbeat was answered since the last tick while entries were unacknowledged.
     pub(crate) alive: bool,
+    /// Sends of the snapshot since `matched` last moved.
+    pub(crate) snapshot_sends: u32,
 }
 
 /// The leader's read-index bookkeeping (thesis §6.4): reads wait for a round of
@@ -223,6 +235,7 @@ impl RaftCore {
                 flow: Flow::Probe { waiting: false },
                 stalled: 0,
                 alive: false,
+                snapshot_sends: 0,
             };
             self.progress.insert(p, pr);
         }
@@ -252,9 +265,12 @@ impl RaftCore {
         let patience = (self.cfg.election_ticks / 2).max(2);
         for p in self.peers.clone() {
             let pr = self.progress.get_mut(&p).expect("progress for every peer");
-            if let Flow::Snapshot { ticks, .. } = &mut pr.flow {
+            if let Flow::Snapshot {
+                ticks, patience, ..
+            } = &mut pr.flow
+            {
                 *ticks += 1;
-                if *ticks >= self.cfg.election_ticks {
+                if *ticks >= *patience {
                     pr.flow = Flow::Probe { waiting: false };
                 }
             }
@@ -325,7 +341,13 @@ impl RaftCore {
                 // lost chunk is sent again with the rest after an election timeout.
                 let (index, term) = (self.log.snapshot.index, self.log.snapshot.term);
                 let pr = self.progress.get_mut(&to).expect("progress for every peer");
-                pr.flow = Flow::Snapshot { index, ticks: 0 };
+                let doublings = pr.snapshot_sends.min(SNAPSHOT_PATIENCE_DOUBLINGS);
+                pr.snapshot_sends += 1;
+                pr.flow = Flow::Snapshot {
+                    index,
+                    ticks: 0,
+                    patience: self.cfg.election_ticks << doublings,
+                };
                 let total = self.log.snapshot.data.len();
                 let mut offset = 0;
                 loop {
@@ -406,6 +428,7 @@ impl RaftCore {
             pr.matched = index;
             pr.stalled = 0;
             pr.alive = false;
+            pr.snapshot_sends = 0;
         }
         pr.next = pr.next.max(pr.matched + 1);
         match pr.flow {

@@ -14,6 +14,8 @@ struct Cluster {
     reads: Vec<ReadState>,
     /// Messages handed to the wire, by kind name, for counting rounds.
     sent: Vec<Message>,
+    /// A replica whose InstallSnapshot chunks are lost (one slow to install them).
+    swallow_snapshots_to: Option<ReplicaId>,
 }
 
 impl Cluster {
@@ -34,6 +36,7 @@ impl Cluster {
             applied: vec![Vec::new(); n as usize],
             reads: Vec::new(),
             sent: Vec::new(),
+            swallow_snapshots_to: None,
         }
     }
 
@@ -71,6 +74,9 @@ impl Cluster {
                 return true;
             };
             if self.isolated.contains(&m.from) || self.isolated.contains(&m.to) {
+                continue;
+            }
+            if self.swallow_snapshots_to == Some(m.to) && matches!(m.body, Body::Snapshot(_)) {
                 continue;
             }
             let mut out = Ready::default();
@@ -355,6 +361,46 @@ fn a_follower_behind_the_first_index_gets_the_snapshot() {
     assert_eq!(
         c.applied[2].last().map(|e| &e.data[..]),
         Some(&b"after"[..])
+    );
+}
+
+/// A follower that does not answer the snapshot (it answers only once it has saved and
+/// restored it, which for a large state takes longer than an election timeout) is not sent
+/// the whole snapshot again every election timeout: the wait doubles with each send, up
+/// to eight election timeouts, and starts again once it answers.
+#[test]
+fn an_unanswered_snapshot_is_sent_again_ever_less_often() {
+    let mut c = Cluster::new(3, 6, |cfg| cfg.max_chunk = 2);
+    let election = u64::from(c.r(1).cfg.election_ticks);
+    c.elect(1);
+    c.isolated.insert(3);
+    for i in 0..20u8 {
+        c.propose(1, &[i]).unwrap();
+    }
+    let applied = c.r(1).applied_index();
+    c.r(1).compact(applied, b"state".to_vec()).unwrap();
+    c.isolated.clear();
+    c.swallow_snapshots_to = Some(3);
+    c.sent.clear();
+    c.tick(16 * election as u32);
+    let sends = c
+        .sent
+        .iter()
+        .filter(|m| matches!(&m.body, Body::Snapshot(s) if s.offset == 0))
+        .count();
+    // At a fixed election timeout it went 15 or 16 times; waiting 1, 2, 4, 8 and 8
+    // timeouts after each send, 5 or 6.
+    assert!(
+        (4..=6).contains(&sends),
+        "sent {sends} times in 16 election timeouts"
+    );
+    assert_eq!(c.r(1).role(), Role::Leader);
+    c.swallow_snapshots_to = None;
+    c.tick(8 * election as u32 + 2);
+    assert_eq!(
+        c.r(3).snapshot().index,
+        applied,
+        "installed once let through"
     );
 }
 
