@@ -944,30 +944,26 @@ mod tests {
         assert!(fed.peers.is_empty());
         // One that confirmed its link and announced a client, never live: its client
         // leaves with it, and so does our dialled link.
+        // A new server's hello, our link to it up and its link confirmed: the sockets to
+        // keep open, and its link to us.
+        let both_links = |fed: &mut Federation, server: &ServerId| {
+            let (d1, link) = socket();
+            assert_eq!(fed.hello(server, in_link(&link)), Ok(true));
+            let (d2, out) = socket();
+            let (outbox, writer) = Outbox::new(out, OutboxConfig::new("t", 8));
+            fed.link_up(server, outbox).ok().unwrap();
+            let confirmed = fed.incoming_line(server, &link);
+            assert!(matches!(confirmed, LinkLine::Confirmed(_)));
+            ((d1, d2, writer), link)
+        };
         let stranger = id("127.0.0.1:7");
-        let (_d1, link) = socket();
-        assert_eq!(fed.hello(&stranger, in_link(&link)), Ok(true));
-        let (_d2, out) = socket();
-        let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
-        fed.link_up(&stranger, outbox).ok().unwrap();
-        assert!(matches!(
-            fed.incoming_line(&stranger, &link),
-            LinkLine::Confirmed(_)
-        ));
+        let (_held, link) = both_links(&mut fed, &stranger);
         fed.roster(&stranger, "eve", true);
         assert_eq!(fed.in_ended(&stranger, &link), ["eve"]);
         assert!(!fed.wants(&stranger));
         // A server that went live once is a member: lost, it is kept and redialled.
         let member = id("127.0.0.1:8");
-        let (_d3, link) = socket();
-        assert_eq!(fed.hello(&member, in_link(&link)), Ok(true));
-        let (_d4, out) = socket();
-        let (outbox, _writer) = Outbox::new(out, OutboxConfig::new("t", 8));
-        fed.link_up(&member, outbox).ok().unwrap();
-        assert!(matches!(
-            fed.incoming_line(&member, &link),
-            LinkLine::Confirmed(_)
-        ));
+        let (_held, link) = both_links(&mut fed, &member);
         fed.set_live(&member);
         assert!(fed.in_ended(&member, &link).is_empty());
         assert!(fed.wants(&member), "a lost member is redialled");

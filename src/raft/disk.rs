@@ -614,9 +614,10 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
-    #[test]
-    fn a_compaction_keeps_the_tail_and_an_installed_snapshot_replaces_the_log() {
-        let d = dir("snap");
+    /// Storage in a fresh directory `name` holding entries 1-10 of term 1, and a
+    /// compaction's snapshot at 6 (not saved).
+    fn ten_entries(name: &str) -> (PathBuf, RaftStorage, Snapshot) {
+        let d = dir(name);
         let (mut st, _) = RaftStorage::open(&d).unwrap();
         st.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
             .unwrap();
@@ -625,6 +626,12 @@ mod tests {
             term: 1,
             data: b"state at 6".to_vec(),
         };
+        (d, st, snap)
+    }
+
+    #[test]
+    fn a_compaction_keeps_the_tail_and_an_installed_snapshot_replaces_the_log() {
+        let (d, mut st, snap) = ten_entries("snap");
         st.save_snapshot(&snap).unwrap();
         st.append(&[entry(11, 2)]).unwrap();
         drop(st);
@@ -648,15 +655,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_written_ahead_is_renamed_into_place_and_a_leftover_one_removed() {
-        let d = dir("prepared");
-        let (mut st, _) = RaftStorage::open(&d).unwrap();
-        st.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
-            .unwrap();
-        let snap = Snapshot {
-            index: 6,
-            term: 1,
-            data: b"state at 6".to_vec(),
-        };
+        let (d, mut st, snap) = ten_entries("prepared");
         let ahead = prepare_snapshot(&d, 6, 1, &snap.data).unwrap();
         st.save_prepared_snapshot(&snap, &ahead).unwrap();
         assert!(!ahead.exists());
