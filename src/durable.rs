@@ -466,6 +466,10 @@ pub fn open_for_append(path: &Path, magic: &[u8], good_end: usize, len: usize) -
     // Appends go to the end; O_APPEND is not needed with one writer at a time.
     file.seek(io::SeekFrom::End(0))?;
     file.sync_all()?;
+    if good_end == 0 {
+        // Perhaps just created: its name must be as durable as what is acknowledged in it.
+        sync_dir(path)?;
+    }
     Ok(file)
 }
 

@@ -276,6 +276,14 @@ impl StoreService {
                 return Ok(());
             }
         };
+        if let (Some(aof), Request::Store { .. } | Request::Delete { .. }) = (&self.aof, &request) {
+            if aof.failed() {
+                // Applied, the write would be seen by others and gone after a restart.
+                return Err(io::Error::other(
+                    "the append-only file failed earlier; writes are refused until a restart",
+                ));
+            }
+        }
         batch.counts[request.verb() as usize] += 1;
         let framing = self.framing;
         match request {
@@ -375,6 +383,21 @@ struct Session<'s> {
 }
 
 impl Session<'_> {
+    /// Before replies go out: commits this batch's own writes (and starts a log rewrite if
+    /// one is due), then every write logged so far by any connection, since a reply may
+    /// show one (a lookup, a delete's answer). Nothing without an append-only file; only
+    /// atomic loads when everything is kept already.
+    fn keep_logged(&mut self) -> io::Result<()> {
+        let service = self.service;
+        let Some(aof) = &service.aof else {
+            return Ok(());
+        };
+        if let Some(seq) = self.batch.unsynced.take() {
+            service.commit(aof, seq)?;
+        }
+        aof.commit_all()
+    }
+
     /// A fast-path lookup whose reply, of `n` bytes, did not fit the buffer: makes room,
     /// charged before it is allocated, with no shard lock held while the budget may make
     /// this wait, and copies the reply (the value as it is now: should it have grown
@@ -420,6 +443,7 @@ impl request::Session for Session<'_> {
         }
         if out.len() >= FLUSH_AT {
             self.lookups.release();
+            self.keep_logged()?;
             if !out.flush()? {
                 return Ok(ControlFlow::Break(()));
             }
@@ -446,10 +470,7 @@ impl request::Session for Session<'_> {
         _out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         self.lookups.release();
-        let service = self.service;
-        if let (Some(aof), Some(seq)) = (&service.aof, self.batch.unsynced.take()) {
-            service.commit(aof, seq)?;
-        }
+        self.keep_logged()?;
         self.tally.add(&mut self.batch.counts);
         Ok(ControlFlow::Continue(()))
     }
@@ -600,6 +621,36 @@ mod tests {
         let (logged, _) = StoreService::open(&options).unwrap();
         assert!(!logged.store_fast(b"store,k,v", &mut Batch::default()));
         drop(logged);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn after_the_append_only_file_fails_no_write_is_applied() {
+        let dir = std::env::temp_dir().join(format!("store-aof-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = StoreOptions {
+            aof: Some(dir.join("a.aof")),
+            fsync: Fsync::Always,
+            ..StoreOptions::default()
+        };
+        let (service, _) = StoreService::open(&options).unwrap();
+        let apply = |frame: &[u8]| {
+            let (mut out, mut batch) = (Vec::new(), Batch::default());
+            service.apply(protocol::parse(frame), &mut batch, &mut out, Stats::default)
+        };
+        apply(b"store,kept,1").unwrap();
+        service.aof.as_ref().unwrap().fill_disk();
+        // The write that meets the full disk is refused (its connection ends)...
+        assert!(apply(b"store,first,2").is_err());
+        // ...and every later one before it is applied: others would see it, and it
+        // would be gone after a restart.
+        assert!(apply(b"store,later,3").is_err());
+        assert!(apply(b"delete,kept").is_err());
+        assert_eq!(service.store().get(b"later"), None);
+        assert!(service.store().get(b"kept").is_some());
+        // Lookups are still answered.
+        assert!(apply(b"lookup,kept").is_ok());
+        drop(service);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -177,6 +177,14 @@ pub struct Aof {
     syncer: Mutex<Option<JoinHandle<()>>>,
     /// The log's size as last written, read by the cheap check after every commit.
     len: AtomicU64,
+    /// The sequence number of the last record appended (a mirror of `pending.seq`, read
+    /// without its lock by [`Aof::commit_all`]).
+    appended: AtomicU64,
+    /// Records up to this one are as durable as the policy promises (synced for `always`,
+    /// written for the others): a mirror of `output`, read without its lock.
+    kept: AtomicU64,
+    /// A write or fsync failed ([`Aof::failed`]): a mirror of `output.failed`.
+    broken: AtomicBool,
     /// Automatic rewrites: the minimum log size, 0 for none.
     rewrite_min: AtomicU64,
     /// Commits look closer (count the live data) only once `len` passes this; `u64::MAX`
@@ -268,6 +276,9 @@ impl Aof {
             stop_syncer: Mutex::new(None),
             syncer: Mutex::new(None),
             len: AtomicU64::new(len),
+            appended: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
             rewrite_min: AtomicU64::new(0),
             check_at: AtomicU64::new(u64::MAX),
             rewriter: Mutex::new(Rewriter::default()),
@@ -330,7 +341,49 @@ impl Aof {
             }
         }
         p.seq += 1;
+        self.appended.store(p.seq, Ordering::Release);
         p.seq
+    }
+
+    /// Whether a write or an fsync of the log has failed: no write is applied or
+    /// acknowledged after that until a restart.
+    pub fn failed(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Makes every record appended so far, by any connection, as durable as the policy
+    /// promises ([`Aof::commit`]). A connection calls it before its replies go out: a
+    /// reply may show another connection's write (a lookup, a delete's answer), which must
+    /// not be seen before it is kept. Only an atomic load when nothing new was appended.
+    ///
+    /// # Errors
+    /// As [`Aof::commit`].
+    pub fn commit_all(&self) -> io::Result<()> {
+        let target = self.appended.load(Ordering::Acquire);
+        if self.kept.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        self.commit(target)
+    }
+
+    /// Makes every later write fail, as a full disk would (tests).
+    #[cfg(test)]
+    pub(crate) fn fill_disk(&self) {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+        lock(&self.output).file = full.expect("/dev/full");
+    }
+
+    /// Brings the lock-free mirrors up to `out`.
+    fn mirror(&self, out: &Output) {
+        let kept = if self.policy == Fsync::Always {
+            out.synced
+        } else {
+            out.written
+        };
+        self.kept.fetch_max(kept, Ordering::AcqRel);
+        if out.failed.is_some() {
+            self.broken.store(true, Ordering::Release);
+        }
     }
 
     /// Makes record `seq` (and all before it) as durable as the policy promises: fsynced
@@ -391,6 +444,7 @@ impl Aof {
             );
             out.failed = Some(e.to_string());
         }
+        self.mirror(out);
         result
     }
 
@@ -472,7 +526,9 @@ mod tests {
         let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
         let good = std::mem::replace(&mut lock(&aof.output).file, full);
         let second = aof.log_store(b"k2", b"lost");
+        assert!(!aof.failed());
         assert!(aof.commit(second).is_err());
+        assert!(aof.failed(), "writes are refused before they are applied from now on");
         // Room again: the record that failed is gone, so no later write may be
         // acknowledged as durable (its commit would claim the lost one's place too).
         lock(&aof.output).file = good;
@@ -485,6 +541,32 @@ mod tests {
         assert_eq!(replay.records, 1);
         assert_eq!(again.get(b"k1").unwrap(), b"kept");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn commit_all_keeps_every_connections_records_before_a_reply_shows_them() {
+        for policy in [Fsync::Always, Fsync::EverySec, Fsync::No] {
+            let path = temp_path(&format!("commit-all-{policy:?}"));
+            let store = Store::new();
+            let (aof, _) = Aof::open(&path, policy, &store).unwrap();
+            // Another connection's write, applied and logged, its commit still to come.
+            store.set_logged(b"k", b"v", || aof.log_store(b"k", b"v"));
+            let before = std::fs::metadata(&path).unwrap().len();
+            aof.commit_all().unwrap();
+            assert!(std::fs::metadata(&path).unwrap().len() > before, "{policy:?}");
+            if policy == Fsync::Always {
+                assert_eq!(lock(&aof.output).synced, 1);
+            }
+            // Nothing new: kept already, no lock taken.
+            assert_eq!(aof.kept.load(Ordering::Acquire), 1);
+            aof.commit_all().unwrap();
+            // Written so that a kill -9 now loses nothing a reply showed.
+            drop(aof);
+            let again = Store::new();
+            let (_aof, replay) = Aof::open(&path, policy, &again).unwrap();
+            assert_eq!((replay.records, again.get(b"k").as_deref()), (1, Some(&b"v"[..])));
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     #[test]

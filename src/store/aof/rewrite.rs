@@ -360,10 +360,14 @@ impl Aof {
         // From here on the new file is the log at `path`; the old one is unlinked, so
         // whatever happens next the switch must be made.
         if let Err(e) = sync_dir(&self.path) {
+            // The rename may not survive a power loss, and with it every write to the new
+            // file: none is acknowledged from here on.
             log_info!(
-                "aof {}: fsync of its directory after a rewrite failed: {e}",
+                "aof {}: fsync of its directory after a rewrite failed: {e}; no further write \
+                 will be acknowledged until the server is restarted",
                 self.path.display()
             );
+            out.failed = Some(format!("fsync of its directory after a rewrite: {e}"));
         }
         let new_len = len + tail_len;
         let old_len = self.len.swap(new_len, Ordering::Relaxed);
@@ -372,6 +376,7 @@ impl Aof {
         // the file is synced: commits waiting for any of them are done.
         out.written = upto;
         out.synced = upto;
+        self.mirror(&out);
         Ok(Rewritten {
             old_len,
             new_len,
