@@ -376,7 +376,7 @@ impl Aof {
         // the file is synced: commits waiting for any of them are done.
         out.written = upto;
         out.synced = upto;
-        self.mirror(&out);
+        self.mirror(out);
         Ok(Rewritten {
             old_len,
             new_len,
