@@ -498,6 +498,49 @@ fn peers_with_the_secret_file_link_and_a_stranger_is_logged_and_closed() {
     assert!(stderr.contains("--secret-file"), "{stderr}");
 }
 
+/// A process that took over a dead member's port and passes every connection on to
+/// another member would sit between two members, each one's proof checking out at the
+/// other: a member dialled at its address must answer as the member there.
+#[test]
+fn a_relay_at_a_dead_members_address_is_not_taken_for_the_member_it_relays() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("switchboard-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("room.key");
+    std::fs::write(&key, b"a room secret of at least 16 bytes\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let flag = ["--secret-file", key.to_str().unwrap()];
+    let alice = PeerProc::start_with("alice", None, &[], &flag);
+    let bob = PeerProc::start_with("bob", Some(&alice), &[], &flag);
+    let mut carol = PeerProc::start_with("carol", Some(&alice), &[], &flag);
+    alice.wait_members(&["alice", "bob", "carol"]);
+    carol.kill9();
+    // Carol's port, taken over: every connection is passed on to bob, both ways.
+    let relay = std::net::TcpListener::bind(carol.addr).expect("carol's port");
+    let to = bob.addr;
+    thread::spawn(move || {
+        for dialled in relay.incoming() {
+            let Ok(dialled) = dialled else { break };
+            let Ok(onward) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (dialled.try_clone().unwrap(), onward.try_clone().unwrap()),
+                (onward, dialled),
+            ] {
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    eventually("alice to refuse the relayed answer", || {
+        alice.log.lock().unwrap().contains("at another address; closed")
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn all(peers: &[PeerProc]) -> Vec<&PeerProc> {
     peers.iter().collect()
 }

@@ -115,12 +115,12 @@ pub(super) fn dial(shared: Arc<Shared>, addr: SocketAddr) {
         addr,
         up: false,
     };
-    let (me, room) = {
+    let (me, room, via) = {
         let st = shared.state();
         if st.closing {
             return;
         }
-        (st.node.me().clone(), st.node.room().cloned())
+        (st.node.me().clone(), st.node.room().cloned(), st.node.via())
     };
     let hello = line(&PeerMessage::Hello(me.clone(), room));
     let answer = |line: &[u8]| -> Result<Answer<(Member, Option<Member>)>, HandlerError> {
@@ -141,6 +141,15 @@ pub(super) fn dial(shared: Arc<Shared>, addr: SocketAddr) {
         // cannot stand for another.
         Ok((link, (peer, _))) if link.peer_identity().is_some_and(|p| p != identity(&peer)) => {
             log_info!("peer: link to {addr}: {peer} is not who proved itself; closed");
+            let _ = link.stream().shutdown(Shutdown::Both);
+        }
+        // A member is dialled at the address it advertises, and must answer as the member
+        // there. Otherwise a process that took over a lost member's port could pass our
+        // handshake on to another member and sit between the two, each side's proof
+        // checking out at the other. Only the `--via` address, typed by hand, may answer
+        // as a member advertising another.
+        Ok((link, (peer, _))) if peer.addr != addr && via != Some(addr) => {
+            log_info!("peer: link to {addr}: answered as {peer}, at another address; closed");
             let _ = link.stream().shutdown(Shutdown::Both);
         }
         Ok((link, (peer, room))) if !shared.state().node.same_room(room.as_ref()) => {

@@ -226,6 +226,12 @@ impl PeerState {
         &self.list
     }
 
+    /// The address this peer joined through (`--via`), as given: the one address whose
+    /// peer may answer under another (it advertises itself as it likes).
+    pub fn via(&self) -> Option<SocketAddr> {
+        self.via
+    }
+
     /// The room this peer is in (its founder), once it holds a list.
     pub fn room(&self) -> Option<&Member> {
         self.list.room.as_ref()
