@@ -536,7 +536,11 @@ fn a_relay_at_a_dead_members_address_is_not_taken_for_the_member_it_relays() {
         }
     });
     eventually("alice to refuse the relayed answer", || {
-        alice.log.lock().unwrap().contains("at another address; closed")
+        alice
+            .log
+            .lock()
+            .unwrap()
+            .contains("at another address; closed")
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -462,9 +462,18 @@ fn members_from(t: &Term) -> Result<Vec<Member>, ProtocolError> {
         .collect()
 }
 
-/// A non-negative integer.
+/// The largest count (version, sequence number, hop count, incarnation) taken from a
+/// line: far below `i64::MAX`, so that the next one (a leader's next version, a sender's
+/// next sequence number) is still written as a non-negative integer. Taken at `i64::MAX`,
+/// a version's successor was written as a negative number, which every peer skipped as
+/// malformed: no list, join or leave went anywhere again.
+pub const MAX_COUNT: u64 = 1 << 62;
+
+/// A non-negative integer, at most [`MAX_COUNT`].
 fn count(t: &Term) -> Option<u64> {
-    t.as_int().and_then(|n| u64::try_from(n).ok())
+    t.as_int()
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|&n| n <= MAX_COUNT)
 }
 
 fn reason_text(t: &Term) -> Result<String, ProtocolError> {
@@ -603,6 +612,10 @@ mod tests {
             ProtocolError::Field("member")
         );
         assert_eq!(err("{members,-1,[]}"), ProtocolError::Field("version"));
+        let past = format!("{{members,{},[]}}", MAX_COUNT + 1);
+        assert_eq!(err(&past), ProtocolError::Field("version"));
+        let at = format!("{{members,{MAX_COUNT},[]}}");
+        assert!(PeerMessage::parse(at.as_bytes()).is_ok());
         let twice = r#"{members,2,[{"a","127.0.0.1:1",1},{"a","127.0.0.1:2",1}]}"#;
         assert_eq!(err(twice), ProtocolError::Field("member list"));
         let a = r#"{"a","127.0.0.1:1",1}"#;
@@ -619,13 +632,14 @@ mod tests {
     #[test]
     fn oversized_lists_and_texts_are_refused_and_the_largest_legal_lines_fit() {
         let err = |line: &str| PeerMessage::parse(line.as_bytes()).unwrap_err();
-        // The longest member term: a 32-byte name, the longest IPv6 address, a 19-digit inc.
+        // The longest member term: a 32-byte name, the longest IPv6 address, a 19-digit inc
+        // (as many digits as i64::MAX).
         let wide = |i: usize| Member {
             name: format!("{i:0>32}"),
             addr: format!("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:{i:x}]:65535")
                 .parse()
                 .unwrap(),
-            inc: i64::MAX as u64,
+            inc: MAX_COUNT,
         };
         let full = MemberList::new(1, (0..MAX_MEMBERS).map(wide).collect());
         let line = round_trip(PeerMessage::Members(full.clone()));

@@ -528,7 +528,10 @@ mod tests {
         let second = aof.log_store(b"k2", b"lost");
         assert!(!aof.failed());
         assert!(aof.commit(second).is_err());
-        assert!(aof.failed(), "writes are refused before they are applied from now on");
+        assert!(
+            aof.failed(),
+            "writes are refused before they are applied from now on"
+        );
         // Room again: the record that failed is gone, so no later write may be
         // acknowledged as durable (its commit would claim the lost one's place too).
         lock(&aof.output).file = good;
@@ -553,7 +556,10 @@ mod tests {
             store.set_logged(b"k", b"v", || aof.log_store(b"k", b"v"));
             let before = std::fs::metadata(&path).unwrap().len();
             aof.commit_all().unwrap();
-            assert!(std::fs::metadata(&path).unwrap().len() > before, "{policy:?}");
+            assert!(
+                std::fs::metadata(&path).unwrap().len() > before,
+                "{policy:?}"
+            );
             if policy == Fsync::Always {
                 assert_eq!(lock(&aof.output).synced, 1);
             }
@@ -564,7 +570,10 @@ mod tests {
             drop(aof);
             let again = Store::new();
             let (_aof, replay) = Aof::open(&path, policy, &again).unwrap();
-            assert_eq!((replay.records, again.get(b"k").as_deref()), (1, Some(&b"v"[..])));
+            assert_eq!(
+                (replay.records, again.get(b"k").as_deref()),
+                (1, Some(&b"v"[..]))
+            );
             std::fs::remove_file(&path).unwrap();
         }
     }
