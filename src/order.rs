@@ -596,6 +596,34 @@ mod tests {
     }
 
     #[test]
+    fn a_first_batch_applied_settles_before_its_replies_are_written() {
+        // A client whose first batch asks for 37.5 MiB of replies and never reads them: its
+        // write blocks for good. Applied, it holds nobody back (it used to settle only once
+        // the replies were written: every later connection waited the maximum wait).
+        let arrivals = Arrivals::with_max_wait(Duration::from_secs(3600));
+        let server = map_server(&arrivals);
+        let mut setter = connect(server.local_addr());
+        let value = "v".repeat(128 << 10);
+        setter
+            .write_all(format!("set,k,{value}\n").as_bytes())
+            .unwrap();
+        setter.shutdown(Shutdown::Write).unwrap();
+        until(&arrivals, 0, |e| e.is_none());
+        let mut hog = connect(server.local_addr());
+        // 1.8 KB of requests, taken by one read (the reader's first buffer is 2 KiB, so
+        // the batch is all of its first requests), asking for 37.5 MiB.
+        hog.write_all("get,k\n".repeat(300).as_bytes()).unwrap();
+        let mut getter = connect(server.local_addr());
+        getter.write_all(b"set,j,after\nget,j\n").unwrap();
+        getter.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        getter.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "after\n");
+        drop(hog);
+        server.stop();
+    }
+
+    #[test]
     fn one_shot_writers_are_applied_in_accept_order_with_the_default_wait() {
         let arrivals = Arrivals::new();
         let server = map_server(&arrivals);

@@ -479,17 +479,20 @@ impl RequestLoop {
                 }
             };
             let flow = session.batch_done(conn, &mut out)?;
-            if !out.flush()? || flow.is_break() {
-                return Ok(());
-            }
             if let Some(arrivals) = first {
                 cold_path();
-                // Part of a request still to come (it was longer than one read): it must
-                // be applied before a younger connection's requests, as the rest of it is.
+                // Applied: younger connections need not wait for the replies to be written
+                // (a client that never reads would hold them back for as long as its
+                // write blocks). Part of a request still to come (it was longer than one
+                // read) must be applied before a younger connection's requests, as the
+                // rest of it is.
                 if fatal.is_some() || reader.buffered_len() == 0 || !arrivals.release(conn) {
                     arrivals.settle(conn);
                     first = None;
                 }
+            }
+            if !out.flush()? || flow.is_break() {
+                return Ok(());
             }
             if let Some(e) = fatal {
                 cold_path();
