@@ -297,7 +297,7 @@ impl Aof {
             .spawn(move || loop {
                 match stopped.recv_timeout(Duration::from_secs(1)) {
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = aof.sync_to(u64::MAX) {
+                        if let Err(e) = aof.sync_aside() {
                             log_info!("aof {}: fsync failed: {e}", aof.path.display());
                         }
                     }
@@ -448,6 +448,37 @@ impl Aof {
         result
     }
 
+    /// The `everysec` syncer's fsync: writes what is pending under the log's lock, then
+    /// syncs a duplicate of the file's descriptor with the lock released, so that the
+    /// writers' commits meanwhile (which only hand records to the OS) wait for no fsync.
+    fn sync_aside(&self) -> io::Result<()> {
+        self.write_to(u64::MAX, false)?;
+        let (file, upto) = {
+            let out = lock(&self.output);
+            if out.synced >= out.written {
+                return Ok(());
+            }
+            (out.file.try_clone()?, out.written)
+        };
+        let synced = file.sync_data();
+        let mut out = lock(&self.output);
+        match &synced {
+            // A rewrite may have put a new file in place meanwhile: it synced everything
+            // up to its own switch, which is past `upto`.
+            Ok(()) => out.synced = out.synced.max(upto),
+            Err(e) => {
+                log_info!(
+                    "aof {}: {e}; no further write will be acknowledged until the server is \
+                     restarted",
+                    self.path.display()
+                );
+                out.failed = Some(e.to_string());
+            }
+        }
+        self.mirror(&out);
+        synced
+    }
+
     /// Writes and fsyncs everything, and stops the `everysec` syncer and any rewrite (one
     /// still copying its snapshot gives up; one past that finishes).
     ///
@@ -576,6 +607,28 @@ mod tests {
             );
             std::fs::remove_file(&path).unwrap();
         }
+    }
+
+    #[test]
+    fn the_everysec_sync_writes_and_syncs_what_is_pending() {
+        let path = temp_path("sync-aside");
+        let store = Store::new();
+        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let seq = aof.log_store(b"k", b"v");
+        aof.commit(seq).unwrap();
+        let marks = |aof: &Aof| {
+            let out = lock(&aof.output);
+            (out.written, out.synced)
+        };
+        assert_eq!(marks(&aof), (1, 0));
+        // A record appended after the write: the sync writes it too, then syncs.
+        aof.log_store(b"k2", b"v2");
+        aof.sync_aside().unwrap();
+        assert_eq!(marks(&aof), (2, 2));
+        // Nothing new: nothing to do.
+        aof.sync_aside().unwrap();
+        drop(aof);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
