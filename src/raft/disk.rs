@@ -414,18 +414,27 @@ impl RaftStorage {
     /// The snapshot file now holds `snap`: the log follows.
     fn snapshot_in_place(&mut self, snap: &Snapshot) -> io::Result<()> {
         self.syncs += 1;
-        let keep = self.term_at(snap.index) == Some(snap.term);
+        let keep = self.term_at(snap.index)? == Some(snap.term);
         self.snap = (snap.index, snap.term);
         self.rewrite_log_after(if keep { snap.index } else { u64::MAX })
     }
 
-    /// The term of the log file's entry at `index`, read back from the file.
-    fn term_at(&self, index: u64) -> Option<u64> {
-        let at = index.checked_sub(self.first)?;
-        let offset = *self.offsets.get(usize::try_from(at).ok()?)?;
+    /// The term of the log file's entry at `index`, read back from the file (`None` when
+    /// the file holds no such entry).
+    ///
+    /// # Errors
+    /// When the read fails: taken for "no such entry", it would drop the whole log's tail.
+    fn term_at(&self, index: u64) -> io::Result<Option<u64>> {
+        let Some(offset) = index
+            .checked_sub(self.first)
+            .and_then(|at| usize::try_from(at).ok())
+            .and_then(|at| self.offsets.get(at))
+        else {
+            return Ok(None);
+        };
         let mut b = [0u8; 16];
-        read_at(&self.log, offset, &mut b).ok()?;
-        (u64_at(&b, 0) == index).then(|| u64_at(&b, 8))
+        read_at(&self.log, *offset, &mut b)?;
+        Ok((u64_at(&b, 0) == index).then(|| u64_at(&b, 8)))
     }
 
     /// Replaces the log file by one holding only its entries after `index` (none for
@@ -650,6 +659,23 @@ mod tests {
         let (_, stored) = RaftStorage::open(&d).unwrap();
         assert_eq!(stored.snapshot, theirs);
         assert_eq!(indexes(&stored), [(10, 4)]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_read_back_fails_a_compaction_and_keeps_its_tail() {
+        // Taken for "no such entry", the failed read would have dropped entries 7-10.
+        let (d, mut st, snap) = ten_entries("unreadable");
+        st.log = fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("raft-log"))
+            .unwrap();
+        assert!(st.save_snapshot(&snap).is_err());
+        drop(st);
+        let (_, stored) = RaftStorage::open(&d).unwrap();
+        // The snapshot is in place; the log was left whole (a compaction's cut comes after).
+        assert_eq!(stored.snapshot, snap);
+        assert_eq!(indexes(&stored), (1..=10).map(|i| (i, 1)).collect::<Vec<_>>());
         fs::remove_dir_all(&d).unwrap();
     }
 
