@@ -675,7 +675,10 @@ mod tests {
         let (_, stored) = RaftStorage::open(&d).unwrap();
         // The snapshot is in place; the log was left whole (a compaction's cut comes after).
         assert_eq!(stored.snapshot, snap);
-        assert_eq!(indexes(&stored), (1..=10).map(|i| (i, 1)).collect::<Vec<_>>());
+        assert_eq!(
+            indexes(&stored),
+            (1..=10).map(|i| (i, 1)).collect::<Vec<_>>()
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
