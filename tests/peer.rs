@@ -460,15 +460,23 @@ fn a_split_room_says_so_and_never_shows_two_lists_under_one_label() {
     });
 }
 
-#[test]
-fn peers_with_the_secret_file_link_and_a_stranger_is_logged_and_closed() {
+/// A room secret file (owner-only) in a fresh directory `switchboard-NAME-PID`: the
+/// directory, and the file's path for `--secret-file`.
+fn room_secret(name: &str) -> (std::path::PathBuf, String) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("switchboard-peer-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("switchboard-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("room.key");
     std::fs::write(&key, b"a room secret of at least 16 bytes\n").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let flag = ["--secret-file", key.to_str().unwrap()];
+    let key = key.to_str().unwrap().to_owned();
+    (dir, key)
+}
+
+#[test]
+fn peers_with_the_secret_file_link_and_a_stranger_is_logged_and_closed() {
+    let (_dir, key) = room_secret("peer");
+    let flag = ["--secret-file", key.as_str()];
     let alice = PeerProc::start_with("alice", None, &[], &flag);
     let mut bob = PeerProc::start_with("bob", Some(&alice), &[], &flag);
     alice.wait_members(&["alice", "bob"]);
@@ -503,13 +511,8 @@ fn peers_with_the_secret_file_link_and_a_stranger_is_logged_and_closed() {
 /// other: a member dialled at its address must answer as the member there.
 #[test]
 fn a_relay_at_a_dead_members_address_is_not_taken_for_the_member_it_relays() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("switchboard-relay-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("room.key");
-    std::fs::write(&key, b"a room secret of at least 16 bytes\n").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let flag = ["--secret-file", key.to_str().unwrap()];
+    let (dir, key) = room_secret("relay");
+    let flag = ["--secret-file", key.as_str()];
     let alice = PeerProc::start_with("alice", None, &[], &flag);
     let bob = PeerProc::start_with("bob", Some(&alice), &[], &flag);
     let mut carol = PeerProc::start_with("carol", Some(&alice), &[], &flag);

@@ -47,7 +47,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -176,16 +176,11 @@ struct Files {
     snapshot_io: Mutex<()>,
 }
 
-/// A compaction under way: its thread, and whether it has finished.
-struct Compactor {
-    thread: JoinHandle<()>,
-    done: Arc<AtomicBool>,
-}
-
 /// One server's data directory, open.
 pub struct Disk {
     files: Arc<Files>,
-    compactor: Mutex<Option<Compactor>>,
+    /// The thread of the last compaction started (finished or not).
+    compactor: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -357,7 +352,7 @@ impl Disk {
     pub fn compacting(&self) -> bool {
         lock(&self.compactor)
             .as_ref()
-            .is_some_and(|c| !c.done.load(Ordering::Acquire))
+            .is_some_and(|thread| !thread.is_finished())
     }
 
     /// Compacts the log: `snapshot` (an [`encode_snapshot`] at `pos`, the last record
@@ -379,7 +374,7 @@ impl Disk {
         let mut compactor = lock(&self.compactor);
         if let Some(previous) = compactor.take() {
             // Finished (the caller checked `compacting`): only its thread is left to reap.
-            let _ = previous.thread.join();
+            let _ = previous.join();
         }
         let (from, generation) = {
             let p = lock(&self.files.pending);
@@ -388,17 +383,14 @@ impl Disk {
         };
         self.files.since_snapshot.store(0, Ordering::Relaxed);
         let files = Arc::clone(&self.files);
-        let done = Arc::new(AtomicBool::new(false));
-        let finished = Arc::clone(&done);
         let thread = std::thread::Builder::new()
             .name("messenger-compact".into())
             .spawn(move || {
                 if let Err(e) = files.compact(&snapshot, from, generation) {
                     failed(&e);
                 }
-                finished.store(true, Ordering::Release);
             })?;
-        *compactor = Some(Compactor { thread, done });
+        *compactor = Some(thread);
         Ok(())
     }
 }
@@ -407,8 +399,8 @@ impl Drop for Disk {
     /// Waits for a compaction under way, so that the directory is quiet once the disk is
     /// gone (and a test may open it again).
     fn drop(&mut self) {
-        if let Some(c) = lock(&self.compactor).take() {
-            let _ = c.thread.join();
+        if let Some(thread) = lock(&self.compactor).take() {
+            let _ = thread.join();
         }
     }
 }
