@@ -48,6 +48,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod opening;
+
 /// The error a handler ends its connection with; logged in one line, never fatal to the
 /// server. Only the end of a connection is on this path, so a boxed error costs nothing.
 pub type HandlerError = Box<dyn Error + Send + Sync>;
@@ -103,6 +105,8 @@ pub struct Connection {
     /// The instants another thread makes the socket non-blocking (see
     /// [`Connection::nonblocking`]).
     toggles: Arc<Toggles>,
+    /// Set by [`Connection::opened`], when the server has an opening timeout.
+    opened: Option<Arc<AtomicBool>>,
 }
 
 impl Connection {
@@ -154,6 +158,15 @@ impl Connection {
     /// The server's idle timeout, which is this connection's read timeout.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.idle_timeout
+    }
+
+    /// Tells the server that this connection has opened (its hello, handshake or first
+    /// request is done): the opening timeout ([`ServerConfig::opening_timeout`]) no longer
+    /// applies to it. Does nothing when the server has none.
+    pub fn opened(&self) {
+        if let Some(opened) = &self.opened {
+            opened.store(true, Ordering::Release);
+        }
     }
 
     /// Waits until the peer has sent something, without taking it: `true` when bytes are
@@ -362,6 +375,12 @@ pub struct ServerConfig {
     /// `WouldBlock` error instead; returned with `?`, it is logged as an idle close, not as
     /// a failure.
     pub idle_timeout: Option<Duration>,
+    /// How long a connection may take to open: from its accept until its handler calls
+    /// [`Connection::opened`]. Past it the socket is shut down both ways, which ends the
+    /// handler's blocked read or write however it reads, and is logged. Read timeouts bound
+    /// each read only: a peer trickling its hello a byte at a time outlasts any of them, not
+    /// this. `None`: no bound (the default).
+    pub opening_timeout: Option<Duration>,
     /// Stack size of each connection thread. Idle threads touch only a few pages of it, so
     /// thousands of connections fit in little memory.
     pub stack_size: usize,
@@ -384,7 +403,7 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
-    /// Named `server`, 10,000 connections, no idle timeout, 128 KiB stacks, `line`
+    /// Named `server`, 10,000 connections, no idle or opening timeout, 128 KiB stacks, `line`
     /// framing (so a `{error,too_many_connections}` line as the refusal), 5 s shutdown
     /// deadline.
     fn default() -> Self {
@@ -392,6 +411,7 @@ impl Default for ServerConfig {
             name: "server".to_owned(),
             max_connections: 10_000,
             idle_timeout: None,
+            opening_timeout: None,
             stack_size: 128 << 10,
             framing: Framing::Line,
             refusal: None,
@@ -534,6 +554,8 @@ pub struct Server {
     refusal: Vec<u8>,
     handler: Arc<dyn Handler>,
     handle: ServerHandle,
+    /// Shuts down connections that do not open in time ([`ServerConfig::opening_timeout`]).
+    opening: Option<opening::Watch>,
 }
 
 impl Server {
@@ -568,7 +590,8 @@ impl Server {
     /// implements [`Handler::accepted`], such as [`crate::order::Ordered`]).
     ///
     /// # Errors
-    /// When the listener's address cannot be read.
+    /// When the listener's address cannot be read, or the thread that watches openings
+    /// ([`ServerConfig::opening_timeout`]) cannot start.
     pub fn with_handler(
         listener: TcpListener,
         config: ServerConfig,
@@ -589,12 +612,17 @@ impl Server {
             client_memory: config.client_memory.clone(),
             group: Group::with_stack_size(&config.name, config.stack_size),
         });
+        let opening = match config.opening_timeout {
+            Some(timeout) => Some(opening::Watch::start(&config.name, timeout)?),
+            None => None,
+        };
         Ok(Server {
             listener,
             refusal: config.refusal_bytes(),
             config,
             handler: Arc::new(handler),
             handle: ServerHandle { shared, local },
+            opening,
         })
     }
 
@@ -642,11 +670,13 @@ impl Server {
             listener,
             config,
             handle,
+            opening,
             ..
         } = self;
         // Closing the listener first frees the port and refuses newcomers during the drain.
         drop(listener);
         let report = drain(&handle, &config);
+        drop(opening);
         let memory = config
             .client_memory
             .as_ref()
@@ -725,6 +755,7 @@ impl Server {
             return;
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let opened = self.opening.as_ref().map(|w| w.watch(id, peer, &stream));
         let account =
             self.config.client_memory.as_ref().map(|budget| {
                 budget.account(&format!("connection {id} from {peer}"), Some(&stream))
@@ -737,6 +768,7 @@ impl Server {
             idle_timeout: self.config.idle_timeout,
             account,
             toggles: Arc::default(),
+            opened,
         };
         self.handler.accepted(&conn);
         let handler = Arc::clone(&self.handler);

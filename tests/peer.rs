@@ -4,13 +4,13 @@
 
 mod common;
 
-use common::{eventually, run_with_input, LineClient, IO_TIMEOUT};
+use common::{eventually, run_with_input, trickled_until_cut, LineClient, IO_TIMEOUT};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use switchboard::peer::node::RETRANSMIT;
 use switchboard::peer::protocol::{MAX_LINE, MAX_MEMBERS, MAX_TEXT};
 
@@ -985,4 +985,19 @@ fn a_link_whose_queue_outgrows_the_memory_budget_is_closed_and_routed_around() {
         assert!(heard[..LINES] == lines, "{} heard a's lines again", p.name);
         assert_eq!(heard.len(), LINES + 1, "{} heard a's lines again", p.name);
     }
+}
+
+/// A hello trickled a byte at a time never times out a read, but it is cut at the link
+/// timeout as a whole, logged; the member meanwhile still takes a real joiner.
+#[test]
+fn a_hello_trickled_a_byte_at_a_time_is_cut_at_the_link_timeout() {
+    let a = PeerProc::start_with("a", None, &[], &["--link-timeout", "1"]);
+    // A hello 256 KiB long at a byte per 100 ms would take 7 hours; 10 s is plenty.
+    let cut = trickled_until_cut(a.addr, br#"{hello,{"x"#, 100, Duration::from_millis(100));
+    assert!(cut, "a trickled hello held its connection for 10 s");
+    eventually("a to log the cut", || {
+        a.log_text().contains("did not open within")
+    });
+    let b = PeerProc::start_with("b", Some(&a), &[], &["--link-timeout", "1"]);
+    converge(&[&a, &b], &["a", "b"]);
 }

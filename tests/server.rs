@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::{connect, echo, eventually, start_echo, LineClient};
+use common::{connect, echo, eventually, quiet_logs, start_echo, trickled_until_cut, LineClient};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use switchboard::framing::{encode_frame, Framing, Limits};
+use switchboard::framing::{encode_frame, FrameReader, FrameWriter, Framing, Limits};
 use switchboard::server::{Server, ServerConfig};
 
 #[test]
@@ -318,4 +318,40 @@ fn a_connection_thread_that_cannot_start_costs_that_connection_only() {
     client.join().unwrap();
     assert_eq!(report.stats.refused, 2, "{report:?}");
     assert_eq!(report.stats.live, 0, "{report:?}");
+}
+
+#[test]
+fn a_hello_trickled_a_byte_at_a_time_is_cut_at_the_opening_timeout() {
+    quiet_logs();
+    let config = ServerConfig {
+        opening_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::named("opening")
+    };
+    // Each read of the hello waits at most a second: a byte every 50 ms never trips it.
+    let server = Server::bind("127.0.0.1:0", config, |conn| {
+        conn.stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut reader = FrameReader::new(&*conn.stream, Framing::Line);
+        if reader.read_frame()? != Some(&b"hello"[..]) {
+            return Ok(());
+        }
+        conn.opened();
+        let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
+        while let Some(line) = reader.read_frame()? {
+            writer.write_frame(line)?;
+        }
+        Ok(())
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let addr = server.local_addr();
+    let mut opened = LineClient::connect(addr);
+    opened.send(b"hello\n");
+    // The trickle would take 5 s; the server must cut it long before.
+    let cut = trickled_until_cut(addr, b"", 100, Duration::from_millis(50));
+    assert!(cut, "a hello trickled for 5 s was never cut");
+    // The connection that opened in time outlives the deadline.
+    assert_eq!(opened.ask("ping\n"), "ping");
+    let report = server.stop();
+    assert_eq!(report.abandoned, 0);
 }

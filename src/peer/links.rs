@@ -253,6 +253,8 @@ pub(super) fn accept_link(shared: &Arc<Shared>, conn: Connection) -> Result<(), 
     else {
         return Ok(());
     };
+    // Up: from now on the link's idle timeout bounds it, not the opening deadline.
+    conn.opened();
     // Links need no arrival order across connections; let younger ones through at once.
     if link.register(&shared.links).is_err() {
         return Ok(()); // shutting down: the socket is shut down already

@@ -114,7 +114,9 @@
 //! bytes) is closed at once, logged, detached and dialled again like any lost link, and
 //! what it held goes again by the resend of unacknowledged lines, along whatever route
 //! exists; a connection that is no link yet (a stranger's hello that never ends) is
-//! closed, logged. The tick runs
+//! closed, logged, and one whose hello and handshake are not done within the link timeout
+//! is cut, however it trickles them ([`crate::server::ServerConfig::opening_timeout`]).
+//! The tick runs
 //! every 100 ms: dials missing links and lost members, retries a join or a merge, resends,
 //! drops members down for 1 s. A dial that fails puts off the next one to that address by
 //! its [`link::Backoff`]. Links read and write with the link timeout (`--link-timeout`,
@@ -775,6 +777,9 @@ impl Peer {
         }
         let mut server_config = ServerConfig::named("peer");
         server_config.idle_timeout = Some(config.link_timeout);
+        // The hello and the handshake as a whole, not just each read of them: a hello
+        // trickled a byte at a time would otherwise hold a slot for as long as it may be.
+        server_config.opening_timeout = Some(config.link_timeout);
         server_config.client_memory = Some(shared.budget.clone());
         let for_links = Arc::clone(&shared);
         let server = Server::from_listener(listener, server_config, move |conn| {

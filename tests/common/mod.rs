@@ -84,6 +84,29 @@ impl LineClient {
     }
 }
 
+/// Connects to `addr`, writes `prefix`, then one more byte every `every`, `steps` times,
+/// and says whether the server cut the connection (closed or reset it) before the end: a
+/// slowloris hello, each read of which is quick.
+pub fn trickled_until_cut(addr: SocketAddr, prefix: &[u8], steps: usize, every: Duration) -> bool {
+    let mut stream = connect(addr);
+    if stream.write_all(prefix).is_err() {
+        return true;
+    }
+    stream.set_nonblocking(true).unwrap();
+    for _ in 0..steps {
+        if stream.write_all(b"x").is_err() {
+            return true;
+        }
+        std::thread::sleep(every);
+        match stream.read(&mut [0u8; 64]) {
+            Ok(0) => return true,
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Polls `cond` until it holds or `IO_TIMEOUT` passes.
 pub fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + IO_TIMEOUT;
