@@ -4,13 +4,14 @@
 
 mod common;
 
-use common::{eventually, python, run_with_input, ChildServer, LineClient};
+use common::{eventually, python, run_with_input, trickled_until_cut, ChildServer, LineClient};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::Duration;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_chat-server");
 
@@ -1031,4 +1032,35 @@ fn a_seeded_random_byte_fuzz_of_every_federation_port_changes_nothing() {
 #[ignore]
 fn a_minute_of_fuzz_at_the_federation_changes_nothing() {
     fuzz_federation(std::time::Duration::from_secs(60), 1515);
+}
+
+/// A connection has `--opening-timeout` to send its first line (a server: its hello and
+/// proof): a silent one and one trickling its first line are closed, logged; a client
+/// that joined in time, and a link between servers, outlive it.
+#[test]
+fn a_connection_that_does_not_open_in_time_is_closed_and_the_others_go_on() {
+    let a = start(&[]);
+    let b = start(&["--opening-timeout", "0.5", "--join", &a.addr.to_string()]);
+    converge(&[&a, &b]);
+    let mut alice = join(b.addr, "alice");
+    let mut silent = LineClient::connect(b.addr);
+    silent.expect_closed();
+    let cut = trickled_until_cut(
+        b.addr,
+        br#"{client_join_req,"x"#,
+        100,
+        Duration::from_millis(50),
+    );
+    assert!(cut, "a first line trickled for 5 s was never cut");
+    eventually("b to log the cut", || {
+        b.log_text().contains("did not open within")
+    });
+    let mut bob = join(a.addr, "bob");
+    expect(&mut [&mut alice], &[r#"{join,"bob"}"#]);
+    say(&mut alice, "alice", "still here");
+    expect(
+        &mut [&mut alice, &mut bob],
+        &[r#"{message,"alice","still here"}"#],
+    );
+    converge(&[&a, &b]);
 }

@@ -34,6 +34,14 @@ struct Args {
     /// refuse connections beyond this many live ones (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
+    /// close a connection that has not sent its first line (a server: its hello and
+    /// proof) within this many seconds, fractions allowed (default 60)
+    #[argh(
+        option,
+        default = "chat::OPENING_TIMEOUT",
+        from_str_fn(switchboard::cli::positive_seconds)
+    )]
+    opening_timeout: Duration,
     /// close a client connection idle for this many seconds, fractions allowed (default: never)
     #[argh(option, from_str_fn(switchboard::cli::positive_seconds))]
     idle_timeout: Option<Duration>,
@@ -79,6 +87,7 @@ fn main() -> ExitCode {
     };
     config.server.max_connections = args.max_connections;
     config.server.idle_timeout = args.idle_timeout;
+    config.server.opening_timeout = Some(args.opening_timeout);
     config.server.client_memory = Some(Budget::new("chat", args.max_client_memory));
     match chat::serve(&args.listen, args.join.as_deref(), config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,7 +48,7 @@ use crate::framing::{FrameReader, Framing};
 use crate::link::{self, Answer, Backoff, Dialer, End, Link, LinkError, Timeouts, Verdict};
 use crate::log::{Quota, BAD_REQUEST_LINES};
 use crate::outbox::{Outbox, OutboxConfig};
-use crate::server::HandlerError;
+use crate::server::{Connection, HandlerError};
 use crate::term::Term;
 use crate::{log_debug, log_info};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -809,9 +809,10 @@ fn describe<B: std::fmt::Display>(end: &End<B>) -> String {
 pub(super) fn serve_incoming(
     chat: &Chat,
     hello: Hello,
-    stream: &Arc<TcpStream>,
+    conn: &Connection,
     mut reader: FrameReader<&TcpStream>,
 ) -> Result<(), HandlerError> {
+    let stream = &conn.stream;
     let id = hello.from;
     let timeouts = chat.timeouts();
     // Before anything touches the federation: a server that cannot prove `id` with the
@@ -861,6 +862,7 @@ pub(super) fn serve_incoming(
         Ok(None) => return Ok(()),
         Err(e) => e.to_string(),
         Ok(Some(mut link)) => {
+            conn.opened();
             if let Err(e) = chat
                 .0
                 .group

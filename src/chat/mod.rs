@@ -70,10 +70,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The chat server's default address: the course's chat port.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:65003";
 
+/// How long a connection may take to send its first line (a client) or to say hello and
+/// prove it (a server) by default (`--opening-timeout`): the course's clients send theirs
+/// as they connect, and a silent connection otherwise holds a slot for good.
+pub const OPENING_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How a chat server behaves.
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
-    /// The connection server underneath (name, connection cap, idle timeout).
+    /// The connection server underneath (name, connection cap, idle timeout, and the
+    /// opening timeout: [`OPENING_TIMEOUT`] by default).
     pub server: ServerConfig,
     /// Lines a client may fall behind before it is disconnected.
     pub outbox: usize,
@@ -99,7 +105,10 @@ impl Default for ChatConfig {
     /// are allocated as they fill, and a line queued for many clients is stored once.
     fn default() -> Self {
         ChatConfig {
-            server: ServerConfig::named("chat"),
+            server: ServerConfig {
+                opening_timeout: Some(OPENING_TIMEOUT),
+                ..ServerConfig::named("chat")
+            },
             outbox: 4096,
             link_outbox: 1 << 16,
             secret: None,
@@ -499,10 +508,17 @@ impl Chat {
             Step::Skipped(_) => Err(Refusal::LineTooLong),
             Step::End => return Ok(()),
         };
+        // A client has opened with its first line; a server, once its link is up.
         match first {
-            Ok(Opening::Server(id)) => federation::serve_incoming(self, id, &stream, reader),
-            Ok(Opening::Client(request)) => session::serve(self, &conn, reader, Ok(request)),
-            Err(refusal) => session::serve(self, &conn, reader, Err(refusal)),
+            Ok(Opening::Server(id)) => federation::serve_incoming(self, id, &conn, reader),
+            Ok(Opening::Client(request)) => {
+                conn.opened();
+                session::serve(self, &conn, reader, Ok(request))
+            }
+            Err(refusal) => {
+                conn.opened();
+                session::serve(self, &conn, reader, Err(refusal))
+            }
         }
     }
 
