@@ -41,7 +41,10 @@
 //! - `PATH.repair`, `changes.log.repair`: a repair's new file before its rename, never the
 //!   only copy either; one left by an interrupted repair is overwritten by the next repair
 //!   and may be deleted;
-//! - `*.damaged-<unix time>`: copies kept for the operator, never read.
+//! - `*.damaged-<unix time>`: copies kept for the operator, never read;
+//! - `PATH.lock` beside the store's AOF, `lock` in the messenger's and Raft's data
+//!   directories: [`Lock`], the process id of the server (or repair) using the data; read
+//!   only for that id, in the error that refuses a second one.
 //!
 //! ```
 //! use switchboard::durable::{crc32, scan, End, Header};
@@ -381,6 +384,67 @@ impl From<Damaged> for io::Error {
     }
 }
 
+/// An exclusive lock on some data (a log, a data directory) for as long as it is held: a
+/// lock file (`flock`, released by the kernel when the process ends, `kill -9` included)
+/// holding the holder's process id. Two servers appending to one log would interleave
+/// their records, and one's start would delete the other's files in flight; the second is
+/// refused instead. The lock file is never renamed or replaced, unlike a log a rewrite
+/// renames a new file over (a lock on the log itself would then guard an unlinked file).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    /// Takes the lock file `lock` (created if need be) for `data`, without waiting.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::ResourceBusy`] naming the holder's process id when another holds
+    /// it (another process, or another open of it in this one); otherwise why the lock
+    /// file cannot be created, locked or written.
+    pub fn take(lock: &Path, data: &Path) -> io::Result<Lock> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = io::Read::read_to_string(&mut file, &mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_owned(),
+                    pid => format!("process {pid}"),
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{} is in use by {holder} (it holds the lock {}); one server at a time",
+                        data.display(),
+                        lock.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Lock { _file: file })
+    }
+
+    /// [`Lock::take`] with the lock file beside the file `data`: `DATA.lock`.
+    ///
+    /// # Errors
+    /// As [`Lock::take`].
+    pub fn beside(data: &Path) -> io::Result<Lock> {
+        let mut name = data.as_os_str().to_owned();
+        name.push(".lock");
+        Lock::take(Path::new(&name), data)
+    }
+}
+
 /// Fsyncs the directory holding `path`, so a rename or creation in it survives a machine
 /// crash.
 ///
@@ -476,6 +540,23 @@ pub fn open_for_append(path: &Path, magic: &[u8], good_end: usize, len: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_held_refuses_a_second_taker_naming_the_holder_until_it_is_dropped() {
+        let data = std::env::temp_dir().join(format!("switchboard-lock-{}", std::process::id()));
+        let first = Lock::beside(&data).unwrap();
+        // Another open of the lock file, as another process's would be.
+        let err = Lock::beside(&data).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        let me = format!("in use by process {}", std::process::id());
+        assert!(err.to_string().contains(&me), "{err}");
+        drop(first);
+        let again = Lock::beside(&data).unwrap();
+        drop(again);
+        let mut lock = data.into_os_string();
+        lock.push(".lock");
+        std::fs::remove_file(lock).unwrap();
+    }
 
     /// Records of `len:u16be body crc:u32be`, bodies of at most 64 bytes.
     fn header(data: &[u8]) -> Header {

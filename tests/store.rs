@@ -35,6 +35,14 @@ fn temp_file(name: &str) -> PathBuf {
     p
 }
 
+/// Removes a store's log and its lock file.
+fn remove_log(aof: &std::path::Path) {
+    std::fs::remove_file(aof).unwrap();
+    let mut lock = aof.as_os_str().to_owned();
+    lock.push(".lock");
+    let _ = std::fs::remove_file(lock);
+}
+
 #[test]
 fn the_python_conformance_checker_passes_in_every_framing() {
     for framing in ["line", "ascii10", "u16", "u32"] {
@@ -259,7 +267,7 @@ fn a_value_with_a_newline_is_an_error_reply_on_a_line_server_that_replayed_it() 
     let mut out = Vec::new();
     assert!(encode_frame(Framing::Line, b"{just,a\nb}", &mut out).is_err());
     drop(server);
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 #[test]
@@ -431,7 +439,7 @@ fn every_acknowledged_write_survives_kill_9_with_fsync_always() {
     }
     assert_eq!(c.ask("lookup,k7\n"), "nothing");
     drop(server);
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 #[test]
@@ -458,7 +466,7 @@ fn a_torn_log_record_is_reported_and_the_server_still_starts() {
     assert_eq!(c.ask("lookup,a\n"), "{just,1}");
     assert_eq!(c.ask("lookup,c\n"), "nothing");
     drop(server);
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 /// The count in a server's `N records replayed` log line.
@@ -518,7 +526,7 @@ fn overwrites_are_compacted_and_the_latest_values_survive_kill_9() {
         );
     }
     drop(server);
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 #[test]
@@ -600,7 +608,7 @@ fn writes_racing_log_rewrites_all_survive_kill_9() {
     }
     drop(server);
     let _ = std::fs::remove_file(format!("{path}.rewrite"));
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 #[test]
@@ -629,7 +637,7 @@ fn a_rewrite_left_unfinished_is_deleted_at_start_and_the_log_replayed() {
     let mut c = LineClient::connect(server.addr);
     assert_eq!(c.ask("lookup,a\n"), "{just,2}");
     drop(server);
-    std::fs::remove_file(&aof).unwrap();
+    remove_log(&aof);
 }
 
 #[test]
@@ -995,4 +1003,37 @@ fn idle_timeout_takes_fractions_on_every_server_that_has_it() {
             "{server}: {took:?}"
         );
     }
+}
+
+/// Two servers appending to one log would interleave their records: the second is refused,
+/// naming the first, and so is a repair while a server runs; once the first is killed, the
+/// kernel has let go of its lock and a new server starts on the log.
+#[test]
+fn a_second_server_on_a_log_in_use_is_refused_and_the_first_goes_on() {
+    let aof = temp_file("locked.aof");
+    let path = aof.to_str().unwrap();
+    let mut first = start(&["--aof", path]);
+    let mut c = LineClient::connect(first.addr);
+    assert_eq!(c.ask("store,k,1\nlookup,k\n"), "{just,1}");
+    let pid = first.child.id();
+    for extra in [&["--listen", "127.0.0.1:0"][..], &["--aof-repair"]] {
+        let out = std::process::Command::new(SERVER)
+            .args(["--aof", path])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        assert!(
+            err.contains(&format!("in use by process {pid}")),
+            "{extra:?}: {err}"
+        );
+    }
+    assert_eq!(c.ask("store,k,2\nlookup,k\n"), "{just,2}");
+    first.kill9();
+    let second = start(&["--aof", path]);
+    let mut c = LineClient::connect(second.addr);
+    assert_eq!(c.ask("lookup,k\n"), "{just,2}");
+    drop(second);
+    remove_log(&aof);
 }

@@ -60,6 +60,8 @@ const SNAPSHOT_TMP: &str = "snapshot.tmp";
 /// A compaction's new log, written aside and renamed over [`LOG`].
 const LOG_TMP: &str = "changes.log.tmp";
 pub(super) const LOG: &str = "changes.log";
+/// The directory's lock file ([`durable::Lock`]): one server (or repair) at a time.
+pub(super) const LOCK: &str = "lock";
 
 /// The largest change a record may hold: a length over it is damage, not a record. A change
 /// is at most two names and a text of 65,535 bytes (see [`super::state`]).
@@ -166,6 +168,8 @@ struct Output {
 
 /// What the compaction thread and the server's threads share.
 struct Files {
+    /// Held for the directory's life ([`LOCK`]), so no other server uses it meanwhile.
+    _lock: durable::Lock,
     dir: PathBuf,
     fsync: bool,
     pending: Mutex<Pending>,
@@ -204,6 +208,8 @@ impl Disk {
     /// damaged ([`Damaged`]), as the error's inner error. Files are left untouched then.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<(Disk, Loaded)> {
         fs::create_dir_all(dir)?;
+        // Before anything is read or deleted: a second server on this directory is refused.
+        let lock = durable::Lock::take(&dir.join(LOCK), dir)?;
         let _ = fs::remove_file(dir.join(SNAPSHOT_TMP));
         let _ = fs::remove_file(dir.join(LOG_TMP));
         let (base, mut state) = read_snapshot(dir)?;
@@ -248,6 +254,7 @@ impl Disk {
         };
         let last = loaded.last().seq;
         let files = Files {
+            _lock: lock,
             dir: dir.to_owned(),
             fsync,
             pending: Mutex::new(Pending {
@@ -681,6 +688,17 @@ impl From<SnapshotDamaged> for io::Error {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let dir = temp_dir("locked");
+        let (disk, _) = Disk::open(&dir, false).unwrap();
+        let err = Disk::open(&dir, false).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        drop(disk);
+        assert!(Disk::open(&dir, false).is_ok());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("switchboard-msglog-{}-{name}", std::process::id()));
@@ -785,10 +803,11 @@ mod tests {
         disk.append(pos(3, 5), &reg("late"));
         disk.sync_to(5).unwrap();
         drop(disk);
-        let (_disk, loaded) = Disk::open(&dir, true).unwrap();
+        let (disk, loaded) = Disk::open(&dir, true).unwrap();
         assert_eq!(loaded.base, pos(1, 4));
         assert_eq!(loaded.records.len(), 1);
         assert!(loaded.state.exists("u1") && loaded.state.exists("late"));
+        drop(disk);
         // Records at or before the snapshot (a crash between the two steps) are skipped.
         let mut data = LOG_MAGIC.to_vec();
         encode_record(pos(1, 3), &reg("old"), &mut data);

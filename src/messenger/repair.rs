@@ -9,7 +9,8 @@
 //! kept beside the new ones as `*.damaged-<unix time>`.
 
 use super::log::{
-    continuing, header, read_log, read_snapshot, Pos, SnapshotDamaged, LOG, LOG_MAGIC, SNAPSHOT,
+    continuing, header, read_log, read_snapshot, Pos, SnapshotDamaged, LOCK, LOG, LOG_MAGIC,
+    SNAPSHOT,
 };
 use crate::durable::{self, End, Salvage};
 use std::fmt;
@@ -158,6 +159,8 @@ impl fmt::Display for Repaired {
 /// # Errors
 /// When a file cannot be read, copied or written, or the log is not a messenger log.
 pub fn repair(dir: &Path) -> io::Result<Repaired> {
+    // Refused while a server has the directory open: it would go on using the old files.
+    let _lock = durable::Lock::take(&dir.join(LOCK), dir)?;
     let log_path = dir.join(LOG);
     let data = read_log(&log_path)?;
     let start = LOG_MAGIC.len().min(data.len());

@@ -53,6 +53,8 @@ pub const MAX_ENTRY: usize = 64 << 20;
 /// The files of one replica, open for appending.
 #[derive(Debug)]
 pub struct RaftStorage {
+    /// Held for the storage's life (`DIR/lock`), so no other replica uses it meanwhile.
+    _lock: durable::Lock,
     dir: PathBuf,
     log: File,
     /// Index of the first entry in the log file (meaningful when `offsets` is not empty).
@@ -175,6 +177,8 @@ impl RaftStorage {
     /// When a file cannot be read or written, or is damaged (see the module's rule).
     pub fn open(dir: &Path) -> io::Result<(RaftStorage, Stored)> {
         fs::create_dir_all(dir)?;
+        // Before anything is read or deleted: a second replica on this directory is refused.
+        let lock = durable::Lock::take(&dir.join("lock"), dir)?;
         for tmp in ["raft-hard-state.tmp", "raft-snapshot.tmp", "raft-log.tmp"] {
             // Never the only copy of anything: the file it would replace is whole.
             let _ = fs::remove_file(dir.join(tmp));
@@ -275,6 +279,7 @@ impl RaftStorage {
         }
         let file = durable::open_for_append(&log_path, LOG_MAGIC, good_end, data.len())?;
         let mut storage = RaftStorage {
+            _lock: lock,
             dir: dir.to_owned(),
             log: file,
             first,
@@ -534,6 +539,17 @@ fn write_at(file: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_in_use_is_refused() {
+        let d = dir("locked");
+        let (storage, _) = RaftStorage::open(&d).unwrap();
+        let err = RaftStorage::open(&d).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        drop(storage);
+        assert!(RaftStorage::open(&d).is_ok());
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(

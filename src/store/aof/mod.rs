@@ -40,7 +40,7 @@ pub use repair::{check, check_or_repair, repair, Checked, Repaired};
 use rewrite::rewrite_path;
 pub use rewrite::Rewritten;
 
-use crate::durable::{self, open_for_append, Damaged, End};
+use crate::durable::{self, open_for_append, Damaged, End, Lock};
 use crate::log_info;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use std::fmt;
@@ -168,6 +168,8 @@ const WRITE_BUF: usize = 256 << 10;
 
 /// An open append-only file.
 pub struct Aof {
+    /// Held for the log's life (`PATH.lock`), so no other server appends to it meanwhile.
+    _lock: Option<Lock>,
     path: PathBuf,
     policy: Fsync,
     pending: Mutex<Pending>,
@@ -208,6 +210,28 @@ impl Aof {
     /// [`Damaged`] says where, and how to check and repair it). The file is left untouched
     /// in the last two cases.
     pub fn open(path: &Path, policy: Fsync, store: &Store) -> io::Result<(Arc<Aof>, Replay)> {
+        // Before anything is read or deleted: a second server on this log is refused.
+        let lock = Lock::beside(path)?;
+        Aof::open_holding(path, policy, store, Some(lock))
+    }
+
+    /// [`Aof::open`] as a new process would after this one was killed: without the lock
+    /// this process's live log still holds.
+    #[cfg(test)]
+    pub(crate) fn open_after_a_crash(
+        path: &Path,
+        policy: Fsync,
+        store: &Store,
+    ) -> io::Result<(Arc<Aof>, Replay)> {
+        Aof::open_holding(path, policy, store, None)
+    }
+
+    fn open_holding(
+        path: &Path,
+        policy: Fsync,
+        store: &Store,
+        lock: Option<Lock>,
+    ) -> io::Result<(Arc<Aof>, Replay)> {
         let data = match std::fs::read(path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -257,6 +281,7 @@ impl Aof {
         let file = open_for_append(path, MAGIC, good_end, data.len())?;
         let len = good_end.max(MAGIC.len()) as u64;
         let aof = Arc::new(Aof {
+            _lock: lock,
             path: path.to_owned(),
             policy,
             pending: Mutex::new(Pending {
@@ -291,12 +316,15 @@ impl Aof {
 
     fn start_syncer(self: &Arc<Self>) -> io::Result<()> {
         let (stop, stopped) = bounded::<()>(0);
-        let aof = Arc::clone(self);
+        // Weak: a log dropped without `close` (a test's crash) is dropped, its lock with it,
+        // and this thread ends as the stop sender goes.
+        let weak = Arc::downgrade(self);
         let thread = std::thread::Builder::new()
             .name("aof-fsync".into())
             .spawn(move || loop {
                 match stopped.recv_timeout(Duration::from_secs(1)) {
                     Err(RecvTimeoutError::Timeout) => {
+                        let Some(aof) = weak.upgrade() else { return };
                         if let Err(e) = aof.sync_aside() {
                             log_info!("aof {}: fsync failed: {e}", aof.path.display());
                         }
@@ -550,7 +578,7 @@ mod tests {
     fn after_a_failed_write_no_later_write_is_acknowledged() {
         let path = temp_path("write-fails");
         let store = Store::new();
-        let (aof, _) = Aof::open(&path, Fsync::Always, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::Always, &store).unwrap();
         let first = aof.log_store(b"k1", b"kept");
         aof.commit(first).unwrap();
         // The disk fills up: /dev/full fails every write with ENOSPC.
@@ -571,7 +599,7 @@ mod tests {
         assert!(err.to_string().contains("failed earlier"), "{err}");
         drop(aof);
         let again = Store::new();
-        let (_aof, replay) = Aof::open(&path, Fsync::Always, &again).unwrap();
+        let (_aof, replay) = Aof::open_after_a_crash(&path, Fsync::Always, &again).unwrap();
         assert_eq!(replay.records, 1);
         assert_eq!(again.get(b"k1").unwrap(), b"kept");
         std::fs::remove_file(&path).unwrap();
@@ -582,7 +610,7 @@ mod tests {
         for policy in [Fsync::Always, Fsync::EverySec, Fsync::No] {
             let path = temp_path(&format!("commit-all-{policy:?}"));
             let store = Store::new();
-            let (aof, _) = Aof::open(&path, policy, &store).unwrap();
+            let (aof, _) = Aof::open_after_a_crash(&path, policy, &store).unwrap();
             // Another connection's write, applied and logged, its commit still to come.
             store.set_logged(b"k", b"v", || aof.log_store(b"k", b"v"));
             let before = std::fs::metadata(&path).unwrap().len();
@@ -600,7 +628,7 @@ mod tests {
             // Written so that a kill -9 now loses nothing a reply showed.
             drop(aof);
             let again = Store::new();
-            let (_aof, replay) = Aof::open(&path, policy, &again).unwrap();
+            let (_aof, replay) = Aof::open_after_a_crash(&path, policy, &again).unwrap();
             assert_eq!(
                 (replay.records, again.get(b"k").as_deref()),
                 (1, Some(&b"v"[..]))
@@ -613,7 +641,7 @@ mod tests {
     fn the_everysec_sync_writes_and_syncs_what_is_pending() {
         let path = temp_path("sync-aside");
         let store = Store::new();
-        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         let seq = aof.log_store(b"k", b"v");
         aof.commit(seq).unwrap();
         let marks = |aof: &Aof| {
@@ -636,7 +664,7 @@ mod tests {
         for policy in [Fsync::Always, Fsync::EverySec, Fsync::No] {
             let path = temp_path(&format!("replay-{policy:?}"));
             let store = Store::new();
-            let (aof, replay) = Aof::open(&path, policy, &store).unwrap();
+            let (aof, replay) = Aof::open_after_a_crash(&path, policy, &store).unwrap();
             assert_eq!(replay, Replay::default());
             let writes: [(&[u8], Option<&[u8]>); 4] = [
                 (b"a", Some(b"1")),
@@ -654,7 +682,7 @@ mod tests {
             aof.commit(last).unwrap();
             aof.close().unwrap();
             let again = Store::new();
-            let (_aof, replay) = Aof::open(&path, policy, &again).unwrap();
+            let (_aof, replay) = Aof::open_after_a_crash(&path, policy, &again).unwrap();
             assert_eq!(replay.records, 4);
             assert_eq!(replay.torn, None);
             assert_eq!(again.get(b"a"), None);
@@ -674,7 +702,7 @@ mod tests {
         for cut in first_end + 1..whole.len() {
             std::fs::write(&path, &whole[..cut]).unwrap();
             let store = Store::new();
-            let (aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+            let (aof, replay) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
             assert_eq!(replay.records, 1, "cut at {cut}");
             assert_eq!(
                 replay.torn,
@@ -687,7 +715,7 @@ mod tests {
             aof.commit(seq).unwrap();
             aof.close().unwrap();
             let store = Store::new();
-            let (_aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+            let (_aof, replay) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
             assert_eq!((replay.records, replay.torn), (2, None));
             assert_eq!(store.get(b"k3").unwrap(), b"v3");
         }
@@ -703,7 +731,7 @@ mod tests {
         data[flip] ^= 0x20;
         std::fs::write(&path, &data).unwrap();
         let store = Store::new();
-        let (_aof, replay) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (_aof, replay) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         assert_eq!(replay.records, 0);
         assert!(replay.torn.is_some());
         assert!(replay.to_string().contains("ignored"));
@@ -714,7 +742,9 @@ mod tests {
     fn a_file_that_is_not_a_log_is_refused_and_left_alone() {
         let path = temp_path("foreign");
         std::fs::write(&path, b"precious data, not a log").unwrap();
-        let err = Aof::open(&path, Fsync::No, &Store::new()).err().unwrap();
+        let err = Aof::open_after_a_crash(&path, Fsync::No, &Store::new())
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert_eq!(std::fs::read(&path).unwrap(), b"precious data, not a log");
         std::fs::remove_file(&path).unwrap();

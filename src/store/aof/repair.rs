@@ -139,6 +139,8 @@ pub fn check(path: &Path) -> io::Result<Checked> {
 /// When the file cannot be read, is not a log of this format, or the copy or the new file
 /// cannot be written (`path` is then as it was).
 pub fn repair(path: &Path) -> io::Result<Repaired> {
+    // Refused while a server has the log open: it would go on appending to the old file.
+    let _lock = durable::Lock::beside(path)?;
     let data = read_log(path)?;
     let start = MAGIC.len().min(data.len());
     let mut kept: Vec<Range<usize>> = Vec::new();
@@ -228,7 +230,7 @@ mod tests {
 
     fn open(path: &Path) -> io::Result<(Store, u64)> {
         let store = Store::new();
-        let (aof, replay) = Aof::open(path, Fsync::No, &store)?;
+        let (aof, replay) = Aof::open_after_a_crash(path, Fsync::No, &store)?;
         aof.close()?;
         Ok((store, replay.records))
     }

@@ -481,7 +481,7 @@ mod tests {
     /// What a fresh start would find in the log at `path`.
     fn replayed(path: &Path) -> (BTreeMap<Vec<u8>, Vec<u8>>, Replay) {
         let store = Store::new();
-        let (aof, replay) = Aof::open(path, Fsync::No, &store).unwrap();
+        let (aof, replay) = Aof::open_after_a_crash(path, Fsync::No, &store).unwrap();
         aof.close().unwrap();
         (contents(&store), replay)
     }
@@ -490,7 +490,7 @@ mod tests {
     fn a_rewrite_replays_to_the_same_map_wherever_writes_fall_around_it() {
         let path = temp_path("rewrite-steps");
         let store = Store::new();
-        let (aof, _) = Aof::open(&path, Fsync::Always, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::Always, &store).unwrap();
         for round in 0..20 {
             for i in 0..30 {
                 set(&store, &aof, &format!("k{i}"), &format!("v{i}.{round}"));
@@ -547,7 +547,7 @@ mod tests {
         for policy in [Fsync::Always, Fsync::No] {
             let path = temp_path(&format!("rewrite-race-{policy:?}"));
             let store = Arc::new(Store::new());
-            let (aof, _) = Aof::open(&path, policy, &store).unwrap();
+            let (aof, _) = Aof::open_after_a_crash(&path, policy, &store).unwrap();
             let writers: Vec<_> = (0..4)
                 .map(|t| {
                     let (store, aof) = (Arc::clone(&store), Arc::clone(&aof));
@@ -594,7 +594,7 @@ mod tests {
         // one survives.
         let path = temp_path("rewrite-flood");
         let store = Arc::new(Store::new());
-        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         let value = "v".repeat(100);
         for i in 0..40_000 {
             set(&store, &aof, &format!("key{i:06}"), &value);
@@ -662,7 +662,7 @@ mod tests {
     fn a_failed_rewrite_leaves_the_old_log_in_use() {
         let path = temp_path("rewrite-fails");
         let store = Store::new();
-        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         set(&store, &aof, "a", "1");
         aof.commit(u64::MAX).unwrap();
 
@@ -701,7 +701,7 @@ mod tests {
     fn a_leftover_rewrite_file_is_deleted_at_open_and_the_log_replayed() {
         let path = temp_path("leftover");
         let store = Store::new();
-        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         let seq = set(&store, &aof, "k", "v");
         aof.commit(seq).unwrap();
         aof.close().unwrap();
@@ -717,7 +717,7 @@ mod tests {
     fn automatic_rewrites_keep_an_overwritten_log_small() {
         let path = temp_path("auto");
         let store = Arc::new(Store::new());
-        let (aof, _) = Aof::open(&path, Fsync::No, &store).unwrap();
+        let (aof, _) = Aof::open_after_a_crash(&path, Fsync::No, &store).unwrap();
         aof.set_rewrite_min(4 << 10);
         let write = |i: usize| {
             let seq = set(&store, &aof, &format!("k{}", i % 10), &format!("{i:08}"));
