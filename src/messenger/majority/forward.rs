@@ -566,6 +566,25 @@ mod tests {
         (out, (writer, client))
     }
 
+    /// A claim of this server's earlier life (replayed at a restart, or learnt from the
+    /// leader's log) leads nothing: requests are not served as the leader's, so no answer
+    /// goes out for a change that cannot commit. The claim this process waits for does.
+    #[test]
+    fn only_a_claim_this_process_made_makes_it_lead() {
+        use crate::raft::driver::StateMachine;
+        let s = std::sync::Arc::new(shared(1, false));
+        let mut applier = super::super::Applier(std::sync::Arc::clone(&s));
+        let claim = |epoch| super::super::Command::Lead { node: 1, epoch }.encode();
+        applier.apply(1, &claim(1));
+        assert!(s.lock().lead.is_none(), "a replayed claim led");
+        s.lock().claim = Some((std::time::Instant::now(), 3));
+        applier.apply(2, &claim(2));
+        let inner = s.lock();
+        let lead = inner.lead.as_ref().expect("its own claim leads");
+        assert_eq!((lead.epoch, lead.term), (2, 3));
+        assert!(inner.claim.is_none());
+    }
+
     #[test]
     fn a_follower_writes_relays_in_number_order_and_closes_at_a_gap() {
         let s = shared(1, false);

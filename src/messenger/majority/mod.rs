@@ -258,7 +258,11 @@ impl StateMachine for Applier {
         };
         let me = shared.id as u64;
         match inner.machine.apply(&command) {
-            Applied::Led { node, epoch } if node == me => {
+            // Only a claim this process made and is waiting for: one of an earlier life,
+            // replayed at a restart or learnt from the leader's log, names this server but
+            // leads nothing now. Taken for a lead, it would answer requests whose changes
+            // it can never commit, released at once by the replayed acceptances after it.
+            Applied::Led { node, epoch } if node == me && inner.claim.is_some() => {
                 let term = inner.claim.take().map_or(0, |(_, term)| term);
                 if inner.lead.as_ref().is_none_or(|l| l.epoch != epoch) {
                     shared.step_down(inner, "a newer claim of mine");
@@ -273,7 +277,12 @@ impl StateMachine for Applier {
                 }
             }
             Applied::Led { node, epoch } => {
-                shared.step_down(inner, &format!("server {node} leads epoch {epoch}"));
+                let who = if node == me {
+                    "a claim of mine made before".to_owned()
+                } else {
+                    format!("server {node}")
+                };
+                shared.step_down(inner, &format!("{who} leads epoch {epoch}"));
             }
             Applied::NotLed { node } => {
                 if node == me {
