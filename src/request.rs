@@ -134,6 +134,8 @@ pub struct Replies<'c> {
     /// memory budget: a client that asks for large replies and never reads them makes the
     /// server hold them while the write blocks.
     charge: Option<Charge>,
+    /// The connection's first batch is not settled yet ([`Replies::is_held`]).
+    held: bool,
 }
 
 impl<'c> Replies<'c> {
@@ -143,7 +145,25 @@ impl<'c> Replies<'c> {
             framing,
             out: Vec::new(),
             charge: conn.account().and_then(|a| a.charge(0).ok()),
+            held: false,
         }
+    }
+
+    /// Holds the replies until the batch ends (`true`), or lets them go (`false`): see
+    /// [`Replies::is_held`]. The request loop holds them while the connection's first
+    /// batch is not settled.
+    pub(crate) fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// Whether a session must not [`flush`](Self::flush) before its batch is done: the
+    /// connection's first batch is not settled yet, so every younger connection waits for
+    /// it, and a write blocked on a client that does not read would hold them all back
+    /// (for the longest wait of arrival order, every time). The replies wait in the buffer
+    /// instead, charged to the client memory budget, which bounds them. A session that
+    /// writes part of a large batch early checks this first.
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// Brings the charge to the buffer's capacity. The buffer grows as replies are added,
@@ -422,6 +442,7 @@ impl RequestLoop {
         let mut reader = conn.reader(self.framing, self.limits);
         let mut out = Replies::new(conn, self.framing);
         let mut first = self.arrivals.as_ref();
+        out.hold(first.is_some());
         loop {
             if let Some(arrivals) = first {
                 // Only until the connection's first batch is done.
@@ -489,6 +510,7 @@ impl RequestLoop {
                 if fatal.is_some() || reader.buffered_len() == 0 || !arrivals.release(conn) {
                     arrivals.settle(conn);
                     first = None;
+                    out.hold(false);
                 }
             }
             if !out.flush()? || flow.is_break() {

@@ -441,7 +441,7 @@ impl request::Session for Session<'_> {
                 }
             }
         }
-        if out.len() >= FLUSH_AT {
+        if out.len() >= FLUSH_AT && !out.is_held() {
             self.lookups.release();
             self.keep_logged()?;
             if !out.flush()? {
@@ -731,5 +731,61 @@ mod tests {
         let mut empty = Vec::new();
         let missing = service.lookup_fast(b"lookup,no", &mut batch, &mut lookups, &mut empty);
         assert_eq!(missing, Fast::Room(b"nothing\n".len()));
+    }
+
+    /// A client whose first batch asks for more replies than one flush (`FLUSH_AT`) and
+    /// never reads them. Before its first batch settled, a mid-batch write blocked on it
+    /// for good, and every younger connection waited the longest wait of arrival order (an
+    /// hour here: the getter's read would time out). The replies now wait for the batch's
+    /// end, and the batch settles first.
+    #[test]
+    fn a_first_batch_is_not_written_mid_batch_before_it_settles() {
+        use crate::budget::Budget;
+        use crate::server::{Server, ServerConfig};
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::time::Duration;
+        let (service, _) = StoreService::open(&StoreOptions::default()).unwrap();
+        let Ok(mut service) = Arc::try_unwrap(service) else {
+            unreachable!("not shared yet")
+        };
+        service.arrivals = Arrivals::with_max_wait(Duration::from_secs(3600));
+        service.requests = RequestLoop::new(Framing::Line).in_order(&service.arrivals);
+        let service = Arc::new(service);
+        let config = ServerConfig {
+            client_memory: Some(Budget::new("store", 256 << 20)),
+            ..ServerConfig::named("store")
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = Server::with_handler(listener, config, service.handler())
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let connect = || {
+            let s = TcpStream::connect(server.local_addr()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let mut setter = connect();
+        let value = "v".repeat(128 << 10);
+        setter
+            .write_all(format!("store,k,{value}\nlookup,k\n").as_bytes())
+            .unwrap();
+        let mut first = [0u8; 6];
+        setter.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"{just,");
+        drop(setter);
+        // 1.8 KB of lookups, one read's worth, asking for 25 MiB of replies.
+        let mut hog = connect();
+        hog.write_all("lookup,k\n".repeat(200).as_bytes()).unwrap();
+        let mut getter = connect();
+        getter.write_all(b"store,j,after\nlookup,j\n").unwrap();
+        getter.shutdown(Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        getter.read_to_string(&mut reply).unwrap();
+        assert_eq!(reply, "{just,after}\n");
+        drop(hog);
+        server.stop();
     }
 }

@@ -327,6 +327,8 @@ impl ReplicatedStore {
         // within a batch, as the classic store's: a batch of lookups of a large value
         // never builds up in memory.
         let mut out = Replies::new(conn, self.options.framing);
+        // Not written mid-batch until the first batch is settled (`Replies::is_held`).
+        out.hold(true);
         loop {
             let fatal = loop {
                 match reader.next_buffered() {
@@ -338,6 +340,7 @@ impl ReplicatedStore {
             };
             let done = session.batch(&batch, &conn.server, &mut out);
             self.arrivals.settle(conn);
+            out.hold(false);
             batch.clear();
             let written = done.and_then(|close| Ok(out.flush()? && !close));
             session.add_counts();
@@ -543,7 +546,7 @@ impl Session<'_> {
         let framing = self.svc.options.framing;
         let mut i = 0;
         while i < frames.len() {
-            if replies.len() >= FLUSH_AT && !replies.flush()? {
+            if replies.len() >= FLUSH_AT && !replies.is_held() && !replies.flush()? {
                 return Ok(true);
             }
             let Some(f) = &frames[i] else {
