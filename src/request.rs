@@ -173,7 +173,7 @@ impl<'c> Replies<'c> {
     /// [`OverBudget`](crate::budget::OverBudget), as an `OutOfMemory` I/O error: the
     /// budget is reached and this connection holds the most (the connection must end).
     #[inline(always)]
-    fn charge_capacity(&mut self) -> io::Result<()> {
+    pub(crate) fn charge_capacity(&mut self) -> io::Result<()> {
         match &self.charge {
             Some(charge) if charge.bytes() != self.out.capacity() => self.recharge(),
             _ => Ok(()),

@@ -10,9 +10,10 @@ pub mod client;
 pub use bench::{bench, BenchConfig, BenchReport};
 pub use client::run_client;
 
-use crate::framing::{FrameError, FrameWriter, Framing, Limits};
+use crate::framing::{FrameError, Framing, Limits};
 use crate::log_info;
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineServer, Reply, DEFAULT_WRITE_TIMEOUT};
+use crate::request::Replies;
 use crate::server::{Connection, HandlerError, ServeReport, Server, ServerConfig, ServerHandle};
 use std::borrow::Cow;
 use std::fmt;
@@ -320,11 +321,16 @@ impl EchoServer {
 }
 
 /// The threaded echo: answers every frame a read delivered, then sends the answers in one
-/// write and blocks for more (so a pipelining client costs one `write` per batch).
+/// write and blocks for more (so a pipelining client costs one `write` per batch). The
+/// answers wait in a buffer charged to the connection's share of the client memory
+/// budget, given back after a large batch (the request loop's [`Replies`]): a client that
+/// sends large frames and then neither reads nor closes holds its answers against the
+/// budget, not beside it. The answers to the frames before a fatal one still go.
 ///
 /// # Errors
-/// A framing error (a bad header, a frame over the limit, a close mid-frame) or a failed
-/// read or write; a read timeout (an idle connection) is a normal end.
+/// A framing error (a bad header, a frame over the limit, a close mid-frame, an answer
+/// the framing cannot carry) or a failed read or write; a read timeout (an idle
+/// connection) is a normal end.
 pub fn serve_threaded(
     conn: &Connection,
     framing: Framing,
@@ -333,12 +339,26 @@ pub fn serve_threaded(
 ) -> Result<(), HandlerError> {
     // Read through the connection: the idle timeout is a clean end of stream.
     let mut reader = conn.reader(framing, limits);
-    let mut writer = FrameWriter::new(&*conn.stream, framing);
+    let mut out = Replies::new(conn, framing);
     loop {
-        while let Some(frame) = reader.next_buffered()? {
-            writer.queue(&transform.apply(frame))?;
+        let fatal = loop {
+            let frame = match reader.next_buffered() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            };
+            if let Err(e) = out.frame(&transform.apply(frame)) {
+                break Some(e);
+            }
+            out.charge_capacity()?;
+        };
+        let written = out.flush()?;
+        if let Some(e) = fatal {
+            return Err(e.into());
         }
-        writer.flush()?;
+        if !written {
+            return Ok(());
+        }
         if !reader.fill()? {
             return Ok(reader.finish()?);
         }
@@ -475,5 +495,75 @@ mod tests {
                 assert_eq!(t.apply(p).into_owned(), t.apply_owned(p.to_vec()));
             }
         }
+    }
+
+    /// A threaded echo on u32 frames with a client memory budget, and the budget.
+    fn threaded_u32(transform: Transform) -> (crate::server::RunningServer, crate::budget::Budget) {
+        crate::log::capture_in_tests();
+        let budget = crate::budget::Budget::new("echo", 64 << 20);
+        let config = ServerConfig {
+            client_memory: Some(budget.clone()),
+            ..ServerConfig::named("echo")
+        };
+        let server = Server::bind("127.0.0.1:0", config, move |conn| {
+            serve_threaded(&conn, Framing::U32, Limits::default(), transform)
+        })
+        .unwrap()
+        .spawn()
+        .unwrap();
+        (server, budget)
+    }
+
+    fn connect(addr: SocketAddr) -> std::net::TcpStream {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn answers_wait_against_the_budget_and_go_back_to_it_once_written() {
+        use std::io::{Read, Write};
+        let (server, budget) = threaded_u32(Transform::Upper);
+        let mut client = connect(server.local_addr());
+        // 4 MiB whose upper case is three times as long: 'ΐ' is 'Ϊ́', three characters.
+        let frame = "ΐ".repeat(2 << 20);
+        let mut framed = Vec::new();
+        crate::framing::encode_frame(Framing::U32, frame.as_bytes(), &mut framed).unwrap();
+        client.write_all(&framed).unwrap();
+        // Not read yet: the answer is held, and charged, while its write blocks (the
+        // request's 4 MiB in the read buffer, its answer's 12 MiB).
+        wait_for("the answer to be charged", || budget.held() >= 15 << 20);
+        let answer = frame.to_uppercase();
+        let mut back = vec![0u8; 4 + answer.len()];
+        client.read_exact(&mut back).unwrap();
+        assert_eq!(&back[4..], answer.as_bytes());
+        // Written: the large buffer goes back (and so does its charge).
+        wait_for("the charge to go back", || budget.held() < 1 << 20);
+        server.stop();
+    }
+
+    #[test]
+    fn answers_to_the_frames_before_a_fatal_one_still_go() {
+        use std::io::{Read, Write};
+        let (server, _budget) = threaded_u32(Transform::None);
+        let mut client = connect(server.local_addr());
+        // "hi", then a header declaring 4 GiB: over the limit, the connection ends.
+        client.write_all(b"\0\0\0\x02hi\xff\xff\xff\xff").unwrap();
+        let mut back = Vec::new();
+        let _ = client.read_to_end(&mut back);
+        assert_eq!(back, b"\0\0\0\x02hi");
+        server.stop();
     }
 }
