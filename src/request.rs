@@ -35,7 +35,7 @@
 use crate::budget::Charge;
 use crate::framing::{encode_frame, FrameError, FrameReader, Framing, Limits};
 use crate::order::Arrivals;
-use crate::server::{is_disconnect, Connection, HandlerError};
+use crate::server::{is_disconnect, is_timeout, Connection, HandlerError};
 use crate::{log_debug, log_info};
 use std::hint::cold_path;
 use std::io::{self, Read, Write};
@@ -266,16 +266,18 @@ impl<'c> Replies<'c> {
         // Charged for as long as the write may block on a peer that does not read.
         self.charge_capacity()?;
         let mut stream = &*self.conn.stream;
-        // One write nearly always takes it all; `write_all` for the rest, or to retry.
+        // One write nearly always takes it all; the rest, or a retry, as the connection
+        // writes: a parked connection's socket may be made non-blocking for an instant by
+        // a newcomer's peek ([`Connection::write_all`]).
         let result = match stream.write(&self.out) {
             Ok(n) if n == self.out.len() => Ok(()),
             Ok(n) => {
                 cold_path();
-                stream.write_all(&self.out[n..])
+                self.conn.write_all(&self.out[n..])
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_timeout(&e) => {
                 cold_path();
-                stream.write_all(&self.out)
+                self.conn.write_all(&self.out)
             }
             Err(e) => {
                 cold_path();

@@ -207,15 +207,21 @@ impl Connection {
     ) -> io::Result<usize> {
         let mut spurious = 0;
         let mut result = Err(first);
+        // When the call that failed began (timed only with an idle timeout).
+        let mut call = started;
         loop {
             match result {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // The socket was non-blocking for another thread's instant during the call
-                // (odd: one was under way as it started; changed: one began meanwhile).
+                // (odd: one was under way as it started; changed: one began meanwhile),
+                // unless the call itself waited out the read timeout: peeks every few
+                // milliseconds (newcomers looking at parked connections) would otherwise
+                // explain away every real timeout, and an idle connection never end.
                 Err(e)
                     if is_timeout(&e)
                         && (before % 2 == 1
-                            || self.toggles.count.load(Ordering::SeqCst) != before) =>
+                            || self.toggles.count.load(Ordering::SeqCst) != before)
+                        && !self.waited_out(call) =>
                 {
                     thread::yield_now();
                 }
@@ -254,8 +260,54 @@ impl Connection {
                 other => return other,
             }
             before = self.toggles.count.load(Ordering::SeqCst);
+            call = started.map(|_| Instant::now());
             result = op(&self.stream);
         }
+    }
+
+    /// Writes all of `buf`, riding out another thread's non-blocking instants as reads
+    /// through the connection do (see [`Connection::nonblocking`]): a write that starts in
+    /// one, with the send buffer full, fails at once with `EAGAIN`, and is retried. A write
+    /// timeout the handler set on the socket still ends it, as does a socket the handler
+    /// made non-blocking itself (no other thread's instant explains those).
+    ///
+    /// # Errors
+    /// As `write_all`.
+    pub fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        let mut spurious = 0;
+        while !buf.is_empty() {
+            let before = self.toggles.count.load(Ordering::SeqCst);
+            let call = Instant::now();
+            match (&*self.stream).write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if is_timeout(&e)
+                        && spurious < SPURIOUS_RETRIES
+                        && (before % 2 == 1
+                            || self.toggles.count.load(Ordering::SeqCst) != before)
+                        && (self.stream.write_timeout().ok().flatten())
+                            .is_none_or(|t| call.elapsed() < t / 2) =>
+                {
+                    spurious += 1;
+                    // Waits for the instant to end: the other thread holds the turn for it.
+                    drop(
+                        (self.toggles.turn.lock())
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a call begun at `call` failed after waiting half the socket's read timeout
+    /// or more: a real timeout, as a spurious `EAGAIN` fails at once.
+    fn waited_out(&self, call: Option<Instant>) -> bool {
+        let timeout = self.stream.read_timeout().ok().flatten();
+        matches!((call, timeout), (Some(call), Some(t)) if call.elapsed() >= t / 2)
     }
 }
 

@@ -355,3 +355,92 @@ fn a_hello_trickled_a_byte_at_a_time_is_cut_at_the_opening_timeout() {
     let report = server.stop();
     assert_eq!(report.abandoned, 0);
 }
+
+#[test]
+fn the_idle_timeout_ends_a_connection_whose_socket_another_thread_keeps_peeking_at() {
+    // Newcomers peek at parked connections every few milliseconds (arrival order). Each
+    // peek makes the socket non-blocking for an instant; a real timeout that followed one
+    // used to be taken for a spurious EAGAIN and waited out again, for ever.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::named("peeked")
+    };
+    let server = Server::bind("127.0.0.1:0", config, move |conn| {
+        let toggler = conn.nonblocking();
+        let stop = Arc::new(AtomicBool::new(false));
+        let toggling = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = toggler.run(|s| s.peek(&mut [0u8; 1]));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        let read = (&conn).read(&mut [0u8; 1]);
+        stop.store(true, Ordering::SeqCst);
+        toggling.join().unwrap();
+        assert_eq!(read.unwrap(), 0, "the idle timeout is a clean end");
+        Ok(())
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let mut silent = LineClient::connect(server.local_addr());
+    silent.expect_closed();
+    server.stop();
+}
+
+#[test]
+fn writes_through_the_connection_ride_out_another_threads_nonblocking_instants() {
+    // Another thread keeps the socket non-blocking most of the time (long instants), while
+    // the request loop writes 1 MiB replies to a client that reads slowly: writes start
+    // with the send buffer full, in an instant, and fail at once with EAGAIN. The loop
+    // retries them, so the client gets every byte.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use switchboard::request::RequestLoop;
+    const REPLY: usize = 1 << 20;
+    const REQUESTS: usize = 24;
+    let server = Server::bind("127.0.0.1:0", ServerConfig::named("toggled"), move |conn| {
+        let toggler = conn.nonblocking();
+        let stop = Arc::new(AtomicBool::new(false));
+        let toggling = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = toggler.run(|_| {
+                        std::thread::sleep(Duration::from_millis(2));
+                        Ok(())
+                    });
+                }
+            })
+        };
+        let served = RequestLoop::new(Framing::Line).serve(&conn, |_| Some(vec![b'x'; REPLY]));
+        stop.store(true, Ordering::SeqCst);
+        toggling.join().unwrap();
+        served
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let mut client = connect(server.local_addr());
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..REQUESTS {
+        client.write_all(b"a\n").unwrap();
+    }
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_micros(500));
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("after {got} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, REQUESTS * (REPLY + 1));
+    server.stop();
+}
