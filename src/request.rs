@@ -134,8 +134,9 @@ pub struct Replies<'c> {
     /// memory budget: a client that asks for large replies and never reads them makes the
     /// server hold them while the write blocks.
     charge: Option<Charge>,
-    /// The connection's first batch is not settled yet ([`Replies::is_held`]).
-    held: bool,
+    /// The connection's first batch is not settled yet: the arrivals to settle it in
+    /// before an early write ([`Replies::flush_early`]).
+    held: Option<Arrivals>,
 }
 
 impl<'c> Replies<'c> {
@@ -145,25 +146,39 @@ impl<'c> Replies<'c> {
             framing,
             out: Vec::new(),
             charge: conn.account().and_then(|a| a.charge(0).ok()),
-            held: false,
+            held: None,
         }
     }
 
-    /// Holds the replies until the batch ends (`true`), or lets them go (`false`): see
-    /// [`Replies::is_held`]. The request loop holds them while the connection's first
-    /// batch is not settled.
-    pub(crate) fn hold(&mut self, held: bool) {
-        self.held = held;
+    /// Marks the connection's first batch as not settled yet in `arrivals` (`None`: it
+    /// is, or there is no arrival order), for [`Replies::flush_early`].
+    pub(crate) fn hold(&mut self, arrivals: Option<&Arrivals>) {
+        self.held = arrivals.cloned();
     }
 
-    /// Whether a session must not [`flush`](Self::flush) before its batch is done: the
-    /// connection's first batch is not settled yet, so every younger connection waits for
-    /// it, and a write blocked on a client that does not read would hold them all back
-    /// (for the longest wait of arrival order, every time). The replies wait in the buffer
-    /// instead, charged to the client memory budget, which bounds them. A session that
-    /// writes part of a large batch early checks this first.
-    pub fn is_held(&self) -> bool {
-        self.held
+    /// Whether the connection's first batch has not settled yet (nor been settled by
+    /// [`Replies::flush_early`]).
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Writes what is waiting before the batch is done: a large batch's replies as they
+    /// build up, so that they never pile up in memory. A connection whose first batch is
+    /// not settled yet settles first: every younger connection waits for it until then,
+    /// and a write blocked on a client that does not read would hold them all back, for
+    /// the longest wait of arrival order each. The requests left in such a batch are then
+    /// applied after younger connections' first ones: arrival order holds for a first read
+    /// whose replies stay under the session's early-write threshold (the store's is 64
+    /// KiB), as a one-shot client's do.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush).
+    pub fn flush_early(&mut self) -> io::Result<bool> {
+        if let Some(arrivals) = self.held.take() {
+            cold_path();
+            arrivals.settle(self.conn);
+        }
+        self.flush()
     }
 
     /// Brings the charge to the buffer's capacity. The buffer grows as replies are added,
@@ -444,7 +459,7 @@ impl RequestLoop {
         let mut reader = conn.reader(self.framing, self.limits);
         let mut out = Replies::new(conn, self.framing);
         let mut first = self.arrivals.as_ref();
-        out.hold(first.is_some());
+        out.hold(first);
         loop {
             if let Some(arrivals) = first {
                 // Only until the connection's first batch is done.
@@ -508,11 +523,15 @@ impl RequestLoop {
                 // (a client that never reads would hold them back for as long as its
                 // write blocks). Part of a request still to come (it was longer than one
                 // read) must be applied before a younger connection's requests, as the
-                // rest of it is.
-                if fatal.is_some() || reader.buffered_len() == 0 || !arrivals.release(conn) {
+                // rest of it is. (An early write settled it already.)
+                if !out.is_held()
+                    || fatal.is_some()
+                    || reader.buffered_len() == 0
+                    || !arrivals.release(conn)
+                {
                     arrivals.settle(conn);
                     first = None;
-                    out.hold(false);
+                    out.hold(None);
                 }
             }
             if !out.flush()? || flow.is_break() {

@@ -473,11 +473,14 @@ impl Files {
             }
         };
         // Renamed: from now on appends must go to the new file, whatever the directory's
-        // sync says.
+        // sync says. The directory is synced before the log's lock goes: a record appended
+        // and acknowledged in the new file must not outlive, across a power cut, the name
+        // that points to it (the old name would come back without it).
         out.file = file;
         lock(&self.pending).end -= from - LOG_MAGIC.len() as u64;
+        let synced = durable::sync_dir(&path);
         drop(out);
-        durable::sync_dir(&path)
+        synced
     }
 }
 

@@ -441,10 +441,10 @@ impl request::Session for Session<'_> {
                 }
             }
         }
-        if out.len() >= FLUSH_AT && !out.is_held() {
+        if out.len() >= FLUSH_AT {
             self.lookups.release();
             self.keep_logged()?;
-            if !out.flush()? {
+            if !out.flush_early()? {
                 return Ok(ControlFlow::Break(()));
             }
         }
@@ -736,8 +736,8 @@ mod tests {
     /// A client whose first batch asks for more replies than one flush (`FLUSH_AT`) and
     /// never reads them. Before its first batch settled, a mid-batch write blocked on it
     /// for good, and every younger connection waited the longest wait of arrival order (an
-    /// hour here: the getter's read would time out). The replies now wait for the batch's
-    /// end, and the batch settles first.
+    /// hour here: the getter's read would time out). The batch now settles before its
+    /// early write (`Replies::flush_early`).
     #[test]
     fn a_first_batch_is_not_written_mid_batch_before_it_settles() {
         use crate::budget::Budget;

@@ -327,8 +327,8 @@ impl ReplicatedStore {
         // within a batch, as the classic store's: a batch of lookups of a large value
         // never builds up in memory.
         let mut out = Replies::new(conn, self.options.framing);
-        // Not written mid-batch until the first batch is settled (`Replies::is_held`).
-        out.hold(true);
+        // Until the first batch settles, an early write settles it (`Replies::flush_early`).
+        out.hold(Some(&self.arrivals));
         loop {
             let fatal = loop {
                 match reader.next_buffered() {
@@ -340,7 +340,7 @@ impl ReplicatedStore {
             };
             let done = session.batch(&batch, &conn.server, &mut out);
             self.arrivals.settle(conn);
-            out.hold(false);
+            out.hold(None);
             batch.clear();
             let written = done.and_then(|close| Ok(out.flush()? && !close));
             session.add_counts();
@@ -535,6 +535,27 @@ struct Session<'s> {
     counts: [u64; 5],
 }
 
+/// Where a confirmed lookup's value is.
+enum Found {
+    /// In this replica's map, as of a read index confirmed: read it now.
+    Here,
+    /// The leader's answer, forwarded.
+    There(Option<Vec<u8>>),
+}
+
+/// A lookup's reply: `{just,VALUE}`, `nothing`, or the error of a value the framing
+/// cannot carry.
+fn lookup_reply(framing: Framing, value: Option<&[u8]>, out: &mut Vec<u8>) {
+    match value {
+        Some(v) => {
+            if let Err(e) = append_lookup_reply(framing, Some(v), out) {
+                error(framing, e.reason(), out);
+            }
+        }
+        None => frame(framing, b"nothing", out),
+    }
+}
+
 impl Session<'_> {
     /// Handles one read's requests in order; true when the connection must close.
     fn batch(
@@ -546,7 +567,7 @@ impl Session<'_> {
         let framing = self.svc.options.framing;
         let mut i = 0;
         while i < frames.len() {
-            if replies.len() >= FLUSH_AT && !replies.is_held() && !replies.flush()? {
+            if replies.len() >= FLUSH_AT && !replies.flush_early()? {
                 return Ok(true);
             }
             let Some(f) = &frames[i] else {
@@ -569,15 +590,23 @@ impl Session<'_> {
             match request {
                 Request::Stats => self.svc.stats(server, replies.buffer()),
                 Request::Lookup { key } => match self.lookup(key) {
-                    Ok(Some(v)) => {
-                        // Room for the reply, charged before it is allocated.
-                        replies.reserve(v.len() + LOOKUP_FRAMING)?;
-                        let out = replies.buffer();
-                        if let Err(e) = append_lookup_reply(framing, Some(&v), out) {
-                            error(framing, e.reason(), out);
+                    Ok(Found::Here) => {
+                        // Room for the reply, charged before the value is copied (a
+                        // value that grew meanwhile is charged once copied), and no
+                        // shard lock held while a charge may wait.
+                        let store = &self.svc.store;
+                        if let Some(len) = store.with_value(key, |v| v.map(<[u8]>::len)) {
+                            replies.reserve(len + LOOKUP_FRAMING)?;
                         }
+                        let out = replies.buffer();
+                        store.with_value(key, |v| lookup_reply(framing, v, out));
                     }
-                    Ok(None) => frame(framing, b"nothing", replies.buffer()),
+                    Ok(Found::There(v)) => {
+                        if let Some(v) = &v {
+                            replies.reserve(v.len() + LOOKUP_FRAMING)?;
+                        }
+                        lookup_reply(framing, v.as_deref(), replies.buffer());
+                    }
                     Err(fail) => {
                         if self.fail(fail, replies.buffer()) {
                             return Ok(true);
@@ -676,13 +705,13 @@ impl Session<'_> {
     }
 
     /// A linearizable lookup: read-index here when leading, else through the leader.
-    fn lookup(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Fail> {
+    fn lookup(&mut self, key: &[u8]) -> Result<Found, Fail> {
         let deadline = Instant::now() + self.svc.options.request_timeout;
         loop {
             let st = self.svc.raft.status();
             if st.role == Role::Leader {
                 match wait(&self.svc.raft.read(), deadline) {
-                    Some(Outcome::Done(_)) => return Ok(self.svc.store.get(key)),
+                    Some(Outcome::Done(_)) => return Ok(Found::Here),
                     Some(Outcome::Lost | Outcome::NotLeader(_)) => {}
                     _ => return Err(Fail::NotApplied),
                 }
@@ -690,7 +719,7 @@ impl Session<'_> {
                 return Err(Fail::NotApplied);
             } else if let Some(l) = st.leader {
                 if let Some(found) = self.forward_lookup(l, key) {
-                    return Ok(found);
+                    return Ok(Found::There(found));
                 }
             }
             if Instant::now() >= deadline {
