@@ -37,7 +37,12 @@ pub struct NodeConfig {
     pub capacity_bytes: usize,
     /// How long connecting to a remote channel may take.
     pub connect_timeout: Duration,
-    /// How long a write to, or an answer from, a remote channel may take.
+    /// How long one operation on a remote channel may take from start to end: a write
+    /// (connecting, sending, and waiting for the listener's close), or a read's request
+    /// and, for a read with a timeout, its answer on top of that timeout. One deadline
+    /// for the whole, not a timeout per socket call, which a listener trickling a byte
+    /// now and then would restart each time. A host name's resolution is not counted:
+    /// the system resolver's own timeouts bound it.
     pub io_timeout: Duration,
     /// Connections one listener serves at once; beyond, newcomers are refused.
     pub max_connections: usize,
