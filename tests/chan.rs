@@ -425,6 +425,68 @@ fn writers_waiting_on_a_full_channel_leave_room_for_a_reader() {
 }
 
 #[test]
+fn readers_waiting_on_an_empty_channel_leave_room_for_a_writer() {
+    common::quiet_logs();
+    let node = Node::new(NodeConfig {
+        max_connections: 16,
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let port = node.port_of(&chan).unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // As many readers as there are connections, each waiting for a message that never
+    // comes: they read nothing from their sockets, so no idle timeout ends them.
+    let mut readers: Vec<(TcpStream, Vec<u8>)> = (0..16)
+        .map(|_| {
+            let mut r = connect(addr);
+            std::io::Write::write_all(&mut r, b"remote_read\n").unwrap();
+            r.set_nonblocking(true).unwrap();
+            (r, Vec::new())
+        })
+        .collect();
+    // What each reader has been answered so far, without waiting.
+    let poll = |readers: &mut Vec<(TcpStream, Vec<u8>)>| {
+        for (r, got) in readers.iter_mut() {
+            let mut buf = [0u8; 256];
+            if let Ok(n) = r.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+    };
+    // One connection is kept for writers: 15 readers wait, the 16th is refused.
+    eventually("a reader refused", || {
+        poll(&mut readers);
+        readers.iter().any(|(_, got)| !got.is_empty())
+    });
+    let (refused, waiting): (Vec<_>, Vec<_>) =
+        readers.into_iter().partition(|(_, got)| !got.is_empty());
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].1, b"{error,too_many_readers}\n");
+    drop(refused);
+    // A writer gets in once the refused reader's close is seen, and its message goes to
+    // one of the waiting readers.
+    let peer = Node::new(NodeConfig::default());
+    let remote = peer.remote(localhost(), port);
+    eventually("a writer let in", || match remote.send(atom("through")) {
+        Ok(()) => true,
+        Err(ChanError::BadReply { reply, .. }) if reply == "{error,too_many_connections}" => false,
+        Err(e) => panic!("{e}"),
+    });
+    let mut waiting = waiting;
+    eventually("a reader answered", || {
+        poll(&mut waiting);
+        waiting.iter().any(|(_, got)| !got.is_empty())
+    });
+    let answered: Vec<&[u8]> = waiting
+        .iter()
+        .map(|(_, got)| got.as_slice())
+        .filter(|got| !got.is_empty())
+        .collect();
+    assert_eq!(answered, [b"{remote_msg,through}\n".as_slice()]);
+}
+
+#[test]
 fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
     let node = node();
     let chan = node.chan();

@@ -15,6 +15,7 @@ use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use std::collections::BTreeSet;
 use std::io;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ pub(crate) struct Listener {
     chan: Weak<LocalChan>,
     node: Weak<Node>,
     intake: Intake,
+    /// Remote reads waiting for a message, or for their answer to be written.
+    readers: Readers,
     arrivals: Arrivals,
     requests: RequestLoop,
     term_limits: crate::term::Limits,
@@ -47,7 +50,8 @@ impl Listener {
             name: name.to_owned(),
             chan,
             node,
-            intake: Intake::new(writers_waiting_at_most(config.max_connections)),
+            intake: Intake::new(waiting_at_most(config.max_connections)),
+            readers: Readers::new(waiting_at_most(config.max_connections)),
             arrivals: arrivals.clone(),
             requests: RequestLoop::new(Framing::Line)
                 .limits(config.line_limits)
@@ -255,6 +259,22 @@ impl Session<'_> {
                 }
             }
             Ok(Request::Read { timeout }) => {
+                // Held until the answer is written: a reader that waits reads nothing from
+                // its socket, so no idle timeout ends it.
+                let Some(_reading) = listener.readers.enter() else {
+                    if self.logged.allow() {
+                        log_info!(
+                            "{}: connection {} from {}: read refused: {} readers wait \
+                             already",
+                            listener.name,
+                            conn.id,
+                            conn.peer,
+                            listener.readers.max
+                        );
+                    }
+                    protocol::write_error("too_many_readers", out.buffer());
+                    return Ok(ControlFlow::Continue(()));
+                };
                 // Writers must get their turn while this reader waits.
                 self.turn = None;
                 listener.arrivals.settle(conn);
@@ -305,7 +325,7 @@ fn peer_closed(conn: &Connection) -> bool {
 struct Intake {
     state: Mutex<IntakeState>,
     changed: Condvar,
-    /// Writers that may wait at once ([`writers_waiting_at_most`]).
+    /// Writers that may wait at once ([`waiting_at_most`]).
     max_waiting: usize,
 }
 
@@ -315,14 +335,53 @@ struct IntakeState {
     holder: Option<u64>,
 }
 
-/// How many of a listener's `max_connections` may be writers waiting for the channel: all
-/// but a sixteenth (at most 16) of them, kept for readers. Writers to a full channel wait,
-/// each holding its connection; without the reserve, enough of them would take every slot,
-/// and a remote reader, the one who could make room, would be refused for good.
-fn writers_waiting_at_most(max_connections: usize) -> usize {
+/// How many of a listener's `max_connections` may be writers waiting for the channel, and
+/// how many may be remote readers waiting for a message: all but a sixteenth (at most 16)
+/// of them each. Writers to a full channel wait, each holding its connection; without the
+/// reserve, enough of them would take every slot, and a remote reader, the one who could
+/// make room, would be refused for good. Readers of an empty channel wait the same way
+/// (and, reading nothing from their sockets meanwhile, are never idle), and the reserve
+/// keeps room for the writer who would give them a message. The two never wait at once
+/// for long: readers wait on an empty channel, writers on a full one.
+fn waiting_at_most(max_connections: usize) -> usize {
     max_connections
         .saturating_sub((max_connections / 16).min(16))
         .max(1)
+}
+
+/// Counts the remote reads being answered, up to a cap.
+struct Readers {
+    waiting: AtomicUsize,
+    /// Readers that may wait at once ([`waiting_at_most`]).
+    max: usize,
+}
+
+/// One remote read being answered; its place is given back on drop.
+struct Reading<'a>(&'a AtomicUsize);
+
+impl Readers {
+    fn new(max: usize) -> Readers {
+        Readers {
+            waiting: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place for one more reader, unless `max` of them wait already.
+    fn enter(&self) -> Option<Reading<'_>> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Reading(&self.waiting))
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a connection did not get its turn to push.
