@@ -487,6 +487,68 @@ fn readers_waiting_on_an_empty_channel_leave_room_for_a_writer() {
 }
 
 #[test]
+fn a_read_of_many_refused_lines_is_answered_as_it_goes_not_held_whole() {
+    common::quiet_logs();
+    let budget = switchboard::budget::Budget::new("chan-test", 1 << 30);
+    let node = Node::new(NodeConfig {
+        capacity: 1,
+        client_memory: Some(budget.clone()),
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.send(atom("fills the queue")).unwrap();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    let client = connect(addr);
+    // The replies are read as they come, to the end.
+    let mut replies = client.try_clone().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        replies.read_to_end(&mut all).map(|_| all)
+    });
+    let mut w = client.try_clone().unwrap();
+    // A long partial line makes the listener's read buffer a megabyte...
+    std::io::Write::write_all(&mut w, &[b'z'; 600_000]).unwrap();
+    eventually("the read buffer grown", || budget.held() >= 1 << 20);
+    let buffer = budget.held();
+    // ...then a message that waits for the full queue, a partial line that keeps the
+    // buffer, and while the listener waits, hundreds of kilobytes of empty lines: its
+    // next read takes as many of them as its buffer holds, and each draws
+    // `{error,bad_term}\n`.
+    std::io::Write::write_all(&mut w, b"\n{remote_msg,queued}\nw").unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut lines = vec![b'\n'; 300_000];
+        lines.push(b'w');
+        std::io::Write::write_all(&mut w, &lines).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // The kernel queues what the listener does not read yet (no timing is asserted: a
+    // smaller first read only makes the test weaker).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(recv(&chan), atom("fills the queue"));
+    assert_eq!(recv(&chan), atom("queued"));
+    flood.join().unwrap();
+    let all = reading
+        .join()
+        .unwrap()
+        .expect("every reply, then the close");
+    let bad_terms = all
+        .split(|&b| b == b'\n')
+        .filter(|line| *line == b"{error,bad_term}")
+        .count();
+    // The long line (its atom too long) and each of the 299,999 empty lines.
+    assert_eq!(bad_terms, 300_000, "{} bytes of replies", all.len());
+    // What the connection held at most: its read buffer, and replies of at most 64 KiB
+    // before they were written (their buffer grows to twice that), not a read's worth of
+    // them (over 1 MiB).
+    let replies_held = budget.peak() - buffer;
+    assert!(
+        replies_held <= 192 << 10,
+        "{replies_held} bytes held beyond the read buffer"
+    );
+}
+
+#[test]
 fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
     let node = node();
     let chan = node.chan();

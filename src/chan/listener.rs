@@ -23,6 +23,12 @@ use std::time::{Duration, Instant};
 /// is stopping or a remote reader has gone.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Replies are written when a read's lines are done, or sooner once this many bytes wait
+/// (as the store does): a read of a megabyte of empty lines draws 17 bytes of
+/// `{error,bad_term}\n` for each, and without it one connection would make the listener
+/// hold 17 MiB until it could write them.
+const FLUSH_AT: usize = 64 << 10;
+
 /// Serves one exported channel. Holds the channel and the node weakly: a listener never
 /// keeps either alive.
 pub(crate) struct Listener {
@@ -185,7 +191,8 @@ impl request::Session for Session<'_> {
     ) -> Result<ControlFlow<()>, HandlerError> {
         let listener = self.listener;
         let request = protocol::parse_request(line, &listener.term_limits);
-        self.answer(conn, request, out)
+        let flow = self.answer(conn, request, out)?;
+        self.flush_if_full(conn, flow, out)
     }
 
     fn too_long(
@@ -194,7 +201,8 @@ impl request::Session for Session<'_> {
         _error: &FrameError,
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
-        self.answer(conn, Err(RequestError::TooLong), out)
+        let flow = self.answer(conn, Err(RequestError::TooLong), out)?;
+        self.flush_if_full(conn, flow, out)
     }
 
     fn batch_done(
@@ -208,6 +216,31 @@ impl request::Session for Session<'_> {
 }
 
 impl Session<'_> {
+    /// Writes the replies waiting once they pass [`FLUSH_AT`], before the read's other
+    /// lines are served. The write may block on a client that does not read, so first
+    /// the channel is given up (writers get their turn meanwhile; this connection's next
+    /// message queues up for it again, ahead of younger connections) and the connection
+    /// settled (younger connections need not wait for it): the rest of its read is then
+    /// ordered as a later read's would be. Only a read of some 4,000 refused lines gets
+    /// here; a writer's message draws no reply.
+    fn flush_if_full(
+        &mut self,
+        conn: &Connection,
+        flow: ControlFlow<()>,
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        if flow.is_break() || out.len() < FLUSH_AT {
+            return Ok(flow);
+        }
+        self.turn = None;
+        self.listener.arrivals.settle(conn);
+        Ok(if out.flush()? {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        })
+    }
+
     fn answer(
         &mut self,
         conn: &Connection,
