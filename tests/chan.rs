@@ -693,6 +693,41 @@ fn failures_are_values() {
 }
 
 #[test]
+fn a_channel_whose_queue_holds_its_own_name_still_closes_its_port() {
+    let node = node();
+    let chan = node.chan();
+    let other = node.chan();
+    chan.to_term().unwrap();
+    let port = node.port_of(&chan).unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let other_addr = {
+        other.to_term().unwrap();
+        SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&other).unwrap()))
+    };
+    // Anyone may write a channel's own name into it, and its name into another channel.
+    let name = format!("{{remote_msg,{}}}\n", remote_chan_text(port));
+    for to in [addr, other_addr] {
+        let mut w = connect(to);
+        std::io::Write::write_all(&mut w, name.as_bytes()).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        w.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer, b"", "queued");
+    }
+    assert_eq!(chan.receiver().unwrap().len(), 1);
+    // Taken out while the channel lives, the name is the channel itself.
+    let named = recv(&other);
+    assert!(named.as_chan().unwrap().same_queue(&chan), "{named:?}");
+    drop(named);
+    // Its own queue's copy of its name does not keep it alive.
+    drop(chan);
+    assert_eq!(node.port_of(&other).map(|_| node.exported()), Some(1));
+    eventually("the port to close", || {
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_err()
+    });
+}
+
+#[test]
 fn dropping_the_last_handle_closes_the_port() {
     let node = node();
     let chan = node.chan();

@@ -34,10 +34,15 @@ enum Kind {
 
 /// A message in a local channel's queue. A message that came over the network holds its
 /// share of the channel's byte budget until it is taken out (see
-/// [`NodeConfig::capacity_bytes`](super::NodeConfig::capacity_bytes)).
+/// [`NodeConfig::capacity_bytes`](super::NodeConfig::capacity_bytes)), and the channels
+/// in it that name this node as remote handles (seen so through `Deref`) until
+/// [`Delivery::into_value`] brings them home: so a queue holding its own channel's name
+/// does not keep that channel alive.
 #[derive(Debug)]
 pub struct Delivery {
     value: Value,
+    /// The node to bring channels home to, when the value names one of its channels.
+    home: Option<Weak<Node>>,
     _charge: Option<Charge>,
     /// Its share of the node's client memory budget, if it has one.
     _memory: Option<crate::budget::Charge>,
@@ -47,6 +52,7 @@ impl Delivery {
     fn local(value: Value) -> Delivery {
         Delivery {
             value,
+            home: None,
             _charge: None,
             _memory: None,
         }
@@ -54,19 +60,25 @@ impl Delivery {
 
     pub(crate) fn charged(
         value: Value,
+        home: Option<Weak<Node>>,
         charge: Charge,
         memory: Option<crate::budget::Charge>,
     ) -> Delivery {
         Delivery {
             value,
+            home,
             _charge: Some(charge),
             _memory: memory,
         }
     }
 
-    /// The message, giving its bytes back to the channel's budget.
+    /// The message, giving its bytes back to the channel's budget; a channel in it that
+    /// names one of this node's channels still open is that local channel.
     pub fn into_value(self) -> Value {
-        self.value
+        match self.home.as_ref().and_then(Weak::upgrade) {
+            Some(node) => node.bring_home(self.value),
+            None => self.value,
+        }
     }
 }
 

@@ -108,7 +108,8 @@ impl Listener {
             return true;
         };
         let cost = msg.heap_bytes();
-        let value = node.import(msg);
+        let (value, names_home) = node.import_queued(msg);
+        let home = names_home.then(|| self.node.clone());
         drop(node);
         let charge = loop {
             match chan.budget.take(cost, POLL) {
@@ -117,7 +118,7 @@ impl Listener {
                 None => return false,
             }
         };
-        let mut delivery = Delivery::charged(value, charge, memory);
+        let mut delivery = Delivery::charged(value, home, charge, memory);
         loop {
             match chan.tx.send_timeout(delivery, POLL) {
                 Ok(()) => return true,
