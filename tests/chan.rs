@@ -425,6 +425,130 @@ fn writers_waiting_on_a_full_channel_leave_room_for_a_reader() {
 }
 
 #[test]
+fn readers_waiting_on_an_empty_channel_leave_room_for_a_writer() {
+    common::quiet_logs();
+    let node = Node::new(NodeConfig {
+        max_connections: 16,
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.to_term().unwrap();
+    let port = node.port_of(&chan).unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // As many readers as there are connections, each waiting for a message that never
+    // comes: they read nothing from their sockets, so no idle timeout ends them.
+    let mut readers: Vec<(TcpStream, Vec<u8>)> = (0..16)
+        .map(|_| {
+            let mut r = connect(addr);
+            std::io::Write::write_all(&mut r, b"remote_read\n").unwrap();
+            r.set_nonblocking(true).unwrap();
+            (r, Vec::new())
+        })
+        .collect();
+    // What each reader has been answered so far, without waiting.
+    let poll = |readers: &mut Vec<(TcpStream, Vec<u8>)>| {
+        for (r, got) in readers.iter_mut() {
+            let mut buf = [0u8; 256];
+            if let Ok(n) = r.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+    };
+    // One connection is kept for writers: 15 readers wait, the 16th is refused.
+    eventually("a reader refused", || {
+        poll(&mut readers);
+        readers.iter().any(|(_, got)| !got.is_empty())
+    });
+    let (refused, waiting): (Vec<_>, Vec<_>) =
+        readers.into_iter().partition(|(_, got)| !got.is_empty());
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].1, b"{error,too_many_readers}\n");
+    drop(refused);
+    // A writer gets in once the refused reader's close is seen, and its message goes to
+    // one of the waiting readers.
+    let peer = Node::new(NodeConfig::default());
+    let remote = peer.remote(localhost(), port);
+    eventually("a writer let in", || match remote.send(atom("through")) {
+        Ok(()) => true,
+        Err(ChanError::BadReply { reply, .. }) if reply == "{error,too_many_connections}" => false,
+        Err(e) => panic!("{e}"),
+    });
+    let mut waiting = waiting;
+    eventually("a reader answered", || {
+        poll(&mut waiting);
+        waiting.iter().any(|(_, got)| !got.is_empty())
+    });
+    let answered: Vec<&[u8]> = waiting
+        .iter()
+        .map(|(_, got)| got.as_slice())
+        .filter(|got| !got.is_empty())
+        .collect();
+    assert_eq!(answered, [b"{remote_msg,through}\n".as_slice()]);
+}
+
+#[test]
+fn a_read_of_many_refused_lines_is_answered_as_it_goes_not_held_whole() {
+    common::quiet_logs();
+    let budget = switchboard::budget::Budget::new("chan-test", 1 << 30);
+    let node = Node::new(NodeConfig {
+        capacity: 1,
+        client_memory: Some(budget.clone()),
+        ..NodeConfig::default()
+    });
+    let chan = node.chan();
+    chan.send(atom("fills the queue")).unwrap();
+    chan.to_term().unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&chan).unwrap()));
+    let client = connect(addr);
+    // The replies are read as they come, to the end.
+    let mut replies = client.try_clone().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        replies.read_to_end(&mut all).map(|_| all)
+    });
+    let mut w = client.try_clone().unwrap();
+    // A long partial line makes the listener's read buffer a megabyte...
+    std::io::Write::write_all(&mut w, &[b'z'; 600_000]).unwrap();
+    eventually("the read buffer grown", || budget.held() >= 1 << 20);
+    let buffer = budget.held();
+    // ...then a message that waits for the full queue, a partial line that keeps the
+    // buffer, and while the listener waits, hundreds of kilobytes of empty lines: its
+    // next read takes as many of them as its buffer holds, and each draws
+    // `{error,bad_term}\n`.
+    std::io::Write::write_all(&mut w, b"\n{remote_msg,queued}\nw").unwrap();
+    let flood = std::thread::spawn(move || {
+        let mut lines = vec![b'\n'; 300_000];
+        lines.push(b'w');
+        std::io::Write::write_all(&mut w, &lines).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    // The kernel queues what the listener does not read yet (no timing is asserted: a
+    // smaller first read only makes the test weaker).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(recv(&chan), atom("fills the queue"));
+    assert_eq!(recv(&chan), atom("queued"));
+    flood.join().unwrap();
+    let all = reading
+        .join()
+        .unwrap()
+        .expect("every reply, then the close");
+    let bad_terms = all
+        .split(|&b| b == b'\n')
+        .filter(|line| *line == b"{error,bad_term}")
+        .count();
+    // The long line (its atom too long) and each of the 299,999 empty lines.
+    assert_eq!(bad_terms, 300_000, "{} bytes of replies", all.len());
+    // What the connection held at most: its read buffer, and replies of at most 64 KiB
+    // before they were written (their buffer grows to twice that), not a read's worth of
+    // them (over 1 MiB).
+    let replies_held = budget.peak() - buffer;
+    assert!(
+        replies_held <= 192 << 10,
+        "{replies_held} bytes held beyond the read buffer"
+    );
+}
+
+#[test]
 fn a_reply_channel_that_never_reads_stalls_no_other_pinger() {
     let node = node();
     let chan = node.chan();
@@ -566,6 +690,41 @@ fn failures_are_values() {
     assert_eq!(node.port_of(&local), None);
     assert!(matches!(node.chan().to_term(), Err(ChanError::NodeDown)));
     assert_eq!(node.exported(), 0);
+}
+
+#[test]
+fn a_channel_whose_queue_holds_its_own_name_still_closes_its_port() {
+    let node = node();
+    let chan = node.chan();
+    let other = node.chan();
+    chan.to_term().unwrap();
+    let port = node.port_of(&chan).unwrap();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let other_addr = {
+        other.to_term().unwrap();
+        SocketAddr::from((Ipv4Addr::LOCALHOST, node.port_of(&other).unwrap()))
+    };
+    // Anyone may write a channel's own name into it, and its name into another channel.
+    let name = format!("{{remote_msg,{}}}\n", remote_chan_text(port));
+    for to in [addr, other_addr] {
+        let mut w = connect(to);
+        std::io::Write::write_all(&mut w, name.as_bytes()).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        w.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer, b"", "queued");
+    }
+    assert_eq!(chan.receiver().unwrap().len(), 1);
+    // Taken out while the channel lives, the name is the channel itself.
+    let named = recv(&other);
+    assert!(named.as_chan().unwrap().same_queue(&chan), "{named:?}");
+    drop(named);
+    // Its own queue's copy of its name does not keep it alive.
+    drop(chan);
+    assert_eq!(node.port_of(&other).map(|_| node.exported()), Some(1));
+    eventually("the port to close", || {
+        TcpStream::connect_timeout(&addr, IO_TIMEOUT).is_err()
+    });
 }
 
 #[test]

@@ -8,12 +8,12 @@ use crate::framing::{FrameReader, Framing};
 use crate::term::Term;
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most of a listener's answer to a write that is kept for the error (there should be none).
 const MAX_WRITE_ANSWER: u64 = 4096;
@@ -34,10 +34,15 @@ enum Kind {
 
 /// A message in a local channel's queue. A message that came over the network holds its
 /// share of the channel's byte budget until it is taken out (see
-/// [`NodeConfig::capacity_bytes`](super::NodeConfig::capacity_bytes)).
+/// [`NodeConfig::capacity_bytes`](super::NodeConfig::capacity_bytes)), and the channels
+/// in it that name this node as remote handles (seen so through `Deref`) until
+/// [`Delivery::into_value`] brings them home: so a queue holding its own channel's name
+/// does not keep that channel alive.
 #[derive(Debug)]
 pub struct Delivery {
     value: Value,
+    /// The node to bring channels home to, when the value names one of its channels.
+    home: Option<Weak<Node>>,
     _charge: Option<Charge>,
     /// Its share of the node's client memory budget, if it has one.
     _memory: Option<crate::budget::Charge>,
@@ -47,6 +52,7 @@ impl Delivery {
     fn local(value: Value) -> Delivery {
         Delivery {
             value,
+            home: None,
             _charge: None,
             _memory: None,
         }
@@ -54,19 +60,25 @@ impl Delivery {
 
     pub(crate) fn charged(
         value: Value,
+        home: Option<Weak<Node>>,
         charge: Charge,
         memory: Option<crate::budget::Charge>,
     ) -> Delivery {
         Delivery {
             value,
+            home,
             _charge: Some(charge),
             _memory: memory,
         }
     }
 
-    /// The message, giving its bytes back to the channel's budget.
+    /// The message, giving its bytes back to the channel's budget; a channel in it that
+    /// names one of this node's channels still open is that local channel.
     pub fn into_value(self) -> Value {
-        self.value
+        match self.home.as_ref().and_then(Weak::upgrade) {
+            Some(node) => node.bring_home(self.value),
+            None => self.value,
+        }
     }
 }
 
@@ -254,9 +266,11 @@ impl Chan {
     /// remote queue (waiting, like a local send, while that queue is full).
     ///
     /// # Errors
-    /// A remote channel that cannot be reached ([`ChanError::Unreachable`]); a failed or
-    /// timed-out write or wait ([`ChanError::Io`]: the message may or may not have
-    /// arrived); a listener that answered, which it does only to refuse
+    /// A remote channel that cannot be reached ([`ChanError::Unreachable`]); a failed
+    /// write or wait, or one not done within the node's
+    /// [`io_timeout`](super::NodeConfig::io_timeout) from the start (connecting
+    /// included), whatever the listener trickles meanwhile ([`ChanError::Io`], of kind
+    /// `TimedOut` for the deadline: the message may or may not have arrived); a listener that answered, which it does only to refuse
     /// ([`ChanError::BadReply`]); a local channel in the message that cannot get a port
     /// ([`ChanError::Listen`]); a node that has shut down ([`ChanError::NodeDown`]).
     pub fn send(&self, msg: impl Into<Value>) -> Result<(), ChanError> {
@@ -270,7 +284,8 @@ impl Chan {
     }
 
     /// [`Chan::send`], waiting at most `timeout` for room in a local channel's queue. (A
-    /// remote send is bounded by the node's I/O timeout already; `timeout` is not used.)
+    /// remote send is bounded by the node's I/O timeout already, connecting and the
+    /// listener's answer included; `timeout` is not used.)
     ///
     /// # Errors
     /// [`ChanError::Timeout`] when the local queue stayed full; otherwise as
@@ -337,8 +352,13 @@ impl RemoteChan {
         }
     }
 
-    /// A connection to the port listener, with `TCP_NODELAY` and the node's timeouts.
-    fn connect(&self, node: &Node) -> Result<TcpStream, ChanError> {
+    /// A connection to the port listener, with `TCP_NODELAY`, made within the node's
+    /// connect timeout and what is left of `deadline`.
+    ///
+    /// A host name is resolved first, by the system resolver, whose own timeouts bound it
+    /// (`/etc/resolv.conf`), not `deadline`: std has no resolver with a time limit. IP
+    /// literals and `localhost` need no query.
+    fn connect(&self, node: &Node, deadline: &Deadline) -> Result<TcpStream, ChanError> {
         let config = node.config();
         let unreachable = |source| ChanError::Unreachable {
             addr: self.addr(),
@@ -353,15 +373,15 @@ impl RemoteChan {
         };
         // IPv4 first, as Erlang's gen_tcp (inet) would connect.
         addrs.sort_by_key(SocketAddr::is_ipv6);
-        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, config.connect_timeout) {
+            let patience = match deadline.left() {
+                Ok(left) => left.min(config.connect_timeout),
+                Err(e) => return Err(unreachable(e)),
+            };
+            match TcpStream::connect_timeout(&addr, patience) {
                 Ok(stream) => {
-                    let setup = stream
-                        .set_nodelay(true)
-                        .and_then(|()| stream.set_write_timeout(Some(config.io_timeout)))
-                        .and_then(|()| stream.set_read_timeout(Some(config.io_timeout)));
-                    return match setup {
+                    return match stream.set_nodelay(true) {
                         Ok(()) => Ok(stream),
                         Err(source) => Err(self.io_error(source)),
                     };
@@ -388,8 +408,11 @@ impl RemoteChan {
         let term = node.export(&msg)?;
         let mut line = Vec::new();
         protocol::write_msg(&term, &mut line);
-        let mut stream = self.connect(&node)?;
-        stream.write_all(&line).map_err(|e| self.io_error(e))?;
+        // Connecting, writing and the listener's close, all within one I/O timeout.
+        let deadline = Deadline::after(node.config().io_timeout);
+        let stream = self.connect(&node, &deadline)?;
+        let mut timed = Timed::new(&stream, Some(deadline));
+        timed.write_all(&line).map_err(|e| self.io_error(e))?;
         // The course's writer closes here. Half-closing and waiting for the listener to
         // close in turn costs one wake-up and buys two things: the message is in the queue
         // when `send` returns, so one sender's messages arrive in order however the
@@ -398,7 +421,7 @@ impl RemoteChan {
             .shutdown(std::net::Shutdown::Write)
             .map_err(|e| self.io_error(e))?;
         let mut answer = Vec::new();
-        match (&stream).take(MAX_WRITE_ANSWER).read_to_end(&mut answer) {
+        match timed.take(MAX_WRITE_ANSWER).read_to_end(&mut answer) {
             Ok(_) if answer.is_empty() => Ok(()),
             Ok(_) => Err(self.bad_reply(answer.trim_ascii_end())),
             Err(e) => Err(self.io_error(e)),
@@ -408,18 +431,19 @@ impl RemoteChan {
     fn recv(&self, timeout: Option<Duration>) -> Result<Value, ChanError> {
         let node = self.node()?;
         let config = node.config();
-        let stream = self.connect(&node)?;
-        // The listener answers `timeout` itself; the socket only guards against a dead one.
-        let patience = timeout.map(|t| t.saturating_add(config.io_timeout));
-        stream
-            .set_read_timeout(patience)
-            .map_err(|e| self.io_error(e))?;
+        // The listener answers `timeout` itself; the I/O timeout on top of it only guards
+        // against a dead or dawdling one. Without a timeout, connecting and asking are
+        // bounded, and the answer is waited for as long as it takes.
+        let answer_by = timeout.map(|t| Deadline::after(t.saturating_add(config.io_timeout)));
+        let deadline = answer_by.unwrap_or_else(|| Deadline::after(config.io_timeout));
+        let stream = self.connect(&node, &deadline)?;
         let mut request = Vec::new();
         protocol::write_read(timeout, &mut request);
-        (&stream)
+        Timed::new(&stream, Some(deadline))
             .write_all(&request)
             .map_err(|e| self.io_error(e))?;
-        let mut reader = FrameReader::with_limits(&stream, Framing::Line, config.line_limits);
+        let timed = Timed::new(&stream, answer_by);
+        let mut reader = FrameReader::with_limits(timed, Framing::Line, config.line_limits);
         let line = match reader.read_frame() {
             Ok(Some(line)) => line,
             Ok(None) => return Err(self.bad_reply(b"connection closed")),
@@ -438,6 +462,106 @@ impl RemoteChan {
             addr: self.addr(),
             reply: String::from_utf8_lossy(reply).into_owned(),
         }
+    }
+}
+
+/// The end of one remote operation. The socket's own timeouts bound each read or write
+/// call, not the whole: a listener that trickles a byte every few seconds would restart
+/// them every time and hold a `send` for hours.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    /// `None`: past what an `Instant` can hold, so never.
+    at: Option<Instant>,
+    total: Duration,
+}
+
+impl Deadline {
+    fn after(total: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now().checked_add(total),
+            total,
+        }
+    }
+
+    /// The time left, or the error that says it has run out.
+    fn left(&self) -> io::Result<Duration> {
+        let Some(at) = self.at else {
+            return Ok(Duration::MAX);
+        };
+        time_left(at, Instant::now()).ok_or_else(|| self.expired())
+    }
+
+    fn expired(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no answer within {:?} (connecting, writing and the answer together)",
+                self.total
+            ),
+        )
+    }
+}
+
+/// What is left before `deadline` at `now`; `None` once nothing is (a socket timeout of
+/// zero would mean none at all).
+fn time_left(deadline: Instant, now: Instant) -> Option<Duration> {
+    Some(deadline.saturating_duration_since(now)).filter(|left| !left.is_zero())
+}
+
+/// A connection whose reads and writes share one [`Deadline`]: before each call the
+/// socket's timeout is set to the time left, and a call that times out past the deadline
+/// says so. Without a deadline, calls wait as long as it takes.
+struct Timed<'s> {
+    stream: &'s TcpStream,
+    deadline: Option<Deadline>,
+}
+
+impl<'s> Timed<'s> {
+    fn new(stream: &'s TcpStream, deadline: Option<Deadline>) -> Timed<'s> {
+        Timed { stream, deadline }
+    }
+
+    /// The socket timeout for the next call.
+    fn patience(&self) -> io::Result<Option<Duration>> {
+        match &self.deadline {
+            // A timeout beyond what the OS takes is no timeout.
+            Some(d) => d
+                .left()
+                .map(|left| Some(left).filter(|&l| l < Duration::from_secs(1 << 30))),
+            None => Ok(None),
+        }
+    }
+
+    /// A timed-out call's error, told as the deadline's once it has passed.
+    fn timed_out(&self, e: io::Error) -> io::Error {
+        let timeout = matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        );
+        match &self.deadline {
+            Some(d) if timeout && d.left().is_err() => d.expired(),
+            _ => e,
+        }
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(self.patience()?)?;
+        let mut stream = self.stream;
+        stream.read(buf).map_err(|e| self.timed_out(e))
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(self.patience()?)?;
+        let mut stream = self.stream;
+        stream.write(buf).map_err(|e| self.timed_out(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -463,6 +587,94 @@ impl fmt::Debug for Chan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_left_runs_out_at_the_deadline_not_at_zero_timeouts() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(5);
+        assert_eq!(time_left(later, now), Some(Duration::from_millis(5)));
+        assert_eq!(
+            time_left(later, later),
+            None,
+            "a zero timeout would be none"
+        );
+        assert_eq!(time_left(now, later), None);
+    }
+
+    /// A listener for one connection that takes what the client sends up to `until`
+    /// (the end of the stream, or a line), then writes `answer` one byte every 100 ms
+    /// until the client goes away: each read of the client's succeeds well within any
+    /// socket timeout.
+    fn trickler(until_eof: bool, answer: &'static [u8]) -> (u16, std::thread::JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            conn.set_write_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut got = Vec::new();
+            let mut byte = [0u8; 1];
+            while let Ok(1) = conn.read(&mut byte) {
+                got.push(byte[0]);
+                if !until_eof && byte[0] == b'\n' {
+                    break;
+                }
+            }
+            for b in answer.iter().cycle().take(10_000) {
+                std::thread::sleep(Duration::from_millis(100));
+                if conn.write_all(&[*b]).is_err() {
+                    return;
+                }
+            }
+        });
+        (port, thread)
+    }
+
+    fn slow_node() -> Arc<Node> {
+        crate::log::capture_in_tests();
+        Node::new(super::super::NodeConfig {
+            io_timeout: Duration::from_millis(500),
+            ..super::super::NodeConfig::default()
+        })
+    }
+
+    /// Runs `op` on a thread of its own; what it returned, or `None` if it is still
+    /// running after 30 s (60 times the node's deadline).
+    fn within_30_s<T: Send + 'static>(op: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || done.send(op()));
+        finished.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    fn is_deadline(e: &ChanError) -> bool {
+        matches!(e, ChanError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut
+            && source.to_string().contains("connecting, writing and the answer together"))
+    }
+
+    #[test]
+    fn a_listener_that_trickles_its_answer_cannot_hold_a_send_past_the_deadline() {
+        let node = slow_node();
+        let (port, trickling) = trickler(true, b"{error,slow}");
+        let chan = node.remote(Host::Ip([127, 0, 0, 1].into()), port);
+        let sent = within_30_s(move || chan.send(Value::atom("hi"))).expect("the send gave up");
+        let e = sent.expect_err("no close, no delivery");
+        assert!(is_deadline(&e), "{e}");
+        trickling.join().unwrap();
+    }
+
+    #[test]
+    fn a_listener_that_trickles_its_answer_cannot_hold_a_read_past_the_deadline() {
+        let node = slow_node();
+        let (port, trickling) = trickler(false, b"{remote_msg,slow}");
+        let chan = node.remote(Host::Ip([127, 0, 0, 1].into()), port);
+        let read = within_30_s(move || chan.recv_timeout(Duration::from_millis(100)))
+            .expect("the read gave up");
+        let e = read.expect_err("no whole line in time");
+        assert!(is_deadline(&e), "{e}");
+        trickling.join().unwrap();
+    }
 
     #[test]
     fn a_value_is_charged_at_least_what_its_term_holds() {

@@ -15,12 +15,19 @@ use crossbeam_channel::{RecvTimeoutError, SendTimeoutError};
 use std::collections::BTreeSet;
 use std::io;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// How often a listener thread blocked on its channel looks up to see whether the server
 /// is stopping or a remote reader has gone.
 const POLL: Duration = Duration::from_millis(100);
+
+/// Replies are written when a read's lines are done, or sooner once this many bytes wait
+/// (as the store does): a read of a megabyte of empty lines draws 17 bytes of
+/// `{error,bad_term}\n` for each, and without it one connection would make the listener
+/// hold 17 MiB until it could write them.
+const FLUSH_AT: usize = 64 << 10;
 
 /// Serves one exported channel. Holds the channel and the node weakly: a listener never
 /// keeps either alive.
@@ -29,6 +36,8 @@ pub(crate) struct Listener {
     chan: Weak<LocalChan>,
     node: Weak<Node>,
     intake: Intake,
+    /// Remote reads waiting for a message, or for their answer to be written.
+    readers: Readers,
     arrivals: Arrivals,
     requests: RequestLoop,
     term_limits: crate::term::Limits,
@@ -47,7 +56,8 @@ impl Listener {
             name: name.to_owned(),
             chan,
             node,
-            intake: Intake::new(writers_waiting_at_most(config.max_connections)),
+            intake: Intake::new(waiting_at_most(config.max_connections)),
+            readers: Readers::new(waiting_at_most(config.max_connections)),
             arrivals: arrivals.clone(),
             requests: RequestLoop::new(Framing::Line)
                 .limits(config.line_limits)
@@ -98,7 +108,8 @@ impl Listener {
             return true;
         };
         let cost = msg.heap_bytes();
-        let value = node.import(msg);
+        let (value, names_home) = node.import_queued(msg);
+        let home = names_home.then(|| self.node.clone());
         drop(node);
         let charge = loop {
             match chan.budget.take(cost, POLL) {
@@ -107,7 +118,7 @@ impl Listener {
                 None => return false,
             }
         };
-        let mut delivery = Delivery::charged(value, charge, memory);
+        let mut delivery = Delivery::charged(value, home, charge, memory);
         loop {
             match chan.tx.send_timeout(delivery, POLL) {
                 Ok(()) => return true,
@@ -181,7 +192,8 @@ impl request::Session for Session<'_> {
     ) -> Result<ControlFlow<()>, HandlerError> {
         let listener = self.listener;
         let request = protocol::parse_request(line, &listener.term_limits);
-        self.answer(conn, request, out)
+        let flow = self.answer(conn, request, out)?;
+        self.flush_if_full(conn, flow, out)
     }
 
     fn too_long(
@@ -190,7 +202,8 @@ impl request::Session for Session<'_> {
         _error: &FrameError,
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
-        self.answer(conn, Err(RequestError::TooLong), out)
+        let flow = self.answer(conn, Err(RequestError::TooLong), out)?;
+        self.flush_if_full(conn, flow, out)
     }
 
     fn batch_done(
@@ -204,6 +217,31 @@ impl request::Session for Session<'_> {
 }
 
 impl Session<'_> {
+    /// Writes the replies waiting once they pass [`FLUSH_AT`], before the read's other
+    /// lines are served. The write may block on a client that does not read, so first
+    /// the channel is given up (writers get their turn meanwhile; this connection's next
+    /// message queues up for it again, ahead of younger connections) and the connection
+    /// settled (younger connections need not wait for it): the rest of its read is then
+    /// ordered as a later read's would be. Only a read of some 4,000 refused lines gets
+    /// here; a writer's message draws no reply.
+    fn flush_if_full(
+        &mut self,
+        conn: &Connection,
+        flow: ControlFlow<()>,
+        out: &mut Replies<'_>,
+    ) -> Result<ControlFlow<()>, HandlerError> {
+        if flow.is_break() || out.len() < FLUSH_AT {
+            return Ok(flow);
+        }
+        self.turn = None;
+        self.listener.arrivals.settle(conn);
+        Ok(if out.flush()? {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        })
+    }
+
     fn answer(
         &mut self,
         conn: &Connection,
@@ -255,6 +293,22 @@ impl Session<'_> {
                 }
             }
             Ok(Request::Read { timeout }) => {
+                // Held until the answer is written: a reader that waits reads nothing from
+                // its socket, so no idle timeout ends it.
+                let Some(_reading) = listener.readers.enter() else {
+                    if self.logged.allow() {
+                        log_info!(
+                            "{}: connection {} from {}: read refused: {} readers wait \
+                             already",
+                            listener.name,
+                            conn.id,
+                            conn.peer,
+                            listener.readers.max
+                        );
+                    }
+                    protocol::write_error("too_many_readers", out.buffer());
+                    return Ok(ControlFlow::Continue(()));
+                };
                 // Writers must get their turn while this reader waits.
                 self.turn = None;
                 listener.arrivals.settle(conn);
@@ -305,7 +359,7 @@ fn peer_closed(conn: &Connection) -> bool {
 struct Intake {
     state: Mutex<IntakeState>,
     changed: Condvar,
-    /// Writers that may wait at once ([`writers_waiting_at_most`]).
+    /// Writers that may wait at once ([`waiting_at_most`]).
     max_waiting: usize,
 }
 
@@ -315,14 +369,53 @@ struct IntakeState {
     holder: Option<u64>,
 }
 
-/// How many of a listener's `max_connections` may be writers waiting for the channel: all
-/// but a sixteenth (at most 16) of them, kept for readers. Writers to a full channel wait,
-/// each holding its connection; without the reserve, enough of them would take every slot,
-/// and a remote reader, the one who could make room, would be refused for good.
-fn writers_waiting_at_most(max_connections: usize) -> usize {
+/// How many of a listener's `max_connections` may be writers waiting for the channel, and
+/// how many may be remote readers waiting for a message: all but a sixteenth (at most 16)
+/// of them each. Writers to a full channel wait, each holding its connection; without the
+/// reserve, enough of them would take every slot, and a remote reader, the one who could
+/// make room, would be refused for good. Readers of an empty channel wait the same way
+/// (and, reading nothing from their sockets meanwhile, are never idle), and the reserve
+/// keeps room for the writer who would give them a message. The two never wait at once
+/// for long: readers wait on an empty channel, writers on a full one.
+fn waiting_at_most(max_connections: usize) -> usize {
     max_connections
         .saturating_sub((max_connections / 16).min(16))
         .max(1)
+}
+
+/// Counts the remote reads being answered, up to a cap.
+struct Readers {
+    waiting: AtomicUsize,
+    /// Readers that may wait at once ([`waiting_at_most`]).
+    max: usize,
+}
+
+/// One remote read being answered; its place is given back on drop.
+struct Reading<'a>(&'a AtomicUsize);
+
+impl Readers {
+    fn new(max: usize) -> Readers {
+        Readers {
+            waiting: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// A place for one more reader, unless `max` of them wait already.
+    fn enter(&self) -> Option<Reading<'_>> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Reading(&self.waiting))
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a connection did not get its turn to push.

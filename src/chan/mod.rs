@@ -20,7 +20,11 @@
 //!    close is a half-close followed by waiting for the listener's: a returned
 //!    [`Chan::send`] is a delivered message, and one sender's messages stay in order.)
 //! 5. When the last handle to an exported channel is dropped, its listener is stopped and
-//!    the port released; [`Node::shutdown`] (or dropping the node) stops them all.
+//!    the port released; [`Node::shutdown`] (or dropping the node) stops them all. A
+//!    message written from the network holds the channels of this node it names only by
+//!    port while it waits in a queue ([`Delivery::into_value`] brings them home), so a
+//!    queue that holds its own channel's name does not keep it open. (A handle queued by
+//!    a local `send` is a handle: a channel sent into its own queue in-process stays.)
 //!
 //! # On the wire
 //!

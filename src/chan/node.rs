@@ -37,7 +37,12 @@ pub struct NodeConfig {
     pub capacity_bytes: usize,
     /// How long connecting to a remote channel may take.
     pub connect_timeout: Duration,
-    /// How long a write to, or an answer from, a remote channel may take.
+    /// How long one operation on a remote channel may take from start to end: a write
+    /// (connecting, sending, and waiting for the listener's close), or a read's request
+    /// and, for a read with a timeout, its answer on top of that timeout. One deadline
+    /// for the whole, not a timeout per socket call, which a listener trickling a byte
+    /// now and then would restart each time. A host name's resolution is not counted:
+    /// the system resolver's own timeouts bound it.
     pub io_timeout: Duration,
     /// Connections one listener serves at once; beyond, newcomers are refused.
     pub max_connections: usize,
@@ -144,7 +149,7 @@ impl Node {
     /// node's ports, else a remote channel.
     pub fn remote(&self, host: Host, port: u16) -> Chan {
         let mut home = None;
-        if host.literal_ip() == Some(self.config.advertise) {
+        if self.may_be_home(&host) {
             // The upgraded handle outlives the guard: dropping a channel's last handle
             // retires it, which takes this lock.
             let db = self.db();
@@ -171,6 +176,36 @@ impl Node {
     /// local one itself when it names a port of this node.
     pub fn import(&self, term: Term) -> Value {
         Value::from_term(term, &mut |host, port| self.remote(host, port))
+    }
+
+    /// The message as a port listener queues it: as [`Node::import`], except that a
+    /// channel naming this node stays a remote handle (host and port) while it waits in
+    /// a queue, and the flag says whether there is one; [`Node::bring_home`] turns it
+    /// into the local channel when the message is taken out. A queued strong handle could
+    /// be the queue's own channel (anyone may write `{remote_chan,{127,0,0,1},P}` to port
+    /// P), or two channels could hold each other: neither would ever be dropped, and
+    /// their ports and listeners would live until the node shuts down.
+    pub(crate) fn import_queued(&self, term: Term) -> (Value, bool) {
+        let mut names_home = false;
+        let value = Value::from_term(term, &mut |host, port| {
+            names_home |= self.may_be_home(&host);
+            Chan::remote(self.me.clone(), host, port)
+        });
+        (value, names_home)
+    }
+
+    /// Each remote handle in `value` that names one of this node's channels, as that
+    /// channel (see [`Node::import_queued`]); a channel gone meanwhile stays remote.
+    pub(crate) fn bring_home(&self, value: Value) -> Value {
+        value.map_chans(&mut |chan| match chan.remote_addr() {
+            Some((host, port)) if self.may_be_home(host) => self.remote(host.clone(), port),
+            _ => chan,
+        })
+    }
+
+    /// Whether a channel on `host` may be one of this node's.
+    fn may_be_home(&self, host: &Host) -> bool {
+        host.literal_ip() == Some(self.config.advertise)
     }
 
     /// How many channels have a port listener now.

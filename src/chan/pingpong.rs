@@ -200,8 +200,10 @@ pub fn run_ping(
     Ok(ping(node, &target, count, Duration::from_secs(10)))
 }
 
-/// Pongs being delivered at once. A reply channel that accepts and never reads holds its
-/// pong for the node's I/O timeout (10 s by default); answering on the reading thread
+/// Pongs being delivered at once. A reply channel that accepts and never reads, or
+/// trickles its answer a byte at a time, holds its pong for the node's I/O timeout (10 s
+/// by default, one deadline for the whole delivery: see
+/// [`NodeConfig::io_timeout`](super::NodeConfig::io_timeout)); answering on the reading thread
 /// would stall every other pinger behind it, so each pong goes out on a thread of its own,
 /// and this bounds those threads: past it, `pong` waits for one to finish.
 pub const PONGS_IN_FLIGHT: usize = 32;

@@ -152,6 +152,18 @@ impl Value {
             .map(|item| Value::from_term(item, import))
             .collect()
     }
+
+    /// The value, every channel in it replaced by what `f` makes of it.
+    pub(crate) fn map_chans(self, f: &mut impl FnMut(Chan) -> Chan) -> Value {
+        match self {
+            Value::Chan(chan) => Value::Chan(f(chan)),
+            Value::Tuple(items) => {
+                Value::Tuple(items.into_iter().map(|v| v.map_chans(f)).collect())
+            }
+            Value::List(items) => Value::List(items.into_iter().map(|v| v.map_chans(f)).collect()),
+            scalar => scalar,
+        }
+    }
 }
 
 /// Plain data: a `{remote_chan,...}` tuple stays a tuple (use
