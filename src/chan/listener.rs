@@ -193,7 +193,7 @@ impl request::Session for Session<'_> {
         let listener = self.listener;
         let request = protocol::parse_request(line, &listener.term_limits);
         let flow = self.answer(conn, request, out)?;
-        self.flush_if_full(conn, flow, out)
+        self.flush_if_full(flow, out)
     }
 
     fn too_long(
@@ -203,7 +203,7 @@ impl request::Session for Session<'_> {
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
         let flow = self.answer(conn, Err(RequestError::TooLong), out)?;
-        self.flush_if_full(conn, flow, out)
+        self.flush_if_full(flow, out)
     }
 
     fn batch_done(
@@ -221,12 +221,11 @@ impl Session<'_> {
     /// lines are served. The write may block on a client that does not read, so first
     /// the channel is given up (writers get their turn meanwhile; this connection's next
     /// message queues up for it again, ahead of younger connections) and the connection
-    /// settled (younger connections need not wait for it): the rest of its read is then
+    /// settled ([`Replies::flush_early`]: younger connections need not wait for it): the rest of its read is then
     /// ordered as a later read's would be. Only a read of some 4,000 refused lines gets
     /// here; a writer's message draws no reply.
     fn flush_if_full(
         &mut self,
-        conn: &Connection,
         flow: ControlFlow<()>,
         out: &mut Replies<'_>,
     ) -> Result<ControlFlow<()>, HandlerError> {
@@ -234,8 +233,7 @@ impl Session<'_> {
             return Ok(flow);
         }
         self.turn = None;
-        self.listener.arrivals.settle(conn);
-        Ok(if out.flush()? {
+        Ok(if out.flush_early()? {
             ControlFlow::Continue(())
         } else {
             ControlFlow::Break(())
