@@ -91,7 +91,12 @@
 //!    cut link, learns from the others that it leads, and does not depose it through them);
 //! 3. some live server (itself included) holds every committed change, as its primary last
 //!    told it (see *in sync* below) — or every server of the cluster is up;
-//! 4. it has heard from every peer, or 500 ms have passed since it started (or stalled).
+//! 4. it has heard from every peer, or 500 ms have passed since it started (or stalled);
+//! 5. it hears a majority of the servers (itself included), or every server it does not
+//!    hear refused its last dial (nothing listens there: the process is gone). A server cut
+//!    off alone from a primary that goes on with the others is silent, not refused: it does
+//!    not take over, for its newer epoch's log would outrank, at the heal, everything they
+//!    committed meanwhile.
 //!
 //! A candidate asks every live peer (FETCH) for what it holds beyond the candidate's last
 //! record: the records that follow it, or the peer's whole state as a snapshot if the peer
@@ -128,7 +133,8 @@
 //! not take over again on its own before it has heard from the servers that moved on. Rule
 //! 3 uses this: a server that was away while changes were committed without it can never
 //! take over alone and lose them. Because of it, a brand-new cluster's first primary needs
-//! every server up once; afterwards any single in-sync survivor carries on.
+//! every server up once; afterwards any single in-sync survivor of crashes carries on
+//! (rule 5: the others' ports refuse its dials).
 //!
 //! **Why an acknowledged change survives.** It is on the primary and on every member. A
 //! server that is not a member either is down (and comes back not in sync: restarted, or
@@ -167,10 +173,12 @@
 //! resent with the same id is acknowledged without being stored again (each sender's last
 //! 1,024 ids are part of the state).
 //!
-//! **Partitions.** The failure detector cannot tell a cut network from a crash, and a lone
-//! in-sync server takes over (that is how two of three crashes are survived): a full split
-//! has a primary on each side, the old one (acknowledging alone once it stops waiting for
-//! the others, 500 ms into the cut) and a new one in a higher epoch. When the network
+//! **Partitions.** Silence cannot tell a cut network from a frozen or dead server, and two
+//! servers that hear each other take over from a silent primary (that is how a SIGSTOP is
+//! survived): a full split of the primary from the other two has a primary on each side,
+//! the old one (acknowledging alone once it stops waiting for the others, 500 ms into the
+//! cut) and a new one in a higher epoch. A server cut off alone does not take over (rule
+//! 5): the primary and the third server go on, and it catches up at the heal. When the network
 //! returns, the links are dialled again (within the backoff's 1 s at worst, at once if a
 //! dial is pending), the old primary hears of the higher epoch and steps down, and the
 //! lowest server takes over again from the greatest log, which is the new epoch's: what the

@@ -64,6 +64,7 @@ impl Outgoing for Replica {
     fn linked(&self, j: usize) {
         let mut inner = self.lock();
         inner.peers[j].refused = false;
+        inner.peers[j].dead = false;
         inner.peers[j].linked = true;
         if inner.role == Role::Primary {
             self.init_feed(&mut inner, j);
@@ -75,8 +76,10 @@ impl Outgoing for Replica {
         }
     }
 
-    fn refused(&self, j: usize) {
-        self.lock().peers[j].refused = true;
+    fn refused(&self, j: usize, dead: bool) {
+        let mut inner = self.lock();
+        inner.peers[j].refused = true;
+        inner.peers[j].dead = dead;
     }
 
     fn unlinked(&self, j: usize) {

@@ -103,6 +103,8 @@ impl Replica {
             let p = &mut inner.peers[from];
             p.inbound += 1;
             p.heard = Some(Instant::now());
+            // Alive again: a refused dial from before says nothing of it now.
+            p.dead = false;
             p.assembly = None;
             // Its heartbeats on this link are echoed afresh: until one is, ours say 0, and
             // it knows that its link here delivers nothing yet.

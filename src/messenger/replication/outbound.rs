@@ -65,8 +65,9 @@ pub(super) trait Outgoing {
     fn stopping(&self) -> bool;
     /// The link to peer `to` is up (handshake done), before anything is written on it.
     fn linked(&self, to: usize);
-    /// Dialing peer `to` failed, or it refused the link.
-    fn refused(&self, to: usize);
+    /// Dialing peer `to` failed, or it refused the link; `dead` when nothing listens at its
+    /// address (the connection itself was refused).
+    fn refused(&self, to: usize, dead: bool);
     /// The link to peer `to` is down.
     fn unlinked(&self, to: usize);
     /// Waits until something is due on the link to peer `to` and appends its frames to
@@ -127,7 +128,11 @@ pub(super) fn run<R: Outgoing>(replica: &R, dial: &Dial, group: &Group) {
             }
             Err(e) => {
                 log_debug!("{}: cannot link to server {}: {e}", dial.name, dial.to);
-                replica.refused(dial.to);
+                let dead = matches!(
+                    &e,
+                    LinkError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused
+                );
+                replica.refused(dial.to, dead);
             }
         }
         replica.pause(backoff.next_delay());
@@ -217,7 +222,7 @@ mod tests {
             self.note(format!("linked {to}"));
         }
 
-        fn refused(&self, to: usize) {
+        fn refused(&self, to: usize, _dead: bool) {
             self.note(format!("refused {to}"));
             self.stop.store(true, Ordering::SeqCst);
         }

@@ -190,9 +190,19 @@ impl Replica {
         });
         let someone_in_sync = inner.in_sync || others.iter().any(|&j| status(j).in_sync);
         let all_up = others.len() + 1 == inner.peers.len();
+        // Hearing fewer than a majority (itself included), it takes over only if every
+        // server it does not hear refused its dial: dead, not cut off. A minority cut off
+        // from a primary that goes on committing with the majority would otherwise take
+        // over in a newer epoch, whose log outranks theirs at the heal: everything they
+        // committed during the cut would be lost, not just what a lone primary
+        // acknowledged alone.
+        let quorum = 2 * (others.len() + 1) > inner.peers.len()
+            || (0..inner.peers.len())
+                .filter(|&j| j != self.id && !others.contains(&j))
+                .all(|j| inner.peers[j].dead);
         // Just started, or back from a stall: a peer not heard from yet may be primary.
         let settling = now.duration_since(inner.started) < DOWN_AFTER && !all_up;
-        if lower.is_some() || primary_up || settling || !(someone_in_sync || all_up) {
+        if lower.is_some() || primary_up || settling || !quorum || !(someone_in_sync || all_up) {
             if inner.role == Role::Candidate {
                 self.set_candidate(inner, false);
             }
@@ -434,6 +444,7 @@ impl Replica {
             p.heard = None;
             p.status = None;
             p.refused = false;
+            p.dead = false;
             p.was_down = false;
             p.echo = 0;
             p.inbound += 1;
@@ -461,6 +472,61 @@ mod tests {
 
     fn ago(d: Duration) -> Instant {
         Instant::now().checked_sub(d).unwrap()
+    }
+
+    /// A server that hears fewer than a majority takes over only if the others are dead
+    /// (their dials refused), not merely silent: cut off alone from a primary that goes on
+    /// with the third server, it would take over in a newer epoch, and at the heal its log
+    /// would outrank everything those two committed meanwhile.
+    #[test]
+    fn a_minority_takes_over_only_from_the_dead_not_from_the_silent() {
+        let (replica, dir) = replica_of(3, "minority");
+        let mut inner = replica.lock();
+        inner.in_sync = true;
+        inner.started = ago(2 * DOWN_AFTER);
+        inner.last_tick = Instant::now();
+        for j in [1, 2] {
+            inner.peers[j].was_down = true;
+        }
+        // Both silent (a cut): it stays a backup.
+        replica.evaluate(&mut inner);
+        assert_eq!(inner.role, Role::Backup);
+        // One refused its dial, the other is silent: still a backup.
+        inner.peers[1].dead = true;
+        replica.evaluate(&mut inner);
+        assert_eq!(inner.role, Role::Backup);
+        // Both dead: it carries on alone.
+        inner.peers[2].dead = true;
+        replica.evaluate(&mut inner);
+        assert_eq!(inner.role, Role::Primary);
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // With one other server heard (a majority of three), the silent one is no bar.
+        let (replica, dir) = replica_of(3, "majority");
+        let mut inner = replica.lock();
+        inner.in_sync = true;
+        inner.started = ago(2 * DOWN_AFTER);
+        inner.last_tick = Instant::now();
+        inner.peers[2].was_down = true;
+        inner.peers[1].heard = Some(Instant::now());
+        inner.peers[1].status = Some(Status {
+            role: Role::Backup,
+            epoch: 0,
+            last: Pos { epoch: 0, seq: 0 },
+            in_sync: true,
+            you: Standing::NotPrimary,
+            mark: 0,
+            echo: 0,
+            primary: None,
+        });
+        replica.evaluate(&mut inner);
+        assert_eq!(
+            inner.role,
+            Role::Candidate,
+            "it asks server 1, then takes over"
+        );
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -572,6 +638,7 @@ mod tests {
             inner.in_sync = true;
             inner.started = ago(2 * DOWN_AFTER);
             inner.peers[1].was_down = true;
+            inner.peers[1].dead = true;
             inner.last_tick = Instant::now();
         }
         let held = replica.disk.hold_writes();
@@ -634,6 +701,7 @@ mod tests {
         inner.in_sync = true;
         inner.started = ago(2 * DOWN_AFTER);
         inner.peers[1].was_down = true;
+        inner.peers[1].dead = true;
         inner.last_tick = ago(2 * STALL);
         replica.evaluate(&mut inner);
         assert_eq!(inner.role, Role::Backup);

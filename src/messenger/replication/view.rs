@@ -51,6 +51,10 @@ pub(super) struct Remote {
     pub(super) syncing: bool,
     /// The last dial failed.
     pub(super) refused: bool,
+    /// The last dial was refused outright (nothing listens at its address: the process is
+    /// gone, and commits nothing). A cut network drops packets instead, and a dial then
+    /// times out: this stays false. See the takeover rule in `roles.rs`.
+    pub(super) dead: bool,
     /// Known down since start: its link closed or it went silent.
     pub(super) was_down: bool,
     /// Its last heartbeat.
@@ -103,6 +107,7 @@ impl Remote {
             heard: None,
             syncing: false,
             refused: false,
+            dead: false,
             was_down: false,
             status: None,
             inbound: 0,
