@@ -50,6 +50,9 @@ use std::time::{Duration, Instant};
 
 mod opening;
 
+/// Refusals at the connection cap are logged at most this often (each is counted).
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(1);
+
 /// The error a handler ends its connection with; logged in one line, never fatal to the
 /// server. Only the end of a connection is on this path, so a boxed error costs nothing.
 pub type HandlerError = Box<dyn Error + Send + Sync>;
@@ -608,6 +611,11 @@ pub struct Server {
     handle: ServerHandle,
     /// Shuts down connections that do not open in time ([`ServerConfig::opening_timeout`]).
     opening: Option<opening::Watch>,
+    /// When a refusal was last logged, and how many were not since: at most one line a
+    /// second, for a flood at the cap would otherwise write a line per attempt, on the
+    /// accepting thread.
+    refusals_logged: std::cell::Cell<Option<Instant>>,
+    refusals_unlogged: std::cell::Cell<u64>,
 }
 
 impl Server {
@@ -675,6 +683,8 @@ impl Server {
             handler: Arc::new(handler),
             handle: ServerHandle { shared, local },
             opening,
+            refusals_logged: std::cell::Cell::new(None),
+            refusals_unlogged: std::cell::Cell::new(0),
         })
     }
 
@@ -840,11 +850,24 @@ impl Server {
     fn refuse(&self, mut stream: TcpStream, peer: SocketAddr, why: &str) {
         let shared = &self.handle.shared;
         let refused = shared.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        log_info!(
-            "{}: refused connection from {peer}: {why} (max {}; {refused} refused so far)",
-            self.config.name,
-            self.config.max_connections
-        );
+        let now = Instant::now();
+        let last = self.refusals_logged.get();
+        if last.is_none_or(|t| now.duration_since(t) >= REFUSALS_LOGGED_EVERY) {
+            let unlogged = self.refusals_unlogged.replace(0);
+            let also = if unlogged > 0 {
+                format!(", {unlogged} not logged since the last line")
+            } else {
+                String::new()
+            };
+            log_info!(
+                "{}: refused connection from {peer}: {why} (max {}; {refused} refused so far{also})",
+                self.config.name,
+                self.config.max_connections
+            );
+            self.refusals_logged.set(Some(now));
+        } else {
+            self.refusals_unlogged.set(self.refusals_unlogged.get() + 1);
+        }
         // A fresh socket's send buffer is empty, but never let a refusal block accepting.
         let _ = stream.set_nonblocking(true);
         let _ = stream.write_all(&self.refusal);

@@ -982,6 +982,43 @@ fn the_store_client_prompt_understands_quotes_and_help() {
     assert!(stats.contains("{error,0}"), "{stats}");
 }
 
+/// A raw `store,` line the server answers (`store,k`: `{error,missing_value}`) is waited
+/// for: taken for silent, its answer used to be printed for the next command, and every
+/// answer after it was one off.
+#[test]
+fn the_store_client_prompt_waits_for_the_answer_to_a_raw_store_that_is_refused() {
+    let server = start(&[]);
+    let addr = server.addr.to_string();
+    let run = client(&addr, &[], b"store,k\nstore,k,v\nlookup k\nlookup nokey\n");
+    let text = run.stdout.replace(&format!("{addr}> "), "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["{error,missing_value}", "{just,v}", "nothing"],
+        "{text}"
+    );
+}
+
+/// The library client refuses, unsent, a request the server would read as another: a
+/// stored key with a comma (`store,a,b,v` sets `a` to `b,v`), or an empty key.
+#[test]
+fn the_client_library_refuses_a_key_the_wire_cannot_carry() {
+    use switchboard::store::client::ClientError;
+    let server = start(&[]);
+    let mut c = StoreClient::connect(server.addr, Framing::Line).unwrap();
+    assert!(matches!(
+        c.store(b"a,b", b"v"),
+        Err(ClientError::Unsendable(_))
+    ));
+    // A lookup's key runs to the end of the line: `lookup,a,b` asks for `a,b`, unambiguous.
+    assert_eq!(c.lookup(b"a,b").unwrap(), None);
+    assert!(matches!(c.delete(b""), Err(ClientError::Unsendable(_))));
+    // Nothing went: the connection is in step, and `a` was never set.
+    c.store(b"k", b"v,w").unwrap();
+    assert_eq!(c.lookup(b"k").unwrap().as_deref(), Some(&b"v,w"[..]));
+    assert_eq!(c.lookup(b"a").unwrap(), None);
+}
+
 #[test]
 fn idle_timeout_takes_fractions_on_every_server_that_has_it() {
     for server in [

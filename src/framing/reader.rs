@@ -447,7 +447,15 @@ impl<R: Read> FrameReader<R> {
                 } else {
                     RESERVATION.max(self.cap)
                 };
-                let mut reserved = Vec::with_capacity(size);
+                let mut reserved = Vec::new();
+                if reserved.try_reserve_exact(size).is_err() {
+                    // The address space is refused (a system that does not overcommit, a
+                    // `ulimit -v`): this buffer grows as it fills instead, moving as it
+                    // grows, and only what it holds must fit. Never an abort of the process.
+                    reserved
+                        .try_reserve_exact(target)
+                        .map_err(|_| FrameError::Io(io::ErrorKind::OutOfMemory.into()))?;
+                }
                 reserved.extend_from_slice(&self.buf[..self.end]);
                 self.buf = reserved;
             }

@@ -216,8 +216,10 @@ pub fn execute(client: &mut StoreClient, command: &Command) -> Result<Answer, Cl
         Command::Raw(line) => raw.extend_from_slice(line.as_bytes()),
     }
     client.queue_raw(&raw)?;
-    // A raw store has no reply either; waiting for one would time out.
-    if raw.starts_with(b"store,") {
+    // A store has no reply; waiting for one would time out. Only one the server reads as
+    // a store: `store,k` is answered {error,missing_value}, and left unread, that answer
+    // would be taken for the next command's.
+    if matches!(protocol::parse(&raw), Ok(Request::Store { .. })) {
         client.flush()?;
         return Ok(Answer::Silent);
     }

@@ -22,6 +22,9 @@ pub enum ClientError {
     Server(String),
     /// A reply that is not the one this request calls for.
     Unexpected(Vec<u8>),
+    /// A request the server would read as another (a key with a comma: `store,a,b,v`
+    /// sets `a`), or as none: not sent.
+    Unsendable(String),
     /// No reply came within the read timeout: most often a client and a server that
     /// disagree on the framing, each waiting for the end of a frame the other never sends.
     NoReply {
@@ -43,6 +46,7 @@ impl fmt::Display for ClientError {
             ClientError::Unexpected(r) => {
                 write!(f, "unexpected reply {:?}", String::from_utf8_lossy(r))
             }
+            ClientError::Unsendable(why) => write!(f, "not sent: {why}"),
             ClientError::NoReply {
                 addr,
                 timeout,
@@ -140,6 +144,14 @@ impl StoreClient {
     pub fn queue(&mut self, request: &Request<'_>) -> Result<(), ClientError> {
         let mut payload = Vec::new();
         protocol::format_request(request, &mut payload);
+        // The wire has no escapes: a key with a comma (or an empty one) reads back as
+        // another request, and its reply would answer a question nobody asked.
+        if !matches!(protocol::parse(&payload), Ok(r) if r == *request) {
+            return Err(ClientError::Unsendable(format!(
+                "{:?} would reach the server as another request (no key may be empty, nor a stored one hold a comma)",
+                String::from_utf8_lossy(&payload)
+            )));
+        }
         self.queue_raw(&payload)
     }
 
