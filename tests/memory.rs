@@ -310,3 +310,39 @@ fn a_pipeline_flooder_of_maximal_frames_stays_within_the_budget() {
     eprintln!("echo pipeline RSS at most {most:.1} MiB under 16 MiB frames never read");
     assert!(most < 32.0 + 64.0, "RSS reached {most:.1} MiB");
 }
+
+/// Under a cap on address space (`ulimit -v`, as a system that does not overcommit
+/// behaves), a read buffer's reservation (34 MiB of address space, of which only what is
+/// held becomes memory) is refused for most of 30 connections holding 70 KiB of a frame.
+/// Refused, it used to abort the whole process (an allocation failure); the buffer now
+/// grows as it fills instead, and the server goes on.
+#[test]
+fn a_refused_reservation_never_takes_the_process_down() {
+    let echo = env!("CARGO_BIN_EXE_echo-server");
+    let script = format!("ulimit -v 400000 && exec {echo} --listen 127.0.0.1:0 --framing u32");
+    let mut server = ChildServer::start("sh", &["-c", &script]);
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let mut s = connect(server.addr);
+        let mut part = Vec::new();
+        encode_frame(Framing::U32, &vec![b'x'; 1 << 20], &mut part).unwrap();
+        s.write_all(&part[..70 << 10]).unwrap();
+        held.push(s);
+    }
+    // Time for every connection's thread to read its part (and reserve).
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died: {}",
+        server.log_text()
+    );
+    let mut c = connect(server.addr);
+    let mut hi = Vec::new();
+    encode_frame(Framing::U32, b"hi", &mut hi).unwrap();
+    c.write_all(&hi).unwrap();
+    let mut back = vec![0u8; hi.len()];
+    c.read_exact(&mut back).expect("the echo server answers");
+    assert_eq!(back, hi);
+    drop(held);
+    assert!(server.terminate(), "{}", server.log_text());
+}

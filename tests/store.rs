@@ -1074,3 +1074,26 @@ fn a_second_server_on_a_log_in_use_is_refused_and_the_first_goes_on() {
     drop(second);
     remove_log(&aof);
 }
+
+/// A flood of connections at the cap costs the log a line a second, not a line each
+/// (written on the accepting thread): each refusal is still counted, and the next line
+/// says how many went unlogged.
+#[test]
+fn refusals_at_the_connection_cap_are_logged_at_most_once_a_second() {
+    let server = start(&["--max-connections", "1"]);
+    let _held = LineClient::connect(server.addr);
+    let refused = |n: usize| {
+        for _ in 0..n {
+            let mut c = LineClient::connect(server.addr);
+            assert_eq!(c.line().unwrap(), b"{error,too_many_connections}");
+        }
+    };
+    refused(50);
+    let lines = |log: &str| log.matches("refused connection from").count();
+    assert!(lines(&server.log_text()) <= 2, "{}", server.log_text());
+    std::thread::sleep(Duration::from_millis(1100));
+    refused(1);
+    common::eventually("the next refusal's line", || {
+        server.log_text().contains("not logged since the last line")
+    });
+}
