@@ -66,6 +66,8 @@ impl Outgoing for Replica {
         inner.peers[j].refused = false;
         inner.peers[j].dead = false;
         inner.peers[j].linked = true;
+        // What was queued on an earlier link may not have arrived: answer afresh.
+        inner.peers[j].fetched_snapshot = None;
         if inner.role == Role::Primary {
             self.init_feed(&mut inner, j);
         }

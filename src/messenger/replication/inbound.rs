@@ -262,6 +262,14 @@ impl Replica {
                         fetched: true,
                     }]
                 } else if inner.last > last {
+                    // One copy per question: a candidate asks again every second while
+                    // the answer is still on its way (a large state on a slow link), and
+                    // each answer queued another whole copy of the state.
+                    let asked = Some((last, inner.last));
+                    if inner.peers[from].fetched_snapshot == asked {
+                        return;
+                    }
+                    inner.peers[from].fetched_snapshot = asked;
                     self.snapshot_for(&mut inner, from, true)
                 } else {
                     vec![ReplicaMsg::Replicate {
@@ -744,6 +752,38 @@ mod tests {
         assert!(inner.last.seq >= 2, "the change was appended");
         assert_heard_since_sync(&inner, 1, before, "its change");
         drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A candidate asks again every second while a snapshot is on its way: the same
+    /// question gets no second copy of the state on the same link, and a new link gets
+    /// one afresh (the first may not have arrived).
+    #[test]
+    fn a_fetch_asked_again_gets_one_snapshot_per_link() {
+        use super::super::outbound::Outgoing;
+        let (a, dir) = replica(0, "fetch-again");
+        {
+            let mut inner = a.lock();
+            let change = Change::Register {
+                name: "ann".into(),
+                nonce: 1,
+            };
+            let at = Pos { epoch: 2, seq: 1 };
+            inner.state.apply(at.into(), &change);
+            (inner.epoch, inner.last) = (2, at);
+        }
+        let fetch = |a: &Replica| {
+            let generation = a.lock().peers[1].inbound;
+            let last = Pos { epoch: 1, seq: 7 };
+            a.on_peer(1, generation, ReplicaMsg::Fetch { last }, &mut None);
+            a.lock().peers[1].control.len()
+        };
+        let once = fetch(&a);
+        assert!(once >= 1, "a snapshot answers");
+        assert_eq!(fetch(&a), once, "asked again: no second copy");
+        a.linked(1);
+        assert_eq!(fetch(&a), 2 * once, "on a new link: answered afresh");
+        drop(a);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -89,6 +89,10 @@ pub(super) struct Remote {
     pub(super) overdue: u64,
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
+    /// The snapshot last queued for it in answer to a FETCH: the asker's last record
+    /// then, and this server's. While it is on its way on the same link, the same
+    /// question gets no second copy (see the FETCH answer in `inbound.rs`).
+    pub(super) fetched_snapshot: Option<(Pos, Pos)>,
     /// Bytes of FORWARDs among `control`.
     pub(super) forwarding: usize,
     /// Frames and bytes this server's link to it held unwritten when its link thread last
@@ -121,6 +125,7 @@ impl Remote {
             excluded: 0,
             overdue: 0,
             control: Vec::new(),
+            fetched_snapshot: None,
             forwarding: 0,
             behind: (0, 0),
             assembly: None,
