@@ -281,6 +281,7 @@ impl<'c> Replies<'c> {
         // Charged for as long as the write may block on a peer that does not read.
         self.charge_capacity()?;
         let mut stream = &*self.conn.stream;
+        let toggles = self.conn.toggles();
         // One write nearly always takes it all; the rest, or a retry, as the connection
         // writes: a parked connection's socket may be made non-blocking for an instant by
         // a newcomer's peek ([`Connection::write_all`]).
@@ -290,7 +291,13 @@ impl<'c> Replies<'c> {
                 cold_path();
                 self.conn.write_all(&self.out[n..])
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted || is_timeout(&e) => {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                cold_path();
+                self.conn.write_all(&self.out)
+            }
+            // Another thread's non-blocking instant (a newcomer's peek) explains it: retried.
+            // Otherwise it is the socket's write timeout (the idle timeout, say).
+            Err(e) if is_timeout(&e) && self.conn.toggled_since(toggles) => {
                 cold_path();
                 self.conn.write_all(&self.out)
             }

@@ -268,6 +268,19 @@ impl Connection {
         }
     }
 
+    /// The count of another thread's non-blocking instants so far, for
+    /// [`Connection::toggled_since`].
+    #[inline]
+    pub(crate) fn toggles(&self) -> u64 {
+        self.toggles.count.load(Ordering::SeqCst)
+    }
+
+    /// Whether a non-blocking instant was under way when the count read `before`, or began
+    /// since: a call that failed with `EAGAIN` meanwhile may have started in one.
+    pub(crate) fn toggled_since(&self, before: u64) -> bool {
+        before % 2 == 1 || self.toggles() != before
+    }
+
     /// Writes all of `buf`, riding out another thread's non-blocking instants as reads
     /// through the connection do (see [`Connection::nonblocking`]): a write that starts in
     /// one, with the send buffer full, fails at once with `EAGAIN`, and is retried. A write
@@ -423,12 +436,14 @@ pub struct ServerConfig {
     pub name: String,
     /// Live connections beyond which new ones are refused.
     pub max_connections: usize,
-    /// How long a connection may go without receiving anything. Past it, reads through
+    /// How long a connection may go without receiving anything, or with a write blocked
+    /// (its socket's read and write timeouts). Past it, reads through
     /// the [`Connection`] (its `Read` impl, [`Connection::reader`], the
     /// [`request`](crate::request) loop) see a clean end of stream, so the handler returns
-    /// and the server closes the connection. A handler that reads the raw `stream` gets a
-    /// `WouldBlock` error instead; returned with `?`, it is logged as an idle close, not as
-    /// a failure.
+    /// and the server closes the connection. A handler that reads the raw `stream`, or
+    /// whose write blocks that long on a client that does not read, gets a `WouldBlock`
+    /// error instead; returned with `?`, it is logged as an idle close, not as a failure.
+    /// (A handler may set another write timeout on the socket.)
     pub idle_timeout: Option<Duration>,
     /// How long a connection may take to open: from its accept until its handler calls
     /// [`Connection::opened`]. Past it the socket is shut down both ways, which ends the
@@ -803,9 +818,12 @@ impl Server {
             return;
         }
         // Per-connection setup failures (the peer already gone) cost that connection only.
+        // The idle timeout bounds a blocked write too: a client that neither sends nor
+        // takes anything is idle whichever way its connection is stuck.
         let setup = stream
             .set_nodelay(true)
-            .and_then(|()| stream.set_read_timeout(self.config.idle_timeout));
+            .and_then(|()| stream.set_read_timeout(self.config.idle_timeout))
+            .and_then(|()| stream.set_write_timeout(self.config.idle_timeout));
         if let Err(e) = setup {
             log_debug!("{name}: dropping connection from {peer}: {e}");
             return;

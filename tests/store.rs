@@ -1097,3 +1097,34 @@ fn refusals_at_the_connection_cap_are_logged_at_most_once_a_second() {
         server.log_text().contains("not logged since the last line")
     });
 }
+
+/// `--idle-timeout` bounds a write blocked on a client that never reads, not only a read:
+/// such a client was kept for good, its thread and its replies with it.
+#[test]
+fn the_idle_timeout_closes_a_client_that_never_reads_its_replies() {
+    let server = start(&["--idle-timeout", "1"]);
+    let mut setter = LineClient::connect(server.addr);
+    let value = "v".repeat(64 << 10);
+    assert_eq!(
+        setter.ask(&format!("store,k,{value}\nlookup,k\n")),
+        format!("{{just,{value}}}")
+    );
+    drop(setter);
+    let mut hog = connect(server.addr);
+    hog.write_all("lookup,k\n".repeat(300).as_bytes()).unwrap();
+    let live = || {
+        let mut c = StoreClient::connect(server.addr, Framing::Line).unwrap();
+        let stats = c.stats().unwrap();
+        let at = stats.find("{live_connections,").unwrap() + "{live_connections,".len();
+        stats[at..]
+            .split('}')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // The hog, and the connection asking.
+    assert_eq!(live(), 2);
+    common::eventually("the hog to be closed", || live() == 1);
+    drop(hog);
+}
