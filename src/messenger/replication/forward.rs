@@ -149,7 +149,10 @@ impl Replica {
             {
                 inner.clients.relay_in(conn, bytes, close);
                 if close {
-                    inner.forwarded.remove(&conn);
+                    // Told now, not when the connection's thread ends: it is no longer in
+                    // `forwarded` then, and the primary would keep its closed entry (there
+                    // to refuse requests still on their way) until the link went.
+                    self.forwarded_ended(&mut inner, conn);
                 }
             }
             ReplicaMsg::Closed { conn } => {
@@ -281,6 +284,33 @@ mod tests {
         inner.clients.remove(id);
         let sent = relayed(&mut inner);
         assert!(matches!(&sent[..], [m] if is_close(m, 6)), "{sent:?}");
+        drop(inner);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A backup told by the primary to close a forwarded connection says CLOSED at once,
+    /// so the primary forgets the connection's entry (kept, closed, to refuse its requests
+    /// still on their way) instead of keeping it until the link goes.
+    #[test]
+    fn a_backup_told_to_close_a_forwarded_connection_says_closed() {
+        let (b, dir) = super::super::testing::replica(1, 2, "relay-close");
+        let mut inner = b.lock();
+        inner.forwarded.insert(7, 0);
+        let close = ReplicaMsg::Relay {
+            conn: 7,
+            close: true,
+            bytes: Vec::new(),
+        };
+        b.on_forwarding(inner, 0, close);
+        let inner = b.lock();
+        assert!(!inner.forwarded.contains_key(&7));
+        let told: Vec<ReplicaMsg> = (inner.peers[0].control.iter())
+            .map(|m| ReplicaMsg::decode(m).unwrap())
+            .collect();
+        assert!(
+            matches!(&told[..], [ReplicaMsg::Closed { conn: 7 }]),
+            "{told:?}"
+        );
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }
