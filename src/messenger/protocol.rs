@@ -158,8 +158,9 @@ pub enum Violation {
     InUse = 0x58,
     /// `59`: send, logout or delete naming someone other than the logged-in user.
     WrongUser = 0x59,
-    /// `5a`: the recipient already has 65,535 messages waiting.
-    MailboxFull = 0x5A,
+    /// `5a`: no room: a send to a recipient who already has 65,535 messages waiting, or a
+    /// register while the server holds its maximum of accounts (`--max-accounts`).
+    Full = 0x5A,
 }
 
 impl Violation {
@@ -175,7 +176,7 @@ impl Violation {
         Violation::AlreadyLoggedIn,
         Violation::InUse,
         Violation::WrongUser,
-        Violation::MailboxFull,
+        Violation::Full,
     ];
 
     /// The status byte.
@@ -201,7 +202,10 @@ impl Violation {
             Violation::AlreadyLoggedIn => "log out first",
             Violation::InUse => "that account is logged in elsewhere",
             Violation::WrongUser => "that is not the logged-in user",
-            Violation::MailboxFull => "the recipient has too many messages waiting",
+            Violation::Full => {
+                "no room: the recipient has too many messages waiting, or there are too many \
+                 accounts"
+            }
         }
     }
 }
@@ -996,7 +1000,7 @@ mod tests {
             ),
             (Reply::Redirect(2), b"\x402"),
             (Reply::Unavailable, b"\x41"),
-            (Reply::Refused(Violation::MailboxFull), b"\x5a"),
+            (Reply::Refused(Violation::Full), b"\x5a"),
         ];
         for (reply, bytes) in cases {
             assert_eq!(enc(&reply), bytes);
