@@ -70,7 +70,7 @@ VIOLATIONS = {
     0x57: "log out first",
     0x58: "that account is logged in elsewhere",
     0x59: "that is not the logged-in user",
-    0x5A: "the recipient has too many messages waiting",
+    0x5A: "no room: the recipient has too many messages waiting, or there are too many accounts",
 }
 
 

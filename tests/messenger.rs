@@ -258,6 +258,38 @@ fn search_matches_wildcards_against_every_account() {
     );
 }
 
+/// `--max-accounts`: a register past it is answered `5a` (no room) and changes nothing;
+/// it is decided by the primary, before anything is replicated, and every server holds
+/// the same accounts, so after the primary is killed the next one refuses the same
+/// register and a delete makes room on it.
+#[test]
+fn a_register_past_max_accounts_is_refused_and_changes_nothing_before_and_after_a_failover() {
+    let mut cluster = Cluster::start_with(3, "maxaccounts", &["--max-accounts", "2"]);
+    let mut raw = cluster.raw();
+    assert_eq!(raw.ask(b"\x01ann"), OK);
+    assert_eq!(raw.ask(b"\x01bob|5"), OK);
+    assert_eq!(raw.ask(b"\x01cat"), b"\x5a");
+    // At the limit, a resend of a register that made it is still ok, a taken name 54.
+    assert_eq!(raw.ask(b"\x01bob|5"), OK);
+    assert_eq!(raw.ask(b"\x01ann"), b"\x54");
+    assert_eq!(raw.ask(b"\x03*"), b"\x22\x00\x02ann|bob");
+    drop(raw);
+    let primary = the_primary(&cluster);
+    cluster.kill9(primary);
+    let full = Err(ClientError::Refused(
+        switchboard::messenger::protocol::Violation::Full,
+    ));
+    let mut c = cluster.client();
+    assert_eq!(c.register("cat"), full);
+    assert_ne!(c.server(), Some(primary));
+    assert_eq!(c.search("*").unwrap(), ["ann", "bob"]);
+    c.login("bob").unwrap();
+    c.delete().unwrap();
+    c.register("cat").unwrap();
+    assert_eq!(c.register("dan"), full);
+    assert_eq!(c.search("*").unwrap(), ["ann", "cat"]);
+}
+
 #[test]
 fn a_server_restarts_from_its_data_dir_after_kill_9() {
     let mut cluster = Cluster::start(1, "restart");

@@ -122,6 +122,29 @@ fn clients_register_send_and_receive_and_followers_forward_to_the_leader() {
     assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
 }
 
+/// `--max-accounts` in majority mode: the leader refuses a register past it with `5a`
+/// before proposing anything, and the next leader, holding the same accounts, does too.
+#[test]
+fn a_register_past_max_accounts_is_refused_by_every_leader() {
+    let mut cluster = Cluster::start_with("maxaccounts", false, &["--max-accounts", "2"]);
+    let full = Err(switchboard::messenger::ClientError::Refused(
+        switchboard::messenger::protocol::Violation::Full,
+    ));
+    let mut c = cluster.client();
+    c.register("ann").unwrap();
+    c.register("bob").unwrap();
+    assert_eq!(c.register("cat"), full);
+    let leader = cluster.leader();
+    cluster.kill9(leader);
+    assert_eq!(c.register("cat"), full);
+    assert_ne!(c.server(), Some(leader));
+    assert_eq!(c.search("*").unwrap(), ["ann", "bob"]);
+    c.login("ann").unwrap();
+    c.delete().unwrap();
+    c.register("cat").unwrap();
+    assert_eq!(c.search("*").unwrap(), ["bob", "cat"]);
+}
+
 #[test]
 fn kill_9_of_the_leader_under_send_load_loses_no_acknowledged_send() {
     let mut cluster = Cluster::start("kill", false);

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switchboard::budget::Budget;
 use switchboard::messenger::majority::{Majority, MajorityOptions};
+use switchboard::messenger::state::Limits;
 use switchboard::messenger::{self, Options, Replica};
 use switchboard::server::{on_termination, Server, ServerConfig};
 use switchboard::{auth, log_info};
@@ -57,6 +58,12 @@ struct Args {
     /// files as they were are kept with a .damaged-UNIXTIME suffix
     #[argh(switch)]
     repair: bool,
+    /// refuse a register while this many accounts exist, with `5a` (no room; default
+    /// 100000): a search goes through every account, so this bounds how long one takes.
+    /// Give every server the same: the server deciding a request (the primary, or the
+    /// leader) applies its own, and every other applies what it decided
+    #[argh(option, default = "messenger::state::DEFAULT_MAX_ACCOUNTS")]
+    max_accounts: usize,
     /// refuse connections beyond this many live ones, peer links included, with the
     /// `41` (unavailable) reply (default 10000)
     #[argh(option, default = "10_000")]
@@ -133,6 +140,9 @@ fn main() -> ExitCode {
         args.max_client_memory,
     ));
     config.refusal = Some(messenger::server::refusal());
+    let limits = Limits {
+        max_accounts: args.max_accounts,
+    };
     let addr = peers[id];
     if args.quorum == Quorum::Majority {
         if args.no_fsync {
@@ -142,6 +152,7 @@ fn main() -> ExitCode {
             dial,
             compact_after: args.compact_after,
             secret,
+            limits,
             ..MajorityOptions::new(id, peers, args.data_dir)
         };
         return run_majority(&options, config);
@@ -151,6 +162,7 @@ fn main() -> ExitCode {
         fsync: !args.no_fsync,
         compact_after: args.compact_after,
         secret,
+        limits,
         ..Options::new(id, peers, args.data_dir)
     };
     let (node, report) = match Replica::open(&options) {

@@ -72,7 +72,12 @@
 //! (else, acting on its stale view, it could lead a new epoch for a moment, and that
 //! epoch's record would outrank the real primary's log). A stall of 400 ms or more could
 //! have looked like death to the others, who may have committed without it: it also
-//! stops counting itself in sync (see *In sync*).
+//! stops counting itself in sync (see *In sync*). The ticker takes the lock requests are
+//! decided under, so a request that held it 300 ms would make a primary step down: a
+//! search, which goes through every account under it, matches each name in linear time
+//! ([`protocol::Glob`]), and the primary refuses accounts past `--max-accounts`
+//! ([`state::Limits`]), which bounds the accounts it goes through (35 ms at the default
+//! 100,000 on a shared 2-core machine, the costliest pattern).
 //!
 //! **Epochs.** Each term of a primary has an epoch number, unique to its server (server `i`
 //! of `n` only uses epochs `e` with `e mod n = i`), larger than any it has heard of, and

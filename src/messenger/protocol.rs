@@ -158,8 +158,9 @@ pub enum Violation {
     InUse = 0x58,
     /// `59`: send, logout or delete naming someone other than the logged-in user.
     WrongUser = 0x59,
-    /// `5a`: the recipient already has 65,535 messages waiting.
-    MailboxFull = 0x5A,
+    /// `5a`: no room: a send to a recipient who already has 65,535 messages waiting, or a
+    /// register while the server holds its maximum of accounts (`--max-accounts`).
+    Full = 0x5A,
 }
 
 impl Violation {
@@ -175,7 +176,7 @@ impl Violation {
         Violation::AlreadyLoggedIn,
         Violation::InUse,
         Violation::WrongUser,
-        Violation::MailboxFull,
+        Violation::Full,
     ];
 
     /// The status byte.
@@ -201,7 +202,10 @@ impl Violation {
             Violation::AlreadyLoggedIn => "log out first",
             Violation::InUse => "that account is logged in elsewhere",
             Violation::WrongUser => "that is not the logged-in user",
-            Violation::MailboxFull => "the recipient has too many messages waiting",
+            Violation::Full => {
+                "no room: the recipient has too many messages waiting, or there are too many \
+                 accounts"
+            }
         }
     }
 }
@@ -299,29 +303,145 @@ pub fn valid_pattern(pattern: &str) -> bool {
 }
 
 /// Whether `name` matches `pattern`, `*` matching any run of characters (empty included).
-///
-/// Greedy with one backtrack point: on a mismatch, the last `*` takes one more character.
-/// O(len(pattern) × len(name)) at worst, which at 50 × 50 is nothing.
+/// Compiles the pattern for this one name: to match many names, compile it once with
+/// [`Glob::new`].
 pub fn matches(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    let (mut i, mut j) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while j < n.len() {
-        if i < p.len() && p[i] == b'*' {
-            star = Some((i, j));
-            i += 1;
-        } else if i < p.len() && p[i] == n[j] {
-            i += 1;
-            j += 1;
-        } else if let Some((si, sj)) = star {
-            i = si + 1;
-            j = sj + 1;
-            star = Some((si, sj + 1));
-        } else {
+    Glob::new(pattern).matches(name)
+}
+
+/// A search pattern compiled to match many names in time linear in each name.
+///
+/// A pattern of literal bytes and `*` is its literal runs between the stars: without a
+/// star, a name matches only if it is the pattern; with one, the first run must start the
+/// name, the last must end it, and the runs between must occur in order, without overlap,
+/// between those two. Taking each middle run at its leftmost occurrence after the one
+/// before is never wrong (a later occurrence leaves less room for the rest), so one pass
+/// decides: the prefix and suffix compared, each middle run found with Knuth–Morris–Pratt
+/// in what is left of the name. At most `len(pattern) + 2 × len(name)` byte comparisons
+/// per name, where greedy backtracking to the last `*` can take `len(pattern) ×
+/// len(name)`: a search holds the server's lock while it runs through every account.
+#[derive(Debug, Clone)]
+pub struct Glob {
+    /// No `*`: the name must be `first`.
+    exact: bool,
+    /// The run before the first `*` (the whole pattern if there is none).
+    first: Vec<u8>,
+    /// The run after the last `*`.
+    last: Vec<u8>,
+    /// The non-empty runs between stars, in order, each with its KMP border table.
+    middle: Vec<(Vec<u8>, Vec<usize>)>,
+    /// Literal bytes in all: a shorter name cannot match.
+    literal: usize,
+}
+
+impl Glob {
+    /// Compiles `pattern`.
+    pub fn new(pattern: &str) -> Glob {
+        let runs: Vec<&[u8]> = pattern.as_bytes().split(|&b| b == b'*').collect();
+        let first = runs[0].to_vec();
+        let literal = runs.iter().map(|r| r.len()).sum();
+        if runs.len() == 1 {
+            return Glob {
+                exact: true,
+                first,
+                last: Vec::new(),
+                middle: Vec::new(),
+                literal,
+            };
+        }
+        let middle = runs[1..runs.len() - 1]
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| (r.to_vec(), borders(r)))
+            .collect();
+        Glob {
+            exact: false,
+            first,
+            last: runs[runs.len() - 1].to_vec(),
+            middle,
+            literal,
+        }
+    }
+
+    /// Whether `name` matches.
+    pub fn matches(&self, name: &str) -> bool {
+        self.matches_counting(name, &mut 0)
+    }
+
+    /// Whether `name` matches; adds the byte comparisons made to `steps` (at most
+    /// `len(pattern) + 2 × len(name)`).
+    pub fn matches_counting(&self, name: &str, steps: &mut u64) -> bool {
+        let n = name.as_bytes();
+        if n.len() < self.literal || (self.exact && n.len() != self.literal) {
+            return false;
+        }
+        let end = n.len() - self.last.len();
+        if !equal(&self.first, &n[..self.first.len()], steps)
+            || !equal(&self.last, &n[end..], steps)
+        {
+            return false;
+        }
+        let mut at = self.first.len();
+        for (run, borders) in &self.middle {
+            match find(&n[at..end], run, borders, steps) {
+                Some(after) => at += after,
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Whether `a` and `b` (of the same length) are equal, counting comparisons.
+fn equal(a: &[u8], b: &[u8], steps: &mut u64) -> bool {
+    for (x, y) in a.iter().zip(b) {
+        *steps += 1;
+        if x != y {
             return false;
         }
     }
-    p[i..].iter().all(|&b| b == b'*')
+    true
+}
+
+/// KMP's border table of `run`: entry `k` is the length of the longest proper prefix of
+/// `run[..=k]` that is also its suffix.
+fn borders(run: &[u8]) -> Vec<usize> {
+    let mut table = vec![0; run.len()];
+    let mut k = 0;
+    for i in 1..run.len() {
+        while k > 0 && run[i] != run[k] {
+            k = table[k - 1];
+        }
+        if run[i] == run[k] {
+            k += 1;
+        }
+        table[i] = k;
+    }
+    table
+}
+
+/// Where the leftmost occurrence of `run` (non-empty, with its `borders`) in `text` ends,
+/// in at most `2 × len(text)` comparisons: each one either moves on in the text or falls
+/// back along the borders, which never falls back further than it moved on.
+fn find(text: &[u8], run: &[u8], borders: &[usize], steps: &mut u64) -> Option<usize> {
+    let mut j = 0;
+    for (i, &b) in text.iter().enumerate() {
+        loop {
+            *steps += 1;
+            if run[j] == b {
+                j += 1;
+                break;
+            }
+            if j == 0 {
+                break;
+            }
+            j = borders[j - 1];
+        }
+        if j == run.len() {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Parses 1–20 decimal digits that fit a u64.
@@ -564,6 +684,170 @@ mod tests {
         }
     }
 
+    /// The matcher as it was until the linear one replaced it (greedy, a mismatch backs
+    /// up to the last `*`, which takes one more byte): the reference for its meaning.
+    /// `steps` counts its loop turns, one comparison each at most.
+    fn backtracking(pattern: &str, name: &str, steps: &mut u64) -> bool {
+        let (p, n) = (pattern.as_bytes(), name.as_bytes());
+        let (mut i, mut j) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while j < n.len() {
+            *steps += 1;
+            if i < p.len() && p[i] == b'*' {
+                star = Some((i, j));
+                i += 1;
+            } else if i < p.len() && p[i] == n[j] {
+                i += 1;
+                j += 1;
+            } else if let Some((si, sj)) = star {
+                i = si + 1;
+                j = sj + 1;
+                star = Some((si, sj + 1));
+            } else {
+                return false;
+            }
+        }
+        p[i..].iter().all(|&b| b == b'*')
+    }
+
+    /// Checks one pair against the reference, and the linear matcher's bound.
+    fn agree(pattern: &str, name: &str) {
+        let mut steps = 0;
+        let got = Glob::new(pattern).matches_counting(name, &mut steps);
+        assert_eq!(
+            got,
+            backtracking(pattern, name, &mut 0),
+            "{pattern:?} vs {name:?}"
+        );
+        assert_eq!(matches(pattern, name), got, "{pattern:?} vs {name:?}");
+        let bound = (pattern.len() + 2 * name.len()) as u64;
+        assert!(steps <= bound, "{pattern:?} vs {name:?}: {steps} > {bound}");
+    }
+
+    /// Every string of `alphabet` up to `max` bytes long.
+    fn all_strings(alphabet: &[u8], max: usize) -> Vec<String> {
+        let mut all = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..max {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |&c| format!("{s}{}", c as char)))
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    /// xorshift64*: reproducible randomness without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn string(&mut self, alphabet: &[u8], max: usize) -> String {
+            let len = self.below(max + 1);
+            (0..len)
+                .map(|_| alphabet[self.below(alphabet.len())] as char)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn the_linear_matcher_means_what_the_backtracking_one_did() {
+        // Edge cases: the empty pattern, stars only, stars at either end, a name equal to
+        // the pattern, runs that overlap themselves, prefix and suffix that would overlap.
+        let patterns = [
+            "",
+            "*",
+            "**",
+            "***",
+            "a",
+            "a*",
+            "*a",
+            "*a*",
+            "a**b",
+            "**a**",
+            "ab*ba",
+            "aa*aa",
+            "*aab",
+            "*aa*aa*",
+            "*abab*",
+            "a*a",
+            "aba*aba",
+            "*ab*ab*ab",
+            "abc",
+            "A*",
+            "*0*",
+        ];
+        let names = [
+            "", "a", "aa", "aaa", "aaaa", "ab", "ba", "aba", "abab", "ababab", "aab", "aaab",
+            "abba", "aabaa", "abc", "abcd", "ABC", "x0y", "0",
+        ];
+        for p in patterns {
+            agree(p, p);
+            for n in names {
+                agree(p, n);
+            }
+        }
+        // Exhaustively, over a small alphabet: every pattern of up to 6 bytes against
+        // every name of up to 7.
+        let names = all_strings(b"ab", 7);
+        for p in all_strings(b"ab*", 6) {
+            for n in &names {
+                agree(&p, n);
+            }
+        }
+        // At random, up to the protocol's lengths: names often made from the pattern (each
+        // `*` filled with a random run), sometimes with one byte changed, so that matches
+        // and near misses both come up.
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..50_000 {
+            let alphabet: &[u8] = if round % 2 == 0 { b"ab*" } else { b"abcXY09**" };
+            let pattern = rng.string(alphabet, MAX_PATTERN);
+            let mut name = match rng.below(3) {
+                0 => rng.string(b"abcXY09", MAX_NAME),
+                _ => pattern
+                    .chars()
+                    .map(|c| match c {
+                        '*' => rng.string(b"abcXY09", 4),
+                        c => c.to_string(),
+                    })
+                    .collect(),
+            };
+            if !name.is_empty() && rng.below(2) == 0 {
+                let at = rng.below(name.len());
+                let c = b"abcXY09"[rng.below(7)] as char;
+                name.replace_range(at..=at, &c.to_string());
+            }
+            agree(&pattern, &name);
+        }
+    }
+
+    #[test]
+    fn a_hostile_pattern_costs_the_linear_matcher_linear_time() {
+        // Near misses that make backtracking try every split of the name.
+        let cases = [
+            (format!("*{}b", "a".repeat(24)), "a".repeat(MAX_NAME)),
+            (format!("{}b", "*a".repeat(24)), "a".repeat(MAX_NAME)),
+            (format!("*{}b", "ab".repeat(24)), "ab".repeat(MAX_NAME / 2)),
+            (format!("*{}b*", "a".repeat(24)), "a".repeat(MAX_NAME)),
+            (format!("*{}b*", "a".repeat(47)), "a".repeat(MAX_NAME)),
+        ];
+        for (p, n) in &cases {
+            assert!(valid_pattern(p) && valid_name(n));
+            let (mut linear, mut old) = (0, 0);
+            assert!(!Glob::new(p).matches_counting(n, &mut linear));
+            assert!(!backtracking(p, n, &mut old));
+            assert!(linear <= (p.len() + 2 * n.len()) as u64, "{p}: {linear}");
+            assert!(old > linear, "{p}: backtracking {old}, linear {linear}");
+        }
+    }
+
     #[test]
     fn requests_decode_byte_by_byte() {
         assert_eq!(
@@ -716,7 +1000,7 @@ mod tests {
             ),
             (Reply::Redirect(2), b"\x402"),
             (Reply::Unavailable, b"\x41"),
-            (Reply::Refused(Violation::MailboxFull), b"\x5a"),
+            (Reply::Refused(Violation::Full), b"\x5a"),
         ];
         for (reply, bytes) in cases {
             assert_eq!(enc(&reply), bytes);

@@ -5,7 +5,7 @@
 
 use super::clients::Sessions;
 use super::protocol::{Delivery, Reply, Request, Violation};
-use super::state::{Change, Session, State};
+use super::state::{Change, Limits, Session, State};
 
 /// What this server is to clients right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +49,12 @@ impl Effects {
     }
 }
 
-/// Decides one request from connection `conn`. `request` is the decoded frame, or the rule
-/// it broke.
+/// Decides one request from connection `conn` within `limits`. `request` is the decoded
+/// frame, or the rule it broke.
 pub(super) fn respond(
     serving: Serving,
     state: &State,
+    limits: Limits,
     sessions: &Sessions,
     conn: u64,
     request: Result<Request, Violation>,
@@ -92,6 +93,7 @@ pub(super) fn respond(
         _ => None,
     };
     let decision = state.decide(
+        limits,
         sessions.user(conn),
         |name| sessions.held_against(name, token),
         &request,
@@ -181,7 +183,7 @@ mod tests {
             (Serving::Unavailable, Reply::Unavailable),
         ] {
             for request in [login("bob"), Err(Violation::BadRequest)] {
-                let e = respond(serving, &state, &sessions, 1, request);
+                let e = respond(serving, &state, Limits::default(), &sessions, 1, request);
                 assert_eq!(e.replies, vec![reply.clone()]);
                 assert!(e.close && !e.after_commit && e.change.is_none());
                 assert_eq!(e.session, Session::Keep);
@@ -189,7 +191,7 @@ mod tests {
             let confirm = Ok(Request::Confirm {
                 upto: MessageId { epoch: 1, seq: 4 },
             });
-            let e = respond(serving, &state, &sessions, 1, confirm);
+            let e = respond(serving, &state, Limits::default(), &sessions, 1, confirm);
             assert_eq!(e, Effects::nothing());
         }
     }
@@ -200,6 +202,7 @@ mod tests {
         let e = respond(
             Serving::Primary,
             &state,
+            Limits::default(),
             &sessions,
             1,
             Err(Violation::BadName),
@@ -211,7 +214,14 @@ mod tests {
     #[test]
     fn a_login_hands_over_the_mailbox_after_its_reply() {
         let (state, sessions) = world();
-        let e = respond(Serving::Primary, &state, &sessions, 2, login("bob"));
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            2,
+            login("bob"),
+        );
         let deliver = |seq, text: &str| {
             Reply::Deliver(Delivery {
                 id: MessageId { epoch: 1, seq },
@@ -233,7 +243,14 @@ mod tests {
     fn the_sessions_decide_who_is_logged_in_where() {
         let (state, sessions) = world();
         // ann is logged in on connection 1, so not on 2 as well.
-        let e = respond(Serving::Primary, &state, &sessions, 2, login("ann"));
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            2,
+            login("ann"),
+        );
         assert_eq!(e.replies, vec![Reply::Refused(Violation::InUse)]);
         assert_eq!(e.session, Session::Keep);
         // Connection 1 sends as ann; connection 2, logged out, cannot.
@@ -243,10 +260,24 @@ mod tests {
             id: 9,
             text: "yo".into(),
         });
-        let e = respond(Serving::Primary, &state, &sessions, 1, send.clone());
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            1,
+            send.clone(),
+        );
         assert_eq!(e.replies, vec![Reply::Ok]);
         assert!(matches!(e.change, Some(Change::Send { id: 9, .. })));
-        let e = respond(Serving::Primary, &state, &sessions, 2, send);
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            2,
+            send,
+        );
         assert_eq!(e.replies, vec![Reply::Refused(Violation::NotLoggedIn)]);
         assert_eq!(e.change, None);
     }
@@ -261,7 +292,14 @@ mod tests {
             })
         };
         for other in [None, Some(8)] {
-            let e = respond(Serving::Primary, &state, &sessions, 2, login(other));
+            let e = respond(
+                Serving::Primary,
+                &state,
+                Limits::default(),
+                &sessions,
+                2,
+                login(other),
+            );
             assert_eq!(
                 e.replies,
                 vec![Reply::Refused(Violation::InUse)],
@@ -269,7 +307,14 @@ mod tests {
             );
         }
         // ann's own client, come back on connection 2: logged in there, with its token.
-        let e = respond(Serving::Primary, &state, &sessions, 2, login(Some(9)));
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            2,
+            login(Some(9)),
+        );
         assert_eq!(e.replies, vec![Reply::LoggedIn { count: 0 }]);
         assert_eq!(
             (e.session, e.token),
@@ -287,11 +332,25 @@ mod tests {
     #[test]
     fn quit_logs_out_and_closes_after_its_reply() {
         let (state, sessions) = world();
-        let e = respond(Serving::Primary, &state, &sessions, 1, Ok(Request::Quit));
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            1,
+            Ok(Request::Quit),
+        );
         assert_eq!(e.session, Session::LogOut);
         assert!(e.close && e.after_commit && e.change.is_none());
         let logout = Ok(Request::Logout { name: "ann".into() });
-        let e = respond(Serving::Primary, &state, &sessions, 1, logout);
+        let e = respond(
+            Serving::Primary,
+            &state,
+            Limits::default(),
+            &sessions,
+            1,
+            logout,
+        );
         assert_eq!((e.session, e.close), (Session::LogOut, false));
     }
 }

@@ -24,7 +24,7 @@
 //! str8    := len:u8 bytes     str16 := len:u16 bytes     integers big-endian
 //! ```
 
-use super::protocol::{self, Delivery, MessageId, Reply, Request, Violation, MAX_LIST};
+use super::protocol::{self, Delivery, Glob, MessageId, Reply, Request, Violation, MAX_LIST};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 
@@ -35,6 +35,29 @@ pub const MAX_CHANGE: usize = 1 + 2 * (1 + protocol::MAX_NAME) + 8 + 2 + protoco
 /// Send ids remembered per sender. A client resends only its unacknowledged requests, one
 /// or a few, so a window this size recognises every resend.
 pub const RECENT_IDS: usize = 1024;
+
+/// Accounts a server holds at most unless told otherwise (`--max-accounts`).
+pub const DEFAULT_MAX_ACCOUNTS: usize = 100_000;
+
+/// Bounds the primary keeps the state within when it decides a request. They are not part
+/// of the replicated state: a request past one is refused where it is decided, before any
+/// change is made, and every server applies every change its primary made, whatever its
+/// own limits (see [`State::apply`]), so replicas never disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A register while this many accounts exist is refused with
+    /// [`Violation::Full`]. A search goes through every account under the server's
+    /// lock, so this bounds how long one can hold it.
+    pub max_accounts: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_accounts: DEFAULT_MAX_ACCOUNTS,
+        }
+    }
+}
 
 /// A message waiting for its recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,11 +207,20 @@ impl State {
             .flat_map(|a| a.mailbox.iter())
     }
 
-    /// Usernames matching `pattern`, in order, at most [`MAX_LIST`].
+    /// Usernames matching `pattern`, in order, at most [`MAX_LIST`]. It runs under the
+    /// server's lock, through every account: at most `len(pattern) + 2 × len(name)` byte
+    /// comparisons for each (see [`Glob`]), so its cost is bounded by the number of
+    /// accounts, which [`Limits::max_accounts`] bounds.
     pub fn search(&self, pattern: &str) -> Vec<String> {
+        self.search_counting(pattern, &mut 0)
+    }
+
+    /// [`State::search`], adding the byte comparisons it made to `steps`.
+    fn search_counting(&self, pattern: &str, steps: &mut u64) -> Vec<String> {
+        let glob = Glob::new(pattern);
         self.accounts
             .keys()
-            .filter(|n| protocol::matches(pattern, n))
+            .filter(|n| glob.matches_counting(n, steps))
             .take(MAX_LIST)
             .cloned()
             .collect()
@@ -199,17 +231,19 @@ impl State {
     /// [`Request::Login`]). Checks run in this order, first failure answered:
     ///
     /// - register: logged in → `AlreadyLoggedIn`; name exists → `NameTaken` (unless the
-    ///   nonce is the one the account was registered with: a resend, answered ok).
+    ///   nonce is the one the account was registered with: a resend, answered ok);
+    ///   [`Limits::max_accounts`] accounts exist → `Full`.
     /// - login: logged in → `AlreadyLoggedIn`; no account → `NoSuchUser`; logged in
     ///   elsewhere → `InUse`.
     /// - send: logged out → `NotLoggedIn`; FROM not me → `WrongUser`; no such recipient →
     ///   `NoSuchUser`; id seen recently from me → ok, nothing changes (a resend); recipient
-    ///   has [`MAX_LIST`] waiting → `MailboxFull`.
+    ///   has [`MAX_LIST`] waiting → `Full`.
     /// - logout, delete: logged out → `NotLoggedIn`; NAME not me → `WrongUser`.
     /// - confirm: ignored unless logged in; never answered.
     /// - search, quit: always allowed.
     pub fn decide(
         &self,
+        limits: Limits,
         me: Option<&str>,
         online: impl Fn(&str) -> bool,
         req: &Request,
@@ -226,6 +260,9 @@ impl State {
                     } else {
                         Decision::refuse(Violation::NameTaken)
                     };
+                }
+                if self.accounts.len() >= limits.max_accounts {
+                    return Decision::refuse(Violation::Full);
                 }
                 Decision {
                     change: Some(Change::Register {
@@ -273,7 +310,7 @@ impl State {
                     return Decision::reply(Reply::Ok);
                 }
                 if recipient.mailbox.len() >= MAX_LIST {
-                    return Decision::refuse(Violation::MailboxFull);
+                    return Decision::refuse(Violation::Full);
                 }
                 Decision {
                     change: Some(Change::Send {
@@ -326,7 +363,9 @@ impl State {
     /// Applies the change at `at` (its record's epoch and sequence number, which number a
     /// message); returns the message to deliver at once, if it is a send (the caller knows
     /// whether the recipient is online). Total: a change that no longer fits the state (a
-    /// send to a deleted account) changes what it still can.
+    /// send to a deleted account) changes what it still can. [`Limits`] are not checked
+    /// here: a register is applied however many accounts exist, for the primary that made
+    /// it decided it against its own limits, and replicas must agree.
     pub fn apply(&mut self, at: MessageId, change: &Change) -> Option<(String, Delivery)> {
         match change {
             Change::Register { name, nonce } => {
@@ -652,11 +691,12 @@ mod tests {
         };
         let refused = |d: Decision| d.reply.unwrap();
         assert_eq!(
-            refused(s.decide(Some("bob"), |_| false, &login)),
+            refused(s.decide(Limits::default(), Some("bob"), |_| false, &login)),
             Reply::Refused(Violation::AlreadyLoggedIn)
         );
         assert_eq!(
             refused(s.decide(
+                Limits::default(),
                 None,
                 |_| false,
                 &Request::Login {
@@ -667,10 +707,10 @@ mod tests {
             Reply::Refused(Violation::NoSuchUser)
         );
         assert_eq!(
-            refused(s.decide(None, |n| n == "ann", &login)),
+            refused(s.decide(Limits::default(), None, |n| n == "ann", &login)),
             Reply::Refused(Violation::InUse)
         );
-        let d = s.decide(None, |_| false, &login);
+        let d = s.decide(Limits::default(), None, |_| false, &login);
         assert_eq!(d.session, Session::LogIn("ann".into()));
         assert_eq!(d.reply, Some(Reply::LoggedIn { count: 0 }));
         assert_eq!(d.change, None);
@@ -683,16 +723,16 @@ mod tests {
             name: "ann".into(),
             nonce: Some(77),
         };
-        let d = s.decide(None, |_| false, &r);
+        let d = s.decide(Limits::default(), None, |_| false, &r);
         s.apply(at(1), d.change.as_ref().unwrap());
-        let again = s.decide(None, |_| false, &r);
+        let again = s.decide(Limits::default(), None, |_| false, &r);
         assert_eq!((again.change, again.reply), (None, Some(Reply::Ok)));
         let other = Request::Register {
             name: "ann".into(),
             nonce: Some(78),
         };
         assert_eq!(
-            s.decide(None, |_| false, &other).reply,
+            s.decide(Limits::default(), None, |_| false, &other).reply,
             Some(Reply::Refused(Violation::NameTaken))
         );
         let bare = Request::Register {
@@ -700,9 +740,106 @@ mod tests {
             nonce: None,
         };
         assert_eq!(
-            s.decide(None, |_| false, &bare).reply,
+            s.decide(Limits::default(), None, |_| false, &bare).reply,
             Some(Reply::Refused(Violation::NameTaken))
         );
+    }
+
+    #[test]
+    fn a_register_past_the_account_limit_is_refused_and_changes_nothing() {
+        let limits = Limits { max_accounts: 2 };
+        let off = |_: &str| false;
+        let reg = |name: &str, nonce| Request::Register {
+            name: name.into(),
+            nonce: Some(nonce),
+        };
+        let mut s = State::new();
+        for (seq, name) in [(1, "ann"), (2, "bob")] {
+            let d = s.decide(limits, None, off, &reg(name, seq));
+            assert_eq!(d.reply, Some(Reply::Ok));
+            s.apply(at(seq), d.change.as_ref().unwrap());
+        }
+        let before = s.clone();
+        let d = s.decide(limits, None, off, &reg("cat", 3));
+        assert_eq!(
+            (d.change, d.reply, d.session),
+            (None, Some(Reply::Refused(Violation::Full)), Session::Keep)
+        );
+        // At the limit, a resend of a register that made it is still ok, a taken name
+        // still taken, and everything else as it was.
+        let d = s.decide(limits, None, off, &reg("ann", 1));
+        assert_eq!((d.change, d.reply), (None, Some(Reply::Ok)));
+        let d = s.decide(limits, None, off, &reg("bob", 9));
+        assert_eq!(d.reply, Some(Reply::Refused(Violation::NameTaken)));
+        assert_eq!(
+            s.decide(limits, Some("ann"), off, &reg("cat", 3)).reply,
+            Some(Reply::Refused(Violation::AlreadyLoggedIn))
+        );
+        assert_eq!(s, before);
+        // A delete makes room again.
+        let d = s.decide(
+            limits,
+            Some("bob"),
+            off,
+            &Request::Delete { name: "bob".into() },
+        );
+        s.apply(at(3), d.change.as_ref().unwrap());
+        let d = s.decide(limits, None, off, &reg("cat", 3));
+        assert_eq!(d.reply, Some(Reply::Ok));
+        s.apply(at(4), d.change.as_ref().unwrap());
+        // The limit is the deciding server's: a register its primary made is applied
+        // here whatever the number of accounts, so that replicas agree.
+        register(&mut s, 5, "dan");
+        assert_eq!(s.accounts(), 3);
+        assert!(s.exists("dan"));
+        assert_eq!(
+            s.decide(limits, None, off, &reg("eve", 6)).reply,
+            Some(Reply::Refused(Violation::Full))
+        );
+    }
+
+    /// A search runs under the server's lock through every account. Over the most
+    /// accounts a server takes by default, with patterns that match nothing and that made
+    /// the backtracking matcher try every split of every name, it makes at most
+    /// `len(pattern) + 2 × len(name)` byte comparisons per account (counted, not timed).
+    /// The backtracking matcher made hundreds per account on these (see protocol's
+    /// `a_hostile_pattern_costs_the_linear_matcher_linear_time`).
+    #[test]
+    fn a_search_through_the_most_accounts_makes_a_bounded_number_of_comparisons() {
+        let most = Limits::default().max_accounts;
+        let mut s = State::new();
+        // Long runs of `a`, told apart by the last digits.
+        for i in 0..most {
+            let name = format!("{}{i:06}", "a".repeat(protocol::MAX_NAME - 6));
+            s.apply(at(i as u64 + 1), &Change::Register { name, nonce: 0 });
+        }
+        assert_eq!(s.accounts(), most);
+        let hostile = [
+            format!("*{}b", "a".repeat(24)),
+            format!("{}b", "*a".repeat(24)),
+            format!("*{}b*", "a".repeat(24)),
+            format!("*{}b*", "a".repeat(47)),
+        ];
+        let per_account = |p: &str| (p.len() + 2 * protocol::MAX_NAME) as u64;
+        for p in &hostile {
+            assert!(protocol::valid_pattern(p), "{p}");
+            let mut steps = 0;
+            assert!(s.search_counting(p, &mut steps).is_empty());
+            assert!(
+                steps <= most as u64 * per_account(p),
+                "{p}: {steps} comparisons over {most} accounts"
+            );
+        }
+        // A pattern that matches everything stops at the most a reply can count, and the
+        // reply encodes and decodes with that many names.
+        let mut steps = 0;
+        let all = s.search_counting("*", &mut steps);
+        assert_eq!(all.len(), MAX_LIST);
+        assert_eq!(steps, 0, "`*` matches without a comparison");
+        let mut bytes = Vec::new();
+        protocol::encode_reply(&Reply::Found(all.clone()), &mut bytes);
+        assert_eq!(&bytes[..3], [0x22, 0xff, 0xff]);
+        assert_eq!(protocol::decode_reply(&bytes), Some(Reply::Found(all)));
     }
 
     #[test]
@@ -713,43 +850,58 @@ mod tests {
         let off = |_: &str| false;
         let refused = |d: Decision| d.reply.unwrap();
         assert_eq!(
-            refused(s.decide(None, off, &send("ann", "bob", 1))),
+            refused(s.decide(Limits::default(), None, off, &send("ann", "bob", 1))),
             Reply::Refused(Violation::NotLoggedIn)
         );
         assert_eq!(
-            refused(s.decide(Some("bob"), off, &send("ann", "bob", 1))),
+            refused(s.decide(Limits::default(), Some("bob"), off, &send("ann", "bob", 1))),
             Reply::Refused(Violation::WrongUser)
         );
         assert_eq!(
-            refused(s.decide(Some("ann"), off, &send("ann", "cat", 1))),
+            refused(s.decide(Limits::default(), Some("ann"), off, &send("ann", "cat", 1))),
             Reply::Refused(Violation::NoSuchUser)
         );
         for (seq, id) in [(3, 10), (4, 11), (5, 12)] {
-            let d = s.decide(Some("ann"), off, &send("ann", "bob", id));
+            let d = s.decide(Limits::default(), Some("ann"), off, &send("ann", "bob", id));
             let delivered = s.apply(at(seq), d.change.as_ref().unwrap()).unwrap();
             assert_eq!(delivered.0, "bob");
             assert_eq!(delivered.1.id, at(seq));
         }
         // A resend is acknowledged and changes nothing.
-        let d = s.decide(Some("ann"), off, &send("ann", "bob", 11));
+        let d = s.decide(Limits::default(), Some("ann"), off, &send("ann", "bob", 11));
         assert_eq!((d.change, d.reply), (None, Some(Reply::Ok)));
         let ids: Vec<u64> = s.mailbox("bob").map(|m| m.id.seq).collect();
         assert_eq!(ids, [3, 4, 5]);
         let texts: Vec<&str> = s.mailbox("bob").map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["m10", "m11", "m12"]);
         // Confirm drops up to the id given; confirming nothing new changes nothing.
-        let d = s.decide(Some("bob"), off, &Request::Confirm { upto: at(4) });
+        let d = s.decide(
+            Limits::default(),
+            Some("bob"),
+            off,
+            &Request::Confirm { upto: at(4) },
+        );
         assert_eq!(d.reply, None);
         s.apply(at(6), d.change.as_ref().unwrap());
         assert_eq!(s.mailbox("bob").count(), 1);
         assert_eq!(
-            s.decide(Some("bob"), off, &Request::Confirm { upto: at(4) })
-                .change,
+            s.decide(
+                Limits::default(),
+                Some("bob"),
+                off,
+                &Request::Confirm { upto: at(4) }
+            )
+            .change,
             None
         );
         assert_eq!(
-            s.decide(None, off, &Request::Confirm { upto: at(9) })
-                .change,
+            s.decide(
+                Limits::default(),
+                None,
+                off,
+                &Request::Confirm { upto: at(9) }
+            )
+            .change,
             None
         );
     }
@@ -845,18 +997,20 @@ mod tests {
         assert!(s.search("z*").is_empty());
         let del = Request::Delete { name: "bob".into() };
         assert_eq!(
-            s.decide(None, |_| false, &del).reply,
+            s.decide(Limits::default(), None, |_| false, &del).reply,
             Some(Reply::Refused(Violation::NotLoggedIn))
         );
         assert_eq!(
-            s.decide(Some("alice"), |_| false, &del).reply,
+            s.decide(Limits::default(), Some("alice"), |_| false, &del)
+                .reply,
             Some(Reply::Refused(Violation::WrongUser))
         );
-        let d = s.decide(Some("bob"), |_| false, &del);
+        let d = s.decide(Limits::default(), Some("bob"), |_| false, &del);
         assert_eq!(d.session, Session::LogOut);
         s.apply(at(9), d.change.as_ref().unwrap());
         assert!(!s.exists("bob"));
         let out = s.decide(
+            Limits::default(),
             Some("alice"),
             |_| false,
             &Request::Logout {

@@ -364,7 +364,7 @@ impl Client {
     /// Sends `text` to `to`; returns once the cluster has acknowledged it.
     ///
     /// # Errors
-    /// `NotLoggedIn`, `Refused` (`NoSuchUser`, `BadText`, `MailboxFull`, …), or
+    /// `NotLoggedIn`, `Refused` (`NoSuchUser`, `BadText`, `Full`, …), or
     /// `Unavailable`.
     pub fn send(&mut self, to: &str, text: &str) -> Result<(), ClientError> {
         self.send_with_id(to, text, random_id())

@@ -535,6 +535,7 @@ mod tests {
         });
         Shared {
             id,
+            limits: crate::messenger::state::Limits::default(),
             peers: 3,
             inner: Mutex::new(Inner {
                 machine: Machine::default(),

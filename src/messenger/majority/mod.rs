@@ -34,7 +34,7 @@ use super::clients::{Clients, Out};
 use super::protocol::{self, MessageId, Reply};
 use super::requests::{self, Serving};
 use super::server::{client_reader, serve_client, Service};
-use super::state::State;
+use super::state::{Limits, State};
 use crate::auth::Secret;
 use crate::group::Group;
 use crate::log_info;
@@ -79,6 +79,9 @@ pub struct MajorityOptions {
     pub secret: Option<Secret>,
     /// One tick of Raft's clock (elections after 10–19 ticks without a leader).
     pub tick: Duration,
+    /// What this server refuses as leader (`--max-accounts`); set the same on every
+    /// server (every server applies what the leader decided, whatever its own).
+    pub limits: Limits,
 }
 
 impl MajorityOptions {
@@ -93,6 +96,7 @@ impl MajorityOptions {
             compact_after: super::log::COMPACT_AFTER,
             secret: None,
             tick: Duration::from_millis(10),
+            limits: Limits::default(),
         }
     }
 }
@@ -149,6 +153,8 @@ struct Remote {
 
 struct Shared {
     id: usize,
+    /// What requests are decided within.
+    limits: Limits,
     /// How many servers there are.
     peers: usize,
     inner: Mutex<Inner>,
@@ -196,7 +202,14 @@ impl Shared {
             .lead
             .as_ref()
             .map_or(&inner.machine.state, |l| &l.view);
-        let effects = requests::respond(serving, state, inner.clients.sessions(), conn, decoded);
+        let effects = requests::respond(
+            serving,
+            state,
+            self.limits,
+            inner.clients.sessions(),
+            conn,
+            decoded,
+        );
         let Some(lead) = inner.lead.as_mut() else {
             // A redirect, or nothing (a confirm): at once.
             if !effects.replies.is_empty() || effects.close {
@@ -345,6 +358,7 @@ impl Majority {
     pub fn open(options: &MajorityOptions) -> io::Result<Arc<Majority>> {
         let shared = Arc::new(Shared {
             id: options.id,
+            limits: options.limits,
             peers: options.peers.len(),
             inner: Mutex::new(Inner {
                 machine: Machine::default(),

@@ -40,6 +40,7 @@ use super::log::{Disk, Pos, COMPACT_AFTER};
 use super::protocol;
 use super::replica_protocol::{ReplicaMsg, Role};
 use super::requests::{self, Serving};
+use super::state::Limits;
 use crate::auth::Secret;
 use crate::group::Group;
 use crate::link::Auth;
@@ -77,6 +78,9 @@ pub struct Options {
     /// [`crate::auth`]'s handshake after the HELLO, and a peer that proves nothing is
     /// refused before it touches anything; without it the wire is as it always was.
     pub secret: Option<Secret>,
+    /// What this server refuses as primary (`--max-accounts`); set the same on every
+    /// server (a backup applies what its primary decided, whatever its own).
+    pub limits: Limits,
 }
 
 impl Options {
@@ -91,6 +95,7 @@ impl Options {
             fsync: true,
             compact_after: COMPACT_AFTER,
             secret: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -113,6 +118,8 @@ pub struct Replica {
     flush_asked: Condvar,
     disk: Disk,
     compact_after: u64,
+    /// What requests are decided within.
+    limits: Limits,
     /// The link threads, the ticker, the flusher and the client writers; [`Replica::stop`]
     /// closes it.
     group: Group,
@@ -225,6 +232,7 @@ impl Replica {
             flush_asked: Condvar::new(),
             disk,
             compact_after: options.compact_after.max(1),
+            limits: options.limits,
             group: Group::with_stack_size(&format!("messenger-{}", options.id), STACK),
         };
         Ok((Arc::new(replica), report))
@@ -358,6 +366,7 @@ impl Replica {
         let effects = requests::respond(
             serving,
             &inner.state,
+            self.limits,
             inner.clients.sessions(),
             conn,
             decoded,
