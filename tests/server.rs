@@ -235,31 +235,53 @@ fn a_read_timeout_the_handler_sets_itself_comes_back_as_its_error() {
     server.stop();
 }
 
+/// Another thread making `conn`'s socket non-blocking over and over, as arrival order's
+/// peeks do: each instant holds it `hold` (a peek, when zero), `gap` apart, until
+/// [`Toggler::stop`], which says how many instants there were.
+struct Toggler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Toggler {
+    fn start(conn: &switchboard::server::Connection, hold: Duration, gap: Duration) -> Toggler {
+        use std::sync::atomic::Ordering;
+        let toggler = conn.nonblocking();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut instants = 0u64;
+            while !stopped.load(Ordering::SeqCst) {
+                let _ = toggler.run(|s| {
+                    std::thread::sleep(hold);
+                    s.peek(&mut [0u8; 1])
+                });
+                instants += 1;
+                std::thread::sleep(gap);
+            }
+            instants
+        });
+        Toggler { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
 #[test]
 fn reads_through_the_connection_ride_out_another_threads_nonblocking_instants() {
     // Another thread makes the socket non-blocking for an instant, over and over (as
     // arrival order's peeks do). A read through the connection that starts in such an
     // instant fails at once with EAGAIN; the connection retries it, so the handler sees
     // only bytes. The client sends one byte at a time, so that many reads start.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{mpsc, Arc, Mutex};
+    use std::sync::{mpsc, Mutex};
     const BYTES: &[u8] = b"toggled";
     let (tx, rx) = mpsc::channel();
     let tx = Mutex::new(tx);
     let server = Server::bind("127.0.0.1:0", ServerConfig::named("toggled"), move |conn| {
-        let toggler = conn.nonblocking();
-        let stop = Arc::new(AtomicBool::new(false));
-        let toggling = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut instants = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = toggler.run(|s| s.peek(&mut [0u8; 1]));
-                    instants += 1;
-                }
-                instants
-            })
-        };
+        let toggling = Toggler::start(&conn, Duration::ZERO, Duration::ZERO);
         let mut got = Vec::new();
         let mut byte = [0u8; 1];
         let result = loop {
@@ -272,8 +294,7 @@ fn reads_through_the_connection_ride_out_another_threads_nonblocking_instants() 
                 break Ok(());
             }
         };
-        stop.store(true, Ordering::SeqCst);
-        let instants = toggling.join().unwrap();
+        let instants = toggling.stop();
         let _ = tx.lock().unwrap().send((result, got, instants));
         Ok(())
     })
@@ -361,27 +382,14 @@ fn the_idle_timeout_ends_a_connection_whose_socket_another_thread_keeps_peeking_
     // Newcomers peek at parked connections every few milliseconds (arrival order). Each
     // peek makes the socket non-blocking for an instant; a real timeout that followed one
     // used to be taken for a spurious EAGAIN and waited out again, for ever.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     let config = ServerConfig {
         idle_timeout: Some(Duration::from_millis(300)),
         ..ServerConfig::named("peeked")
     };
     let server = Server::bind("127.0.0.1:0", config, move |conn| {
-        let toggler = conn.nonblocking();
-        let stop = Arc::new(AtomicBool::new(false));
-        let toggling = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = toggler.run(|s| s.peek(&mut [0u8; 1]));
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
+        let toggling = Toggler::start(&conn, Duration::ZERO, Duration::from_millis(5));
         let read = (&conn).read(&mut [0u8; 1]);
-        stop.store(true, Ordering::SeqCst);
-        toggling.join().unwrap();
+        toggling.stop();
         assert_eq!(read.unwrap(), 0, "the idle timeout is a clean end");
         Ok(())
     })
@@ -399,28 +407,13 @@ fn writes_through_the_connection_ride_out_another_threads_nonblocking_instants()
     // the request loop writes 1 MiB replies to a client that reads slowly: writes start
     // with the send buffer full, in an instant, and fail at once with EAGAIN. The loop
     // retries them, so the client gets every byte.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use switchboard::request::RequestLoop;
     const REPLY: usize = 1 << 20;
     const REQUESTS: usize = 24;
     let server = Server::bind("127.0.0.1:0", ServerConfig::named("toggled"), move |conn| {
-        let toggler = conn.nonblocking();
-        let stop = Arc::new(AtomicBool::new(false));
-        let toggling = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = toggler.run(|_| {
-                        std::thread::sleep(Duration::from_millis(2));
-                        Ok(())
-                    });
-                }
-            })
-        };
+        let toggling = Toggler::start(&conn, Duration::from_millis(2), Duration::ZERO);
         let served = RequestLoop::new(Framing::Line).serve(&conn, |_| Some(vec![b'x'; REPLY]));
-        stop.store(true, Ordering::SeqCst);
-        toggling.join().unwrap();
+        toggling.stop();
         served
     })
     .unwrap()
