@@ -222,6 +222,33 @@ impl Outbox {
         })
     }
 
+    /// Counts `n` bytes held elsewhere for this connection (answers waiting for a commit,
+    /// say) as queued until [`Outbox::released`]: charged to the account and counted
+    /// against `max_bytes`, as queued frames are.
+    ///
+    /// # Errors
+    /// [`SendError::Overflow`] as [`Outbox::send`] for bytes: the connection is shut down.
+    pub fn hold(&self, n: usize) -> Result<(), SendError> {
+        let conn = &*self.conn;
+        let queued = conn.queued.fetch_add(n, Ordering::Relaxed) + n;
+        let over = if queued > conn.max_bytes && queued > n {
+            Some(format!("{} bytes behind", queued - n))
+        } else {
+            conn.charge_at_least(queued).err().map(|e| e.to_string())
+        };
+        if let Some(why) = over {
+            conn.queued.fetch_sub(n, Ordering::Relaxed);
+            conn.close(&why);
+            return Err(SendError::Overflow);
+        }
+        Ok(())
+    }
+
+    /// Gives back `n` bytes [`Outbox::hold`] counted (before they are sent, or dropped).
+    pub fn released(&self, n: usize) {
+        self.conn.taken(n);
+    }
+
     /// Bytes waiting.
     pub fn queued_bytes(&self) -> usize {
         self.conn.queued.load(Ordering::Relaxed)

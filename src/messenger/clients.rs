@@ -349,6 +349,15 @@ impl Clients {
             }
             return;
         }
+        // Held bytes count as the connection's queued ones (charged to the client memory
+        // budget, within its outbox's byte bound) until released: a login's hand-over can
+        // be megabytes, and a client pipelining them while commits are slow would hold
+        // them beside the budget. Past either, the connection is closed.
+        if let Sink::Local(outbox) = &entry.sink {
+            if outbox.hold(bytes.len()).is_err() {
+                return;
+            }
+        }
         // An untagged frame behind held ones waits with the last of them.
         let last = self.held.back().map_or(0, |h| h.tag);
         let tag = out.tag.unwrap_or(last).max(last);
@@ -380,6 +389,9 @@ impl Clients {
                 continue;
             };
             entry.held -= 1;
+            if let Sink::Local(outbox) = &entry.sink {
+                outbox.released(h.bytes.len());
+            }
             if h.epoch == epoch && !entry.closed {
                 deliver(entry, h.bytes, h.close, &mut self.relay);
             }
@@ -392,7 +404,15 @@ impl Clients {
     /// Drops every held frame: what they answer will never be committed by this server in
     /// their epoch (it stepped down, or it is stopping). Their connections are closed.
     fn drop_held(&mut self) {
-        self.held.clear();
+        for h in self.held.drain(..) {
+            if let Some(Entry {
+                sink: Sink::Local(outbox),
+                ..
+            }) = self.conns.get(&h.conn)
+            {
+                outbox.released(h.bytes.len());
+            }
+        }
         self.conns.retain(|_, e| {
             e.held = 0;
             !e.leaving
@@ -511,6 +531,43 @@ mod tests {
         clients.release(7, 9);
         assert_eq!(watch_a.len(), 3);
         drop(a_writer);
+    }
+
+    /// Frames held for a commit are charged to the connection's share of the client
+    /// memory budget as its queued ones are, and given back once released; past the
+    /// budget the connection is closed, not held beside it.
+    #[test]
+    fn held_frames_are_charged_to_the_budget_until_released() {
+        use crate::budget::Budget;
+        use crate::outbox::OutboxConfig;
+        let budget = Budget::new("test", 4 << 20);
+        let account = budget.account("connection 1", None);
+        let (_client, served) = crate::outbox::testing::pair();
+        let config = OutboxConfig::new("test", OUTBOX)
+            .max_bytes(64 << 20)
+            .account(Some(&account));
+        let (out, _writer) = Outbox::new(std::sync::Arc::new(served), config);
+        let mut clients = Clients::default();
+        clients.add(1, out.clone());
+        let big = |tag| Out {
+            epoch: 7,
+            tag: Some(tag),
+            bytes: vec![b'x'; 1 << 20],
+            close: false,
+        };
+        clients.send(1, big(5), 3);
+        clients.send(1, big(6), 3);
+        assert_eq!(clients.held(), 2);
+        assert!(budget.held() >= 2 << 20, "held {}", budget.held());
+        // Released into the outbox: charged there, the same bytes (not twice).
+        clients.release(7, 5);
+        assert!(budget.held() < 3 << 20, "held {}", budget.held());
+        // Past the budget: closed, and nothing more is held for it.
+        for tag in 7..12 {
+            clients.send(1, big(tag), 3);
+        }
+        assert!(budget.held() <= 4 << 20, "held {}", budget.held());
+        assert!(clients.held() < 6, "{} held", clients.held());
     }
 
     #[test]
