@@ -296,7 +296,10 @@ impl Connection {
             let call = Instant::now();
             match (&*self.stream).write(buf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
+                Ok(n) => {
+                    buf = &buf[n..];
+                    spurious = 0;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e)
                     if is_timeout(&e)
@@ -820,10 +823,11 @@ impl Server {
         // Per-connection setup failures (the peer already gone) cost that connection only.
         // The idle timeout bounds a blocked write too: a client that neither sends nor
         // takes anything is idle whichever way its connection is stuck.
+        let idle = self.config.idle_timeout;
         let setup = stream
             .set_nodelay(true)
-            .and_then(|()| stream.set_read_timeout(self.config.idle_timeout))
-            .and_then(|()| stream.set_write_timeout(self.config.idle_timeout));
+            .and_then(|()| idle.map_or(Ok(()), |t| stream.set_read_timeout(Some(t))))
+            .and_then(|()| idle.map_or(Ok(()), |t| stream.set_write_timeout(Some(t))));
         if let Err(e) = setup {
             log_debug!("{name}: dropping connection from {peer}: {e}");
             return;

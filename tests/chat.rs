@@ -1040,7 +1040,7 @@ fn a_minute_of_fuzz_at_the_federation_changes_nothing() {
 #[test]
 fn a_connection_that_does_not_open_in_time_is_closed_and_the_others_go_on() {
     let a = start(&[]);
-    let b = start(&["--opening-timeout", "0.5", "--join", &a.addr.to_string()]);
+    let b = start(&["--opening-timeout", "1", "--join", &a.addr.to_string()]);
     converge(&[&a, &b]);
     let mut alice = join(b.addr, "alice");
     let mut silent = LineClient::connect(b.addr);

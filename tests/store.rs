@@ -1090,7 +1090,8 @@ fn refusals_at_the_connection_cap_are_logged_at_most_once_a_second() {
     };
     refused(50);
     let lines = |log: &str| log.matches("refused connection from").count();
-    assert!(lines(&server.log_text()) <= 2, "{}", server.log_text());
+    // A line a second at most: a few, however slow the machine, not 50.
+    assert!(lines(&server.log_text()) < 10, "{}", server.log_text());
     std::thread::sleep(Duration::from_millis(1100));
     refused(1);
     common::eventually("the next refusal's line", || {

@@ -317,7 +317,17 @@ impl StoreService {
                 end_frame(framing, out, mark).expect("short reply fits any frame");
             }
             Request::Stats => {
-                let stats = *batch.stats.get_or_insert_with(stats);
+                // A write since (on either path) changes the keys and bytes: read again.
+                let writes =
+                    batch.counts[Verb::Store as usize] + batch.counts[Verb::Delete as usize];
+                let stats = match batch.stats {
+                    Some((stats, at)) if at == writes => stats,
+                    _ => {
+                        let stats = stats();
+                        batch.stats = Some((stats, writes));
+                        stats
+                    }
+                };
                 let mark = begin_frame(framing, out);
                 protocol::format_stats(&stats, out);
                 end_frame(framing, out, mark).expect("stats fit any frame");
@@ -520,10 +530,11 @@ struct Batch {
     /// The last append-only record this batch wrote, not yet committed.
     unsynced: Option<u64>,
     /// The counters as this batch's first `stats` read them: the others in the same read
-    /// answer the same. Reading them sums every live connection's counters under one lock
+    /// answer the same, up to a write (which changes the keys and bytes): with the
+    /// batch's count of writes when they were read. Reading them sums every live connection's counters under one lock
     /// (and takes every shard's read lock), so a read of a megabyte of `stats` would
     /// otherwise cost that 175,000 times over, holding off connections opening and closing.
-    stats: Option<Stats>,
+    stats: Option<(Stats, u64)>,
 }
 
 impl Batch {
@@ -762,13 +773,21 @@ mod tests {
         assert_eq!(batch.counts[Verb::Stats as usize], 3);
         let replies = String::from_utf8(out).unwrap();
         assert_eq!(replies.matches("{keys,1}").count(), 3, "{replies}");
-        // The next batch reads them afresh.
-        batch.stats = None;
+        // A write in the same read changes what they report: read afresh after it.
         let mut out = Vec::new();
+        for frame in [&b"store,k,v"[..], b"stats"] {
+            let request = protocol::parse(frame);
+            service
+                .apply(request, &mut batch, &mut out, reading)
+                .unwrap();
+        }
+        assert_eq!(readings.get(), 2);
+        // The next batch reads them afresh (`batch_done` forgets them).
+        batch.stats = None;
         service
             .apply(protocol::parse(b"stats"), &mut batch, &mut out, reading)
             .unwrap();
-        assert_eq!(readings.get(), 2);
+        assert_eq!(readings.get(), 3);
     }
 
     /// A client whose first batch asks for more replies than one flush (`FLUSH_AT`) and

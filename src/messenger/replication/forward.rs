@@ -35,6 +35,10 @@ impl Replica {
     /// can (or must: the connection is bound to one). `None`: not forwarded, decide it
     /// here; `Some(close)`: forwarded, or closed because its primary is gone.
     pub(super) fn forward(&self, inner: &mut Inner, conn: u64, payload: &[u8]) -> Option<bool> {
+        if inner.forward_closed.contains_key(&conn) {
+            // Closed by the primary: what it sent after is not served anywhere.
+            return Some(true);
+        }
         let serving = inner.serving(self.id);
         let target = match inner.forwarded.get(&conn) {
             Some(&p) => p,
@@ -97,7 +101,8 @@ impl Replica {
     /// Client connection `conn` of this server ended: if it was forwarded, the primary
     /// forgets it (and its session).
     pub(super) fn forwarded_ended(&self, inner: &mut Inner, conn: u64) {
-        if let Some(p) = inner.forwarded.remove(&conn) {
+        let ended = inner.forwarded.remove(&conn);
+        if let Some(p) = ended.or_else(|| inner.forward_closed.remove(&conn)) {
             inner.peers[p]
                 .control
                 .push(ReplicaMsg::Closed { conn }.encode());
@@ -149,10 +154,14 @@ impl Replica {
             {
                 inner.clients.relay_in(conn, bytes, close);
                 if close {
-                    // Told now, not when the connection's thread ends: it is no longer in
-                    // `forwarded` then, and the primary would keep its closed entry (there
-                    // to refuse requests still on their way) until the link went.
-                    self.forwarded_ended(&mut inner, conn);
+                    // Kept as closed until the connection ends: its frames still buffered
+                    // are dropped, and the primary is told CLOSED then (it keeps its closed
+                    // entry until so told, to refuse requests already on their way; a
+                    // connection no longer in `forwarded` used to be never told, and the
+                    // entry stayed until the link went).
+                    if let Some(p) = inner.forwarded.remove(&conn) {
+                        inner.forward_closed.insert(conn, p);
+                    }
                 }
             }
             ReplicaMsg::Closed { conn } => {
@@ -288,11 +297,13 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A backup told by the primary to close a forwarded connection says CLOSED at once,
-    /// so the primary forgets the connection's entry (kept, closed, to refuse its requests
-    /// still on their way) instead of keeping it until the link goes.
+    /// A backup told by the primary to close a forwarded connection drops the frames of
+    /// it still buffered (forwarded, the primary would take them for a new connection's)
+    /// and says CLOSED when the connection ends, so the primary forgets its entry (kept,
+    /// closed, to refuse its requests still on their way) instead of keeping it until the
+    /// link goes.
     #[test]
-    fn a_backup_told_to_close_a_forwarded_connection_says_closed() {
+    fn a_backup_told_to_close_a_forwarded_connection_drops_the_rest_and_says_closed() {
         let (b, dir) = super::super::testing::replica(1, 2, "relay-close");
         let mut inner = b.lock();
         inner.forwarded.insert(7, 0);
@@ -302,8 +313,12 @@ mod tests {
             bytes: Vec::new(),
         };
         b.on_forwarding(inner, 0, close);
-        let inner = b.lock();
+        let mut inner = b.lock();
         assert!(!inner.forwarded.contains_key(&7));
+        // A frame it sent after: not forwarded, and the connection is to close.
+        assert_eq!(b.forward(&mut inner, 7, b"x"), Some(true));
+        assert!(inner.peers[0].control.is_empty());
+        b.forwarded_ended(&mut inner, 7);
         let told: Vec<ReplicaMsg> = (inner.peers[0].control.iter())
             .map(|m| ReplicaMsg::decode(m).unwrap())
             .collect();
@@ -311,6 +326,7 @@ mod tests {
             matches!(&told[..], [ReplicaMsg::Closed { conn: 7 }]),
             "{told:?}"
         );
+        assert!(inner.forward_closed.is_empty());
         drop(inner);
         std::fs::remove_dir_all(&dir).unwrap();
     }

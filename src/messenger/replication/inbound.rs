@@ -4,7 +4,7 @@
 use super::feed::encode_peer;
 use super::records::Incoming;
 use super::timing::{
-    BATCH, CONNECT_TIMEOUT, DOWN_AFTER, HELLO_WAIT, LINK_TIMEOUT, NEED_RETRY, TICK,
+    BATCH, CONNECT_TIMEOUT, DOWN_AFTER, HELLO_WAIT, LINK_TIMEOUT, NEED_RETRY, SNAPSHOT_REASK, TICK,
 };
 use super::view::{Assembly, Feed, Inner};
 use super::Replica;
@@ -262,14 +262,22 @@ impl Replica {
                         fetched: true,
                     }]
                 } else if inner.last > last {
-                    // One copy per question: a candidate asks again every second while
-                    // the answer is still on its way (a large state on a slow link), and
-                    // each answer queued another whole copy of the state.
-                    let asked = Some((last, inner.last));
-                    if inner.peers[from].fetched_snapshot == asked {
+                    // One copy per question for a while: a candidate asks again every
+                    // second while the answer is still on its way (a large state on a
+                    // slow link), and each answer queued another whole copy of the state.
+                    // Not for good: an asker that refused the copy (it had stopped being a
+                    // candidate meanwhile) and asks the same again must get one.
+                    let now = Instant::now();
+                    let again = inner.peers[from]
+                        .fetched_snapshot
+                        .is_some_and(|(l, at, when)| {
+                            (l, at) == (last, inner.last)
+                                && now.duration_since(when) < SNAPSHOT_REASK
+                        });
+                    if again {
                         return;
                     }
-                    inner.peers[from].fetched_snapshot = asked;
+                    inner.peers[from].fetched_snapshot = Some((last, inner.last, now));
                     self.snapshot_for(&mut inner, from, true)
                 } else {
                     vec![ReplicaMsg::Replicate {
@@ -783,6 +791,11 @@ mod tests {
         assert_eq!(fetch(&a), once, "asked again: no second copy");
         a.linked(1);
         assert_eq!(fetch(&a), 2 * once, "on a new link: answered afresh");
+        // Asked again long after (the asker refused the copy): answered again.
+        if let Some((_, _, when)) = &mut a.lock().peers[1].fetched_snapshot {
+            *when -= SNAPSHOT_REASK;
+        }
+        assert_eq!(fetch(&a), 3 * once, "asked again later: answered");
         drop(a);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -206,6 +206,7 @@ impl Replica {
             stopping: false,
             epochs_exhausted: false,
             forwarded: HashMap::new(),
+            forward_closed: HashMap::new(),
         };
         for r in loaded.records {
             inner.push(r.pos, r.change);

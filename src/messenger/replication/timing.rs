@@ -24,6 +24,9 @@ pub(super) const TICK: Duration = Duration::from_millis(20);
 pub const STALL: Duration = Duration::from_millis(300);
 /// A candidate asks again if a FETCH goes unanswered this long.
 pub(super) const FETCH_RETRY: Duration = Duration::from_millis(1000);
+/// The same FETCH answered with a snapshot gets no second copy for this long (the first
+/// may still be on its way), and one after it (the asker may have refused the first).
+pub(super) const SNAPSHOT_REASK: Duration = Duration::from_millis(5000);
 /// A backup repeats a NEED for the same position at most this often.
 pub(super) const NEED_RETRY: Duration = Duration::from_millis(200);
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);

@@ -90,9 +90,9 @@ pub(super) struct Remote {
     /// Encoded messages for the link thread to send.
     pub(super) control: Vec<Vec<u8>>,
     /// The snapshot last queued for it in answer to a FETCH: the asker's last record
-    /// then, and this server's. While it is on its way on the same link, the same
-    /// question gets no second copy (see the FETCH answer in `inbound.rs`).
-    pub(super) fetched_snapshot: Option<(Pos, Pos)>,
+    /// then, this server's, and when. For a while on the same link, the same question
+    /// gets no second copy (see the FETCH answer in `inbound.rs`).
+    pub(super) fetched_snapshot: Option<(Pos, Pos, Instant)>,
     /// Bytes of FORWARDs among `control`.
     pub(super) forwarding: usize,
     /// Frames and bytes this server's link to it held unwritten when its link thread last
@@ -198,6 +198,10 @@ pub(super) struct Inner {
     pub(super) epochs_exhausted: bool,
     /// As backup: client connections whose requests go to a primary, and which one.
     pub(super) forwarded: HashMap<u64, usize>,
+    /// As backup: forwarded connections the primary closed, and which primary. Frames of
+    /// theirs still buffered are dropped here (forwarded again, the primary would take
+    /// them for a new connection's), and the primary is told CLOSED when they end.
+    pub(super) forward_closed: HashMap<u64, usize>,
 }
 
 impl Inner {
