@@ -496,7 +496,12 @@ impl Majority {
             let claimed = inner
                 .claim
                 .is_some_and(|(at, term)| term == status.term && at.elapsed() < CLAIM_RETRY);
-            if leads && inner.lead.is_none() && !claimed {
+            // Only once everything in its log is applied (its term's first entry included):
+            // a claim of its own from an earlier life, still in the log, is then applied
+            // while no claim of this process waits, and leads nothing; and the fence the
+            // claim reads is the log's.
+            let caught_up = status.applied >= status.last_index;
+            if leads && inner.lead.is_none() && !claimed && caught_up {
                 let claim = Command::Lead {
                     node: self.shared.id as u64,
                     epoch: inner.machine.fence.epoch + 1,
