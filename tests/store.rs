@@ -1013,6 +1013,11 @@ fn the_client_library_refuses_a_key_the_wire_cannot_carry() {
     // A lookup's key runs to the end of the line: `lookup,a,b` asks for `a,b`, unambiguous.
     assert_eq!(c.lookup(b"a,b").unwrap(), None);
     assert!(matches!(c.delete(b""), Err(ClientError::Unsendable(_))));
+    // On line framing a final `\r` would be dropped by the server's reader.
+    assert!(matches!(
+        c.store(b"k", b"v\r"),
+        Err(ClientError::Unsendable(_))
+    ));
     // Nothing went: the connection is in step, and `a` was never set.
     c.store(b"k", b"v,w").unwrap();
     assert_eq!(c.lookup(b"k").unwrap().as_deref(), Some(&b"v,w"[..]));

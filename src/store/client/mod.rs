@@ -145,10 +145,12 @@ impl StoreClient {
         let mut payload = Vec::new();
         protocol::format_request(request, &mut payload);
         // The wire has no escapes: a key with a comma (or an empty one) reads back as
-        // another request, and its reply would answer a question nobody asked.
-        if !matches!(protocol::parse(&payload), Ok(r) if r == *request) {
+        // another request, and its reply would answer a question nobody asked. A line's
+        // final `\r` is taken for a CRLF's by the server's reader, and dropped.
+        let crlf = self.framing == Framing::Line && payload.last() == Some(&b'\r');
+        if crlf || !matches!(protocol::parse(&payload), Ok(r) if r == *request) {
             return Err(ClientError::Unsendable(format!(
-                "{:?} would reach the server as another request (no key may be empty, nor a stored one hold a comma)",
+                "{:?} would reach the server as another request (no key may be empty, nor a stored one hold a comma, nor a line end in \\r)",
                 String::from_utf8_lossy(&payload)
             )));
         }
