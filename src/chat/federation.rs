@@ -65,6 +65,10 @@ const MAX_PEERS: usize = 256;
 /// `{server_hello,..}` from growing this server's memory without bound, one
 /// `{present,Name}` line at a time.
 const MAX_ROSTER: usize = 1 << 16;
+/// Client names all peers' rosters hold together, at most (about 35 MB of names): up to
+/// [`MAX_PEERS`] strangers that confirmed a link could otherwise each hold
+/// [`MAX_ROSTER`] of them while their links last, gigabytes uncharged.
+const MAX_ROSTERS: usize = 1 << 18;
 /// Gone servers remembered, at most (a stale list naming an older one costs one failed dial).
 const MAX_GONE: usize = 4096;
 /// Connecting to a server may take 3 s, its answer to `{server_hello,..}` 5 s, both cut to
@@ -499,18 +503,22 @@ impl Federation {
 
     /// Records that client `name` of server `id` is there (`present`) or left.
     pub fn roster(&mut self, id: &ServerId, name: &str, present: bool) {
+        let all: usize = (self.peers.values()).map(|p| p.roster.len()).sum();
         let Some(peer) = self.peers.get_mut(id) else {
             return;
         };
         if !present {
             peer.roster.remove(name);
-        } else if peer.roster.len() < MAX_ROSTER {
+        } else if peer.roster.len() < MAX_ROSTER && all < MAX_ROSTERS {
             peer.roster.insert(name.to_owned());
         } else if !peer.roster.contains(name) && !peer.roster_full {
             // Such a name's events still reach local clients; only its leave when the
             // server goes is not announced, and `who` does not list it.
             peer.roster_full = true;
-            log_info!("chat: {id} announced more than {MAX_ROSTER} clients; not recording more");
+            log_info!(
+                "chat: {id} announced more than {} clients; not recording more",
+                peer.roster.len()
+            );
         }
     }
 
@@ -976,6 +984,25 @@ mod tests {
         assert_eq!(fed.hello(&listed, in_link(&link)), Ok(false));
         assert!(fed.in_ended(&listed, &link).is_empty());
         assert!(fed.wants(&listed));
+    }
+
+    /// Rosters are bounded per peer and all together: five servers announcing as many
+    /// clients as one may hold together hold no more than the total.
+    #[test]
+    fn rosters_hold_at_most_their_total() {
+        let mut fed = Federation::new(id("127.0.0.1:1"));
+        let peers: Vec<ServerId> = (2..7).map(|p| id(&format!("127.0.0.1:{p}"))).collect();
+        fed.learn(&peers);
+        for (i, peer) in peers.iter().enumerate() {
+            for n in 0..MAX_ROSTER + 1 {
+                fed.roster(peer, &format!("c{i}-{n}"), true);
+            }
+        }
+        assert_eq!(fed.rosters().count(), MAX_ROSTERS);
+        // A leave makes room again.
+        fed.roster(&peers[0], "c0-0", false);
+        fed.roster(&peers[4], "late", true);
+        assert_eq!(fed.holder("late"), Some(&peers[4]));
     }
 
     #[test]
