@@ -42,6 +42,8 @@
 //!   only copy either; one left by an interrupted repair is overwritten by the next repair
 //!   and may be deleted;
 //! - `*.damaged-<unix time>`: copies kept for the operator, never read;
+//! - `*.torn-<unix time>-at-<offset>`: a torn final record's bytes, copied aside before
+//!   the cut, for the operator, never read;
 //! - `PATH.lock` beside the store's AOF, `lock` in the messenger's and Raft's data
 //!   directories: [`Lock`], the process id of the server (or repair) using the data; read
 //!   only for that id, in the error that refuses a second one.
@@ -508,9 +510,38 @@ pub fn copy_aside(path: &Path) -> io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// Copies the bytes of `file` (at `path`) from `at` to its end to
+/// `PATH.torn-<unix time>-at-<at>` (`-1`, `-2`... after it rather than over an existing
+/// file), fsynced; returns the copy's path.
+fn keep_torn_tail(path: &Path, file: &mut File, at: u64) -> io::Result<PathBuf> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (aside, mut to) = (0..)
+        .map(|n| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".torn-{secs}-at-{at}"));
+            if n > 0 {
+                name.push(format!("-{n}"));
+            }
+            let aside = PathBuf::from(name);
+            let to = OpenOptions::new().write(true).create_new(true).open(&aside);
+            (aside, to)
+        })
+        .find(|(_, to)| !matches!(to, Err(e) if e.kind() == io::ErrorKind::AlreadyExists))
+        .map(|(aside, to)| to.map(|to| (aside, to)))
+        .expect("an unbounded range")?;
+    file.seek(io::SeekFrom::Start(at))?;
+    io::copy(file, &mut to)?;
+    to.sync_all()?;
+    sync_dir(&aside)?;
+    Ok(aside)
+}
+
 /// Opens a log for appending after replay read `len` bytes of it and found them good up to
 /// `good_end`: a log with no good header is started afresh with `magic`, a torn tail is
-/// cut off, and the cut is synced before anything new is appended after it.
+/// copied aside (`PATH.torn-<unix time>-at-<offset>`) and cut off, and the cut is synced
+/// before anything new is appended after it.
 ///
 /// # Errors
 /// When the file cannot be opened, cut, written or synced.
@@ -525,6 +556,15 @@ pub fn open_for_append(path: &Path, magic: &[u8], good_end: usize, len: usize) -
         file.set_len(0)?;
         file.write_all(magic)?;
     } else if good_end < len {
+        // Never cut without a copy: the torn bytes go aside first, for whoever wants to
+        // look at what the crash left.
+        let aside = keep_torn_tail(path, &mut file, good_end as u64)?;
+        crate::log_info!(
+            "{}: the torn final record's {} bytes are kept as {}",
+            path.display(),
+            len - good_end,
+            aside.display()
+        );
         file.set_len(good_end as u64)?;
     }
     // Appends go to the end; O_APPEND is not needed with one writer at a time.

@@ -212,7 +212,22 @@ fn a_store_log_with_a_truncated_tail_checks_clean_and_starts_cut_back() {
     assert_eq!(c.ask("lookup,key099\n"), "nothing");
     drop(server);
     assert_eq!(std::fs::read(&path).unwrap(), &log[..record_at(99)]);
+    // Cut, but never without a copy: the torn bytes are kept beside the log, and named.
+    let name = format!("{}.torn-", path.file_name().unwrap().to_str().unwrap());
+    let copies: Vec<PathBuf> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&name))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(std::fs::read(&copies[0]).unwrap(), &cut[record_at(99)..]);
+    assert!(
+        log_text.contains("torn final record's 30 bytes are kept as"),
+        "{log_text}"
+    );
+    std::fs::remove_file(&copies[0]).unwrap();
     std::fs::remove_file(&path).unwrap();
+    let _ = std::fs::remove_file(format!("{p}.lock"));
 }
 
 #[test]

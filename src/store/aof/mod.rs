@@ -569,6 +569,31 @@ fn temp_path(name: &str) -> PathBuf {
     path
 }
 
+/// The copies of torn final records cut from the log at `path` (`PATH.torn-*`).
+#[cfg(test)]
+fn torn_copies(path: &Path) -> Vec<PathBuf> {
+    let name = format!("{}.torn-", path.file_name().unwrap().to_string_lossy());
+    let mut copies: Vec<PathBuf> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&name))
+        .collect();
+    copies.sort();
+    copies
+}
+
+/// Removes a test's log, its lock file and its torn records' copies.
+#[cfg(test)]
+fn remove_log(path: &Path) {
+    std::fs::remove_file(path).unwrap();
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let _ = std::fs::remove_file(lock);
+    for copy in torn_copies(path) {
+        std::fs::remove_file(copy).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -710,6 +735,11 @@ mod tests {
             );
             assert_eq!(store.get(b"k1").unwrap(), b"v1");
             assert_eq!(store.get(b"k2"), None);
+            // Cut, but never without a copy of what was cut.
+            let copies = torn_copies(&path);
+            let last = copies.last().expect("a copy of the torn record");
+            assert_eq!(std::fs::read(last).unwrap(), &whole[first_end..cut]);
+            std::fs::remove_file(last).unwrap();
             // New records land after the last good one.
             let seq = aof.log_store(b"k3", b"v3");
             aof.commit(seq).unwrap();
@@ -719,7 +749,7 @@ mod tests {
             assert_eq!((replay.records, replay.torn), (2, None));
             assert_eq!(store.get(b"k3").unwrap(), b"v3");
         }
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
     }
 
     #[test]
@@ -735,7 +765,7 @@ mod tests {
         assert_eq!(replay.records, 0);
         assert!(replay.torn.is_some());
         assert!(replay.to_string().contains("ignored"));
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
     }
 
     #[test]

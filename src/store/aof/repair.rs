@@ -200,7 +200,7 @@ fn read_log(path: &Path) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::super::record::encode_store;
-    use super::super::{temp_path, Aof, Fsync};
+    use super::super::{remove_log, temp_path, Aof, Fsync};
     use super::*;
     use crate::store::state::Store;
 
@@ -284,7 +284,7 @@ mod tests {
             let found = store.get(format!("key{i:03}").as_bytes()).is_some();
             assert_eq!(found, !lost.contains(&i), "key{i:03}");
         }
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
         std::fs::remove_file(&aside).unwrap();
     }
 
@@ -332,7 +332,7 @@ mod tests {
                 checked.to_string().contains("later records parse: no"),
                 "{checked}"
             );
-            std::fs::remove_file(&path).unwrap();
+            remove_log(&path);
         }
     }
 
@@ -356,7 +356,7 @@ mod tests {
         // Clean now: a repair has nothing to do and makes no copy.
         let repaired = repair(&path).unwrap();
         assert_eq!((repaired.salvage.records, repaired.aside), (99, None));
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
     }
 
     #[test]
@@ -379,7 +379,7 @@ mod tests {
             checked.salvage.damaged,
             vec![starts[1] as u64..starts[2] as u64]
         );
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
     }
 
     #[test]
@@ -392,6 +392,6 @@ mod tests {
             io::ErrorKind::InvalidData
         );
         assert_eq!(std::fs::read(&path).unwrap(), b"precious, not a log");
-        std::fs::remove_file(&path).unwrap();
+        remove_log(&path);
     }
 }
