@@ -591,15 +591,26 @@ impl Session<'_> {
                 Request::Stats => self.svc.stats(server, replies.buffer()),
                 Request::Lookup { key } => match self.lookup(key) {
                     Ok(Found::Here) => {
-                        // Room for the reply, charged before the value is copied (a
-                        // value that grew meanwhile is charged once copied), and no
-                        // shard lock held while a charge may wait.
+                        // Copied at once when it fits the buffer's spare room (charged
+                        // already); else room is made and charged first, with no shard
+                        // lock held while a charge may wait, and the key looked up again
+                        // (a value that grew meanwhile is charged once copied).
                         let store = &self.svc.store;
-                        if let Some(len) = store.with_value(key, |v| v.map(<[u8]>::len)) {
-                            replies.reserve(len + LOOKUP_FRAMING)?;
-                        }
                         let out = replies.buffer();
-                        store.with_value(key, |v| lookup_reply(framing, v, out));
+                        let room = out.capacity() - out.len();
+                        let need = store.with_value(key, |v| {
+                            let need = v.map_or(0, <[u8]>::len) + LOOKUP_FRAMING;
+                            if need <= room {
+                                lookup_reply(framing, v, out);
+                                return 0;
+                            }
+                            need
+                        });
+                        if need > 0 {
+                            replies.reserve(need)?;
+                            let out = replies.buffer();
+                            store.with_value(key, |v| lookup_reply(framing, v, out));
+                        }
                     }
                     Ok(Found::There(v)) => {
                         if let Some(v) = &v {
