@@ -154,3 +154,5 @@ pub mod request;
 pub mod server;
 pub mod store;
 pub mod term;
+#[cfg(test)]
+mod testing;

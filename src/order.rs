@@ -473,12 +473,7 @@ mod tests {
             .unwrap()
     }
 
-    fn connect(addr: SocketAddr) -> TcpStream {
-        let s = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
-        s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        s.set_write_timeout(Some(TIMEOUT)).unwrap();
-        s
-    }
+    use crate::testing::connect;
 
     /// Sets `k` to `value` on a connection closed at once, then reads `k` on a new one.
     fn set_then_get(addr: SocketAddr, value: &str) -> String {

@@ -467,6 +467,7 @@ impl From<FrameError> for EchoError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{connect, eventually};
 
     #[test]
     fn words_parse_and_print() {
@@ -514,24 +515,6 @@ mod tests {
         (server, budget)
     }
 
-    fn connect(addr: SocketAddr) -> std::net::TcpStream {
-        let s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        s
-    }
-
-    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     #[test]
     fn answers_wait_against_the_budget_and_go_back_to_it_once_written() {
         use std::io::{Read, Write};
@@ -544,13 +527,13 @@ mod tests {
         client.write_all(&framed).unwrap();
         // Not read yet: the answer is held, and charged, while its write blocks (the
         // request's 4 MiB in the read buffer, its answer's 12 MiB).
-        wait_for("the answer to be charged", || budget.held() >= 15 << 20);
+        eventually("the answer to be charged", || budget.held() >= 15 << 20);
         let answer = frame.to_uppercase();
         let mut back = vec![0u8; 4 + answer.len()];
         client.read_exact(&mut back).unwrap();
         assert_eq!(&back[4..], answer.as_bytes());
         // Written: the large buffer goes back (and so does its charge).
-        wait_for("the charge to go back", || budget.held() < 1 << 20);
+        eventually("the charge to go back", || budget.held() < 1 << 20);
         server.stop();
     }
 

@@ -223,18 +223,6 @@ mod tests {
         }
     }
 
-    /// Waits (10 s at most) for `done`.
-    fn wait_until(what: &str, done: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "waited in vain for {what}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
     #[test]
     fn a_blocked_output_costs_lines_past_the_bound_and_says_where() {
         let gate = Gate::default();
@@ -251,7 +239,7 @@ mod tests {
         assert_eq!(printer.not_shown, 5);
         gate.open();
         // Once the queue has room, the gap is marked before the next line.
-        wait_until("the queue drains", || {
+        crate::testing::eventually("the queue drains", || {
             printer.queued.load(Ordering::Acquire) == 0
         });
         printer.print("line 00008".into());
@@ -282,7 +270,7 @@ mod tests {
         assert_eq!(budget.held(), 4 * (11 + PER_LINE));
         assert_eq!(budget.refusals(), 6);
         gate.open();
-        wait_until("the charges come back", || budget.held() == 0);
+        crate::testing::eventually("the charges come back", || budget.held() == 0);
         printer.print("line 00010".into());
         drop(printer);
         assert!(group.join(Duration::from_secs(10)).stragglers.is_empty());
@@ -314,7 +302,7 @@ mod tests {
         printer.print("line 00003".into());
         assert_eq!(printer.not_shown, 1);
         gate.open();
-        wait_until("the queue is written", || {
+        crate::testing::eventually("the queue is written", || {
             printer.queued.load(Ordering::Acquire) == 0
         });
         printer.print("line 00004".into());

@@ -43,13 +43,7 @@ fn config(workers: usize, senders: usize) -> PipelineConfig {
     config
 }
 
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
+use crate::testing::eventually;
 
 #[test]
 fn replies_keep_request_order_with_several_workers() {

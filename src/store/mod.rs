@@ -800,7 +800,7 @@ mod tests {
         use crate::budget::Budget;
         use crate::server::{Server, ServerConfig};
         use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::net::{Shutdown, TcpListener};
         use std::time::Duration;
         let (service, _) = StoreService::open(&StoreOptions::default()).unwrap();
         let Ok(mut service) = Arc::try_unwrap(service) else {
@@ -818,12 +818,7 @@ mod tests {
             .unwrap()
             .spawn()
             .unwrap();
-        let connect = || {
-            let s = TcpStream::connect(server.local_addr()).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-            s
-        };
+        let connect = || crate::testing::connect(server.local_addr());
         let mut setter = connect();
         let value = "v".repeat(128 << 10);
         setter
