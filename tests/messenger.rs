@@ -290,6 +290,42 @@ fn a_register_past_max_accounts_is_refused_and_changes_nothing_before_and_after_
     assert_eq!(c.search("*").unwrap(), ["ann", "cat"]);
 }
 
+/// `--max-waiting`: a send while that many messages wait (over all accounts) is answered
+/// `5a` (no room) and changes nothing; the count is part of the replicated state, so the
+/// next primary refuses the same send after a failover, and a confirmed delivery makes
+/// room.
+#[test]
+fn a_send_past_max_waiting_is_refused_before_and_after_a_failover() {
+    let mut cluster = Cluster::start_with(2, "maxwaiting", &["--max-waiting", "2"]);
+    let full = Err(ClientError::Refused(
+        switchboard::messenger::protocol::Violation::Full,
+    ));
+    let mut ann = cluster.client();
+    for name in ["ann", "bob", "cat"] {
+        ann.register(name).unwrap();
+    }
+    ann.login("ann").unwrap();
+    ann.send("bob", "one").unwrap();
+    ann.send("cat", "two").unwrap();
+    assert_eq!(ann.send("bob", "three"), full);
+    let primary = the_primary(&cluster);
+    cluster.kill9(primary);
+    drop(ann);
+    let mut ann = cluster.client();
+    ann.login("ann").unwrap();
+    assert_eq!(ann.send("cat", "three"), full);
+    assert_ne!(ann.server(), Some(primary));
+    // bob logs in: his message is delivered and confirmed, which makes room for one.
+    let mut bob = cluster.client();
+    assert_eq!(bob.login("bob").unwrap(), 1);
+    let got = bob.deliveries().recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(got.text, "one");
+    eventually("the confirm to make room", || {
+        ann.send("cat", "three").is_ok()
+    });
+    assert_eq!(ann.send("cat", "four"), full);
+}
+
 #[test]
 fn a_server_restarts_from_its_data_dir_after_kill_9() {
     let mut cluster = Cluster::start(1, "restart");

@@ -122,11 +122,16 @@ fn clients_register_send_and_receive_and_followers_forward_to_the_leader() {
     assert_eq!(bob.search("*").unwrap(), ["ann", "bob"]);
 }
 
-/// `--max-accounts` in majority mode: the leader refuses a register past it with `5a`
-/// before proposing anything, and the next leader, holding the same accounts, does too.
+/// `--max-accounts` and `--max-waiting` in majority mode: the leader refuses a register
+/// or a send past them with `5a` before proposing anything, and the next leader, holding
+/// the same accounts and messages, does too.
 #[test]
 fn a_register_past_max_accounts_is_refused_by_every_leader() {
-    let mut cluster = Cluster::start_with("maxaccounts", false, &["--max-accounts", "2"]);
+    let mut cluster = Cluster::start_with(
+        "maxaccounts",
+        false,
+        &["--max-accounts", "2", "--max-waiting", "1"],
+    );
     let full = Err(switchboard::messenger::ClientError::Refused(
         switchboard::messenger::protocol::Violation::Full,
     ));
@@ -143,6 +148,9 @@ fn a_register_past_max_accounts_is_refused_by_every_leader() {
     c.delete().unwrap();
     c.register("cat").unwrap();
     assert_eq!(c.search("*").unwrap(), ["bob", "cat"]);
+    c.login("cat").unwrap();
+    c.send("bob", "waits").unwrap();
+    assert_eq!(c.send("bob", "no room"), full);
 }
 
 #[test]

@@ -64,6 +64,11 @@ struct Args {
     /// leader) applies its own, and every other applies what it decided
     #[argh(option, default = "messenger::state::DEFAULT_MAX_ACCOUNTS")]
     max_accounts: usize,
+    /// refuse a send while this many messages wait for their recipients, over all
+    /// accounts, with `5a` (no room, as a send to a full mailbox; default 1000000, up to
+    /// about 400 MB): every waiting message is held in memory. Decided as --max-accounts
+    #[argh(option, default = "messenger::state::DEFAULT_MAX_WAITING")]
+    max_waiting: usize,
     /// refuse connections beyond this many live ones, peer links included, with the
     /// `41` (unavailable) reply (default 10000)
     #[argh(option, default = "10_000")]
@@ -142,6 +147,7 @@ fn main() -> ExitCode {
     config.refusal = Some(messenger::server::refusal());
     let limits = Limits {
         max_accounts: args.max_accounts,
+        max_waiting: args.max_waiting,
     };
     let addr = peers[id];
     if args.quorum == Quorum::Majority {

@@ -39,6 +39,12 @@ pub const RECENT_IDS: usize = 1024;
 /// Accounts a server holds at most unless told otherwise (`--max-accounts`).
 pub const DEFAULT_MAX_ACCOUNTS: usize = 100_000;
 
+/// Messages waiting for their recipients, over all accounts, a server holds at most
+/// unless told otherwise (`--max-waiting`). A waiting message takes up to about 400 bytes
+/// (its sender's name, its text, its number and their bookkeeping), so the default holds
+/// up to about 400 MB.
+pub const DEFAULT_MAX_WAITING: usize = 1_000_000;
+
 /// Bounds the primary keeps the state within when it decides a request. They are not part
 /// of the replicated state: a request past one is refused where it is decided, before any
 /// change is made, and every server applies every change its primary made, whatever its
@@ -49,12 +55,17 @@ pub struct Limits {
     /// [`Violation::Full`]. A search goes through every account under the server's
     /// lock, so this bounds how long one can hold it.
     pub max_accounts: usize,
+    /// A send while this many messages wait, over all accounts, is refused with
+    /// [`Violation::Full`], as a send to a full mailbox is: every waiting message is held
+    /// in memory, and the per-account bound ([`MAX_LIST`]) times the accounts is no bound.
+    pub max_waiting: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_accounts: DEFAULT_MAX_ACCOUNTS,
+            max_waiting: DEFAULT_MAX_WAITING,
         }
     }
 }
@@ -181,6 +192,8 @@ impl std::error::Error for Corrupt {}
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     accounts: BTreeMap<String, Account>,
+    /// Messages waiting, over all accounts: the sum of the mailboxes' lengths.
+    waiting: usize,
 }
 
 impl State {
@@ -197,6 +210,11 @@ impl State {
     /// Number of accounts.
     pub fn accounts(&self) -> usize {
         self.accounts.len()
+    }
+
+    /// Number of messages waiting for their recipients, over all accounts.
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 
     /// The user's pending messages, oldest first.
@@ -237,7 +255,8 @@ impl State {
     ///   elsewhere → `InUse`.
     /// - send: logged out → `NotLoggedIn`; FROM not me → `WrongUser`; no such recipient →
     ///   `NoSuchUser`; id seen recently from me → ok, nothing changes (a resend); recipient
-    ///   has [`MAX_LIST`] waiting → `Full`.
+    ///   has [`MAX_LIST`] waiting, or [`Limits::max_waiting`] wait over all accounts →
+    ///   `Full`.
     /// - logout, delete: logged out → `NotLoggedIn`; NAME not me → `WrongUser`.
     /// - confirm: ignored unless logged in; never answered.
     /// - search, quit: always allowed.
@@ -309,7 +328,7 @@ impl State {
                 {
                     return Decision::reply(Reply::Ok);
                 }
-                if recipient.mailbox.len() >= MAX_LIST {
+                if recipient.mailbox.len() >= MAX_LIST || self.waiting >= limits.max_waiting {
                     return Decision::refuse(Violation::Full);
                 }
                 Decision {
@@ -378,7 +397,9 @@ impl State {
                 None
             }
             Change::Delete { name } => {
-                self.accounts.remove(name);
+                if let Some(account) = self.accounts.remove(name) {
+                    self.waiting -= account.mailbox.len();
+                }
                 None
             }
             Change::Send { from, to, id, text } => {
@@ -397,6 +418,7 @@ impl State {
                     from: from.clone(),
                     text: text.clone(),
                 });
+                self.waiting += 1;
                 let delivery = Delivery {
                     id: at,
                     from: from.clone(),
@@ -408,6 +430,7 @@ impl State {
                 if let Some(account) = self.accounts.get_mut(user) {
                     while account.mailbox.front().is_some_and(|m| m.id <= *upto) {
                         account.mailbox.pop_front();
+                        self.waiting -= 1;
                     }
                 }
                 None
@@ -416,6 +439,7 @@ impl State {
                 if let Some(account) = self.accounts.get_mut(user) {
                     while account.mailbox.front().is_some_and(|m| m.id.seq <= *upto) {
                         account.mailbox.pop_front();
+                        self.waiting -= 1;
                     }
                 }
                 None
@@ -485,7 +509,10 @@ impl State {
                 let (from, text) = (c.str8()?, c.str16()?);
                 account.mailbox.push_back(Message { id, from, text });
             }
-            state.accounts.insert(name, account);
+            state.waiting += account.mailbox.len();
+            if let Some(old) = state.accounts.insert(name, account) {
+                state.waiting -= old.mailbox.len();
+            }
         }
         c.end()?;
         Ok(state)
@@ -747,7 +774,10 @@ mod tests {
 
     #[test]
     fn a_register_past_the_account_limit_is_refused_and_changes_nothing() {
-        let limits = Limits { max_accounts: 2 };
+        let limits = Limits {
+            max_accounts: 2,
+            ..Limits::default()
+        };
         let off = |_: &str| false;
         let reg = |name: &str, nonce| Request::Register {
             name: name.into(),
@@ -796,6 +826,85 @@ mod tests {
             s.decide(limits, None, off, &reg("eve", 6)).reply,
             Some(Reply::Refused(Violation::Full))
         );
+    }
+
+    /// `max_waiting` bounds the messages waiting over all accounts: a send past it is
+    /// refused with `Full` and changes nothing, a confirm or a delete makes room, and the
+    /// count is kept through every change and through a snapshot's encoding.
+    #[test]
+    fn a_send_past_the_waiting_limit_is_refused_and_confirms_and_deletes_make_room() {
+        let limits = Limits {
+            max_waiting: 3,
+            ..Limits::default()
+        };
+        let off = |_: &str| false;
+        let mut s = State::new();
+        for (seq, name) in [(1, "ann"), (2, "bob"), (3, "cat")] {
+            register(&mut s, seq, name);
+        }
+        let mut seq = 3;
+        let mut send = |s: &mut State, to: &str, id: u64| {
+            let req = Request::Send {
+                from: "ann".into(),
+                to: to.into(),
+                id,
+                text: format!("m{id}"),
+            };
+            let d = s.decide(limits, Some("ann"), off, &req);
+            if let Some(change) = &d.change {
+                seq += 1;
+                s.apply(at(seq), change);
+            }
+            d.reply
+        };
+        let ok = Some(Reply::Ok);
+        let full = Some(Reply::Refused(Violation::Full));
+        assert_eq!(send(&mut s, "bob", 1), ok);
+        assert_eq!(send(&mut s, "bob", 2), ok);
+        assert_eq!(send(&mut s, "cat", 3), ok);
+        assert_eq!(s.waiting(), 3);
+        let before = s.clone();
+        assert_eq!(send(&mut s, "ann", 4), full);
+        assert_eq!(s, before);
+        // A resend of a send that was taken is still ok, and changes nothing.
+        assert_eq!(send(&mut s, "bob", 2), ok);
+        assert_eq!(s, before);
+        // The count survives a snapshot.
+        let mut bytes = Vec::new();
+        s.encode(&mut bytes);
+        assert_eq!(State::decode(&bytes).unwrap().waiting(), 3);
+        // bob confirms his first message: room for one.
+        s.apply(
+            at(100),
+            &Change::Confirm {
+                user: "bob".into(),
+                upto: at(4),
+            },
+        );
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(send(&mut s, "ann", 5), ok);
+        assert_eq!(send(&mut s, "ann", 6), full);
+        // cat's account goes, with its message: room again.
+        s.apply(at(101), &Change::Delete { name: "cat".into() });
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(send(&mut s, "bob", 7), ok);
+        assert_eq!(send(&mut s, "bob", 8), full);
+        let mailboxes: usize = ["ann", "bob", "cat"]
+            .iter()
+            .map(|n| s.mailbox(n).count())
+            .sum();
+        assert_eq!(s.waiting(), mailboxes);
+        // Applied whatever the count: a replica applies what its primary decided.
+        s.apply(
+            at(102),
+            &Change::Send {
+                from: "bob".into(),
+                to: "ann".into(),
+                id: 1,
+                text: "over".into(),
+            },
+        );
+        assert_eq!(s.waiting(), 4);
     }
 
     /// A search runs under the server's lock through every account. Over the most
