@@ -53,6 +53,10 @@ mod opening;
 /// Refusals at the connection cap are logged at most this often (each is counted).
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a connection in the reserve ([`ServerConfig::reserved_connections`]) may take
+/// to open ([`Connection::opened`]) when the server has no opening timeout of its own.
+pub const RESERVE_OPENING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The error a handler ends its connection with; logged in one line, never fatal to the
 /// server. Only the end of a connection is on this path, so a boxed error costs nothing.
 pub type HandlerError = Box<dyn Error + Send + Sync>;
@@ -108,8 +112,12 @@ pub struct Connection {
     /// The instants another thread makes the socket non-blocking (see
     /// [`Connection::nonblocking`]).
     toggles: Arc<Toggles>,
-    /// Set by [`Connection::opened`], when the server has an opening timeout.
+    /// Set by [`Connection::opened`], when the server has an opening timeout or this
+    /// connection is in the reserve.
     opened: Option<Arc<AtomicBool>>,
+    /// Accepted past `max_connections`, into the reserve
+    /// ([`ServerConfig::reserved_connections`]).
+    reserve: bool,
 }
 
 impl Connection {
@@ -163,9 +171,39 @@ impl Connection {
         self.idle_timeout
     }
 
+    /// Whether this connection was accepted past [`ServerConfig::max_connections`], into
+    /// the reserve ([`ServerConfig::reserved_connections`]): its handler should serve it
+    /// only if it is one of those the reserve is kept for (an authenticated peer link,
+    /// say, calling [`Connection::opened`] once it has proved itself) and
+    /// [`Connection::refuse`] it otherwise.
+    pub fn in_reserve(&self) -> bool {
+        self.reserve
+    }
+
+    /// Answers this connection as one over the connection limit is answered (the server's
+    /// refusal, [`ServerConfig::refusal`]) and shuts it down: for a connection in the
+    /// reserve that is not one the reserve is for. Counted as refused. The handler should
+    /// return next.
+    pub fn refuse(&self) {
+        let shared = &self.server.shared;
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        log_debug!(
+            "{}: connection {} from {} refused: over the connection limit, and not one the \
+             reserve is for",
+            shared.name,
+            self.id,
+            self.peer
+        );
+        // A refusal is a few bytes into an empty send buffer: never wait on it.
+        let _ = self.stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = (&*self.stream).write_all(&shared.refusal);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
     /// Tells the server that this connection has opened (its hello, handshake or first
     /// request is done): the opening timeout ([`ServerConfig::opening_timeout`]) no longer
-    /// applies to it. Does nothing when the server has none.
+    /// applies to it. Does nothing when the server has none and the connection is not in
+    /// the reserve.
     pub fn opened(&self) {
         if let Some(opened) = &self.opened {
             opened.store(true, Ordering::Release);
@@ -452,8 +490,18 @@ pub struct ServerConfig {
     /// [`Connection::opened`]. Past it the socket is shut down both ways, which ends the
     /// handler's blocked read or write however it reads, and is logged. Read timeouts bound
     /// each read only: a peer trickling its hello a byte at a time outlasts any of them, not
-    /// this. `None`: no bound (the default).
+    /// this. `None`: no bound (the default), but for connections in the reserve.
     pub opening_timeout: Option<Duration>,
+    /// Connections accepted past `max_connections`, up to this many more, into the
+    /// reserve (default 0: none): for connections its handler can tell apart as soon as
+    /// they open, such as a cluster's own authenticated peer links, so that clients
+    /// holding every ordinary slot cannot keep them out (a flood of idle connections would
+    /// otherwise keep a dropped replication link from being dialled again). The handler
+    /// sees [`Connection::in_reserve`] and [`Connection::refuse`]s those the reserve is not
+    /// for; one that has not called [`Connection::opened`] within the opening timeout
+    /// (`opening_timeout`, or [`RESERVE_OPENING_TIMEOUT`] without one) is shut down, so
+    /// nobody holds the reserve without proving themselves.
+    pub reserved_connections: usize,
     /// Stack size of each connection thread. Idle threads touch only a few pages of it, so
     /// thousands of connections fit in little memory.
     pub stack_size: usize,
@@ -485,6 +533,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             idle_timeout: None,
             opening_timeout: None,
+            reserved_connections: 0,
             stack_size: 128 << 10,
             framing: Framing::Line,
             refusal: None,
@@ -545,6 +594,8 @@ struct Shared {
     wake_addr: SocketAddr,
     accepted: AtomicU64,
     refused: AtomicU64,
+    /// What a refused connection is sent: the config's refusal, encoded once.
+    refusal: Vec<u8>,
     client_memory: Option<Budget>,
     /// The connection threads and their sockets. Each thread unregisters its socket as it
     /// ends and is joined by the next accept, so nothing outlives its connection; shutdown
@@ -623,8 +674,6 @@ impl ServerHandle {
 pub struct Server {
     listener: TcpListener,
     config: ServerConfig,
-    /// `config`'s refusal, encoded once.
-    refusal: Vec<u8>,
     handler: Arc<dyn Handler>,
     handle: ServerHandle,
     /// Shuts down connections that do not open in time ([`ServerConfig::opening_timeout`]).
@@ -687,16 +736,20 @@ impl Server {
             wake_addr: SocketAddr::new(wake_ip, local.port()),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refusal: config.refusal_bytes(),
             client_memory: config.client_memory.clone(),
             group: Group::with_stack_size(&config.name, config.stack_size),
         });
         let opening = match config.opening_timeout {
             Some(timeout) => Some(opening::Watch::start(&config.name, timeout)?),
+            None if config.reserved_connections > 0 => Some(opening::Watch::start(
+                &config.name,
+                RESERVE_OPENING_TIMEOUT,
+            )?),
             None => None,
         };
         Ok(Server {
             listener,
-            refusal: config.refusal_bytes(),
             config,
             handler: Arc::new(handler),
             handle: ServerHandle { shared, local },
@@ -816,10 +869,12 @@ impl Server {
         let shared = &self.handle.shared;
         let name = &self.config.name;
         let live = shared.group.live();
-        if live >= self.config.max_connections {
+        let max = self.config.max_connections;
+        if live >= max.saturating_add(self.config.reserved_connections) {
             self.refuse(stream, peer, "connection limit reached");
             return;
         }
+        let reserve = live >= max;
         // Per-connection setup failures (the peer already gone) cost that connection only.
         // The idle timeout bounds a blocked write too: a client that neither sends nor
         // takes anything is idle whichever way its connection is stuck.
@@ -839,7 +894,13 @@ impl Server {
             return;
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
-        let opened = self.opening.as_ref().map(|w| w.watch(id, peer, &stream));
+        // Every connection when there is an opening timeout; else only the reserve's.
+        let watched = reserve || self.config.opening_timeout.is_some();
+        let opened = self
+            .opening
+            .as_ref()
+            .filter(|_| watched)
+            .map(|w| w.watch(id, peer, &stream));
         let account =
             self.config.client_memory.as_ref().map(|budget| {
                 budget.account(&format!("connection {id} from {peer}"), Some(&stream))
@@ -853,6 +914,7 @@ impl Server {
             account,
             toggles: Arc::default(),
             opened,
+            reserve,
         };
         self.handler.accepted(&conn);
         let handler = Arc::clone(&self.handler);
@@ -892,7 +954,7 @@ impl Server {
         }
         // A fresh socket's send buffer is empty, but never let a refusal block accepting.
         let _ = stream.set_nonblocking(true);
-        let _ = stream.write_all(&self.refusal);
+        let _ = stream.write_all(&shared.refusal);
         let _ = stream.shutdown(Shutdown::Both);
     }
 }

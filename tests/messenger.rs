@@ -24,6 +24,7 @@ use switchboard::framing::{encode_frame, FrameError, Framing};
 use switchboard::messenger::protocol::Delivery;
 use switchboard::messenger::{Client, ClientError};
 use switchboard::proxy::FaultProxy;
+use switchboard::server::RESERVE_OPENING_TIMEOUT;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_messenger-server");
 const CLIENT: &str = env!("CARGO_BIN_EXE_messenger-client");
@@ -324,6 +325,34 @@ fn a_send_past_max_waiting_is_refused_before_and_after_a_failover() {
         ann.send("cat", "three").is_ok()
     });
     assert_eq!(ann.send("cat", "four"), full);
+}
+
+/// Connections holding every slot of a server cannot keep a peer's link out: connections
+/// that never send anything take every slot of server 0, the room kept past
+/// `--max-connections` for peer links too, and more are refused; server 1, killed and
+/// restarted meanwhile, dials server 0 again and gets in once the silent ones in that room
+/// are closed at its opening timeout (5 s), while those within the limit hold on.
+#[test]
+fn a_restarted_peer_links_again_past_a_connection_limit_that_clients_fill() {
+    let mut cluster = Cluster::start_with(2, "reserve", &["--max-connections", "4"]);
+    let ups = |cluster: &Cluster| cluster.log(0).matches("server 1 is up").count();
+    eventually("the servers to link", || ups(&cluster) == 1);
+    cluster.kill9(1);
+    let held: Vec<_> = (0..20).map(|_| connect(cluster.addrs[0])).collect();
+    eventually("server 0 to refuse past the limit and the room", || {
+        cluster.log(0).contains("connection limit reached")
+    });
+    cluster.spawn(1);
+    let deadline = Instant::now() + RESERVE_OPENING_TIMEOUT + IO_TIMEOUT;
+    while ups(&cluster) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no link again\n{}",
+            cluster.logs()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    drop(held);
 }
 
 #[test]

@@ -377,6 +377,87 @@ fn a_hello_trickled_a_byte_at_a_time_is_cut_at_the_opening_timeout() {
     assert_eq!(report.abandoned, 0);
 }
 
+/// `reserved_connections`: past `max_connections`, connections go into the reserve; the
+/// handler serves those it is for (here, a connection whose first line is `peer`) and
+/// refuses the rest, the reserve is capped too, and one that does not open in time is
+/// shut down: idle clients holding every ordinary slot cannot keep a peer out, nor can
+/// anyone hold the reserve without proving themselves.
+#[test]
+fn the_reserve_takes_peers_past_the_cap_and_refuses_or_closes_everyone_else() {
+    quiet_logs();
+    let config = ServerConfig {
+        max_connections: 2,
+        reserved_connections: 2,
+        ..ServerConfig::named("reserve")
+    };
+    let server = Server::bind("127.0.0.1:0", config, |conn| {
+        let mut reader = FrameReader::new(&*conn.stream, Framing::Line);
+        let Some(first) = reader.read_frame()?.map(<[u8]>::to_vec) else {
+            return Ok(());
+        };
+        if conn.in_reserve() && first != b"peer" {
+            conn.refuse();
+            return Ok(());
+        }
+        conn.opened();
+        let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
+        let status: &[u8] = if conn.in_reserve() {
+            b"reserve"
+        } else {
+            b"ordinary"
+        };
+        writer.write_frame(status)?;
+        while let Some(line) = reader.read_frame()? {
+            writer.write_frame(line)?;
+        }
+        Ok(())
+    })
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let addr = server.local_addr();
+    // Two clients hold every ordinary slot (a client's first line is anything).
+    let mut a = LineClient::connect(addr);
+    let mut b = LineClient::connect(addr);
+    assert_eq!(a.ask("hi\n"), "ordinary");
+    assert_eq!(b.ask("hi\n"), "ordinary");
+    // A third client lands in the reserve, and is refused as at the cap.
+    let mut c = LineClient::connect(addr);
+    c.send(b"hi\n");
+    assert_eq!(c.line().unwrap(), b"{error,too_many_connections}");
+    c.expect_closed();
+    eventually("the refused one to go", || {
+        server.handle().stats().live == 2
+    });
+    // A peer is served in the reserve.
+    let mut peer = LineClient::connect(addr);
+    assert_eq!(peer.ask("peer\n"), "reserve");
+    assert_eq!(peer.ask("ping\n"), "ping");
+    // One that says nothing holds the last reserve slot for a while: past the cap and
+    // the reserve, a newcomer is refused at once.
+    let mut silent = LineClient::connect(addr);
+    eventually("the silent one to be served", || {
+        server.handle().stats().live == 4
+    });
+    let mut over = LineClient::connect(addr);
+    assert_eq!(over.line().unwrap(), b"{error,too_many_connections}");
+    over.expect_closed();
+    // ... until the reserve's opening timeout shuts it down.
+    let began = Instant::now();
+    silent.expect_closed();
+    assert!(
+        began.elapsed() < switchboard::server::RESERVE_OPENING_TIMEOUT + Duration::from_secs(5),
+        "the silent connection held the reserve for {:?}",
+        began.elapsed()
+    );
+    // The peer, which opened, outlives the deadline; so do the clients.
+    assert_eq!(peer.ask("still\n"), "still");
+    assert_eq!(a.ask("x\n"), "x");
+    assert_eq!(server.handle().stats().refused, 2);
+    let report = server.stop();
+    assert_eq!(report.abandoned, 0);
+}
+
 #[test]
 fn the_idle_timeout_ends_a_connection_whose_socket_another_thread_keeps_peeking_at() {
     // Newcomers peek at parked connections every few milliseconds (arrival order). Each

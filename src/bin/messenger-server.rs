@@ -69,7 +69,8 @@ struct Args {
     /// about 400 MB): every waiting message is held in memory. Decided as --max-accounts
     #[argh(option, default = "messenger::state::DEFAULT_MAX_WAITING")]
     max_waiting: usize,
-    /// refuse connections beyond this many live ones, peer links included, with the
+    /// refuse connections beyond this many live ones, peer links included (two per
+    /// other server of --peers more are let in past it, for peer links only), with the
     /// `41` (unavailable) reply (default 10000)
     #[argh(option, default = "10_000")]
     max_connections: usize,
@@ -139,6 +140,9 @@ fn main() -> ExitCode {
     };
     let mut config = ServerConfig::named(&format!("messenger-{id}"));
     config.max_connections = args.max_connections;
+    // Room past it for the peers' replication links: idle clients holding every slot
+    // cannot keep a dropped link from being dialled again.
+    config.reserved_connections = 2 * peers.len().saturating_sub(1);
     config.idle_timeout = args.idle_timeout;
     config.client_memory = Some(Budget::new(
         &format!("messenger-{id}"),

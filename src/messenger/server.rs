@@ -53,6 +53,11 @@ impl Replica {
         if first.first() == Some(&HELLO) {
             return self.serve_peer(&conn, &first, reader);
         }
+        if conn.in_reserve() {
+            // Past the connection limit: the reserve is for peer links.
+            conn.refuse();
+            return Ok(());
+        }
         serve_client(&**self, &conn, reader, first)
     }
 }

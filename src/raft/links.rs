@@ -389,6 +389,8 @@ pub fn serve_peer_with<R: Read>(
     {
         return Ok(());
     }
+    // A proven member: it may hold a reserve slot (`ServerConfig::reserved_connections`).
+    conn.opened();
     if reader.buffered_len() > 0 {
         return refuse("frames before the welcome");
     }

@@ -25,7 +25,8 @@ pub struct ServerArgs {
     /// framing: line (default), ascii10, u16 or u32
     #[argh(option, default = "Framing::Line")]
     pub framing: Framing,
-    /// refuse connections beyond this many live ones (default 10000)
+    /// refuse connections beyond this many live ones (default 10000; with --raft, two
+    /// per other member more are let in past it, for the members' links only)
     #[argh(option, default = "10_000")]
     pub max_connections: usize,
     /// close a connection idle for this many seconds, fractions allowed (default: never)
@@ -143,7 +144,7 @@ pub fn run(args: ServerArgs) -> ExitCode {
     }
 }
 
-fn replicated(index: usize, args: ServerArgs, config: ServerConfig) -> ExitCode {
+fn replicated(index: usize, args: ServerArgs, mut config: ServerConfig) -> ExitCode {
     if args.aof.is_some() {
         return fail(
             "--aof does not apply with --raft: the Raft log in --data-dir is the persistence",
@@ -157,6 +158,8 @@ fn replicated(index: usize, args: ServerArgs, config: ServerConfig) -> ExitCode 
             Ok(s) => s,
             Err(e) => return fail(&e.to_string()),
         };
+    // Room past --max-connections for the members' links (see `ServerConfig::reserved_connections`).
+    config.reserved_connections = 2 * peers.len().saturating_sub(1);
     let peers = peers.iter().map(SocketAddr::to_string).collect();
     let mut options = ReplicatedOptions::new(index, peers, dir);
     options.framing = args.framing;

@@ -301,21 +301,24 @@ impl ReplicatedStore {
                 }
             }
         };
-        let internal = first
-            .as_ref()
-            .is_some_and(|f| f.starts_with(links::HELLO) || f == FORWARD);
-        if internal {
+        let hello = first.as_ref().is_some_and(|f| f.starts_with(links::HELLO));
+        let forward = first.as_deref() == Some(FORWARD);
+        if conn.in_reserve() && !hello {
+            // Past the connection limit: the reserve is for peer links (a follower's
+            // forwarding connection is refused as a client is).
+            self.arrivals.settle(conn);
+            conn.refuse();
+            return Ok(());
+        }
+        if hello || forward {
             // A peer's link or a follower's forwarding connection: nobody waits for it.
             self.arrivals.settle(conn);
         } else {
             self.arrivals.wait_for_earlier(conn);
         }
-        if let Some(f) = &first {
-            if f.starts_with(links::HELLO) {
-                return links::serve_peer(self.member.peer_config(), &self.raft, conn, f, reader);
-            }
+        if let (true, Some(f)) = (hello, &first) {
+            return links::serve_peer(self.member.peer_config(), &self.raft, conn, f, reader);
         }
-        let forward = first.as_deref() == Some(FORWARD);
         let mut session = Session {
             svc: self,
             forward,

@@ -64,6 +64,8 @@ impl Replica {
                 // Logged with the address, and closed, by `authenticate`.
                 return Ok(());
             }
+            // A proven member: it may hold a reserve slot (`ServerConfig::reserved_connections`).
+            conn.opened();
         }
         let from = claimed.filter(|_| first.buffered_len() == 0);
         drop(first);
