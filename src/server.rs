@@ -41,7 +41,9 @@ use crate::group::Group;
 use crate::{log_debug, log_info};
 use std::error::Error;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
+};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -182,10 +184,11 @@ impl Connection {
 
     /// Answers this connection as one over the connection limit is answered (the server's
     /// refusal, [`ServerConfig::refusal`]) and shuts it down: for a connection in the
-    /// reserve that is not one the reserve is for. Counted as refused. The handler should
-    /// return next.
+    /// reserve that is not one the reserve is for. Counted as refused, not accepted. The
+    /// handler should return next.
     pub fn refuse(&self) {
         let shared = &self.server.shared;
+        shared.accepted.fetch_sub(1, Ordering::Relaxed);
         shared.refused.fetch_add(1, Ordering::Relaxed);
         log_debug!(
             "{}: connection {} from {} refused: over the connection limit, and not one the \
@@ -475,7 +478,8 @@ pub fn is_timeout(e: &io::Error) -> bool {
 pub struct ServerConfig {
     /// Names the threads (`NAME-conn-ID`) and prefixes the log lines.
     pub name: String,
-    /// Live connections beyond which new ones are refused.
+    /// Live connections beyond which new ones are refused (but for those the reserve
+    /// takes: `reserved_connections`).
     pub max_connections: usize,
     /// How long a connection may go without receiving anything, or with a write blocked
     /// (its socket's read and write timeouts). Past it, reads through
@@ -500,8 +504,14 @@ pub struct ServerConfig {
     /// sees [`Connection::in_reserve`] and [`Connection::refuse`]s those the reserve is not
     /// for; one that has not called [`Connection::opened`] within the opening timeout
     /// (`opening_timeout`, or [`RESERVE_OPENING_TIMEOUT`] without one) is shut down, so
-    /// nobody holds the reserve without proving themselves.
+    /// nobody holds the reserve without proving themselves. But anyone who may connect can
+    /// keep it full by connecting again each time one is shut down: `reserve_from` narrows
+    /// who may.
     pub reserved_connections: usize,
+    /// The addresses the reserve takes connections from (default: empty, from anywhere):
+    /// past `max_connections`, a connection from any other address is refused as at the
+    /// limit, before its thread starts. A cluster gives its members' addresses.
+    pub reserve_from: Vec<IpAddr>,
     /// Stack size of each connection thread. Idle threads touch only a few pages of it, so
     /// thousands of connections fit in little memory.
     pub stack_size: usize,
@@ -534,6 +544,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             opening_timeout: None,
             reserved_connections: 0,
+            reserve_from: Vec::new(),
             stack_size: 128 << 10,
             framing: Framing::Line,
             refusal: None,
@@ -572,7 +583,9 @@ pub struct ServerStats {
     pub live: usize,
     /// Connections accepted and served since start (refused ones excluded).
     pub accepted: u64,
-    /// Connections refused (over `max_connections`, or no thread could be started).
+    /// Connections refused: over `max_connections` (and the reserve,
+    /// [`ServerConfig::reserved_connections`], or turned away from it by its handler), or
+    /// no thread could be started.
     pub refused: u64,
 }
 
@@ -875,6 +888,11 @@ impl Server {
             return;
         }
         let reserve = live >= max;
+        let from = &self.config.reserve_from;
+        if reserve && !from.is_empty() && !from.contains(&peer.ip()) {
+            self.refuse(stream, peer, "connection limit reached");
+            return;
+        }
         // Per-connection setup failures (the peer already gone) cost that connection only.
         // The idle timeout bounds a blocked write too: a client that neither sends nor
         // takes anything is idle whichever way its connection is stuck.

@@ -338,6 +338,10 @@ fn a_restarted_peer_links_again_past_a_connection_limit_that_clients_fill() {
     let ups = |cluster: &Cluster| cluster.log(0).matches("server 1 is up").count();
     eventually("the servers to link", || ups(&cluster) == 1);
     cluster.kill9(1);
+    // Its link gone, so that the held connections take every ordinary slot.
+    eventually("server 0 to find server 1 down", || {
+        cluster.log(0).contains("server 1 is down")
+    });
     let held: Vec<_> = (0..20).map(|_| connect(cluster.addrs[0])).collect();
     eventually("server 0 to refuse past the limit and the room", || {
         cluster.log(0).contains("connection limit reached")
@@ -352,7 +356,16 @@ fn a_restarted_peer_links_again_past_a_connection_limit_that_clients_fill() {
         );
         thread::sleep(Duration::from_millis(10));
     }
-    drop(held);
+    // The four within the limit are still open; the others were refused or shut down.
+    let open = held
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let read = std::io::Read::read(&mut &**s, &mut [0u8; 16]);
+            matches!(read, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+        })
+        .count();
+    assert_eq!(open, 4, "{}", cluster.log(0));
 }
 
 #[test]

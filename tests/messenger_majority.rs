@@ -123,8 +123,8 @@ fn clients_register_send_and_receive_and_followers_forward_to_the_leader() {
 }
 
 /// `--max-accounts` and `--max-waiting` in majority mode: the leader refuses a register
-/// or a send past them with `5a` before proposing anything, and the next leader, holding
-/// the same accounts and messages, does too.
+/// past the first with `5a` before proposing anything, and the next leader, holding the
+/// same accounts, does too; it refuses a send past the second.
 #[test]
 fn a_register_past_max_accounts_is_refused_by_every_leader() {
     let mut cluster = Cluster::start_with(

@@ -140,9 +140,10 @@ fn main() -> ExitCode {
     };
     let mut config = ServerConfig::named(&format!("messenger-{id}"));
     config.max_connections = args.max_connections;
-    // Room past it for the peers' replication links: idle clients holding every slot
-    // cannot keep a dropped link from being dialled again.
+    // Room past it for the peers' replication links, from the cluster's own addresses:
+    // idle clients holding every slot cannot keep a dropped link from being dialled again.
     config.reserved_connections = 2 * peers.len().saturating_sub(1);
+    config.reserve_from = peers.iter().chain(&dial).map(|a| a.ip()).collect();
     config.idle_timeout = args.idle_timeout;
     config.client_memory = Some(Budget::new(
         &format!("messenger-{id}"),

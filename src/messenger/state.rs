@@ -42,7 +42,8 @@ pub const DEFAULT_MAX_ACCOUNTS: usize = 100_000;
 /// Messages waiting for their recipients, over all accounts, a server holds at most
 /// unless told otherwise (`--max-waiting`). A waiting message takes up to about 400 bytes
 /// (its sender's name, its text, its number and their bookkeeping), so the default holds
-/// up to about 400 MB.
+/// up to about 400 MB (twice that on a majority-mode leader, which holds the state as
+/// committed and as it will be).
 pub const DEFAULT_MAX_WAITING: usize = 1_000_000;
 
 /// Bounds the primary keeps the state within when it decides a request. They are not part

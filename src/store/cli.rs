@@ -158,8 +158,10 @@ fn replicated(index: usize, args: ServerArgs, mut config: ServerConfig) -> ExitC
             Ok(s) => s,
             Err(e) => return fail(&e.to_string()),
         };
-    // Room past --max-connections for the members' links (see `ServerConfig::reserved_connections`).
+    // Room past --max-connections for the members' links, from their addresses (see
+    // `ServerConfig::reserved_connections`).
     config.reserved_connections = 2 * peers.len().saturating_sub(1);
+    config.reserve_from = peers.iter().map(SocketAddr::ip).collect();
     let peers = peers.iter().map(SocketAddr::to_string).collect();
     let mut options = ReplicatedOptions::new(index, peers, dir);
     options.framing = args.framing;
