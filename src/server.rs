@@ -56,7 +56,7 @@ mod opening;
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a connection in the reserve ([`ServerConfig::reserved_connections`]) may take
-/// to open ([`Connection::opened`]) when the server has no opening timeout of its own.
+/// to open ([`Connection::opened`]), or the server's opening timeout if that is shorter.
 pub const RESERVE_OPENING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The error a handler ends its connection with; logged in one line, never fatal to the
@@ -494,7 +494,8 @@ pub struct ServerConfig {
     /// [`Connection::opened`]. Past it the socket is shut down both ways, which ends the
     /// handler's blocked read or write however it reads, and is logged. Read timeouts bound
     /// each read only: a peer trickling its hello a byte at a time outlasts any of them, not
-    /// this. `None`: no bound (the default), but for connections in the reserve.
+    /// this. `None`: no bound (the default), but for connections in the reserve
+    /// (`reserved_connections`).
     pub opening_timeout: Option<Duration>,
     /// Connections accepted past `max_connections`, up to this many more, into the
     /// reserve (default 0: none): for connections its handler can tell apart as soon as
@@ -502,8 +503,8 @@ pub struct ServerConfig {
     /// holding every ordinary slot cannot keep them out (a flood of idle connections would
     /// otherwise keep a dropped replication link from being dialled again). The handler
     /// sees [`Connection::in_reserve`] and [`Connection::refuse`]s those the reserve is not
-    /// for; one that has not called [`Connection::opened`] within the opening timeout
-    /// (`opening_timeout`, or [`RESERVE_OPENING_TIMEOUT`] without one) is shut down, so
+    /// for; one that has not called [`Connection::opened`] within [`RESERVE_OPENING_TIMEOUT`]
+    /// (or `opening_timeout`, if shorter) is shut down, so
     /// nobody holds the reserve without proving themselves. But anyone who may connect can
     /// keep it full by connecting again each time one is shut down: `reserve_from` narrows
     /// who may.
@@ -691,6 +692,10 @@ pub struct Server {
     handle: ServerHandle,
     /// Shuts down connections that do not open in time ([`ServerConfig::opening_timeout`]).
     opening: Option<opening::Watch>,
+    /// The same for connections in the reserve ([`ServerConfig::reserved_connections`]),
+    /// with a deadline of its own (a watch keeps one timeout, so that its queue is in
+    /// deadline order).
+    reserve_opening: Option<opening::Watch>,
     /// When a refusal was last logged, and how many were not since: at most one line a
     /// second, for a flood at the cap would otherwise write a line per attempt, on the
     /// accepting thread.
@@ -754,12 +759,17 @@ impl Server {
             group: Group::with_stack_size(&config.name, config.stack_size),
         });
         let opening = match config.opening_timeout {
-            Some(timeout) => Some(opening::Watch::start(&config.name, timeout)?),
-            None if config.reserved_connections > 0 => Some(opening::Watch::start(
-                &config.name,
-                RESERVE_OPENING_TIMEOUT,
-            )?),
+            Some(timeout) => Some(opening::Watch::start(&config.name, "opening", timeout)?),
             None => None,
+        };
+        let reserve_opening = match config.reserved_connections {
+            0 => None,
+            _ => {
+                let timeout = config
+                    .opening_timeout
+                    .map_or(RESERVE_OPENING_TIMEOUT, |t| t.min(RESERVE_OPENING_TIMEOUT));
+                Some(opening::Watch::start(&config.name, "reserve", timeout)?)
+            }
         };
         Ok(Server {
             listener,
@@ -767,6 +777,7 @@ impl Server {
             handler: Arc::new(handler),
             handle: ServerHandle { shared, local },
             opening,
+            reserve_opening,
             refusals_logged: std::cell::Cell::new(None),
             refusals_unlogged: std::cell::Cell::new(0),
         })
@@ -817,12 +828,13 @@ impl Server {
             config,
             handle,
             opening,
+            reserve_opening,
             ..
         } = self;
         // Closing the listener first frees the port and refuses newcomers during the drain.
         drop(listener);
         let report = drain(&handle, &config);
-        drop(opening);
+        drop((opening, reserve_opening));
         let memory = config
             .client_memory
             .as_ref()
@@ -912,13 +924,12 @@ impl Server {
             return;
         };
         let id = shared.accepted.fetch_add(1, Ordering::Relaxed);
-        // Every connection when there is an opening timeout; else only the reserve's.
-        let watched = reserve || self.config.opening_timeout.is_some();
-        let opened = self
-            .opening
-            .as_ref()
-            .filter(|_| watched)
-            .map(|w| w.watch(id, peer, &stream));
+        let watch = if reserve {
+            &self.reserve_opening
+        } else {
+            &self.opening
+        };
+        let opened = watch.as_ref().map(|w| w.watch(id, peer, &stream));
         let account =
             self.config.client_memory.as_ref().map(|budget| {
                 budget.account(&format!("connection {id} from {peer}"), Some(&stream))

@@ -106,6 +106,33 @@ fn say(client: &mut LineClient, name: &str, text: &str) {
     client.send(format!("{{send,\"{name}\",\"{text}\"}}\n").as_bytes());
 }
 
+/// Clients holding every connection slot of a server cannot keep another server's link
+/// out: past `--max-connections` a client is refused, but a server joining the federation
+/// gets in (the reserve kept for links), and its clients' events reach this one's.
+#[test]
+fn a_server_joins_past_a_connection_limit_that_clients_fill() {
+    let a = start(&["--max-connections", "2"]);
+    let mut ann = join(a.addr, "ann");
+    let mut bob = join(a.addr, "bob");
+    expect(&mut [&mut ann], &["{join,\"bob\"}"]);
+    let mut over = LineClient::connect(a.addr);
+    over.send(b"{client_join_req,\"cat\"}\n");
+    assert_eq!(over.line().unwrap(), b"{error,too_many_connections}");
+    over.expect_closed();
+    let b = start_joining(&a);
+    let listed = member_line(&[a.addr, b.addr]);
+    eventually("the joining server to link", || {
+        LineClient::connect(b.addr).ask("servers\n") == listed
+    });
+    let mut dan = join(b.addr, "dan");
+    expect(&mut [&mut ann, &mut bob], &["{join,\"dan\"}"]);
+    say(&mut dan, "dan", "hello over the link");
+    expect(
+        &mut [&mut ann, &mut bob],
+        &["{message,\"dan\",\"hello over the link\"}"],
+    );
+}
+
 #[test]
 fn three_clients_on_one_server_see_joins_messages_and_leaves() {
     let server = start(&[]);

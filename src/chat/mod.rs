@@ -75,6 +75,12 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:65003";
 /// as they connect, and a silent connection otherwise holds a slot for good.
 pub const OPENING_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Connections let in past the connection limit for links from other servers only
+/// ([`ServerConfig::reserved_connections`]): clients holding every slot cannot keep the
+/// federation's links out. One that has not proved itself a server within
+/// [`crate::server::RESERVE_OPENING_TIMEOUT`] is shut down.
+pub const SERVER_LINK_RESERVE: usize = 16;
+
 /// How a chat server behaves.
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
@@ -107,6 +113,7 @@ impl Default for ChatConfig {
         ChatConfig {
             server: ServerConfig {
                 opening_timeout: Some(OPENING_TIMEOUT),
+                reserved_connections: SERVER_LINK_RESERVE,
                 ..ServerConfig::named("chat")
             },
             outbox: 4096,
@@ -511,6 +518,11 @@ impl Chat {
         // A client has opened with its first line; a server, once its link is up.
         match first {
             Ok(Opening::Server(id)) => federation::serve_incoming(self, id, &conn, reader),
+            // Past the connection limit: the reserve is for links from other servers.
+            _ if conn.in_reserve() => {
+                conn.refuse();
+                Ok(())
+            }
             Ok(Opening::Client(request)) => {
                 conn.opened();
                 session::serve(self, &conn, reader, Ok(request))

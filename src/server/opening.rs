@@ -47,12 +47,12 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// Starts the thread (`NAME-opening`).
-    pub(super) fn start(name: &str, timeout: Duration) -> io::Result<Watch> {
+    /// Starts the thread (`NAME-WHAT`: `opening`, or `reserve` for the reserve's watch).
+    pub(super) fn start(name: &str, what: &str, timeout: Duration) -> io::Result<Watch> {
         let (tx, rx) = unbounded();
         let owned = name.to_owned();
         let thread = thread::Builder::new()
-            .name(format!("{name}-opening"))
+            .name(format!("{name}-{what}"))
             .stack_size(64 << 10)
             .spawn(move || run(&owned, timeout, &rx))?;
         Ok(Watch {
