@@ -491,7 +491,7 @@ pub struct ServerConfig {
     /// (A handler may set another write timeout on the socket.)
     pub idle_timeout: Option<Duration>,
     /// How long a connection may take to open: from its accept until its handler calls
-    /// [`Connection::opened`]. Past it the socket is shut down both ways, which ends the
+    /// [`Connection::opened`] (one in the reserve: at most [`RESERVE_OPENING_TIMEOUT`]). Past it the socket is shut down both ways, which ends the
     /// handler's blocked read or write however it reads, and is logged. Read timeouts bound
     /// each read only: a peer trickling its hello a byte at a time outlasts any of them, not
     /// this. `None`: no bound (the default), but for connections in the reserve
@@ -690,7 +690,8 @@ pub struct Server {
     config: ServerConfig,
     handler: Arc<dyn Handler>,
     handle: ServerHandle,
-    /// Shuts down connections that do not open in time ([`ServerConfig::opening_timeout`]).
+    /// Shuts down ordinary connections (not the reserve's) that do not open in time
+    /// ([`ServerConfig::opening_timeout`]).
     opening: Option<opening::Watch>,
     /// The same for connections in the reserve ([`ServerConfig::reserved_connections`]),
     /// with a deadline of its own (a watch keeps one timeout, so that its queue is in

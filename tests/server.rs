@@ -461,6 +461,46 @@ fn the_reserve_takes_peers_past_the_cap_and_refuses_or_closes_everyone_else() {
     assert_eq!(report.abandoned, 0);
 }
 
+/// The reserve's deadline is its own: with a longer opening timeout, a silent connection
+/// in the reserve is shut down at [`RESERVE_OPENING_TIMEOUT`] while a silent ordinary one
+/// stays; with a shorter one, the reserve's follows it.
+#[test]
+fn a_silent_connection_in_the_reserve_is_cut_at_the_shorter_of_the_two_deadlines() {
+    use switchboard::server::RESERVE_OPENING_TIMEOUT;
+    quiet_logs();
+    for (opening, expected) in [
+        (Duration::from_secs(30), RESERVE_OPENING_TIMEOUT),
+        (Duration::from_secs(1), Duration::from_secs(1)),
+    ] {
+        let config = ServerConfig {
+            max_connections: 1,
+            reserved_connections: 1,
+            opening_timeout: Some(opening),
+            ..ServerConfig::named("reserve-deadline")
+        };
+        let server = start_echo(config);
+        let addr = server.local_addr();
+        let mut ordinary = LineClient::connect(addr);
+        eventually("the ordinary one to be served", || {
+            server.handle().stats().live == 1
+        });
+        let since = Instant::now();
+        let mut reserve = LineClient::connect(addr);
+        reserve.expect_closed();
+        let held = since.elapsed();
+        assert!(
+            held >= expected - Duration::from_millis(100)
+                && held < expected + Duration::from_secs(3),
+            "opening timeout {opening:?}: the reserve's silent connection lasted {held:?}"
+        );
+        if opening > RESERVE_OPENING_TIMEOUT {
+            // Still within its own, longer deadline.
+            assert_eq!(ordinary.ask("late\n"), "late");
+        }
+        drop(ordinary);
+    }
+}
+
 /// `reserve_from`: past `max_connections`, the reserve takes connections from those
 /// addresses only; from anywhere else, a newcomer is refused at once, as at the limit.
 #[test]

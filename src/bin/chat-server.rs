@@ -31,11 +31,13 @@ struct Args {
         from_str_fn(switchboard::cli::positive_seconds)
     )]
     link_timeout: Duration,
-    /// refuse connections beyond this many live ones (default 10000)
+    /// refuse connections beyond this many live ones (default 10000; 16 more are let in
+    /// past it for links from other servers only)
     #[argh(option, default = "10_000")]
     max_connections: usize,
     /// close a connection that has not sent its first line (a server: its hello and
-    /// proof) within this many seconds, fractions allowed (default 60)
+    /// proof) within this many seconds, fractions allowed (default 60; one let in past
+    /// --max-connections: at most 5)
     #[argh(
         option,
         default = "chat::OPENING_TIMEOUT",

@@ -837,6 +837,9 @@ pub(super) fn serve_incoming(
     {
         return Ok(());
     }
+    // Proven (or no secret asked): it may hold a reserve slot, and nothing below waits
+    // on the peer for long.
+    conn.opened();
     // Our heartbeats on this link tell the peer's watcher we are alive (rule 2); the
     // writer starts once the welcome is out.
     let name = format!("chat: the link from {id}");
@@ -870,7 +873,6 @@ pub(super) fn serve_incoming(
         Ok(None) => return Ok(()),
         Err(e) => e.to_string(),
         Ok(Some(mut link)) => {
-            conn.opened();
             if let Err(e) = chat
                 .0
                 .group

@@ -77,15 +77,18 @@ pub const OPENING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connections let in past the connection limit for links from other servers only
 /// ([`ServerConfig::reserved_connections`]): clients holding every slot cannot keep the
-/// federation's links out. One that has not proved itself a server within
-/// [`crate::server::RESERVE_OPENING_TIMEOUT`] is shut down.
+/// federation's links out. One that has not proved itself a server (its hello, and the
+/// secret's proof when there is one) within [`crate::server::RESERVE_OPENING_TIMEOUT`], or
+/// the opening timeout if shorter, is shut down. Unlike a fixed cluster's, it takes
+/// connections from any address: members come and go.
 pub const SERVER_LINK_RESERVE: usize = 16;
 
 /// How a chat server behaves.
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
-    /// The connection server underneath (name, connection cap, idle timeout, and the
-    /// opening timeout: [`OPENING_TIMEOUT`] by default).
+    /// The connection server underneath (name, connection cap, idle timeout, the opening
+    /// timeout: [`OPENING_TIMEOUT`] by default, and [`SERVER_LINK_RESERVE`] connections
+    /// past the cap for server links).
     pub server: ServerConfig,
     /// Lines a client may fall behind before it is disconnected.
     pub outbox: usize,

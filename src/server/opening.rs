@@ -1,5 +1,7 @@
 //! The opening deadline ([`ServerConfig::opening_timeout`](super::ServerConfig::opening_timeout)):
-//! one thread per server shuts down every connection that has not opened in time.
+//! one thread per server shuts down every connection that has not opened in time; a
+//! second one, with a deadline of its own, watches the connections in the reserve
+//! ([`ServerConfig::reserved_connections`](super::ServerConfig::reserved_connections)).
 //!
 //! A handler's own read timeouts bound each read, not the opening as a whole: a client that
 //! trickles a hello one byte per timeout could hold its thread for as long as the hello may
