@@ -32,9 +32,30 @@ use std::fmt;
 /// and text. Records on the wire are sized by it (see `replication`'s frame limit).
 pub const MAX_CHANGE: usize = 1 + 2 * (1 + protocol::MAX_NAME) + 8 + 2 + protocol::MAX_TEXT;
 
-/// Send ids remembered per sender. A client resends only its unacknowledged requests, one
-/// or a few, so a window this size recognises every resend.
+/// Send ids remembered per sender at most. A client resends only its unacknowledged
+/// requests, one or a few, so a window this size recognises every resend.
 pub const RECENT_IDS: usize = 1024;
+
+/// Send ids remembered per sender at least, however many accounts there are: still far
+/// more than a client has unacknowledged.
+pub const MIN_RECENT_IDS: usize = 64;
+
+/// Send ids remembered over all senders, before each sender's window shrinks towards
+/// [`MIN_RECENT_IDS`] (see [`recent_window`]).
+pub const RECENT_TOTAL: usize = 1 << 20;
+
+/// How many send ids a sender's window holds while `accounts` accounts exist:
+/// [`RECENT_TOTAL`] shared out, within [`MIN_RECENT_IDS`]..=[`RECENT_IDS`]. The windows
+/// cost memory (about 26 bytes an id with the set beside the queue), and at the full 1,024
+/// each, the most accounts (100,000 by default) could have made the servers hold 2.6 GB
+/// of them; shared out, about 250 MB at most (a window shrinks only when its sender next
+/// sends, so the first senders' windows may stay larger: about 1M ids in the first 1,024
+/// accounts' full windows, 2.8M in those filled while 1,024 to 16,384 accounts existed,
+/// and 64 in each of the rest). It is a function of the replicated state only, so every replica forgets the
+/// same ids at the same change.
+pub fn recent_window(accounts: usize) -> usize {
+    (RECENT_TOTAL / accounts.max(1)).clamp(MIN_RECENT_IDS, RECENT_IDS)
+}
 
 /// Accounts a server holds at most unless told otherwise (`--max-accounts`).
 pub const DEFAULT_MAX_ACCOUNTS: usize = 100_000;
@@ -88,7 +109,8 @@ struct Account {
     nonce: u64,
     /// Messages not yet confirmed, in send order.
     mailbox: VecDeque<Message>,
-    /// The last [`RECENT_IDS`] send ids of this sender, oldest first, and the same as a set.
+    /// The last send ids of this sender (at most [`recent_window`] of the number of
+    /// accounts when it last sent), oldest first, and the same as a set.
     recent: VecDeque<u64>,
     recent_set: HashSet<u64>,
 }
@@ -404,12 +426,18 @@ impl State {
                 None
             }
             Change::Send { from, to, id, text } => {
+                let window = recent_window(self.accounts.len());
                 if let Some(sender) = self.accounts.get_mut(from) {
                     if sender.recent_set.insert(*id) {
                         sender.recent.push_back(*id);
-                        if sender.recent.len() > RECENT_IDS {
+                        while sender.recent.len() > window {
                             let old = sender.recent.pop_front().unwrap_or_default();
                             sender.recent_set.remove(&old);
+                        }
+                        if sender.recent_set.capacity() > 4 * window {
+                            // A window that shrank gives its memory back.
+                            sender.recent_set.shrink_to(window);
+                            sender.recent.shrink_to(window);
                         }
                     }
                 }
@@ -1093,6 +1121,79 @@ mod tests {
         let a = &s.accounts["ann"];
         assert_eq!(a.recent.len(), RECENT_IDS);
         assert!(!a.recent_set.contains(&4) && a.recent_set.contains(&5));
+    }
+
+    /// The windows are shared out as accounts grow, so that the most accounts cannot make
+    /// a server hold 1,024 ids each; a window shrinks (and gives back its memory) when its
+    /// sender next sends, and a replica applying the same changes forgets the same ids.
+    #[test]
+    fn the_recent_windows_shrink_as_accounts_grow() {
+        assert_eq!(recent_window(1), RECENT_IDS);
+        assert_eq!(recent_window(RECENT_TOTAL / RECENT_IDS), RECENT_IDS);
+        assert_eq!(recent_window(RECENT_TOTAL / 100), 100);
+        assert_eq!(recent_window(DEFAULT_MAX_ACCOUNTS), MIN_RECENT_IDS);
+        let send = |id: u64| Change::Send {
+            from: "ann".into(),
+            to: "ann".into(),
+            id,
+            text: "x".into(),
+        };
+        let mut s = State::new();
+        register(&mut s, 1, "ann");
+        let mut seq = 10;
+        for id in 0..RECENT_IDS as u64 {
+            seq += 1;
+            s.apply(at(seq), &send(id));
+        }
+        assert_eq!(s.accounts["ann"].recent.len(), RECENT_IDS);
+        // Enough accounts that each window is 100 ids.
+        let many = RECENT_TOTAL / 100;
+        for i in 1..many {
+            seq += 1;
+            s.apply(
+                at(seq),
+                &Change::Register {
+                    name: format!("u{i}"),
+                    nonce: 0,
+                },
+            );
+        }
+        assert_eq!(s.accounts(), many);
+        let mut replica = State::decode(&{
+            let mut bytes = Vec::new();
+            s.encode(&mut bytes);
+            bytes
+        })
+        .unwrap();
+        for state in [&mut s, &mut replica] {
+            state.apply(at(seq + 1), &send(5000));
+            let a = &state.accounts["ann"];
+            assert_eq!(a.recent.len(), 100);
+            assert_eq!(a.recent.front(), Some(&(RECENT_IDS as u64 - 99)));
+            assert!(a.recent_set.contains(&5000) && !a.recent_set.contains(&0));
+            assert!(
+                a.recent_set.capacity() < 4 * 100,
+                "{}",
+                a.recent_set.capacity()
+            );
+        }
+        assert_eq!(s, replica);
+        // A resend of an id still in the window is recognised; one forgotten is not.
+        let resend = |id| Request::Send {
+            from: "ann".into(),
+            to: "ann".into(),
+            id,
+            text: "x".into(),
+        };
+        let d = s.decide(
+            Limits::default(),
+            Some("ann"),
+            |_| false,
+            &resend(RECENT_IDS as u64 - 1),
+        );
+        assert_eq!((d.change, d.reply), (None, Some(Reply::Ok)));
+        let d = s.decide(Limits::default(), Some("ann"), |_| false, &resend(0));
+        assert!(d.change.is_some());
     }
 
     #[test]
