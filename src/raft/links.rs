@@ -55,6 +55,13 @@ const OUTBOX_LIMIT: usize = 4096;
 /// can then never fill the queue that Raft's own messages need, and get the link closed
 /// under them.
 pub const SERVICE_QUEUE: usize = 8 << 20;
+/// A Raft message is dropped, as a lossy network would drop it, rather than queued on a
+/// link already holding this many bytes (or more with it): a follower that does not read
+/// (cut off, or stopped) could otherwise make the leader queue up to its whole in-flight
+/// window of Appends, 512 entries of up to 16 MiB each. Raft resends what was lost (the
+/// next heartbeat's answer tells the leader where the follower is), and the simulator runs
+/// it under loss.
+pub const RAFT_QUEUE: usize = 64 << 20;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
@@ -204,6 +211,15 @@ impl LinkTransport {
         })
     }
 
+    /// Bytes waiting on the link to `to` (0 when it is down).
+    fn queued_bytes(&self, to: ReplicaId) -> usize {
+        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
+            return 0;
+        };
+        let slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.as_ref().map_or(0, Outbox::queued_bytes)
+    }
+
     /// Whether the link to `to` is up (dialled and welcomed, not yet ended).
     pub fn is_up(&self, to: ReplicaId) -> bool {
         self.slots.iter().any(|(p, slot)| {
@@ -229,7 +245,12 @@ impl LinkTransport {
 }
 
 impl Transport for LinkTransport {
+    /// Queues `message` on the link to `to`, unless that link is down or holds
+    /// [`RAFT_QUEUE`] bytes with it: then it is dropped.
     fn send(&mut self, to: ReplicaId, message: Vec<u8>) {
+        if self.queued_bytes(to).saturating_add(message.len()) > RAFT_QUEUE {
+            return;
+        }
         self.queue(to, &[&message]);
     }
 }
@@ -483,5 +504,27 @@ mod tests {
         assert_eq!(posted, OUTBOX_LIMIT / 2);
         assert!(links.is_up(2), "full, not down");
         assert!(links.post(2, b"a close"), "a frame that must go still goes");
+    }
+
+    /// Raft's messages to a peer that does not read stop at [`RAFT_QUEUE`] bytes: the rest
+    /// are dropped, as a lossy network drops them, and the link stays up.
+    #[test]
+    fn raft_messages_to_a_peer_that_does_not_read_stop_at_the_byte_bound() {
+        let (client, served) = pair();
+        let (outbox, _writer) =
+            Outbox::new(Arc::new(served), OutboxConfig::new("test", OUTBOX_LIMIT));
+        let mut links = LinkTransport::over(vec![(2, outbox.clone())]);
+        let append = vec![b'x'; 1 << 20];
+        for _ in 0..200 {
+            links.send(2, append.clone());
+        }
+        assert!(
+            outbox.queued_bytes() <= RAFT_QUEUE,
+            "{}",
+            outbox.queued_bytes()
+        );
+        assert_eq!(outbox.len(), RAFT_QUEUE / ((1 << 20) + 4));
+        assert!(links.is_up(2), "the link stays up");
+        drop(client);
     }
 }
