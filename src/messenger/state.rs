@@ -47,11 +47,12 @@ pub const RECENT_TOTAL: usize = 1 << 20;
 /// How many send ids a sender's window holds while `accounts` accounts exist:
 /// [`RECENT_TOTAL`] shared out, within [`MIN_RECENT_IDS`]..=[`RECENT_IDS`]. The windows
 /// cost memory (about 26 bytes an id with the set beside the queue), and at the full 1,024
-/// each, the most accounts (100,000 by default) could have made the servers hold 2.6 GB
-/// of them; shared out, about 250 MB at most (a window shrinks only when its sender next
+/// each, the most accounts (100,000 by default) could have made a server hold about 3.5 GB
+/// of them (the queue's allocation then doubled past the window); shared out, about 250 MB
+/// at most at the default `--max-accounts` (a window shrinks only when its sender next
 /// sends, so the first senders' windows may stay larger: about 1M ids in the first 1,024
-/// accounts' full windows, 2.8M in those filled while 1,024 to 16,384 accounts existed,
-/// and 64 in each of the rest). It is a function of the replicated state only, so every replica forgets the
+/// accounts' full windows, 2.9M in those filled while 1,024 to 16,384 accounts existed,
+/// and 64 in each of the rest: 9.3M), and 64 more ids (about 1.7 KB) per account past it. It is a function of the replicated state only, so every replica forgets the
 /// same ids at the same change.
 pub fn recent_window(accounts: usize) -> usize {
     (RECENT_TOTAL / accounts.max(1)).clamp(MIN_RECENT_IDS, RECENT_IDS)
@@ -428,12 +429,15 @@ impl State {
             Change::Send { from, to, id, text } => {
                 let window = recent_window(self.accounts.len());
                 if let Some(sender) = self.accounts.get_mut(from) {
-                    if sender.recent_set.insert(*id) {
-                        sender.recent.push_back(*id);
-                        while sender.recent.len() > window {
+                    if !sender.recent_set.contains(id) {
+                        // The oldest go first, so that the queue never outgrows the
+                        // window (and its allocation never doubles past it).
+                        while sender.recent.len() >= window {
                             let old = sender.recent.pop_front().unwrap_or_default();
                             sender.recent_set.remove(&old);
                         }
+                        sender.recent.push_back(*id);
+                        sender.recent_set.insert(*id);
                         if sender.recent_set.capacity() > 4 * window {
                             // A window that shrank gives its memory back.
                             sender.recent_set.shrink_to(window);

@@ -55,12 +55,14 @@ const OUTBOX_LIMIT: usize = 4096;
 /// can then never fill the queue that Raft's own messages need, and get the link closed
 /// under them.
 pub const SERVICE_QUEUE: usize = 8 << 20;
-/// A Raft message is dropped, as a lossy network would drop it, rather than queued on a
-/// link already holding this many bytes (or more with it): a follower that does not read
+/// A Raft Append is dropped, as a lossy network would drop it, rather than queued on a
+/// link that would then hold more than this many bytes: a follower that does not read
 /// (cut off, or stopped) could otherwise make the leader queue up to its whole in-flight
 /// window of Appends, 512 entries of up to 16 MiB each. Raft resends what was lost (the
-/// next heartbeat's answer tells the leader where the follower is), and the simulator runs
-/// it under loss.
+/// follower rejects the Append after the gap, or the next heartbeat's answer tells the
+/// leader where it is), and the simulator runs it under loss. Other messages are never
+/// dropped so: votes and heartbeats are small, and a snapshot's chunks are sent all at
+/// once and taken only in order (see [`super::message::is_append`]).
 pub const RAFT_QUEUE: usize = 64 << 20;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
 const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -160,9 +162,10 @@ pub struct LinkTransport {
 
 impl LinkTransport {
     /// Queues one frame (`parts` concatenated) on the link to `to`; false when that link
-    /// is down (or `to` is not a peer), and the frame is dropped. A frame queued may still
-    /// be lost if the link fails before it is written: the receiver sees that link end.
-    fn queue(&self, to: ReplicaId, parts: &[&[u8]]) -> bool {
+    /// is down (or `to` is not a peer), or would then hold more than `cap` bytes, and the
+    /// frame is dropped. A frame queued may still be lost if the link fails before it is
+    /// written: the receiver sees that link end.
+    fn queue(&self, to: ReplicaId, parts: &[&[u8]], cap: Option<usize>) -> bool {
         let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
             return false;
         };
@@ -177,6 +180,9 @@ impl LinkTransport {
         let Some(outbox) = slot.as_ref() else {
             return false;
         };
+        if cap.is_some_and(|cap| outbox.queued_bytes().saturating_add(frame.len()) > cap) {
+            return false;
+        }
         // A full outbox closes its link; the dialling thread redials.
         if outbox.send(Arc::from(frame)).is_err() {
             *slot = None;
@@ -190,7 +196,7 @@ impl LinkTransport {
     /// Unless the frame is a small one that must not be lost (a close), ask
     /// [`has_room`](Self::has_room) first.
     pub fn post(&self, to: ReplicaId, body: &[u8]) -> bool {
-        self.queue(to, &[&[SERVICE], body])
+        self.queue(to, &[&[SERVICE], body], None)
     }
 
     /// Whether the link to `to` is up and has room for service frames of `bytes` in all
@@ -209,15 +215,6 @@ impl LinkTransport {
             outbox.len() < OUTBOX_LIMIT / 2
                 && outbox.queued_bytes().saturating_add(bytes + 5) <= SERVICE_QUEUE
         })
-    }
-
-    /// Bytes waiting on the link to `to` (0 when it is down).
-    fn queued_bytes(&self, to: ReplicaId) -> usize {
-        let Some((_, slot)) = self.slots.iter().find(|(p, _)| *p == to) else {
-            return 0;
-        };
-        let slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.as_ref().map_or(0, Outbox::queued_bytes)
     }
 
     /// Whether the link to `to` is up (dialled and welcomed, not yet ended).
@@ -245,13 +242,12 @@ impl LinkTransport {
 }
 
 impl Transport for LinkTransport {
-    /// Queues `message` on the link to `to`, unless that link is down or holds
-    /// [`RAFT_QUEUE`] bytes with it: then it is dropped.
+    /// Queues `message` on the link to `to`, unless that link is down, or `message` is an
+    /// Append and the link would then hold more than [`RAFT_QUEUE`] bytes: then it is
+    /// dropped.
     fn send(&mut self, to: ReplicaId, message: Vec<u8>) {
-        if self.queued_bytes(to).saturating_add(message.len()) > RAFT_QUEUE {
-            return;
-        }
-        self.queue(to, &[&message]);
+        let cap = super::message::is_append(&message).then_some(RAFT_QUEUE);
+        self.queue(to, &[&message], cap);
     }
 }
 
@@ -506,25 +502,58 @@ mod tests {
         assert!(links.post(2, b"a close"), "a frame that must go still goes");
     }
 
-    /// Raft's messages to a peer that does not read stop at [`RAFT_QUEUE`] bytes: the rest
-    /// are dropped, as a lossy network drops them, and the link stays up.
+    /// Raft's Appends to a peer that does not read stop at [`RAFT_QUEUE`] bytes queued:
+    /// the rest are dropped, as a lossy network drops them, and the link stays up. A
+    /// snapshot's chunks and small messages still go (a snapshot is taken only whole and
+    /// in order: dropping its tail every time would stall the follower for good).
     #[test]
-    fn raft_messages_to_a_peer_that_does_not_read_stop_at_the_byte_bound() {
+    fn raft_appends_to_a_peer_that_does_not_read_stop_at_the_byte_bound() {
+        use super::super::message::{encode, Body, Entry, Message, SnapshotChunk};
         let (client, served) = pair();
         let (outbox, _writer) =
             Outbox::new(Arc::new(served), OutboxConfig::new("test", OUTBOX_LIMIT));
         let mut links = LinkTransport::over(vec![(2, outbox.clone())]);
-        let append = vec![b'x'; 1 << 20];
+        let message = |body| {
+            encode(&Message {
+                from: 1,
+                to: 2,
+                term: 3,
+                body,
+            })
+        };
+        let append = message(Body::Append {
+            prev_index: 0,
+            prev_term: 0,
+            commit: 0,
+            entries: vec![Entry {
+                index: 1,
+                term: 3,
+                data: vec![b'x'; 1 << 20],
+            }],
+        });
         for _ in 0..200 {
             links.send(2, append.clone());
         }
-        assert!(
-            outbox.queued_bytes() <= RAFT_QUEUE,
-            "{}",
-            outbox.queued_bytes()
-        );
-        assert_eq!(outbox.len(), RAFT_QUEUE / ((1 << 20) + 4));
+        let queued = outbox.queued_bytes();
+        assert!(queued <= RAFT_QUEUE, "{queued}");
+        assert_eq!(outbox.len(), RAFT_QUEUE / (append.len() + 4));
         assert!(links.is_up(2), "the link stays up");
+        let chunk = message(Body::Snapshot(SnapshotChunk {
+            index: 1,
+            term: 3,
+            offset: 0,
+            total: 1 << 20,
+            data: vec![b's'; 1 << 20],
+        }));
+        links.send(2, chunk);
+        links.send(
+            2,
+            message(Body::Heartbeat {
+                commit: 0,
+                round: 1,
+            }),
+        );
+        assert_eq!(outbox.len(), RAFT_QUEUE / (append.len() + 4) + 2);
         drop(client);
     }
 }

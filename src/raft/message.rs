@@ -254,6 +254,16 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     b
 }
 
+/// Whether `encoded` (an [`encode`]d message) is an Append with entries: the one kind a
+/// link may drop when it is full of them (`links::RAFT_QUEUE`), since losing one costs a
+/// resend from where the follower is. A snapshot's chunks are never dropped so: a follower
+/// takes them only in order, and the leader sends them all at once, so dropping the tail
+/// of a large one every time would stall it for good.
+pub(crate) fn is_append(encoded: &[u8]) -> bool {
+    // Three u64s (from, to, term), then the body's tag.
+    encoded.get(24) == Some(&5)
+}
+
 /// Decodes one whole message.
 ///
 /// # Errors
