@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use switchboard::framing::{encode_frame, FrameReader, FrameWriter, Framing, Limits};
-use switchboard::server::{Server, ServerConfig};
+use switchboard::server::{Connection, HandlerError, Server, ServerConfig};
 
 #[test]
 fn holds_a_thousand_connections_and_joins_every_thread_on_shutdown() {
@@ -356,11 +356,7 @@ fn a_hello_trickled_a_byte_at_a_time_is_cut_at_the_opening_timeout() {
             return Ok(());
         }
         conn.opened();
-        let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
-        while let Some(line) = reader.read_frame()? {
-            writer.write_frame(line)?;
-        }
-        Ok(())
+        echo_the_rest(&conn, &mut reader, None)
     })
     .unwrap()
     .spawn()
@@ -400,17 +396,12 @@ fn the_reserve_takes_peers_past_the_cap_and_refuses_or_closes_everyone_else() {
             return Ok(());
         }
         conn.opened();
-        let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
         let status: &[u8] = if conn.in_reserve() {
             b"reserve"
         } else {
             b"ordinary"
         };
-        writer.write_frame(status)?;
-        while let Some(line) = reader.read_frame()? {
-            writer.write_frame(line)?;
-        }
-        Ok(())
+        echo_the_rest(&conn, &mut reader, Some(status))
     })
     .unwrap()
     .spawn()
@@ -583,4 +574,20 @@ fn writes_through_the_connection_ride_out_another_threads_nonblocking_instants()
     }
     assert_eq!(got, REQUESTS * (REPLY + 1));
     server.stop();
+}
+
+/// Writes `first` (if any), then echoes every line `reader` reads on `conn` until it ends.
+fn echo_the_rest(
+    conn: &Connection,
+    reader: &mut FrameReader<&std::net::TcpStream>,
+    first: Option<&[u8]>,
+) -> Result<(), HandlerError> {
+    let mut writer = FrameWriter::new(&*conn.stream, Framing::Line);
+    if let Some(first) = first {
+        writer.write_frame(first)?;
+    }
+    while let Some(line) = reader.read_frame()? {
+        writer.write_frame(line)?;
+    }
+    Ok(())
 }

@@ -62,7 +62,7 @@ pub const SERVICE_QUEUE: usize = 8 << 20;
 /// follower rejects the Append after the gap, or the next heartbeat's answer tells the
 /// leader where it is), and the simulator runs it under loss. Other messages are never
 /// dropped so: votes and heartbeats are small, and a snapshot's chunks are sent all at
-/// once and taken only in order (see [`super::message::is_append`]).
+/// once and taken only in order (see `message::is_append`).
 pub const RAFT_QUEUE: usize = 64 << 20;
 /// An idle link sends an empty frame this often; its acceptor gives up after `idle`.
 const HEARTBEAT: Duration = Duration::from_millis(500);
