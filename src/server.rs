@@ -491,11 +491,11 @@ pub struct ServerConfig {
     /// (A handler may set another write timeout on the socket.)
     pub idle_timeout: Option<Duration>,
     /// How long a connection may take to open: from its accept until its handler calls
-    /// [`Connection::opened`] (one in the reserve: at most [`RESERVE_OPENING_TIMEOUT`]). Past it the socket is shut down both ways, which ends the
-    /// handler's blocked read or write however it reads, and is logged. Read timeouts bound
-    /// each read only: a peer trickling its hello a byte at a time outlasts any of them, not
-    /// this. `None`: no bound (the default), but for connections in the reserve
-    /// (`reserved_connections`).
+    /// [`Connection::opened`] (one in the reserve: at most [`RESERVE_OPENING_TIMEOUT`]).
+    /// Past it the socket is shut down both ways, which ends the handler's blocked read or
+    /// write however it reads, and is logged. Read timeouts bound each read only: a peer
+    /// trickling its hello a byte at a time outlasts any of them, not this. `None`: no
+    /// bound (the default), but for connections in the reserve (`reserved_connections`).
     pub opening_timeout: Option<Duration>,
     /// Connections accepted past `max_connections`, up to this many more, into the
     /// reserve (default 0: none): for connections its handler can tell apart as soon as
@@ -503,15 +503,16 @@ pub struct ServerConfig {
     /// holding every ordinary slot cannot keep them out (a flood of idle connections would
     /// otherwise keep a dropped replication link from being dialled again). The handler
     /// sees [`Connection::in_reserve`] and [`Connection::refuse`]s those the reserve is not
-    /// for; one that has not called [`Connection::opened`] within [`RESERVE_OPENING_TIMEOUT`]
-    /// (or `opening_timeout`, if shorter) is shut down, so
+    /// for; one that has not called [`Connection::opened`] within
+    /// [`RESERVE_OPENING_TIMEOUT`] (or `opening_timeout`, if shorter) is shut down, so
     /// nobody holds the reserve without proving themselves. But anyone who may connect can
     /// keep it full by connecting again each time one is shut down: `reserve_from` narrows
     /// who may.
     pub reserved_connections: usize,
     /// The addresses the reserve takes connections from (default: empty, from anywhere):
     /// past `max_connections`, a connection from any other address is refused as at the
-    /// limit, before its thread starts. A cluster gives its members' addresses.
+    /// limit, before its thread starts (an IPv4 peer on an IPv6 socket is compared as IPv4).
+    /// A cluster gives its members' addresses.
     pub reserve_from: Vec<IpAddr>,
     /// Stack size of each connection thread. Idle threads touch only a few pages of it, so
     /// thousands of connections fit in little memory.
@@ -902,7 +903,12 @@ impl Server {
         }
         let reserve = live >= max;
         let from = &self.config.reserve_from;
-        if reserve && !from.is_empty() && !from.contains(&peer.ip()) {
+        if reserve
+            && !from.is_empty()
+            && !from
+                .iter()
+                .any(|a| a.to_canonical() == peer.ip().to_canonical())
+        {
             self.refuse(stream, peer, "connection limit reached");
             return;
         }
