@@ -52,8 +52,9 @@ pub const RECENT_TOTAL: usize = 1 << 20;
 /// at most at the default `--max-accounts` (a window shrinks only when its sender next
 /// sends, so the first senders' windows may stay larger: about 1M ids in the first 1,024
 /// accounts' full windows, 2.9M in those filled while 1,024 to 16,384 accounts existed,
-/// and 64 in each of the rest: 9.3M), and 64 more ids (about 1.7 KB) per account past it. It is a function of the replicated state only, so every replica forgets the
-/// same ids at the same change.
+/// and 64 in each of the rest: 9.3M), and 64 more ids (about 1.7 KB) per account past
+/// it. It is a function of the replicated state only, so every replica forgets the same
+/// ids at the same change.
 pub fn recent_window(accounts: usize) -> usize {
     (RECENT_TOTAL / accounts.max(1)).clamp(MIN_RECENT_IDS, RECENT_IDS)
 }
