@@ -53,11 +53,6 @@ impl Replica {
         if first.first() == Some(&HELLO) {
             return self.serve_peer(&conn, &first, reader);
         }
-        if conn.in_reserve() {
-            // Past the connection limit: the reserve is for peer links.
-            conn.refuse();
-            return Ok(());
-        }
         serve_client(&**self, &conn, reader, first)
     }
 }
@@ -104,13 +99,18 @@ pub(super) fn client_reader(conn: &Connection) -> FrameReader<&TcpStream> {
 }
 
 /// Serves a client connection whose first frame `first` was read already: each request
-/// to `service`, until the connection ends or a request closes it.
+/// to `service`, until the connection ends or a request closes it. One let in past the
+/// connection limit (the reserve is for peer links) is refused instead.
 pub(super) fn serve_client(
     replica: &impl Service,
     conn: &Connection,
     mut reader: FrameReader<&TcpStream>,
     first: Vec<u8>,
 ) -> Result<(), HandlerError> {
+    if conn.in_reserve() {
+        conn.refuse();
+        return Ok(());
+    }
     let name = format!("messenger-{}: connection {}", replica.id(), conn.id);
     // Answers are small, but a search can list many messages: bytes are bounded as well.
     let config = OutboxConfig::new(name, OUTBOX)

@@ -438,11 +438,6 @@ impl Majority {
             let raft = self.member.raft();
             return links::serve_peer_with(cfg, raft, &conn, &first, reader, &*self.shared);
         }
-        if conn.in_reserve() {
-            // Past the connection limit: the reserve is for peer links.
-            conn.refuse();
-            return Ok(());
-        }
         serve_client(self, &conn, reader, first)
     }
 
